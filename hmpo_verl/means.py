@@ -19,7 +19,8 @@ Conventions shared by every function here:
     may hold anything (NaN, inf) and have no effect on the value and zero gradient.
   * A row with no valid entry has mean 1 (log mean 0), weights 0, zero gradient.
   * `p` is a Python number or a tensor broadcastable to the reduced shape (one p per
-    row); p = 0 is the exact geometric mean, p = +-inf the max / min.
+    row); p = 0 is the exact geometric mean (so is |p| < GEOMETRIC_BELOW = 1e-20),
+    p = +-inf the max / min.
   * Arithmetic runs in float32 at least (bf16/fp16 inputs are up-cast) and results
     are returned in the input dtype.
 
@@ -36,6 +37,10 @@ from typing import Callable, Optional, Union
 import torch
 
 Power = Union[float, int, torch.Tensor]
+
+# |p| below this is the geometric mean: by Hoeffding's lemma |log M_p - log M_0| <=
+# |p| * range(log x)^2 / 8, far below rounding here, while p * log x would underflow.
+GEOMETRIC_BELOW = 1e-20
 
 __all__ = [
     "log_power_mean",
@@ -77,7 +82,7 @@ def _extreme(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, largest: boo
     masked = torch.where(valid, d, fill)
     ext = masked.amax(-1) if largest else masked.amin(-1)
     ext = torch.where(n > 0, ext, 0.0)
-    hit = valid & (d == ext.unsqueeze(-1))
+    hit = (valid & (d == ext.unsqueeze(-1))).to(d.dtype)
     w = hit / hit.sum(-1, keepdim=True).clamp(min=1)
     return ext, w
 
@@ -133,7 +138,7 @@ def log_mean_and_weights(
             p = float(p)
             if math.isnan(p):
                 raise ValueError("power p is NaN; allowed: any real number or +-inf")
-            if p == 0.0:
+            if abs(p) < GEOMETRIC_BELOW:
                 return _geometric(d, valid, n)
             if math.isinf(p):
                 return _extreme(d, valid, n, largest=p > 0)
@@ -142,10 +147,11 @@ def log_mean_and_weights(
         pt = p.detach().to(device=d.device, dtype=d.dtype).expand(n.shape)
         if torch.isnan(pt).any():
             raise ValueError("power p contains NaN; allowed: any real number or +-inf")
-        finite = torch.isfinite(pt) & (pt != 0)
+        geometric = pt.abs() < GEOMETRIC_BELOW
+        finite = torch.isfinite(pt) & ~geometric
         log_m, w = _finite_power(d, valid, n, torch.where(finite, pt, 1.0))
         for select, alternative in (
-            (pt == 0, lambda: _geometric(d, valid, n)),
+            (geometric, lambda: _geometric(d, valid, n)),
             (pt == math.inf, lambda: _extreme(d, valid, n, largest=True)),
             (pt == -math.inf, lambda: _extreme(d, valid, n, largest=False)),
         ):
