@@ -1,0 +1,215 @@
+"""verl policy losses `hmpo`, `power_mean` and `agm`: a thin adapter over the pure maths.
+
+Each function has verl's policy-loss signature and return value (see
+`verl.trainer.ppo.core_algos.compute_policy_loss_vanilla`) and is registered under its
+name by `hmpo_verl.plugin`. The work is split as:
+
+    means.py      log power means / AGM and their gradient weights  (pure torch)
+    surrogate.py  clipping and the per-token surrogate               (pure torch)
+    this module   read verl's ActorConfig, aggregate with verl's agg_loss, metrics
+
+Metrics: verl's `actor/pg_clipfrac` (tokens whose trust-region clip is active),
+`actor/ppo_kl`, `actor/pg_clipfrac_lower` (tokens capped by the dual clip, A < 0), and
+under `actor/pm/`: `seq_ratio_mean` (mean sequence ratio s_i), `log_ah_gap` (mean of
+log A - log H of the unclipped token ratios, the spread of the mean inequality),
+`ess_frac` (mean Kish ESS / T of the aggregation weights), `power` (mean p; power losses).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from verl.trainer.ppo.core_algos import agg_loss
+
+from hmpo_verl.config import resolve_power_mean_options
+from hmpo_verl.means import effective_sample_size, log_agm_and_weights, log_mean_and_weights
+from hmpo_verl.surrogate import Aggregator, SurrogateTerms, TrustRegion, surrogate_loss_matrix, surrogate_terms
+
+
+def _eps(config: Any) -> tuple[float, float]:
+    """(eps_low, eps_high) from the actor config, falling back to clip_ratio as verl does."""
+    clip_ratio = config.get("clip_ratio", 0.2)
+    low = config.get("clip_ratio_low", None)
+    high = config.get("clip_ratio_high", None)
+    return float(clip_ratio if low is None else low), float(clip_ratio if high is None else high)
+
+
+def _trust_region(config: Any, options: dict) -> TrustRegion:
+    eps_low, eps_high = _eps(config)
+    space = options["clip_space"]
+    if eps_high < 0 or eps_low < 0 or (space == "ratio" and eps_low > 1):
+        raise ValueError(
+            f"actor clip_ratio_low={eps_low}, clip_ratio_high={eps_high} are invalid for clip_space={space!r}; "
+            "allowed: clip_ratio_high >= 0 and 0 <= clip_ratio_low" + (" <= 1" if space == "ratio" else "")
+        )
+    dual = None
+    if options["clip_level"] == "token" and space == "ratio":
+        dual = float(config.get("clip_ratio_c", 3.0))
+        if not dual > 1.0:
+            raise ValueError(f"actor clip_ratio_c={dual} is invalid; allowed: a number > 1 (dual-clip PPO)")
+    return TrustRegion.from_eps(options["clip_level"], space, eps_low, eps_high, dual)
+
+
+def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return torch.where(rows, x, 0.0).sum() / rows.sum().clamp(min=1)
+
+
+def _check_finite(log_ratio_sum: torch.Tensor, terms: SurrogateTerms, inputs: dict) -> None:
+    """Raise if a valid position holds a non-finite value (masked ones are ignored)."""
+    if torch.isfinite(log_ratio_sum + terms.value.sum() + terms.grad_coef.sum()):
+        return
+    for name, tensor in inputs.items():
+        if tensor is not None and not torch.isfinite(torch.where(terms.valid, tensor.detach(), 0.0)).all():
+            raise ValueError(f"{name} has non-finite values at valid (response_mask) positions")
+    raise ValueError("the policy loss overflowed: log-ratios or advantages are too large to aggregate")
+
+
+def power_mean_policy_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str,
+    config: Any,
+    rollout_is_weights: Optional[torch.Tensor],
+    aggregate: Aggregator,
+    region: TrustRegion,
+    extra_metrics: Optional[dict] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Shared body of the registered losses: surrogate, `agg_loss`, metrics.
+
+    Args:
+        old_log_prob, log_prob, advantages, response_mask: `(batch_size, response_length)`.
+        loss_agg_mode: verl's aggregation mode, passed to `agg_loss` with
+            `config.global_batch_info` (so the result does not depend on micro-batching
+            or data-parallel size).
+        config: verl `ActorConfig`.
+        rollout_is_weights: `(batch_size, response_length)` or None.
+        aggregate: (log-ratios, valid) -> (log s, weights), e.g. a power mean.
+        region: trust region.
+        extra_metrics: name -> tensor of shape (batch_size,) averaged over non-empty rows.
+    """
+    with torch.no_grad():
+        compute_dtype = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
+        log_ratio = log_prob.detach().to(compute_dtype) - old_log_prob.detach().to(compute_dtype)
+        terms = surrogate_terms(log_ratio, advantages, response_mask, aggregate, region, rollout_is_weights)
+        valid, n = terms.valid, terms.n_valid
+        log_ratio_sum = torch.where(valid, log_ratio, 0.0).sum()
+        _check_finite(
+            log_ratio_sum,
+            terms,
+            {"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages,
+             "rollout_is_weights": rollout_is_weights},
+        )
+        rows = n > 0
+        n_tokens = valid.sum().clamp(min=1)
+        log_a, _ = log_mean_and_weights(log_ratio, 1.0, valid)
+        log_h, _ = log_mean_and_weights(log_ratio, -1.0, valid)
+        stats = {
+            "actor/pg_clipfrac": terms.clipped.sum() / n_tokens,
+            "actor/ppo_kl": -log_ratio_sum / n_tokens,
+            "actor/pg_clipfrac_lower": terms.dual_clipped.sum() / n_tokens,
+            "actor/pm/seq_ratio_mean": _masked_row_mean(torch.exp(terms.log_seq_ratio), rows),
+            "actor/pm/log_ah_gap": _masked_row_mean(log_a - log_h, rows),
+            "actor/pm/ess_frac": _masked_row_mean(effective_sample_size(terms.weights) / n.clamp(min=1), rows),
+        }
+        for name, per_row in (extra_metrics or {}).items():
+            stats[name] = _masked_row_mean(per_row.to(compute_dtype), rows)
+
+    loss_mat = surrogate_loss_matrix(log_prob, terms)
+    pg_loss = agg_loss(
+        loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **config.global_batch_info
+    )
+    values = torch.stack([v.to(torch.float64) for v in stats.values()]).tolist()
+    return pg_loss, dict(zip(stats.keys(), values))
+
+
+def _power_loss(loss_mode: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                rollout_is_weights):
+    options = resolve_power_mean_options(config.get("policy_loss", None), loss_mode)
+    power = options["power"]
+
+    def aggregate(delta, valid):
+        return log_mean_and_weights(delta, power, valid)
+
+    rows = torch.full(response_mask.shape[:1], float(power), device=response_mask.device)
+    return power_mean_policy_loss(
+        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        aggregate, _trust_region(config, options), extra_metrics={"actor/pm/power": rows},
+    )
+
+
+def compute_policy_loss_hmpo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """HMPO: clipped harmonic mean (p = -1) of the token ratios as the sequence ratio.
+
+    The harmonic mean is dominated by the smallest ratios, so a response whose tokens
+    lost probability gets the larger weight: the conservative member of the power-mean
+    family. Options (clip_level, clip_space) from `PowerMeanLossConfig` if set as the
+    policy_loss `_target_`, else defaults (token clip in ratio space).
+
+    Args/Returns: as verl's `compute_policy_loss_vanilla`; tensors `(batch_size, response_length)`.
+    """
+    return _power_loss("hmpo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                       rollout_is_weights)
+
+
+def compute_policy_loss_power_mean(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Power-mean policy optimization with any real p (PMPO arXiv 2601.22521, HolderPO 2605.12058).
+
+    p = 0 with sequence clip is verl's `gspo`; p = 0 with token clip in log space is
+    `geo_mean` (GMPO); p = 1 with token clip in ratio space is `vanilla` (GRPO) under
+    seq-mean-token-mean. Needs `PowerMeanLossConfig` (field `power`).
+    """
+    return _power_loss("power_mean", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                       rollout_is_weights)
+
+
+def compute_policy_loss_agm(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """AGM: the sequence ratio is the arithmetic-harmonic mean of the token ratios.
+
+    From (A, H) = (M_1, M_-1), a_{k+1} = (a_k + h_k)/2, h_{k+1} = 2 a_k h_k / (a_k + h_k);
+    the limit is exactly sqrt(A * H) (not the geometric mean in general). `agm_iters`
+    (PowerMeanLossConfig) picks k steps instead of the limit.
+    """
+    options = resolve_power_mean_options(config.get("policy_loss", None), "agm")
+    iters = options["agm_iters"]
+
+    def aggregate(delta, valid):
+        return log_agm_and_weights(delta, valid, iters)
+
+    return power_mean_policy_loss(
+        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        aggregate, _trust_region(config, options),
+    )
+
+
+POLICY_LOSSES = {
+    "hmpo": compute_policy_loss_hmpo,
+    "power_mean": compute_policy_loss_power_mean,
+    "agm": compute_policy_loss_agm,
+}

@@ -1,0 +1,291 @@
+"""Power means of positive numbers, computed in log space (pure torch, no verl import).
+
+For valid entries x_1..x_T (a mask selects them) and a real power p,
+
+    M_p(x) = ((1/T) * sum_t x_t^p)^(1/p),     M_0 = geometric mean,
+    M_{+inf} = max x,   M_{-inf} = min x.
+
+Everything here takes log x (for policy optimization: the token log-ratios
+delta_t = log pi_theta - log pi_old) and returns log M_p, so that no x^p or 1/x is
+ever formed: with delta = +-50 and |p| = 50 the direct formula overflows float32,
+while the log-space one stays exact. The gradient has a closed form,
+
+    d log M_p / d log x_t = w_t = softmax_t(p * log x_t)     (uniform 1/T at p = 0),
+
+which the autograd functions below use directly (exact, and one saved tensor).
+
+Conventions shared by every function here:
+  * `mask` (bool or 0/1, same shape as `log_x`) selects valid entries; masked entries
+    may hold anything (NaN, inf) and have no effect on the value and zero gradient.
+  * A row with no valid entry has mean 1 (log mean 0), weights 0, zero gradient.
+  * `p` is a Python number or a tensor broadcastable to the reduced shape (one p per
+    row); p = 0 is the exact geometric mean (so is |p| < GEOMETRIC_BELOW = 1e-20),
+    p = +-inf the max / min.
+  * Arithmetic runs in float32 at least (bf16/fp16 inputs are up-cast) and results
+    are returned in the input dtype.
+
+References: Hardy, Littlewood & Polya, *Inequalities* (power means); GMPO
+(arXiv 2507.20673) for p = 0; PMPO (arXiv 2601.22521) and HolderPO (arXiv 2605.12058)
+for general p; Kish (1965) for the effective sample size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+
+Power = Union[float, int, torch.Tensor]
+
+# |p| below this is the geometric mean: by Hoeffding's lemma |log M_p - log M_0| <=
+# |p| * range(log x)^2 / 8, far below rounding here, while p * log x would underflow.
+GEOMETRIC_BELOW = 1e-20
+
+__all__ = [
+    "log_power_mean",
+    "power_mean",
+    "power_mean_weights",
+    "effective_sample_size",
+    "log_agm",
+    "log_mean_and_weights",
+    "log_agm_and_weights",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Kernels: last dimension, no autograd, return (log mean (...,), weights (..., T)).
+# --------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _valid(log_x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return torch.ones_like(log_x, dtype=torch.bool)
+    return mask.to(torch.bool).expand_as(log_x)
+
+
+def _geometric(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor):
+    """p = 0: log M_0 = mean_t d_t, w_t = 1/T."""
+    n_safe = n.clamp(min=1)
+    log_m = torch.where(valid, d, 0.0).sum(-1) / n_safe
+    w = valid / n_safe.unsqueeze(-1)
+    return log_m, w
+
+
+def _extreme(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, largest: bool):
+    """p = +inf (largest) / -inf: log M = max / min; weight split evenly over ties."""
+    fill = -math.inf if largest else math.inf
+    masked = torch.where(valid, d, fill)
+    ext = masked.amax(-1) if largest else masked.amin(-1)
+    ext = torch.where(n > 0, ext, 0.0)
+    hit = (valid & (d == ext.unsqueeze(-1))).to(d.dtype)
+    w = hit / hit.sum(-1, keepdim=True).clamp(min=1)
+    return ext, w
+
+
+def _finite_power(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, p: torch.Tensor):
+    """Finite p != 0 (p of shape (...,) or scalar tensor).
+
+    log M_p = L / p with L = log mean_t exp(x_t), x_t = p * d_t. With c = max_t x_t we
+    shift by s = c - clamp(c, 0, 1), so that max_t (x_t - s) lies in [0, 1], and use
+        L = s + log1p(mean_t expm1(x_t - s)).
+    expm1 keeps full relative precision for small arguments, so L / p is accurate to a
+    few ulps of the log-ratios even as p -> 0 (where logsumexp(x) - log T cancels
+    catastrophically), and nothing overflows for any |p * d|. The weights are
+    w_t = (expm1(x_t - s) + 1) / sum_u (expm1(x_u - s) + 1) = softmax_t(x).
+    """
+    p_col = p.unsqueeze(-1) if p.dim() > 0 else p
+    x = torch.where(valid, d * p_col, -math.inf)
+    c = x.amax(-1)
+    c = torch.where(n > 0, c, 0.0)
+    s = c - c.clamp(0.0, 1.0)
+    f = torch.where(valid, x - s.unsqueeze(-1), 0.0)
+    del x
+    f = torch.expm1(f)
+    n_safe = n.clamp(min=1)
+    mean_f = f.sum(-1) / n_safe
+    log_m = (s + torch.log1p(mean_f)) / p
+    total = n_safe * (1.0 + mean_f)  # sum_t exp(x_t - s) over valid t, >= 1 when n > 0
+    w = f.add_(1.0).div_(total.unsqueeze(-1))
+    w = torch.where(valid, w, 0.0)
+    return log_m, w
+
+
+def log_mean_and_weights(
+    log_x: torch.Tensor, p: Power, mask: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log M_p over the last dimension and its gradient weights, without autograd.
+
+    Args:
+        log_x: `(..., T)` log of the values.
+        p: power, a number or a tensor broadcastable to `(...)`.
+        mask: `(..., T)` valid entries, or None for all.
+
+    Returns:
+        `(log_m, w)`: `(...)` log power mean and `(..., T)` weights w = d log M_p / d log x
+        (each valid row sums to 1; zero at masked entries), both in float32 (float64 for
+        float64 input).
+    """
+    with torch.no_grad():
+        d = log_x.detach().to(_compute_dtype(log_x.dtype))
+        valid = _valid(d, mask)
+        n = valid.sum(-1).to(d.dtype)
+        if not isinstance(p, torch.Tensor):
+            p = float(p)
+            if math.isnan(p):
+                raise ValueError("power p is NaN; allowed: any real number or +-inf")
+            if abs(p) < GEOMETRIC_BELOW:
+                return _geometric(d, valid, n)
+            if math.isinf(p):
+                return _extreme(d, valid, n, largest=p > 0)
+            return _finite_power(d, valid, n, torch.tensor(p, dtype=d.dtype, device=d.device))
+
+        pt = p.detach().to(device=d.device, dtype=d.dtype).expand(n.shape)
+        if torch.isnan(pt).any():
+            raise ValueError("power p contains NaN; allowed: any real number or +-inf")
+        geometric = pt.abs() < GEOMETRIC_BELOW
+        finite = torch.isfinite(pt) & ~geometric
+        log_m, w = _finite_power(d, valid, n, torch.where(finite, pt, 1.0))
+        for select, alternative in (
+            (geometric, lambda: _geometric(d, valid, n)),
+            (pt == math.inf, lambda: _extreme(d, valid, n, largest=True)),
+            (pt == -math.inf, lambda: _extreme(d, valid, n, largest=False)),
+        ):
+            if select.any():
+                alt_m, alt_w = alternative()
+                log_m = torch.where(select, alt_m, log_m)
+                w = torch.where(select.unsqueeze(-1), alt_w, w)
+        return log_m, w
+
+
+def log_agm_and_weights(
+    log_x: torch.Tensor, mask: Optional[torch.Tensor] = None, iters: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arithmetic-harmonic mean iteration in log space, and its gradient weights.
+
+    From (a_0, h_0) = (A, H) = (M_1, M_-1): a_{k+1} = (a_k + h_k) / 2,
+    h_{k+1} = 2 a_k h_k / (a_k + h_k). The product a_k h_k = A H is invariant, so both
+    converge (quadratically) to sqrt(A H) -- which is the geometric mean only for two
+    values or log-symmetric sets, not in general (DESIGN.md section 2).
+
+    Args:
+        log_x: `(..., T)` log values; mask: `(..., T)` or None.
+        iters: None for the exact limit log sqrt(A H) = (log A + log H) / 2; an integer
+            k >= 0 for log a_k, the arithmetic term after k steps (k = 0 gives log A).
+
+    Returns:
+        `(log_m, w)` as in `log_mean_and_weights`. By homogeneity (a_k(cA, cH) = c a_k)
+        d log a_k = alpha_k d log A + (1 - alpha_k) d log H, so
+        w = alpha_k w_A + (1 - alpha_k) w_H with alpha tracked through the recursion
+        (alpha = 1/2 in the limit).
+    """
+    if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 0):
+        raise ValueError(f"agm iters={iters!r}; allowed: None (exact limit) or an integer >= 0")
+    log_a, w_a = log_mean_and_weights(log_x, 1.0, mask)
+    log_h, w_h = log_mean_and_weights(log_x, -1.0, mask)
+    if iters is None:
+        return 0.5 * (log_a + log_h), 0.5 * (w_a + w_h)
+    # Track (log a_k, log h_k) and their derivatives with respect to log A.
+    la, lh = log_a, log_h
+    da, dh = torch.ones_like(la), torch.zeros_like(lh)
+    for _ in range(iters):
+        sigma = torch.sigmoid(la - lh)  # a / (a + h)
+        la_next = torch.logaddexp(la, lh) - math.log(2.0)
+        da_next = sigma * da + (1.0 - sigma) * dh
+        lh, dh = la + lh - la_next, da + dh - da_next
+        la, da = la_next, da_next
+    alpha = da.unsqueeze(-1)
+    return la, alpha * w_a + (1.0 - alpha) * w_h
+
+
+# --------------------------------------------------------------------------------------
+# Autograd: value from a kernel, gradient grad * w (exact; masked entries get 0).
+# --------------------------------------------------------------------------------------
+
+
+class _LogMeanFunction(torch.autograd.Function):
+    """Forward: (log_m, w) = kernel(log_x, mask); backward: d/d log_x = grad * w."""
+
+    @staticmethod
+    def forward(ctx, log_x, mask, kernel):
+        log_m, w = kernel(log_x, mask)
+        ctx.save_for_backward(w)
+        ctx.in_dtype = log_x.dtype
+        return log_m.to(log_x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return (grad.to(w.dtype).unsqueeze(-1) * w).to(ctx.in_dtype), None, None
+
+
+def _reduce(log_x: torch.Tensor, mask: Optional[torch.Tensor], dim: int, kernel: Callable) -> torch.Tensor:
+    x = log_x.movedim(dim, -1)
+    if mask is not None:
+        mask = mask.to(torch.bool).expand_as(log_x).movedim(dim, -1)
+    return _LogMeanFunction.apply(x, mask, kernel)
+
+
+def log_power_mean(log_x: torch.Tensor, p: Power, mask: Optional[torch.Tensor] = None, dim: int = -1) -> torch.Tensor:
+    """log M_p of exp(log_x) over `dim`, differentiable (gradient = `power_mean_weights`).
+
+    Args:
+        log_x: `(..., T, ...)` log values, e.g. token log-ratios `(batch_size, response_length)`.
+        p: power; a number or a tensor broadcastable to the reduced shape; 0 = geometric,
+            1 = arithmetic, -1 = harmonic, +-inf = max / min.
+        mask: valid entries (same shape as `log_x`) or None.
+        dim: dimension to reduce.
+
+    Returns:
+        log_x's shape without `dim`, in log_x's dtype.
+    """
+    return _reduce(log_x, mask, dim, lambda x, m: log_mean_and_weights(x, p, m))
+
+
+def power_mean(x: torch.Tensor, p: Power, mask: Optional[torch.Tensor] = None, dim: int = -1) -> torch.Tensor:
+    """M_p of positive `x` over `dim` (computed as exp(log_power_mean(log x)))."""
+    return torch.exp(log_power_mean(torch.log(x), p, mask, dim))
+
+
+def power_mean_weights(
+    log_x: torch.Tensor, p: Power, mask: Optional[torch.Tensor] = None, dim: int = -1
+) -> torch.Tensor:
+    """d log M_p / d log_x: softmax over valid entries of p * log_x (1/T at p = 0).
+
+    Returns a tensor of log_x's shape (dtype float32, or float64 for float64 input),
+    zero at masked entries; each row with a valid entry sums to 1.
+    """
+    x = log_x.movedim(dim, -1)
+    if mask is not None:
+        mask = mask.to(torch.bool).expand_as(log_x).movedim(dim, -1)
+    return log_mean_and_weights(x, p, mask)[1].movedim(-1, dim)
+
+
+def effective_sample_size(
+    weights: torch.Tensor, mask: Optional[torch.Tensor] = None, dim: int = -1
+) -> torch.Tensor:
+    """Kish effective sample size 1 / sum_t w_t^2 of normalised weights over `dim`.
+
+    Equals T for uniform weights (p = 0) and 1 for a one-hot row; 0 for a row with no
+    valid entry. Masked entries are ignored.
+    """
+    w = weights if mask is None else torch.where(mask.to(torch.bool), weights, 0.0)
+    sq = (w * w).sum(dim)
+    return torch.where(sq > 0, 1.0 / sq.clamp(min=torch.finfo(sq.dtype).tiny), 0.0)
+
+
+def log_agm(
+    log_x: torch.Tensor, mask: Optional[torch.Tensor] = None, dim: int = -1, iters: Optional[int] = None
+) -> torch.Tensor:
+    """Log of the arithmetic-harmonic mean iteration started from (M_1, M_-1), differentiable.
+
+    `iters=None` gives the exact limit log sqrt(A H); an integer k gives log a_k, the
+    arithmetic term after k steps (k = 0: log A). See `log_agm_and_weights`.
+    """
+    if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 0):
+        raise ValueError(f"agm iters={iters!r}; allowed: None (exact limit) or an integer >= 0")
+    return _reduce(log_x, mask, dim, lambda x, m: log_agm_and_weights(x, m, iters))
