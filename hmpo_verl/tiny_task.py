@@ -3,19 +3,20 @@
 Everything is made on this machine, deterministically from a seed, with no model
 or dataset hub:
 
-* **tokenizer** -- a character-level ``PreTrainedTokenizerFast`` (digits, ``+``,
-  a few letters, newline) plus Qwen's ChatML special tokens, with a ChatML chat
-  template, so verl's Qwen "continuous token" builder handles it like a real Qwen.
+* **tokenizer** -- a character-level ``Qwen2Tokenizer`` (digits, ``+``, a few letters,
+  newline; one token per character) plus Qwen's ChatML special tokens and a ChatML
+  chat template, so verl's Qwen "continuous token" builder handles it like a real Qwen.
 * **model** -- a small ``Qwen2ForCausalLM`` (hidden 64, 2 layers, ~0.1 M parameters).
 * **data** -- verl-schema parquet files: ``prompt`` (chat messages), ``data_source``,
   ``ability``, ``reward_model.ground_truth``, ``extra_info``.
 * **task** -- single-digit addition: the prompt ``"3+4"`` must be answered ``"7"``.
   The reward (``hmpo_verl.tiny_reward.compute_score``) is 1 for the exact sum, else 0.
-* **warm start** -- a deliberately *brief* supervised fit (plain torch, 75 AdamW steps
-  of 64 random problems with their correct answers, loss on the answer tokens only).
-  It teaches the answer format and part of the addition table and is stopped early:
-  the warm-started model samples the right sum roughly a third of the time, so RL
-  has clear room to raise the mean reward.
+* **warm start** -- a brief supervised fit (plain torch, 200 AdamW steps of 64 random
+  problems with their correct answers, loss on the answer tokens only), after which the
+  output layer is scaled by ``soften_lm_head`` (0.5): the model keeps its ranking of
+  answers but becomes under-confident, as if sampled at temperature 2. It samples the
+  right sum about a third of the time, so RL has clear room to raise the mean reward by
+  making the policy confident where it is right (greedy accuracy starts much higher).
 
 ``prepare_assets(out_dir)`` builds whatever is missing and returns the paths.
 """
@@ -29,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DATA_SOURCE = "tiny_add"
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Characters the tokenizer knows; the chat template needs the letters of "user",
 # "assistant", "system" and a newline.
 CHARACTERS = list("0123456789+=? \n") + sorted(set("userassistantsystem"))
@@ -55,7 +55,8 @@ class TinyTaskSpec:
     # all 100 ordered pairs (a, b) with a, b in 0..9, each repeated this many times
     train_repeats: int = 4
     test_size: int = 32
-    warm_start_steps: int = 75
+    warm_start_steps: int = 200
+    soften_lm_head: float = 0.5
     warm_start_lr: float = 3e-3
     warm_start_batch_size: int = 64
 
@@ -99,29 +100,25 @@ class TinyTaskPaths:
 
 
 def build_tokenizer():
-    """A character-level fast tokenizer with ChatML special tokens and template."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A character-level ``Qwen2Tokenizer`` with ChatML special tokens and template.
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    It is a real Qwen2 (byte-level BPE) tokenizer whose vocabulary holds only the
+    characters of the task and which has *no merges*, so every character is one token.
+    (transformers 5 loads any tokenizer saved next to a ``qwen2`` config as
+    ``Qwen2Tokenizer``, so a different tokenizer class would not survive a reload.)
+    """
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_to_unicode = bytes_to_unicode()
+    vocab: dict[str, int] = {}
     for ch in CHARACTERS:
-        vocab.setdefault(ch, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    # one token per character, newline included
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-        clean_up_tokenization_spaces=False,
+        vocab.setdefault("".join(byte_to_unicode[b] for b in ch.encode()), len(vocab))
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     tokenizer.chat_template = CHAT_TEMPLATE
-    # decoding must not insert spaces between characters
-    from tokenizers import decoders
-
-    tokenizer.backend_tokenizer.decoder = decoders.Fuse()
     return tokenizer
 
 
@@ -216,7 +213,12 @@ def warm_start(model, tokenizer, spec: TinyTaskSpec, log=print) -> dict:
         if log and (step + 1) % 25 == 0:
             log(f"  warm start step {step + 1}/{spec.warm_start_steps}: loss {loss.item():.3f}")
     model.eval()
-    return {"final_loss": float(loss.item()), "sampled_accuracy": sampled_accuracy(model, tokenizer, spec.seed)}
+    report = {"final_loss": float(loss.item()), "sampled_accuracy_before_soften": sampled_accuracy(model, tokenizer, spec.seed)}
+    with torch.no_grad():
+        model.lm_head.weight.mul_(spec.soften_lm_head)
+    report["sampled_accuracy"] = sampled_accuracy(model, tokenizer, spec.seed)
+    report["greedy_accuracy"] = sampled_accuracy(model, tokenizer, spec.seed, greedy=True, samples_per_pair=1)
+    return report
 
 
 def _sft_batch(tokenizer, pairs):
@@ -240,8 +242,8 @@ def _sft_batch(tokenizer, pairs):
     return ids, labels
 
 
-def sampled_accuracy(model, tokenizer, seed: int, samples_per_pair: int = 4) -> float:
-    """Fraction of sampled answers (temperature 1) equal to the true sum, over all 100 pairs."""
+def sampled_accuracy(model, tokenizer, seed: int, samples_per_pair: int = 4, greedy: bool = False) -> float:
+    """Fraction of sampled (temperature 1, or greedy) answers equal to the true sum, over all 100 pairs."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -255,7 +257,10 @@ def sampled_accuracy(model, tokenizer, seed: int, samples_per_pair: int = 4) -> 
                 ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]] * samples_per_pair)
                 for _ in range(3):
                     logits = model(input_ids=ids).logits[:, -1]
-                    nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+                    if greedy:
+                        nxt = logits.argmax(-1, keepdim=True)
+                    else:
+                        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
                     ids = torch.cat([ids, nxt], dim=1)
                 n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
                 for row in ids[:, n_prompt:]:
@@ -276,6 +281,7 @@ def prepare_assets(out_dir: str | os.PathLike = "outputs/tiny_task", spec: TinyT
     """
     import torch
 
+    log = log or (lambda *args, **kwargs: None)
     spec = spec or TinyTaskSpec()
     paths = TinyTaskPaths(Path(out_dir).resolve())
     if paths.done_marker.exists() and paths.spec.exists():
@@ -293,12 +299,15 @@ def prepare_assets(out_dir: str | os.PathLike = "outputs/tiny_task", spec: TinyT
     tokenizer.save_pretrained(paths.base_model)
     build_datasets(spec, paths)
 
-    log(f"tiny task: warm start ({spec.warm_start_steps} supervised steps, stopped early on purpose)")
+    log(f"tiny task: warm start ({spec.warm_start_steps} supervised steps, then lm_head x {spec.soften_lm_head})")
     report = warm_start(model, tokenizer, spec, log=log)
     model.save_pretrained(paths.model)
     tokenizer.save_pretrained(paths.model)
     (paths.root / "warm_start.json").write_text(json.dumps(report, indent=2))
-    log(f"tiny task: warm-started model samples the right sum {report['sampled_accuracy']:.2f} of the time")
+    log(
+        f"tiny task: warm-started model samples the right sum {report['sampled_accuracy']:.2f} of the time "
+        f"(greedy: {report['greedy_accuracy']:.2f})"
+    )
 
     paths.spec.write_text(json.dumps(asdict(spec), indent=2))
     paths.done_marker.write_text("ok\n")

@@ -96,9 +96,10 @@ class HFRolloutServer:
         self.eos_token_ids = _eos_token_ids(self.model_config, self.model)
         self.global_steps: Optional[int] = None
         self.asleep = False
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock and batcher belong to it
+        self._queue: Optional[asyncio.Queue] = None
         self._batcher: Optional[asyncio.Task] = None
-        self._lock = asyncio.Lock()
+        self._lock: Optional[asyncio.Lock] = None
         self._pending_weights: set[str] = set()
         self._stats = {"requests": 0, "batches": 0, "max_batch": 0, "weight_loads": 0}
         self._trace_path = os.environ.get(TRACE_ENV) or None
@@ -134,7 +135,7 @@ class HFRolloutServer:
         )
         if params.seed is None and self.config.full_determinism:
             params = SamplingParams(**{**params.__dict__, "seed": self.config.seed + self.replica_rank})
-        self._ensure_batcher()
+        self._bind_loop()
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Request(prompt_ids, params, future))
         token_ids, log_probs = await future
@@ -146,9 +147,20 @@ class HFRolloutServer:
             extra_fields={"global_steps": self.global_steps},
         )
 
-    def _ensure_batcher(self) -> None:
+    def _bind_loop(self) -> None:
+        """Create the queue, lock and batcher task on the running event loop (once per loop).
+
+        Inside Ray there is one loop for the actor's lifetime; rebinding keeps the server
+        usable from plain ``asyncio.run`` calls too (tests).
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._lock = asyncio.Lock()
+            self._batcher = None
         if self._batcher is None or self._batcher.done():
-            self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
+            self._batcher = loop.create_task(self._batch_loop())
 
     async def _batch_loop(self) -> None:
         while True:
@@ -252,6 +264,7 @@ class HFRolloutServer:
         Called in buckets; ``last=True`` on the final bucket checks that every
         parameter of the model was received and records the new weight version.
         """
+        self._bind_loop()
         async with self._lock:
             state = self.model.state_dict()
             if not self._pending_weights:
@@ -317,6 +330,7 @@ class HFRolloutServer:
         return None
 
     async def wait_for_requests_to_drain(self):
+        self._bind_loop()
         while not self._queue.empty():
             await asyncio.sleep(0.01)
         async with self._lock:
