@@ -29,7 +29,7 @@ RECIPE_DIR = REPO_ROOT / "recipes" / "cpu_tiny"
 RECIPE_NAME = "hmpo"
 
 REWARD = "critic/score/mean"
-VAL_REWARD = "val-core/tiny_add/acc/mean@1"
+VAL_PREFIX, VAL_INFIX = "val-core/", "/acc/mean@"  # verl names it val-core/<data_source>/acc/mean@<n>
 CLIPFRAC = "actor/pg_clipfrac"
 ESS = "actor/pm/ess_frac"
 STEP_TIME = "timing_s/step"
@@ -93,12 +93,17 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def val_key(data: dict) -> str | None:
+    """verl's test-set accuracy key, e.g. ``val-core/tiny_add/acc/mean@4``."""
+    return next((k for k in data if k.startswith(VAL_PREFIX) and VAL_INFIX in k), None)
+
+
 def format_step(record: dict, total_steps: int) -> str:
     data = record["data"]
     parts = [f"step {record['step']:>3}/{total_steps}"]
     for label, key, fmt in (
         ("reward", REWARD, ".3f"),
-        ("val", VAL_REWARD, ".3f"),
+        ("test", val_key(data), ".3f"),
         ("clipfrac", CLIPFRAC, ".3f"),
         ("ess", ESS, ".3f"),
         ("s/step", STEP_TIME, ".1f"),
@@ -137,7 +142,11 @@ def run_trainer(cmd: list[str], env: dict[str, str], run_dir: Path, total_steps:
 # ----------------------------------------------------------------------------- summary and plot
 
 
-def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+def _val_key(records: list[dict]) -> str | None:
+    return next((k for r in records if (k := val_key(r["data"]))), None)
+
+
+def series(records: list[dict], key: str | None) -> tuple[list[int], list[float]]:
     points = [(r["step"], r["data"][key]) for r in records if key in r["data"]]
     return [p[0] for p in points], [float(p[1]) for p in points]
 
@@ -146,7 +155,7 @@ def summarize(records: list[dict], window: int = 5) -> dict:
     """Start/end of the training reward (mean of the first/last ``window`` steps) and more."""
     steps, reward = series(records, REWARD)
     _, step_time = series(records, STEP_TIME)
-    _, val = series(records, VAL_REWARD)
+    _, val = series(records, _val_key(records))
     if not reward:
         return {}
     w = max(1, min(window, len(reward) // 2 or 1))
@@ -173,7 +182,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = [
-        (REWARD, "mean reward (train)", VAL_REWARD),
+        (REWARD, "mean reward (train)", _val_key(records)),
         (CLIPFRAC, "clip fraction (actor/pg_clipfrac)", None),
         (ESS, "ESS / tokens (actor/pm/ess_frac)", None),
     ]
@@ -234,7 +243,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _print(*args, **kwargs) -> None:
+def say(*args, **kwargs) -> None:
+    """print, flushed: progress must show even when stdout is a pipe or a file."""
     print(*args, **kwargs, flush=True)
 
 
@@ -242,10 +252,9 @@ def main(argv=None) -> int:
     from hmpo_verl.tiny_task import prepare_assets
 
     args = parse_args(argv)
-    print = _print  # noqa: A001 - progress must show even when stdout is a pipe
     t0 = time.time()
-    assets = prepare_assets(args.assets, log=print)
-    print(f"assets ready in {assets.root} ({time.time() - t0:.0f} s)")
+    assets = prepare_assets(args.assets, log=say)
+    say(f"assets ready in {assets.root} ({time.time() - t0:.0f} s)")
     if args.prepare_only:
         return 0
     check_cpu_backend_installed()
@@ -255,12 +264,12 @@ def main(argv=None) -> int:
     for stale in ("metrics.jsonl", "rollout_trace.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
     cmd = trainer_command(assets, run_dir, args.steps, args.loss_mode, args.overrides)
-    print("running verl's trainer on CPU (full log: %s):\n  VERL_PLATFORM=cpu %s" % (run_dir / "train.log", " ".join(cmd[1:])))
-    code, timings = run_trainer(cmd, trainer_env(run_dir), run_dir, args.steps, log=print)
+    say("running verl's trainer on CPU (full log: %s):\n  VERL_PLATFORM=cpu %s" % (run_dir / "train.log", " ".join(cmd[1:])))
+    code, timings = run_trainer(cmd, trainer_env(run_dir), run_dir, args.steps, log=say)
     if code != 0:
         tail = (run_dir / "train.log").read_text().splitlines()[-40:]
-        print("\n".join(tail), file=sys.stderr)
-        print(f"\nverl's trainer exited with status {code}; full log: {run_dir / 'train.log'}", file=sys.stderr)
+        say("\n".join(tail), file=sys.stderr)
+        say(f"\nverl's trainer exited with status {code}; full log: {run_dir / 'train.log'}", file=sys.stderr)
         return code
 
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -268,7 +277,7 @@ def main(argv=None) -> int:
     png = run_dir / "reward_curve.png"
     plot(records, png, f"{args.loss_mode} on CPU, tiny addition task (verl {_verl_version()})")
     (run_dir / "summary.json").write_text(json.dumps({**summary, **timings}, indent=2))
-    print_summary(summary, timings, png, log=print)
+    print_summary(summary, timings, png, log=say)
     return 0
 
 
