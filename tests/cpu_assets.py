@@ -1,7 +1,8 @@
-"""Tiny-task assets for the CPU tests, built once under ``outputs/test_tiny_task`` and reused.
+"""Tiny-task assets for the CPU tests: the demo's own (``outputs/tiny_task``), built once and reused.
 
-The tests need a model but not a good one, so the warm start is cut to 20 steps
-(~5 s to build). ``prepare_assets`` rebuilds only when the spec changes.
+``prepare_assets`` builds them when missing (~15 s) and rebuilds only when the spec
+changes. The full warm start matters for the e2e test: a barely trained model gets the
+same reward on every sample of a group, so GRPO's advantages (and the update) are zero.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 from hmpo_verl.tiny_task import TinyTaskPaths, TinyTaskSpec, prepare_assets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TEST_ASSETS = REPO_ROOT / "outputs" / "test_tiny_task"
-TEST_SPEC = TinyTaskSpec(warm_start_steps=20)
+TEST_ASSETS = REPO_ROOT / "outputs" / "tiny_task"
+TEST_SPEC = TinyTaskSpec()
 
 
 def tiny_assets() -> TinyTaskPaths:

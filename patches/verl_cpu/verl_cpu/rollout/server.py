@@ -96,6 +96,9 @@ class HFRolloutServer:
         self.eos_token_ids = _eos_token_ids(self.model_config, self.model)
         self.global_steps: Optional[int] = None
         self.asleep = False
+        # one sampling stream per server, seeded with rollout.seed; which request gets which
+        # draws still depends on how concurrent requests happen to be batched
+        self._generator = torch.Generator().manual_seed(int(self.config.seed) + replica_rank)
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock and batcher belong to it
         self._queue: Optional[asyncio.Queue] = None
         self._batcher: Optional[asyncio.Task] = None
@@ -194,7 +197,7 @@ class HFRolloutServer:
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
 
         cache = DynamicCache()
         step_ids, step_pos = input_ids, position_ids
