@@ -10,7 +10,7 @@
    effective sample size against step, all from verl's logged metrics.
 
 Needs ``pip install -e . -e patches/verl_cpu``. Extra arguments after ``--`` are passed
-to verl as Hydra overrides, e.g. ``python -m hmpo_verl.cpu_demo -- trainer.total_training_steps=5``.
+to verl as Hydra overrides, e.g. ``python -m hmpo_verl.cpu_demo --steps 5 -- actor_rollout_ref.actor.optim.lr=5e-4``.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="HMPO with verl's real trainer on CPU (tiny addition task).")
     parser.add_argument("--assets", default=str(REPO_ROOT / "outputs" / "tiny_task"), help="tiny-task asset dir")
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "outputs" / "cpu_demo"), help="logs, metrics, plot")
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     parser.add_argument("--loss-mode", default="hmpo", help="policy loss (default hmpo)")
     parser.add_argument("--prepare-only", action="store_true", help="only build the tiny-task assets")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for verl, after --")

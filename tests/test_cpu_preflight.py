@@ -79,6 +79,7 @@ def test_cuda_only_settings_are_named_with_their_fix():
     )
     text = "\n".join(problems)
     assert "actor_rollout_ref.actor.strategy=fsdp: use actor_rollout_ref.actor.strategy=fsdp2" in text
+    assert sum("strategy=fsdp:" in p for p in problems) == 1, "the ref follows the actor: one message"
     assert "actor_rollout_ref.rollout.name=vllm needs a GPU: set actor_rollout_ref.rollout.name=hf" in text
     assert "set trainer.device=cpu" in text
     assert "attn_implementation=sdpa" in text

@@ -48,8 +48,11 @@ def check_device_settings(config: DictConfig) -> list[str]:
     problems = []
     if _get(config, "trainer.device") != "cpu":
         problems.append(f"trainer.device={_get(config, 'trainer.device')}: set trainer.device=cpu")
+    actor_strategy = _get(config, "actor_rollout_ref.actor.strategy")
     for key in ("actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy"):
         strategy = _get(config, key)
+        if key.endswith("ref.strategy") and strategy == actor_strategy:
+            continue  # verl's default interpolates the actor's: one message is enough
         if strategy is not None and strategy != "fsdp2":
             problems.append(
                 f"{key}={strategy}: use {key}=fsdp2 on CPU (FSDP1's sync_module_states needs a GPU; "
