@@ -2,7 +2,7 @@
 
 Each function has verl's policy-loss signature and return value (see
 `verl.trainer.ppo.core_algos.compute_policy_loss_vanilla`) and is registered under its
-name by `hmpo_verl.plugin`. The work is split as:
+name when `hmpo_verl` is imported. The work is split as:
 
     means.py      log power means / AGM and their gradient weights  (pure torch)
     surrogate.py  clipping and the per-token surrogate               (pure torch)

@@ -1,7 +1,7 @@
 """Registration of hmpo_verl's losses with verl (idempotent).
 
 `register()` is called when `hmpo_verl` is imported, which verl does itself in every
-process that imports verl, through the `verl.plugins` entry point (`hmpo_verl.plugin`).
+process that imports verl, through the `verl.plugins` entry point (`hmpo_verl`).
 """
 
 from __future__ import annotations
