@@ -104,8 +104,8 @@ def power_mean_policy_loss(
         )
         rows = n > 0
         n_tokens = valid.sum().clamp(min=1)
-        log_a, _ = log_mean_and_weights(log_ratio, 1.0, valid)
-        log_h, _ = log_mean_and_weights(log_ratio, -1.0, valid)
+        log_a, _ = log_mean_and_weights(log_ratio, 1.0, valid, with_weights=False)
+        log_h, _ = log_mean_and_weights(log_ratio, -1.0, valid, with_weights=False)
         stats = {
             "actor/pg_clipfrac": terms.clipped.sum() / n_tokens,
             "actor/ppo_kl": -log_ratio_sum / n_tokens,

@@ -68,26 +68,27 @@ def _valid(log_x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return mask.to(torch.bool).expand_as(log_x)
 
 
-def _geometric(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor):
+def _geometric(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, with_weights: bool = True):
     """p = 0: log M_0 = mean_t d_t, w_t = 1/T."""
     n_safe = n.clamp(min=1)
     log_m = torch.where(valid, d, 0.0).sum(-1) / n_safe
-    w = valid / n_safe.unsqueeze(-1)
-    return log_m, w
+    return log_m, (valid / n_safe.unsqueeze(-1) if with_weights else None)
 
 
-def _extreme(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, largest: bool):
+def _extreme(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, largest: bool, with_weights: bool = True):
     """p = +inf (largest) / -inf: log M = max / min; weight split evenly over ties."""
     fill = -math.inf if largest else math.inf
     masked = torch.where(valid, d, fill)
     ext = masked.amax(-1) if largest else masked.amin(-1)
     ext = torch.where(n > 0, ext, 0.0)
+    if not with_weights:
+        return ext, None
     hit = (valid & (d == ext.unsqueeze(-1))).to(d.dtype)
     w = hit / hit.sum(-1, keepdim=True).clamp(min=1)
     return ext, w
 
 
-def _finite_power(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, p: torch.Tensor):
+def _finite_power(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, p: torch.Tensor, with_weights: bool = True):
     """Finite p != 0 (p of shape (...,) or scalar tensor).
 
     log M_p = L / p with L = log mean_t exp(x_t), x_t = p * d_t. With c = max_t x_t we
@@ -99,31 +100,32 @@ def _finite_power(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, p: torc
     w_t = (expm1(x_t - s) + 1) / sum_u (expm1(x_u - s) + 1) = softmax_t(x).
     """
     p_col = p.unsqueeze(-1) if p.dim() > 0 else p
-    x = torch.where(valid, d * p_col, -math.inf)
+    invalid = ~valid
+    x = (d * p_col).masked_fill_(invalid, -math.inf)  # the only (..., T) allocation
     c = x.amax(-1)
     c = torch.where(n > 0, c, 0.0)
     s = c - c.clamp(0.0, 1.0)
-    f = torch.where(valid, x - s.unsqueeze(-1), 0.0)
-    del x
-    f = torch.expm1(f)
+    f = x.sub_(s.unsqueeze(-1)).masked_fill_(invalid, 0.0).expm1_()
     n_safe = n.clamp(min=1)
     mean_f = f.sum(-1) / n_safe
     log_m = (s + torch.log1p(mean_f)) / p
+    if not with_weights:
+        return log_m, None
     total = n_safe * (1.0 + mean_f)  # sum_t exp(x_t - s) over valid t, >= 1 when n > 0
-    w = f.add_(1.0).div_(total.unsqueeze(-1))
-    w = torch.where(valid, w, 0.0)
+    w = f.add_(1.0).div_(total.unsqueeze(-1)).masked_fill_(invalid, 0.0)
     return log_m, w
 
 
 def log_mean_and_weights(
-    log_x: torch.Tensor, p: Power, mask: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    log_x: torch.Tensor, p: Power, mask: Optional[torch.Tensor] = None, with_weights: bool = True
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log M_p over the last dimension and its gradient weights, without autograd.
 
     Args:
         log_x: `(..., T)` log of the values.
         p: power, a number or a tensor broadcastable to `(...)`.
         mask: `(..., T)` valid entries, or None for all.
+        with_weights: False skips the weights (returned as None).
 
     Returns:
         `(log_m, w)`: `(...)` log power mean and `(..., T)` weights w = d log M_p / d log x
@@ -139,26 +141,27 @@ def log_mean_and_weights(
             if math.isnan(p):
                 raise ValueError("power p is NaN; allowed: any real number or +-inf")
             if abs(p) < GEOMETRIC_BELOW:
-                return _geometric(d, valid, n)
+                return _geometric(d, valid, n, with_weights)
             if math.isinf(p):
-                return _extreme(d, valid, n, largest=p > 0)
-            return _finite_power(d, valid, n, torch.tensor(p, dtype=d.dtype, device=d.device))
+                return _extreme(d, valid, n, p > 0, with_weights)
+            return _finite_power(d, valid, n, torch.tensor(p, dtype=d.dtype, device=d.device), with_weights)
 
         pt = p.detach().to(device=d.device, dtype=d.dtype).expand(n.shape)
         if torch.isnan(pt).any():
             raise ValueError("power p contains NaN; allowed: any real number or +-inf")
         geometric = pt.abs() < GEOMETRIC_BELOW
         finite = torch.isfinite(pt) & ~geometric
-        log_m, w = _finite_power(d, valid, n, torch.where(finite, pt, 1.0))
+        log_m, w = _finite_power(d, valid, n, torch.where(finite, pt, 1.0), with_weights)
         for select, alternative in (
-            (geometric, lambda: _geometric(d, valid, n)),
-            (pt == math.inf, lambda: _extreme(d, valid, n, largest=True)),
-            (pt == -math.inf, lambda: _extreme(d, valid, n, largest=False)),
+            (geometric, lambda: _geometric(d, valid, n, with_weights)),
+            (pt == math.inf, lambda: _extreme(d, valid, n, True, with_weights)),
+            (pt == -math.inf, lambda: _extreme(d, valid, n, False, with_weights)),
         ):
             if select.any():
                 alt_m, alt_w = alternative()
                 log_m = torch.where(select, alt_m, log_m)
-                w = torch.where(select.unsqueeze(-1), alt_w, w)
+                if with_weights:
+                    w = torch.where(select.unsqueeze(-1), alt_w, w)
         return log_m, w
 
 
@@ -274,7 +277,7 @@ def effective_sample_size(
     valid entry. Masked entries are ignored.
     """
     w = weights if mask is None else torch.where(mask.to(torch.bool), weights, 0.0)
-    sq = (w * w).sum(dim)
+    sq = torch.linalg.vector_norm(w, dim=dim).square()
     return torch.where(sq > 0, 1.0 / sq.clamp(min=torch.finfo(sq.dtype).tiny), 0.0)
 
 

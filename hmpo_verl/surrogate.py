@@ -128,10 +128,15 @@ def clip_token_log_ratios(
     """
     pos, neg = advantages > 0, advantages < 0
     lo, hi, dual = region.log_low, region.log_high, region.log_dual
-    clipped = torch.where(pos, log_ratio.clamp(max=hi), torch.where(neg, log_ratio.clamp(lo, dual), log_ratio))
-    trust = (pos & (log_ratio > hi)) | (neg & (log_ratio < lo))
-    dual_active = neg & (log_ratio > dual) if math.isfinite(dual) else torch.zeros_like(trust)
-    return clipped, trust, dual_active
+    above = pos & (log_ratio > hi)
+    below = neg & (log_ratio < lo)
+    clipped = log_ratio.masked_fill(above, hi).masked_fill_(below, lo)
+    if math.isfinite(dual):
+        dual_active = neg & (log_ratio > dual)
+        clipped.masked_fill_(dual_active, dual)
+    else:
+        dual_active = torch.zeros_like(above)
+    return clipped, above | below, dual_active
 
 
 def surrogate_terms(
@@ -170,23 +175,24 @@ def surrogate_terms(
         seq = torch.exp(log_s.clamp(max=MAX_LOG_SEQ_RATIO)).unsqueeze(-1)  # (B, 1)
         if region.level == "sequence":
             pos, neg = adv > 0, adv < 0
-            trust = (pos & (seq > region.ratio_high)) | (neg & (seq < region.ratio_low))
-            dual = torch.zeros_like(trust)
-            seq_value = torch.where(
-                pos, seq.clamp(max=region.ratio_high), torch.where(neg, seq.clamp(min=region.ratio_low), seq)
-            )
+            above, below = pos & (seq > region.ratio_high), neg & (seq < region.ratio_low)
+            trust, dual = above | below, torch.zeros_like(above)
+            seq_value = seq.expand_as(adv).masked_fill(above, region.ratio_high).masked_fill_(below, region.ratio_low)
+            value = seq_value.mul_(adv).neg_()
         else:
-            seq_value = seq
+            value = adv * seq.neg()
+        invalid = ~valid
         trust &= valid
         dual &= valid
-
-        neg_adv = -adv
+        # d value / d log pi_t = -A_t * s_i * T_i * w_t on tokens whose clip is inactive
+        grad_coef = (adv * (seq * n.unsqueeze(-1)).neg_()).mul_(w)
         if rollout_is_weights is not None:
-            neg_adv = neg_adv * rollout_is_weights.detach().to(dtype)
-        value = torch.where(valid, neg_adv * seq_value, 0.0)
-        active = valid & ~(trust | dual) & (log_s <= MAX_LOG_SEQ_RATIO).unsqueeze(-1)
-        coef = (seq.squeeze(-1) * n).unsqueeze(-1)  # s_i * T_i
-        grad_coef = torch.where(active, neg_adv * w * coef, 0.0)
+            is_w = rollout_is_weights.detach().to(dtype)
+            value.mul_(is_w)
+            grad_coef.mul_(is_w)
+        value.masked_fill_(invalid, 0.0)
+        inactive = invalid | trust | dual | (log_s > MAX_LOG_SEQ_RATIO).unsqueeze(-1)
+        grad_coef.masked_fill_(inactive, 0.0)
         return SurrogateTerms(
             value=value,
             grad_coef=grad_coef,
