@@ -23,7 +23,7 @@ import torch
 from verl.trainer.ppo.core_algos import agg_loss
 
 from hmpo_verl.config import resolve_power_mean_options
-from hmpo_verl.means import effective_sample_size, log_agm_and_weights, log_mean_and_weights
+from hmpo_verl.means import log_agm_and_weights, log_arithmetic_harmonic_gap, log_mean_and_weights
 from hmpo_verl.surrogate import Aggregator, SurrogateTerms, TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 
@@ -92,8 +92,11 @@ def power_mean_policy_loss(
     """
     with torch.no_grad():
         compute_dtype = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
-        log_ratio = log_prob.detach().to(compute_dtype) - old_log_prob.detach().to(compute_dtype)
-        terms = surrogate_terms(log_ratio, advantages, response_mask, aggregate, region, rollout_is_weights)
+        log_ratio = log_prob.detach().to(compute_dtype) - old_log_prob.detach()  # promotes to compute_dtype
+        # maths in float32 at least; the loss matrix in the policy's dtype, as verl's losses
+        terms = surrogate_terms(
+            log_ratio, advantages, response_mask, aggregate, region, rollout_is_weights, out_dtype=log_prob.dtype
+        )
         valid, n = terms.valid, terms.n_valid
         log_ratio_sum = torch.where(valid, log_ratio, 0.0).sum()
         _check_finite(
@@ -104,15 +107,13 @@ def power_mean_policy_loss(
         )
         rows = n > 0
         n_tokens = valid.sum().clamp(min=1)
-        log_a, _ = log_mean_and_weights(log_ratio, 1.0, valid, with_weights=False)
-        log_h, _ = log_mean_and_weights(log_ratio, -1.0, valid, with_weights=False)
         stats = {
             "actor/pg_clipfrac": terms.clipped.sum() / n_tokens,
             "actor/ppo_kl": -log_ratio_sum / n_tokens,
             "actor/pg_clipfrac_lower": terms.dual_clipped.sum() / n_tokens,
             "actor/pm/seq_ratio_mean": _masked_row_mean(torch.exp(terms.log_seq_ratio), rows),
-            "actor/pm/log_ah_gap": _masked_row_mean(log_a - log_h, rows),
-            "actor/pm/ess_frac": _masked_row_mean(effective_sample_size(terms.weights) / n.clamp(min=1), rows),
+            "actor/pm/log_ah_gap": _masked_row_mean(log_arithmetic_harmonic_gap(log_ratio, valid), rows),
+            "actor/pm/ess_frac": _masked_row_mean(terms.ess / n.clamp(min=1), rows),
         }
         for name, per_row in (extra_metrics or {}).items():
             stats[name] = _masked_row_mean(per_row.to(compute_dtype), rows)

@@ -50,6 +50,7 @@ __all__ = [
     "log_agm",
     "log_mean_and_weights",
     "log_agm_and_weights",
+    "log_arithmetic_harmonic_gap",
 ]
 
 
@@ -68,27 +69,25 @@ def _valid(log_x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return mask.to(torch.bool).expand_as(log_x)
 
 
-def _geometric(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, with_weights: bool = True):
+def _geometric(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor):
     """p = 0: log M_0 = mean_t d_t, w_t = 1/T."""
     n_safe = n.clamp(min=1)
     log_m = torch.where(valid, d, 0.0).sum(-1) / n_safe
-    return log_m, (valid / n_safe.unsqueeze(-1) if with_weights else None)
+    return log_m, valid / n_safe.unsqueeze(-1)
 
 
-def _extreme(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, largest: bool, with_weights: bool = True):
+def _extreme(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, largest: bool):
     """p = +inf (largest) / -inf: log M = max / min; weight split evenly over ties."""
     fill = -math.inf if largest else math.inf
     masked = torch.where(valid, d, fill)
     ext = masked.amax(-1) if largest else masked.amin(-1)
     ext = torch.where(n > 0, ext, 0.0)
-    if not with_weights:
-        return ext, None
     hit = (valid & (d == ext.unsqueeze(-1))).to(d.dtype)
     w = hit / hit.sum(-1, keepdim=True).clamp(min=1)
     return ext, w
 
 
-def _finite_power(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, p: torch.Tensor, with_weights: bool = True):
+def _finite_power(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, p: torch.Tensor):
     """Finite p != 0 (p of shape (...,) or scalar tensor).
 
     log M_p = L / p with L = log mean_t exp(x_t), x_t = p * d_t. With c = max_t x_t we
@@ -109,23 +108,20 @@ def _finite_power(d: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, p: torc
     n_safe = n.clamp(min=1)
     mean_f = f.sum(-1) / n_safe
     log_m = (s + torch.log1p(mean_f)) / p
-    if not with_weights:
-        return log_m, None
     total = n_safe * (1.0 + mean_f)  # sum_t exp(x_t - s) over valid t, >= 1 when n > 0
     w = f.add_(1.0).div_(total.unsqueeze(-1)).masked_fill_(invalid, 0.0)
     return log_m, w
 
 
 def log_mean_and_weights(
-    log_x: torch.Tensor, p: Power, mask: Optional[torch.Tensor] = None, with_weights: bool = True
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    log_x: torch.Tensor, p: Power, mask: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log M_p over the last dimension and its gradient weights, without autograd.
 
     Args:
         log_x: `(..., T)` log of the values.
         p: power, a number or a tensor broadcastable to `(...)`.
         mask: `(..., T)` valid entries, or None for all.
-        with_weights: False skips the weights (returned as None).
 
     Returns:
         `(log_m, w)`: `(...)` log power mean and `(..., T)` weights w = d log M_p / d log x
@@ -141,28 +137,45 @@ def log_mean_and_weights(
             if math.isnan(p):
                 raise ValueError("power p is NaN; allowed: any real number or +-inf")
             if abs(p) < GEOMETRIC_BELOW:
-                return _geometric(d, valid, n, with_weights)
+                return _geometric(d, valid, n)
             if math.isinf(p):
-                return _extreme(d, valid, n, p > 0, with_weights)
-            return _finite_power(d, valid, n, torch.tensor(p, dtype=d.dtype, device=d.device), with_weights)
+                return _extreme(d, valid, n, largest=p > 0)
+            return _finite_power(d, valid, n, torch.tensor(p, dtype=d.dtype, device=d.device))
 
         pt = p.detach().to(device=d.device, dtype=d.dtype).expand(n.shape)
         if torch.isnan(pt).any():
             raise ValueError("power p contains NaN; allowed: any real number or +-inf")
         geometric = pt.abs() < GEOMETRIC_BELOW
         finite = torch.isfinite(pt) & ~geometric
-        log_m, w = _finite_power(d, valid, n, torch.where(finite, pt, 1.0), with_weights)
+        log_m, w = _finite_power(d, valid, n, torch.where(finite, pt, 1.0))
         for select, alternative in (
-            (geometric, lambda: _geometric(d, valid, n, with_weights)),
-            (pt == math.inf, lambda: _extreme(d, valid, n, True, with_weights)),
-            (pt == -math.inf, lambda: _extreme(d, valid, n, False, with_weights)),
+            (geometric, lambda: _geometric(d, valid, n)),
+            (pt == math.inf, lambda: _extreme(d, valid, n, largest=True)),
+            (pt == -math.inf, lambda: _extreme(d, valid, n, largest=False)),
         ):
             if select.any():
                 alt_m, alt_w = alternative()
                 log_m = torch.where(select, alt_m, log_m)
-                if with_weights:
-                    w = torch.where(select.unsqueeze(-1), alt_w, w)
+                w = torch.where(select.unsqueeze(-1), alt_w, w)
         return log_m, w
+
+
+def log_arithmetic_harmonic_gap(log_x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log M_1 - log M_-1 over the last dimension (>= 0; 0 iff the valid values are equal).
+
+    The spread of the mean inequality, used as a diagnostic metric: two fused logsumexp
+    passes, accurate to float32 rounding of logsumexp (~1e-6 absolute), without the
+    small-p care of `log_mean_and_weights`. Rows with no valid entry give 0.
+    """
+    with torch.no_grad():
+        d = log_x.detach().to(_compute_dtype(log_x.dtype))
+        invalid = ~_valid(d, mask)
+        n = (~invalid).sum(-1)
+        x = d.masked_fill(invalid, -math.inf)
+        gap = torch.logsumexp(x, -1)  # log(n A)
+        gap += torch.logsumexp(torch.neg(d, out=x).masked_fill_(invalid, -math.inf), -1)  # + log(n / H)
+        gap -= 2 * torch.log(n.clamp(min=1).to(d.dtype))
+        return torch.where(n > 0, gap, 0.0)
 
 
 def log_agm_and_weights(
@@ -191,7 +204,7 @@ def log_agm_and_weights(
     log_a, w_a = log_mean_and_weights(log_x, 1.0, mask)
     log_h, w_h = log_mean_and_weights(log_x, -1.0, mask)
     if iters is None:
-        return 0.5 * (log_a + log_h), 0.5 * (w_a + w_h)
+        return 0.5 * (log_a + log_h), w_a.add_(w_h).mul_(0.5)
     # Track (log a_k, log h_k) and their derivatives with respect to log A.
     la, lh = log_a, log_h
     da, dh = torch.ones_like(la), torch.zeros_like(lh)
@@ -202,7 +215,7 @@ def log_agm_and_weights(
         lh, dh = la + lh - la_next, da + dh - da_next
         la, da = la_next, da_next
     alpha = da.unsqueeze(-1)
-    return la, alpha * w_a + (1.0 - alpha) * w_h
+    return la, w_a.mul_(alpha).add_(w_h.mul_(1.0 - alpha))
 
 
 # --------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from typing import Callable, Optional
 
 import torch
 
+from hmpo_verl.means import effective_sample_size
+
 # The aggregator maps (log-ratios (B, T), valid (B, T) bool) to (log s (B,), w (B, T)).
 Aggregator = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -102,7 +104,7 @@ class SurrogateTerms:
         value: -A_it * clip(s_i) (times rollout IS weights if given).
         grad_coef: d value_it / d log pi_it under the token construction above.
         log_seq_ratio: (B,) log s_i (before the MAX_LOG_SEQ_RATIO clamp; 0 for empty rows).
-        weights: d log s_i / d delta_it (0 at masked and empty rows).
+        ess: (B,) Kish effective sample size of the weights w_it = d log s_i / d delta_it.
         clipped: tokens whose trust-region clip is active (no gradient from them).
         dual_clipped: tokens capped by the dual clip (A < 0, token level).
         valid: response mask as bool; n_valid: (B,) valid tokens per row.
@@ -111,7 +113,7 @@ class SurrogateTerms:
     value: torch.Tensor
     grad_coef: torch.Tensor
     log_seq_ratio: torch.Tensor
-    weights: torch.Tensor
+    ess: torch.Tensor
     clipped: torch.Tensor
     dual_clipped: torch.Tensor
     valid: torch.Tensor
@@ -146,6 +148,7 @@ def surrogate_terms(
     aggregate: Aggregator,
     region: TrustRegion,
     rollout_is_weights: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> SurrogateTerms:
     """Value and gradient coefficient of the clipped sequence-ratio surrogate.
 
@@ -157,11 +160,13 @@ def surrogate_terms(
         region: clip level and bounds.
         rollout_is_weights: optional `(B, T)` rollout-correction weights, multiplied into
             the per-token loss as verl's built-in losses do.
+        out_dtype: dtype of `value` and `grad_coef` (default: log_ratio's); the maths runs
+            in log_ratio's dtype either way.
     """
     with torch.no_grad():
         dtype = log_ratio.dtype
         valid = response_mask.to(torch.bool)
-        adv = advantages.detach().to(dtype)
+        adv = advantages.detach()  # mixed-dtype ops promote it; no up-cast copy
         n = valid.sum(-1)
         if region.level == "token":
             clipped_delta, trust, dual = clip_token_log_ratios(log_ratio, adv, region)
@@ -186,6 +191,8 @@ def surrogate_terms(
         dual &= valid
         # d value / d log pi_t = -A_t * s_i * T_i * w_t on tokens whose clip is inactive
         grad_coef = (adv * (seq * n.unsqueeze(-1)).neg_()).mul_(w)
+        ess = effective_sample_size(w)
+        del w
         if rollout_is_weights is not None:
             is_w = rollout_is_weights.detach().to(dtype)
             value.mul_(is_w)
@@ -193,11 +200,13 @@ def surrogate_terms(
         value.masked_fill_(invalid, 0.0)
         inactive = invalid | trust | dual | (log_s > MAX_LOG_SEQ_RATIO).unsqueeze(-1)
         grad_coef.masked_fill_(inactive, 0.0)
+        if out_dtype is not None:
+            value, grad_coef = value.to(out_dtype), grad_coef.to(out_dtype)
         return SurrogateTerms(
             value=value,
             grad_coef=grad_coef,
             log_seq_ratio=log_s,
-            weights=w,
+            ess=ess,
             clipped=trust,
             dual_clipped=dual,
             valid=valid,
