@@ -106,16 +106,18 @@ def solve_power_for_ess(
         iters: bisection steps (|p| is located to |bound| / 2^iters).
 
     Returns:
-        `(B,)` p (float32). Rows with no valid token get 0; rows where even `bound` keeps
-        ESS / T >= target (e.g. equal log-ratios, T = 1) get `bound`.
+        `(B,)` p (float32). Rows with no valid token or a target of 1 get 0; rows where
+        even `bound` keeps ESS / T >= target (e.g. equal log-ratios, T = 1) get `bound`.
     """
     with torch.no_grad():
         d = log_x.detach().to(torch.float32)
         valid = valid.to(torch.bool)
         n = valid.sum(-1).to(torch.float32)
         counts, centres = _row_histograms(d, valid, SOLVER_BINS)
-        bound = bound.to(torch.float32)
-        target = target.to(torch.float32)
+        # the (B, bins) search runs in float64: ESS / T is flat (1 - O(p^2)) near p = 0
+        counts, centres, n = counts.double(), centres.double(), n.double()
+        bound = bound.to(torch.float64)
+        target = target.to(torch.float64)
         # fraction of the way from 0 to the bound; ESS decreases as it grows
         lo = torch.zeros_like(bound)
         hi = torch.ones_like(bound)
@@ -126,7 +128,8 @@ def solve_power_for_ess(
             lo = torch.where(above, mid, lo)
             hi = torch.where(above, hi, mid)
         fraction = torch.where(reachable, 0.5 * (lo + hi), 1.0)
-        return torch.where(n > 0, fraction * bound, 0.0)
+        # target ESS = T is met only by p = 0 (uniform weights)
+        return torch.where((n > 0) & (target < 1.0), fraction * bound, 0.0).to(torch.float32)
 
 
 def scheduled_power(step: int, p_start: float, p_end: float, steps: int, schedule: str = "linear") -> float:
