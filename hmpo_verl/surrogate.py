@@ -37,8 +37,11 @@ from typing import Callable, Optional
 
 import torch
 
-# The aggregator maps (log-ratios (B, T), valid (B, T) bool) to (log s (B,), w (B, T)).
-Aggregator = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+from hmpo_verl.means import effective_sample_size
+
+# The aggregator maps (log-ratios (B, T), valid (B, T) bool, token clip active (B, T) bool or
+# None at sequence level) to (log s (B,), w (B, T)).
+Aggregator = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], "tuple[torch.Tensor, torch.Tensor]"]
 
 # verl's gspo clamps the log sequence ratio at 10 "for numerical stability"; we do the
 # same (a clamped sequence keeps its value e^10 and gets no gradient).
@@ -102,7 +105,7 @@ class SurrogateTerms:
         value: -A_it * clip(s_i) (times rollout IS weights if given).
         grad_coef: d value_it / d log pi_it under the token construction above.
         log_seq_ratio: (B,) log s_i (before the MAX_LOG_SEQ_RATIO clamp; 0 for empty rows).
-        weights: d log s_i / d delta_it (0 at masked and empty rows).
+        ess: (B,) Kish effective sample size of the weights w_it = d log s_i / d delta_it.
         clipped: tokens whose trust-region clip is active (no gradient from them).
         dual_clipped: tokens capped by the dual clip (A < 0, token level).
         valid: response mask as bool; n_valid: (B,) valid tokens per row.
@@ -111,7 +114,7 @@ class SurrogateTerms:
     value: torch.Tensor
     grad_coef: torch.Tensor
     log_seq_ratio: torch.Tensor
-    weights: torch.Tensor
+    ess: torch.Tensor
     clipped: torch.Tensor
     dual_clipped: torch.Tensor
     valid: torch.Tensor
@@ -128,10 +131,15 @@ def clip_token_log_ratios(
     """
     pos, neg = advantages > 0, advantages < 0
     lo, hi, dual = region.log_low, region.log_high, region.log_dual
-    clipped = torch.where(pos, log_ratio.clamp(max=hi), torch.where(neg, log_ratio.clamp(lo, dual), log_ratio))
-    trust = (pos & (log_ratio > hi)) | (neg & (log_ratio < lo))
-    dual_active = neg & (log_ratio > dual) if math.isfinite(dual) else torch.zeros_like(trust)
-    return clipped, trust, dual_active
+    above = pos & (log_ratio > hi)
+    below = neg & (log_ratio < lo)
+    clipped = log_ratio.masked_fill(above, hi).masked_fill_(below, lo)
+    if math.isfinite(dual):
+        dual_active = neg & (log_ratio > dual)
+        clipped.masked_fill_(dual_active, dual)
+    else:
+        dual_active = torch.zeros_like(above)
+    return clipped, above | below, dual_active
 
 
 def surrogate_terms(
@@ -141,6 +149,7 @@ def surrogate_terms(
     aggregate: Aggregator,
     region: TrustRegion,
     rollout_is_weights: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> SurrogateTerms:
     """Value and gradient coefficient of the clipped sequence-ratio surrogate.
 
@@ -148,50 +157,57 @@ def surrogate_terms(
         log_ratio: `(B, T)` delta = log pi_theta - log pi_old (float32/64, no grad).
         advantages: `(B, T)` A_it.
         response_mask: `(B, T)` valid tokens (bool or 0/1).
-        aggregate: maps (log-ratios, valid) to (log s (B,), weights (B, T)).
+        aggregate: maps (log-ratios, valid, token clip active or None) to (log s (B,), weights (B, T)).
         region: clip level and bounds.
         rollout_is_weights: optional `(B, T)` rollout-correction weights, multiplied into
             the per-token loss as verl's built-in losses do.
+        out_dtype: dtype of `value` and `grad_coef` (default: log_ratio's); the maths runs
+            in log_ratio's dtype either way.
     """
     with torch.no_grad():
         dtype = log_ratio.dtype
         valid = response_mask.to(torch.bool)
-        adv = advantages.detach().to(dtype)
+        adv = advantages.detach()  # mixed-dtype ops promote it; no up-cast copy
         n = valid.sum(-1)
         if region.level == "token":
             clipped_delta, trust, dual = clip_token_log_ratios(log_ratio, adv, region)
-            log_s, w = aggregate(clipped_delta, valid)
+            log_s, w = aggregate(clipped_delta, valid, trust & valid)
             del clipped_delta
         elif region.level == "sequence":
-            log_s, w = aggregate(log_ratio, valid)
+            log_s, w = aggregate(log_ratio, valid, None)
         else:
             raise ValueError(f"clip_level={region.level!r}; allowed: 'token', 'sequence'")
 
         seq = torch.exp(log_s.clamp(max=MAX_LOG_SEQ_RATIO)).unsqueeze(-1)  # (B, 1)
         if region.level == "sequence":
             pos, neg = adv > 0, adv < 0
-            trust = (pos & (seq > region.ratio_high)) | (neg & (seq < region.ratio_low))
-            dual = torch.zeros_like(trust)
-            seq_value = torch.where(
-                pos, seq.clamp(max=region.ratio_high), torch.where(neg, seq.clamp(min=region.ratio_low), seq)
-            )
+            above, below = pos & (seq > region.ratio_high), neg & (seq < region.ratio_low)
+            trust, dual = above | below, torch.zeros_like(above)
+            seq_value = seq.expand_as(adv).masked_fill(above, region.ratio_high).masked_fill_(below, region.ratio_low)
+            value = seq_value.mul_(adv).neg_()
         else:
-            seq_value = seq
+            value = adv * seq.neg()
+        invalid = ~valid
         trust &= valid
         dual &= valid
-
-        neg_adv = -adv
+        # d value / d log pi_t = -A_t * s_i * T_i * w_t on tokens whose clip is inactive
+        grad_coef = (adv * (seq * n.unsqueeze(-1)).neg_()).mul_(w)
+        ess = effective_sample_size(w)
+        del w
         if rollout_is_weights is not None:
-            neg_adv = neg_adv * rollout_is_weights.detach().to(dtype)
-        value = torch.where(valid, neg_adv * seq_value, 0.0)
-        active = valid & ~(trust | dual) & (log_s <= MAX_LOG_SEQ_RATIO).unsqueeze(-1)
-        coef = (seq.squeeze(-1) * n).unsqueeze(-1)  # s_i * T_i
-        grad_coef = torch.where(active, neg_adv * w * coef, 0.0)
+            is_w = rollout_is_weights.detach().to(dtype)
+            value.mul_(is_w)
+            grad_coef.mul_(is_w)
+        value.masked_fill_(invalid, 0.0)
+        inactive = invalid | trust | dual | (log_s > MAX_LOG_SEQ_RATIO).unsqueeze(-1)
+        grad_coef.masked_fill_(inactive, 0.0)
+        if out_dtype is not None:
+            value, grad_coef = value.to(out_dtype), grad_coef.to(out_dtype)
         return SurrogateTerms(
             value=value,
             grad_coef=grad_coef,
             log_seq_ratio=log_s,
-            weights=w,
+            ess=ess,
             clipped=trust,
             dual_clipped=dual,
             valid=valid,

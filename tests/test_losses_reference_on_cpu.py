@@ -169,3 +169,24 @@ def test_metrics():
     _, m = get_policy_loss_fn("agm")(old, lp, adv, mask, "token-mean", actor_config("agm"), None)
     assert set(m) >= {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/pm/seq_ratio_mean",
                       "actor/pm/log_ah_gap", "actor/pm/ess_frac"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pm_metrics_match_direct_formulas(dtype):
+    old, lp, adv, mask = random_batch(B=8, T=64, scale=0.05, seed=26, dtype=dtype)
+    power = -1.0
+    config = actor_config("power_mean", power=power, clip_level="sequence")
+    _, m = get_policy_loss_fn("power_mean")(old, lp, adv, mask, "token-mean", config, None)
+    gaps, ratios, ess = [], [], []
+    for i in range(old.shape[0]):
+        if not mask[i].any():
+            continue
+        r = torch.exp((lp[i] - old[i])[mask[i]].double())
+        gaps.append(torch.log(r.mean() * (1 / r).mean()))
+        ratios.append(1 / (1 / r).mean())
+        w = r**power / (r**power).sum()
+        ess.append(1 / (w**2).sum() / r.numel())
+    tol = dict(rel=1e-9) if dtype == torch.float64 else dict(rel=1e-3, abs=2e-6)
+    assert m["actor/pm/log_ah_gap"] == pytest.approx(torch.stack(gaps).mean().item(), **tol)
+    assert m["actor/pm/seq_ratio_mean"] == pytest.approx(torch.stack(ratios).mean().item(), **tol)
+    assert m["actor/pm/ess_frac"] == pytest.approx(torch.stack(ess).mean().item(), **tol)

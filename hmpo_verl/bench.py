@@ -1,0 +1,159 @@
+"""Speed and memory of our losses against verl's built-ins, measured in the same run.
+
+    python -m hmpo_verl.bench                      # 256x4096 and 32x32768, fp32 and bf16
+    python -m hmpo_verl.bench --shapes 64x1024 --repeats 5 --device cuda
+
+For each shape and dtype, every loss runs forward + backward on identical tensors
+(log-ratios ~ N(0, 0.05^2) as measured between vLLM and a bf16 trainer, DESIGN.md
+section 3; ragged response lengths; one advantage per response). Reported per loss:
+the median wall time over repeats, its ratio to verl's `gspo` measured in the same run,
+the peak memory allocated during forward + backward (CUDA: `max_memory_allocated`; CPU:
+torch's MemTracker), and the peak in excess of gspo's, in units of one (B, T) float32
+tensor. Targets: hmpo / power_mean <= 1.0x gspo time, agm <= 1.2x, adaptive_power_mean
+(ESS rule) <= 2.0x; at most one extra (B, T) float tensor of peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl.workers.config import ActorConfig, PolicyLossConfig
+
+import hmpo_verl  # noqa: F401  (registers the losses)
+from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    loss_mode: str
+    policy_loss: PolicyLossConfig
+
+
+CASES = [
+    Case("gspo", "gspo", PolicyLossConfig(loss_mode="gspo")),
+    Case("geo_mean", "geo_mean", PolicyLossConfig(loss_mode="geo_mean")),
+    Case("vanilla", "vanilla", PolicyLossConfig(loss_mode="vanilla")),
+    Case("hmpo", "hmpo", PolicyLossConfig(loss_mode="hmpo")),
+    Case("power_mean p=0.5", "power_mean", PowerMeanLossConfig(power=0.5)),
+    Case("power_mean p=-2", "power_mean", PowerMeanLossConfig(power=-2.0)),
+    Case("agm", "agm", PowerMeanLossConfig(loss_mode="agm")),
+    Case("adaptive (ess)", "adaptive_power_mean", AdaptivePowerMeanLossConfig()),
+]
+TIME_TARGETS = {"hmpo": 1.0, "power_mean p=0.5": 1.0, "power_mean p=-2": 1.0, "agm": 1.2, "adaptive (ess)": 2.0}
+
+
+def make_inputs(batch: int, length: int, dtype: torch.dtype, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    old = (-torch.rand(batch, length, generator=g) * 3).to(device)
+    log_prob = old + 0.05 * torch.randn(batch, length, generator=g).to(device)
+    lengths = torch.randint(length // 4, length + 1, (batch,), generator=g).to(device)
+    mask = torch.arange(length, device=device).unsqueeze(0) < lengths.unsqueeze(1)
+    adv = torch.randn(batch, 1, generator=g).to(device).expand(batch, length).contiguous()
+    return old.to(dtype), log_prob.to(dtype), adv.to(dtype), mask
+
+
+def _actor_config(policy_loss: PolicyLossConfig) -> ActorConfig:
+    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, policy_loss=policy_loss)
+
+
+def _step(case: Case, config: ActorConfig, inputs, agg: str):
+    old, log_prob, adv, mask = inputs
+    leaf = log_prob.detach().requires_grad_()
+    loss, _ = get_policy_loss_fn(case.loss_mode)(old, leaf, adv, mask, agg, config, None)
+    loss.backward()
+    return leaf
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_cases(cases, inputs, agg: str, repeats: int, device: str) -> list[float]:
+    """Median fwd+bwd time per case; repeats are interleaved round-robin across cases so
+    that background load on the machine affects every case alike."""
+    configs = [_actor_config(case.policy_loss) for case in cases]
+    for case, config in zip(cases, configs):
+        for _ in range(2):
+            _step(case, config, inputs, agg)
+    times = [[] for _ in cases]
+    for _ in range(repeats):
+        for i, (case, config) in enumerate(zip(cases, configs)):
+            _sync(device)
+            start = time.perf_counter()
+            _step(case, config, inputs, agg)
+            _sync(device)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def peak_bytes(case: Case, inputs, agg: str, device: str) -> int:
+    """Peak bytes allocated by forward + backward, beyond the inputs."""
+    config = _actor_config(case.policy_loss)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _step(case, config, inputs, agg)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    with tracker:
+        _step(case, config, inputs, agg)
+    return tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"]
+
+
+def run(shapes, dtypes, repeats: int, device: str, agg: str) -> bool:
+    torch.manual_seed(0)
+    all_met = True
+    print(f"device={device} threads={torch.get_num_threads()} agg={agg} repeats={repeats} torch={torch.__version__}")
+    for batch, length in shapes:
+        for dtype in dtypes:
+            inputs = make_inputs(batch, length, dtype, device)
+            bt_bytes = batch * length * 4
+            times = time_cases(CASES, inputs, agg, repeats, device)
+            peaks = [peak_bytes(case, inputs, agg, device) for case in CASES]
+            rows = [(case.label, t, m) for case, t, m in zip(CASES, times, peaks)]
+            base_t, base_m = rows[0][1], rows[0][2]
+            print(f"\n{batch}x{length} {str(dtype).replace('torch.', '')}")
+            print(f"  {'loss':<18}{'time ms':>10}{'x gspo':>9}{'peak MiB':>11}{'extra (B,T) f32':>17}  target")
+            for label, t, m in rows:
+                target = TIME_TARGETS.get(label)
+                extra = (m - base_m) / bt_bytes
+                met = target is None or (t / base_t <= target and extra <= 1.0)
+                all_met &= met
+                flag = "" if target is None else (f"<= {target:.1f}x, <= 1  " + ("ok" if met else "MISSED"))
+                print(f"  {label:<18}{t * 1e3:>10.2f}{t / base_t:>9.2f}{m / 2**20:>11.1f}{extra:>17.2f}  {flag}")
+    return all_met
+
+
+def _shape(text: str):
+    b, t = text.lower().split("x")
+    return int(b), int(t)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(256, 4096), (32, 32768)])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--agg", default="token-mean")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    met = run(args.shapes, [getattr(torch, d) for d in args.dtypes], args.repeats, args.device, args.agg)
+    print("\nall targets met" if met else "\nsome targets MISSED")
+
+
+if __name__ == "__main__":
+    main()
