@@ -154,3 +154,25 @@ def test_incomplete_or_unknown_weights_are_errors(server):
     with pytest.raises(KeyError, match="not in the rollout model"):
         asyncio.run(server.update_weights_from_tensors([("no.such.weight", torch.zeros(1))], last=True))
     asyncio.run(server.update_weights_from_tensors(state, last=True))  # leaves the server consistent
+
+
+def test_logprob_noise_simulates_a_mismatched_engine(monkeypatch):
+    """VERL_CPU_LOGPROB_NOISE_STD perturbs the reported log-probs only: same tokens, noisy log-probs."""
+    from verl.workers.config import HFModelConfig, RolloutConfig
+
+    from verl_cpu.rollout.server import NOISE_ENV
+
+    assets = tiny_assets()
+    config = RolloutConfig(name="hf", prompt_length=32, response_length=4, max_num_seqs=64)
+    model_config = HFModelConfig(path=str(assets.model))
+    clean = HFRolloutServer(config, model_config, batch_wait_s=0.0)
+    monkeypatch.setenv(NOISE_ENV, "0.05")
+    noisy = HFRolloutServer(config, model_config, batch_wait_s=0.0)
+    prompts = _prompts(clean, [(a, (7 * a) % 10) for a in range(10)] * 8)
+    params = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True, "seed": 3}
+    diffs = []
+    for a, b in zip(_generate_all(clean, prompts, params), _generate_all(noisy, prompts, params), strict=True):
+        assert a.token_ids == b.token_ids  # sampling is untouched
+        diffs += (torch.tensor(b.log_probs) - torch.tensor(a.log_probs)).tolist()
+    diffs = torch.tensor(diffs)
+    assert abs(diffs.mean().item()) < 0.02 and 0.035 < diffs.std().item() < 0.065

@@ -14,6 +14,13 @@ than served one after another. A lock keeps weight updates and decoding apart.
 Diagnostics: :meth:`stats` reports request and batch counts, the weight version
 (``global_steps``) and a weight checksum; with ``VERL_CPU_ROLLOUT_TRACE=<file>`` every
 weight load and every decoded batch is appended there as a JSON line (used by tests).
+
+Simulated training-inference mismatch: with ``VERL_CPU_LOGPROB_NOISE_STD=<sd>`` the
+*reported* log-probs (not the sampling) carry independent Gaussian noise of that standard
+deviation, drawn from their own stream seeded with rollout.seed. A vLLM engine's log-probs
+differ from the trainer's in the same way (sd of the log-ratio ~ 0.05 between vLLM and a
+bf16 trainer for Qwen2.5-0.5B); with ``algorithm.rollout_correction.bypass_mode=true`` they
+become the behaviour policy. Used by the comparative study (``hmpo_verl.study``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from verl_cpu.rollout.sampling import SamplingParams, resolve_sampling_params, s
 
 logger = logging.getLogger(__name__)
 TRACE_ENV = "VERL_CPU_ROLLOUT_TRACE"
+NOISE_ENV = "VERL_CPU_LOGPROB_NOISE_STD"
 
 
 @dataclass
@@ -99,6 +107,8 @@ class HFRolloutServer:
         # one sampling stream per server, seeded with rollout.seed; which request gets which
         # draws still depends on how concurrent requests happen to be batched
         self._generator = torch.Generator().manual_seed(int(self.config.seed) + replica_rank)
+        self._noise_std = float(os.environ.get(NOISE_ENV) or 0.0)
+        self._noise_generator = torch.Generator().manual_seed(10_000 + int(self.config.seed) + replica_rank)
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock and batcher belong to it
         self._queue: Optional[asyncio.Queue] = None
         self._batcher: Optional[asyncio.Task] = None
@@ -212,6 +222,8 @@ class HFRolloutServer:
                 use_cache=True,
             ).logits[:, -1]
             token, log_prob = sample_step(logits, params, generator)
+            if self._noise_std > 0:
+                log_prob = log_prob + self._noise_std * torch.randn(log_prob.shape, generator=self._noise_generator)
             token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
             tokens.append(token)
             log_probs.append(log_prob)
