@@ -35,13 +35,16 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import pytest
 import torch
 import verl
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
+from verl import DataProto
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl.trainer.ppo.ray_trainer import compute_advantage
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import omega_conf_to_dataclass, validate_config
 
@@ -386,8 +389,33 @@ def _run_loss(actor, loss_mode: Optional[str] = None, seed: int = 0, scale: floa
 MEAN_FILES = sorted(p.stem for p in (RECIPES / "mean").glob("*.yaml"))
 
 
+def _advantages(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """verl's compute_advantage (what the v1 trainer calls) with the recipe's algorithm section,
+    on two groups of 4 responses with 0/1 rewards on their last token."""
+    lengths = torch.tensor([5, 3, 4, 1, 5, 2, 5, 4])
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).float()
+    rewards = torch.zeros(8, 5)
+    rewards[torch.arange(8), lengths - 1] = torch.tensor([1.0, 0, 1, 1, 0, 0, 1, 0])
+    uid = np.array(["a"] * 4 + ["b"] * 4, dtype=object)
+    data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask},
+                               non_tensors={"uid": uid})
+    algo = cfg.algorithm
+    out = compute_advantage(data, adv_estimator=algo.adv_estimator, gamma=algo.gamma, lam=algo.lam,
+                            num_repeat=cfg.actor_rollout_ref.rollout.n,
+                            norm_adv_by_std_in_grpo=algo.get("norm_adv_by_std_in_grpo", True), config=algo)
+    return out.batch["advantages"], mask, uid
+
+
 @pytest.mark.parametrize("mean", MEAN_FILES)
-def test_each_mean_file_drives_its_loss(mean):
+def test_each_mean_file_drives_its_advantages_and_loss(mean):
+    cfg = compose_recipe(RECIPES, "gsm8k", (f"mean={mean}",))
+    adv, mask, uid = _advantages(cfg)
+    assert torch.isfinite(adv).all() and (adv[mask == 0] == 0).all()
+    first = adv[:, 0]
+    for group in set(uid):  # group-relative: each group's advantages sum to 0
+        assert abs(float(first[uid == group].sum())) < 1e-5
+    assert first[0] > 0 > first[1]  # reward 1 above reward 0 within a group
+
     actor = _mean_actor(mean)
     for scale in (0.02, 0.5):  # mostly inside / mostly outside the trust region
         loss, grad, metrics = _run_loss(actor, scale=scale)

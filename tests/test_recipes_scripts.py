@@ -185,8 +185,8 @@ def test_ray_job_submit_when_ray_address_is_a_dashboard(script, recorder):
 
 
 @pytest.mark.parametrize("env,message", [
-    (dict(MEAN="harmonc"), "choose one of: agm,arithmetic"),
-    (dict(SIZE="qwen2_5_math_3b"), "choose one of: qwen2_5_math_1_5b,qwen2_5_math_7b"),
+    (dict(MEAN="harmonc"), "no recipes/mean/harmonc.yaml; choose one of: "),
+    (dict(SIZE="qwen2_5_math_3b"), "no recipes/size/qwen2_5_math_3b.yaml; choose one of: "),
     (dict(NNODES="two"), "NNODES=two"),
     (dict(NGPUS_PER_NODE="0"), "NGPUS_PER_NODE=0"),
     (dict(MODEL_PATH="/it's/here"), "single quote"),
@@ -195,6 +195,10 @@ def test_bad_environment_fails_before_launch(env, message):
     script = RECIPES / "gsm8k" / "run.sh"
     result = _run(script, "--dry-run", **env)
     assert result.returncode == 2 and message in result.stderr and result.stdout == ""
+    if "choose one of" in message:  # the message lists the files that exist
+        group = "mean" if "MEAN" in env else "size"
+        listed = result.stderr.rsplit("choose one of: ", 1)[1].strip().split(",")
+        assert listed == sorted(p.stem for p in (RECIPES / group).glob("*.yaml"))
 
 
 def test_help():
