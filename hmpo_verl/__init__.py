@@ -12,7 +12,7 @@ import logging as _logging
 import traceback as _traceback
 
 try:
-    from hmpo_verl.config import PowerMeanLossConfig
+    from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanAlgoConfig, PowerMeanLossConfig
     from hmpo_verl.means import (
         effective_sample_size,
         log_agm,
@@ -25,13 +25,15 @@ try:
     register()
 except Exception:  # noqa: BLE001 - report loudly whatever broke, then re-raise
     _logging.getLogger("hmpo_verl").error(
-        "hmpo_verl failed to register its losses with verl; loss_mode=hmpo/power_mean/agm will be "
-        "unavailable:\n%s",
+        "hmpo_verl failed to register with verl; its losses (hmpo, power_mean, agm, adaptive_power_mean) "
+        "and advantage estimators (power_mean, agm) will be unavailable:\n%s",
         _traceback.format_exc(),
     )
     raise
 
 __all__ = [
+    "AdaptivePowerMeanLossConfig",
+    "PowerMeanAlgoConfig",
     "PowerMeanLossConfig",
     "effective_sample_size",
     "log_agm",

@@ -9,8 +9,8 @@ section 3; ragged response lengths; one advantage per response). Reported per lo
 the median wall time over repeats, its ratio to verl's `gspo` measured in the same run,
 the peak memory allocated during forward + backward (CUDA: `max_memory_allocated`; CPU:
 torch's MemTracker), and the peak in excess of gspo's, in units of one (B, T) float32
-tensor. Targets (issue 2): hmpo / power_mean <= 1.0x gspo time, agm <= 1.2x, at most
-one extra (B, T) float tensor of peak memory.
+tensor. Targets: hmpo / power_mean <= 1.0x gspo time, agm <= 1.2x, adaptive_power_mean
+(ESS rule) <= 2.0x; at most one extra (B, T) float tensor of peak memory.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.workers.config import ActorConfig, PolicyLossConfig
 
 import hmpo_verl  # noqa: F401  (registers the losses)
-from hmpo_verl.config import PowerMeanLossConfig
+from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ CASES = [
     Case("power_mean p=0.5", "power_mean", PowerMeanLossConfig(power=0.5)),
     Case("power_mean p=-2", "power_mean", PowerMeanLossConfig(power=-2.0)),
     Case("agm", "agm", PowerMeanLossConfig(loss_mode="agm")),
+    Case("adaptive (ess)", "adaptive_power_mean", AdaptivePowerMeanLossConfig()),
 ]
-TIME_TARGETS = {"hmpo": 1.0, "power_mean p=0.5": 1.0, "power_mean p=-2": 1.0, "agm": 1.2}
+TIME_TARGETS = {"hmpo": 1.0, "power_mean p=0.5": 1.0, "power_mean p=-2": 1.0, "agm": 1.2, "adaptive (ess)": 2.0}
 
 
 def make_inputs(batch: int, length: int, dtype: torch.dtype, device: str, seed: int = 0):

@@ -1,59 +1,60 @@
-"""Typed configuration of the power-mean losses, as verl dataclass configs.
+"""Typed configuration of the power-mean losses and advantages, as verl dataclass configs.
 
-verl builds `actor_rollout_ref.actor.policy_loss` with Hydra's `instantiate` from its
-`_target_`, and rejects keys its `PolicyLossConfig` does not declare. Our options
-therefore live on a subclass; point the `_target_` at it:
+verl builds `actor_rollout_ref.actor.policy_loss` and `algorithm` with Hydra's
+`instantiate` from their `_target_`, and rejects keys its own classes do not declare.
+Our options therefore live on subclasses; point the `_target_` at them:
 
     actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.PowerMeanLossConfig
     actor_rollout_ref.actor.policy_loss.loss_mode=power_mean
     +actor_rollout_ref.actor.policy_loss.power=-0.5
 
-Validation happens in `__post_init__`, i.e. when verl's driver builds the actor config
-in `validate_config`, before Ray starts.
+    algorithm._target_=hmpo_verl.PowerMeanAlgoConfig
+    algorithm.adv_estimator=power_mean
+    +algorithm.risk_beta=2.0
+
+Validation happens in `__post_init__`: for the actor when verl's driver builds the actor
+config in `validate_config`, for the algorithm section in the same place (verl itself never
+builds that dataclass; `hmpo_verl.registry` adds the check), both before Ray starts. The
+loss and estimator functions resolve their options through the same classes, so a
+DictConfig or verl's plain classes get the same defaults and the same errors.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
+from verl.trainer.config import AlgoConfig
 from verl.workers.config import PolicyLossConfig
 
-CLIP_LEVELS = ("token", "sequence")
-CLIP_SPACES = ("ratio", "log")
 HMPO_POWER = -1.0
-
-# loss_mode -> the power it fixes (None: read `power` from the config; "agm": no power).
-POWER_MEAN_LOSS_MODES = {"hmpo": HMPO_POWER, "power_mean": None, "agm": None}
-
-_TARGET = "hmpo_verl.PowerMeanLossConfig"
+LOSS_PREFIX = "actor_rollout_ref.actor.policy_loss"
+ALGO_PREFIX = "algorithm"
 
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def validate_power_mean_options(
-    loss_mode: str, power: Any, clip_level: Any, clip_space: Any, agm_iters: Any
-) -> None:
-    """Raise ValueError naming the field, its value and the allowed values."""
-    prefix = "actor_rollout_ref.actor.policy_loss"
-    if not _is_real(power) or math.isnan(power):
-        raise ValueError(f"{prefix}.power={power!r} is invalid; allowed: a real number, or inf / -inf (max / min)")
-    if loss_mode == "hmpo" and power != HMPO_POWER:
-        raise ValueError(
-            f"{prefix}.power={power!r} conflicts with loss_mode='hmpo', which is the harmonic mean (power=-1); "
-            f"use loss_mode='power_mean' for another power"
-        )
-    if clip_level not in CLIP_LEVELS:
-        raise ValueError(f"{prefix}.clip_level={clip_level!r} is invalid; allowed: {', '.join(CLIP_LEVELS)}")
-    if clip_space not in CLIP_SPACES:
-        raise ValueError(f"{prefix}.clip_space={clip_space!r} is invalid; allowed: {', '.join(CLIP_SPACES)}")
-    if agm_iters is not None and (isinstance(agm_iters, bool) or not isinstance(agm_iters, int) or agm_iters < 0):
-        raise ValueError(
-            f"{prefix}.agm_iters={agm_iters!r} is invalid; allowed: null (exact limit sqrt(A*H)) or an integer >= 0"
-        )
+def _check_choice(prefix: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {', '.join(map(str, allowed))}")
+
+
+def _check_real(prefix: str, name: str, value: Any, allow_inf: bool = False, low=None, high=None, what="") -> None:
+    ok = _is_real(value) and not math.isnan(value) and (allow_inf or math.isfinite(value))
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        allowed = what or ("a real number" + (", or inf / -inf" if allow_inf else ""))
+        raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def _check_int(prefix: str, name: str, value: Any, low: int, optional: bool = False, what: str = "") -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {what or f'an integer >= {low}'}")
 
 
 @dataclass
@@ -83,31 +84,142 @@ class PowerMeanLossConfig(PolicyLossConfig):
     agm_iters: Optional[int] = None
 
     def __post_init__(self):
-        validate_power_mean_options(self.loss_mode, self.power, self.clip_level, self.clip_space, self.agm_iters)
-
-
-def resolve_power_mean_options(policy_loss: Any, loss_mode: str) -> dict:
-    """The options a loss call uses, from `config.policy_loss` (dataclass or DictConfig).
-
-    A plain verl `PolicyLossConfig` carries none of our fields: `hmpo` and `agm` then run
-    on the documented defaults, while `power_mean` has no power to use and raises.
-    """
-    get = policy_loss.get if policy_loss is not None else (lambda key, default=None: default)
-    power = get("power", None)
-    if power is None:
-        if loss_mode == "power_mean":
+        _check_real(LOSS_PREFIX, "power", self.power, allow_inf=True)
+        if self.loss_mode == "hmpo" and self.power != HMPO_POWER:
             raise ValueError(
-                "loss_mode='power_mean' needs a power p, which verl's PolicyLossConfig has no field for: set "
-                f"actor_rollout_ref.actor.policy_loss._target_={_TARGET} and "
-                "+actor_rollout_ref.actor.policy_loss.power=<p> (or use loss_mode=hmpo for p=-1)"
+                f"{LOSS_PREFIX}.power={self.power!r} conflicts with loss_mode='hmpo', which is the harmonic mean "
+                f"(power=-1); use loss_mode='power_mean' for another power"
             )
-        power = HMPO_POWER
-    fixed = POWER_MEAN_LOSS_MODES[loss_mode]
-    options = dict(
-        power=fixed if fixed is not None else power,
-        clip_level=get("clip_level", "token"),
-        clip_space=get("clip_space", "ratio"),
-        agm_iters=get("agm_iters", None),
-    )
-    validate_power_mean_options(loss_mode, power, **{k: options[k] for k in ("clip_level", "clip_space", "agm_iters")})
-    return options
+        _check_choice(LOSS_PREFIX, "clip_level", self.clip_level, ("token", "sequence"))
+        _check_choice(LOSS_PREFIX, "clip_space", self.clip_space, ("ratio", "log"))
+        _check_int(LOSS_PREFIX, "agm_iters", self.agm_iters, 0, optional=True,
+                   what="null (exact limit sqrt(A*H)) or an integer >= 0")
+
+
+@dataclass
+class AdaptivePowerMeanLossConfig(PowerMeanLossConfig):
+    """Options of the `adaptive_power_mean` loss: p chosen per trajectory or scheduled.
+
+    Args:
+        adapt (str): "ess" (default): per trajectory, p solves ESS_p / T = target(clip
+            fraction), PMPO's clip-aware ESS rule (arXiv 2601.22521) extended to
+            p in [p_min, p_max]; "schedule": one p for all, moving from p_start to p_end
+            over schedule_steps optimizer steps (HolderPO arXiv 2605.12058: 2 -> -2).
+        p_min (float): lowest p of the "ess" rule (<= 0; the harmonic side). Default -2.
+        p_max (float): highest p of the "ess" rule (>= 0; PMPO uses 1). Default 1.
+        sign_rule (str): side of 0 the "ess" rule searches: "advantage" (default):
+            sign(p) = -sign(A_i), so the weights fall on the tokens that moved against
+            the update's direction (ratio-contracting); "negative": [p_min, 0];
+            "positive": [0, p_max] (PMPO).
+        ess_target_min (float): target ESS / T of a trajectory with no clipped token, in
+            (0, 1]; the target rises linearly to 1 (p = 0, geometric) as its clip
+            fraction rises to 1. Default 0.99.
+        schedule (str): "linear" (default) or "cosine", for adapt="schedule".
+        p_start, p_end (float): scheduled p at optimizer step 0 and >= schedule_steps.
+        schedule_steps (int): optimizer steps of the schedule (>= 1). Default 1000.
+    """
+
+    loss_mode: str = "adaptive_power_mean"
+    adapt: str = "ess"
+    p_min: float = -2.0
+    p_max: float = 1.0
+    sign_rule: str = "advantage"
+    ess_target_min: float = 0.99
+    schedule: str = "linear"
+    p_start: float = 2.0
+    p_end: float = -2.0
+    schedule_steps: int = 1000
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice(LOSS_PREFIX, "adapt", self.adapt, ("ess", "schedule"))
+        _check_real(LOSS_PREFIX, "p_min", self.p_min, high=0.0, what="a finite number <= 0")
+        _check_real(LOSS_PREFIX, "p_max", self.p_max, low=0.0, what="a finite number >= 0")
+        _check_choice(LOSS_PREFIX, "sign_rule", self.sign_rule, ("advantage", "negative", "positive"))
+        _check_real(LOSS_PREFIX, "ess_target_min", self.ess_target_min, what="a number in (0, 1]")
+        if not 0.0 < self.ess_target_min <= 1.0:
+            raise ValueError(f"{LOSS_PREFIX}.ess_target_min={self.ess_target_min!r} is invalid; allowed: (0, 1]")
+        _check_choice(LOSS_PREFIX, "schedule", self.schedule, ("linear", "cosine"))
+        _check_real(LOSS_PREFIX, "p_start", self.p_start)
+        _check_real(LOSS_PREFIX, "p_end", self.p_end)
+        _check_int(LOSS_PREFIX, "schedule_steps", self.schedule_steps, 1)
+        if self.adapt == "ess" and self.clip_level != "token":
+            raise ValueError(
+                f"{LOSS_PREFIX}.clip_level={self.clip_level!r} is invalid with adapt='ess', which adapts p to each "
+                "trajectory's token clip fraction; allowed: token (or use adapt='schedule')"
+            )
+
+
+@dataclass
+class PowerMeanAlgoConfig(AlgoConfig):
+    """Options of the `power_mean` and `agm` advantage estimators (set as `algorithm._target_`).
+
+    Args:
+        adv_estimator (str): "power_mean" (free-energy advantage) or "agm".
+        risk_beta (float): beta of F_beta = (1/beta) log mean exp(beta R); < 0 risk-averse,
+            > 0 risk-seeking (RS-GRPO arXiv 2509.24261 uses 2), 0 = R - mean(R). For
+            "agm" the objective (F_beta + F_-beta) / 2 is even in beta. Default 1.
+        norm_adv_by_std (bool): divide each group's advantages by its reward std + 1e-6,
+            as GRPO's norm_adv_by_std_in_grpo. Default False (the beta -> 0 limit is then
+            Dr.GRPO's / GRPO-without-std advantage).
+    """
+
+    adv_estimator: str = "power_mean"
+    risk_beta: float = 1.0
+    norm_adv_by_std: bool = False
+
+    def __post_init__(self):
+        _check_real(ALGO_PREFIX, "risk_beta", self.risk_beta, what="a finite real number")
+        if not isinstance(self.norm_adv_by_std, bool):
+            raise ValueError(f"{ALGO_PREFIX}.norm_adv_by_std={self.norm_adv_by_std!r} is invalid; allowed: true, false")
+
+
+# loss_mode -> options class; hmpo fixes the power.
+LOSS_OPTION_CLASSES = {
+    "hmpo": PowerMeanLossConfig,
+    "power_mean": PowerMeanLossConfig,
+    "agm": PowerMeanLossConfig,
+    "adaptive_power_mean": AdaptivePowerMeanLossConfig,
+}
+ADV_ESTIMATORS = ("power_mean", "agm")
+
+_MISSING = object()
+
+
+def _own_fields(cls, base) -> list[str]:
+    inherited = {f.name for f in fields(base)}
+    return [f.name for f in fields(cls) if f.name not in inherited]
+
+
+def _present(section: Any, names: list[str]) -> dict:
+    if section is None:
+        return {}
+    values = {name: section.get(name, _MISSING) for name in names}
+    return {k: v for k, v in values.items() if v is not _MISSING}
+
+
+def loss_options(policy_loss: Any, loss_mode: str) -> PowerMeanLossConfig:
+    """Validated options of one loss mode from `config.policy_loss` (any verl form).
+
+    A plain verl `PolicyLossConfig` carries none of our fields: `hmpo`, `agm` and
+    `adaptive_power_mean` then run on the documented defaults, while `power_mean` has no
+    power to use and raises, naming the `_target_` and field to set.
+    """
+    cls = LOSS_OPTION_CLASSES[loss_mode]
+    if type(policy_loss) is cls and policy_loss.loss_mode == loss_mode:
+        return policy_loss
+    values = _present(policy_loss, _own_fields(cls, PolicyLossConfig))
+    if loss_mode == "power_mean" and "power" not in values:
+        raise ValueError(
+            "loss_mode='power_mean' needs a power p, which verl's PolicyLossConfig has no field for: set "
+            f"{LOSS_PREFIX}._target_=hmpo_verl.PowerMeanLossConfig and +{LOSS_PREFIX}.power=<p> "
+            "(or use loss_mode=hmpo for p=-1)"
+        )
+    return cls(loss_mode=loss_mode, **values)
+
+
+def algo_options(algorithm: Any, adv_estimator: str) -> PowerMeanAlgoConfig:
+    """Validated estimator options from verl's `algorithm` section (DictConfig or dataclass)."""
+    if isinstance(algorithm, PowerMeanAlgoConfig):
+        return algorithm
+    return PowerMeanAlgoConfig(adv_estimator=adv_estimator, **_present(algorithm, _own_fields(PowerMeanAlgoConfig, AlgoConfig)))

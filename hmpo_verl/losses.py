@@ -1,4 +1,5 @@
-"""verl policy losses `hmpo`, `power_mean` and `agm`: a thin adapter over the pure maths.
+"""verl policy losses `hmpo`, `power_mean`, `agm`, `adaptive_power_mean`: a thin adapter
+over the pure maths.
 
 Each function has verl's policy-loss signature and return value (see
 `verl.trainer.ppo.core_algos.compute_policy_loss_vanilla`) and is registered under its
@@ -6,13 +7,16 @@ name when `hmpo_verl` is imported. The work is split as:
 
     means.py      log power means / AGM and their gradient weights  (pure torch)
     surrogate.py  clipping and the per-token surrogate               (pure torch)
+    adaptive.py   adaptive p: ESS matching, schedules                (pure torch)
     this module   read verl's ActorConfig, aggregate with verl's agg_loss, metrics
 
 Metrics: verl's `actor/pg_clipfrac` (tokens whose trust-region clip is active),
 `actor/ppo_kl`, `actor/pg_clipfrac_lower` (tokens capped by the dual clip, A < 0), and
 under `actor/pm/`: `seq_ratio_mean` (mean sequence ratio s_i), `log_ah_gap` (mean of
 log A - log H of the unclipped token ratios, the spread of the mean inequality),
-`ess_frac` (mean Kish ESS / T of the aggregation weights), `power` (mean p; power losses).
+`ess_frac` (mean Kish ESS / T of the aggregation weights), and for the power losses
+`power`, `power_min`, `power_max` (p over the trajectories of the micro-batch);
+`adaptive_power_mean` with adapt="ess" adds `ess_target` (mean target ESS / T).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from typing import Any, Optional
 import torch
 from verl.trainer.ppo.core_algos import agg_loss
 
-from hmpo_verl.config import resolve_power_mean_options
+from hmpo_verl.adaptive import ess_search_bound, ess_target_fraction, scheduled_power, solve_power_for_ess
+from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
 from hmpo_verl.means import log_agm_and_weights, log_arithmetic_harmonic_gap, log_mean_and_weights
-from hmpo_verl.surrogate import Aggregator, SurrogateTerms, TrustRegion, surrogate_loss_matrix, surrogate_terms
+from hmpo_verl.steps import STEP_COUNTER
+from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 
 def _eps(config: Any) -> tuple[float, float]:
@@ -35,27 +41,69 @@ def _eps(config: Any) -> tuple[float, float]:
     return float(clip_ratio if low is None else low), float(clip_ratio if high is None else high)
 
 
-def _trust_region(config: Any, options: dict) -> TrustRegion:
+def _trust_region(config: Any, options: PowerMeanLossConfig) -> TrustRegion:
     eps_low, eps_high = _eps(config)
-    space = options["clip_space"]
+    space = options.clip_space
     if eps_high < 0 or eps_low < 0 or (space == "ratio" and eps_low > 1):
         raise ValueError(
             f"actor clip_ratio_low={eps_low}, clip_ratio_high={eps_high} are invalid for clip_space={space!r}; "
             "allowed: clip_ratio_high >= 0 and 0 <= clip_ratio_low" + (" <= 1" if space == "ratio" else "")
         )
     dual = None
-    if options["clip_level"] == "token" and space == "ratio":
+    if options.clip_level == "token" and space == "ratio":
         dual = float(config.get("clip_ratio_c", 3.0))
         if not dual > 1.0:
             raise ValueError(f"actor clip_ratio_c={dual} is invalid; allowed: a number > 1 (dual-clip PPO)")
-    return TrustRegion.from_eps(options["clip_level"], space, eps_low, eps_high, dual)
+    return TrustRegion.from_eps(options.clip_level, space, eps_low, eps_high, dual)
+
+
+class PowerAggregator:
+    """s_i = M_p over each trajectory's tokens; `power` (B,) is the p each row used."""
+
+    def __init__(self, power: float):
+        self.p = power
+        self.power: Optional[torch.Tensor] = None
+
+    def __call__(self, delta, valid, clipped):
+        self.power = torch.full(delta.shape[:1], float(self.p), device=delta.device)
+        return log_mean_and_weights(delta, self.p, valid)
+
+
+class ESSMatchingAggregator(PowerAggregator):
+    """Per trajectory, p such that ESS_p / T matches target(clip fraction) (adaptive.py)."""
+
+    def __init__(self, options: AdaptivePowerMeanLossConfig, advantages: torch.Tensor, response_mask: torch.Tensor):
+        super().__init__(0.0)
+        self.options = options
+        valid = response_mask.to(torch.bool)
+        self.row_sign = torch.sign(torch.where(valid, advantages.detach(), 0.0).sum(-1))
+        self.target: Optional[torch.Tensor] = None
+
+    def __call__(self, delta, valid, clipped):
+        n = valid.sum(-1).clamp(min=1)
+        self.target = ess_target_fraction(clipped.sum(-1) / n, self.options.ess_target_min)
+        bound = ess_search_bound(self.row_sign, self.options.sign_rule, self.options.p_min, self.options.p_max)
+        self.power = solve_power_for_ess(delta, valid, self.target, bound)
+        return log_mean_and_weights(delta, self.power, valid)
+
+
+class AGMAggregator:
+    """s_i = arithmetic-harmonic mean (exact limit or k steps)."""
+
+    power = None
+
+    def __init__(self, iters: Optional[int]):
+        self.iters = iters
+
+    def __call__(self, delta, valid, clipped):
+        return log_agm_and_weights(delta, valid, self.iters)
 
 
 def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.where(rows, x, 0.0).sum() / rows.sum().clamp(min=1)
 
 
-def _check_finite(log_ratio_sum: torch.Tensor, terms: SurrogateTerms, inputs: dict) -> None:
+def _check_finite(log_ratio_sum: torch.Tensor, terms, inputs: dict) -> None:
     """Raise if a valid position holds a non-finite value (masked ones are ignored)."""
     if torch.isfinite(log_ratio_sum + terms.value.sum() + terms.grad_coef.sum()):
         return
@@ -73,9 +121,8 @@ def power_mean_policy_loss(
     loss_agg_mode: str,
     config: Any,
     rollout_is_weights: Optional[torch.Tensor],
-    aggregate: Aggregator,
+    aggregate,
     region: TrustRegion,
-    extra_metrics: Optional[dict] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Shared body of the registered losses: surrogate, `agg_loss`, metrics.
 
@@ -86,9 +133,8 @@ def power_mean_policy_loss(
             or data-parallel size).
         config: verl `ActorConfig`.
         rollout_is_weights: `(batch_size, response_length)` or None.
-        aggregate: (log-ratios, valid) -> (log s, weights), e.g. a power mean.
+        aggregate: one of the aggregators above (maps log-ratios to log s and weights).
         region: trust region.
-        extra_metrics: name -> tensor of shape (batch_size,) averaged over non-empty rows.
     """
     with torch.no_grad():
         compute_dtype = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
@@ -115,8 +161,13 @@ def power_mean_policy_loss(
             "actor/pm/log_ah_gap": _masked_row_mean(log_arithmetic_harmonic_gap(log_ratio, valid), rows),
             "actor/pm/ess_frac": _masked_row_mean(terms.ess / n.clamp(min=1), rows),
         }
-        for name, per_row in (extra_metrics or {}).items():
-            stats[name] = _masked_row_mean(per_row.to(compute_dtype), rows)
+        if aggregate.power is not None:
+            power = aggregate.power.to(compute_dtype)[rows] if rows.any() else torch.zeros(1, dtype=compute_dtype)
+            stats["actor/pm/power"] = power.mean()
+            stats["actor/pm/power_min"] = power.min()
+            stats["actor/pm/power_max"] = power.max()
+        if getattr(aggregate, "target", None) is not None:
+            stats["actor/pm/ess_target"] = _masked_row_mean(aggregate.target.to(compute_dtype), rows)
 
     loss_mat = surrogate_loss_matrix(log_prob, terms)
     pg_loss = agg_loss(
@@ -126,91 +177,71 @@ def power_mean_policy_loss(
     return pg_loss, dict(zip(stats.keys(), values))
 
 
-def _power_loss(loss_mode: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                rollout_is_weights):
-    options = resolve_power_mean_options(config.get("policy_loss", None), loss_mode)
-    power = options["power"]
+def _registered(loss_mode: str, make_aggregator):
+    """A verl policy loss for `loss_mode`, whose aggregator comes from its options."""
 
-    def aggregate(delta, valid):
-        return log_mean_and_weights(delta, power, valid)
+    def loss_fn(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        options = loss_options(config.get("policy_loss", None), loss_mode)
+        return power_mean_policy_loss(
+            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+            make_aggregator(options, advantages, response_mask), _trust_region(config, options),
+        )
 
-    rows = torch.full(response_mask.shape[:1], float(power), device=response_mask.device)
-    return power_mean_policy_loss(
-        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-        aggregate, _trust_region(config, options), extra_metrics={"actor/pm/power": rows},
-    )
+    loss_fn.__name__ = loss_fn.__qualname__ = f"compute_policy_loss_{loss_mode}"
+    return loss_fn
 
 
-def compute_policy_loss_hmpo(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """HMPO: clipped harmonic mean (p = -1) of the token ratios as the sequence ratio.
+def _adaptive_aggregator(options: AdaptivePowerMeanLossConfig, advantages, response_mask):
+    if options.adapt == "ess":
+        return ESSMatchingAggregator(options, advantages, response_mask)
+    STEP_COUNTER.arm()
+    p = scheduled_power(STEP_COUNTER.step, options.p_start, options.p_end, options.schedule_steps, options.schedule)
+    return PowerAggregator(p)
+
+
+compute_policy_loss_hmpo = _registered("hmpo", lambda options, *_: PowerAggregator(options.power))
+compute_policy_loss_hmpo.__doc__ = """HMPO: clipped harmonic mean (p = -1) of the token ratios as the sequence ratio.
 
     The harmonic mean is dominated by the smallest ratios, so a response whose tokens
-    lost probability gets the larger weight: the conservative member of the power-mean
-    family. Options (clip_level, clip_space) from `PowerMeanLossConfig` if set as the
-    policy_loss `_target_`, else defaults (token clip in ratio space).
-
-    Args/Returns: as verl's `compute_policy_loss_vanilla`; tensors `(batch_size, response_length)`.
+    lost probability gets the larger weight. Options (clip_level, clip_space) from
+    `PowerMeanLossConfig` if set as the policy_loss `_target_`, else the defaults (token
+    clip in ratio space). Args/Returns: as verl's `compute_policy_loss_vanilla`.
     """
-    return _power_loss("hmpo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                       rollout_is_weights)
 
-
-def compute_policy_loss_power_mean(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Power-mean policy optimization with any real p (PMPO arXiv 2601.22521, HolderPO 2605.12058).
+compute_policy_loss_power_mean = _registered("power_mean", lambda options, *_: PowerAggregator(options.power))
+compute_policy_loss_power_mean.__doc__ = """Power-mean policy optimization with any real p
+    (PMPO arXiv 2601.22521, HolderPO arXiv 2605.12058).
 
     p = 0 with sequence clip is verl's `gspo`; p = 0 with token clip in log space is
     `geo_mean` (GMPO); p = 1 with token clip in ratio space is `vanilla` (GRPO) under
     seq-mean-token-mean. Needs `PowerMeanLossConfig` (field `power`).
     """
-    return _power_loss("power_mean", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                       rollout_is_weights)
 
-
-def compute_policy_loss_agm(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """AGM: the sequence ratio is the arithmetic-harmonic mean of the token ratios.
+compute_policy_loss_agm = _registered("agm", lambda options, *_: AGMAggregator(options.agm_iters))
+compute_policy_loss_agm.__doc__ = """AGM: the sequence ratio is the arithmetic-harmonic mean of the token ratios.
 
     From (A, H) = (M_1, M_-1), a_{k+1} = (a_k + h_k)/2, h_{k+1} = 2 a_k h_k / (a_k + h_k);
     the limit is exactly sqrt(A * H) (not the geometric mean in general). `agm_iters`
-    (PowerMeanLossConfig) picks k steps instead of the limit.
+    picks k steps instead of the limit.
     """
-    options = resolve_power_mean_options(config.get("policy_loss", None), "agm")
-    iters = options["agm_iters"]
 
-    def aggregate(delta, valid):
-        return log_agm_and_weights(delta, valid, iters)
-
-    return power_mean_policy_loss(
-        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-        aggregate, _trust_region(config, options),
-    )
-
+compute_policy_loss_adaptive_power_mean = _registered("adaptive_power_mean", _adaptive_aggregator)
+compute_policy_loss_adaptive_power_mean.__doc__ = """Power mean with p adapted per trajectory
+    (clip-aware ESS matching, PMPO extended to p < 0) or scheduled over optimizer steps
+    (HolderPO). Options: `AdaptivePowerMeanLossConfig`; documented defaults otherwise.
+    """
 
 POLICY_LOSSES = {
     "hmpo": compute_policy_loss_hmpo,
     "power_mean": compute_policy_loss_power_mean,
     "agm": compute_policy_loss_agm,
+    "adaptive_power_mean": compute_policy_loss_adaptive_power_mean,
 }

@@ -39,8 +39,9 @@ import torch
 
 from hmpo_verl.means import effective_sample_size
 
-# The aggregator maps (log-ratios (B, T), valid (B, T) bool) to (log s (B,), w (B, T)).
-Aggregator = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+# The aggregator maps (log-ratios (B, T), valid (B, T) bool, token clip active (B, T) bool or
+# None at sequence level) to (log s (B,), w (B, T)).
+Aggregator = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], "tuple[torch.Tensor, torch.Tensor]"]
 
 # verl's gspo clamps the log sequence ratio at 10 "for numerical stability"; we do the
 # same (a clamped sequence keeps its value e^10 and gets no gradient).
@@ -156,7 +157,7 @@ def surrogate_terms(
         log_ratio: `(B, T)` delta = log pi_theta - log pi_old (float32/64, no grad).
         advantages: `(B, T)` A_it.
         response_mask: `(B, T)` valid tokens (bool or 0/1).
-        aggregate: maps (log-ratios, valid) to (log s (B,), weights (B, T)).
+        aggregate: maps (log-ratios, valid, token clip active or None) to (log s (B,), weights (B, T)).
         region: clip level and bounds.
         rollout_is_weights: optional `(B, T)` rollout-correction weights, multiplied into
             the per-token loss as verl's built-in losses do.
@@ -170,10 +171,10 @@ def surrogate_terms(
         n = valid.sum(-1)
         if region.level == "token":
             clipped_delta, trust, dual = clip_token_log_ratios(log_ratio, adv, region)
-            log_s, w = aggregate(clipped_delta, valid)
+            log_s, w = aggregate(clipped_delta, valid, trust & valid)
             del clipped_delta
         elif region.level == "sequence":
-            log_s, w = aggregate(log_ratio, valid)
+            log_s, w = aggregate(log_ratio, valid, None)
         else:
             raise ValueError(f"clip_level={region.level!r}; allowed: 'token', 'sequence'")
 

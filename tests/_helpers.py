@@ -7,7 +7,7 @@ import math
 import torch
 from verl.workers.config import ActorConfig, PolicyLossConfig
 
-from hmpo_verl import PowerMeanLossConfig
+from hmpo_verl import AdaptivePowerMeanLossConfig, PowerMeanLossConfig
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -17,7 +17,8 @@ def actor_config(loss_mode: str = "hmpo", eps_low: float = 0.2, eps_high: float 
     if plain:
         policy_loss = PolicyLossConfig(loss_mode=loss_mode)
     else:
-        policy_loss = PowerMeanLossConfig(loss_mode=loss_mode, **fields)
+        cls = AdaptivePowerMeanLossConfig if loss_mode == "adaptive_power_mean" else PowerMeanLossConfig
+        policy_loss = cls(loss_mode=loss_mode, **fields)
     return ActorConfig(
         strategy="fsdp",
         rollout_n=1,

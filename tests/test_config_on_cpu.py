@@ -7,9 +7,8 @@ import pytest
 import verl
 from hydra import compose, initialize_config_dir
 from verl.utils.config import omega_conf_to_dataclass
-from verl.workers.config import PolicyLossConfig
 
-from hmpo_verl import PowerMeanLossConfig
+from hmpo_verl import AdaptivePowerMeanLossConfig, PowerMeanAlgoConfig, PowerMeanLossConfig
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 
@@ -41,13 +40,85 @@ def test_valid_fields():
     assert PowerMeanLossConfig(loss_mode="agm", agm_iters=0).agm_iters == 0
 
 
-def test_power_mean_with_plain_config_says_what_to_set():
+def _composed(overrides):
+    with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
+        return compose(
+            config_name="ppo_trainer",
+            overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                       "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2"] + overrides,
+        )
+
+
+def _driver_validation(overrides):
+    """What verl's driver runs before Ray starts (main_ppo uses this same function)."""
+    import verl.trainer.main_ppo
+
+    verl.trainer.main_ppo.validate_config(_composed(overrides), use_reference_policy=False, use_critic=False)
+
+
+def test_power_mean_with_plain_config_stops_the_driver_saying_what_to_set():
     with pytest.raises(ValueError) as err:
-        PolicyLossConfig(loss_mode="power_mean")
+        _driver_validation(["actor_rollout_ref.actor.policy_loss.loss_mode=power_mean"])
     assert "_target_=hmpo_verl.PowerMeanLossConfig" in str(err.value)
     assert "policy_loss.power" in str(err.value)
-    PolicyLossConfig(loss_mode="hmpo")  # the one-line path needs nothing else
-    PolicyLossConfig(loss_mode="agm")
+    for mode in ("hmpo", "agm", "adaptive_power_mean"):  # these run on defaults
+        _driver_validation([f"actor_rollout_ref.actor.policy_loss.loss_mode={mode}"])
+
+
+@pytest.mark.parametrize(
+    "overrides,field_name",
+    [
+        (["algorithm._target_=hmpo_verl.PowerMeanAlgoConfig", "algorithm.adv_estimator=power_mean",
+          "+algorithm.risk_beta=.nan"], "algorithm.risk_beta"),
+        (["algorithm._target_=hmpo_verl.PowerMeanAlgoConfig", "algorithm.adv_estimator=agm",
+          "+algorithm.norm_adv_by_std=3"], "algorithm.norm_adv_by_std"),
+        (["actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.AdaptivePowerMeanLossConfig",
+          "actor_rollout_ref.actor.policy_loss.loss_mode=adaptive_power_mean",
+          "+actor_rollout_ref.actor.policy_loss.p_min=0.5"], "policy_loss.p_min"),
+    ],
+)
+def test_driver_validation_rejects_bad_values_before_ray(overrides, field_name):
+    with pytest.raises(Exception) as err:
+        _driver_validation(overrides)
+    assert field_name in str(err.value)
+
+
+def test_driver_validation_accepts_our_algorithm_config():
+    _driver_validation(["algorithm._target_=hmpo_verl.PowerMeanAlgoConfig", "algorithm.adv_estimator=power_mean",
+                        "+algorithm.risk_beta=-2.0", "+algorithm.norm_adv_by_std=true"])
+    _driver_validation(["algorithm.adv_estimator=agm"])  # verl's plain AlgoConfig: documented defaults
+
+
+@pytest.mark.parametrize(
+    "fields,field_name",
+    [
+        (dict(adapt="auto"), "adapt"),
+        (dict(p_min=0.1), "p_min"),
+        (dict(p_max=-1.0), "p_max"),
+        (dict(p_max=math.inf), "p_max"),
+        (dict(sign_rule="up"), "sign_rule"),
+        (dict(ess_target_min=0.0), "ess_target_min"),
+        (dict(ess_target_min=1.5), "ess_target_min"),
+        (dict(schedule="exp"), "schedule"),
+        (dict(schedule_steps=0), "schedule_steps"),
+        (dict(p_start=math.nan), "p_start"),
+        (dict(clip_level="sequence"), "clip_level"),
+    ],
+)
+def test_adaptive_config_validation(fields, field_name):
+    with pytest.raises(ValueError) as err:
+        AdaptivePowerMeanLossConfig(**fields)
+    assert f"policy_loss.{field_name}=" in str(err.value) and "allowed" in str(err.value)
+    AdaptivePowerMeanLossConfig(adapt="schedule", clip_level="sequence")  # schedules work at sequence level
+
+
+@pytest.mark.parametrize("fields,field_name", [(dict(risk_beta=math.inf), "risk_beta"),
+                                              (dict(risk_beta="high"), "risk_beta"),
+                                              (dict(norm_adv_by_std="yes"), "norm_adv_by_std")])
+def test_algo_config_validation(fields, field_name):
+    with pytest.raises(ValueError) as err:
+        PowerMeanAlgoConfig(**fields)
+    assert f"algorithm.{field_name}=" in str(err.value) and "allowed" in str(err.value)
 
 
 def _actor(overrides):
@@ -74,6 +145,3 @@ def test_hydra_bad_value_fails_at_config_construction():
             "+actor_rollout_ref.actor.policy_loss.clip_space=logit",
         ])
     assert "clip_space='logit'" in str(err.value)
-    with pytest.raises(Exception) as err:
-        _actor(["actor_rollout_ref.actor.policy_loss.loss_mode=power_mean"])
-    assert "PowerMeanLossConfig" in str(err.value)

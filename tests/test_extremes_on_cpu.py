@@ -36,7 +36,8 @@ def test_finite_loss_and_gradient(dtype, T, level, space):
         loss.backward()
         assert torch.isfinite(loss), (power, loss)
         assert torch.isfinite(x.grad).all(), power
-        assert metrics.pop("actor/pm/power") == pytest.approx(power, rel=1e-6)
+        for key in ("actor/pm/power", "actor/pm/power_min", "actor/pm/power_max"):
+            assert metrics.pop(key) == pytest.approx(power, rel=1e-6)
         assert all(math.isfinite(v) for v in metrics.values()), (power, metrics)
     x = lp.clone().requires_grad_()
     loss, _ = get_policy_loss_fn("agm")(old, x, adv, mask, "seq-mean-token-sum", actor_config("agm"), None)
