@@ -20,8 +20,9 @@ Any failure raises `RecipeError` naming the section and the key.
 Recipes are found, not listed: a YAML whose `defaults` include `ppo_trainer` is a recipe;
 a YAML is covered if it is a recipe or an option of a config group a recipe's `defaults`
 select (e.g. `mean: harmonic` -> every file of recipes/mean/). Each recipe is composed with
-its default choices and once per option of each of its groups. A YAML that no recipe reaches
-fails `test_every_yaml_under_recipes_is_composed`.
+its default choices, each option of a group with the first recipe that selects the group,
+and every task with every size. A YAML that no recipe reaches fails
+`test_every_yaml_under_recipes_is_composed`.
 """
 
 from __future__ import annotations
@@ -83,12 +84,9 @@ class Recipe:
     def option_files(self, group: str) -> list[Path]:
         return sorted((self.config_dir / group).glob("*.yaml"))
 
-    def compositions(self) -> list[tuple[str, ...]]:
-        """Default choices, then each other option of each group with the rest at default."""
-        runs = [()]
-        for group, default in self.groups:
-            runs += [(f"{group}={f.stem}",) for f in self.option_files(group) if f.stem != default]
-        return runs
+    def other_options(self, group: str) -> list[tuple[str, ...]]:
+        default = dict(self.groups)[group]
+        return [(f"{group}={f.stem}",) for f in self.option_files(group) if f.stem != default]
 
     def files(self) -> set[Path]:
         out = {self.path, *self.includes}
@@ -129,8 +127,23 @@ def discover(root: Path = RECIPES) -> list[Recipe]:
     return [_recipe(p) for p in all_yaml_files(root) if _is_recipe(p)]
 
 
+def compositions(recipes: list[Recipe]) -> list[tuple[Recipe, tuple[str, ...]]]:
+    """Each recipe with its default choices; each other option of a config group with the first
+    recipe that selects the group (the layers are disjoint -- test_layers_set_disjoint_keys -- so
+    an option composes the same way under any task; task x size is swept in full separately)."""
+    runs, swept = [], set()
+    for recipe in recipes:
+        runs.append((recipe, ()))
+        for group, _ in recipe.groups:
+            if (recipe.config_dir, group) not in swept:
+                swept.add((recipe.config_dir, group))
+                runs += [(recipe, ov) for ov in recipe.other_options(group)]
+    return runs
+
+
 RECIPE_LIST = discover()
-COMPOSITIONS = [(r, ov) for r in RECIPE_LIST for ov in r.compositions()]
+COMPOSITIONS = compositions(RECIPE_LIST)
+TASK_X_SIZE = [(r, ov) for r in RECIPE_LIST if "size" in dict(r.groups) for ov in [(), *r.other_options("size")]]
 
 
 def _id(recipe: Recipe, overrides: tuple[str, ...]) -> str:
@@ -307,6 +320,19 @@ def test_recipe_composes_validates_and_builds(recipe, overrides, stub_model):
     assert built["model"].architectures == ["Qwen2ForCausalLM"]
 
 
+@pytest.mark.parametrize("recipe,overrides", TASK_X_SIZE, ids=[_id(r, o) for r, o in TASK_X_SIZE])
+def test_every_task_fits_every_size(recipe, overrides, stub_model):
+    """Sizes meet tasks: validate_config and the builds hold for each pair, and one full-length
+    sequence (prompt + response) fits the micro-batch token budgets and the model's context."""
+    cfg, _ = check_recipe(recipe.config_dir, recipe.name, overrides, model_path=stub_model)
+    longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+    arr = cfg.actor_rollout_ref
+    assert longest <= arr.actor.ppo_max_token_len_per_gpu
+    assert longest <= arr.rollout.log_prob_max_token_len_per_gpu
+    if str(arr.model.path).startswith("Qwen/Qwen2.5-Math-"):
+        assert longest <= 4096, "Qwen2.5-Math's max_position_embeddings is 4096"
+
+
 def _flat_keys(path: Path) -> set[str]:
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     out: set[str] = set()
@@ -440,6 +466,32 @@ def test_mean_files_reproduce_the_verl_loss_they_cite(ours, verl_loss):
         ref_loss, ref_grad, _ = _run_loss(actor, loss_mode=verl_loss, seed=seed, scale=scale)
         torch.testing.assert_close(loss, ref_loss)
         torch.testing.assert_close(grad, ref_grad)
+
+
+RISK_BETA_FILES = [m for m in MEAN_FILES if "algorithm.risk_beta" in _flat_keys(RECIPES / "mean" / f"{m}.yaml")]
+
+
+@pytest.mark.parametrize("mean", RISK_BETA_FILES)
+def test_advantage_files_give_grpo_advantages_at_beta_zero(mean):
+    """mean/adv_*.yaml: "with risk_beta=0 this file gives grpo.yaml's advantages"."""
+    grpo, _, _ = _advantages(compose_recipe(RECIPES, "gsm8k", ("mean=grpo",)))
+    ours, _, _ = _advantages(compose_recipe(RECIPES, "gsm8k", (f"mean={mean}", "algorithm.risk_beta=0")))
+    torch.testing.assert_close(ours, grpo)
+    beta2, _, _ = _advantages(compose_recipe(RECIPES, "gsm8k", (f"mean={mean}",)))
+    assert not torch.allclose(beta2, grpo)  # and the file's own beta does change them
+
+
+@pytest.mark.parametrize("recipe", RECIPE_LIST, ids=[_id(r, ()) for r in RECIPE_LIST])
+def test_scheduled_p_spans_the_run(recipe):
+    """A scheduled p (adapt: schedule) must reach p_end when the run ends: schedule_steps counts
+    optimizer steps = training steps x mini-batches per step x ppo_epochs."""
+    if not (recipe.config_dir / "mean" / "adaptive_schedule.yaml").is_file() or "mean" not in dict(recipe.groups):
+        pytest.skip("no scheduled-p mean file for this recipe")
+    cfg = compose_recipe(recipe.config_dir, recipe.name, ("mean=adaptive_schedule",))
+    actor = cfg.actor_rollout_ref.actor
+    per_step = cfg.data.train_batch_size // actor.ppo_mini_batch_size * actor.ppo_epochs
+    assert cfg.trainer.total_training_steps is not None, "set trainer.total_training_steps"
+    assert actor.policy_loss.schedule_steps == cfg.trainer.total_training_steps * per_step
 
 
 def test_arithmetic_file_differs_from_grpo_only_in_the_loss_config():

@@ -11,7 +11,7 @@
 #   hydra_override    appended last, so it wins: trainer.total_epochs=1 'trainer.logger=[console,wandb]'
 # Environment (default):
 #   MEAN              a file stem of recipes/mean/ (harmonic): grpo arithmetic geometric_seq
-#                     geometric_token harmonic agm ...
+#                     geometric_token harmonic agm adaptive_ess adaptive_schedule adv_power_mean adv_agm
 #   SIZE              a file stem of recipes/size/ (qwen2_5_math_1_5b): qwen2_5_math_1_5b qwen2_5_math_7b
 #   NNODES            nodes (1); NGPUS_PER_NODE  GPUs per node (8)
 #   MODEL_PATH        local checkpoint dir or hub id (unset: the size file's, Qwen/Qwen2.5-Math-*)
