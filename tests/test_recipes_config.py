@@ -10,11 +10,14 @@ How a recipe is checked (`check_recipe`), in the order verl meets it:
    one, is read key by key, so `data.max_promt_length` would otherwise just be dropped.
 3. verl's driver check `validate_config` with the recipe's own nnodes x n_gpus_per_node.
 4. The dataclasses verl builds, from the config as its workers receive it (resolved by the
-   TaskRunner, pickled by Ray): actor and ref (`engine_workers.ActorRolloutRefWorker.init_model`,
-   ref keys renamed as it does), rollout, model (HFModelConfig -- pointed at a tiny local
-   stand-in checkpoint, since no hub is reachable here; every other model key is the
-   recipe's), critic (`trainer_base`, used by PPO only, built anyway), algorithm (AlgoConfig),
-   trainer (its one dataclass, the v1 `hybrid_rollout` switch), distillation when enabled.
+   TaskRunner, pickled by Ray): actor, rollout and model (`engine_workers.ActorRolloutRefWorker.
+   init_model`; HFModelConfig pointed at a tiny local stand-in checkpoint, since no hub is
+   reachable here -- every other model key is the recipe's), algorithm (AlgoConfig or ours),
+   trainer (its one dataclass, the v1 `hybrid_rollout` switch), and, when the run uses them as
+   verl decides (`need_reference_policy` / `need_critic`), ref (keys renamed as the worker does)
+   and critic (`trainer_base`), and distillation when enabled. The recipes here have no KL
+   term, so `test_every_task_fits_every_size` also builds them with one switched on: the ref
+   section must hold for whoever turns KL on.
 Any failure raises `RecipeError` naming the section and the key.
 
 Recipes are found, not listed: a YAML whose `defaults` include `ppo_trainer` is a recipe;
@@ -225,13 +228,16 @@ def build_dataclasses(cfg: DictConfig, model_path: str) -> dict[str, Any]:
     worker = pickle.loads(pickle.dumps(cfg.actor_rollout_ref))  # what a Ray worker receives
     steps = {
         "actor": lambda: omega_conf_to_dataclass(worker.actor),
-        "ref": lambda: omega_conf_to_dataclass(_worker_ref_config(worker.ref, worker.actor)),
         "rollout": lambda: omega_conf_to_dataclass(worker.rollout),
         "model": lambda: omega_conf_to_dataclass(worker.model),
-        "critic": lambda: omega_conf_to_dataclass(cfg.critic),
         "algorithm": lambda: omega_conf_to_dataclass(cfg.algorithm),
         "trainer": lambda: omega_conf_to_dataclass(cfg.trainer.v1.separate_async.hybrid_rollout),
     }
+    # verl builds these only when the run uses them (a KL term; a value model for GAE)
+    if need_reference_policy(cfg):
+        steps["ref"] = lambda: omega_conf_to_dataclass(_worker_ref_config(worker.ref, worker.actor))
+    if need_critic(cfg):
+        steps["critic"] = lambda: omega_conf_to_dataclass(cfg.critic)
     if cfg.get("distillation", {}).get("enabled", False):
         steps["distillation"] = lambda: omega_conf_to_dataclass(cfg.distillation)
     built = {}
@@ -325,6 +331,10 @@ def test_every_task_fits_every_size(recipe, overrides, stub_model):
     """Sizes meet tasks: validate_config and the builds hold for each pair, and one full-length
     sequence (prompt + response) fits the micro-batch token budgets and the model's context."""
     cfg, _ = check_recipe(recipe.config_dir, recipe.name, overrides, model_path=stub_model)
+    if recipe is TASK_X_SIZE[0][0]:  # the ref section lives in the size files: once per size
+        kl = ("actor_rollout_ref.actor.use_kl_loss=true",)
+        _, with_kl = check_recipe(recipe.config_dir, recipe.name, overrides + kl, model_path=stub_model)
+        assert "ref" in with_kl  # the reference policy's config builds once a KL term needs it
     longest = cfg.data.max_prompt_length + cfg.data.max_response_length
     arr = cfg.actor_rollout_ref
     assert longest <= arr.actor.ppo_max_token_len_per_gpu

@@ -45,11 +45,12 @@ hmpo_hydra_list() {
     printf '[%s]' "${out[*]}"
 }
 
-# One word as a shell would need it typed: bare if harmless, else in double quotes, else %q.
+# One word as a shell would need it typed: bare if harmless, else in double quotes, else %q
+# (which also keeps a newline inside a word from breaking the one-line output).
 hmpo_shell_word() {
     if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
         printf '%s' "$1"
-    elif [[ "$1" != *[\\\"\$\`!]* ]]; then
+    elif [[ "$1" != *[\\\"\$\`!]* && "$1" != *$'\n'* ]]; then
         printf '"%s"' "$1"
     else
         printf '%q' "$1"
