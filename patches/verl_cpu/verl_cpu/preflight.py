@@ -1,0 +1,287 @@
+"""Driver-side checks of a verl config for the CPU backend, run before Ray starts.
+
+A config that cannot work on a CPU otherwise fails minutes later inside a Ray worker
+with hundreds of lines of stack trace. :func:`check_config` returns a list of problems,
+each saying what to change; :func:`run_preflight` prints them and exits.
+
+The plugin runs these checks from verl's own ``validate_config`` (called by
+``verl.trainer.main_ppo`` before ``ray.init``), so they apply to any launch of the real
+trainer with ``VERL_PLATFORM=cpu``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from verl_cpu import ROLLOUT_NAME
+
+GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
+CPU_ATTENTION = ("sdpa", "eager")
+REQUIRED_COLUMNS_HELP = (
+    "verl's RL schema: a chat-message list column (data.prompt_key, default 'prompt'), a data-source column "
+    "(data.reward_fn_key, default 'data_source') and a 'reward_model' struct with a 'ground_truth' field"
+)
+
+
+class PreflightError(SystemExit):
+    """Raised (as a SystemExit, so no stack trace is printed) when the config cannot run on CPU."""
+
+
+def _get(config: DictConfig, key: str, default: Any = None) -> Any:
+    try:
+        value = OmegaConf.select(config, key, default=default, throw_on_missing=False)
+    except Exception:  # unresolvable interpolation: leave it to verl
+        return default
+    return default if value is None else value
+
+
+# ----------------------------------------------------------------------------- device settings
+
+
+def check_device_settings(config: DictConfig) -> list[str]:
+    """Settings that only work with a CUDA/NPU device."""
+    problems = []
+    if _get(config, "trainer.device") != "cpu":
+        problems.append(f"trainer.device={_get(config, 'trainer.device')}: set trainer.device=cpu")
+    actor_strategy = _get(config, "actor_rollout_ref.actor.strategy")
+    for key in ("actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy"):
+        strategy = _get(config, key)
+        if key.endswith("ref.strategy") and strategy == actor_strategy:
+            continue  # verl's default interpolates the actor's: one message is enough
+        if strategy is not None and strategy != "fsdp2":
+            problems.append(
+                f"{key}={strategy}: use {key}=fsdp2 on CPU (FSDP1's sync_module_states needs a GPU; "
+                "megatron/veomni/torchtitan are not set up for CPU)"
+            )
+    if _get(config, "critic.enable") and _get(config, "critic.strategy") not in (None, "fsdp2"):
+        problems.append(f"critic.strategy={_get(config, 'critic.strategy')}: use critic.strategy=fsdp2 on CPU")
+    rollout = _get(config, "actor_rollout_ref.rollout.name")
+    if rollout != ROLLOUT_NAME:
+        why = "needs a GPU" if rollout in GPU_ROLLOUTS else "is not a CPU rollout backend"
+        problems.append(
+            f"actor_rollout_ref.rollout.name={rollout} {why}: set actor_rollout_ref.rollout.name={ROLLOUT_NAME} "
+            "(the HF-transformers rollout server of verl_cpu)"
+        )
+    for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
+        value = _get(config, f"actor_rollout_ref.rollout.{key}", 1)
+        if value != 1:
+            problems.append(f"actor_rollout_ref.rollout.{key}={value}: the hf rollout needs 1")
+    backend = _get(config, "actor_rollout_ref.rollout.checkpoint_engine.backend", "naive")
+    if backend != "naive":
+        problems.append(
+            f"actor_rollout_ref.rollout.checkpoint_engine.backend={backend}: use naive (colocated weight sync)"
+        )
+    if _get(config, "trainer.v1.trainer_mode", "sync") != "sync" or not _get(config, "trainer.use_v1", True):
+        problems.append("the CPU backend supports verl's V1 sync trainer only: trainer.use_v1=true, trainer.v1.trainer_mode=sync")
+    attn = _get(config, "actor_rollout_ref.model.override_config.attn_implementation", "flash_attention_2")
+    if attn not in CPU_ATTENTION:
+        problems.append(
+            f"attention '{attn}' needs a GPU: set +actor_rollout_ref.model.override_config.attn_implementation=sdpa"
+        )
+    if _get(config, "reward.reward_model.enable", False):
+        problems.append("reward.reward_model.enable=true needs a model-serving rollout: use a rule/custom reward on CPU")
+    return problems
+
+
+def check_ray_resources(config: DictConfig) -> list[str]:
+    """Ray must be told about logical GPU slots and enough logical CPUs."""
+    problems = []
+    needed_gpus = _get(config, "trainer.nnodes", 1) * _get(config, "trainer.n_gpus_per_node", 1)
+    num_gpus = _get(config, "ray_kwargs.ray_init.num_gpus")
+    if num_gpus is None or num_gpus < needed_gpus:
+        problems.append(
+            f"ray_kwargs.ray_init.num_gpus={num_gpus}: verl's resource pool asks Ray for "
+            f"trainer.nnodes*trainer.n_gpus_per_node={needed_gpus} GPUs; on CPU give Ray that many logical ones: "
+            f"+ray_kwargs.ray_init.num_gpus={needed_gpus}"
+        )
+    storage_units = _get(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units", 8)
+    agent_workers = _get(config, "actor_rollout_ref.rollout.agent.num_workers", 8)
+    reward_workers = _get(config, "reward.num_workers", 8)
+    needed_cpus = storage_units + agent_workers + reward_workers + needed_gpus + 4
+    num_cpus = _get(config, "ray_kwargs.ray_init.num_cpus")
+    if num_cpus is None or num_cpus < needed_cpus:
+        problems.append(
+            f"ray_kwargs.ray_init.num_cpus={num_cpus}: TransferQueue storage units, agent-loop and reward workers "
+            f"each reserve a Ray CPU and the run hangs silently without them; set "
+            f"ray_kwargs.ray_init.num_cpus={max(needed_cpus, 16)} (logical CPUs, more than the machine has is fine)"
+        )
+    return problems
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def check_model(config: DictConfig) -> list[str]:
+    path = _get(config, "actor_rollout_ref.model.path")
+    if path is None or _is_remote(str(path)):
+        return []
+    local = Path(os.path.expanduser(str(path)))
+    if not (local / "config.json").is_file():
+        return [
+            f"actor_rollout_ref.model.path={path}: no Hugging Face model there (no config.json). "
+            "There is no model hub on this machine: point it at a local model directory "
+            "(for the tiny task: python -m hmpo_verl.cpu_demo --prepare-only)"
+        ]
+    return []
+
+
+def _parquet_files(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def check_parquet(path: str, prompt_key: str, reward_fn_key: str, role: str) -> list[str]:
+    """The file exists and has the columns verl's RL dataset and naive reward manager read."""
+    import pyarrow.parquet as pq
+
+    local = Path(os.path.expanduser(path))
+    if _is_remote(path):
+        return []
+    if not local.is_file():
+        return [f"{role}={path}: file not found"]
+    try:
+        schema = pq.read_schema(local)
+    except Exception as exc:  # not a parquet file
+        return [f"{role}={path}: cannot read it as parquet ({type(exc).__name__}: {exc})"]
+    missing = [c for c in (prompt_key, reward_fn_key, "reward_model") if c not in schema.names]
+    if not missing and "ground_truth" not in _struct_fields(schema.field("reward_model").type):
+        missing.append("reward_model.ground_truth")
+    if missing:
+        return [f"{role}={path}: missing column(s) {missing}; found {schema.names}. Expected {REQUIRED_COLUMNS_HELP}"]
+    return []
+
+
+def _struct_fields(arrow_type) -> list[str]:
+    try:
+        return [arrow_type.field(i).name for i in range(arrow_type.num_fields)]
+    except AttributeError:
+        return []
+
+
+def check_data(config: DictConfig) -> list[str]:
+    prompt_key = _get(config, "data.prompt_key", "prompt")
+    reward_fn_key = _get(config, "data.reward_fn_key", "data_source")
+    problems = []
+    for role in ("data.train_files", "data.val_files"):
+        files = _parquet_files(_get(config, role))
+        if not files:
+            problems.append(f"{role} is not set")
+        for path in files:
+            problems.extend(check_parquet(path, prompt_key, reward_fn_key, role))
+    return problems
+
+
+def load_reward_function(path: str, name: str) -> Callable:
+    """Load the custom reward function the way verl does (file path or ``pkg://module``)."""
+    from verl.utils.import_utils import load_extern_object
+
+    return load_extern_object(module_path=path, object_name=name)
+
+
+def check_reward_function(config: DictConfig) -> list[str]:
+    """The function exists, loads, and scores the first training rows without raising."""
+    path = _get(config, "reward.custom_reward_function.path")
+    name = _get(config, "reward.custom_reward_function.name", "compute_score")
+    if path is None:
+        return []
+    role = f"reward.custom_reward_function.path={path}"
+    if not str(path).startswith("pkg://") and not Path(str(path).removeprefix("file://")).is_file():
+        return [f"{role}: file not found"]
+    try:
+        fn = load_reward_function(str(path), str(name))
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        return [f"{role}: cannot load '{name}' ({type(cause).__name__}: {cause})"]
+    if not callable(fn):
+        return [f"{role}: '{name}' is not callable"]
+    sample = _first_rows(config)
+    kwargs = dict(_get(config, "reward.custom_reward_function.reward_kwargs", {}) or {})
+    for row in sample:
+        for response in (row["ground_truth"], ""):
+            try:
+                score = fn(
+                    data_source=row["data_source"],
+                    solution_str=response,
+                    ground_truth=row["ground_truth"],
+                    extra_info=row["extra_info"],
+                    **kwargs,
+                )
+            except Exception as exc:
+                return [
+                    f"{role}: '{name}' raised {type(exc).__name__}: {exc} when scoring the response "
+                    f"{response!r} against ground_truth={row['ground_truth']!r} (first training rows). "
+                    "Fix the function: every raise inside a reward worker stops the run"
+                ]
+            value = score.get("score") if isinstance(score, dict) else score
+            if not isinstance(value, (int, float)):
+                return [f"{role}: '{name}' returned {score!r}; return a number or a dict with a 'score' number"]
+    return []
+
+
+def _first_rows(config: DictConfig, n: int = 2) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    files = _parquet_files(_get(config, "data.train_files"))
+    reward_fn_key = _get(config, "data.reward_fn_key", "data_source")
+    try:
+        table = pq.read_table(files[0]).slice(0, n).to_pylist()
+    except Exception:  # reported by check_data
+        return []
+    return [
+        {
+            "data_source": row.get(reward_fn_key),
+            "ground_truth": (row.get("reward_model") or {}).get("ground_truth"),
+            "extra_info": row.get("extra_info") or {},
+        }
+        for row in table
+    ]
+
+
+# ----------------------------------------------------------------------------- entry points
+
+CHECKS = (check_device_settings, check_ray_resources, check_model, check_data, check_reward_function)
+
+
+def check_config(config: DictConfig) -> list[str]:
+    """All problems found in ``config`` (empty when it can run on CPU)."""
+    return [p for check in CHECKS for p in check(config)]
+
+
+def format_problems(problems: list[str]) -> str:
+    lines = ["", "verl_cpu: this config cannot run on the CPU backend (VERL_PLATFORM=cpu):"]
+    lines += [f"  - {p}" for p in problems]
+    lines += ["See recipes/cpu_tiny/hmpo.yaml for a config that runs on CPU.", ""]
+    return "\n".join(lines)
+
+
+def run_preflight(config: DictConfig, stream=None) -> None:
+    """Print every problem and exit with status 2, or return silently when there are none."""
+    problems = check_config(config)
+    if problems:
+        print(format_problems(problems), file=stream or sys.stderr, flush=True)
+        raise PreflightError(2)
+
+
+def wrap_validate_config(original: Callable) -> Callable:
+    """verl's ``validate_config``, preceded by :func:`run_preflight`."""
+    import functools
+
+    @functools.wraps(original)
+    def validate_config(config: DictConfig, *args, **kwargs) -> Optional[Any]:
+        run_preflight(config)
+        return original(config, *args, **kwargs)
+
+    validate_config._verl_cpu_patched = True
+    return validate_config

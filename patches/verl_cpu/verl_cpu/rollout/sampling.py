@@ -1,0 +1,105 @@
+"""Sampling parameters as verl sends them, and one sampling step over a batch of logits.
+
+verl's agent loop sends ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
+``logprobs`` (a bool) and, from some clients, ``max_tokens``/``max_new_tokens``. The
+semantics follow vLLM, which verl's configs are written for:
+
+* ``temperature == 0`` is greedy; ``top_k <= 0`` (verl's ``-1``) disables top-k;
+  ``top_p >= 1`` disables nucleus sampling;
+* the returned log-probability of a sampled token is taken from the *processed*
+  distribution (after temperature, top-k and top-p) -- vLLM's ``processed_logprobs``,
+  verl's default ``rollout.logprobs_mode``. With ``top_k=-1, top_p=1`` this equals
+  ``log_softmax(logits / temperature)``, which is what verl's actor recomputes as
+  ``old_log_prob``. For greedy decoding the raw ``log_softmax(logits)`` is returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Resolved per-request sampling parameters (hashable: requests are batched by them)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    return_logprobs: bool = True
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def resolve_sampling_params(
+    params: dict[str, Any], *, prompt_len: int, prompt_length: int, response_length: int, ignore_eos: bool = False
+) -> SamplingParams:
+    """Turn verl's sampling-parameter dict into :class:`SamplingParams`.
+
+    ``max_tokens`` defaults like vLLM's server in verl: at most ``response_length`` and at
+    most what is left of ``prompt_length + response_length`` after the prompt.
+    """
+    params = dict(params)
+    max_tokens = params.pop("max_tokens", None)
+    if max_tokens is None:
+        max_tokens = params.pop("max_new_tokens", None)
+    if max_tokens is None:
+        max_tokens = min(response_length, prompt_length + response_length - prompt_len)
+    repetition_penalty = float(params.pop("repetition_penalty", 1.0) or 1.0)
+    if repetition_penalty != 1.0:
+        raise NotImplementedError(
+            f"verl_cpu's hf rollout does not implement repetition_penalty={repetition_penalty}; leave it at 1.0"
+        )
+    top_k = params.pop("top_k", -1)
+    return SamplingParams(
+        max_tokens=max(1, int(max_tokens)),
+        temperature=float(params.pop("temperature", 1.0)),
+        top_p=float(params.pop("top_p", 1.0)),
+        top_k=-1 if top_k is None else int(top_k),
+        return_logprobs=bool(params.pop("logprobs", True)),
+        ignore_eos=bool(params.pop("ignore_eos", ignore_eos)),
+        seed=params.pop("seed", None),
+    )
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Apply temperature, top-k and top-p to ``logits`` of shape ``(batch, vocab)``.
+
+    Filtered-out entries become ``-inf``; the result is in float32.
+    """
+    logits = logits.float() / params.temperature
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass of the tokens strictly before it already reaches top_p
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_step(
+    logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next token for each row of ``logits`` ``(batch, vocab)``.
+
+    Returns ``(token_ids, log_probs)``, both of shape ``(batch,)``.
+    """
+    if params.greedy:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        tokens = torch.argmax(log_probs, dim=-1)
+    else:
+        log_probs = torch.log_softmax(process_logits(logits, params), dim=-1)
+        tokens = torch.multinomial(log_probs.exp(), num_samples=1, generator=generator).squeeze(-1)
+    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)

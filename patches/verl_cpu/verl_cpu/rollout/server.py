@@ -1,0 +1,383 @@
+"""An HF-transformers token-in/token-out rollout server (one Ray actor per replica).
+
+It plays the part vLLM's ``vLLMHttpServer`` plays in verl: verl's
+``LLMServerClient`` calls :meth:`HFRolloutServer.generate` with prompt token ids and
+sampling parameters and gets a ``TokenOutput`` (response token ids + log-probs) back;
+the trainer's weight sync calls :meth:`HFRolloutServer.update_weights_from_tensors`.
+
+Concurrency: the agent loop sends one request per sample, concurrently. Requests are
+queued; a batcher task waits ``batch_wait_s`` after the first one, takes everything
+queued (up to ``max_batch_size``), groups it by sampling parameters and runs each group
+as **one** batched, KV-cached decode in a worker thread, so requests are batched rather
+than served one after another. A lock keeps weight updates and decoding apart.
+
+Diagnostics: :meth:`stats` reports request and batch counts, the weight version
+(``global_steps``) and a weight checksum; with ``VERL_CPU_ROLLOUT_TRACE=<file>`` every
+weight load and every decoded batch is appended there as a JSON line (used by tests).
+
+Simulated training-inference mismatch: with ``VERL_CPU_LOGPROB_NOISE_STD=<sd>`` the
+*reported* log-probs (not the sampling) carry independent Gaussian noise of that standard
+deviation, drawn from their own stream seeded with rollout.seed. A vLLM engine's log-probs
+differ from the trainer's in the same way (sd of the log-ratio ~ 0.05 between vLLM and a
+bf16 trainer for Qwen2.5-0.5B); with ``algorithm.rollout_correction.bypass_mode=true`` they
+become the behaviour policy. Used by the comparative study (``hmpo_verl.study``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from verl_cpu.rollout.sampling import SamplingParams, resolve_sampling_params, sample_step
+
+logger = logging.getLogger(__name__)
+TRACE_ENV = "VERL_CPU_ROLLOUT_TRACE"
+NOISE_ENV = "VERL_CPU_LOGPROB_NOISE_STD"
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    future: asyncio.Future = field(repr=False)
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of the weights: sum over parameters of sum(|w|) (float64)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum().item() for p in model.parameters()))
+
+
+def _eos_token_ids(model_config, model) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model_config, "generation_config", None)):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    tokenizer = getattr(model_config, "tokenizer", None)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class HFRolloutServer:
+    """Token-in/token-out generation with a Hugging Face causal LM on CPU.
+
+    Args:
+        config: verl ``RolloutConfig`` (dataclass or DictConfig).
+        model_config: verl ``HFModelConfig`` (dataclass or DictConfig) of the actor model.
+        replica_rank: index of the rollout replica this server belongs to.
+        max_batch_size: most requests decoded together (defaults to ``config.max_num_seqs``).
+        batch_wait_s: how long the batcher waits after the first request for others.
+    """
+
+    def __init__(
+        self,
+        config,
+        model_config,
+        replica_rank: int = 0,
+        max_batch_size: Optional[int] = None,
+        batch_wait_s: float = 0.02,
+    ):
+        from transformers import AutoModelForCausalLM
+        from verl.utils.config import omega_conf_to_dataclass
+
+        self.config = omega_conf_to_dataclass(config)
+        self.model_config = omega_conf_to_dataclass(model_config)
+        self.replica_rank = replica_rank
+        self.max_batch_size = int(max_batch_size or self.config.max_num_seqs)
+        self.batch_wait_s = batch_wait_s
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_config.local_path,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=self.model_config.trust_remote_code,
+        ).eval()
+        self.pad_token_id = self._pad_token_id()
+        self.eos_token_ids = _eos_token_ids(self.model_config, self.model)
+        self.global_steps: Optional[int] = None
+        self.asleep = False
+        # one sampling stream per server, seeded with rollout.seed; which request gets which
+        # draws still depends on how concurrent requests happen to be batched
+        self._generator = torch.Generator().manual_seed(int(self.config.seed) + replica_rank)
+        self._noise_std = float(os.environ.get(NOISE_ENV) or 0.0)
+        self._noise_generator = torch.Generator().manual_seed(10_000 + int(self.config.seed) + replica_rank)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock and batcher belong to it
+        self._queue: Optional[asyncio.Queue] = None
+        self._batcher: Optional[asyncio.Task] = None
+        self._lock: Optional[asyncio.Lock] = None
+        self._pending_weights: set[str] = set()
+        self._stats = {"requests": 0, "batches": 0, "max_batch": 0, "weight_loads": 0}
+        self._trace_path = os.environ.get(TRACE_ENV) or None
+        self._trace("server_started", checksum=weights_checksum(self.model))
+
+    # ------------------------------------------------------------------ generation
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        request_id: str,
+        image_data: Optional[list[Any]] = None,
+        video_data: Optional[list[Any]] = None,
+        audio_data: Optional[list[Any]] = None,
+        mm_processor_kwargs: Optional[dict[str, Any]] = None,
+        priority: int = 0,
+        **kwargs,
+    ):
+        """Generate one response; the signature matches verl's vLLM server."""
+        from verl.utils import normalize_token_ids
+        from verl.workers.rollout.replica import TokenOutput
+
+        if image_data or video_data or audio_data:
+            raise NotImplementedError("verl_cpu's hf rollout is text-only")
+        prompt_ids = normalize_token_ids(prompt_ids)
+        params = resolve_sampling_params(
+            sampling_params,
+            prompt_len=len(prompt_ids),
+            prompt_length=self.config.prompt_length,
+            response_length=self.config.response_length,
+            ignore_eos=self.config.ignore_eos,
+        )
+        if params.seed is None and self.config.full_determinism:
+            params = SamplingParams(**{**params.__dict__, "seed": self.config.seed + self.replica_rank})
+        self._bind_loop()
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(prompt_ids, params, future))
+        token_ids, log_probs = await future
+        return TokenOutput(
+            token_ids=token_ids,
+            log_probs=log_probs if params.return_logprobs else None,
+            stop_reason="completed",
+            num_preempted=0,
+            extra_fields={"global_steps": self.global_steps},
+        )
+
+    def _bind_loop(self) -> None:
+        """Create the queue, lock and batcher task on the running event loop (once per loop).
+
+        Inside Ray there is one loop for the actor's lifetime; rebinding keeps the server
+        usable from plain ``asyncio.run`` calls too (tests).
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._lock = asyncio.Lock()
+            self._batcher = None
+        if self._batcher is None or self._batcher.done():
+            self._batcher = loop.create_task(self._batch_loop())
+
+    async def _batch_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            await asyncio.sleep(self.batch_wait_s)  # let the other concurrent requests arrive
+            while not self._queue.empty() and len(batch) < self.max_batch_size:
+                batch.append(self._queue.get_nowait())
+            groups: dict[SamplingParams, list[_Request]] = {}
+            for request in batch:
+                groups.setdefault(request.params, []).append(request)
+            for params, requests in groups.items():
+                try:
+                    async with self._lock:
+                        results = await asyncio.to_thread(self._decode, [r.prompt_ids for r in requests], params)
+                except Exception as exc:  # hand the error to every waiting caller
+                    for request in requests:
+                        if not request.future.done():
+                            request.future.set_exception(exc)
+                    continue
+                for request, result in zip(requests, results, strict=True):
+                    if not request.future.done():
+                        request.future.set_result(result)
+
+    @torch.inference_mode()
+    def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], list[float]]]:
+        """Batched, KV-cached decoding of left-padded prompts. Runs in a worker thread."""
+        from transformers import DynamicCache
+
+        start = time.perf_counter()
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompts])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
+
+        cache = DynamicCache()
+        step_ids, step_pos = input_ids, position_ids
+        finished = torch.zeros(len(prompts), dtype=torch.bool)
+        tokens, log_probs = [], []
+        for _ in range(params.max_tokens):
+            logits = self.model(
+                input_ids=step_ids,
+                attention_mask=attention_mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            token, log_prob = sample_step(logits, params, generator)
+            if self._noise_std > 0:
+                log_prob = log_prob + self._noise_std * torch.randn(log_prob.shape, generator=self._noise_generator)
+            token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
+            tokens.append(token)
+            log_probs.append(log_prob)
+            if not params.ignore_eos:
+                finished |= torch.isin(token, torch.tensor(sorted(self.eos_token_ids), dtype=token.dtype))
+            if bool(finished.all()):
+                break
+            step_ids = token[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            attention_mask = torch.cat([attention_mask, torch.ones(len(prompts), 1, dtype=attention_mask.dtype)], 1)
+
+        results = [self._trim(row, tokens, log_probs) for row in range(len(prompts))]
+        self._stats["requests"] += len(prompts)
+        self._stats["batches"] += 1
+        self._stats["max_batch"] = max(self._stats["max_batch"], len(prompts))
+        self._trace(
+            "generate",
+            batch_size=len(prompts),
+            new_tokens=len(tokens),
+            seconds=round(time.perf_counter() - start, 4),
+            temperature=params.temperature,
+        )
+        return results
+
+    def _trim(self, row: int, tokens: list[torch.Tensor], log_probs: list[torch.Tensor]):
+        """One row's tokens up to and including its first EOS."""
+        out_ids, out_lp = [], []
+        for token, log_prob in zip(tokens, log_probs, strict=True):
+            out_ids.append(int(token[row]))
+            out_lp.append(float(log_prob[row]))
+            if out_ids[-1] in self.eos_token_ids:
+                break
+        return out_ids, out_lp
+
+    def _pad_token_id(self) -> int:
+        tokenizer = getattr(self.model_config, "tokenizer", None)
+        for candidate in (
+            getattr(tokenizer, "pad_token_id", None),
+            getattr(self.model.config, "pad_token_id", None),
+            getattr(tokenizer, "eos_token_id", None),
+        ):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    # ------------------------------------------------------------------ weights
+
+    async def update_weights_from_tensors(
+        self, named_tensors: list[tuple[str, torch.Tensor]], last: bool = True, global_steps: Optional[int] = None
+    ) -> dict[str, Any]:
+        """Copy trainer weights (HF names, full tensors) into the model.
+
+        Called in buckets; ``last=True`` on the final bucket checks that every
+        parameter of the model was received and records the new weight version.
+        """
+        self._bind_loop()
+        async with self._lock:
+            state = self.model.state_dict()
+            if not self._pending_weights:
+                self._pending_weights = set(dict(self.model.named_parameters()).keys())
+            unknown = []
+            with torch.no_grad():
+                for name, tensor in named_tensors:
+                    if name not in state:
+                        unknown.append(name)
+                        continue
+                    state[name].copy_(tensor.to(state[name].dtype))
+                    self._pending_weights.discard(name)
+            if unknown:
+                raise KeyError(f"hf rollout: weights not in the rollout model: {unknown[:5]}")
+            if not last:
+                return {}
+            missing = self._missing_after_tying(self._pending_weights)
+            self._pending_weights = set()
+            if missing:
+                raise KeyError(f"hf rollout: weight update did not include {sorted(missing)[:5]}")
+            self.global_steps = global_steps
+            self._stats["weight_loads"] += 1
+            checksum = weights_checksum(self.model)
+            self._trace("update_weights", checksum=checksum)
+            return {"checksum": checksum, "global_steps": global_steps}
+
+    def _missing_after_tying(self, missing: set[str]) -> set[str]:
+        """Parameters shared with another (e.g. tied lm_head) count as received."""
+        if not missing:
+            return missing
+        tied = set()
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        by_storage: dict[int, list[str]] = {}
+        for name, param in params.items():
+            by_storage.setdefault(param.data_ptr(), []).append(name)
+        for names in by_storage.values():
+            if len(names) > 1 and not set(names) <= missing:
+                tied.update(names)
+        return missing - tied
+
+    # ------------------------------------------------------------------ verl's server protocol
+
+    async def wake_up(self, tags: Optional[list[str]] = None):
+        self.asleep = False
+
+    async def sleep(self):
+        # Weights stay in host memory: there is no device memory to give back.
+        self.asleep = True
+
+    async def clear_kv_cache(self):
+        return None  # the KV cache lives only for one decode call
+
+    async def release_kv_cache(self):
+        return None
+
+    async def resume_kv_cache(self):
+        return None
+
+    async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False):
+        return {"aborted_count": 0, "request_ids": []}
+
+    async def resume_generation(self):
+        return None
+
+    async def wait_for_requests_to_drain(self):
+        self._bind_loop()
+        while not self._queue.empty():
+            await asyncio.sleep(0.01)
+        async with self._lock:
+            return None
+
+    async def set_global_steps(self, global_steps: int):
+        self.global_steps = global_steps
+
+    async def start_profile(self, **kwargs):
+        return None
+
+    async def stop_profile(self):
+        return None
+
+    def get_rollout_config(self):
+        return self.config
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters, weight version and checksum (for tests and debugging)."""
+        return {**self._stats, "global_steps": self.global_steps, "checksum": weights_checksum(self.model)}
+
+    # ------------------------------------------------------------------ trace
+
+    def _trace(self, event: str, **data) -> None:
+        if not self._trace_path:
+            return
+        record = {
+            "event": event,
+            "time": time.time(),
+            "replica": self.replica_rank,
+            "global_steps": self.global_steps,
+            **data,
+        }
+        with open(self._trace_path, "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,126 @@
+"""Bad input to the real trainer on CPU stops early, before Ray, with a message that says what to change."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from cpu_assets import REPO_ROOT, tiny_assets
+from verl_cpu.preflight import check_config
+from verl_cpu.version import UnsupportedVerlVersion, check_verl_version
+
+RECIPE_DIR = REPO_ROOT / "recipes" / "cpu_tiny"
+
+
+def compose(*overrides: str):
+    """The CPU recipe with the test assets, as verl's Hydra main would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    assets = tiny_assets()
+    base = [
+        f"actor_rollout_ref.model.path={assets.model}",
+        f"data.train_files={assets.train_parquet}",
+        f"data.val_files={assets.test_parquet}",
+    ]
+    with initialize_config_dir(config_dir=str(RECIPE_DIR), version_base=None):
+        return hydra_compose(config_name="hmpo", overrides=[*base, *overrides])
+
+
+def test_the_recipe_passes():
+    assert check_config(compose()) == []
+
+
+def test_missing_model_path():
+    problems = check_config(compose("actor_rollout_ref.model.path=/nonexistent/model"))
+    assert len(problems) == 1
+    assert "actor_rollout_ref.model.path=/nonexistent/model" in problems[0] and "config.json" in problems[0]
+
+
+def test_parquet_without_the_expected_columns(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    pd.DataFrame({"question": ["1+1"], "answer": ["2"]}).to_parquet(bad)
+    problems = check_config(compose(f"data.train_files={bad}"))
+    assert any("data.train_files" in p and "missing column(s) ['prompt', 'data_source', 'reward_model']" in p for p in problems)
+    no_gt = tmp_path / "no_ground_truth.parquet"
+    pd.DataFrame({"prompt": [[{"role": "user", "content": "1+1"}]], "data_source": ["x"], "reward_model": [{"style": "rule"}]}).to_parquet(no_gt)
+    problems = check_config(compose(f"data.val_files={no_gt}"))
+    assert any("data.val_files" in p and "reward_model.ground_truth" in p for p in problems)
+    assert any("file not found" in p for p in check_config(compose("data.val_files=/nonexistent.parquet")))
+
+
+def test_reward_function_missing_or_raising(tmp_path):
+    problems = check_config(compose("reward.custom_reward_function.path=/nonexistent/reward.py"))
+    assert problems == ["reward.custom_reward_function.path=/nonexistent/reward.py: file not found"]
+
+    raising = tmp_path / "raising_reward.py"
+    raising.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n    raise ValueError('boom')\n")
+    problems = check_config(compose(f"reward.custom_reward_function.path={raising}"))
+    assert len(problems) == 1 and "raised ValueError: boom" in problems[0]
+
+    problems = check_config(compose(f"reward.custom_reward_function.path={raising}", "reward.custom_reward_function.name=nope"))
+    assert len(problems) == 1 and "cannot load 'nope'" in problems[0]
+
+
+def test_cuda_only_settings_are_named_with_their_fix():
+    problems = check_config(
+        compose(
+            "actor_rollout_ref.actor.strategy=fsdp",
+            "actor_rollout_ref.rollout.name=vllm",
+            "trainer.device=cuda",
+            "actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2",
+            "~ray_kwargs.ray_init.num_gpus",
+        )
+    )
+    text = "\n".join(problems)
+    assert "actor_rollout_ref.actor.strategy=fsdp: use actor_rollout_ref.actor.strategy=fsdp2" in text
+    assert sum("strategy=fsdp:" in p for p in problems) == 1, "the ref follows the actor: one message"
+    assert "actor_rollout_ref.rollout.name=vllm needs a GPU: set actor_rollout_ref.rollout.name=hf" in text
+    assert "set trainer.device=cpu" in text
+    assert "attn_implementation=sdpa" in text
+    assert "+ray_kwargs.ray_init.num_gpus=1" in text
+
+
+def test_other_verl_versions_are_refused_with_a_clear_message():
+    check_verl_version("0.9.1")
+    with pytest.raises(UnsupportedVerlVersion, match=r"written for verl==0\.9\.1, but verl==0\.8\.0 is installed"):
+        check_verl_version("0.8.0")
+
+
+def _run_trainer(*overrides: str, timeout: int = 120) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "VERL_PLATFORM": "cpu", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(RECIPE_DIR), "--config-name", "hmpo", *overrides]
+    start = time.time()
+    result = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    return result, time.time() - start
+
+
+def test_the_real_trainer_stops_before_ray_with_a_short_message(tmp_path):
+    assets = tiny_assets()
+    result, seconds = _run_trainer(
+        f"data.train_files={assets.train_parquet}",
+        f"data.val_files={assets.test_parquet}",
+        "actor_rollout_ref.model.path=/nonexistent/model",
+        "actor_rollout_ref.actor.strategy=fsdp",
+        "actor_rollout_ref.rollout.name=vllm",
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "verl_cpu: this config cannot run on the CPU backend" in result.stderr
+    assert "actor_rollout_ref.model.path=/nonexistent/model" in result.stderr
+    assert "actor_rollout_ref.rollout.name=hf" in result.stderr
+    assert "Traceback" not in output and "ray init" not in output.lower()
+    assert len(result.stderr.splitlines()) < 40
+    print(f"rejected in {seconds:.1f} s")
+
+
+def test_the_plugin_stays_off_without_verl_platform_cpu():
+    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
+    code = "import sys, verl; print('verl_cpu.platform' in sys.modules, 'verl_cpu.plugin' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.split() == ["False", "True"]  # the entry point is imported, but installs nothing

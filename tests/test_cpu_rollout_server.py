@@ -1,0 +1,178 @@
+"""The HF rollout server of patches/verl_cpu, used directly (no Ray): sampling, batching, weights."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from cpu_assets import tiny_assets
+from verl_cpu.rollout.sampling import SamplingParams, process_logits, resolve_sampling_params, sample_step
+from verl_cpu.rollout.server import HFRolloutServer, weights_checksum
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_resolve_sampling_params_follows_verl_and_vllm_defaults():
+    params = resolve_sampling_params(
+        {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True},
+        prompt_len=10,
+        prompt_length=12,
+        response_length=8,
+    )
+    assert params == SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, top_k=-1, return_logprobs=True)
+    # the remaining context caps max_tokens like verl's vLLM server; an explicit max_tokens wins
+    assert resolve_sampling_params({}, prompt_len=15, prompt_length=12, response_length=8).max_tokens == 5
+    assert resolve_sampling_params({"max_tokens": 3}, prompt_len=1, prompt_length=12, response_length=8).max_tokens == 3
+
+
+def test_repetition_penalty_is_refused_not_ignored():
+    with pytest.raises(NotImplementedError, match="repetition_penalty"):
+        resolve_sampling_params({"repetition_penalty": 1.1}, prompt_len=1, prompt_length=4, response_length=4)
+
+
+def test_top_k_and_top_p_filter_and_renormalise():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    top2 = process_logits(logits, SamplingParams(max_tokens=1, top_k=2))
+    assert torch.isinf(top2[0, 2:]).all() and torch.isfinite(top2[0, :2]).all()
+    # top_p keeps the smallest prefix whose mass reaches p (here the first two tokens: 0.665 + 0.245)
+    nucleus = process_logits(logits, SamplingParams(max_tokens=1, top_p=0.8))
+    assert torch.isfinite(nucleus[0, :2]).all() and torch.isinf(nucleus[0, 2:]).all()
+    tokens, logp = sample_step(logits.repeat(500, 1), SamplingParams(max_tokens=1, top_k=2), torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {0, 1}
+    expected = torch.log_softmax(torch.tensor([3.0, 2.0]), -1)
+    torch.testing.assert_close(logp[tokens == 0][0], expected[0])
+    torch.testing.assert_close(logp[tokens == 1][0], expected[1])
+
+
+def test_temperature_zero_is_greedy_with_raw_log_probs():
+    logits = torch.tensor([[0.0, 2.0, 1.0]])
+    tokens, logp = sample_step(logits, SamplingParams(max_tokens=1, temperature=0.0))
+    assert tokens.tolist() == [1]
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1)[:, 1])
+
+
+def test_temperature_scales_the_returned_log_probs():
+    logits = torch.tensor([[0.0, 2.0, 1.0]])
+    tokens, logp = sample_step(logits, SamplingParams(max_tokens=1, temperature=2.0), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logp, torch.log_softmax(logits / 2.0, -1)[0, tokens])
+
+
+# ----------------------------------------------------------------------------- server
+
+
+@pytest.fixture(scope="module")
+def server():
+    from verl.workers.config import HFModelConfig, RolloutConfig
+
+    assets = tiny_assets()
+    config = RolloutConfig(name="hf", prompt_length=32, response_length=4, max_num_seqs=64)
+    model_config = HFModelConfig(path=str(assets.model))
+    return HFRolloutServer(config, model_config, batch_wait_s=0.05)
+
+
+def _prompts(server, pairs):
+    tokenizer = server.model_config.tokenizer
+    return [
+        tokenizer(
+            tokenizer.apply_chat_template([{"role": "user", "content": f"{a}+{b}"}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        for a, b in pairs
+    ]
+
+
+def _generate_all(server, prompts, sampling_params):
+    async def run():
+        return await asyncio.gather(
+            *[server.generate(p, dict(sampling_params), request_id=str(i)) for i, p in enumerate(prompts)]
+        )
+
+    return asyncio.run(run())
+
+
+def test_concurrent_requests_are_batched_and_match_one_at_a_time(server):
+    prompts = _prompts(server, [(a, (3 * a) % 10) for a in range(10)])
+    greedy = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "logprobs": True}
+    before = asyncio.run(server.stats())
+    together = _generate_all(server, prompts, greedy)
+    after = asyncio.run(server.stats())
+    assert after["requests"] - before["requests"] == len(prompts)
+    assert after["batches"] - before["batches"] < len(prompts), "concurrent requests were decoded one by one"
+    alone = [_generate_all(server, [p], greedy)[0] for p in prompts]
+    for a, b in zip(together, alone, strict=True):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.log_probs), torch.tensor(b.log_probs), atol=1e-5, rtol=0)
+        assert a.stop_reason == "completed" and len(a.token_ids) <= 4
+
+
+def test_log_probs_equal_a_full_forward_of_the_model(server):
+    """What verl's actor recomputes as old_log_prob (temperature 1, no top-k/top-p)."""
+    prompts = _prompts(server, [(1, 2), (9, 9), (4, 0)])
+    outputs = _generate_all(server, prompts, {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True})
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            logits = server.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(out.log_probs), expected, atol=1e-5, rtol=0)
+
+
+def test_responses_stop_at_eos_and_respect_max_tokens(server):
+    prompts = _prompts(server, [(2, 3)])
+    out = _generate_all(server, prompts, {"temperature": 1.0, "max_tokens": 2, "logprobs": False})[0]
+    assert 1 <= len(out.token_ids) <= 2 and out.log_probs is None
+    eos = server.eos_token_ids
+    for out in _generate_all(server, prompts * 8, {"temperature": 1.0, "logprobs": True}):
+        assert all(t not in eos for t in out.token_ids[:-1])
+
+
+def test_update_weights_moves_the_weights_into_the_model(server):
+    original = {k: v.clone() for k, v in server.model.state_dict().items()}
+    prompts = _prompts(server, [(5, 5), (6, 1)])
+    greedy = {"temperature": 0.0, "logprobs": True}
+    before = _generate_all(server, prompts, greedy)
+    try:
+        perturbed = [(name, tensor + 0.5 * torch.randn_like(tensor)) for name, tensor in original.items()]
+        half = len(perturbed) // 2
+        asyncio.run(server.update_weights_from_tensors(perturbed[:half], last=False))
+        result = asyncio.run(server.update_weights_from_tensors(perturbed[half:], last=True, global_steps=7))
+        for name, tensor in perturbed:
+            torch.testing.assert_close(server.model.state_dict()[name], tensor)
+        assert result["global_steps"] == 7 and result["checksum"] == pytest.approx(weights_checksum(server.model))
+        after = _generate_all(server, prompts, greedy)
+        assert [o.extra_fields["global_steps"] for o in after] == [7, 7]
+        assert [o.log_probs for o in after] != [o.log_probs for o in before]
+    finally:
+        asyncio.run(server.update_weights_from_tensors(list(original.items()), last=True, global_steps=None))
+
+
+def test_incomplete_or_unknown_weights_are_errors(server):
+    state = list(server.model.state_dict().items())
+    with pytest.raises(KeyError, match="did not include"):
+        asyncio.run(server.update_weights_from_tensors(state[:-1], last=True))
+    with pytest.raises(KeyError, match="not in the rollout model"):
+        asyncio.run(server.update_weights_from_tensors([("no.such.weight", torch.zeros(1))], last=True))
+    asyncio.run(server.update_weights_from_tensors(state, last=True))  # leaves the server consistent
+
+
+def test_logprob_noise_simulates_a_mismatched_engine(monkeypatch):
+    """VERL_CPU_LOGPROB_NOISE_STD perturbs the reported log-probs only: same tokens, noisy log-probs."""
+    from verl.workers.config import HFModelConfig, RolloutConfig
+
+    from verl_cpu.rollout.server import NOISE_ENV
+
+    assets = tiny_assets()
+    config = RolloutConfig(name="hf", prompt_length=32, response_length=4, max_num_seqs=64)
+    model_config = HFModelConfig(path=str(assets.model))
+    clean = HFRolloutServer(config, model_config, batch_wait_s=0.0)
+    monkeypatch.setenv(NOISE_ENV, "0.05")
+    noisy = HFRolloutServer(config, model_config, batch_wait_s=0.0)
+    prompts = _prompts(clean, [(a, (7 * a) % 10) for a in range(10)] * 8)
+    params = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True, "seed": 3}
+    diffs = []
+    for a, b in zip(_generate_all(clean, prompts, params), _generate_all(noisy, prompts, params), strict=True):
+        assert a.token_ids == b.token_ids  # sampling is untouched
+        diffs += (torch.tensor(b.log_probs) - torch.tensor(a.log_probs)).tolist()
+    diffs = torch.tensor(diffs)
+    assert abs(diffs.mean().item()) < 0.02 and 0.035 < diffs.std().item() < 0.065
