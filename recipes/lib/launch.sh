@@ -1,0 +1,114 @@
+# shellcheck shell=bash
+# Shared launcher of the recipes/<task>/run.sh scripts (sourced, not run). The caller sets the
+# variables of its "user-adjustable" block -- TASK, MEAN, SIZE, NNODES, NGPUS_PER_NODE,
+# MODEL_PATH, TRAIN_FILES, VAL_FILES, EXPERIMENT_NAME, PYTHON -- then calls
+# `hmpo_launch "$@"`, which builds verl's own command line,
+#
+#   python3 -m verl.trainer.main_ppo --config-path=<recipes> --config-name=<TASK> \
+#       mean=<MEAN> size=<SIZE> trainer.nnodes=... trainer.n_gpus_per_node=... \
+#       data.train_files=[...] data.val_files=[...] trainer.experiment_name=... \
+#       [actor_rollout_ref.model.path=<MODEL_PATH>] [your overrides...]
+#
+# and either prints it (--dry-run / DRY_RUN=1: one line on stdout, quoted so that a shell
+# reads it back as the same words; nothing is run)
+# or replaces the shell with it (exec). With RAY_ADDRESS=http(s)://<head>:8265 the same command
+# is submitted to a running Ray cluster: `ray job submit --address=$RAY_ADDRESS -- <command>`.
+
+hmpo_die() {
+    echo "$(basename -- "$0"): $*" >&2
+    exit 2
+}
+
+# The YAML stems of recipes/<group>/, comma-separated (for error messages).
+hmpo_choices() {
+    local f names=()
+    for f in "$RECIPES_DIR/$1"/*.yaml; do
+        [[ -e "$f" ]] && names+=("$(basename -- "$f" .yaml)")
+    done
+    local IFS=,
+    echo "${names[*]}"
+}
+
+# A Hydra single-quoted string (callers have rejected values holding a quote).
+hmpo_hydra_str() {
+    printf "'%s'" "$1"
+}
+
+# "a,b,c" -> Hydra list ['a','b','c'].
+hmpo_hydra_list() {
+    local item out=() items
+    IFS=, read -r -a items <<< "$1"
+    for item in "${items[@]}"; do
+        out+=("$(hmpo_hydra_str "$item")")
+    done
+    local IFS=,
+    printf '[%s]' "${out[*]}"
+}
+
+# One word as a shell would need it typed: bare if harmless, else in double quotes, else %q
+# (which also keeps a newline inside a word from breaking the one-line output).
+hmpo_shell_word() {
+    if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+        printf '%s' "$1"
+    elif [[ "$1" != *[\\\"\$\`!]* && "$1" != *$'\n'* ]]; then
+        printf '"%s"' "$1"
+    else
+        printf '%q' "$1"
+    fi
+}
+
+hmpo_launch() {
+    local dry_run=${DRY_RUN:-0} arg overrides=() cmd=()
+    for arg in "$@"; do
+        case "$arg" in
+            --dry-run) dry_run=1 ;;
+            -h | --help)
+                sed -n '2,/^set -euo pipefail/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+                exit 0
+                ;;
+            *) overrides+=("$arg") ;;
+        esac
+    done
+
+    [[ -f "$RECIPES_DIR/$TASK.yaml" ]] || hmpo_die "no task config recipes/$TASK.yaml"
+    [[ -f "$RECIPES_DIR/mean/$MEAN.yaml" ]] ||
+        hmpo_die "MEAN=$MEAN: no recipes/mean/$MEAN.yaml; choose one of: $(hmpo_choices mean)"
+    [[ -f "$RECIPES_DIR/size/$SIZE.yaml" ]] ||
+        hmpo_die "SIZE=$SIZE: no recipes/size/$SIZE.yaml; choose one of: $(hmpo_choices size)"
+    [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NNODES=$NNODES: a positive integer, please"
+    [[ "$NGPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NGPUS_PER_NODE=$NGPUS_PER_NODE: a positive integer, please"
+    [[ -n "$TRAIN_FILES" && -n "$VAL_FILES" ]] || hmpo_die "TRAIN_FILES and VAL_FILES must not be empty"
+    for arg in "$TRAIN_FILES" "$VAL_FILES" "$EXPERIMENT_NAME" "$MODEL_PATH"; do
+        [[ "$arg" != *"'"* ]] || hmpo_die "a value holding a single quote is not supported: $arg"
+    done
+
+    case "${RAY_ADDRESS:-}" in
+        http://* | https://*) cmd+=(ray job submit "--address=$RAY_ADDRESS" --) ;;
+    esac
+    cmd+=(
+        "$PYTHON" -m verl.trainer.main_ppo
+        "--config-path=$RECIPES_DIR"
+        "--config-name=$TASK"
+        "mean=$MEAN"
+        "size=$SIZE"
+        "trainer.nnodes=$NNODES"
+        "trainer.n_gpus_per_node=$NGPUS_PER_NODE"
+        "data.train_files=$(hmpo_hydra_list "$TRAIN_FILES")"
+        "data.val_files=$(hmpo_hydra_list "$VAL_FILES")"
+        "trainer.experiment_name=$(hmpo_hydra_str "$EXPERIMENT_NAME")"
+    )
+    if [[ -n "$MODEL_PATH" ]]; then
+        cmd+=("actor_rollout_ref.model.path=$(hmpo_hydra_str "$MODEL_PATH")")
+    fi
+    cmd+=(${overrides[@]+"${overrides[@]}"})
+
+    if [[ "$dry_run" == 1 ]]; then
+        local words=()
+        for arg in "${cmd[@]}"; do
+            words+=("$(hmpo_shell_word "$arg")")
+        done
+        echo "${words[*]}"
+        return 0
+    fi
+    exec "${cmd[@]}"
+}

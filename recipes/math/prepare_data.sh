@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Data for recipes/math:
+#   $DATA_DIR/math/{train,test}.parquet      verl's own examples/data_preprocess/math_dataset.py
+#                                           (MATH, data_source "DigitalLearningGmbH/MATH-lighteval")
+#   $DATA_DIR/math/train_level3to5.parquet   its training rows at levels 3-5 (Dr. GRPO's question set)
+#   $DATA_DIR/math500/test.parquet           MATH-500 in the same row format and prompt, data_source
+#                                           "HuggingFaceH4/MATH-500" (verl's math reward)
+#   $DATA_DIR/aime-2024.parquet              DAPO's AIME 2024 parquet, downloaded as verl-recipe's
+#                                           dapo/prepare_dapo_data.sh does (verl's math_dapo reward)
+# Steps 2-3 are recipes/math/prepare_extra.py (tested in tests/test_recipes_data.py).
+#
+# Usage: [DATA_DIR=$HOME/data] [VERL_REPO=<verl checkout> | VERL_REF=v0.9.1] bash recipes/math/prepare_data.sh
+# Needs network access to the Hugging Face hub.
+set -euo pipefail
+
+RECIPES_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+DATA_DIR=${DATA_DIR:-$HOME/data}
+PYTHON=${PYTHON:-python3}
+AIME_URL=${AIME_URL:-https://huggingface.co/datasets/BytedTsinghua-SIA/AIME-2024/resolve/main/data/aime-2024.parquet?download=true}
+
+# shellcheck source-path=SCRIPTDIR source=../lib/prepare.sh
+source "$RECIPES_DIR/lib/prepare.sh"
+hmpo_verl_repo
+
+mkdir -p "$DATA_DIR/math" "$DATA_DIR/math500"
+"$PYTHON" "$VERL_REPO/examples/data_preprocess/math_dataset.py" --local_save_dir "$DATA_DIR/math"
+"$PYTHON" "$RECIPES_DIR/math/prepare_extra.py" levels \
+    "$DATA_DIR/math/train.parquet" "$DATA_DIR/math/train_level3to5.parquet"
+"$PYTHON" "$RECIPES_DIR/math/prepare_extra.py" math500 "$DATA_DIR/math500/test.parquet"
+if [[ ! -f "$DATA_DIR/aime-2024.parquet" ]]; then
+    curl -fL --retry 3 -o "$DATA_DIR/aime-2024.parquet" "$AIME_URL"
+fi
+ls -l "$DATA_DIR/math" "$DATA_DIR/math500" "$DATA_DIR/aime-2024.parquet"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# hmpo-verl recipe | MATH levels 3-5 (val: MATH-500, AIME 2024) | Qwen2.5-Math-1.5B (1 node) or -7B (1-2 nodes) | vLLM | FSDP2
+#
+# One run = recipes/math.yaml + recipes/size/$SIZE.yaml + recipes/mean/$MEAN.yaml, trained by
+# verl's own entry point (python3 -m verl.trainer.main_ppo --config-path=... --config-name=math).
+# Data: bash recipes/math/prepare_data.sh (verl's examples/data_preprocess/math_dataset.py + MATH-500 + AIME 2024).
+#
+# Usage: [VAR=value ...] bash recipes/math/run.sh [--dry-run] [hydra_override ...]
+#   --dry-run         print the exact command (one shell-quoted line on stdout), run nothing;
+#                     DRY_RUN=1 does the same
+#   hydra_override    appended last, so it wins: trainer.total_epochs=1 'trainer.logger=[console,wandb]'
+# Environment (default):
+#   MEAN              a file stem of recipes/mean/ (harmonic): grpo arithmetic geometric_seq
+#                     geometric_token harmonic agm adaptive_ess adaptive_schedule adv_power_mean adv_agm
+#   SIZE              a file stem of recipes/size/ (qwen2_5_math_1_5b): qwen2_5_math_1_5b qwen2_5_math_7b
+#   NNODES            nodes (1); NGPUS_PER_NODE  GPUs per node (8)
+#   MODEL_PATH        local checkpoint dir or hub id (unset: the size file's, Qwen/Qwen2.5-Math-*)
+#   DATA_DIR          ($HOME/data); TRAIN_FILES / VAL_FILES: comma-separated parquet paths
+#   EXPERIMENT_NAME   (math-$SIZE-$MEAN); PYTHON (python3)
+#   RAY_ADDRESS       http://<head>:8265 to submit to a running Ray cluster (ray job submit);
+#                     unset: run here (on a cluster's head node, verl's ray.init joins that cluster)
+set -euo pipefail
+
+RECIPES_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+
+# ---- user-adjustable ----
+TASK=math
+MEAN=${MEAN:-harmonic}
+SIZE=${SIZE:-qwen2_5_math_1_5b}
+NNODES=${NNODES:-1}
+NGPUS_PER_NODE=${NGPUS_PER_NODE:-8}
+MODEL_PATH=${MODEL_PATH:-}
+DATA_DIR=${DATA_DIR:-$HOME/data}
+TRAIN_FILES=${TRAIN_FILES:-$DATA_DIR/math/train_level3to5.parquet}
+VAL_FILES=${VAL_FILES:-$DATA_DIR/math500/test.parquet,$DATA_DIR/aime-2024.parquet}
+EXPERIMENT_NAME=${EXPERIMENT_NAME:-$TASK-$SIZE-$MEAN}
+PYTHON=${PYTHON:-python3}
+# ---- end user-adjustable ----
+
+# shellcheck source-path=SCRIPTDIR source=../lib/launch.sh
+source "$RECIPES_DIR/lib/launch.sh"
+hmpo_launch "$@"

