@@ -29,15 +29,16 @@ def _register_into(registry: dict, name: str, fn, kind: str) -> None:
 
 def check_options(config) -> None:
     """Validate our options in a composed verl trainer config (DictConfig); raise ValueError."""
+    from omegaconf import OmegaConf
     from verl.utils.config import omega_conf_to_dataclass
 
     from hmpo_verl.config import ADV_ESTIMATORS, LOSS_OPTION_CLASSES, algo_options, loss_options
 
-    policy_loss = config.actor_rollout_ref.actor.get("policy_loss", None)
+    policy_loss = OmegaConf.select(config, "actor_rollout_ref.actor.policy_loss", default=None)
     loss_mode = policy_loss.get("loss_mode", None) if policy_loss is not None else None
     if loss_mode in LOSS_OPTION_CLASSES:
         loss_options(omega_conf_to_dataclass(policy_loss), loss_mode)
-    algorithm = config.get("algorithm", None)
+    algorithm = OmegaConf.select(config, "algorithm", default=None)
     if algorithm is not None and str(algorithm.get("_target_", "")).startswith("hmpo_verl"):
         omega_conf_to_dataclass(algorithm)  # runs PowerMeanAlgoConfig.__post_init__
     elif algorithm is not None and algorithm.get("adv_estimator", None) in ADV_ESTIMATORS:
