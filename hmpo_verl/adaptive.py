@@ -13,7 +13,7 @@ is active) is c, the target is
 
 so a trajectory with no clipped token may concentrate its gradient on a fraction
 ess_target_min of effective tokens, and one whose tokens are all clipped gets uniform
-weights (p = 0, the geometric mean, GMPO's conservative choice). p then solves
+weights (p = 0, the geometric mean, which GMPO calls conservative). p then solves
 ESS_p / T = target(c) on one side of 0, up to the bound p_min < 0 or p_max > 0; if even
 the bound keeps ESS above the target, p is the bound. For log-ratios with spread sigma,
 ESS_p / T ~ exp(-p^2 sigma^2), so the rule keeps p * sigma roughly constant: |p| grows
