@@ -29,8 +29,8 @@ Definitions:
   * reward: verl's `critic/score/mean` (mean reward of the step's sampled responses).
   * final reward: mean reward of the last `--final-window` steps; AUC: mean reward over
     all steps (area under the curve / steps).
-  * steps to threshold: first step whose 3-step moving average reaches `--threshold`
-    (absent if never).
+  * steps to threshold: first step (>= 3) whose 3-step moving average reaches
+    `--threshold` (absent if never).
   * collapse: a non-finite loss or gradient norm in any step, or a 3-step moving average
     of the reward that, after having risen at least 0.05 above the run's first value,
     ends below that first value.
@@ -209,7 +209,8 @@ def run_summary(reward: list[float], non_finite: bool, threshold: float, final_w
     `non_finite`: some step logged a non-finite loss, gradient norm or reward.
     """
     smooth = _moving_average(reward)
-    reached = next((i + 1 for i, v in enumerate(smooth) if v >= threshold), None)
+    # a full window is needed: a single early step above the threshold is sampling noise
+    reached = next((i + 1 for i, v in enumerate(smooth) if i >= 2 and v >= threshold), None)
     rose = any(v >= reward[0] + 0.05 for v in smooth)
     return {
         "final_reward": sum(reward[-final_window:]) / len(reward[-final_window:]),
@@ -299,9 +300,12 @@ def reading(summary) -> list[str]:
                     inside.append(f"{text} [{lo:+.3f}, {hi:+.3f}]")
                 else:
                     outside.append(f"{text} [{lo:+.3f}, {hi:+.3f}]")
+        comparisons = len(inside) + len(outside)
         out.append(f"**{regime}** — differences from {BASELINE} whose 95 % interval excludes 0: "
                    + ("; ".join(outside) if outside else "none") + ".")
-        out.append(f"Inside the noise (interval contains 0): " + ("; ".join(inside) if inside else "none") + ".")
+        out.append("Inside the noise (interval contains 0): " + ("; ".join(inside) if inside else "none") + ".")
+        out.append(f"{comparisons} comparisons in this regime: at 95 % about {0.05 * comparisons:.1f} of them would "
+                   "exclude 0 by chance alone, so a lone excluded interval is weak evidence.")
         collapsed = df[df["collapsed"]]
         if not collapsed.empty:
             out.append("Collapsed runs: " + ", ".join(f"{r.method}/seed{r.seed}" for r in collapsed.itertuples()) + ".")
@@ -365,7 +369,8 @@ def write_docs(path: Path, out: Path, argv: list[str], config: dict, summary, pn
         "```",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. Machine: {os.cpu_count()} CPU cores. "
-        f"Study wall time: {wall_s / 60:.0f} min (runs already finished before this invocation are not counted).",
+        f"Compute: {len(summary)} runs, {config['run_minutes']:.0f} min of run wall time in all (runs in parallel "
+        f"overlap); this invocation took {wall_s / 60:.0f} min (runs finished before it are reused).",
         "",
         f"Settings: {config['steps']} training steps per run, seeds {config['seeds']}, reward threshold "
         f"{config['threshold']}, final reward = mean of the last {config['final_window']} steps. Task, model and the "
@@ -390,6 +395,10 @@ def write_docs(path: Path, out: Path, argv: list[str], config: dict, summary, pn
         results_table(summary),
         "",
         "## Reading (generated from the table)",
+        "",
+        "In the on_policy regime each update starts at ratio 1, where every mean of the token ratios and every clip",
+        "coincide: the policy losses compute the same gradient there, and their spread measures run-to-run noise",
+        "(sampling is not bit-reproducible). Only the advantage variants (pm_adv, agm_adv) change the update.",
         "",
         *reading(summary),
         "",
@@ -458,8 +467,9 @@ def main(argv=None) -> int:
     figures = docs.parent / f"{docs.stem}_figures"  # beside the report, so it can be committed with it
     figures.mkdir(parents=True, exist_ok=True)
     pngs = plot_curves(step_table, figures)
+    run_minutes = sum(json.loads((r.dir(out) / "result.json").read_text())["wall_s"] for r in finished) / 60
     config = {"steps": steps, "seeds": seeds, "threshold": args.threshold, "final_window": args.final_window,
-              "methods": methods, "regimes": regimes}
+              "methods": methods, "regimes": regimes, "run_minutes": run_minutes}
     write_docs(docs, out, argv, config, summary, pngs, time.time() - start)
     print(table)
     print("\n".join(reading(summary)))
