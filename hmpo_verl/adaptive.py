@@ -75,9 +75,10 @@ def _row_histograms(log_x: torch.Tensor, valid: torch.Tensor, bins: int):
     empty = ~torch.isfinite(lo)
     lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
     width = ((hi - lo) / bins).clamp(min=torch.finfo(log_x.dtype).tiny)
-    idx = ((log_x - lo) / width).nan_to_num_(0.0).floor_().clamp_(0, bins - 1).long()
+    idx = ((log_x - lo) / width).nan_to_num_(0.0).floor_().clamp_(0, bins - 1).to(torch.int32)
     idx.masked_fill_(~valid, bins)  # a discard bin per row
-    flat = (idx + torch.arange(B, device=log_x.device).unsqueeze(-1) * (bins + 1)).reshape(-1)
+    idx += torch.arange(B, device=log_x.device, dtype=torch.int32).unsqueeze(-1) * (bins + 1)
+    flat = idx.reshape(-1)
     counts = torch.bincount(flat, minlength=B * (bins + 1)).view(B, bins + 1)[:, :bins].to(log_x.dtype)
     sums = torch.bincount(flat, weights=torch.where(valid, log_x, 0.0).reshape(-1), minlength=B * (bins + 1))
     sums = sums.view(B, bins + 1)[:, :bins].to(log_x.dtype)
