@@ -422,7 +422,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 16; --quick: 4)")
     parser.add_argument("--threshold", type=float, default=0.45, help="reward threshold for 'steps to threshold'")
     parser.add_argument("--final-window", type=int, default=3, help="steps averaged for the final reward")
-    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2: about 1.3x the throughput of 1 on 2 cores)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2: their start-up phases overlap on 2 cores)")
     parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "study"))
     parser.add_argument("--assets", default=str(REPO_ROOT / "outputs" / "tiny_task"))
     parser.add_argument("--docs", default=None, help="markdown report (default: docs/study.md; --quick: <out>/study.md)")
