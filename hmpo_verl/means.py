@@ -300,8 +300,6 @@ def log_agm(
     """Log of the arithmetic-harmonic mean iteration started from (M_1, M_-1), differentiable.
 
     `iters=None` gives the exact limit log sqrt(A H); an integer k gives log a_k, the
-    arithmetic term after k steps (k = 0: log A). See `log_agm_and_weights`.
+    arithmetic term after k steps (k = 0: log A). See `log_agm_and_weights` (which checks `iters`).
     """
-    if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 0):
-        raise ValueError(f"agm iters={iters!r}; allowed: None (exact limit) or an integer >= 0")
     return _reduce(log_x, mask, dim, lambda x, m: log_agm_and_weights(x, m, iters))

@@ -356,7 +356,7 @@ def versions() -> dict:
             "python": sys.version.split()[0]}
 
 
-def write_docs(path: Path, out: Path, argv: list[str], config: dict, summary, pngs: list[Path], wall_s: float) -> None:
+def write_docs(path: Path, argv: list[str], config: dict, summary, pngs: list[Path], wall_s: float) -> None:
     rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
     lines = [
         "# Comparative study on verl's real trainer (CPU, tiny addition task)",
@@ -470,7 +470,7 @@ def main(argv=None) -> int:
     run_minutes = sum(json.loads((r.dir(out) / "result.json").read_text())["wall_s"] for r in finished) / 60
     config = {"steps": steps, "seeds": seeds, "threshold": args.threshold, "final_window": args.final_window,
               "methods": methods, "regimes": regimes, "run_minutes": run_minutes}
-    write_docs(docs, out, argv, config, summary, pngs, time.time() - start)
+    write_docs(docs, argv, config, summary, pngs, time.time() - start)
     print(table)
     print("\n".join(reading(summary)))
     print(f"\nwrote {out / 'steps.csv'}, {out / 'summary.csv'}, {', '.join(p.name for p in pngs)} and {docs}")
