@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hmpo_verl.tiny_task import TinyTaskPaths, TinyTaskSpec, prepare_assets
+from hmpo_verl.lab.tiny_task import TinyTaskPaths, TinyTaskSpec, prepare_assets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_ASSETS = REPO_ROOT / "outputs" / "tiny_task"

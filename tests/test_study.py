@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from hmpo_verl.study import METHODS_BY_NAME, REGIMES_BY_NAME, Run, mean_ci, reading, results_table, run_summary, welch_diff_ci
+from hmpo_verl.lab.study import METHODS_BY_NAME, REGIMES_BY_NAME, Run, mean_ci, reading, results_table, run_summary, welch_diff_ci
 
 
 def test_run_summary_definitions():
@@ -57,7 +57,7 @@ def test_table_and_generated_reading():
 
 
 def test_every_method_and_regime_builds_a_valid_command(tmp_path):
-    from hmpo_verl.study import run_overrides
+    from hmpo_verl.lab.study import run_overrides
 
     for regime in REGIMES_BY_NAME.values():
         for method in METHODS_BY_NAME.values():
@@ -69,7 +69,7 @@ def test_every_method_and_regime_builds_a_valid_command(tmp_path):
 def test_smoke_run_of_the_study_command(tmp_path):
     """One method, one seed, two steps of the real command, through to the report."""
     out, docs = tmp_path / "study", tmp_path / "docs" / "study.md"
-    cmd = [sys.executable, "-m", "hmpo_verl.study", "--methods", "hmpo", "--regimes", "stressed", "--seeds", "1",
+    cmd = [sys.executable, "-m", "hmpo_verl.lab.study", "--methods", "hmpo", "--regimes", "stressed", "--seeds", "1",
            "--steps", "2", "--out", str(out), "--docs", str(docs)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

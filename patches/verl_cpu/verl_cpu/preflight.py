@@ -129,7 +129,7 @@ def check_model(config: DictConfig) -> list[str]:
         return [
             f"actor_rollout_ref.model.path={path}: no Hugging Face model there (no config.json). "
             "There is no model hub on this machine: point it at a local model directory "
-            "(for the tiny task: python -m hmpo_verl.cpu_demo --prepare-only)"
+            "(for the tiny task: python -m hmpo_verl.lab.cpu_demo --prepare-only)"
         ]
     return []
 

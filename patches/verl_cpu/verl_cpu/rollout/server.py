@@ -20,7 +20,7 @@ Simulated training-inference mismatch: with ``VERL_CPU_LOGPROB_NOISE_STD=<sd>`` 
 deviation, drawn from their own stream seeded with rollout.seed. A vLLM engine's log-probs
 differ from the trainer's in the same way (sd of the log-ratio ~ 0.05 between vLLM and a
 bf16 trainer for Qwen2.5-0.5B); with ``algorithm.rollout_correction.bypass_mode=true`` they
-become the behaviour policy. Used by the comparative study (``hmpo_verl.study``).
+become the behaviour policy. Used by the comparative study (``hmpo_verl.lab.study``).
 """
 
 from __future__ import annotations

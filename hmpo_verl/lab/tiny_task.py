@@ -10,7 +10,7 @@ or dataset hub:
 * **data** -- verl-schema parquet files: ``prompt`` (chat messages), ``data_source``,
   ``ability``, ``reward_model.ground_truth``, ``extra_info``.
 * **task** -- single-digit addition: the prompt ``"3+4"`` must be answered ``"7"``.
-  The reward (``hmpo_verl.tiny_reward.compute_score``) is 1 for the exact sum, else 0.
+  The reward (``hmpo_verl.lab.tiny_reward.compute_score``) is 1 for the exact sum, else 0.
 * **warm start** -- a brief supervised fit (plain torch, 200 AdamW steps of 64 random
   problems with their correct answers, loss on the answer tokens only), after which the
   output layer is scaled by ``soften_lm_head`` (0.5): the model keeps its ranking of

@@ -1,7 +1,7 @@
 """Speed and memory of our losses against verl's built-ins, measured in the same run.
 
-    python -m hmpo_verl.bench                      # 256x4096 and 32x32768, fp32 and bf16
-    python -m hmpo_verl.bench --shapes 64x1024 --repeats 5 --device cuda
+    python -m hmpo_verl.lab.bench                      # 256x4096 and 32x32768, fp32 and bf16
+    python -m hmpo_verl.lab.bench --shapes 64x1024 --repeats 5 --device cuda
 
 For each shape and dtype, every loss runs forward + backward on identical tensors
 (log-ratios ~ N(0, 0.05^2) as measured between vLLM and a bf16 trainer, DESIGN.md

@@ -1,8 +1,8 @@
 """The CPU demo: HMPO training a tiny model with verl's real trainer, on a laptop.
 
-    python -m hmpo_verl.cpu_demo
+    python -m hmpo_verl.lab.cpu_demo
 
-1. builds the tiny addition task if it is missing (:mod:`hmpo_verl.tiny_task`, ~15 s);
+1. builds the tiny addition task if it is missing (:mod:`hmpo_verl.lab.tiny_task`, ~15 s);
 2. runs ``python -m verl.trainer.main_ppo --config-path recipes/cpu_tiny --config-name hmpo``
    with ``VERL_PLATFORM=cpu`` (the CPU backend in ``patches/verl_cpu``), printing one
    line per training step read from verl's own file logger;
@@ -10,7 +10,7 @@
    effective sample size against step, all from verl's logged metrics.
 
 Needs ``pip install -e . -e patches/verl_cpu``. Extra arguments after ``--`` are passed
-to verl as Hydra overrides, e.g. ``python -m hmpo_verl.cpu_demo --steps 5 -- actor_rollout_ref.actor.optim.lr=5e-4``.
+to verl as Hydra overrides, e.g. ``python -m hmpo_verl.lab.cpu_demo --steps 5 -- actor_rollout_ref.actor.optim.lr=5e-4``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO_ROOT / "recipes" / "cpu_tiny"
 RECIPE_NAME = "hmpo"
 
@@ -43,7 +43,7 @@ def check_cpu_backend_installed() -> None:
     names = {ep.name for ep in entry_points(group="verl.plugins")}
     if "verl_cpu" not in names:
         sys.exit(
-            "hmpo_verl.cpu_demo: the CPU backend for verl is not installed.\n"
+            "hmpo_verl.lab.cpu_demo: the CPU backend for verl is not installed.\n"
             f"  pip install -e {REPO_ROOT / 'patches' / 'verl_cpu'}"
         )
 
@@ -249,7 +249,7 @@ def say(*args, **kwargs) -> None:
 
 
 def main(argv=None) -> int:
-    from hmpo_verl.tiny_task import prepare_assets
+    from hmpo_verl.lab.tiny_task import prepare_assets
 
     args = parse_args(argv)
     t0 = time.time()

@@ -1,6 +1,6 @@
-"""Reward function of the tiny addition task (see :mod:`hmpo_verl.tiny_task`).
+"""Reward function of the tiny addition task (see :mod:`hmpo_verl.lab.tiny_task`).
 
-Passed to verl as ``reward.custom_reward_function.path=pkg://hmpo_verl.tiny_reward``
+Passed to verl as ``reward.custom_reward_function.path=pkg://hmpo_verl.lab.tiny_reward``
 and ``reward.custom_reward_function.name=compute_score``. verl's naive reward manager
 calls it once per response with the decoded text (special tokens removed).
 """
