@@ -23,12 +23,18 @@ The side is a separate choice (`sign_rule`): with sign(p) = -sign(A) the weights
 the tokens that moved against the update (for A > 0, p < 0 weights the tokens whose
 probability fell), so each step first restores them: the ratio-contracting direction.
 
-The solver is vectorised over trajectories and bracketed: each row's log-ratios are
-compressed into a histogram of SOLVER_BINS bins (each bin represented by its count and
-the mean log-ratio of its tokens), and |p| is bisected on [0, |bound|] for SOLVER_ITERS
-iterations on those histograms, where ESS is monotone in |p|. The loss then uses the
-exact weights at the chosen p; the histogram only places p (its effect on the achieved
-ESS is small and reported by `actor/pm/ess_frac` against the target).
+The solver works on the exact ESS (no histogram or other approximation of the row):
+regula falsi on p^2 over [0, bound^2], vectorised over the rows still unsolved, until
+|ESS_p / T - target| <= ESS_TOL (1e-4) on every row; a far outlier in the row costs a few
+more steps, never accuracy. The loss uses the exact weights at the chosen p.
+
+The chosen p is a constant for the gradient (a stop-gradient on p): the loss applies
+d/d delta of log M_p at the chosen p, not the extra term (d log M_p / dp)(dp / d delta)
+of differentiating through the solver. p is a per-trajectory setting of the estimator,
+chosen from the current ratios like a step size, not part of the objective: that term
+would move the ratios so as to change the ESS of the weights rather than to improve the
+policy's surrogate; it is zero where p sits at the bound and undefined where the target
+jumps with the clip fraction (a count of tokens).
 
 **Schedule** (HolderPO, arXiv 2605.12058: p from 2 to -2 over training): one p for all
 trajectories, a function of the optimizer step only.
@@ -40,8 +46,8 @@ import math
 
 import torch
 
-SOLVER_BINS = 128
-SOLVER_ITERS = 24
+ESS_TOL = 1e-4
+SOLVER_MAX_ITERS = 64
 
 __all__ = ["ess_target_fraction", "solve_power_for_ess", "ess_search_bound", "scheduled_power"]
 
@@ -67,70 +73,97 @@ def ess_search_bound(row_advantage_sign: torch.Tensor, sign_rule: str, p_min: fl
     raise ValueError(f"sign_rule={sign_rule!r}; allowed: advantage, negative, positive")
 
 
-def _row_histograms(log_x: torch.Tensor, valid: torch.Tensor, bins: int):
-    """Per-row (counts, mean log_x) over `bins` equal-width bins between the row's min and max."""
-    B = log_x.shape[0]
-    lo = torch.where(valid, log_x, math.inf).amin(-1, keepdim=True)
-    hi = torch.where(valid, log_x, -math.inf).amax(-1, keepdim=True)
-    empty = ~torch.isfinite(lo)
-    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
-    width = ((hi - lo) / bins).clamp(min=torch.finfo(log_x.dtype).tiny)
-    idx = ((log_x - lo) / width).nan_to_num_(0.0).floor_().clamp_(0, bins - 1).to(torch.int32)
-    idx.masked_fill_(~valid, bins)  # a discard bin per row
-    idx += torch.arange(B, device=log_x.device, dtype=torch.int32).unsqueeze(-1) * (bins + 1)
-    flat = idx.reshape(-1)
-    counts = torch.bincount(flat, minlength=B * (bins + 1)).view(B, bins + 1)[:, :bins].to(log_x.dtype)
-    sums = torch.bincount(flat, weights=torch.where(valid, log_x, 0.0).reshape(-1), minlength=B * (bins + 1))
-    sums = sums.view(B, bins + 1)[:, :bins].to(log_x.dtype)
-    return counts, sums / counts.clamp(min=1)
+def _log_ess_fraction(y: torch.Tensor, n: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Exact log(ESS_p / T) of each row at |p| = u > 0, from y = sign(p) * log_x.
 
-
-def _histogram_ess_fraction(counts: torch.Tensor, centres: torch.Tensor, n: torch.Tensor, p: torch.Tensor):
-    """ESS_p / T of each row represented by its histogram; p of shape (B,)."""
-    z = torch.where(counts > 0, p.unsqueeze(-1) * centres, -math.inf)
-    z = z - z.amax(-1, keepdim=True).clamp(min=-1e30)
-    e = torch.exp(z)
-    s1 = (counts * e).sum(-1)
-    s2 = (counts * e * e).sum(-1)
-    return (s1 * s1) / (s2 * n).clamp(min=torch.finfo(counts.dtype).tiny)
+    With x_t = u * y_t and e_t = exp(x_t - max x): ESS / T = (sum e)^2 / (n * sum e^2)
+    (the shift cancels, nothing overflows). y holds -inf at invalid entries (e = 0).
+    Shapes: y `(R, T)`, n and u `(R,)`.
+    """
+    e = y * u.unsqueeze(-1)
+    e = e.sub_(e.amax(-1, keepdim=True)).exp_()
+    s1 = e.sum(-1)
+    s2 = e.square_().sum(-1)
+    return 2.0 * torch.log(s1) - torch.log(s2) - torch.log(n)
 
 
 def solve_power_for_ess(
-    log_x: torch.Tensor, valid: torch.Tensor, target: torch.Tensor, bound: torch.Tensor, iters: int = SOLVER_ITERS
+    log_x: torch.Tensor,
+    valid: torch.Tensor,
+    target: torch.Tensor,
+    bound: torch.Tensor,
+    tol: float = ESS_TOL,
+    max_iters: int = SOLVER_MAX_ITERS,
 ) -> torch.Tensor:
-    """Per row, p between 0 and `bound` with ESS_p / T = target (bisection on |p|).
+    """Per row, p between 0 and `bound` with ESS_p / T = target, solved on the exact ESS.
+
+    phi(v) = log(ESS / T) - log(target) with v = p^2 is positive at v = 0 and decreases
+    monotonically; for small p, log(ESS / T) ~ -p^2 Var(log_x), nearly linear in v. So
+    p^2 is found by regula falsi (Anderson-Bjorck variant, always bracketed) on
+    [0, bound^2], each step evaluating the exact ESS of the rows not yet solved. A row is
+    solved when |ESS / T - target| <= tol; the loss then uses the exact weights at that p.
 
     Args:
         log_x: `(B, T)` log-ratios (the ones the mean aggregates); valid: `(B, T)` bool.
         target: `(B,)` target ESS / T in (0, 1].
         bound: `(B,)` end of each row's segment (sign gives the side; 0 forces p = 0).
-        iters: bisection steps (|p| is located to |bound| / 2^iters).
+        tol: accepted |ESS / T - target|.
+        max_iters: cap on the regula falsi steps; a row still unsolved then takes the
+            bracket end on the ESS >= target side.
 
     Returns:
-        `(B,)` p (float32). Rows with no valid token or a target of 1 get 0; rows where
-        even `bound` keeps ESS / T >= target (e.g. equal log-ratios, T = 1) get `bound`.
+        `(B,)` p (float32). Rows with no valid token or a target of 1 get 0; rows whose
+        bound has ESS / T >= target - tol (e.g. equal log-ratios, T = 1) get `bound`.
     """
     with torch.no_grad():
-        d = log_x.detach().to(torch.float32)
+        dtype = torch.float64 if log_x.dtype == torch.float64 else torch.float32
         valid = valid.to(torch.bool)
-        n = valid.sum(-1).to(torch.float32)
-        counts, centres = _row_histograms(d, valid, SOLVER_BINS)
-        # the (B, bins) search runs in float64: ESS / T is flat (1 - O(p^2)) near p = 0
-        counts, centres, n = counts.double(), centres.double(), n.double()
-        bound = bound.to(torch.float64)
-        target = target.to(torch.float64)
-        # fraction of the way from 0 to the bound; ESS decreases as it grows
-        lo = torch.zeros_like(bound)
-        hi = torch.ones_like(bound)
-        reachable = _histogram_ess_fraction(counts, centres, n, bound) < target
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            above = _histogram_ess_fraction(counts, centres, n, mid * bound) >= target
-            lo = torch.where(above, mid, lo)
-            hi = torch.where(above, hi, mid)
-        fraction = torch.where(reachable, 0.5 * (lo + hi), 1.0)
-        # target ESS = T is met only by p = 0 (uniform weights)
-        return torch.where((n > 0) & (target < 1.0), fraction * bound, 0.0).to(torch.float32)
+        n = valid.sum(-1)
+        bound = bound.to(device=log_x.device, dtype=torch.float64)
+        target = target.to(device=log_x.device, dtype=torch.float64).expand_as(bound)
+        p = torch.zeros_like(bound)
+        rows = ((n > 0) & (target < 1.0) & (bound != 0)).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return p.to(torch.float32)
+        sign = torch.sign(bound[rows])
+        y = torch.where(valid[rows], log_x[rows].detach().to(dtype) * sign.to(dtype).unsqueeze(-1), -math.inf)
+        n_r, t = n[rows].to(dtype), target[rows]
+
+        def phi(v):
+            return _log_ess_fraction(y, n_r, v.sqrt().to(dtype)).double() - torch.log(t)
+
+        def solved(phi_v):
+            return (torch.expm1(phi_v) * t).abs() <= tol  # |ESS / T - target|
+
+        # bracket [v_lo, v_hi] with phi(v_lo) > 0 > phi(v_hi); the bound first
+        v_hi = bound[rows].square()
+        phi_hi = phi(v_hi)
+        done = solved(phi_hi) | (phi_hi >= 0)
+        p[rows[done]] = bound[rows[done]]
+        v_lo, phi_lo = torch.zeros_like(v_hi), -torch.log(t)
+        kept = torch.zeros_like(v_hi)  # +1: the last step kept v_hi, -1: kept v_lo
+        for _ in range(max_iters):
+            if done.all():
+                break
+            todo = ~done
+            rows, sign, y, n_r, t = rows[todo], sign[todo], y[todo], n_r[todo], t[todo]
+            v_lo, phi_lo, v_hi, phi_hi, kept = v_lo[todo], phi_lo[todo], v_hi[todo], phi_hi[todo], kept[todo]
+            v = v_hi - phi_hi * (v_hi - v_lo) / (phi_hi - phi_lo)
+            phi_v = phi(v)
+            done = solved(phi_v)
+            p[rows] = sign * v.sqrt()
+            above = phi_v > 0
+            # Anderson-Bjorck: an end kept twice in a row has its phi scaled down
+            scale_hi = torch.where(phi_v < phi_lo, 1.0 - phi_v / phi_lo, 0.5)
+            scale_lo = torch.where(phi_v > phi_hi, 1.0 - phi_v / phi_hi, 0.5)
+            phi_hi = torch.where(above & (kept > 0), phi_hi * scale_hi, phi_hi)
+            phi_lo = torch.where(~above & (kept < 0), phi_lo * scale_lo, phi_lo)
+            v_lo, phi_lo = torch.where(above, v, v_lo), torch.where(above, phi_v, phi_lo)
+            v_hi, phi_hi = torch.where(above, v_hi, v), torch.where(above, phi_hi, phi_v)
+            kept = torch.where(above, 1.0, -1.0)
+        else:
+            p[rows[~done]] = (sign * v_lo.sqrt())[~done]
+        return p.to(torch.float32)
 
 
 def scheduled_power(step: int, p_start: float, p_end: float, steps: int, schedule: str = "linear") -> float:

@@ -81,7 +81,7 @@ class ESSMatchingAggregator(PowerAggregator):
 
     def __call__(self, delta, valid, clipped):
         n = valid.sum(-1).clamp(min=1)
-        self.target = ess_target_fraction(clipped.sum(-1) / n, self.options.ess_target_min)
+        self.target = ess_target_fraction(clipped.sum(-1).to(delta.dtype) / n, self.options.ess_target_min)
         bound = ess_search_bound(self.row_sign, self.options.sign_rule, self.options.p_min, self.options.p_max)
         self.power = solve_power_for_ess(delta, valid, self.target, bound)
         return log_mean_and_weights(delta, self.power, valid)

@@ -121,7 +121,7 @@ def test_adaptive_ess_loss_is_the_power_mean_loss_at_the_chosen_powers():
     lo, hi = math.log(0.8), math.log(1.2)
     clipped = ((adv > 0) & (delta > hi)) | ((adv < 0) & ((delta < lo) | (delta > math.log(3.0))))
     n = mask.sum(-1).clamp(min=1)
-    target = ess_target_fraction((clipped & mask).sum(-1) / n, 0.95)
+    target = ess_target_fraction((clipped & mask).sum(-1).double() / n, 0.95)
     bound = ess_search_bound(torch.sign(torch.where(mask, adv, 0.0).sum(-1)), "advantage", -2.0, 1.0)
     clipped_delta = torch.where(adv > 0, delta.clamp(max=hi), torch.where(adv < 0, delta.clamp(lo, math.log(3.0)), delta))
     p_rows = solve_power_for_ess(clipped_delta, mask, target, bound)
