@@ -29,9 +29,8 @@ It is even in beta (G_beta = G_-beta), tends to R_i - mean(R) as beta -> 0, and 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable
 
-import numpy as np
 import torch
 
 from hmpo_verl.means import log_power_mean
@@ -39,13 +38,34 @@ from hmpo_verl.means import log_power_mean
 __all__ = ["group_ids", "power_mean_advantage", "agm_advantage", "group_sums", "group_std"]
 
 
-def group_ids(index: Sequence) -> tuple[torch.Tensor, np.ndarray]:
-    """Map verl's per-response `uid`s to group numbers.
+def group_ids(index: Iterable) -> tuple[torch.Tensor, list]:
+    """Map verl's per-response `uid`s to group numbers, grouping exactly as verl's estimators.
 
-    Returns `(ids, uids)`: `ids` (B,) int64 in [0, G), and `uids` (G,) the group keys.
+    verl's `compute_grpo_outcome_advantage` groups with a Python dict keyed by `index[i]`,
+    so uids are grouped by value (hash and ==): 1, 1.0, True and numpy's int64(1) are one
+    group, the string "1" is another. The same is done here, over the elements of a list
+    or a numpy array (object, integer or string dtype); a torch tensor is read as its
+    `tolist()`. A uid that is not equal to itself (NaN) or not hashable is an error naming
+    the response.
+
+    Returns `(ids, uids)`: `ids` (B,) int64 in [0, G), and `uids` the G group keys in order
+    of first appearance.
     """
-    uids, inverse = np.unique(np.asarray(index, dtype=object).astype(str), return_inverse=True)
-    return torch.as_tensor(inverse.reshape(-1), dtype=torch.long), uids
+    if isinstance(index, torch.Tensor):
+        index = index.tolist()
+    groups: dict = {}
+    ids = []
+    for i, uid in enumerate(index):
+        try:
+            if uid != uid:
+                raise TypeError("it is not equal to itself")
+            ids.append(groups.setdefault(uid, len(groups)))
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"uid of response {i} is {uid!r}, which cannot group responses ({err}); "
+                "allowed: hashable values equal to themselves (verl groups uids by value)"
+            ) from None
+    return torch.tensor(ids, dtype=torch.long), list(groups)
 
 
 def _pad_groups(scores: torch.Tensor, ids: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, get_adv_estimator_fn
 from verl.workers.config import ActorConfig  # noqa: F401  (verl import registers our plugin)
 
@@ -126,6 +128,73 @@ def test_beta_zero_equals_verl_grpo_without_std(name):
     torch.testing.assert_close(ours[~singleton], grpo[~singleton], rtol=1e-6, atol=1e-6)
     assert torch.all(ours[singleton] == 0)
     torch.testing.assert_close(returns, ours)
+
+
+def _outcome_batch(index, scores):
+    """(index, token rewards, mask): each score on the last of 3 response tokens."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    rewards = torch.zeros(len(scores), 3)
+    rewards[:, -1] = scores
+    return index, rewards, torch.ones(len(scores), 3)
+
+
+def _assert_grouped_as_verl_grpo(index, scores):
+    """Ours at beta = 0 (with and without std normalisation) equals verl's GRPO on every response of a
+    group of two or more; singleton groups get 0 from us (verl: the raw reward)."""
+    index, rewards, mask = _outcome_batch(index, scores)
+    group_size = [sum(1 for v in index if {v: 0}.get(u, None) == 0) for u in index]  # dict semantics, as verl
+    shared = torch.tensor([size > 1 for size in group_size])
+    for norm in (False, True):
+        ours, _ = _verl_call("power_mean", rewards, mask, index, risk_beta=0.0, norm_adv_by_std=norm)
+        grpo, _ = compute_grpo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=norm)
+        torch.testing.assert_close(ours[shared], grpo[shared], rtol=1e-5, atol=1e-5)
+        assert torch.all(ours[~shared] == 0)
+
+
+@pytest.mark.parametrize("container", [list, lambda v: np.array(v, dtype=object)])
+def test_mixed_type_uids_are_grouped_by_value_as_verl(container):
+    """Issue 10: uids [1, 1, "1", "1"] are two groups in verl's grpo; string grouping made them one."""
+    index = container([1, 1, "1", "1"])
+    _, rewards, mask = _outcome_batch(index, [1.0, 0.0, 5.0, 3.0])
+    ours, _ = _verl_call("power_mean", rewards, mask, index, risk_beta=0.0)
+    torch.testing.assert_close(ours[:, 0], torch.tensor([0.5, -0.5, 1.0, -1.0]))
+    ids, uids = group_ids(index)
+    assert ids.tolist() == [0, 0, 1, 1] and len(uids) == 2
+    _assert_grouped_as_verl_grpo(index, [1.0, 0.0, 5.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        np.array([1, 1.0, True, np.int64(1), "1", "1", b"1", b"1", None, None, (1, "a"), (1, "a")], dtype=object),
+        np.array([7, 8, 7, 8, 9, 9]),  # integer dtype: numpy scalars
+        np.array(["a", "b", "a", "b", "ab", "ab"]),  # string dtype
+        np.array([0.5, 0.5, 1.0, 1, 2.0, 2.0], dtype=object),
+        [f"{k}" for k in (3, 1, 3, 1, 2, 2)],
+    ],
+    ids=["object-mixed", "int64", "str", "floats-and-ints", "list-of-str"],
+)
+def test_uid_containers_group_as_verl(index):
+    g = torch.Generator().manual_seed(len(index))
+    _assert_grouped_as_verl_grpo(index, (torch.randint(0, 5, (len(index),), generator=g) * 0.5).tolist())
+
+
+UID_POOL = [0, 1, 1.0, True, False, np.int64(1), np.float64(0.0), "1", "0", "True", b"1", None, (1,), 2.5]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(UID_POOL), st.integers(-3, 3)), min_size=1, max_size=16))
+def test_grouping_matches_verl_grpo_on_random_mixed_uids(pairs):
+    index = np.empty(len(pairs), dtype=object)
+    index[:] = [uid for uid, _ in pairs]
+    _assert_grouped_as_verl_grpo(index, [float(r) for _, r in pairs])
+
+
+def test_unusable_uids_are_an_error_naming_the_response():
+    with pytest.raises(ValueError, match="uid of response 2 is .*nan.*not equal to itself"):
+        group_ids(np.array([1.0, 2.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"uid of response 0 is \[1\].*unhashable"):
+        group_ids([[1], [1]])
 
 
 def test_norm_adv_by_std_divides_by_the_group_std():
