@@ -2,17 +2,29 @@
 
 A power-mean policy objective uses one ratio per response, s_i = M(r_i1, ..., r_iT)
 (a power mean or the AGM of the token ratios r_t = pi_theta / pi_old), and the PPO-style
-per-token loss  -A_it * clip(s_i).  verl aggregates per-token loss matrices with
-`agg_loss` (five `loss_agg_mode`s, global-batch normalisation), so the sequence ratio is
-broadcast to the tokens with the GSPO-token construction generalised to any mean:
+loss  -A_i * clip(s_i).  verl aggregates per-token loss matrices with `agg_loss` (five
+`loss_agg_mode`s, global-batch normalisation), so the sequence ratio is spread over the
+tokens with the GSPO-token construction generalised to any mean:
 
-    log s_it = sg[log s_i] + T_i * sg[w_it] * (delta_it - sg[delta_it]),
-    w_it = d log s_i / d delta_it            (softmax_t(p * delta_it) for M_p).
+    s_it = sg[s_i * T_i * w_it] * exp(delta_it - sg[delta_it]),
+    w_it = d log s_i / d delta_it            (softmax_t(p * delta_it) for M_p),
 
-Every token holds the value s_i, and after a per-sequence token-mean the gradient is
-exactly grad s_i; at p = 0 (w = 1/T) this is verl's `gspo` term for term. Rather than
-building that through autograd, the value and the per-token gradient coefficient are
-computed here without a graph, and the loss matrix is
+and the per-token loss is -A_it * c_it * s_it (c: rollout IS weights, if given; s_i
+clipped as below). Token t holds its share of the sequence ratio, s_i * T_i * w_it
+(= s_i^(1-p) * r_it^p for M_p; the shares average to s_i over the response), and its
+gradient is s_i * T_i * w_it * grad delta_it, so after a per-sequence token-mean the
+gradient is exactly grad s_i. Hence:
+  * p = 0 (T_i w = 1): every token holds s_i -- verl's `gspo` term for term;
+  * p = 1, token clip: the share is the token's own clipped ratio -- verl's `vanilla`
+    term for term, in value and gradient, for every aggregation mode, with IS weights and
+    per-token advantages;
+  * one advantage per response and IS weights constant over it: the response's tokens
+    sum to -A_i * c_i * T_i * clip(s_i), the sequence objective, whatever the shares.
+The reported value is therefore the one whose gradient is applied wherever such a value
+exists (at p = 1 exactly; for other p with per-token advantages or IS weights the
+per-token gradients are not the gradient of any single function, as in `gspo`).
+Rather than building that through autograd, the value and the per-token gradient
+coefficient are computed here without a graph, and the loss matrix is
 
     loss_it = value_it + grad_coef_it * (log pi_it - sg[log pi_it]),
 
@@ -44,7 +56,8 @@ from hmpo_verl.means import effective_sample_size
 Aggregator = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], "tuple[torch.Tensor, torch.Tensor]"]
 
 # verl's gspo clamps the log sequence ratio at 10 "for numerical stability"; we do the
-# same (a clamped sequence keeps its value e^10 and gets no gradient).
+# same at sequence level (a clamped sequence keeps its value e^10 and gets no gradient).
+# At token level there is no clamp, as in verl's geo_mean (GMPO).
 MAX_LOG_SEQ_RATIO = 10.0
 
 
@@ -102,9 +115,10 @@ class SurrogateTerms:
     Shapes: (B, T) unless noted. `value` and `grad_coef` are 0 at masked positions.
 
     Attributes:
-        value: -A_it * clip(s_i) (times rollout IS weights if given).
-        grad_coef: d value_it / d log pi_it under the token construction above.
-        log_seq_ratio: (B,) log s_i (before the MAX_LOG_SEQ_RATIO clamp; 0 for empty rows).
+        value: -A_it * clip(s_i) * T_i * w_it (times rollout IS weights if given).
+        grad_coef: d value_it / d log pi_it under the token construction above (value_it
+            on tokens whose clip is inactive, 0 elsewhere).
+        log_seq_ratio: (B,) log s_i (before the sequence-level clamp; 0 for empty rows).
         ess: (B,) Kish effective sample size of the weights w_it = d log s_i / d delta_it.
         clipped: tokens whose trust-region clip is active (no gradient from them).
         dual_clipped: tokens capped by the dual clip (A < 0, token level).
@@ -178,29 +192,31 @@ def surrogate_terms(
         else:
             raise ValueError(f"clip_level={region.level!r}; allowed: 'token', 'sequence'")
 
-        seq = torch.exp(log_s.clamp(max=MAX_LOG_SEQ_RATIO)).unsqueeze(-1)  # (B, 1)
+        ess = effective_sample_size(w)
+        share = w.mul_(n.unsqueeze(-1))  # T_i * w_t: 1 at p = 0, r'_t / s_i at p = 1
         if region.level == "sequence":
-            pos, neg = adv > 0, adv < 0
-            above, below = pos & (seq > region.ratio_high), neg & (seq < region.ratio_low)
+            # as verl's gspo: log s_i clamped at 10; a clamped sequence gets no gradient
+            over = (log_s > MAX_LOG_SEQ_RATIO).unsqueeze(-1)
+            seq = torch.exp(log_s.clamp(max=MAX_LOG_SEQ_RATIO)).unsqueeze(-1)  # (B, 1)
+            above, below = (adv > 0) & (seq > region.ratio_high), (adv < 0) & (seq < region.ratio_low)
             trust, dual = above | below, torch.zeros_like(above)
-            seq_value = seq.expand_as(adv).masked_fill(above, region.ratio_high).masked_fill_(below, region.ratio_low)
-            value = seq_value.mul_(adv).neg_()
+            seq = seq.expand_as(adv).masked_fill(above, region.ratio_high).masked_fill_(below, region.ratio_low)
         else:
-            value = adv * seq.neg()
+            # as verl's geo_mean: no clamp, a sequence whose ratio rose far keeps its gradient
+            # (an overflow of s_i is reported by the caller's finiteness check)
+            over = None
+            seq = torch.exp(log_s).unsqueeze(-1)
+        # value_t = -A_t * clip(s_i) * T_i * w_t (* IS weight): its gradient on unclipped tokens
+        value = (adv * seq).mul_(share).neg_()
+        del share, w
+        if rollout_is_weights is not None:
+            value.mul_(rollout_is_weights.detach().to(dtype))
         invalid = ~valid
         trust &= valid
         dual &= valid
-        # d value / d log pi_t = -A_t * s_i * T_i * w_t on tokens whose clip is inactive
-        grad_coef = (adv * (seq * n.unsqueeze(-1)).neg_()).mul_(w)
-        ess = effective_sample_size(w)
-        del w
-        if rollout_is_weights is not None:
-            is_w = rollout_is_weights.detach().to(dtype)
-            value.mul_(is_w)
-            grad_coef.mul_(is_w)
         value.masked_fill_(invalid, 0.0)
-        inactive = invalid | trust | dual | (log_s > MAX_LOG_SEQ_RATIO).unsqueeze(-1)
-        grad_coef.masked_fill_(inactive, 0.0)
+        inactive = invalid | trust | dual
+        grad_coef = value.masked_fill(inactive if over is None else inactive | over, 0.0)
         if out_dtype is not None:
             value, grad_coef = value.to(out_dtype), grad_coef.to(out_dtype)
         return SurrogateTerms(

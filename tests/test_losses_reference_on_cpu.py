@@ -2,10 +2,11 @@
 
 Two references:
   * the direct sequence objective: per-token loss -A_i * clip(s_i(theta)) with s_i from the
-    textbook power-mean formula and constant advantages per response;
-  * the generalised GSPO-token construction for token-level advantages:
-    log s_it = sg[log s_i] + T sg[w_it] (delta'_it - sg[delta'_it]), w from autograd of
-    the textbook formula.
+    textbook power-mean formula and constant advantages per response (log s_i clamped at 10
+    at sequence level, as gspo; not at token level, as geo_mean);
+  * the generalised GSPO-token construction for token-level advantages and IS weights:
+    s_it = sg[s_i T w_it] exp(delta'_it - sg[delta'_it]), w from autograd of the textbook
+    formula (each token holds its share of s_i).
 Both are aggregated by verl's agg_loss (every mode).
 """
 
@@ -55,18 +56,28 @@ def reference_loss(old, lp, adv, mask, agg, mean, level, space, is_w=None, token
             if level == "token":
                 delta = _clip_tokens(delta, a, space, lo, hi)
             if token_construction:
+                # s_it = sg[s_i T_i w_t] exp(delta_t - sg[delta_t]), w from autograd of the textbook mean
                 leaf = delta.detach().requires_grad_()
                 log_s = _direct_log_mean(leaf, mean)
                 (w,) = torch.autograd.grad(log_s, leaf)
-                log_tok = log_s.detach() + v.sum() * w * (delta - delta.detach())
+                share = (v.sum() * w).detach()
+                s_tok = torch.exp(log_s.detach()) * share * torch.exp(delta - delta.detach())
+                if level == "sequence":  # s_i clamped at 10 and PPO-clipped; clipped tokens: no gradient
+                    s = torch.exp(torch.clamp(log_s.detach(), max=10.0))
+                    clipped = torch.where(a > 0, torch.clamp(s, max=math.exp(hi)), torch.where(a < 0, torch.clamp(s, min=math.exp(lo)), s))
+                    active = (clipped == s) & (log_s.detach() <= 10.0)
+                    tok_loss = torch.where(active, -a * s_tok, -a * clipped * share)
+                else:
+                    tok_loss = -a * s_tok
             else:
                 log_tok = _direct_log_mean(delta, mean).expand(int(v.sum()))
-            s = torch.exp(torch.clamp(log_tok, max=10.0))
-            if level == "sequence":
-                clipped = torch.where(a > 0, torch.clamp(s, max=math.exp(hi)), torch.where(a < 0, torch.clamp(s, min=math.exp(lo)), s))
-                tok_loss = torch.maximum(-a * s, -a * clipped)
-            else:
-                tok_loss = -a * s
+                # the sequence level clamps log s at 10 (as gspo); the token level does not (as geo_mean)
+                s = torch.exp(torch.clamp(log_tok, max=10.0) if level == "sequence" else log_tok)
+                if level == "sequence":
+                    clipped = torch.where(a > 0, torch.clamp(s, max=math.exp(hi)), torch.where(a < 0, torch.clamp(s, min=math.exp(lo)), s))
+                    tok_loss = torch.maximum(-a * s, -a * clipped)
+                else:
+                    tok_loss = -a * s
             if is_w is not None:
                 tok_loss = tok_loss * is_w[i][v]
             row = row.masked_scatter(v, tok_loss)
