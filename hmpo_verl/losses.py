@@ -70,7 +70,10 @@ class PowerAggregator:
 
 
 class ESSMatchingAggregator(PowerAggregator):
-    """Per trajectory, p such that ESS_p / T matches target(clip fraction) (adaptive.py)."""
+    """Per trajectory, p such that ESS_p / T matches target(clip fraction) (adaptive.py).
+
+    p is chosen without autograd and enters the weights as a constant (stop-gradient on p).
+    """
 
     def __init__(self, options: AdaptivePowerMeanLossConfig, advantages: torch.Tensor, response_mask: torch.Tensor):
         super().__init__(0.0)
@@ -220,9 +223,13 @@ compute_policy_loss_power_mean = _registered("power_mean", lambda options, *_: P
 compute_policy_loss_power_mean.__doc__ = """Power-mean policy optimization with any real p
     (PMPO arXiv 2601.22521, HolderPO arXiv 2605.12058).
 
-    p = 0 with sequence clip is verl's `gspo`; p = 0 with token clip in log space is
-    `geo_mean` (GMPO); p = 1 with token clip in ratio space is `vanilla` (GRPO) under
-    seq-mean-token-mean. Needs `PowerMeanLossConfig` (field `power`).
+    Equals verl's built-ins (README, "Equivalences", states each condition exactly):
+    p = 0 with sequence clip is `gspo` (every aggregation, IS weights, per-token A);
+    p = 1 with token clip in ratio space is `vanilla` (every aggregation, IS weights,
+    per-token A; except tokens with A > 0 and delta < -20, which vanilla clamps);
+    p = 0 with token clip in log space is `geo_mean` (GMPO) under seq-mean-token-mean over
+    the whole batch in one call, one advantage and IS weight per response.
+    Needs `PowerMeanLossConfig` (field `power`).
     """
 
 compute_policy_loss_agm = _registered("agm", lambda options, *_: AGMAggregator(options.agm_iters))
@@ -237,6 +244,10 @@ compute_policy_loss_adaptive_power_mean = _registered("adaptive_power_mean", _ad
 compute_policy_loss_adaptive_power_mean.__doc__ = """Power mean with p adapted per trajectory
     (clip-aware ESS matching, PMPO extended to p < 0) or scheduled over optimizer steps
     (HolderPO). Options: `AdaptivePowerMeanLossConfig`; documented defaults otherwise.
+
+    The chosen p is a constant for the gradient: the loss and its gradient are those of
+    `power_mean` at each trajectory's p, with no term through the solver (p is a setting
+    chosen from the current ratios, not part of the objective; see `hmpo_verl.adaptive`).
     """
 
 POLICY_LOSSES = {

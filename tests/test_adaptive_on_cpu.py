@@ -111,6 +111,8 @@ def _per_row_reference(old, lp, adv, mask, p_rows, eps=0.2, dual=3.0):
 
 
 def test_adaptive_ess_loss_is_the_power_mean_loss_at_the_chosen_powers():
+    """Loss and gradient are the power-mean loss at each row's chosen p held constant (the
+    documented stop-gradient on p: no term through the solver)."""
     old, lp, adv, mask = random_batch(B=8, T=40, scale=0.3, seed=31, token_adv=False)
     config = actor_config("adaptive_power_mean", ess_target_min=0.95)
     x = lp.clone().requires_grad_()
