@@ -27,7 +27,7 @@ IDS = [str(p.relative_to(RECIPES)) for p in ALL_SCRIPTS]
 RUN_IDS = [str(p.relative_to(RECIPES)) for p in RUN_SCRIPTS]
 
 # Variables the run scripts read: cleared so the caller's environment cannot leak into a test.
-SCRIPT_ENV = ("MEAN", "SIZE", "NNODES", "NGPUS_PER_NODE", "MODEL_PATH", "DATA_DIR", "TRAIN_FILES", "VAL_FILES",
+SCRIPT_ENV = ("MEAN", "SIZE", "CORRECTION", "PREFLIGHT", "NNODES", "NGPUS_PER_NODE", "MODEL_PATH", "DATA_DIR", "TRAIN_FILES", "VAL_FILES",
               "EXPERIMENT_NAME", "PYTHON", "RAY_ADDRESS", "DRY_RUN")
 
 
