@@ -171,8 +171,8 @@ def test_math_prompts_agree_with_the_template_and_the_rewards(render):
 
 
 def _dapo_aime_row(i: int, index=None) -> dict:
-    """A row of DAPO's AIME-2024 parquet: its `extra_info.index` a string (as DAPO's data ships
-    it) unless given."""
+    """A row of DAPO's AIME-2024 parquet: its `extra_info.index` a string (as reported for DAPO's
+    file; not verifiable offline) unless given."""
     return {
         "data_source": "math_dapo",
         "prompt": [{"role": "user", "content": DAPO_PREFIX + f"What is {i} + 42 - {i}?" + DAPO_SUFFIX}],
