@@ -5,8 +5,11 @@ calls would be wrong: the number of micro-batches per optimizer step may differ 
 data-parallel ranks (dynamic batch size) and between steps. Instead, a process-wide
 optimizer post-step hook (`torch.optim.optimizer.register_optimizer_step_post_hook`)
 records the step count of the optimizer that steps after the loss has run: the largest
-`state["step"]` of its parameters (Adam/AdamW keep it, and verl's checkpoints restore it,
-so a resumed run continues its schedule), or its own count of such steps otherwise.
+`state["step"]` of its parameters (torch's Adam/AdamW keep it there: FSDP), or of its
+`param_groups` (Transformer Engine's and Apex's FusedAdam keep it there: the optimizer
+Megatron-core's distributed optimizer wraps, which saves and restores it with the
+param_groups), so a resumed run continues its schedule; its own count of such steps
+otherwise.
 Optimizers that step without the loss having run (a critic in the same process) are
 ignored. Every rank takes the same optimizer steps, so every rank reads the same step.
 """
@@ -21,6 +24,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 def _optimizer_state_step(optimizer: torch.optim.Optimizer) -> Optional[int]:
     steps = [state["step"] for state in optimizer.state.values() if "step" in state]
+    # FusedAdam (TE / Apex) does not count steps of an empty group: only groups with params
+    steps += [group["step"] for group in optimizer.param_groups if "step" in group and group["params"]]
     return int(max(float(s) for s in steps)) if steps else None
 
 

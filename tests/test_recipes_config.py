@@ -56,8 +56,13 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 VERL_CONFIG_DIR = Path(verl.__file__).resolve().parent / "trainer" / "config"
 
-# Nodes that verl hands on as **kwargs, so any key is legitimate there.
-FREE_FORM_NODES = {"ray_kwargs.ray_init"}
+# Nodes that verl hands on as **kwargs, so any key is legitimate there: ray.init's, and the
+# override_transformer_config of a Megatron engine (fields of Megatron-core's TransformerConfig;
+# checked against it in tests/test_recipes_megatron.py where megatron-core is installed).
+FREE_FORM_NODES = {"ray_kwargs.ray_init"} | {
+    f"{role}.megatron.override_transformer_config"
+    for role in ("actor_rollout_ref.actor", "actor_rollout_ref.ref", "critic")
+}
 
 
 class RecipeError(AssertionError):
@@ -170,9 +175,9 @@ def compose_recipe(config_dir, name: str, overrides=()) -> DictConfig:
     return copy.deepcopy(_compose_cached(str(config_dir), name, tuple(overrides)))
 
 
-def stock_config() -> DictConfig:
-    """verl's own ppo_trainer, untouched."""
-    return compose_recipe(VERL_CONFIG_DIR, "ppo_trainer")
+def stock_config(model_engine: str = "dp") -> DictConfig:
+    """verl's own ppo_trainer with the given `model_engine` choice (dp: FSDP; megatron), untouched."""
+    return compose_recipe(VERL_CONFIG_DIR, "ppo_trainer", () if model_engine == "dp" else (f"model_engine={model_engine}",))
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,7 +190,8 @@ def _fields(target: str) -> frozenset:
 
 
 def unknown_keys(cfg: DictConfig) -> list[str]:
-    """Dotted keys of `cfg` that verl's config does not declare and no dataclass accepts."""
+    """Dotted keys of `cfg` that verl's config (with the same model_engine) does not declare and no
+    dataclass accepts."""
     bad: list[str] = []
 
     def walk(node: dict, ref: Any, path: str) -> None:
@@ -202,7 +208,8 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
                 continue  # a field of the dataclass this node instantiates: checked when built
             bad.append(dotted)
 
-    walk(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(stock_config(), resolve=False), "")
+    stock = stock_config(cfg.get("model_engine", "dp"))
+    walk(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(stock, resolve=False), "")
     return bad
 
 
@@ -304,7 +311,7 @@ def test_recipes_are_found():
     assert {"gsm8k", "math"} <= names, names
     for recipe in RECIPE_LIST:
         if recipe.name in ("gsm8k", "math"):
-            assert dict(recipe.groups).keys() == {"size", "mean"}
+            assert dict(recipe.groups).keys() == {"size", "mean", "correction"}
 
 
 def test_every_yaml_under_recipes_is_composed():
@@ -341,6 +348,19 @@ def test_every_task_fits_every_size(recipe, overrides, stub_model):
     assert longest <= arr.rollout.log_prob_max_token_len_per_gpu
     if str(arr.model.path).startswith("Qwen/Qwen2.5-Math-"):
         assert longest <= 4096, "Qwen2.5-Math's max_position_embeddings is 4096"
+
+
+@pytest.mark.parametrize("recipe,overrides", TASK_X_SIZE, ids=[_id(r, o) for r, o in TASK_X_SIZE])
+def test_forward_only_budgets_equal_the_training_budget(recipe, overrides):
+    """The old-log-prob (and a reference model's) forward passes take the training micro-batch
+    token budget, as verl's GSPO / GMPO examples set them (verl's defaults interpolate it)."""
+    cfg = compose_recipe(recipe.config_dir, recipe.name, overrides)
+    OmegaConf.resolve(cfg)
+    arr = cfg.actor_rollout_ref
+    budget = arr.actor.ppo_max_token_len_per_gpu
+    assert arr.rollout.log_prob_max_token_len_per_gpu == budget
+    assert arr.ref.log_prob_max_token_len_per_gpu == budget
+    assert arr.rollout.log_prob_use_dynamic_bsz and arr.ref.log_prob_use_dynamic_bsz
 
 
 def _flat_keys(path: Path) -> set[str]:

@@ -16,9 +16,11 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_recipes_config import RECIPES, check_recipe, stub_model  # noqa: F401 - stub_model is a fixture
 
 ALL_SCRIPTS = sorted(RECIPES.rglob("*.sh"))
@@ -27,7 +29,7 @@ IDS = [str(p.relative_to(RECIPES)) for p in ALL_SCRIPTS]
 RUN_IDS = [str(p.relative_to(RECIPES)) for p in RUN_SCRIPTS]
 
 # Variables the run scripts read: cleared so the caller's environment cannot leak into a test.
-SCRIPT_ENV = ("MEAN", "SIZE", "NNODES", "NGPUS_PER_NODE", "MODEL_PATH", "DATA_DIR", "TRAIN_FILES", "VAL_FILES",
+SCRIPT_ENV = ("MEAN", "SIZE", "CORRECTION", "PREFLIGHT", "NNODES", "NGPUS_PER_NODE", "MODEL_PATH", "DATA_DIR", "TRAIN_FILES", "VAL_FILES",
               "EXPERIMENT_NAME", "PYTHON", "RAY_ADDRESS", "DRY_RUN")
 
 
@@ -187,6 +189,7 @@ def test_ray_job_submit_when_ray_address_is_a_dashboard(script, recorder):
 @pytest.mark.parametrize("env,message", [
     (dict(MEAN="harmonc"), "no recipes/mean/harmonc.yaml; choose one of: "),
     (dict(SIZE="qwen2_5_math_3b"), "no recipes/size/qwen2_5_math_3b.yaml; choose one of: "),
+    (dict(CORRECTION="tis"), "no recipes/correction/tis.yaml; choose one of: "),
     (dict(NNODES="two"), "NNODES=two"),
     (dict(NGPUS_PER_NODE="0"), "NGPUS_PER_NODE=0"),
     (dict(MODEL_PATH="/it's/here"), "single quote"),
@@ -196,7 +199,7 @@ def test_bad_environment_fails_before_launch(env, message):
     result = _run(script, "--dry-run", **env)
     assert result.returncode == 2 and message in result.stderr and result.stdout == ""
     if "choose one of" in message:  # the message lists the files that exist
-        group = "mean" if "MEAN" in env else "size"
+        group = {"MEAN": "mean", "SIZE": "size", "CORRECTION": "correction"}[next(iter(env))]
         listed = result.stderr.rsplit("choose one of: ", 1)[1].strip().split(",")
         assert listed == sorted(p.stem for p in (RECIPES / group).glob("*.yaml"))
 
@@ -204,3 +207,112 @@ def test_bad_environment_fails_before_launch(env, message):
 def test_help():
     result = _run(RECIPES / "gsm8k" / "run.sh", "--help")
     assert result.returncode == 0 and "--dry-run" in result.stdout and "NNODES" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU install: pinned requirements, and the preflight run.sh runs before it launches
+
+PREFLIGHT = RECIPES / "lib" / "preflight.py"
+
+
+def _verl_extra_pins(extra: str) -> dict[str, str]:
+    """`name==version` requirements of verl's installed wheel for one extra (its METADATA)."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for text in metadata.requires("verl") or []:
+        req = Requirement(text)
+        if req.marker is not None and req.marker.evaluate({"extra": extra}):
+            specs = list(req.specifier)
+            if len(specs) == 1 and specs[0].operator == "==":
+                pins[req.name] = specs[0].version
+    return pins
+
+
+def _pins(name: str) -> dict[str, str | None]:
+    import importlib.util as util
+
+    spec = util.spec_from_file_location("preflight", PREFLIGHT)
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.requirements(name)
+
+
+def test_requirements_pin_what_verls_own_extras_pin():
+    import importlib.metadata as metadata
+
+    ours = _pins("fsdp")
+    vllm_extra = _verl_extra_pins("vllm")
+    assert {"torch", "vllm", "transformers"} <= vllm_extra.keys()
+    for name, version in vllm_extra.items():
+        assert ours.get(name) == version, (name, ours.get(name), version)
+    assert ours["verl"] == metadata.version("verl")  # the verl this project is tested against
+    assert ours["flash-attn"] == _verl_extra_pins("flash-attn-cu130torch211")["flash-attn"]
+    assert "TransferQueue" in ours  # verl-core's, which trainer.use_v1 imports
+    megatron = _pins("megatron")
+    for name, version in _verl_extra_pins("megatron").items():
+        if name in megatron:
+            assert megatron[name] == version, name
+    assert {"megatron-core", "megatron-bridge", "transformer-engine"} <= megatron.keys()
+
+
+def test_preflight_names_every_missing_piece_on_a_bare_python():
+    """`python -S`: no site-packages at all, so every pinned package and the plugin are missing."""
+    for engine in ("fsdp", "megatron"):
+        result = subprocess.run([sys.executable, "-S", str(PREFLIGHT), "--engine", engine, "--gpus", "8"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 3 and result.stdout == ""
+        for name in _pins(engine):
+            assert f"- {name}" in result.stderr, (name, result.stderr)
+        assert "verl.plugins entry point" in result.stderr
+
+
+def test_preflight_reports_what_this_machine_lacks():
+    """On this machine as it is (a CPU-only torch, no vLLM here): whatever is missing is named."""
+    import importlib.util as util
+
+    result = subprocess.run([sys.executable, str(PREFLIGHT), "--engine", "fsdp", "--gpus", "8"],
+                            capture_output=True, text=True, timeout=120)
+    expected = []
+    if util.find_spec("vllm") is None:
+        expected.append("- vllm==")
+    if util.find_spec("flash_attn") is None:
+        expected.append("- flash-attn==")
+    if not torch.cuda.is_available():
+        expected.append("sees no CUDA device")
+    assert all(e in result.stderr for e in expected), result.stderr
+    assert result.returncode in (0, 3) and (result.returncode == 3) == ("problem(s) on this node" in result.stderr)
+    if expected:
+        assert result.returncode == 3
+
+
+@pytest.mark.parametrize("script", GPU_RUN_SCRIPTS, ids=["gsm8k", "math"])
+def test_run_sh_stops_before_launch_when_the_preflight_fails(script, tmp_path):
+    """A `python3` that runs the preflight on a bare interpreter and records a launch if one comes."""
+    launched = tmp_path / "launched"
+    python = tmp_path / "python3"
+    python.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ]; then echo "$@" > "{launched}"; exit 0; fi\n'
+                      f'exec "{sys.executable}" -S "$@"\n')
+    python.chmod(0o755)
+    result = _run(script, PYTHON=str(python))
+    assert result.returncode == 3 and not launched.exists()
+    assert "preflight failed; nothing launched" in result.stderr and "- vllm==" in result.stderr
+    megatron = _run(script, PYTHON=str(python), SIZE="qwen3_30b_a3b_megatron")
+    assert megatron.returncode == 3 and "- megatron-core" in megatron.stderr  # the Megatron list for that size
+    assert "- megatron-core" not in result.stderr
+    skipped = _run(script, PYTHON=str(python), PREFLIGHT="0")
+    assert skipped.returncode == 0 and "verl.trainer.main_ppo" in launched.read_text()
+
+
+@pytest.mark.parametrize("env,overrides", [
+    (dict(CORRECTION="token_tis"), {"correction=token_tis"}),
+    (dict(SIZE="qwen3_30b_a3b_megatron", CORRECTION="token_mask"), {"size=qwen3_30b_a3b_megatron",
+                                                                     "correction=token_mask"}),
+])
+def test_correction_and_megatron_size_reach_the_command(env, overrides, stub_model):
+    config_dir, name, argv = parse_launch(dry_run(RECIPES / "math" / "run.sh", **env))
+    assert overrides <= set(argv)
+    assert f"trainer.experiment_name='math-{env.get('SIZE', 'qwen2_5_math_1_5b')}-harmonic-{env['CORRECTION']}'" in argv
+    check_recipe(config_dir, name, argv, model_path=stub_model)

@@ -13,10 +13,14 @@
 #   MEAN              a file stem of recipes/mean/ (harmonic): grpo arithmetic geometric_seq
 #                     geometric_token harmonic agm adaptive_ess adaptive_schedule adv_power_mean adv_agm
 #   SIZE              a file stem of recipes/size/ (qwen2_5_math_1_5b): qwen2_5_math_1_5b qwen2_5_math_7b
+#                     qwen3_30b_a3b_megatron (Megatron, MoE)
+#   CORRECTION        a file stem of recipes/correction/ (none): none token_tis token_mask
 #   NNODES            nodes (1); NGPUS_PER_NODE  GPUs per node (8)
 #   MODEL_PATH        local checkpoint dir or hub id (unset: the size file's, Qwen/Qwen2.5-Math-*)
 #   DATA_DIR          ($HOME/data); TRAIN_FILES / VAL_FILES: comma-separated parquet paths
-#   EXPERIMENT_NAME   (gsm8k-$SIZE-$MEAN); PYTHON (python3)
+#   EXPERIMENT_NAME   (gsm8k-$SIZE-$MEAN, plus -$CORRECTION unless none); PYTHON (python3)
+#   PREFLIGHT         1: check the GPU software (recipes/lib/preflight.py against
+#                     recipes/requirements-gpu*.txt) before launching; 0: skip (1)
 #   RAY_ADDRESS       http://<head>:8265 to submit to a running Ray cluster (ray job submit);
 #                     unset: run here (on a cluster's head node, verl's ray.init joins that cluster)
 set -euo pipefail
@@ -27,14 +31,16 @@ RECIPES_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 TASK=gsm8k
 MEAN=${MEAN:-harmonic}
 SIZE=${SIZE:-qwen2_5_math_1_5b}
+CORRECTION=${CORRECTION:-none}
 NNODES=${NNODES:-1}
 NGPUS_PER_NODE=${NGPUS_PER_NODE:-8}
 MODEL_PATH=${MODEL_PATH:-}
 DATA_DIR=${DATA_DIR:-$HOME/data}
 TRAIN_FILES=${TRAIN_FILES:-$DATA_DIR/gsm8k/train.parquet}
 VAL_FILES=${VAL_FILES:-$DATA_DIR/gsm8k/test.parquet}
-EXPERIMENT_NAME=${EXPERIMENT_NAME:-$TASK-$SIZE-$MEAN}
+EXPERIMENT_NAME=${EXPERIMENT_NAME:-$TASK-$SIZE-$MEAN$([[ "$CORRECTION" == none ]] || echo "-$CORRECTION")}
 PYTHON=${PYTHON:-python3}
+PREFLIGHT=${PREFLIGHT:-1}
 # ---- end user-adjustable ----
 
 # shellcheck source-path=SCRIPTDIR source=../lib/launch.sh

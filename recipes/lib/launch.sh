@@ -1,17 +1,20 @@
 # shellcheck shell=bash
 # Shared launcher of the recipes/<task>/run.sh scripts (sourced, not run). The caller sets the
 # variables of its "user-adjustable" block -- TASK, MEAN, SIZE, NNODES, NGPUS_PER_NODE,
-# MODEL_PATH, TRAIN_FILES, VAL_FILES, EXPERIMENT_NAME, PYTHON -- then calls
+# MODEL_PATH, TRAIN_FILES, VAL_FILES, EXPERIMENT_NAME, PYTHON, and optionally CORRECTION (a file
+# stem of recipes/correction/) and PREFLIGHT (1: run recipes/lib/preflight.py first) -- then calls
 # `hmpo_launch "$@"`, which builds verl's own command line,
 #
 #   python3 -m verl.trainer.main_ppo --config-path=<recipes> --config-name=<TASK> \
-#       mean=<MEAN> size=<SIZE> trainer.nnodes=... trainer.n_gpus_per_node=... \
+#       mean=<MEAN> size=<SIZE> [correction=<CORRECTION>] trainer.nnodes=... trainer.n_gpus_per_node=... \
 #       data.train_files=[...] data.val_files=[...] trainer.experiment_name=... \
 #       [actor_rollout_ref.model.path=<MODEL_PATH>] [your overrides...]
 #
 # and either prints it (--dry-run / DRY_RUN=1: one line on stdout, quoted so that a shell
 # reads it back as the same words; nothing is run)
-# or replaces the shell with it (exec). With RAY_ADDRESS=http(s)://<head>:8265 the same command
+# or replaces the shell with it (exec). With PREFLIGHT=1 (the GPU recipes' default) the software
+# check recipes/lib/preflight.py runs first, with the same $PYTHON, and a failure stops the launch
+# before Ray starts, naming every missing piece. With RAY_ADDRESS=http(s)://<head>:8265 the same command
 # is submitted to a running Ray cluster: `ray job submit --address=$RAY_ADDRESS -- <command>`.
 
 hmpo_die() {
@@ -57,6 +60,18 @@ hmpo_shell_word() {
     fi
 }
 
+# The software check of a GPU node (recipes/lib/preflight.py): the pins of recipes/requirements-gpu*.txt,
+# CUDA and NGPUS_PER_NODE visible GPUs, and hmpo-verl's verl.plugins entry point. Exits 3 naming what
+# is missing. Skipped for `ray job submit` (the job runs on the cluster's software, not this shell's).
+hmpo_preflight() {
+    local engine=fsdp
+    if grep -Eq '^[[:space:]]*-[[:space:]]*override /model_engine:[[:space:]]*megatron' "$RECIPES_DIR/size/$SIZE.yaml"; then
+        engine=megatron
+    fi
+    "$PYTHON" "$RECIPES_DIR/lib/preflight.py" --engine "$engine" --gpus "$NGPUS_PER_NODE" ||
+        { echo "$(basename -- "$0"): preflight failed; nothing launched (PREFLIGHT=0 skips the check)" >&2; exit 3; }
+}
+
 hmpo_launch() {
     local dry_run=${DRY_RUN:-0} arg overrides=() cmd=()
     for arg in "$@"; do
@@ -75,6 +90,10 @@ hmpo_launch() {
         hmpo_die "MEAN=$MEAN: no recipes/mean/$MEAN.yaml; choose one of: $(hmpo_choices mean)"
     [[ -f "$RECIPES_DIR/size/$SIZE.yaml" ]] ||
         hmpo_die "SIZE=$SIZE: no recipes/size/$SIZE.yaml; choose one of: $(hmpo_choices size)"
+    if [[ -n "${CORRECTION:-}" ]]; then
+        [[ -f "$RECIPES_DIR/correction/$CORRECTION.yaml" ]] ||
+            hmpo_die "CORRECTION=$CORRECTION: no recipes/correction/$CORRECTION.yaml; choose one of: $(hmpo_choices correction)"
+    fi
     [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NNODES=$NNODES: a positive integer, please"
     [[ "$NGPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NGPUS_PER_NODE=$NGPUS_PER_NODE: a positive integer, please"
     [[ -n "$TRAIN_FILES" && -n "$VAL_FILES" ]] || hmpo_die "TRAIN_FILES and VAL_FILES must not be empty"
@@ -82,8 +101,12 @@ hmpo_launch() {
         [[ "$arg" != *"'"* ]] || hmpo_die "a value holding a single quote is not supported: $arg"
     done
 
+    local ray_submit=
     case "${RAY_ADDRESS:-}" in
-        http://* | https://*) cmd+=(ray job submit "--address=$RAY_ADDRESS" --) ;;
+        http://* | https://*)
+            ray_submit=1
+            cmd+=(ray job submit "--address=$RAY_ADDRESS" --)
+            ;;
     esac
     cmd+=(
         "$PYTHON" -m verl.trainer.main_ppo
@@ -91,6 +114,11 @@ hmpo_launch() {
         "--config-name=$TASK"
         "mean=$MEAN"
         "size=$SIZE"
+    )
+    if [[ -n "${CORRECTION:-}" ]]; then
+        cmd+=("correction=$CORRECTION")
+    fi
+    cmd+=(
         "trainer.nnodes=$NNODES"
         "trainer.n_gpus_per_node=$NGPUS_PER_NODE"
         "data.train_files=$(hmpo_hydra_list "$TRAIN_FILES")"
@@ -109,6 +137,9 @@ hmpo_launch() {
         done
         echo "${words[*]}"
         return 0
+    fi
+    if [[ "${PREFLIGHT:-0}" == 1 && -z "${ray_submit:-}" ]]; then
+        hmpo_preflight
     fi
     exec "${cmd[@]}"
 }

@@ -6,8 +6,10 @@
 #   $DATA_DIR/math500/test.parquet           MATH-500 in the same row format and prompt, data_source
 #                                           "HuggingFaceH4/MATH-500" (verl's math reward)
 #   $DATA_DIR/aime-2024.parquet              DAPO's AIME 2024 parquet, downloaded as verl-recipe's
-#                                           dapo/prepare_dapo_data.sh does (verl's math_dapo reward)
-# Steps 2-3 are recipes/math/prepare_extra.py (tested in tests/test_recipes_data.py).
+#                                           dapo/prepare_dapo_data.sh does (to aime-2024.dapo.parquet;
+#                                           verl's math_dapo reward), rewritten in the MATH-500 file's schema
+# Steps 2-4 are recipes/math/prepare_extra.py (tested in tests/test_recipes_data.py): verl joins the
+# validation files with datasets.concatenate_datasets, which needs one schema in all of them.
 #
 # Usage: [DATA_DIR=$HOME/data] [VERL_REPO=<verl checkout> | VERL_REF=v0.9.1] bash recipes/math/prepare_data.sh
 # Needs network access to the Hugging Face hub.
@@ -27,7 +29,8 @@ mkdir -p "$DATA_DIR/math" "$DATA_DIR/math500"
 "$PYTHON" "$RECIPES_DIR/math/prepare_extra.py" levels \
     "$DATA_DIR/math/train.parquet" "$DATA_DIR/math/train_level3to5.parquet"
 "$PYTHON" "$RECIPES_DIR/math/prepare_extra.py" math500 "$DATA_DIR/math500/test.parquet"
-if [[ ! -f "$DATA_DIR/aime-2024.parquet" ]]; then
-    curl -fL --retry 3 -o "$DATA_DIR/aime-2024.parquet" "$AIME_URL"
+if [[ ! -f "$DATA_DIR/aime-2024.dapo.parquet" ]]; then
+    curl -fL --retry 3 -o "$DATA_DIR/aime-2024.dapo.parquet" "$AIME_URL"
 fi
+"$PYTHON" "$RECIPES_DIR/math/prepare_extra.py" aime "$DATA_DIR/aime-2024.dapo.parquet" "$DATA_DIR/aime-2024.parquet"
 ls -l "$DATA_DIR/math" "$DATA_DIR/math500" "$DATA_DIR/aime-2024.parquet"

@@ -1,7 +1,8 @@
-"""The two data steps of recipes/math/prepare_data.sh that verl's own scripts do not do.
+"""The data steps of recipes/math/prepare_data.sh that verl's own scripts do not do.
 
     python3 prepare_extra.py levels <math/train.parquet> <out.parquet>   # keep MATH levels 3-5
     python3 prepare_extra.py math500 <out.parquet>                       # MATH-500 in verl's format
+    python3 prepare_extra.py aime <aime-2024 (DAPO's)> <out.parquet>     # AIME 2024 in the same schema
 
 `levels` filters the output of verl's examples/data_preprocess/math_dataset.py, which keeps
 the dataset's `level` column ("Level 1" ... "Level 5"). Levels 3-5 are the question set of
@@ -11,6 +12,14 @@ Dr. GRPO's Qwen2.5-Math-7B recipe (arXiv 2503.20783).
 instruction, ground truth extracted from the solution with verl's own last_boxed_only_string /
 remove_boxed), with data_source "HuggingFaceH4/MATH-500", which verl's default reward routes to
 verl/utils/reward_score/math_reward.py.
+
+`aime` rewrites DAPO's AIME-2024 parquet (as verl-recipe's dapo/prepare_dapo_data.sh downloads it)
+row for row -- same data_source, prompt and ground truth, so verl's math_dapo reward scores it as
+before -- into the schema of the MATH-500 file. verl reads all `data.val_files` into one dataset
+with `datasets.concatenate_datasets`, which refuses files whose columns or nested keys differ in
+type (e.g. `extra_info.index` an integer in one file and a string in the other); so every
+validation file this script writes has exactly VAL_FEATURES, whatever the downloaded file holds
+(the original `extra_info.index` is kept, as a string, in `extra_info.unique_id`).
 """
 
 from __future__ import annotations
@@ -21,6 +30,27 @@ LEVELS = ("Level 3", "Level 4", "Level 5")
 MATH500_SOURCE = "HuggingFaceH4/MATH-500"
 # The instruction verl's examples/data_preprocess/math_dataset.py appends to every question.
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+def val_features():
+    """The one schema of every validation file of recipes/math (verl's row format)."""
+    from datasets import Features, List, Value
+
+    return Features({
+        "data_source": Value("string"),
+        "prompt": List({"role": Value("string"), "content": Value("string")}),
+        "ability": Value("string"),
+        "reward_model": {"style": Value("string"), "ground_truth": Value("string")},
+        "extra_info": {"split": Value("string"), "index": Value("int64"), "unique_id": Value("string")},
+    })
+
+
+def write_val(rows: list[dict], dst: str) -> int:
+    """Write validation rows with exactly val_features() (a row that does not fit fails here, by key)."""
+    import datasets
+
+    datasets.Dataset.from_list(rows, features=val_features()).to_parquet(dst)
+    return len(rows)
 
 
 def math500_row(example: dict, idx: int) -> dict:
@@ -55,8 +85,27 @@ def write_math500(dst: str, source: str = MATH500_SOURCE) -> int:
     import datasets
 
     data = datasets.load_dataset(source, split="test")
-    data.map(math500_row, with_indices=True, remove_columns=data.column_names).to_parquet(dst)
-    return len(data)
+    return write_val([math500_row(example, i) for i, example in enumerate(data)], dst)
+
+
+def aime_row(row: dict, idx: int) -> dict:
+    """One row of DAPO's AIME parquet in val_features(): its prompt, data_source and answer unchanged."""
+    extra = row.get("extra_info") or {}
+    return {
+        "data_source": str(row["data_source"]),
+        "prompt": [{"role": str(m["role"]), "content": str(m["content"])} for m in row["prompt"]],
+        "ability": str(row.get("ability") or "math"),
+        "reward_model": {"style": str(row["reward_model"].get("style") or "rule"),
+                         "ground_truth": str(row["reward_model"]["ground_truth"])},
+        "extra_info": {"split": "test", "index": idx, "unique_id": str(extra.get("index", ""))},
+    }
+
+
+def convert_aime(src: str, dst: str) -> int:
+    import datasets
+
+    data = datasets.Dataset.from_parquet(src)
+    return write_val([aime_row(row, i) for i, row in enumerate(data)], dst)
 
 
 def main(argv: list[str]) -> None:
@@ -64,6 +113,8 @@ def main(argv: list[str]) -> None:
         print(f"{keep_levels(argv[1], argv[2])} rows at {', '.join(LEVELS)} -> {argv[2]}")
     elif len(argv) == 2 and argv[0] == "math500":
         print(f"{write_math500(argv[1])} MATH-500 rows -> {argv[1]}")
+    elif len(argv) == 3 and argv[0] == "aime":
+        print(f"{convert_aime(argv[1], argv[2])} AIME rows -> {argv[2]}")
     else:
         raise SystemExit(__doc__)
 
