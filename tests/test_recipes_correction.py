@@ -137,16 +137,15 @@ def test_token_tis_weights_reach_every_mean_files_loss(mean):
     torch.testing.assert_close(double_grad, 2 * grad)
 
 
-def test_with_token_tis_arithmetic_has_vanillas_gradient():
-    """p = 1 with token IS weights: verl's vanilla weights each token's term -A r_t w_t; ours
-    weights -A s_i w_t (every token holds the sequence's mean ratio s_i), whose gradient is the
-    same, -A r_t w_t / T_i per token; the reported loss value differs (equal only without weights)."""
+def test_with_token_tis_arithmetic_equals_vanilla():
+    """p = 1 with token IS weights: each token reports its own share of s_i, which at p = 1 is its
+    clipped ratio, so ours weights -A r_t w_t per token exactly as verl's vanilla: loss and gradient."""
     actor = _mean_actor("arithmetic")
     old, weights, mask = _corrected("token_tis")
     loss, grad = _loss(actor, old, mask, weights)
     ref_loss, ref_grad = _loss(actor, old, mask, weights, loss_mode="vanilla")
+    torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(grad, ref_grad)
-    assert not torch.allclose(loss, ref_loss)
 
 
 def test_with_token_tis_geometric_seq_still_equals_gspo():
