@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MATHS = ("hmpo_verl.means", "hmpo_verl.surrogate", "hmpo_verl.adaptive", "hmpo_verl.advantages", "hmpo_verl.options")
+MATHS = ("hmpo_verl.means", "hmpo_verl.surrogate", "hmpo_verl.adaptive", "hmpo_verl.advantages", "hmpo_verl.options",
+         "hmpo_verl.aggregators")
 
 # A sitecustomize that makes `verl` (and everything under it) unimportable in the subprocess.
 VERL_BLOCKER = '''
