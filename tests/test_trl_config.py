@@ -85,6 +85,17 @@ def test_trl_specific_errors(tmp_path, kw, match):
     assert match in _error(lambda: _trl(tmp_path, **kw))
 
 
+def test_the_installed_trl_is_the_pinned_one():
+    """The adapter follows TRL 1.16's _compute_loss; the extra pins the version these tests check."""
+    import tomllib
+    from pathlib import Path
+
+    import trl
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["trl"] == [f"trl=={trl.__version__}"]
+
+
 def test_log_space_allows_epsilon_above_one_and_defaults(tmp_path):
     args = _trl(tmp_path, clip_space="log", epsilon=1.5, power=-math.inf)
     assert args.power == -math.inf and args.epsilon == 1.5
