@@ -288,12 +288,12 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
                 mask=mask, off_policy_threshold=self.off_policy_mask_threshold,
             )
         per_token_kl = None
-        if self.beta != 0.0:
-            ref = inputs["ref_per_token_logps"]
-            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+        if self.beta != 0.0:  # TRL's k3 estimator; masked positions (any value) give 0 and no gradient
+            in_mask = mask.to(torch.bool)
+            ref_minus_logp = torch.where(in_mask, inputs["ref_per_token_logps"] - per_token_logps, 0.0)
+            per_token_kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
             if args.use_bias_correction_kl:
-                per_token_kl = per_token_kl * torch.exp(per_token_logps - old)
-            per_token_kl = torch.where(mask.to(torch.bool), per_token_kl, 0.0)
+                per_token_kl = per_token_kl * torch.exp(torch.where(in_mask, per_token_logps - old, 0.0))
             per_token_loss = per_token_loss + self.beta * per_token_kl
         loss = normalise(per_token_loss, mask, args.loss_type, self, inputs, mode)
         return loss, per_token_kl, log_ratio, terms, aggregate
@@ -305,7 +305,7 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
         maskf = mask.to(entropies.dtype)
 
         def token_mean(x):
-            totals = reduce(torch.stack([(x * maskf).sum(), maskf.sum()]), reduction="sum")
+            totals = reduce(torch.stack([torch.where(mask.bool(), x, 0.0).sum(), maskf.sum()]), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
         rows = terms.n_valid > 0

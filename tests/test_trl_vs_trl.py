@@ -12,6 +12,7 @@ Where the two differ by design (token-level vLLM IS ratios), the test pins the d
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -203,3 +204,31 @@ def test_kl_bias_correction_uses_the_token_ratio_at_sequence_clip_too(tmp_path):
     torch.testing.assert_close(ours[0], trl_token[0], rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(ours[1], trl_token[1], rtol=1e-10, atol=1e-14)
     assert not torch.allclose(ours[1], trl_sequence[1])
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_masked_positions_may_hold_anything(tmp_path, level):
+    """NaN / inf off the mask change nothing (TRL itself would turn them into NaN losses)."""
+    args = _args(tmp_path, power=-1.0, clip_level=level, beta=0.05, off_policy_mask_threshold=0.1, loss_type="dapo")
+    finite = _loss_and_grad(PowerMeanGRPOTrainer._compute_loss, args, "token")
+    base, entropies, inputs = _inputs()
+    off = ~inputs["completion_mask"].bool()
+    poison = torch.tensor([math.nan, math.inf, -math.inf]).repeat(B * T)[: B * T].view(B, T).double()
+    extra = {key: torch.where(off, poison, inputs[key])
+             for key in ("old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps")}
+    logps = torch.where(off, poison, base).requires_grad_(True)
+    stub = _stub(args, logps, torch.where(off, poison, entropies), "token")
+    loss = PowerMeanGRPOTrainer._compute_loss(stub, None, {**inputs, **extra})
+    (grad,) = torch.autograd.grad(loss, logps)
+    torch.testing.assert_close(loss.detach(), finite[0], **TIGHT)
+    torch.testing.assert_close(grad, finite[1], **TIGHT)
+    assert all(math.isfinite(v[0]) for v in stub._metrics["train"].values())
+
+
+def test_a_non_finite_value_on_the_mask_is_an_error(tmp_path):
+    args = _args(tmp_path)
+    base, entropies, inputs = _inputs()
+    inputs["advantages"][0] = math.nan
+    stub = _stub(args, base.clone().requires_grad_(True), entropies, "token")
+    with pytest.raises(ValueError, match="advantages has non-finite values at valid"):
+        PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)
