@@ -2,14 +2,17 @@
 any real p, AGM) for verl, and for TRL (`hmpo_verl.trl`).
 
 Importing the package imports neither verl nor torch: the maths (`hmpo_verl.means`,
-`surrogate`, `adaptive`, `advantages`, `options`) is pure torch and works without verl.
-verl registers the losses by itself in every process, through the `verl.plugins` entry
-point `hmpo_verl.verl_plugin`. The verl config classes used as Hydra `_target_`s
-(`hmpo_verl.PowerMeanLossConfig`, ...) and the means are attributes of the package,
-imported on first access (PEP 562), so naming them imports verl only when they are used.
+`surrogate`, `aggregators`, `adaptive`, `advantages`, `options`) is pure torch and works
+without verl. verl registers the losses by itself in every process, through the
+`verl.plugins` entry point `hmpo_verl.verl_plugin`; importing the package in a process
+that has imported verl registers too (so do installs whose entry point still names the
+package). The verl config classes used as Hydra `_target_`s (`hmpo_verl.PowerMeanLossConfig`,
+...) and the means are attributes of the package, imported on first access (PEP 562), so
+naming them imports verl only when they are used.
 """
 
 import importlib as _importlib
+import sys as _sys
 
 _LAZY = {
     "PowerMeanLossConfig": "hmpo_verl.config",
@@ -37,3 +40,7 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
+
+
+if "verl" in _sys.modules:  # verl is imported (or importing) in this process: register, as verl's plugin does
+    _importlib.import_module("hmpo_verl.verl_plugin")

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -69,14 +68,6 @@ def test_maths_imports_where_verl_cannot(tmp_path):
     assert "config needs verl" in out
 
 
-def test_installed_entry_point_is_the_plugin_module():
-    """An install made before the entry point moved would load the package, which registers nothing."""
-    names = {ep.name: ep.value for ep in entry_points(group="verl.plugins")}
-    assert names.get("hmpo_verl") == "hmpo_verl.verl_plugin", (
-        f"installed verl.plugins entry point is {names.get('hmpo_verl')!r}; reinstall: pip install --no-deps -e {REPO_ROOT}"
-    )
-
-
 def test_import_verl_registers_every_loss_and_estimator_on_core_algos():
     result = _python(
         """
@@ -105,19 +96,31 @@ def test_import_verl_registers_every_loss_and_estimator_on_core_algos():
     assert result.stdout.strip().endswith("OK")
 
 
-def test_plugin_imported_after_core_algos_registers_at_once():
+def test_imported_after_core_algos_the_plugin_or_the_package_registers_at_once():
+    """Where verl's plugin loading is off, or an older install's entry point names the package itself."""
     result = _python(
         """
+        import importlib, sys
         from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
-        for name in ("hmpo", "power_mean", "agm", "adaptive_power_mean"):
-            POLICY_LOSS_REGISTRY.pop(name, None)
-        import importlib, hmpo_verl.verl_plugin
-        importlib.reload(hmpo_verl.verl_plugin)
-        print(sorted(n for n in POLICY_LOSS_REGISTRY if n in ("hmpo", "power_mean", "agm", "adaptive_power_mean")))
+        OURS = ("hmpo", "power_mean", "agm", "adaptive_power_mean")
+
+        def unregister():
+            for name in OURS:
+                POLICY_LOSS_REGISTRY.pop(name, None)
+            for name in [m for m in sys.modules if m.startswith("hmpo_verl")]:
+                del sys.modules[name]
+
+        unregister()
+        import hmpo_verl.verl_plugin
+        print("plugin:", sorted(n for n in POLICY_LOSS_REGISTRY if n in OURS))
+        unregister()
+        import hmpo_verl
+        print("package:", sorted(n for n in POLICY_LOSS_REGISTRY if n in OURS))
         """
     )
     assert result.returncode == 0, result.stderr
-    assert "['adaptive_power_mean', 'agm', 'hmpo', 'power_mean']" in result.stdout
+    assert "plugin: ['adaptive_power_mean', 'agm', 'hmpo', 'power_mean']" in result.stdout
+    assert "package: ['adaptive_power_mean', 'agm', 'hmpo', 'power_mean']" in result.stdout
 
 
 def test_failed_registration_at_plugin_load_is_logged_at_error():
