@@ -3,8 +3,9 @@
 TRL's `loss_type` is a closed set; the supported way to add a loss is a `GRPOTrainer`
 subclass overriding `_compute_loss`, as TRL's own `trl/experimental/gmpo/gmpo_trainer.py`
 does. Only the loss changes: generation, rewards, advantages, reference model, vLLM and
-logging are TRL's. Needs `pip install hmpo-verl[trl]` (tested with TRL 1.16.0); verl is
-not imported.
+logging are TRL's. Needs `pip install hmpo-verl[trl]` (TRL 1.12.0, the newest that verl 0.9.1
+tolerates in the same environment; tested on 1.12.0 and 1.16.0, whose `_compute_loss` is
+identical); verl is not imported.
 
     from hmpo_verl.trl import PowerMeanGRPOConfig, PowerMeanGRPOTrainer
 
@@ -14,7 +15,7 @@ not imported.
 
 The loss per token is the surrogate of `hmpo_verl.surrogate` (the same code as the verl
 losses): -A_i * clip(s_i) with s_i the power mean (or AGM) of the token ratios, and an
-exact gradient for every normalisation. TRL's contract (TRL 1.16 `_compute_loss`):
+exact gradient for every normalisation. TRL's contract (`_compute_loss` of TRL 1.12-1.16):
   * mask = completion_mask (x tool_mask when present); with `top_entropy_quantile < 1`
     the low-entropy tokens also leave the mean (as TRL's GMPO trainer does), while the
     normaliser still counts them (as TRL's loss types do);

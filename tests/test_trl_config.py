@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -86,7 +89,7 @@ def test_trl_specific_errors(tmp_path, kw, match):
 
 
 def test_the_installed_trl_is_the_pinned_one():
-    """The adapter follows TRL 1.16's _compute_loss; the extra pins the version these tests check."""
+    """The extra pins the version these tests check (its _compute_loss is TRL 1.16's, comment aside)."""
     import tomllib
     from pathlib import Path
 
@@ -94,6 +97,24 @@ def test_the_installed_trl_is_the_pinned_one():
 
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert project["optional-dependencies"]["trl"] == [f"trl=={trl.__version__}"]
+
+
+def test_the_installed_trl_lets_verl_start_its_actor():
+    """verl 0.9.1 imports TRL's value-head model whenever TRL is installed, while it patches the actor
+    model (apply_monkey_patch); TRL >= 1.13 no longer has it and the actor fails to start."""
+    pytest.importorskip("verl")
+    code = textwrap.dedent(
+        """
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from verl.models.transformers.monkey_patch import apply_monkey_patch
+        config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+        apply_monkey_patch(Qwen2ForCausalLM(config), use_remove_padding=False)
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
 
 
 def test_log_space_allows_epsilon_above_one_and_defaults(tmp_path):
