@@ -155,9 +155,8 @@ def check_pm_options(args) -> None:
         )
     check_choice(PREFIX, "loss_type", args.loss_type, LOSS_TYPES)
     check_choice(PREFIX, "importance_sampling_level", args.importance_sampling_level, ("token",))
-    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    check_clip_bounds(args.epsilon, eps_high, args.clip_space, (f"{PREFIX}.epsilon", f"{PREFIX}.epsilon_high"),
-                      args.delta, f"{PREFIX}.delta")
+    check_clip_bounds(args.epsilon, _epsilon_high(args), args.clip_space,
+                      (f"{PREFIX}.epsilon", f"{PREFIX}.epsilon_high"), args.delta, f"{PREFIX}.delta")
     if args.delta is not None and args.clip_level != "token":
         raise ValueError(f"{PREFIX}.delta={args.delta!r} is invalid with clip_level='sequence'; allowed: None "
                          "(delta is the token-level dual clip)")
@@ -167,10 +166,14 @@ def check_pm_options(args) -> None:
                          "has no entropy bonus)")
 
 
+def _epsilon_high(args) -> float:
+    """TRL's upper epsilon: epsilon_high, defaulting to epsilon."""
+    return args.epsilon if args.epsilon_high is None else args.epsilon_high
+
+
 def trust_region(args) -> TrustRegion:
     """Clip bounds from TRL's epsilon / epsilon_high / delta and our clip level and space."""
-    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    return TrustRegion.from_eps(args.clip_level, args.clip_space, args.epsilon, eps_high, args.delta)
+    return TrustRegion.from_eps(args.clip_level, args.clip_space, args.epsilon, _epsilon_high(args), args.delta)
 
 
 def make_aggregator(args, step: int, advantages: torch.Tensor, mask: torch.Tensor):
@@ -185,7 +188,7 @@ def make_aggregator(args, step: int, advantages: torch.Tensor, mask: torch.Tenso
 
 
 def normalise(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, trainer, inputs, mode: str):
-    """TRL 1.16's aggregation of a per-token loss `(B, T)` for `loss_type` (incl. gradient accumulation)."""
+    """TRL's aggregation (1.12-1.16) of a per-token loss `(B, T)` for `loss_type`, incl. gradient accumulation."""
     accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
     masked = per_token_loss * mask
     if loss_type == "grpo":

@@ -43,7 +43,8 @@ CASES = [
 def _verl_loss(loss_mode, fields, logps, inputs, agg):
     options = AdaptivePowerMeanLossConfig if loss_mode == "adaptive_power_mean" else PowerMeanLossConfig
     config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_low=EPS_LOW,
-                         clip_ratio_high=EPS_HIGH, clip_ratio_c=DUAL, policy_loss=options(loss_mode=loss_mode, **fields))
+                         clip_ratio_high=EPS_HIGH, clip_ratio_c=DUAL,
+                         policy_loss=options(loss_mode=loss_mode, **fields))
     mask = inputs["completion_mask"].bool()
     config.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=B,
                                     loss_scale_factor=None)

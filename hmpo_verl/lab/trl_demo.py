@@ -65,7 +65,8 @@ def build_trainer(paths: TinyTaskPaths, output_dir: str | os.PathLike, max_steps
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--power", type=float, default=-1.0, help="p of the power mean (-1 HMPO, 0 geometric, 1 arithmetic)")
+    parser.add_argument("--power", type=float, default=-1.0,
+                        help="p of the power mean (-1 HMPO, 0 geometric, 1 arithmetic)")
     parser.add_argument("--mean", choices=["power", "agm"], default="power")
     parser.add_argument("--clip-level", choices=["token", "sequence"], default="token")
     parser.add_argument("--epsilon", type=float, default=0.2)
