@@ -18,7 +18,9 @@ losses): -A_i * clip(s_i) with s_i the power mean (or AGM) of the token ratios, 
 exact gradient for every normalisation. TRL's contract (`_compute_loss` of TRL 1.12-1.16):
   * mask = completion_mask (x tool_mask when present); with `top_entropy_quantile < 1`
     the low-entropy tokens also leave the mean (as TRL's GMPO trainer does), while the
-    normaliser still counts them (as TRL's loss types do);
+    normaliser still counts them (as TRL's loss types do). At power=1 / token clip that is
+    exactly TRL's loss (tested); at clip_level="sequence" TRL keeps them in its sequence
+    ratio and only drops their loss terms, so the two differ there (not pinned by a test);
   * old log-probs = `old_per_token_logps`, or the detached current ones when TRL skipped
     them (num_iterations == 1, on-policy);
   * with vLLM and `vllm_importance_sampling_correction`, TRL's `importance_sampling_ratio`
