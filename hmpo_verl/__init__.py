@@ -1,44 +1,46 @@
 """hmpo-verl: the power-mean family of policy optimization (HMPO, geometric, arithmetic,
-any real p, AGM) as a verl plugin.
+any real p, AGM) for verl, and for TRL (`hmpo_verl.trl`).
 
-Importing the package registers its losses with verl. verl itself imports it in every
-process that imports verl, through the `verl.plugins` entry point -- but verl logs a
-failing plugin import only at DEBUG level, so a broken install would surface much later
-as "Unsupported loss mode". A failure here is therefore logged at ERROR (stderr) before
-it is re-raised.
+Importing the package imports neither verl nor torch: the maths (`hmpo_verl.means`,
+`surrogate`, `aggregators`, `adaptive`, `advantages`, `options`) is pure torch and works
+without verl. verl registers the losses by itself in every process, through the
+`verl.plugins` entry point `hmpo_verl.verl_plugin`; importing the package in a process
+that has imported verl registers too (so do installs whose entry point still names the
+package). The verl config classes used as Hydra `_target_`s (`hmpo_verl.PowerMeanLossConfig`,
+...) and the means are attributes of the package, imported on first access (PEP 562), so
+naming them imports verl only when they are used.
 """
 
-import logging as _logging
-import traceback as _traceback
+import importlib as _importlib
+import sys as _sys
 
-try:
-    from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanAlgoConfig, PowerMeanLossConfig
-    from hmpo_verl.means import (
-        effective_sample_size,
-        log_agm,
-        log_power_mean,
-        power_mean,
-        power_mean_weights,
-    )
-    from hmpo_verl.registry import register
+_LAZY = {
+    "PowerMeanLossConfig": "hmpo_verl.config",
+    "AdaptivePowerMeanLossConfig": "hmpo_verl.config",
+    "PowerMeanAlgoConfig": "hmpo_verl.config",
+    "register": "hmpo_verl.registry",
+    "effective_sample_size": "hmpo_verl.means",
+    "log_agm": "hmpo_verl.means",
+    "log_power_mean": "hmpo_verl.means",
+    "power_mean": "hmpo_verl.means",
+    "power_mean_weights": "hmpo_verl.means",
+}
 
-    register()
-except Exception:  # noqa: BLE001 - report loudly whatever broke, then re-raise
-    _logging.getLogger("hmpo_verl").error(
-        "hmpo_verl failed to register with verl; its losses (hmpo, power_mean, agm, adaptive_power_mean) "
-        "and advantage estimators (power_mean, agm) will be unavailable:\n%s",
-        _traceback.format_exc(),
-    )
-    raise
+__all__ = sorted(_LAZY)
 
-__all__ = [
-    "AdaptivePowerMeanLossConfig",
-    "PowerMeanAlgoConfig",
-    "PowerMeanLossConfig",
-    "effective_sample_size",
-    "log_agm",
-    "log_power_mean",
-    "power_mean",
-    "power_mean_weights",
-    "register",
-]
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hmpo_verl' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if "verl" in _sys.modules:  # verl is imported (or importing) in this process: register, as verl's plugin does
+    _importlib.import_module("hmpo_verl.verl_plugin")

@@ -21,40 +21,16 @@ DictConfig or verl's plain classes get the same defaults and the same errors.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from verl.trainer.config import AlgoConfig
 from verl.workers.config import PolicyLossConfig
 
-HMPO_POWER = -1.0
+from hmpo_verl.options import HMPO_POWER, check_adaptive_options, check_advantage_options, check_mean_options
+
 LOSS_PREFIX = "actor_rollout_ref.actor.policy_loss"
 ALGO_PREFIX = "algorithm"
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_choice(prefix: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {', '.join(map(str, allowed))}")
-
-
-def _check_real(prefix: str, name: str, value: Any, allow_inf: bool = False, low=None, high=None, what="") -> None:
-    ok = _is_real(value) and not math.isnan(value) and (allow_inf or math.isfinite(value))
-    ok = ok and (low is None or value >= low) and (high is None or value <= high)
-    if not ok:
-        allowed = what or ("a real number" + (", or inf / -inf" if allow_inf else ""))
-        raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {allowed}")
-
-
-def _check_int(prefix: str, name: str, value: Any, low: int, optional: bool = False, what: str = "") -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {what or f'an integer >= {low}'}")
 
 
 @dataclass
@@ -84,16 +60,12 @@ class PowerMeanLossConfig(PolicyLossConfig):
     agm_iters: Optional[int] = None
 
     def __post_init__(self):
-        _check_real(LOSS_PREFIX, "power", self.power, allow_inf=True)
+        check_mean_options(LOSS_PREFIX, self.power, self.clip_level, self.clip_space, self.agm_iters)
         if self.loss_mode == "hmpo" and self.power != HMPO_POWER:
             raise ValueError(
                 f"{LOSS_PREFIX}.power={self.power!r} conflicts with loss_mode='hmpo', which is the harmonic mean "
                 f"(power=-1); use loss_mode='power_mean' for another power"
             )
-        _check_choice(LOSS_PREFIX, "clip_level", self.clip_level, ("token", "sequence"))
-        _check_choice(LOSS_PREFIX, "clip_space", self.clip_space, ("ratio", "log"))
-        _check_int(LOSS_PREFIX, "agm_iters", self.agm_iters, 0, optional=True,
-                   what="null (exact limit sqrt(A*H)) or an integer >= 0")
 
 
 @dataclass
@@ -132,22 +104,10 @@ class AdaptivePowerMeanLossConfig(PowerMeanLossConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_choice(LOSS_PREFIX, "adapt", self.adapt, ("ess", "schedule"))
-        _check_real(LOSS_PREFIX, "p_min", self.p_min, high=0.0, what="a finite number <= 0")
-        _check_real(LOSS_PREFIX, "p_max", self.p_max, low=0.0, what="a finite number >= 0")
-        _check_choice(LOSS_PREFIX, "sign_rule", self.sign_rule, ("advantage", "negative", "positive"))
-        _check_real(LOSS_PREFIX, "ess_target_min", self.ess_target_min, what="a number in (0, 1]")
-        if not 0.0 < self.ess_target_min <= 1.0:
-            raise ValueError(f"{LOSS_PREFIX}.ess_target_min={self.ess_target_min!r} is invalid; allowed: (0, 1]")
-        _check_choice(LOSS_PREFIX, "schedule", self.schedule, ("linear", "cosine"))
-        _check_real(LOSS_PREFIX, "p_start", self.p_start)
-        _check_real(LOSS_PREFIX, "p_end", self.p_end)
-        _check_int(LOSS_PREFIX, "schedule_steps", self.schedule_steps, 1)
-        if self.adapt == "ess" and self.clip_level != "token":
-            raise ValueError(
-                f"{LOSS_PREFIX}.clip_level={self.clip_level!r} is invalid with adapt='ess', which adapts p to each "
-                "trajectory's token clip fraction; allowed: token (or use adapt='schedule')"
-            )
+        check_adaptive_options(
+            LOSS_PREFIX, self.adapt, self.p_min, self.p_max, self.sign_rule, self.ess_target_min, self.schedule,
+            self.p_start, self.p_end, self.schedule_steps, self.clip_level,
+        )
 
 
 @dataclass
@@ -169,9 +129,7 @@ class PowerMeanAlgoConfig(AlgoConfig):
     norm_adv_by_std: bool = False
 
     def __post_init__(self):
-        _check_real(ALGO_PREFIX, "risk_beta", self.risk_beta, what="a finite real number")
-        if not isinstance(self.norm_adv_by_std, bool):
-            raise ValueError(f"{ALGO_PREFIX}.norm_adv_by_std={self.norm_adv_by_std!r} is invalid; allowed: true, false")
+        check_advantage_options(ALGO_PREFIX, self.risk_beta, self.norm_adv_by_std)
 
 
 # loss_mode -> options class; hmpo fixes the power.

@@ -26,9 +26,10 @@ from typing import Any, Optional
 import torch
 from verl.trainer.ppo.core_algos import agg_loss
 
-from hmpo_verl.adaptive import ess_search_bound, ess_target_fraction, scheduled_power, solve_power_for_ess
+from hmpo_verl.adaptive import scheduled_power
+from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
 from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
-from hmpo_verl.means import log_agm_and_weights, log_arithmetic_harmonic_gap, log_mean_and_weights
+from hmpo_verl.means import log_arithmetic_harmonic_gap
 from hmpo_verl.steps import STEP_COUNTER
 from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
@@ -55,51 +56,6 @@ def _trust_region(config: Any, options: PowerMeanLossConfig) -> TrustRegion:
         if not dual > 1.0:
             raise ValueError(f"actor clip_ratio_c={dual} is invalid; allowed: a number > 1 (dual-clip PPO)")
     return TrustRegion.from_eps(options.clip_level, space, eps_low, eps_high, dual)
-
-
-class PowerAggregator:
-    """s_i = M_p over each trajectory's tokens; `power` (B,) is the p each row used."""
-
-    def __init__(self, power: float):
-        self.p = power
-        self.power: Optional[torch.Tensor] = None
-
-    def __call__(self, delta, valid, clipped):
-        self.power = torch.full(delta.shape[:1], float(self.p), device=delta.device)
-        return log_mean_and_weights(delta, self.p, valid)
-
-
-class ESSMatchingAggregator(PowerAggregator):
-    """Per trajectory, p such that ESS_p / T matches target(clip fraction) (adaptive.py).
-
-    p is chosen without autograd and enters the weights as a constant (stop-gradient on p).
-    """
-
-    def __init__(self, options: AdaptivePowerMeanLossConfig, advantages: torch.Tensor, response_mask: torch.Tensor):
-        super().__init__(0.0)
-        self.options = options
-        valid = response_mask.to(torch.bool)
-        self.row_sign = torch.sign(torch.where(valid, advantages.detach(), 0.0).sum(-1))
-        self.target: Optional[torch.Tensor] = None
-
-    def __call__(self, delta, valid, clipped):
-        n = valid.sum(-1).clamp(min=1)
-        self.target = ess_target_fraction(clipped.sum(-1).to(delta.dtype) / n, self.options.ess_target_min)
-        bound = ess_search_bound(self.row_sign, self.options.sign_rule, self.options.p_min, self.options.p_max)
-        self.power = solve_power_for_ess(delta, valid, self.target, bound)
-        return log_mean_and_weights(delta, self.power, valid)
-
-
-class AGMAggregator:
-    """s_i = arithmetic-harmonic mean (exact limit or k steps)."""
-
-    power = None
-
-    def __init__(self, iters: Optional[int]):
-        self.iters = iters
-
-    def __call__(self, delta, valid, clipped):
-        return log_agm_and_weights(delta, valid, self.iters)
 
 
 def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -186,7 +186,7 @@ MICRO_BATCHES = {0: 1, 1: 3}  # different number of micro-batches per optimizer 
 def _schedule_worker(rank, world, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    import hmpo_verl  # noqa: F401
+    import hmpo_verl.verl_plugin  # noqa: F401  (registers, as verl's plugin loading does)
 
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 1, dtype=torch.float64)

@@ -62,7 +62,7 @@ def test_micro_batch_split_does_not_change_the_gradient(loss_mode, fields, agg):
 def _dp_worker(rank, world, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    import hmpo_verl  # noqa: F401  (registers, as verl's plugin loading does in workers)
+    import hmpo_verl.verl_plugin  # noqa: F401  (registers, as verl's plugin loading does in workers)
 
     old, adv, mask, feats = _model_inputs()
     theta0 = torch.randn(D, dtype=torch.float64, generator=torch.Generator().manual_seed(9))

@@ -27,7 +27,7 @@ import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.workers.config import ActorConfig, PolicyLossConfig
 
-import hmpo_verl  # noqa: F401  (registers the losses)
+import hmpo_verl.verl_plugin  # noqa: F401  (registers the losses)
 from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig
 
 

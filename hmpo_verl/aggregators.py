@@ -1,0 +1,66 @@
+"""Sequence-ratio aggregators: token log-ratios -> (log s_i, weights), for `surrogate_terms`
+(pure torch, no verl import; shared by the verl losses and the TRL trainer).
+
+Each aggregator is called as `aggregate(delta, valid, clipped)` with the (possibly
+clipped) token log-ratios delta `(B, T)`, the valid-token mask `(B, T)` bool and, at token
+clip level, the tokens whose clip is active `(B, T)` bool (None at sequence level). It
+returns log s `(B,)` and the weights w_t = d log s_i / d delta_t `(B, T)`, and records the
+p each row used in `power` `(B,)` (None for the AGM), for the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from hmpo_verl.adaptive import ess_search_bound, ess_target_fraction, solve_power_for_ess
+from hmpo_verl.means import log_agm_and_weights, log_mean_and_weights
+
+
+class PowerAggregator:
+    """s_i = M_p over each trajectory's tokens; `power` (B,) is the p each row used."""
+
+    def __init__(self, power: float):
+        self.p = power
+        self.power: Optional[torch.Tensor] = None
+
+    def __call__(self, delta, valid, clipped):
+        self.power = torch.full(delta.shape[:1], float(self.p), device=delta.device)
+        return log_mean_and_weights(delta, self.p, valid)
+
+
+class ESSMatchingAggregator(PowerAggregator):
+    """Per trajectory, p such that ESS_p / T matches target(clip fraction) (adaptive.py).
+
+    `options`: anything with `ess_target_min`, `sign_rule`, `p_min`, `p_max` (verl's
+    `AdaptivePowerMeanLossConfig`, TRL's `PowerMeanGRPOConfig`); `advantages` and
+    `response_mask` `(B, T)` give each row's advantage sign. p is chosen without autograd
+    and enters the weights as a constant (stop-gradient on p; see adaptive.py for why).
+    """
+
+    def __init__(self, options, advantages: torch.Tensor, response_mask: torch.Tensor):
+        super().__init__(0.0)
+        self.options = options
+        valid = response_mask.to(torch.bool)
+        self.row_sign = torch.sign(torch.where(valid, advantages.detach(), 0.0).sum(-1))
+        self.target: Optional[torch.Tensor] = None
+
+    def __call__(self, delta, valid, clipped):
+        n = valid.sum(-1).clamp(min=1)
+        self.target = ess_target_fraction(clipped.sum(-1).to(delta.dtype) / n, self.options.ess_target_min)
+        bound = ess_search_bound(self.row_sign, self.options.sign_rule, self.options.p_min, self.options.p_max)
+        self.power = solve_power_for_ess(delta, valid, self.target, bound)
+        return log_mean_and_weights(delta, self.power, valid)
+
+
+class AGMAggregator:
+    """s_i = arithmetic-harmonic mean (exact limit or k steps)."""
+
+    power = None
+
+    def __init__(self, iters: Optional[int]):
+        self.iters = iters
+
+    def __call__(self, delta, valid, clipped):
+        return log_agm_and_weights(delta, valid, self.iters)

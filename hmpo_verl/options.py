@@ -1,0 +1,114 @@
+"""Validation of the power-mean options, shared by every host (pure Python, no verl import).
+
+The verl configs (`hmpo_verl.config`) and the TRL config (`hmpo_verl.trl`) hold the same
+options under the same field names; both validate them here, so a bad value raises the
+same error in either host:
+
+    ValueError: <prefix>.<field>=<value> is invalid; allowed: <allowed values>
+
+`prefix` names where the user set the field (verl: "actor_rollout_ref.actor.policy_loss"
+or "algorithm"; TRL: "PowerMeanGRPOConfig").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+HMPO_POWER = -1.0
+CLIP_LEVELS = ("token", "sequence")
+CLIP_SPACES = ("ratio", "log")
+ADAPT_RULES = ("ess", "schedule")
+SIGN_RULES = ("advantage", "negative", "positive")
+SCHEDULES = ("linear", "cosine")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_choice(prefix: str, name: str, value: Any, allowed: tuple) -> None:
+    """Raise unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {', '.join(map(str, allowed))}")
+
+
+def check_real(prefix: str, name: str, value: Any, allow_inf: bool = False, low=None, high=None, what="") -> None:
+    """Raise unless `value` is a real number (not NaN; finite unless `allow_inf`) in [low, high]."""
+    ok = _is_real(value) and not math.isnan(value) and (allow_inf or math.isfinite(value))
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        allowed = what or ("a real number" + (", or inf / -inf" if allow_inf else ""))
+        raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def check_int(prefix: str, name: str, value: Any, low: int, optional: bool = False, what: str = "") -> None:
+    """Raise unless `value` is an int >= low (or None when `optional`)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {what or f'an integer >= {low}'}")
+
+
+def check_mean_options(prefix: str, power: Any, clip_level: Any, clip_space: Any, agm_iters: Any) -> None:
+    """Options of every power-mean / AGM loss: power (any real, +-inf), clip level and space, AGM steps."""
+    check_real(prefix, "power", power, allow_inf=True)
+    check_choice(prefix, "clip_level", clip_level, CLIP_LEVELS)
+    check_choice(prefix, "clip_space", clip_space, CLIP_SPACES)
+    check_int(prefix, "agm_iters", agm_iters, 0, optional=True, what="null (exact limit sqrt(A*H)) or an integer >= 0")
+
+
+def check_adaptive_options(
+    prefix: str,
+    adapt: Any,
+    p_min: Any,
+    p_max: Any,
+    sign_rule: Any,
+    ess_target_min: Any,
+    schedule: Any,
+    p_start: Any,
+    p_end: Any,
+    schedule_steps: Any,
+    clip_level: Any,
+) -> None:
+    """Options of adaptive p (ESS matching per trajectory, or a schedule over optimizer steps)."""
+    check_choice(prefix, "adapt", adapt, ADAPT_RULES)
+    check_real(prefix, "p_min", p_min, high=0.0, what="a finite number <= 0")
+    check_real(prefix, "p_max", p_max, low=0.0, what="a finite number >= 0")
+    check_choice(prefix, "sign_rule", sign_rule, SIGN_RULES)
+    check_real(prefix, "ess_target_min", ess_target_min, what="a number in (0, 1]")
+    if not 0.0 < ess_target_min <= 1.0:
+        raise ValueError(f"{prefix}.ess_target_min={ess_target_min!r} is invalid; allowed: (0, 1]")
+    check_choice(prefix, "schedule", schedule, SCHEDULES)
+    check_real(prefix, "p_start", p_start)
+    check_real(prefix, "p_end", p_end)
+    check_int(prefix, "schedule_steps", schedule_steps, 1)
+    if adapt == "ess" and clip_level != "token":
+        raise ValueError(
+            f"{prefix}.clip_level={clip_level!r} is invalid with adapt='ess', which adapts p to each "
+            "trajectory's token clip fraction; allowed: token (or use adapt='schedule')"
+        )
+
+
+def check_advantage_options(prefix: str, risk_beta: Any, norm_adv_by_std: Any) -> None:
+    """Options of the power-mean / AGM group advantages."""
+    check_real(prefix, "risk_beta", risk_beta, what="a finite real number")
+    if not isinstance(norm_adv_by_std, bool):
+        raise ValueError(f"{prefix}.norm_adv_by_std={norm_adv_by_std!r} is invalid; allowed: true, false")
+
+
+def check_clip_bounds(
+    eps_low: float, eps_high: float, clip_space: str, names: tuple[str, str], dual: Optional[float] = None,
+    dual_name: str = "",
+) -> None:
+    """PPO-style clip epsilons (and an optional dual-clip cap) valid for `clip_space`.
+
+    `names` / `dual_name`: the host's field names, for the message.
+    """
+    if not (eps_high >= 0 and eps_low >= 0 and (clip_space != "ratio" or eps_low <= 1)):
+        raise ValueError(
+            f"{names[0]}={eps_low}, {names[1]}={eps_high} are invalid for clip_space={clip_space!r}; allowed: "
+            f"{names[1]} >= 0 and 0 <= {names[0]}" + (" <= 1" if clip_space == "ratio" else "")
+        )
+    if dual is not None and not dual > 1.0:
+        raise ValueError(f"{dual_name}={dual} is invalid; allowed: a number > 1 (dual-clip PPO)")

@@ -1,0 +1,137 @@
+"""PowerMeanGRPOConfig validates our options with the verl configs' errors, and TRL's own options we rely on."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("trl")
+
+from hmpo_verl.config import LOSS_PREFIX, AdaptivePowerMeanLossConfig, PowerMeanLossConfig  # noqa: E402
+from hmpo_verl.trl import PREFIX, PowerMeanGRPOConfig  # noqa: E402
+
+BASE = dict(report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=2, num_generations=2)
+
+
+def _trl(tmp_path, **kw):
+    return PowerMeanGRPOConfig(output_dir=str(tmp_path), **BASE, **kw)
+
+
+def _error(make) -> str:
+    with pytest.raises(ValueError) as err:
+        make()
+    return str(err.value)
+
+
+# (field, bad value, whether the option belongs to adaptive p)
+BAD = [
+    ("power", math.nan, False),
+    ("power", "1", False),
+    ("clip_level", "row", False),
+    ("clip_space", "logit", False),
+    ("agm_iters", -1, False),
+    ("agm_iters", 1.5, False),
+    ("adapt", "bandit", True),
+    ("p_min", 0.5, True),
+    ("p_max", -0.5, True),
+    ("sign_rule", "both", True),
+    ("ess_target_min", 0.0, True),
+    ("ess_target_min", 1.5, True),
+    ("schedule", "step", True),
+    ("p_start", math.inf, True),
+    ("p_end", math.nan, True),
+    ("schedule_steps", 0, True),
+]
+
+
+@pytest.mark.parametrize("name,value,adaptive", BAD, ids=[f"{n}={v!r}" for n, v, _ in BAD])
+def test_same_error_as_the_verl_config(tmp_path, name, value, adaptive):
+    if adaptive:
+        adapt = {} if name == "adapt" else {"adapt": "schedule"}
+        verl_msg = _error(lambda: AdaptivePowerMeanLossConfig(**{"adapt": "schedule", name: value}))
+        trl_msg = _error(lambda: _trl(tmp_path, **adapt, **{name: value}))
+    else:
+        verl_msg = _error(lambda: PowerMeanLossConfig(**{name: value}))
+        trl_msg = _error(lambda: _trl(tmp_path, **{name: value}))
+    assert verl_msg.startswith(f"{LOSS_PREFIX}.{name}=")
+    expected = verl_msg.replace(LOSS_PREFIX, PREFIX)
+    if name == "adapt":  # in TRL one config holds every mean: None (a fixed power) is allowed too
+        expected = expected.replace("allowed: ess", "allowed: None, ess")
+    assert trl_msg == expected
+
+
+def test_ess_needs_token_clip_with_the_same_error(tmp_path):
+    verl_msg = _error(lambda: AdaptivePowerMeanLossConfig(adapt="ess", clip_level="sequence"))
+    trl_msg = _error(lambda: _trl(tmp_path, adapt="ess", clip_level="sequence"))
+    assert trl_msg == verl_msg.replace(LOSS_PREFIX, PREFIX)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"mean": "median"}, "PowerMeanGRPOConfig.mean='median' is invalid; allowed: power, agm"),
+        ({"adapt": "ess", "mean": "agm"}, "PowerMeanGRPOConfig.mean='agm' is invalid with adapt='ess'; allowed: power"),
+        ({"loss_type": "cispo"}, "PowerMeanGRPOConfig.loss_type='cispo' is invalid; allowed: grpo, bnpo, dr_grpo"),
+        ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence' is invalid; allowed: token"),
+        ({"epsilon": 1.5}, "PowerMeanGRPOConfig.epsilon=1.5, PowerMeanGRPOConfig.epsilon_high=1.5 are invalid"),
+        ({"epsilon_high": -0.1}, "epsilon_high=-0.1 are invalid for clip_space='ratio'"),
+        ({"delta": 0.9}, "PowerMeanGRPOConfig.delta=0.9 is invalid; allowed: a number > 1"),
+        ({"delta": 2.0, "clip_level": "sequence"}, "delta=2.0 is invalid with clip_level='sequence'"),
+        ({"entropy_coef": 0.01}, "PowerMeanGRPOConfig.entropy_coef=0.01, use_adaptive_entropy=False are invalid"),
+    ],
+)
+def test_trl_specific_errors(tmp_path, kw, match):
+    assert match in _error(lambda: _trl(tmp_path, **kw))
+
+
+def test_the_installed_trl_is_the_pinned_one():
+    """The extra pins the version these tests check (its _compute_loss is TRL 1.16's, comment aside)."""
+    import tomllib
+    from pathlib import Path
+
+    import trl
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["trl"] == [f"trl=={trl.__version__}"]
+
+
+def test_the_installed_trl_lets_verl_start_its_actor():
+    """verl 0.9.1 imports TRL's value-head model whenever TRL is installed, while it patches the actor
+    model (apply_monkey_patch); TRL >= 1.13 no longer has it and the actor fails to start."""
+    pytest.importorskip("verl")
+    code = textwrap.dedent(
+        """
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from verl.models.transformers.monkey_patch import apply_monkey_patch
+        config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+        apply_monkey_patch(Qwen2ForCausalLM(config), use_remove_padding=False)
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+
+
+def test_log_space_allows_epsilon_above_one_and_defaults(tmp_path):
+    args = _trl(tmp_path, clip_space="log", epsilon=1.5, power=-math.inf)
+    assert args.power == -math.inf and args.epsilon == 1.5
+    defaults = _trl(tmp_path)
+    assert (defaults.power, defaults.mean, defaults.clip_level, defaults.clip_space, defaults.loss_type,
+            defaults.adapt) == (-1.0, "power", "token", "ratio", "grpo", None)
+
+
+def test_options_parse_from_the_command_line(tmp_path):
+    """TRL users configure through HfArgumentParser; our fields (Optional ones included) must parse."""
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(PowerMeanGRPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--per_device_train_batch_size", "2",
+         "--num_generations", "2", "--report_to", "none", "--power", "-0.5", "--clip_level", "sequence",
+         "--adapt", "schedule", "--agm_iters", "3"]
+    )
+    assert (args.power, args.clip_level, args.adapt, args.agm_iters) == (-0.5, "sequence", "schedule", 3)

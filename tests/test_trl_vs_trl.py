@@ -1,0 +1,234 @@
+"""PowerMeanGRPOTrainer's loss against TRL's own GRPOTrainer._compute_loss, where they coincide.
+
+Both `_compute_loss` methods run on one stub trainer (TRL's attributes set by hand, the
+model's log-probs a float64 leaf), on the same inputs:
+  * power=0, clip_level="sequence"  ==  TRL importance_sampling_level="sequence" (GSPO);
+  * power=1, clip_level="token"     ==  TRL importance_sampling_level="token" (GRPO's clip),
+for every loss_type we support, in train (gradient accumulation) and eval mode, with KL,
+TRL's delta, the off-policy mask, sequence-level vLLM IS ratios, tool_mask, the entropy
+mask (token level) and old log-probs None; values and gradients to float64 rounding.
+Where the two differ by design (token-level vLLM IS ratios), the test pins the difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+
+from trl import GRPOTrainer  # noqa: E402
+
+from hmpo_verl.trl import LOSS_TYPES, PowerMeanGRPOConfig, PowerMeanGRPOTrainer  # noqa: E402
+
+B, T = 6, 7
+TIGHT = dict(rtol=1e-12, atol=1e-14)
+
+
+class _OneProcess:
+    """accelerate.Accelerator's collective ops for a single process."""
+
+    num_processes = 1
+
+    @staticmethod
+    def reduce(x, reduction="sum"):
+        return x
+
+    @staticmethod
+    def gather(x):
+        return x
+
+    gather_for_metrics = gather
+
+    @staticmethod
+    def pad_across_processes(x, dim=0, pad_index=0):
+        return x
+
+
+def _args(tmp_path, **kw) -> PowerMeanGRPOConfig:
+    return PowerMeanGRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False,
+                               per_device_train_batch_size=B, num_generations=2, max_completion_length=T, **kw)
+
+
+def _inputs(seed=0, empty_row=False, old_none=False, noise=0.15):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, T + 1, (B,), generator=g)
+    if empty_row:
+        lengths[3] = 0
+    mask = (torch.arange(T) < lengths.unsqueeze(1)).long()
+    logps = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 0.1
+    old = logps + noise * torch.randn(B, T, generator=g, dtype=torch.float64)
+    # masked positions hold finite garbage (TRL multiplies by the mask, so NaN would poison it)
+    logps = torch.where(mask.bool(), logps, 37.0)
+    old = torch.where(mask.bool(), old, -55.0)
+    advantages = torch.randn(B, generator=g, dtype=torch.float64)
+    advantages[1] = 0.0
+    inputs = {
+        "prompt_ids": torch.zeros(B, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "old_per_token_logps": None if old_none else old,
+        "ref_per_token_logps": logps.detach() + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64),
+        "sampling_per_token_logps": old - 0.3 * torch.rand(B, T, generator=g, dtype=torch.float64),
+        "num_items_in_batch": mask.sum().double() * 1.5,  # a generation batch larger than this micro-batch
+    }
+    entropies = torch.rand(B, T, generator=g, dtype=torch.float64)
+    return logps, entropies, inputs
+
+
+def _stub(args, logps, entropies, level, training=True):
+    stub = object.__new__(PowerMeanGRPOTrainer)
+    stub.__dict__.update(
+        args=args, beta=args.beta, loss_type=args.loss_type, importance_sampling_level=level,
+        epsilon_low=args.epsilon, epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        top_entropy_quantile=args.top_entropy_quantile, off_policy_mask_threshold=args.off_policy_mask_threshold,
+        use_vllm=args.use_vllm, vllm_importance_sampling_correction=args.vllm_importance_sampling_correction,
+        model=SimpleNamespace(training=training), current_gradient_accumulation_steps=3,
+        max_completion_length=T, accelerator=_OneProcess(), _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, state=SimpleNamespace(global_step=0),
+    )
+    stub._get_per_token_logps_and_entropies = lambda *a, **k: (logps, entropies, None)
+    return stub
+
+
+def _loss_and_grad(compute_loss, args, level, seed=0, training=True, extra=None, **input_kw):
+    base, entropies, inputs = _inputs(seed, **input_kw)
+    inputs.update(extra or {})
+    logps = base.clone().requires_grad_(True)
+    stub = _stub(args, logps, entropies, level, training)
+    loss = compute_loss(stub, None, inputs)
+    (grad,) = torch.autograd.grad(loss, logps)
+    return loss.detach(), grad, stub._metrics["train" if training else "eval"]
+
+
+def _compare(args, trl_level, **kw):
+    ours = _loss_and_grad(PowerMeanGRPOTrainer._compute_loss, args, trl_level, **kw)
+    theirs = _loss_and_grad(GRPOTrainer._compute_loss, args, trl_level, **kw)
+    torch.testing.assert_close(ours[0], theirs[0], **TIGHT)
+    torch.testing.assert_close(ours[1], theirs[1], **TIGHT)
+    assert ours[1].abs().sum() > 0
+    return ours, theirs
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_geometric_sequence_clip_is_trls_sequence_level(tmp_path, loss_type, training):
+    args = _args(tmp_path, power=0.0, clip_level="sequence", loss_type=loss_type, epsilon=0.03, epsilon_high=0.04)
+    (ours, theirs) = _compare(args, "sequence", training=training, empty_row=True)
+    assert 0 < ours[2]["clip_ratio/region_mean"][0] < 1  # the clip is active on some sequences, not all
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_arithmetic_token_clip_is_trls_token_level(tmp_path, loss_type, training):
+    args = _args(tmp_path, power=1.0, clip_level="token", loss_type=loss_type, epsilon=0.1, epsilon_high=0.15)
+    ours, theirs = _compare(args, "token", training=training)
+    for key in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                "clip_ratio/low_min", "clip_ratio/high_max"):
+        assert ours[2][key] == pytest.approx(theirs[2][key], rel=1e-6, abs=1e-9), key
+    assert 0 < ours[2]["clip_ratio/region_mean"][0] < 1
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_kl_bias_correction_delta_tool_mask_and_entropy_mask(tmp_path, loss_type):
+    """Token level p=1 with every TRL option that acts per token."""
+    args = _args(tmp_path, power=1.0, loss_type=loss_type, epsilon=0.1, epsilon_high=0.12, delta=1.2, beta=0.04,
+                 use_bias_correction_kl=True, top_entropy_quantile=0.5)
+    tool_mask = (torch.rand(B, T, generator=torch.Generator().manual_seed(5)) > 0.2).long()
+    ours, theirs = _compare(args, "token", extra={"tool_mask": tool_mask}, noise=0.3)
+    assert ours[2]["kl"] == pytest.approx(theirs[2]["kl"], rel=1e-9)
+    assert ours[2]["pm/dual_clip_mean"][0] > 0  # delta is active on some tokens
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_sequence_level_with_kl_off_policy_mask_and_sequence_is_ratio(tmp_path, loss_type):
+    args = _args(tmp_path, power=0.0, clip_level="sequence", loss_type=loss_type, epsilon=0.03, epsilon_high=0.04,
+                 beta=0.02, use_bias_correction_kl=False, off_policy_mask_threshold=0.1)
+    args.use_vllm = args.vllm_importance_sampling_correction = True  # set after validation: no vLLM here
+    is_ratio = 0.5 + torch.rand(B, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    _compare(args, "sequence", extra={"importance_sampling_ratio": is_ratio})
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_old_log_probs_none_is_on_policy(tmp_path, level):
+    power = 0.0 if level == "sequence" else 1.0
+    args = _args(tmp_path, power=power, clip_level=level)
+    _compare(args, level, old_none=True)
+
+
+def test_token_level_is_ratio_weights_each_tokens_own_gradient(tmp_path):
+    """By design (as verl's rollout_is_weights): a per-token vLLM IS ratio c_t multiplies token t's own
+    gradient term. At p=0 / sequence clip TRL instead multiplies the whole sequence's gradient by
+    sum_t c_t / T; the values agree, the gradients differ as pinned here."""
+    args = _args(tmp_path, power=0.0, clip_level="sequence", epsilon=0.99, epsilon_high=10.0)
+    args.use_vllm = args.vllm_importance_sampling_correction = True
+    c = 0.5 + torch.rand(B, T, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    kw = dict(extra={"importance_sampling_ratio": c})
+    ours = _loss_and_grad(PowerMeanGRPOTrainer._compute_loss, args, "sequence", **kw)
+    theirs = _loss_and_grad(GRPOTrainer._compute_loss, args, "sequence", **kw)
+    torch.testing.assert_close(ours[0], theirs[0], **TIGHT)
+    # independent formula, loss_type grpo, no clip active (bounds [0.01, 11]):
+    # d loss / d logp_it = -A_i s_i c_it / (n_i B accumulation)
+    logps, _, inputs = _inputs()
+    m = inputs["completion_mask"].double()
+    n = m.sum(-1, keepdim=True)
+    s = torch.exp(((logps - inputs["old_per_token_logps"]) * m).sum(-1, keepdim=True) / n)
+    A = inputs["advantages"].unsqueeze(1)
+    expected = -A * s * c * m / (n * B * 3)
+    torch.testing.assert_close(ours[1], expected, **TIGHT)
+    trl_expected = -A * s * (c * m).sum(-1, keepdim=True) / n * m / (n * B * 3)
+    torch.testing.assert_close(theirs[1], trl_expected, **TIGHT)
+    assert not torch.allclose(ours[1], theirs[1])
+
+
+def test_kl_bias_correction_uses_the_token_ratio_at_sequence_clip_too(tmp_path):
+    """By design: with use_bias_correction_kl (TRL's default) the k3 KL is multiplied by the token ratio
+    pi/pi_old, which makes its gradient the unbiased reverse-KL gradient (TRL's help says this holds at
+    token level). TRL's sequence level broadcasts the sequence ratio instead. So our KL term at sequence
+    clip equals TRL's token-level KL term."""
+
+    def kl_term(compute_loss, level, **kw):
+        on = _loss_and_grad(compute_loss, _args(tmp_path, beta=0.05, **kw), level)
+        off = _loss_and_grad(compute_loss, _args(tmp_path, beta=0.0, **kw), level)
+        return on[0] - off[0], on[1] - off[1]
+
+    ours = kl_term(PowerMeanGRPOTrainer._compute_loss, "sequence", power=0.0, clip_level="sequence")
+    trl_token = kl_term(GRPOTrainer._compute_loss, "token", power=1.0)
+    trl_sequence = kl_term(GRPOTrainer._compute_loss, "sequence", power=0.0, clip_level="sequence")
+    torch.testing.assert_close(ours[0], trl_token[0], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ours[1], trl_token[1], rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(ours[1], trl_sequence[1])
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_masked_positions_may_hold_anything(tmp_path, level):
+    """NaN / inf off the mask change nothing (TRL itself would turn them into NaN losses)."""
+    args = _args(tmp_path, power=-1.0, clip_level=level, beta=0.05, off_policy_mask_threshold=0.1, loss_type="dapo")
+    finite = _loss_and_grad(PowerMeanGRPOTrainer._compute_loss, args, "token")
+    base, entropies, inputs = _inputs()
+    off = ~inputs["completion_mask"].bool()
+    poison = torch.tensor([math.nan, math.inf, -math.inf]).repeat(B * T)[: B * T].view(B, T).double()
+    extra = {key: torch.where(off, poison, inputs[key])
+             for key in ("old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps")}
+    logps = torch.where(off, poison, base).requires_grad_(True)
+    stub = _stub(args, logps, torch.where(off, poison, entropies), "token")
+    loss = PowerMeanGRPOTrainer._compute_loss(stub, None, {**inputs, **extra})
+    (grad,) = torch.autograd.grad(loss, logps)
+    torch.testing.assert_close(loss.detach(), finite[0], **TIGHT)
+    torch.testing.assert_close(grad, finite[1], **TIGHT)
+    assert all(math.isfinite(v[0]) for v in stub._metrics["train"].values())
+
+
+def test_a_non_finite_value_on_the_mask_is_an_error(tmp_path):
+    args = _args(tmp_path)
+    base, entropies, inputs = _inputs()
+    inputs["advantages"][0] = math.nan
+    stub = _stub(args, base.clone().requires_grad_(True), entropies, "token")
+    with pytest.raises(ValueError, match="advantages has non-finite values at valid"):
+        PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)
