@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -11,9 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hmpo_verl.lab import cpu_demo
-from hmpo_verl.lab.tasks import TASKS, get_task
-from hmpo_verl.lab.tasks import addition, fibonacci
-from hmpo_verl.lab.tasks.common import PairTaskSpec, WarmStartSpec, build_tokenizer, prompt_ids
+from hmpo_verl.lab.tasks import TASKS, addition, fibonacci, get_task
+from hmpo_verl.lab.tasks.common import PairTaskSpec, WarmStartSpec, build_tokenizer, pair_dataset_rows, prompt_ids
 from hmpo_verl.lab.tasks.rewards import correct_prefix_fraction, exact_match
 
 ANSWER_37 = "0774156178538190998752796516730336954932"  # worked out by hand from 3, 7
@@ -87,8 +87,8 @@ def test_exact_match_on_addition_answers():
     assert exact_match("tiny_add", "7", "7") == 1.0
     assert exact_match("tiny_add", " 12 ", "12") == 1.0
     assert exact_match("tiny_add", "12", 12) == 1.0  # ground truth given as a number
-    for wrong in ("1", "21", "7 7", "07", "3+4", ""):
-        assert exact_match("tiny_add", wrong, "7" if len(wrong) < 2 or wrong == "3+4" else "12") == 0.0
+    for wrong, truth in (("1", "12"), ("21", "12"), ("1 2", "12"), ("07", "7"), ("3+4", "7"), ("", "7"), ("7.0", "7")):
+        assert exact_match("tiny_add", wrong, truth) == 0.0, wrong
 
 
 @pytest.mark.parametrize(
@@ -133,8 +133,6 @@ def test_one_token_per_character_and_the_chat_prompt():
 def test_dataset_rows_are_verl_schema_and_exact(name):
     module = {"addition": addition, "fibonacci": fibonacci}[name]
     spec = fibonacci.FibonacciSpec() if name == "fibonacci" else PairTaskSpec()
-    from hmpo_verl.lab.tasks.common import pair_dataset_rows
-
     train, test = pair_dataset_rows(module.problem, module.DATA_SOURCE, spec.seed, spec.train_repeats, spec.test_size)
     assert len(train) == 100 * spec.train_repeats and len(test) == spec.test_size
     pairs = [(r["extra_info"]["a"], r["extra_info"]["b"]) for r in train]
@@ -161,23 +159,22 @@ SMALL = fibonacci.FibonacciSpec(terms=24, warm_start=WarmStartSpec(steps=3, lr=3
 
 
 def _files(root):
-    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """{relative path as str: bytes} of every file under ``root``."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_building_is_deterministic(tmp_path):
     """Same spec -> byte-identical parquet files and weights; another seed -> other data and weights."""
     first = fibonacci.prepare_assets(tmp_path / "a", SMALL, log=None)
     second = fibonacci.prepare_assets(tmp_path / "b", SMALL, log=None)
-    other = fibonacci.prepare_assets(tmp_path / "c", fibonacci.FibonacciSpec(**{**SMALL.__dict__, "seed": 1}), log=None)
-    files_a, files_b = _files(first.root), _files(second.root)
+    other = fibonacci.prepare_assets(tmp_path / "c", dataclasses.replace(SMALL, seed=1), log=None)
+    files_a, files_b, files_c = _files(first.root), _files(second.root), _files(other.root)
     assert files_a.keys() == files_b.keys()
     for name in ("data/train.parquet", "data/test.parquet", "model/model.safetensors",
                  "model_random_init/model.safetensors", "warm_start.json", "spec.json"):
-        assert files_a[type(next(iter(files_a)))(name)] == files_b[type(next(iter(files_b)))(name)], name
-    files_c = _files(other.root)
+        assert files_a[name] == files_b[name], name
     for name in ("data/train.parquet", "model/model.safetensors"):
-        key = type(next(iter(files_a)))(name)
-        assert files_a[key] != files_c[key], name
+        assert files_a[name] != files_c[name], name
     train = pd.read_parquet(first.train_parquet)
     assert train["reward_model"].map(lambda r: len(r["ground_truth"])).eq(24).all()
 
@@ -187,7 +184,7 @@ def test_assets_are_rebuilt_only_when_the_spec_changes(tmp_path):
     stamp = paths.model.joinpath("model.safetensors").stat().st_mtime_ns
     assert fibonacci.prepare_assets(tmp_path, SMALL, log=None) == paths
     assert paths.model.joinpath("model.safetensors").stat().st_mtime_ns == stamp
-    changed = fibonacci.FibonacciSpec(**{**SMALL.__dict__, "terms": 25})
+    changed = dataclasses.replace(SMALL, terms=25)
     fibonacci.prepare_assets(tmp_path, changed, log=None)
     assert json.loads(paths.spec.read_text())["terms"] == 25
 
@@ -244,8 +241,8 @@ def test_the_fibonacci_recipe_differs_from_the_addition_recipe_only_in_task_line
     tiny = _flat(_compose(get_task("addition")))
     long = _flat(_compose(get_task("fibonacci")))
     differing = {k for k in tiny.keys() | long.keys() if tiny.get(k) != long.get(k)}
-    task_lines = [line.split(":")[0].strip() for line in (REPO_ROOT / "recipes/cpu_fibonacci/hmpo.yaml").read_text().splitlines()
-                  if "# [task]" in line]
+    recipe = (REPO_ROOT / "recipes" / "cpu_fibonacci" / "hmpo.yaml").read_text()
+    task_lines = [line.split(":")[0].strip() for line in recipe.splitlines() if "# [task]" in line]
     assert {k.rsplit(".", 1)[-1] for k in differing} == set(task_lines), differing
 
 
