@@ -40,6 +40,7 @@ from verl_cpu.rollout.sampling import SamplingParams, resolve_sampling_params, s
 logger = logging.getLogger(__name__)
 TRACE_ENV = "VERL_CPU_ROLLOUT_TRACE"
 NOISE_ENV = "VERL_CPU_LOGPROB_NOISE_STD"
+THREADS_ENV = "VERL_CPU_ROLLOUT_THREADS"
 
 
 @dataclass
@@ -47,6 +48,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     future: asyncio.Future = field(repr=False)
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 def weights_checksum(model: torch.nn.Module) -> float:
@@ -94,6 +96,8 @@ class HFRolloutServer:
         self.replica_rank = replica_rank
         self.max_batch_size = int(max_batch_size or self.config.max_num_seqs)
         self.batch_wait_s = batch_wait_s
+        if os.environ.get(THREADS_ENV):
+            torch.set_num_threads(int(os.environ[THREADS_ENV]))
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_config.local_path,
             dtype=torch.float32,
@@ -114,7 +118,16 @@ class HFRolloutServer:
         self._batcher: Optional[asyncio.Task] = None
         self._lock: Optional[asyncio.Lock] = None
         self._pending_weights: set[str] = set()
-        self._stats = {"requests": 0, "batches": 0, "max_batch": 0, "weight_loads": 0}
+        self._stats = {
+            "requests": 0,
+            "batches": 0,
+            "max_batch": 0,
+            "weight_loads": 0,
+            "decode_s": 0.0,  # wall time inside batched decodes
+            "queue_s": 0.0,  # summed over requests: enqueue -> start of their decode
+            "new_tokens": 0,  # decode steps summed over batches
+            "weight_load_s": 0.0,
+        }
         self._trace_path = os.environ.get(TRACE_ENV) or None
         self._trace("server_started", checksum=weights_checksum(self.model))
 
@@ -187,6 +200,8 @@ class HFRolloutServer:
             for params, requests in groups.items():
                 try:
                     async with self._lock:
+                        started = time.perf_counter()
+                        self._stats["queue_s"] += sum(started - r.queued_at for r in requests)
                         results = await asyncio.to_thread(self._decode, [r.prompt_ids for r in requests], params)
                 except Exception as exc:  # hand the error to every waiting caller
                     for request in requests:
@@ -235,28 +250,30 @@ class HFRolloutServer:
             step_pos = step_pos[:, -1:] + 1
             attention_mask = torch.cat([attention_mask, torch.ones(len(prompts), 1, dtype=attention_mask.dtype)], 1)
 
-        results = [self._trim(row, tokens, log_probs) for row in range(len(prompts))]
+        token_rows = torch.stack(tokens, 1).tolist()  # (batch, steps): one conversion, not one per token
+        log_prob_rows = torch.stack(log_probs, 1).tolist()
+        results = [self._trim(ids, lps, params.ignore_eos) for ids, lps in zip(token_rows, log_prob_rows, strict=True)]
+        seconds = time.perf_counter() - start
         self._stats["requests"] += len(prompts)
         self._stats["batches"] += 1
         self._stats["max_batch"] = max(self._stats["max_batch"], len(prompts))
+        self._stats["decode_s"] += seconds
+        self._stats["new_tokens"] += len(tokens)
         self._trace(
             "generate",
             batch_size=len(prompts),
             new_tokens=len(tokens),
-            seconds=round(time.perf_counter() - start, 4),
+            seconds=round(seconds, 4),
             temperature=params.temperature,
         )
         return results
 
-    def _trim(self, row: int, tokens: list[torch.Tensor], log_probs: list[torch.Tensor]):
-        """One row's tokens up to and including its first EOS."""
-        out_ids, out_lp = [], []
-        for token, log_prob in zip(tokens, log_probs, strict=True):
-            out_ids.append(int(token[row]))
-            out_lp.append(float(log_prob[row]))
-            if out_ids[-1] in self.eos_token_ids:
-                break
-        return out_ids, out_lp
+    def _trim(self, token_ids: list[int], log_probs: list[float], ignore_eos: bool):
+        """One row's tokens up to and including its first EOS (all of them with ``ignore_eos``, like vLLM)."""
+        if not ignore_eos:
+            end = next((i + 1 for i, t in enumerate(token_ids) if t in self.eos_token_ids), len(token_ids))
+            token_ids, log_probs = token_ids[:end], log_probs[:end]
+        return token_ids, log_probs
 
     def _pad_token_id(self) -> int:
         tokenizer = getattr(self.model_config, "tokenizer", None)
@@ -281,6 +298,7 @@ class HFRolloutServer:
         """
         self._bind_loop()
         async with self._lock:
+            start = time.perf_counter()
             state = self.model.state_dict()
             if not self._pending_weights:
                 self._pending_weights = set(dict(self.model.named_parameters()).keys())
@@ -294,6 +312,7 @@ class HFRolloutServer:
                     self._pending_weights.discard(name)
             if unknown:
                 raise KeyError(f"hf rollout: weights not in the rollout model: {unknown[:5]}")
+            self._stats["weight_load_s"] += time.perf_counter() - start
             if not last:
                 return {}
             missing = self._missing_after_tying(self._pending_weights)
@@ -365,7 +384,12 @@ class HFRolloutServer:
 
     async def stats(self) -> dict[str, Any]:
         """Counters, weight version and checksum (for tests and debugging)."""
-        return {**self._stats, "global_steps": self.global_steps, "checksum": weights_checksum(self.model)}
+        return {
+            **self._stats,
+            "global_steps": self.global_steps,
+            "checksum": weights_checksum(self.model),
+            "torch_threads": torch.get_num_threads(),
+        }
 
     # ------------------------------------------------------------------ trace
 
