@@ -18,7 +18,9 @@ parquet, each repeated ``rollout.n`` times, as verl's trainer sends them) are ge
   the server returns too.
 
 Repeats alternate rollout and floor (after one warm-up of each) so that load from other
-processes on the machine hits both alike; reported are medians. The server's own timers
+processes on the machine hits both alike; reported are medians. The floor runs with as many
+torch threads as the server has (Ray gives an actor without CPUs one thread;
+``VERL_CPU_ROLLOUT_THREADS`` sets the server's), so the ratio measures overhead, not threads. The server's own timers
 (:meth:`HFRolloutServer.stats`) split the rollout's wall time: ``decode`` is the server
 decoding (ours; compare with the floor), ``queue`` the requests' mean wait in the server
 between arrival and their decode (ours: the batching window), the rest is the time the
@@ -189,11 +191,14 @@ class Floor:
 
 def bench_task(task: Task, repeats: int, overrides: list[str], log=print) -> float:
     """Time rollout and floor for one task; print a block; return the ratio of medians."""
+    import torch
+
     config = compose_config(task, task.assets(), overrides)
     batch = step_batch(config)
     rollout, floor = VerlRollout(config), Floor(config)
-    _, output, _ = rollout(batch)  # warm-up
+    _, output, counters = rollout(batch)  # warm-up
     prompts = prompt_ids_of(output)
+    torch.set_num_threads(counters["torch_threads"])  # the floor computes with the server's threads
     floor(prompts)
     runs, floors, floor_lengths, lengths = [], [], [], []
     for _ in range(repeats):
@@ -215,7 +220,7 @@ def bench_task(task: Task, repeats: int, overrides: list[str], log=print) -> flo
         f"top_k {rollout_cfg.top_k}; {repeats} interleaved repeats, medians"
     )
     log(f"  response length, mean      rollout {statistics.mean(lengths):.1f}   floor {statistics.mean(floor_lengths):.1f}")
-    log(f"  floor: model.generate      {t_floor:8.3f} s   (this process, {_threads()} torch threads)")
+    log(f"  floor: model.generate      {t_floor:8.3f} s   (this process, {torch.get_num_threads()} torch threads)")
     log(f"  rollout through verl       {t_rollout:8.3f} s")
     log(
         f"    server decoding (ours)   {med['decode_s']:8.3f} s   {med['batches']:.0f} batches for {requests} requests, "
@@ -226,12 +231,6 @@ def bench_task(task: Task, repeats: int, overrides: list[str], log=print) -> flo
     ratio = t_rollout / t_floor
     log(f"rollout/floor ratio: {ratio:.2f}")
     return ratio
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def run(task_names: list[str], repeats: int, overrides: list[str], log=print) -> dict[str, float]:
