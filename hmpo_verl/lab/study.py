@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmpo_verl.lab.cpu_demo import REPO_ROOT, check_cpu_backend_installed, read_metrics, trainer_command, trainer_env
+from hmpo_verl.lab.tasks import get_task
 
 REWARD = "critic/score/mean"
 CLIPFRAC = "actor/pg_clipfrac"
@@ -62,6 +63,7 @@ LOSS = "actor/pg_loss"
 KEPT_METRICS = (REWARD, CLIPFRAC, ESS, GRAD_NORM, LOSS, "actor/ppo_kl", "actor/pm/power", "actor/pm/log_ah_gap",
                 "actor/pm/seq_ratio_mean", "critic/pm/adv_conservation", "timing_s/step")
 BASELINE = "grpo"
+TASK = get_task("addition")
 _POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
 
 
@@ -151,7 +153,7 @@ def execute(run: Run, assets, out: Path, steps: int) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "result.json", "rollout_trace.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
-    cmd = trainer_command(assets, run_dir, steps, run.method.loss_mode, run_overrides(run))
+    cmd = trainer_command(TASK, assets, run_dir, steps, run.method.loss_mode, run_overrides(run))
     env = {**trainer_env(run_dir), **dict(run.regime.env)}
     start = time.time()
     with open(run_dir / "train.log", "w") as log:
@@ -424,14 +426,12 @@ def parse_args(argv=None):
     parser.add_argument("--final-window", type=int, default=3, help="steps averaged for the final reward")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2: their start-up phases overlap on 2 cores)")
     parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "study"))
-    parser.add_argument("--assets", default=str(REPO_ROOT / "outputs" / "tiny_task"))
+    parser.add_argument("--assets", default=str(TASK.default_assets))
     parser.add_argument("--docs", default=None, help="markdown report (default: docs/study.md; --quick: <out>/study.md)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from hmpo_verl.lab.tiny_task import prepare_assets
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     quick = args.quick
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     docs = Path(args.docs) if args.docs else (out / "study.md" if quick else REPO_ROOT / "docs" / "study.md")
 
-    assets = prepare_assets(args.assets, log=lambda *a: print(*a, flush=True))
+    assets = TASK.prepare_assets(args.assets, log=lambda *a: print(*a, flush=True))
     check_cpu_backend_installed()
     runs = [Run(r, m, s) for r in regimes for m in methods for s in seeds]
     print(f"{len(runs)} runs ({len(methods)} methods x {len(seeds)} seeds x {len(regimes)} regimes, {steps} steps "
