@@ -243,7 +243,7 @@ def test_bench_rollout_prints_its_ratio_last():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "patches" / "verl_cpu"),
                                                          os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "-m", "hmpo_verl.lab.bench", "--rollout", "--task", "add", "--repeats", "1",
+        [sys.executable, "-m", "hmpo_verl.lab.bench", "--rollout", "--task", "addition", "--repeats", "1",
          "--", "data.train_batch_size=2", "actor_rollout_ref.rollout.n=2"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """Rollout cost against its floor: verl's agent-loop rollout through the ``hf`` server vs ``model.generate``.
 
     python -m hmpo_verl.lab.bench --rollout                 # every task, 5 interleaved repeats
-    python -m hmpo_verl.lab.bench --rollout --task add --repeats 3
+    python -m hmpo_verl.lab.bench --rollout --task addition --repeats 3
 
 For a task, one training step's prompts (``data.train_batch_size`` rows of the train
 parquet, each repeated ``rollout.n`` times, as verl's trainer sends them) are generated
@@ -9,7 +9,7 @@ parquet, each repeated ``rollout.n`` times, as verl's trainer sends them) are ge
 * **rollout**: by verl's own machinery -- ``AgentLoopManager`` -> ``AgentLoopWorker``
   (a Ray actor) -> ``SingleTurnAgentLoop`` -> ``LLMServerClient`` -> verl's load balancer ->
   :class:`verl_cpu.rollout.server.HFRolloutServer` (a Ray actor) -- with the task's recipe
-  (``recipes/cpu_tiny``), sampling settings and lengths. verl's v1 trainer wraps the same
+  (``recipes/<task's recipe>/hmpo.yaml``), sampling settings and lengths. verl's v1 trainer wraps the same
   agent loop in ``AgentLoopManagerTQ`` (results go to TransferQueue and a replay buffer);
   that wrapper is not timed here: ``timing_s/gen`` of the real trainer is.
 * **floor**: by one direct, batched ``model.generate`` of the same prompt token ids (left
@@ -20,11 +20,14 @@ parquet, each repeated ``rollout.n`` times, as verl's trainer sends them) are ge
 Repeats alternate rollout and floor (after one warm-up of each) so that load from other
 processes on the machine hits both alike; reported are medians. The floor runs with as many
 torch threads as the server has (Ray gives an actor without CPUs one thread;
-``VERL_CPU_ROLLOUT_THREADS`` sets the server's), so the ratio measures overhead, not threads. The server's own timers
-(:meth:`HFRolloutServer.stats`) split the rollout's wall time: ``decode`` is the server
-decoding (ours; compare with the floor), ``queue`` the requests' mean wait in the server
-between arrival and their decode (ours: the batching window), the rest is the time the
-server had nothing to do -- verl's per-request agent loop, Ray calls and post-processing.
+``VERL_CPU_ROLLOUT_THREADS`` sets the server's), so the ratio measures overhead, not threads.
+
+The rollout's wall time is split along its critical path with the server's timestamps
+(:meth:`HFRolloutServer.stats`, wall clock): until the last request reached the server
+(verl: its agent loops tokenize, route and send one request per sample; the server decodes
+the earlier ones meanwhile), from there until the server handed back the last result (ours:
+batching window and the decode still to do), and from there until verl returned the batch
+(verl: post-processing, Ray returns).
 The last line is ``rollout/floor ratio: X`` of the last task.
 """
 
@@ -34,37 +37,22 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from hmpo_verl.lab.tasks import TASKS, get_task
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RECIPE_DIR = REPO_ROOT / "recipes" / "cpu_tiny"
 
 
-@dataclass(frozen=True)
-class Task:
-    """A CPU task as the bench needs it: its recipe and a function that builds its assets."""
-
-    name: str
-    recipe: str  # config name in recipes/cpu_tiny
-
-    def assets(self):
-        from hmpo_verl.lab.tiny_task import prepare_assets
-
-        return prepare_assets(REPO_ROOT / "outputs" / "tiny_task", log=None)
-
-
-TASKS = {"add": Task("add", "hmpo")}
-
-
-def compose_config(task: Task, assets, overrides: list[str]):
-    """The task's recipe with its asset paths, resolved like verl's Hydra main builds it."""
+def compose_config(task, overrides: list[str]):
+    """The task's recipe with its assets (built if missing), resolved like verl's Hydra main builds it."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(RECIPE_DIR), version_base=None):
+    assets = task.prepare_assets(log=None)
+    with initialize_config_dir(config_dir=str(task.recipe_dir), version_base=None):
         config = compose(
-            config_name=task.recipe,
+            config_name=task.recipe_name,
             overrides=[
                 f"actor_rollout_ref.model.path={assets.model}",
                 f"data.train_files={assets.train_parquet}",
@@ -93,7 +81,7 @@ def step_batch(config):
 class VerlRollout:
     """verl's agent-loop rollout through one ``hf`` server, as the trainer wires it (without the actor)."""
 
-    def __init__(self, config):
+    def __init__(self, config, name_suffix: str):
         import ray
         from verl.experimental.agent_loop import AgentLoopManager
         from verl.workers.rollout.llm_server import LLMServerClient
@@ -103,7 +91,7 @@ class VerlRollout:
         from verl_cpu.rollout.replica import server_actor_name, start_server
 
         rollout = config.actor_rollout_ref.rollout
-        name = server_actor_name(0, 0, "_bench")
+        name = server_actor_name(0, 0, name_suffix)
         self.server = start_server(
             rollout,
             config.actor_rollout_ref.model,
@@ -116,6 +104,13 @@ class VerlRollout:
         balancer = get_router_handle(servers={f"ray://{name}": self.server})
         self.manager = AgentLoopManager.create(config, LLMServerClient(config, load_balancer_handle=balancer))
 
+    def close(self) -> None:
+        """Stop the server and the agent-loop workers (the next task starts its own)."""
+        import ray
+
+        for actor in [self.server, *self.manager.agent_loop_workers]:
+            ray.kill(actor)
+
     def stats(self) -> dict:
         import ray
 
@@ -124,13 +119,17 @@ class VerlRollout:
     def __call__(self, batch):
         """Generate; return (seconds, verl's output DataProto, server counters of this call)."""
         before = self.stats()
-        start = time.perf_counter()
+        start = time.time()
         output = self.manager.generate_sequences(batch)
-        seconds = time.perf_counter() - start
+        end = time.time()
         after = self.stats()
         counters = {k: after[k] - before[k] for k in ("requests", "batches", "decode_s", "queue_s", "new_tokens")}
         counters["torch_threads"] = after["torch_threads"]
-        return seconds, output, counters
+        # the critical path, on the wall clock both processes share
+        counters["until_last_request_s"] = after["last_arrival"] - start  # verl: agent loops send the requests
+        counters["after_last_request_s"] = after["last_done"] - after["last_arrival"]  # ours: wait + decode
+        counters["after_last_result_s"] = end - after["last_done"]  # verl: post-processing, Ray returns
+        return end - start, output, counters
 
 
 def prompt_ids_of(output) -> list[list[int]]:
@@ -189,13 +188,13 @@ class Floor:
         return seconds, lengths
 
 
-def bench_task(task: Task, repeats: int, overrides: list[str], log=print) -> float:
+def bench_task(task, repeats: int, overrides: list[str], log=print) -> float:
     """Time rollout and floor for one task; print a block; return the ratio of medians."""
     import torch
 
-    config = compose_config(task, task.assets(), overrides)
+    config = compose_config(task, overrides)
     batch = step_batch(config)
-    rollout, floor = VerlRollout(config), Floor(config)
+    rollout, floor = VerlRollout(config, name_suffix=f"_bench_{task.name}"), Floor(config)
     _, output, counters = rollout(batch)  # warm-up
     prompts = prompt_ids_of(output)
     torch.set_num_threads(counters["torch_threads"])  # the floor computes with the server's threads
@@ -208,27 +207,33 @@ def bench_task(task: Task, repeats: int, overrides: list[str], log=print) -> flo
         seconds, flen = floor(prompts)
         floors.append(seconds)
         floor_lengths += flen
-    t_rollout = statistics.median(s for s, _ in runs)
     t_floor = statistics.median(floors)
-    med = {k: statistics.median(c[k] for _, c in runs) for k in ("batches", "decode_s", "queue_s", "new_tokens")}
+    # the parts of the rollout are those of its median run, so that they add up to its time
+    t_rollout, med = sorted(runs, key=lambda run: run[0])[(len(runs) - 1) // 2]
     requests = runs[0][1]["requests"]
-    idle = max(0.0, t_rollout - med["decode_s"])
     rollout_cfg = config.actor_rollout_ref.rollout
     log(
         f"\n== task {task.name}: {config.data.train_batch_size} prompts x n={rollout_cfg.n} = {len(batch)} responses, "
         f"max {rollout_cfg.response_length} new tokens, temperature {rollout_cfg.temperature}, top_p {rollout_cfg.top_p}, "
-        f"top_k {rollout_cfg.top_k}; {repeats} interleaved repeats, medians"
+        f"top_k {rollout_cfg.top_k}; {repeats} interleaved repeats: median floor, median rollout run"
     )
-    log(f"  response length, mean      rollout {statistics.mean(lengths):.1f}   floor {statistics.mean(floor_lengths):.1f}")
-    log(f"  floor: model.generate      {t_floor:8.3f} s   (this process, {torch.get_num_threads()} torch threads)")
-    log(f"  rollout through verl       {t_rollout:8.3f} s")
+    log(f"  response length, mean          rollout {statistics.mean(lengths):.1f}   floor {statistics.mean(floor_lengths):.1f}")
+    log(f"  floor: model.generate          {t_floor:7.3f} s   (this process, {torch.get_num_threads()} torch threads)")
+    log(f"  rollout through verl           {t_rollout:7.3f} s   = the three parts below")
+    log(f"    verl, until the last request {med['until_last_request_s']:7.3f} s   (agent loops: tokenize, route, send)")
+    log(f"    ours, after the last request {med['after_last_request_s']:7.3f} s   (server: batching window, decode; "
+        f"{med['after_last_request_s'] - t_floor:+.3f} s beyond the floor)")
+    log(f"    verl, after the last result  {med['after_last_result_s']:7.3f} s   (post-processing, Ray returns)")
     log(
-        f"    server decoding (ours)   {med['decode_s']:8.3f} s   {med['batches']:.0f} batches for {requests} requests, "
-        f"{med['new_tokens']:.0f} decode steps, {runs[0][1]['torch_threads']} torch threads"
+        f"  server, in all: decoding {med['decode_s']:.3f} s in {med['batches']:.0f} batches for {requests} requests "
+        f"({med['new_tokens']:.0f} decode steps, {runs[0][1]['torch_threads']} torch threads); "
+        f"a request waited {med['queue_s'] / max(1, requests):.3f} s for its decode on average"
     )
-    log(f"    server queue, mean/request {med['queue_s'] / max(1, requests):6.3f} s   (ours: batching window)")
-    log(f"    server idle (verl + Ray)   {idle:6.3f} s   (agent loop, load balancer, RPCs, post-processing)")
+    rollout.close()
     ratio = t_rollout / t_floor
+    verl = (med["until_last_request_s"] + med["after_last_result_s"]) / t_floor
+    ours = med["after_last_request_s"] / t_floor
+    log(f"  the ratio in shares: verl {verl:.2f} + ours {ours:.2f} (a decode of the last request alone is ~1)")
     log(f"rollout/floor ratio: {ratio:.2f}")
     return ratio
 
@@ -251,7 +256,7 @@ def run(task_names: list[str], repeats: int, overrides: list[str], log=print) ->
         runtime_env={"env_vars": {"VERL_PLATFORM": "cpu", "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}},
     )
     try:
-        return {name: bench_task(TASKS[name], repeats, overrides, log=log) for name in task_names}
+        return {name: bench_task(get_task(name), repeats, overrides, log=log) for name in task_names}
     finally:
         ray.shutdown()
 
@@ -260,7 +265,7 @@ def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=sorted(TASKS), action="append", help="task(s) to bench (default: all)")
+    parser.add_argument("--task", choices=list(TASKS), action="append", help="task(s) to bench (default: all, in this order)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rollout/floor repeats (default 5)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the task's recipe, after --")
     args = parser.parse_args(argv)

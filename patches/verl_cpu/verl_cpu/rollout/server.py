@@ -6,10 +6,10 @@ sampling parameters and gets a ``TokenOutput`` (response token ids + log-probs) 
 the trainer's weight sync calls :meth:`HFRolloutServer.update_weights_from_tensors`.
 
 Concurrency: the agent loop sends one request per sample, concurrently. Requests are
-queued; a batcher task waits ``batch_wait_s`` after the first one, takes everything
-queued (up to ``max_batch_size``), groups it by sampling parameters and runs each group
-as **one** batched, KV-cached decode in a worker thread, so requests are batched rather
-than served one after another. A lock keeps weight updates and decoding apart.
+queued; a batcher task takes them until none arrived for ``batch_wait_s`` (up to
+``max_batch_size``), groups them by sampling parameters and runs each group as **one**
+batched, KV-cached decode in a worker thread, so requests are batched rather than served
+one after another. A lock keeps weight updates and decoding apart.
 
 Diagnostics: :meth:`stats` reports request and batch counts, the weight version
 (``global_steps``) and a weight checksum; with ``VERL_CPU_ROLLOUT_TRACE=<file>`` every
@@ -48,7 +48,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     future: asyncio.Future = field(repr=False)
-    queued_at: float = field(default_factory=time.perf_counter)
+    queued_at: float = field(default_factory=time.time)  # wall clock: comparable across processes
 
 
 def weights_checksum(model: torch.nn.Module) -> float:
@@ -77,7 +77,7 @@ class HFRolloutServer:
         model_config: verl ``HFModelConfig`` (dataclass or DictConfig) of the actor model.
         replica_rank: index of the rollout replica this server belongs to.
         max_batch_size: most requests decoded together (defaults to ``config.max_num_seqs``).
-        batch_wait_s: how long the batcher waits after the first request for others.
+        batch_wait_s: a batch is closed when no further request arrived for this long (seconds).
     """
 
     def __init__(
@@ -106,6 +106,7 @@ class HFRolloutServer:
         ).eval()
         self.pad_token_id = self._pad_token_id()
         self.eos_token_ids = _eos_token_ids(self.model_config, self.model)
+        self._eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
         self.global_steps: Optional[int] = None
         self.asleep = False
         # one sampling stream per server, seeded with rollout.seed; which request gets which
@@ -127,6 +128,8 @@ class HFRolloutServer:
             "queue_s": 0.0,  # summed over requests: enqueue -> start of their decode
             "new_tokens": 0,  # decode steps summed over batches
             "weight_load_s": 0.0,
+            "last_arrival": None,  # time.time() of the latest request's arrival
+            "last_done": None,  # time.time() when the latest batch's results were handed back
         }
         self._trace_path = os.environ.get(TRACE_ENV) or None
         self._trace("server_started", checksum=weights_checksum(self.model))
@@ -163,7 +166,9 @@ class HFRolloutServer:
             params = SamplingParams(**{**params.__dict__, "seed": self.config.seed + self.replica_rank})
         self._bind_loop()
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(prompt_ids, params, future))
+        request = _Request(prompt_ids, params, future)
+        self._stats["last_arrival"] = request.queued_at
+        await self._queue.put(request)
         token_ids, log_probs = await future
         return TokenOutput(
             token_ids=token_ids,
@@ -188,19 +193,33 @@ class HFRolloutServer:
         if self._batcher is None or self._batcher.done():
             self._batcher = loop.create_task(self._batch_loop())
 
-    async def _batch_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            await asyncio.sleep(self.batch_wait_s)  # let the other concurrent requests arrive
+    async def _next_batch(self) -> list[_Request]:
+        """Wait for a request, then keep taking requests until none arrived for ``batch_wait_s``.
+
+        verl's agent loop sends a step's requests one per sample, a few milliseconds apart:
+        a batch closed a fixed time after its first request would hold only the first few,
+        and the rest would wait for its whole decode before their own. Waiting for a quiet
+        gap instead takes a step's burst in one batch (at most ``max_batch_size`` requests).
+        """
+        batch = [await self._queue.get()]
+        while len(batch) < self.max_batch_size:
+            await asyncio.sleep(self.batch_wait_s)
+            if self._queue.empty():
+                break
             while not self._queue.empty() and len(batch) < self.max_batch_size:
                 batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _batch_loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
             groups: dict[SamplingParams, list[_Request]] = {}
             for request in batch:
                 groups.setdefault(request.params, []).append(request)
             for params, requests in groups.items():
                 try:
                     async with self._lock:
-                        started = time.perf_counter()
+                        started = time.time()
                         self._stats["queue_s"] += sum(started - r.queued_at for r in requests)
                         results = await asyncio.to_thread(self._decode, [r.prompt_ids for r in requests], params)
                 except Exception as exc:  # hand the error to every waiting caller
@@ -211,6 +230,7 @@ class HFRolloutServer:
                 for request, result in zip(requests, results, strict=True):
                     if not request.future.done():
                         request.future.set_result(result)
+                self._stats["last_done"] = time.time()
 
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], list[float]]]:
@@ -220,21 +240,24 @@ class HFRolloutServer:
         start = time.perf_counter()
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompts])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        # the mask of the whole decode, allocated once; step t attends to its first width + t columns
+        full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), params.max_tokens)], 1)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
 
         cache = DynamicCache()
         step_ids, step_pos = input_ids, position_ids
         finished = torch.zeros(len(prompts), dtype=torch.bool)
         tokens, log_probs = [], []
-        for _ in range(params.max_tokens):
+        for step in range(params.max_tokens):
             logits = self.model(
                 input_ids=step_ids,
-                attention_mask=attention_mask,
+                attention_mask=full_mask[:, : width + step],
                 position_ids=step_pos,
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=1,  # the prefill needs the last position's logits only
             ).logits[:, -1]
             token, log_prob = sample_step(logits, params, generator)
             if self._noise_std > 0:
@@ -243,12 +266,11 @@ class HFRolloutServer:
             tokens.append(token)
             log_probs.append(log_prob)
             if not params.ignore_eos:
-                finished |= torch.isin(token, torch.tensor(sorted(self.eos_token_ids), dtype=token.dtype))
+                finished |= torch.isin(token, self._eos_tensor)
             if bool(finished.all()):
                 break
             step_ids = token[:, None]
             step_pos = step_pos[:, -1:] + 1
-            attention_mask = torch.cat([attention_mask, torch.ones(len(prompts), 1, dtype=attention_mask.dtype)], 1)
 
         token_rows = torch.stack(tokens, 1).tolist()  # (batch, steps): one conversion, not one per token
         log_prob_rows = torch.stack(log_probs, 1).tolist()
