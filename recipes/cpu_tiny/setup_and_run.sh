@@ -7,8 +7,9 @@
 #
 # What it installs, each only when missing (a second call checks, installs nothing and starts at once):
 #   1. torch 2.13.0, the CPU build (on Linux the PyPI default is a multi-GB CUDA build): Linux gets
-#      torch==2.13.0+cpu from https://download.pytorch.org/whl/cpu; other systems torch==2.13.0.
-#      An importable torch of any build is kept as it is (a GPU machine keeps its CUDA torch).
+#      torch==2.13.0+cpu from https://download.pytorch.org/whl/cpu (falling back to PyPI's torch==2.13.0
+#      where that index cannot be reached); other systems torch==2.13.0. An importable torch of any
+#      build is kept as it is (a GPU machine keeps its CUDA torch).
 #   2. this checkout, editable, with its test and demo extras: pip install -e ".[test]"
 #   3. the CPU backend for verl, editable: pip install -e patches/verl_cpu
 # The exit status is the main job's or pytest's.
@@ -25,7 +26,10 @@ if "$PYTHON" -c "import torch" 2>/dev/null; then
     say "torch $("$PYTHON" -c 'import torch; print(torch.__version__)') is installed"
 elif [[ $(uname -s) == Linux ]]; then
     say "installing torch==$TORCH_VERSION+cpu (the CPU wheel)"
-    "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+    if ! "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu; then
+        say "the CPU wheel is not reachable from here: installing torch==$TORCH_VERSION from the default index (a CUDA build)"
+        "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION"
+    fi
 else
     say "installing torch==$TORCH_VERSION"
     "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION"
