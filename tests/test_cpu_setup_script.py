@@ -25,8 +25,7 @@ def _stub(tmp_path, *, torch: bool, installed: bool, exit_code: int = 0):
         #!/usr/bin/env bash
         echo "$*" >> {log}
         case "$*" in
-            "-c import torch") exit {0 if torch else 1} ;;
-            "-c import torch; print(torch.__version__)") echo 2.13.0+cpu ;;
+            "-c import torch; print(torch.__version__)") {"echo 2.13.0+cpu" if torch else "exit 1"} ;;
             "- "*) cat > /dev/null; exit {0 if installed else 1} ;;
             "-m pytest"*|"-m hmpo_verl.lab.cpu_demo"*) exit {exit_code} ;;
         esac

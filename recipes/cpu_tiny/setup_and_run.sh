@@ -22,8 +22,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
-if "$PYTHON" -c "import torch" 2>/dev/null; then
-    say "torch $("$PYTHON" -c 'import torch; print(torch.__version__)') is installed"
+if torch_version=$("$PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null); then
+    say "torch $torch_version is installed"
 elif [[ $(uname -s) == Linux ]]; then
     say "installing torch==$TORCH_VERSION+cpu (the CPU wheel)"
     if ! "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu; then
