@@ -213,6 +213,20 @@ def test_stats_time_the_decoding_and_the_queue(server):
     assert after["torch_threads"] == torch.get_num_threads()
 
 
+def test_drain_waits_for_requests_still_in_the_batching_window(server):
+    prompts = _prompts(server, [(1, 1), (2, 2), (3, 3)])
+
+    async def run():
+        tasks = [asyncio.create_task(server.generate(p, {"temperature": 0.0}, request_id=str(i)))
+                 for i, p in enumerate(prompts)]
+        await asyncio.sleep(0.01)  # received; the batcher holds them while it waits for a quiet gap
+        await server.wait_for_requests_to_drain()
+        assert all(task.done() for task in tasks)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+
+
 # ----------------------------------------------------------------------------- replay buffer
 
 

@@ -9,16 +9,18 @@ parquet, each repeated ``rollout.n`` times, as verl's trainer sends them) are ge
 * **rollout**: by verl's own machinery -- ``AgentLoopManager`` -> ``AgentLoopWorker``
   (a Ray actor) -> ``SingleTurnAgentLoop`` -> ``LLMServerClient`` -> verl's load balancer ->
   :class:`verl_cpu.rollout.server.HFRolloutServer` (a Ray actor) -- with the task's recipe
-  (``recipes/<task's recipe>/hmpo.yaml``), sampling settings and lengths. verl's v1 trainer wraps the same
-  agent loop in ``AgentLoopManagerTQ`` (results go to TransferQueue and a replay buffer);
-  that wrapper is not timed here: ``timing_s/gen`` of the real trainer is.
+  (``recipes/<recipe>/hmpo.yaml``), sampling settings and lengths. verl's v1 trainer wraps
+  the same agent loop in ``AgentLoopManagerTQ`` (results go to TransferQueue, rewards to
+  reward workers, the step waits on a replay buffer); that wrapper is not timed here: the
+  real trainer's ``timing_s/gen`` is.
 * **floor**: by one direct, batched ``model.generate`` of the same prompt token ids (left
   padded) in this process, with the same model, ``max_new_tokens``, temperature, top-p,
   top-k, and log-probs of the sampled tokens (``compute_transition_scores``), which is what
   the server returns too.
 
 Repeats alternate rollout and floor (after one warm-up of each) so that load from other
-processes on the machine hits both alike; reported are medians. The floor runs with as many
+processes on the machine hits both alike; reported are the median floor and the rollout
+run of median time. The floor runs with as many
 torch threads as the server has (Ray gives an actor without CPUs one thread;
 ``VERL_CPU_ROLLOUT_THREADS`` sets the server's), so the ratio measures overhead, not threads.
 
@@ -27,8 +29,9 @@ The rollout's wall time is split along its critical path with the server's times
 (verl: its agent loops tokenize, route and send one request per sample; the server decodes
 the earlier ones meanwhile), from there until the server handed back the last result (ours:
 batching window and the decode still to do), and from there until verl returned the batch
-(verl: post-processing, Ray returns).
-The last line is ``rollout/floor ratio: X`` of the last task.
+(verl: post-processing, Ray returns). The last request's own decode takes about one floor,
+so the ratio cannot fall below 1 + verl's share. The last line is ``rollout/floor ratio: X``
+of the last task.
 """
 
 from __future__ import annotations

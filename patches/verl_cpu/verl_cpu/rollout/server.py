@@ -119,6 +119,7 @@ class HFRolloutServer:
         self._batcher: Optional[asyncio.Task] = None
         self._lock: Optional[asyncio.Lock] = None
         self._pending_weights: set[str] = set()
+        self._in_flight = 0  # requests received and not yet answered
         self._stats = {
             "requests": 0,
             "batches": 0,
@@ -169,7 +170,11 @@ class HFRolloutServer:
         request = _Request(prompt_ids, params, future)
         self._stats["last_arrival"] = request.queued_at
         await self._queue.put(request)
-        token_ids, log_probs = await future
+        self._in_flight += 1
+        try:
+            token_ids, log_probs = await future
+        finally:
+            self._in_flight -= 1
         return TokenOutput(
             token_ids=token_ids,
             log_probs=log_probs if params.return_logprobs else None,
@@ -386,11 +391,9 @@ class HFRolloutServer:
         return None
 
     async def wait_for_requests_to_drain(self):
-        self._bind_loop()
-        while not self._queue.empty():
+        """Return when every request received so far has its result (queued, batching or decoding)."""
+        while self._in_flight:
             await asyncio.sleep(0.01)
-        async with self._lock:
-            return None
 
     async def set_global_steps(self, global_steps: int):
         self.global_steps = global_steps
