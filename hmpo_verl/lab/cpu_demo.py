@@ -7,9 +7,11 @@
    with ``VERL_PLATFORM=cpu`` (the CPU backend in ``patches/verl_cpu``), printing one
    line per training step read from verl's own file logger;
 3. prints a summary of the reward curve and writes a PNG of reward, clip fraction and
-   effective sample size against step, all from verl's logged metrics.
+   effective sample size against step, all from verl's logged metrics; when verl fails,
+   the cause (:func:`failure_cause`) instead of a pointer to the log.
 
-Needs ``pip install -e . -e patches/verl_cpu``. Extra arguments after ``--`` are passed
+Needs ``pip install -e . -e patches/verl_cpu`` (``bash recipes/cpu_tiny/setup_and_run.sh``
+installs what is missing and runs this). Extra arguments after ``--`` are passed
 to verl as Hydra overrides, e.g. ``python -m hmpo_verl.lab.cpu_demo --steps 5 -- actor_rollout_ref.actor.optim.lr=5e-4``.
 """
 
