@@ -11,9 +11,13 @@ queued; a batcher task takes them until none arrived for ``batch_wait_s`` (up to
 batched, KV-cached decode in a worker thread, so requests are batched rather than served
 one after another. A lock keeps weight updates and decoding apart.
 
-Diagnostics: :meth:`stats` reports request and batch counts, the weight version
-(``global_steps``) and a weight checksum; with ``VERL_CPU_ROLLOUT_TRACE=<file>`` every
-weight load and every decoded batch is appended there as a JSON line (used by tests).
+Diagnostics: :meth:`stats` reports request and batch counts, timers (seconds decoding,
+the requests' summed wait for their decode, decode steps, seconds loading weights, the
+wall-clock times of the last arrival and of the last result: ``bench --rollout`` splits a
+rollout with them), the weight version (``global_steps``) and a weight checksum; with
+``VERL_CPU_ROLLOUT_TRACE=<file>`` every weight load and every decoded batch is appended
+there as a JSON line (used by tests). ``VERL_CPU_ROLLOUT_THREADS=<n>`` sets the server's
+torch threads (Ray gives an actor without CPUs one).
 
 Simulated training-inference mismatch: with ``VERL_CPU_LOGPROB_NOISE_STD=<sd>`` the
 *reported* log-probs (not the sampling) carry independent Gaussian noise of that standard
@@ -169,9 +173,9 @@ class HFRolloutServer:
         future = asyncio.get_running_loop().create_future()
         request = _Request(prompt_ids, params, future)
         self._stats["last_arrival"] = request.queued_at
-        await self._queue.put(request)
         self._in_flight += 1
         try:
+            await self._queue.put(request)
             token_ids, log_probs = await future
         finally:
             self._in_flight -= 1
