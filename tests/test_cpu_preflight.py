@@ -59,7 +59,7 @@ def test_reward_function_missing_or_raising(tmp_path):
     assert problems == ["reward.custom_reward_function.path=/nonexistent/reward.py: file not found"]
 
     raising = tmp_path / "raising_reward.py"
-    raising.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n    raise ValueError('boom')\n")
+    raising.write_text("def exact_match(data_source, solution_str, ground_truth, extra_info=None):\n    raise ValueError('boom')\n")
     problems = check_config(compose(f"reward.custom_reward_function.path={raising}"))
     assert len(problems) == 1 and "raised ValueError: boom" in problems[0]
 

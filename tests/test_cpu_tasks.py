@@ -264,3 +264,30 @@ def test_trainer_command_runs_the_tasks_recipe(tmp_path):
     cmd = cpu_demo.trainer_command(task, paths, tmp_path / "run", 3, "hmpo", ["x=1"])
     assert cmd[cmd.index("--config-path") + 1] == str(REPO_ROOT / "recipes" / "cpu_fibonacci")
     assert f"actor_rollout_ref.model.path={paths.model}" in cmd and cmd[-1] == "x=1"
+
+
+# ----------------------------------------------------------------------------- task report
+
+
+def test_task_report_criterion():
+    from hmpo_verl.lab.task_report import criterion
+
+    assert criterion([0.3] * 5 + [0.4] * 50 + [0.5] * 5) == pytest.approx(
+        {"start": 0.3, "end": 0.5, "rise": 0.2, "passes": True})
+    assert not criterion([0.3] * 5 + [0.49] * 5)["passes"]  # rise 0.19
+    assert not criterion([0.1] * 5 + [0.9] * 5)["passes"]  # starts below 0.15
+    assert not criterion([0.5] * 5 + [0.9] * 5)["passes"]  # starts above 0.45
+
+
+def test_task_report_runs_use_the_studys_regimes():
+    from hmpo_verl.lab.study import COMMON_OVERRIDES, REGIMES_BY_NAME
+    from hmpo_verl.lab.task_report import ReportRun
+
+    stressed = ReportRun("fibonacci", "stressed", "hmpo", 1, 16)
+    assert stressed.overrides()[: -4] == [*COMMON_OVERRIDES, *REGIMES_BY_NAME["stressed"].overrides]
+    assert stressed.env() == {"VERL_CPU_LOGPROB_NOISE_STD": "0.05"}
+    assert stressed.command(REPO_ROOT / "outputs" / "r").startswith(
+        "VERL_CPU_LOGPROB_NOISE_STD=0.05 python -m hmpo_verl.lab.cpu_demo --task fibonacci --loss-mode hmpo --steps 16 "
+        "--run-dir outputs/r/fibonacci/hmpo_stressed/seed1 -- ")
+    recipe = ReportRun("addition", "recipe", "hmpo", 1, 16)
+    assert recipe.env() == {} and recipe.overrides()[0] == "data.seed=1"

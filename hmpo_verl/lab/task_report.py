@@ -175,11 +175,12 @@ def write_report(path: Path, argv: list[str], runs: list[ReportRun], rows: list[
         c = criterion(reward)
         lines.append(f"| {run.seed} | {len(reward)} | {c['start']:.3f} | {c['end']:.3f} | {c['rise']:+.3f} | "
                      f"{'yes' if c['passes'] else 'NO'} |")
-    lines += ["", f"![reward curves]({os.path.relpath(png, path.parent)})", "", "Commands (one per seed):", "", "```bash",
-              *[r.command(out) for r in crit_runs], "```", "",
+    lines += ["", f"![reward curves]({os.path.relpath(png, path.parent)})", "", "Commands (one per seed):", "",
+              "```bash", *[r.command(out) for r in crit_runs], "```", "",
               "## 2. Do the means of the token ratios differ? (`hmpo`, seed 1)", "",
-              "Means over the logged steps. `log_ah_gap` = log A - log H of a response's token ratios (0 when every power "
-              "mean coincides); `ess_frac` = Kish ESS / T of the harmonic mean's token weights (1 when uniform).", "",
+              "Means over the logged steps. `log_ah_gap` = log A - log H of a response's token ratios (0 when every "
+              "power mean coincides); `ess_frac` = Kish ESS / T of the harmonic mean's token weights (1 when uniform).",
+              "",
               "| task | setting | steps | response_length/mean | actor/pm/log_ah_gap (max) | actor/pm/ess_frac (min) | "
               "actor/pg_clipfrac | s/step (median) |",
               "|---|---|---|---|---|---|---|---|"]

@@ -111,7 +111,8 @@ def build_tokenizer(characters: str):
 
 def prompt_ids(tokenizer, content: str) -> list[int]:
     """Token ids of the chat prompt for one user message, ending in ``<|im_start|>assistant\\n``."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    messages = [{"role": "user", "content": content}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -159,7 +160,8 @@ def build_model(spec: ModelSpec, tokenizer, seed: int):
 # ----------------------------------------------------------------------------- data
 
 
-def verl_row(data_source: str, ability: str, problem: Problem, split: str, index: int, extra: dict | None = None) -> dict:
+def verl_row(data_source: str, ability: str, problem: Problem, split: str, index: int,
+             extra: dict | None = None) -> dict:
     """One row of verl's RL parquet schema for ``problem = (user message, answer)``."""
     content, answer = problem
     return {
@@ -251,7 +253,8 @@ def soften(model, factor: float) -> None:
         model.lm_head.weight.mul_(factor)
 
 
-def sample_answers(model, tokenizer, contents: Sequence[str], max_new_tokens: int, seed: int, greedy: bool = False) -> list[str]:
+def sample_answers(model, tokenizer, contents: Sequence[str], max_new_tokens: int, seed: int,
+                   greedy: bool = False) -> list[str]:
     """The model's answers to ``contents`` (temperature 1 and no top-k/top-p, as the recipes sample, or greedy).
 
     Prompts of equal token length are generated together (no padding needed). Each answer
@@ -283,7 +286,8 @@ def sample_answers(model, tokenizer, contents: Sequence[str], max_new_tokens: in
     return answers
 
 
-def accuracy(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, seed: int, greedy: bool = False) -> float:
+def accuracy(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, seed: int,
+             greedy: bool = False) -> float:
     """Fraction of ``problems`` answered exactly (one sample each)."""
     answers = sample_answers(model, tokenizer, [c for c, _ in problems], max_new_tokens, seed, greedy)
     return sum(a == answer for a, (_, answer) in zip(answers, problems, strict=True)) / len(problems)
