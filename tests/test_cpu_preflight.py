@@ -124,3 +124,97 @@ def test_the_plugin_stays_off_without_verl_platform_cpu():
     code = "import sys, verl; print('verl_cpu.platform' in sys.modules, 'verl_cpu.plugin' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert out.split() == ["False", "True"]  # the entry point is imported, but installs nothing
+
+
+def test_an_unknown_loss_mode_stops_before_ray_with_verls_message():
+    problems = check_config(compose("actor_rollout_ref.actor.policy_loss.loss_mode=hmpoo"))
+    assert len(problems) == 1
+    assert problems[0].startswith("actor_rollout_ref.actor.policy_loss.loss_mode=hmpoo: Unsupported loss mode: hmpoo.")
+    assert "'hmpo'" in problems[0] and "'vanilla'" in problems[0]  # the allowed values, ours and verl's
+    assert check_config(compose("actor_rollout_ref.actor.policy_loss.loss_mode=agm")) == []
+
+
+def test_the_polling_replay_buffer_needs_a_positive_interval_and_no_dapo_filter():
+    assert any("poll_interval must be a positive number of seconds, got 'soon'" in p
+               for p in check_config(compose("trainer.v1.sampler.sampler_kwargs.poll_interval=soon")))
+    assert any("poll_interval" in p for p in check_config(compose("trainer.v1.sampler.sampler_kwargs.poll_interval=0")))
+    problems = check_config(compose("algorithm.filter_groups.enable=true"))
+    assert any("algorithm.filter_groups.enable=true" in p and "custom_sampler" in p for p in problems)
+
+
+# ----------------------------------------------------------------------------- the demo shows why verl failed
+
+# Trimmed from a real train.log (--loss-mode hmpoo before the preflight checked it): Ray's colour
+# codes and worker prefixes, the driver's traceback, two RayTaskError wrappers, the cause last.
+RAY_WORKER_FAILURE = """\
+\x1b[36m(WorkerDict pid=24834)\x1b[0m WARNING:2026-11-27 14:04:00,298:target_num_threads 8 should not exceed total physical CPU cores 2.
+/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/verl/workers/engine/__init__.py:69: UserWarning: megatron engine is not available: ModuleNotFoundError("No module named 'megatron'")
+Error executing job with overrides: ['actor_rollout_ref.actor.policy_loss.loss_mode=hmpoo']
+\x1b[36m(TaskRunnerV1 pid=24425)\x1b[0m Training Progress:   0%|          | 0/2 [00:03<?, ?it/s]
+Traceback (most recent call last):
+  File "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/ray/_private/worker.py", line 1053, in get_objects
+    raise value.as_instanceof_cause()
+ray.exceptions.RayTaskError(ValueError): \x1b[36mray::TaskRunnerV1.run()\x1b[39m (pid=24425, ip=192.0.2.2, actor_id=56adb6)
+           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/verl/single_controller/ray/base.py", line 56, in __call__
+    output = ray.get(output)
+ray.exceptions.RayTaskError(ValueError): \x1b[36mray::WorkerDict.actor_rollout_update_actor()\x1b[39m (pid=24834, ip=192.0.2.2)
+  File "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/verl/trainer/ppo/core_algos.py", line 82, in get_policy_loss_fn
+    raise ValueError(
+ValueError: Unsupported loss mode: hmpoo. Supported modes are: ['vanilla', 'gspo', 'hmpo']
+
+Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.
+"""
+
+# A config class raising while Hydra instantiates it, in the driver (verbatim but for the overrides).
+HYDRA_INSTANTIATE_FAILURE = """\
+/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/verl/workers/engine/__init__.py:69: UserWarning: megatron engine is not available: ModuleNotFoundError("No module named 'megatron'")
+  warnings.warn(f"megatron engine is not available: {e!r}", stacklevel=1)
+Error executing job with overrides: ['+actor_rollout_ref.actor.policy_loss.power=abc']
+Error in call to target 'hmpo_verl.config.PowerMeanLossConfig':
+ValueError("actor_rollout_ref.actor.policy_loss.power='abc' is invalid; allowed: a real number, or inf / -inf")
+full_key: actor_rollout_ref.actor.policy_loss
+
+Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.
+"""
+
+
+def test_failure_cause_finds_the_exception_raised_in_a_ray_worker():
+    from hmpo_verl.lab.cpu_demo import failure_cause
+
+    assert failure_cause(RAY_WORKER_FAILURE) == [
+        "ValueError: Unsupported loss mode: hmpoo. Supported modes are: ['vanilla', 'gspo', 'hmpo']"
+    ]
+
+
+def test_failure_cause_shows_hydras_message_and_the_preflight_report():
+    from hmpo_verl.lab.cpu_demo import failure_cause
+    from verl_cpu.preflight import format_problems
+
+    assert failure_cause(HYDRA_INSTANTIATE_FAILURE) == [
+        "Error in call to target 'hmpo_verl.config.PowerMeanLossConfig':",
+        "ValueError(\"actor_rollout_ref.actor.policy_loss.power='abc' is invalid; allowed: a real number, or inf / -inf\")",
+        "full_key: actor_rollout_ref.actor.policy_loss",
+    ]
+    report = format_problems(["trainer.device=cuda: set trainer.device=cpu", "data.train_files is not set"])
+    assert failure_cause("INFO: starting\n" + report) == [
+        "verl_cpu: this config cannot run on the CPU backend (VERL_PLATFORM=cpu):",
+        "  - trainer.device=cuda: set trainer.device=cpu",
+        "  - data.train_files is not set",
+    ]
+    assert failure_cause("all fine\nKilled\n") == []
+
+
+def test_the_demo_prints_the_cause_on_the_console(tmp_path, monkeypatch, capsys):
+    """The demo's failure path end to end, with a stand-in trainer that fails like verl does."""
+    from hmpo_verl.lab import cpu_demo
+
+    tiny_assets()
+    script = f"import sys; sys.stdout.write({RAY_WORKER_FAILURE!r}); sys.exit(1)"
+    monkeypatch.setattr(cpu_demo, "trainer_command", lambda *args: [sys.executable, "-c", script])
+    code = cpu_demo.main(["--task", "addition", "--steps", "1", "--run-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "verl's trainer exited with status 1:\n  ValueError: Unsupported loss mode: hmpoo." in err
+    assert f"full log: {tmp_path / 'train.log'}" in err
+    assert "Traceback" not in err and "RayTaskError" not in err

@@ -1,12 +1,18 @@
-"""The HF rollout server of patches/verl_cpu, used directly (no Ray): sampling, batching, weights."""
+"""The HF rollout server of patches/verl_cpu, used directly (no Ray): sampling, batching, weights, timers;
+its replay buffer; and a smoke run of ``bench --rollout`` (Ray, verl's agent loop, the server)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from cpu_assets import tiny_assets
+from cpu_assets import REPO_ROOT, tiny_assets
 from verl_cpu.rollout.sampling import SamplingParams, process_logits, resolve_sampling_params, sample_step
 from verl_cpu.rollout.server import HFRolloutServer, weights_checksum
 
@@ -176,3 +182,88 @@ def test_logprob_noise_simulates_a_mismatched_engine(monkeypatch):
         diffs += (torch.tensor(b.log_probs) - torch.tensor(a.log_probs)).tolist()
     diffs = torch.tensor(diffs)
     assert abs(diffs.mean().item()) < 0.02 and 0.035 < diffs.std().item() < 0.065
+
+
+def test_ignore_eos_returns_every_token_like_vllm(server):
+    prompts = _prompts(server, [(2, 3), (4, 4)])
+    outputs = _generate_all(server, prompts, {"temperature": 1.0, "logprobs": True, "ignore_eos": True, "seed": 5})
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert len(out.token_ids) == len(out.log_probs) == 4  # response_length, EOS or not
+        ids = torch.tensor([prompt + out.token_ids])  # and the log-probs are still the model's
+        with torch.no_grad():
+            logits = server.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(out.log_probs), expected, atol=1e-5, rtol=0)
+
+
+def test_stats_time_the_decoding_and_the_queue(server):
+    prompts = _prompts(server, [(a, a) for a in range(6)])
+    before = asyncio.run(server.stats())
+    start = time.perf_counter()
+    _generate_all(server, prompts, {"temperature": 0.0, "logprobs": True})
+    wall = time.perf_counter() - start
+    after = asyncio.run(server.stats())
+    batches = after["batches"] - before["batches"]
+    decode = after["decode_s"] - before["decode_s"]
+    queue = after["queue_s"] - before["queue_s"]
+    assert batches >= 1 and 0 < decode <= wall
+    # each request waits at least the batching window (0.05 s here), at most the whole call
+    assert len(prompts) * server.batch_wait_s * 0.9 <= queue <= len(prompts) * wall
+    assert 1 <= after["new_tokens"] - before["new_tokens"] <= 4 * batches
+    assert after["torch_threads"] == torch.get_num_threads()
+
+
+def test_drain_waits_for_requests_still_in_the_batching_window(server):
+    prompts = _prompts(server, [(1, 1), (2, 2), (3, 3)])
+
+    async def run():
+        tasks = [asyncio.create_task(server.generate(p, {"temperature": 0.0}, request_id=str(i)))
+                 for i, p in enumerate(prompts)]
+        await asyncio.sleep(0.01)  # received; the batcher holds them while it waits for a quiet gap
+        await server.wait_for_requests_to_drain()
+        assert all(task.done() for task in tasks)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+
+
+# ----------------------------------------------------------------------------- replay buffer
+
+
+def test_the_polling_replay_buffer_takes_its_interval_from_sampler_kwargs():
+    from verl_cpu.replay_buffer import DEFAULT_POLL_INTERVAL, PollingReplayBuffer, poll_interval_of
+
+    def make(sampler_kwargs):
+        return PollingReplayBuffer(
+            trainer_mode="sync",
+            trainer_config={},
+            max_off_policy_threshold=None,
+            max_off_policy_strategy="drop",
+            sampler_kwargs=sampler_kwargs,
+        )
+
+    assert make({"poll_interval": 0.01}).poll_interval == 0.01
+    assert make({}).poll_interval == DEFAULT_POLL_INTERVAL == 0.05
+    for bad in ("soon", 0, -1, None, float("nan")):
+        with pytest.raises(ValueError, match="sampler_kwargs.poll_interval must be a positive number"):
+            poll_interval_of({"poll_interval": bad})
+
+
+# ----------------------------------------------------------------------------- bench --rollout
+
+
+def test_bench_rollout_prints_its_ratio_last():
+    """Smoke: verl's agent loop through an hf server against model.generate, 2 prompts x 2 samples."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "patches" / "verl_cpu"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "hmpo_verl.lab.bench", "--rollout", "--task", "addition", "--repeats", "1",
+         "--", "data.train_batch_size=2", "actor_rollout_ref.rollout.n=2"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert "2 prompts x n=2 = 4 responses" in result.stdout
+    assert "4 requests" in result.stdout  # the server saw every request of the step
+    match = re.fullmatch(r"rollout/floor ratio: (\d+\.\d+)", lines[-1])
+    assert match and float(match.group(1)) > 0, lines[-1]

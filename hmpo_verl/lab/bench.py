@@ -2,6 +2,7 @@
 
     python -m hmpo_verl.lab.bench                      # 256x4096 and 32x32768, fp32 and bf16
     python -m hmpo_verl.lab.bench --shapes 64x1024 --repeats 5 --device cuda
+    python -m hmpo_verl.lab.bench --rollout [--task NAME] [--repeats N]   # rollout cost: hmpo_verl.lab.rollout_bench
 
 For each shape and dtype, every loss runs forward + backward on identical tensors
 (log-ratios ~ N(0, 0.05^2) as measured between vLLM and a bf16 trainer, DESIGN.md
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -146,7 +148,15 @@ def _shape(text: str):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    if "--rollout" in own:  # a different benchmark, with its own options
+        from hmpo_verl.lab import rollout_bench
+
+        argv.remove("--rollout")
+        return rollout_bench.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rollout", action="store_true", help="rollout vs model.generate instead (see rollout_bench --help)")
     parser.add_argument("--shapes", nargs="+", type=_shape, default=[(256, 4096), (32, 32768)])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=9)
@@ -161,4 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

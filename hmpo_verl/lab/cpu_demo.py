@@ -7,9 +7,11 @@
    with ``VERL_PLATFORM=cpu`` (the CPU backend in ``patches/verl_cpu``), printing one
    line per training step read from verl's own file logger;
 3. prints a summary of the reward curve and writes a PNG of reward, clip fraction and
-   effective sample size against step, all from verl's logged metrics.
+   effective sample size against step, all from verl's logged metrics; when verl fails,
+   the cause (:func:`failure_cause`) instead of a pointer to the log.
 
-Needs ``pip install -e . -e patches/verl_cpu``. Extra arguments after ``--`` are passed
+Needs ``pip install -e . -e patches/verl_cpu`` (``bash recipes/cpu_tiny/setup_and_run.sh``
+installs what is missing and runs this). Extra arguments after ``--`` are passed
 to verl as Hydra overrides, e.g. ``python -m hmpo_verl.lab.cpu_demo --steps 5 -- actor_rollout_ref.actor.optim.lr=5e-4``.
 """
 
@@ -18,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from importlib.metadata import entry_points
+from itertools import takewhile
 from pathlib import Path
 
 from hmpo_verl.lab.tasks import REPO_ROOT, TASKS, Task, get_task
@@ -69,12 +73,15 @@ def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: st
 
 
 def trainer_env(run_dir: Path) -> dict[str, str]:
-    """Environment of the trainer: the CPU platform, verl's file logger, this repo first on the path."""
+    """Environment of the trainer: the CPU platform, verl's file logger, this checkout (the plugin and its
+    CPU backend) first on the path of every process verl starts."""
     env = dict(os.environ)
     env["VERL_PLATFORM"] = "cpu"
     env["VERL_FILE_LOGGER_PATH"] = str(run_dir / "metrics.jsonl")
     env["VERL_CPU_ROLLOUT_TRACE"] = str(run_dir / "rollout_trace.jsonl")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT), str(REPO_ROOT / "patches" / "verl_cpu"), *filter(None, [env.get("PYTHONPATH")])]
+    )
     env.setdefault("RAY_DEDUP_LOGS", "0")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
@@ -137,6 +144,54 @@ def run_trainer(cmd: list[str], env: dict[str, str], run_dir: Path, total_steps:
     if first_step_at is not None:
         timings["until_first_step_s"] = first_step_at - start
     return code, timings
+
+
+# ----------------------------------------------------------------------------- failure cause
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+RAY_PREFIX = re.compile(r"^\((?:[\w.-]+ )?pid=\d+(?:, ip=[\w.:]+)?\) ?")  # "(WorkerDict pid=12) " on worker lines
+# an exception line as Python prints it last in a traceback: "ValueError: ...", "omegaconf.errors.X: ...", "KeyError"
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)\b(?:\([\w.]+\))?(?::|$)")
+RAY_WRAPPER = re.compile(r"^ray\.exceptions\.Ray\w*Error\b")  # RayTaskError(ValueError): ray::X.run() (pid=...)
+PREFLIGHT_HEADER = "verl_cpu: this config cannot run"
+HYDRA_ERROR = "Error executing job with overrides"
+MESSAGE_END = ("Set the environment variable HYDRA_FULL_ERROR", "Traceback (most recent call last)", "During handling",
+               "The above exception")
+
+
+def failure_cause(log: str, max_lines: int = 12) -> list[str]:
+    """The lines of a failed verl run that say why it failed, from its combined stdout/stderr.
+
+    In order: the CPU backend's preflight report; else the message of the last exception
+    raised after Hydra's "Error executing job" line (or anywhere, without one) -- in the
+    driver or in a Ray worker, whose traceback Ray re-raises wrapped in ``RayTaskError``
+    (the wrappers are skipped: the cause follows them) -- with the lines continuing it; else
+    Hydra's own message (e.g. "Error in call to target ...", a config class's ValueError).
+    Empty when the log holds none of these.
+    """
+    lines = [ANSI_ESCAPE.sub("", line).rstrip() for line in log.splitlines()]
+    from_worker = [bool(RAY_PREFIX.match(line)) for line in lines]
+    lines = [RAY_PREFIX.sub("", line) for line in lines]
+    for i, line in enumerate(lines):
+        if line.startswith(PREFLIGHT_HEADER):
+            return [line, *takewhile(lambda x: x.startswith("  - "), lines[i + 1 :])][:max_lines]
+    hydra = max((i for i, line in enumerate(lines) if line.startswith(HYDRA_ERROR)), default=-1)
+    exceptions = [
+        i for i, line in enumerate(lines) if i > hydra and EXCEPTION_LINE.match(line) and not RAY_WRAPPER.match(line)
+    ]
+    if exceptions:
+        first = exceptions[-1]
+    elif hydra >= 0:
+        first = hydra + 1
+    else:
+        return []
+    message = []
+    for line, worker in zip(lines[first:], from_worker[first:]):
+        if not line.strip() or line.startswith(MESSAGE_END) or len(message) >= max_lines:
+            break
+        if not worker or not message:  # skip worker log lines interleaved with the driver's message
+            message.append(line)
+    return message
 
 
 # ----------------------------------------------------------------------------- summary and plot
@@ -274,9 +329,13 @@ def main(argv=None) -> int:
     say("running verl's trainer on CPU (full log: %s):\n  VERL_PLATFORM=cpu %s" % (run_dir / "train.log", " ".join(cmd[1:])))
     code, timings = run_trainer(cmd, trainer_env(run_dir), run_dir, steps, log=say)
     if code != 0:
-        tail = (run_dir / "train.log").read_text().splitlines()[-40:]
-        say("\n".join(tail), file=sys.stderr)
-        say(f"\nverl's trainer exited with status {code}; full log: {run_dir / 'train.log'}", file=sys.stderr)
+        log_path = run_dir / "train.log"
+        cause = failure_cause(log_path.read_text(errors="replace"))
+        if not cause:  # nothing recognisable: show the end of the log
+            cause = log_path.read_text(errors="replace").splitlines()[-40:]
+        say(f"\nverl's trainer exited with status {code}:", file=sys.stderr)
+        say("\n".join(f"  {line}" for line in cause), file=sys.stderr)
+        say(f"full log: {log_path}", file=sys.stderr)
         return code
 
     records = read_metrics(run_dir / "metrics.jsonl")

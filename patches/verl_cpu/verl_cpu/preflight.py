@@ -113,6 +113,37 @@ def check_ray_resources(config: DictConfig) -> list[str]:
     return problems
 
 
+def check_policy_loss(config: DictConfig) -> list[str]:
+    """The actor's loss_mode is registered (verl's own check runs only at the first update, minutes later)."""
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    loss_mode = _get(config, "actor_rollout_ref.actor.policy_loss.loss_mode", "vanilla")
+    try:
+        get_policy_loss_fn(loss_mode)
+    except ValueError as exc:
+        return [f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}: {exc}"]
+    return []
+
+
+def check_sampler(config: DictConfig) -> list[str]:
+    """verl_cpu's polling replay buffer: a valid poll interval, and no DAPO filter (verl skips it for custom samplers)."""
+    if _get(config, "trainer.v1.sampler.custom_sampler.path") != "pkg://verl_cpu.replay_buffer":
+        return []
+    from verl_cpu.replay_buffer import poll_interval_of
+
+    problems = []
+    try:
+        poll_interval_of(_get(config, "trainer.v1.sampler.sampler_kwargs", {}))
+    except ValueError as exc:
+        problems.append(str(exc))
+    if _get(config, "algorithm.filter_groups.enable", False):
+        problems.append(
+            "algorithm.filter_groups.enable=true: verl does not pass the group filter to a custom sampler; "
+            "drop trainer.v1.sampler.custom_sampler (verl_cpu.replay_buffer) to use DAPO filtering"
+        )
+    return problems
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -251,7 +282,15 @@ def _first_rows(config: DictConfig, n: int = 2) -> list[dict]:
 
 # ----------------------------------------------------------------------------- entry points
 
-CHECKS = (check_device_settings, check_ray_resources, check_model, check_data, check_reward_function)
+CHECKS = (
+    check_device_settings,
+    check_ray_resources,
+    check_policy_loss,
+    check_sampler,
+    check_model,
+    check_data,
+    check_reward_function,
+)
 
 
 def check_config(config: DictConfig) -> list[str]:

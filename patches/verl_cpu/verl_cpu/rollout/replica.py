@@ -55,22 +55,29 @@ class HFReplica(RolloutReplica):
             )
         worker = self.workers[0]
         node_id = await worker.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
-        server = (
-            ray.remote(HFRolloutServer)
-            .options(
-                scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
-                    node_id=node_id, soft=False
-                ),
-                name=server_actor_name(self.replica_rank, 0, self.name_suffix),
-                max_concurrency=self.max_concurrency,
-                num_cpus=0,
-            )
-            .remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank)
-        )
+        name = server_actor_name(self.replica_rank, 0, self.name_suffix)
+        server = start_server(self.config, self.model_config, self.replica_rank, name, node_id, self.max_concurrency)
         await server.stats.remote()  # wait until the model is loaded
         self.servers = [server]
         self._server_handle = server
-        self._server_address = f"ray://{server_actor_name(self.replica_rank, 0, self.name_suffix)}"
+        self._server_address = f"ray://{name}"
+
+
+def start_server(config, model_config, replica_rank: int, name: str, node_id: str, max_concurrency: int):
+    """Start the :class:`HFRolloutServer` Ray actor of one replica on ``node_id``.
+
+    ``num_cpus=0``: it shares the CPUs with the colocated actor worker (the two take turns).
+    """
+    return (
+        ray.remote(HFRolloutServer)
+        .options(
+            scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            name=name,
+            max_concurrency=max_concurrency,
+            num_cpus=0,
+        )
+        .remote(config=config, model_config=model_config, replica_rank=replica_rank)
+    )
 
 
 class HFServerAdapter(BaseRollout):

@@ -6,14 +6,18 @@ sampling parameters and gets a ``TokenOutput`` (response token ids + log-probs) 
 the trainer's weight sync calls :meth:`HFRolloutServer.update_weights_from_tensors`.
 
 Concurrency: the agent loop sends one request per sample, concurrently. Requests are
-queued; a batcher task waits ``batch_wait_s`` after the first one, takes everything
-queued (up to ``max_batch_size``), groups it by sampling parameters and runs each group
-as **one** batched, KV-cached decode in a worker thread, so requests are batched rather
-than served one after another. A lock keeps weight updates and decoding apart.
+queued; a batcher task takes them until none arrived for ``batch_wait_s`` (up to
+``max_batch_size``), groups them by sampling parameters and runs each group as **one**
+batched, KV-cached decode in a worker thread, so requests are batched rather than served
+one after another. A lock keeps weight updates and decoding apart.
 
-Diagnostics: :meth:`stats` reports request and batch counts, the weight version
-(``global_steps``) and a weight checksum; with ``VERL_CPU_ROLLOUT_TRACE=<file>`` every
-weight load and every decoded batch is appended there as a JSON line (used by tests).
+Diagnostics: :meth:`stats` reports request and batch counts, timers (seconds decoding,
+the requests' summed wait for their decode, decode steps, seconds loading weights, the
+wall-clock times of the last arrival and of the last result: ``bench --rollout`` splits a
+rollout with them), the weight version (``global_steps``) and a weight checksum; with
+``VERL_CPU_ROLLOUT_TRACE=<file>`` every weight load and every decoded batch is appended
+there as a JSON line (used by tests). ``VERL_CPU_ROLLOUT_THREADS=<n>`` sets the server's
+torch threads (Ray gives an actor without CPUs one).
 
 Simulated training-inference mismatch: with ``VERL_CPU_LOGPROB_NOISE_STD=<sd>`` the
 *reported* log-probs (not the sampling) carry independent Gaussian noise of that standard
@@ -40,6 +44,7 @@ from verl_cpu.rollout.sampling import SamplingParams, resolve_sampling_params, s
 logger = logging.getLogger(__name__)
 TRACE_ENV = "VERL_CPU_ROLLOUT_TRACE"
 NOISE_ENV = "VERL_CPU_LOGPROB_NOISE_STD"
+THREADS_ENV = "VERL_CPU_ROLLOUT_THREADS"
 
 
 @dataclass
@@ -47,6 +52,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     future: asyncio.Future = field(repr=False)
+    queued_at: float = field(default_factory=time.time)  # wall clock: comparable across processes
 
 
 def weights_checksum(model: torch.nn.Module) -> float:
@@ -75,7 +81,7 @@ class HFRolloutServer:
         model_config: verl ``HFModelConfig`` (dataclass or DictConfig) of the actor model.
         replica_rank: index of the rollout replica this server belongs to.
         max_batch_size: most requests decoded together (defaults to ``config.max_num_seqs``).
-        batch_wait_s: how long the batcher waits after the first request for others.
+        batch_wait_s: a batch is closed when no further request arrived for this long (seconds).
     """
 
     def __init__(
@@ -94,6 +100,8 @@ class HFRolloutServer:
         self.replica_rank = replica_rank
         self.max_batch_size = int(max_batch_size or self.config.max_num_seqs)
         self.batch_wait_s = batch_wait_s
+        if os.environ.get(THREADS_ENV):
+            torch.set_num_threads(int(os.environ[THREADS_ENV]))
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_config.local_path,
             dtype=torch.float32,
@@ -102,6 +110,7 @@ class HFRolloutServer:
         ).eval()
         self.pad_token_id = self._pad_token_id()
         self.eos_token_ids = _eos_token_ids(self.model_config, self.model)
+        self._eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
         self.global_steps: Optional[int] = None
         self.asleep = False
         # one sampling stream per server, seeded with rollout.seed; which request gets which
@@ -114,7 +123,19 @@ class HFRolloutServer:
         self._batcher: Optional[asyncio.Task] = None
         self._lock: Optional[asyncio.Lock] = None
         self._pending_weights: set[str] = set()
-        self._stats = {"requests": 0, "batches": 0, "max_batch": 0, "weight_loads": 0}
+        self._in_flight = 0  # requests received and not yet answered
+        self._stats = {
+            "requests": 0,
+            "batches": 0,
+            "max_batch": 0,
+            "weight_loads": 0,
+            "decode_s": 0.0,  # wall time inside batched decodes
+            "queue_s": 0.0,  # summed over requests: enqueue -> start of their decode
+            "new_tokens": 0,  # decode steps summed over batches
+            "weight_load_s": 0.0,
+            "last_arrival": None,  # time.time() of the latest request's arrival
+            "last_done": None,  # time.time() when the latest batch's results were handed back
+        }
         self._trace_path = os.environ.get(TRACE_ENV) or None
         self._trace("server_started", checksum=weights_checksum(self.model))
 
@@ -150,8 +171,14 @@ class HFRolloutServer:
             params = SamplingParams(**{**params.__dict__, "seed": self.config.seed + self.replica_rank})
         self._bind_loop()
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(prompt_ids, params, future))
-        token_ids, log_probs = await future
+        request = _Request(prompt_ids, params, future)
+        self._stats["last_arrival"] = request.queued_at
+        self._in_flight += 1
+        try:
+            await self._queue.put(request)
+            token_ids, log_probs = await future
+        finally:
+            self._in_flight -= 1
         return TokenOutput(
             token_ids=token_ids,
             log_probs=log_probs if params.return_logprobs else None,
@@ -175,18 +202,34 @@ class HFRolloutServer:
         if self._batcher is None or self._batcher.done():
             self._batcher = loop.create_task(self._batch_loop())
 
-    async def _batch_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            await asyncio.sleep(self.batch_wait_s)  # let the other concurrent requests arrive
+    async def _next_batch(self) -> list[_Request]:
+        """Wait for a request, then keep taking requests until none arrived for ``batch_wait_s``.
+
+        verl's agent loop sends a step's requests one per sample, a few milliseconds apart:
+        a batch closed a fixed time after its first request would hold only the first few,
+        and the rest would wait for its whole decode before their own. Waiting for a quiet
+        gap instead takes a step's burst in one batch (at most ``max_batch_size`` requests).
+        """
+        batch = [await self._queue.get()]
+        while len(batch) < self.max_batch_size:
+            await asyncio.sleep(self.batch_wait_s)
+            if self._queue.empty():
+                break
             while not self._queue.empty() and len(batch) < self.max_batch_size:
                 batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _batch_loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
             groups: dict[SamplingParams, list[_Request]] = {}
             for request in batch:
                 groups.setdefault(request.params, []).append(request)
             for params, requests in groups.items():
                 try:
                     async with self._lock:
+                        started = time.time()
+                        self._stats["queue_s"] += sum(started - r.queued_at for r in requests)
                         results = await asyncio.to_thread(self._decode, [r.prompt_ids for r in requests], params)
                 except Exception as exc:  # hand the error to every waiting caller
                     for request in requests:
@@ -196,6 +239,7 @@ class HFRolloutServer:
                 for request, result in zip(requests, results, strict=True):
                     if not request.future.done():
                         request.future.set_result(result)
+                self._stats["last_done"] = time.time()
 
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], list[float]]]:
@@ -205,21 +249,24 @@ class HFRolloutServer:
         start = time.perf_counter()
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompts])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        # the mask of the whole decode, allocated once; step t attends to its first width + t columns
+        full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), params.max_tokens)], 1)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
 
         cache = DynamicCache()
         step_ids, step_pos = input_ids, position_ids
         finished = torch.zeros(len(prompts), dtype=torch.bool)
         tokens, log_probs = [], []
-        for _ in range(params.max_tokens):
+        for step in range(params.max_tokens):
             logits = self.model(
                 input_ids=step_ids,
-                attention_mask=attention_mask,
+                attention_mask=full_mask[:, : width + step],
                 position_ids=step_pos,
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=1,  # the prefill needs the last position's logits only
             ).logits[:, -1]
             token, log_prob = sample_step(logits, params, generator)
             if self._noise_std > 0:
@@ -228,35 +275,36 @@ class HFRolloutServer:
             tokens.append(token)
             log_probs.append(log_prob)
             if not params.ignore_eos:
-                finished |= torch.isin(token, torch.tensor(sorted(self.eos_token_ids), dtype=token.dtype))
+                finished |= torch.isin(token, self._eos_tensor)
             if bool(finished.all()):
                 break
             step_ids = token[:, None]
             step_pos = step_pos[:, -1:] + 1
-            attention_mask = torch.cat([attention_mask, torch.ones(len(prompts), 1, dtype=attention_mask.dtype)], 1)
 
-        results = [self._trim(row, tokens, log_probs) for row in range(len(prompts))]
+        token_rows = torch.stack(tokens, 1).tolist()  # (batch, steps): one conversion, not one per token
+        log_prob_rows = torch.stack(log_probs, 1).tolist()
+        results = [self._trim(ids, lps, params.ignore_eos) for ids, lps in zip(token_rows, log_prob_rows, strict=True)]
+        seconds = time.perf_counter() - start
         self._stats["requests"] += len(prompts)
         self._stats["batches"] += 1
         self._stats["max_batch"] = max(self._stats["max_batch"], len(prompts))
+        self._stats["decode_s"] += seconds
+        self._stats["new_tokens"] += len(tokens)
         self._trace(
             "generate",
             batch_size=len(prompts),
             new_tokens=len(tokens),
-            seconds=round(time.perf_counter() - start, 4),
+            seconds=round(seconds, 4),
             temperature=params.temperature,
         )
         return results
 
-    def _trim(self, row: int, tokens: list[torch.Tensor], log_probs: list[torch.Tensor]):
-        """One row's tokens up to and including its first EOS."""
-        out_ids, out_lp = [], []
-        for token, log_prob in zip(tokens, log_probs, strict=True):
-            out_ids.append(int(token[row]))
-            out_lp.append(float(log_prob[row]))
-            if out_ids[-1] in self.eos_token_ids:
-                break
-        return out_ids, out_lp
+    def _trim(self, token_ids: list[int], log_probs: list[float], ignore_eos: bool):
+        """One row's tokens up to and including its first EOS (all of them with ``ignore_eos``, like vLLM)."""
+        if not ignore_eos:
+            end = next((i + 1 for i, t in enumerate(token_ids) if t in self.eos_token_ids), len(token_ids))
+            token_ids, log_probs = token_ids[:end], log_probs[:end]
+        return token_ids, log_probs
 
     def _pad_token_id(self) -> int:
         tokenizer = getattr(self.model_config, "tokenizer", None)
@@ -281,6 +329,7 @@ class HFRolloutServer:
         """
         self._bind_loop()
         async with self._lock:
+            start = time.perf_counter()
             state = self.model.state_dict()
             if not self._pending_weights:
                 self._pending_weights = set(dict(self.model.named_parameters()).keys())
@@ -294,6 +343,7 @@ class HFRolloutServer:
                     self._pending_weights.discard(name)
             if unknown:
                 raise KeyError(f"hf rollout: weights not in the rollout model: {unknown[:5]}")
+            self._stats["weight_load_s"] += time.perf_counter() - start
             if not last:
                 return {}
             missing = self._missing_after_tying(self._pending_weights)
@@ -345,11 +395,9 @@ class HFRolloutServer:
         return None
 
     async def wait_for_requests_to_drain(self):
-        self._bind_loop()
-        while not self._queue.empty():
+        """Return when every request received so far has its result (queued, batching or decoding)."""
+        while self._in_flight:
             await asyncio.sleep(0.01)
-        async with self._lock:
-            return None
 
     async def set_global_steps(self, global_steps: int):
         self.global_steps = global_steps
@@ -365,7 +413,12 @@ class HFRolloutServer:
 
     async def stats(self) -> dict[str, Any]:
         """Counters, weight version and checksum (for tests and debugging)."""
-        return {**self._stats, "global_steps": self.global_steps, "checksum": weights_checksum(self.model)}
+        return {
+            **self._stats,
+            "global_steps": self.global_steps,
+            "checksum": weights_checksum(self.model),
+            "torch_threads": torch.get_num_threads(),
+        }
 
     # ------------------------------------------------------------------ trace
 

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# hmpo-verl on a CPU machine: install what is missing, then run the main job or the tests.
+#
+# Usage: bash recipes/cpu_tiny/setup_and_run.sh [demo args ...]        # the main job (python -m hmpo_verl.lab.cpu_demo)
+#        bash recipes/cpu_tiny/setup_and_run.sh --tests [pytest args]  # the test suite (python -m pytest -q tests)
+# Environment: PYTHON (python3), the interpreter to install into and run with (a venv's python works).
+#
+# What it installs, each only when missing (a second call checks, installs nothing and starts at once):
+#   1. torch 2.13.0, the CPU build (on Linux the PyPI default is a multi-GB CUDA build): Linux gets
+#      torch==2.13.0+cpu from pip's configured indexes, else from https://download.pytorch.org/whl/cpu
+#      (falling back to PyPI's torch==2.13.0 where neither has it); other systems torch==2.13.0. An importable torch of any
+#      build is kept as it is (a GPU machine keeps its CUDA torch).
+#   2. this checkout, editable, with its test and demo extras: pip install -e ".[test]"
+#   3. the CPU backend for verl, editable: pip install -e patches/verl_cpu
+# The exit status is the main job's or pytest's.
+set -euo pipefail
+
+REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd)
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+if torch_version=$("$PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null); then
+    say "torch $torch_version is installed"
+elif [[ $(uname -s) == Linux ]]; then
+    say "installing torch==$TORCH_VERSION+cpu (the CPU wheel)"
+    # pip's configured indexes first (a mirror or wheel folder that holds the CPU wheel answers
+    # without any other host being asked), then PyTorch's CPU index, then PyPI's default build.
+    if ! "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+        && ! "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu; then
+        say "the CPU wheel is not reachable from here: installing torch==$TORCH_VERSION from the default index (a CUDA build)"
+        "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION"
+    fi
+else
+    say "installing torch==$TORCH_VERSION"
+    "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION"
+fi
+
+# Installed = importable from this checkout, with the test tools and the demo's plot library.
+installed_here() {
+    "$PYTHON" - "$REPO" <<'EOF' 2>/dev/null
+import importlib.util, os, sys
+repo = os.path.realpath(sys.argv[1])
+def here(name, root):
+    spec = importlib.util.find_spec(name)
+    return spec is not None and os.path.realpath(spec.origin).startswith(os.path.join(repo, root) + os.sep)
+tools = all(importlib.util.find_spec(m) for m in ("pytest", "hypothesis", "matplotlib", "pandas", "scipy", "tqdm"))
+sys.exit(0 if here("hmpo_verl", "hmpo_verl") and here("verl_cpu", "patches") and tools else 1)
+EOF
+}
+
+if installed_here; then
+    say "hmpo-verl and verl_cpu are installed from $REPO"
+else
+    say "installing hmpo-verl[test] and patches/verl_cpu from $REPO (editable)"
+    "$PYTHON" -m pip install --quiet -e "${REPO}[test]" -e "$REPO/patches/verl_cpu"
+fi
+
+cd "$REPO"
+if [[ ${1:-} == --tests ]]; then
+    shift
+    exec "$PYTHON" -m pytest -q tests "$@"
+fi
+exec "$PYTHON" -m hmpo_verl.lab.cpu_demo "$@"
