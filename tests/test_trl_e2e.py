@@ -11,7 +11,7 @@ pytest.importorskip("trl")
 import torch  # noqa: E402
 from cpu_assets import tiny_assets  # noqa: E402
 
-from hmpo_verl.lab.trl_demo import addition_reward, build_trainer  # noqa: E402
+from hmpo_verl.lab.trl_demo import build_trainer, exact_match_reward  # noqa: E402
 
 STEPS = 4
 LOSS_METRICS = ("entropy", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean",
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
 
     def addition_reward_counted(completions, ground_truth, **kwargs):
         calls.append(len(completions))
-        return addition_reward(completions, ground_truth, **kwargs)
+        return exact_match_reward(completions, ground_truth, **kwargs)
 
     trainer = build_trainer(tiny_assets(), tmp_path_factory.mktemp("trl_e2e"), max_steps=STEPS,
                             reward_funcs=addition_reward_counted, power=-1.0)
