@@ -65,6 +65,11 @@ FREE_FORM_NODES = {"ray_kwargs.ray_init"} | {
 }
 
 
+def _in_free_form_node(path: str) -> bool:
+    """`path` is a free-form node or inside one (ray.init's runtime_env.env_vars, say)."""
+    return any(path == node or path.startswith(node + ".") for node in FREE_FORM_NODES)
+
+
 class RecipeError(AssertionError):
     """A recipe that verl would reject, or whose key verl would silently ignore."""
 
@@ -202,7 +207,7 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
                 if isinstance(value, dict) and isinstance(ref[key], dict):
                     walk(value, ref[key], dotted)
                 continue
-            if path in FREE_FORM_NODES or ref == {}:
+            if _in_free_form_node(path) or ref == {}:
                 continue  # free-form node: verl passes its keys on as they are
             if isinstance(target, str) and key in _fields(target):
                 continue  # a field of the dataclass this node instantiates: checked when built
@@ -663,6 +668,7 @@ def test_unknown_key_check_accepts_dataclass_fields_and_free_form_nodes():
     cfg = compose_recipe(RECIPES, "gsm8k", ("mean=agm",
                                            "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
                                            "+ray_kwargs.ray_init.num_gpus=1",
+                                           "+ray_kwargs.ray_init.runtime_env.env_vars.TQ_NUM_THREADS='1'",
                                            "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32"))
     assert unknown_keys(cfg) == []
     assert math.isclose(cfg.actor_rollout_ref.actor.clip_ratio_low, 0.4)
