@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -141,7 +142,15 @@ def _shape(text: str):
 
 
 def main(argv=None):
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--fidelity" in argv:  # the gradient-fidelity benchmark (hmpo_verl.lab.fidelity) takes the other arguments
+        from hmpo_verl.lab import fidelity
+
+        return fidelity.main([a for a in argv if a != "--fidelity"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fidelity", action="store_true", help="run the gradient-fidelity benchmark instead (see --fidelity --help)")
     parser.add_argument("--shapes", nargs="+", type=_shape, default=[(256, 4096), (32, 32768)])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=9)
@@ -156,4 +165,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

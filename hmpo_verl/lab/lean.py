@@ -309,7 +309,7 @@ class Rollout:
     rollout_log_probs: torch.Tensor  # as reported by the sampler (before any simulated noise)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample(model, prompts: list[list[int]], max_tokens: int, eos_id: int, pad_id: int,
            generator: torch.Generator) -> Rollout:
     """Batched KV-cached decoding at temperature 1; log-probs from the sampling model's logits (in fp32)."""
