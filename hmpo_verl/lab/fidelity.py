@@ -146,7 +146,7 @@ def measure(task: lean.Task, methods: list[lean.Method], regimes: list[str], res
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    model = lean.load_model(task.model_path)
+    model = lean.load_model(task.model_path, "eager")  # eager attention: its backward batches under vmap (sdpa's does not)
     t0 = time.time()
     pool = build_pool(task, model, pool_prompts, settings, seed)
     N, T = pool.rollout.response_mask.shape

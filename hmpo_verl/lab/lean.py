@@ -285,12 +285,12 @@ def _takes_log(fn) -> bool:
     return "log" in inspect.signature(fn).parameters
 
 
-def load_model(path: str):
+def load_model(path: str, attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
     model.eval()
     return model
 
