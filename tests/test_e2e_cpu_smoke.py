@@ -1,9 +1,9 @@
-"""End to end on CPU: ``python -m verl.trainer.main_ppo`` with ``loss_mode=hmpo``, 2 steps.
+"""End to end on CPU: ``python -m verl.trainer.main_ppo`` with ``loss_mode=hmpo``, 2 steps, on each task.
 
 The real path: driver -> Ray -> actor worker -> FSDP2 engine -> ppo_loss -> hmpo loss ->
 optimizer -> weight sync -> HF rollout server -> next rollout. Evidence is read from
 verl's own file logger and from the rollout server's trace (``VERL_CPU_ROLLOUT_TRACE``).
-About 1-1.5 minutes on a 2-core machine, most of it Ray and worker start-up.
+About 1-1.5 minutes per task on a 2-core machine, most of it Ray and worker start-up.
 """
 
 from __future__ import annotations
@@ -15,16 +15,23 @@ import sys
 import time
 
 import pytest
-from cpu_assets import REPO_ROOT, tiny_assets
+from cpu_assets import REPO_ROOT, task_assets
+
+from hmpo_verl.lab.tasks import TASKS, get_task
 
 STEPS = 2
 PM_METRICS = ("actor/pm/seq_ratio_mean", "actor/pm/log_ah_gap", "actor/pm/ess_frac", "actor/pm/power")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    assets = tiny_assets()
-    out = tmp_path_factory.mktemp("e2e")
+# response tokens (with <|im_end|>) a warm-started model writes: 2-3 for a sum, 41 for 40 Fibonacci digits
+RESPONSE_LENGTH = {"addition": (2, 3), "fibonacci": (38, 44)}
+
+
+@pytest.fixture(scope="module", params=list(TASKS))
+def run(request, tmp_path_factory):
+    task = get_task(request.param)
+    assets = task_assets(task.name)
+    out = tmp_path_factory.mktemp(f"e2e_{task.name}")
     env = {
         **os.environ,
         "VERL_PLATFORM": "cpu",
@@ -34,7 +41,7 @@ def run(tmp_path_factory):
     }
     cmd = [
         sys.executable, "-m", "verl.trainer.main_ppo",
-        "--config-path", str(REPO_ROOT / "recipes" / "cpu_tiny"), "--config-name", "hmpo",
+        "--config-path", str(task.recipe_dir), "--config-name", task.recipe_name,
         f"actor_rollout_ref.model.path={assets.model}",
         f"data.train_files={assets.train_parquet}",
         f"data.val_files={assets.test_parquet}",
@@ -50,18 +57,18 @@ def run(tmp_path_factory):
     (out / "train.log").write_text(result.stdout + result.stderr)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
     trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()] if (out / "trace.jsonl").exists() else []
-    print(f"e2e smoke run: {seconds:.0f} s")
-    return result, {m["step"]: m["data"] for m in metrics}, trace
+    print(f"e2e smoke run ({task.name}): {seconds:.0f} s")
+    return result, {m["step"]: m["data"] for m in metrics}, trace, task.name
 
 
 def test_the_trainer_exits_cleanly(run):
-    result, metrics, _ = run
+    result, metrics, _, _ = run
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert sorted(metrics) == list(range(1, STEPS + 1))
 
 
 def test_our_power_mean_metrics_are_in_verls_logged_metrics(run):
-    _, metrics, _ = run
+    _, metrics, _, _ = run
     for step, data in metrics.items():
         missing = [k for k in PM_METRICS if k not in data]
         assert not missing, f"step {step}: {missing} not logged"
@@ -71,7 +78,7 @@ def test_our_power_mean_metrics_are_in_verls_logged_metrics(run):
 
 def test_the_actor_weights_changed(run):
     """The server receives the actor's full weights after every step (and once at start)."""
-    _, metrics, trace = run
+    _, metrics, trace, _ = run
     loads = {e["global_steps"]: e["checksum"] for e in trace if e["event"] == "update_weights"}
     assert sorted(loads) == list(range(0, STEPS + 1)), loads
     assert loads[STEPS] != loads[0], f"the weights never changed: {loads}"
@@ -80,7 +87,7 @@ def test_the_actor_weights_changed(run):
 
 
 def test_the_rollout_server_generated_with_the_updated_weights(run):
-    _, metrics, trace = run
+    _, metrics, trace, _ = run
     # generation for step 2 ran after the weights of step 1 were loaded, and was tagged with them
     versions = [e["global_steps"] for e in trace if e["event"] == "generate"]
     assert versions and set(versions) == set(range(STEPS)), versions
@@ -94,6 +101,13 @@ def test_the_rollout_server_generated_with_the_updated_weights(run):
 
 
 def test_concurrent_rollout_requests_were_batched(run):
-    _, _, trace = run
+    _, _, trace, _ = run
     sizes = [e["batch_size"] for e in trace if e["event"] == "generate"]
     assert max(sizes) > 1 and len(sizes) < sum(sizes)
+
+
+def test_the_responses_have_the_tasks_length(run):
+    _, metrics, _, name = run
+    low, high = RESPONSE_LENGTH[name]
+    for step, data in metrics.items():
+        assert low <= data["response_length/mean"] <= high, (step, data["response_length/mean"])

@@ -11,9 +11,6 @@ import pytest
 import torch
 
 from hmpo_verl.lab import lean
-from hmpo_verl.lab.cpu_demo import REPO_ROOT
-
-ASSETS = REPO_ROOT / "outputs" / "lab_tasks"  # the lab's default, built once and reused
 
 
 def _batch(B=6, T=9, P=5, seed=0):
@@ -108,7 +105,7 @@ def test_kernel_cosines_equal_direct_autograd(tmp_path):
     """The fidelity benchmark's kernel inner products equal those of gradients taken through the model."""
     from hmpo_verl.lab.fidelity import gram, token_kernel
 
-    task = lean.load_task("tiny", ASSETS, log=None)
+    task = lean.load_task("addition", log=None)  # the demo's assets, built once
     model = lean.load_model(task.model_path, "eager")
     prompts = [task.train[j][0] for j in range(3) for _ in range(2)]
     rollout = lean.sample(model, prompts, 4, task.tokenizer.eos_token_id, task.tokenizer.pad_token_id,
@@ -131,7 +128,7 @@ def test_smoke_run_of_the_study_command(tmp_path):
     out, docs = tmp_path / "study", tmp_path / "docs" / "study.md"
     cmd = [sys.executable, "-m", "hmpo_verl.lab.study", "--methods", "vanilla", "hmpo", "--regimes", "stressed",
            "--seeds", "1", "--steps", "2", "--parallel", "1", "--out", str(out), "--docs", str(docs),
-           "--assets", str(ASSETS)]
+           "--task", "addition"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = json.loads((out / "runs" / "stressed" / "hmpo" / "seed1.json").read_text())
@@ -151,7 +148,7 @@ def test_smoke_run_of_the_study_command(tmp_path):
 def test_smoke_run_of_the_fidelity_command(tmp_path):
     docs = tmp_path / "fidelity.md"
     cmd = [sys.executable, "-m", "hmpo_verl.lab.bench", "--fidelity", "--quick", "--methods", "vanilla", "hmpo",
-           "--regimes", "mismatch", "--docs", str(docs), "--assets", str(ASSETS), "--out", str(tmp_path)]
+           "--regimes", "mismatch", "--docs", str(docs), "--task", "addition", "--out", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = pd.read_csv(tmp_path / "fidelity_data" / "fidelity.csv")

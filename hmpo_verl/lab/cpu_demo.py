@@ -1,9 +1,9 @@
 """The CPU demo: HMPO training a tiny model with verl's real trainer, on a laptop.
 
-    python -m hmpo_verl.lab.cpu_demo
+    python -m hmpo_verl.lab.cpu_demo [--task fibonacci|addition]
 
-1. builds the tiny addition task if it is missing (:mod:`hmpo_verl.lab.tiny_task`, ~15 s);
-2. runs ``python -m verl.trainer.main_ppo --config-path recipes/cpu_tiny --config-name hmpo``
+1. builds the task if it is missing (:mod:`hmpo_verl.lab.tasks`; fibonacci ~30-90 s, addition ~15 s);
+2. runs ``python -m verl.trainer.main_ppo --config-path recipes/<task recipe> --config-name hmpo``
    with ``VERL_PLATFORM=cpu`` (the CPU backend in ``patches/verl_cpu``), printing one
    line per training step read from verl's own file logger;
 3. prints a summary of the reward curve and writes a PNG of reward, clip fraction and
@@ -24,9 +24,9 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RECIPE_DIR = REPO_ROOT / "recipes" / "cpu_tiny"
-RECIPE_NAME = "hmpo"
+from hmpo_verl.lab.tasks import REPO_ROOT, TASKS, Task, get_task
+
+DEFAULT_TASK = "fibonacci"
 
 REWARD = "critic/score/mean"
 VAL_PREFIX, VAL_INFIX = "val-core/", "/acc/mean@"  # verl names it val-core/<data_source>/acc/mean@<n>
@@ -48,16 +48,16 @@ def check_cpu_backend_installed() -> None:
         )
 
 
-def trainer_command(assets, run_dir: Path, steps: int, loss_mode: str, overrides: list[str]) -> list[str]:
-    """``python -m verl.trainer.main_ppo`` with the recipe and this run's paths."""
+def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: str, overrides: list[str]) -> list[str]:
+    """``python -m verl.trainer.main_ppo`` with the task's recipe and this run's paths."""
     return [
         sys.executable,
         "-m",
         "verl.trainer.main_ppo",
         "--config-path",
-        str(RECIPE_DIR),
+        str(task.recipe_dir),
         "--config-name",
-        RECIPE_NAME,
+        task.recipe_name,
         f"data.train_files={assets.train_parquet}",
         f"data.val_files={assets.test_parquet}",
         f"actor_rollout_ref.model.path={assets.model}",
@@ -233,12 +233,19 @@ def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="HMPO with verl's real trainer on CPU (tiny addition task).")
-    parser.add_argument("--assets", default=str(REPO_ROOT / "outputs" / "tiny_task"), help="tiny-task asset dir")
+    tasks = "\n".join(f"  {t.name:<10} {t.summary}" for t in TASKS.values())
+    parser = argparse.ArgumentParser(
+        description="HMPO with verl's real trainer on CPU, on one of the lab's tasks.",
+        epilog=f"tasks (--task):\n{tasks}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--task", default=DEFAULT_TASK, choices=list(TASKS),
+                        help=f"which task to train on (default {DEFAULT_TASK}; see the list below)")
+    parser.add_argument("--assets", default=None, help="task asset dir (default: the task's folder under outputs/)")
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "outputs" / "cpu_demo"), help="logs, metrics, plot")
-    parser.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the task's, 40)")
     parser.add_argument("--loss-mode", default="hmpo", help="policy loss (default hmpo)")
-    parser.add_argument("--prepare-only", action="store_true", help="only build the tiny-task assets")
+    parser.add_argument("--prepare-only", action="store_true", help="only build the task's assets")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for verl, after --")
     return parser.parse_args(argv)
 
@@ -249,11 +256,11 @@ def say(*args, **kwargs) -> None:
 
 
 def main(argv=None) -> int:
-    from hmpo_verl.lab.tiny_task import prepare_assets
-
     args = parse_args(argv)
+    task = get_task(args.task)
+    steps = args.steps if args.steps is not None else task.demo_steps
     t0 = time.time()
-    assets = prepare_assets(args.assets, log=say)
+    assets = task.prepare_assets(args.assets, log=say)
     say(f"assets ready in {assets.root} ({time.time() - t0:.0f} s)")
     if args.prepare_only:
         return 0
@@ -263,9 +270,9 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "rollout_trace.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
-    cmd = trainer_command(assets, run_dir, args.steps, args.loss_mode, args.overrides)
+    cmd = trainer_command(task, assets, run_dir, steps, args.loss_mode, args.overrides)
     say("running verl's trainer on CPU (full log: %s):\n  VERL_PLATFORM=cpu %s" % (run_dir / "train.log", " ".join(cmd[1:])))
-    code, timings = run_trainer(cmd, trainer_env(run_dir), run_dir, args.steps, log=say)
+    code, timings = run_trainer(cmd, trainer_env(run_dir), run_dir, steps, log=say)
     if code != 0:
         tail = (run_dir / "train.log").read_text().splitlines()[-40:]
         say("\n".join(tail), file=sys.stderr)
@@ -275,7 +282,7 @@ def main(argv=None) -> int:
     records = read_metrics(run_dir / "metrics.jsonl")
     summary = summarize(records)
     png = run_dir / "reward_curve.png"
-    plot(records, png, f"{args.loss_mode} on CPU, tiny addition task (verl {_verl_version()})")
+    plot(records, png, f"{args.loss_mode} on CPU, {task.name} task (verl {_verl_version()})")
     (run_dir / "summary.json").write_text(json.dumps({**summary, **timings}, indent=2))
     print_summary(summary, timings, png, log=say)
     return 0

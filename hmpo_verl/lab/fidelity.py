@@ -384,7 +384,7 @@ def main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m hmpo_verl.lab.bench --fidelity")
-    parser.add_argument("--task", default="tiny")
+    parser.add_argument("--task", default="fibonacci")
     parser.add_argument("--quick", action="store_true", help="4 resamples, 2 outlier resamples, 4 methods, report under --out")
     parser.add_argument("--resamples", type=int, default=200)
     parser.add_argument("--outlier-resamples", type=int, default=100)
@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     parser.add_argument("--regimes", nargs="+", choices=list(FIDELITY_REGIMES), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--assets", default=str(REPO_ROOT / "outputs" / "lab_tasks"))
+    parser.add_argument("--assets", default=None, help="asset root (default: the task's own folder)")
     parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "fidelity"))
     parser.add_argument("--docs", default=None, help="report (default docs/fidelity.md; --quick: <out>/fidelity.md)")
     args = parser.parse_args(argv)

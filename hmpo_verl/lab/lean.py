@@ -235,32 +235,29 @@ class Task:
     tokenizer: Any
     max_response_length: int
     data_source: str = ""
+    assets: Any = None  # the task's TaskPaths (model, train_parquet, test_parquet)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def load_task(name: str, assets_root, max_response_length: int | None = None, log=print) -> Task:
-    """Build (if missing) and load a task: ``tiny`` (the addition task) or a name of ``hmpo_verl.lab.tasks``."""
+def load_task(name: str, assets_root=None, max_response_length: int | None = None, log=print) -> Task:
+    """Build (if missing) and load a task of :mod:`hmpo_verl.lab.tasks` (assets under ``assets_root/name``,
+    default: the task's own folder, shared with ``cpu_demo``). The response-length cap defaults to the
+    task's verl recipe (``data.max_response_length``), so the lean loop and the trainer sample alike."""
+    import importlib
     from pathlib import Path
 
     import pandas as pd
+    import yaml
     from transformers import AutoTokenizer
 
-    root = Path(assets_root) / name
-    if name == "tiny":
-        from hmpo_verl.lab.tiny_reward import compute_score
-        from hmpo_verl.lab.tiny_task import prepare_assets
+    from hmpo_verl.lab.tasks import REWARD_MODULE, get_task
 
-        paths = prepare_assets(root, log=log)
-        default_len = 4
-    else:
-        from hmpo_verl.lab.tasks import get_task
-
-        task = get_task(name)
-        paths = task.prepare_assets(root, log=log) if _takes_log(task.prepare_assets) else task.prepare_assets(root)
-        compute_score = task.compute_score
-        default_len = int(getattr(task, "max_response_length", 64))
+    task = get_task(name)
+    paths = task.prepare_assets(None if assets_root is None else Path(assets_root) / name, log=log)
+    compute_score = getattr(importlib.import_module(REWARD_MODULE), task.reward_name)
+    recipe = yaml.safe_load((task.recipe_dir / f"{task.recipe_name}.yaml").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(paths.model))
 
     def rows(path):
@@ -276,13 +273,8 @@ def load_task(name: str, assets_root, max_response_length: int | None = None, lo
     test, _ = rows(paths.test_parquet)
     return Task(name=name, model_path=str(paths.model), train=train, test=test,
                 reward=lambda text, truth: float(compute_score(source, text, truth)), tokenizer=tokenizer,
-                max_response_length=max_response_length or default_len, data_source=source)
-
-
-def _takes_log(fn) -> bool:
-    import inspect
-
-    return "log" in inspect.signature(fn).parameters
+                max_response_length=max_response_length or int(recipe["data"]["max_response_length"]),
+                data_source=source, assets=paths)
 
 
 def load_model(path: str, attn_implementation: str = "sdpa"):

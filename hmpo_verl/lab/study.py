@@ -37,7 +37,7 @@ from pathlib import Path
 from hmpo_verl.lab import lean, stats
 from hmpo_verl.lab.cpu_demo import REPO_ROOT
 
-DEFAULT_TASK = "tiny"
+DEFAULT_TASK = "fibonacci"
 DEFAULT_REGIMES = ("on_policy", "stale", "mismatch", "stressed")
 PILOT_METHODS = ("vanilla", "hmpo", "gspo")
 CONFIRM_METHODS = ("vanilla", "hmpo", "gspo")
@@ -335,7 +335,7 @@ def plot(steps_rows, comps, methods, regimes, figures: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- confirmation on verl's trainer
 
 
-def trainer_run(run: Run, task_name: str, assets_root: str, steps: int, settings: lean.LoopSettings, out: Path) -> dict:
+def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, settings: lean.LoopSettings, out: Path) -> dict:
     """The run on ``python -m verl.trainer.main_ppo`` (CPU backend), with the lean loop's settings."""
     import subprocess
 
@@ -350,9 +350,10 @@ def trainer_run(run: Run, task_name: str, assets_root: str, steps: int, settings
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "result.json", "rollout_trace.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
+    from hmpo_verl.lab.tasks import get_task
+
     task = lean.load_task(task_name, assets_root, settings.max_response_length, log=None)
     method, regime = lean.METHODS_BY_NAME[run.method], lean.REGIMES_BY_NAME[run.regime]
-    assets = _TrainerAssets(task)
     overrides = [
         f"data.train_batch_size={settings.prompts_per_step}", f"actor_rollout_ref.rollout.n={settings.n}",
         f"data.max_response_length={settings.max_response_length}", f"actor_rollout_ref.actor.optim.lr={settings.lr}",
@@ -362,7 +363,7 @@ def trainer_run(run: Run, task_name: str, assets_root: str, steps: int, settings
         f"data.seed={run.seed}", f"actor_rollout_ref.rollout.seed={run.seed}", "trainer.val_before_train=false",
         "trainer.test_freq=-1", f"trainer.experiment_name={run.regime}-{run.method}-seed{run.seed}",
     ]
-    cmd = trainer_command(assets, run_dir, steps, method.loss_mode, overrides)
+    cmd = trainer_command(get_task(task_name), task.assets, run_dir, steps, method.loss_mode, overrides)
     env = {**trainer_env(run_dir), **dict(regime.trainer_env)}
     start = time.time()
     with open(run_dir / "train.log", "w") as log:
@@ -373,23 +374,6 @@ def trainer_run(run: Run, task_name: str, assets_root: str, steps: int, settings
             "loss_metrics_seen": sorted({k for r in records for k in r["data"] if k.startswith(("actor/pm/", "rollout_corr/"))})}
     result_path.write_text(json.dumps(data, indent=2))
     return data
-
-
-@dataclass
-class _TrainerAssets:
-    task: lean.Task
-
-    @property
-    def model(self):
-        return self.task.model_path
-
-    @property
-    def train_parquet(self):
-        return Path(self.task.model_path).parent / "data" / "train.parquet"
-
-    @property
-    def test_parquet(self):
-        return Path(self.task.model_path).parent / "data" / "test.parquet"
 
 
 def confirmation(task: str, assets: str, steps: int, settings: lean.LoopSettings, seeds: list[int], out: Path,
@@ -566,7 +550,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-response-length", type=int, default=None, help="default: the task's")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
     parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "study"))
-    parser.add_argument("--assets", default=str(REPO_ROOT / "outputs" / "lab_tasks"))
+    parser.add_argument("--assets", default=None, help="asset root (default: the task's own folder)")
     parser.add_argument("--docs", default=None, help="report (default docs/study.md; --quick: <out>/study.md)")
     return parser.parse_args(argv)
 
