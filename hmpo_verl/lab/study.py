@@ -549,7 +549,7 @@ def parse_args(argv=None):
     parser.add_argument("--confirm-seeds", type=int, default=3)
     parser.add_argument("--max-response-length", type=int, default=None, help="default: the task's")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "study"))
+    parser.add_argument("--out", default=None, help="run files (default outputs/study; --quick: outputs/study_quick)")
     parser.add_argument("--assets", default=None, help="asset root (default: the task's own folder)")
     parser.add_argument("--docs", default=None, help="report (default docs/study.md; --quick: <out>/study.md)")
     return parser.parse_args(argv)
@@ -559,7 +559,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     start = time.time()
-    out = Path(args.out).resolve()
+    out = Path(args.out or REPO_ROOT / "outputs" / ("study_quick" if args.quick else "study")).resolve()
     docs = Path(args.docs) if args.docs else (out / "study.md" if args.quick else REPO_ROOT / "docs" / "study.md")
     data_dir = docs.parent / f"{docs.stem}_data"
     figures = docs.parent / f"{docs.stem}_figures"
