@@ -18,8 +18,8 @@ the model -- in each regime of the study, and we measure
 
 Regimes (those of the study): ``bf16`` -- reported log-probs of a bf16 copy of the weights
 (teacher-forced on the sampled tokens) are the behaviour policy; ``mismatch`` -- the same
-plus the study's heavy-tailed noise; ``stale`` -- the parameters after 7 of the stale regime's
-8 vanilla updates on the pool, old log-probs from the warm start; ``stressed`` -- both.
+plus the study's heavy-tailed noise; ``stale`` -- the parameters after 3 of the stale regime's
+4 vanilla updates on the pool, old log-probs from the warm start; ``stressed`` -- both.
 ``vanilla_rc`` runs in decoupled mode as in the study (old = the trainer's log-probs, verl's
 truncated IS weights carry the mismatch). Every gradient is exact (autograd through the
 model); the update of a method is what verl's ``ppo_loss`` would back-propagate.
@@ -71,8 +71,9 @@ def build_pool(task: lean.Task, model, prompts: int, settings: lean.LoopSettings
     return Pool(rollout, scores, np.array([str(j) for j in picked for _ in range(n)], dtype=object), groups, bf16)
 
 
-def drift(model, pool: Pool, settings: lean.LoopSettings, updates: int = 7):
-    """A copy of ``model`` after ``updates`` of the stale regime's vanilla updates on the pool (4 mini-batches per epoch)."""
+def drift(model, pool: Pool, settings: lean.LoopSettings, updates: int = 3, mini_batches: int = 2):
+    """A copy of ``model`` after ``updates`` of the stale regime's vanilla updates on the pool: the parameters
+    at which its last (4th) update of a rollout is computed."""
     import copy
 
     moved = copy.deepcopy(model)
@@ -81,7 +82,7 @@ def drift(model, pool: Pool, settings: lean.LoopSettings, updates: int = 7):
         old = lean.token_log_probs(model, pool.rollout)
     adv = lean.advantages(lean.METHODS_BY_NAME["vanilla"], settings, pool.scores, pool.rollout.response_mask, pool.uids)
     optimizer = torch.optim.AdamW(moved.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    chunks = torch.arange(len(pool.scores)).chunk(4)
+    chunks = torch.arange(len(pool.scores)).chunk(mini_batches)
     moved.train()
     for k in range(updates):
         rows = chunks[k % len(chunks)]

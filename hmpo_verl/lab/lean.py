@@ -181,19 +181,19 @@ HEAVY_NOISE = Noise("contaminated", sd=0.02, spike_sd=0.5, rate=0.02)
 
 REGIMES = (
     Regime("on_policy", "1 update per rollout, old log-probs recomputed by the trainer: every update starts at ratio 1"),
-    Regime("stale", "4 mini-batches x 2 epochs = 8 updates per rollout (off-policy after the first)",
-           mini_batches=4, epochs=2),
+    Regime("stale", "2 mini-batches x 2 epochs = 4 updates per rollout (off-policy after the first)",
+           mini_batches=2, epochs=2),
     Regime("mismatch", "sampled in bf16, reported bf16 log-probs + heavy-tailed noise are the behaviour policy "
            "(bypass mode), 1 update per rollout", sample_dtype="bf16", noise=HEAVY_NOISE, bypass=True),
-    Regime("stressed", "stale (8 updates per rollout) + the mismatch regime's bf16 sampling and heavy-tailed noise, bypass",
-           mini_batches=4, epochs=2, sample_dtype="bf16", noise=HEAVY_NOISE, bypass=True),
+    Regime("stressed", "stale (4 updates per rollout) + the mismatch regime's bf16 sampling and heavy-tailed noise, bypass",
+           mini_batches=2, epochs=2, sample_dtype="bf16", noise=HEAVY_NOISE, bypass=True),
     Regime("bf16", "sampled in bf16, its log-probs are the behaviour policy (bypass), no added noise, 1 update per rollout "
            "(measures whether the real bf16 mismatch alone matters)", sample_dtype="bf16", bypass=True),
-    Regime("confirm", "the regime verl's real trainer can also run: 8 updates per rollout, fp32 sampling, reported "
-           "log-probs + Gaussian noise sd 0.05, bypass", mini_batches=4, epochs=2, noise=Noise("gaussian", sd=0.05),
+    Regime("confirm", "the regime verl's real trainer can also run: 4 updates per rollout, fp32 sampling, reported "
+           "log-probs + Gaussian noise sd 0.05, bypass", mini_batches=2, epochs=2, noise=Noise("gaussian", sd=0.05),
            bypass=True,
-           trainer_overrides=("actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_epochs=2",
-                              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
+           trainer_overrides=("actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_epochs=2",
+                              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32",
                               "algorithm.rollout_correction.bypass_mode=true"),
            trainer_env=(("VERL_CPU_LOGPROB_NOISE_STD", "0.05"),)),
 )

@@ -547,6 +547,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default: the pilot's size, at least 5)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 40; --quick 4)")
     parser.add_argument("--confirm-seeds", type=int, default=3)
+    parser.add_argument("--confirm-steps", type=int, default=None, help="steps of the confirmation runs (default --steps)")
     parser.add_argument("--max-response-length", type=int, default=None, help="default: the task's")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
     parser.add_argument("--out", default=None, help="run files (default outputs/study; --quick: outputs/study_quick)")
@@ -597,20 +598,26 @@ def main(argv=None) -> int:
         data_dir.mkdir(parents=True, exist_ok=True)
         pilot_path.write_text(json.dumps({**power, "steps": steps, "task": args.task, "pilot_seeds": seeds}, indent=2))
     power_text = _power_text(power, pilot_path, len(comps))
-    confirm_text = "Not run in this invocation (`--confirm` runs it)."
     trainer_rows: list[dict] = []
     if args.confirm:
+        confirm_steps = args.confirm_steps or steps
         confirm_seeds = list(range(1, args.confirm_seeds + 1))
         confirm_runs = [Run(CONFIRM_REGIME, m, s) for m in CONFIRM_METHODS for s in confirm_seeds]
-        run_all(confirm_runs, args.task, args.assets, steps, settings_dict, out, args.parallel)
+        run_all(confirm_runs, args.task, args.assets, confirm_steps, settings_dict, out, args.parallel)
         lean_confirm, _ = load_runs(confirm_runs, out)
-        trainer_rows = confirmation(args.task, args.assets, steps, settings, confirm_seeds, out)
+        trainer_rows = confirmation(args.task, args.assets, confirm_steps, settings, confirm_seeds, out)
         table, notes = confirmation_table(lean_confirm, trainer_rows)
-        confirm_text = "\n".join([
-            f"Regime `{CONFIRM_REGIME}` ({lean.REGIMES_BY_NAME[CONFIRM_REGIME].note}), {len(confirm_seeds)} seeds, "
-            f"{steps} steps; the trainer runs `python -m verl.trainer.main_ppo` with the CPU recipe and the same "
-            "settings as Hydra overrides. Sampling streams differ between the two paths, so the comparison is "
-            "unpaired (Welch).", "", table, "", *[f"* {n}" for n in notes], ""])
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "confirm.md").write_text("\n".join([
+            "```bash", "python -m hmpo_verl.lab.study " + " ".join(argv), "```", "",
+            f"Regime `{CONFIRM_REGIME}` ({lean.REGIMES_BY_NAME[CONFIRM_REGIME].note}), seeds {confirm_seeds}, "
+            f"{confirm_steps} steps, task `{args.task}`; the trainer runs `python -m verl.trainer.main_ppo` with the "
+            "task's CPU recipe and the lean loop's settings as Hydra overrides. The sampling streams of the two paths "
+            "differ, so the comparison is unpaired (Welch's interval of trainer − lean).", "", table, "",
+            *[f"* {n}" for n in notes], ""]))
+    confirm_md = data_dir / "confirm.md"
+    confirm_text = (confirm_md.read_text() if confirm_md.exists() else
+                    "Not run yet (`--confirm` runs it; its result is kept in `docs/study_data/confirm.md`).")
     write_outputs(data_dir, summary, steps_rows, comps, trainer_rows)
     pngs = plot(steps_rows, comps, [m.name for m in methods], [r.name for r in regimes], figures)
     ctx = {"settings": settings, "task": args.task, "steps": steps, "seeds": seeds, "methods": methods,
