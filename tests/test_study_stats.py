@@ -89,6 +89,8 @@ def test_run_outcomes_definitions():
     assert stats.run_outcomes(rising, 0.4, 0.3, False)["collapsed"]  # final eval 0.1 below the first
     assert not stats.run_outcomes(rising, 0.4, 0.31, False)["collapsed"]
     assert stats.run_outcomes([0.2] * 6, 0.2, 0.2, False)["steps_to_threshold"] is None
+    # an early lucky step does not count: the moving average needs a full window
+    assert stats.run_outcomes([0.9, 0.1, 0.1, 0.1, 0.1, 0.1], 0.2, 0.2, False)["steps_to_threshold"] is None
 
 
 def test_max_drawdown():

@@ -44,12 +44,13 @@ def run_outcomes(train_reward: Sequence[float], first_eval: float, final_eval: f
     ``COLLAPSE_DROP`` or more below the first.
     drawdown: largest fall of the 5-step moving average of the training reward below its
     running maximum.
-    steps_to_threshold: first step whose 5-step moving average reaches first_reward +
-    ``threshold_gain`` (None if never).
+    steps_to_threshold: first step, from the 5th on (a full window: a single early step is
+    sampling noise), whose 5-step moving average reaches first_reward + ``threshold_gain``
+    (None if never).
     """
     smooth = moving_average(train_reward)
     target = first_eval + threshold_gain
-    reached = next((i + 1 for i, v in enumerate(smooth) if v >= target), None)
+    reached = next((i + 1 for i, v in enumerate(smooth) if i >= SMOOTH - 1 and v >= target), None)
     return {
         "first_reward": float(first_eval),
         "final_reward": float(final_eval),

@@ -377,22 +377,23 @@ def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, s
 
 
 def confirmation(task: str, assets: str, steps: int, settings: lean.LoopSettings, seeds: list[int], out: Path,
-                 log=print) -> list[dict]:
+                 log=lambda *a: print(*a, flush=True), on_row=None) -> list[dict]:
     """Trainer vs lean loop for CONFIRM_METHODS in CONFIRM_REGIME: training-curve outcomes side by side."""
     rows = []
-    for method in CONFIRM_METHODS:
-        for seed in seeds:
-            run = Run(CONFIRM_REGIME, method, seed)
-            log(f"verl trainer: {CONFIRM_REGIME}/{method}/seed{seed}")
-            data = trainer_run(run, task, assets, steps, settings, out)
-            if data["exit_code"] != 0 or len(data["reward"]) < steps:
-                log(f"  failed (exit {data['exit_code']}): see {out / 'trainer' / CONFIRM_REGIME / method / f'seed{seed}'}")
-                continue
-            reward = data["reward"]
-            rows.append({"path": "trainer", "method": method, "seed": seed,
-                         "final_train_reward": sum(reward[-FINAL_WINDOW:]) / len(reward[-FINAL_WINDOW:]),
-                         "auc": sum(reward) / len(reward), "wall_s": data["wall_s"],
-                         "loss_metrics_seen": " ".join(data["loss_metrics_seen"])})
+    for seed, method in ((s, m) for s in seeds for m in CONFIRM_METHODS):  # seed-major: a cut-short run covers every method
+        run = Run(CONFIRM_REGIME, method, seed)
+        log(f"verl trainer: {CONFIRM_REGIME}/{method}/seed{seed}")
+        data = trainer_run(run, task, assets, steps, settings, out)
+        if data["exit_code"] != 0 or len(data["reward"]) < steps:
+            log(f"  failed (exit {data['exit_code']}): see {out / 'trainer' / CONFIRM_REGIME / method / f'seed{seed}'}")
+            continue
+        reward = data["reward"]
+        rows.append({"path": "trainer", "method": method, "seed": seed,
+                     "final_train_reward": sum(reward[-FINAL_WINDOW:]) / len(reward[-FINAL_WINDOW:]),
+                     "auc": sum(reward) / len(reward), "wall_s": data["wall_s"],
+                     "loss_metrics_seen": " ".join(data["loss_metrics_seen"])})
+        if on_row:
+            on_row(rows)
     return rows
 
 
@@ -542,9 +543,14 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="vanilla/hmpo/gspo x on_policy/stressed x 1 seed x 4 steps")
     parser.add_argument("--pilot", action="store_true", help=f"{'/'.join(PILOT_METHODS)} x 3 seeds: size the seeds")
     parser.add_argument("--confirm", action="store_true", help="also run the confirmation on verl's real trainer")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no new runs: write the report from the finished ones (marked PARTIAL if some are missing)")
     parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
     parser.add_argument("--regimes", nargs="+", choices=list(lean.REGIMES_BY_NAME), default=None)
-    parser.add_argument("--seeds", type=int, default=None, help="seeds (default: the pilot's size, at least 5)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds (default: the pilot's size, at least 5 and at most --max-seeds)")
+    parser.add_argument("--max-seeds", type=int, default=5,
+                        help="cap of the default seed count: 5 x 14 methods x 4 regimes is what 150 min hold here")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 40; --quick 4)")
     parser.add_argument("--confirm-seeds", type=int, default=3)
     parser.add_argument("--confirm-steps", type=int, default=None, help="steps of the confirmation runs (default --steps)")
@@ -557,6 +563,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    import pandas as pd
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     start = time.time()
@@ -578,14 +586,15 @@ def main(argv=None) -> int:
         n_seeds = 1
     elif args.pilot:
         n_seeds = 3
-    else:
-        n_seeds = json.loads(pilot_path.read_text())["seeds"] if pilot_path.exists() else 5
+    else:  # the pilot's size when the budget holds it, else the floor of 5 (the report states the gap)
+        n_seeds = 5 if not pilot_path.exists() else min(json.loads(pilot_path.read_text())["seeds"], args.max_seeds)
     seeds = list(range(1, n_seeds + 1))
     runs = [Run(r.name, m.name, s) for s in seeds for r in regimes for m in methods]
     settings_dict = asdict(settings)
     print(f"{len(runs)} runs ({len(methods)} methods x {len(regimes)} regimes x {len(seeds)} seeds, {steps} steps) "
           f"on task {args.task} in {out}", flush=True)
-    run_all(runs, args.task, args.assets, steps, settings_dict, out, args.parallel)
+    if not args.report_only:
+        run_all(runs, args.task, args.assets, steps, settings_dict, out, args.parallel)
 
     done = [r for r in runs if is_done(r, out, args.task, steps, settings_dict)]
     summary, steps_rows = load_runs(done, out)
@@ -605,20 +614,26 @@ def main(argv=None) -> int:
         confirm_runs = [Run(CONFIRM_REGIME, m, s) for m in CONFIRM_METHODS for s in confirm_seeds]
         run_all(confirm_runs, args.task, args.assets, confirm_steps, settings_dict, out, args.parallel)
         lean_confirm, _ = load_runs(confirm_runs, out)
-        trainer_rows = confirmation(args.task, args.assets, confirm_steps, settings, confirm_seeds, out)
-        table, notes = confirmation_table(lean_confirm, trainer_rows)
         data_dir.mkdir(parents=True, exist_ok=True)
-        (data_dir / "confirm.md").write_text("\n".join([
-            "```bash", "python -m hmpo_verl.lab.study " + " ".join(argv), "```", "",
-            f"Regime `{CONFIRM_REGIME}` ({lean.REGIMES_BY_NAME[CONFIRM_REGIME].note}), seeds {confirm_seeds}, "
-            f"{confirm_steps} steps, task `{args.task}`; the trainer runs `python -m verl.trainer.main_ppo` with the "
-            "task's CPU recipe and the lean loop's settings as Hydra overrides. The sampling streams of the two paths "
-            "differ, so the comparison is unpaired (Welch's interval of trainer − lean).", "", table, "",
-            *[f"* {n}" for n in notes], ""]))
+
+        def write_confirm(rows):  # after every trainer run, so an interrupted confirmation keeps what it has
+            table, notes = confirmation_table(lean_confirm, rows)
+            pd.DataFrame(rows).to_csv(data_dir / "confirm.csv", index=False)
+            (data_dir / "confirm.md").write_text("\n".join([
+                "```bash", "python -m hmpo_verl.lab.study " + " ".join(argv), "```", "",
+                f"Regime `{CONFIRM_REGIME}` ({lean.REGIMES_BY_NAME[CONFIRM_REGIME].note}), seeds {confirm_seeds}, "
+                f"{confirm_steps} steps, task `{args.task}`; the trainer runs `python -m verl.trainer.main_ppo` with "
+                "the task's CPU recipe and the lean loop's settings as Hydra overrides. The sampling streams of the two "
+                "paths differ, so the comparison is unpaired (Welch's interval of trainer − lean). Trainer runs "
+                f"finished: {len(rows)} of {len(CONFIRM_METHODS) * len(confirm_seeds)}.", "", table, "",
+                *[f"* {n}" for n in notes], ""]))
+
+        trainer_rows = confirmation(args.task, args.assets, confirm_steps, settings, confirm_seeds, out,
+                                    on_row=write_confirm)
     confirm_md = data_dir / "confirm.md"
     confirm_text = (confirm_md.read_text() if confirm_md.exists() else
                     "Not run yet (`--confirm` runs it; its result is kept in `docs/study_data/confirm.md`).")
-    write_outputs(data_dir, summary, steps_rows, comps, trainer_rows)
+    write_outputs(data_dir, summary, steps_rows, comps)
     pngs = plot(steps_rows, comps, [m.name for m in methods], [r.name for r in regimes], figures)
     ctx = {"settings": settings, "task": args.task, "steps": steps, "seeds": seeds, "methods": methods,
            "regimes": regimes, "summary": summary, "steps_rows": steps_rows, "comps": comps, "pngs": pngs,
@@ -642,8 +657,15 @@ def _power_text(power: dict, pilot_path: Path, n_comparisons: int) -> str:
     else:
         lines.append("No pilot file: the default of 5 seeds was used.")
     if power.get("max_sd") is not None:
-        lines.append(f"In this run's own data the largest paired sd is {power['max_sd']:.3f}, which would need "
+        lines.append(f"In this report's own data the largest paired sd is {power['max_sd']:.3f}, which would need "
                      f"{power['seeds']} seeds for ±0.05.")
+        per_regime = {}
+        for key, sd in power.get("sds", {}).items():
+            regime = key.split("/")[0]
+            per_regime[regime] = max(per_regime.get(regime, 0.0), sd)
+        if per_regime:
+            lines.append("Per regime (largest paired sd → seeds for ±0.05): " + "; ".join(
+                f"{r} {sd:.3f} → {stats.seeds_needed(sd)}" for r, sd in per_regime.items()) + ".")
     lines.append(f"Comparisons corrected together: {n_comparisons} (final reward); the same number for AUC.")
     return " ".join(lines)
 
@@ -660,7 +682,7 @@ def _bf16_note(steps_rows) -> str:
             f"log_ah_gap {bf['mismatch/log_ah_gap'].mean():.3g}.")
 
 
-def write_outputs(data_dir: Path, summary, steps_rows, comps, trainer_rows) -> None:
+def write_outputs(data_dir: Path, summary, steps_rows, comps) -> None:
     import pandas as pd
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -671,8 +693,6 @@ def write_outputs(data_dir: Path, summary, steps_rows, comps, trainer_rows) -> N
         data_dir / "run_details.csv", index=False)
     pd.DataFrame(steps_rows).to_csv(data_dir / "steps.csv.gz", index=False)
     pd.DataFrame(comps).to_csv(data_dir / "comparisons.csv", index=False)
-    if trainer_rows:
-        pd.DataFrame(trainer_rows).to_csv(data_dir / "confirm.csv", index=False)
 
 
 if __name__ == "__main__":
