@@ -450,8 +450,11 @@ def write_docs(path: Path, argv: list[str], ctx: dict) -> None:
         "",
     ]
     if partial:
-        lines += [f"**PARTIAL**: {ctx['done']} of {ctx['planned']} planned runs are finished ({ctx['missing']} missing). "
-                  "The tables use the finished runs only; rerun the command to resume.", ""]
+        lines += [f"**PARTIAL**: {ctx['done']} of the {ctx['planned']} runs of this command's plan are finished "
+                  f"({ctx['missing']} missing). The tables use the finished runs only; run the command without "
+                  "`--report-only` to resume.", ""]
+    if ctx.get("invocations"):
+        lines += ["The runs were made by:", "", *[f"* {c}" for c in ctx["invocations"]], ""]
     lines += [
         f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. Machine: {os.cpu_count()} CPU cores, "
         f"{ctx['parallel']} runs at a time, one thread each (other work was running). Run time: "
@@ -594,6 +597,9 @@ def main(argv=None) -> int:
     print(f"{len(runs)} runs ({len(methods)} methods x {len(regimes)} regimes x {len(seeds)} seeds, {steps} steps) "
           f"on task {args.task} in {out}", flush=True)
     if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "invocations.jsonl", "a") as f:  # the report lists the commands that made its runs
+            f.write(json.dumps({"argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
         run_all(runs, args.task, args.assets, steps, settings_dict, out, args.parallel)
 
     done = [r for r in runs if is_done(r, out, args.task, steps, settings_dict)]
@@ -639,7 +645,8 @@ def main(argv=None) -> int:
            "regimes": regimes, "summary": summary, "steps_rows": steps_rows, "comps": comps, "pngs": pngs,
            "parallel": args.parallel, "planned": len(runs), "done": len(done), "missing": len(runs) - len(done),
            "run_minutes": sum(s["wall_s"] for s in summary) / 60, "wall_s": time.time() - start,
-           "power_text": power_text, "confirm_text": confirm_text, "bf16_note": _bf16_note(steps_rows)}
+           "power_text": power_text, "confirm_text": confirm_text, "bf16_note": _bf16_note(steps_rows),
+           "invocations": _invocations(out)}
     write_docs(docs, argv, ctx)
     print(results_table(summary, comps, [m.name for m in methods], [r.name for r in regimes]))
     print("\n".join(reading(comps, [r.name for r in regimes], summary)))
@@ -668,6 +675,14 @@ def _power_text(power: dict, pilot_path: Path, n_comparisons: int) -> str:
                 f"{r} {sd:.3f} → {stats.seeds_needed(sd)}" for r, sd in per_regime.items()) + ".")
     lines.append(f"Comparisons corrected together: {n_comparisons} (final reward); the same number for AUC.")
     return " ".join(lines)
+
+
+def _invocations(out: Path) -> list[str]:
+    path = out / "invocations.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [f"`python -m hmpo_verl.lab.study {' '.join(r['argv'])}` (started {r['started']})" for r in rows]
 
 
 def _bf16_note(steps_rows) -> str:
