@@ -136,6 +136,7 @@ def load_runs(runs: list[Run], out: Path):
                                      any(m["non_finite"] for m in metrics))
         summary.append({"regime": run.regime, "method": run.method, "seed": run.seed, **outcome,
                         "final_train_reward": sum(m["reward"] for m in metrics[-FINAL_WINDOW:]) / len(metrics[-FINAL_WINDOW:]),
+                        "clipfrac": sum(m.get("actor/pg_clipfrac", 0.0) for m in metrics) / len(metrics),
                         "wall_s": data["wall_s"]})
         for m in metrics:
             steps.append({"regime": run.regime, "method": run.method, "seed": run.seed, **m})
@@ -388,7 +389,12 @@ def confirmation(task: str, assets: str, steps: int, settings: lean.LoopSettings
             log(f"  failed (exit {data['exit_code']}): see {out / 'trainer' / CONFIRM_REGIME / method / f'seed{seed}'}")
             continue
         reward = data["reward"]
-        rows.append({"path": "trainer", "method": method, "seed": seed,
+        from hmpo_verl.lab.cpu_demo import read_metrics
+
+        clip = [r["data"]["actor/pg_clipfrac"] for r in read_metrics(out / "trainer" / CONFIRM_REGIME / method /
+                                                                     f"seed{seed}" / "metrics.jsonl")
+                if "actor/pg_clipfrac" in r["data"]]
+        rows.append({"path": "trainer", "method": method, "seed": seed, "clipfrac": sum(clip) / max(len(clip), 1),
                      "final_train_reward": sum(reward[-FINAL_WINDOW:]) / len(reward[-FINAL_WINDOW:]),
                      "auc": sum(reward) / len(reward), "wall_s": data["wall_s"],
                      "loss_metrics_seen": " ".join(data["loss_metrics_seen"])})
@@ -401,7 +407,8 @@ def confirmation_table(lean_summary, trainer_rows: list[dict]) -> tuple[str, lis
     """Side-by-side table (mean ± 95 % t interval per path) and, per method, Welch's interval of trainer − lean."""
     from scipy import stats as st
 
-    lines = ["| method | path | runs | final training reward (last 5 steps) | AUC |", "|---|---|---|---|---|"]
+    lines = ["| method | path | runs | final training reward (last 5 steps) | AUC | clip fraction (actor/pg_clipfrac) |",
+             "|---|---|---|---|---|---|"]
     notes = []
     for method in CONFIRM_METHODS:
         lean_vals = [s for s in lean_summary if s["regime"] == CONFIRM_REGIME and s["method"] == method]
@@ -410,8 +417,13 @@ def confirmation_table(lean_summary, trainer_rows: list[dict]) -> tuple[str, lis
             if vals:
                 lines.append(f"| {method} | {name} | {len(vals)} | "
                              f"{_fmt(*stats.mean_ci([v['final_train_reward'] for v in vals]))} | "
-                             f"{_fmt(*stats.mean_ci([v['auc'] for v in vals]))} |")
-        for metric in ("final_train_reward", "auc"):
+                             f"{_fmt(*stats.mean_ci([v['auc'] for v in vals]))} | "
+                             f"{_fmt(*stats.mean_ci([v['clipfrac'] for v in vals]))} |")
+        if tr_vals:
+            seen = sorted({k for v in tr_vals for k in v["loss_metrics_seen"].split()})
+            notes.append(f"{method}: the trainer's runs logged {', '.join(seen) if seen else 'no actor/pm/* and no rollout_corr/* metrics'}"
+                         " (our losses log actor/pm/*; verl's bypass_mode loss would log rollout_corr/*)")
+        for metric in ("final_train_reward", "auc", "clipfrac"):
             a, b = [v[metric] for v in tr_vals], [v[metric] for v in lean_vals]
             if len(a) >= 2 and len(b) >= 2:
                 res = st.ttest_ind(a, b, equal_var=False)
