@@ -468,21 +468,22 @@ def write_docs(path: Path, argv: list[str], ctx: dict) -> None:
     if ctx.get("invocations"):
         lines += ["The runs were made by:", "", *[f"* {c}" for c in ctx["invocations"]], ""]
     lines += [
-        f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. Machine: {os.cpu_count()} CPU cores, "
-        f"{ctx['parallel']} runs at a time, one thread each (other work was running). Run time: "
-        f"{ctx['run_minutes']:.0f} min of run wall time in all; this invocation {ctx['wall_s'] / 60:.0f} min.",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. Machine: {os.cpu_count()} CPU cores "
+        f"shared with other work; each run on one thread. Run time: {ctx['run_minutes']:.0f} min of run wall time "
+        f"in all (runs in parallel overlap); this invocation {ctx['wall_s'] / 60:.0f} min.",
         "",
         f"Task `{ctx['task']}`: max response length {s.max_response_length} tokens; {s.prompts_per_step} prompts x "
         f"{s.n} samples per step, {ctx['steps']} steps per run, lr {s.lr}, AdamW (weight decay {s.weight_decay}), "
         f"grad-norm clip {s.grad_clip}, `loss_agg_mode={s.loss_agg_mode}`, clip {s.clip_ratio} unless the method sets "
         f"its own, GRPO advantages with `norm_adv_by_std_in_grpo={s.norm_adv_by_std_in_grpo}`. Seeds: {ctx['seeds']}.",
-        f"Evaluation (first/final reward): {s.eval_prompts} test prompts x {s.eval_samples} samples at temperature 1, "
-        "the same prompts and sampling stream for every method of a seed.",
+        f"Evaluation (first/final reward): {ctx['eval_prompts']} test prompts x {s.eval_samples} samples at "
+        "temperature 1, the same prompts and sampling stream for every method of a seed.",
         "",
         "Definitions: *final reward* = evaluation after the last step; *AUC* = mean training reward over the steps; "
         f"*collapsed* = a non-finite loss or gradient norm, or a final evaluation ≥ {stats.COLLAPSE_DROP} below the "
         "first; *drawdown* = largest fall of the 5-step moving average of the training reward below its running "
-        "maximum; *steps to +0.1* = first step whose 5-step moving average reaches the first evaluation + 0.1.",
+        "maximum; *steps to +0.1* = first step, from the 5th on, whose 5-step moving average reaches the first "
+        "evaluation + 0.1.",
         "Statistics: paired by seed (seed k: same initial model, data order, sampling and evaluation streams for "
         "every method); 95 % paired t intervals of method − vanilla; p-values of the paired t test, Holm-corrected "
         "over all final-reward comparisons together (and separately over the AUC ones).",
@@ -624,7 +625,11 @@ def main(argv=None) -> int:
     if args.pilot:
         data_dir.mkdir(parents=True, exist_ok=True)
         pilot_path.write_text(json.dumps({**power, "steps": steps, "task": args.task, "pilot_seeds": seeds}, indent=2))
-    power_text = _power_text(power, pilot_path, len(comps))
+    n_eval = min(settings.eval_prompts, len(task.test)) * settings.eval_samples
+    power_text = _power_text(power, pilot_path, len(comps)) + (
+        f" Part of that spread is the evaluation's own sampling noise: {n_eval} samples give a binomial sd of about "
+        f"{(0.25 / n_eval) ** 0.5:.3f} per run at reward 0.5, about {(0.5 / n_eval) ** 0.5:.3f} on a paired "
+        "difference; more evaluation samples are the cheapest way to need fewer seeds.")
     trainer_rows: list[dict] = []
     if args.confirm:
         confirm_steps = args.confirm_steps or steps
@@ -658,7 +663,7 @@ def main(argv=None) -> int:
            "parallel": args.parallel, "planned": len(runs), "done": len(done), "missing": len(runs) - len(done),
            "run_minutes": sum(s["wall_s"] for s in summary) / 60, "wall_s": time.time() - start,
            "power_text": power_text, "confirm_text": confirm_text, "bf16_note": _bf16_note(steps_rows),
-           "invocations": _invocations(out)}
+           "invocations": _invocations(out), "eval_prompts": min(settings.eval_prompts, len(task.test))}
     write_docs(docs, argv, ctx)
     print(results_table(summary, comps, [m.name for m in methods], [r.name for r in regimes]))
     print("\n".join(reading(comps, [r.name for r in regimes], summary)))
