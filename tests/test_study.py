@@ -1,88 +1,156 @@
-"""The comparative study: its statistics on hand-made curves, and a smoke run of the real command."""
+"""The study's lean loop calls verl's own pieces; the study and fidelity commands run end to end."""
 
 import json
 import math
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from hmpo_verl.lab.study import METHODS_BY_NAME, REGIMES_BY_NAME, Run, mean_ci, reading, results_table, run_summary, welch_diff_ci
-
-
-def test_run_summary_definitions():
-    rising = [0.3, 0.35, 0.4, 0.5, 0.55, 0.6]
-    s = run_summary(rising, non_finite=False, threshold=0.45, final_window=3)
-    assert s["final_reward"] == pytest.approx((0.5 + 0.55 + 0.6) / 3)
-    assert s["auc"] == pytest.approx(sum(rising) / 6)
-    assert s["steps_to_threshold"] == 5  # moving average (0.4+0.5+0.55)/3 = 0.483 at step 5
-    assert not s["collapsed"]
-    rose_then_fell = [0.3, 0.4, 0.45, 0.4, 0.2, 0.1, 0.1]
-    assert run_summary(rose_then_fell, False, 0.9, 3)["collapsed"]
-    never_rose = [0.3, 0.31, 0.29, 0.2]  # below the start, but it never rose 0.05 above it
-    assert not run_summary(never_rose, False, 0.9, 3)["collapsed"]
-    assert run_summary(rising, non_finite=True, threshold=0.45, final_window=3)["collapsed"]
-    assert run_summary(rising, False, 0.99, 3)["steps_to_threshold"] is None
+from hmpo_verl.lab import lean
 
 
-def test_confidence_intervals():
-    mean, half = mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)  # t(0.975, 2) = 4.3027
-    assert math.isnan(mean_ci([1.0])[1])
-    diff, lo, hi = welch_diff_ci([1.0, 1.1, 0.9], [0.0, 0.1, -0.1])
-    assert diff == pytest.approx(1.0) and 0 < lo < 1 < hi
-    diff, lo, hi = welch_diff_ci([1.0, 2.0, 3.0], [1.5, 2.5, 2.0])
-    assert lo < 0 < hi
+def _batch(B=6, T=9, P=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    prompt_lens = torch.randint(2, P + 1, (B,), generator=g)
+    prompt_mask = torch.arange(P)[None] >= (P - prompt_lens)[:, None]  # left-padded
+    old = torch.where(mask, -torch.rand(B, T, generator=g) * 2, 0.0)
+    log_prob = torch.where(mask, old + 0.3 * torch.randn(B, T, generator=g), 0.0)
+    adv = (torch.randn(B, 1, generator=g) * mask).float()
+    return old, log_prob, adv, mask, prompt_mask
 
 
-def _summary():
-    rows = []
-    for method, finals in (("grpo", [0.40, 0.42, 0.41]), ("hmpo", [0.50, 0.52, 0.51]), ("agm", [0.30, 0.55, 0.45])):
-        for seed, final in enumerate(finals, 1):
-            rows.append(dict(regime="on_policy", method=method, seed=seed, final_reward=final, auc=final - 0.05,
-                             start_reward=0.3, steps_to_threshold=None if final < 0.45 else 4, collapsed=final < 0.35))
-    return pd.DataFrame(rows)
+def _verl_ppo_loss(config, old, log_prob, adv, mask, prompt_mask, weights=None):
+    """verl.workers.utils.losses.ppo_loss on the same batch, its log-probs in verl's packed (no-padding) layout."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    B, T = mask.shape
+    pieces = []
+    for b in range(B):  # a sequence's packed output: position j holds log p(token j+1)
+        p, r = int(prompt_mask[b].sum()), int(mask[b].sum())
+        pieces += [torch.zeros(p - 1), log_prob[b, :r], torch.zeros(1)]
+    fields = {"prompts": torch.zeros(prompt_mask.shape, dtype=torch.long), "responses": torch.zeros(B, T, dtype=torch.long),
+              "attention_mask": torch.cat([prompt_mask, mask], 1).long(), "response_mask": mask.long(),
+              "old_log_probs": old, "advantages": adv}
+    if weights is not None:
+        fields["rollout_is_weights"] = weights
+    data = TensorDict(fields, batch_size=[B])
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=B)
+    loss, _ = ppo_loss(config, {"log_probs": torch.cat(pieces)}, data)
+    return loss
 
 
-def test_table_and_generated_reading():
-    summary = _summary()
-    table = results_table(summary)
-    assert "| on_policy | hmpo | 3 | 0.510 ± 0.025 |" in table
-    assert "| on_policy | agm |" in table and "| 1/3 |" in table
-    text = "\n".join(reading(summary))
-    assert "excludes 0: hmpo final reward +0.100" in text
-    assert "Inside the noise" in text and "agm final reward +0.023" in text
-    assert "Collapsed runs: agm/seed1" in text
+@pytest.mark.parametrize("method", ["vanilla", "gspo", "geo_mean", "sapo", "dppo_tv", "cispo", "vanilla_rc", "hmpo",
+                                    "pm_p-2", "agm", "adaptive"])
+def test_lean_loss_is_verls_ppo_loss(method):
+    """Loss and gradient of the lean loop's call equal verl's own ppo_loss on the same batch."""
+    m = lean.METHODS_BY_NAME[method]
+    settings = lean.LoopSettings()
+    old, log_prob, adv, mask, prompt_mask = _batch()
+    weights = lean.rollout_is_weights(m, old, old - 0.2 * torch.randn_like(old), mask)
+    a = log_prob.clone().requires_grad_(True)
+    b = log_prob.clone().requires_grad_(True)
+    ours, _ = lean.policy_loss(lean.actor_config(m, settings), old, a, adv, mask, weights)
+    ref = _verl_ppo_loss(lean.actor_config(m, settings), old, b, adv, mask, prompt_mask, weights)
+    ours.backward()
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
 
 
-def test_every_method_and_regime_builds_a_valid_command(tmp_path):
-    from hmpo_verl.lab.study import run_overrides
+def test_method_settings_reach_verls_config():
+    s = lean.LoopSettings()
+    gspo = lean.actor_config(lean.METHODS_BY_NAME["gspo"], s)
+    assert (gspo.clip_ratio_low, gspo.clip_ratio_high, gspo.loss_agg_mode) == (3e-4, 4e-4, "seq-mean-token-mean")
+    assert lean.actor_config(lean.METHODS_BY_NAME["cispo"], s).clip_ratio_low == 10.0
+    assert lean.actor_config(lean.METHODS_BY_NAME["dppo_tv"], s).clip_ratio_c == 10000.0
+    assert lean.actor_config(lean.METHODS_BY_NAME["pm_p0.5"], s).policy_loss.power == 0.5
+    assert lean.algo_config(lean.METHODS_BY_NAME["pm_adv"], s).risk_beta == 2.0
 
-    for regime in REGIMES_BY_NAME.values():
-        for method in METHODS_BY_NAME.values():
-            overrides = run_overrides(Run(regime, method, 1))
-            assert "data.seed=1" in overrides and any("trainer.experiment_name" in o for o in overrides)
+
+def test_advantages_are_verls_estimators():
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, get_adv_estimator_fn
+
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    mask[3, 2:] = False
+    scores = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 0])
+    uids = np.array(["a"] * 4 + ["b"] * 4, dtype=object)
+    s = lean.LoopSettings()
+    tlr = torch.zeros(8, 5)
+    tlr[torch.arange(8), mask.sum(-1) - 1] = scores
+    grpo = lean.advantages(lean.METHODS_BY_NAME["vanilla"], s, scores, mask, uids)
+    torch.testing.assert_close(grpo, compute_grpo_outcome_advantage(tlr, mask.float(), uids)[0])
+    pm = lean.METHODS_BY_NAME["pm_adv"]
+    algo = lean.algo_config(pm, s)
+    torch.testing.assert_close(lean.advantages(pm, s, scores, mask, uids, algo),
+                               get_adv_estimator_fn("power_mean")(tlr, mask.float(), config=algo, index=uids)[0])
+
+
+def test_contaminated_noise_shape():
+    noise = lean.Noise("contaminated", sd=0.02, spike_sd=0.5, rate=0.02).sample((200_000,), torch.Generator().manual_seed(0))
+    spikes = (noise.abs() > 0.1).float().mean().item()  # bulk N(0, 0.02^2) essentially never exceeds 0.1
+    assert 0.02 * 0.8 < spikes < 0.02 * 1.0
+    with pytest.raises(ValueError, match="Noise.kind"):
+        lean.Noise("cauchy", sd=1.0).sample((3,), torch.Generator())
+
+
+def test_kernel_cosines_equal_direct_autograd(tmp_path):
+    """The fidelity benchmark's kernel inner products equal those of gradients taken through the model."""
+    from hmpo_verl.lab.fidelity import gram, token_kernel
+
+    task = lean.load_task("addition", log=None)  # the demo's assets, built once
+    model = lean.load_model(task.model_path, "eager")
+    prompts = [task.train[j][0] for j in range(3) for _ in range(2)]
+    rollout = lean.sample(model, prompts, 4, task.tokenizer.eos_token_id, task.tokenizer.pad_token_id,
+                          torch.Generator().manual_seed(0))
+    kernel = token_kernel(model, rollout)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(2, *rollout.response_mask.shape, generator=g) * rollout.response_mask
+    log_prob = lean.token_log_probs(model, rollout)
+    flat = []
+    for k in range(2):
+        grads = torch.autograd.grad(log_prob, list(model.parameters()), v[k], retain_graph=True)
+        flat.append(torch.cat([x.reshape(-1) for x in grads]).double())
+    direct = torch.stack(flat) @ torch.stack(flat).T
+    torch.testing.assert_close(gram(v.reshape(2, -1), kernel), direct, rtol=1e-4, atol=1e-8)
 
 
 @pytest.mark.slow
 def test_smoke_run_of_the_study_command(tmp_path):
-    """One method, one seed, two steps of the real command, through to the report."""
+    """Two methods, one regime, one seed, two steps of the real command, through to the report; then resume."""
     out, docs = tmp_path / "study", tmp_path / "docs" / "study.md"
-    cmd = [sys.executable, "-m", "hmpo_verl.lab.study", "--methods", "hmpo", "--regimes", "stressed", "--seeds", "1",
-           "--steps", "2", "--out", str(out), "--docs", str(docs)]
+    cmd = [sys.executable, "-m", "hmpo_verl.lab.study", "--methods", "vanilla", "hmpo", "--regimes", "stressed",
+           "--seeds", "1", "--steps", "2", "--parallel", "1", "--out", str(out), "--docs", str(docs),
+           "--task", "addition"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_result = json.loads((out / "runs" / "stressed" / "hmpo" / "seed1" / "result.json").read_text())
-    assert run_result["exit_code"] == 0 and run_result["steps"] == 2
-    steps = pd.read_csv(out / "steps.csv")
-    assert len(steps) == 2 and steps["actor/pm/ess_frac"].notna().all()
-    # the stressed regime's injected mismatch shows: ratios are not 1 on the first update
-    assert (steps["actor/pm/log_ah_gap"] > 0).all()
+    run = json.loads((out / "runs" / "stressed" / "hmpo" / "seed1.json").read_text())
+    assert len(run["metrics"]) == 2 and math.isfinite(run["final_eval"])
+    assert run["metrics"][0]["update/log_ah_gap"] > 0  # the stressed regime's mismatch reaches the loss
+    summary = pd.read_csv(docs.parent / "study_data" / "summary.csv")
+    assert list(summary.columns) == ["regime", "method", "seed", "first_reward", "final_reward", "auc", "collapsed"]
+    assert len(summary) == 2
     report = docs.read_text()
     assert "| stressed | hmpo | 1 |" in report and "![reward](study_figures/reward.png)" in report
-    assert (docs.parent / "study_figures" / "reward.png").stat().st_size > 1000
-    # a second invocation finds the run finished and does not train again
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
-    assert json.loads((out / "runs" / "stressed" / "hmpo" / "seed1" / "result.json").read_text()) == run_result
+    assert json.loads((out / "runs" / "stressed" / "hmpo" / "seed1.json").read_text()) == run  # not re-run
+
+
+@pytest.mark.slow
+def test_smoke_run_of_the_fidelity_command(tmp_path):
+    docs = tmp_path / "fidelity.md"
+    cmd = [sys.executable, "-m", "hmpo_verl.lab.bench", "--fidelity", "--quick", "--methods", "vanilla", "hmpo",
+           "--regimes", "mismatch", "--docs", str(docs), "--task", "addition", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = pd.read_csv(tmp_path / "fidelity_data" / "fidelity.csv")
+    assert set(rows["method"]) == {"vanilla", "hmpo"} and rows["cosine"].between(-1.0001, 1.0001).all()
+    assert "| hmpo |" in docs.read_text()

@@ -3,6 +3,7 @@
     python -m hmpo_verl.lab.bench                      # 256x4096 and 32x32768, fp32 and bf16
     python -m hmpo_verl.lab.bench --shapes 64x1024 --repeats 5 --device cuda
     python -m hmpo_verl.lab.bench --rollout [--task NAME] [--repeats N]   # rollout cost: hmpo_verl.lab.rollout_bench
+    python -m hmpo_verl.lab.bench --fidelity [--resamples N]            # gradient fidelity: hmpo_verl.lab.fidelity
 
 For each shape and dtype, every loss runs forward + backward on identical tensors
 (log-ratios ~ N(0, 0.05^2) as measured between vLLM and a bf16 trainer, DESIGN.md
@@ -150,13 +151,20 @@ def _shape(text: str):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     own = argv[: argv.index("--")] if "--" in argv else argv
-    if "--rollout" in own:  # a different benchmark, with its own options
+    # two other benchmarks, each with its own options
+    if "--rollout" in own:
         from hmpo_verl.lab import rollout_bench
 
         argv.remove("--rollout")
         return rollout_bench.main(argv)
+    if "--fidelity" in own:
+        from hmpo_verl.lab import fidelity
+
+        argv.remove("--fidelity")
+        return fidelity.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rollout", action="store_true", help="rollout vs model.generate instead (see rollout_bench --help)")
+    parser.add_argument("--fidelity", action="store_true", help="the gradient-fidelity benchmark instead (see --fidelity --help)")
     parser.add_argument("--shapes", nargs="+", type=_shape, default=[(256, 4096), (32, 32768)])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=9)

@@ -1,42 +1,25 @@
-"""Comparative study: GRPO vs GSPO vs GMPO vs HMPO vs power means vs AGM vs adaptive p vs
-power-mean/AGM advantages, on verl's real trainer (CPU, the tiny addition task).
+"""The comparative study: GRPO vs verl's modern losses vs the power-mean family, powered.
 
-    python -m hmpo_verl.lab.study            # every method x 3 seeds x 2 regimes, 2 runs at a time (70 min here)
-    python -m hmpo_verl.lab.study --quick    # 2 methods x 1 seed x 2 regimes x 4 steps (a few minutes)
+    python -m hmpo_verl.lab.study --pilot     # 3 seeds of vanilla/hmpo/gspo in every regime: sizes the seeds
+    python -m hmpo_verl.lab.study             # every method x regime x seeds (seeds from the pilot, >= 5)
+    python -m hmpo_verl.lab.study --quick     # 3 methods x 2 regimes x 1 seed x few steps (a smoke run)
+    python -m hmpo_verl.lab.study --confirm   # + the subset on verl's real trainer, side by side
 
-Each run is `python -m verl.trainer.main_ppo` with the CPU recipe `recipes/cpu_tiny/hmpo.yaml`
-plus the method's and regime's Hydra overrides (printed in `docs/study.md`); verl's own
-file logger keeps its metrics (`<out>/runs/<regime>/<method>/seed<k>/metrics.jsonl`).
-Finished runs are skipped when the command is run again (delete a run's folder to redo it).
+Runs use the lean loop of :mod:`hmpo_verl.lab.lean` (a directly driven HF model trained with
+verl's own registered policy losses, ``agg_loss``, advantage estimators and rollout
+correction); ``--confirm`` re-runs vanilla, hmpo and gspo in the ``confirm`` regime on
+``python -m verl.trainer.main_ppo`` and reports both paths side by side.
 
-Regimes:
-  * on_policy — one PPO epoch, one mini-batch per step: every update starts at ratio 1.
-  * stressed — stale, off-policy updates (4 mini-batches x 2 PPO epochs = 8 updates per
-    rollout) *and* a training-inference mismatch: the rollout server reports log-probs
-    with Gaussian noise of sd 0.05 (`VERL_CPU_LOGPROB_NOISE_STD`, the sd of the log-ratio
-    measured between vLLM and a bf16 trainer, DESIGN.md section 3) and verl's
-    `algorithm.rollout_correction.bypass_mode=true` makes those log-probs the behaviour
-    policy, so even the first update sees ratios != 1.
+Resumable: each run is one JSON file under ``<out>/runs/<regime>/<method>/seed<k>.json``
+(written when the run ends); a run whose file exists with the same settings is skipped.
+Every seed k gives every method the same initial model, data order, sampling stream and
+evaluation stream (paired design); comparisons with the GRPO baseline (``vanilla``) are
+paired t intervals over seeds, corrected with Holm's method across all of them.
 
-Outputs: in `<out>` (default `outputs/study`) `steps.csv` (per-step metrics of every run),
-`summary.csv` (per run) and `table.md`; the report `docs/study.md` (figures, table, exact
-command, versions, and a reading generated from the numbers: which differences from the
-GRPO baseline are inside the noise) with its PNGs in `docs/study_figures/` (`reward.png`,
-`clipfrac.png`, `ess.png`, `grad_norm.png`: one panel per regime, mean over seeds with a
-min-max band).
-
-Definitions:
-  * reward: verl's `critic/score/mean` (mean reward of the step's sampled responses).
-  * final reward: mean reward of the last `--final-window` steps; AUC: mean reward over
-    all steps (area under the curve / steps).
-  * steps to threshold: first step (>= 3) whose 3-step moving average reaches
-    `--threshold` (absent if never).
-  * collapse: a non-finite loss or gradient norm in any step, or a 3-step moving average
-    of the reward that, after having risen at least 0.05 above the run's first value,
-    ends below that first value.
-  * 95 % confidence intervals: mean over seeds +- t(0.975, n-1) * sd / sqrt(n); a
-    difference from GRPO is "inside the noise" when Welch's 95 % interval for it
-    contains 0.
+Outputs: ``docs/study.md`` (generated), ``docs/study_figures/*.png``, ``docs/study_data/``
+(``summary.csv``: regime,method,seed,first_reward,final_reward,auc,collapsed, one row per
+run; ``run_details.csv``: drawdown, steps to threshold; ``steps.csv.gz``: per-step metrics;
+``comparisons.csv``; ``pilot.json``; ``confirm.csv``).
 """
 
 from __future__ import annotations
@@ -45,367 +28,522 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hmpo_verl.lab.cpu_demo import REPO_ROOT, check_cpu_backend_installed, read_metrics, trainer_command, trainer_env
-from hmpo_verl.lab.tasks import get_task
+from hmpo_verl.lab import lean, stats
+from hmpo_verl.lab.cpu_demo import REPO_ROOT
 
-REWARD = "critic/score/mean"
-CLIPFRAC = "actor/pg_clipfrac"
-ESS = "actor/pm/ess_frac"
-GRAD_NORM = "actor/grad_norm"
-LOSS = "actor/pg_loss"
-KEPT_METRICS = (REWARD, CLIPFRAC, ESS, GRAD_NORM, LOSS, "actor/ppo_kl", "actor/pm/power", "actor/pm/log_ah_gap",
-                "actor/pm/seq_ratio_mean", "critic/pm/adv_conservation", "timing_s/step")
-BASELINE = "grpo"
-TASK = get_task("addition")
-_POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    loss_mode: str
-    overrides: tuple[str, ...] = ()
-    note: str = ""
-
-
-METHODS = (
-    Method("grpo", "vanilla", note="verl's vanilla PPO/GRPO loss (the baseline)"),
-    Method("gspo", "gspo", ("actor_rollout_ref.actor.clip_ratio_low=3e-4", "actor_rollout_ref.actor.clip_ratio_high=4e-4"),
-           "verl's gspo, GSPO's sequence clip 3e-4/4e-4"),
-    Method("gmpo", "geo_mean", ("actor_rollout_ref.actor.clip_ratio_low=0.4", "actor_rollout_ref.actor.clip_ratio_high=0.4"),
-           "verl's geo_mean, GMPO's log clip +-0.4"),
-    Method("hmpo", "hmpo", note="harmonic mean, token clip"),
-    Method("pm_p0.5", "power_mean", (f"+{_POLICY_LOSS}.power=0.5",), "power mean p=0.5, token clip"),
-    Method("pm_p-2", "power_mean", (f"+{_POLICY_LOSS}.power=-2.0",), "power mean p=-2, token clip"),
-    Method("agm", "agm", note="arithmetic-harmonic mean (exact limit), token clip"),
-    Method("adaptive", "adaptive_power_mean", (f"{_POLICY_LOSS}._target_=hmpo_verl.AdaptivePowerMeanLossConfig",),
-           "clip-aware ESS rule, defaults"),
-    Method("pm_adv", "vanilla", ("algorithm.adv_estimator=power_mean", "algorithm._target_=hmpo_verl.PowerMeanAlgoConfig",
-                                 "+algorithm.risk_beta=2.0"), "vanilla loss, power-mean advantage beta=2 (RS-GRPO)"),
-    Method("agm_adv", "vanilla", ("algorithm.adv_estimator=agm", "algorithm._target_=hmpo_verl.PowerMeanAlgoConfig",
-                                  "+algorithm.risk_beta=1.0"), "vanilla loss, AGM advantage beta=1"),
-)
-METHODS_BY_NAME = {m.name: m for m in METHODS}
-
-
-@dataclass(frozen=True)
-class Regime:
-    name: str
-    overrides: tuple[str, ...]
-    env: tuple[tuple[str, str], ...] = ()
-    note: str = ""
-
-
-# Both regimes: 8 prompts x 8 samples per step (the recipe's 16 would double the rollout time,
-# which dominates a step on this CPU), so that the default study fits its budget.
-COMMON_OVERRIDES = ("data.train_batch_size=8", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64")
-
-REGIMES = (
-    Regime("on_policy", ("actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.actor.ppo_epochs=1",
-                         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64"),
-           note="1 PPO epoch x 1 mini-batch per rollout"),
-    Regime("stressed", ("actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_epochs=2",
-                        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
-                        "algorithm.rollout_correction.bypass_mode=true"),
-           (("VERL_CPU_LOGPROB_NOISE_STD", "0.05"),),
-           note="4 mini-batches x 2 PPO epochs per rollout; behaviour log-probs with N(0, 0.05^2) noise"),
-)
-REGIMES_BY_NAME = {r.name: r for r in REGIMES}
+DEFAULT_TASK = "fibonacci"
+DEFAULT_REGIMES = ("on_policy", "stale", "mismatch", "stressed")
+PILOT_METHODS = ("vanilla", "hmpo", "gspo")
+CONFIRM_METHODS = ("vanilla", "hmpo", "gspo")
+CONFIRM_REGIME = "confirm"
+FINAL_WINDOW = 5  # steps averaged for the training-curve "final reward" of the confirmation
 
 
 @dataclass(frozen=True)
 class Run:
-    regime: Regime
-    method: Method
+    regime: str
+    method: str
     seed: int
 
-    def dir(self, out: Path) -> Path:
-        return out / "runs" / self.regime.name / self.method.name / f"seed{self.seed}"
+    def path(self, out: Path) -> Path:
+        return out / "runs" / self.regime / self.method / f"seed{self.seed}.json"
 
 
-# ----------------------------------------------------------------------------- running
+# ----------------------------------------------------------------------------- running (lean loop)
+
+_TASK_CACHE: dict = {}
 
 
-def run_overrides(run: Run) -> list[str]:
-    return [*COMMON_OVERRIDES, *run.regime.overrides, *run.method.overrides, f"data.seed={run.seed}",
-            f"actor_rollout_ref.rollout.seed={run.seed}", "trainer.val_before_train=false", "trainer.test_freq=-1",
-            f"trainer.experiment_name={run.regime.name}-{run.method.name}-seed{run.seed}"]
+def _worker_run(run: Run, task_name: str, assets: str, steps: int, settings: dict, out: str, queue) -> dict:
+    """One lean run in a worker process (1 thread); result written to its JSON file."""
+    import torch
 
-
-def is_finished(run: Run, out: Path, steps: int) -> bool:
-    result = run.dir(out) / "result.json"
-    if not result.exists():
-        return False
-    data = json.loads(result.read_text())
-    return data.get("exit_code") == 0 and data.get("steps") == steps
-
-
-def execute(run: Run, assets, out: Path, steps: int) -> dict:
-    """One verl run, quiet; writes result.json (exit code, steps, wall time)."""
-    run_dir = run.dir(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "result.json", "rollout_trace.jsonl"):
-        (run_dir / stale).unlink(missing_ok=True)
-    cmd = trainer_command(TASK, assets, run_dir, steps, run.method.loss_mode, run_overrides(run))
-    env = {**trainer_env(run_dir), **dict(run.regime.env)}
+    torch.set_num_threads(1)
+    key = (task_name, assets, settings["max_response_length"])
+    if key not in _TASK_CACHE:
+        _TASK_CACHE[key] = lean.load_task(task_name, assets, settings["max_response_length"], log=None)
+    task = _TASK_CACHE[key]
     start = time.time()
-    with open(run_dir / "train.log", "w") as log:
-        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT).returncode
-    result = {"exit_code": code, "steps": len(read_metrics(run_dir / "metrics.jsonl")), "wall_s": time.time() - start,
-              "command": " ".join(cmd[1:])}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+    result = lean.train(task, lean.METHODS_BY_NAME[run.method], lean.REGIMES_BY_NAME[run.regime], run.seed, steps,
+                        lean.LoopSettings(**settings), progress=(lambda s: queue.put(1)) if queue else None)
+    record = {"run": asdict(run), "task": task_name, "steps": steps, "settings": settings, "wall_s": time.time() - start,
+              "first_eval": result.first_eval, "final_eval": result.final_eval, "metrics": result.steps}
+    path = run.path(Path(out))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+    return record
 
 
-def run_all(runs: list[Run], assets, out: Path, steps: int, parallel: int) -> list[tuple[Run, dict]]:
-    """Run what is not finished yet, `parallel` at a time, with a progress bar over runs."""
+def is_done(run: Run, out: Path, task: str, steps: int, settings: dict) -> bool:
+    path = run.path(out)
+    if not path.exists():
+        return False
+    data = json.loads(path.read_text())
+    return data.get("task") == task and data.get("steps") == steps and data.get("settings") == settings
+
+
+def run_all(runs: list[Run], task: str, assets: str, steps: int, settings: dict, out: Path, parallel: int) -> None:
+    """Run what is not done, ``parallel`` processes at a time, with a progress bar over training steps."""
+    import multiprocessing as mp
+
     from tqdm import tqdm
 
-    todo = [r for r in runs if not is_finished(r, out, steps)]
-    done = len(runs) - len(todo)
-    failures = []
-    with tqdm(total=len(runs), initial=done, desc="study runs", unit="run", dynamic_ncols=True) as bar, \
-            ThreadPoolExecutor(max_workers=parallel) as pool:
-        for run, result in zip(todo, pool.map(lambda r: execute(r, assets, out, steps), todo)):
-            bar.set_postfix_str(f"{run.regime.name}/{run.method.name}/seed{run.seed} {result['wall_s']:.0f}s")
-            bar.update(1)
-            if result["exit_code"] != 0:
-                failures.append((run, result))
-    return failures
+    todo = [r for r in runs if not is_done(r, out, task, steps, settings)]
+    total = len(runs) * steps
+    with tqdm(total=total, initial=(len(runs) - len(todo)) * steps, desc="study", unit="step",
+              dynamic_ncols=True) as bar:
+        if not todo:
+            return
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
+            queue = manager.Queue()
+            futures = {pool.submit(_worker_run, r, task, assets, steps, settings, str(out), queue): r for r in todo}
+            pending = set(futures)
+            while pending:
+                while not queue.empty():
+                    queue.get()
+                    bar.update(1)
+                finished = {f for f in pending if f.done()}
+                for f in finished:
+                    run = futures[f]
+                    f.result()  # re-raise a worker's error
+                    bar.set_postfix_str(f"{run.regime}/{run.method}/seed{run.seed}")
+                pending -= finished
+                time.sleep(0.5)
+            while not queue.empty():
+                queue.get()
+                bar.update(1)
+
+
+def load_runs(runs: list[Run], out: Path):
+    """(summary rows, step rows) of the finished runs."""
+    summary, steps = [], []
+    for run in runs:
+        path = run.path(out)
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        metrics = data["metrics"]
+        outcome = stats.run_outcomes([m["reward"] for m in metrics], data["first_eval"], data["final_eval"],
+                                     any(m["non_finite"] for m in metrics))
+        summary.append({"regime": run.regime, "method": run.method, "seed": run.seed, **outcome,
+                        "final_train_reward": sum(m["reward"] for m in metrics[-FINAL_WINDOW:]) / len(metrics[-FINAL_WINDOW:]),
+                        "clipfrac": sum(m.get("actor/pg_clipfrac", 0.0) for m in metrics) / len(metrics),
+                        "wall_s": data["wall_s"]})
+        for m in metrics:
+            steps.append({"regime": run.regime, "method": run.method, "seed": run.seed, **m})
+    return summary, steps
 
 
 # ----------------------------------------------------------------------------- analysis
 
 
-def load_steps(runs: list[Run], out: Path):
-    """Long table: one row per (run, step) with the kept metrics."""
+def comparisons(summary, methods: list[str], regimes: list[str]) -> list[dict]:
+    """Paired differences from the baseline (final reward: primary, Holm-corrected; AUC: secondary)."""
     import pandas as pd
 
+    frame = pd.DataFrame(summary)
     rows = []
-    for run in runs:
-        for record in read_metrics(run.dir(out) / "metrics.jsonl"):
-            data = record["data"]
-            if REWARD not in data:
+    for regime in regimes:
+        base = frame[(frame.regime == regime) & (frame.method == lean.BASELINE)].set_index("seed")
+        for method in methods:
+            if method == lean.BASELINE:
                 continue
-            logged = [data[k] for k in (GRAD_NORM, LOSS, REWARD) if k in data]
-            rows.append({"regime": run.regime.name, "method": run.method.name, "seed": run.seed,
-                         "step": int(record["step"]), "non_finite": not all(math.isfinite(v) for v in logged),
-                         **{k: data.get(k, math.nan) for k in KEPT_METRICS}})
-    return pd.DataFrame(rows)
+            other = frame[(frame.regime == regime) & (frame.method == method)].set_index("seed")
+            seeds = sorted(set(base.index) & set(other.index))
+            if not seeds:
+                continue
+            row = {"regime": regime, "method": method, "n": len(seeds)}
+            for metric in ("final_reward", "auc"):
+                d = stats.paired_difference(other.loc[seeds, metric].tolist(), base.loc[seeds, metric].tolist())
+                row.update({f"{metric}_diff": d["diff"], f"{metric}_lo": d["lo"], f"{metric}_hi": d["hi"],
+                            f"{metric}_sd": d["sd"], f"{metric}_p": d["p"]})
+            row["collapsed"] = int(other.loc[seeds, "collapsed"].sum())
+            row["baseline_collapsed"] = int(base.loc[seeds, "collapsed"].sum())
+            rows.append(row)
+    for metric in ("final_reward", "auc"):
+        for row, p in zip(rows, stats.holm([r[f"{metric}_p"] for r in rows])):
+            row[f"{metric}_p_holm"] = p
+    return rows
 
 
-def _moving_average(values: list[float], window: int = 3) -> list[float]:
-    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+def pilot_sizing(comps: list[dict], half_width: float = 0.05) -> dict:
+    """Seeds needed so that the 95 % interval of every paired final-reward difference is <= +-half_width."""
+    sds = [c["final_reward_sd"] for c in comps if math.isfinite(c.get("final_reward_sd", math.nan))]
+    if not sds:
+        return {"seeds": 5, "max_sd": None, "note": "no paired differences: 5 seeds (the floor)"}
+    worst = max(sds)
+    return {"seeds": stats.seeds_needed(worst, half_width), "max_sd": worst, "half_width": half_width,
+            "sds": {f"{c['regime']}/{c['method']}": c["final_reward_sd"] for c in comps}}
 
 
-def run_summary(reward: list[float], non_finite: bool, threshold: float, final_window: int) -> dict:
-    """Final reward, AUC, steps to threshold and collapse of one run's reward curve.
-
-    `non_finite`: some step logged a non-finite loss, gradient norm or reward.
-    """
-    smooth = _moving_average(reward)
-    # a full window is needed: a single early step above the threshold is sampling noise
-    reached = next((i + 1 for i, v in enumerate(smooth) if i >= 2 and v >= threshold), None)
-    rose = any(v >= reward[0] + 0.05 for v in smooth)
-    return {
-        "final_reward": sum(reward[-final_window:]) / len(reward[-final_window:]),
-        "auc": sum(reward) / len(reward),
-        "start_reward": reward[0],
-        "steps_to_threshold": reached,
-        "collapsed": bool(non_finite or (rose and smooth[-1] < reward[0])),
-    }
+def _fmt(mean, half=math.nan, digits=3) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def summarize_runs(steps, threshold: float, final_window: int):
+def results_table(summary, comps: list[dict], methods: list[str], regimes: list[str]) -> str:
     import pandas as pd
 
-    rows = []
-    for (regime, method, seed), df in steps.sort_values("step").groupby(["regime", "method", "seed"]):
-        rows.append({"regime": regime, "method": method, "seed": seed,
-                     **run_summary(df[REWARD].tolist(), bool(df["non_finite"].any()), threshold, final_window)})
-    return pd.DataFrame(rows)
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95 % t interval (nan half-width for one value)."""
-    from scipy import stats
-
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-
-
-def welch_diff_ci(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """mean(a) - mean(b) and Welch's 95 % interval (lo, hi); nan bounds with < 2 values a side."""
-    from scipy import stats
-
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    if len(a) < 2 or len(b) < 2:
-        return ma - mb, math.nan, math.nan
-    va = sum((v - ma) ** 2 for v in a) / (len(a) - 1) / len(a)
-    vb = sum((v - mb) ** 2 for v in b) / (len(b) - 1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return ma - mb, ma - mb, ma - mb
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = stats.t.ppf(0.975, dof) * se
-    return ma - mb, ma - mb - half, ma - mb + half
-
-
-def _fmt(mean: float, half: float) -> str:
-    return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} ± {half:.3f}"
-
-
-def results_table(summary) -> str:
-    """Markdown table per regime and method."""
-    lines = ["| regime | method | runs | final reward | AUC | steps to threshold (median) | collapsed |",
-             "|---|---|---|---|---|---|---|"]
-    for (regime, method), df in summary.groupby(["regime", "method"], sort=False):
-        reached = [v for v in df["steps_to_threshold"].tolist() if v is not None and not math.isnan(v)]
-        median = sorted(reached)[len(reached) // 2] if reached else None
-        lines.append(
-            f"| {regime} | {method} | {len(df)} | {_fmt(*mean_ci(df['final_reward'].tolist()))} | "
-            f"{_fmt(*mean_ci(df['auc'].tolist()))} | "
-            f"{'never' if median is None else f'{int(median)} ({len(reached)}/{len(df)} reached)'} | "
-            f"{int(df['collapsed'].sum())}/{len(df)} |"
-        )
+    frame = pd.DataFrame(summary)
+    by_key = {(c["regime"], c["method"]): c for c in comps}
+    lines = ["| regime | method | seeds | first | final reward | Δ final vs vanilla [95 % CI] | p (Holm) | AUC | "
+             "Δ AUC [95 % CI] | collapsed | drawdown (median) | steps to +0.1 (median, reached) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for regime in regimes:
+        for method in methods:
+            df = frame[(frame.regime == regime) & (frame.method == method)]
+            if df.empty:
+                continue
+            c = by_key.get((regime, method))
+            diff = (f"{c['final_reward_diff']:+.3f} [{c['final_reward_lo']:+.3f}, {c['final_reward_hi']:+.3f}]"
+                    if c and math.isfinite(c["final_reward_lo"]) else "—")
+            ph = f"{c['final_reward_p_holm']:.3g}" if c and math.isfinite(c["final_reward_p_holm"]) else "—"
+            dauc = (f"{c['auc_diff']:+.3f} [{c['auc_lo']:+.3f}, {c['auc_hi']:+.3f}]"
+                    if c and math.isfinite(c["auc_lo"]) else "—")
+            reached = [v for v in df["steps_to_threshold"].tolist() if v is not None and not pd.isna(v)]
+            med = f"{int(sorted(reached)[len(reached) // 2])} ({len(reached)}/{len(df)})" if reached else f"never (0/{len(df)})"
+            lines.append(f"| {regime} | {method} | {len(df)} | {df['first_reward'].mean():.3f} | "
+                         f"{_fmt(*stats.mean_ci(df['final_reward'].tolist()))} | {diff} | {ph} | "
+                         f"{_fmt(*stats.mean_ci(df['auc'].tolist()))} | {dauc} | {int(df['collapsed'].sum())}/{len(df)} | "
+                         f"{df['drawdown'].median():.3f} | {med} |")
     return "\n".join(lines)
 
 
-def reading(summary) -> list[str]:
-    """Sentences generated from the numbers: each method's difference from GRPO, with Welch's 95 % CI."""
-    out = []
-    for regime, df in summary.groupby("regime", sort=False):
-        base = df[df["method"] == BASELINE]
-        if base.empty:
+def regime_table(steps_rows, regimes: list[str]) -> str:
+    """Measured log-ratio statistics per regime: the mismatch (trainer fp32 vs reported) and what the loss saw."""
+    import pandas as pd
+
+    frame = pd.DataFrame(steps_rows)
+    lines = ["| regime | mismatch sd | mismatch 99.9th pct of abs | mismatch log_ah_gap | update δ sd | "
+             "update δ 99.9th pct of abs | update log_ah_gap | response length |", "|---|---|---|---|---|---|---|---|"]
+    for regime in regimes:
+        df = frame[frame.regime == regime]
+        if df.empty:
             continue
-        inside, outside = [], []
-        for method, mdf in df.groupby("method", sort=False):
-            if method == BASELINE:
-                continue
-            for metric in ("final_reward", "auc"):
-                diff, lo, hi = welch_diff_ci(mdf[metric].tolist(), base[metric].tolist())
-                text = f"{method} {metric.replace('_', ' ')} {diff:+.3f}"
-                if math.isnan(lo):
-                    inside.append(text + " (one seed: no interval)")
-                elif lo <= 0 <= hi:
-                    inside.append(f"{text} [{lo:+.3f}, {hi:+.3f}]")
-                else:
-                    outside.append(f"{text} [{lo:+.3f}, {hi:+.3f}]")
-        comparisons = len(inside) + len(outside)
-        out.append(f"**{regime}** — differences from {BASELINE} whose 95 % interval excludes 0: "
-                   + ("; ".join(outside) if outside else "none") + ".")
-        out.append("Inside the noise (interval contains 0): " + ("; ".join(inside) if inside else "none") + ".")
-        out.append(f"{comparisons} comparisons in this regime: at 95 % about {0.05 * comparisons:.1f} of them would "
-                   "exclude 0 by chance alone, so a lone excluded interval is weak evidence.")
-        collapsed = df[df["collapsed"]]
-        if not collapsed.empty:
-            out.append("Collapsed runs: " + ", ".join(f"{r.method}/seed{r.seed}" for r in collapsed.itertuples()) + ".")
+        lines.append(f"| {regime} | {df['mismatch/delta_sd'].mean():.4g} | {df['mismatch/delta_abs_p999'].mean():.4g} | "
+                     f"{df['mismatch/log_ah_gap'].mean():.4g} | {df['update/delta_sd'].mean():.4g} | "
+                     f"{df['update/delta_abs_p999'].mean():.4g} | {df['update/log_ah_gap'].mean():.4g} | "
+                     f"{df['response_length'].mean():.1f} |")
+    return "\n".join(lines)
+
+
+def reading(comps: list[dict], regimes: list[str], summary) -> list[str]:
+    """Sentences generated from the comparisons: what survives Holm, and what does not."""
+    out = [f"{len(comps)} paired comparisons of final reward with the baseline (`{lean.BASELINE}`), "
+           "Holm-corrected together (family-wise 5 %)."]
+    for regime in regimes:
+        rc = [c for c in comps if c["regime"] == regime]
+        if not rc:
+            continue
+        sig = [c for c in rc if c["final_reward_p_holm"] < 0.05]
+        widths = [(c["final_reward_hi"] - c["final_reward_lo"]) / 2 for c in rc if math.isfinite(c["final_reward_lo"])]
+        text = f"**{regime}**: "
+        if sig:
+            text += "separated from vanilla after Holm: " + "; ".join(
+                f"{c['method']} {c['final_reward_diff']:+.3f} [{c['final_reward_lo']:+.3f}, {c['final_reward_hi']:+.3f}]"
+                for c in sig) + ". "
+        else:
+            text += "nothing separates any method from vanilla after Holm. "
+        raw = [c for c in rc if c not in sig and math.isfinite(c["final_reward_lo"]) and
+               (c["final_reward_lo"] > 0 or c["final_reward_hi"] < 0)]
+        if raw:
+            text += "Excluding 0 before correction only (weak evidence): " + "; ".join(
+                f"{c['method']} {c['final_reward_diff']:+.3f}" for c in raw) + ". "
+        if widths:
+            text += f"Interval half-widths {min(widths):.3f}–{max(widths):.3f}."
+        out.append(text)
+    collapsed = [s for s in summary if s["collapsed"]]
+    out.append("Collapsed runs: " + (", ".join(f"{s['regime']}/{s['method']}/seed{s['seed']}" for s in collapsed)
+                                     if collapsed else "none") + ".")
     return out
 
 
-def plot_curves(steps, out: Path) -> list[Path]:
-    """One PNG per metric: a panel per regime, mean over seeds per method with a min-max band."""
+def plot(steps_rows, comps, methods, regimes, figures: Path) -> list[Path]:
+    """reward.png: training reward per regime (mean over seeds, band = 95 % t interval, 5-step moving average);
+    differences.png: paired final-reward differences from vanilla with their intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
 
+    figures.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(steps_rows)
     paths = []
-    regimes = list(dict.fromkeys(steps["regime"]))
-    for metric, label, name in ((REWARD, "mean reward", "reward"), (CLIPFRAC, "clip fraction", "clipfrac"),
-                                (ESS, "ESS / T (power-mean losses)", "ess"), (GRAD_NORM, "gradient norm", "grad_norm")):
-        fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4.5), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for ax, regime in zip(axes[0], regimes):
+        for i, method in enumerate(methods):
+            df = frame[(frame.regime == regime) & (frame.method == method)]
+            if df.empty:
+                continue
+            curves = np.array([stats.moving_average(g.sort_values("step")["reward"].tolist())
+                               for _, g in df.groupby("seed")])
+            x = np.arange(1, curves.shape[1] + 1)
+            mean = curves.mean(0)
+            ax.plot(x, mean, label=method, color=cmap(i), linewidth=2.5 if method == lean.BASELINE else 1.3)
+            if len(curves) > 1:
+                half = stats.t_quantile(0.95, len(curves) - 1) * curves.std(0, ddof=1) / np.sqrt(len(curves))
+                ax.fill_between(x, mean - half, mean + half, color=cmap(i), alpha=0.10)
+        ax.set_title(regime)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("training reward (5-step moving average)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.suptitle("training reward: mean over seeds, band = 95 % t interval over seeds")
+    fig.tight_layout()
+    paths.append(figures / "reward.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    if comps:
+        fig, axes = plt.subplots(1, len(regimes), figsize=(4.5 * len(regimes), 0.35 * len(methods) + 1.5),
+                                 squeeze=False, sharey=True)
+        names = [m for m in methods if m != lean.BASELINE]
         for ax, regime in zip(axes[0], regimes):
-            for method, df in steps[steps["regime"] == regime].groupby("method", sort=False):
-                by_step = df.groupby("step")[metric]
-                mean = by_step.mean()
-                if mean.isna().all():
+            for y, method in enumerate(names):
+                c = next((c for c in comps if c["regime"] == regime and c["method"] == method), None)
+                if c is None or not math.isfinite(c["final_reward_lo"]):
                     continue
-                line = ax.plot(mean.index, mean.values, label=method, linewidth=1.5 if method != BASELINE else 2.5)[0]
-                ax.fill_between(mean.index, by_step.min().values, by_step.max().values, alpha=0.12,
-                                color=line.get_color())
+                color = "tab:red" if c["final_reward_p_holm"] < 0.05 else "tab:blue"
+                ax.errorbar(c["final_reward_diff"], y, xerr=[[c["final_reward_diff"] - c["final_reward_lo"]],
+                                                             [c["final_reward_hi"] - c["final_reward_diff"]]],
+                            fmt="o", color=color, capsize=3)
+            ax.axvline(0, color="k", linewidth=0.8)
+            ax.set_yticks(range(len(names)), names)
             ax.set_title(regime)
-            ax.set_xlabel("training step")
-            ax.set_ylabel(label)
+            ax.set_xlabel("final reward − vanilla (paired, 95 % CI)")
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best", ncol=2)
-        fig.suptitle(f"{label}: mean over seeds, band = min..max over seeds")
+        fig.suptitle("paired differences from vanilla; red = significant after Holm")
         fig.tight_layout()
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        paths.append(figures / "differences.png")
+        fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
-        paths.append(path)
     return paths
+
+
+# ----------------------------------------------------------------------------- confirmation on verl's trainer
+
+
+def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, settings: lean.LoopSettings, out: Path) -> dict:
+    """The run on ``python -m verl.trainer.main_ppo`` (CPU backend), with the lean loop's settings."""
+    import subprocess
+
+    from hmpo_verl.lab.cpu_demo import read_metrics, trainer_command, trainer_env
+
+    run_dir = out / "trainer" / run.regime / run.method / f"seed{run.seed}"
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        data = json.loads(result_path.read_text())
+        if data.get("exit_code") == 0 and data.get("steps") == steps:
+            return data
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "result.json", "rollout_trace.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
+    from hmpo_verl.lab.tasks import get_task
+
+    task = lean.load_task(task_name, assets_root, settings.max_response_length, log=None)
+    method, regime = lean.METHODS_BY_NAME[run.method], lean.REGIMES_BY_NAME[run.regime]
+    overrides = [
+        f"data.train_batch_size={settings.prompts_per_step}", f"actor_rollout_ref.rollout.n={settings.n}",
+        f"data.max_response_length={settings.max_response_length}", f"actor_rollout_ref.actor.optim.lr={settings.lr}",
+        f"actor_rollout_ref.actor.loss_agg_mode={settings.loss_agg_mode}",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64",
+        *regime.trainer_overrides, *method.trainer_overrides,
+        f"data.seed={run.seed}", f"actor_rollout_ref.rollout.seed={run.seed}", "trainer.val_before_train=false",
+        "trainer.test_freq=-1", f"trainer.experiment_name={run.regime}-{run.method}-seed{run.seed}",
+    ]
+    cmd = trainer_command(get_task(task_name), task.assets, run_dir, steps, method.loss_mode, overrides)
+    env = {**trainer_env(run_dir), **dict(regime.trainer_env)}
+    start = time.time()
+    with open(run_dir / "train.log", "w") as log:
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT).returncode
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "critic/score/mean" in r["data"]]
+    data = {"exit_code": code, "steps": len(records), "wall_s": time.time() - start, "command": " ".join(cmd[1:]),
+            "reward": [r["data"]["critic/score/mean"] for r in records],
+            "loss_metrics_seen": sorted({k for r in records for k in r["data"] if k.startswith(("actor/pm/", "rollout_corr/"))})}
+    result_path.write_text(json.dumps(data, indent=2))
+    return data
+
+
+def confirmation(task: str, assets: str, steps: int, settings: lean.LoopSettings, seeds: list[int], out: Path,
+                 log=lambda *a: print(*a, flush=True), on_row=None) -> list[dict]:
+    """Trainer vs lean loop for CONFIRM_METHODS in CONFIRM_REGIME: training-curve outcomes side by side."""
+    rows = []
+    for seed, method in ((s, m) for s in seeds for m in CONFIRM_METHODS):  # seed-major: a cut-short run covers every method
+        run = Run(CONFIRM_REGIME, method, seed)
+        log(f"verl trainer: {CONFIRM_REGIME}/{method}/seed{seed}")
+        data = trainer_run(run, task, assets, steps, settings, out)
+        if data["exit_code"] != 0 or len(data["reward"]) < steps:
+            log(f"  failed (exit {data['exit_code']}): see {out / 'trainer' / CONFIRM_REGIME / method / f'seed{seed}'}")
+            continue
+        reward = data["reward"]
+        from hmpo_verl.lab.cpu_demo import read_metrics
+
+        clip = [r["data"]["actor/pg_clipfrac"] for r in read_metrics(out / "trainer" / CONFIRM_REGIME / method /
+                                                                     f"seed{seed}" / "metrics.jsonl")
+                if "actor/pg_clipfrac" in r["data"]]
+        rows.append({"path": "trainer", "method": method, "seed": seed, "clipfrac": sum(clip) / max(len(clip), 1),
+                     "final_train_reward": sum(reward[-FINAL_WINDOW:]) / len(reward[-FINAL_WINDOW:]),
+                     "auc": sum(reward) / len(reward), "wall_s": data["wall_s"],
+                     "loss_metrics_seen": " ".join(data["loss_metrics_seen"])})
+        if on_row:
+            on_row(rows)
+    return rows
+
+
+def confirmation_table(lean_summary, trainer_rows: list[dict]) -> tuple[str, list[str]]:
+    """Side-by-side table (mean ± 95 % t interval per path) and, per method, Welch's interval of trainer − lean."""
+    from scipy import stats as st
+
+    lines = ["| method | path | runs | final training reward (last 5 steps) | AUC | clip fraction (actor/pg_clipfrac) |",
+             "|---|---|---|---|---|---|"]
+    notes = []
+    for method in CONFIRM_METHODS:
+        lean_vals = [s for s in lean_summary if s["regime"] == CONFIRM_REGIME and s["method"] == method]
+        tr_vals = [r for r in trainer_rows if r["method"] == method]
+        for name, vals in (("lean loop", lean_vals), ("verl trainer", tr_vals)):
+            if vals:
+                lines.append(f"| {method} | {name} | {len(vals)} | "
+                             f"{_fmt(*stats.mean_ci([v['final_train_reward'] for v in vals]))} | "
+                             f"{_fmt(*stats.mean_ci([v['auc'] for v in vals]))} | "
+                             f"{_fmt(*stats.mean_ci([v['clipfrac'] for v in vals]))} |")
+        if tr_vals:
+            seen = sorted({k for v in tr_vals for k in v["loss_metrics_seen"].split()})
+            notes.append(f"{method}: the trainer's runs logged {', '.join(seen) if seen else 'no actor/pm/* and no rollout_corr/* metrics'}"
+                         " (our losses log actor/pm/*; verl's bypass_mode loss would log rollout_corr/*)")
+        for metric in ("final_train_reward", "auc", "clipfrac"):
+            a, b = [v[metric] for v in tr_vals], [v[metric] for v in lean_vals]
+            if len(a) >= 2 and len(b) >= 2:
+                res = st.ttest_ind(a, b, equal_var=False)
+                ci = res.confidence_interval(0.95)
+                verdict = "agree (interval contains 0)" if ci.low <= 0 <= ci.high else "DISAGREE (interval excludes 0)"
+                notes.append(f"{method} {metric}: trainer − lean {sum(a) / len(a) - sum(b) / len(b):+.3f} "
+                             f"[{ci.low:+.3f}, {ci.high:+.3f}] (Welch) — {verdict}")
+    return "\n".join(lines), notes
+
+
+# ----------------------------------------------------------------------------- report
 
 
 def versions() -> dict:
     from importlib.metadata import version
 
     import torch
+    import transformers
 
     return {"hmpo-verl": version("hmpo-verl"), "verl": version("verl"), "torch": torch.__version__,
-            "python": sys.version.split()[0]}
+            "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
-def write_docs(path: Path, argv: list[str], config: dict, summary, pngs: list[Path], wall_s: float) -> None:
+def write_docs(path: Path, argv: list[str], ctx: dict) -> None:
     rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
+    s: lean.LoopSettings = ctx["settings"]
+    partial = ctx["missing"] > 0
     lines = [
-        "# Comparative study on verl's real trainer (CPU, tiny addition task)",
+        "# Comparative study (lean loop on verl's own losses)",
         "",
-        "Generated by `hmpo_verl.lab.study`; every number below comes from the runs it launched. Do not edit by hand:",
-        "rerun the command instead.",
+        "Generated by `hmpo_verl.lab.study`; every number below comes from the runs it made. Do not edit by hand.",
         "",
         "```bash",
         "python -m hmpo_verl.lab.study " + " ".join(argv),
         "```",
         "",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. Machine: {os.cpu_count()} CPU cores. "
-        f"Compute: {len(summary)} runs, {config['run_minutes']:.0f} min of run wall time in all (runs in parallel "
-        f"overlap); this invocation took {wall_s / 60:.0f} min (runs finished before it are reused).",
+    ]
+    if partial:
+        lines += [f"**PARTIAL**: {ctx['done']} of the {ctx['planned']} runs of this command's plan are finished "
+                  f"({ctx['missing']} missing). The tables use the finished runs only; run the command without "
+                  "`--report-only` to resume.", ""]
+    if ctx.get("invocations"):
+        lines += ["The runs were made by:", "", *[f"* {c}" for c in ctx["invocations"]], ""]
+    lines += [
+        f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. Machine: {os.cpu_count()} CPU cores "
+        f"shared with other work; each run on one thread. Run time: {ctx['run_minutes']:.0f} min of run wall time "
+        f"in all (runs in parallel overlap); this invocation {ctx['wall_s'] / 60:.0f} min.",
         "",
-        f"Settings: {config['steps']} training steps per run, seeds {config['seeds']}, reward threshold "
-        f"{config['threshold']}, final reward = mean of the last {config['final_window']} steps. Task, model and the "
-        "base recipe: `recipes/cpu_tiny/hmpo.yaml` (lr 1e-3, clip 0.2, seq-mean-token-mean) with "
-        f"`{' '.join(COMMON_OVERRIDES)}` (8 prompts x 8 samples per step).",
+        f"Task `{ctx['task']}`: max response length {s.max_response_length} tokens; {s.prompts_per_step} prompts x "
+        f"{s.n} samples per step, {ctx['steps']} steps per run, lr {s.lr}, AdamW (weight decay {s.weight_decay}), "
+        f"grad-norm clip {s.grad_clip}, `loss_agg_mode={s.loss_agg_mode}`, clip {s.clip_ratio} unless the method sets "
+        f"its own, GRPO advantages with `norm_adv_by_std_in_grpo={s.norm_adv_by_std_in_grpo}`. Seeds: {ctx['seeds']}.",
+        f"Evaluation (first/final reward): {ctx['eval_prompts']} test prompts x {s.eval_samples} samples at "
+        "temperature 1, the same prompts and sampling stream for every method of a seed.",
         "",
-        "## Methods and regimes",
+        "Definitions: *final reward* = evaluation after the last step; *AUC* = mean training reward over the steps; "
+        f"*collapsed* = a non-finite loss or gradient norm, or a final evaluation ≥ {stats.COLLAPSE_DROP} below the "
+        "first; *drawdown* = largest fall of the 5-step moving average of the training reward below its running "
+        "maximum; *steps to +0.1* = first step, from the 5th on, whose 5-step moving average reaches the first "
+        "evaluation + 0.1.",
+        "Statistics: paired by seed (seed k: same initial model, data order, sampling and evaluation streams for "
+        "every method); 95 % paired t intervals of method − vanilla; p-values of the paired t test, Holm-corrected "
+        "over all final-reward comparisons together (and separately over the AUC ones).",
         "",
-        "| method | loss_mode | extra overrides | what |",
-        "|---|---|---|---|",
-        *[f"| {m.name} | {m.loss_mode} | {' '.join(m.overrides) or '—'} | {m.note} |" for m in config["methods"]],
+        "## How it runs",
         "",
-        "| regime | overrides | environment | what |",
-        "|---|---|---|---|",
-        *[f"| {r.name} | {' '.join(r.overrides)} | {' '.join(f'{k}={v}' for k, v in r.env) or '—'} | {r.note} |"
-          for r in config["regimes"]],
+        "Each run is the lean loop of `hmpo_verl/lab/lean.py`: a directly driven HF Qwen2 model, KV-cached sampling,",
+        "and per update exactly verl's registered policy loss (`get_policy_loss_fn(loss_mode)`) on a real",
+        "`ActorConfig` with `global_batch_info` filled as verl's `ppo_loss` fills it, verl's `agg_loss`, verl's",
+        "advantage estimators (`compute_grpo_outcome_advantage`; ours through `get_adv_estimator_fn`) and verl's",
+        "`compute_rollout_correction_and_rejection_mask` for the rollout correction. The confirmation section below",
+        "compares it with verl's real trainer.",
+        "",
+        "## Methods (settings printed from the code)",
+        "",
+        "| method | settings | what |",
+        "|---|---|---|",
+        *[f"| {m.name} | {m.settings()} | {m.note} |" for m in ctx["methods"]],
+        "",
+        "## Regimes and their measured log-ratios",
+        "",
+        "| regime | updates per rollout | sampling | reported log-prob noise | behaviour policy | what |",
+        "|---|---|---|---|---|---|",
+        *[f"| {r.name} | {r.mini_batches * r.epochs} | {r.sample_dtype} | "
+          f"{r.noise.describe() if r.noise else '—'} | {'reported (bypass)' if r.bypass else 'recomputed by the trainer'} | "
+          f"{r.note} |" for r in ctx["regimes"]],
+        "",
+        "Measured (mean over all steps and runs): *mismatch* = trainer fp32 log-prob − reported log-prob of the "
+        "sampled tokens; *update δ* = log π_θ − log π_old as the loss saw it, over all updates.",
+        "",
+        regime_table(ctx["steps_rows"], [r.name for r in ctx["regimes"]]),
+        "",
+        ctx.get("bf16_note", ""),
         "",
         "## Results",
         "",
-        *[f"![{p.stem}]({rel(p)})" for p in pngs],
+        *[f"![{p.stem}]({rel(p)})" for p in ctx["pngs"]],
         "",
-        results_table(summary),
+        results_table(ctx["summary"], ctx["comps"], [m.name for m in ctx["methods"]], [r.name for r in ctx["regimes"]]),
         "",
-        "## Reading (generated from the table)",
+        "## Reading (generated from the numbers)",
         "",
-        "In the on_policy regime each update starts at ratio 1, where every mean of the token ratios and every clip",
-        "coincide: the policy losses compute the same gradient there, and their spread measures run-to-run noise",
-        "(sampling is not bit-reproducible). Only the advantage variants (pm_adv, agm_adv) change the update.",
+        "In `on_policy` every update starts at ratio 1, where all the policy losses here have the same gradient",
+        "(their clips are inactive and every mean of equal ratios is 1): differences between them there measure",
+        "how far rounding-level differences carry through a run, and only the advantage variants change the update.",
         "",
-        *reading(summary),
+        *reading(ctx["comps"], [r.name for r in ctx["regimes"]], ctx["summary"]),
         "",
-        "Definitions (collapse, intervals, AUC) are in the docstring of `hmpo_verl/study.py`. With few seeds and a",
-        "tiny model the intervals are wide; a difference inside them is not evidence for either method.",
+        "## Statistical power",
+        "",
+        ctx["power_text"],
+        "",
+        "## Confirmation on verl's real trainer",
+        "",
+        ctx["confirm_text"],
+        "",
+        "## Data",
+        "",
+        "`docs/study_data/summary.csv` (one row per run), `run_details.csv`, `comparisons.csv`, `steps.csv.gz`",
+        "(per-step metrics of every run), `pilot.json`, `confirm.csv` when the confirmation ran.",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,64 +555,187 @@ def write_docs(path: Path, argv: list[str], config: dict, summary, pngs: list[Pa
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 methods x 1 seed x 2 regimes x 4 steps")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS_BY_NAME), default=None)
-    parser.add_argument("--regimes", nargs="+", choices=list(REGIMES_BY_NAME), default=None)
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick: 1)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 16; --quick: 4)")
-    parser.add_argument("--threshold", type=float, default=0.45, help="reward threshold for 'steps to threshold'")
-    parser.add_argument("--final-window", type=int, default=3, help="steps averaged for the final reward")
-    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2: their start-up phases overlap on 2 cores)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "study"))
-    parser.add_argument("--assets", default=str(TASK.default_assets))
-    parser.add_argument("--docs", default=None, help="markdown report (default: docs/study.md; --quick: <out>/study.md)")
+    parser.add_argument("--task", default=DEFAULT_TASK, help=f"task name (default {DEFAULT_TASK})")
+    parser.add_argument("--quick", action="store_true", help="vanilla/hmpo/gspo x on_policy/stressed x 1 seed x 4 steps")
+    parser.add_argument("--pilot", action="store_true", help=f"{'/'.join(PILOT_METHODS)} x 3 seeds: size the seeds")
+    parser.add_argument("--confirm", action="store_true", help="also run the confirmation on verl's real trainer")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no new runs: write the report from the finished ones (marked PARTIAL if some are missing)")
+    parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
+    parser.add_argument("--regimes", nargs="+", choices=list(lean.REGIMES_BY_NAME), default=None)
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds (default: the pilot's size, at least 5 and at most --max-seeds)")
+    parser.add_argument("--max-seeds", type=int, default=5,
+                        help="cap of the default seed count: 5 x 14 methods x 4 regimes is what 150 min hold here")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 40; --quick 4)")
+    parser.add_argument("--confirm-seeds", type=int, default=3)
+    parser.add_argument("--confirm-steps", type=int, default=None, help="steps of the confirmation runs (default --steps)")
+    parser.add_argument("--max-response-length", type=int, default=None, help="default: the task's")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
+    parser.add_argument("--out", default=None, help="run files (default outputs/study; --quick: outputs/study_quick)")
+    parser.add_argument("--assets", default=None, help="asset root (default: the task's own folder)")
+    parser.add_argument("--docs", default=None, help="report (default docs/study.md; --quick: <out>/study.md)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    import pandas as pd
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    quick = args.quick
-    methods = [METHODS_BY_NAME[m] for m in (args.methods or (["grpo", "hmpo"] if quick else list(METHODS_BY_NAME)))]
-    regimes = [REGIMES_BY_NAME[r] for r in (args.regimes or list(REGIMES_BY_NAME))]
-    seeds = list(range(1, 1 + (args.seeds or (1 if quick else 3))))
-    steps = args.steps or (4 if quick else 16)
-    out = Path(args.out).resolve()
-    docs = Path(args.docs) if args.docs else (out / "study.md" if quick else REPO_ROOT / "docs" / "study.md")
-
-    assets = TASK.prepare_assets(args.assets, log=lambda *a: print(*a, flush=True))
-    check_cpu_backend_installed()
-    runs = [Run(r, m, s) for r in regimes for m in methods for s in seeds]
-    print(f"{len(runs)} runs ({len(methods)} methods x {len(seeds)} seeds x {len(regimes)} regimes, {steps} steps "
-          f"each) in {out}", flush=True)
     start = time.time()
-    failures = run_all(runs, assets, out, steps, args.parallel)
-    for run, result in failures:
-        print(f"FAILED {run.regime.name}/{run.method.name}/seed{run.seed} (exit {result['exit_code']}): "
-              f"see {run.dir(out) / 'train.log'}", file=sys.stderr)
+    out = Path(args.out or REPO_ROOT / "outputs" / ("study_quick" if args.quick else "study")).resolve()
+    docs = Path(args.docs) if args.docs else (out / "study.md" if args.quick else REPO_ROOT / "docs" / "study.md")
+    data_dir = docs.parent / f"{docs.stem}_data"
+    figures = docs.parent / f"{docs.stem}_figures"
+    task = lean.load_task(args.task, args.assets, args.max_response_length, log=lambda *a: print(*a, flush=True))
+    settings = lean.LoopSettings(max_response_length=task.max_response_length,
+                                 **({"eval_prompts": 16, "eval_samples": 2} if args.quick else {}))
+    steps = args.steps or (4 if args.quick else 40)
+    default_methods = PILOT_METHODS if (args.quick or args.pilot) else tuple(lean.METHODS_BY_NAME)
+    methods = [lean.METHODS_BY_NAME[m] for m in (args.methods or default_methods)]
+    regimes = [lean.REGIMES_BY_NAME[r] for r in (args.regimes or (("on_policy", "stressed") if args.quick else DEFAULT_REGIMES))]
+    pilot_path = data_dir / "pilot.json"
+    if args.seeds:
+        n_seeds = args.seeds
+    elif args.quick:
+        n_seeds = 1
+    elif args.pilot:
+        n_seeds = 3
+    else:  # the pilot's size when the budget holds it, else the floor of 5 (the report states the gap)
+        n_seeds = 5 if not pilot_path.exists() else min(json.loads(pilot_path.read_text())["seeds"], args.max_seeds)
+    seeds = list(range(1, n_seeds + 1))
+    runs = [Run(r.name, m.name, s) for s in seeds for r in regimes for m in methods]
+    settings_dict = asdict(settings)
+    print(f"{len(runs)} runs ({len(methods)} methods x {len(regimes)} regimes x {len(seeds)} seeds, {steps} steps) "
+          f"on task {args.task} in {out}", flush=True)
+    if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "invocations.jsonl", "a") as f:  # the report lists the commands that made its runs
+            f.write(json.dumps({"argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        run_all(runs, args.task, args.assets, steps, settings_dict, out, args.parallel)
 
-    finished = [r for r in runs if is_finished(r, out, steps)]
-    if not finished:
-        print("no finished runs to analyse", file=sys.stderr)
+    done = [r for r in runs if is_done(r, out, args.task, steps, settings_dict)]
+    summary, steps_rows = load_runs(done, out)
+    if not summary:
+        print("no finished runs", file=sys.stderr)
         return 1
-    step_table = load_steps(finished, out)
-    summary = summarize_runs(step_table, args.threshold, args.final_window)
-    out.mkdir(parents=True, exist_ok=True)
-    step_table.to_csv(out / "steps.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
-    table = results_table(summary)
-    (out / "table.md").write_text(table + "\n")
-    figures = docs.parent / f"{docs.stem}_figures"  # beside the report, so it can be committed with it
-    figures.mkdir(parents=True, exist_ok=True)
-    pngs = plot_curves(step_table, figures)
-    run_minutes = sum(json.loads((r.dir(out) / "result.json").read_text())["wall_s"] for r in finished) / 60
-    config = {"steps": steps, "seeds": seeds, "threshold": args.threshold, "final_window": args.final_window,
-              "methods": methods, "regimes": regimes, "run_minutes": run_minutes}
-    write_docs(docs, argv, config, summary, pngs, time.time() - start)
-    print(table)
-    print("\n".join(reading(summary)))
-    print(f"\nwrote {out / 'steps.csv'}, {out / 'summary.csv'}, {', '.join(p.name for p in pngs)} and {docs}")
-    return 1 if failures else 0
+    comps = comparisons(summary, [m.name for m in methods], [r.name for r in regimes])
+    power = pilot_sizing(comps)
+    if args.pilot:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        pilot_path.write_text(json.dumps({**power, "steps": steps, "task": args.task, "pilot_seeds": seeds}, indent=2))
+    n_eval = min(settings.eval_prompts, len(task.test)) * settings.eval_samples
+    power_text = _power_text(power, pilot_path, len(comps)) + (
+        f" Part of that spread is the evaluation's own sampling noise: {n_eval} samples give a binomial sd of about "
+        f"{(0.25 / n_eval) ** 0.5:.3f} per run at reward 0.5, about {(0.5 / n_eval) ** 0.5:.3f} on a paired "
+        "difference; more evaluation samples are the cheapest way to need fewer seeds.")
+    trainer_rows: list[dict] = []
+    if args.confirm:
+        confirm_steps = args.confirm_steps or steps
+        confirm_seeds = list(range(1, args.confirm_seeds + 1))
+        confirm_runs = [Run(CONFIRM_REGIME, m, s) for m in CONFIRM_METHODS for s in confirm_seeds]
+        run_all(confirm_runs, args.task, args.assets, confirm_steps, settings_dict, out, args.parallel)
+        lean_confirm, _ = load_runs(confirm_runs, out)
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+        def write_confirm(rows):  # after every trainer run, so an interrupted confirmation keeps what it has
+            table, notes = confirmation_table(lean_confirm, rows)
+            pd.DataFrame(rows).to_csv(data_dir / "confirm.csv", index=False)
+            (data_dir / "confirm.md").write_text("\n".join([
+                "```bash", "python -m hmpo_verl.lab.study " + " ".join(argv), "```", "",
+                f"Regime `{CONFIRM_REGIME}` ({lean.REGIMES_BY_NAME[CONFIRM_REGIME].note}), seeds {confirm_seeds}, "
+                f"{confirm_steps} steps, task `{args.task}`; the trainer runs `python -m verl.trainer.main_ppo` with "
+                "the task's CPU recipe and the lean loop's settings as Hydra overrides. The sampling streams of the two "
+                "paths differ, so the comparison is unpaired (Welch's interval of trainer − lean). Trainer runs "
+                f"finished: {len(rows)} of {len(CONFIRM_METHODS) * len(confirm_seeds)}.", "", table, "",
+                *[f"* {n}" for n in notes], ""]))
+
+        trainer_rows = confirmation(args.task, args.assets, confirm_steps, settings, confirm_seeds, out,
+                                    on_row=write_confirm)
+    confirm_md = data_dir / "confirm.md"
+    confirm_text = (confirm_md.read_text() if confirm_md.exists() else
+                    "Not run yet (`--confirm` runs it; its result is kept in `docs/study_data/confirm.md`).")
+    write_outputs(data_dir, summary, steps_rows, comps)
+    pngs = plot(steps_rows, comps, [m.name for m in methods], [r.name for r in regimes], figures)
+    ctx = {"settings": settings, "task": args.task, "steps": steps, "seeds": seeds, "methods": methods,
+           "regimes": regimes, "summary": summary, "steps_rows": steps_rows, "comps": comps, "pngs": pngs,
+           "parallel": args.parallel, "planned": len(runs), "done": len(done), "missing": len(runs) - len(done),
+           "run_minutes": sum(s["wall_s"] for s in summary) / 60, "wall_s": time.time() - start,
+           "power_text": power_text, "confirm_text": confirm_text, "bf16_note": _bf16_note(steps_rows),
+           "invocations": _invocations(out), "eval_prompts": min(settings.eval_prompts, len(task.test))}
+    write_docs(docs, argv, ctx)
+    print(results_table(summary, comps, [m.name for m in methods], [r.name for r in regimes]))
+    print("\n".join(reading(comps, [r.name for r in regimes], summary)))
+    print(f"\nwrote {docs}, {data_dir}, {figures}")
+    return 0
+
+
+def _power_text(power: dict, pilot_path: Path, n_comparisons: int) -> str:
+    lines = []
+    if pilot_path.exists():
+        pilot = json.loads(pilot_path.read_text())
+        lines.append(f"Pilot (`--pilot`, seeds {pilot['pilot_seeds']}, {pilot['steps']} steps): largest sd of a paired "
+                     f"final-reward difference {pilot['max_sd']:.3f} → {pilot['seeds']} seeds give a 95 % interval of "
+                     f"at most ±{pilot.get('half_width', 0.05)} (floor 5 seeds).")
+    else:
+        lines.append("No pilot file: the default of 5 seeds was used.")
+    if power.get("max_sd") is not None:
+        lines.append(f"In this report's own data the largest paired sd is {power['max_sd']:.3f}, which would need "
+                     f"{power['seeds']} seeds for ±0.05.")
+        per_regime = {}
+        for key, sd in power.get("sds", {}).items():
+            regime = key.split("/")[0]
+            per_regime[regime] = max(per_regime.get(regime, 0.0), sd)
+        if per_regime:
+            lines.append("Per regime (largest paired sd → seeds for ±0.05): " + "; ".join(
+                f"{r} {sd:.3f} → {stats.seeds_needed(sd)}" for r, sd in per_regime.items()) + ".")
+    lines.append(f"Comparisons corrected together: {n_comparisons} (final reward); the same number for AUC.")
+    return " ".join(lines)
+
+
+def _invocations(out: Path) -> list[str]:
+    path = out / "invocations.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [f"`python -m hmpo_verl.lab.study {' '.join(r['argv'])}` (started {r['started']})" for r in rows]
+
+
+def _bf16_note(steps_rows) -> str:
+    """What the real cause (bf16 sampling) alone measured, from the study's ``bf16`` runs or the fidelity benchmark."""
+    import pandas as pd
+
+    frame = pd.DataFrame(steps_rows)
+    fidelity = REPO_ROOT / "docs" / "fidelity_data" / "regimes.csv"
+    if "bf16" in set(frame.regime):
+        bf, source = frame[frame.regime == "bf16"], "this study's `bf16` runs"
+    elif fidelity.exists():
+        bf = pd.read_csv(fidelity)
+        bf, source = bf[bf.regime == "bf16"], "`python -m hmpo_verl.lab.bench --fidelity` (docs/fidelity.md)"
+    else:
+        return "The bf16 mismatch alone was not measured by this invocation."
+    if bf.empty:
+        return "The bf16 mismatch alone was not measured by this invocation."
+    return (f"**Is the real cause big enough?** bf16 sampling alone, measured by {source}: mismatch sd "
+            f"{bf['mismatch/delta_sd'].mean():.4g}, 99.9th percentile of |δ| {bf['mismatch/delta_abs_p999'].mean():.4g}, "
+            f"log_ah_gap {bf['mismatch/log_ah_gap'].mean():.3g} — the means of a response's ratios barely separate "
+            "(compare the stale regime's gap), so the `mismatch` regime adds the heavy-tailed noise of the table: a "
+            "contaminated normal, because the real gaps are mostly tiny with a few large ones (rare tokens whose logits "
+            "nearly tie), which is what separates the arithmetic from the harmonic mean.")
+
+
+def write_outputs(data_dir: Path, summary, steps_rows, comps) -> None:
+    import pandas as pd
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(summary)
+    frame[["regime", "method", "seed", "first_reward", "final_reward", "auc", "collapsed"]].to_csv(
+        data_dir / "summary.csv", index=False)
+    frame[["regime", "method", "seed", "drawdown", "steps_to_threshold", "non_finite", "final_train_reward", "wall_s"]].to_csv(
+        data_dir / "run_details.csv", index=False)
+    pd.DataFrame(steps_rows).to_csv(data_dir / "steps.csv.gz", index=False)
+    pd.DataFrame(comps).to_csv(data_dir / "comparisons.csv", index=False)
 
 
 if __name__ == "__main__":

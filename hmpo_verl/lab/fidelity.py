@@ -1,0 +1,442 @@
+"""Gradient fidelity: how far each loss's update is from the clean policy gradient, measured directly.
+
+    python -m hmpo_verl.lab.bench --fidelity                 # docs/fidelity.md + docs/fidelity_data/
+    python -m hmpo_verl.lab.bench --fidelity --quick         # a few resamples (a smoke run)
+
+No training run: on the task's warm-start model and real responses sampled from it, every
+method of the study (:data:`hmpo_verl.lab.lean.METHODS`, verl's registered losses and ours,
+with their settings) computes its parameter update -- the gradient of its verl loss through
+the model -- in each regime of the study, and we measure
+
+* **fidelity**: the cosine between that update and the same method's *clean* update on the
+  same responses and parameters (old log-probs exact, ratio 1: where every policy loss here
+  reduces to the policy gradient sum_t A_t grad log pi(y_t) under its aggregation), and the
+  ratio of their norms; over ``--resamples`` resamples (a random subset of prompt groups from
+  a pool of sampled responses, and fresh mismatch noise each time), with 95 % t intervals;
+* **outlier sensitivity**: on clean data, one random valid token's log-ratio is set to
+  x in {-5, -3, -1, +1, +3, +5}; the update moves by ||g(x) - g(0)|| / ||g(0)||.
+
+Regimes (those of the study): ``bf16`` -- reported log-probs of a bf16 copy of the weights
+(teacher-forced on the sampled tokens) are the behaviour policy; ``mismatch`` -- the same
+plus the study's heavy-tailed noise; ``stale`` -- the parameters after 3 of the stale regime's
+4 vanilla updates on the pool, old log-probs from the warm start; ``stressed`` -- both.
+``vanilla_rc`` runs in decoupled mode as in the study (old = the trainer's log-probs, verl's
+truncated IS weights carry the mismatch). Every gradient is exact (autograd through the
+model); the update of a method is what verl's ``ppo_loss`` would back-propagate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hmpo_verl.lab import lean, stats
+from hmpo_verl.lab.cpu_demo import REPO_ROOT
+
+FIDELITY_REGIMES = ("bf16", "mismatch", "stale", "stressed")
+OUTLIERS = (-5.0, -3.0, -1.0, 1.0, 3.0, 5.0)
+
+
+@dataclass
+class Pool:
+    rollout: lean.Rollout
+    scores: torch.Tensor  # (N,)
+    uids: np.ndarray  # (N,)
+    groups: list[np.ndarray]  # row indices of each prompt group
+    bf16_log_probs: torch.Tensor  # (N, T) teacher-forced through the bf16 copy
+
+
+def build_pool(task: lean.Task, model, prompts: int, settings: lean.LoopSettings, seed: int) -> Pool:
+    """Sample ``prompts`` x n responses from the warm-start model (fp32) and score them."""
+    picked = list(range(min(prompts, len(task.train))))
+    rng = np.random.default_rng(seed)
+    picked = [int(i) for i in rng.choice(len(task.train), size=len(picked), replace=False)]
+    n = settings.n
+    ids = [task.train[j][0] for j in picked for _ in range(n)]
+    truths = [task.train[j][1] for j in picked for _ in range(n)]
+    rollout = lean.sample(model, ids, task.max_response_length, task.tokenizer.eos_token_id,
+                          task.tokenizer.pad_token_id, lean._generator(seed, 1))
+    scores = torch.tensor([task.reward(task.decode(lean._valid(rollout, i)), truths[i]) for i in range(len(ids))])
+    with torch.no_grad():
+        bf16 = lean.token_log_probs(lean.bf16_copy(model), rollout)
+    groups = [np.arange(g * n, (g + 1) * n) for g in range(len(picked))]
+    return Pool(rollout, scores, np.array([str(j) for j in picked for _ in range(n)], dtype=object), groups, bf16)
+
+
+def drift(model, pool: Pool, settings: lean.LoopSettings, updates: int = 3, mini_batches: int = 2):
+    """A copy of ``model`` after ``updates`` of the stale regime's vanilla updates on the pool: the parameters
+    at which its last (4th) update of a rollout is computed."""
+    import copy
+
+    moved = copy.deepcopy(model)
+    config = lean.actor_config(lean.METHODS_BY_NAME["vanilla"], settings)
+    with torch.no_grad():
+        old = lean.token_log_probs(model, pool.rollout)
+    adv = lean.advantages(lean.METHODS_BY_NAME["vanilla"], settings, pool.scores, pool.rollout.response_mask, pool.uids)
+    optimizer = torch.optim.AdamW(moved.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    chunks = torch.arange(len(pool.scores)).chunk(mini_batches)
+    moved.train()
+    for k in range(updates):
+        rows = chunks[k % len(chunks)]
+        log_prob = lean.token_log_probs(moved, pool.rollout, rows)
+        loss, _ = lean.policy_loss(config, old[rows], log_prob, adv[rows], pool.rollout.response_mask[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(moved.parameters(), settings.grad_clip)
+        optimizer.step()
+    moved.eval()
+    return moved
+
+
+def loss_cotangent(method: lean.Method, config, settings, log_prob: torch.Tensor, old: torch.Tensor,
+                   adv: torch.Tensor, mask: torch.Tensor, weights) -> torch.Tensor:
+    """dL/d log_prob (B, T) of the method's verl loss at these log-probs (the update is J^T of it)."""
+    leaf = log_prob.detach().clone().requires_grad_(True)
+    loss, _ = lean.policy_loss(config, old, leaf, adv, mask, weights)
+    (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    return torch.zeros_like(leaf) if grad is None else grad
+
+
+def token_kernel(model, rollout: lean.Rollout) -> torch.Tensor:
+    """K = J J^T over all (response, position) pairs of the pool: (N*T, N*T), returned in float64.
+
+    J[(i, t)] = d log pi(y_{i,t}) / d theta (all parameters, flattened), exact, one response
+    at a time (a forward, then its per-token gradients as a vmapped VJP); rows of padded
+    positions are 0. The update of a loss with cotangent v = dL/d log_prob is g = J^T v, so
+    <g_a, g_b> = v_a^T K v_b: every cosine of every resample then costs a small matrix product.
+    """
+    from torch.func import functional_call, vjp, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    n_params = sum(v.numel() for v in params.values())
+    mask = rollout.response_mask
+    N, T = mask.shape
+    jac = torch.zeros(N * T, n_params)
+    for i in range(N):
+        length = int(mask[i].sum())
+        if length == 0:
+            continue
+        row = torch.tensor([i])
+
+        def log_probs(p, row=row, length=length):
+            return lean.token_log_probs(lambda **kw: functional_call(model, p, (), kw), rollout, row)[0, :length]
+
+        _, pullback = vjp(log_probs, params)
+        (grads,) = vmap(pullback)(torch.eye(length))
+        jac[i * T: i * T + length] = torch.cat([g.reshape(length, -1) for g in grads.values()], 1)
+    return (jac @ jac.T).double()  # float32 products (MKL), accumulated well enough for cosines to ~1e-6
+
+
+def gram(cotangents: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """(K, K) inner products <J^T v_a, J^T v_b> for cotangents (K, R) over the kernel's (R, R) block."""
+    v = cotangents.double()
+    return v @ kernel @ v.T
+
+
+def measure(task: lean.Task, methods: list[lean.Method], regimes: list[str], resamples: int, groups_per_batch: int,
+            outlier_resamples: int, settings: lean.LoopSettings, seed: int, pool_prompts: int, log=print):
+    """Fidelity rows (regime, method, resample, cosine, norm_ratio) and sensitivity rows (method, x, resample, move)."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model = lean.load_model(task.model_path, "eager")  # eager attention: its backward batches under vmap (sdpa's does not)
+    t0 = time.time()
+    pool = build_pool(task, model, pool_prompts, settings, seed)
+    N, T = pool.rollout.response_mask.shape
+    log(f"pool: {N} responses, mean reward {pool.scores.float().mean():.3f}, "
+        f"mean length {pool.rollout.response_mask.sum(-1).float().mean():.1f} ({time.time() - t0:.0f} s)")
+    needs_stale = any(lean.REGIMES_BY_NAME[r].mini_batches > 1 for r in regimes)
+    states = {"old": model, **({"stale": drift(model, pool, settings)} if needs_stale else {})}
+    current, kernels = {}, {}
+    for name, m in states.items():
+        t0 = time.time()
+        with torch.no_grad():
+            current[name] = lean.token_log_probs(m, pool.rollout)
+        kernels[name] = token_kernel(m, pool.rollout)
+        log(f"token-gradient kernel at the {name} parameters: {kernels[name].shape[0]} tokens ({time.time() - t0:.0f} s)")
+    clean_old = current["old"]
+    configs = {m.name: lean.actor_config(m, settings) for m in methods}
+    algos = {m.name: lean.algo_config(m, settings) for m in methods}
+    rng = np.random.default_rng(seed + 1)
+    fidelity, sensitivity, regime_stats = [], [], []
+    for r in tqdm(range(resamples + outlier_resamples), desc="fidelity", unit="resample", dynamic_ncols=True):
+        chosen = sorted(rng.choice(len(pool.groups), size=min(groups_per_batch, len(pool.groups)), replace=False))
+        rows = torch.as_tensor(np.concatenate([pool.groups[g] for g in chosen]))
+        tokens = (rows[:, None] * T + torch.arange(T)[None, :]).reshape(-1)
+        mask = pool.rollout.response_mask[rows]
+        uids = pool.uids[rows.numpy()]
+        advs = {m.name: lean.advantages(m, settings, pool.scores[rows], mask, uids, algos[m.name]) for m in methods}
+
+        def cot(m, now, old, weights=None):
+            return loss_cotangent(m, configs[m.name], settings, now, old, advs[m.name], mask, weights).reshape(-1)
+
+        if r < resamples:
+            generator = lean._generator(seed, 2, r)
+            for name in regimes:
+                regime = lean.REGIMES_BY_NAME[name]
+                state = "stale" if regime.mini_batches > 1 else "old"
+                now, base_old = current[state][rows], clean_old[rows]
+                kernel = kernels[state][tokens][:, tokens]
+                reported = base_old if regime.sample_dtype == "fp32" else pool.bf16_log_probs[rows]
+                if regime.noise is not None:
+                    reported = torch.where(mask, reported + regime.noise.sample(mask.shape, generator), 0.0)
+                behaviour = reported if regime.bypass else base_old
+                regime_stats.append({"regime": name, "resample": r,
+                                     **{f"mismatch/{k}": v for k, v in lean.log_ratio_stats(base_old - reported, mask).items()},
+                                     **{f"update/{k}": v for k, v in lean.log_ratio_stats(now - behaviour, mask).items()}})
+                for m in methods:
+                    decoupled = not regime.bypass or m.rollout_is_threshold is not None
+                    old = base_old if decoupled else reported
+                    weights = lean.rollout_is_weights(m, base_old, reported, mask)
+                    g = gram(torch.stack([cot(m, now, old, weights), cot(m, now, now)]), kernel)
+                    ok = g[0, 0] > 0 and g[1, 1] > 0
+                    fidelity.append({"regime": name, "method": m.name, "resample": r,
+                                     "cosine": float(g[0, 1] / (g[0, 0] * g[1, 1]).sqrt()) if ok else math.nan,
+                                     "norm_ratio": float((g[0, 0] / g[1, 1]).sqrt()) if ok else math.nan})
+        else:
+            now = clean_old[rows]
+            kernel = kernels["old"][tokens][:, tokens]
+            valid = mask.nonzero()
+            b, t = valid[int(rng.integers(len(valid)))].tolist()
+            for m in methods:
+                base = cot(m, now, now)
+                moves = []
+                for x in OUTLIERS:
+                    old = now.clone()
+                    old[b, t] = now[b, t] - x  # this token's log-ratio is x
+                    moves.append(cot(m, now, old) - base)
+                g = gram(torch.stack([base, *moves]), kernel)
+                for k, x in enumerate(OUTLIERS, 1):
+                    sensitivity.append({"method": m.name, "x": x, "resample": r,
+                                        "relative_move": float((g[k, k] / g[0, 0]).sqrt()) if g[0, 0] > 0 else math.nan,
+                                        "advantage_sign": float(np.sign(advs[m.name][b, t]))})
+    return fidelity, sensitivity, regime_stats, pool
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(rows: list[dict], keys: tuple[str, ...], value: str) -> list[dict]:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    out = []
+    for key, df in frame.groupby(list(keys), sort=False):
+        vals = [v for v in df[value].tolist() if math.isfinite(v)]
+        mean, half = stats.mean_ci(vals)
+        out.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "n": len(vals), "mean": mean,
+                    "lo": mean - half, "hi": mean + half})
+    return out
+
+
+def plots(fid_summary, sens_summary, methods, regimes, figures: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(methods) * len(regimes) / 2), 4.8))
+    width = 0.8 / len(regimes)
+    for j, regime in enumerate(regimes):
+        xs, ys, lo, hi = [], [], [], []
+        for i, m in enumerate(methods):
+            row = next((s for s in fid_summary if s["regime"] == regime and s["method"] == m), None)
+            if row is None:
+                continue
+            xs.append(i + (j - (len(regimes) - 1) / 2) * width)
+            ys.append(row["mean"])
+            lo.append(row["mean"] - row["lo"])
+            hi.append(row["hi"] - row["mean"])
+        ax.bar(xs, ys, width=width, label=regime, yerr=[lo, hi], capsize=2)
+    ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
+    ax.set_ylabel("cosine(update, clean on-policy update)")
+    ax.set_ylim(min(0.0, min((s["lo"] for s in fid_summary), default=0)), 1.02)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title("gradient fidelity per regime (mean over resamples, 95 % t interval)")
+    fig.tight_layout()
+    paths.append(figures / "fidelity.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    cmap = plt.get_cmap("tab20")
+    for i, m in enumerate(methods):
+        rows = sorted((s for s in sens_summary if s["method"] == m), key=lambda s: s["x"])
+        if not rows:
+            continue
+        x = [s["x"] for s in rows]
+        ax.plot(x, [s["mean"] for s in rows], marker="o", label=m, color=cmap(i))
+        ax.fill_between(x, [s["lo"] for s in rows], [s["hi"] for s in rows], color=cmap(i), alpha=0.1)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("log-ratio x of the single outlier token")
+    ax.set_ylabel("||g(x) − g(0)|| / ||g(0)||")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("sensitivity of the update to one outlier token (95 % t interval)")
+    fig.tight_layout()
+    paths.append(figures / "sensitivity.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def write_report(path: Path, argv, ctx) -> None:
+    from hmpo_verl.lab.study import versions
+
+    rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
+    methods, regimes = ctx["methods"], ctx["regimes"]
+    fid = {(s["regime"], s["method"]): s for s in ctx["fid_summary"]}
+    nr = {(s["regime"], s["method"]): s for s in ctx["norm_summary"]}
+    sens = {(s["method"], s["x"]): s for s in ctx["sens_summary"]}
+    lines = [
+        "# Gradient fidelity of the study's methods",
+        "",
+        "Generated by `hmpo_verl.lab.fidelity`; do not edit by hand.",
+        "",
+        "```bash",
+        "python -m hmpo_verl.lab.bench --fidelity " + " ".join(argv),
+        "```",
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. {os.cpu_count()} CPU cores, other work "
+        f"running. Took {ctx['wall_s'] / 60:.1f} min.",
+        "",
+        f"Task `{ctx['task']}`, warm-start model; pool of {ctx['pool_size']} responses sampled from it "
+        f"(mean reward {ctx['pool_reward']:.3f}, mean length {ctx['pool_length']:.1f} tokens); each resample takes "
+        f"{ctx['groups']} prompt groups of {ctx['n']} responses at random, with fresh noise. {ctx['resamples']} "
+        f"resamples for fidelity, {ctx['outlier_resamples']} for the outlier sensitivity. Method settings as in "
+        "docs/study.md (loss_agg_mode seq-mean-token-mean, clip 0.2 unless the method sets its own).",
+        "",
+        "What is measured: the parameter update of each method (exact gradient of its verl loss through the model) "
+        "against the same method's clean update on the same responses and parameters (exact old log-probs, ratio 1). "
+        "At ratio 1 all the policy losses here give the policy gradient under their aggregation, so the cosine says how "
+        "much the regime's mismatch/staleness turns each loss's update away from it, and the norm ratio how much it "
+        "scales it.",
+        "",
+        "## Regimes: measured log-ratios",
+        "",
+        "| regime | mismatch sd | mismatch 99.9th pct abs | mismatch log_ah_gap | δ seen by the loss: sd | 99.9th pct abs | log_ah_gap |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {s['regime']} | {s['mismatch/delta_sd']:.4g} | {s['mismatch/delta_abs_p999']:.4g} | "
+          f"{s['mismatch/log_ah_gap']:.4g} | {s['update/delta_sd']:.4g} | {s['update/delta_abs_p999']:.4g} | "
+          f"{s['update/log_ah_gap']:.4g} |" for s in ctx["regime_summary"]],
+        "",
+        "## Fidelity: cosine to the clean update (mean [95 % CI]) and norm ratio",
+        "",
+        *[f"![{p.stem}]({rel(p)})" for p in ctx["pngs"]],
+        "",
+        "| method | " + " | ".join(regimes) + " |",
+        "|---|" + "---|" * len(regimes),
+        *["| " + m + " | " + " | ".join(
+            (f"{fid[(r, m)]['mean']:.4f} [{fid[(r, m)]['lo']:.4f}, {fid[(r, m)]['hi']:.4f}]; ×{nr[(r, m)]['mean']:.3f}"
+             if (r, m) in fid else "—") for r in regimes) + " |" for m in methods],
+        "",
+        "## Sensitivity to one outlier token: ||g(x) − g(0)|| / ||g(0)|| (mean [95 % CI])",
+        "",
+        "| method | " + " | ".join(f"x = {x:+g}" for x in OUTLIERS) + " |",
+        "|---|" + "---|" * len(OUTLIERS),
+        *["| " + m + " | " + " | ".join(
+            (f"{sens[(m, x)]['mean']:.4f} [{sens[(m, x)]['lo']:.4f}, {sens[(m, x)]['hi']:.4f}]" if (m, x) in sens else "—")
+            for x in OUTLIERS) + " |" for m in methods],
+        "",
+        "## Reading (generated)",
+        "",
+        *ctx["reading"],
+        "",
+        "Data: `docs/fidelity_data/fidelity.csv` (one row per regime, method, resample), `sensitivity.csv`, "
+        "`regimes.csv`, `summary.csv`.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def generated_reading(fid_summary, sens_summary, methods, regimes) -> list[str]:
+    out = []
+    for regime in regimes:
+        rows = sorted((s for s in fid_summary if s["regime"] == regime), key=lambda s: -s["mean"])
+        if not rows:
+            continue
+        best = rows[0]
+        tied = [s["method"] for s in rows if s["hi"] >= best["lo"]]
+        worst = rows[-1]
+        out.append(f"**{regime}**: highest cosine {best['method']} {best['mean']:.4f} [{best['lo']:.4f}, {best['hi']:.4f}]"
+                   f"; intervals overlapping it: {', '.join(tied)}; lowest {worst['method']} {worst['mean']:.4f} "
+                   f"[{worst['lo']:.4f}, {worst['hi']:.4f}].")
+    for x in (5.0, -5.0):
+        rows = sorted((s for s in sens_summary if s["x"] == x), key=lambda s: s["mean"])
+        if rows:
+            out.append(f"Outlier x = {x:+g}: least moved {rows[0]['method']} {rows[0]['mean']:.4f}, most moved "
+                       f"{rows[-1]['method']} {rows[-1]['mean']:.4f} [{rows[-1]['lo']:.4f}, {rows[-1]['hi']:.4f}].")
+    return out
+
+
+def main(argv=None) -> int:
+    import pandas as pd
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m hmpo_verl.lab.bench --fidelity")
+    parser.add_argument("--task", default="fibonacci")
+    parser.add_argument("--quick", action="store_true", help="4 resamples, 2 outlier resamples, 4 methods, report under --out")
+    parser.add_argument("--resamples", type=int, default=200)
+    parser.add_argument("--outlier-resamples", type=int, default=100)
+    parser.add_argument("--groups", type=int, default=4, help="prompt groups per resample")
+    parser.add_argument("--pool-prompts", type=int, default=12, help="prompts (x n responses) in the pool")
+    parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
+    parser.add_argument("--regimes", nargs="+", choices=list(FIDELITY_REGIMES), default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--assets", default=None, help="asset root (default: the task's own folder)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "fidelity"))
+    parser.add_argument("--docs", default=None, help="report (default docs/fidelity.md; --quick: <out>/fidelity.md)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    if args.quick:
+        args.resamples, args.outlier_resamples, args.pool_prompts = 4, 2, 8
+        args.methods = args.methods or ["vanilla", "hmpo", "gspo", "vanilla_rc"]
+    docs = Path(args.docs) if args.docs else (Path(args.out) / "fidelity.md" if args.quick else REPO_ROOT / "docs" / "fidelity.md")
+    data_dir, figures = docs.parent / f"{docs.stem}_data", docs.parent / f"{docs.stem}_figures"
+    task = lean.load_task(args.task, args.assets, log=lambda *a: print(*a, flush=True))
+    settings = lean.LoopSettings(max_response_length=task.max_response_length)
+    methods = [lean.METHODS_BY_NAME[m] for m in (args.methods or list(lean.METHODS_BY_NAME))]
+    regimes = list(args.regimes or FIDELITY_REGIMES)
+    fidelity, sensitivity, regime_stats, pool = measure(task, methods, regimes, args.resamples, args.groups,
+                                                        args.outlier_resamples, settings, args.seed, args.pool_prompts)
+    fid_summary = summarize(fidelity, ("regime", "method"), "cosine")
+    norm_summary = summarize(fidelity, ("regime", "method"), "norm_ratio")
+    sens_summary = summarize(sensitivity, ("method", "x"), "relative_move")
+    regime_summary = pd.DataFrame(regime_stats).groupby("regime", sort=False).mean(numeric_only=True).reset_index()
+    regime_summary = regime_summary.drop(columns=["resample"]).to_dict("records")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(fidelity).to_csv(data_dir / "fidelity.csv", index=False)
+    pd.DataFrame(sensitivity).to_csv(data_dir / "sensitivity.csv", index=False)
+    pd.DataFrame(regime_stats).to_csv(data_dir / "regimes.csv", index=False)
+    pd.DataFrame([{**s, "metric": "cosine"} for s in fid_summary] + [{**s, "metric": "norm_ratio"} for s in norm_summary]
+                 + [{**s, "metric": "relative_move"} for s in sens_summary]).to_csv(data_dir / "summary.csv", index=False)
+    names = [m.name for m in methods]
+    pngs = plots(fid_summary, sens_summary, names, regimes, figures)
+    reading = generated_reading(fid_summary, sens_summary, names, regimes)
+    ctx = {"methods": names, "regimes": regimes, "fid_summary": fid_summary, "norm_summary": norm_summary,
+           "sens_summary": sens_summary, "regime_summary": regime_summary, "pngs": pngs, "reading": reading,
+           "task": args.task, "pool_size": len(pool.scores), "pool_reward": float(pool.scores.float().mean()),
+           "pool_length": float(pool.rollout.response_mask.sum(-1).float().mean()), "groups": args.groups,
+           "n": settings.n, "resamples": args.resamples, "outlier_resamples": args.outlier_resamples,
+           "wall_s": time.time() - start}
+    write_report(docs, argv, ctx)
+    print("\n".join(reading))
+    print(f"wrote {docs}, {data_dir}, {figures}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

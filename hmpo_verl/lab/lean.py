@@ -1,0 +1,557 @@
+"""The lean RL loop of the study: a directly driven HF model trained with verl's own losses.
+
+verl's full trainer costs about a minute of start-up (Ray, workers, weight sync) plus
+seconds of overhead per step on this CPU, so a powered sweep (13 methods x 4 regimes x
+>= 5 seeds) cannot run on it in the study's budget. This loop keeps everything that
+decides *what update is computed* and drops the machinery around it:
+
+* sampling: batched, KV-cached decoding of left-padded prompts with a seeded
+  ``torch.Generator`` (temperature 1, as the ``hf`` rollout server of ``patches/verl_cpu``),
+  in fp32 or -- for the ``bf16`` mismatch -- with a bf16 copy of the weights whose
+  log-probs (log-softmax of its bf16 logits, in fp32) are the *reported* rollout log-probs,
+  as vLLM reports them while the FSDP trainer computes in fp32;
+* advantages: verl's estimators, dispatched as ``verl.trainer.ppo.ray_trainer.compute_advantage``
+  does (``grpo`` -> ``compute_grpo_outcome_advantage``, anything else -> ``get_adv_estimator_fn``,
+  which holds our ``power_mean``/``agm`` once ``hmpo_verl`` is imported);
+* rollout correction: verl's ``compute_rollout_correction_and_rejection_mask`` (decoupled
+  mode: IS weights pi_old / pi_rollout, truncated at the threshold);
+* the loss: exactly verl's registered policy loss (``get_policy_loss_fn(loss_mode)``) on a
+  real ``ActorConfig``, with ``global_batch_info`` filled as ``verl.workers.utils.losses.ppo_loss``
+  fills it (one data-parallel rank, one micro-batch per mini-batch), so verl's ``agg_loss``
+  normalises by the mini-batch's tokens / sequences;
+* the update: AdamW (verl's defaults: betas 0.9/0.999, weight decay from the recipe),
+  gradient-norm clipping, and -- as verl's actor -- no step when the norm is not finite;
+  ``ppo_epochs`` x ``mini_batches`` updates per rollout, mini-batches in order (verl's
+  ``shuffle: false``).
+
+Everything is paired by seed: seed k fixes the initial model (the task's warm start), the
+data order, the sampling stream of every step (a generator seeded by (k, step)) and the
+evaluation stream, for every method and regime.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method: verl's loss and advantage estimator with their settings.
+
+    actor: ``ActorConfig`` fields (clip ranges, aggregation, SAPO temperatures ...).
+    policy_loss: fields of the policy-loss config; ``policy_loss_class`` picks verl's
+    ``PolicyLossConfig`` ("verl") or ours ("power_mean", "adaptive").
+    adv_estimator / algo: verl's ``algorithm.adv_estimator`` and our estimator's fields.
+    rollout_is: verl's rollout correction, ``rollout_is=token`` with this threshold (decoupled mode).
+    trainer_overrides: the same method as Hydra overrides for verl's real trainer.
+    """
+
+    name: str
+    loss_mode: str
+    note: str
+    actor: tuple[tuple[str, Any], ...] = ()
+    policy_loss: tuple[tuple[str, Any], ...] = ()
+    policy_loss_class: str = "verl"
+    adv_estimator: str = "grpo"
+    algo: tuple[tuple[str, Any], ...] = ()
+    rollout_is_threshold: float | None = None
+    trainer_overrides: tuple[str, ...] = ()
+
+    def settings(self) -> str:
+        """The method's settings in one line, for the report."""
+        parts = [f"loss_mode={self.loss_mode}"]
+        parts += [f"{k}={v}" for k, v in self.actor]
+        parts += [f"policy_loss.{k}={v}" for k, v in self.policy_loss]
+        parts.append(f"adv_estimator={self.adv_estimator}")
+        parts += [f"algorithm.{k}={v}" for k, v in self.algo]
+        if self.rollout_is_threshold is not None:
+            parts.append(f"rollout_correction.rollout_is=token, rollout_is_threshold={self.rollout_is_threshold}")
+        return ", ".join(parts)
+
+
+_PL = "actor_rollout_ref.actor.policy_loss"
+_A = "actor_rollout_ref.actor"
+
+METHODS = (
+    Method("vanilla", "vanilla", "GRPO baseline: verl's vanilla PPO-clip loss, token ratio clip 0.2, dual clip 3"),
+    Method("gspo", "gspo", "GSPO (arXiv 2507.18071): geometric-mean sequence ratio, sequence clip 3e-4/4e-4",
+           actor=(("clip_ratio_low", 3e-4), ("clip_ratio_high", 4e-4)),
+           trainer_overrides=(f"{_A}.clip_ratio_low=3e-4", f"{_A}.clip_ratio_high=4e-4")),
+    Method("geo_mean", "geo_mean", "GMPO (arXiv 2507.20673): geometric mean of token ratios, token log-clip +-0.4",
+           actor=(("clip_ratio_low", 0.4), ("clip_ratio_high", 0.4))),
+    Method("sapo", "sapo", "SAPO (arXiv 2511.20347): soft sigmoid gate, tau_pos 1.0, tau_neg 1.05 (paper / verl defaults)",
+           actor=(("tau_pos", 1.0), ("tau_neg", 1.05))),
+    Method("dppo_tv", "dppo_tv", "DPPO-Binary-TV (arXiv 2602.04879): TV threshold 0.15, TIS cap 10000 (verl's example)",
+           actor=(("clip_ratio", 0.15), ("clip_ratio_low", 0.15), ("clip_ratio_high", 0.15), ("clip_ratio_c", 10000.0))),
+    Method("cispo", "cispo", "CISPO (arXiv 2506.13585): clipped, stop-gradient IS weight, upper cap 1.2 (verl's example: low 10, high 0.2)",
+           actor=(("clip_ratio_low", 10.0), ("clip_ratio_high", 0.2))),
+    Method("vanilla_rc", "vanilla", "vanilla + verl's rollout correction: rollout_is=token, threshold 2 (decoupled: old log-probs recomputed by the trainer)",
+           rollout_is_threshold=2.0),
+    Method("hmpo", "hmpo", "ours: harmonic mean of token ratios (p = -1), token clip 0.2",
+           policy_loss_class="power_mean"),
+    Method("pm_p0.5", "power_mean", "ours: power mean p = 0.5, token clip 0.2",
+           policy_loss=(("power", 0.5),), policy_loss_class="power_mean",
+           trainer_overrides=(f"{_PL}._target_=hmpo_verl.PowerMeanLossConfig", f"+{_PL}.power=0.5")),
+    Method("pm_p-2", "power_mean", "ours: power mean p = -2, token clip 0.2",
+           policy_loss=(("power", -2.0),), policy_loss_class="power_mean",
+           trainer_overrides=(f"{_PL}._target_=hmpo_verl.PowerMeanLossConfig", f"+{_PL}.power=-2.0")),
+    Method("agm", "agm", "ours: arithmetic-harmonic mean (exact limit sqrt(A*H)), token clip 0.2",
+           policy_loss_class="power_mean"),
+    Method("adaptive", "adaptive_power_mean", "ours: p per trajectory by clip-aware ESS matching (defaults: p in [-2, 1], ESS target 0.99)",
+           policy_loss_class="adaptive"),
+    Method("pm_adv", "vanilla", "ours: vanilla loss, power-mean (free-energy) advantage, beta = 2 (RS-GRPO arXiv 2509.24261)",
+           adv_estimator="power_mean", algo=(("risk_beta", 2.0),),
+           trainer_overrides=("algorithm.adv_estimator=power_mean", "algorithm._target_=hmpo_verl.PowerMeanAlgoConfig",
+                              "+algorithm.risk_beta=2.0")),
+    Method("agm_adv", "vanilla", "ours: vanilla loss, AGM advantage, beta = 1",
+           adv_estimator="agm", algo=(("risk_beta", 1.0),),
+           trainer_overrides=("algorithm.adv_estimator=agm", "algorithm._target_=hmpo_verl.PowerMeanAlgoConfig",
+                              "+algorithm.risk_beta=1.0")),
+)
+METHODS_BY_NAME = {m.name: m for m in METHODS}
+BASELINE = "vanilla"
+
+
+# ----------------------------------------------------------------------------- regimes
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Simulated training-inference mismatch added to the *reported* rollout log-probs.
+
+    ``contaminated``: Tukey's contaminated normal -- each token's noise is N(0, sd^2) with
+    probability 1 - rate and N(0, spike_sd^2) with probability ``rate``: most tokens tiny,
+    a few large (the shape of vLLM-vs-trainer log-prob gaps, where a rare token whose
+    logits nearly tie moves a lot). ``gaussian``: N(0, sd^2), what the trainer's ``hf``
+    rollout server can add (``VERL_CPU_LOGPROB_NOISE_STD``).
+    """
+
+    kind: str
+    sd: float
+    spike_sd: float = 0.0
+    rate: float = 0.0
+
+    def sample(self, shape, generator: torch.Generator) -> torch.Tensor:
+        base = self.sd * torch.randn(shape, generator=generator)
+        if self.kind == "gaussian":
+            return base
+        if self.kind != "contaminated":
+            raise ValueError(f"Noise.kind={self.kind!r} is invalid; allowed: 'gaussian', 'contaminated'")
+        spike = self.spike_sd * torch.randn(shape, generator=generator)
+        hit = torch.rand(shape, generator=generator) < self.rate
+        return torch.where(hit, spike, base)
+
+    def describe(self) -> str:
+        if self.kind == "gaussian":
+            return f"Gaussian N(0, {self.sd}^2)"
+        return f"contaminated normal: N(0, {self.sd}^2) w.p. {1 - self.rate:g}, N(0, {self.spike_sd}^2) w.p. {self.rate:g}"
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How far the data are from the policy being trained.
+
+    mini_batches x epochs updates per rollout; ``sample_dtype`` of the sampling weights;
+    ``noise`` on the reported log-probs; ``bypass``: the reported log-probs are the
+    behaviour policy (verl's ``rollout_correction.bypass_mode=true``), else the trainer
+    recomputes them (verl's default, decoupled mode) and the mismatch reaches the loss only
+    through rollout correction.
+    """
+
+    name: str
+    note: str
+    mini_batches: int = 1
+    epochs: int = 1
+    sample_dtype: str = "fp32"
+    noise: Noise | None = None
+    bypass: bool = False
+    trainer_overrides: tuple[str, ...] = ()
+    trainer_env: tuple[tuple[str, str], ...] = ()
+
+
+HEAVY_NOISE = Noise("contaminated", sd=0.02, spike_sd=0.5, rate=0.02)
+
+REGIMES = (
+    Regime("on_policy", "1 update per rollout, old log-probs recomputed by the trainer: every update starts at ratio 1"),
+    Regime("stale", "2 mini-batches x 2 epochs = 4 updates per rollout (off-policy after the first)",
+           mini_batches=2, epochs=2),
+    Regime("mismatch", "sampled in bf16, reported bf16 log-probs + heavy-tailed noise are the behaviour policy "
+           "(bypass mode), 1 update per rollout", sample_dtype="bf16", noise=HEAVY_NOISE, bypass=True),
+    Regime("stressed", "stale (4 updates per rollout) + the mismatch regime's bf16 sampling and heavy-tailed noise, bypass",
+           mini_batches=2, epochs=2, sample_dtype="bf16", noise=HEAVY_NOISE, bypass=True),
+    Regime("bf16", "sampled in bf16, its log-probs are the behaviour policy (bypass), no added noise, 1 update per rollout "
+           "(measures whether the real bf16 mismatch alone matters)", sample_dtype="bf16", bypass=True),
+    Regime("confirm", "the regime verl's real trainer can also run: 4 updates per rollout, fp32 sampling, reported "
+           "log-probs + Gaussian noise sd 0.05, bypass", mini_batches=2, epochs=2, noise=Noise("gaussian", sd=0.05),
+           bypass=True,
+           trainer_overrides=("actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_epochs=2",
+                              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32",
+                              "algorithm.rollout_correction.bypass_mode=true"),
+           trainer_env=(("VERL_CPU_LOGPROB_NOISE_STD", "0.05"),)),
+)
+REGIMES_BY_NAME = {r.name: r for r in REGIMES}
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Shared hyper-parameters (those of ``recipes/cpu_tiny``: lr 1e-3, clip 0.2, seq-mean-token-mean)."""
+
+    prompts_per_step: int = 8
+    n: int = 8  # responses per prompt (GRPO group)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    loss_agg_mode: str = "seq-mean-token-mean"
+    clip_ratio: float = 0.2
+    norm_adv_by_std_in_grpo: bool = True
+    max_response_length: int = 64
+    eval_prompts: int = 64
+    eval_samples: int = 4
+
+
+# ----------------------------------------------------------------------------- task
+
+
+@dataclass
+class Task:
+    """What the loop needs of a task: the warm-started model, prompts with answers, a reward."""
+
+    name: str
+    model_path: str
+    train: list[tuple[list[int], str]]  # (prompt token ids, ground truth)
+    test: list[tuple[list[int], str]]
+    reward: Callable[[str, str], float]
+    tokenizer: Any
+    max_response_length: int
+    data_source: str = ""
+    assets: Any = None  # the task's TaskPaths (model, train_parquet, test_parquet)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_task(name: str, assets_root=None, max_response_length: int | None = None, log=print) -> Task:
+    """Build (if missing) and load a task of :mod:`hmpo_verl.lab.tasks` (assets under ``assets_root/name``,
+    default: the task's own folder, shared with ``cpu_demo``). The response-length cap defaults to the
+    task's verl recipe (``data.max_response_length``), so the lean loop and the trainer sample alike."""
+    import importlib
+    from pathlib import Path
+
+    import pandas as pd
+    import yaml
+    from transformers import AutoTokenizer
+
+    from hmpo_verl.lab.tasks import REWARD_MODULE, get_task
+
+    task = get_task(name)
+    paths = task.prepare_assets(None if assets_root is None else Path(assets_root) / name, log=log)
+    compute_score = getattr(importlib.import_module(REWARD_MODULE), task.reward_name)
+    recipe = yaml.safe_load((task.recipe_dir / f"{task.recipe_name}.yaml").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(paths.model))
+
+    def rows(path):
+        frame = pd.read_parquet(path)
+        out = []
+        for prompt, reward_model in zip(frame["prompt"], frame["reward_model"]):
+            messages = [dict(m) for m in prompt]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            out.append((tokenizer(text, add_special_tokens=False)["input_ids"], str(reward_model["ground_truth"])))
+        return out, str(frame["data_source"].iloc[0])
+
+    train, source = rows(paths.train_parquet)
+    test, _ = rows(paths.test_parquet)
+    return Task(name=name, model_path=str(paths.model), train=train, test=test,
+                reward=lambda text, truth: float(compute_score(source, text, truth)), tokenizer=tokenizer,
+                max_response_length=max_response_length or int(recipe["data"]["max_response_length"]),
+                data_source=source, assets=paths)
+
+
+def load_model(path: str, attn_implementation: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- sampling and log-probs
+
+
+@dataclass
+class Rollout:
+    """One step's responses, right-padded: prompt (B, P) left-padded, response (B, T)."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    rollout_log_probs: torch.Tensor  # as reported by the sampler (before any simulated noise)
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], max_tokens: int, eos_id: int, pad_id: int,
+           generator: torch.Generator) -> Rollout:
+    """Batched KV-cached decoding at temperature 1; log-probs from the sampling model's logits (in fp32)."""
+    from transformers import DynamicCache
+
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    attention_mask = prompt_mask.clone()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    step_ids, step_pos = prompt_ids, position_ids
+    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    tokens, log_probs, masks = [], [], []
+    for _ in range(max_tokens):
+        logits = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_pos,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        masks.append(~finished)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        log_probs.append(logp.gather(-1, token[:, None]).squeeze(-1))
+        finished = finished | (token == eos_id)
+        if bool(finished.all()):
+            break
+        step_ids = token[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        attention_mask = torch.cat([attention_mask, torch.ones(len(prompts), 1, dtype=attention_mask.dtype)], 1)
+    mask = torch.stack(masks, 1)
+    return Rollout(prompt_ids, prompt_mask, torch.stack(tokens, 1), mask,
+                   torch.where(mask, torch.stack(log_probs, 1), 0.0))
+
+
+def token_log_probs(model, rollout: Rollout, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens under ``model`` (fp32 trainer forward, as verl's actor)."""
+    sel = slice(None) if rows is None else rows
+    prompt_ids, prompt_mask = rollout.prompt_ids[sel], rollout.prompt_mask[sel]
+    response_ids, response_mask = rollout.response_ids[sel], rollout.response_mask[sel]
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask.long()], 1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    width = prompt_ids.shape[1]
+    logits = logits[:, width - 1: -1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
+    return torch.where(response_mask, logp, 0.0)
+
+
+def bf16_copy(model, target=None):
+    """A bf16 copy of ``model``'s weights (into ``target`` if given): the rollout engine's precision."""
+    import copy
+
+    if target is None:
+        target = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        for p_target, p_source in zip(target.parameters(), model.parameters(), strict=True):
+            p_target.copy_(p_source.to(torch.bfloat16))
+    target.eval()
+    return target
+
+
+# ----------------------------------------------------------------------------- verl pieces
+
+
+def actor_config(method: Method, settings: LoopSettings):
+    """verl's ``ActorConfig`` for ``method`` (the shared clip/aggregation, then the method's own fields)."""
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    import hmpo_verl  # noqa: F401  (registers our losses)
+    from hmpo_verl import AdaptivePowerMeanLossConfig, PowerMeanLossConfig
+
+    classes = {"verl": PolicyLossConfig, "power_mean": PowerMeanLossConfig, "adaptive": AdaptivePowerMeanLossConfig}
+    policy_loss = classes[method.policy_loss_class](loss_mode=method.loss_mode, **dict(method.policy_loss))
+    fields = {"clip_ratio": settings.clip_ratio, "clip_ratio_low": settings.clip_ratio,
+              "clip_ratio_high": settings.clip_ratio, "loss_agg_mode": settings.loss_agg_mode, **dict(method.actor)}
+    return ActorConfig(strategy="fsdp", rollout_n=settings.n, ppo_mini_batch_size=settings.prompts_per_step,
+                       ppo_micro_batch_size_per_gpu=settings.prompts_per_step * settings.n, policy_loss=policy_loss,
+                       **fields)
+
+
+def algo_config(method: Method, settings: LoopSettings):
+    if method.adv_estimator == "grpo":
+        return None
+    from hmpo_verl import PowerMeanAlgoConfig
+
+    return PowerMeanAlgoConfig(adv_estimator=method.adv_estimator, **dict(method.algo))
+
+
+def advantages(method: Method, settings: LoopSettings, scores: torch.Tensor, response_mask: torch.Tensor,
+               uids: np.ndarray, algo=None) -> torch.Tensor:
+    """(B, T) advantages from verl's estimators, dispatched as verl's ``compute_advantage``.
+
+    scores: (B,) outcome rewards, placed on each response's last valid token.
+    """
+    from verl.trainer.ppo import core_algos
+
+    mask = response_mask.float()
+    last = response_mask.long().sum(-1).clamp(min=1) - 1
+    token_level_rewards = torch.zeros_like(mask).scatter(1, last[:, None], scores.float()[:, None])
+    if method.adv_estimator == "grpo":
+        adv, _ = core_algos.compute_grpo_outcome_advantage(
+            token_level_rewards=token_level_rewards, response_mask=mask, index=uids,
+            norm_adv_by_std_in_grpo=settings.norm_adv_by_std_in_grpo)
+    else:
+        fn = core_algos.get_adv_estimator_fn(method.adv_estimator)
+        adv, _ = fn(token_level_rewards=token_level_rewards, response_mask=mask, config=algo, index=uids)
+    return adv
+
+
+def rollout_is_weights(method: Method, old_log_prob, rollout_log_prob, response_mask):
+    """verl's token-level truncated IS weights pi_old / pi_rollout (None when the method has no correction)."""
+    if method.rollout_is_threshold is None:
+        return None
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    proto, _, _ = compute_rollout_correction_and_rejection_mask(
+        old_log_prob=old_log_prob, rollout_log_prob=rollout_log_prob, response_mask=response_mask,
+        rollout_is="token", rollout_is_threshold=method.rollout_is_threshold)
+    return proto.batch["rollout_is_weights"]
+
+
+def policy_loss(config, old_log_prob, log_prob, adv, response_mask, weights=None):
+    """verl's registered policy loss with ``global_batch_info`` as ``ppo_loss`` fills it (1 rank, 1 micro-batch)."""
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    config.global_batch_info["dp_size"] = 1
+    config.global_batch_info["batch_num_tokens"] = int(response_mask.sum())
+    config.global_batch_info["global_batch_size"] = int(response_mask.shape[0])
+    config.global_batch_info["loss_scale_factor"] = config.loss_scale_factor
+    loss_mode = config.policy_loss.get("loss_mode", "vanilla")
+    return get_policy_loss_fn(loss_mode)(old_log_prob=old_log_prob, log_prob=log_prob, advantages=adv,
+                                         response_mask=response_mask, loss_agg_mode=config.loss_agg_mode,
+                                         config=config, rollout_is_weights=weights)
+
+
+# ----------------------------------------------------------------------------- log-ratio statistics
+
+
+def log_ratio_stats(delta: torch.Tensor, mask: torch.Tensor) -> dict:
+    """sd and 99.9th percentile of |delta| over valid tokens, and the mean per-sequence log A - log H."""
+    from hmpo_verl.means import log_arithmetic_harmonic_gap
+
+    valid = delta[mask.bool()].double()
+    if valid.numel() == 0:
+        return {"delta_sd": math.nan, "delta_abs_p999": math.nan, "log_ah_gap": math.nan}
+    rows = mask.bool().any(-1)
+    gap = log_arithmetic_harmonic_gap(delta.double(), mask.bool())[rows]
+    return {"delta_sd": float(valid.std()) if valid.numel() > 1 else 0.0,
+            "delta_abs_p999": float(torch.quantile(valid.abs(), 0.999)), "log_ah_gap": float(gap.mean())}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class RunResult:
+    steps: list[dict] = field(default_factory=list)
+    first_eval: float = math.nan
+    final_eval: float = math.nan
+
+
+def _generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+def evaluate(model, task: Task, settings: LoopSettings, seed: int, tag: int) -> float:
+    """Mean reward of ``eval_samples`` temperature-1 samples on the first ``eval_prompts`` test prompts.
+
+    The sampling stream depends on (seed, tag) only, so every method is evaluated on the same stream.
+    """
+    prompts = [p for p, _ in task.test[: settings.eval_prompts] for _ in range(settings.eval_samples)]
+    truths = [t for _, t in task.test[: settings.eval_prompts] for _ in range(settings.eval_samples)]
+    eos, pad = task.tokenizer.eos_token_id, task.tokenizer.pad_token_id
+    rollout = sample(model, prompts, task.max_response_length, eos, pad, _generator(seed, 7_000_003, tag))
+    rewards = [task.reward(task.decode(_valid(rollout, i)), truths[i]) for i in range(len(prompts))]
+    return float(np.mean(rewards))
+
+
+def _valid(rollout: Rollout, i: int) -> list[int]:
+    return rollout.response_ids[i][rollout.response_mask[i]].tolist()
+
+
+def train(task: Task, method: Method, regime: Regime, seed: int, steps: int, settings: LoopSettings,
+          progress: Callable[[int], None] | None = None, evaluate_every: int = 0) -> RunResult:
+    """One run of ``steps`` training steps; returns per-step metrics and the first/final evaluation."""
+    torch.manual_seed(seed)
+    model = load_model(task.model_path)
+    sampler = bf16_copy(model) if regime.sample_dtype == "bf16" else model
+    config = actor_config(method, settings)
+    algo = algo_config(method, settings)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    order = list(range(len(task.train)))
+    random.Random(seed).shuffle(order)
+    eos, pad = task.tokenizer.eos_token_id, task.tokenizer.pad_token_id
+    result = RunResult(first_eval=evaluate(model, task, settings, seed, 0))
+    P, n = settings.prompts_per_step, settings.n
+    for step in range(1, steps + 1):
+        picked = [order[((step - 1) * P + i) % len(order)] for i in range(P)]
+        prompts = [task.train[j][0] for j in picked for _ in range(n)]
+        truths = [task.train[j][1] for j in picked for _ in range(n)]
+        uids = np.array([str(j) for j in picked for _ in range(n)], dtype=object)
+        if regime.sample_dtype == "bf16":
+            bf16_copy(model, sampler)
+        rollout = sample(sampler, prompts, task.max_response_length, eos, pad, _generator(seed, step))
+        mask = rollout.response_mask
+        reported = rollout.rollout_log_probs
+        if regime.noise is not None:
+            reported = torch.where(mask, reported + regime.noise.sample(mask.shape, _generator(seed, step, 99)), 0.0)
+        scores = torch.tensor([task.reward(task.decode(_valid(rollout, i)), truths[i]) for i in range(len(prompts))])
+        with torch.no_grad():
+            recomputed = token_log_probs(model, rollout)
+        # bypass mode: the reported log-probs are the behaviour policy; rollout correction needs
+        # the decoupled mode (it weights pi_old / pi_rollout), so that method recomputes them
+        decoupled = not regime.bypass or method.rollout_is_threshold is not None
+        old = recomputed if decoupled else reported
+        weights = rollout_is_weights(method, recomputed, reported, mask)
+        adv = advantages(method, settings, scores, mask, uids, algo)
+        # the mismatch as measured (trainer fp32 vs reported), whichever log-probs the loss uses
+        record = {"step": step, "reward": float(scores.mean()), "response_length": float(mask.sum(-1).float().mean()),
+                  **{f"mismatch/{k}": v for k, v in log_ratio_stats(recomputed - reported, mask).items()}}
+        updates = []
+        chunks = torch.arange(len(prompts)).chunk(regime.mini_batches)
+        model.train()
+        for _ in range(regime.epochs):
+            for rows in chunks:
+                log_prob = token_log_probs(model, rollout, rows)
+                m = mask[rows]
+                loss, metrics = policy_loss(config, old[rows], log_prob, adv[rows], m,
+                                            None if weights is None else weights[rows])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+                if finite:
+                    optimizer.step()
+                delta = (log_prob.detach() - old[rows])
+                updates.append({"loss": float(loss.detach()), "grad_norm": float(grad_norm), "finite": finite,
+                                **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                                **log_ratio_stats(delta, m)})
+        model.eval()
+        for key in (k for k in updates[0] if k != "finite"):
+            values = [u[key] for u in updates if key in u]
+            record[key if key.startswith("actor/") else f"update/{key}"] = float(np.mean(values))
+        record["non_finite"] = not all(u["finite"] for u in updates)
+        result.steps.append(record)
+        if evaluate_every and step % evaluate_every == 0 and step != steps:
+            record["eval_reward"] = evaluate(model, task, settings, seed, step)
+        if progress:
+            progress(step)
+    result.final_eval = evaluate(model, task, settings, seed, steps)
+    result.steps[-1]["eval_reward"] = result.final_eval
+    return result

@@ -1,0 +1,124 @@
+"""Statistics of the study: per-run outcomes, paired intervals, Holm's correction, seed sizing.
+
+Pure functions on plain lists (numpy/scipy only), tested against direct references in
+``tests/test_study_stats.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+COLLAPSE_DROP = 0.1  # a run "collapses" when its final evaluation is this far below its first
+SMOOTH = 5  # moving-average window of the training-reward curve
+
+
+def moving_average(values: Sequence[float], window: int = SMOOTH) -> list[float]:
+    """Trailing moving average (shorter window at the start)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        out.append(float(sum(chunk) / len(chunk)))
+    return out
+
+
+def max_drawdown(values: Sequence[float]) -> float:
+    """Largest fall of the curve below its running maximum (>= 0)."""
+    peak, worst = -math.inf, 0.0
+    for v in values:
+        peak = max(peak, v)
+        worst = max(worst, peak - v)
+    return worst
+
+
+def run_outcomes(train_reward: Sequence[float], first_eval: float, final_eval: float, non_finite: bool,
+                 threshold_gain: float = 0.1) -> dict:
+    """One run's outcomes.
+
+    first_reward / final_reward: mean reward on the fixed evaluation set (same prompts and
+    sampling stream for every method of a seed) before training and after the last step.
+    auc: mean training reward over the steps (area under the curve / steps).
+    collapsed: a non-finite loss or gradient norm in some update, or a final evaluation
+    ``COLLAPSE_DROP`` or more below the first.
+    drawdown: largest fall of the 5-step moving average of the training reward below its
+    running maximum.
+    steps_to_threshold: first step, from the 5th on (a full window: a single early step is
+    sampling noise), whose 5-step moving average reaches first_reward + ``threshold_gain``
+    (None if never).
+    """
+    smooth = moving_average(train_reward)
+    target = first_eval + threshold_gain
+    reached = next((i + 1 for i, v in enumerate(smooth) if i >= SMOOTH - 1 and v >= target), None)
+    return {
+        "first_reward": float(first_eval),
+        "final_reward": float(final_eval),
+        "auc": float(np.mean(train_reward)),
+        "collapsed": bool(non_finite or final_eval <= first_eval - COLLAPSE_DROP),
+        "drawdown": max_drawdown(smooth),
+        "steps_to_threshold": reached,
+        "non_finite": bool(non_finite),
+    }
+
+
+def t_quantile(level: float, dof: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + level / 2, dof))
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the t interval (nan half-width for fewer than 2 values)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return (float(x.mean()) if len(x) else math.nan), math.nan
+    return float(x.mean()), t_quantile(level, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
+    """Paired comparison of a and b (same seeds, same order): mean of a_k - b_k, its t interval
+    and the two-sided p-value of the paired t test (p = 1 when every difference is 0)."""
+    from scipy import stats
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = len(d)
+    if n != len(b):
+        raise ValueError(f"paired_difference needs equal lengths, got {len(a)} and {len(b)}")
+    mean = float(d.mean()) if n else math.nan
+    if n < 2:
+        return {"n": n, "diff": mean, "lo": math.nan, "hi": math.nan, "sd": math.nan, "p": math.nan}
+    sd = float(d.std(ddof=1))
+    half = t_quantile(level, n - 1) * sd / math.sqrt(n)
+    if sd == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    return {"n": n, "diff": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "p": p}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control); nan stays nan.
+
+    Sorted ascending, p_(i) is multiplied by (m - i) (i from 0), made non-decreasing by a
+    running maximum, and capped at 1; m counts the non-nan p-values.
+    """
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    m = len(idx)
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda j: pvalues[j])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def seeds_needed(sd_diff: float, half_width: float = 0.05, level: float = 0.95, minimum: int = 5,
+                 maximum: int = 200) -> int:
+    """Smallest n >= minimum whose t interval t(n-1) * sd / sqrt(n) is at most half_width."""
+    if not math.isfinite(sd_diff):
+        raise ValueError(f"sd_diff={sd_diff!r} must be finite")
+    for n in range(max(2, minimum), maximum + 1):
+        if t_quantile(level, n - 1) * sd_diff / math.sqrt(n) <= half_width:
+            return n
+    return maximum
