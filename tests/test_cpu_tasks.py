@@ -279,12 +279,14 @@ def test_task_report_criterion():
     assert not criterion([0.5] * 5 + [0.9] * 5)["passes"]  # starts above 0.45
 
 
-def test_task_report_runs_use_the_studys_regimes():
-    from hmpo_verl.lab.study import COMMON_OVERRIDES, REGIMES_BY_NAME
+def test_task_report_runs_use_its_trainer_settings():
     from hmpo_verl.lab.task_report import ReportRun
 
     stressed = ReportRun("fibonacci", "stressed", "hmpo", 1, 16)
-    assert stressed.overrides()[: -4] == [*COMMON_OVERRIDES, *REGIMES_BY_NAME["stressed"].overrides]
+    assert stressed.overrides()[: -4] == [
+        "data.train_batch_size=8", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_epochs=2",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16", "algorithm.rollout_correction.bypass_mode=true"]
     assert stressed.env() == {"VERL_CPU_LOGPROB_NOISE_STD": "0.05"}
     assert stressed.command(REPO_ROOT / "outputs" / "r").startswith(
         "VERL_CPU_LOGPROB_NOISE_STD=0.05 python -m hmpo_verl.lab.cpu_demo --task fibonacci --loss-mode hmpo --steps 16 "

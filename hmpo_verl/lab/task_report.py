@@ -5,15 +5,15 @@
 Two questions, each answered from verl's own file logger (``metrics.jsonl`` of every run):
 
 1. **Headroom and learning** (the Fibonacci task): verl's ``vanilla`` loss, on-policy
-   (the study's ``on_policy`` regime: 8 prompts x 8 samples, one PPO epoch, one
-   mini-batch), ``--criterion-steps`` (60) steps, seeds 1-3. Passes when, in every seed,
+   (``on_policy`` below: 8 prompts x 8 samples, one PPO epoch, one mini-batch), ``--criterion-steps`` (60) steps, seeds 1-3. Passes when, in every seed,
    the mean reward (``critic/score/mean``) of steps 1-5 is in [0.15, 0.45] and the mean of
    the last 5 steps is at least 0.2 higher.
 2. **Mean sensitivity** (every task): ``hmpo`` for ``--steps`` (16) steps, seed 1, in three
    settings -- ``recipe`` (the task's demo recipe as is: 2 PPO mini-batches per rollout,
-   so the second is off-policy), and the study's ``on_policy`` and ``stressed`` regimes
-   (``hmpo_verl.lab.study.REGIMES``: 8 stale updates per rollout and behaviour log-probs
-   with N(0, 0.05^2) noise). Reports per task and setting the mean over steps of
+   so the second is off-policy), ``on_policy`` and ``stressed`` (:data:`TRAINER_SETTINGS`:
+   8 stale updates per rollout and behaviour log-probs with N(0, 0.05^2) noise -- the
+   trainer-based study's regimes when these figures were measured; the lean-loop study
+   in :mod:`hmpo_verl.lab.study` has its own). Reports per task and setting the mean over steps of
    ``response_length/mean``, ``actor/pm/log_ah_gap`` (log A - log H of a response's token
    ratios: 0 when all means coincide), ``actor/pm/ess_frac`` (Kish ESS / T of the harmonic
    mean's token weights: 1 when they are uniform) and ``actor/pg_clipfrac``.
@@ -37,14 +37,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmpo_verl.lab.cpu_demo import check_cpu_backend_installed, read_metrics, trainer_command, trainer_env
-from hmpo_verl.lab.study import COMMON_OVERRIDES, REGIMES_BY_NAME, versions
+from hmpo_verl.lab.study import versions
 from hmpo_verl.lab.tasks import REPO_ROOT, TASKS, get_task
 
 REWARD = "critic/score/mean"
 KEPT = (REWARD, "response_length/mean", "actor/pm/log_ah_gap", "actor/pm/ess_frac", "actor/pg_clipfrac",
         "actor/ppo_kl", "actor/pm/seq_ratio_mean", "timing_s/step", "timing_s/gen")
 MEAN_METRICS = ("response_length/mean", "actor/pm/log_ah_gap", "actor/pm/ess_frac", "actor/pg_clipfrac")
-SETTINGS = ("recipe", "on_policy", "stressed")
+# verl trainer settings besides the recipe's own: Hydra overrides and environment.
+# Both: 8 prompts x 8 samples per step (the recipe's batch would double the rollout time).
+COMMON_OVERRIDES = ("data.train_batch_size=8", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64")
+TRAINER_SETTINGS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    # 1 PPO epoch x 1 mini-batch per rollout: every update on-policy
+    "on_policy": (("actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.actor.ppo_epochs=1",
+                   "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64"), {}),
+    # 4 mini-batches x 2 PPO epochs per rollout; behaviour log-probs with N(0, 0.05^2) noise (bypass)
+    "stressed": (("actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_epochs=2",
+                  "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
+                  "algorithm.rollout_correction.bypass_mode=true"), {"VERL_CPU_LOGPROB_NOISE_STD": "0.05"}),
+}
+SETTINGS = ("recipe", *TRAINER_SETTINGS)
 CRITERION_TASK = "fibonacci"
 START_RANGE, MIN_RISE, WINDOW = (0.15, 0.45), 0.2, 5
 
@@ -52,7 +64,7 @@ START_RANGE, MIN_RISE, WINDOW = (0.15, 0.45), 0.2, 5
 @dataclass(frozen=True)
 class ReportRun:
     task: str
-    setting: str  # "recipe" or a study regime
+    setting: str  # "recipe" or a key of TRAINER_SETTINGS
     loss_mode: str
     seed: int
     steps: int
@@ -61,12 +73,12 @@ class ReportRun:
         return out / self.task / f"{self.loss_mode}_{self.setting}" / f"seed{self.seed}"
 
     def overrides(self) -> list[str]:
-        regime = [] if self.setting == "recipe" else [*COMMON_OVERRIDES, *REGIMES_BY_NAME[self.setting].overrides]
+        regime = [] if self.setting == "recipe" else [*COMMON_OVERRIDES, *TRAINER_SETTINGS[self.setting][0]]
         return [*regime, f"data.seed={self.seed}", f"actor_rollout_ref.rollout.seed={self.seed}",
                 "trainer.val_before_train=false", "trainer.test_freq=-1"]
 
     def env(self) -> dict[str, str]:
-        return {} if self.setting == "recipe" else dict(REGIMES_BY_NAME[self.setting].env)
+        return {} if self.setting == "recipe" else dict(TRAINER_SETTINGS[self.setting][1])
 
     def command(self, out: Path) -> str:
         """The equivalent ``cpu_demo`` command line (what the README quotes)."""
@@ -198,7 +210,7 @@ def write_report(path: Path, argv: list[str], runs: list[ReportRun], rows: list[
             f"{_mean(col['actor/pg_clipfrac']):.4f} | {times[len(times) // 2]:.1f} |")
     lines += ["", "Settings: `recipe` = the task's demo recipe as is (`recipes/cpu_tiny`: 16 prompts, "
               "`recipes/cpu_fibonacci`: 8 prompts; 8 samples each, 2 PPO mini-batches per rollout); `on_policy` and "
-              "`stressed` = the study's regimes (`hmpo_verl.lab.study.REGIMES`) with its common overrides "
+              "`stressed` = `hmpo_verl.lab.task_report.TRAINER_SETTINGS` with the common overrides "
               f"`{' '.join(COMMON_OVERRIDES)}`.", "", "Commands:", "", "```bash",
               *[r.command(out) for r in runs if r.loss_mode == "hmpo"], "```", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
