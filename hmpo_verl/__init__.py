@@ -42,5 +42,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-if "verl" in _sys.modules:  # verl is imported (or importing) in this process: register, as verl's plugin does
+# verl is imported (or importing) in this process: register, as verl's plugin does
+# (a None entry is Python's mark of an import that is blocked: no verl here)
+if _sys.modules.get("verl") is not None:
     _importlib.import_module("hmpo_verl.verl_plugin")
