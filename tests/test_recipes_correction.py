@@ -137,22 +137,15 @@ def test_token_tis_weights_reach_every_mean_files_loss(mean):
     torch.testing.assert_close(double_grad, 2 * grad)
 
 
-def test_with_token_tis_arithmetic_equals_vanilla():
-    """p = 1 with token IS weights: each token reports its own share of s_i, which at p = 1 is its
-    clipped ratio, so ours weights -A r_t w_t per token exactly as verl's vanilla: loss and gradient."""
-    actor = _mean_actor("arithmetic")
+@pytest.mark.parametrize("mean, verl_loss", [("arithmetic", "vanilla"), ("geometric_seq", "gspo")])
+def test_with_token_tis_the_mean_still_equals_verls_loss(mean, verl_loss):
+    """With token IS weights, arithmetic still equals vanilla (each token reports its own share of
+    s_i, at p = 1 its clipped ratio, so both weight -A r_t w_t) and geometric_seq still equals gspo:
+    loss and gradient."""
+    actor = _mean_actor(mean)
     old, weights, mask = _corrected("token_tis")
     loss, grad = _loss(actor, old, mask, weights)
-    ref_loss, ref_grad = _loss(actor, old, mask, weights, loss_mode="vanilla")
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(grad, ref_grad)
-
-
-def test_with_token_tis_geometric_seq_still_equals_gspo():
-    actor = _mean_actor("geometric_seq")
-    old, weights, mask = _corrected("token_tis")
-    loss, grad = _loss(actor, old, mask, weights)
-    ref_loss, ref_grad = _loss(actor, old, mask, weights, loss_mode="gspo")
+    ref_loss, ref_grad = _loss(actor, old, mask, weights, loss_mode=verl_loss)
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(grad, ref_grad)
 

@@ -243,6 +243,8 @@ def plots(fid_summary, sens_summary, methods, regimes, figures: Path) -> list[Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from hmpo_verl.lab.study import save_figure
+
     figures.mkdir(parents=True, exist_ok=True)
     paths = []
     fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(methods) * len(regimes) / 2), 4.8))
@@ -264,10 +266,7 @@ def plots(fid_summary, sens_summary, methods, regimes, figures: Path) -> list[Pa
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title("gradient fidelity per regime (mean over resamples, 95 % t interval)")
-    fig.tight_layout()
-    paths.append(figures / "fidelity.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save_figure(fig, figures / "fidelity.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
     cmap = plt.get_cmap("tab20")
@@ -284,10 +283,7 @@ def plots(fid_summary, sens_summary, methods, regimes, figures: Path) -> list[Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("sensitivity of the update to one outlier token (95 % t interval)")
-    fig.tight_layout()
-    paths.append(figures / "sensitivity.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save_figure(fig, figures / "sensitivity.png"))
     return paths
 
 

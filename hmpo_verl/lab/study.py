@@ -302,10 +302,7 @@ def plot(steps_rows, comps, methods, regimes, figures: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
     fig.suptitle("training reward: mean over seeds, band = 95 % t interval over seeds")
-    fig.tight_layout()
-    paths.append(figures / "reward.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save_figure(fig, figures / "reward.png"))
 
     if comps:
         fig, axes = plt.subplots(1, len(regimes), figsize=(4.5 * len(regimes), 0.35 * len(methods) + 1.5),
@@ -326,10 +323,7 @@ def plot(steps_rows, comps, methods, regimes, figures: Path) -> list[Path]:
             ax.set_xlabel("final reward − vanilla (paired, 95 % CI)")
             ax.grid(alpha=0.3)
         fig.suptitle("paired differences from vanilla; red = significant after Holm")
-        fig.tight_layout()
-        paths.append(figures / "differences.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        paths.append(save_figure(fig, figures / "differences.png"))
     return paths
 
 
@@ -435,6 +429,16 @@ def confirmation_table(lean_summary, trainer_rows: list[dict]) -> tuple[str, lis
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 100 dpi) and close a report figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def versions() -> dict:
