@@ -184,6 +184,57 @@ def test_logprob_noise_simulates_a_mismatched_engine(monkeypatch):
     assert abs(diffs.mean().item()) < 0.02 and 0.035 < diffs.std().item() < 0.065
 
 
+def _server(monkeypatch, **env):
+    from verl.workers.config import HFModelConfig, RolloutConfig
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = RolloutConfig(name="hf", prompt_length=32, response_length=4, max_num_seqs=64)
+    return HFRolloutServer(config, HFModelConfig(path=str(tiny_assets().model)), batch_wait_s=0.0)
+
+
+def test_contaminated_logprob_noise_has_the_mixture_distribution(monkeypatch):
+    """sd 0.02 with probability 0.98, sd 0.5 with probability 0.02: variance 0.98 * 0.02^2 + 0.02 * 0.5^2."""
+    from verl_cpu.rollout.server import NOISE_ENV, SPIKE_RATE_ENV, SPIKE_STD_ENV
+
+    server = _server(monkeypatch, **{NOISE_ENV: "0.02", SPIKE_STD_ENV: "0.5", SPIKE_RATE_ENV: "0.02"})
+    noise = server._noise((400_000,)).double()
+    assert noise.std().item() == pytest.approx((0.98 * 0.02**2 + 0.02 * 0.5**2) ** 0.5, rel=0.03)
+    # |noise| > 0.2 comes from the spikes only: 0.02 * P(|N(0, 0.5^2)| > 0.2) = 0.02 * 0.6892
+    assert (noise.abs() > 0.2).double().mean().item() == pytest.approx(0.02 * 0.6892, rel=0.08)
+    assert torch.equal(_server(monkeypatch, **{NOISE_ENV: "0", SPIKE_RATE_ENV: "0"})._noise((5,)), torch.zeros(5))
+    with pytest.raises(ValueError, match=SPIKE_RATE_ENV):
+        _server(monkeypatch, **{SPIKE_RATE_ENV: "1.5"})
+
+
+def test_bf16_server_samples_and_reports_as_a_bf16_engine(monkeypatch):
+    """VERL_CPU_ROLLOUT_DTYPE=bfloat16: the reported log-probs are those of the bf16 weights (in fp32), which
+    differ from the fp32 trainer's by the rounding of bf16, not more; weight syncs keep the bf16 copy."""
+    from verl_cpu.rollout.server import DTYPE_ENV
+
+    fp32 = _server(monkeypatch)
+    server = _server(monkeypatch, **{DTYPE_ENV: "bfloat16"})
+    assert all(p.dtype == torch.bfloat16 for p in server.model.parameters())
+    asyncio.run(server.update_weights_from_tensors(list(fp32.model.state_dict().items()), last=True))
+    assert all(p.dtype == torch.bfloat16 for p in server.model.parameters())
+    prompts = _prompts(server, [(a, (3 * a) % 10) for a in range(10)])
+    outputs = _generate_all(server, prompts, {"temperature": 1.0, "logprobs": True, "ignore_eos": True, "seed": 1})
+    gaps = []
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            bf16_logits = server.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+            fp32_logits = fp32.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        target = torch.tensor(out.token_ids)[:, None]
+        expected = torch.log_softmax(bf16_logits, -1).gather(-1, target).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(out.log_probs), expected, atol=1e-3, rtol=0)
+        gaps += (torch.tensor(out.log_probs) - torch.log_softmax(fp32_logits, -1).gather(-1, target).squeeze(-1)).tolist()
+    gaps = torch.tensor(gaps).abs()
+    assert gaps.mean().item() > 1e-3 and gaps.max().item() < 0.5  # a real, bf16-sized mismatch (measured 0.005, 0.04)
+    with pytest.raises(ValueError, match=DTYPE_ENV):
+        _server(monkeypatch, **{DTYPE_ENV: "float16"})
+
+
 def test_ignore_eos_returns_every_token_like_vllm(server):
     prompts = _prompts(server, [(2, 3), (4, 4)])
     outputs = _generate_all(server, prompts, {"temperature": 1.0, "logprobs": True, "ignore_eos": True, "seed": 5})

@@ -80,17 +80,23 @@ def test_mean_ci():
 
 def test_run_outcomes_definitions():
     rising = [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5]
-    o = stats.run_outcomes(rising, first_eval=0.19, final_eval=0.5, non_finite=False)
-    assert o["auc"] == pytest.approx(np.mean(rising)) and o["final_reward"] == 0.5 and o["first_reward"] == 0.19
+    o = stats.run_outcomes(rising, first_eval=0.19, non_finite=False)
+    assert o["auc"] == pytest.approx(np.mean(rising)) and o["first_reward"] == 0.19
+    assert o["final_reward"] == pytest.approx(np.mean(rising[-5:]))  # the last 5 steps
     # 5-step moving averages: 0.2, 0.225, 0.25, 0.275, 0.3, 0.35, ... first >= 0.19 + 0.1 at step 5
     assert o["steps_to_threshold"] == 5
     assert not o["collapsed"] and o["drawdown"] == 0.0
-    assert stats.run_outcomes(rising, 0.2, 0.5, non_finite=True)["collapsed"]
-    assert stats.run_outcomes(rising, 0.4, 0.3, False)["collapsed"]  # final eval 0.1 below the first
-    assert not stats.run_outcomes(rising, 0.4, 0.31, False)["collapsed"]
-    assert stats.run_outcomes([0.2] * 6, 0.2, 0.2, False)["steps_to_threshold"] is None
+    assert stats.run_outcomes(rising, 0.2, non_finite=True)["collapsed"]
+    assert stats.run_outcomes([0.3] * 5, 0.4, False)["collapsed"]  # final reward 0.1 below the first
+    assert not stats.run_outcomes([0.31] * 5, 0.4, False)["collapsed"]
+    assert stats.run_outcomes([0.2] * 6, 0.2, False)["steps_to_threshold"] is None
     # an early lucky step does not count: the moving average needs a full window
-    assert stats.run_outcomes([0.9, 0.1, 0.1, 0.1, 0.1, 0.1], 0.2, 0.2, False)["steps_to_threshold"] is None
+    assert stats.run_outcomes([0.9, 0.1, 0.1, 0.1, 0.1, 0.1], 0.2, False)["steps_to_threshold"] is None
+    # fewer steps than the window: everything is averaged
+    short = stats.run_outcomes([0.4, 0.6], 0.3, False)
+    assert short["final_reward"] == pytest.approx(0.5) and short["steps_to_threshold"] == 2
+    with pytest.raises(ValueError, match="eval_reward"):
+        stats.run_outcomes([], 0.3, False)
 
 
 def test_max_drawdown():

@@ -18,8 +18,9 @@ the model -- in each regime of the study, and we measure
 
 Regimes (those of the study): ``bf16`` -- reported log-probs of a bf16 copy of the weights
 (teacher-forced on the sampled tokens) are the behaviour policy; ``mismatch`` -- the same
-plus the study's heavy-tailed noise; ``stale`` -- the parameters after 3 of the stale regime's
-4 vanilla updates on the pool, old log-probs from the warm start; ``stressed`` -- both.
+plus the study's heavy-tailed noise; ``stale`` -- the parameters after all but the last of the
+stale regime's vanilla updates on the pool (1 of 2), old log-probs from the warm start;
+``stressed`` -- both.
 ``vanilla_rc`` runs in decoupled mode as in the study (old = the trainer's log-probs, verl's
 truncated IS weights carry the mismatch). Every gradient is exact (autograd through the
 model); the update of a method is what verl's ``ppo_loss`` would back-propagate.
@@ -71,9 +72,9 @@ def build_pool(task: lean.Task, model, prompts: int, settings: lean.LoopSettings
     return Pool(rollout, scores, np.array([str(j) for j in picked for _ in range(n)], dtype=object), groups, bf16)
 
 
-def drift(model, pool: Pool, settings: lean.LoopSettings, updates: int = 3, mini_batches: int = 2):
-    """A copy of ``model`` after ``updates`` of the stale regime's vanilla updates on the pool: the parameters
-    at which its last (4th) update of a rollout is computed."""
+def drift(model, pool: Pool, settings: lean.LoopSettings, regime: lean.Regime):
+    """A copy of ``model`` after all but the last of ``regime``'s vanilla updates of a rollout on the pool
+    (mini-batches in order): the parameters at which its last update is computed."""
     import copy
 
     moved = copy.deepcopy(model)
@@ -82,9 +83,9 @@ def drift(model, pool: Pool, settings: lean.LoopSettings, updates: int = 3, mini
         old = lean.token_log_probs(model, pool.rollout)
     adv = lean.advantages(lean.METHODS_BY_NAME["vanilla"], settings, pool.scores, pool.rollout.response_mask, pool.uids)
     optimizer = torch.optim.AdamW(moved.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    chunks = torch.arange(len(pool.scores)).chunk(mini_batches)
+    chunks = torch.arange(len(pool.scores)).chunk(regime.mini_batches)
     moved.train()
-    for k in range(updates):
+    for k in range(regime.mini_batches * regime.epochs - 1):
         rows = chunks[k % len(chunks)]
         log_prob = lean.token_log_probs(moved, pool.rollout, rows)
         loss, _ = lean.policy_loss(config, old[rows], log_prob, adv[rows], pool.rollout.response_mask[rows])
@@ -154,7 +155,9 @@ def measure(task: lean.Task, methods: list[lean.Method], regimes: list[str], res
     log(f"pool: {N} responses, mean reward {pool.scores.float().mean():.3f}, "
         f"mean length {pool.rollout.response_mask.sum(-1).float().mean():.1f} ({time.time() - t0:.0f} s)")
     needs_stale = any(lean.REGIMES_BY_NAME[r].mini_batches > 1 for r in regimes)
-    states = {"old": model, **({"stale": drift(model, pool, settings)} if needs_stale else {})}
+    # stale and stressed share their update schedule (the study's stale one)
+    states = {"old": model, **({"stale": drift(model, pool, settings, lean.REGIMES_BY_NAME["stale"])}
+                               if needs_stale else {})}
     current, kernels = {}, {}
     for name, m in states.items():
         t0 = time.time()

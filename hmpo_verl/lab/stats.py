@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 COLLAPSE_DROP = 0.1  # a run "collapses" when its final evaluation is this far below its first
-SMOOTH = 5  # moving-average window of the training-reward curve
+SMOOTH = 5  # moving-average window of a reward curve, and the steps the final reward averages
 
 
 def moving_average(values: Sequence[float], window: int = SMOOTH) -> list[float]:
@@ -33,29 +33,33 @@ def max_drawdown(values: Sequence[float]) -> float:
     return worst
 
 
-def run_outcomes(train_reward: Sequence[float], first_eval: float, final_eval: float, non_finite: bool,
-                 threshold_gain: float = 0.1) -> dict:
-    """One run's outcomes.
+def run_outcomes(eval_reward: Sequence[float], first_eval: float, non_finite: bool,
+                 threshold_gain: float = 0.1, window: int = SMOOTH) -> dict:
+    """One run's outcomes from its evaluation curve.
 
-    first_reward / final_reward: mean reward on the fixed evaluation set (same prompts and
-    sampling stream for every method of a seed) before training and after the last step.
-    auc: mean training reward over the steps (area under the curve / steps).
-    collapsed: a non-finite loss or gradient norm in some update, or a final evaluation
+    eval_reward: the exact expected reward on the fixed evaluation prompts after each step
+    (1..N); first_eval: the same before the first step.
+    final_reward: mean of the last ``window`` values of the curve (where training got to;
+    one step's value alone carries that step's update noise).
+    auc: mean of the curve (area under it / steps).
+    collapsed: a non-finite loss or gradient norm in some update, or a final reward
     ``COLLAPSE_DROP`` or more below the first.
-    drawdown: largest fall of the 5-step moving average of the training reward below its
-    running maximum.
-    steps_to_threshold: first step, from the 5th on (a full window: a single early step is
-    sampling noise), whose 5-step moving average reaches first_reward + ``threshold_gain``
-    (None if never).
+    drawdown: largest fall of the curve's ``window``-step moving average below its running maximum.
+    steps_to_threshold: first step, from the ``window``-th on, whose moving average reaches
+    first_reward + ``threshold_gain`` (None if never).
     """
-    smooth = moving_average(train_reward)
+    if len(eval_reward) == 0:
+        raise ValueError("eval_reward is empty: a run has at least one step")
+    smooth = moving_average(eval_reward, window)
+    final = float(np.mean(eval_reward[-window:]))
     target = first_eval + threshold_gain
-    reached = next((i + 1 for i, v in enumerate(smooth) if i >= SMOOTH - 1 and v >= target), None)
+    start = min(window, len(smooth)) - 1
+    reached = next((i + 1 for i, v in enumerate(smooth) if i >= start and v >= target), None)
     return {
         "first_reward": float(first_eval),
-        "final_reward": float(final_eval),
-        "auc": float(np.mean(train_reward)),
-        "collapsed": bool(non_finite or final_eval <= first_eval - COLLAPSE_DROP),
+        "final_reward": final,
+        "auc": float(np.mean(eval_reward)),
+        "collapsed": bool(non_finite or final <= first_eval - COLLAPSE_DROP),
         "drawdown": max_drawdown(smooth),
         "steps_to_threshold": reached,
         "non_finite": bool(non_finite),

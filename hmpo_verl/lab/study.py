@@ -1,6 +1,6 @@
 """The comparative study: GRPO vs verl's modern losses vs the power-mean family, powered.
 
-    python -m hmpo_verl.lab.study --pilot     # 3 seeds of vanilla/hmpo/gspo in every regime: sizes the seeds
+    python -m hmpo_verl.lab.study --pilot     # 5 seeds of vanilla/hmpo/gspo in every regime: sizes the seeds
     python -m hmpo_verl.lab.study             # every method x regime x seeds (seeds from the pilot, >= 5)
     python -m hmpo_verl.lab.study --quick     # 3 methods x 2 regimes x 1 seed x few steps (a smoke run)
     python -m hmpo_verl.lab.study --confirm   # + the subset on verl's real trainer, side by side
@@ -12,8 +12,8 @@ correction); ``--confirm`` re-runs vanilla, hmpo and gspo in the ``confirm`` reg
 
 Resumable: each run is one JSON file under ``<out>/runs/<regime>/<method>/seed<k>.json``
 (written when the run ends); a run whose file exists with the same settings is skipped.
-Every seed k gives every method the same initial model, data order, sampling stream and
-evaluation stream (paired design); comparisons with the GRPO baseline (``vanilla``) are
+Every seed k gives every method the same initial model, data order and sampling stream
+(paired design); the evaluation is exact (``lean.expected_reward``), so it adds no noise; comparisons with the GRPO baseline (``vanilla``) are
 paired t intervals over seeds, corrected with Holm's method across all of them.
 
 Outputs: ``docs/study.md`` (generated), ``docs/study_figures/*.png``, ``docs/study_data/``
@@ -40,9 +40,14 @@ from hmpo_verl.lab.cpu_demo import REPO_ROOT
 DEFAULT_TASK = "fibonacci"
 DEFAULT_REGIMES = ("on_policy", "stale", "mismatch", "stressed")
 PILOT_METHODS = ("vanilla", "hmpo", "gspo")
+PILOT_SEEDS = 5  # a paired sd from 3 seeds has 2 degrees of freedom: too rough to size a study on
+# on_policy is the control: every update starts at ratio 1, where all the policy losses have vanilla's
+# gradient, so by default it runs the baseline, one policy loss of ours (to show the coincidence) and the
+# advantage variants (the only methods that change the update there)
+CONTROL_METHODS = ("vanilla", "hmpo", "pm_adv", "agm_adv")
 CONFIRM_METHODS = ("vanilla", "hmpo", "gspo")
-CONFIRM_REGIME = "confirm"
-FINAL_WINDOW = 5  # steps averaged for the training-curve "final reward" of the confirmation
+CONFIRM_REGIME = "stressed"  # both sources of off-policyness; the trainer runs it as the lean loop
+FINAL_WINDOW = stats.SMOOTH  # steps averaged for a final reward (evaluation curve; training curve in the confirmation)
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def _worker_run(run: Run, task_name: str, assets: str, steps: int, settings: dic
     result = lean.train(task, lean.METHODS_BY_NAME[run.method], lean.REGIMES_BY_NAME[run.regime], run.seed, steps,
                         lean.LoopSettings(**settings), progress=(lambda s: queue.put(1)) if queue else None)
     record = {"run": asdict(run), "task": task_name, "steps": steps, "settings": settings, "wall_s": time.time() - start,
-              "first_eval": result.first_eval, "final_eval": result.final_eval, "metrics": result.steps}
+              "first_eval": result.first_eval, "metrics": result.steps}
     path = run.path(Path(out))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -132,10 +137,11 @@ def load_runs(runs: list[Run], out: Path):
             continue
         data = json.loads(path.read_text())
         metrics = data["metrics"]
-        outcome = stats.run_outcomes([m["reward"] for m in metrics], data["first_eval"], data["final_eval"],
+        outcome = stats.run_outcomes([m["eval_reward"] for m in metrics], data["first_eval"],
                                      any(m["non_finite"] for m in metrics))
         summary.append({"regime": run.regime, "method": run.method, "seed": run.seed, **outcome,
                         "final_train_reward": sum(m["reward"] for m in metrics[-FINAL_WINDOW:]) / len(metrics[-FINAL_WINDOW:]),
+                        "train_auc": sum(m["reward"] for m in metrics) / len(metrics),
                         "clipfrac": sum(m.get("actor/pg_clipfrac", 0.0) for m in metrics) / len(metrics),
                         "wall_s": data["wall_s"]})
         for m in metrics:
@@ -176,12 +182,18 @@ def comparisons(summary, methods: list[str], regimes: list[str]) -> list[dict]:
 
 
 def pilot_sizing(comps: list[dict], half_width: float = 0.05) -> dict:
-    """Seeds needed so that the 95 % interval of every paired final-reward difference is <= +-half_width."""
+    """Seeds needed so that the 95 % interval of every paired final-reward difference is <= +-half_width:
+    overall (the largest sd) and per regime (the largest sd of the regime's comparisons)."""
     sds = [c["final_reward_sd"] for c in comps if math.isfinite(c.get("final_reward_sd", math.nan))]
     if not sds:
         return {"seeds": 5, "max_sd": None, "note": "no paired differences: 5 seeds (the floor)"}
     worst = max(sds)
+    by_regime: dict[str, float] = {}
+    for c in comps:
+        if math.isfinite(c.get("final_reward_sd", math.nan)):
+            by_regime[c["regime"]] = max(by_regime.get(c["regime"], 0.0), c["final_reward_sd"])
     return {"seeds": stats.seeds_needed(worst, half_width), "max_sd": worst, "half_width": half_width,
+            "seeds_by_regime": {r: stats.seeds_needed(sd, half_width) for r, sd in by_regime.items()},
             "sds": {f"{c['regime']}/{c['method']}": c["final_reward_sd"] for c in comps}}
 
 
@@ -269,7 +281,7 @@ def reading(comps: list[dict], regimes: list[str], summary) -> list[str]:
 
 
 def plot(steps_rows, comps, methods, regimes, figures: Path) -> list[Path]:
-    """reward.png: training reward per regime (mean over seeds, band = 95 % t interval, 5-step moving average);
+    """reward.png: exact expected reward per regime and step (mean over seeds, band = 95 % t interval);
     differences.png: paired final-reward differences from vanilla with their intervals."""
     import matplotlib
 
@@ -288,8 +300,7 @@ def plot(steps_rows, comps, methods, regimes, figures: Path) -> list[Path]:
             df = frame[(frame.regime == regime) & (frame.method == method)]
             if df.empty:
                 continue
-            curves = np.array([stats.moving_average(g.sort_values("step")["reward"].tolist())
-                               for _, g in df.groupby("seed")])
+            curves = np.array([g.sort_values("step")["eval_reward"].tolist() for _, g in df.groupby("seed")])
             x = np.arange(1, curves.shape[1] + 1)
             mean = curves.mean(0)
             ax.plot(x, mean, label=method, color=cmap(i), linewidth=2.5 if method == lean.BASELINE else 1.3)
@@ -298,10 +309,10 @@ def plot(steps_rows, comps, methods, regimes, figures: Path) -> list[Path]:
                 ax.fill_between(x, mean - half, mean + half, color=cmap(i), alpha=0.10)
         ax.set_title(regime)
         ax.set_xlabel("training step")
-        ax.set_ylabel("training reward (5-step moving average)")
+        ax.set_ylabel("exact expected reward (test prompts)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
-    fig.suptitle("training reward: mean over seeds, band = 95 % t interval over seeds")
+    fig.suptitle("expected reward after each step: mean over seeds, band = 95 % t interval over seeds")
     paths.append(save_figure(fig, figures / "reward.png"))
 
     if comps:
@@ -354,12 +365,12 @@ def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, s
         f"data.max_response_length={settings.max_response_length}", f"actor_rollout_ref.actor.optim.lr={settings.lr}",
         f"actor_rollout_ref.actor.loss_agg_mode={settings.loss_agg_mode}",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64",
-        *regime.trainer_overrides, *method.trainer_overrides,
+        *regime.trainer_overrides(settings), *method.trainer_overrides,
         f"data.seed={run.seed}", f"actor_rollout_ref.rollout.seed={run.seed}", "trainer.val_before_train=false",
         "trainer.test_freq=-1", f"trainer.experiment_name={run.regime}-{run.method}-seed{run.seed}",
     ]
     cmd = trainer_command(get_task(task_name), task.assets, run_dir, steps, method.loss_mode, overrides)
-    env = {**trainer_env(run_dir), **dict(regime.trainer_env)}
+    env = {**trainer_env(run_dir), **regime.trainer_env()}
     start = time.time()
     with open(run_dir / "train.log", "w") as log:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT).returncode
@@ -390,7 +401,7 @@ def confirmation(task: str, assets: str, steps: int, settings: lean.LoopSettings
                 if "actor/pg_clipfrac" in r["data"]]
         rows.append({"path": "trainer", "method": method, "seed": seed, "clipfrac": sum(clip) / max(len(clip), 1),
                      "final_train_reward": sum(reward[-FINAL_WINDOW:]) / len(reward[-FINAL_WINDOW:]),
-                     "auc": sum(reward) / len(reward), "wall_s": data["wall_s"],
+                     "train_auc": sum(reward) / len(reward), "wall_s": data["wall_s"],
                      "loss_metrics_seen": " ".join(data["loss_metrics_seen"])})
         if on_row:
             on_row(rows)
@@ -401,7 +412,7 @@ def confirmation_table(lean_summary, trainer_rows: list[dict]) -> tuple[str, lis
     """Side-by-side table (mean ± 95 % t interval per path) and, per method, Welch's interval of trainer − lean."""
     from scipy import stats as st
 
-    lines = ["| method | path | runs | final training reward (last 5 steps) | AUC | clip fraction (actor/pg_clipfrac) |",
+    lines = ["| method | path | runs | final training reward (last 5 steps) | training-reward AUC | clip fraction (actor/pg_clipfrac) |",
              "|---|---|---|---|---|---|"]
     notes = []
     for method in CONFIRM_METHODS:
@@ -411,13 +422,13 @@ def confirmation_table(lean_summary, trainer_rows: list[dict]) -> tuple[str, lis
             if vals:
                 lines.append(f"| {method} | {name} | {len(vals)} | "
                              f"{_fmt(*stats.mean_ci([v['final_train_reward'] for v in vals]))} | "
-                             f"{_fmt(*stats.mean_ci([v['auc'] for v in vals]))} | "
+                             f"{_fmt(*stats.mean_ci([v['train_auc'] for v in vals]))} | "
                              f"{_fmt(*stats.mean_ci([v['clipfrac'] for v in vals]))} |")
         if tr_vals:
             seen = sorted({k for v in tr_vals for k in v["loss_metrics_seen"].split()})
             notes.append(f"{method}: the trainer's runs logged {', '.join(seen) if seen else 'no actor/pm/* and no rollout_corr/* metrics'}"
                          " (our losses log actor/pm/*; verl's bypass_mode loss would log rollout_corr/*)")
-        for metric in ("final_train_reward", "auc", "clipfrac"):
+        for metric in ("final_train_reward", "train_auc", "clipfrac"):
             a, b = [v[metric] for v in tr_vals], [v[metric] for v in lean_vals]
             if len(a) >= 2 and len(b) >= 2:
                 res = st.ttest_ind(a, b, equal_var=False)
@@ -479,18 +490,20 @@ def write_docs(path: Path, argv: list[str], ctx: dict) -> None:
         f"Task `{ctx['task']}`: max response length {s.max_response_length} tokens; {s.prompts_per_step} prompts x "
         f"{s.n} samples per step, {ctx['steps']} steps per run, lr {s.lr}, AdamW (weight decay {s.weight_decay}), "
         f"grad-norm clip {s.grad_clip}, `loss_agg_mode={s.loss_agg_mode}`, clip {s.clip_ratio} unless the method sets "
-        f"its own, GRPO advantages with `norm_adv_by_std_in_grpo={s.norm_adv_by_std_in_grpo}`. Seeds: {ctx['seeds']}.",
-        f"Evaluation (first/final reward): {ctx['eval_prompts']} test prompts x {s.eval_samples} samples at "
-        "temperature 1, the same prompts and sampling stream for every method of a seed.",
+        f"its own, GRPO advantages with `norm_adv_by_std_in_grpo={s.norm_adv_by_std_in_grpo}`. Seeds 1..n per regime: " + ", ".join(f"{r} {n}" for r, n in ctx["seeds"].items()) + ".",
+        f"Evaluation: after every step, the *exact* expected reward of temperature-1 sampling on the {ctx['eval_prompts']} "
+        "test prompts — the probability the policy gives the exact answer (its tokens, then EOS), from one "
+        "teacher-forced forward pass (`lean.expected_reward`), so the outcomes carry no evaluation sampling noise; "
+        "only the training itself varies between seeds.",
         "",
-        "Definitions: *final reward* = evaluation after the last step; *AUC* = mean training reward over the steps; "
-        f"*collapsed* = a non-finite loss or gradient norm, or a final evaluation ≥ {stats.COLLAPSE_DROP} below the "
-        "first; *drawdown* = largest fall of the 5-step moving average of the training reward below its running "
-        "maximum; *steps to +0.1* = first step, from the 5th on, whose 5-step moving average reaches the first "
-        "evaluation + 0.1.",
-        "Statistics: paired by seed (seed k: same initial model, data order, sampling and evaluation streams for "
-        "every method); 95 % paired t intervals of method − vanilla; p-values of the paired t test, Holm-corrected "
-        "over all final-reward comparisons together (and separately over the AUC ones).",
+        f"Definitions: *first* = expected reward before training; *final reward* = mean expected reward over the last "
+        f"{FINAL_WINDOW} steps; *AUC* = mean expected reward over all steps; *collapsed* = a non-finite loss or "
+        f"gradient norm, or a final reward ≥ {stats.COLLAPSE_DROP} below the first; *drawdown* = largest fall of the "
+        f"{stats.SMOOTH}-step moving average of the expected reward below its running maximum; *steps to +0.1* = first "
+        f"step, from the {stats.SMOOTH}th on, whose moving average reaches the first + 0.1.",
+        "Statistics: paired by seed (seed k: same initial model, data order and sampling stream for every method); "
+        "95 % paired t intervals of method − vanilla; p-values of the paired t test, Holm-corrected over all "
+        "final-reward comparisons together (and separately over the AUC ones).",
         "",
         "## How it runs",
         "",
@@ -531,8 +544,9 @@ def write_docs(path: Path, argv: list[str], ctx: dict) -> None:
         "## Reading (generated from the numbers)",
         "",
         "In `on_policy` every update starts at ratio 1, where all the policy losses here have the same gradient",
-        "(their clips are inactive and every mean of equal ratios is 1): differences between them there measure",
-        "how far rounding-level differences carry through a run, and only the advantage variants change the update.",
+        "(their clips are inactive and every mean of equal ratios is 1), so that control runs the baseline, `hmpo`",
+        "(its difference from vanilla measures how far rounding-level differences carry through a run) and the",
+        "advantage variants, the only methods that change the update there.",
         "",
         *reading(ctx["comps"], [r.name for r in ctx["regimes"]], ctx["summary"]),
         "",
@@ -561,16 +575,16 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default=DEFAULT_TASK, help=f"task name (default {DEFAULT_TASK})")
     parser.add_argument("--quick", action="store_true", help="vanilla/hmpo/gspo x on_policy/stressed x 1 seed x 4 steps")
-    parser.add_argument("--pilot", action="store_true", help=f"{'/'.join(PILOT_METHODS)} x 3 seeds: size the seeds")
+    parser.add_argument("--pilot", action="store_true", help=f"{'/'.join(PILOT_METHODS)} x {PILOT_SEEDS} seeds: size the seeds")
     parser.add_argument("--confirm", action="store_true", help="also run the confirmation on verl's real trainer")
     parser.add_argument("--report-only", action="store_true",
                         help="no new runs: write the report from the finished ones (marked PARTIAL if some are missing)")
     parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
     parser.add_argument("--regimes", nargs="+", choices=list(lean.REGIMES_BY_NAME), default=None)
     parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds (default: the pilot's size, at least 5 and at most --max-seeds)")
-    parser.add_argument("--max-seeds", type=int, default=5,
-                        help="cap of the default seed count: 5 x 14 methods x 4 regimes is what 150 min hold here")
+                        help="seeds of every regime (default: the pilot's size per regime, at least 5, at most --max-seeds)")
+    parser.add_argument("--max-seeds", type=int, default=50,
+                        help="cap of a regime's default seed count (the pilot's sizes need ~2 h here; see docs/study.md)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 40; --quick 4)")
     parser.add_argument("--confirm-seeds", type=int, default=3)
     parser.add_argument("--confirm-steps", type=int, default=None, help="steps of the confirmation runs (default --steps)")
@@ -594,24 +608,25 @@ def main(argv=None) -> int:
     figures = docs.parent / f"{docs.stem}_figures"
     task = lean.load_task(args.task, args.assets, args.max_response_length, log=lambda *a: print(*a, flush=True))
     settings = lean.LoopSettings(max_response_length=task.max_response_length,
-                                 **({"eval_prompts": 16, "eval_samples": 2} if args.quick else {}))
+                                 **({"eval_prompts": 16} if args.quick else {}))
     steps = args.steps or (4 if args.quick else 40)
     default_methods = PILOT_METHODS if (args.quick or args.pilot) else tuple(lean.METHODS_BY_NAME)
     methods = [lean.METHODS_BY_NAME[m] for m in (args.methods or default_methods)]
     regimes = [lean.REGIMES_BY_NAME[r] for r in (args.regimes or (("on_policy", "stressed") if args.quick else DEFAULT_REGIMES))]
     pilot_path = data_dir / "pilot.json"
-    if args.seeds:
-        n_seeds = args.seeds
-    elif args.quick:
-        n_seeds = 1
-    elif args.pilot:
-        n_seeds = 3
-    else:  # the pilot's size when the budget holds it, else the floor of 5 (the report states the gap)
-        n_seeds = 5 if not pilot_path.exists() else min(json.loads(pilot_path.read_text())["seeds"], args.max_seeds)
-    seeds = list(range(1, n_seeds + 1))
-    runs = [Run(r.name, m.name, s) for s in seeds for r in regimes for m in methods]
+    if args.seeds or args.quick or args.pilot or not pilot_path.exists():
+        n = args.seeds or (1 if args.quick else PILOT_SEEDS if args.pilot else 5)
+        n_seeds = {r.name: n for r in regimes}
+    else:  # the pilot's size per regime (a regime it did not run: the largest), capped by --max-seeds
+        pilot = json.loads(pilot_path.read_text())
+        n_seeds = {r.name: min(pilot.get("seeds_by_regime", {}).get(r.name, pilot["seeds"]), args.max_seeds)
+                   for r in regimes}
+    seeds = list(range(1, max(n_seeds.values()) + 1))
+    # seed-major, so that a run cut short leaves whole seeds
+    runs = [Run(r.name, m.name, s) for s in seeds for r in regimes if s <= n_seeds[r.name] for m in methods
+            if args.methods or r.name != "on_policy" or m.name in CONTROL_METHODS]
     settings_dict = asdict(settings)
-    print(f"{len(runs)} runs ({len(methods)} methods x {len(regimes)} regimes x {len(seeds)} seeds, {steps} steps) "
+    print(f"{len(runs)} runs ({len(methods)} methods x {len(regimes)} regimes, seeds {n_seeds}, {steps} steps) "
           f"on task {args.task} in {out}", flush=True)
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
@@ -629,11 +644,7 @@ def main(argv=None) -> int:
     if args.pilot:
         data_dir.mkdir(parents=True, exist_ok=True)
         pilot_path.write_text(json.dumps({**power, "steps": steps, "task": args.task, "pilot_seeds": seeds}, indent=2))
-    n_eval = min(settings.eval_prompts, len(task.test)) * settings.eval_samples
-    power_text = _power_text(power, pilot_path, len(comps)) + (
-        f" Part of that spread is the evaluation's own sampling noise: {n_eval} samples give a binomial sd of about "
-        f"{(0.25 / n_eval) ** 0.5:.3f} per run at reward 0.5, about {(0.5 / n_eval) ** 0.5:.3f} on a paired "
-        "difference; more evaluation samples are the cheapest way to need fewer seeds.")
+    power_text = _power_text(power, pilot_path, len(comps))
     trainer_rows: list[dict] = []
     if args.confirm:
         confirm_steps = args.confirm_steps or steps
@@ -662,7 +673,7 @@ def main(argv=None) -> int:
                     "Not run yet (`--confirm` runs it; its result is kept in `docs/study_data/confirm.md`).")
     write_outputs(data_dir, summary, steps_rows, comps)
     pngs = plot(steps_rows, comps, [m.name for m in methods], [r.name for r in regimes], figures)
-    ctx = {"settings": settings, "task": args.task, "steps": steps, "seeds": seeds, "methods": methods,
+    ctx = {"settings": settings, "task": args.task, "steps": steps, "seeds": n_seeds, "methods": methods,
            "regimes": regimes, "summary": summary, "steps_rows": steps_rows, "comps": comps, "pngs": pngs,
            "parallel": args.parallel, "planned": len(runs), "done": len(done), "missing": len(runs) - len(done),
            "run_minutes": sum(s["wall_s"] for s in summary) / 60, "wall_s": time.time() - start,
@@ -736,7 +747,8 @@ def write_outputs(data_dir: Path, summary, steps_rows, comps) -> None:
     frame = pd.DataFrame(summary)
     frame[["regime", "method", "seed", "first_reward", "final_reward", "auc", "collapsed"]].to_csv(
         data_dir / "summary.csv", index=False)
-    frame[["regime", "method", "seed", "drawdown", "steps_to_threshold", "non_finite", "final_train_reward", "wall_s"]].to_csv(
+    frame[["regime", "method", "seed", "drawdown", "steps_to_threshold", "non_finite", "final_train_reward", "train_auc",
+           "wall_s"]].to_csv(
         data_dir / "run_details.csv", index=False)
     pd.DataFrame(steps_rows).to_csv(data_dir / "steps.csv.gz", index=False)
     pd.DataFrame(comps).to_csv(data_dir / "comparisons.csv", index=False)

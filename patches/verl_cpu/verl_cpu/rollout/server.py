@@ -19,12 +19,20 @@ rollout with them), the weight version (``global_steps``) and a weight checksum;
 there as a JSON line (used by tests). ``VERL_CPU_ROLLOUT_THREADS=<n>`` sets the server's
 torch threads (Ray gives an actor without CPUs one).
 
-Simulated training-inference mismatch: with ``VERL_CPU_LOGPROB_NOISE_STD=<sd>`` the
-*reported* log-probs (not the sampling) carry independent Gaussian noise of that standard
-deviation, drawn from their own stream seeded with rollout.seed. A vLLM engine's log-probs
-differ from the trainer's in the same way (sd of the log-ratio ~ 0.05 between vLLM and a
-bf16 trainer for Qwen2.5-0.5B); with ``algorithm.rollout_correction.bypass_mode=true`` they
-become the behaviour policy. Used by the comparative study (``hmpo_verl.lab.study``).
+Training-inference mismatch, real and simulated:
+
+* ``VERL_CPU_ROLLOUT_DTYPE=bfloat16`` (default ``float32``) keeps the server's copy of the
+  weights in bf16, so it samples and reports log-probs (log-softmax of its bf16 logits, in
+  fp32) as a bf16 engine does while the FSDP trainer computes in fp32;
+* ``VERL_CPU_LOGPROB_NOISE_STD=<sd>``: the *reported* log-probs (not the sampling) carry
+  independent N(0, sd^2) noise, drawn from their own stream seeded with rollout.seed (sd of
+  the log-ratio ~ 0.05 between vLLM and a bf16 trainer for Qwen2.5-0.5B);
+  ``VERL_CPU_LOGPROB_NOISE_SPIKE_STD=<s>`` with ``VERL_CPU_LOGPROB_NOISE_SPIKE_RATE=<q>``
+  make it Tukey's contaminated normal: each token's noise is N(0, s^2) with probability q
+  instead (most tokens tiny, a few large).
+
+With ``algorithm.rollout_correction.bypass_mode=true`` the reported log-probs become the
+behaviour policy. Used by the comparative study (``hmpo_verl.lab.study``).
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ from verl_cpu.rollout.sampling import SamplingParams, resolve_sampling_params, s
 logger = logging.getLogger(__name__)
 TRACE_ENV = "VERL_CPU_ROLLOUT_TRACE"
 NOISE_ENV = "VERL_CPU_LOGPROB_NOISE_STD"
+SPIKE_STD_ENV = "VERL_CPU_LOGPROB_NOISE_SPIKE_STD"
+SPIKE_RATE_ENV = "VERL_CPU_LOGPROB_NOISE_SPIKE_RATE"
+DTYPE_ENV = "VERL_CPU_ROLLOUT_DTYPE"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 THREADS_ENV = "VERL_CPU_ROLLOUT_THREADS"
 
 
@@ -102,9 +114,12 @@ class HFRolloutServer:
         self.batch_wait_s = batch_wait_s
         if os.environ.get(THREADS_ENV):
             torch.set_num_threads(int(os.environ[THREADS_ENV]))
+        dtype = os.environ.get(DTYPE_ENV) or "float32"
+        if dtype not in DTYPES:
+            raise ValueError(f"{DTYPE_ENV}={dtype!r} is invalid; allowed: {', '.join(DTYPES)}")
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_config.local_path,
-            dtype=torch.float32,
+            dtype=DTYPES[dtype],
             attn_implementation="sdpa",
             trust_remote_code=self.model_config.trust_remote_code,
         ).eval()
@@ -117,6 +132,11 @@ class HFRolloutServer:
         # draws still depends on how concurrent requests happen to be batched
         self._generator = torch.Generator().manual_seed(int(self.config.seed) + replica_rank)
         self._noise_std = float(os.environ.get(NOISE_ENV) or 0.0)
+        self._spike_std = float(os.environ.get(SPIKE_STD_ENV) or 0.0)
+        self._spike_rate = float(os.environ.get(SPIKE_RATE_ENV) or 0.0)
+        if not 0.0 <= self._spike_rate <= 1.0 or self._noise_std < 0 or self._spike_std < 0:
+            raise ValueError(f"{NOISE_ENV} and {SPIKE_STD_ENV} must be >= 0 and {SPIKE_RATE_ENV} in [0, 1]; got "
+                             f"{self._noise_std}, {self._spike_std}, {self._spike_rate}")
         self._noise_generator = torch.Generator().manual_seed(10_000 + int(self.config.seed) + replica_rank)
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock and batcher belong to it
         self._queue: Optional[asyncio.Queue] = None
@@ -269,8 +289,7 @@ class HFRolloutServer:
                 logits_to_keep=1,  # the prefill needs the last position's logits only
             ).logits[:, -1]
             token, log_prob = sample_step(logits, params, generator)
-            if self._noise_std > 0:
-                log_prob = log_prob + self._noise_std * torch.randn(log_prob.shape, generator=self._noise_generator)
+            log_prob = log_prob + self._noise(log_prob.shape)
             token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
             tokens.append(token)
             log_probs.append(log_prob)
@@ -298,6 +317,17 @@ class HFRolloutServer:
             temperature=params.temperature,
         )
         return results
+
+    def _noise(self, shape) -> torch.Tensor:
+        """The simulated mismatch added to reported log-probs (zeros when none is set)."""
+        noise = torch.zeros(shape)
+        if self._noise_std > 0:
+            noise = self._noise_std * torch.randn(shape, generator=self._noise_generator)
+        if self._spike_rate > 0:
+            spike = self._spike_std * torch.randn(shape, generator=self._noise_generator)
+            hit = torch.rand(shape, generator=self._noise_generator) < self._spike_rate
+            noise = torch.where(hit, spike, noise)
+        return noise
 
     def _trim(self, token_ids: list[int], log_probs: list[float], ignore_eos: bool):
         """One row's tokens up to and including its first EOS (all of them with ``ignore_eos``, like vLLM)."""
