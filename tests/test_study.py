@@ -75,6 +75,25 @@ def test_method_settings_reach_verls_config():
     assert lean.algo_config(lean.METHODS_BY_NAME["pm_adv"], s).risk_beta == 2.0
 
 
+def test_regimes_reach_verls_trainer_as_the_lean_loop_runs_them():
+    """The confirmation runs a regime on verl's trainer through these overrides and server variables:
+    the same mini-batches, epochs and bypass mode; the rollout server samples in the regime's precision
+    and adds its noise (the server's variables, read by ``verl_cpu.rollout.server``)."""
+    from verl_cpu.rollout import server
+
+    s = lean.LoopSettings()
+    stressed = lean.REGIMES_BY_NAME["stressed"]
+    assert stressed.trainer_overrides(s) == [
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_epochs=1",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32", "algorithm.rollout_correction.bypass_mode=true"]
+    assert stressed.trainer_env() == {server.DTYPE_ENV: "bfloat16", server.NOISE_ENV: "0.02",
+                                      server.SPIKE_STD_ENV: "0.5", server.SPIKE_RATE_ENV: "0.02"}
+    on_policy = lean.REGIMES_BY_NAME["on_policy"]
+    assert on_policy.trainer_env() == {server.DTYPE_ENV: "float32"}
+    assert on_policy.trainer_overrides(s)[0] == "actor_rollout_ref.actor.ppo_mini_batch_size=8"
+    assert on_policy.trainer_overrides(s)[-1] == "algorithm.rollout_correction.bypass_mode=false"
+
+
 def test_advantages_are_verls_estimators():
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, get_adv_estimator_fn
 

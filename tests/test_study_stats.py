@@ -102,3 +102,26 @@ def test_run_outcomes_definitions():
 def test_max_drawdown():
     assert stats.max_drawdown([0.1, 0.5, 0.2, 0.4, 0.1, 0.3]) == pytest.approx(0.4)
     assert stats.max_drawdown([0.1, 0.2, 0.3]) == 0.0
+
+
+def test_confirmation_table_welch_intervals_and_verdicts():
+    """Trainer − lean per metric: Welch's interval by its formula; a clear shift is reported as a disagreement."""
+    from hmpo_verl.lab import study
+
+    lean_rows = [{"regime": study.CONFIRM_REGIME, "method": "vanilla", "seed": s, "final_train_reward": v,
+                  "train_auc": v, "clipfrac": 0.01 * s, "ppo_kl": 0.001, "log_ah_gap": math.nan}
+                 for s, v in enumerate([0.30, 0.35, 0.40], 1)]
+    trainer_rows = [{"path": "trainer", "method": "vanilla", "seed": s, "final_train_reward": v, "train_auc": v - 0.3,
+                     "clipfrac": 0.01 * s, "ppo_kl": 0.001, "log_ah_gap": math.nan, "loss_metrics_seen": ""}
+                    for s, v in enumerate([0.32, 0.30, 0.45], 1)]
+    table, notes = study.confirmation_table(lean_rows, trainer_rows)
+    assert "| vanilla | lean loop | 3 |" in table and "| vanilla | verl trainer | 3 |" in table
+    a, b = np.array([0.32, 0.30, 0.45]), np.array([0.30, 0.35, 0.40])
+    va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 3
+    dof = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    half = sps.t.ppf(0.975, dof) * math.sqrt(va + vb)
+    diff = a.mean() - b.mean()
+    line = next(n for n in notes if n.startswith("vanilla final_train_reward"))
+    assert f"[{diff - half:+.4f}, {diff + half:+.4f}]" in line and "agree" in line
+    assert not any(n.startswith("vanilla log_ah_gap") for n in notes)  # not logged by this loss: no comparison
+    assert "DISAGREE" in next(n for n in notes if n.startswith("vanilla train_auc"))

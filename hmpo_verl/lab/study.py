@@ -140,13 +140,26 @@ def load_runs(runs: list[Run], out: Path):
         outcome = stats.run_outcomes([m["eval_reward"] for m in metrics], data["first_eval"],
                                      any(m["non_finite"] for m in metrics))
         summary.append({"regime": run.regime, "method": run.method, "seed": run.seed, **outcome,
-                        "final_train_reward": sum(m["reward"] for m in metrics[-FINAL_WINDOW:]) / len(metrics[-FINAL_WINDOW:]),
-                        "train_auc": sum(m["reward"] for m in metrics) / len(metrics),
-                        "clipfrac": sum(m.get("actor/pg_clipfrac", 0.0) for m in metrics) / len(metrics),
-                        "wall_s": data["wall_s"]})
+                        **training_curve_outcomes([m["reward"] for m in metrics], metrics), "wall_s": data["wall_s"]})
         for m in metrics:
             steps.append({"regime": run.regime, "method": run.method, "seed": run.seed, **m})
     return summary, steps
+
+
+# loss metrics the confirmation compares, as verl's trainer and the lean loop both log them (per step)
+CONFIRM_LOSS_METRICS = {"clipfrac": "actor/pg_clipfrac", "ppo_kl": "actor/ppo_kl", "log_ah_gap": "actor/pm/log_ah_gap"}
+
+
+def training_curve_outcomes(rewards: list[float], metrics: list[dict]) -> dict:
+    """What both verl's trainer and the lean loop log, for the confirmation: final training reward (mean
+    of the last ``FINAL_WINDOW`` steps), training-reward AUC, and the step mean of each loss metric of
+    ``CONFIRM_LOSS_METRICS`` (NaN where a loss does not log it, e.g. log_ah_gap for verl's losses)."""
+    out = {"final_train_reward": sum(rewards[-FINAL_WINDOW:]) / len(rewards[-FINAL_WINDOW:]),
+           "train_auc": sum(rewards) / len(rewards)}
+    for name, key in CONFIRM_LOSS_METRICS.items():
+        values = [m[key] for m in metrics if key in m]
+        out[name] = sum(values) / len(values) if values else math.nan
+    return out
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -393,15 +406,12 @@ def confirmation(task: str, assets: str, steps: int, settings: lean.LoopSettings
         if data["exit_code"] != 0 or len(data["reward"]) < steps:
             log(f"  failed (exit {data['exit_code']}): see {out / 'trainer' / CONFIRM_REGIME / method / f'seed{seed}'}")
             continue
-        reward = data["reward"]
         from hmpo_verl.lab.cpu_demo import read_metrics
 
-        clip = [r["data"]["actor/pg_clipfrac"] for r in read_metrics(out / "trainer" / CONFIRM_REGIME / method /
-                                                                     f"seed{seed}" / "metrics.jsonl")
-                if "actor/pg_clipfrac" in r["data"]]
-        rows.append({"path": "trainer", "method": method, "seed": seed, "clipfrac": sum(clip) / max(len(clip), 1),
-                     "final_train_reward": sum(reward[-FINAL_WINDOW:]) / len(reward[-FINAL_WINDOW:]),
-                     "train_auc": sum(reward) / len(reward), "wall_s": data["wall_s"],
+        metrics = [r["data"] for r in read_metrics(out / "trainer" / CONFIRM_REGIME / method / f"seed{seed}" /
+                                                   "metrics.jsonl") if "critic/score/mean" in r["data"]]
+        rows.append({"path": "trainer", "method": method, "seed": seed,
+                     **training_curve_outcomes(data["reward"], metrics), "wall_s": data["wall_s"],
                      "loss_metrics_seen": " ".join(data["loss_metrics_seen"])})
         if on_row:
             on_row(rows)
@@ -412,8 +422,9 @@ def confirmation_table(lean_summary, trainer_rows: list[dict]) -> tuple[str, lis
     """Side-by-side table (mean ± 95 % t interval per path) and, per method, Welch's interval of trainer − lean."""
     from scipy import stats as st
 
-    lines = ["| method | path | runs | final training reward (last 5 steps) | training-reward AUC | clip fraction (actor/pg_clipfrac) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | path | runs | final training reward (last 5 steps) | training-reward AUC | "
+             + " | ".join(f"`{key}` (step mean)" for key in CONFIRM_LOSS_METRICS.values()) + " |",
+             "|---|---|---|---|---|" + "---|" * len(CONFIRM_LOSS_METRICS)]
     notes = []
     for method in CONFIRM_METHODS:
         lean_vals = [s for s in lean_summary if s["regime"] == CONFIRM_REGIME and s["method"] == method]
@@ -423,19 +434,20 @@ def confirmation_table(lean_summary, trainer_rows: list[dict]) -> tuple[str, lis
                 lines.append(f"| {method} | {name} | {len(vals)} | "
                              f"{_fmt(*stats.mean_ci([v['final_train_reward'] for v in vals]))} | "
                              f"{_fmt(*stats.mean_ci([v['train_auc'] for v in vals]))} | "
-                             f"{_fmt(*stats.mean_ci([v['clipfrac'] for v in vals]))} |")
+                             + " | ".join(_fmt(*stats.mean_ci([v[k] for v in vals]), digits=4)
+                                          for k in CONFIRM_LOSS_METRICS) + " |")
         if tr_vals:
             seen = sorted({k for v in tr_vals for k in v["loss_metrics_seen"].split()})
             notes.append(f"{method}: the trainer's runs logged {', '.join(seen) if seen else 'no actor/pm/* and no rollout_corr/* metrics'}"
                          " (our losses log actor/pm/*; verl's bypass_mode loss would log rollout_corr/*)")
-        for metric in ("final_train_reward", "train_auc", "clipfrac"):
+        for metric in ("final_train_reward", "train_auc", *CONFIRM_LOSS_METRICS):
             a, b = [v[metric] for v in tr_vals], [v[metric] for v in lean_vals]
-            if len(a) >= 2 and len(b) >= 2:
+            if len(a) >= 2 and len(b) >= 2 and all(math.isfinite(x) for x in a + b):
                 res = st.ttest_ind(a, b, equal_var=False)
                 ci = res.confidence_interval(0.95)
                 verdict = "agree (interval contains 0)" if ci.low <= 0 <= ci.high else "DISAGREE (interval excludes 0)"
-                notes.append(f"{method} {metric}: trainer − lean {sum(a) / len(a) - sum(b) / len(b):+.3f} "
-                             f"[{ci.low:+.3f}, {ci.high:+.3f}] (Welch) — {verdict}")
+                notes.append(f"{method} {metric}: trainer − lean {sum(a) / len(a) - sum(b) / len(b):+.4f} "
+                             f"[{ci.low:+.4f}, {ci.high:+.4f}] (Welch) — {verdict}")
     return "\n".join(lines), notes
 
 
@@ -587,7 +599,8 @@ def parse_args(argv=None):
                         help="cap of a regime's default seed count (the pilot's sizes need ~2 h here; see docs/study.md)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 40; --quick 4)")
     parser.add_argument("--confirm-seeds", type=int, default=3)
-    parser.add_argument("--confirm-steps", type=int, default=None, help="steps of the confirmation runs (default --steps)")
+    parser.add_argument("--confirm-steps", type=int, default=20,
+                        help="steps of the trainer runs, compared with the same first steps of the lean runs (<= --steps)")
     parser.add_argument("--max-response-length", type=int, default=None, help="default: the task's")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
     parser.add_argument("--out", default=None, help="run files (default outputs/study; --quick: outputs/study_quick)")
@@ -647,11 +660,18 @@ def main(argv=None) -> int:
     power_text = _power_text(power, pilot_path, len(comps))
     trainer_rows: list[dict] = []
     if args.confirm:
-        confirm_steps = args.confirm_steps or steps
         confirm_seeds = list(range(1, args.confirm_seeds + 1))
         confirm_runs = [Run(CONFIRM_REGIME, m, s) for m in CONFIRM_METHODS for s in confirm_seeds]
-        run_all(confirm_runs, args.task, args.assets, confirm_steps, settings_dict, out, args.parallel)
-        lean_confirm, _ = load_runs(confirm_runs, out)
+        run_all(confirm_runs, args.task, args.assets, steps, settings_dict, out, args.parallel)
+        # the lean side: the first confirm_steps steps of the study's own runs (the same as shorter runs:
+        # every stream is keyed by (seed, step))
+        confirm_steps = min(args.confirm_steps, steps)
+        lean_confirm = []
+        for r in confirm_runs:
+            if r.path(out).exists():
+                metrics = json.loads(r.path(out).read_text())["metrics"][:confirm_steps]
+                lean_confirm.append({"regime": r.regime, "method": r.method, "seed": r.seed,
+                                     **training_curve_outcomes([m["reward"] for m in metrics], metrics)})
         data_dir.mkdir(parents=True, exist_ok=True)
 
         def write_confirm(rows):  # after every trainer run, so an interrupted confirmation keeps what it has
