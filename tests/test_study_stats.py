@@ -125,3 +125,15 @@ def test_confirmation_table_welch_intervals_and_verdicts():
     assert f"[{diff - half:+.4f}, {diff + half:+.4f}]" in line and "agree" in line
     assert not any(n.startswith("vanilla log_ah_gap") for n in notes)  # not logged by this loss: no comparison
     assert "DISAGREE" in next(n for n in notes if n.startswith("vanilla train_auc"))
+
+
+def test_plan_runs_per_regime_seeds_control_methods_and_seed_major_order():
+    from hmpo_verl.lab import study
+
+    runs = study.plan_runs(["vanilla", "gspo", "pm_adv"], {"on_policy": 2, "stale": 3})
+    assert [(r.regime, r.method, r.seed) for r in runs] == [
+        ("on_policy", "vanilla", 1), ("on_policy", "pm_adv", 1), ("stale", "vanilla", 1), ("stale", "gspo", 1),
+        ("stale", "pm_adv", 1), ("on_policy", "vanilla", 2), ("on_policy", "pm_adv", 2), ("stale", "vanilla", 2),
+        ("stale", "gspo", 2), ("stale", "pm_adv", 2), ("stale", "vanilla", 3), ("stale", "gspo", 3),
+        ("stale", "pm_adv", 3)]
+    assert len(study.plan_runs(["vanilla", "gspo"], {"on_policy": 2}, control_only=False)) == 4

@@ -60,6 +60,14 @@ class Run:
         return out / "runs" / self.regime / self.method / f"seed{self.seed}.json"
 
 
+def plan_runs(methods: list[str], n_seeds: dict[str, int], control_only: bool = True) -> list[Run]:
+    """Seeds 1..n_seeds[regime] of every method in every regime, seed-major (a sweep cut short leaves
+    whole seeds); with ``control_only`` the ``on_policy`` control runs only ``CONTROL_METHODS``."""
+    return [Run(regime, method, seed) for seed in range(1, max(n_seeds.values()) + 1)
+            for regime, n in n_seeds.items() if seed <= n for method in methods
+            if not control_only or regime != "on_policy" or method in CONTROL_METHODS]
+
+
 # ----------------------------------------------------------------------------- running (lean loop)
 
 _TASK_CACHE: dict = {}
@@ -635,9 +643,7 @@ def main(argv=None) -> int:
         n_seeds = {r.name: min(pilot.get("seeds_by_regime", {}).get(r.name, pilot["seeds"]), args.max_seeds)
                    for r in regimes}
     seeds = list(range(1, max(n_seeds.values()) + 1))
-    # seed-major, so that a run cut short leaves whole seeds
-    runs = [Run(r.name, m.name, s) for s in seeds for r in regimes if s <= n_seeds[r.name] for m in methods
-            if args.methods or r.name != "on_policy" or m.name in CONTROL_METHODS]
+    runs = plan_runs([m.name for m in methods], n_seeds, control_only=not args.methods)
     settings_dict = asdict(settings)
     print(f"{len(runs)} runs ({len(methods)} methods x {len(regimes)} regimes, seeds {n_seeds}, {steps} steps) "
           f"on task {args.task} in {out}", flush=True)
