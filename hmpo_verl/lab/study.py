@@ -669,7 +669,7 @@ def main(argv=None) -> int:
     if args.pilot:
         data_dir.mkdir(parents=True, exist_ok=True)
         pilot_path.write_text(json.dumps({**power, "steps": steps, "task": args.task, "pilot_seeds": seeds}, indent=2))
-    power_text = _power_text(power, pilot_path, len(comps))
+    power_text = _power_text(power, pilot_path, comps, n_seeds, args.max_seeds)
     trainer_rows: list[dict] = []
     if args.confirm:
         confirm_seeds = list(range(1, args.confirm_seeds + 1))
@@ -718,26 +718,33 @@ def main(argv=None) -> int:
     return 0
 
 
-def _power_text(power: dict, pilot_path: Path, n_comparisons: int) -> str:
+def _power_text(power: dict, pilot_path: Path, comps: list[dict], n_seeds: dict[str, int], max_seeds: int) -> str:
+    """The sizing (pilot, cap) and what the finished runs achieved, in sentences."""
     lines = []
     if pilot_path.exists():
         pilot = json.loads(pilot_path.read_text())
-        lines.append(f"Pilot (`--pilot`, seeds {pilot['pilot_seeds']}, {pilot['steps']} steps): largest sd of a paired "
-                     f"final-reward difference {pilot['max_sd']:.3f} → {pilot['seeds']} seeds give a 95 % interval of "
-                     f"at most ±{pilot.get('half_width', 0.05)} (floor 5 seeds).")
+        sizes = pilot.get("seeds_by_regime", {})
+        lines.append(f"Pilot (`--pilot`: seeds {pilot['pilot_seeds']} of every method, {pilot['steps']} steps): seeds "
+                     f"each regime needs for a 95 % interval of at most ±{pilot.get('half_width', 0.05)} on every paired "
+                     "final-reward difference (from its largest paired sd; floor 5): "
+                     + ", ".join(f"{r} {n}" for r, n in sizes.items()) + f". Planned, capped at {max_seeds} seeds "
+                     "(the 150-minute budget, `--max-seeds`): " + ", ".join(f"{r} {n}" for r, n in n_seeds.items()) + ".")
     else:
         lines.append("No pilot file: the default of 5 seeds was used.")
+    widths = [((c["final_reward_hi"] - c["final_reward_lo"]) / 2, c) for c in comps if math.isfinite(c["final_reward_lo"])]
+    if widths:
+        within = sum(w <= 0.05 for w, _ in widths)
+        worst, c = max(widths, key=lambda wc: wc[0])
+        lines.append(f"Achieved: {within} of {len(widths)} final-reward intervals are within ±0.05; the widest is "
+                     f"±{worst:.3f} ({c['regime']}/{c['method']}, {c['n']} seeds).")
     if power.get("max_sd") is not None:
-        lines.append(f"In this report's own data the largest paired sd is {power['max_sd']:.3f}, which would need "
-                     f"{power['seeds']} seeds for ±0.05.")
         per_regime = {}
         for key, sd in power.get("sds", {}).items():
             regime = key.split("/")[0]
             per_regime[regime] = max(per_regime.get(regime, 0.0), sd)
-        if per_regime:
-            lines.append("Per regime (largest paired sd → seeds for ±0.05): " + "; ".join(
-                f"{r} {sd:.3f} → {stats.seeds_needed(sd)}" for r, sd in per_regime.items()) + ".")
-    lines.append(f"Comparisons corrected together: {n_comparisons} (final reward); the same number for AUC.")
+        lines.append("In this report's own data (largest paired sd → seeds for ±0.05): " + "; ".join(
+            f"{r} {sd:.3f} → {stats.seeds_needed(sd)}" for r, sd in per_regime.items()) + ".")
+    lines.append(f"Comparisons corrected together: {len(comps)} (final reward); the same number for AUC.")
     return " ".join(lines)
 
 
