@@ -301,9 +301,14 @@ def reading(comps: list[dict], regimes: list[str], summary) -> list[str]:
         if widths:
             text += f"Interval half-widths {min(widths):.3f}–{max(widths):.3f}."
         out.append(text)
+    auc = [c for c in comps if c["auc_p_holm"] < 0.05]
+    out.append("AUC (secondary; Holm over the AUC comparisons): " + (
+        "separated from vanilla: " + "; ".join(f"{c['regime']}/{c['method']} {c['auc_diff']:+.3f} "
+                                              f"[{c['auc_lo']:+.3f}, {c['auc_hi']:+.3f}]" for c in auc)
+        if auc else "nothing separates any method from vanilla") + ".")
     collapsed = [s for s in summary if s["collapsed"]]
-    out.append("Collapsed runs: " + (", ".join(f"{s['regime']}/{s['method']}/seed{s['seed']}" for s in collapsed)
-                                     if collapsed else "none") + ".")
+    out.append(f"Collapsed runs: {len(collapsed)} of {len(summary)} (per method in the table's `collapsed` column; "
+               "which runs: `collapsed` in `docs/study_data/summary.csv`).")
     return out
 
 
