@@ -48,6 +48,10 @@ import torch
 
 ESS_TOL = 1e-4
 SOLVER_MAX_ITERS = 64
+# after this many regula falsi steps every other step bisects |p|: near-Gaussian rows are solved by then
+# (1-2 steps, a far outlier ~10), and a row whose ESS flattens near 1/T (a target near 1/T with a far
+# bound) still converges -- its bracket halves every 2 steps (hypothesis found such a row in float32)
+SAFEGUARD_AFTER = 12
 
 __all__ = ["ess_target_fraction", "solve_power_for_ess", "ess_search_bound", "scheduled_power"]
 
@@ -142,13 +146,17 @@ def solve_power_for_ess(
         p[rows[done]] = bound[rows[done]]
         v_lo, phi_lo = torch.zeros_like(v_hi), -torch.log(t)
         kept = torch.zeros_like(v_hi)  # +1: the last step kept v_hi, -1: kept v_lo
-        for _ in range(max_iters):
+        for step in range(max_iters):
             if done.all():
                 break
             todo = ~done
             rows, sign, y, n_r, t = rows[todo], sign[todo], y[todo], n_r[todo], t[todo]
             v_lo, phi_lo, v_hi, phi_hi, kept = v_lo[todo], phi_lo[todo], v_hi[todo], phi_hi[todo], kept[todo]
-            v = v_hi - phi_hi * (v_hi - v_lo) / (phi_hi - phi_lo)
+            bisect = step >= SAFEGUARD_AFTER and step % 2 == 1
+            if bisect:  # safeguard: halve the |p| bracket, so a row that regula falsi stalls on still converges
+                v = ((v_lo.sqrt() + v_hi.sqrt()) / 2).square()
+            else:
+                v = v_hi - phi_hi * (v_hi - v_lo) / (phi_hi - phi_lo)
             phi_v = phi(v)
             done = solved(phi_v)
             p[rows] = sign * v.sqrt()
@@ -160,7 +168,7 @@ def solve_power_for_ess(
             phi_lo = torch.where(~above & (kept < 0), phi_lo * scale_lo, phi_lo)
             v_lo, phi_lo = torch.where(above, v, v_lo), torch.where(above, phi_v, phi_lo)
             v_hi, phi_hi = torch.where(above, v_hi, v), torch.where(above, phi_hi, phi_v)
-            kept = torch.where(above, 1.0, -1.0)
+            kept = torch.zeros_like(kept) if bisect else torch.where(above, 1.0, -1.0)
         else:
             p[rows[~done]] = (sign * v_lo.sqrt())[~done]
         return p.to(torch.float32)

@@ -153,6 +153,17 @@ def test_solver_at_32768_tokens_with_a_far_outlier(dtype, outlier):
     assert (p[2:].abs() < 20.0).all()  # interior solutions, not the bound
 
 
+def test_solver_converges_where_the_ess_flattens_near_one_over_t():
+    """Hypothesis found this row: 105 standard-normal log-ratios, target 0.01 just above ESS/T's floor
+    1/105, bound -50. ESS/T is nearly flat over p in [5, 50], so regula falsi alone crawled along the
+    bracket end and stopped after 64 steps at p = -2.18 (ESS/T 0.029); the bisection safeguard solves it."""
+    log_x = torch.randn(1, 105, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones_like(log_x, dtype=torch.bool)
+    for dtype in (torch.float32, torch.float64):
+        p = solve_power_for_ess(log_x.to(dtype), valid, torch.tensor([0.01]), torch.tensor([-50.0]))
+        assert_meets_target(log_x[0].double(), p[0].item(), 0.01, -50.0)
+
+
 # The three reproducers of issue 10, through verl's get_policy_loss_fn (float64).
 
 
