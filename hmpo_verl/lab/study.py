@@ -794,7 +794,8 @@ def write_outputs(data_dir: Path, summary, steps_rows, comps) -> None:
     frame[["regime", "method", "seed", "drawdown", "steps_to_threshold", "non_finite", "final_train_reward", "train_auc",
            "wall_s"]].to_csv(
         data_dir / "run_details.csv", index=False)
-    pd.DataFrame(steps_rows).to_csv(data_dir / "steps.csv.gz", index=False)
+    # 6 significant digits: the metrics are float32 sums and means; full repr doubled the file past 5 MiB
+    pd.DataFrame(steps_rows).to_csv(data_dir / "steps.csv.gz", index=False, float_format="%.6g")
     pd.DataFrame(comps).to_csv(data_dir / "comparisons.csv", index=False)
 
 

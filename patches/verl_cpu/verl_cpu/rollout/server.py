@@ -289,7 +289,8 @@ class HFRolloutServer:
                 logits_to_keep=1,  # the prefill needs the last position's logits only
             ).logits[:, -1]
             token, log_prob = sample_step(logits, params, generator)
-            log_prob = log_prob + self._noise(log_prob.shape)
+            if self._noise_std > 0 or self._spike_rate > 0:  # nothing added on the decode path otherwise
+                log_prob = log_prob + self._noise(log_prob.shape)
             token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
             tokens.append(token)
             log_probs.append(log_prob)
@@ -319,7 +320,7 @@ class HFRolloutServer:
         return results
 
     def _noise(self, shape) -> torch.Tensor:
-        """The simulated mismatch added to reported log-probs (zeros when none is set)."""
+        """The simulated mismatch added to reported log-probs (call only when some is set)."""
         noise = torch.zeros(shape)
         if self._noise_std > 0:
             noise = self._noise_std * torch.randn(shape, generator=self._noise_generator)
