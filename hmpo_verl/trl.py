@@ -120,8 +120,8 @@ class PowerMeanGRPOConfig(GRPOConfig):
         metadata={"help": "None: fixed power; 'ess': p per trajectory by clip-aware ESS matching (PMPO); "
                           "'schedule': p from p_start to p_end over schedule_steps optimizer steps (HolderPO)."},
     )
-    p_min: float = field(default=-2.0, metadata={"help": "adapt='ess': lowest p (<= 0)."})
-    p_max: float = field(default=1.0, metadata={"help": "adapt='ess': highest p (>= 0)."})
+    p_min: float = field(default=-2.0, metadata={"help": "adapt='ess': lowest p, in [-1e4, 0]."})
+    p_max: float = field(default=1.0, metadata={"help": "adapt='ess': highest p, in [0, 1e4]."})
     sign_rule: str = field(
         default="advantage", metadata={"help": "adapt='ess': side of 0 searched: 'advantage', 'negative', 'positive'."}
     )

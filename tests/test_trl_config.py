@@ -38,6 +38,8 @@ BAD = [
     ("adapt", "bandit", True),
     ("p_min", 0.5, True),
     ("p_max", -0.5, True),
+    ("p_min", -1.5e4, True),
+    ("p_max", 1e5, True),
     ("sign_rule", "both", True),
     ("ess_target_min", 0.0, True),
     ("ess_target_min", 1.5, True),
