@@ -28,8 +28,9 @@ coefficient are computed here without a graph, and the loss matrix is
 
     loss_it = value_it + grad_coef_it * (log pi_it - sg[log pi_it]),
 
-which has the same value and the same gradient for every aggregation mode, while keeping
-a single (B, T) tensor for backward.
+which has the same value and the same gradient for every aggregation mode; it is built as a
+custom autograd function (forward: value_it; backward: grad * grad_coef_it), so the forward
+pass makes no (B, T) tensor and backward keeps only grad_coef.
 
 Trust regions (both needed, DESIGN.md section 2):
   * level "sequence" (GSPO, arXiv 2507.18071): s_i is clipped to [r_low, r_high],
@@ -37,8 +38,9 @@ Trust regions (both needed, DESIGN.md section 2):
   * level "token" (GMPO arXiv 2507.20673 / PMPO arXiv 2601.22521): each token's
     log-ratio is clipped before aggregation, one-sidedly by sign(A) (A > 0: at most
     log_high; A < 0: at least log_low, and at most log_dual -- dual-clip PPO,
-    arXiv 1912.09729). With p = 1 and ratio-space bounds this is PPO/GRPO's per-token
-    clipping averaged over each sequence.
+    arXiv 1912.09729; TRL's `delta` instead caps the ratio before PPO's min, see
+    `TrustRegion.trl_delta`). With p = 1 and ratio-space bounds this is PPO/GRPO's
+    per-token clipping averaged over each sequence.
 """
 
 from __future__ import annotations
