@@ -24,8 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from verl.trainer.config import AlgoConfig
-from verl.workers.config import PolicyLossConfig
+try:
+    from verl.trainer.config import AlgoConfig
+    from verl.workers.config import PolicyLossConfig
+except ImportError as err:  # say which install brings it
+    raise ImportError(
+        f"hmpo_verl's verl configs need verl 0.9 ({err}): pip install 'hmpo-verl[verl]' (the maths in "
+        "hmpo_verl.means, surrogate, adaptive, ... needs only torch)"
+    ) from err
 
 from hmpo_verl.options import HMPO_POWER, check_adaptive_options, check_advantage_options, check_mean_options
 

@@ -3,9 +3,9 @@
 TRL's `loss_type` is a closed set; the supported way to add a loss is a `GRPOTrainer`
 subclass overriding `_compute_loss`, as TRL's own `trl/experimental/gmpo/gmpo_trainer.py`
 does. Only the loss changes: generation, rewards, advantages, reference model, vLLM and
-logging are TRL's. Needs `pip install hmpo-verl[trl]` (TRL 1.12.0, the newest that verl 0.9.1
-tolerates in the same environment; tested on 1.12.0 and 1.16.0, whose `_compute_loss` is
-identical); verl is not imported.
+logging are TRL's. Needs TRL >= 1.12 (`pip install "hmpo-verl[trl]"`; tested on 1.12.0 and 1.16.0,
+whose `_compute_loss` is identical; beside verl 0.9.1, TRL < 1.13: the `verl-trl` extra); verl is
+not imported.
 
     from hmpo_verl.trl import PowerMeanGRPOConfig, PowerMeanGRPOTrainer
 
@@ -68,8 +68,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import nanmax, nanmin
+
+try:
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+except ImportError as err:  # say which install brings it
+    raise ImportError(
+        f"hmpo_verl.trl needs TRL >= 1.12 ({err}): pip install 'hmpo-verl[trl]', or 'hmpo-verl[verl-trl]' beside verl"
+    ) from err
 
 from hmpo_verl.adaptive import scheduled_power
 from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator

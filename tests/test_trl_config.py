@@ -90,17 +90,6 @@ def test_trl_specific_errors(tmp_path, kw, match):
     assert match in _error(lambda: _trl(tmp_path, **kw))
 
 
-def test_the_installed_trl_is_the_pinned_one():
-    """The extra pins the version these tests check (its _compute_loss is TRL 1.16's, comment aside)."""
-    import tomllib
-    from pathlib import Path
-
-    import trl
-
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-    assert project["optional-dependencies"]["trl"] == [f"trl=={trl.__version__}"]
-
-
 def test_the_installed_trl_lets_verl_start_its_actor():
     """verl 0.9.1 imports TRL's value-head model whenever TRL is installed, while it patches the actor
     model (apply_monkey_patch); TRL >= 1.13 no longer has it and the actor fails to start."""
