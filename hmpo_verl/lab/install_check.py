@@ -3,7 +3,7 @@
     python -m hmpo_verl.lab.install_check                      # verl, trl, verl-trl (about 10 min)
     python -m hmpo_verl.lab.install_check --hosts trl --keep   # one host; keep its venv under --root
 
-Each host gets a new venv (no system site-packages) under --root, torch's CPU wheel
+Each host gets a new venv (no system site-packages) under --root, the current pip, torch's CPU wheel
 (`torch==2.13.0+cpu` from pip's configured indexes, else download.pytorch.org/whl/cpu), then this
 checkout installed (not editable) with the host's extra, exactly as the README tells a user:
 
@@ -89,6 +89,10 @@ config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hi
 apply_monkey_patch(Qwen2ForCausalLM(config), use_remove_padding=False)
 print("verl's actor patch runs beside this TRL")
 """
+GIT_ORIGIN = """
+from importlib import metadata
+print("hmpo-verl installed from:", metadata.distribution("hmpo-verl").read_text("direct_url.json"))
+"""
 DRIVER_CHECK = """
 from hmpo_verl.registry import check_trl_beside_verl
 try:
@@ -130,6 +134,8 @@ class Host:
         start = time.perf_counter()
         shutil.rmtree(self.dir, ignore_errors=True)
         venv.create(self.dir, with_pip=True)
+        # the venv's bundled pip may predate PEP 508 URLs without a host (git+file:///...): a user's is current
+        self.pip("pip install --upgrade pip", "--upgrade", "pip")
         configured = subprocess.run([str(self.python), "-m", "pip", "install", "--quiet", TORCH], capture_output=True)
         if configured.returncode == 0:
             print(f"[{self.name}] pip install {TORCH}: ok ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -156,7 +162,7 @@ def check_trl(host: Host) -> None:
     print(textwrap.indent(out.splitlines()[-1] if out else "", "    "), flush=True)
     host.pip('pip install "hmpo-verl[trl] @ git+file://<checkout>" (the git-URL form, committed HEAD)',
              "--force-reinstall", "--no-deps", f"hmpo-verl[trl] @ git+file://{REPO}")
-    host.probe("the TRL adapter imports (git-URL install)", TRL_ADAPTER)
+    host.probe("the TRL adapter imports (git-URL install)", TRL_ADAPTER + GIT_ORIGIN)
 
 
 def check_verl_trl(host: Host) -> None:
@@ -192,9 +198,9 @@ def main(argv=None) -> int:
         summary.append((name, torch_s, time.perf_counter() - start - torch_s, host.failures))
         if not args.keep:
             shutil.rmtree(host.dir, ignore_errors=True)
-    print("\nhost      torch s   rest s   result")
+    print("\nhost     venv+pip+torch s   install+checks s   result")
     for name, torch_s, rest_s, failures in summary:
-        print(f"{name:<9}{torch_s:>8.0f}{rest_s:>9.0f}   {'ok' if not failures else 'FAILED: ' + '; '.join(failures)}")
+        print(f"{name:<9}{torch_s:>16.0f}{rest_s:>19.0f}   {'ok' if not failures else 'FAILED: ' + '; '.join(failures)}")
     return 0 if all(not f for *_, f in summary) else 1
 
 
