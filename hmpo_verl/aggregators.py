@@ -1,11 +1,12 @@
 """Sequence-ratio aggregators: token log-ratios -> (log s_i, weights), for `surrogate_terms`
 (pure torch, no verl import; shared by the verl losses and the TRL trainer).
 
-Each aggregator is called as `aggregate(delta, valid, clipped)` with the (possibly
-clipped) token log-ratios delta `(B, T)`, the valid-token mask `(B, T)` bool and, at token
-clip level, the tokens whose clip is active `(B, T)` bool (None at sequence level). It
-returns log s `(B,)` and the weights w_t = d log s_i / d delta_t `(B, T)`, and records the
-p each row used in `power` `(B,)` (None for the AGM), for the metrics.
+Each aggregator is called as `aggregate(delta, rows, clipped)` with the (possibly clipped)
+token log-ratios delta `(B, T)`, 0 at invalid positions, their `hmpo_verl.means.Rows` (valid
+positions and counts) and, at token clip level, the number of tokens per row whose clip is
+active `(B,)` (None at sequence level). It returns log s `(B,)` and the weights
+w_t = d log s_i / d delta_t `(B, T)`, and records the p each row used in `power` `(B,)` (None
+for the AGM), for the metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 
 from hmpo_verl.adaptive import ess_search_bound, ess_target_fraction, solve_power_for_ess
-from hmpo_verl.means import log_agm_and_weights, log_mean_and_weights
+from hmpo_verl.means import agm_and_weights, mean_and_weights
 
 
 class PowerAggregator:
@@ -25,9 +26,9 @@ class PowerAggregator:
         self.p = power
         self.power: Optional[torch.Tensor] = None
 
-    def __call__(self, delta, valid, clipped):
+    def __call__(self, delta, rows, clipped):
         self.power = torch.full(delta.shape[:1], float(self.p), device=delta.device)
-        return log_mean_and_weights(delta, self.p, valid)
+        return mean_and_weights(delta, self.p, rows)
 
 
 class ESSMatchingAggregator(PowerAggregator):
@@ -46,12 +47,11 @@ class ESSMatchingAggregator(PowerAggregator):
         self.row_sign = torch.sign(torch.where(valid, advantages.detach(), 0.0).sum(-1))
         self.target: Optional[torch.Tensor] = None
 
-    def __call__(self, delta, valid, clipped):
-        n = valid.sum(-1).clamp(min=1)
-        self.target = ess_target_fraction(clipped.sum(-1).to(delta.dtype) / n, self.options.ess_target_min)
+    def __call__(self, delta, rows, clipped):
+        self.target = ess_target_fraction(clipped / rows.n.clamp(min=1), self.options.ess_target_min)
         bound = ess_search_bound(self.row_sign, self.options.sign_rule, self.options.p_min, self.options.p_max)
-        self.power = solve_power_for_ess(delta, valid, self.target, bound)
-        return log_mean_and_weights(delta, self.power, valid)
+        self.power = solve_power_for_ess(delta, rows.valid, self.target, bound)
+        return mean_and_weights(delta, self.power, rows)
 
 
 class AGMAggregator:
@@ -62,5 +62,5 @@ class AGMAggregator:
     def __init__(self, iters: Optional[int]):
         self.iters = iters
 
-    def __call__(self, delta, valid, clipped):
-        return log_agm_and_weights(delta, valid, self.iters)
+    def __call__(self, delta, rows, clipped):
+        return agm_and_weights(delta, rows, self.iters)

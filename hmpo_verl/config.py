@@ -24,8 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from verl.trainer.config import AlgoConfig
-from verl.workers.config import PolicyLossConfig
+try:
+    from verl.trainer.config import AlgoConfig
+    from verl.workers.config import PolicyLossConfig
+except ImportError as err:  # say which install brings it
+    raise ImportError(
+        f"hmpo_verl's verl configs need verl 0.9 ({err}): pip install 'hmpo-verl[verl]' (the maths in "
+        "hmpo_verl.means, surrogate, adaptive, ... needs only torch)"
+    ) from err
 
 from hmpo_verl.options import HMPO_POWER, check_adaptive_options, check_advantage_options, check_mean_options
 
@@ -77,8 +83,8 @@ class AdaptivePowerMeanLossConfig(PowerMeanLossConfig):
             fraction), PMPO's clip-aware ESS rule (arXiv 2601.22521) extended to
             p in [p_min, p_max]; "schedule": one p for all, moving from p_start to p_end
             over schedule_steps optimizer steps (HolderPO arXiv 2605.12058: 2 -> -2).
-        p_min (float): lowest p of the "ess" rule (<= 0; the harmonic side). Default -2.
-        p_max (float): highest p of the "ess" rule (>= 0; PMPO uses 1). Default 1.
+        p_min (float): lowest p of the "ess" rule (in [-1e4, 0]; the harmonic side). Default -2.
+        p_max (float): highest p of the "ess" rule (in [0, 1e4]; PMPO uses 1). Default 1.
         sign_rule (str): side of 0 the "ess" rule searches: "advantage" (default):
             sign(p) = -sign(A_i), so the weights fall on the tokens that moved against
             the update's direction (ratio-contracting); "negative": [p_min, 0];

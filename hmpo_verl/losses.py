@@ -29,7 +29,6 @@ from verl.trainer.ppo.core_algos import agg_loss
 from hmpo_verl.adaptive import scheduled_power
 from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
 from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
-from hmpo_verl.means import log_arithmetic_harmonic_gap
 from hmpo_verl.steps import STEP_COUNTER
 from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
@@ -62,12 +61,12 @@ def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.where(rows, x, 0.0).sum() / rows.sum().clamp(min=1)
 
 
-def _check_finite(log_ratio_sum: torch.Tensor, terms, inputs: dict) -> None:
+def _check_finite(terms, inputs: dict) -> None:
     """Raise if a valid position holds a non-finite value (masked ones are ignored)."""
-    if torch.isfinite(log_ratio_sum + terms.value.sum() + terms.grad_coef.sum()):
+    if torch.isfinite(terms.log_ratio_sum + terms.value.sum()):  # grad_coef is value where it is not 0
         return
     for name, tensor in inputs.items():
-        if tensor is not None and not torch.isfinite(torch.where(terms.valid, tensor.detach(), 0.0)).all():
+        if tensor is not None and not torch.isfinite(torch.where(terms.rows.valid, tensor.detach(), 0.0)).all():
             raise ValueError(f"{name} has non-finite values at valid (response_mask) positions")
     raise ValueError("the policy loss overflowed: log-ratios or advantages are too large to aggregate")
 
@@ -96,37 +95,31 @@ def power_mean_policy_loss(
         region: trust region.
     """
     with torch.no_grad():
-        compute_dtype = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
-        log_ratio = log_prob.detach().to(compute_dtype) - old_log_prob.detach()  # promotes to compute_dtype
-        # maths in float32 at least; the loss matrix in the policy's dtype, as verl's losses
-        terms = surrogate_terms(
-            log_ratio, advantages, response_mask, aggregate, region, rollout_is_weights, out_dtype=log_prob.dtype
-        )
-        valid, n = terms.valid, terms.n_valid
-        log_ratio_sum = torch.where(valid, log_ratio, 0.0).sum()
+        # the maths in float32 at least; the loss matrix in the policy's dtype, as verl's losses
+        terms = surrogate_terms(log_prob, old_log_prob, advantages, response_mask, aggregate, region, rollout_is_weights)
         _check_finite(
-            log_ratio_sum,
             terms,
             {"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages,
              "rollout_is_weights": rollout_is_weights},
         )
+        n = terms.rows.n
         rows = n > 0
-        n_tokens = valid.sum().clamp(min=1)
-        stats = {
-            "actor/pg_clipfrac": terms.clipped.sum() / n_tokens,
-            "actor/ppo_kl": -log_ratio_sum / n_tokens,
-            "actor/pg_clipfrac_lower": terms.dual_clipped.sum() / n_tokens,
+        n_tokens = n.sum().clamp(min=1)
+        stats = {  # token fractions in float32, as verl's losses report them
+            "actor/pg_clipfrac": (terms.clipped.sum() / n_tokens).float(),
+            "actor/ppo_kl": -terms.log_ratio_sum / n_tokens,
+            "actor/pg_clipfrac_lower": (terms.dual_clipped.sum() / n_tokens).float(),
             "actor/pm/seq_ratio_mean": _masked_row_mean(torch.exp(terms.log_seq_ratio), rows),
-            "actor/pm/log_ah_gap": _masked_row_mean(log_arithmetic_harmonic_gap(log_ratio, valid), rows),
+            "actor/pm/log_ah_gap": _masked_row_mean(terms.log_ah_gap, rows),
             "actor/pm/ess_frac": _masked_row_mean(terms.ess / n.clamp(min=1), rows),
         }
         if aggregate.power is not None:
-            power = aggregate.power.to(compute_dtype)[rows] if rows.any() else torch.zeros(1, dtype=compute_dtype)
+            power = aggregate.power.to(n.dtype)[rows] if rows.any() else torch.zeros(1, dtype=n.dtype)
             stats["actor/pm/power"] = power.mean()
             stats["actor/pm/power_min"] = power.min()
             stats["actor/pm/power_max"] = power.max()
         if getattr(aggregate, "target", None) is not None:
-            stats["actor/pm/ess_target"] = _masked_row_mean(aggregate.target.to(compute_dtype), rows)
+            stats["actor/pm/ess_target"] = _masked_row_mean(aggregate.target.to(n.dtype), rows)
 
     loss_mat = surrogate_loss_matrix(log_prob, terms)
     pg_loss = agg_loss(

@@ -4,7 +4,8 @@
   * registers the policy losses and advantage estimators by name in verl's registries
     (which live in `verl.trainer.ppo.core_algos`), and
   * extends verl's `validate_config` (which verl's driver runs before Ray starts) to
-    check our options too: verl builds the actor config there, but never the algorithm
+    check that an installed TRL is one verl can start beside (`check_trl_beside_verl`), and
+    our options too: verl builds the actor config there, but never the algorithm
     dataclass, and its plain `PolicyLossConfig` cannot tell that `loss_mode=power_mean`
     lacks a power. With the check, a bad value stops the run with a message naming the
     field instead of failing later inside a Ray worker.
@@ -29,6 +30,7 @@ import importlib.abc
 import logging
 import sys
 import traceback
+from typing import Optional
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
 
@@ -63,6 +65,38 @@ def check_options(config) -> None:
         algo_options(algorithm, algorithm.adv_estimator)
 
 
+# verl 0.9.x imports trl.experimental.ppo whenever TRL is importable (apply_monkey_patch, in every actor
+# worker); TRL 1.13 removed that module. The `verl-trl` extra pins TRL below it.
+TRL_BESIDE_VERL = "<1.13"
+
+
+def trl_conflict(verl_version: str, trl_version: Optional[str]) -> Optional[str]:
+    """The reason this verl cannot run beside this TRL (None if it can, or if TRL is absent)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if trl_version is None or Version(verl_version) >= Version("0.10") or trl_version in SpecifierSet(TRL_BESIDE_VERL):
+        return None
+    return (
+        f"verl {verl_version} cannot start its actor workers beside TRL {trl_version}: it imports "
+        f"trl.experimental.ppo whenever TRL is installed, and TRL 1.13 removed it. Use TRL {TRL_BESIDE_VERL} "
+        "beside verl (pip install 'hmpo-verl[verl-trl]' or 'trl>=1.12,<1.13'), or keep TRL in another environment"
+    )
+
+
+def check_trl_beside_verl() -> None:
+    """Raise RuntimeError if the installed TRL breaks the installed verl (see `trl_conflict`)."""
+    from importlib import metadata
+
+    try:
+        trl_version = metadata.version("trl")
+    except metadata.PackageNotFoundError:
+        return
+    message = trl_conflict(metadata.version("verl"), trl_version)
+    if message:
+        raise RuntimeError(message)
+
+
 def _extend_validate_config() -> None:
     import verl.utils.config as verl_config
 
@@ -74,6 +108,7 @@ def _extend_validate_config() -> None:
     def validate_config(config, *args, **kwargs):
         result = validate(config, *args, **kwargs)
         check_options(config)
+        check_trl_beside_verl()
         return result
 
     validate_config._hmpo_checked = True

@@ -28,8 +28,9 @@ coefficient are computed here without a graph, and the loss matrix is
 
     loss_it = value_it + grad_coef_it * (log pi_it - sg[log pi_it]),
 
-which has the same value and the same gradient for every aggregation mode, while keeping
-a single (B, T) tensor for backward.
+which has the same value and the same gradient for every aggregation mode; it is built as a
+custom autograd function (forward: value_it; backward: grad * grad_coef_it), so the forward
+pass makes no (B, T) tensor and backward keeps only grad_coef.
 
 Trust regions (both needed, DESIGN.md section 2):
   * level "sequence" (GSPO, arXiv 2507.18071): s_i is clipped to [r_low, r_high],
@@ -37,8 +38,9 @@ Trust regions (both needed, DESIGN.md section 2):
   * level "token" (GMPO arXiv 2507.20673 / PMPO arXiv 2601.22521): each token's
     log-ratio is clipped before aggregation, one-sidedly by sign(A) (A > 0: at most
     log_high; A < 0: at least log_low, and at most log_dual -- dual-clip PPO,
-    arXiv 1912.09729). With p = 1 and ratio-space bounds this is PPO/GRPO's per-token
-    clipping averaged over each sequence.
+    arXiv 1912.09729; TRL's `delta` instead caps the ratio before PPO's min, see
+    `TrustRegion.trl_delta`). With p = 1 and ratio-space bounds this is PPO/GRPO's
+    per-token clipping averaged over each sequence.
 """
 
 from __future__ import annotations
@@ -49,15 +51,15 @@ from typing import Callable, Optional
 
 import torch
 
-from hmpo_verl.means import effective_sample_size
+from hmpo_verl.means import Rows, arithmetic_harmonic_gap, effective_sample_size
 
-# The aggregator maps (log-ratios (B, T), valid (B, T) bool, token clip active (B, T) bool or
-# None at sequence level) to (log s (B,), w (B, T)).
-Aggregator = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], "tuple[torch.Tensor, torch.Tensor]"]
+# The aggregator maps (zero-padded log-ratios (B, T), their `Rows`, token clips per row (B,) or None
+# at sequence level) to (log s (B,), w (B, T)).
+Aggregator = Callable[[torch.Tensor, Rows, Optional[torch.Tensor]], "tuple[torch.Tensor, torch.Tensor]"]
 
-# verl's gspo clamps the log sequence ratio at 10 "for numerical stability"; we do the
-# same at sequence level (a clamped sequence keeps its value e^10 and gets no gradient).
-# At token level there is no clamp, as in verl's geo_mean (GMPO).
+# verl's gspo clamps the log sequence ratio at 10 "for numerical stability"; the verl losses do
+# the same at sequence level (a clamped sequence keeps its value e^10 and gets no gradient).
+# At token level there is no clamp, as in verl's geo_mean (GMPO); TRL clamps at neither.
 MAX_LOG_SEQ_RATIO = 10.0
 
 
@@ -68,23 +70,30 @@ class TrustRegion:
     Attributes:
         level: "token" or "sequence".
         ratio_low, ratio_high: bounds on a ratio, 0 <= ratio_low <= 1 <= ratio_high.
-        ratio_dual: dual-clip cap on a token's ratio when A < 0 (token level); inf for none.
+        ratio_dual: dual-clip cap on a token's ratio (token level); inf for none.
+        trl_delta: ratio_dual is TRL's `delta`, which caps the ratio before PPO's min, so the
+            token caps are min(ratio_high, delta) for A > 0 and max(ratio_high, delta) for A < 0;
+            otherwise it is verl's clip_ratio_c (dual-clip PPO): A < 0 tokens capped at it.
+        max_log_seq_ratio: clamp of log s at sequence level (verl's gspo: 10; TRL: inf, none).
     """
 
     level: str
     ratio_low: float
     ratio_high: float
     ratio_dual: float = math.inf
+    trl_delta: bool = False
+    max_log_seq_ratio: float = MAX_LOG_SEQ_RATIO
 
     @classmethod
     def from_eps(
-        cls, level: str, space: str, eps_low: float, eps_high: float, dual_clip: Optional[float] = None
+        cls, level: str, space: str, eps_low: float, eps_high: float, dual_clip: Optional[float] = None, **options
     ) -> "TrustRegion":
         """Bounds from PPO-style epsilons.
 
         space "ratio": [1 - eps_low, 1 + eps_high] (PPO, GRPO, GSPO);
         space "log": [exp(-eps_low), exp(eps_high)], i.e. log-ratio in [-eps_low, eps_high]
         (GMPO, verl's geo_mean). `dual_clip` (verl's clip_ratio_c) applies at token level.
+        `options`: `trl_delta`, `max_log_seq_ratio`.
         """
         if space == "ratio":
             low, high = 1.0 - eps_low, 1.0 + eps_high
@@ -93,7 +102,7 @@ class TrustRegion:
         else:
             raise ValueError(f"clip_space={space!r}; allowed: 'ratio', 'log'")
         dual = math.inf if dual_clip is None else float(dual_clip)
-        return cls(level=level, ratio_low=low, ratio_high=high, ratio_dual=dual)
+        return cls(level=level, ratio_low=low, ratio_high=high, ratio_dual=dual, **options)
 
     @property
     def log_low(self) -> float:
@@ -107,6 +116,21 @@ class TrustRegion:
     def log_dual(self) -> float:
         return math.log(self.ratio_dual)
 
+    @property
+    def positive_cap(self) -> float:
+        """The cap on log r_t of an A > 0 token: log_high (TRL: min(log_high, log delta))."""
+        return min(self.log_high, self.log_dual) if self.trl_delta else self.log_high
+
+    @property
+    def negative_cap(self) -> float:
+        """The cap on log r_t of an A < 0 token, the dual clip: log_dual (TRL: max(log_high, log delta))."""
+        return max(self.log_high, self.log_dual) if self.trl_delta else self.log_dual
+
+    @property
+    def positive_cap_is_trust(self) -> bool:
+        """An A > 0 token at its cap counts as a trust-region clip (else a dual clip: TRL's delta <= 1 + eps_high)."""
+        return not (self.trl_delta and self.log_dual <= self.log_high)
+
 
 @dataclass
 class SurrogateTerms:
@@ -115,120 +139,185 @@ class SurrogateTerms:
     Shapes: (B, T) unless noted. `value` and `grad_coef` are 0 at masked positions.
 
     Attributes:
-        value: -A_it * clip(s_i) * T_i * w_it (times rollout IS weights if given).
+        value: -A_it * clip(s_i) * T_i * w_it (times rollout IS weights if given), in log_prob's dtype.
         grad_coef: d value_it / d log pi_it under the token construction above (value_it
-            on tokens whose clip is inactive, 0 elsewhere).
+            on tokens whose clip is inactive, 0 elsewhere), in log_prob's dtype.
+        rows: the valid positions (`hmpo_verl.means.Rows`: bool, 0/1, count per row).
+        log_ratio_sum: () sum of the (unclipped) log-ratios delta over valid positions.
+        log_ah_gap: (B,) log A - log H of each row's unclipped token ratios (0 for empty rows).
         log_seq_ratio: (B,) log s_i (before the sequence-level clamp; 0 for empty rows).
         ess: (B,) Kish effective sample size of the weights w_it = d log s_i / d delta_it.
-        clipped: tokens whose trust-region clip is active (no gradient from them).
-        dual_clipped: tokens capped by the dual clip (A < 0, token level).
-        valid: response mask as bool; n_valid: (B,) valid tokens per row.
+        clipped_low, clipped_high: (B,) per row, valid tokens whose trust-region clip is active
+            (no gradient from them), with A < 0 and with A > 0.
+        dual_clipped: (B,) per row, valid tokens capped by the dual clip (token level).
     """
 
     value: torch.Tensor
     grad_coef: torch.Tensor
+    rows: Rows
+    log_ratio_sum: torch.Tensor
+    log_ah_gap: torch.Tensor
     log_seq_ratio: torch.Tensor
     ess: torch.Tensor
-    clipped: torch.Tensor
+    clipped_low: torch.Tensor
+    clipped_high: torch.Tensor
     dual_clipped: torch.Tensor
-    valid: torch.Tensor
-    n_valid: torch.Tensor
+
+    @property
+    def clipped(self) -> torch.Tensor:
+        """(B,) valid tokens per row whose trust-region clip is active."""
+        return self.clipped_low + self.clipped_high
 
 
-def clip_token_log_ratios(
-    log_ratio: torch.Tensor, advantages: torch.Tensor, region: TrustRegion
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One-sided token clip by sign(A).
+@dataclass
+class _Signs:
+    """sign(A) of zero-padded advantages: `side` `(B, 1)` when every row's valid tokens share one sign
+    (one advantage per response: the usual case, where bounds and clip flags are per row), else `(B, T)`;
+    `positive`, `negative` `(B,)` valid tokens per row with A > 0 and A < 0."""
 
-    Returns `(clipped_log_ratio, trust_active, dual_active)`, all (B, T):
-    A > 0: min(delta, log_high); A < 0: clamp(delta, log_low, log_dual); A = 0: delta.
+    side: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+
+    @classmethod
+    def of(cls, adv: torch.Tensor, rows: Rows) -> "_Signs":
+        sign = torch.sign(adv)
+        total = sign.sum(-1, dtype=rows.n.dtype)
+        nonzero = sign.abs_().sum(-1, dtype=rows.n.dtype)
+        del sign
+        positive, negative = (nonzero + total) / 2, (nonzero - total) / 2
+        if bool(((positive == rows.n) | (negative == rows.n) | (nonzero == 0)).all()):
+            side = torch.sign(total).unsqueeze(-1)
+        else:
+            side = torch.sign(adv).to(rows.n.dtype)
+        return cls(side, positive, negative)
+
+
+def _token_clip(delta: torch.Tensor, signs: _Signs, region: TrustRegion):
+    """One-sided token clip by sign(A), in place on zero-padded `delta`.
+
+    A > 0: min(delta, positive_cap); A < 0: clamp(delta, log_low, negative_cap); A = 0: delta (the bounds are selected per row, or per token
+    when signs vary along a row; a zero-padded position's 0 is inside every bound).
+
+    Returns `(keep, low, high, dual)`: `keep` `(B, T)` 1 where the token's clip is inactive (its
+    gradient flows), else 0; per row `(B,)`, the tokens raised to the lower trust bound (A < 0),
+    capped at the upper one (A > 0), and capped by the dual clip.
     """
-    pos, neg = advantages > 0, advantages < 0
-    lo, hi, dual = region.log_low, region.log_high, region.log_dual
-    above = pos & (log_ratio > hi)
-    below = neg & (log_ratio < lo)
-    clipped = log_ratio.masked_fill(above, hi).masked_fill_(below, lo)
-    if math.isfinite(dual):
-        dual_active = neg & (log_ratio > dual)
-        clipped.masked_fill_(dual_active, dual)
+    side = signs.side
+
+    def bound(x: float) -> torch.Tensor:
+        return torch.tensor(x, dtype=delta.dtype, device=delta.device)
+
+    upper = torch.where(side > 0, bound(region.positive_cap), torch.where(side < 0, bound(region.negative_cap), math.inf))
+    lower = torch.where(side < 0, bound(region.log_low), -math.inf)
+    moved = torch.clamp(delta, lower, upper)
+    torch.sub(delta, moved, out=moved).sign_()  # 1: capped from above, -1: raised, 0: inside
+    delta.clamp_(lower, upper)
+    net = moved.sum(-1)
+    # A > 0 tokens are only ever capped: sum_t [A_t > 0] * moved_t counts them
+    capped_pos = net * (side[:, 0] > 0) if side.shape[-1] == 1 else (moved * (side > 0)).sum(-1)
+    total = moved.abs_().sum(-1)
+    keep = moved.neg_().add_(1.0)
+    capped, raised = (total + net) / 2, (total - net) / 2
+    if region.positive_cap_is_trust:
+        high, dual = capped_pos, capped - capped_pos
     else:
-        dual_active = torch.zeros_like(above)
-    return clipped, above | below, dual_active
+        high, dual = torch.zeros_like(capped), capped
+    return keep, raised, high, dual
+
+
+def _sequence_clip(log_s: torch.Tensor, signs: _Signs, region: TrustRegion):
+    """Sequence level (GSPO): clip(s_i) by sign(A) `(B, 1)` or `(B, T)`, the gradient mask `keep` (same
+    shape), and per row `(B,)` the tokens whose clip is active with A < 0 and with A > 0.
+
+    A > 0: min(s_i, r_high); A < 0: max(s_i, r_low). log s_i is clamped at `region.max_log_seq_ratio`
+    (verl's gspo: 10); a clamped sequence gets no gradient.
+    """
+    over = (log_s > region.max_log_seq_ratio).unsqueeze(-1)
+    seq = torch.exp(log_s.clamp(max=region.max_log_seq_ratio)).unsqueeze(-1)
+    clipped = torch.where(signs.side > 0, seq.clamp(max=region.ratio_high),
+                          torch.where(signs.side < 0, seq.clamp(min=region.ratio_low), seq))
+    keep = ((clipped == seq) & ~over).to(seq.dtype)
+    above, below = seq[:, 0] > region.ratio_high, seq[:, 0] < region.ratio_low
+    return clipped, keep, below * signs.negative, above * signs.positive
 
 
 def surrogate_terms(
-    log_ratio: torch.Tensor,
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     aggregate: Aggregator,
     region: TrustRegion,
     rollout_is_weights: Optional[torch.Tensor] = None,
-    out_dtype: Optional[torch.dtype] = None,
 ) -> SurrogateTerms:
     """Value and gradient coefficient of the clipped sequence-ratio surrogate.
 
     Args:
-        log_ratio: `(B, T)` delta = log pi_theta - log pi_old (float32/64, no grad).
+        log_prob, old_log_prob: `(B, T)` log pi_theta and log pi_old; delta = their difference is
+            computed in float32 at least (float64 for float64 log_prob).
         advantages: `(B, T)` A_it.
         response_mask: `(B, T)` valid tokens (bool or 0/1).
-        aggregate: maps (log-ratios, valid, token clip active or None) to (log s (B,), weights (B, T)).
+        aggregate: maps (zero-padded log-ratios, `Rows`, token clips per row or None) to
+            (log s (B,), weights (B, T)).
         region: clip level and bounds.
         rollout_is_weights: optional `(B, T)` rollout-correction weights, multiplied into
             the per-token loss as verl's built-in losses do.
-        out_dtype: dtype of `value` and `grad_coef` (default: log_ratio's); the maths runs
-            in log_ratio's dtype either way.
+
+    Masked positions of every input may hold anything (NaN, inf): each input is zero-padded
+    once, and every later (B, T) step masks by products (exact for finite values). On CPU the
+    cost of a (B, T) step is dominated by fresh allocations (page faults), so the steps work in
+    place and the unclipped log-ratios are reduced to their metrics before the clip reuses them.
     """
     with torch.no_grad():
-        dtype = log_ratio.dtype
+        dtype = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
         valid = response_mask.to(torch.bool)
-        adv = advantages.detach()  # mixed-dtype ops promote it; no up-cast copy
-        n = valid.sum(-1)
+        rows = Rows(valid, dtype)
+        delta = log_prob.detach().to(dtype, copy=True).sub_(old_log_prob.detach())
+        torch.where(valid, delta, torch.zeros((), dtype=dtype), out=delta)
+        log_ratio_sum, log_ah_gap = delta.sum(), arithmetic_harmonic_gap(delta, rows)
+        adv = torch.where(valid, advantages.detach(), 0.0)  # in its own dtype: products promote it
+        signs = _Signs.of(adv, rows)
         if region.level == "token":
-            clipped_delta, trust, dual = clip_token_log_ratios(log_ratio, adv, region)
-            log_s, w = aggregate(clipped_delta, valid, trust & valid)
-            del clipped_delta
+            keep, low, high, dual = _token_clip(delta, signs, region)
+            log_s, w = aggregate(delta, rows, low + high)
+            # as verl's geo_mean: no clamp of s_i (an overflow is reported by the caller)
+            seq = torch.exp(log_s).unsqueeze(-1)
         elif region.level == "sequence":
-            log_s, w = aggregate(log_ratio, valid, None)
+            log_s, w = aggregate(delta, rows, None)
+            seq, keep, low, high = _sequence_clip(log_s, signs, region)
+            dual = torch.zeros_like(low)
         else:
             raise ValueError(f"clip_level={region.level!r}; allowed: 'token', 'sequence'")
-
+        del delta
         ess = effective_sample_size(w)
-        share = w.mul_(n.unsqueeze(-1))  # T_i * w_t: 1 at p = 0, r'_t / s_i at p = 1
-        if region.level == "sequence":
-            # as verl's gspo: log s_i clamped at 10; a clamped sequence gets no gradient
-            over = (log_s > MAX_LOG_SEQ_RATIO).unsqueeze(-1)
-            seq = torch.exp(log_s.clamp(max=MAX_LOG_SEQ_RATIO)).unsqueeze(-1)  # (B, 1)
-            above, below = (adv > 0) & (seq > region.ratio_high), (adv < 0) & (seq < region.ratio_low)
-            trust, dual = above | below, torch.zeros_like(above)
-            seq = seq.expand_as(adv).masked_fill(above, region.ratio_high).masked_fill_(below, region.ratio_low)
-        else:
-            # as verl's geo_mean: no clamp, a sequence whose ratio rose far keeps its gradient
-            # (an overflow of s_i is reported by the caller's finiteness check)
-            over = None
-            seq = torch.exp(log_s).unsqueeze(-1)
         # value_t = -A_t * clip(s_i) * T_i * w_t (* IS weight): its gradient on unclipped tokens
-        value = (adv * seq).mul_(share).neg_()
-        del share, w
+        value = w.mul_(seq * -rows.n.unsqueeze(-1)).mul_(adv)
+        del w, adv, seq
         if rollout_is_weights is not None:
-            value.mul_(rollout_is_weights.detach().to(dtype))
-        invalid = ~valid
-        trust &= valid
-        dual &= valid
-        value.masked_fill_(invalid, 0.0)
-        inactive = invalid | trust | dual
-        grad_coef = value.masked_fill(inactive if over is None else inactive | over, 0.0)
-        if out_dtype is not None:
-            value, grad_coef = value.to(out_dtype), grad_coef.to(out_dtype)
+            value.mul_(torch.where(valid, rollout_is_weights.detach(), 0.0))
+        grad_coef = keep.mul_(value) if keep.shape == value.shape else value * keep
+        del keep
         return SurrogateTerms(
-            value=value,
-            grad_coef=grad_coef,
-            log_seq_ratio=log_s,
-            ess=ess,
-            clipped=trust,
-            dual_clipped=dual,
-            valid=valid,
-            n_valid=n,
+            value=value.to(log_prob.dtype), grad_coef=grad_coef.to(log_prob.dtype), rows=rows,
+            log_ratio_sum=log_ratio_sum, log_ah_gap=log_ah_gap, log_seq_ratio=log_s, ess=ess,
+            clipped_low=low, clipped_high=high, dual_clipped=dual,
         )
+
+
+class _LossMatrix(torch.autograd.Function):
+    """Forward: the values (a view: no copy); backward: grad * grad_coef. log_prob is only the input
+    the gradient flows to, so whatever its masked positions hold never reaches the loss."""
+
+    @staticmethod
+    def forward(ctx, log_prob, value, grad_coef):
+        ctx.save_for_backward(grad_coef)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (grad_coef,) = ctx.saved_tensors
+        return grad * grad_coef, None, None
 
 
 def surrogate_loss_matrix(log_prob: torch.Tensor, terms: SurrogateTerms) -> torch.Tensor:
@@ -236,5 +325,4 @@ def surrogate_loss_matrix(log_prob: torch.Tensor, terms: SurrogateTerms) -> torc
 
     Masked positions of `log_prob` may hold anything: they contribute 0 and get 0 gradient.
     """
-    tangent = torch.where(terms.valid, log_prob - log_prob.detach(), 0.0)
-    return terms.value + terms.grad_coef * tangent
+    return _LossMatrix.apply(log_prob, terms.value, terms.grad_coef)

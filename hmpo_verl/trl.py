@@ -3,9 +3,9 @@
 TRL's `loss_type` is a closed set; the supported way to add a loss is a `GRPOTrainer`
 subclass overriding `_compute_loss`, as TRL's own `trl/experimental/gmpo/gmpo_trainer.py`
 does. Only the loss changes: generation, rewards, advantages, reference model, vLLM and
-logging are TRL's. Needs `pip install hmpo-verl[trl]` (TRL 1.12.0, the newest that verl 0.9.1
-tolerates in the same environment; tested on 1.12.0 and 1.16.0, whose `_compute_loss` is
-identical); verl is not imported.
+logging are TRL's. Needs TRL >= 1.12 (`pip install "hmpo-verl[trl]"`; tested on 1.12.0 and 1.16.0,
+whose `_compute_loss` is identical; beside verl 0.9.1, TRL < 1.13: the `verl-trl` extra); verl is
+not imported.
 
     from hmpo_verl.trl import PowerMeanGRPOConfig, PowerMeanGRPOTrainer
 
@@ -28,7 +28,11 @@ exact gradient for every normalisation. TRL's contract (`_compute_loss` of TRL 1
     verl's `rollout_is_weights` in the verl losses. A (B, 1) ratio (TRL's sequence_* modes)
     gives exactly TRL's loss; a (B, T) one differs by design from TRL's sequence level,
     which scales the whole sequence's gradient by the row's mean ratio (tested);
-  * `off_policy_mask_threshold`: TRL's own sequence mask multiplies the loss;
+  * `off_policy_mask_threshold`: TRL's own sequence mask multiplies the loss (given the advantages as
+    TRL does: with (B, T) advantages each token is judged by its own A_t);
+  * as in TRL (unlike verl's gspo), log s is not clamped at sequence level; TRL's `delta` caps the
+    ratio before PPO's min: A > 0 tokens at min(1 + epsilon_high, delta), A < 0 tokens at
+    max(1 + epsilon_high, delta) (tested, delta on both sides of 1 + epsilon_high);
   * `beta != 0`: TRL's per-token k3 KL to `ref_per_token_logps` is added per token,
     times the token ratio pi/pi_old with `use_bias_correction_kl` (TRL's default; the
     unbiased reverse-KL gradient). TRL's sequence level multiplies by the sequence ratio
@@ -64,12 +68,17 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import nanmax, nanmin
+
+try:
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+except ImportError as err:  # say which install brings it
+    raise ImportError(
+        f"hmpo_verl.trl needs TRL >= 1.12 ({err}): pip install 'hmpo-verl[trl]', or 'hmpo-verl[verl-trl]' beside verl"
+    ) from err
 
 from hmpo_verl.adaptive import scheduled_power
 from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
-from hmpo_verl.means import log_arithmetic_harmonic_gap
 from hmpo_verl.options import (
     HMPO_POWER,
     check_adaptive_options,
@@ -120,8 +129,8 @@ class PowerMeanGRPOConfig(GRPOConfig):
         metadata={"help": "None: fixed power; 'ess': p per trajectory by clip-aware ESS matching (PMPO); "
                           "'schedule': p from p_start to p_end over schedule_steps optimizer steps (HolderPO)."},
     )
-    p_min: float = field(default=-2.0, metadata={"help": "adapt='ess': lowest p (<= 0)."})
-    p_max: float = field(default=1.0, metadata={"help": "adapt='ess': highest p (>= 0)."})
+    p_min: float = field(default=-2.0, metadata={"help": "adapt='ess': lowest p, in [-1e4, 0]."})
+    p_max: float = field(default=1.0, metadata={"help": "adapt='ess': highest p, in [0, 1e4]."})
     sign_rule: str = field(
         default="advantage", metadata={"help": "adapt='ess': side of 0 searched: 'advantage', 'negative', 'positive'."}
     )
@@ -174,8 +183,12 @@ def _epsilon_high(args) -> float:
 
 
 def trust_region(args) -> TrustRegion:
-    """Clip bounds from TRL's epsilon / epsilon_high / delta and our clip level and space."""
-    return TrustRegion.from_eps(args.clip_level, args.clip_space, args.epsilon, _epsilon_high(args), args.delta)
+    """Clip bounds from TRL's epsilon / epsilon_high / delta and our clip level and space, with TRL's
+    conventions: delta caps the ratio before PPO's min (so A > 0 tokens at min(1 + epsilon_high, delta),
+    A < 0 tokens at max(1 + epsilon_high, delta)), and log s is not clamped at sequence level (verl's
+    gspo clamps it at 10)."""
+    return TrustRegion.from_eps(args.clip_level, args.clip_space, args.epsilon, _epsilon_high(args), args.delta,
+                                trl_delta=True, max_log_seq_ratio=math.inf)
 
 
 def make_aggregator(args, step: int, advantages: torch.Tensor, mask: torch.Tensor):
@@ -251,23 +264,24 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             image_position_ids=inputs.get("image_position_ids"),
         )
         mode = "train" if self.model.training else "eval"
-        loss, per_token_kl, log_ratio, terms, aggregate = self._power_mean_loss(
+        loss, per_token_kl, terms, aggregate = self._power_mean_loss(
             per_token_logps, entropies, mask, inputs, mode
         )
         if self.aux_loss_enabled:
             normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_power_mean_metrics(mode, mask, entropies, per_token_kl, log_ratio, terms, aggregate, inputs)
+        self._log_power_mean_metrics(mode, mask, entropies, per_token_kl, terms, aggregate)
         return loss
 
     def _power_mean_loss(self, per_token_logps, entropies, mask, inputs, mode):
-        """Returns the loss (scalar, normalised as TRL's `loss_type`), the KL `(B, T)` or None, the log-ratios
-        `(B, T)` (0 off the mean's tokens), the surrogate terms and the aggregator."""
+        """Returns the loss (scalar, normalised as TRL's `loss_type`), the KL `(B, T)` or None, the surrogate
+        terms and the aggregator."""
         args = self.args
         B, T = per_token_logps.shape
         advantages = inputs["advantages"]
-        advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).expand(B, T)
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (B, 1) or (B, T), as TRL
+        adv_bt = advantages.expand(B, T)
         old = inputs.get("old_per_token_logps")
         old = per_token_logps.detach() if old is None else old
         valid = mask.to(torch.bool)
@@ -277,20 +291,17 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             is_weights = inputs["importance_sampling_ratio"].expand(B, T)
         with torch.no_grad():
-            compute_dtype = torch.float64 if per_token_logps.dtype == torch.float64 else torch.float32
-            log_ratio = torch.where(valid, per_token_logps.detach().to(compute_dtype) - old.detach(), 0.0)
-            aggregate = make_aggregator(args, self.state.global_step, advantages, valid)
-            terms = surrogate_terms(log_ratio, advantages, valid, aggregate, trust_region(args), is_weights,
-                                    out_dtype=per_token_logps.dtype)
+            aggregate = make_aggregator(args, self.state.global_step, adv_bt, valid)
+            terms = surrogate_terms(per_token_logps, old, adv_bt, valid, aggregate, trust_region(args), is_weights)
             for name, tensor in (("per_token_logps", per_token_logps), ("old_per_token_logps", old),
-                                 ("advantages", advantages), ("importance_sampling_ratio", is_weights)):
+                                 ("advantages", adv_bt), ("importance_sampling_ratio", is_weights)):
                 if tensor is not None and not torch.isfinite(torch.where(valid, tensor.detach(), 0.0)).all():
                     raise ValueError(f"{name} has non-finite values at valid (completion_mask) positions")
         per_token_loss = surrogate_loss_matrix(per_token_logps, terms)
         if self.off_policy_mask_threshold is not None:
             sampling = inputs.get("sampling_per_token_logps", old)
             per_token_loss = per_token_loss * self.get_off_policy_mask(
-                advantages=advantages[:, :1], per_token_logps=per_token_logps, sampling_per_token_logps=sampling,
+                advantages=advantages, per_token_logps=per_token_logps, sampling_per_token_logps=sampling,
                 mask=mask, off_policy_threshold=self.off_policy_mask_threshold,
             )
         per_token_kl = None
@@ -302,9 +313,9 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
                 per_token_kl = per_token_kl * torch.exp(torch.where(in_mask, per_token_logps - old, 0.0))
             per_token_loss = per_token_loss + self.beta * per_token_kl
         loss = normalise(per_token_loss, mask, args.loss_type, self, inputs, mode)
-        return loss, per_token_kl, log_ratio, terms, aggregate
+        return loss, per_token_kl, terms, aggregate
 
-    def _log_power_mean_metrics(self, mode, mask, entropies, per_token_kl, log_ratio, terms, aggregate, inputs):
+    def _log_power_mean_metrics(self, mode, mask, entropies, per_token_kl, terms, aggregate):
         """TRL's loss metrics, and ours under pm/ (means over the processes' tokens or sequences)."""
         metrics = self._metrics[mode]
         reduce = self.accelerator.reduce
@@ -314,7 +325,8 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             totals = reduce(torch.stack([torch.where(mask.bool(), x, 0.0).sum(), maskf.sum()]), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-        rows = terms.n_valid > 0
+        n = terms.rows.n
+        rows = n > 0
 
         def row_mean(x):
             x = x.detach().double()
@@ -325,29 +337,29 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             metrics["kl"].append(token_mean(per_token_kl.detach()))
         metrics["entropy"].append(token_mean(entropies.detach()))
 
-        advantages = inputs["advantages"]
-        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        low = (terms.clipped & (advantages < 0)).to(maskf.dtype)
-        high = (terms.clipped & (advantages > 0)).to(maskf.dtype)
+        def token_fraction(count):  # a per-row count of tokens over the processes' mask tokens
+            totals = reduce(torch.stack([count.sum().to(maskf.dtype), maskf.sum()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        low, high = terms.clipped_low.to(maskf.dtype), terms.clipped_high.to(maskf.dtype)  # (B,) counts
         if self.args.clip_level == "sequence":  # one flag per sequence, as TRL's sequence level counts them
-            low_frac, high_frac = low.amax(-1), high.amax(-1)
+            low_frac, high_frac = (low > 0).to(maskf.dtype), (high > 0).to(maskf.dtype)
             metrics["clip_ratio/low_mean"].append(row_mean(low_frac))
             metrics["clip_ratio/high_mean"].append(row_mean(high_frac))
             metrics["clip_ratio/region_mean"].append(row_mean(low_frac + high_frac))
         else:
-            low_frac = (low * maskf).sum(-1) / maskf.sum(-1)
-            high_frac = (high * maskf).sum(-1) / maskf.sum(-1)
-            metrics["clip_ratio/low_mean"].append(token_mean(low))
-            metrics["clip_ratio/high_mean"].append(token_mean(high))
-            metrics["clip_ratio/region_mean"].append(token_mean(low + high))
+            low_frac, high_frac = low / maskf.sum(-1), high / maskf.sum(-1)
+            metrics["clip_ratio/low_mean"].append(token_fraction(low))
+            metrics["clip_ratio/high_mean"].append(token_fraction(high))
+            metrics["clip_ratio/region_mean"].append(token_fraction(low + high))
         metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low_frac)).item())
         metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high_frac)).item())
 
         with torch.no_grad():
             metrics["pm/seq_ratio_mean"].append(row_mean(torch.exp(terms.log_seq_ratio)))
-            metrics["pm/log_ah_gap"].append(row_mean(log_arithmetic_harmonic_gap(log_ratio, terms.valid)))
-            metrics["pm/ess_frac"].append(row_mean(terms.ess / terms.n_valid.clamp(min=1)))
-            metrics["pm/dual_clip_mean"].append(token_mean(terms.dual_clipped.to(maskf.dtype)))
+            metrics["pm/log_ah_gap"].append(row_mean(terms.log_ah_gap))
+            metrics["pm/ess_frac"].append(row_mean(terms.ess / n.clamp(min=1)))
+            metrics["pm/dual_clip_mean"].append(token_fraction(terms.dual_clipped))
             if aggregate.power is not None:
                 power = torch.where(rows, aggregate.power.double(), math.nan)
                 metrics["pm/power"].append(row_mean(aggregate.power))

@@ -18,6 +18,7 @@ from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from _helpers import actor_config
 
 from hmpo_verl.adaptive import solve_power_for_ess
+from hmpo_verl.options import ESS_BOUND_MAX
 
 TOLERANCE = 5e-4
 EPS_LOW, EPS_HIGH, DUAL = 0.2, 0.28, 3.0
@@ -213,3 +214,84 @@ def test_issue_reproducer_positive_rule_ratio_clip_far_low_outlier():
     assert target == 0.99  # nothing above log 1.28
     assert p == pytest.approx(0.6158, abs=0.005)
     assert_meets_target(delta, p, 0.99, 1.0)
+
+
+# Issue 22: a masked slot must not change p, and the guarantee holds for every bound the config accepts.
+
+
+def test_issue22_masked_slot_gives_the_unpadded_power():
+    """Was p = 0 (ESS/T 1.0, target 0.872) with one masked slot, p = -0.01292 without: the Anderson-Bjorck
+    scale drove the secant step to p^2 = 0 exactly, where -inf (masked) * 0 = NaN made the bracket NaN."""
+    delta = torch.tensor([-57.8727362489393, -0.0005427823952260224, 0.0039303845602124505], dtype=torch.float64)
+    target, bound = torch.tensor([0.8723445307309072], dtype=torch.float64), torch.tensor([-5.0])
+    padded = torch.cat([delta, torch.tensor([math.nan], dtype=torch.float64)]).unsqueeze(0)
+    p_padded = solve_power_for_ess(padded, torch.tensor([[True, True, True, False]]), target, bound).item()
+    p_alone = solve_power_for_ess(delta.unsqueeze(0), torch.ones(1, 3, dtype=torch.bool), target, bound).item()
+    assert p_padded == p_alone == pytest.approx(-0.01292, abs=1e-4)
+    assert_meets_target(delta, p_padded, target.item(), -5.0)
+
+
+def test_issue22_masked_slot_through_the_verl_loss():
+    """The same failure through `adaptive_power_mean` (sign_rule=positive, p_max=50, A < 0, log clip: nothing
+    clipped, so the target is ess_target_min): with one masked slot p was 0 (ESS/T 1.0), alone 0.02264."""
+    delta = torch.tensor([42.68183143536566, 0.0016281343669932694, -4.040874783742341e-05], dtype=torch.float64)
+    target = 0.8016059224107374
+    powers = []
+    for pad in (0, 1):
+        lp = torch.cat([delta, torch.full((pad,), math.nan, dtype=torch.float64)]).unsqueeze(0).requires_grad_()
+        config = actor_config("adaptive_power_mean", eps_low=EPS_LOW, eps_high=EPS_HIGH, clip_space="log",
+                              sign_rule="positive", p_max=50.0, ess_target_min=target)
+        _, metrics = get_policy_loss_fn("adaptive_power_mean")(
+            torch.zeros_like(lp), lp, torch.full(lp.shape, -1.0, dtype=torch.float64), torch.arange(3 + pad).unsqueeze(0) < 3,
+            "token-mean", config, None)
+        assert metrics["actor/pm/ess_target"] == target
+        assert abs(metrics["actor/pm/ess_frac"] - target) <= TOLERANCE
+        powers.append(metrics["actor/pm/power"])
+    assert powers[0] == powers[1] == pytest.approx(0.02264, abs=1e-4)
+    assert_meets_target(delta, powers[1], target, 50.0)
+
+
+@st.composite
+def short_rows_far_out(draw):
+    """A short float64 row (T = 1..11): N(0, scale^2) with 0-2 outliers up to |delta| = 60, or a tight cluster
+    (sd 1e-3) at |delta| 40-60 (where p * delta rounded in float32 used to cost up to 3.5e-3 of ESS / T)."""
+    length = draw(st.integers(1, 11))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if draw(st.booleans()):
+        centre = draw(st.sampled_from([1.0, -1.0])) * draw(st.floats(40.0, 60.0))
+        return centre + 1e-3 * torch.randn(length, generator=g, dtype=torch.float64)
+    delta = 10.0 ** draw(st.floats(-3.0, 0.0)) * torch.randn(length, generator=g, dtype=torch.float64)
+    for _ in range(draw(st.integers(0, 2))):
+        delta[draw(st.integers(0, length - 1))] = draw(st.floats(-60.0, 60.0))
+    return delta
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.lists(short_rows_far_out(), min_size=1, max_size=6),
+    pads=st.lists(st.integers(0, 3), min_size=6, max_size=6),
+    bound_abs=st.one_of(st.sampled_from([3.0, 5.0, 10.0, 1e3, ESS_BOUND_MAX]), st.floats(1.0, ESS_BOUND_MAX)),
+    signs=st.lists(st.sampled_from([1.0, -1.0]), min_size=6, max_size=6),
+    targets=st.lists(st.floats(0.001, 0.9999), min_size=6, max_size=6),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_padding_never_changes_p_at_any_accepted_bound(rows, pads, bound_abs, signs, targets, dtype):
+    """Rows with far outliers, padded by 0-3 masked slots (NaN), at bounds up to the config's limit 1e4, solved
+    together and each alone unpadded: both meet the target (the old solver gave padded rows p = 0 about once
+    in 1e4 rows at |bound| 3-5, and missed by up to 3.5e-3 in float32 at |bound| 1e3-1e4). Not bit-equal:
+    a row's sums round differently at another width."""
+    n = len(rows)
+    width = max(r.numel() + pad for r, pad in zip(rows, pads))
+    log_x = torch.full((n, width), math.nan, dtype=dtype)
+    valid = torch.zeros(n, width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        log_x[i, : r.numel()] = r.to(dtype)
+        valid[i, : r.numel()] = True
+    bound = torch.tensor([s * bound_abs for s in signs[:n]])
+    target = torch.tensor(targets[:n], dtype=torch.float64)
+    p = solve_power_for_ess(log_x, valid, target, bound)
+    for i, r in enumerate(rows):
+        alone = solve_power_for_ess(r.to(dtype).unsqueeze(0), torch.ones(1, r.numel(), dtype=torch.bool),
+                                    target[i : i + 1], bound[i : i + 1])
+        for chosen in (p[i].item(), alone.item()):
+            assert_meets_target(r.to(dtype).double(), chosen, target[i].item(), bound[i].item())

@@ -96,6 +96,8 @@ def test_driver_validation_accepts_our_algorithm_config():
         (dict(p_min=0.1), "p_min"),
         (dict(p_max=-1.0), "p_max"),
         (dict(p_max=math.inf), "p_max"),
+        (dict(p_min=-1.5e4), "p_min"),  # beyond the range where the solver's guarantee is tested (issue 22)
+        (dict(p_max=1e5), "p_max"),
         (dict(sign_rule="up"), "sign_rule"),
         (dict(ess_target_min=0.0), "ess_target_min"),
         (dict(ess_target_min=1.5), "ess_target_min"),

@@ -56,8 +56,8 @@ def test_maths_imports_where_verl_cannot(tmp_path):
         # the verl configs need verl, and say so when touched
         try:
             hmpo_verl.PowerMeanLossConfig
-        except ImportError:
-            print("config needs verl")
+        except ImportError as exc:
+            print("config needs verl:", exc)
         """,
         pythonpath=[str(tmp_path)],
     )
@@ -65,7 +65,7 @@ def test_maths_imports_where_verl_cannot(tmp_path):
     out = result.stdout
     assert "blocked: verl is blocked" in out
     assert "harmonic 1.6" in out  # 2 / (1 + 1/4)
-    assert "config needs verl" in out
+    assert "config needs verl:" in out and "pip install 'hmpo-verl[verl]'" in out
 
 
 def test_import_verl_registers_every_loss_and_estimator_on_core_algos():

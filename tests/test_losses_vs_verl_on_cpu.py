@@ -217,3 +217,24 @@ def test_hmpo_runs_on_plain_policy_loss_config():
     ours = _run("power_mean", actor_config("power_mean", power=-1.0), old, lp, adv, mask, "token-mean")
     _assert_same(plain, ours, list(ours[2]))
     assert plain[2]["actor/pm/power"] == -1.0
+
+
+def test_geo_mean_exception_clip_metrics():
+    """Documented difference (issue 22): our actor/pg_clipfrac counts the tokens whose one-sided clip is
+    active (A > 0 and delta > eps_high, or A < 0 and delta < -eps_low) and pg_clipfrac_lower those capped
+    by the dual clip (none in log space); geo_mean counts every token outside [-eps_low, eps_high], split
+    by the sign of A (pg_clipfrac: A > 0, pg_clipfrac_lower: A < 0), whether or not its clip is active."""
+    old, lp, adv, mask = _geo_batch(seed=31)
+    lp = old + 3.0 * (lp - old)  # wide log-ratios: tokens on both sides of both bounds
+    adv[:7] = adv[:7].abs()  # mostly A > 0: geo_mean's pg_clipfrac also counts their delta < -eps_low
+    ours, theirs = _ours_and_geo_mean(old, lp, adv, mask)
+    delta, n = (lp - old)[mask], mask.sum().item()
+    a = adv[mask]
+    outside = (delta > 0.4) | (delta < -0.4)
+    active = ((a > 0) & (delta > 0.4)) | ((a < 0) & (delta < -0.4))
+    assert ours[2]["actor/pg_clipfrac"] == pytest.approx(active.sum().item() / n, rel=1e-6)
+    assert ours[2]["actor/pg_clipfrac_lower"] == 0.0
+    assert theirs[2]["actor/pg_clipfrac"] == pytest.approx((outside & (a > 0)).sum().item() / n, rel=1e-6)
+    assert theirs[2]["actor/pg_clipfrac_lower"] == pytest.approx((outside & (a < 0)).sum().item() / n, rel=1e-6)
+    assert abs(ours[2]["actor/pg_clipfrac"] - theirs[2]["actor/pg_clipfrac"]) > 0.1  # a real difference
+    assert ours[2]["actor/ppo_kl"] == pytest.approx(theirs[2]["actor/ppo_kl"], rel=1e-9)

@@ -38,6 +38,8 @@ BAD = [
     ("adapt", "bandit", True),
     ("p_min", 0.5, True),
     ("p_max", -0.5, True),
+    ("p_min", -1.5e4, True),
+    ("p_max", 1e5, True),
     ("sign_rule", "both", True),
     ("ess_target_min", 0.0, True),
     ("ess_target_min", 1.5, True),
@@ -86,17 +88,6 @@ def test_ess_needs_token_clip_with_the_same_error(tmp_path):
 )
 def test_trl_specific_errors(tmp_path, kw, match):
     assert match in _error(lambda: _trl(tmp_path, **kw))
-
-
-def test_the_installed_trl_is_the_pinned_one():
-    """The extra pins the version these tests check (its _compute_loss is TRL 1.16's, comment aside)."""
-    import tomllib
-    from pathlib import Path
-
-    import trl
-
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-    assert project["optional-dependencies"]["trl"] == [f"trl=={trl.__version__}"]
 
 
 def test_the_installed_trl_lets_verl_start_its_actor():

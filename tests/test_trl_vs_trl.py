@@ -6,7 +6,9 @@ model's log-probs a float64 leaf), on the same inputs:
   * power=1, clip_level="token"     ==  TRL importance_sampling_level="token" (GRPO's clip),
 for every loss_type we support, in train (gradient accumulation) and eval mode, with KL,
 TRL's delta, the off-policy mask, sequence-level vLLM IS ratios, tool_mask, the entropy
-mask (token level) and old log-probs None; values and gradients to float64 rounding.
+mask (token level) and old log-probs None; values and gradients to float64 rounding. TRL's
+conventions where verl's differ (issue 22): no clamp of log s at sequence level, delta below
+1 + epsilon_high, (B, T) advantages in the off-policy mask.
 Where the two differ by design (token-level vLLM IS ratios), the test pins the difference.
 """
 
@@ -54,14 +56,14 @@ def _args(tmp_path, **kw) -> PowerMeanGRPOConfig:
                                per_device_train_batch_size=B, num_generations=2, max_completion_length=T, **kw)
 
 
-def _inputs(seed=0, empty_row=False, old_none=False, noise=0.15):
+def _inputs(seed=0, empty_row=False, old_none=False, noise=0.15, shift=0.0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, T + 1, (B,), generator=g)
     if empty_row:
         lengths[3] = 0
     mask = (torch.arange(T) < lengths.unsqueeze(1)).long()
     logps = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 0.1
-    old = logps + noise * torch.randn(B, T, generator=g, dtype=torch.float64)
+    old = logps + noise * torch.randn(B, T, generator=g, dtype=torch.float64) - shift  # delta ~ shift
     # masked positions hold finite garbage (TRL multiplies by the mask, so NaN would poison it)
     logps = torch.where(mask.bool(), logps, 37.0)
     old = torch.where(mask.bool(), old, -55.0)
@@ -232,3 +234,51 @@ def test_a_non_finite_value_on_the_mask_is_an_error(tmp_path):
     stub = _stub(args, base.clone().requires_grad_(True), entropies, "token")
     with pytest.raises(ValueError, match="advantages has non-finite values at valid"):
         PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)
+
+
+# Issue 22: three behaviours that used to differ from TRL without being documented now match it.
+
+
+def test_sequence_level_does_not_clamp_log_s_as_trl(tmp_path):
+    """verl's gspo clamps log s_i at 10; TRL does not, and neither does the adapter (it used to: with mean
+    delta ~11 and A < 0 the loss differed by thousands, and the clamped sequences got no gradient)."""
+    args = _args(tmp_path, power=0.0, clip_level="sequence", epsilon=0.03, epsilon_high=0.04)
+    _compare(args, "sequence", shift=11.0, extra={"advantages": -torch.rand(B, dtype=torch.float64)})
+    logps, _, inputs = _inputs(shift=11.0)
+    m = inputs["completion_mask"].double()
+    mean_delta = ((logps - inputs["old_per_token_logps"]) * m).sum(-1) / m.sum(-1)
+    assert (mean_delta > 10.5).all()  # verl's clamp would bind on every sequence
+
+
+def test_delta_below_one_plus_epsilon_high_caps_positive_advantages_as_trl(tmp_path):
+    """TRL clamps the ratio at delta before PPO's min: with delta < 1 + epsilon_high that caps A > 0 tokens
+    at delta, and A < 0 tokens at 1 + epsilon_high rather than delta (max(min(r, delta), clip(r))). The
+    adapter used to cap only A < 0 tokens, at delta, as verl's dual clip. TRL's clip metrics count neither
+    (its high clip compares the capped ratio with 1 + epsilon_high); ours count both as dual clips."""
+    args = _args(tmp_path, power=1.0, epsilon=0.2, epsilon_high=0.28, delta=1.1)
+    ours, theirs = _compare(args, "token", noise=0.3)
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                "clip_ratio/low_min", "clip_ratio/high_max"):
+        assert ours[2][key] == pytest.approx(theirs[2][key], rel=1e-6, abs=1e-9), key
+    logps, _, inputs = _inputs(noise=0.3)
+    on = inputs["completion_mask"].bool()
+    ratio = torch.exp(logps - inputs["old_per_token_logps"])
+    adv = inputs["advantages"].unsqueeze(1)
+    capped = on & (((adv > 0) & (ratio > 1.1)) | ((adv < 0) & (ratio > 1.28)))
+    assert (capped & (adv > 0)).any() and (capped & (adv < 0)).any()  # both cases are exercised
+    assert ours[2]["pm/dual_clip_mean"][0] == pytest.approx(capped.sum().item() / on.sum().item())
+
+
+def test_off_policy_mask_uses_each_tokens_own_advantage_as_trl(tmp_path):
+    """With (B, T) advantages TRL's off-policy mask keeps a token of a far-off-policy sequence iff its own
+    A_t >= 0; the adapter used to judge every token by the row's first advantage."""
+    g = torch.Generator().manual_seed(7)
+    token_adv = torch.randn(B, T, generator=g, dtype=torch.float64)  # signs vary along each row
+    logps, _, inputs = _inputs()
+    m = inputs["completion_mask"].double()
+    kl = ((inputs["sampling_per_token_logps"] - logps) * m).sum(-1) / m.sum(-1)
+    threshold = kl.median().item()  # half the sequences are "far" off-policy
+    far_on = (kl > threshold).unsqueeze(1) & m.bool()
+    assert ((token_adv < 0) & far_on).any() and ((token_adv >= 0) & far_on).any()  # tokens dropped and kept
+    args = _args(tmp_path, power=1.0, off_policy_mask_threshold=threshold)
+    _compare(args, "token", extra={"advantages": token_adv})

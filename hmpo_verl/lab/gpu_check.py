@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from hmpo_verl.means import log_agm_and_weights, log_mean_and_weights
+from hmpo_verl.means import agm_and_weights, mean_and_weights
 from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 GSPO_EPS = (3e-4, 4e-4)  # GSPO's / verl's gspo_trainer clip range (sequence level)
@@ -59,20 +59,18 @@ def ours(aggregate: Callable, region: TrustRegion):
     """Our registered losses' maths without verl: surrogate_terms -> loss matrix -> aggregation."""
 
     def loss(old_log_prob, log_prob, advantages, mask):
-        compute = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
-        log_ratio = log_prob.detach().to(compute) - old_log_prob.to(compute)
-        terms = surrogate_terms(log_ratio, advantages, mask, aggregate, region, None, out_dtype=log_prob.dtype)
+        terms = surrogate_terms(log_prob, old_log_prob, advantages, mask, aggregate, region)
         return seq_mean_token_mean(surrogate_loss_matrix(log_prob, terms), mask)
 
     return loss
 
 
 def _power(p: float) -> Callable:
-    return lambda delta, valid, clipped: log_mean_and_weights(delta, p, valid)
+    return lambda delta, rows, clipped: mean_and_weights(delta, p, rows)
 
 
-def _agm(delta, valid, clipped):
-    return log_agm_and_weights(delta, valid, None)
+def _agm(delta, rows, clipped):
+    return agm_and_weights(delta, rows, None)
 
 
 TOKEN_LOG = TrustRegion.from_eps("token", "log", GMPO_LOG_EPS, GMPO_LOG_EPS)

@@ -1,0 +1,208 @@
+"""Install hmpo-verl for each host in a fresh virtual environment and check what each one can do.
+
+    python -m hmpo_verl.lab.install_check                      # verl, trl, verl-trl (about 10 min)
+    python -m hmpo_verl.lab.install_check --hosts trl --keep   # one host; keep its venv under --root
+
+Each host gets a new venv (no system site-packages) under --root, the current pip, torch's CPU wheel
+(`torch==2.13.0+cpu` from pip's configured indexes, else download.pytorch.org/whl/cpu), then this
+checkout installed (not editable) with the host's extra, exactly as the README tells a user:
+
+    verl      pip install "<checkout>[verl]"      the plugin registers with verl; no TRL is installed;
+                                                  hmpo_verl.trl says which install brings TRL
+    trl       pip install "<checkout>[trl]"       no verl; pip's newest TRL (not downgraded); the TRL
+                                                  adapter's tests against that TRL pass
+                                                  (tests/test_trl_vs_trl.py); the git-URL form
+                                                  `hmpo-verl[trl] @ git+file://<checkout>` installs too
+    verl-trl  pip install "<checkout>[verl-trl]"  verl and a TRL < 1.13 that verl starts beside (its
+                                                  actor patch runs); then, with pip's newest TRL
+                                                  forced in, verl's driver check stops with both
+                                                  versions named (and verl's own patch indeed fails)
+
+It prints one line per check and a summary with each host's install time. Needs network access
+to the package index (PyPI or a mirror) and about 3 GB of disk per host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import venv
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TORCH = "torch==2.13.0+cpu"
+TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+# Probes run with the host venv's python from a neutral directory (so `import hmpo_verl` is the installed copy).
+VERSIONS = """
+from importlib import metadata
+for name in ("torch", "verl", "trl", "hmpo-verl"):
+    try:
+        print(f"{name}=={metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(f"{name} not installed")
+import hmpo_verl, os
+print("hmpo_verl from", os.path.dirname(hmpo_verl.__file__))
+"""
+VERL_PLUGIN = """
+import torch, verl
+from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl.workers.config import ActorConfig, PolicyLossConfig
+config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                     policy_loss=PolicyLossConfig(loss_mode="hmpo"))
+old = -torch.rand(4, 16); log_prob = (old + 0.05 * torch.randn(4, 16)).requires_grad_()
+adv = torch.randn(4, 1).expand(4, 16); mask = torch.ones(4, 16, dtype=torch.bool)
+loss, metrics = get_policy_loss_fn("hmpo")(old, log_prob, adv, mask, "token-mean", config, None)
+loss.backward()
+print("verl runs the hmpo loss:", torch.isfinite(log_prob.grad).all().item(), sorted(metrics)[:2])
+"""
+TRL_MISSING = """
+try:
+    import hmpo_verl.trl
+except ImportError as exc:
+    print("import hmpo_verl.trl:", exc)
+"""
+VERL_MISSING = """
+import hmpo_verl.means, hmpo_verl.surrogate, hmpo_verl.adaptive
+try:
+    import verl
+except ImportError:
+    print("verl is not installed; the maths imports")
+try:
+    from hmpo_verl import PowerMeanLossConfig
+except ImportError as exc:
+    print("hmpo_verl.PowerMeanLossConfig:", exc)
+"""
+TRL_ADAPTER = """
+from hmpo_verl.trl import PowerMeanGRPOConfig, PowerMeanGRPOTrainer
+print("hmpo_verl.trl imports:", PowerMeanGRPOTrainer.__mro__[1].__module__)
+"""
+ACTOR_PATCH = """
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from verl.models.transformers.monkey_patch import apply_monkey_patch
+config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1)
+apply_monkey_patch(Qwen2ForCausalLM(config), use_remove_padding=False)
+print("verl's actor patch runs beside this TRL")
+"""
+GIT_ORIGIN = """
+from importlib import metadata
+print("hmpo-verl installed from:", metadata.distribution("hmpo-verl").read_text("direct_url.json"))
+"""
+DRIVER_CHECK = """
+from hmpo_verl.registry import check_trl_beside_verl
+try:
+    check_trl_beside_verl()
+    print("driver check: verl and TRL fit")
+except RuntimeError as exc:
+    print("driver check:", exc)
+"""
+
+
+class Host:
+    """One fresh venv; `run` reports each step."""
+
+    def __init__(self, root: Path, name: str):
+        self.name, self.dir = name, root / f"hmpo-install-{name}"
+        self.python = self.dir / "bin" / "python"
+        self.failures: list[str] = []
+
+    def step(self, what: str, cmd: list[str], expect_failure: bool = False, cwd=None) -> str:
+        start = time.perf_counter()
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or self.dir)
+        out = (result.stdout + result.stderr).strip()
+        ok = (result.returncode != 0) == expect_failure
+        print(f"[{self.name}] {what}: {'ok' if ok else 'FAILED'} ({time.perf_counter() - start:.0f} s)", flush=True)
+        if not ok:
+            self.failures.append(what)
+            print(textwrap.indent(out[-3000:], "    "), flush=True)
+        return out
+
+    def probe(self, what: str, code: str, expect_failure: bool = False) -> str:
+        out = self.step(what, [str(self.python), "-c", code], expect_failure)
+        print(textwrap.indent(out[-1500:], "    "), flush=True)
+        return out
+
+    def pip(self, what: str, *args: str) -> str:
+        return self.step(what, [str(self.python), "-m", "pip", "install", "--quiet", *args])
+
+    def create(self) -> float:
+        start = time.perf_counter()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        venv.create(self.dir, with_pip=True)
+        # the venv's bundled pip may predate PEP 508 URLs without a host (git+file:///...): a user's is current
+        self.pip("pip install --upgrade pip", "--upgrade", "pip")
+        configured = subprocess.run([str(self.python), "-m", "pip", "install", "--quiet", TORCH], capture_output=True)
+        if configured.returncode == 0:
+            print(f"[{self.name}] pip install {TORCH}: ok ({time.perf_counter() - start:.0f} s)", flush=True)
+        else:  # the configured indexes lack the CPU wheel
+            self.pip(f"pip install {TORCH} --extra-index-url {TORCH_INDEX}", TORCH, "--extra-index-url", TORCH_INDEX)
+        return time.perf_counter() - start
+
+
+def check_verl(host: Host) -> None:
+    host.pip('pip install "<checkout>[verl]"', f"{REPO}[verl]")
+    host.probe("versions", VERSIONS)
+    host.probe("verl registers the plugin and runs hmpo", VERL_PLUGIN)
+    host.probe("hmpo_verl.trl without TRL says which install brings it", TRL_MISSING)
+
+
+def check_trl(host: Host) -> None:
+    host.pip('pip install "<checkout>[trl]"', f"{REPO}[trl]")
+    host.probe("versions", VERSIONS)
+    host.probe("without verl: the maths imports, the verl configs say what to install", VERL_MISSING)
+    host.probe("the TRL adapter imports", TRL_ADAPTER)
+    host.pip("pip install pytest (for the adapter's tests)", "pytest")
+    out = host.step("tests/test_trl_vs_trl.py against this TRL",
+                    [str(host.python), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_trl_vs_trl.py")])
+    print(textwrap.indent(out.splitlines()[-1] if out else "", "    "), flush=True)
+    host.pip('pip install "hmpo-verl[trl] @ git+file://<checkout>" (the git-URL form, committed HEAD)',
+             "--force-reinstall", "--no-deps", f"hmpo-verl[trl] @ git+file://{REPO}")
+    host.probe("the TRL adapter imports (git-URL install)", TRL_ADAPTER + GIT_ORIGIN)
+
+
+def check_verl_trl(host: Host) -> None:
+    host.pip('pip install "<checkout>[verl-trl]"', f"{REPO}[verl-trl]")
+    host.probe("versions", VERSIONS)
+    host.probe("verl registers the plugin and runs hmpo", VERL_PLUGIN)
+    host.probe("the TRL adapter imports", TRL_ADAPTER)
+    host.probe("verl's actor patch (imports TRL's value-head model)", ACTOR_PATCH)
+    host.probe("driver check", DRIVER_CHECK)
+    host.pip("pip install --upgrade trl (pip's newest, forced beside verl)", "--upgrade", "trl")
+    host.probe("versions", VERSIONS)
+    out = host.probe("driver check", DRIVER_CHECK)
+    if "cannot start its actor workers" not in out:
+        host.failures.append("driver check did not stop the newest TRL")
+    host.probe("verl's actor patch (expected to fail beside TRL >= 1.13)", ACTOR_PATCH, expect_failure=True)
+
+
+CHECKS = {"verl": check_verl, "trl": check_trl, "verl-trl": check_verl_trl}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hosts", nargs="+", default=list(CHECKS), choices=list(CHECKS))
+    parser.add_argument("--root", type=Path, default=Path("/tmp"), help="where the venvs are made (default /tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the venvs afterwards")
+    args = parser.parse_args(argv)
+    summary = []
+    for name in args.hosts:
+        host = Host(args.root, name)
+        start = time.perf_counter()
+        torch_s = host.create()
+        CHECKS[name](host)
+        summary.append((name, torch_s, time.perf_counter() - start - torch_s, host.failures))
+        if not args.keep:
+            shutil.rmtree(host.dir, ignore_errors=True)
+    print("\nhost     venv+pip+torch s   install+checks s   result")
+    for name, torch_s, rest_s, failures in summary:
+        print(f"{name:<9}{torch_s:>16.0f}{rest_s:>19.0f}   {'ok' if not failures else 'FAILED: ' + '; '.join(failures)}")
+    return 0 if all(not f for *_, f in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
