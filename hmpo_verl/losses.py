@@ -29,6 +29,7 @@ from verl.trainer.ppo.core_algos import agg_loss
 from hmpo_verl.adaptive import scheduled_power
 from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
 from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
+from hmpo_verl.finite import NonFiniteInputError, count_non_finite
 from hmpo_verl.means import log_arithmetic_harmonic_gap
 from hmpo_verl.steps import STEP_COUNTER
 from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
@@ -63,13 +64,13 @@ def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(log_ratio_sum: torch.Tensor, terms, inputs: dict) -> None:
-    """Raise if a valid position holds a non-finite value (masked ones are ignored)."""
+    """Raise `NonFiniteInputError` if a valid position holds a non-finite value (masked ones are ignored)."""
     if torch.isfinite(log_ratio_sum + terms.value.sum() + terms.grad_coef.sum()):
         return
     for name, tensor in inputs.items():
-        if tensor is not None and not torch.isfinite(torch.where(terms.valid, tensor.detach(), 0.0)).all():
-            raise ValueError(f"{name} has non-finite values at valid (response_mask) positions")
-    raise ValueError("the policy loss overflowed: log-ratios or advantages are too large to aggregate")
+        if tensor is not None and (bad := count_non_finite(tensor.detach(), terms.valid)):
+            raise NonFiniteInputError(f"{name} has {bad} non-finite value(s) at valid (response_mask) positions")
+    raise NonFiniteInputError("the policy loss overflowed: log-ratios or advantages are too large to aggregate")
 
 
 def power_mean_policy_loss(
