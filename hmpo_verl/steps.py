@@ -65,13 +65,17 @@ class OptimizerStepCounter:
 
     def arm(self) -> None:
         """Called by the loss: the next optimizer step in this process is the policy's."""
-        if self._handle is None:
-            self._handle = register_optimizer_step_post_hook(self._after_step)
+        self._watch_steps()
         self._armed = True
 
     def restored(self, optimizer: torch.optim.Optimizer) -> None:
         """Record an optimizer whose state was just loaded (a resume)."""
+        self._watch_steps()  # from now on: a step without the loss rules an optimizer out
         self._restored[optimizer] = _optimizer_state_step(optimizer) or 0
+
+    def _watch_steps(self) -> None:
+        if self._handle is None:
+            self._handle = register_optimizer_step_post_hook(self._after_step)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self._armed:
