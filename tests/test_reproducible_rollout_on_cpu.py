@@ -145,3 +145,37 @@ def test_a_groups_batch_is_the_same_whichever_request_got_which_sample(arrival):
         responses[session] = draws[rank]
     order = submission_order(keys, ["u"], responses)
     assert [responses[i] for i in order] == sorted(draws)
+
+
+def test_two_groups_of_one_prompt_keep_their_draws_however_their_requests_interleave():
+    """verl sends request id det-<priority> under full_determinism: the stream is the group's, not the arrival's."""
+    server = _server()
+    prompt = _prompts(server, ["3+4"])[0]
+
+    def arrive(order):
+        async def run():
+            return [(rid, (await server.generate(prompt, dict(SAMPLE), request_id=rid)).token_ids) for rid in order]
+
+        _at_version(server, 1)  # a fresh weight version: nothing arrived yet
+        out = asyncio.run(run())
+        _at_version(server, 0)
+        return {rid: sorted(t for r, t in out if r == rid) for rid in set(order)}
+
+    grouped = arrive(["det-0"] * 4 + ["det-1"] * 4)
+    assert arrive(["det-1", "det-0"] * 4) == grouped
+    assert grouped["det-0"] != grouped["det-1"]
+
+
+def test_the_manager_numbers_a_batchs_prompts(monkeypatch):
+    from tensordict import TensorDict
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ
+    from verl_cpu.agent_loop import NumberedAgentLoopManagerTQ
+
+    seen = []
+    monkeypatch.setattr(AgentLoopManagerTQ, "generate_sequences", lambda self, prompts: seen.append(prompts))
+    manager = object.__new__(NumberedAgentLoopManagerTQ)  # no Ray workers needed to number a batch
+    manager.generate_sequences(TensorDict({"input_ids": torch.zeros(5, 3)}, batch_size=[5]))
+    assert seen[0]["priority"].tolist() == [0, 1, 2, 3, 4]
+    given = TensorDict({"input_ids": torch.zeros(2, 3), "priority": torch.tensor([7, 9])}, batch_size=[2])
+    manager.generate_sequences(given)
+    assert seen[1]["priority"].tolist() == [7, 9]  # a batch that has its own is left alone

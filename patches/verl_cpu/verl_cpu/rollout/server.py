@@ -36,11 +36,12 @@ Training-inference mismatch, real and simulated:
 
 Reproducible sampling: with verl's ``rollout.full_determinism=true`` each request draws from
 its own stream, seeded with rollout.seed, the replica, the weight version (``global_steps``),
-the prompt and how many requests for the same prompt arrived before it at that version (the
-n samples of a group). Its tokens then depend neither on how requests happen to be batched
-nor on what the server generated before, so a run resumed from a checkpoint samples what the
-uninterrupted run sampled. Which of a group's n requests gets which of its n streams still
-follows their arrival order.
+the request id (verl's ``det-<priority>``: the prompt's position in its batch, with
+``verl_cpu.agent_loop``'s manager), the prompt, and how many requests with the same id and
+prompt arrived before it at that version (the n samples of a group). Its tokens then depend
+neither on how requests happen to be batched nor on what the server generated before, so a
+run resumed from a checkpoint samples what the uninterrupted run sampled. Which of a group's
+n requests gets which of its n streams still follows their arrival order.
 
 With ``algorithm.rollout_correction.bypass_mode=true`` the reported log-probs become the
 behaviour policy. Used by the comparative study (``hmpo_verl.lab.study``).
@@ -154,7 +155,7 @@ class HFRolloutServer:
         self._noise_generator = torch.Generator().manual_seed(10_000 + int(self.config.seed) + replica_rank)
         nan_at = os.environ.get(NAN_AT_VERSION_ENV) or None
         self._nan_at_version = int(nan_at) if nan_at is not None else None
-        self._arrivals: Counter = Counter()  # (weight version, prompt) -> requests so far (full_determinism)
+        self._arrivals: Counter = Counter()  # (weight version, request id, prompt) -> requests (full_determinism)
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock and batcher belong to it
         self._queue: Optional[asyncio.Queue] = None
         self._batcher: Optional[asyncio.Task] = None
@@ -204,7 +205,8 @@ class HFRolloutServer:
             response_length=self.config.response_length,
             ignore_eos=self.config.ignore_eos,
         )
-        seed = self._request_seed(prompt_ids) if params.seed is None and self.config.full_determinism else None
+        seed = (self._request_seed(request_id, prompt_ids)
+                if params.seed is None and self.config.full_determinism else None)
         self._bind_loop()
         future = asyncio.get_running_loop().create_future()
         request = _Request(prompt_ids, params, future, seed)
@@ -223,11 +225,11 @@ class HFRolloutServer:
             extra_fields={"global_steps": self.global_steps},
         )
 
-    def _request_seed(self, prompt_ids: list[int]) -> int:
+    def _request_seed(self, request_id: str, prompt_ids: list[int]) -> int:
         """The seed of a request's own sampling stream (see the module doc: reproducible sampling)."""
-        key = (self.global_steps, tuple(prompt_ids))
+        key = (self.global_steps, request_id, tuple(prompt_ids))
         self._arrivals[key] += 1
-        return row_seed(self.config.seed, self.replica_rank, self.global_steps, prompt_ids, self._arrivals[key])
+        return row_seed(self.config.seed, self.replica_rank, *key, self._arrivals[key])
 
     def _set_weight_version(self, global_steps: Optional[int]) -> None:
         if global_steps != self.global_steps:
