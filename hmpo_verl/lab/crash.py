@@ -11,7 +11,8 @@ relaunches the *same command*, and compares with an uninterrupted run of the sam
 1. ``kill_after_checkpoint``: SIGKILL the driver as soon as checkpoint 2 is complete.
 2. ``kill_worker``: SIGKILL the actor worker (``ray::WorkerDict``) while it runs step 3's update;
    the driver must fail within a bounded time, naming the dead worker.
-3. ``kill_during_save``: SIGKILL the driver while checkpoint 4 is being written.
+3. ``kill_during_save``: SIGKILL the driver while checkpoint 4 is being written (pinned there: its
+   first shard is a named pipe the save blocks on).
 4. ``poisoned_batch``: the rollout reports NaN log-probs at step 5 (``VERL_CPU_LOGPROB_NAN_AT_VERSION``).
 5. ``disk_full``: the disk is full when checkpoint 4 is written (its model file is a link to
    ``/dev/full``); and an unwritable ``default_local_dir``.
@@ -327,7 +328,8 @@ def kill_after_checkpoint(scenario: Scenario, step: int = SAVE_FREQ, timeout: fl
             "tracker_after_kill": step, "leftovers_s": leftovers_s, "survivors": survivors}
 
 
-WORKER_UPDATING = "WorkerDict.actor_rollout_update_actor"  # Ray's process title while the actor updates
+WORKER_UPDATING = "WorkerDict.actor_rollout_update_actor"  # Ray's process titles while the actor updates
+WORKER_SAVING = "WorkerDict.actor_rollout_save_checkpoint"  # and while it saves
 
 
 def kill_worker(scenario: Scenario, after: int = SAVE_FREQ, timeout: float = 900) -> dict:
@@ -351,16 +353,29 @@ def kill_worker(scenario: Scenario, after: int = SAVE_FREQ, timeout: float = 900
 
 
 def kill_during_save(scenario: Scenario, step: int = 2 * SAVE_FREQ, timeout: float = 900) -> dict:
-    """Case 3: SIGKILL the driver as soon as checkpoint ``step``'s folder appears (while it is written)."""
+    """Case 3: SIGKILL the driver while checkpoint ``step`` is being written; relaunch.
+
+    The tiny model's save takes milliseconds, too short to hit by polling, so the fault is pinned:
+    checkpoint ``step``'s first shard is a named pipe, on which the worker's ``torch.save`` blocks
+    mid-save until the driver is killed. The pipe is then replaced by what a killed ``torch.save``
+    leaves, a truncated file (half of a real shard), and the same command is relaunched.
+    """
     from hmpo_verl.checkpoints import checkpoint_problems
 
+    actor = scenario.step_dir(step) / "actor"
+    actor.mkdir(parents=True, exist_ok=True)
+    shard = actor / "model_world_size_1_rank_0.pt"
+    os.mkfifo(shard)
     killed = scenario.launch("killed_saving")
     with cleanup(killed):
-        wait_until(lambda: scenario.step_dir(step).exists(), killed, timeout, poll=0.002)
+        wait_until(lambda: WORKER_SAVING in " ".join(session_processes(killed.pid).values()), killed, timeout)
+        time.sleep(1.0)  # the worker is inside torch.save, blocked on the pipe
         sigkill(killed.pid)
         killed.process.wait()
-    state = {"tracker_after_kill": scenario.tracker(),
-             "partial": checkpoint_problems(scenario.step_dir(step))}
+    shard.unlink()
+    half = scenario.step_dir(step - SAVE_FREQ) / "actor" / shard.name
+    shard.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
+    state = {"tracker_after_kill": scenario.tracker(), "partial": checkpoint_problems(scenario.step_dir(step))}
     resumed = scenario.launch("resumed")
     return {"killed": killed, **state, "resumed": resumed, "resumed_exit": resumed.wait(timeout)}
 
