@@ -185,10 +185,6 @@ class Comparison:
     samples_equal: dict[int, bool]  # step -> same (prompt, response, score) multiset
     powers: dict[int, tuple]  # step -> (reference, resumed) actor/pm/power
 
-    @property
-    def identical(self) -> bool:
-        return not any(self.metric_diffs.values()) and all(self.samples_equal.values())
-
     def max_relative_difference(self) -> float:
         worst = 0.0
         for diffs in self.metric_diffs.values():
