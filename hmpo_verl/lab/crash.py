@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -73,7 +73,6 @@ class Launch:
 
     process: subprocess.Popen
     log_dir: Path
-    started: float = field(default_factory=time.time)
 
     @property
     def pid(self) -> int:
