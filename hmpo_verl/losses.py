@@ -29,6 +29,8 @@ from verl.trainer.ppo.core_algos import agg_loss
 from hmpo_verl.adaptive import scheduled_power
 from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
 from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
+from hmpo_verl.finite import NonFiniteInputError, count_non_finite
+from hmpo_verl.registry import register_deferred
 from hmpo_verl.steps import STEP_COUNTER
 from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
@@ -62,13 +64,13 @@ def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(terms, inputs: dict) -> None:
-    """Raise if a valid position holds a non-finite value (masked ones are ignored)."""
+    """Raise `NonFiniteInputError` if a valid position holds a non-finite value (masked ones are ignored)."""
     if torch.isfinite(terms.log_ratio_sum + terms.value.sum()):  # grad_coef is value where it is not 0
         return
     for name, tensor in inputs.items():
-        if tensor is not None and not torch.isfinite(torch.where(terms.rows.valid, tensor.detach(), 0.0)).all():
-            raise ValueError(f"{name} has non-finite values at valid (response_mask) positions")
-    raise ValueError("the policy loss overflowed: log-ratios or advantages are too large to aggregate")
+        if tensor is not None and (bad := count_non_finite(tensor.detach(), terms.rows.valid)):
+            raise NonFiniteInputError(f"{name} has {bad} non-finite value(s) at valid (response_mask) positions")
+    raise NonFiniteInputError("the policy loss overflowed: log-ratios or advantages are too large to aggregate")
 
 
 def power_mean_policy_loss(
@@ -205,3 +207,5 @@ POLICY_LOSSES = {
     "agm": compute_policy_loss_agm,
     "adaptive_power_mean": compute_policy_loss_adaptive_power_mean,
 }
+
+register_deferred()  # where importing this module is what loaded verl's core_algos (hmpo_verl.registry)

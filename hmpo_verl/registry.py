@@ -2,10 +2,12 @@
 
 `register()`
   * registers the policy losses and advantage estimators by name in verl's registries
-    (which live in `verl.trainer.ppo.core_algos`), and
+    (which live in `verl.trainer.ppo.core_algos`),
+  * has optimizer state loads report their step to the p schedule (`hmpo_verl.steps`), and
   * extends verl's `validate_config` (which verl's driver runs before Ray starts) to
-    check that an installed TRL is one verl can start beside (`check_trl_beside_verl`), and
-    our options too: verl builds the actor config there, but never the algorithm
+    check that an installed TRL is one verl can start beside (`check_trl_beside_verl`), our
+    options, and the checkpoint directory and the checkpoint a resume will use
+    (`hmpo_verl.checkpoints`): verl builds the actor config there, but never the algorithm
     dataclass, and its plain `PolicyLossConfig` cannot tell that `loss_mode=power_mean`
     lacks a power. With the check, a bad value stops the run with a message naming the
     field instead of failing later inside a Ray worker.
@@ -20,7 +22,10 @@ module every caller of `get_policy_loss_fn` / `get_adv_estimator_fn` imports fir
 failure to register is logged at ERROR with its traceback (verl itself logs a failing
 plugin only at DEBUG, and the symptom would otherwise be a late "Unsupported loss mode"),
 then re-raised into verl's plugin loader, or, when it happens inside the import of
-core_algos, the import completes without our losses.
+core_algos, the import completes without our losses. The same hook wraps, as their modules
+are imported, the checkpoint save of verl's trainers (`PPOTrainer`, `RayPPOTrainer`:
+`hmpo_verl.checkpoints.guard_saves`) and the driver's rollout-vs-actor diagnostics, the one
+place the driver reads the rollout's log-probs (`hmpo_verl.finite.guard_rollout_log_probs`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ import traceback
 from typing import Optional
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
+# verl's trainers, whose checkpoint saves are guarded (hmpo_verl.checkpoints), and the module whose
+# calculate_debug_metrics is where the driver sees the rollout's log-probs (hmpo_verl.finite)
+TRAINERS = {"verl.trainer.ppo.v1.trainer_base": "PPOTrainer", "verl.trainer.ppo.ray_trainer": "RayPPOTrainer"}
+DEBUG_METRICS = "verl.utils.debug.metrics"
 
 
 def _register_into(registry: dict, name: str, fn, kind: str) -> None:
@@ -106,13 +115,38 @@ def _extend_validate_config() -> None:
 
     @functools.wraps(validate)
     def validate_config(config, *args, **kwargs):
+        from hmpo_verl.checkpoints import check_checkpoint_directory, guard_resume
+
         result = validate(config, *args, **kwargs)
         check_options(config)
         check_trl_beside_verl()
+        check_checkpoint_directory(config)
+        guard_resume(config)
         return result
 
     validate_config._hmpo_checked = True
     verl_config.validate_config = validate_config
+
+
+_DEFERRED: list[bool] = []  # set when core_algos finished loading while hmpo_verl.losses was mid-import
+
+
+def _register_after_core_algos() -> None:
+    """The core_algos hook: register, unless this import of core_algos is the one `hmpo_verl.losses`
+    itself started (a user's first import being the losses module): its table does not exist
+    yet, so it registers at its own end (`register_deferred`)."""
+    losses = sys.modules.get("hmpo_verl.losses")
+    if losses is not None and not hasattr(losses, "POLICY_LOSSES"):
+        _DEFERRED.append(True)
+        return
+    register()
+
+
+def register_deferred() -> None:
+    """Called at the end of `hmpo_verl.losses`: register if the core_algos hook had to wait for it."""
+    if _DEFERRED:
+        _DEFERRED.clear()
+        _loudly(register)
 
 
 def register() -> None:
@@ -121,54 +155,61 @@ def register() -> None:
 
     from hmpo_verl.estimators import ADV_ESTIMATORS
     from hmpo_verl.losses import POLICY_LOSSES
+    from hmpo_verl.steps import watch_optimizer_loads
 
     for name, fn in POLICY_LOSSES.items():
         _register_into(POLICY_LOSS_REGISTRY, name, fn, "policy loss")
     for name, fn in ADV_ESTIMATORS.items():
         _register_into(ADV_ESTIMATOR_REGISTRY, name, fn, "advantage estimator")
+    watch_optimizer_loads()  # the p schedule's step after a resume (hmpo_verl.steps)
     _extend_validate_config()
 
 
-def _loudly(action) -> None:
+def _loudly(action, what: str = "register with verl") -> None:
     """Run `action()`; on failure log the traceback at ERROR, then re-raise."""
     try:
         action()
     except Exception:  # noqa: BLE001 - report whatever broke, then re-raise
-        logging.getLogger("hmpo_verl").error(
-            "hmpo_verl failed to register with verl; its losses (hmpo, power_mean, agm, adaptive_power_mean) "
-            "and advantage estimators (power_mean, agm) will be unavailable:\n%s",
-            traceback.format_exc(),
+        consequence = (
+            "its losses (hmpo, power_mean, agm, adaptive_power_mean) and advantage estimators (power_mean, agm) "
+            "will be unavailable" if what == "register with verl" else "verl runs without it"
         )
+        logging.getLogger("hmpo_verl").error("hmpo_verl failed to %s; %s:\n%s", what, consequence,
+                                             traceback.format_exc())
         raise
 
 
-class _RegisterAfterCoreAlgos(importlib.abc.MetaPathFinder):
-    """Meta-path finder that runs `register()` right after `verl.trainer.ppo.core_algos` executes.
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Meta-path finder that runs `action(module)` right after the module `name` executes.
 
     It finds the module's spec through the other finders and wraps its loader; once the
-    module has executed (and is in `sys.modules`), `register()` runs before the importer
-    gets the module back, so `get_policy_loss_fn("hmpo")` works in any code that can call
-    it. It acts once. If registering fails, the error is logged and core_algos is still
-    returned: the process goes on without our losses, as verl does for a failing plugin.
+    module has executed (and is in `sys.modules`), the action runs before the importer gets
+    the module back (for core_algos: `register()`, so `get_policy_loss_fn("hmpo")` works in
+    any code that can call it). It acts once. If the action fails, the error is logged and
+    the module is still returned: the process goes on without our losses, as verl does for a
+    failing plugin.
     """
 
+    def __init__(self, name: str, action, what: str):
+        self.name, self.action, self.what = name, action, what
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != CORE_ALGOS:
+        if fullname != self.name:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _LoaderThenRegister(spec.loader, self)
+                spec.loader = _LoaderThenAct(spec.loader, self)
                 return spec
         return None
 
 
-class _LoaderThenRegister(importlib.abc.Loader):
-    """Delegates to verl's loader; registers after `exec_module`."""
+class _LoaderThenAct(importlib.abc.Loader):
+    """Delegates to the module's loader; runs the finder's action after `exec_module`."""
 
-    def __init__(self, loader, finder: _RegisterAfterCoreAlgos):
+    def __init__(self, loader, finder: _AfterImport):
         self._loader, self._finder = loader, finder
 
     def create_module(self, spec):
@@ -179,7 +220,7 @@ class _LoaderThenRegister(importlib.abc.Loader):
         if self._finder in sys.meta_path:
             sys.meta_path.remove(self._finder)
         try:
-            _loudly(register)
+            _loudly(lambda: self._finder.action(module), self._finder.what)
         except Exception:  # noqa: BLE001 - logged at ERROR; verl goes on without our losses, as for any failed plugin
             pass
 
@@ -187,11 +228,36 @@ class _LoaderThenRegister(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
+def _after_import(name: str, action, what: str) -> None:
+    """Run `action(module)` now if `name` is imported, else right after it is (once)."""
+    if name in sys.modules:
+        _loudly(lambda: action(sys.modules[name]), what)
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, action, what))
+
+
 def register_on_import() -> None:
-    """Register now if verl's core_algos is loaded, else as soon as it is imported (see module doc)."""
-    if CORE_ALGOS in sys.modules:
-        _loudly(register)
-        return
-    _loudly(_extend_validate_config)
-    if not any(isinstance(finder, _RegisterAfterCoreAlgos) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterCoreAlgos())
+    """Register now if verl's core_algos is loaded, else as soon as it is imported (see module doc);
+    guard checkpoint saves of verl's trainers (`hmpo_verl.checkpoints.guard_saves`) as they are imported."""
+    if CORE_ALGOS not in sys.modules:
+        _loudly(_extend_validate_config)
+    _after_import(CORE_ALGOS, lambda module: _register_after_core_algos(), "register with verl")
+    _after_import(DEBUG_METRICS, _guard_rollout_log_probs, "check the rollout's log-probs")
+    for name, trainer in TRAINERS.items():
+        _after_import(name, lambda module, trainer=trainer: _guard_trainer(module, trainer),
+                      f"guard the checkpoint saves of {name}.{trainer}")
+
+
+def _guard_rollout_log_probs(module) -> None:
+    from hmpo_verl.finite import guard_rollout_log_probs
+
+    guard_rollout_log_probs(module)
+
+
+def _guard_trainer(module, trainer: str) -> None:
+    """Guard a trainer module: its class's saves, and its own name for calculate_debug_metrics, if it has one."""
+    from hmpo_verl.checkpoints import guard_saves
+
+    guard_saves(getattr(module, trainer))
+    if hasattr(module, "calculate_debug_metrics"):
+        _guard_rollout_log_probs(module)

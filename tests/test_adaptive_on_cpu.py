@@ -3,6 +3,7 @@
 import math
 import os
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -177,6 +178,57 @@ def test_step_counter_reads_the_optimizer_step_so_a_resumed_run_continues():
     other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # steps without the loss: ignored
     other.step()
     assert fresh.step == 4
+
+
+def _adamw_after(steps: int, seed: int = 0) -> torch.optim.AdamW:
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    for _ in range(steps):
+        param.grad = torch.ones(3)
+        opt.step()
+    return opt
+
+
+RESUMED_PROCESS = """
+import sys, torch, verl
+from verl.trainer.ppo.core_algos import get_policy_loss_fn
+sys.path.insert(0, {tests!r})
+from _helpers import actor_config, random_batch
+opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+opt.load_state_dict(torch.load({path!r}))  # what verl's FSDP checkpoint manager does on a resume
+old, log_prob, adv, mask = random_batch(seed=1)
+config = actor_config("adaptive_power_mean", adapt="schedule", p_start=2.0, p_end=-2.0, schedule_steps=4)
+_, metrics = get_policy_loss_fn("adaptive_power_mean")(old, log_prob, adv, mask, "token-mean", config, None)
+print(metrics["actor/pm/power"])
+"""
+
+
+def test_the_first_update_after_a_resume_continues_the_schedule(tmp_path):
+    """A relaunched process loads the optimizer of a run that took 3 steps: its first loss, before any
+    optimizer step of its own, must use step 3's p (-1), not step 0's (2)."""
+    torch.save(_adamw_after(3).state_dict(), tmp_path / "optim.pt")
+    code = RESUMED_PROCESS.format(tests=os.path.dirname(__file__), path=str(tmp_path / "optim.pt"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split()[-1]) == scheduled_power(3, 2.0, -2.0, 4) == -1.0
+
+
+def test_a_restored_optimizer_that_steps_without_the_loss_is_not_the_policys():
+    """verl updates a critic (in the same process) before the actor: its optimizer steps unarmed."""
+    counter = OptimizerStepCounter()
+    try:
+        policy, critic = _adamw_after(3), _adamw_after(5)
+        counter.restored(policy)
+        counter.restored(critic)
+        with pytest.raises(RuntimeError, match=r"different steps \[3, 5\]"):
+            counter.step
+        critic.step()  # the critic's update: no loss of ours ran
+        assert counter.step == 3
+        counter.arm()
+        policy.step()
+        assert counter.step == 4
+    finally:
+        counter._handle.remove()
 
 
 STEPS = 4

@@ -208,8 +208,9 @@ def test_contaminated_logprob_noise_has_the_mixture_distribution(monkeypatch):
 
 
 def test_bf16_server_samples_and_reports_as_a_bf16_engine(monkeypatch):
-    """VERL_CPU_ROLLOUT_DTYPE=bfloat16: the reported log-probs are those of the bf16 weights (in fp32), which
-    differ from the fp32 trainer's by the rounding of bf16, not more; weight syncs keep the bf16 copy."""
+    """VERL_CPU_ROLLOUT_DTYPE=bfloat16: the reported log-probs are those of the bf16 weights (in fp32, up to
+    the rounding of a bf16 KV cache), which differ from the fp32 trainer's by the rounding of bf16, not more;
+    weight syncs keep the bf16 copy."""
     from verl_cpu.rollout.server import DTYPE_ENV
 
     fp32 = _server(monkeypatch)
@@ -219,7 +220,7 @@ def test_bf16_server_samples_and_reports_as_a_bf16_engine(monkeypatch):
     assert all(p.dtype == torch.bfloat16 for p in server.model.parameters())
     prompts = _prompts(server, [(a, (3 * a) % 10) for a in range(10)])
     outputs = _generate_all(server, prompts, {"temperature": 1.0, "logprobs": True, "ignore_eos": True, "seed": 1})
-    gaps = []
+    gaps, same_engine = [], []
     for prompt, out in zip(prompts, outputs, strict=True):
         ids = torch.tensor([prompt + out.token_ids])
         with torch.no_grad():
@@ -227,9 +228,14 @@ def test_bf16_server_samples_and_reports_as_a_bf16_engine(monkeypatch):
             fp32_logits = fp32.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
         target = torch.tensor(out.token_ids)[:, None]
         expected = torch.log_softmax(bf16_logits, -1).gather(-1, target).squeeze(-1)
-        torch.testing.assert_close(torch.tensor(out.log_probs), expected, atol=1e-3, rtol=0)
+        same_engine += (torch.tensor(out.log_probs) - expected).tolist()
         gaps += (torch.tensor(out.log_probs) - torch.log_softmax(fp32_logits, -1).gather(-1, target).squeeze(-1)).tolist()
-    gaps = torch.tensor(gaps).abs()
+    gaps, same_engine = torch.tensor(gaps).abs(), torch.tensor(same_engine).abs()
+    # Decoding with a bf16 KV cache rounds differently from one bf16 forward over the whole sequence (as a
+    # vLLM engine differs from its own prefill): measured mean 6.6e-5, max 2.2e-3 here (one token of 40), against
+    # mean 2.6e-3, max 3.3e-2 from the fp32 forward. The engine reports the bf16 model's log-probs: within
+    # bf16's resolution of them (2^-8 of a logit of order 1) and far closer to them than to the fp32 ones.
+    assert same_engine.max().item() < 2**-7 and same_engine.mean().item() < gaps.mean().item() / 10
     assert gaps.mean().item() > 1e-3 and gaps.max().item() < 0.5  # a real, bf16-sized mismatch (measured 0.005, 0.04)
     with pytest.raises(ValueError, match=DTYPE_ENV):
         _server(monkeypatch, **{DTYPE_ENV: "float16"})

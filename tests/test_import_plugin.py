@@ -123,6 +123,21 @@ def test_imported_after_core_algos_the_plugin_or_the_package_registers_at_once()
     assert "package: ['adaptive_power_mean', 'agm', 'hmpo', 'power_mean']" in result.stdout
 
 
+def test_losses_module_as_the_first_import_registers_without_error():
+    """A user's unit test whose first import is the losses module: that import loads verl's core_algos,
+    whose hook used to find the losses module half-made and log "failed to register"."""
+    result = _python(
+        """
+        from hmpo_verl.losses import compute_policy_loss_hmpo
+        from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, get_policy_loss_fn
+        print("same:", get_policy_loss_fn("hmpo") is compute_policy_loss_hmpo, "agm" in ADV_ESTIMATOR_REGISTRY)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "same: True True" in result.stdout
+    assert "failed to register" not in result.stderr
+
+
 def test_failed_registration_at_plugin_load_is_logged_at_error():
     """With core_algos already loaded, the plugin registers at once; a failure is logged, then re-raised."""
     result = _python(

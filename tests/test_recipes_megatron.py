@@ -157,3 +157,43 @@ def test_schedule_step_survives_a_resume(optimizer_cls):
     finally:
         for counter in counters:
             counter._handle.remove()
+
+
+def test_the_first_update_after_a_megatron_resume_continues_the_schedule():
+    """What megatron-core's DistributedOptimizer does to the optimizer it wraps when verl resumes
+    (megatron/core/optimizer/distrib_optimizer.py): at construction ``load_state_dict(state_dict())``
+    on it; when loading a checkpoint, ``_init_optimizer_states_with_dummy_values`` steps it once with
+    zero gradients, then ``load_state_dict`` with the checkpoint's param_groups (their "step"). The
+    policy loss that runs next, before any real step, must use the checkpoint's step."""
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    from _helpers import actor_config, random_batch
+    from hmpo_verl.adaptive import scheduled_power
+    from hmpo_verl.steps import STEP_COUNTER
+
+    param = torch.nn.Parameter(torch.ones(3))
+    trained = GroupStepAdam([{"params": [param]}, {"params": []}])
+    for _ in range(3):
+        param.grad = torch.ones(3)
+        trained.step()
+    saved = trained.state_dict()
+
+    saved_counter = {k: v for k, v in vars(STEP_COUNTER).items() if k not in ("_handle", "_restored")}
+    STEP_COUNTER._armed = False
+    inner = GroupStepAdam([{"params": [torch.nn.Parameter(torch.ones(3))]}, {"params": []}])
+    try:
+        inner.load_state_dict(inner.state_dict())  # DistributedOptimizer.__init__
+        for group in inner.param_groups:  # _init_optimizer_states_with_dummy_values
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad()
+        groups = [{**g, "params": own["params"]} for g, own in zip(saved["param_groups"], inner.state_dict()["param_groups"])]
+        inner.load_state_dict({"state": inner.state_dict()["state"], "param_groups": groups})  # load_state_dict
+        old, log_prob, adv, mask = random_batch(seed=2)
+        config = actor_config("adaptive_power_mean", adapt="schedule", p_start=2.0, p_end=-2.0, schedule_steps=4)
+        _, metrics = get_policy_loss_fn("adaptive_power_mean")(old, log_prob, adv, mask, "token-mean", config, None)
+        assert metrics["actor/pm/power"] == scheduled_power(3, 2.0, -2.0, 4) == -1.0
+    finally:
+        STEP_COUNTER._restored.pop(inner, None)
+        vars(STEP_COUNTER).update(saved_counter)

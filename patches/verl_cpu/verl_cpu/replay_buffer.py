@@ -15,10 +15,24 @@ This subclass is selected through verl's own extension point::
 
 verl passes a custom sampler neither DAPO's group filter nor the refill settings, so
 ``verl_cpu.preflight`` refuses it together with ``algorithm.filter_groups.enable=true``.
+
+It also fixes the order of a step's training batch. verl's buffer hands the trainer the
+trajectories in the order they reached TransferQueue -- the order their rollouts *finished* --
+so two runs of the same seed split the same samples into different PPO mini-batches (and a
+resumed run cannot repeat the uninterrupted one). Here the batch is in the order the prompts
+were submitted (the dataloader's), and a prompt's samples are ordered by their response
+tokens: which of a group's n concurrent requests got which sample depends on their arrival
+order at the rollout server, the group's set of responses does not (with the ``hf`` server's
+``rollout.full_determinism``), so sorting makes the batch -- and the float sums over it -- the
+same in every run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional, Sequence
+
+import transfer_queue as tq
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
 DEFAULT_POLL_INTERVAL = 0.05
@@ -40,9 +54,44 @@ def poll_interval_of(sampler_kwargs) -> float:
     return seconds
 
 
+def submission_order(
+    keys: list[str], prompt_uids: list[str], responses: Optional[Sequence[Sequence[int]]] = None
+) -> list[int]:
+    """Indices that sort trajectory keys ``{uid}_{session_id}_{index}`` by prompt, then by response.
+
+    ``prompt_uids``: the prompts' uids in the order they were submitted; a key whose uid is
+    not among them goes last. ``responses``: each key's response token ids (None: order a
+    prompt's samples by ``session_id``, ``index`` only; they break ties otherwise).
+    """
+    rank = {uid: i for i, uid in enumerate(prompt_uids)}
+
+    def sort_key(i: int) -> tuple:
+        uid, session_id, index = keys[i].rsplit("_", 2)
+        response = tuple(responses[i]) if responses is not None else ()
+        return rank.get(uid, len(rank)), response, int(session_id), int(index)
+
+    return sorted(range(len(keys)), key=sort_key)
+
+
+def response_tokens(partition_id: str, keys: list[str]) -> list[list[int]]:
+    """The response token ids of ``keys``, read from TransferQueue."""
+    data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["responses"])
+    return [row.tolist() for row in data["responses"].unbind()]
+
+
 class PollingReplayBuffer(ReplayBuffer):
-    """verl's sync ``ReplayBuffer`` with a configurable poll interval (``sampler_kwargs.poll_interval``)."""
+    """verl's sync ``ReplayBuffer`` with a configurable poll interval (``sampler_kwargs.poll_interval``)
+    and its batch in submission order (see the module doc)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.poll_interval = poll_interval_of(self.sampler_kwargs)
+
+    def _materialize_batch(self, partition_id, selected_prompt_uids, partition_snapshot):
+        batch = super()._materialize_batch(partition_id, selected_prompt_uids, partition_snapshot)
+        if partition_id != "train" or not batch.keys:
+            return batch
+        # prompt_global_steps holds the prompts in TransferQueue's order: the order they were put (submitted)
+        responses = response_tokens(partition_id, batch.keys)
+        order = submission_order(batch.keys, list(self.prompt_global_steps[partition_id]), responses)
+        return dataclasses.replace(batch, keys=[batch.keys[i] for i in order], tags=[batch.tags[i] for i in order])

@@ -15,8 +15,10 @@ semantics follow vLLM, which verl's configs are written for:
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -89,11 +91,24 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return logits
 
 
+def row_seed(*key: Any) -> int:
+    """A 63-bit seed that is a fixed function of ``key`` (ints and int sequences), in every process.
+
+    Unlike ``hash()``, it does not depend on ``PYTHONHASHSEED``.
+    """
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 def sample_step(
-    logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next token for each row of ``logits`` ``(batch, vocab)``.
 
+    ``generator``: one stream for the whole batch, or a sequence of one stream per row (a
+    row's token then depends on its own stream only, not on the rows batched with it).
     Returns ``(token_ids, log_probs)``, both of shape ``(batch,)``.
     """
     if params.greedy:
@@ -101,5 +116,9 @@ def sample_step(
         tokens = torch.argmax(log_probs, dim=-1)
     else:
         log_probs = torch.log_softmax(process_logits(logits, params), dim=-1)
-        tokens = torch.multinomial(log_probs.exp(), num_samples=1, generator=generator).squeeze(-1)
+        probs = log_probs.exp()
+        if isinstance(generator, Sequence):
+            tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)])
+        else:
+            tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)

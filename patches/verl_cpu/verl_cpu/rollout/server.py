@@ -29,7 +29,19 @@ Training-inference mismatch, real and simulated:
   the log-ratio ~ 0.05 between vLLM and a bf16 trainer for Qwen2.5-0.5B);
   ``VERL_CPU_LOGPROB_NOISE_SPIKE_STD=<s>`` with ``VERL_CPU_LOGPROB_NOISE_SPIKE_RATE=<q>``
   make it Tukey's contaminated normal: each token's noise is N(0, s^2) with probability q
-  instead (most tokens tiny, a few large).
+  instead (most tokens tiny, a few large);
+* ``VERL_CPU_LOGPROB_NAN_AT_VERSION=<k>`` (fault injection): the reported log-prob of the first
+  token of every response generated with the weights of ``global_steps`` k is NaN -- the
+  poisoned batch of a broken engine (used by ``hmpo_verl.lab.crash``).
+
+Reproducible sampling: with verl's ``rollout.full_determinism=true`` each request draws from
+its own stream, seeded with rollout.seed, the replica, the weight version (``global_steps``),
+the request id (verl's ``det-<priority>``: the prompt's position in its batch, with
+``verl_cpu.agent_loop``'s manager), the prompt, and how many requests with the same id and
+prompt arrived before it at that version (the n samples of a group). Its tokens then depend
+neither on how requests happen to be batched nor on what the server generated before, so a
+run resumed from a checkpoint samples what the uninterrupted run sampled. Which of a group's
+n requests gets which of its n streams still follows their arrival order.
 
 With ``algorithm.rollout_correction.bypass_mode=true`` the reported log-probs become the
 behaviour policy. Used by the comparative study (``hmpo_verl.lab.study``).
@@ -42,12 +54,13 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from verl_cpu.rollout.sampling import SamplingParams, resolve_sampling_params, sample_step
+from verl_cpu.rollout.sampling import SamplingParams, resolve_sampling_params, row_seed, sample_step
 
 logger = logging.getLogger(__name__)
 TRACE_ENV = "VERL_CPU_ROLLOUT_TRACE"
@@ -57,6 +70,7 @@ SPIKE_RATE_ENV = "VERL_CPU_LOGPROB_NOISE_SPIKE_RATE"
 DTYPE_ENV = "VERL_CPU_ROLLOUT_DTYPE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 THREADS_ENV = "VERL_CPU_ROLLOUT_THREADS"
+NAN_AT_VERSION_ENV = "VERL_CPU_LOGPROB_NAN_AT_VERSION"
 
 
 @dataclass
@@ -64,6 +78,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     future: asyncio.Future = field(repr=False)
+    seed: Optional[int] = None  # its own sampling stream (rollout.full_determinism)
     queued_at: float = field(default_factory=time.time)  # wall clock: comparable across processes
 
 
@@ -138,6 +153,9 @@ class HFRolloutServer:
             raise ValueError(f"{NOISE_ENV} and {SPIKE_STD_ENV} must be >= 0 and {SPIKE_RATE_ENV} in [0, 1]; got "
                              f"{self._noise_std}, {self._spike_std}, {self._spike_rate}")
         self._noise_generator = torch.Generator().manual_seed(10_000 + int(self.config.seed) + replica_rank)
+        nan_at = os.environ.get(NAN_AT_VERSION_ENV) or None
+        self._nan_at_version = int(nan_at) if nan_at is not None else None
+        self._arrivals: Counter = Counter()  # (weight version, request id, prompt) -> requests (full_determinism)
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock and batcher belong to it
         self._queue: Optional[asyncio.Queue] = None
         self._batcher: Optional[asyncio.Task] = None
@@ -187,11 +205,11 @@ class HFRolloutServer:
             response_length=self.config.response_length,
             ignore_eos=self.config.ignore_eos,
         )
-        if params.seed is None and self.config.full_determinism:
-            params = SamplingParams(**{**params.__dict__, "seed": self.config.seed + self.replica_rank})
+        seed = (self._request_seed(request_id, prompt_ids)
+                if params.seed is None and self.config.full_determinism else None)
         self._bind_loop()
         future = asyncio.get_running_loop().create_future()
-        request = _Request(prompt_ids, params, future)
+        request = _Request(prompt_ids, params, future, seed)
         self._stats["last_arrival"] = request.queued_at
         self._in_flight += 1
         try:
@@ -206,6 +224,17 @@ class HFRolloutServer:
             num_preempted=0,
             extra_fields={"global_steps": self.global_steps},
         )
+
+    def _request_seed(self, request_id: str, prompt_ids: list[int]) -> int:
+        """The seed of a request's own sampling stream (see the module doc: reproducible sampling)."""
+        key = (self.global_steps, request_id, tuple(prompt_ids))
+        self._arrivals[key] += 1
+        return row_seed(self.config.seed, self.replica_rank, *key, self._arrivals[key])
+
+    def _set_weight_version(self, global_steps: Optional[int]) -> None:
+        if global_steps != self.global_steps:
+            self._arrivals.clear()
+        self.global_steps = global_steps
 
     def _bind_loop(self) -> None:
         """Create the queue, lock and batcher task on the running event loop (once per loop).
@@ -250,7 +279,9 @@ class HFRolloutServer:
                     async with self._lock:
                         started = time.time()
                         self._stats["queue_s"] += sum(started - r.queued_at for r in requests)
-                        results = await asyncio.to_thread(self._decode, [r.prompt_ids for r in requests], params)
+                        results = await asyncio.to_thread(
+                            self._decode, [r.prompt_ids for r in requests], params, [r.seed for r in requests]
+                        )
                 except Exception as exc:  # hand the error to every waiting caller
                     for request in requests:
                         if not request.future.done():
@@ -262,8 +293,13 @@ class HFRolloutServer:
                 self._stats["last_done"] = time.time()
 
     @torch.inference_mode()
-    def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], list[float]]]:
-        """Batched, KV-cached decoding of left-padded prompts. Runs in a worker thread."""
+    def _decode(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: Optional[list[Optional[int]]] = None
+    ) -> list[tuple[list[int], list[float]]]:
+        """Batched, KV-cached decoding of left-padded prompts. Runs in a worker thread.
+
+        ``seeds``: one per prompt, each row then samples from its own stream (all set or all None).
+        """
         from transformers import DynamicCache
 
         start = time.perf_counter()
@@ -273,7 +309,10 @@ class HFRolloutServer:
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         # the mask of the whole decode, allocated once; step t attends to its first width + t columns
         full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), params.max_tokens)], 1)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
+        if seeds and seeds[0] is not None:
+            generator = [torch.Generator().manual_seed(seed) for seed in seeds]
+        else:
+            generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
 
         cache = DynamicCache()
         step_ids, step_pos = input_ids, position_ids
@@ -291,6 +330,8 @@ class HFRolloutServer:
             token, log_prob = sample_step(logits, params, generator)
             if self._noise_std > 0 or self._spike_rate > 0:  # nothing added on the decode path otherwise
                 log_prob = log_prob + self._noise(log_prob.shape)
+            if step == 0 and self._nan_at_version is not None and self.global_steps == self._nan_at_version:
+                log_prob = torch.full_like(log_prob, float("nan"))  # fault injection: a poisoned batch
             token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
             tokens.append(token)
             log_probs.append(log_prob)
@@ -381,7 +422,7 @@ class HFRolloutServer:
             self._pending_weights = set()
             if missing:
                 raise KeyError(f"hf rollout: weight update did not include {sorted(missing)[:5]}")
-            self.global_steps = global_steps
+            self._set_weight_version(global_steps)
             self._stats["weight_loads"] += 1
             checksum = weights_checksum(self.model)
             self._trace("update_weights", checksum=checksum)
@@ -431,7 +472,7 @@ class HFRolloutServer:
             await asyncio.sleep(0.01)
 
     async def set_global_steps(self, global_steps: int):
-        self.global_steps = global_steps
+        self._set_weight_version(global_steps)
 
     async def start_profile(self, **kwargs):
         return None

@@ -1,0 +1,295 @@
+"""verl's checkpoints: which are complete, a guard before a resume, and a clear error when a save fails.
+
+What verl 0.9.1's trainer (`_save_checkpoint`, v1 and v0 alike) writes under
+`trainer.default_local_dir`, in this order:
+
+1. `global_step_<k>/actor/`: every rank its shards -- FSDP: `model_`, `optim_`, `extra_state_`
+   `world_size_<W>_rank_<r>.pt` (torch zip files); Megatron: `model/`, `optimizer/`, `extra/`
+   dist-checkpoint trees, then, last and atomically, `ckpt_contents.json`;
+2. `global_step_<k>/critic/` (with a critic), the same way;
+3. `global_step_<k>/data.pt`: the dataloader's state (torch zip file);
+4. `latest_checkpointed_iteration.txt` (the *tracker*): `k`, with a plain `open("w")` + write.
+
+`resume_mode=auto` resumes from the step the tracker names, and the tracker is written last,
+so a run killed while saving resumes from the previous checkpoint -- except that (a) a tracker
+caught mid-write, or written to a full disk, is empty, and verl's resume then fails on
+`int("")`; (b) with `max_actor_ckpt_to_keep=1` the worker deletes the previous checkpoint's
+`actor/` as soon as the new one's shards are written, before `data.pt` and the tracker: a kill
+in between leaves the tracker naming a checkpoint without `actor/` (verl fails on a missing
+file); (c) without a tracker verl trains from scratch beside the checkpoints it ignores.
+
+`guard_resume(config)` runs in verl's driver before Ray starts (the plugin's `validate_config`):
+with `resume_mode=auto`, when the tracker is unreadable or names an incomplete checkpoint, it
+falls back to the newest complete `global_step_<k>` (rewriting the tracker atomically, with a
+warning naming the partial directory), and stops with `CheckpointResumeError` naming the
+partial directories when none is complete; with `resume_mode=resume_path` it stops when that
+checkpoint is incomplete. `check_checkpoint_directory(config)` refuses a `default_local_dir`
+that cannot be written, before Ray starts. `guard_saves(trainer_cls)` makes a failed save
+(a full disk, a directory gone read-only) raise `CheckpointSaveError` naming the checkpoint
+directory, its free space and the checkpoint a resume would use.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+TRACKER = "latest_checkpointed_iteration.txt"
+STEP_DIR = re.compile(r"global_step_(\d+)")
+FSDP_SHARD = re.compile(r"(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt")
+SHARD_KIND = {"model": "model", "optimizer": "optim", "extra": "extra_state"}  # checkpoint contents -> file prefix
+MEGATRON_MANIFEST = "ckpt_contents.json"
+DEFAULT_CONTENTS = ("model", "optimizer", "extra")
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be saved or resumed from."""
+
+
+class CheckpointResumeError(CheckpointError):
+    """No complete checkpoint to resume from, where one was expected."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Saving a checkpoint failed."""
+
+
+class CheckpointDirectoryError(CheckpointError):
+    """`trainer.default_local_dir` cannot be written."""
+
+
+# ----------------------------------------------------------------------------- reading checkpoints
+
+
+def read_tracker(root: Path) -> Optional[int]:
+    """The step in `<root>/latest_checkpointed_iteration.txt`; None if it is missing or not a number."""
+    try:
+        return int((Path(root) / TRACKER).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete_torch_file(path: Path) -> bool:
+    """A `torch.save` file (zip format) that was written to the end: its zip directory is there."""
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+def _shard_problems(role_dir: Path, contents) -> list[str]:
+    shards = [m for p in role_dir.iterdir() if (m := FSDP_SHARD.fullmatch(p.name))]
+    world_sizes = {int(m.group(2)) for m in shards}
+    if len(world_sizes) != 1:
+        return [f"{role_dir}: {'no' if not shards else 'mixed world sizes of'} model/optim/extra_state shards"]
+    world = world_sizes.pop()
+    problems = []
+    for content in contents:
+        kind = SHARD_KIND.get(content)
+        for rank in range(world) if kind else ():
+            path = role_dir / f"{kind}_world_size_{world}_rank_{rank}.pt"
+            if not is_complete_torch_file(path):
+                problems.append(f"{path} is {'incomplete' if path.exists() else 'missing'}")
+    return problems
+
+
+def _role_problems(role_dir: Path, contents) -> list[str]:
+    """What is missing from a role's checkpoint (`actor/`, `critic/`), FSDP or Megatron layout."""
+    if not role_dir.is_dir():
+        return [f"{role_dir} is missing"]
+    megatron = any((role_dir / sub).is_dir() for sub in ("model", "optimizer", "extra", "dist_ckpt"))
+    if megatron:
+        manifest = role_dir / MEGATRON_MANIFEST
+        return [] if manifest.is_file() else [f"{manifest} (written last by verl's Megatron saver) is missing"]
+    return _shard_problems(role_dir, contents)
+
+
+def checkpoint_problems(step_dir: Path, contents=DEFAULT_CONTENTS) -> list[str]:
+    """Why `global_step_<k>` is not a complete checkpoint (empty: complete).
+
+    `contents`: what a resume loads (verl's `actor.checkpoint.load_contents`).
+    """
+    step_dir = Path(step_dir)
+    if not step_dir.is_dir():
+        return [f"{step_dir} is missing"]
+    problems = _role_problems(step_dir / "actor", contents)
+    if (step_dir / "critic").exists():
+        problems += _role_problems(step_dir / "critic", contents)
+    data = step_dir / "data.pt"
+    if not is_complete_torch_file(data):
+        problems.append(f"{data} (the dataloader state, written after the model) is "
+                        f"{'incomplete' if data.exists() else 'missing'}")
+    return problems
+
+
+def step_dirs(root: Path) -> dict[int, Path]:
+    """{k: <root>/global_step_<k>} for every such directory, newest first."""
+    found = {}
+    if Path(root).is_dir():
+        for path in Path(root).iterdir():
+            if (m := STEP_DIR.fullmatch(path.name)) and path.is_dir():
+                found[int(m.group(1))] = path
+    return dict(sorted(found.items(), reverse=True))
+
+
+def write_tracker(root: Path, step: int) -> None:
+    """Write the tracker atomically (temporary file + rename): never empty, never half written."""
+    with tempfile.NamedTemporaryFile("w", dir=root, prefix=f".{TRACKER}.", delete=False) as tmp:
+        tmp.write(str(step))
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, Path(root) / TRACKER)
+
+
+# ----------------------------------------------------------------------------- before a resume
+
+
+def _trainer(config, key: str, default=None):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(config, f"trainer.{key}", default=default)
+
+
+def _absolute(path: str) -> Path:
+    """verl's resume makes a relative `default_local_dir` absolute against the launch directory."""
+    return Path(path) if os.path.isabs(path) else Path(os.getcwd()) / path
+
+
+def _load_contents(config) -> tuple[str, ...]:
+    from omegaconf import OmegaConf
+
+    contents = OmegaConf.select(config, "actor_rollout_ref.actor.checkpoint.load_contents", default=None)
+    return tuple(contents) if contents else DEFAULT_CONTENTS
+
+
+def _describe(step_dir: Path, problems: list[str]) -> str:
+    return f"{step_dir}: " + "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+
+
+def guard_resume(config) -> Optional[str]:
+    """Make sure the checkpoint verl is about to resume from is complete (see the module doc).
+
+    Returns the warning it logged when it fell back to an earlier checkpoint, else None.
+    Raises `CheckpointResumeError` when there is no complete checkpoint to use.
+    """
+    mode = _trainer(config, "resume_mode", "disable")
+    contents = _load_contents(config)
+    if mode == "resume_path":
+        path = _absolute(str(_trainer(config, "resume_from_path")))
+        problems = checkpoint_problems(path, contents)
+        if problems:
+            raise CheckpointResumeError(f"trainer.resume_from_path is not a complete checkpoint: {_describe(path, problems)}")
+        return None
+    if mode != "auto" or not _trainer(config, "default_local_dir"):
+        return None
+    root = _absolute(str(_trainer(config, "default_local_dir")))
+    tracked = read_tracker(root)
+    tracked_problems = checkpoint_problems(root / f"global_step_{tracked}", contents) if tracked is not None else []
+    if tracked is not None and not tracked_problems:
+        return None
+    dirs = step_dirs(root)
+    if tracked is None and not dirs and not (root / TRACKER).exists():
+        return None  # a fresh run
+    partial = {k: checkpoint_problems(d, contents) for k, d in dirs.items()}
+    complete = [k for k, problems in partial.items() if not problems]
+    if not complete and not (root / TRACKER).exists():
+        return None  # the first save was interrupted: nothing complete to lose, verl starts afresh
+    if tracked is None:
+        why = f"{root / TRACKER} is {'unreadable' if (root / TRACKER).exists() else 'missing'}"
+    else:
+        why = f"it names an incomplete checkpoint, {_describe(root / f'global_step_{tracked}', tracked_problems)}"
+    if not complete:
+        listed = "; ".join(_describe(dirs[k], p) for k, p in partial.items()) or "no global_step_* directory"
+        raise CheckpointResumeError(
+            f"resume_mode=auto cannot resume from {root}: {why}, and no checkpoint there is complete ({listed}). "
+            f"Move the partial directories away to start from scratch."
+        )
+    write_tracker(root, complete[0])
+    message = (f"hmpo_verl: resume_mode=auto: {why}; resuming from the newest complete checkpoint, "
+               f"{dirs[complete[0]]} (tracker rewritten to {complete[0]})")
+    logger.warning(message)
+    return message
+
+
+def checkpoint_directory_problem(directory: Path) -> Optional[str]:
+    """Why checkpoints cannot be written under `directory` (None: they can), without creating anything.
+
+    The directory, or its nearest existing parent (verl creates the rest), must be a directory
+    this process may write, on a file system mounted read-write.
+    """
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"{existing} is on a read-only file system"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None
+
+
+def check_checkpoint_directory(config) -> None:
+    """Raise `CheckpointDirectoryError` if checkpoints are saved and `default_local_dir` cannot be written."""
+    save_freq = _trainer(config, "save_freq", -1)
+    directory = _trainer(config, "default_local_dir")
+    if save_freq is None or int(save_freq) <= 0 or not directory:
+        return
+    root = _absolute(str(directory))
+    problem = checkpoint_directory_problem(root)
+    if problem:
+        raise CheckpointDirectoryError(
+            f"trainer.default_local_dir={root} cannot be written: {problem}; checkpoints "
+            f"(trainer.save_freq={save_freq}) go there"
+        )
+
+
+# ----------------------------------------------------------------------------- while saving
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc  # a Ray task error carries the worker's exception as .cause
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
+def _free_space(path: Path) -> str:
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return "unknown"
+    return f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB"
+
+
+def save_failure_message(step_dir: Path, exc: BaseException, contents=DEFAULT_CONTENTS) -> str:
+    """The message of `CheckpointSaveError`: the directory, the cause, the free space, what a resume would use."""
+    root = step_dir.parent
+    tracked = read_tracker(root)
+    if tracked is not None and not checkpoint_problems(root / f"global_step_{tracked}", contents):
+        fallback = f"the latest complete checkpoint, {root / f'global_step_{tracked}'}, is intact"
+    else:
+        fallback = "no complete checkpoint is tracked"
+    return (f"saving checkpoint {step_dir} failed ({_first_line(exc)}); free space there: {_free_space(step_dir)}; "
+            f"{fallback}: resume_mode=auto resumes from it once the directory can be written")
+
+
+def guard_saves(trainer_cls) -> None:
+    """Wrap `trainer_cls._save_checkpoint` so that a failure raises `CheckpointSaveError` (idempotent)."""
+    save = trainer_cls._save_checkpoint
+    if getattr(save, "_hmpo_guarded", False):
+        return
+
+    @functools.wraps(save)
+    def _save_checkpoint(self, *args, **kwargs):
+        try:
+            return save(self, *args, **kwargs)
+        except Exception as exc:
+            root = _absolute(str(self.config.trainer.default_local_dir))
+            step_dir = root / f"global_step_{self.global_steps}"
+            raise CheckpointSaveError(save_failure_message(step_dir, exc, _load_contents(self.config))) from exc
+
+    _save_checkpoint._hmpo_guarded = True
+    trainer_cls._save_checkpoint = _save_checkpoint

@@ -1,0 +1,62 @@
+"""Non-finite inputs stop a step: the named error, and the check of the rollout's log-probs.
+
+A rollout engine that reports NaN or inf log-probs (bf16 overflow, a broken kernel) has
+produced a poisoned batch. Where verl trains on those log-probs -- as the behaviour policy
+(`algorithm.rollout_correction.bypass_mode=true`) or through importance weights -- our losses
+raise `NonFiniteInputError` before any update. Without either, verl 0.9.1 only feeds them to
+its `training/rollout_probs_diff_*` diagnostics (`verl.utils.debug.metrics.calculate_debug_metrics`,
+run in the driver after the old log-probs are recomputed) and trains on: the metrics turn NaN
+and the run goes on with samples from a broken engine. `guard_rollout_log_probs(module)` wraps
+that function (in verl's trainer modules, as they are imported) to raise the same error first.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class NonFiniteInputError(ValueError):
+    """NaN or inf where the response mask is valid, in an input a training step would use."""
+
+
+def count_non_finite(values: torch.Tensor, valid: torch.Tensor) -> int:
+    """Positions where `valid` is true and `values` is NaN or +-inf. Shapes: equal, `(B, T)`."""
+    return int((~torch.isfinite(values) & valid.bool()).sum())
+
+
+def check_rollout_log_probs(data) -> None:
+    """Raise `NonFiniteInputError` if `data.batch["rollout_log_probs"]` is non-finite at a valid position.
+
+    `data`: the DataProto verl hands `calculate_debug_metrics` (`rollout_log_probs`, `responses`,
+    `response_mask` or `attention_mask`, each `(B, ...)`).
+    """
+    batch = data.batch
+    if "rollout_log_probs" not in batch.keys():
+        return
+    log_probs = batch["rollout_log_probs"]
+    mask = batch["response_mask"] if "response_mask" in batch.keys() else batch["attention_mask"]
+    mask = mask[:, -log_probs.shape[-1] :]
+    bad = count_non_finite(log_probs, mask)
+    if bad:
+        rows = int((~torch.isfinite(log_probs) & mask.bool()).any(-1).sum())
+        raise NonFiniteInputError(
+            f"rollout_log_probs has {bad} non-finite value(s) at valid (response_mask) positions, in {rows} of "
+            f"{log_probs.shape[0]} responses: the rollout engine's log-probs are broken; this batch is not trained on"
+        )
+
+
+def guard_rollout_log_probs(module) -> None:
+    """Make `module.calculate_debug_metrics` check the rollout's log-probs first (idempotent)."""
+    metrics = module.calculate_debug_metrics
+    if getattr(metrics, "_hmpo_guarded", False):
+        return
+
+    @functools.wraps(metrics)
+    def calculate_debug_metrics(data):
+        check_rollout_log_probs(data)
+        return metrics(data)
+
+    calculate_debug_metrics._hmpo_guarded = True
+    module.calculate_debug_metrics = calculate_debug_metrics

@@ -1,0 +1,250 @@
+"""Checkpoints: which are complete, the guard before a resume, the checkpoint directory, failed saves,
+and the check of the rollout's log-probs (hmpo_verl.checkpoints, hmpo_verl.finite). The directories are
+laid out as verl 0.9.1's FSDP / Megatron checkpoint managers and trainer write them."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import verl
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+
+from hmpo_verl.checkpoints import (
+    TRACKER,
+    CheckpointDirectoryError,
+    CheckpointResumeError,
+    CheckpointSaveError,
+    check_checkpoint_directory,
+    checkpoint_problems,
+    guard_resume,
+    guard_saves,
+    read_tracker,
+)
+from hmpo_verl.finite import NonFiniteInputError, check_rollout_log_probs, guard_rollout_log_probs
+
+VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+
+
+def write_checkpoint(root, step, world=2, critic=False, tracker=True):
+    """global_step_<step> as verl's FSDP saver and trainer leave it; returns its path."""
+    step_dir = root / f"global_step_{step}"
+    for role in ("actor", "critic") if critic else ("actor",):
+        (step_dir / role / "huggingface").mkdir(parents=True, exist_ok=True)
+        for rank in range(world):
+            for kind in ("model", "optim", "extra_state"):
+                torch.save({"w": torch.full((4,), float(step))}, step_dir / role / f"{kind}_world_size_{world}_rank_{rank}.pt")
+    torch.save({"dataloader": step}, step_dir / "data.pt")
+    if tracker:
+        (root / TRACKER).write_text(str(step))
+    return step_dir
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def config(root, mode="auto", save_freq=2, **trainer):
+    return OmegaConf.create({"trainer": {"resume_mode": mode, "default_local_dir": str(root), "save_freq": save_freq,
+                                         "resume_from_path": None, **trainer},
+                             "actor_rollout_ref": {"actor": {"checkpoint": {"load_contents": ["model", "optimizer", "extra"]}}}})
+
+
+# ----------------------------------------------------------------------------- completeness
+
+
+def test_a_checkpoint_is_complete_when_every_shard_and_data_pt_are_written(tmp_path):
+    step_dir = write_checkpoint(tmp_path, 2, critic=True)
+    assert checkpoint_problems(step_dir) == []
+    truncate(step_dir / "actor" / "optim_world_size_2_rank_1.pt")  # killed while torch.save wrote it
+    (step_dir / "critic" / "model_world_size_2_rank_0.pt").unlink()  # not written yet
+    (step_dir / "data.pt").unlink()
+    problems = checkpoint_problems(step_dir)
+    assert any("optim_world_size_2_rank_1.pt is incomplete" in p for p in problems)
+    assert any("critic/model_world_size_2_rank_0.pt is missing" in p for p in problems)
+    assert any("data.pt" in p and "missing" in p for p in problems)
+    assert checkpoint_problems(tmp_path / "global_step_9") == [f"{tmp_path / 'global_step_9'} is missing"]
+
+
+def test_only_what_a_resume_loads_is_required(tmp_path):
+    step_dir = write_checkpoint(tmp_path, 2)
+    (step_dir / "actor" / "optim_world_size_2_rank_0.pt").unlink()
+    assert checkpoint_problems(step_dir, contents=("model", "extra")) == []
+    assert checkpoint_problems(step_dir, contents=("model", "optimizer", "extra"))
+
+
+def test_a_megatron_checkpoint_is_complete_once_its_manifest_is_written(tmp_path):
+    step_dir = tmp_path / "global_step_4"
+    for sub in ("model/dist_ckpt", "optimizer/dist_ckpt", "extra/dist_ckpt"):
+        (step_dir / "actor" / sub).mkdir(parents=True)
+    torch.save({}, step_dir / "data.pt")
+    assert any("ckpt_contents.json" in p for p in checkpoint_problems(step_dir))
+    (step_dir / "actor" / "ckpt_contents.json").write_text("{}")
+    assert checkpoint_problems(step_dir) == []
+
+
+# ----------------------------------------------------------------------------- before a resume
+
+
+def test_verl_itself_cannot_resume_from_an_empty_tracker_or_tell_a_deleted_checkpoint(tmp_path):
+    """What the guard is for: verl's own lookup (verl.utils.checkpoint.checkpoint_manager)."""
+    write_checkpoint(tmp_path, 2)
+    (tmp_path / TRACKER).write_text("")  # open("w") truncated it, then the write failed (disk full) or was killed
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        find_latest_ckpt_path(str(tmp_path))
+    (tmp_path / TRACKER).write_text("2")
+    for path in (tmp_path / "global_step_2" / "actor").iterdir():  # max_actor_ckpt_to_keep=1 deleted it
+        path.unlink() if path.is_file() else None
+    assert find_latest_ckpt_path(str(tmp_path)) == str(tmp_path / "global_step_2")  # verl would load it
+
+
+@pytest.mark.parametrize("damage", ["empty tracker", "missing tracker", "tracker names a partial"])
+def test_the_guard_falls_back_to_the_newest_complete_checkpoint(tmp_path, damage, caplog):
+    write_checkpoint(tmp_path, 2)
+    write_checkpoint(tmp_path, 4)
+    if damage == "empty tracker":  # open("w") truncated it, then the disk was full or the process killed
+        (tmp_path / TRACKER).write_text("")
+    elif damage == "missing tracker":  # e.g. actor.checkpoint.async_save: verl writes none
+        (tmp_path / TRACKER).unlink()
+    else:
+        write_checkpoint(tmp_path, 6)
+        truncate(tmp_path / "global_step_6" / "actor" / "model_world_size_2_rank_0.pt")
+    message = guard_resume(config(tmp_path))
+    assert read_tracker(tmp_path) == 4
+    assert "global_step_4" in message and "resuming from the newest complete checkpoint" in message
+    assert message in caplog.text
+    assert find_latest_ckpt_path(str(tmp_path)) == str(tmp_path / "global_step_4")  # what verl then loads
+    assert guard_resume(config(tmp_path)) is None  # and the next launch finds nothing to fix
+
+
+def test_keep_one_killed_between_deleting_the_old_and_tracking_the_new_stops_naming_both(tmp_path):
+    """max_actor_ckpt_to_keep=1: the worker wrote checkpoint 6's shards and deleted 4's actor/, then the
+    driver died before 6's data.pt and tracker: verl would load 4 (and fail on its missing files)."""
+    tracked = write_checkpoint(tmp_path, 4)
+    newest = write_checkpoint(tmp_path, 6, tracker=False)
+    (newest / "data.pt").unlink()
+    shutil.rmtree(tracked / "actor")  # verl's remove_previous_save_local_path
+    with pytest.raises(CheckpointResumeError) as err:
+        guard_resume(config(tmp_path))
+    assert f"{tracked / 'actor'} is missing" in str(err.value)
+    assert f"{newest / 'data.pt'} (the dataloader state, written after the model) is missing" in str(err.value)
+
+
+def test_the_guard_stops_when_no_checkpoint_is_complete(tmp_path):
+    step_dir = write_checkpoint(tmp_path, 2)
+    truncate(step_dir / "data.pt")
+    with pytest.raises(CheckpointResumeError) as err:
+        guard_resume(config(tmp_path))
+    assert str(step_dir) in str(err.value) and "data.pt" in str(err.value)
+    assert read_tracker(tmp_path) == 2  # untouched
+
+
+def test_the_guard_leaves_fresh_runs_and_a_first_interrupted_save_alone(tmp_path):
+    assert guard_resume(config(tmp_path / "nothing_yet")) is None
+    assert guard_resume(config(tmp_path, mode="disable")) is None
+    write_checkpoint(tmp_path, 2, tracker=False)
+    truncate(tmp_path / "global_step_2" / "data.pt")
+    assert guard_resume(config(tmp_path)) is None  # nothing complete to lose: verl starts afresh
+    assert not (tmp_path / TRACKER).exists()
+
+
+def test_resume_path_must_name_a_complete_checkpoint(tmp_path):
+    step_dir = write_checkpoint(tmp_path, 2)
+    assert guard_resume(config(tmp_path, mode="resume_path", resume_from_path=str(step_dir))) is None
+    (step_dir / "actor" / "model_world_size_2_rank_1.pt").unlink()
+    with pytest.raises(CheckpointResumeError, match="model_world_size_2_rank_1.pt is missing"):
+        guard_resume(config(tmp_path, mode="resume_path", resume_from_path=str(step_dir)))
+
+
+def test_verls_driver_runs_the_guard_before_ray(tmp_path):
+    """The plugin's validate_config (what main_ppo calls before ray.init) rewrites an empty tracker."""
+    import verl.trainer.main_ppo
+
+    write_checkpoint(tmp_path, 2)
+    (tmp_path / TRACKER).write_text("")
+    with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=[
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+            f"trainer.default_local_dir={tmp_path}", "trainer.resume_mode=auto", "trainer.save_freq=2"])
+    verl.trainer.main_ppo.validate_config(cfg, use_reference_policy=False, use_critic=False)
+    assert read_tracker(tmp_path) == 2
+
+
+# ----------------------------------------------------------------------------- the directory and failed saves
+
+
+def test_an_unwritable_checkpoint_directory_is_refused_without_creating_anything(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointDirectoryError, match=f"default_local_dir={blocker}/ckpt cannot be written: "
+                                                       f"{blocker} is not a directory"):
+        check_checkpoint_directory(config(blocker / "ckpt"))
+    check_checkpoint_directory(config(tmp_path / "new" / "ckpt"))
+    assert not (tmp_path / "new").exists()
+    check_checkpoint_directory(config(blocker / "ckpt", save_freq=-1))  # nothing is saved: nothing to check
+
+
+class _Trainer:
+    """verl's trainer as guard_saves sees it: config, global_steps, _save_checkpoint."""
+
+    def __init__(self, root, step, error):
+        self.config = config(root)
+        self.global_steps, self.error = step, error
+
+    def _save_checkpoint(self):
+        raise self.error
+
+
+def test_a_failed_save_names_the_directory_and_the_intact_checkpoint(tmp_path):
+    write_checkpoint(tmp_path, 2, world=1)
+    guard_saves(_Trainer)
+    guard_saves(_Trainer)  # idempotent
+    disk_full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # torch.save on ENOSPC
+    with pytest.raises(CheckpointSaveError) as err:
+        _Trainer(tmp_path, 4, disk_full)._save_checkpoint()
+    message = str(err.value)
+    assert f"saving checkpoint {tmp_path / 'global_step_4'} failed (RuntimeError: [enforce fail" in message
+    assert "GiB" in message and f"{tmp_path / 'global_step_2'}, is intact" in message
+    assert err.value.__cause__ is disk_full
+
+
+# ----------------------------------------------------------------------------- the rollout's log-probs
+
+
+def _data(rollout_log_probs, mask):
+    from verl import DataProto
+
+    B, T = rollout_log_probs.shape
+    return DataProto.from_dict({"rollout_log_probs": rollout_log_probs, "old_log_probs": rollout_log_probs.clone(),
+                                "response_mask": mask, "responses": torch.ones(B, T, dtype=torch.long)})
+
+
+def test_non_finite_rollout_log_probs_stop_the_step_where_verl_only_logs_nan():
+    import types
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    clean = -torch.rand(2, 3)
+    padded = clean.clone()
+    padded[1, 2] = float("nan")  # a masked position: ignored
+    check_rollout_log_probs(_data(padded, mask))
+    poisoned = clean.clone()
+    poisoned[0, 0] = float("nan")
+    poisoned[1, 0] = float("inf")
+    with pytest.raises(NonFiniteInputError, match="rollout_log_probs has 2 non-finite value.* in 2 of 2 responses"):
+        check_rollout_log_probs(_data(poisoned, mask))
+    # verl's diagnostics alone return NaN and the step goes on; guarded, they raise first
+    import verl.utils.debug.metrics as debug_metrics
+
+    assert debug_metrics.calculate_debug_metrics._hmpo_guarded  # the plugin guarded it on import
+    module = types.SimpleNamespace(calculate_debug_metrics=debug_metrics.calculate_debug_metrics.__wrapped__)
+    assert math.isnan(module.calculate_debug_metrics(_data(poisoned, mask))["training/rollout_probs_diff_max"])
+    guard_rollout_log_probs(module)
+    with pytest.raises(NonFiniteInputError):
+        module.calculate_debug_metrics(_data(poisoned, mask))
