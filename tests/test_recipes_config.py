@@ -365,7 +365,12 @@ def test_forward_only_budgets_equal_the_training_budget(recipe, overrides):
     budget = arr.actor.ppo_max_token_len_per_gpu
     assert arr.rollout.log_prob_max_token_len_per_gpu == budget
     assert arr.ref.log_prob_max_token_len_per_gpu == budget
-    assert arr.rollout.log_prob_use_dynamic_bsz and arr.ref.log_prob_use_dynamic_bsz
+    # token budgets, or fixed micro-batches in every pass alike (routing replay needs the latter)
+    dynamic = arr.actor.use_dynamic_bsz
+    assert arr.rollout.log_prob_use_dynamic_bsz == dynamic and arr.ref.log_prob_use_dynamic_bsz == dynamic
+    if not dynamic:
+        micro = arr.actor.ppo_micro_batch_size_per_gpu
+        assert arr.rollout.log_prob_micro_batch_size_per_gpu == micro == arr.ref.log_prob_micro_batch_size_per_gpu
 
 
 def _flat_keys(path: Path) -> set[str]:
