@@ -30,7 +30,7 @@ RUN_IDS = [str(p.relative_to(RECIPES)) for p in RUN_SCRIPTS]
 
 # Variables the run scripts read: cleared so the caller's environment cannot leak into a test.
 SCRIPT_ENV = ("MEAN", "SIZE", "CORRECTION", "PREFLIGHT", "NNODES", "NGPUS_PER_NODE", "MODEL_PATH", "DATA_DIR", "TRAIN_FILES", "VAL_FILES",
-              "EXPERIMENT_NAME", "PYTHON", "RAY_ADDRESS", "DRY_RUN")
+              "EXPERIMENT_NAME", "PYTHON", "RAY_ADDRESS", "DRY_RUN", "CKPT_DIR", "LOGGER")
 
 
 def _env(**extra: str) -> dict:
@@ -202,6 +202,43 @@ def test_bad_environment_fails_before_launch(env, message):
         group = {"MEAN": "mean", "SIZE": "size", "CORRECTION": "correction"}[next(iter(env))]
         listed = result.stderr.rsplit("choose one of: ", 1)[1].strip().split(",")
         assert listed == sorted(p.stem for p in (RECIPES / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("script", GPU_RUN_SCRIPTS, ids=["gsm8k", "math"])
+def test_checkpoints_go_to_an_absolute_directory(script, tmp_path):
+    """verl's default trainer.default_local_dir is relative to each launch's working directory: on several
+    nodes or through `ray job submit` a resume (resume_mode auto) would not find it and start from step 0."""
+    from test_recipes_config import compose_recipe
+
+    name = script.parent.name
+    cfg = compose_recipe(RECIPES, name, ())  # a direct launch of the task YAML, without run.sh
+    assert os.path.isabs(cfg.trainer.default_local_dir), cfg.trainer.default_local_dir
+    assert cfg.trainer.default_local_dir.endswith(f"/hmpo_verl/{name}") and cfg.trainer.resume_mode == "auto"
+    _, _, argv = parse_launch(dry_run(script, HOME=str(tmp_path)))
+    assert f"trainer.default_local_dir='{tmp_path}/checkpoints/hmpo_verl/{name}-qwen2_5_math_1_5b-harmonic'" in argv
+    _, _, argv = parse_launch(dry_run(script, CKPT_DIR="/shared/ckpt/run 1"))
+    assert "trainer.default_local_dir='/shared/ckpt/run 1'" in argv
+    relative = _run(script, "--dry-run", CKPT_DIR="checkpoints/run1")
+    assert relative.returncode == 2 and "CKPT_DIR=checkpoints/run1: an absolute path" in relative.stderr
+
+
+def test_logging_is_console_by_default_and_one_variable_adds_a_tracker(stub_model):
+    script = RECIPES / "gsm8k" / "run.sh"
+    assert "trainer.logger=['console']" in dry_run(script)
+    config_dir, name, argv = parse_launch(dry_run(script, LOGGER="console,wandb"))
+    assert "trainer.logger=['console','wandb']" in argv
+    cfg, _ = check_recipe(config_dir, name, argv, model_path=stub_model)
+    assert list(cfg.trainer.logger) == ["console", "wandb"]
+    bad = _run(script, "--dry-run", LOGGER="console,wandbb")
+    assert bad.returncode == 2 and "no tracker 'wandbb' in verl; choose from: wandb," in bad.stderr
+
+
+def test_the_launchers_tracker_list_is_verls():
+    from verl.utils.tracking import Tracking
+
+    out = subprocess.run(["bash", "-c", f'source "{RECIPES}/lib/launch.sh"; echo "${{HMPO_TRACKERS[*]}}"'],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == list(Tracking.supported_backend)
 
 
 def test_help():

@@ -1,13 +1,14 @@
 # shellcheck shell=bash
 # Shared launcher of the recipes/<task>/run.sh scripts (sourced, not run). The caller sets the
 # variables of its "user-adjustable" block -- TASK, MEAN, SIZE, NNODES, NGPUS_PER_NODE,
-# MODEL_PATH, TRAIN_FILES, VAL_FILES, EXPERIMENT_NAME, PYTHON, and optionally CORRECTION (a file
-# stem of recipes/correction/) and PREFLIGHT (1: run recipes/lib/preflight.py first) -- then calls
+# MODEL_PATH, TRAIN_FILES, VAL_FILES, EXPERIMENT_NAME, CKPT_DIR, LOGGER, PYTHON, and optionally CORRECTION
+# (a file stem of recipes/correction/) and PREFLIGHT (1: run recipes/lib/preflight.py first) -- then calls
 # `hmpo_launch "$@"`, which builds verl's own command line,
 #
 #   python3 -m verl.trainer.main_ppo --config-path=<recipes> --config-name=<TASK> \
 #       mean=<MEAN> size=<SIZE> [correction=<CORRECTION>] trainer.nnodes=... trainer.n_gpus_per_node=... \
 #       data.train_files=[...] data.val_files=[...] trainer.experiment_name=... \
+#       trainer.default_local_dir=<CKPT_DIR> trainer.logger=[<LOGGER>] \
 #       [actor_rollout_ref.model.path=<MODEL_PATH>] [your overrides...]
 #
 # and either prints it (--dry-run / DRY_RUN=1: one line on stdout, quoted so that a shell
@@ -16,6 +17,9 @@
 # check recipes/lib/preflight.py runs first, with the same $PYTHON, and a failure stops the launch
 # before Ray starts, naming every missing piece. With RAY_ADDRESS=http(s)://<head>:8265 the same command
 # is submitted to a running Ray cluster: `ray job submit --address=$RAY_ADDRESS -- <command>`.
+
+# verl 0.9.1's trackers (verl/utils/tracking.py, Tracking.supported_backend; a test keeps this list equal).
+HMPO_TRACKERS=(wandb mlflow swanlab vemlp_wandb tensorboard console clearml trackio file rl_insight)
 
 hmpo_die() {
     echo "$(basename -- "$0"): $*" >&2
@@ -97,7 +101,16 @@ hmpo_launch() {
     [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NNODES=$NNODES: a positive integer, please"
     [[ "$NGPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NGPUS_PER_NODE=$NGPUS_PER_NODE: a positive integer, please"
     [[ -n "$TRAIN_FILES" && -n "$VAL_FILES" ]] || hmpo_die "TRAIN_FILES and VAL_FILES must not be empty"
-    for arg in "$TRAIN_FILES" "$VAL_FILES" "$EXPERIMENT_NAME" "$MODEL_PATH"; do
+    [[ "$CKPT_DIR" == /* ]] ||
+        hmpo_die "CKPT_DIR=$CKPT_DIR: an absolute path, please (a relative one lands under each process's working directory, and a resume would silently start from step 0)"
+    local tracker trackers
+    IFS=, read -r -a trackers <<< "$LOGGER"
+    [[ ${#trackers[@]} -gt 0 ]] || hmpo_die "LOGGER is empty; choose from: $(IFS=,; echo "${HMPO_TRACKERS[*]}")"
+    for tracker in "${trackers[@]}"; do
+        [[ " ${HMPO_TRACKERS[*]} " == *" $tracker "* ]] ||
+            hmpo_die "LOGGER=$LOGGER: no tracker '$tracker' in verl; choose from: $(IFS=,; echo "${HMPO_TRACKERS[*]}")"
+    done
+    for arg in "$TRAIN_FILES" "$VAL_FILES" "$EXPERIMENT_NAME" "$MODEL_PATH" "$CKPT_DIR"; do
         [[ "$arg" != *"'"* ]] || hmpo_die "a value holding a single quote is not supported: $arg"
     done
 
@@ -124,6 +137,8 @@ hmpo_launch() {
         "data.train_files=$(hmpo_hydra_list "$TRAIN_FILES")"
         "data.val_files=$(hmpo_hydra_list "$VAL_FILES")"
         "trainer.experiment_name=$(hmpo_hydra_str "$EXPERIMENT_NAME")"
+        "trainer.default_local_dir=$(hmpo_hydra_str "$CKPT_DIR")"
+        "trainer.logger=$(hmpo_hydra_list "$LOGGER")"
     )
     if [[ -n "$MODEL_PATH" ]]; then
         cmd+=("actor_rollout_ref.model.path=$(hmpo_hydra_str "$MODEL_PATH")")
