@@ -15,7 +15,8 @@
 #   SIZE              a file stem of recipes/size/ (qwen2_5_math_1_5b): qwen2_5_math_1_5b qwen2_5_math_7b
 #                     qwen3_30b_a3b_megatron (Megatron, MoE)
 #   CORRECTION        a file stem of recipes/correction/ (none): none token_tis token_mask
-#   NNODES            nodes (1); NGPUS_PER_NODE  GPUs per node (8)
+#   NNODES            nodes; NGPUS_PER_NODE  GPUs per node (unset: the size file's -- 1 x 8 for the
+#                     GPU sizes; 1 x 2 trainer ranks for SIZE=cpu)
 #   MODEL_PATH        local checkpoint dir or hub id (unset: the size file's, Qwen/Qwen2.5-Math-*)
 #   DATA_DIR          ($HOME/data); TRAIN_FILES / VAL_FILES: comma-separated parquet paths
 #   EXPERIMENT_NAME   (gsm8k-$SIZE-$MEAN, plus -$CORRECTION unless none); PYTHON (python3)
@@ -37,8 +38,8 @@ TASK=gsm8k
 MEAN=${MEAN:-harmonic}
 SIZE=${SIZE:-qwen2_5_math_1_5b}
 CORRECTION=${CORRECTION:-none}
-NNODES=${NNODES:-1}
-NGPUS_PER_NODE=${NGPUS_PER_NODE:-8}
+NNODES=${NNODES:-}
+NGPUS_PER_NODE=${NGPUS_PER_NODE:-}
 MODEL_PATH=${MODEL_PATH:-}
 DATA_DIR=${DATA_DIR:-$HOME/data}
 TRAIN_FILES=${TRAIN_FILES:-$DATA_DIR/gsm8k/train.parquet}

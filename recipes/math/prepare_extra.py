@@ -1,7 +1,7 @@
 """The data steps of recipes/math/prepare_data.sh that verl's own scripts do not do.
 
     python3 prepare_extra.py levels <math/train.parquet> <out.parquet>   # keep MATH levels 3-5
-    python3 prepare_extra.py math500 <out.parquet>                       # MATH-500 in verl's format
+    python3 prepare_extra.py math500 <out.parquet> [<source>]            # MATH-500 in verl's format
     python3 prepare_extra.py aime <aime-2024 (DAPO's)> <out.parquet>     # AIME 2024 in the same schema
 
 `levels` filters the output of verl's examples/data_preprocess/math_dataset.py, which keeps
@@ -125,8 +125,8 @@ def convert_aime(src: str, dst: str) -> int:
 def main(argv: list[str]) -> None:
     if len(argv) == 3 and argv[0] == "levels":
         print(f"{keep_levels(argv[1], argv[2])} rows at {', '.join(LEVELS)} -> {argv[2]}")
-    elif len(argv) == 2 and argv[0] == "math500":
-        print(f"{write_math500(argv[1])} MATH-500 rows -> {argv[1]}")
+    elif len(argv) in (2, 3) and argv[0] == "math500":  # source: the hub id (default) or a local copy of it
+        print(f"{write_math500(*argv[1:])} MATH-500 rows -> {argv[1]}")
     elif len(argv) == 3 and argv[0] == "aime":
         print(f"{convert_aime(argv[1], argv[2])} distinct AIME problems -> {argv[2]}")
     else:
