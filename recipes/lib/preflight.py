@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parents[1]
-REQUIREMENTS = {"fsdp": ["requirements-gpu.txt"], "megatron": ["requirements-gpu.txt", "requirements-gpu-megatron.txt"]}
+REQUIREMENTS = {"fsdp": ["requirements-gpu.txt"],
+                "megatron": ["requirements-gpu.txt", "requirements-gpu-megatron.txt", "requirements-gpu-megatron-nodeps.txt"]}
 
 # distribution name (as pinned) -> module it provides, where the two differ
 MODULES = {
@@ -37,7 +38,13 @@ MODULES = {
     "megatron-core": "megatron.core",
     "megatron-bridge": "megatron.bridge",
     "transformer-engine": "transformer_engine",
+    "nvidia-modelopt": "modelopt",
+    "cupy-cuda13x": "cupy",
+    "nvidia-mathdx": "nvmath",
 }
+# distribution -> a further module it must provide: PyPI's transformer-engine meta-package installs the core
+# without the PyTorch extension, which the wheel the recipes pin carries
+EXTRA_MODULES = {"transformer-engine": "transformer_engine_torch"}
 # CUDA major version of a torch build -> the NVIDIA driver branch it needs (CUDA's release notes,
 # "minimum required driver version" for the toolkit's major version on Linux).
 MIN_DRIVER = {"12": "R525", "13": "R580"}
@@ -45,7 +52,9 @@ GPU_ONLY = "# gpu-only"
 # entry point name -> the distribution a user installs, for the message
 PLUGINS = {"hmpo_verl": "hmpo-verl (`pip install --no-build-isolation -e .` from the repository root)",
            "verl_cpu": "the CPU backend (`pip install -e patches/verl_cpu`)"}
-_LINE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*(==\s*(?P<version>[^\s;#]+))?")
+_LINE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*(==\s*(?P<version>[^\s;#]+))?"
+                   r"(\s*@\s*(?P<url>\S+))?")
+_WHEEL_VERSION = re.compile(r"/[^/-]+-(?P<version>[^-/]+)-[^/]+\.whl$")
 
 
 def requirements(engine: str, cpu: bool = False) -> dict[str, str | None]:
@@ -64,7 +73,11 @@ def requirements(engine: str, cpu: bool = False) -> dict[str, str | None]:
             match = _LINE.match(line)
             if match is None:
                 raise SystemExit(f"{name}: cannot read requirement {raw!r}")
-            pins[match["name"]] = match["version"]
+            version = match["version"]
+            if match["url"]:  # a wheel URL: its file name carries the version
+                wheel = _WHEEL_VERSION.search(match["url"])
+                version = wheel["version"] if wheel else None
+            pins[match["name"]] = version
     return pins
 
 
@@ -91,6 +104,9 @@ def check_packages(pins: dict[str, str | None]) -> list[str]:
             problems.append(f"{dist}{'==' + pinned if pinned else ''} is not installed (no module {module!r})")
         elif pinned is not None and version is not None and version.split("+")[0] != pinned:
             problems.append(f"{dist}=={version} is installed; the recipes pin {dist}=={pinned}")
+        elif dist in EXTRA_MODULES and not _importable(EXTRA_MODULES[dist]):
+            problems.append(f"{dist} is installed without module {EXTRA_MODULES[dist]!r} (its PyTorch extension): "
+                            "install the wheel the recipes pin")
     return problems
 
 
