@@ -217,3 +217,24 @@ def test_the_correction_file_reached_the_trainer(run):
         assert "rollout_corr/rollout_is_mean" in metrics[1]
     assert metrics[1]["training/rollout_probs_diff_valid"] == 1  # the hf server's log-probs reached verl
     assert metrics[1]["response_length/mean"] <= 32  # the CPU size's response length
+
+
+def test_verls_model_merger_exports_the_checkpoint_as_a_hugging_face_model(run, sample, tmp_path):
+    """The README's export command, on the CPU run's last checkpoint: an HF model with the tiny model's weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    task, _, code, _, _, out = run
+    if task != "gsm8k":
+        pytest.skip("once is enough")
+    assert code == 0
+    target = tmp_path / "hf_model"
+    result = subprocess.run([sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",
+                             str(out / "ckpt" / "global_step_2" / "actor"), "--target_dir", str(target)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(target).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(sample / "hmpo_cpu_model").state_dict()
+    assert merged.keys() == initial.keys()
+    for name, tensor in initial.items():  # zero advantages: only AdamW's weight decay (lr 1e-6) moved them
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from test_recipes_config import RECIPES, check_recipe, stub_model  # noqa: F401 - stub_model is a fixture
 
-ALL_SCRIPTS = sorted(RECIPES.rglob("*.sh"))
+ALL_SCRIPTS = sorted([*RECIPES.rglob("*.sh"), *RECIPES.rglob("*.slurm")])
 RUN_SCRIPTS = sorted(RECIPES.rglob("run.sh"))
 IDS = [str(p.relative_to(RECIPES)) for p in ALL_SCRIPTS]
 RUN_IDS = [str(p.relative_to(RECIPES)) for p in RUN_SCRIPTS]

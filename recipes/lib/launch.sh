@@ -162,6 +162,11 @@ hmpo_launch() {
     if [[ -n "$MODEL_PATH" ]]; then
         cmd+=("actor_rollout_ref.model.path=$(hmpo_hydra_str "$MODEL_PATH")")
     fi
+    if [[ -n "${RAY_ADDRESS:-}" && -z "$ray_submit" ]] && hmpo_cpu_size; then
+        # joining a running cluster (recipes/lib/cluster.sh): its nodes declare their CPUs and GPU slots,
+        # and Ray refuses num_cpus / num_gpus from a driver that connects
+        cmd+=("ray_kwargs.ray_init.num_cpus=null" "ray_kwargs.ray_init.num_gpus=null")
+    fi
     cmd+=(${overrides[@]+"${overrides[@]}"})
 
     if [[ "$dry_run" == 1 ]]; then

@@ -50,7 +50,7 @@ EXTRA_MODULES = {"transformer-engine": "transformer_engine_torch"}
 MIN_DRIVER = {"12": "R525", "13": "R580"}
 GPU_ONLY = "# gpu-only"
 # entry point name -> the distribution a user installs, for the message
-PLUGINS = {"hmpo_verl": "hmpo-verl (`pip install --no-build-isolation -e .` from the repository root)",
+PLUGINS = {"hmpo_verl": "hmpo-verl (`pip install -e .` from the repository root)",
            "verl_cpu": "the CPU backend (`pip install -e patches/verl_cpu`)"}
 _LINE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*(==\s*(?P<version>[^\s;#]+))?"
                    r"(\s*@\s*(?P<url>\S+))?")

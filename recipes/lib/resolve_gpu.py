@@ -8,12 +8,12 @@ requirements-gpu-megatron-nodeps.txt) and each CPython version the step declares
 in the file; --python overrides), pip resolves the file for manylinux x86_64 with
 
     pip install --dry-run --ignore-installed --only-binary=:all: --target <tmp> --implementation cp
-        --python-version X.Y --abi cpXY --abi abi3 --abi none --platform manylinux_2_28_x86_64 ...
+        --python-version X.Y --abi cpXY --abi abi3 --abi none --platform manylinux_2_35_x86_64 ...
         --report <json> -r <file>
 
-(every manylinux tag from 2_28 down to 2014 / 2_17 is listed: pip 23 does not widen
-`--platform manylinux_2_28_x86_64` to older glibc tags, so without them torch's
-`nvidia-cudnn-cu13` wheels, tagged manylinux_2_27, look missing). pip's own configured indexes are
+(glibc 2.35, Ubuntu 22.04: every manylinux tag from 2_35 down to 2014 / 2_17 is listed, since pip 23
+does not widen `--platform manylinux_2_28_x86_64` to older glibc tags -- without them torch's
+`nvidia-cudnn-cu13` wheels, tagged manylinux_2_27, look missing from the index). pip's own configured indexes are
 used (`pip config`); each `--extra-index-url` of a file is probed and, when it cannot be reached
 from here, reported and left out of that resolve.
 
@@ -48,7 +48,9 @@ RECIPES = Path(__file__).resolve().parents[1]
 # (requirements file, install it with --no-deps) in install order
 STEPS = (("requirements-gpu.txt", False), ("requirements-gpu-megatron.txt", False),
          ("requirements-gpu-megatron-nodeps.txt", True))
-PLATFORMS = ([f"manylinux_2_{minor}_x86_64" for minor in range(28, 16, -1)]
+# The target: x86_64 Linux with glibc 2.35 (Ubuntu 22.04, the oldest LTS CUDA 13 and verl's images run on)
+# and every older manylinux tag. vLLM 0.24's llguidance has x86_64 wheels only for glibc >= 2.31.
+PLATFORMS = ([f"manylinux_2_{minor}_x86_64" for minor in range(35, 16, -1)]
              + ["manylinux2014_x86_64", "manylinux_2_12_x86_64", "manylinux2010_x86_64", "manylinux_2_5_x86_64",
                 "manylinux1_x86_64", "linux_x86_64"])
 DEFAULT_INDEX = "https://pypi.org/simple"
