@@ -51,31 +51,26 @@ def math_answer(solution: str) -> str:
     return remove_boxed(last_boxed_only_string(solution))
 
 
+# task -> (question column, solution column, answer extractor, keep the raw question and solution in extra_info)
+FIELDS = {"gsm8k": ("question", "answer", gsm8k_answer, True), "math": ("problem", "solution", math_answer, False)}
+
+
 def row_mapper(task: str, split: str):
     """``fn(example, idx) -> row`` for ``datasets.Dataset.map(..., with_indices=True)``."""
-    source, instruction = HUB_IDS[task], INSTRUCTIONS[task]
+    question_key, solution_key, extract, keep_raw = FIELDS[task]
 
-    def gsm8k(example: dict, idx: int) -> dict:
-        question, answer = example.pop("question"), example.pop("answer")
+    def row(example: dict, idx: int) -> dict:
+        question, solution = example.pop(question_key), example.pop(solution_key)
+        extra = {"answer": solution, "question": question} if keep_raw else {}
         return {
-            "data_source": source,
-            "prompt": [{"role": "user", "content": question + " " + instruction}],
+            "data_source": HUB_IDS[task],
+            "prompt": [{"role": "user", "content": question + " " + INSTRUCTIONS[task]}],
             "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": gsm8k_answer(answer)},
-            "extra_info": {"split": split, "index": idx, "answer": answer, "question": question},
+            "reward_model": {"style": "rule", "ground_truth": extract(solution)},
+            "extra_info": {"split": split, "index": idx, **extra},
         }
 
-    def math(example: dict, idx: int) -> dict:
-        question, solution = example.pop("problem"), example.pop("solution")
-        return {
-            "data_source": source,
-            "prompt": [{"role": "user", "content": question + " " + instruction}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": math_answer(solution)},
-            "extra_info": {"split": split, "index": idx},
-        }
-
-    return {"gsm8k": gsm8k, "math": math}[task]
+    return row
 
 
 def preprocess(task: str, local_save_dir: str, local_dataset_path: str | None = None) -> dict[str, int]:
