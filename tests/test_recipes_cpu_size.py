@@ -6,7 +6,10 @@ Per task, as a user would: recipes/lib/cpu_sample.py writes a local sample of th
 (`--cpu`) and verl's `main_ppo` with the task YAML, a mean file and a correction file; verl's own
 reward functions score the responses by data_source. One combination per task (harmonic + token_tis
 on GSM8K, geometric_seq on MATH); recipes/lib/cpu_matrix.py runs them all (not in CI).
-About 1.5-2 minutes per task on 2 idle cores, most of it Ray and worker start-up.
+The GSM8K run goes over two Ray nodes started by recipes/lib/cluster.sh on this machine (tests/ray_cluster.py:
+NNODES=2, one rank per node, RAY_ADDRESS=<head>) and checks that the actor's ranks ran on both nodes; the
+MATH run is a single-node launch (run.sh's own ray.init). About 2 minutes per task on 2 idle cores, most
+of it Ray and worker start-up.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import datasets
 import pytest
 from omegaconf import OmegaConf
+from ray_cluster import actor_nodes, two_nodes
 from verl.utils.reward_score import default_compute_score
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +34,7 @@ RUNS = {  # task -> (MEAN, CORRECTION, the p its loss logs)
     "gsm8k": ("harmonic", "token_tis", -1.0),
     "math": ("geometric_seq", "none", 0.0),
 }
+TWO_NODE_TASK = "gsm8k"
 PM_METRICS = ("actor/pm/seq_ratio_mean", "actor/pm/log_ah_gap", "actor/pm/ess_frac", "actor/pm/power")
 
 
@@ -143,7 +148,7 @@ def test_readme_lists_every_key_the_cpu_size_changes():
 
     text = (RECIPES / "README.md").read_text()
     section = text.split("## The CPU size", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"`([a-z_0-9.]+)`", section))
+    listed = set(re.findall(r"`([A-Za-z_0-9.]+)`", section))
     for task in RUNS:
         gpu = flat(compose_recipe(RECIPES, task, ("size=qwen2_5_math_1_5b",)))
         cpu = flat(compose_recipe(RECIPES, task, ("size=cpu",)))
@@ -166,10 +171,23 @@ def run(request, sample, tmp_path_factory):
     env = offline_env(out, SIZE="cpu", MEAN=mean, CORRECTION=correction, DATA_DIR=str(data),
                       MODEL_PATH=str(sample / "hmpo_cpu_model"), CKPT_DIR=str(out / "ckpt"), LOGGER="console,file",
                       VERL_FILE_LOGGER_PATH=str(out / "metrics.jsonl"), RAY_DEDUP_LOGS="0")
-    start = time.time()
-    result = subprocess.run(["bash", str(RECIPES / task / "run.sh")], env=env, capture_output=True, text=True,
-                            timeout=900, cwd=out)
-    print(f"SIZE=cpu MEAN={mean} CORRECTION={correction} {task}/run.sh: {time.time() - start:.0f} s")
+
+    def launch() -> subprocess.CompletedProcess:
+        start = time.time()
+        done = subprocess.run(["bash", str(RECIPES / task / "run.sh")], env=env, capture_output=True, text=True,
+                              timeout=1200, cwd=out)
+        print(f"SIZE=cpu MEAN={mean} CORRECTION={correction} NNODES={env.get('NNODES', '-')} {task}/run.sh: "
+              f"{time.time() - start:.0f} s")
+        return done
+
+    placement = None
+    if task == TWO_NODE_TASK:
+        with two_nodes(offline_env(out, VERL_PLATFORM="cpu"), out) as (address, nodes):
+            env.update(NNODES="2", NGPUS_PER_NODE="1", RAY_ADDRESS=address)
+            result = launch()
+            placement = (nodes, actor_nodes(address))
+    else:
+        result = launch()
     log = result.stdout + result.stderr
     (out / "train.log").write_text(log)
     lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
@@ -177,11 +195,11 @@ def run(request, sample, tmp_path_factory):
     for line in lines:
         record = json.loads(line)
         metrics.setdefault(record["step"], {}).update(record["data"])
-    return task, power, result.returncode, log, metrics, out
+    return task, power, result.returncode, log, metrics, out, placement
 
 
 def test_run_sh_trains_two_steps_through_the_preflight(run):
-    task, _, code, log, metrics, out = run
+    task, _, code, log, metrics, out, _ = run
     assert code == 0, log[-6000:]
     assert "preflight: ok (cpu)" in log
     assert sorted(metrics) == [0, 1, 2]  # 0: validation before training
@@ -190,7 +208,7 @@ def test_run_sh_trains_two_steps_through_the_preflight(run):
 
 
 def test_our_metrics_are_logged_with_the_mean_files_p(run):
-    _, power, _, _, metrics, _ = run
+    _, power, _, _, metrics, _, _ = run
     for step in (1, 2):
         missing = [k for k in PM_METRICS if k not in metrics[step]]
         assert not missing, (step, missing)
@@ -201,7 +219,7 @@ def test_our_metrics_are_logged_with_the_mean_files_p(run):
 def test_verls_rewards_scored_every_validation_data_source(run):
     """Validation before and after training, one key per data_source; DAPO's reward (math_dapo) scores a
     wrong answer -1, which no other reward does -- its score shows that it, and not a default, ran."""
-    task, _, _, _, metrics, _ = run
+    task, _, _, _, metrics, _, _ = run
     sources = {"gsm8k": ["openai/gsm8k"], "math": ["HuggingFaceH4/MATH-500", "math_dapo"]}[task]
     for step in (0, 2):
         for source in sources:
@@ -212,7 +230,7 @@ def test_verls_rewards_scored_every_validation_data_source(run):
 
 
 def test_the_correction_file_reached_the_trainer(run):
-    task, _, _, _, metrics, _ = run
+    task, _, _, _, metrics, _, _ = run
     if RUNS[task][1] == "token_tis":
         assert "rollout_corr/rollout_is_mean" in metrics[1]
     assert metrics[1]["training/rollout_probs_diff_valid"] == 1  # the hf server's log-probs reached verl
@@ -224,7 +242,7 @@ def test_verls_model_merger_exports_the_checkpoint_as_a_hugging_face_model(run, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    task, _, code, _, _, out = run
+    task, _, code, _, _, out, _ = run
     if task != "gsm8k":
         pytest.skip("once is enough")
     assert code == 0
@@ -238,3 +256,16 @@ def test_verls_model_merger_exports_the_checkpoint_as_a_hugging_face_model(run, 
     assert merged.keys() == initial.keys()
     for name, tensor in initial.items():  # zero advantages: only AdamW's weight decay (lr 1e-6) moved them
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_the_two_node_run_placed_one_actor_rank_on_each_node(run):
+    task, _, code, _, _, _, placement = run
+    if task != TWO_NODE_TASK:
+        pytest.skip("the single-node launch")
+    assert code == 0
+    nodes, table = placement
+    assert len(set(nodes)) == 2
+    workers = {name: on for name, on in table.items() if name.endswith("WorkerDict")}
+    assert workers, f"no trainer worker actors among {sorted(table)}"
+    for name, on in workers.items():
+        assert sorted(on) == sorted(nodes), (name, on, nodes)  # one rank on each node

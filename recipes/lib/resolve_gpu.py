@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,6 +189,18 @@ def stand_in_wheel(folder: Path, requirement: str) -> Path:
 # ----------------------------------------------------------------------------- the index (network)
 
 
+def interpreter(python: str, given: dict[str, str]) -> str:
+    """A CPython of version ``python`` to run pip with: pip 23 checks a package's Requires-Python against the
+    interpreter it runs in, not against --python-version (megatron-core 0.18.0 requires >= 3.12)."""
+    candidates = [given.get(python), shutil.which(f"python{python}"), sys.executable]
+    for candidate in filter(None, candidates):
+        out = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip() == python:
+            return candidate
+    raise SystemExit(f"no CPython {python} to run pip with: --interpreter {python}=/path/to/python{python}")
+
+
 def index_urls() -> list[str]:
     """pip's configured index (default PyPI) and extra indexes, http(s) only (`pip config list`)."""
     out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
@@ -229,7 +242,8 @@ def project_listing(indexes: list[str], name: str) -> tuple[list[str] | None, li
     return (files, versions) if found else (None, None)
 
 
-def resolve(step: str, no_deps: bool, python: str, indexes: list[str], log=print, rounds: int = 30) -> Result:
+def resolve(step: str, no_deps: bool, python: str, indexes: list[str], pip_python: str, log=print,
+            rounds: int = 30) -> Result:
     result = Result(step, python)
     text = (RECIPES / step).read_text()
     includes = re.findall(r"^\s*-r\s+(\S+)", text, re.M)
@@ -248,7 +262,7 @@ def resolve(step: str, no_deps: bool, python: str, indexes: list[str], log=print
         stand_ins.mkdir()
         for _ in range(rounds):
             report = tmp / "report.json"
-            argv = [sys.executable, "-m", "pip", *pip_args(tmp / step, python, report, tmp / "target", stand_ins,
+            argv = [pip_python, "-m", "pip", *pip_args(tmp / step, python, report, tmp / "target", stand_ins,
                                                           no_deps)]
             run = subprocess.run(argv, capture_output=True, text=True)
             if run.returncode == 0:
@@ -279,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", nargs="*", help="CPython versions (default: each file's `# python:` line)")
     parser.add_argument("--step", nargs="*", choices=[s for s, _ in STEPS], help="default: every install step")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--interpreter", nargs="*", default=[], metavar="X.Y=PATH",
+                        help="the CPython X.Y to run pip with (default: pythonX.Y on PATH, or this one if X.Y)")
     args = parser.parse_args(argv)
+    given = dict(item.split("=", 1) for item in args.interpreter)
     indexes = [u for u in index_urls() if reachable(u)]
     print(f"indexes used: {', '.join(indexes)}")
     results = []
@@ -287,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.step and step not in args.step:
             continue
         for python in args.python or declared_pythons((RECIPES / step).read_text()):
-            result = resolve(step, no_deps, python, indexes)
+            result = resolve(step, no_deps, python, indexes, interpreter(python, given))
             results.append(result)
             status = "ok" if result.ok else f"DEFECT: {result.defect}"
             print(f"{step} (CPython {python}{', --no-deps' if no_deps else ''}): {status}; "
