@@ -355,3 +355,34 @@ def test_correction_and_megatron_size_reach_the_command(env, overrides, stub_mod
     assert overrides <= set(argv)
     assert f"trainer.experiment_name='math-{env.get('SIZE', 'qwen2_5_math_1_5b')}-harmonic-{env['CORRECTION']}'" in argv
     check_recipe(config_dir, name, argv, model_path=stub_model)
+
+
+def test_joining_a_running_cluster_with_the_cpu_size_leaves_resources_to_the_nodes():
+    script = RECIPES / "gsm8k" / "run.sh"
+    joined = dry_run(script, SIZE="cpu", RAY_ADDRESS="127.0.0.1:6379", NNODES="2", NGPUS_PER_NODE="1")
+    assert {"ray_kwargs.ray_init.num_cpus=null", "ray_kwargs.ray_init.num_gpus=null",
+            "trainer.nnodes=2", "trainer.n_gpus_per_node=1"} <= set(joined)
+    assert not any(a.startswith("ray_kwargs.") for a in dry_run(script, SIZE="cpu"))  # its own ray.init
+    assert not any(a.startswith("ray_kwargs.") for a in dry_run(script, RAY_ADDRESS="127.0.0.1:6379"))  # GPU size
+    assert not any(a.startswith("trainer.nnodes=") for a in dry_run(script))  # unset: the size file's
+
+
+def test_cluster_script_starts_head_and_workers(tmp_path):
+    record = tmp_path / "argv"
+    ray = tmp_path / "ray"
+    ray.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{record}"\n')
+    ray.chmod(0o755)
+    cluster = RECIPES / "lib" / "cluster.sh"
+    env = {**_env(), "RAY": str(ray), "NGPUS_PER_NODE": "1", "RAY_TEMP_DIR": "/tmp/r1", "RAY_START_ARGS": "--block"}
+    head = subprocess.run(["bash", str(cluster), "head"], env={**env, "RAY_PORT": "7000"}, capture_output=True,
+                          text=True, timeout=30)
+    assert head.returncode == 0 and "cluster.sh worker <this-node-ip>:7000" in head.stderr
+    assert record.read_text().split() == ["start", "--head", "--port=7000", "--include-dashboard=false",
+                                          "--num-gpus=1", "--temp-dir=/tmp/r1", "--block"]
+    worker = subprocess.run(["bash", str(cluster), "worker", "10.0.0.1:7000"], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert worker.returncode == 0
+    assert record.read_text().split() == ["start", "--address=10.0.0.1:7000", "--num-gpus=1", "--temp-dir=/tmp/r1",
+                                          "--block"]
+    missing = subprocess.run(["bash", str(cluster), "worker"], env=env, capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "give the head's address" in missing.stderr
