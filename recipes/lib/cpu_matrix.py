@@ -1,12 +1,15 @@
 """Every mean file x every correction file x both tasks through `SIZE=cpu bash recipes/<task>/run.sh` (not in CI).
 
-    python3 recipes/lib/cpu_matrix.py --out /tmp/cpu_matrix [--task gsm8k] [--mean harmonic ...]
+    python3 recipes/lib/cpu_matrix.py --out /tmp/cpu_matrix [--task gsm8k] [--mean harmonic ...] [--budget-min 60]
 
 Builds the local sample and tiny model (recipes/lib/cpu_sample.py), runs each task's prepare step once, then
 run.sh once per combination, one at a time (2 steps each: validation, 2 updates, a checkpoint), and checks
 what tests/test_recipes_cpu_size.py checks for its two combinations: exit 0, steps 1-2 logged, and the
 `actor/pm/*` metrics wherever the mean file's loss is ours (`grpo` and the `adv_*` files use verl's
 `vanilla` loss). Prints one line per run and a summary (passes, seconds); writes <out>/results.json.
+The order covers every mean file and every correction file early (mean i with correction i mod 3, the
+tasks alternating), then the remaining combinations; --budget-min stops starting new runs after that
+many minutes, and the summary says how many of the combinations ran.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ VERL_LOSSES = {"grpo", "adv_power_mean", "adv_agm"}  # mean files whose loss is 
 
 def stems(group: str) -> list[str]:
     return sorted(p.stem for p in (RECIPES / group).glob("*.yaml"))
+
+
+def ordered(tasks: list[str], means: list[str], corrections: list[str]) -> list[tuple[str, str, str]]:
+    """Every (task, mean, correction), each mean and correction (and both tasks) among the first runs."""
+    first = [(tasks[i % len(tasks)], mean, corrections[i % len(corrections)]) for i, mean in enumerate(means)]
+    rest = [(t, m, c) for m in means for c in corrections for t in tasks if (t, m, c) not in first]
+    return first + rest
 
 
 def run_one(task: str, mean: str, correction: str, sample: Path, out: Path) -> dict:
@@ -61,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", nargs="*", default=["gsm8k", "math"])
     parser.add_argument("--mean", nargs="*", default=stems("mean"))
     parser.add_argument("--correction", nargs="*", default=stems("correction"))
+    parser.add_argument("--budget-min", type=float, default=None, help="start no run after this many minutes")
     args = parser.parse_args(argv)
     start = time.time()
     sample = args.out / "sample"
@@ -69,19 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["bash", str(RECIPES / task / "prepare_data.sh")], check=True,
                        env={**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(args.out / "data"),
                             "RAW_DATA_DIR": str(sample / "raw")})
+    combos = ordered(args.task, args.mean, args.correction)
     results = []
-    for task in args.task:
-        for mean in args.mean:
-            for correction in args.correction:
-                results.append(run_one(task, mean, correction, sample, args.out))
-                r = results[-1]
-                print(f"{task:5} {mean:17} {correction:10} {'ok' if r['ok'] else 'FAIL ' + '; '.join(r['problems'])}"
-                      f"  {r['seconds']:.0f} s", flush=True)
+    for task, mean, correction in combos:
+        if args.budget_min is not None and time.time() - start > 60 * args.budget_min:
+            break
+        results.append(run_one(task, mean, correction, sample, args.out))
+        r = results[-1]
+        print(f"{task:5} {mean:17} {correction:10} {'ok' if r['ok'] else 'FAIL ' + '; '.join(r['problems'])}"
+              f"  {r['seconds']:.0f} s", flush=True)
     passed = sum(r["ok"] for r in results)
     total = time.time() - start
-    print(f"{passed} of {len(results)} passed in {total:.0f} s ({total / 60:.1f} min)")
-    (args.out / "results.json").write_text(json.dumps({"results": results, "seconds": round(total)}, indent=1))
-    return 0 if passed == len(results) else 1
+    load = os.getloadavg()[0]
+    print(f"{passed} of {len(results)} passed ({len(combos)} combinations; {len(combos) - len(results)} not run) "
+          f"in {total:.0f} s ({total / 60:.1f} min), load average at the end {load:.1f}")
+    (args.out / "results.json").write_text(json.dumps({"results": results, "combinations": len(combos),
+                                                       "seconds": round(total)}, indent=1))
+    return 0 if passed == len(results) == len(combos) else 1
 
 
 if __name__ == "__main__":
