@@ -21,13 +21,26 @@ import time
 from pathlib import Path
 
 CLUSTER = Path(__file__).resolve().parents[1] / "recipes" / "lib" / "cluster.sh"
-RAY = str(Path(sys.executable).parent / "ray")
+# Both nodes' address: a loopback one that Ray keeps (it replaces 127.0.0.1 / localhost by the machine's
+# outward address, services.resolve_ip_for_localhost), so nothing leaves the machine.
+LOOPBACK = "127.0.0.2"
+# Ray 2.60's `ray start` turns token authentication on; a driver that connects must ask for it too (the
+# token is ~/.ray/auth_token, where `ray start` wrote it). Set for the nodes, the probes and run.sh alike.
+AUTH = {"RAY_AUTH_MODE": "token"}
+
+
+def ray_cli(folder: Path) -> str:
+    """A `ray` executable that runs this interpreter's Ray CLI (a venv need not have the script)."""
+    path = folder / "ray"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m ray.scripts.scripts "$@"\n')
+    path.chmod(0o755)
+    return str(path)
 
 
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
     ports = [s.getsockname()[1] for s in sockets]
     for s in sockets:
         s.close()
@@ -67,7 +80,8 @@ def _stop(process: subprocess.Popen) -> None:
 def _ray_query(address: str, expression: str) -> object:
     probe = (f"import ray, json, ray._private.state as state; ray.init(address={address!r}, logging_level='ERROR'); "
              f"print(json.dumps({expression}))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, **AUTH})
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -88,10 +102,12 @@ def actor_nodes(address: str) -> dict[str, list[str]]:
 
 @contextlib.contextmanager
 def two_nodes(env: dict, logs: Path, timeout: float = 300):
-    """Start a head and a worker (one logical GPU slot each); yield (GCS address, node ids); stop both."""
+    """Start a head and a worker (one logical GPU slot each); yield (GCS address, node ids); stop both.
+
+    A driver joining it needs :data:`AUTH` in its environment."""
     ports = free_ports(17)
-    address = f"127.0.0.1:{ports[0]}"
-    base = {**env, "RAY": RAY, "NGPUS_PER_NODE": "1", "NUM_CPUS": "8", "NODE_IP": "127.0.0.1"}
+    address = f"{LOOPBACK}:{ports[0]}"
+    base = {**env, **AUTH, "RAY": ray_cli(logs), "NGPUS_PER_NODE": "1", "NUM_CPUS": "8", "NODE_IP": LOOPBACK}
     # short temp dirs: Ray's socket paths must stay under 107 characters
     temps = [tempfile.mkdtemp(prefix="rayh"), tempfile.mkdtemp(prefix="rayw")]
     processes = [_start("head", {**base, "RAY_PORT": str(ports[0]), "RAY_TEMP_DIR": temps[0],

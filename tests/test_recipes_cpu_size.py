@@ -25,7 +25,7 @@ from pathlib import Path
 import datasets
 import pytest
 from omegaconf import OmegaConf
-from ray_cluster import actor_nodes, two_nodes
+from ray_cluster import AUTH, actor_nodes, two_nodes
 from verl.utils.reward_score import default_compute_score
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def run(request, sample, tmp_path_factory):
     placement = None
     if task == TWO_NODE_TASK:
         with two_nodes(offline_env(out, VERL_PLATFORM="cpu"), out) as (address, nodes):
-            env.update(NNODES="2", NGPUS_PER_NODE="1", RAY_ADDRESS=address)
+            env.update(NNODES="2", NGPUS_PER_NODE="1", RAY_ADDRESS=address, **AUTH)
             result = launch()
             placement = (nodes, actor_nodes(address))
     else:

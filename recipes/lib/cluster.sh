@@ -17,6 +17,10 @@
 # trainer.resume_from_path=<CKPT_DIR>/global_step_<n> picks a step. recipes/slurm/ray_on_slurm.slurm does
 # the same under SLURM. tests/test_recipes_multinode.py runs it with two nodes on one machine (CPU size).
 #
+# Ray >= 2.5x: `ray start` turns on token authentication (the token in ~/.ray/auth_token of the head; copy it
+# to every node, or set RAY_AUTH_MODE=disabled on a trusted network) and a driver that joins needs
+# RAY_AUTH_MODE=token in its environment: `RAY_AUTH_MODE=token NNODES=2 RAY_ADDRESS=... bash recipes/<task>/run.sh`.
+#
 # Environment (default): RAY_PORT (6379) the head's GCS port; NGPUS_PER_NODE (Ray's own count) GPUs this node
 # offers -- with the CPU size, logical GPU slots = trainer ranks on this node; NUM_CPUS (Ray's own count);
 # NODE_IP (Ray's choice); RAY_TEMP_DIR (Ray's /tmp/ray) -- two nodes on one machine need two;
