@@ -161,14 +161,11 @@ def test_readme_lists_every_key_the_cpu_size_changes():
 
 
 @pytest.fixture(scope="module", params=list(RUNS))
-def run(request, sample, tmp_path_factory):
+def run(request, sample, prepared, tmp_path_factory):
     task = request.param
     mean, correction, power = RUNS[task]
     out = tmp_path_factory.mktemp(f"cpu_size_{task}")
-    data = out / "data"
-    prepared = prepare(task, sample, data)
-    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
-    env = offline_env(out, SIZE="cpu", MEAN=mean, CORRECTION=correction, DATA_DIR=str(data),
+    env = offline_env(out, SIZE="cpu", MEAN=mean, CORRECTION=correction, DATA_DIR=str(prepared),
                       MODEL_PATH=str(sample / "hmpo_cpu_model"), CKPT_DIR=str(out / "ckpt"), LOGGER="console,file",
                       VERL_FILE_LOGGER_PATH=str(out / "metrics.jsonl"), RAY_DEDUP_LOGS="0")
 

@@ -94,3 +94,17 @@ def test_cuda_messages_tell_a_cpu_build_from_a_driver_problem(monkeypatch, cuda,
 def test_cuda_ok(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", _fake_torch("13.0", True, 8))
     assert preflight.check_cuda(8) == []
+
+
+def test_the_cpu_backends_resource_check_leaves_a_joined_cluster_to_its_nodes(monkeypatch):
+    """run.sh joining a cluster (RAY_ADDRESS=<host>:<port>) clears ray_init's num_cpus / num_gpus, which Ray refuses
+    from a connecting driver; verl_cpu's driver-side check must not demand them back."""
+    from omegaconf import OmegaConf
+    from verl_cpu.preflight import check_ray_resources
+
+    config = OmegaConf.create({"trainer": {"nnodes": 2, "n_gpus_per_node": 1},
+                               "ray_kwargs": {"ray_init": {"num_cpus": None, "num_gpus": None}}})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert len(check_ray_resources(config)) == 2  # its own ray.init: both are needed
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.2:6379")
+    assert check_ray_resources(config) == []
