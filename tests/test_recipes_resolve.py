@@ -133,15 +133,23 @@ def test_missing_requirement_is_read_from_pips_error():
 
 @pytest.mark.parametrize("files,versions,expected", [
     (None, None, "lacking"),  # no such project on the index
-    (["megatron_bridge-0.5.1-py3-none-any.whl"], ["0.5.1"], "lacking"),  # not that version
-    (["flash_attn-2.8.3.tar.gz"], ["2.8.3"], "no-wheel"),  # only an sdist: a defect of the file
-    (["megatron_core-0.18.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl"], ["0.18.0"], "no-wheel"),
-    (["x-1.0-cp312-cp312-manylinux_2_27_x86_64.whl"], ["1.0"], "lacking"),  # a wheel fits: pip's view lacks it
-    (["x-1.0-py3-none-win_amd64.whl"], ["1.0"], "no-wheel"),
+    ([("megatron_bridge-0.5.1-py3-none-any.whl", "")], ["0.5.1"], "lacking"),  # not that version
+    ([("flash_attn-2.8.3.tar.gz", "")], ["2.8.3"], "no-wheel"),  # only an sdist: a defect of the file
+    ([("megatron_core-0.18.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl", "")], ["0.18.0"], "no-wheel"),
+    ([("x-1.0-cp312-cp312-manylinux_2_27_x86_64.whl", "")], ["1.0"], "lacking"),  # a wheel fits: pip's view lacks it
+    ([("x-1.0-cp312-cp312-manylinux_2_27_x86_64.whl", ">=3.13")], ["1.0"], "no-wheel"),  # its Requires-Python
+    ([("llguidance-1.7.0-cp39-abi3-manylinux_2_31_x86_64.whl", ">=3.10")], ["1.7.0"], "lacking"),  # abi3 from cp39 on
+    ([("x-1.0-py3-none-win_amd64.whl", "")], ["1.0"], "no-wheel"),
 ])
 def test_classify_tells_a_missing_wheel_from_a_missing_package(files, versions, expected):
-    name = re.split(r"[-_]\d", files[0])[0].replace("_", "-") if files else "some-package"
+    name = re.split(r"[-_]\d", files[0][0])[0].replace("_", "-") if files else "some-package"
     assert resolve_gpu.classify(f"{name}=={versions[0] if versions else '1.0'}", "3.12", files, versions) == expected
+
+
+def test_a_wheel_url_for_another_python_is_a_defect_before_any_network():
+    url = "flash_attn-2.8.3-cp312-cp312-linux_x86_64.whl"
+    assert resolve_gpu.wheel_fits(url, "3.12") and not resolve_gpu.wheel_fits(url, "3.11")
+    assert resolve_gpu.wheel_fits("megatron_bridge-0.5.2-py3-none-any.whl", "3.10")
 
 
 def test_stand_in_wheel_satisfies_the_requirement(tmp_path):

@@ -144,27 +144,41 @@ def missing_requirement(stderr: str) -> str | None:
     return match.group(1) if match else None
 
 
-def classify(requirement: str, python: str, files: list[str] | None, versions: list[str] | None) -> str:
+def wheel_fits(filename: str, python: str) -> bool:
+    """A wheel file name's tags fit CPython ``python`` on :data:`PLATFORMS` (or any platform)."""
+    from packaging.utils import parse_wheel_filename
+
+    nodot = python.replace(".", "")
+    abis = {f"cp{nodot}", "abi3", "none"}
+    interpreters = {f"cp{nodot}", f"py{nodot[0]}", f"py{nodot}"}
+    for tag in parse_wheel_filename(filename)[3]:
+        abi3_ok = tag.abi == "abi3" and tag.interpreter.startswith("cp") and int(tag.interpreter[3:] or 0) <= int(nodot[1:])
+        if (tag.interpreter in interpreters or abi3_ok) and tag.abi in abis and tag.platform in PLATFORMS + ["any"]:
+            return True
+    return False
+
+
+def classify(requirement: str, python: str, files: list[tuple[str, str]] | None, versions: list[str] | None) -> str:
     """'lacking' (not on this index: no listing, or not that version) or 'no-wheel' (listed, no usable wheel).
 
-    ``files`` / ``versions``: the project's file names and versions on the index (None: no such project).
+    ``files``: the project's (file name, Requires-Python) on the index; ``versions``: its versions (None: no
+    such project). A wheel that fits the tags but whose Requires-Python excludes ``python`` does not count.
     """
     from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
     from packaging.utils import parse_wheel_filename
     from packaging.version import Version
 
     req = Requirement(requirement)
     if files is None or versions is None:
         return "lacking"
-    wanted = [v for v in versions if Version(v) in req.specifier]
+    wanted = {v for v in versions if Version(v) in req.specifier}
     if not wanted:
         return "lacking"
-    tags = {f"cp{python.replace('.', '')}", "abi3", "none"}
-    for name in files:
-        if not name.endswith(".whl"):
+    for name, requires_python in files:
+        if not name.endswith(".whl") or str(parse_wheel_filename(name)[1]) not in wanted:
             continue
-        _, version, _, wheel_tags = parse_wheel_filename(name)
-        if str(version) in wanted and any(t.abi in tags and t.platform in PLATFORMS + ["any"] for t in wheel_tags):
+        if wheel_fits(name, python) and Version(python) in SpecifierSet(requires_python or ""):
             return "lacking"  # a wheel fits, so pip's index view lacks it (a partial mirror)
     return "no-wheel"
 
@@ -225,8 +239,8 @@ def reachable(url: str, timeout: float = 15) -> bool:
         return False
 
 
-def project_listing(indexes: list[str], name: str) -> tuple[list[str] | None, list[str] | None]:
-    """(file names, versions) of project ``name`` over ``indexes`` (PEP 691 JSON); (None, None) if none has it."""
+def project_listing(indexes: list[str], name: str) -> tuple[list[tuple[str, str]] | None, list[str] | None]:
+    """((file name, Requires-Python) pairs, versions) of project ``name`` over ``indexes`` (PEP 691 JSON); (None, None) if none has it."""
     files, versions, found = [], [], False
     for index in indexes:
         url = f"{index.rstrip('/')}/{re.sub(r'[-_.]+', '-', name).lower()}/"
@@ -237,7 +251,7 @@ def project_listing(indexes: list[str], name: str) -> tuple[list[str] | None, li
         except (urllib.error.URLError, OSError, ValueError):
             continue
         found = True
-        files += [f["filename"] for f in data.get("files", [])]
+        files += [(f["filename"], f.get("requires-python") or "") for f in data.get("files", [])]
         versions += data.get("versions", [])
     return (files, versions) if found else (None, None)
 
@@ -250,6 +264,9 @@ def resolve(step: str, no_deps: bool, python: str, indexes: list[str], pip_pytho
     all_text = text + "".join((RECIPES / inc).read_text() for inc in includes)
     urls = [u for u in extra_indexes(all_text) if not reachable(u)]
     for name, url in wheel_urls(all_text).items():
+        if not wheel_fits(url.rsplit("/", 1)[1], python):
+            result.defect = f"{name}'s wheel URL is not for CPython {python}: {url.rsplit('/', 1)[1]}"
+            return result
         if not reachable(url):
             urls.append(url)
             result.lacking.append(f"{wheel_requirement(name, url)} (its wheel URL)")
