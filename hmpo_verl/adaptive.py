@@ -77,28 +77,15 @@ def ess_search_bound(row_advantage_sign: torch.Tensor, sign_rule: str, p_min: fl
     raise ValueError(f"sign_rule={sign_rule!r}; allowed: advantage, negative, positive")
 
 
-def _shifted(log_x: torch.Tensor, valid: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """y = sign * log_x - max_t(sign * log_x) per row, -inf at invalid entries. Shapes `(R, T)`, sign `(R,)`.
-
-    The shift comes before any multiplication by |p|, so x_t - max x = |p| * y_t is one rounding
-    of an exact difference (Sterbenz: log-ratios within a factor 2 of each other subtract exactly),
-    however large |p| * log_x: rounding p * log_x first (as a plain softmax would) costs
-    eps * |p * log_x| in every exponent, 0.03 at |p| = 1e4, |log_x| = 50 in float32.
-    """
-    y = torch.where(valid, log_x * sign.unsqueeze(-1), -math.inf)
-    return y.sub_(y.amax(-1, keepdim=True))
-
-
 def _log_ess_fraction(y: torch.Tensor, n: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Exact log(ESS_p / T) of each row at |p| = u >= 0, from y of `_shifted` (max 0 per row).
+    """Exact log(ESS_p / T) of each row at |p| = u > 0, from y = sign(p) * log_x.
 
-    With e_t = exp(u * y_t) (at most 1, so nothing overflows): ESS / T = (sum e)^2 / (n * sum e^2).
-    u = 0 is evaluated as the smallest normal u > 0, where every valid e_t rounds to 1 (ESS / T = 1,
-    the value at p = 0) and the invalid entries (-inf) stay 0: -inf * 0 would be NaN.
+    With x_t = u * y_t and e_t = exp(x_t - max x): ESS / T = (sum e)^2 / (n * sum e^2)
+    (the shift cancels, nothing overflows). y holds -inf at invalid entries (e = 0).
     Shapes: y `(R, T)`, n and u `(R,)`.
     """
-    u = u.clamp(min=torch.finfo(y.dtype).tiny)
-    e = (y * u.unsqueeze(-1)).exp_()
+    e = y * u.unsqueeze(-1)
+    e = e.sub_(e.amax(-1, keepdim=True)).exp_()
     s1 = e.sum(-1)
     s2 = e.square_().sum(-1)
     return 2.0 * torch.log(s1) - torch.log(s2) - torch.log(n)
@@ -143,7 +130,7 @@ def solve_power_for_ess(
         if rows.numel() == 0:
             return p.to(torch.float32)
         sign = torch.sign(bound[rows])
-        y = _shifted(log_x[rows].detach().to(dtype), valid[rows], sign.to(dtype))
+        y = torch.where(valid[rows], log_x[rows].detach().to(dtype) * sign.to(dtype).unsqueeze(-1), -math.inf)
         n_r, t = n[rows].to(dtype), target[rows]
 
         def phi(v):
@@ -165,12 +152,11 @@ def solve_power_for_ess(
             todo = ~done
             rows, sign, y, n_r, t = rows[todo], sign[todo], y[todo], n_r[todo], t[todo]
             v_lo, phi_lo, v_hi, phi_hi, kept = v_lo[todo], phi_lo[todo], v_hi[todo], phi_hi[todo], kept[todo]
-            # safeguards: every other step from SAFEGUARD_AFTER on, and wherever rounding puts the secant
-            # step outside the open bracket (a flat phi makes the Anderson-Bjorck scale ~1e-16), the step
-            # halves the |p| bracket instead, so a row that regula falsi stalls on still converges
-            secant = v_hi - phi_hi * (v_hi - v_lo) / (phi_hi - phi_lo)
-            bisect = ~((secant > v_lo) & (secant < v_hi)) | (step >= SAFEGUARD_AFTER and step % 2 == 1)
-            v = torch.where(bisect, ((v_lo.sqrt() + v_hi.sqrt()) / 2).square(), secant)
+            bisect = step >= SAFEGUARD_AFTER and step % 2 == 1
+            if bisect:  # safeguard: halve the |p| bracket, so a row that regula falsi stalls on still converges
+                v = ((v_lo.sqrt() + v_hi.sqrt()) / 2).square()
+            else:
+                v = v_hi - phi_hi * (v_hi - v_lo) / (phi_hi - phi_lo)
             phi_v = phi(v)
             done = solved(phi_v)
             p[rows] = sign * v.sqrt()
@@ -182,7 +168,7 @@ def solve_power_for_ess(
             phi_lo = torch.where(~above & (kept < 0), phi_lo * scale_lo, phi_lo)
             v_lo, phi_lo = torch.where(above, v, v_lo), torch.where(above, phi_v, phi_lo)
             v_hi, phi_hi = torch.where(above, v_hi, v), torch.where(above, phi_hi, phi_v)
-            kept = torch.where(bisect, 0.0, torch.where(above, 1.0, -1.0))
+            kept = torch.zeros_like(kept) if bisect else torch.where(above, 1.0, -1.0)
         else:
             p[rows[~done]] = (sign * v_lo.sqrt())[~done]
         return p.to(torch.float32)
