@@ -85,3 +85,19 @@ def test_the_data_sources_the_recipes_use_have_a_verl_reward():
         score = default_compute_score(source, text, truth)
         score = score["score"] if isinstance(score, dict) else score
         assert score == 1.0, source
+
+
+def test_aime_conversion_keeps_each_of_dapos_repeated_problems_once(tmp_path):
+    """DAPO's AIME-2024 parquet repeats its 30 problems 32 times (960 rows); validation needs each once."""
+    prefix = "Solve the following math problem step by step. The last line of your response should be of the form "
+    def row(problem: int, copy: int) -> dict:
+        return {"data_source": "math_dapo", "ability": "MATH",
+                "prompt": [{"role": "user", "content": f"{prefix}Answer: $Answer ...\n\nProblem {problem}."}],
+                "reward_model": {"ground_truth": str(100 + problem), "style": "rule-lighteval/MATH_v2"},
+                "extra_info": {"index": f"{problem}-{copy}"}}
+    src, dst = tmp_path / "aime-2024.dapo.parquet", tmp_path / "aime-2024.parquet"
+    datasets.Dataset.from_list([row(p, c) for c in range(32) for p in range(30)]).to_parquet(src)
+    assert prepare_extra.convert_aime(str(src), str(dst)) == 30
+    out = datasets.Dataset.from_parquet(str(dst))
+    assert [r["ground_truth"] for r in out["reward_model"]] == [str(100 + p) for p in range(30)]
+    assert out["extra_info"][3] == {"split": "test", "index": 3, "unique_id": "3-0"}  # first copy, renumbered

@@ -49,6 +49,22 @@ def test_megatron_size_builds_verls_megatron_configs(stub_model):
     assert (ref.tensor_model_parallel_size, ref.expert_model_parallel_size) == (2, 8)
 
 
+def test_routing_replay_turns_off_what_verls_router_replay_example_turns_off():
+    """verl's examples/router_replay/run_qwen3_30b_a3b_megatron.sh: dynamic batch size (actor, old-log-prob
+    and ref passes), moe_permute_fusion and trainer.balance_batch all off with R2 / R3."""
+    for task in ("gsm8k", "math"):
+        cfg = compose_recipe(RECIPES, task, (SIZE,))
+        OmegaConf.resolve(cfg)
+        arr = cfg.actor_rollout_ref
+        assert arr.actor.megatron.router_replay.mode in ("R2", "R3")
+        assert not arr.actor.use_dynamic_bsz
+        assert not arr.rollout.log_prob_use_dynamic_bsz and not arr.ref.log_prob_use_dynamic_bsz
+        assert arr.actor.megatron.override_transformer_config.moe_permute_fusion is False
+        assert cfg.trainer.balance_batch is False
+        longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+        assert arr.actor.ppo_micro_batch_size_per_gpu * longest <= arr.actor.ppo_max_token_len_per_gpu
+
+
 def test_verls_own_example_key_grad_offload_does_not_exist_in_verl_0_9_1():
     """Why the size file omits `megatron.grad_offload`, which verl's example script sets."""
     with pytest.raises(RecipeError, match="grad_offload"):

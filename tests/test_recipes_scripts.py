@@ -23,14 +23,14 @@ import pytest
 import torch
 from test_recipes_config import RECIPES, check_recipe, stub_model  # noqa: F401 - stub_model is a fixture
 
-ALL_SCRIPTS = sorted(RECIPES.rglob("*.sh"))
+ALL_SCRIPTS = sorted([*RECIPES.rglob("*.sh"), *RECIPES.rglob("*.slurm")])
 RUN_SCRIPTS = sorted(RECIPES.rglob("run.sh"))
 IDS = [str(p.relative_to(RECIPES)) for p in ALL_SCRIPTS]
 RUN_IDS = [str(p.relative_to(RECIPES)) for p in RUN_SCRIPTS]
 
 # Variables the run scripts read: cleared so the caller's environment cannot leak into a test.
 SCRIPT_ENV = ("MEAN", "SIZE", "CORRECTION", "PREFLIGHT", "NNODES", "NGPUS_PER_NODE", "MODEL_PATH", "DATA_DIR", "TRAIN_FILES", "VAL_FILES",
-              "EXPERIMENT_NAME", "PYTHON", "RAY_ADDRESS", "DRY_RUN")
+              "EXPERIMENT_NAME", "PYTHON", "RAY_ADDRESS", "DRY_RUN", "CKPT_DIR", "LOGGER")
 
 
 def _env(**extra: str) -> dict:
@@ -204,6 +204,43 @@ def test_bad_environment_fails_before_launch(env, message):
         assert listed == sorted(p.stem for p in (RECIPES / group).glob("*.yaml"))
 
 
+@pytest.mark.parametrize("script", GPU_RUN_SCRIPTS, ids=["gsm8k", "math"])
+def test_checkpoints_go_to_an_absolute_directory(script, tmp_path):
+    """verl's default trainer.default_local_dir is relative to each launch's working directory: on several
+    nodes or through `ray job submit` a resume (resume_mode auto) would not find it and start from step 0."""
+    from test_recipes_config import compose_recipe
+
+    name = script.parent.name
+    cfg = compose_recipe(RECIPES, name, ())  # a direct launch of the task YAML, without run.sh
+    assert os.path.isabs(cfg.trainer.default_local_dir), cfg.trainer.default_local_dir
+    assert cfg.trainer.default_local_dir.endswith(f"/hmpo_verl/{name}") and cfg.trainer.resume_mode == "auto"
+    _, _, argv = parse_launch(dry_run(script, HOME=str(tmp_path)))
+    assert f"trainer.default_local_dir='{tmp_path}/checkpoints/hmpo_verl/{name}-qwen2_5_math_1_5b-harmonic'" in argv
+    _, _, argv = parse_launch(dry_run(script, CKPT_DIR="/shared/ckpt/run 1"))
+    assert "trainer.default_local_dir='/shared/ckpt/run 1'" in argv
+    relative = _run(script, "--dry-run", CKPT_DIR="checkpoints/run1")
+    assert relative.returncode == 2 and "CKPT_DIR=checkpoints/run1: an absolute path" in relative.stderr
+
+
+def test_logging_is_console_by_default_and_one_variable_adds_a_tracker(stub_model):
+    script = RECIPES / "gsm8k" / "run.sh"
+    assert "trainer.logger=['console']" in dry_run(script)
+    config_dir, name, argv = parse_launch(dry_run(script, LOGGER="console,wandb"))
+    assert "trainer.logger=['console','wandb']" in argv
+    cfg, _ = check_recipe(config_dir, name, argv, model_path=stub_model)
+    assert list(cfg.trainer.logger) == ["console", "wandb"]
+    bad = _run(script, "--dry-run", LOGGER="console,wandbb")
+    assert bad.returncode == 2 and "no tracker 'wandbb' in verl; choose from: wandb," in bad.stderr
+
+
+def test_the_launchers_tracker_list_is_verls():
+    from verl.utils.tracking import Tracking
+
+    out = subprocess.run(["bash", "-c", f'source "{RECIPES}/lib/launch.sh"; echo "${{HMPO_TRACKERS[*]}}"'],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == list(Tracking.supported_backend)
+
+
 def test_help():
     result = _run(RECIPES / "gsm8k" / "run.sh", "--help")
     assert result.returncode == 0 and "--dry-run" in result.stdout and "NNODES" in result.stdout
@@ -280,7 +317,9 @@ def test_preflight_reports_what_this_machine_lacks():
         expected.append("- vllm==")
     if util.find_spec("flash_attn") is None:
         expected.append("- flash-attn==")
-    if not torch.cuda.is_available():
+    if torch.version.cuda is None:
+        expected.append("is a CPU-only build")
+    elif not torch.cuda.is_available():
         expected.append("sees no CUDA device")
     assert all(e in result.stderr for e in expected), result.stderr
     assert result.returncode in (0, 3) and (result.returncode == 3) == ("problem(s) on this node" in result.stderr)
@@ -316,3 +355,34 @@ def test_correction_and_megatron_size_reach_the_command(env, overrides, stub_mod
     assert overrides <= set(argv)
     assert f"trainer.experiment_name='math-{env.get('SIZE', 'qwen2_5_math_1_5b')}-harmonic-{env['CORRECTION']}'" in argv
     check_recipe(config_dir, name, argv, model_path=stub_model)
+
+
+def test_joining_a_running_cluster_with_the_cpu_size_leaves_resources_to_the_nodes():
+    script = RECIPES / "gsm8k" / "run.sh"
+    joined = dry_run(script, SIZE="cpu", RAY_ADDRESS="127.0.0.1:6379", NNODES="2", NGPUS_PER_NODE="1")
+    assert {"ray_kwargs.ray_init.num_cpus=null", "ray_kwargs.ray_init.num_gpus=null",
+            "trainer.nnodes=2", "trainer.n_gpus_per_node=1"} <= set(joined)
+    assert not any(a.startswith("ray_kwargs.") for a in dry_run(script, SIZE="cpu"))  # its own ray.init
+    assert not any(a.startswith("ray_kwargs.") for a in dry_run(script, RAY_ADDRESS="127.0.0.1:6379"))  # GPU size
+    assert not any(a.startswith("trainer.nnodes=") for a in dry_run(script))  # unset: the size file's
+
+
+def test_cluster_script_starts_head_and_workers(tmp_path):
+    record = tmp_path / "argv"
+    ray = tmp_path / "ray"
+    ray.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{record}"\n')
+    ray.chmod(0o755)
+    cluster = RECIPES / "lib" / "cluster.sh"
+    env = {**_env(), "RAY": str(ray), "NGPUS_PER_NODE": "1", "RAY_TEMP_DIR": "/tmp/r1", "RAY_START_ARGS": "--block"}
+    head = subprocess.run(["bash", str(cluster), "head"], env={**env, "RAY_PORT": "7000"}, capture_output=True,
+                          text=True, timeout=30)
+    assert head.returncode == 0 and "cluster.sh worker <this-node-ip>:7000" in head.stderr
+    assert record.read_text().split() == ["start", "--head", "--port=7000", "--include-dashboard=false",
+                                          "--num-gpus=1", "--temp-dir=/tmp/r1", "--block"]
+    worker = subprocess.run(["bash", str(cluster), "worker", "10.0.0.1:7000"], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert worker.returncode == 0
+    assert record.read_text().split() == ["start", "--address=10.0.0.1:7000", "--num-gpus=1", "--temp-dir=/tmp/r1",
+                                          "--block"]
+    missing = subprocess.run(["bash", str(cluster), "worker"], env=env, capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "give the head's address" in missing.stderr

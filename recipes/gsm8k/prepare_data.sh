@@ -5,24 +5,23 @@
 # recipes/gsm8k/prepare_extra.py then adds a system message asking for "####", so that
 # Qwen2.5-Math's chat template does not insert its default one asking for \boxed{} (see there).
 #
-# Usage: [DATA_DIR=$HOME/data] [VERL_REPO=<verl checkout> | VERL_REF=v0.9.1] bash recipes/gsm8k/prepare_data.sh
-# Needs network access to the Hugging Face hub (openai/gsm8k), or LOCAL_DATASET_PATH=<a local copy>.
+# Usage: [DATA_DIR=$HOME/data] [VERL_REPO=<verl checkout>] [RAW_DATA_DIR=<dir>] bash recipes/gsm8k/prepare_data.sh
+#   VERL_REPO       run verl's own examples/data_preprocess/gsm8k.py from that checkout; unset:
+#                   recipes/lib/preprocess.py, the same rows (see recipes/lib/prepare.sh)
+#   RAW_DATA_DIR    read the dataset from $RAW_DATA_DIR/openai/gsm8k, a local copy in the hub repository's
+#                   layout (recipes/lib/cpu_sample.py writes a small one), instead of the Hugging Face hub;
+#                   LOCAL_DATASET_PATH=<that folder> does the same
 set -euo pipefail
 
 RECIPES_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 DATA_DIR=${DATA_DIR:-$HOME/data}
 PYTHON=${PYTHON:-python3}
 
+LOCAL_DATASET_PATH=${LOCAL_DATASET_PATH:-${RAW_DATA_DIR:+$RAW_DATA_DIR/openai/gsm8k}}
+
 # shellcheck source-path=SCRIPTDIR source=../lib/prepare.sh
 source "$RECIPES_DIR/lib/prepare.sh"
-hmpo_verl_repo
-
-mkdir -p "$DATA_DIR/gsm8k"
-args=(--local_save_dir "$DATA_DIR/gsm8k")
-if [[ -n "${LOCAL_DATASET_PATH:-}" ]]; then
-    args+=(--local_dataset_path "$LOCAL_DATASET_PATH")
-fi
-"$PYTHON" "$VERL_REPO/examples/data_preprocess/gsm8k.py" "${args[@]}"
+hmpo_preprocess gsm8k "$DATA_DIR/gsm8k" "$LOCAL_DATASET_PATH"
 for split in train test; do
     "$PYTHON" "$RECIPES_DIR/gsm8k/prepare_extra.py" system "$DATA_DIR/gsm8k/$split.parquet"
 done

@@ -1,13 +1,14 @@
 # shellcheck shell=bash
 # Shared launcher of the recipes/<task>/run.sh scripts (sourced, not run). The caller sets the
 # variables of its "user-adjustable" block -- TASK, MEAN, SIZE, NNODES, NGPUS_PER_NODE,
-# MODEL_PATH, TRAIN_FILES, VAL_FILES, EXPERIMENT_NAME, PYTHON, and optionally CORRECTION (a file
-# stem of recipes/correction/) and PREFLIGHT (1: run recipes/lib/preflight.py first) -- then calls
+# MODEL_PATH, TRAIN_FILES, VAL_FILES, EXPERIMENT_NAME, CKPT_DIR, LOGGER, PYTHON, and optionally CORRECTION
+# (a file stem of recipes/correction/) and PREFLIGHT (1: run recipes/lib/preflight.py first) -- then calls
 # `hmpo_launch "$@"`, which builds verl's own command line,
 #
 #   python3 -m verl.trainer.main_ppo --config-path=<recipes> --config-name=<TASK> \
-#       mean=<MEAN> size=<SIZE> [correction=<CORRECTION>] trainer.nnodes=... trainer.n_gpus_per_node=... \
+#       mean=<MEAN> size=<SIZE> [correction=<CORRECTION>] [trainer.nnodes=...] [trainer.n_gpus_per_node=...] \
 #       data.train_files=[...] data.val_files=[...] trainer.experiment_name=... \
+#       trainer.default_local_dir=<CKPT_DIR> trainer.logger=[<LOGGER>] \
 #       [actor_rollout_ref.model.path=<MODEL_PATH>] [your overrides...]
 #
 # and either prints it (--dry-run / DRY_RUN=1: one line on stdout, quoted so that a shell
@@ -16,6 +17,9 @@
 # check recipes/lib/preflight.py runs first, with the same $PYTHON, and a failure stops the launch
 # before Ray starts, naming every missing piece. With RAY_ADDRESS=http(s)://<head>:8265 the same command
 # is submitted to a running Ray cluster: `ray job submit --address=$RAY_ADDRESS -- <command>`.
+
+# verl 0.9.1's trackers (verl/utils/tracking.py, Tracking.supported_backend; a test keeps this list equal).
+HMPO_TRACKERS=(wandb mlflow swanlab vemlp_wandb tensorboard console clearml trackio file rl_insight)
 
 hmpo_die() {
     echo "$(basename -- "$0"): $*" >&2
@@ -63,12 +67,26 @@ hmpo_shell_word() {
 # The software check of a GPU node (recipes/lib/preflight.py): the pins of recipes/requirements-gpu*.txt,
 # CUDA and NGPUS_PER_NODE visible GPUs, and hmpo-verl's verl.plugins entry point. Exits 3 naming what
 # is missing. Skipped for `ray job submit` (the job runs on the cluster's software, not this shell's).
+# Is the size file a CPU size (trainer.device: cpu)? Such a run needs VERL_PLATFORM=cpu (verl_cpu).
+hmpo_cpu_size() {
+    grep -Eq '^[[:space:]]+device:[[:space:]]*cpu[[:space:]]*(#.*)?$' "$RECIPES_DIR/size/$SIZE.yaml"
+}
+
 hmpo_preflight() {
+    if hmpo_cpu_size; then
+        "$PYTHON" "$RECIPES_DIR/lib/preflight.py" --cpu ||
+            { echo "$(basename -- "$0"): preflight failed; nothing launched (PREFLIGHT=0 skips the check)" >&2; exit 3; }
+        return 0
+    fi
     local engine=fsdp
     if grep -Eq '^[[:space:]]*-[[:space:]]*override /model_engine:[[:space:]]*megatron' "$RECIPES_DIR/size/$SIZE.yaml"; then
         engine=megatron
     fi
-    "$PYTHON" "$RECIPES_DIR/lib/preflight.py" --engine "$engine" --gpus "$NGPUS_PER_NODE" ||
+    local gpus=$NGPUS_PER_NODE
+    if [[ -z "$gpus" ]]; then  # the size file's trainer.n_gpus_per_node
+        gpus=$(sed -n -E 's/^[[:space:]]+n_gpus_per_node:[[:space:]]*([0-9]+).*/\1/p' "$RECIPES_DIR/size/$SIZE.yaml")
+    fi
+    "$PYTHON" "$RECIPES_DIR/lib/preflight.py" --engine "$engine" --gpus "${gpus:-8}" ||
         { echo "$(basename -- "$0"): preflight failed; nothing launched (PREFLIGHT=0 skips the check)" >&2; exit 3; }
 }
 
@@ -94,10 +112,20 @@ hmpo_launch() {
         [[ -f "$RECIPES_DIR/correction/$CORRECTION.yaml" ]] ||
             hmpo_die "CORRECTION=$CORRECTION: no recipes/correction/$CORRECTION.yaml; choose one of: $(hmpo_choices correction)"
     fi
-    [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NNODES=$NNODES: a positive integer, please"
-    [[ "$NGPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NGPUS_PER_NODE=$NGPUS_PER_NODE: a positive integer, please"
+    [[ -z "$NNODES" || "$NNODES" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NNODES=$NNODES: a positive integer, please"
+    [[ -z "$NGPUS_PER_NODE" || "$NGPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] ||
+        hmpo_die "NGPUS_PER_NODE=$NGPUS_PER_NODE: a positive integer, please"
     [[ -n "$TRAIN_FILES" && -n "$VAL_FILES" ]] || hmpo_die "TRAIN_FILES and VAL_FILES must not be empty"
-    for arg in "$TRAIN_FILES" "$VAL_FILES" "$EXPERIMENT_NAME" "$MODEL_PATH"; do
+    [[ "$CKPT_DIR" == /* ]] ||
+        hmpo_die "CKPT_DIR=$CKPT_DIR: an absolute path, please (a relative one lands under each process's working directory, and a resume would silently start from step 0)"
+    local tracker trackers
+    IFS=, read -r -a trackers <<< "$LOGGER"
+    [[ ${#trackers[@]} -gt 0 ]] || hmpo_die "LOGGER is empty; choose from: $(IFS=,; echo "${HMPO_TRACKERS[*]}")"
+    for tracker in "${trackers[@]}"; do
+        [[ " ${HMPO_TRACKERS[*]} " == *" $tracker "* ]] ||
+            hmpo_die "LOGGER=$LOGGER: no tracker '$tracker' in verl; choose from: $(IFS=,; echo "${HMPO_TRACKERS[*]}")"
+    done
+    for arg in "$TRAIN_FILES" "$VAL_FILES" "$EXPERIMENT_NAME" "$MODEL_PATH" "$CKPT_DIR"; do
         [[ "$arg" != *"'"* ]] || hmpo_die "a value holding a single quote is not supported: $arg"
     done
 
@@ -118,15 +146,26 @@ hmpo_launch() {
     if [[ -n "${CORRECTION:-}" ]]; then
         cmd+=("correction=$CORRECTION")
     fi
+    if [[ -n "$NNODES" ]]; then
+        cmd+=("trainer.nnodes=$NNODES")
+    fi
+    if [[ -n "$NGPUS_PER_NODE" ]]; then
+        cmd+=("trainer.n_gpus_per_node=$NGPUS_PER_NODE")
+    fi
     cmd+=(
-        "trainer.nnodes=$NNODES"
-        "trainer.n_gpus_per_node=$NGPUS_PER_NODE"
         "data.train_files=$(hmpo_hydra_list "$TRAIN_FILES")"
         "data.val_files=$(hmpo_hydra_list "$VAL_FILES")"
         "trainer.experiment_name=$(hmpo_hydra_str "$EXPERIMENT_NAME")"
+        "trainer.default_local_dir=$(hmpo_hydra_str "$CKPT_DIR")"
+        "trainer.logger=$(hmpo_hydra_list "$LOGGER")"
     )
     if [[ -n "$MODEL_PATH" ]]; then
         cmd+=("actor_rollout_ref.model.path=$(hmpo_hydra_str "$MODEL_PATH")")
+    fi
+    if [[ -n "${RAY_ADDRESS:-}" && -z "$ray_submit" ]] && hmpo_cpu_size; then
+        # joining a running cluster (recipes/lib/cluster.sh): its nodes declare their CPUs and GPU slots,
+        # and Ray refuses num_cpus / num_gpus from a driver that connects
+        cmd+=("ray_kwargs.ray_init.num_cpus=null" "ray_kwargs.ray_init.num_gpus=null")
     fi
     cmd+=(${overrides[@]+"${overrides[@]}"})
 
@@ -140,6 +179,9 @@ hmpo_launch() {
     fi
     if [[ "${PREFLIGHT:-0}" == 1 && -z "${ray_submit:-}" ]]; then
         hmpo_preflight
+    fi
+    if hmpo_cpu_size; then
+        export VERL_PLATFORM=cpu  # verl_cpu's platform, FSDP engines on gloo and hf rollout server
     fi
     exec "${cmd[@]}"
 }

@@ -1,7 +1,7 @@
 """The data steps of recipes/math/prepare_data.sh that verl's own scripts do not do.
 
     python3 prepare_extra.py levels <math/train.parquet> <out.parquet>   # keep MATH levels 3-5
-    python3 prepare_extra.py math500 <out.parquet>                       # MATH-500 in verl's format
+    python3 prepare_extra.py math500 <out.parquet> [<source>]            # MATH-500 in verl's format
     python3 prepare_extra.py aime <aime-2024 (DAPO's)> <out.parquet>     # AIME 2024 in the same schema
 
 `levels` filters the output of verl's examples/data_preprocess/math_dataset.py, which keeps
@@ -20,6 +20,9 @@ with `datasets.concatenate_datasets`, which refuses files whose columns or neste
 type (e.g. `extra_info.index` an integer in one file and a string in the other); so every
 validation file this script writes has exactly VAL_FEATURES, whatever the downloaded file holds
 (the original `extra_info.index` is kept, as a string, in `extra_info.unique_id`).
+DAPO's file holds the 30 AIME-2024 problems 32 times each (960 rows, for its avg@32 protocol); greedy
+validation would spend 930 of its 960 generations on repeats, so `aime` keeps each problem once
+(the first row of each prompt + answer), in file order.
 """
 
 from __future__ import annotations
@@ -101,20 +104,31 @@ def aime_row(row: dict, idx: int) -> dict:
     }
 
 
+def first_of_each(rows) -> list[dict]:
+    """The rows whose (prompt, ground truth) has not been seen before, in order."""
+    seen, kept = set(), []
+    for row in rows:
+        key = (tuple((m["role"], m["content"]) for m in row["prompt"]), str(row["reward_model"]["ground_truth"]))
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
+
+
 def convert_aime(src: str, dst: str) -> int:
     import datasets
 
     data = datasets.Dataset.from_parquet(src)
-    return write_val([aime_row(row, i) for i, row in enumerate(data)], dst)
+    return write_val([aime_row(row, i) for i, row in enumerate(first_of_each(data))], dst)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) == 3 and argv[0] == "levels":
         print(f"{keep_levels(argv[1], argv[2])} rows at {', '.join(LEVELS)} -> {argv[2]}")
-    elif len(argv) == 2 and argv[0] == "math500":
-        print(f"{write_math500(argv[1])} MATH-500 rows -> {argv[1]}")
+    elif len(argv) in (2, 3) and argv[0] == "math500":  # source: the hub id (default) or a local copy of it
+        print(f"{write_math500(*argv[1:])} MATH-500 rows -> {argv[1]}")
     elif len(argv) == 3 and argv[0] == "aime":
-        print(f"{convert_aime(argv[1], argv[2])} AIME rows -> {argv[2]}")
+        print(f"{convert_aime(argv[1], argv[2])} distinct AIME problems -> {argv[2]}")
     else:
         raise SystemExit(__doc__)
 

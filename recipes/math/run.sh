@@ -15,10 +15,16 @@
 #   SIZE              a file stem of recipes/size/ (qwen2_5_math_1_5b): qwen2_5_math_1_5b qwen2_5_math_7b
 #                     qwen3_30b_a3b_megatron (Megatron, MoE)
 #   CORRECTION        a file stem of recipes/correction/ (none): none token_tis token_mask
-#   NNODES            nodes (1); NGPUS_PER_NODE  GPUs per node (8)
+#   NNODES            nodes; NGPUS_PER_NODE  GPUs per node (unset: the size file's -- 1 x 8 for the
+#                     GPU sizes; 1 x 2 trainer ranks for SIZE=cpu)
 #   MODEL_PATH        local checkpoint dir or hub id (unset: the size file's, Qwen/Qwen2.5-Math-*)
 #   DATA_DIR          ($HOME/data); TRAIN_FILES / VAL_FILES: comma-separated parquet paths
 #   EXPERIMENT_NAME   (math-$SIZE-$MEAN, plus -$CORRECTION unless none); PYTHON (python3)
+#   CKPT_DIR          absolute checkpoint directory, trainer.default_local_dir
+#                     ($HOME/checkpoints/hmpo_verl/$EXPERIMENT_NAME); on several nodes put it on storage
+#                     every node sees. verl's trainer.resume_mode=auto (its default) resumes from its
+#                     latest global_step_* there; trainer.resume_mode=disable starts afresh
+#   LOGGER            comma-separated verl trackers (console): console,wandb  console,tensorboard ...
 #   PREFLIGHT         1: check the GPU software (recipes/lib/preflight.py against
 #                     recipes/requirements-gpu*.txt) before launching; 0: skip (1)
 #   RAY_ADDRESS       http://<head>:8265 to submit to a running Ray cluster (ray job submit);
@@ -32,13 +38,15 @@ TASK=math
 MEAN=${MEAN:-harmonic}
 SIZE=${SIZE:-qwen2_5_math_1_5b}
 CORRECTION=${CORRECTION:-none}
-NNODES=${NNODES:-1}
-NGPUS_PER_NODE=${NGPUS_PER_NODE:-8}
+NNODES=${NNODES:-}
+NGPUS_PER_NODE=${NGPUS_PER_NODE:-}
 MODEL_PATH=${MODEL_PATH:-}
 DATA_DIR=${DATA_DIR:-$HOME/data}
 TRAIN_FILES=${TRAIN_FILES:-$DATA_DIR/math/train_level3to5.parquet}
 VAL_FILES=${VAL_FILES:-$DATA_DIR/math500/test.parquet,$DATA_DIR/aime-2024.parquet}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-$TASK-$SIZE-$MEAN$([[ "$CORRECTION" == none ]] || echo "-$CORRECTION")}
+CKPT_DIR=${CKPT_DIR:-$HOME/checkpoints/hmpo_verl/$EXPERIMENT_NAME}
+LOGGER=${LOGGER:-console}
 PYTHON=${PYTHON:-python3}
 PREFLIGHT=${PREFLIGHT:-1}
 # ---- end user-adjustable ----

@@ -89,7 +89,13 @@ def check_device_settings(config: DictConfig) -> list[str]:
 
 
 def check_ray_resources(config: DictConfig) -> list[str]:
-    """Ray must be told about logical GPU slots and enough logical CPUs."""
+    """Ray must be told about logical GPU slots and enough logical CPUs.
+
+    Not when the driver joins a running cluster (RAY_ADDRESS, e.g. recipes/lib/cluster.sh's): its nodes
+    declared their CPUs and GPU slots with `ray start`, and Ray refuses num_cpus / num_gpus from the driver.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return []
     problems = []
     needed_gpus = _get(config, "trainer.nnodes", 1) * _get(config, "trainer.n_gpus_per_node", 1)
     num_gpus = _get(config, "ray_kwargs.ray_init.num_gpus")
