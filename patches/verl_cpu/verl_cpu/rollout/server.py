@@ -9,7 +9,19 @@ Concurrency: the agent loop sends one request per sample, concurrently. Requests
 queued; a batcher task takes them until none arrived for ``batch_wait_s`` (up to
 ``max_batch_size``), groups them by sampling parameters and runs each group as **one**
 batched, KV-cached decode in a worker thread, so requests are batched rather than served
-one after another. A lock keeps weight updates and decoding apart.
+one after another.
+
+Weight updates are atomic with respect to decoding: the buckets of one update are staged
+and copied into the model together, under the lock every decode holds from its first to
+its last token, so no decode ever mixes two weight versions; each response reports the
+version (``global_steps``) it was decoded with.
+
+Partial rollout (verl's fully-async trainer and the v1 async modes), as verl's vLLM server:
+:meth:`abort_all_requests` closes the gate and stops the running decode at its next token;
+every request not yet answered returns what it has so far with ``stop_reason="aborted"``
+(verl's ``FullyAsyncLLMServerClient`` resends prompt + partial response after the weight
+sync). Requests that arrive while the gate is closed wait for :meth:`resume_generation`
+(or, with ``reject_request=True``, return ``aborted`` at once).
 
 Diagnostics: :meth:`stats` reports request and batch counts, timers (seconds decoding,
 the requests' summed wait for their decode, decode steps, seconds loading weights, the
@@ -40,7 +52,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import itertools
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -59,12 +73,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 THREADS_ENV = "VERL_CPU_ROLLOUT_THREADS"
 
 
+ABORTED, COMPLETED = "aborted", "completed"
+
+
 @dataclass
 class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     future: asyncio.Future = field(repr=False)
+    request_id: str = ""
     queued_at: float = field(default_factory=time.time)  # wall clock: comparable across processes
+
+
+@dataclass(frozen=True)
+class _Result:
+    """One response: tokens, their log-probs, why it stopped, and the weight version that decoded it."""
+
+    token_ids: list[int]
+    log_probs: list[float]
+    stop_reason: str = COMPLETED
+    global_steps: Optional[int] = None
 
 
 def weights_checksum(model: torch.nn.Module) -> float:
@@ -138,17 +166,24 @@ class HFRolloutServer:
             raise ValueError(f"{NOISE_ENV} and {SPIKE_STD_ENV} must be >= 0 and {SPIKE_RATE_ENV} in [0, 1]; got "
                              f"{self._noise_std}, {self._spike_std}, {self._spike_rate}")
         self._noise_generator = torch.Generator().manual_seed(10_000 + int(self.config.seed) + replica_rank)
-        self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock and batcher belong to it
+        self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock, event and batcher belong to it
+        self._request_counter = itertools.count()
         self._queue: Optional[asyncio.Queue] = None
         self._batcher: Optional[asyncio.Task] = None
-        self._lock: Optional[asyncio.Lock] = None
-        self._pending_weights: set[str] = set()
-        self._in_flight = 0  # requests received and not yet answered
+        self._lock: Optional[asyncio.Lock] = None  # held by a decode from first to last token, and by a weight load
+        self._resume: Optional[asyncio.Event] = None  # set while the gate is open
+        self._staged: dict[str, torch.Tensor] = {}  # buckets of the weight update under way
+        self._stop_decoding = threading.Event()  # abort: the running decode stops at its next token
+        self._paused = False  # the gate, closed by abort_all_requests until resume_generation
+        self._rejecting = False
+        self._in_flight: dict[str, _Request] = {}  # requests received and not yet answered, by id
+        self._decoding = 0  # decodes running in the worker thread
         self._stats = {
             "requests": 0,
             "batches": 0,
             "max_batch": 0,
             "weight_loads": 0,
+            "aborted": 0,  # responses returned with stop_reason="aborted"
             "decode_s": 0.0,  # wall time inside batched decodes
             "queue_s": 0.0,  # summed over requests: enqueue -> start of their decode
             "new_tokens": 0,  # decode steps summed over batches
@@ -175,7 +210,6 @@ class HFRolloutServer:
     ):
         """Generate one response; the signature matches verl's vLLM server."""
         from verl.utils import normalize_token_ids
-        from verl.workers.rollout.replica import TokenOutput
 
         if image_data or video_data or audio_data:
             raise NotImplementedError("verl_cpu's hf rollout is text-only")
@@ -190,21 +224,32 @@ class HFRolloutServer:
         if params.seed is None and self.config.full_determinism:
             params = SamplingParams(**{**params.__dict__, "seed": self.config.seed + self.replica_rank})
         self._bind_loop()
-        future = asyncio.get_running_loop().create_future()
-        request = _Request(prompt_ids, params, future)
+        if self._paused and self._rejecting:
+            return self._token_output(_Result([], [], ABORTED, self.global_steps), params)
+        await self._resume.wait()  # parked while a weight sync has the gate closed
+        key = f"{request_id}#{next(self._request_counter)}"  # verl reuses a request id when it resumes one
+        request = _Request(prompt_ids, params, asyncio.get_running_loop().create_future(), key)
         self._stats["last_arrival"] = request.queued_at
-        self._in_flight += 1
+        self._in_flight[key] = request
         try:
             await self._queue.put(request)
-            token_ids, log_probs = await future
+            result = await request.future
         finally:
-            self._in_flight -= 1
+            self._in_flight.pop(key, None)
+        return self._token_output(result, params)
+
+    @staticmethod
+    def _token_output(result: _Result, params: SamplingParams):
+        """verl's ``TokenOutput``; ``min/max_global_steps`` as verl's fully-async client reports them."""
+        from verl.workers.rollout.replica import TokenOutput
+
+        version = result.global_steps
         return TokenOutput(
-            token_ids=token_ids,
-            log_probs=log_probs if params.return_logprobs else None,
-            stop_reason="completed",
+            token_ids=result.token_ids,
+            log_probs=result.log_probs if params.return_logprobs else None,
+            stop_reason=result.stop_reason,
             num_preempted=0,
-            extra_fields={"global_steps": self.global_steps},
+            extra_fields={"global_steps": version, "min_global_steps": version, "max_global_steps": version},
         )
 
     def _bind_loop(self) -> None:
@@ -218,6 +263,9 @@ class HFRolloutServer:
             self._loop = loop
             self._queue = asyncio.Queue()
             self._lock = asyncio.Lock()
+            self._resume = asyncio.Event()
+            if not self._paused:
+                self._resume.set()
             self._batcher = None
         if self._batcher is None or self._batcher.done():
             self._batcher = loop.create_task(self._batch_loop())
@@ -248,22 +296,40 @@ class HFRolloutServer:
             for params, requests in groups.items():
                 try:
                     async with self._lock:
-                        started = time.time()
-                        self._stats["queue_s"] += sum(started - r.queued_at for r in requests)
-                        results = await asyncio.to_thread(self._decode, [r.prompt_ids for r in requests], params)
+                        if self._paused:  # aborted while waiting for the batch to close
+                            results = [_Result([], [], ABORTED, self.global_steps)] * len(requests)
+                        else:
+                            results = await self._decode_locked(requests, params)
                 except Exception as exc:  # hand the error to every waiting caller
                     for request in requests:
                         if not request.future.done():
                             request.future.set_exception(exc)
                     continue
+                self._stats["aborted"] += sum(r.stop_reason == ABORTED for r in results)
                 for request, result in zip(requests, results, strict=True):
                     if not request.future.done():
                         request.future.set_result(result)
                 self._stats["last_done"] = time.time()
 
+    async def _decode_locked(self, requests: list[_Request], params: SamplingParams) -> list[_Result]:
+        """One batched decode with the lock held: one weight version, stoppable by an abort."""
+        started = time.time()
+        self._stats["queue_s"] += sum(started - r.queued_at for r in requests)
+        version = self.global_steps
+        self._decoding += 1
+        try:
+            rows = await asyncio.to_thread(self._decode, [r.prompt_ids for r in requests], params)
+        finally:
+            self._decoding -= 1
+        return [_Result(ids, lps, reason, version) for ids, lps, reason in rows]
+
     @torch.inference_mode()
-    def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], list[float]]]:
-        """Batched, KV-cached decoding of left-padded prompts. Runs in a worker thread."""
+    def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], list[float], str]]:
+        """Batched, KV-cached decoding of left-padded prompts. Runs in a worker thread.
+
+        Returns ``(token_ids, log_probs, stop_reason)`` per prompt; when an abort stops the
+        decode, the rows not finished yet end with ``stop_reason="aborted"``.
+        """
         from transformers import DynamicCache
 
         start = time.perf_counter()
@@ -279,7 +345,11 @@ class HFRolloutServer:
         step_ids, step_pos = input_ids, position_ids
         finished = torch.zeros(len(prompts), dtype=torch.bool)
         tokens, log_probs = [], []
+        aborted = False
         for step in range(params.max_tokens):
+            if self._stop_decoding.is_set():
+                aborted = True
+                break
             logits = self.model(
                 input_ids=step_ids,
                 attention_mask=full_mask[:, : width + step],
@@ -301,19 +371,25 @@ class HFRolloutServer:
             step_ids = token[:, None]
             step_pos = step_pos[:, -1:] + 1
 
-        token_rows = torch.stack(tokens, 1).tolist()  # (batch, steps): one conversion, not one per token
-        log_prob_rows = torch.stack(log_probs, 1).tolist()
-        results = [self._trim(ids, lps, params.ignore_eos) for ids, lps in zip(token_rows, log_prob_rows, strict=True)]
+        steps = len(tokens)
+        token_rows = torch.stack(tokens, 1).tolist() if steps else [[] for _ in prompts]  # one conversion
+        log_prob_rows = torch.stack(log_probs, 1).tolist() if steps else [[] for _ in prompts]
+        reasons = [ABORTED if aborted and not done else COMPLETED for done in finished.tolist()]
+        results = [
+            (*self._trim(ids, lps, params.ignore_eos), reason)
+            for ids, lps, reason in zip(token_rows, log_prob_rows, reasons, strict=True)
+        ]
         seconds = time.perf_counter() - start
         self._stats["requests"] += len(prompts)
         self._stats["batches"] += 1
         self._stats["max_batch"] = max(self._stats["max_batch"], len(prompts))
         self._stats["decode_s"] += seconds
-        self._stats["new_tokens"] += len(tokens)
+        self._stats["new_tokens"] += steps
         self._trace(
             "generate",
             batch_size=len(prompts),
-            new_tokens=len(tokens),
+            new_tokens=steps,
+            aborted=aborted,
             seconds=round(seconds, 4),
             temperature=params.temperature,
         )
@@ -353,39 +429,36 @@ class HFRolloutServer:
     async def update_weights_from_tensors(
         self, named_tensors: list[tuple[str, torch.Tensor]], last: bool = True, global_steps: Optional[int] = None
     ) -> dict[str, Any]:
-        """Copy trainer weights (HF names, full tensors) into the model.
+        """Receive trainer weights (HF names, full tensors) in buckets; load them all at the last.
 
-        Called in buckets; ``last=True`` on the final bucket checks that every
-        parameter of the model was received and records the new weight version.
+        Buckets are staged; ``last=True`` checks that every parameter of the model was
+        received, then copies them into the model in one step under the decoding lock (a
+        decode never sees half an update) and records the new weight version.
         """
         self._bind_loop()
+        state = self.model.state_dict()
+        unknown = [name for name, _ in named_tensors if name not in state]
+        if unknown:
+            self._staged = {}
+            raise KeyError(f"hf rollout: weights not in the rollout model: {unknown[:5]}")
+        self._staged.update((name, tensor) for name, tensor in named_tensors)
+        if not last:
+            return {}
+        staged, self._staged = self._staged, {}
+        missing = self._missing_after_tying(set(dict(self.model.named_parameters()).keys()) - set(staged))
+        if missing:
+            raise KeyError(f"hf rollout: weight update did not include {sorted(missing)[:5]}")
         async with self._lock:
             start = time.perf_counter()
-            state = self.model.state_dict()
-            if not self._pending_weights:
-                self._pending_weights = set(dict(self.model.named_parameters()).keys())
-            unknown = []
             with torch.no_grad():
-                for name, tensor in named_tensors:
-                    if name not in state:
-                        unknown.append(name)
-                        continue
+                for name, tensor in staged.items():
                     state[name].copy_(tensor.to(state[name].dtype))
-                    self._pending_weights.discard(name)
-            if unknown:
-                raise KeyError(f"hf rollout: weights not in the rollout model: {unknown[:5]}")
-            self._stats["weight_load_s"] += time.perf_counter() - start
-            if not last:
-                return {}
-            missing = self._missing_after_tying(self._pending_weights)
-            self._pending_weights = set()
-            if missing:
-                raise KeyError(f"hf rollout: weight update did not include {sorted(missing)[:5]}")
             self.global_steps = global_steps
-            self._stats["weight_loads"] += 1
-            checksum = weights_checksum(self.model)
-            self._trace("update_weights", checksum=checksum)
-            return {"checksum": checksum, "global_steps": global_steps}
+            self._stats["weight_load_s"] += time.perf_counter() - start
+        self._stats["weight_loads"] += 1
+        checksum = weights_checksum(self.model)
+        self._trace("update_weights", checksum=checksum)
+        return {"checksum": checksum, "global_steps": global_steps}
 
     def _missing_after_tying(self, missing: set[str]) -> set[str]:
         """Parameters shared with another (e.g. tied lm_head) count as received."""
@@ -420,14 +493,32 @@ class HFRolloutServer:
         return None
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False):
-        return {"aborted_count": 0, "request_ids": []}
+        """Close the gate and end every request received so far with ``stop_reason="aborted"``.
+
+        The running decode stops at its next token and its unfinished rows return their
+        partial responses; requests still queued return none. Returns when they all have
+        their answer (as vLLM's ``pause_generation``). New requests wait for
+        :meth:`resume_generation`, or with ``reject_request`` return ``aborted`` at once.
+        """
+        self._bind_loop()
+        self._paused, self._rejecting = True, reject_request
+        self._resume.clear()
+        request_ids = [r.request_id for r in self._in_flight.values()]
+        self._stop_decoding.set()
+        await self.wait_for_requests_to_drain()
+        self._trace("abort", aborted_count=len(request_ids))
+        return {"aborted_count": len(request_ids), "request_ids": request_ids}
 
     async def resume_generation(self):
-        return None
+        """Open the gate closed by :meth:`abort_all_requests`: parked and new requests are decoded again."""
+        self._bind_loop()
+        self._stop_decoding.clear()
+        self._paused = self._rejecting = False
+        self._resume.set()
 
     async def wait_for_requests_to_drain(self):
         """Return when every request received so far has its result (queued, batching or decoding)."""
-        while self._in_flight:
+        while self._in_flight or self._decoding:
             await asyncio.sleep(0.01)
 
     async def set_global_steps(self, global_steps: int):
