@@ -56,11 +56,33 @@ def check_options(config) -> None:
     loss_mode = policy_loss.get("loss_mode", None) if policy_loss is not None else None
     if loss_mode in LOSS_OPTION_CLASSES:
         loss_options(omega_conf_to_dataclass(policy_loss), loss_mode)
+        check_bypass_mode(OmegaConf.select(config, "algorithm.rollout_correction", default=None), loss_mode)
     algorithm = OmegaConf.select(config, "algorithm", default=None)
     if algorithm is not None and str(algorithm.get("_target_", "")).startswith("hmpo_verl"):
         omega_conf_to_dataclass(algorithm)  # runs PowerMeanAlgoConfig.__post_init__
     elif algorithm is not None and algorithm.get("adv_estimator", None) in ADV_ESTIMATORS:
         algo_options(algorithm, algorithm.adv_estimator)
+
+
+def check_bypass_mode(rollout_correction, loss_mode: str) -> None:
+    """Refuse rollout IS / rejection sampling in bypass mode: with our loss they would be dropped.
+
+    In bypass mode (``old_log_probs = rollout_log_probs``) verl computes rollout IS weights
+    and rejection masks only inside its own ``loss_mode=bypass_mode`` loss; the trainer
+    passes none to any other loss (see ``hmpo_verl.offpolicy``).
+    """
+    if rollout_correction is None or not rollout_correction.get("bypass_mode", False):
+        return
+    dropped = [f"{key}={rollout_correction.get(key)}" for key in ("rollout_is", "rollout_rs")
+               if rollout_correction.get(key, None)]
+    if dropped:
+        raise ValueError(
+            f"algorithm.rollout_correction.{' and '.join(dropped)} with algorithm.rollout_correction.bypass_mode=true "
+            f"and actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}: in bypass mode verl applies rollout IS "
+            f"and rejection sampling only inside its own loss_mode=bypass_mode, so {loss_mode} would train without "
+            "them. Set algorithm.rollout_correction.bypass_mode=false (verl then computes them and passes the "
+            "weights to the loss) or drop rollout_is/rollout_rs."
+        )
 
 
 def _extend_validate_config() -> None:
@@ -94,69 +116,91 @@ def register() -> None:
     _extend_validate_config()
 
 
-def _loudly(action) -> None:
-    """Run `action()`; on failure log the traceback at ERROR, then re-raise."""
+REGISTER_FAILED = (
+    "hmpo_verl failed to register with verl; its losses (hmpo, power_mean, agm, adaptive_power_mean) "
+    "and advantage estimators (power_mean, agm) will be unavailable"
+)
+
+
+def _loudly(action, failure: str = REGISTER_FAILED) -> None:
+    """Run `action()`; on failure log `failure` and the traceback at ERROR, then re-raise."""
     try:
         action()
     except Exception:  # noqa: BLE001 - report whatever broke, then re-raise
-        logging.getLogger("hmpo_verl").error(
-            "hmpo_verl failed to register with verl; its losses (hmpo, power_mean, agm, adaptive_power_mean) "
-            "and advantage estimators (power_mean, agm) will be unavailable:\n%s",
-            traceback.format_exc(),
-        )
+        logging.getLogger("hmpo_verl").error("%s:\n%s", failure, traceback.format_exc())
         raise
 
 
-class _RegisterAfterCoreAlgos(importlib.abc.MetaPathFinder):
-    """Meta-path finder that runs `register()` right after `verl.trainer.ppo.core_algos` executes.
+class _RunAfterImport(importlib.abc.MetaPathFinder):
+    """Meta-path finder that runs actions right after given modules execute.
 
-    It finds the module's spec through the other finders and wraps its loader; once the
-    module has executed (and is in `sys.modules`), `register()` runs before the importer
-    gets the module back, so `get_policy_loss_fn("hmpo")` works in any code that can call
-    it. It acts once. If registering fails, the error is logged and core_algos is still
-    returned: the process goes on without our losses, as verl does for a failing plugin.
+    It finds a watched module's spec through the other finders and wraps its loader; once
+    the module has executed (and is in `sys.modules`), the actions for it run before the
+    importer gets the module back -- so `get_policy_loss_fn("hmpo")` works in any code that
+    can call it, and a verl function is wrapped before anyone imports it by name. Each
+    action runs once. A failing action is logged at ERROR and the module is still returned:
+    the process goes on without that piece, as verl does for a failing plugin.
     """
 
+    def __init__(self):
+        self.actions: dict[str, list] = {}
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != CORE_ALGOS:
+        if fullname not in self.actions:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _LoaderThenRegister(spec.loader, self)
+                spec.loader = _LoaderThenRun(spec.loader, self.actions.pop(fullname))
                 return spec
         return None
 
 
-class _LoaderThenRegister(importlib.abc.Loader):
-    """Delegates to verl's loader; registers after `exec_module`."""
+class _LoaderThenRun(importlib.abc.Loader):
+    """Delegates to verl's loader; runs the actions (each given the module) after `exec_module`."""
 
-    def __init__(self, loader, finder: _RegisterAfterCoreAlgos):
-        self._loader, self._finder = loader, finder
+    def __init__(self, loader, actions: list[tuple]):
+        self._loader, self._actions = loader, actions
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        if self._finder in sys.meta_path:
-            sys.meta_path.remove(self._finder)
-        try:
-            _loudly(register)
-        except Exception:  # noqa: BLE001 - logged at ERROR; verl goes on without our losses, as for any failed plugin
-            pass
+        for action, failure in self._actions:
+            try:
+                _loudly(lambda: action(module), failure)
+            except Exception:  # noqa: BLE001 - logged at ERROR; verl goes on without it, as for any failed plugin
+                pass
 
     def __getattr__(self, name):  # get_source, get_filename, ... for tracebacks and inspect
         return getattr(self._loader, name)
 
 
+_AFTER_IMPORT = _RunAfterImport()
+
+
+def run_after_import(module_name: str, action, failure: str = REGISTER_FAILED) -> None:
+    """Call `action(module)` once `module_name` is imported (now, if it already is); a failure is
+    logged at ERROR with `failure` and its traceback."""
+    if module_name in sys.modules:
+        _loudly(lambda: action(sys.modules[module_name]), failure)
+        return
+    _AFTER_IMPORT.actions.setdefault(module_name, []).append((action, failure))
+    if _AFTER_IMPORT not in sys.meta_path:
+        sys.meta_path.insert(0, _AFTER_IMPORT)
+
+
 def register_on_import() -> None:
-    """Register now if verl's core_algos is loaded, else as soon as it is imported (see module doc)."""
+    """Register now if verl's core_algos is loaded, else as soon as it is imported (see module doc);
+    install the off-policy trainer hooks (`hmpo_verl.offpolicy`) the same way."""
+    from hmpo_verl.offpolicy import install
+
     if CORE_ALGOS in sys.modules:
         _loudly(register)
-        return
-    _loudly(_extend_validate_config)
-    if not any(isinstance(finder, _RegisterAfterCoreAlgos) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterCoreAlgos())
+    else:
+        _loudly(_extend_validate_config)
+        run_after_import(CORE_ALGOS, lambda _module: register())
+    install(run_after_import)
