@@ -153,23 +153,27 @@ class _RunAfterImport(importlib.abc.MetaPathFinder):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _LoaderThenRun(spec.loader, self.actions.pop(fullname))
+                spec.loader = _LoaderThenRun(spec.loader, fullname, self)
                 return spec
         return None
 
 
 class _LoaderThenRun(importlib.abc.Loader):
-    """Delegates to verl's loader; runs the actions (each given the module) after `exec_module`."""
+    """Delegates to verl's loader; runs the actions (each given the module) after `exec_module`.
 
-    def __init__(self, loader, actions: list[tuple]):
-        self._loader, self._actions = loader, actions
+    (`python -m` runs a module through `get_code`, as `__main__`: its actions then wait for
+    a regular import of the module.)
+    """
+
+    def __init__(self, loader, fullname: str, finder: _RunAfterImport):
+        self._loader, self._fullname, self._finder = loader, fullname, finder
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        for action, failure in self._actions:
+        for action, failure in self._finder.actions.pop(self._fullname, []):
             try:
                 _loudly(lambda: action(module), failure)
             except Exception:  # noqa: BLE001 - logged at ERROR; verl goes on without it, as for any failed plugin
