@@ -46,6 +46,20 @@ logger = logging.getLogger("hmpo_verl")
 HOOK_FAILED = "hmpo_verl could not wrap {} (per-sample lags, bypass-mode guard, option checks before Ray)"
 
 
+def _once(wrap: Callable) -> Callable:
+    """Make ``wrap(fn) -> wrapper`` idempotent: a function ``wrap`` already wrapped is returned as it is."""
+
+    @functools.wraps(wrap)
+    def guarded(fn: Callable) -> Callable:
+        if getattr(fn, "_hmpo_wrapped_by", None) == wrap.__name__:
+            return fn
+        wrapper = wrap(fn)
+        wrapper._hmpo_wrapped_by = wrap.__name__
+        return wrapper
+
+    return guarded
+
+
 # ----------------------------------------------------------------------------- trainer side
 
 
@@ -64,10 +78,9 @@ def batch_versions(non_tensor_batch: dict) -> Optional[list]:
     return None
 
 
+@_once
 def with_sample_lags(update_actor: Callable) -> Callable:
     """Wrap ``RayPPOTrainer._update_actor(self, batch)`` (see module doc)."""
-    if getattr(update_actor, "_hmpo_lags", False):
-        return update_actor
 
     @functools.wraps(update_actor)
     def _update_actor(self, batch):
@@ -88,17 +101,15 @@ def with_sample_lags(update_actor: Callable) -> Callable:
         metrics.update(lag_distribution(lags))
         return output
 
-    _update_actor._hmpo_lags = True
     return _update_actor
 
 
 # ----------------------------------------------------------------------------- worker side
 
 
+@_once
 def exposing_sample_lag(ppo_loss: Callable) -> Callable:
     """Wrap verl's ``ppo_loss(config, model_output, data, dp_group=None)``: the loss sees ``data[LAG_KEY]``."""
-    if getattr(ppo_loss, "_hmpo_lags", False):
-        return ppo_loss
 
     @functools.wraps(ppo_loss)
     def wrapped(config, model_output, data, dp_group=None):
@@ -106,7 +117,6 @@ def exposing_sample_lag(ppo_loss: Callable) -> Callable:
         with sample_lag_scope(lags):
             return ppo_loss(config, model_output, data, dp_group=dp_group)
 
-    wrapped._hmpo_lags = True
     return wrapped
 
 
@@ -121,10 +131,9 @@ BYPASS_WARNING = (
 )
 
 
+@_once
 def keeping_our_loss(apply_bypass_mode: Callable) -> Callable:
     """Wrap verl's ``apply_bypass_mode``: ``old_log_probs = rollout_log_probs`` as verl does, our loss_mode kept."""
-    if getattr(apply_bypass_mode, "_hmpo_keeps_loss", False):
-        return apply_bypass_mode
     warned = set()
 
     @functools.wraps(apply_bypass_mode)
@@ -142,17 +151,14 @@ def keeping_our_loss(apply_bypass_mode: Callable) -> Callable:
                 warned.add(ours)
                 logger.warning(BYPASS_WARNING, ours, ours)
 
-    wrapped._hmpo_keeps_loss = True
     return wrapped
 
 
 # ----------------------------------------------------------------------------- install
 
 
+@_once
 def _checking_options_first(run_ppo: Callable) -> Callable:
-    if getattr(run_ppo, "_hmpo_checked", False):
-        return run_ppo
-
     @functools.wraps(run_ppo)
     def wrapped(config, *args, **kwargs):
         from hmpo_verl.registry import check_options
@@ -160,7 +166,6 @@ def _checking_options_first(run_ppo: Callable) -> Callable:
         check_options(config)
         return run_ppo(config, *args, **kwargs)
 
-    wrapped._hmpo_checked = True
     return wrapped
 
 

@@ -21,7 +21,7 @@ import time
 import pytest
 from cpu_assets import REPO_ROOT, task_assets
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from test_cpu_tasks import _flat
 
 from hmpo_verl.lab.cpu_demo import merge_steps, read_metrics
 from hmpo_verl.staleness import BUCKETS
@@ -41,16 +41,6 @@ def _compose(name: str, *overrides: str):
         return compose(config_name=name, overrides=[*base, *overrides])
 
 
-def _flat(node, prefix=""):
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 # ----------------------------------------------------------------------------- recipes
 
 
@@ -59,8 +49,8 @@ def test_the_offpolicy_recipe_differs_from_the_sync_recipe_only_in_async_lines(t
     """recipes/cpu_fibonacci/<trainer>.yaml is hmpo.yaml plus the lines marked [async], nothing else
     (but hmpo.yaml's trainer.v1.* sampler, which these trainers -- not verl's V1 trainer -- never read)."""
     with initialize_config_dir(config_dir=str(RECIPES), version_base=None):
-        sync = _flat(OmegaConf.to_container(compose(config_name="hmpo")))
-        off = _flat(OmegaConf.to_container(compose(config_name=trainer)))
+        sync = _flat(compose(config_name="hmpo"))
+        off = _flat(compose(config_name=trainer))
     differing = {k for k in sync.keys() | off.keys() if sync.get(k) != off.get(k) and not k.startswith("trainer.v1.")}
     text = (RECIPES / f"{trainer}.yaml").read_text()
     marked = {line.split(":")[0].strip() for line in text.splitlines() if "# [async]" in line and ":" in line}
