@@ -187,3 +187,25 @@ def test_a_weight_update_waits_for_the_running_decode(slow):
     assert out.extra_fields["global_steps"] is None
     torch.testing.assert_close(torch.tensor(out.log_probs), _model_log_probs(_model_with(old), prompt, out.token_ids),
                                atol=1e-5, rtol=0)
+
+
+def test_a_request_still_queued_at_the_abort_is_not_aborted_but_decoded_after_the_sync(slow):
+    """It has no token yet: it waits for resume_generation and runs on the new weights (never an empty abort)."""
+    prompt = _prompt(slow)
+    new = [(k, v + 0.1) for k, v in slow.model.state_dict().items()]
+
+    async def run():
+        running = asyncio.create_task(slow.generate(prompt, dict(LONG_SAMPLING), request_id="running"))
+        await _until(lambda: slow._decoding == 1)
+        queued = asyncio.create_task(slow.generate(prompt, {"temperature": 0.0, "max_tokens": 4}, request_id="queued"))
+        await asyncio.sleep(0.05)
+        report = await slow.abort_all_requests()
+        await slow.update_weights_from_tensors(new, last=True, global_steps=9)
+        assert not queued.done()
+        await slow.resume_generation()
+        return report, await running, await asyncio.wait_for(queued, 10)
+
+    report, running, queued = asyncio.run(run())
+    assert [i.split("#")[0] for i in report["request_ids"]] == ["running"] and running.stop_reason == "aborted"
+    assert queued.stop_reason == "completed" and len(queued.token_ids) == 4
+    assert queued.extra_fields["global_steps"] == 9

@@ -178,6 +178,7 @@ class HFRolloutServer:
         self._rejecting = False
         self._in_flight: dict[str, _Request] = {}  # requests received and not yet answered, by id
         self._decoding = 0  # decodes running in the worker thread
+        self._aborted_ids: list[str] = []  # requests the running decode returned as aborted
         self._stats = {
             "requests": 0,
             "batches": 0,
@@ -295,11 +296,7 @@ class HFRolloutServer:
                 groups.setdefault(request.params, []).append(request)
             for params, requests in groups.items():
                 try:
-                    async with self._lock:
-                        if self._paused:  # aborted while waiting for the batch to close
-                            results = [_Result([], [], ABORTED, self.global_steps)] * len(requests)
-                        else:
-                            results = await self._decode_locked(requests, params)
+                    results = await self._decode_when_open(requests, params)
                 except Exception as exc:  # hand the error to every waiting caller
                     for request in requests:
                         if not request.future.done():
@@ -311,6 +308,19 @@ class HFRolloutServer:
                         request.future.set_result(result)
                 self._stats["last_done"] = time.time()
 
+    async def _decode_when_open(self, requests: list[_Request], params: SamplingParams) -> list[_Result]:
+        """Decode the group once the gate is open, with the lock held.
+
+        Requests that an abort finds still queued have no token yet: they are not aborted but
+        wait for :meth:`resume_generation` and are decoded on the new weights (as if they
+        had arrived after the sync), so no response is ever aborted empty.
+        """
+        while True:
+            await self._resume.wait()
+            async with self._lock:
+                if not self._paused:  # (the gate may have closed again while we waited for the lock)
+                    return await self._decode_locked(requests, params)
+
     async def _decode_locked(self, requests: list[_Request], params: SamplingParams) -> list[_Result]:
         """One batched decode with the lock held: one weight version, stoppable by an abort."""
         started = time.time()
@@ -319,9 +329,12 @@ class HFRolloutServer:
         self._decoding += 1
         try:
             rows = await asyncio.to_thread(self._decode, [r.prompt_ids for r in requests], params)
+            results = [_Result(ids, lps, reason, version) for ids, lps, reason in rows]
+            self._aborted_ids += [r.request_id for r, res in zip(requests, results, strict=True)
+                                  if res.stop_reason == ABORTED]
+            return results
         finally:
             self._decoding -= 1
-        return [_Result(ids, lps, reason, version) for ids, lps, reason in rows]
 
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], list[float], str]]:
@@ -347,7 +360,7 @@ class HFRolloutServer:
         tokens, log_probs = [], []
         aborted = False
         for step in range(params.max_tokens):
-            if self._stop_decoding.is_set():
+            if step > 0 and self._stop_decoding.is_set():  # every aborted response has a token at least
                 aborted = True
                 break
             logits = self.model(
@@ -493,19 +506,24 @@ class HFRolloutServer:
         return None
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False):
-        """Close the gate and end every request received so far with ``stop_reason="aborted"``.
+        """Close the gate and stop the running decode: its unfinished responses return what they
+        have with ``stop_reason="aborted"``.
 
-        The running decode stops at its next token and its unfinished rows return their
-        partial responses; requests still queued return none. Returns when they all have
-        their answer (as vLLM's ``pause_generation``). New requests wait for
-        :meth:`resume_generation`, or with ``reject_request`` return ``aborted`` at once.
+        Returns when that decode has stopped and its callers have their answers, with the ids
+        of the requests it aborted. Requests still queued have no token yet: they wait for
+        :meth:`resume_generation` and are then decoded on the weights loaded meanwhile; so do
+        new ones, or with ``reject_request`` they return ``aborted`` (empty) at once.
         """
         self._bind_loop()
         self._paused, self._rejecting = True, reject_request
         self._resume.clear()
-        request_ids = [r.request_id for r in self._in_flight.values()]
         self._stop_decoding.set()
-        await self.wait_for_requests_to_drain()
+        self._aborted_ids = []
+        while self._decoding:
+            await asyncio.sleep(0.005)
+        request_ids, self._aborted_ids = self._aborted_ids, []
+        while any(key in self._in_flight for key in request_ids):  # until their callers have the answers
+            await asyncio.sleep(0.005)
         self._trace("abort", aborted_count=len(request_ids))
         return {"aborted_count": len(request_ids), "request_ids": request_ids}
 
