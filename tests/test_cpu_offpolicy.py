@@ -163,3 +163,26 @@ def test_the_lags_are_what_the_trainers_settings_promise(run):
             assert 1.0 - data["training/lag/share_0"] <= s + 1e-9, (step, shares)
     if trainer == FULLY_ASYNC:
         assert metrics[1]["training/lag/share_0"] == 1.0  # the first step trains on the first weights' samples
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _steps(shares_by_step, max_lags, partial=0.0):
+    return [{"step": i + 1, "data": {**{f"training/lag/share_{b}": v for b, v in zip(BUCKETS, shares, strict=True)},
+                                     "training/lag/max": m, "fully_async/partial/partial_ratio": partial}}
+            for i, (shares, m) in enumerate(zip(shares_by_step, max_lags, strict=True))]
+
+
+def test_the_sweep_checks_each_step_against_the_staleness_bound():
+    from hmpo_verl.lab.async_report import SWEEP, Setting, setting_row
+
+    assert Setting(0.5, 1, True).bound() == (0.5, 1) and Setting(2.0, 1, False).bound() == (1.0, 2)
+    assert Setting(0.0, 1, True).bound() == (0.0, 0) and len({s.name for s in SWEEP}) == len(SWEEP)
+    assert Setting(0.5, 2, True).overrides()[1:3] == ["async_training.trigger_parameter_sync_step=2",
+                                                       "async_training.require_batches=1"]  # 8 prompts per sync
+    kept = setting_row(Setting(0.5, 1, True), {"steps": _steps([[1, 0, 0, 0], [0.5, 0.5, 0, 0]], [0, 1])})
+    assert kept["within"] and kept["stale_share_max"] == 0.5 and kept["share_1"] == 0.25
+    too_stale = setting_row(Setting(0.5, 1, True), {"steps": _steps([[0.25, 0.75, 0, 0]], [1])})
+    too_old = setting_row(Setting(0.5, 1, True), {"steps": _steps([[0.5, 0.25, 0.25, 0]], [2])})
+    assert not too_stale["within"] and not too_old["within"]

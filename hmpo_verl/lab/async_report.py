@@ -7,10 +7,13 @@ fully-async's staleness settings produce.
    one_step_off, fully_async (hmpo, fibonacci, the recipes as they stand): seconds per step,
    reward over steps, the lag distribution, ``actor/pm/log_ah_gap`` overall and per lag.
 2. ``sweep``: fully_async for a few steps at each of :data:`SWEEP` (staleness_threshold s,
-   trigger_parameter_sync_step T, partial_rollout) against what the settings promise: the
-   rollouter generates at most (1 + s) x a sync's prompts per weight version (counting those
-   still in flight), so at most a share min(s, 1) of a version's samples come from older
-   versions, none more than ceil(s) versions old.
+   trigger_parameter_sync_step T, partial_rollout) against the bound verl's staleness count
+   sets: the rollouter generates at most (1 + s) x a sync's prompts per weight version
+   (counting those queued or in flight at the sync), so at most a share min(s, 1) of a
+   version's samples come from older versions, and -- as long as each sample is generated
+   within one version -- none more than ceil(s) versions old. A partial rollout resumed after
+   a sync is counted afresh in the next version but keeps its oldest version, so with partial
+   rollout the lag (counted from the oldest token) can exceed ceil(s).
 
 A run whose ``summary.json`` exists is read, not run again (delete its folder to re-run).
 Writes ``report.md`` (the tables in the README) and ``report.json`` under ``--out``.
@@ -54,8 +57,9 @@ class Setting:
                 f"async_training.require_batches={2 // self.trigger}",
                 f"async_training.partial_rollout={str(self.partial).lower()}"]
 
-    def promise(self) -> tuple[float, int]:
-        """(largest share of a version's samples from older versions, largest lag)."""
+    def bound(self) -> tuple[float, int]:
+        """(largest share of a version's samples from older versions, largest lag of a sample generated
+        within one version), from verl's staleness count."""
         return min(self.staleness, 1.0), math.ceil(self.staleness)
 
 
@@ -105,20 +109,20 @@ def trainer_row(name: str, run: dict) -> dict:
 
 
 def setting_row(setting: Setting, run: dict) -> dict:
-    """One sweep setting: the lags measured against the promise, step by step."""
+    """One sweep setting: the lags measured against the bound, step by step."""
     steps = run["steps"]
     stale = [1.0 - s for s in _values(steps, "training/lag/share_0")]
-    max_share, max_lag = setting.promise()
+    max_share, max_lag = setting.bound()
     lags = _values(steps, "training/lag/max")
     return {
         "setting": setting.name,
-        "promise_stale_share": max_share,
-        "promise_max_lag": max_lag,
+        "bound_stale_share": max_share,
+        "bound_max_lag": max_lag,
         "stale_share_mean": _mean(stale),
         "stale_share_max": max(stale),
         "max_lag": max(lags),
         "partial_ratio_mean": _mean(_values(steps, PARTIAL)),
-        "kept": max(stale) <= max_share + 1e-9 and max(lags) <= max_lag,
+        "within": max(stale) <= max_share + 1e-9 and max(lags) <= max_lag,
         **{f"share_{b}": _mean(_values(steps, f"training/lag/share_{b}")) for b in BUCKETS},
         **{f"gap_lag{b}": _mean(_values(steps, f"actor/pm/lag{b}/log_ah_gap")) for b in BUCKETS},
         **{f"clipfrac_lag{b}": _mean(_values(steps, f"actor/pm/lag{b}/pg_clipfrac")) for b in BUCKETS},
@@ -144,16 +148,16 @@ def markdown(trainers: list[dict], settings: list[dict]) -> str:
             f"| {_f(r['gap_lag0'], 4)} / {_f(r['gap_lag1'], 4)} | {_f(r['clipfrac_lag0'])} / {_f(r['clipfrac_lag1'])} |")
     lines += [
         "",
-        f"| fully_async setting | promise: stale share ≤, lag ≤ | stale share mean (max) | largest lag | share at lag {shares} "
-        "| partial-rollout share | `log_ah_gap` at lag 0 / 1 / 2 | kept |",
+        f"| fully_async setting | bound: stale share ≤, lag ≤ | stale share mean (max) | largest lag | share at lag {shares} "
+        "| partial-rollout share | `log_ah_gap` at lag 0 / 1 / 2 | within the bound |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in settings:
         lines.append(
-            f"| {r['setting']} | {_f(r['promise_stale_share'], 2)}, {r['promise_max_lag']} "
+            f"| {r['setting']} | {_f(r['bound_stale_share'], 2)}, {r['bound_max_lag']} "
             f"| {_f(r['stale_share_mean'], 2)} ({_f(r['stale_share_max'], 2)}) | {_f(r['max_lag'], 0)} "
             f"| {'/'.join(_f(r[f'share_{b}'], 2) for b in BUCKETS)} | {_f(r['partial_ratio_mean'], 2)} "
-            f"| {_f(r['gap_lag0'], 4)} / {_f(r['gap_lag1'], 4)} / {_f(r['gap_lag2'], 4)} | {'yes' if r['kept'] else 'NO'} |")
+            f"| {_f(r['gap_lag0'], 4)} / {_f(r['gap_lag1'], 4)} / {_f(r['gap_lag2'], 4)} | {'yes' if r['within'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
