@@ -29,6 +29,7 @@ from verl_cpu.preflight import FULLY_ASYNC, ONE_STEP_OFF, check_config
 
 RECIPES = REPO_ROOT / "recipes" / "cpu_fibonacci"
 TRAINERS = {ONE_STEP_OFF: 2, FULLY_ASYNC: 3}  # trainer -> steps of the e2e run
+LOSS = {ONE_STEP_OFF: "adaptive_power_mean", FULLY_ASYNC: "hmpo"}  # each of our two headline losses in one run
 # no validation; fully-async logs its last step only when the step count is not a multiple of test_freq (verl)
 NO_VALIDATION = {ONE_STEP_OFF: "trainer.test_freq=-1", FULLY_ASYNC: "trainer.test_freq=100"}
 
@@ -105,7 +106,8 @@ def run(request, tmp_path_factory):
     task_assets("fibonacci")
     out = tmp_path_factory.mktemp(trainer)
     cmd = [sys.executable, "-m", "hmpo_verl.lab.cpu_demo", "--trainer", trainer, "--steps", str(steps),
-           "--run-dir", str(out), "--", "trainer.val_before_train=false", NO_VALIDATION[trainer]]
+           "--loss-mode", LOSS[trainer], "--run-dir", str(out), "--", "trainer.val_before_train=false",
+           NO_VALIDATION[trainer]]
     start = time.time()
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     print(f"{trainer} e2e run: {time.time() - start:.0f} s")
@@ -124,12 +126,16 @@ def test_the_trainer_runs_its_steps_and_exits_cleanly(run):
 
 
 def test_our_loss_ran_although_bypass_mode_is_on(run):
-    """verl's apply_bypass_mode would name verl's own loss; the workers' loss is hmpo (its metrics), and we say so."""
-    _, _, _, metrics, _, out = run
+    """verl's apply_bypass_mode would name verl's own loss; the workers' loss is ours (its metrics), and we say so."""
+    trainer, _, _, metrics, _, out = run
     for step, data in metrics.items():
-        assert data["actor/pm/power"] == -1.0, step
         assert "actor/pm/log_ah_gap" in data and "actor/pg_clipfrac" in data
-    assert "hmpo_verl keeps loss_mode='hmpo'" in (out / "train.log").read_text()
+        if LOSS[trainer] == "hmpo":
+            assert data["actor/pm/power"] == -1.0, step
+        else:  # adaptive_power_mean (adapt: ess): p per trajectory in its default range, an ESS target
+            assert -2.0 <= data["actor/pm/power_min"] <= data["actor/pm/power_max"] <= 1.0, step
+            assert 0 < data["actor/pm/ess_target"] <= 1, step
+    assert f"hmpo_verl keeps loss_mode='{LOSS[trainer]}'" in (out / "train.log").read_text()
 
 
 def test_the_weights_reach_the_rollout_pool_through_the_object_store_engine(run):

@@ -16,12 +16,13 @@ and copied into the model together, under the lock every decode holds from its f
 its last token, so no decode ever mixes two weight versions; each response reports the
 version (``global_steps``) it was decoded with.
 
-Partial rollout (verl's fully-async trainer and the v1 async modes), as verl's vLLM server:
-:meth:`abort_all_requests` closes the gate and stops the running decode at its next token;
-every request not yet answered returns what it has so far with ``stop_reason="aborted"``
-(verl's ``FullyAsyncLLMServerClient`` resends prompt + partial response after the weight
-sync). Requests that arrive while the gate is closed wait for :meth:`resume_generation`
-(or, with ``reject_request=True``, return ``aborted`` at once).
+Partial rollout (verl's fully-async trainer), as verl's vLLM server: :meth:`abort_all_requests`
+closes the gate and stops the running decode after its next token; its unfinished responses
+return what they have with ``stop_reason="aborted"`` (verl's ``FullyAsyncLLMServerClient``
+resends prompt + partial response after the weight sync). Requests still queued have no
+token yet and are not aborted: like those that arrive while the gate is closed, they wait for
+:meth:`resume_generation` and run on the new weights (with ``reject_request=True`` new ones
+return ``aborted`` at once).
 
 Diagnostics: :meth:`stats` reports request and batch counts, timers (seconds decoding,
 the requests' summed wait for their decode, decode steps, seconds loading weights, the
@@ -50,9 +51,9 @@ behaviour policy. Used by the comparative study (``hmpo_verl.lab.study``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-import itertools
 import os
 import threading
 import time
@@ -176,7 +177,7 @@ class HFRolloutServer:
         self._stop_decoding = threading.Event()  # abort: the running decode stops at its next token
         self._paused = False  # the gate, closed by abort_all_requests until resume_generation
         self._rejecting = False
-        self._in_flight: dict[str, _Request] = {}  # requests received and not yet answered, by id
+        self._in_flight: set[str] = set()  # requests received and not yet answered
         self._decoding = 0  # decodes running in the worker thread
         self._aborted_ids: list[str] = []  # requests the running decode returned as aborted
         self._stats = {
@@ -231,12 +232,12 @@ class HFRolloutServer:
         key = f"{request_id}#{next(self._request_counter)}"  # verl reuses a request id when it resumes one
         request = _Request(prompt_ids, params, asyncio.get_running_loop().create_future(), key)
         self._stats["last_arrival"] = request.queued_at
-        self._in_flight[key] = request
+        self._in_flight.add(key)
         try:
             await self._queue.put(request)
             result = await request.future
         finally:
-            self._in_flight.pop(key, None)
+            self._in_flight.discard(key)
         return self._token_output(result, params)
 
     @staticmethod
