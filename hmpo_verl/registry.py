@@ -19,7 +19,9 @@ module every caller of `get_policy_loss_fn` / `get_adv_estimator_fn` imports fir
 failure to register is logged at ERROR with its traceback (verl itself logs a failing
 plugin only at DEBUG, and the symptom would otherwise be a late "Unsupported loss mode"),
 then re-raised into verl's plugin loader, or, when it happens inside the import of
-core_algos, the import completes without our losses.
+core_algos, the import completes without our losses. The same after-import mechanism
+(`run_after_import`) installs `hmpo_verl.offpolicy`'s wrappers for verl's off-policy
+trainers (per-sample lag, bypass mode, option checks in `run_ppo`).
 """
 
 from __future__ import annotations

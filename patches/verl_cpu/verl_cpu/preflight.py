@@ -52,7 +52,7 @@ def _get(config: DictConfig, key: str, default: Any = None) -> Any:
 # ----------------------------------------------------------------------------- device settings
 
 
-def check_device_settings(config: DictConfig, trainer: str = MAIN_PPO) -> list[str]:
+def check_device_settings(config: DictConfig) -> list[str]:
     """Settings that only work with a CUDA/NPU device."""
     problems = []
     if _get(config, "trainer.device") != "cpu":
@@ -87,7 +87,7 @@ def check_device_settings(config: DictConfig, trainer: str = MAIN_PPO) -> list[s
         )
     if _get(config, "reward.reward_model.enable", False):
         problems.append("reward.reward_model.enable=true needs a model-serving rollout: use a rule/custom reward on CPU")
-    return problems + check_trainer_settings(config, trainer)
+    return problems
 
 
 def check_trainer_settings(config: DictConfig, trainer: str = MAIN_PPO) -> list[str]:
@@ -334,6 +334,7 @@ def _first_rows(config: DictConfig, n: int = 2) -> list[dict]:
 
 CHECKS = (
     check_device_settings,
+    check_trainer_settings,
     check_ray_resources,
     check_policy_loss,
     check_sampler,
@@ -343,7 +344,7 @@ CHECKS = (
 )
 
 
-TRAINER_CHECKS = (check_device_settings, check_ray_resources)  # these also depend on the trainer
+TRAINER_CHECKS = (check_trainer_settings, check_ray_resources)  # these also depend on the trainer
 
 
 def check_config(config: DictConfig, trainer: str = MAIN_PPO) -> list[str]:
@@ -397,9 +398,8 @@ def wrap_run_ppo(original: Callable) -> Callable:
 
     @functools.wraps(original)
     def run_ppo(config: DictConfig, task_runner_class, *args, **kwargs):
-        trainer = TASK_RUNNERS.get(getattr(task_runner_class, "__name__", ""), None)
-        if trainer is None:  # a Ray remote class keeps its name on the wrapped class
-            trainer = TASK_RUNNERS.get(getattr(getattr(task_runner_class, "__ray_metadata__", None), "class_name", ""))
+        metadata = getattr(task_runner_class, "__ray_metadata__", None)  # a Ray actor class keeps its name there
+        trainer = TASK_RUNNERS.get(getattr(metadata, "class_name", ""))
         if trainer is not None:
             run_preflight(config, trainer=trainer)
         return original(config, task_runner_class, *args, **kwargs)
