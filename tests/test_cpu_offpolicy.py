@@ -192,3 +192,23 @@ def test_the_sweep_checks_each_step_against_the_staleness_bound():
     too_stale = setting_row(Setting(0.5, 1, True), {"steps": _steps([[0.25, 0.75, 0, 0]], [1])})
     too_old = setting_row(Setting(0.5, 1, True), {"steps": _steps([[0.5, 0.25, 0.25, 0]], [2])})
     assert not too_stale["within"] and not too_old["within"]
+
+
+def test_verls_v1_modes_colocated_run_here_separate_async_is_refused_with_the_alternatives():
+    from test_cpu_preflight import compose as compose_sync
+
+    assert check_config(compose_sync("trainer.v1.trainer_mode=colocate_async")) == []
+    problems = check_config(compose_sync("trainer.v1.trainer_mode=separate_async"))
+    assert len(problems) == 1 and "trainer.v1.trainer_mode=separate_async" in problems[0]
+    assert "sync or colocate_async" in problems[0] and "fully_async_main" in problems[0]
+
+
+def test_the_demo_runs_colocate_async_as_the_sync_recipe_with_verls_mode(tmp_path):
+    from hmpo_verl.lab.cpu_demo import trainer_command
+    from hmpo_verl.lab.tasks import get_task
+
+    task = get_task("fibonacci")
+    cmd = trainer_command(task, task_assets("fibonacci"), tmp_path, 3, "hmpo", ["x=1"], "colocate_async")
+    assert cmd[2] == "verl.trainer.main_ppo" and cmd[cmd.index("--config-name") + 1] == "hmpo"
+    assert cmd[-3:] == ["trainer.v1.trainer_mode=colocate_async", "algorithm.rollout_correction.bypass_mode=true",
+                        "x=1"]

@@ -1,11 +1,12 @@
 """The CPU demo: HMPO training a tiny model with verl's real trainer, on a laptop.
 
-    python -m hmpo_verl.lab.cpu_demo [--task fibonacci|addition] [--trainer sync|one_step_off|fully_async]
+    python -m hmpo_verl.lab.cpu_demo [--task fibonacci|addition] [--trainer sync|colocate_async|one_step_off|fully_async]
 
 1. builds the task if it is missing (:mod:`hmpo_verl.lab.tasks`; fibonacci ~30-90 s, addition ~15 s);
 2. runs verl's trainer with ``VERL_PLATFORM=cpu`` (the CPU backend in ``patches/verl_cpu``):
    ``--trainer sync`` (default) ``python -m verl.trainer.main_ppo --config-path recipes/<task
-   recipe> --config-name hmpo``; ``one_step_off`` and ``fully_async`` verl's off-policy trainers
+   recipe> --config-name hmpo``; ``colocate_async`` the same with verl's V1
+   ``trainer.v1.trainer_mode=colocate_async``; ``one_step_off`` and ``fully_async`` verl's off-policy trainers
    (``verl.experimental.one_step_off_policy.main_ppo``,
    ``verl.experimental.fully_async_policy.fully_async_main``) with the recipe of that name
    (fibonacci only), printing one line per training step read from verl's own file logger;
@@ -53,6 +54,7 @@ class Trainer:
     module: str
     recipe_name: Optional[str]  # None: the task's own recipe (hmpo.yaml)
     summary: str
+    overrides: tuple[str, ...] = ()  # Hydra overrides this trainer adds to the recipe
 
     def recipe(self, task: Task) -> tuple[Path, str]:
         """(config dir, config name) of this trainer for ``task``; SystemExit when the task has no such recipe."""
@@ -65,6 +67,10 @@ class Trainer:
 
 TRAINERS = {
     "sync": Trainer("verl.trainer.main_ppo", None, "verl's synchronous trainer (V1, colocated rollout)"),
+    "colocate_async": Trainer("verl.trainer.main_ppo", None,
+                              "verl's V1 trainer, colocate_async mode: partial rollout across weight syncs",
+                              ("trainer.v1.trainer_mode=colocate_async",  # bypass: as verl's async configs
+                               "algorithm.rollout_correction.bypass_mode=true")),
     "one_step_off": Trainer("verl.experimental.one_step_off_policy.main_ppo", "one_step_off",
                             "verl's one-step-off-policy trainer: rollout of step k+1 during the update of step k"),
     "fully_async": Trainer("verl.experimental.fully_async_policy.fully_async_main", "fully_async",
@@ -124,6 +130,7 @@ def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: st
         f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
         length,
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
+        *spec.overrides,
         *overrides,
     ]
 

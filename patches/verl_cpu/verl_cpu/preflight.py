@@ -26,6 +26,7 @@ GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
 MAIN_PPO, ONE_STEP_OFF, FULLY_ASYNC = "main_ppo", "one_step_off", "fully_async"
 TASK_RUNNERS = {"OneStepTaskRunner": ONE_STEP_OFF, "FullyAsyncTaskRunner": FULLY_ASYNC}  # run_ppo's runner -> trainer
 SEPARATED = (ONE_STEP_OFF, FULLY_ASYNC)  # trainers with a separate (standalone) rollout pool
+V1_MODES = ("sync", "colocate_async")  # verl's V1 trainer modes that run here (colocated rollout, naive sync)
 CPU_ENGINE = "object_store"
 CPU_ENGINE_MODULE = "verl_cpu.checkpoint_engine"
 # logical Ray CPUs verl's actors reserve besides the workers: task runner(s), trainer, rollouter, message queue
@@ -91,17 +92,20 @@ def check_device_settings(config: DictConfig) -> list[str]:
 
 
 def check_trainer_settings(config: DictConfig, trainer: str = MAIN_PPO) -> list[str]:
-    """The trainer and its weight sync: verl's v1 sync trainer with the colocated ``naive`` sync, or an
-    off-policy trainer (separate rollout pool) with verl_cpu's ``object_store`` checkpoint engine."""
+    """The trainer and its weight sync: verl's V1 trainer (``sync`` or ``colocate_async``) with the
+    colocated ``naive`` sync, or an off-policy trainer (separate rollout pool) with verl_cpu's
+    ``object_store`` checkpoint engine."""
     problems = []
     engine = "actor_rollout_ref.rollout.checkpoint_engine"
     backend = _get(config, f"{engine}.backend", "naive")
     if trainer == MAIN_PPO:
-        if _get(config, "trainer.v1.trainer_mode", "sync") != "sync" or not _get(config, "trainer.use_v1", True):
+        mode = _get(config, "trainer.v1.trainer_mode", "sync")
+        if mode not in V1_MODES or not _get(config, "trainer.use_v1", True):
             problems.append(
-                "with verl.trainer.main_ppo the CPU backend runs verl's V1 sync trainer: trainer.use_v1=true, "
-                "trainer.v1.trainer_mode=sync (off-policy: verl.experimental.one_step_off_policy.main_ppo or "
-                "verl.experimental.fully_async_policy.fully_async_main, see recipes/cpu_fibonacci/)"
+                f"trainer.use_v1={_get(config, 'trainer.use_v1', True)}, trainer.v1.trainer_mode={mode}: with "
+                f"verl.trainer.main_ppo the CPU backend runs verl's V1 trainer in mode {' or '.join(V1_MODES)} "
+                "(colocated rollout); separated off-policy training: verl.experimental.one_step_off_policy.main_ppo "
+                "or verl.experimental.fully_async_policy.fully_async_main, see recipes/cpu_fibonacci/"
             )
         if backend != "naive":
             problems.append(f"{engine}.backend={backend}: use naive (colocated weight sync)")
