@@ -5,8 +5,9 @@ Each trainer runs as a user runs it -- ``python -m hmpo_verl.lab.cpu_demo --trai
 for a few steps, and the evidence is read from verl's file logger and the rollout server's
 trace: our loss ran although the recipes keep verl's ``bypass_mode=true``, weights reached the
 separate rollout pool through verl_cpu's ``object_store`` checkpoint engine, and each
-sample's lag is what the trainer's settings promise. About 1.5 (one-step-off) and 2.5
-(fully-async) minutes on a 2-core machine, most of it Ray and worker start-up.
+sample's lag is what the trainer's settings promise. Measured here (2 cores, load average 3-4):
+90 s (one-step-off) and 131 s (fully-async), most of it Ray and worker start-up; 3-5 minutes
+each at load 10-16.
 """
 
 from __future__ import annotations
