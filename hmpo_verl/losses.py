@@ -16,7 +16,10 @@ under `actor/pm/`: `seq_ratio_mean` (mean sequence ratio s_i), `log_ah_gap` (mea
 log A - log H of the unclipped token ratios, the spread of the mean inequality),
 `ess_frac` (mean Kish ESS / T of the aggregation weights), and for the power losses
 `power`, `power_min`, `power_max` (p over the trajectories of the micro-batch);
-`adaptive_power_mean` with adapt="ess" adds `ess_target` (mean target ESS / T).
+`adaptive_power_mean` with adapt="ess" adds `ess_target` (mean target ESS / T). In verl's
+off-policy trainers, where each sample's lag is known (`hmpo_verl.staleness`), the loss also
+reports `log_ah_gap`, `ess_frac` and the clip fraction per lag (as sums the trainer turns
+into `actor/pm/lag<k>/...` means).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAgg
 from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
 from hmpo_verl.finite import NonFiniteInputError, count_non_finite
 from hmpo_verl.registry import register_deferred
+from hmpo_verl.staleness import current_sample_lag, per_lag_sums
 from hmpo_verl.steps import STEP_COUNTER
 from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
@@ -107,13 +111,14 @@ def power_mean_policy_loss(
         n = terms.rows.n
         rows = n > 0
         n_tokens = n.sum().clamp(min=1)
+        per_row = {"log_ah_gap": terms.log_ah_gap, "ess_frac": terms.ess / n.clamp(min=1)}
         stats = {  # token fractions in float32, as verl's losses report them
             "actor/pg_clipfrac": (terms.clipped.sum() / n_tokens).float(),
             "actor/ppo_kl": -terms.log_ratio_sum / n_tokens,
             "actor/pg_clipfrac_lower": (terms.dual_clipped.sum() / n_tokens).float(),
             "actor/pm/seq_ratio_mean": _masked_row_mean(torch.exp(terms.log_seq_ratio), rows),
-            "actor/pm/log_ah_gap": _masked_row_mean(terms.log_ah_gap, rows),
-            "actor/pm/ess_frac": _masked_row_mean(terms.ess / n.clamp(min=1), rows),
+            "actor/pm/log_ah_gap": _masked_row_mean(per_row["log_ah_gap"], rows),
+            "actor/pm/ess_frac": _masked_row_mean(per_row["ess_frac"], rows),
         }
         if aggregate.power is not None:
             power = aggregate.power.to(n.dtype)[rows] if rows.any() else torch.zeros(1, dtype=n.dtype)
@@ -122,6 +127,9 @@ def power_mean_policy_loss(
             stats["actor/pm/power_max"] = power.max()
         if getattr(aggregate, "target", None) is not None:
             stats["actor/pm/ess_target"] = _masked_row_mean(aggregate.target.to(n.dtype), rows)
+        lag = current_sample_lag()  # set by verl's off-policy trainers (hmpo_verl.offpolicy)
+        if lag is not None:
+            stats.update(per_lag_sums(lag, rows, per_row, terms.clipped, n))  # clipped: (B,) per row
 
     loss_mat = surrogate_loss_matrix(log_prob, terms)
     pg_loss = agg_loss(

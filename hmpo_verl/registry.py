@@ -25,7 +25,9 @@ then re-raised into verl's plugin loader, or, when it happens inside the import 
 core_algos, the import completes without our losses. The same hook wraps, as their modules
 are imported, the checkpoint save of verl's trainers (`PPOTrainer`, `RayPPOTrainer`:
 `hmpo_verl.checkpoints.guard_saves`) and the driver's rollout-vs-actor diagnostics, the one
-place the driver reads the rollout's log-probs (`hmpo_verl.finite.guard_rollout_log_probs`).
+place the driver reads the rollout's log-probs (`hmpo_verl.finite.guard_rollout_log_probs`),
+and installs `hmpo_verl.offpolicy`'s wrappers for verl's off-policy trainers (per-sample lag,
+bypass mode, option checks in `run_ppo`); `run_after_import` is that mechanism.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def check_options(config) -> None:
     loss_mode = policy_loss.get("loss_mode", None) if policy_loss is not None else None
     if loss_mode in LOSS_OPTION_CLASSES:
         loss_options(omega_conf_to_dataclass(policy_loss), loss_mode)
+        check_bypass_mode(OmegaConf.select(config, "algorithm.rollout_correction", default=None), loss_mode)
     algorithm = OmegaConf.select(config, "algorithm", default=None)
     if algorithm is not None and str(algorithm.get("_target_", "")).startswith("hmpo_verl"):
         omega_conf_to_dataclass(algorithm)  # runs PowerMeanAlgoConfig.__post_init__
@@ -104,6 +107,27 @@ def check_trl_beside_verl() -> None:
     message = trl_conflict(metadata.version("verl"), trl_version)
     if message:
         raise RuntimeError(message)
+
+
+def check_bypass_mode(rollout_correction, loss_mode: str) -> None:
+    """Refuse rollout IS / rejection sampling in bypass mode: with our loss they would be dropped.
+
+    In bypass mode (``old_log_probs = rollout_log_probs``) verl computes rollout IS weights
+    and rejection masks only inside its own ``loss_mode=bypass_mode`` loss; the trainer
+    passes none to any other loss (see ``hmpo_verl.offpolicy``).
+    """
+    if rollout_correction is None or not rollout_correction.get("bypass_mode", False):
+        return
+    dropped = [f"{key}={rollout_correction.get(key)}" for key in ("rollout_is", "rollout_rs")
+               if rollout_correction.get(key, None)]
+    if dropped:
+        raise ValueError(
+            f"algorithm.rollout_correction.{' and '.join(dropped)} with algorithm.rollout_correction.bypass_mode=true "
+            f"and actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}: in bypass mode verl applies rollout IS "
+            f"and rejection sampling only inside its own loss_mode=bypass_mode, so {loss_mode} would train without "
+            "them. Set algorithm.rollout_correction.bypass_mode=false (verl then computes them and passes the "
+            "weights to the loss) or drop rollout_is/rollout_rs."
+        )
 
 
 def _extend_validate_config() -> None:
@@ -165,87 +189,103 @@ def register() -> None:
     _extend_validate_config()
 
 
-def _loudly(action, what: str = "register with verl") -> None:
-    """Run `action()`; on failure log the traceback at ERROR, then re-raise."""
+REGISTER_FAILED = (
+    "hmpo_verl failed to register with verl; its losses (hmpo, power_mean, agm, adaptive_power_mean) "
+    "and advantage estimators (power_mean, agm) will be unavailable"
+)
+GUARD_FAILED = "hmpo_verl could not wrap {} (guarded checkpoint saves, the rollout log-prob check); verl runs without it"
+
+
+def _loudly(action, failure: str = REGISTER_FAILED) -> None:
+    """Run `action()`; on failure log `failure` and the traceback at ERROR, then re-raise."""
     try:
         action()
     except Exception:  # noqa: BLE001 - report whatever broke, then re-raise
-        consequence = (
-            "its losses (hmpo, power_mean, agm, adaptive_power_mean) and advantage estimators (power_mean, agm) "
-            "will be unavailable" if what == "register with verl" else "verl runs without it"
-        )
-        logging.getLogger("hmpo_verl").error("hmpo_verl failed to %s; %s:\n%s", what, consequence,
-                                             traceback.format_exc())
+        logging.getLogger("hmpo_verl").error("%s:\n%s", failure, traceback.format_exc())
         raise
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Meta-path finder that runs `action(module)` right after the module `name` executes.
+class _RunAfterImport(importlib.abc.MetaPathFinder):
+    """Meta-path finder that runs actions right after given modules execute.
 
-    It finds the module's spec through the other finders and wraps its loader; once the
-    module has executed (and is in `sys.modules`), the action runs before the importer gets
-    the module back (for core_algos: `register()`, so `get_policy_loss_fn("hmpo")` works in
-    any code that can call it). It acts once. If the action fails, the error is logged and
-    the module is still returned: the process goes on without our losses, as verl does for a
-    failing plugin.
+    It finds a watched module's spec through the other finders and wraps its loader; once
+    the module has executed (and is in `sys.modules`), the actions for it run before the
+    importer gets the module back -- so `get_policy_loss_fn("hmpo")` works in any code that
+    can call it, and a verl function is wrapped before anyone imports it by name. Each
+    action runs once. A failing action is logged at ERROR and the module is still returned:
+    the process goes on without that piece, as verl does for a failing plugin.
     """
 
-    def __init__(self, name: str, action, what: str):
-        self.name, self.action, self.what = name, action, what
+    def __init__(self):
+        self.actions: dict[str, list] = {}
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
+        if fullname not in self.actions:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _LoaderThenAct(spec.loader, self)
+                spec.loader = _LoaderThenRun(spec.loader, fullname, self)
                 return spec
         return None
 
 
-class _LoaderThenAct(importlib.abc.Loader):
-    """Delegates to the module's loader; runs the finder's action after `exec_module`."""
+class _LoaderThenRun(importlib.abc.Loader):
+    """Delegates to verl's loader; runs the actions (each given the module) after `exec_module`.
 
-    def __init__(self, loader, finder: _AfterImport):
-        self._loader, self._finder = loader, finder
+    (`python -m` runs a module through `get_code`, as `__main__`: its actions then wait for
+    a regular import of the module.)
+    """
+
+    def __init__(self, loader, fullname: str, finder: _RunAfterImport):
+        self._loader, self._fullname, self._finder = loader, fullname, finder
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        if self._finder in sys.meta_path:
-            sys.meta_path.remove(self._finder)
-        try:
-            _loudly(lambda: self._finder.action(module), self._finder.what)
-        except Exception:  # noqa: BLE001 - logged at ERROR; verl goes on without our losses, as for any failed plugin
-            pass
+        for action, failure in self._finder.actions.pop(self._fullname, []):
+            try:
+                _loudly(lambda: action(module), failure)
+            except Exception:  # noqa: BLE001 - logged at ERROR; verl goes on without it, as for any failed plugin
+                pass
 
     def __getattr__(self, name):  # get_source, get_filename, ... for tracebacks and inspect
         return getattr(self._loader, name)
 
 
-def _after_import(name: str, action, what: str) -> None:
-    """Run `action(module)` now if `name` is imported, else right after it is (once)."""
-    if name in sys.modules:
-        _loudly(lambda: action(sys.modules[name]), what)
-    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(name, action, what))
+_AFTER_IMPORT = _RunAfterImport()
+
+
+def run_after_import(module_name: str, action, failure: str = REGISTER_FAILED) -> None:
+    """Call `action(module)` once `module_name` is imported (now, if it already is); a failure is
+    logged at ERROR with `failure` and its traceback."""
+    if module_name in sys.modules:
+        _loudly(lambda: action(sys.modules[module_name]), failure)
+        return
+    _AFTER_IMPORT.actions.setdefault(module_name, []).append((action, failure))
+    if _AFTER_IMPORT not in sys.meta_path:
+        sys.meta_path.insert(0, _AFTER_IMPORT)
 
 
 def register_on_import() -> None:
     """Register now if verl's core_algos is loaded, else as soon as it is imported (see module doc);
-    guard checkpoint saves of verl's trainers (`hmpo_verl.checkpoints.guard_saves`) as they are imported."""
-    if CORE_ALGOS not in sys.modules:
+    guard checkpoint saves of verl's trainers (`hmpo_verl.checkpoints.guard_saves`) and the driver's check of
+    the rollout's log-probs as they are imported; install the off-policy trainer hooks (`hmpo_verl.offpolicy`)."""
+    from hmpo_verl.offpolicy import install
+
+    if CORE_ALGOS in sys.modules:
+        _loudly(_register_after_core_algos)
+    else:
         _loudly(_extend_validate_config)
-    _after_import(CORE_ALGOS, lambda module: _register_after_core_algos(), "register with verl")
-    _after_import(DEBUG_METRICS, _guard_rollout_log_probs, "check the rollout's log-probs")
+        run_after_import(CORE_ALGOS, lambda _module: _register_after_core_algos())
+    run_after_import(DEBUG_METRICS, _guard_rollout_log_probs, GUARD_FAILED.format(DEBUG_METRICS))
     for name, trainer in TRAINERS.items():
-        _after_import(name, lambda module, trainer=trainer: _guard_trainer(module, trainer),
-                      f"guard the checkpoint saves of {name}.{trainer}")
+        run_after_import(name, lambda module, trainer=trainer: _guard_trainer(module, trainer), GUARD_FAILED.format(name))
+    install(run_after_import)
 
 
 def _guard_rollout_log_probs(module) -> None:

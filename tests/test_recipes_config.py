@@ -185,6 +185,33 @@ def stock_config(model_engine: str = "dp") -> DictConfig:
     return compose_recipe(VERL_CONFIG_DIR, "ppo_trainer", () if model_engine == "dp" else (f"model_engine={model_engine}",))
 
 
+# verl's off-policy trainers read ppo_trainer plus the keys of their own YAML (which sets a Hydra search
+# path, so it is read here as a plain file): a recipe with `async_training` is fully-async's, one with a
+# top-level `rollout` pool one-step-off-policy's (recipes/cpu_fibonacci/{fully_async,one_step_off}.yaml)
+OFF_POLICY_YAMLS = {
+    "async_training": VERL_CONFIG_DIR.parents[1] / "experimental/fully_async_policy/config/fully_async_ppo_trainer.yaml",
+    "rollout": VERL_CONFIG_DIR.parents[1] / "experimental/one_step_off_policy/config/one_step_off_ppo_trainer.yaml",
+}
+
+
+def off_policy_trainer(cfg: DictConfig) -> Optional[str]:
+    """The top-level key that marks `cfg` as one of verl's off-policy trainers' configs, or None."""
+    return next((key for key in OFF_POLICY_YAMLS if key in cfg), None)
+
+
+def reference_config(cfg: DictConfig) -> DictConfig:
+    """What verl's trainer for `cfg` declares: ppo_trainer, plus an off-policy trainer's own keys."""
+    stock = stock_config(cfg.get("model_engine", "dp"))
+    trainer = off_policy_trainer(cfg)
+    if trainer is None:
+        return stock
+    own = OmegaConf.load(OFF_POLICY_YAMLS[trainer])
+    for key in ("hydra", "defaults"):
+        own.pop(key, None)
+    OmegaConf.set_struct(stock, False)
+    return OmegaConf.merge(stock, own)
+
+
 @functools.lru_cache(maxsize=None)
 def _fields(target: str) -> frozenset:
     try:
@@ -213,7 +240,7 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
                 continue  # a field of the dataclass this node instantiates: checked when built
             bad.append(dotted)
 
-    stock = stock_config(cfg.get("model_engine", "dp"))
+    stock = reference_config(cfg)
     walk(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(stock, resolve=False), "")
     return bad
 
@@ -279,7 +306,8 @@ def check_recipe(config_dir, name: str, overrides=(), model_path: Optional[str] 
     bad = unknown_keys(cfg)
     if bad:
         raise RecipeError(f"keys verl does not know (a typo?): {', '.join(bad)}")
-    driver_validate(cfg)
+    if off_policy_trainer(cfg) != "async_training":  # verl's fully-async entry point never calls it
+        driver_validate(cfg)
     built = build_dataclasses(cfg, model_path) if model_path else {}
     return cfg, built
 

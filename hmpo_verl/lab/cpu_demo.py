@@ -1,11 +1,15 @@
 """The CPU demo: HMPO training a tiny model with verl's real trainer, on a laptop.
 
-    python -m hmpo_verl.lab.cpu_demo [--task fibonacci|addition]
+    python -m hmpo_verl.lab.cpu_demo [--task fibonacci|addition] [--trainer sync|colocate_async|one_step_off|fully_async]
 
 1. builds the task if it is missing (:mod:`hmpo_verl.lab.tasks`; fibonacci ~30-90 s, addition ~15 s);
-2. runs ``python -m verl.trainer.main_ppo --config-path recipes/<task recipe> --config-name hmpo``
-   with ``VERL_PLATFORM=cpu`` (the CPU backend in ``patches/verl_cpu``), printing one
-   line per training step read from verl's own file logger;
+2. runs verl's trainer with ``VERL_PLATFORM=cpu`` (the CPU backend in ``patches/verl_cpu``):
+   ``--trainer sync`` (default) ``python -m verl.trainer.main_ppo --config-path recipes/<task
+   recipe> --config-name hmpo``; ``colocate_async`` the same with verl's V1
+   ``trainer.v1.trainer_mode=colocate_async``; ``one_step_off`` and ``fully_async`` verl's off-policy trainers
+   (``verl.experimental.one_step_off_policy.main_ppo``,
+   ``verl.experimental.fully_async_policy.fully_async_main``) with the recipe of that name
+   (fibonacci only), printing one line per training step read from verl's own file logger;
 3. prints a summary of the reward curve and writes a PNG of reward, clip fraction and
    effective sample size against step, all from verl's logged metrics; when verl fails,
    the cause (:func:`failure_cause`) instead of a pointer to the log.
@@ -24,9 +28,11 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from itertools import takewhile
 from pathlib import Path
+from typing import Optional
 
 from hmpo_verl.lab.tasks import REPO_ROOT, TASKS, Task, get_task
 
@@ -36,7 +42,41 @@ REWARD = "critic/score/mean"
 VAL_PREFIX, VAL_INFIX = "val-core/", "/acc/mean@"  # verl names it val-core/<data_source>/acc/mean@<n>
 CLIPFRAC = "actor/pg_clipfrac"
 ESS = "actor/pm/ess_frac"
+GAP = "actor/pm/log_ah_gap"
+LAG = "training/lag/mean"  # off-policy trainers: mean lag of the step's samples (hmpo_verl.staleness)
 STEP_TIME = "timing_s/step"
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """One of verl's trainers: its entry module and the recipe name it runs in the task's recipe folder."""
+
+    module: str
+    recipe_name: Optional[str]  # None: the task's own recipe (hmpo.yaml)
+    summary: str
+    overrides: tuple[str, ...] = ()  # Hydra overrides this trainer adds to the recipe
+
+    def recipe(self, task: Task) -> tuple[Path, str]:
+        """(config dir, config name) of this trainer for ``task``; SystemExit when the task has no such recipe."""
+        name = self.recipe_name or task.recipe_name
+        if not (task.recipe_dir / f"{name}.yaml").is_file():
+            sys.exit(f"hmpo_verl.lab.cpu_demo: task {task.name!r} has no {name} recipe "
+                     f"({task.recipe_dir / (name + '.yaml')} is missing); the off-policy trainers have one for fibonacci")
+        return task.recipe_dir, name
+
+
+TRAINERS = {
+    "sync": Trainer("verl.trainer.main_ppo", None, "verl's synchronous trainer (V1, colocated rollout)"),
+    "colocate_async": Trainer("verl.trainer.main_ppo", None,
+                              "verl's V1 trainer, colocate_async mode: partial rollout across weight syncs",
+                              ("trainer.v1.trainer_mode=colocate_async",  # bypass: as verl's async configs
+                               "algorithm.rollout_correction.bypass_mode=true")),
+    "one_step_off": Trainer("verl.experimental.one_step_off_policy.main_ppo", "one_step_off",
+                            "verl's one-step-off-policy trainer: rollout of step k+1 during the update of step k"),
+    "fully_async": Trainer("verl.experimental.fully_async_policy.fully_async_main", "fully_async",
+                           "verl's fully-async trainer: streaming rollouter, staleness bound, partial rollout"),
+}
+DEFAULT_TRAINER = "sync"
 
 
 # ----------------------------------------------------------------------------- launch
@@ -52,22 +92,45 @@ def check_cpu_backend_installed() -> None:
         )
 
 
-def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: str, overrides: list[str]) -> list[str]:
-    """``python -m verl.trainer.main_ppo`` with the task's recipe and this run's paths."""
+def prompts_per_sync(config_dir: Path, config_name: str, overrides: list[str]) -> int:
+    """Prompts the fully-async trainer consumes per weight sync (one logged step):
+    ``ppo_mini_batch_size * require_batches * trigger_parameter_sync_step`` of the composed recipe."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        config = compose(config_name=config_name, overrides=list(overrides))
+    sync = config.async_training
+    return int(config.actor_rollout_ref.actor.ppo_mini_batch_size * sync.require_batches * sync.trigger_parameter_sync_step)
+
+
+def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: str, overrides: list[str],
+                    trainer: str = DEFAULT_TRAINER) -> list[str]:
+    """verl's ``trainer`` (:data:`TRAINERS`) with the task's recipe for it and this run's paths.
+
+    ``steps`` are training steps; for ``fully_async`` (which counts prompts to generate) they
+    become ``rollout.total_rollout_steps = steps * prompts_per_sync``.
+    """
+    spec = TRAINERS[trainer]
+    config_dir, config_name = spec.recipe(task)
+    if trainer == "fully_async":
+        length = f"rollout.total_rollout_steps={steps * prompts_per_sync(config_dir, config_name, overrides)}"
+    else:
+        length = f"trainer.total_training_steps={steps}"
     return [
         sys.executable,
         "-m",
-        "verl.trainer.main_ppo",
+        spec.module,
         "--config-path",
-        str(task.recipe_dir),
+        str(config_dir),
         "--config-name",
-        task.recipe_name,
+        config_name,
         f"data.train_files={assets.train_parquet}",
         f"data.val_files={assets.test_parquet}",
         f"actor_rollout_ref.model.path={assets.model}",
         f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
-        f"trainer.total_training_steps={steps}",
+        length,
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
+        *spec.overrides,
         *overrides,
     ]
 
@@ -100,6 +163,32 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+FULLY_ASYNC_VERSION = "fully_async/count/current_param_version"  # the weight version the step trained at
+
+
+def training_step(record: dict) -> int:
+    """The step a record belongs to. verl's fully-async trainer logs a sync cycle's training metrics at the
+    next cycle's step (one late; the last two cycles share a step): those records carry the version they
+    trained at, and are filed under version + 1. Every other record keeps its logged step."""
+    version = record["data"].get(FULLY_ASYNC_VERSION)
+    return record["step"] if version is None else int(version) + 1
+
+
+def merge_steps(records: list[dict]) -> list[dict]:
+    """One record per step (:func:`training_step`), in step order: the fully-async trainer logs a step in
+    several records (the rollouter's timings, the trainer's metrics, validation)."""
+    merged: dict[int, dict] = {}
+    for record in records:
+        step = training_step(record)
+        merged.setdefault(step, {"step": step, "data": {}})["data"].update(record["data"])
+    return [merged[step] for step in sorted(merged)]
+
+
+def is_shown(record: dict) -> bool:
+    """A training step (it has the reward), or the validation before training (step 0)."""
+    return REWARD in record["data"] or (record["step"] == 0 and val_key(record["data"]) is not None)
+
+
 def val_key(data: dict) -> str | None:
     """verl's test-set accuracy key, e.g. ``val-core/tiny_add/acc/mean@4``."""
     return next((k for k in data if k.startswith(VAL_PREFIX) and VAL_INFIX in k), None)
@@ -113,6 +202,7 @@ def format_step(record: dict, total_steps: int) -> str:
         ("test", val_key(data), ".3f"),
         ("clipfrac", CLIPFRAC, ".3f"),
         ("ess", ESS, ".3f"),
+        ("lag", LAG, ".2f"),
         ("s/step", STEP_TIME, ".1f"),
     ):
         if key in data:
@@ -126,17 +216,18 @@ def run_trainer(cmd: list[str], env: dict[str, str], run_dir: Path, total_steps:
     metrics_path = Path(env["VERL_FILE_LOGGER_PATH"])
     start = time.time()
     first_step_at = None
-    shown = 0
+    shown: set[int] = set()
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         while True:
             code = process.poll()
-            records = read_metrics(metrics_path)
-            for record in records[shown:]:
-                if record["step"] >= 1 and first_step_at is None:
+            for record in merge_steps(read_metrics(metrics_path)):
+                if record["step"] in shown or not is_shown(record):
+                    continue  # a step shows once, with what was logged for it so far
+                shown.add(record["step"])
+                if REWARD in record["data"] and first_step_at is None:
                     first_step_at = time.time()
                 log(format_step(record, total_steps))
-            shown = len(records)
             if code is not None:
                 break
             time.sleep(1.0)
@@ -226,11 +317,33 @@ def summarize(records: list[dict], window: int = 5) -> dict:
     if val:
         summary["val_reward_first"] = val[0]
         summary["val_reward_last"] = val[-1]
-    return summary
+    return {**summary, **lag_summary(records)}
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def lag_summary(records: list[dict]) -> dict:
+    """Off-policy trainers: the lag distribution and log A - log H, overall and per lag, averaged over steps."""
+    from hmpo_verl.staleness import BUCKETS
+
+    _, lags = series(records, LAG)
+    if not lags:
+        return {}
+    out = {"lag_mean": _mean(lags), "lag_max": max(series(records, "training/lag/max")[1])}
+    for bucket in BUCKETS:
+        out[f"lag_share_{bucket}"] = _mean(series(records, f"training/lag/share_{bucket}")[1])
+    out["log_ah_gap_mean"] = _mean(series(records, GAP)[1])
+    for bucket in BUCKETS:
+        gap = _mean(series(records, f"actor/pm/lag{bucket}/log_ah_gap")[1])
+        if gap is not None:
+            out[f"log_ah_gap_lag{bucket}_mean"] = gap
+    return out
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
-    """Reward, clip fraction and ESS fraction against step (from verl's metrics)."""
+    """Reward, clip fraction, ESS fraction and log A - log H (per lag, off-policy) against step (verl's metrics)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,15 +353,15 @@ def plot(records: list[dict], path: Path, title: str) -> None:
         (REWARD, "mean reward (train)", _val_key(records)),
         (CLIPFRAC, "clip fraction (actor/pg_clipfrac)", None),
         (ESS, "ESS / tokens (actor/pm/ess_frac)", None),
+        (GAP, "log A - log H (actor/pm/log_ah_gap)", "per lag"),
     ]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 8), sharex=True)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 10), sharex=True)
     for ax, (key, label, extra) in zip(axes, panels, strict=True):
         x, y = series(records, key)
         ax.plot(x, y, marker=".", label=key)
-        if extra:
-            vx, vy = series(records, extra)
-            if vx:
-                ax.plot(vx, vy, marker="s", linestyle="--", label=f"{extra} (test set)")
+        for extra_key in _extra_series(records, extra):
+            vx, vy = series(records, extra_key)
+            ax.plot(vx, vy, marker="s", linestyle="--", label=extra_key)
         if not x:
             ax.text(0.5, 0.5, f"{key} not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel(label)
@@ -259,6 +372,17 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _extra_series(records: list[dict], extra: Optional[str]) -> list[str]:
+    """The test-set accuracy key, or for "per lag" the per-lag log_ah_gap keys that were logged."""
+    if extra == "per lag":
+        from hmpo_verl.staleness import BUCKETS
+
+        keys = [f"actor/pm/lag{b}/log_ah_gap" for b in BUCKETS]
+        return [k for k in keys if series(records, k)[0]]
+    key = _val_key(records) if extra else None
+    return [key] if key and series(records, key)[0] else []
 
 
 def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
@@ -278,6 +402,14 @@ def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
         log(f"test-set reward (sampled)  {summary['val_reward_first']:.3f}  ->  {summary['val_reward_last']:.3f}")
     if summary.get("seconds_per_step_mean"):
         log(f"seconds per step (mean)    {summary['seconds_per_step_mean']:.1f}")
+    if "lag_mean" in summary:
+        from hmpo_verl.staleness import BUCKETS
+
+        shares = ", ".join(f"{b}: {summary[f'lag_share_{b}']:.2f}" for b in BUCKETS)
+        log(f"sample lag (mean, max)     {summary['lag_mean']:.2f}, {summary['lag_max']:.0f}   share by lag {shares}")
+        gaps = ", ".join(f"lag {b}: {summary[f'log_ah_gap_lag{b}_mean']:.4f}" for b in BUCKETS
+                         if f"log_ah_gap_lag{b}_mean" in summary)
+        log(f"log A - log H (mean)       {summary['log_ah_gap_mean']:.4f}   {gaps}")
     if "until_first_step_s" in timings:
         log(f"start-up until step 1      {timings['until_first_step_s']:.0f} s")
     log(f"total trainer wall time    {timings['total_s']:.0f} s")
@@ -289,13 +421,16 @@ def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
 
 def parse_args(argv=None):
     tasks = "\n".join(f"  {t.name:<10} {t.summary}" for t in TASKS.values())
+    trainers = "\n".join(f"  {name:<13} {t.summary}" for name, t in TRAINERS.items())
     parser = argparse.ArgumentParser(
         description="HMPO with verl's real trainer on CPU, on one of the lab's tasks.",
-        epilog=f"tasks (--task):\n{tasks}",
+        epilog=f"tasks (--task):\n{tasks}\n\ntrainers (--trainer):\n{trainers}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--task", default=DEFAULT_TASK, choices=list(TASKS),
                         help=f"which task to train on (default {DEFAULT_TASK}; see the list below)")
+    parser.add_argument("--trainer", default=DEFAULT_TRAINER, choices=list(TRAINERS),
+                        help=f"which verl trainer (default {DEFAULT_TRAINER}; see the list below)")
     parser.add_argument("--assets", default=None, help="task asset dir (default: the task's folder under outputs/)")
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "outputs" / "cpu_demo"), help="logs, metrics, plot")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the task's, 40)")
@@ -320,12 +455,13 @@ def main(argv=None) -> int:
     if args.prepare_only:
         return 0
     check_cpu_backend_installed()
+    TRAINERS[args.trainer].recipe(task)  # the task has a recipe for this trainer
 
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "rollout_trace.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
-    cmd = trainer_command(task, assets, run_dir, steps, args.loss_mode, args.overrides)
+    cmd = trainer_command(task, assets, run_dir, steps, args.loss_mode, args.overrides, args.trainer)
     say("running verl's trainer on CPU (full log: %s):\n  VERL_PLATFORM=cpu %s" % (run_dir / "train.log", " ".join(cmd[1:])))
     code, timings = run_trainer(cmd, trainer_env(run_dir), run_dir, steps, log=say)
     if code != 0:
@@ -338,10 +474,10 @@ def main(argv=None) -> int:
         say(f"full log: {log_path}", file=sys.stderr)
         return code
 
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = merge_steps(read_metrics(run_dir / "metrics.jsonl"))
     summary = summarize(records)
     png = run_dir / "reward_curve.png"
-    plot(records, png, f"{args.loss_mode} on CPU, {task.name} task (verl {_verl_version()})")
+    plot(records, png, f"{args.loss_mode} on CPU, {task.name} task, {args.trainer} trainer (verl {_verl_version()})")
     (run_dir / "summary.json").write_text(json.dumps({**summary, **timings}, indent=2))
     print_summary(summary, timings, png, log=say)
     return 0

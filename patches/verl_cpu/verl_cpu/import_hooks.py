@@ -48,6 +48,9 @@ class _WrappedLoader(importlib.abc.Loader):
         for callback in _callbacks.pop(self._fullname, []):
             callback(module)
 
+    def __getattr__(self, name):  # get_code (python -m runs the module as __main__: no callback), get_source, ...
+        return getattr(self._loader, name)
+
 
 _finder = _AfterImportFinder()
 

@@ -33,6 +33,7 @@ def activate() -> None:
     import verl.utils.config as verl_config
 
     from verl_cpu import distributed, engines, platform, rollout  # noqa: F401  (platform registers itself)
+    from verl_cpu.import_hooks import after_import
     from verl_cpu.preflight import wrap_validate_config
 
     distributed.install()
@@ -40,6 +41,15 @@ def activate() -> None:
     rollout.register()
     if not getattr(verl_config.validate_config, "_verl_cpu_patched", False):
         verl_config.validate_config = wrap_validate_config(verl_config.validate_config)
+    after_import("verl.trainer.main_ppo", _check_before_run_ppo)
+
+
+def _check_before_run_ppo(main_ppo) -> None:
+    """The off-policy trainers' entry points reach Ray through ``verl.trainer.main_ppo.run_ppo``."""
+    from verl_cpu.preflight import wrap_run_ppo
+
+    if not getattr(main_ppo.run_ppo, "_verl_cpu_patched", False):
+        main_ppo.run_ppo = wrap_run_ppo(main_ppo.run_ppo)
 
 
 if enabled():

@@ -4,9 +4,11 @@ A config that cannot work on a CPU otherwise fails minutes later inside a Ray wo
 with hundreds of lines of stack trace. :func:`check_config` returns a list of problems,
 each saying what to change; :func:`run_preflight` prints them and exits.
 
-The plugin runs these checks from verl's own ``validate_config`` (called by
-``verl.trainer.main_ppo`` before ``ray.init``), so they apply to any launch of the real
-trainer with ``VERL_PLATFORM=cpu``.
+The plugin runs these checks before ``ray.init`` for every trainer with
+``VERL_PLATFORM=cpu``: from verl's own ``validate_config`` for ``verl.trainer.main_ppo``
+(which calls it in the driver), and from ``run_ppo`` for verl's off-policy trainers
+(one-step-off-policy calls ``validate_config`` only inside its Ray task runner, fully-async
+never), which are told apart by their task runner class (:data:`TASK_RUNNERS`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from verl_cpu import ROLLOUT_NAME
 
 GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
+MAIN_PPO, ONE_STEP_OFF, FULLY_ASYNC = "main_ppo", "one_step_off", "fully_async"
+TASK_RUNNERS = {"OneStepTaskRunner": ONE_STEP_OFF, "FullyAsyncTaskRunner": FULLY_ASYNC}  # run_ppo's runner -> trainer
+SEPARATED = (ONE_STEP_OFF, FULLY_ASYNC)  # trainers with a separate (standalone) rollout pool
+V1_MODES = ("sync", "colocate_async")  # verl's V1 trainer modes that run here (colocated rollout, naive sync)
+CPU_ENGINE = "object_store"
+CPU_ENGINE_MODULE = "verl_cpu.checkpoint_engine"
+# logical Ray CPUs verl's actors reserve besides the workers: task runner(s), trainer, rollouter, message queue
+RUNNER_CPUS = {MAIN_PPO: 0, ONE_STEP_OFF: 10, FULLY_ASYNC: 1 + 10 + 10 + 2}
 CPU_ATTENTION = ("sdpa", "eager")
 REQUIRED_COLUMNS_HELP = (
     "verl's RL schema: a chat-message list column (data.prompt_key, default 'prompt'), a data-source column "
@@ -71,13 +81,6 @@ def check_device_settings(config: DictConfig) -> list[str]:
         value = _get(config, f"actor_rollout_ref.rollout.{key}", 1)
         if value != 1:
             problems.append(f"actor_rollout_ref.rollout.{key}={value}: the hf rollout needs 1")
-    backend = _get(config, "actor_rollout_ref.rollout.checkpoint_engine.backend", "naive")
-    if backend != "naive":
-        problems.append(
-            f"actor_rollout_ref.rollout.checkpoint_engine.backend={backend}: use naive (colocated weight sync)"
-        )
-    if _get(config, "trainer.v1.trainer_mode", "sync") != "sync" or not _get(config, "trainer.use_v1", True):
-        problems.append("the CPU backend supports verl's V1 sync trainer only: trainer.use_v1=true, trainer.v1.trainer_mode=sync")
     attn = _get(config, "actor_rollout_ref.model.override_config.attn_implementation", "flash_attention_2")
     if attn not in CPU_ATTENTION:
         problems.append(
@@ -88,7 +91,56 @@ def check_device_settings(config: DictConfig) -> list[str]:
     return problems
 
 
-def check_ray_resources(config: DictConfig) -> list[str]:
+def check_trainer_settings(config: DictConfig, trainer: str = MAIN_PPO) -> list[str]:
+    """The trainer and its weight sync: verl's V1 trainer (``sync`` or ``colocate_async``) with the
+    colocated ``naive`` sync, or an off-policy trainer (separate rollout pool) with verl_cpu's
+    ``object_store`` checkpoint engine."""
+    problems = []
+    engine = "actor_rollout_ref.rollout.checkpoint_engine"
+    backend = _get(config, f"{engine}.backend", "naive")
+    if trainer == MAIN_PPO:
+        mode = _get(config, "trainer.v1.trainer_mode", "sync")
+        if mode not in V1_MODES or not _get(config, "trainer.use_v1", True):
+            problems.append(
+                f"trainer.use_v1={_get(config, 'trainer.use_v1', True)}, trainer.v1.trainer_mode={mode}: with "
+                f"verl.trainer.main_ppo the CPU backend runs verl's V1 trainer in mode {' or '.join(V1_MODES)} "
+                "(colocated rollout); separated off-policy training: verl.experimental.one_step_off_policy.main_ppo "
+                "or verl.experimental.fully_async_policy.fully_async_main, see recipes/cpu_fibonacci/"
+            )
+        if backend != "naive":
+            problems.append(f"{engine}.backend={backend}: use naive (colocated weight sync)")
+        return problems
+    if backend != CPU_ENGINE:
+        why = "needs CUDA (cupy, NCCL)" if backend in ("nccl", "nixl", "hccl") else "cannot sync a separate rollout pool on CPU"
+        problems.append(
+            f"{engine}.backend={backend} {why}: set {engine}.backend={CPU_ENGINE} and "
+            f"{engine}.custom_backend_module={CPU_ENGINE_MODULE} (verl_cpu's object-store engine)"
+        )
+    elif _get(config, f"{engine}.custom_backend_module") != CPU_ENGINE_MODULE:
+        problems.append(f"{engine}.backend={CPU_ENGINE} is registered by {engine}.custom_backend_module={CPU_ENGINE_MODULE}")
+    if _get(config, "actor_rollout_ref.hybrid_engine", True):
+        problems.append(f"actor_rollout_ref.hybrid_engine=true: the {trainer} trainer needs hybrid_engine=false "
+                        "(its rollout is a separate pool)")
+    for key in ("rollout.nnodes", "rollout.n_gpus_per_node"):
+        if not isinstance(_get(config, key), int) or _get(config, key) < 1:
+            problems.append(f"{key}={_get(config, key)}: the separate rollout pool needs at least 1 (logical GPU slots)")
+    if trainer == FULLY_ASYNC:
+        if _get(config, "data.train_batch_size") != 0 or _get(config, "data.gen_batch_size") != 1:
+            problems.append(
+                f"data.train_batch_size={_get(config, 'data.train_batch_size')}, data.gen_batch_size="
+                f"{_get(config, 'data.gen_batch_size')}: verl's fully-async rollouter needs 0 and 1 (one prompt at a "
+                "time; the trainer takes ppo_mini_batch_size * async_training.require_batches prompts per step)"
+            )
+        if not _get(config, "actor_rollout_ref.rollout.calculate_log_probs", False):
+            problems.append("actor_rollout_ref.rollout.calculate_log_probs=false: the fully-async trainer needs true")
+    return problems
+
+
+def _rollout_gpus(config: DictConfig, trainer: str) -> int:
+    return _get(config, "rollout.nnodes", 1) * _get(config, "rollout.n_gpus_per_node", 1) if trainer in SEPARATED else 0
+
+
+def check_ray_resources(config: DictConfig, trainer: str = MAIN_PPO) -> list[str]:
     """Ray must be told about logical GPU slots and enough logical CPUs.
 
     Not when the driver joins a running cluster (RAY_ADDRESS, e.g. recipes/lib/cluster.sh's): its nodes
@@ -97,23 +149,25 @@ def check_ray_resources(config: DictConfig) -> list[str]:
     if os.environ.get("RAY_ADDRESS"):
         return []
     problems = []
-    needed_gpus = _get(config, "trainer.nnodes", 1) * _get(config, "trainer.n_gpus_per_node", 1)
+    trainer_gpus = _get(config, "trainer.nnodes", 1) * _get(config, "trainer.n_gpus_per_node", 1)
+    needed_gpus = trainer_gpus + _rollout_gpus(config, trainer)
     num_gpus = _get(config, "ray_kwargs.ray_init.num_gpus")
     if num_gpus is None or num_gpus < needed_gpus:
+        pool = "" if trainer == MAIN_PPO else " + rollout.nnodes*rollout.n_gpus_per_node (the rollout pool)"
         problems.append(
-            f"ray_kwargs.ray_init.num_gpus={num_gpus}: verl's resource pool asks Ray for "
-            f"trainer.nnodes*trainer.n_gpus_per_node={needed_gpus} GPUs; on CPU give Ray that many logical ones: "
-            f"+ray_kwargs.ray_init.num_gpus={needed_gpus}"
+            f"ray_kwargs.ray_init.num_gpus={num_gpus}: verl's resource pools ask Ray for "
+            f"trainer.nnodes*trainer.n_gpus_per_node{pool}={needed_gpus} GPUs; on CPU give Ray that many logical "
+            f"ones: +ray_kwargs.ray_init.num_gpus={needed_gpus}"
         )
     storage_units = _get(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units", 8)
     agent_workers = _get(config, "actor_rollout_ref.rollout.agent.num_workers", 8)
     reward_workers = _get(config, "reward.num_workers", 8)
-    needed_cpus = storage_units + agent_workers + reward_workers + needed_gpus + 4
+    needed_cpus = storage_units + agent_workers + reward_workers + needed_gpus + RUNNER_CPUS[trainer] + 4
     num_cpus = _get(config, "ray_kwargs.ray_init.num_cpus")
     if num_cpus is None or num_cpus < needed_cpus:
         problems.append(
-            f"ray_kwargs.ray_init.num_cpus={num_cpus}: TransferQueue storage units, agent-loop and reward workers "
-            f"each reserve a Ray CPU and the run hangs silently without them; set "
+            f"ray_kwargs.ray_init.num_cpus={num_cpus}: verl's task runners, TransferQueue storage units, agent-loop "
+            f"and reward workers each reserve Ray CPUs and the run hangs silently without them; set "
             f"ray_kwargs.ray_init.num_cpus={max(needed_cpus, 16)} (logical CPUs, more than the machine has is fine)"
         )
     return problems
@@ -290,6 +344,7 @@ def _first_rows(config: DictConfig, n: int = 2) -> list[dict]:
 
 CHECKS = (
     check_device_settings,
+    check_trainer_settings,
     check_ray_resources,
     check_policy_loss,
     check_sampler,
@@ -299,34 +354,65 @@ CHECKS = (
 )
 
 
-def check_config(config: DictConfig) -> list[str]:
-    """All problems found in ``config`` (empty when it can run on CPU)."""
-    return [p for check in CHECKS for p in check(config)]
+TRAINER_CHECKS = (check_trainer_settings, check_ray_resources)  # these also depend on the trainer
+
+
+def check_config(config: DictConfig, trainer: str = MAIN_PPO) -> list[str]:
+    """All problems found in ``config`` for ``trainer`` (:data:`TASK_RUNNERS`; empty when it can run on CPU)."""
+    return [p for check in CHECKS for p in (check(config, trainer) if check in TRAINER_CHECKS else check(config))]
 
 
 def format_problems(problems: list[str]) -> str:
     lines = ["", "verl_cpu: this config cannot run on the CPU backend (VERL_PLATFORM=cpu):"]
     lines += [f"  - {p}" for p in problems]
-    lines += ["See recipes/cpu_tiny/hmpo.yaml for a config that runs on CPU.", ""]
+    lines += ["See recipes/cpu_tiny/hmpo.yaml (or recipes/cpu_fibonacci/*.yaml) for a config that runs on CPU.", ""]
     return "\n".join(lines)
 
 
-def run_preflight(config: DictConfig, stream=None) -> None:
+def run_preflight(config: DictConfig, stream=None, trainer: str = MAIN_PPO) -> None:
     """Print every problem and exit with status 2, or return silently when there are none."""
-    problems = check_config(config)
+    problems = check_config(config, trainer)
     if problems:
         print(format_problems(problems), file=stream or sys.stderr, flush=True)
         raise PreflightError(2)
 
 
+def _in_ray_worker() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def wrap_validate_config(original: Callable) -> Callable:
-    """verl's ``validate_config``, preceded by :func:`run_preflight`."""
+    """verl's ``validate_config``, preceded by :func:`run_preflight` in the driver (``main_ppo``).
+
+    Inside a Ray actor (one-step-off-policy's task runner calls it there) the driver's
+    ``run_ppo`` check has already run, for that trainer.
+    """
     import functools
 
     @functools.wraps(original)
     def validate_config(config: DictConfig, *args, **kwargs) -> Optional[Any]:
-        run_preflight(config)
+        if not _in_ray_worker():
+            run_preflight(config)
         return original(config, *args, **kwargs)
 
     validate_config._verl_cpu_patched = True
     return validate_config
+
+
+def wrap_run_ppo(original: Callable) -> Callable:
+    """verl's ``run_ppo(config, task_runner_class)``, preceded by :func:`run_preflight` for the off-policy
+    trainers (``main_ppo`` has already run it from ``validate_config``)."""
+    import functools
+
+    @functools.wraps(original)
+    def run_ppo(config: DictConfig, task_runner_class, *args, **kwargs):
+        metadata = getattr(task_runner_class, "__ray_metadata__", None)  # a Ray actor class keeps its name there
+        trainer = TASK_RUNNERS.get(getattr(metadata, "class_name", ""))
+        if trainer is not None:
+            run_preflight(config, trainer=trainer)
+        return original(config, task_runner_class, *args, **kwargs)
+
+    run_ppo._verl_cpu_patched = True
+    return run_ppo

@@ -4,13 +4,18 @@ verl 0.9.1 splits a rollout backend in two, and so do we:
 
 * :class:`HFReplica` (``RolloutReplica``) lives in the trainer process and launches one
   :class:`~verl_cpu.rollout.server.HFRolloutServer` Ray actor per replica, on the node of
-  the replica's first actor worker, named ``hf_server_<replica>_<node>``.
-* :class:`HFServerAdapter` (``BaseRollout``) lives inside each hybrid actor worker. Its
-  :meth:`~HFServerAdapter.update_weights` receives the trainer's full weights from
-  ``engine.get_per_tensor_param()`` (verl's naive, colocated weight sync) and ships them to
-  the server in buckets through the Ray object store. Every rank iterates the weight
-  generator -- FSDP's ``full_tensor()`` all-gathers are collective -- but only the rank
-  that owns the server sends.
+  the replica's first worker, named ``hf_server_<replica>_<node>``. Two of verl's rollout
+  modes: ``HYBRID`` (the sync trainer: the workers are the colocated actor workers) and
+  ``STANDALONE`` (one-step-off-policy, fully-async: a separate rollout pool whose workers are
+  verl's ``CheckpointEngineWorker``, each holding an :class:`HFServerAdapter`).
+* :class:`HFServerAdapter` (``BaseRollout``) lives inside each hybrid actor worker or
+  standalone rollout worker. Its :meth:`~HFServerAdapter.update_weights` receives full
+  weights -- from ``engine.get_per_tensor_param()`` (verl's naive, colocated sync) or from a
+  checkpoint engine's ``receive_weights()`` (standalone; see
+  :mod:`verl_cpu.checkpoint_engine`) -- and ships them to the server in buckets through
+  the Ray object store. Every rank iterates the weight generator -- FSDP's
+  ``full_tensor()`` all-gathers are collective -- but only the rank that owns the server
+  sends.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from verl_cpu.rollout.server import HFRolloutServer
 
 logger = logging.getLogger(__name__)
 SERVER_NAME_PREFIX = "hf_"
+SUPPORTED_MODES = (RolloutMode.HYBRID, RolloutMode.STANDALONE)
 
 
 def server_actor_name(replica_rank: int, node_rank: int = 0, name_suffix: str = "") -> str:
@@ -49,9 +55,10 @@ class HFReplica(RolloutReplica):
                 "actor_rollout_ref.rollout.tensor_model_parallel_size=1 (and data/pipeline parallel size 1); "
                 f"got a replica world size of {self.world_size}."
             )
-        if self.rollout_mode != RolloutMode.HYBRID:
+        if self.rollout_mode not in SUPPORTED_MODES:
             raise NotImplementedError(
-                f"verl_cpu's hf rollout supports the colocated (hybrid) sync trainer only, not {self.rollout_mode}."
+                f"verl_cpu's hf rollout runs in verl's rollout modes {[m.value for m in SUPPORTED_MODES]}, "
+                f"not {self.rollout_mode.value}."
             )
         worker = self.workers[0]
         node_id = await worker.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
@@ -66,7 +73,8 @@ class HFReplica(RolloutReplica):
 def start_server(config, model_config, replica_rank: int, name: str, node_id: str, max_concurrency: int):
     """Start the :class:`HFRolloutServer` Ray actor of one replica on ``node_id``.
 
-    ``num_cpus=0``: it shares the CPUs with the colocated actor worker (the two take turns).
+    ``num_cpus=0``: it shares the CPUs with the replica's worker (in hybrid mode the
+    colocated actor worker; the two take turns).
     """
     return (
         ray.remote(HFRolloutServer)
@@ -122,7 +130,8 @@ class HFServerAdapter(BaseRollout):
         """Ship ``(name, full tensor)`` pairs to the server in buckets of ~``bucket_bytes``."""
         if wire_format != "named_tensors":
             raise NotImplementedError(
-                f"verl_cpu's hf rollout takes full tensors (checkpoint_engine.backend=naive), not {wire_format!r}"
+                f"verl_cpu's hf rollout takes full tensors (checkpoint_engine.backend=naive or "
+                f"object_store), not {wire_format!r}"
             )
         server = self._server()
         bucket: list[tuple[str, torch.Tensor]] = []

@@ -9,7 +9,20 @@ Concurrency: the agent loop sends one request per sample, concurrently. Requests
 queued; a batcher task takes them until none arrived for ``batch_wait_s`` (up to
 ``max_batch_size``), groups them by sampling parameters and runs each group as **one**
 batched, KV-cached decode in a worker thread, so requests are batched rather than served
-one after another. A lock keeps weight updates and decoding apart.
+one after another.
+
+Weight updates are atomic with respect to decoding: the buckets of one update are staged
+and copied into the model together, under the lock every decode holds from its first to
+its last token, so no decode ever mixes two weight versions; each response reports the
+version (``global_steps``) it was decoded with.
+
+Partial rollout (verl's fully-async trainer), as verl's vLLM server: :meth:`abort_all_requests`
+closes the gate and stops the running decode after its next token; its unfinished responses
+return what they have with ``stop_reason="aborted"`` (verl's ``FullyAsyncLLMServerClient``
+resends prompt + partial response after the weight sync). Requests still queued have no
+token yet and are not aborted: like those that arrive while the gate is closed, they wait for
+:meth:`resume_generation` and run on the new weights (with ``reject_request=True`` new ones
+return ``aborted`` at once).
 
 Diagnostics: :meth:`stats` reports request and batch counts, timers (seconds decoding,
 the requests' summed wait for their decode, decode steps, seconds loading weights, the
@@ -50,9 +63,11 @@ behaviour policy. Used by the comparative study (``hmpo_verl.lab.study``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,13 +88,27 @@ THREADS_ENV = "VERL_CPU_ROLLOUT_THREADS"
 NAN_AT_VERSION_ENV = "VERL_CPU_LOGPROB_NAN_AT_VERSION"
 
 
+ABORTED, COMPLETED = "aborted", "completed"
+
+
 @dataclass
 class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     future: asyncio.Future = field(repr=False)
+    request_id: str = ""
     seed: Optional[int] = None  # its own sampling stream (rollout.full_determinism)
     queued_at: float = field(default_factory=time.time)  # wall clock: comparable across processes
+
+
+@dataclass(frozen=True)
+class _Result:
+    """One response: tokens, their log-probs, why it stopped, and the weight version that decoded it."""
+
+    token_ids: list[int]
+    log_probs: list[float]
+    stop_reason: str = COMPLETED
+    global_steps: Optional[int] = None
 
 
 def weights_checksum(model: torch.nn.Module) -> float:
@@ -156,17 +185,25 @@ class HFRolloutServer:
         nan_at = os.environ.get(NAN_AT_VERSION_ENV) or None
         self._nan_at_version = int(nan_at) if nan_at is not None else None
         self._arrivals: Counter = Counter()  # (weight version, request id, prompt) -> requests (full_determinism)
-        self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock and batcher belong to it
+        self._loop: Optional[asyncio.AbstractEventLoop] = None  # queue, lock, event and batcher belong to it
+        self._request_counter = itertools.count()
         self._queue: Optional[asyncio.Queue] = None
         self._batcher: Optional[asyncio.Task] = None
-        self._lock: Optional[asyncio.Lock] = None
-        self._pending_weights: set[str] = set()
-        self._in_flight = 0  # requests received and not yet answered
+        self._lock: Optional[asyncio.Lock] = None  # held by a decode from first to last token, and by a weight load
+        self._resume: Optional[asyncio.Event] = None  # set while the gate is open
+        self._staged: dict[str, torch.Tensor] = {}  # buckets of the weight update under way
+        self._stop_decoding = threading.Event()  # abort: the running decode stops at its next token
+        self._paused = False  # the gate, closed by abort_all_requests until resume_generation
+        self._rejecting = False
+        self._in_flight: set[str] = set()  # requests received and not yet answered
+        self._decoding = 0  # decodes running in the worker thread
+        self._aborted_ids: list[str] = []  # requests the running decode returned as aborted
         self._stats = {
             "requests": 0,
             "batches": 0,
             "max_batch": 0,
             "weight_loads": 0,
+            "aborted": 0,  # responses returned with stop_reason="aborted"
             "decode_s": 0.0,  # wall time inside batched decodes
             "queue_s": 0.0,  # summed over requests: enqueue -> start of their decode
             "new_tokens": 0,  # decode steps summed over batches
@@ -193,7 +230,6 @@ class HFRolloutServer:
     ):
         """Generate one response; the signature matches verl's vLLM server."""
         from verl.utils import normalize_token_ids
-        from verl.workers.rollout.replica import TokenOutput
 
         if image_data or video_data or audio_data:
             raise NotImplementedError("verl_cpu's hf rollout is text-only")
@@ -205,24 +241,35 @@ class HFRolloutServer:
             response_length=self.config.response_length,
             ignore_eos=self.config.ignore_eos,
         )
+        self._bind_loop()
+        if self._paused and self._rejecting:
+            return self._token_output(_Result([], [], ABORTED, self.global_steps), params)
+        await self._resume.wait()  # parked while a weight sync has the gate closed
         seed = (self._request_seed(request_id, prompt_ids)
                 if params.seed is None and self.config.full_determinism else None)
-        self._bind_loop()
-        future = asyncio.get_running_loop().create_future()
-        request = _Request(prompt_ids, params, future, seed)
+        key = f"{request_id}#{next(self._request_counter)}"  # verl reuses a request id when it resumes one
+        request = _Request(prompt_ids, params, asyncio.get_running_loop().create_future(), request_id=key, seed=seed)
         self._stats["last_arrival"] = request.queued_at
-        self._in_flight += 1
+        self._in_flight.add(key)
         try:
             await self._queue.put(request)
-            token_ids, log_probs = await future
+            result = await request.future
         finally:
-            self._in_flight -= 1
+            self._in_flight.discard(key)
+        return self._token_output(result, params)
+
+    @staticmethod
+    def _token_output(result: _Result, params: SamplingParams):
+        """verl's ``TokenOutput``; ``min/max_global_steps`` as verl's fully-async client reports them."""
+        from verl.workers.rollout.replica import TokenOutput
+
+        version = result.global_steps
         return TokenOutput(
-            token_ids=token_ids,
-            log_probs=log_probs if params.return_logprobs else None,
-            stop_reason="completed",
+            token_ids=result.token_ids,
+            log_probs=result.log_probs if params.return_logprobs else None,
+            stop_reason=result.stop_reason,
             num_preempted=0,
-            extra_fields={"global_steps": self.global_steps},
+            extra_fields={"global_steps": version, "min_global_steps": version, "max_global_steps": version},
         )
 
     def _request_seed(self, request_id: str, prompt_ids: list[int]) -> int:
@@ -247,6 +294,9 @@ class HFRolloutServer:
             self._loop = loop
             self._queue = asyncio.Queue()
             self._lock = asyncio.Lock()
+            self._resume = asyncio.Event()
+            if not self._paused:
+                self._resume.set()
             self._batcher = None
         if self._batcher is None or self._batcher.done():
             self._batcher = loop.create_task(self._batch_loop())
@@ -276,29 +326,57 @@ class HFRolloutServer:
                 groups.setdefault(request.params, []).append(request)
             for params, requests in groups.items():
                 try:
-                    async with self._lock:
-                        started = time.time()
-                        self._stats["queue_s"] += sum(started - r.queued_at for r in requests)
-                        results = await asyncio.to_thread(
-                            self._decode, [r.prompt_ids for r in requests], params, [r.seed for r in requests]
-                        )
+                    results = await self._decode_when_open(requests, params)
                 except Exception as exc:  # hand the error to every waiting caller
                     for request in requests:
                         if not request.future.done():
                             request.future.set_exception(exc)
                     continue
+                self._stats["aborted"] += sum(r.stop_reason == ABORTED for r in results)
                 for request, result in zip(requests, results, strict=True):
                     if not request.future.done():
                         request.future.set_result(result)
                 self._stats["last_done"] = time.time()
 
+    async def _decode_when_open(self, requests: list[_Request], params: SamplingParams) -> list[_Result]:
+        """Decode the group once the gate is open, with the lock held.
+
+        Requests that an abort finds still queued have no token yet: they are not aborted but
+        wait for :meth:`resume_generation` and are decoded on the new weights (as if they
+        had arrived after the sync), so no response is ever aborted empty.
+        """
+        while True:
+            await self._resume.wait()
+            async with self._lock:
+                if not self._paused:  # (the gate may have closed again while we waited for the lock)
+                    return await self._decode_locked(requests, params)
+
+    async def _decode_locked(self, requests: list[_Request], params: SamplingParams) -> list[_Result]:
+        """One batched decode with the lock held: one weight version, stoppable by an abort."""
+        started = time.time()
+        self._stats["queue_s"] += sum(started - r.queued_at for r in requests)
+        version = self.global_steps
+        self._decoding += 1
+        try:
+            rows = await asyncio.to_thread(
+                self._decode, [r.prompt_ids for r in requests], params, [r.seed for r in requests]
+            )
+            results = [_Result(ids, lps, reason, version) for ids, lps, reason in rows]
+            self._aborted_ids += [r.request_id for r, res in zip(requests, results, strict=True)
+                                  if res.stop_reason == ABORTED]
+            return results
+        finally:
+            self._decoding -= 1
+
     @torch.inference_mode()
     def _decode(
         self, prompts: list[list[int]], params: SamplingParams, seeds: Optional[list[Optional[int]]] = None
-    ) -> list[tuple[list[int], list[float]]]:
+    ) -> list[tuple[list[int], list[float], str]]:
         """Batched, KV-cached decoding of left-padded prompts. Runs in a worker thread.
 
         ``seeds``: one per prompt, each row then samples from its own stream (all set or all None).
+        Returns ``(token_ids, log_probs, stop_reason)`` per prompt; when an abort stops the
+        decode, the rows not finished yet end with ``stop_reason="aborted"``.
         """
         from transformers import DynamicCache
 
@@ -318,7 +396,11 @@ class HFRolloutServer:
         step_ids, step_pos = input_ids, position_ids
         finished = torch.zeros(len(prompts), dtype=torch.bool)
         tokens, log_probs = [], []
+        aborted = False
         for step in range(params.max_tokens):
+            if step > 0 and self._stop_decoding.is_set():  # every aborted response has a token at least
+                aborted = True
+                break
             logits = self.model(
                 input_ids=step_ids,
                 attention_mask=full_mask[:, : width + step],
@@ -342,19 +424,25 @@ class HFRolloutServer:
             step_ids = token[:, None]
             step_pos = step_pos[:, -1:] + 1
 
-        token_rows = torch.stack(tokens, 1).tolist()  # (batch, steps): one conversion, not one per token
-        log_prob_rows = torch.stack(log_probs, 1).tolist()
-        results = [self._trim(ids, lps, params.ignore_eos) for ids, lps in zip(token_rows, log_prob_rows, strict=True)]
+        steps = len(tokens)
+        token_rows = torch.stack(tokens, 1).tolist() if steps else [[] for _ in prompts]  # one conversion
+        log_prob_rows = torch.stack(log_probs, 1).tolist() if steps else [[] for _ in prompts]
+        reasons = [ABORTED if aborted and not done else COMPLETED for done in finished.tolist()]
+        results = [
+            (*self._trim(ids, lps, params.ignore_eos), reason)
+            for ids, lps, reason in zip(token_rows, log_prob_rows, reasons, strict=True)
+        ]
         seconds = time.perf_counter() - start
         self._stats["requests"] += len(prompts)
         self._stats["batches"] += 1
         self._stats["max_batch"] = max(self._stats["max_batch"], len(prompts))
         self._stats["decode_s"] += seconds
-        self._stats["new_tokens"] += len(tokens)
+        self._stats["new_tokens"] += steps
         self._trace(
             "generate",
             batch_size=len(prompts),
-            new_tokens=len(tokens),
+            new_tokens=steps,
+            aborted=aborted,
             seconds=round(seconds, 4),
             temperature=params.temperature,
         )
@@ -394,39 +482,36 @@ class HFRolloutServer:
     async def update_weights_from_tensors(
         self, named_tensors: list[tuple[str, torch.Tensor]], last: bool = True, global_steps: Optional[int] = None
     ) -> dict[str, Any]:
-        """Copy trainer weights (HF names, full tensors) into the model.
+        """Receive trainer weights (HF names, full tensors) in buckets; load them all at the last.
 
-        Called in buckets; ``last=True`` on the final bucket checks that every
-        parameter of the model was received and records the new weight version.
+        Buckets are staged; ``last=True`` checks that every parameter of the model was
+        received, then copies them into the model in one step under the decoding lock (a
+        decode never sees half an update) and records the new weight version.
         """
         self._bind_loop()
+        state = self.model.state_dict()
+        unknown = [name for name, _ in named_tensors if name not in state]
+        if unknown:
+            self._staged = {}
+            raise KeyError(f"hf rollout: weights not in the rollout model: {unknown[:5]}")
+        self._staged.update((name, tensor) for name, tensor in named_tensors)
+        if not last:
+            return {}
+        staged, self._staged = self._staged, {}
+        missing = self._missing_after_tying(set(dict(self.model.named_parameters()).keys()) - set(staged))
+        if missing:
+            raise KeyError(f"hf rollout: weight update did not include {sorted(missing)[:5]}")
         async with self._lock:
             start = time.perf_counter()
-            state = self.model.state_dict()
-            if not self._pending_weights:
-                self._pending_weights = set(dict(self.model.named_parameters()).keys())
-            unknown = []
             with torch.no_grad():
-                for name, tensor in named_tensors:
-                    if name not in state:
-                        unknown.append(name)
-                        continue
+                for name, tensor in staged.items():
                     state[name].copy_(tensor.to(state[name].dtype))
-                    self._pending_weights.discard(name)
-            if unknown:
-                raise KeyError(f"hf rollout: weights not in the rollout model: {unknown[:5]}")
-            self._stats["weight_load_s"] += time.perf_counter() - start
-            if not last:
-                return {}
-            missing = self._missing_after_tying(self._pending_weights)
-            self._pending_weights = set()
-            if missing:
-                raise KeyError(f"hf rollout: weight update did not include {sorted(missing)[:5]}")
             self._set_weight_version(global_steps)
-            self._stats["weight_loads"] += 1
-            checksum = weights_checksum(self.model)
-            self._trace("update_weights", checksum=checksum)
-            return {"checksum": checksum, "global_steps": global_steps}
+            self._stats["weight_load_s"] += time.perf_counter() - start
+        self._stats["weight_loads"] += 1
+        checksum = weights_checksum(self.model)
+        self._trace("update_weights", checksum=checksum)
+        return {"checksum": checksum, "global_steps": global_steps}
 
     def _missing_after_tying(self, missing: set[str]) -> set[str]:
         """Parameters shared with another (e.g. tied lm_head) count as received."""
@@ -461,14 +546,37 @@ class HFRolloutServer:
         return None
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False):
-        return {"aborted_count": 0, "request_ids": []}
+        """Close the gate and stop the running decode: its unfinished responses return what they
+        have with ``stop_reason="aborted"``.
+
+        Returns when that decode has stopped and its callers have their answers, with the ids
+        of the requests it aborted. Requests still queued have no token yet: they wait for
+        :meth:`resume_generation` and are then decoded on the weights loaded meanwhile; so do
+        new ones, or with ``reject_request`` they return ``aborted`` (empty) at once.
+        """
+        self._bind_loop()
+        self._paused, self._rejecting = True, reject_request
+        self._resume.clear()
+        self._stop_decoding.set()
+        self._aborted_ids = []
+        while self._decoding:
+            await asyncio.sleep(0.005)
+        request_ids, self._aborted_ids = self._aborted_ids, []
+        while any(key in self._in_flight for key in request_ids):  # until their callers have the answers
+            await asyncio.sleep(0.005)
+        self._trace("abort", aborted_count=len(request_ids))
+        return {"aborted_count": len(request_ids), "request_ids": request_ids}
 
     async def resume_generation(self):
-        return None
+        """Open the gate closed by :meth:`abort_all_requests`: parked and new requests are decoded again."""
+        self._bind_loop()
+        self._stop_decoding.clear()
+        self._paused = self._rejecting = False
+        self._resume.set()
 
     async def wait_for_requests_to_drain(self):
         """Return when every request received so far has its result (queued, batching or decoding)."""
-        while self._in_flight:
+        while self._in_flight or self._decoding:
             await asyncio.sleep(0.01)
 
     async def set_global_steps(self, global_steps: int):
