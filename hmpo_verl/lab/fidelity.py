@@ -246,7 +246,7 @@ def plots(fid_summary, sens_summary, methods, regimes, figures: Path) -> list[Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hmpo_verl.lab.study import save_figure
+    from hmpo_verl.lab.study.report import save_figure
 
     figures.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -291,7 +291,7 @@ def plots(fid_summary, sens_summary, methods, regimes, figures: Path) -> list[Pa
 
 
 def write_report(path: Path, argv, ctx) -> None:
-    from hmpo_verl.lab.study import versions
+    from hmpo_verl.lab.study.report import versions
 
     rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
     methods, regimes = ctx["methods"], ctx["regimes"]
