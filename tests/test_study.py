@@ -145,6 +145,23 @@ def test_kernel_cosines_equal_direct_autograd(tmp_path):
     torch.testing.assert_close(gram(v.reshape(2, -1), kernel), direct, rtol=1e-4, atol=1e-8)
 
 
+def test_fidelity_iw_reference_is_the_unclipped_importance_weighted_loss():
+    """The `iw` reference's cotangent is the gradient of verl's vanilla loss with its clips out of reach
+    (ratio clip [1 - 1, 1 + 1e9], dual clip 1e9): the importance-weighted policy gradient."""
+    from dataclasses import replace
+
+    from hmpo_verl.lab.fidelity import iw_cotangent
+
+    old, log_prob, adv, mask, _ = _batch()
+    settings = lean.LoopSettings()
+    vanilla = replace(lean.METHODS_BY_NAME["vanilla"], actor=(("clip_ratio_low", 1.0), ("clip_ratio_high", 1e9),
+                                                               ("clip_ratio_c", 1e9)))
+    leaf = log_prob.clone().requires_grad_(True)
+    loss, _ = lean.policy_loss(lean.actor_config(vanilla, settings), old, leaf, adv, mask)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(iw_cotangent(log_prob, old, adv, mask), grad, rtol=1e-5, atol=1e-8)
+
+
 def test_expected_reward_is_the_answers_probability_and_agrees_with_sampling():
     """The study's exact evaluation: per prompt, prod_t pi(y*_t | x, y*_<t) over the answer and EOS, computed
     unpadded one prompt at a time here; its mean agrees with the sampled exact-match reward within 4 s.e."""

@@ -629,12 +629,15 @@ def _routing(model, routes, rows=None):
 
 
 def _routing_flips(model, rollout: Rollout, sampler_routes) -> float:
-    """Share of (layer, response token) routes where the trainer's own choice differs from the sampler's."""
+    """Share of (layer, position) routes where the trainer's own choice differs from the sampler's, over the
+    input positions whose output predicts a response token (the last prompt token, then the response's)."""
     from hmpo_verl.lab.moe import RouteRecorder, flip_fraction
 
     with torch.no_grad(), RouteRecorder(model, rollout.response_ids.shape[0]) as recorder:
         token_log_probs(model, rollout)
-    positions = torch.cat([torch.zeros_like(rollout.prompt_mask, dtype=torch.bool), rollout.response_mask], 1)
+    B, P = rollout.prompt_mask.shape
+    positions = torch.cat([torch.zeros(B, P - 1, dtype=torch.bool), rollout.response_mask,
+                           torch.zeros(B, 1, dtype=torch.bool)], 1)
     return flip_fraction(sampler_routes, recorder.routes(), positions)
 
 

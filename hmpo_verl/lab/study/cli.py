@@ -21,6 +21,8 @@ def parse_args(argv=None):
     parser.add_argument("--tune-only", action="store_true", help="run the tuning phase only")
     parser.add_argument("--task", default=plan.TASK, help=f"task (default {plan.TASK}; the MoE regimes need it)")
     parser.add_argument("--report-only", action="store_true", help="no new runs: report the finished ones")
+    parser.add_argument("--preregister", action="store_true",
+                        help="write docs/study.md with the plan and the primary questions only (before the main run)")
     parser.add_argument("--regimes", nargs="+", choices=list(lean.REGIMES_BY_NAME), default=None)
     parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
     parser.add_argument("--eval-seeds", type=int, default=plan.EVAL_SEEDS, help=f"evaluation seeds 1..n (default {plan.EVAL_SEEDS})")
@@ -125,6 +127,10 @@ def main(argv=None) -> int:
     data_dir, figures = docs.parent / f"{docs.stem}_data", docs.parent / f"{docs.stem}_figures"
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     task = lean.load_task(args.task, args.assets, log=log)
+    if args.preregister:
+        report.write_docs(docs, report.empty_context(the_plan, args, task))
+        log(f"wrote {docs}")
+        return 0
     base = lean.LoopSettings(max_response_length=task.max_response_length, eval_prompts=the_plan.eval_prompts)
     steps = the_plan.steps
     if not args.report_only:

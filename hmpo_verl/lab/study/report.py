@@ -261,6 +261,21 @@ def update_readme(readme: Path, block: list[str]) -> bool:
 # ----------------------------------------------------------------------------- docs/study.md
 
 
+def empty_context(plan, args, task) -> dict:
+    """The report's context before any run: the plan, its methods and regimes, no results."""
+    from hmpo_verl.lab.study.plan import DISPLAY_ORDER, primary_questions
+
+    settings = lean.LoopSettings(max_response_length=task.max_response_length, eval_prompts=plan.eval_prompts)
+    return {"plan": plan, "settings": settings, "task": args.task, "missing": 0, "done": 0, "planned": 0,
+            "commands": ["python -m hmpo_verl.lab.study --readme", "python -m hmpo_verl.lab.study --report-only --confirm"],
+            "parallel": args.parallel, "cpu_minutes": 0.0, "heldout": task.test,
+            "methods": [m for m in DISPLAY_ORDER if m in plan.methods], "regimes": list(plan.regimes), "measured": [],
+            "chosen": {}, "primaries": [], "questions": primary_questions(), "eval_rows": [], "comps": [],
+            "figures": {}, "guide": [], "confirmation": ["Not run yet."],
+            "async_confirmation": "The async regimes' confirmation on verl's fully-async trainer waits for issue 20."}
+
+
+
 def write_docs(path: Path, ctx: dict) -> None:
     rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
     plan, s = ctx["plan"], ctx["settings"]
@@ -309,7 +324,7 @@ def write_docs(path: Path, ctx: dict) -> None:
         "",
         "*update δ* = log π_θ − log π_old as each update's loss saw it (all updates, all steps); *behaviour "
         "mismatch* = the trainer's log-probs (current parameters, fp32) − the sampler's, on the sampled tokens; "
-        "*routing flips* = share of (layer, response token) routes whose experts differ between sampler and trainer. "
+        "*routing flips* = share of (layer, position) routes whose experts differ between sampler and trainer, over the positions that predict a response token. "
         "Means over the regime's evaluation runs.",
         "",
         *regimes_table(ctx["regimes"], ctx["measured"]),
