@@ -192,7 +192,7 @@ def test_smoke_run_of_the_study_command(tmp_path):
     out, docs = tmp_path / "study", tmp_path / "docs" / "study.md"
     cmd = [sys.executable, "-m", "hmpo_verl.lab.study", "--task", "addition", "--methods", "vanilla", "hmpo",
            "--regimes", "async_2", "--lr-grid", "3e-4", "1e-3", "--tuning-seeds", "1", "--eval-seeds", "2",
-           "--steps", "5", "--parallel", "2", "--out", str(out), "--docs", str(docs)]
+           "--steps", "5", "--parallel", "1", "--out", str(out), "--docs", str(docs)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     tuned = sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs" / "tune").rglob("*.json"))

@@ -48,8 +48,9 @@ EVAL_SEEDS = 12
 # --methods vanilla --lr-grid 3e-4 --tuning-seeds 1 --eval-seeds 1` (outputs/study_cost) while the
 # machine ran other work (load 8-15); a quiet machine takes less. The other methods cost the same
 # within a few per cent (the loss is a small part of a step).
-RUN_CPU_S = {"on_policy": 0.0, "fresh_4": 0.0, "async_0": 0.0, "async_1": 0.0, "async_2": 0.0, "async_4": 0.0,
-             "bf16": 0.0, "moe_bf16": 0.0, "moe_replay": 0.0, "epochs_4": 0.0}
+# (mean of its two runs; async_1 and async_2 as async_0/async_4, whose costs agree: the lag changes no work).
+RUN_CPU_S = {"on_policy": 11.6, "fresh_4": 39.7, "async_0": 12.1, "async_1": 12.2, "async_2": 12.2, "async_4": 12.3,
+             "bf16": 15.7, "moe_bf16": 22.3, "moe_replay": 22.1, "epochs_4": 17.2}
 
 
 def estimate_cpu_s(runs: list["Run"], steps: int) -> float:

@@ -222,7 +222,7 @@ def plot_mechanism(mech: list[dict], figures: Path) -> Path:
     ax.set_ylabel("held-out final reward − vanilla (paired, 95 % CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("where the choice of mean matters: difference from vanilla (p = 1) against the measured gap")
+    ax.set_title("difference from vanilla (p = 1) against the regime's measured gap")
     return save_figure(fig, figures / "mechanism.png")
 
 
