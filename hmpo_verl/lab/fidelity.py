@@ -52,6 +52,7 @@ import torch
 
 from hmpo_verl.lab import lean, stats
 from hmpo_verl.lab.cpu_demo import REPO_ROOT
+from hmpo_verl.reward_adaptive import REWARD_FEEDBACK, RewardStats
 
 FIDELITY_REGIMES = ("bf16", "mismatch", "stale", "stressed")
 REFERENCES = {"ratio1": "the method's own loss at ratio 1, current parameters (as if sampled there: no importance weights)",
@@ -187,7 +188,7 @@ def fidelity_rows(name: str, regime: lean.Regime, resample: int, rows: torch.Ten
         old = base_old if decoupled else reported
         weights = lean.rollout_is_weights(m, base_old, reported, mask)
         update = loss_cotangent(m, configs[m.name], settings, now, old, adv, mask, weights).reshape(-1)
-        ratio1 = loss_cotangent(m, configs[m.name], settings, now, now, adv, mask).reshape(-1)
+        ratio1 = loss_cotangent(m, configs[m.name], settings, now, now, adv, mask, None).reshape(-1)
         iw = iw_cotangent(now, base_old, adv, mask).reshape(-1)  # the pool was sampled from the warm start (fp32)
         g = gram(torch.stack([update, ratio1, iw]), kernel)
         for reference, k in (("ratio1", 1), ("iw", 2)):
@@ -236,6 +237,8 @@ def measure(task: lean.Task, methods: list[lean.Method], regimes: list[str], res
         return torch.as_tensor(np.concatenate([pool.groups[g] for g in chosen]))
 
     def advantages_of(rows):
+        """Each method's advantages on ``rows``; the rows' rewards are the batch rewards `adapt: reward` reads."""
+        REWARD_FEEDBACK.set(RewardStats.of(pool.scores[rows]))
         mask, uids = pool.rollout.response_mask[rows], pool.uids[rows.numpy()]
         return {m.name: lean.advantages(m, settings, pool.scores[rows], mask, uids, algos[m.name]) for m in methods}
 

@@ -82,12 +82,12 @@ def _write_data(data_dir: Path, tuning_rows, eval_rows, records, chosen, prim, c
     pd.DataFrame(mech).to_csv(data_dir / "mechanism.csv", index=False)
 
 
-def _confirm(args, base, task_name, out, records, chosen, data_dir) -> list[str]:
+def _confirm(args, base, task_name, out, records, chosen, data_dir, run_steps: int) -> list[str]:
     """The confirmation on verl's trainer (when asked), and its report lines (from confirm.csv if kept)."""
     import pandas as pd
 
     regime = run.CONFIRM_REGIME
-    steps = min(args.confirm_steps, plan.STEPS)
+    steps = min(args.confirm_steps, run_steps)
     lean_rows = analysis.lean_confirmation_rows(records, regime, steps)
     planned = len(run.CONFIRM_METHODS) * args.confirm_seeds
     trainer_rows = []
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
            "cpu_minutes": sum(r.get("cpu_s", 0.0) for r in records) / 60, "heldout": task.test,
            "methods": methods, "regimes": regimes, "measured": measured, "chosen": chosen, "primaries": prim,
            "questions": questions, "eval_rows": eval_rows, "comps": comps, "figures": figs, "guide": guide,
-           "confirmation": _confirm(args, base, args.task, out, records, chosen, data_dir),
+           "confirmation": _confirm(args, base, args.task, out, records, chosen, data_dir, steps),
            "async_confirmation": run.ASYNC_CONFIRMATION_PENDING}
     report.write_docs(docs, ctx)
     if args.readme and guide and not report.update_readme(REPO_ROOT / "README.md", guide):
