@@ -206,7 +206,7 @@ def test_smoke_run_of_the_study_command(tmp_path):
     runs = pd.read_csv(docs.parent / "study_data" / "runs.csv")
     assert len(runs) == 4 + 4 and set(runs["phase"]) == {"tune", "eval"}
     report = docs.read_text()
-    assert "| Q1/async_2 (hmpo − vanilla) | 2 |" in report and "Q2/" not in report  # the questions it can answer
+    assert "| Q1/async_2 (hmpo − vanilla) | 2 |" in report and "| Q2/" not in report  # the questions it can answer
     assert "## Pre-registration" in report and "| async_2 | hmpo | 2 |" in report
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0

@@ -60,7 +60,8 @@ def is_done(run: Run, out: Path, task: str, steps: int, base: lean.LoopSettings)
 
 def run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: lean.LoopSettings, out: Path,
             parallel: int, label: str) -> None:
-    """Run what is not done, ``parallel`` processes at a time, with a progress bar over training steps."""
+    """Run what is not done, ``parallel`` worker processes at a time (in this process when 1), with a progress
+    bar over training steps."""
     import multiprocessing as mp
 
     from tqdm import tqdm
@@ -72,6 +73,11 @@ def run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: le
     with tqdm(total=len(runs) * steps, initial=(len(runs) - len(todo)) * steps, desc=label, unit="step",
               dynamic_ncols=True) as bar:
         if not todo:
+            return
+        if parallel == 1:
+            for r in todo:
+                bar.set_postfix_str(f"{r.phase}/{r.regime}/{r.method}/lr{r.lr:g}/seed{r.seed}")
+                execute(r, task, assets, steps, base, str(out), _BarQueue(bar), moe)
             return
         ctx = mp.get_context("spawn")
         with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
@@ -92,6 +98,16 @@ def run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: le
             while not queue.empty():
                 queue.get()
                 bar.update(1)
+
+
+class _BarQueue:
+    """The worker queue's one use in this process: a put advances the progress bar."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def put(self, _):
+        self.bar.update(1)
 
 
 def load_records(runs: list[Run], out: Path, task: str, steps: int, base: lean.LoopSettings) -> list[dict]:
