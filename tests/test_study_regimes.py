@@ -46,7 +46,8 @@ def test_async_regime_samples_with_stale_parameters_end_to_end():
     """async_1: the first step samples with the current parameters (mismatch at rounding level), the second with
     the parameters one step (4 updates) old; the loss sees the sampler's log-probs (bypass)."""
     task = lean.load_task("addition", log=None)
-    settings = lean.LoopSettings(max_response_length=task.max_response_length, eval_prompts=4, lr=3e-3)
+    settings = lean.LoopSettings(max_response_length=task.max_response_length, eval_prompts=4, lr=3e-3,
+                                 prompts_per_step=4, n=4)
     result = lean.train(task, lean.METHODS_BY_NAME["vanilla"], lean.REGIMES_BY_NAME["async_1"], 1, 2, settings)
     first, second = result.steps
     assert first["mismatch/delta_sd"] < 1e-4 < second["mismatch/delta_sd"]
