@@ -119,3 +119,22 @@ def test_confirmation_equivalence_welch_and_verdicts():
     assert rows["final_train_reward"]["verdict"] == "inconclusive" and rows["final_train_reward"]["runs_needed"] > 3
     assert rows["train_auc"]["verdict"] == "differ"
     assert rows["clipfrac"]["verdict"] == "equivalent" and "log_ah_gap" not in rows
+
+
+def test_guide_lists_every_interval_that_excludes_zero_and_replaces_only_the_readme_block(tmp_path):
+    from hmpo_verl.lab.study import report
+
+    mech = [{"regime": "a", "gap": 0.1, "method": "hmpo", "diff": -0.1, "lo": -0.15, "hi": -0.05, "n": 12},
+            {"regime": "a", "gap": 0.1, "method": "apmpo", "diff": 0.01, "lo": -0.02, "hi": 0.04, "n": 12},
+            {"regime": "b", "gap": 0.001, "method": "hmpo", "diff": 0.0, "lo": -0.01, "hi": 0.01, "n": 12}]
+    measured = [{"regime": "a", "update/log_ah_gap": 0.1}, {"regime": "b", "update/log_ah_gap": 0.001}]
+    lines = report.guide_lines(mech, measured, [{"id": "Q1/a", "verdict": "worse"}, {"id": "Q3", "verdict": "undecided"}])
+    assert lines[0].startswith("* gap 0.0010 (`b`): no method's interval excludes 0")
+    assert "`hmpo` -0.100 [-0.150, -0.050]" in lines[1] and "apmpo" not in lines[1]
+    assert lines[2] == "* Primary questions decided after Holm: Q1/a worse."
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.GUIDE_START}\nold\n{report.GUIDE_END}\nrest\n")
+    assert report.update_readme(readme, lines)
+    assert readme.read_text() == "\n".join(["intro", report.GUIDE_START, *lines, report.GUIDE_END, "rest", ""])
+    readme.write_text("no markers\n")
+    assert not report.update_readme(readme, lines) and readme.read_text() == "no markers\n"
