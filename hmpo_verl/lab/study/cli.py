@@ -139,7 +139,7 @@ def main(argv=None) -> int:
             f.write(json.dumps({"argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
 
     tuning_runs = the_plan.tuning_runs()
-    placeholder = {k: 3e-4 for r in tuning_runs for k in [r.key]}  # the evaluation's size does not depend on the lrs
+    placeholder = {r.key: 3e-4 for r in tuning_runs}  # the evaluation's size does not depend on the lrs
     planned_cpu = plan.estimate_cpu_s(tuning_runs + the_plan.eval_runs(placeholder), steps)
     log(f"plan: {len(tuning_runs)} tuning + {len(the_plan.eval_runs(placeholder))} evaluation runs of {steps} steps, "
         f"about {planned_cpu / 60:.0f} CPU-minutes by the measured cost per regime "
