@@ -33,7 +33,13 @@ except ImportError as err:  # say which install brings it
         "hmpo_verl.means, surrogate, adaptive, ... needs only torch)"
     ) from err
 
-from hmpo_verl.options import HMPO_POWER, check_adaptive_options, check_advantage_options, check_mean_options
+from hmpo_verl.options import (
+    HMPO_POWER,
+    check_adaptive_options,
+    check_advantage_options,
+    check_mean_options,
+    check_reward_adapt_options,
+)
 
 LOSS_PREFIX = "actor_rollout_ref.actor.policy_loss"
 ALGO_PREFIX = "algorithm"
@@ -82,7 +88,11 @@ class AdaptivePowerMeanLossConfig(PowerMeanLossConfig):
         adapt (str): "ess" (default): per trajectory, p solves ESS_p / T = target(clip
             fraction), PMPO's clip-aware ESS rule (arXiv 2601.22521) extended to
             p in [p_min, p_max]; "schedule": one p for all, moving from p_start to p_end
-            over schedule_steps optimizer steps (HolderPO arXiv 2605.12058: 2 -> -2).
+            over schedule_steps optimizer steps (HolderPO arXiv 2605.12058: 2 -> -2);
+            "reward": one p for the batch, p = exp(-reward_gamma * mean reward), and with
+            feedback_clip the upper clip bound widened by the rewards' stability (APMPO
+            arXiv 2605.04066; `hmpo_verl.reward_adaptive`; the host must supply the batch's
+            reward statistics, see there).
         p_min (float): lowest p of the "ess" rule (in [-1e4, 0]; the harmonic side). Default -2.
         p_max (float): highest p of the "ess" rule (in [0, 1e4]; PMPO uses 1). Default 1.
         sign_rule (str): side of 0 the "ess" rule searches: "advantage" (default):
@@ -95,6 +105,12 @@ class AdaptivePowerMeanLossConfig(PowerMeanLossConfig):
         schedule (str): "linear" (default) or "cosine", for adapt="schedule".
         p_start, p_end (float): scheduled p at optimizer step 0 and >= schedule_steps.
         schedule_steps (int): optimizer steps of the schedule (>= 1). Default 1000.
+        reward_gamma (float): adapt="reward": gamma of p = exp(-gamma * mean reward) (>= 0). Default 0.8.
+        feedback_clip (bool): adapt="reward": replace clip_ratio_high by APMPO's feedback-adaptive
+            bound feedback_clip_min + (feedback_clip_max - feedback_clip_min) * tanh(mean / (std + feedback_delta)).
+            Default True.
+        feedback_clip_min, feedback_clip_max (float): its range. Default 0.2, 0.4.
+        feedback_delta (float): its delta (> 0). Default 1e-6.
     """
 
     loss_mode: str = "adaptive_power_mean"
@@ -107,6 +123,11 @@ class AdaptivePowerMeanLossConfig(PowerMeanLossConfig):
     p_start: float = 2.0
     p_end: float = -2.0
     schedule_steps: int = 1000
+    reward_gamma: float = 0.8
+    feedback_clip: bool = True
+    feedback_clip_min: float = 0.2
+    feedback_clip_max: float = 0.4
+    feedback_delta: float = 1e-6
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,6 +135,11 @@ class AdaptivePowerMeanLossConfig(PowerMeanLossConfig):
             LOSS_PREFIX, self.adapt, self.p_min, self.p_max, self.sign_rule, self.ess_target_min, self.schedule,
             self.p_start, self.p_end, self.schedule_steps, self.clip_level,
         )
+        if self.adapt == "reward":
+            check_reward_adapt_options(
+                LOSS_PREFIX, self.reward_gamma, self.feedback_clip, self.feedback_clip_min, self.feedback_clip_max,
+                self.feedback_delta, self.clip_level, self.clip_space,
+            )
 
 
 @dataclass

@@ -16,9 +16,10 @@ under `actor/pm/`: `seq_ratio_mean` (mean sequence ratio s_i), `log_ah_gap` (mea
 log A - log H of the unclipped token ratios, the spread of the mean inequality),
 `ess_frac` (mean Kish ESS / T of the aggregation weights), and for the power losses
 `power`, `power_min`, `power_max` (p over the trajectories of the micro-batch);
-`adaptive_power_mean` with adapt="ess" adds `ess_target` (mean target ESS / T). In verl's
-off-policy trainers, where each sample's lag is known (`hmpo_verl.staleness`), the loss also
-reports `log_ah_gap`, `ess_frac` and the clip fraction per lag (as sums the trainer turns
+`adaptive_power_mean` with adapt="ess" adds `ess_target` (mean target ESS / T), with
+adapt="reward" `clip_high` (the feedback-adaptive upper clip epsilon) and `reward_mean`. In
+verl's off-policy trainers, where each sample's lag is known (`hmpo_verl.staleness`), the loss
+also reports `log_ah_gap`, `ess_frac` and the clip fraction per lag (as sums the trainer turns
 into `actor/pm/lag<k>/...` means).
 """
 
@@ -34,6 +35,7 @@ from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAgg
 from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
 from hmpo_verl.finite import NonFiniteInputError, count_non_finite
 from hmpo_verl.registry import register_deferred
+from hmpo_verl.reward_adaptive import REWARD_FEEDBACK, feedback_adaptive_clip, reward_adaptive_power
 from hmpo_verl.staleness import current_sample_lag, per_lag_sums
 from hmpo_verl.steps import STEP_COUNTER
 from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
@@ -47,8 +49,10 @@ def _eps(config: Any) -> tuple[float, float]:
     return float(clip_ratio if low is None else low), float(clip_ratio if high is None else high)
 
 
-def _trust_region(config: Any, options: PowerMeanLossConfig) -> TrustRegion:
-    eps_low, eps_high = _eps(config)
+def _trust_region(config: Any, options: PowerMeanLossConfig, eps_high: Optional[float] = None) -> TrustRegion:
+    """The options' trust region with the actor's clip epsilons (`eps_high` replaces clip_ratio_high if given)."""
+    eps_low, config_high = _eps(config)
+    eps_high = config_high if eps_high is None else eps_high
     space = options.clip_space
     if eps_high < 0 or eps_low < 0 or (space == "ratio" and eps_low > 1):
         raise ValueError(
@@ -87,6 +91,7 @@ def power_mean_policy_loss(
     rollout_is_weights: Optional[torch.Tensor],
     aggregate,
     region: TrustRegion,
+    extra_metrics: Optional[dict[str, float]] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Shared body of the registered losses: surrogate, `agg_loss`, metrics.
 
@@ -99,6 +104,7 @@ def power_mean_policy_loss(
         rollout_is_weights: `(batch_size, response_length)` or None.
         aggregate: one of the aggregators above (maps log-ratios to log s and weights).
         region: trust region.
+        extra_metrics: further metrics of the caller (e.g. the adaptive clip), merged in.
     """
     with torch.no_grad():
         # the maths in float32 at least; the loss matrix in the policy's dtype, as verl's losses
@@ -136,11 +142,16 @@ def power_mean_policy_loss(
         loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **config.global_batch_info
     )
     values = torch.stack([v.to(torch.float64) for v in stats.values()]).tolist()
-    return pg_loss, dict(zip(stats.keys(), values))
+    return pg_loss, {**dict(zip(stats.keys(), values)), **(extra_metrics or {})}
 
 
-def _registered(loss_mode: str, make_aggregator):
-    """A verl policy loss for `loss_mode`, whose aggregator comes from its options."""
+def _fixed_region(options: PowerMeanLossConfig, config: Any):
+    """The trust region of the actor's clip settings, no extra metrics."""
+    return _trust_region(config, options), None
+
+
+def _registered(loss_mode: str, make_aggregator, make_region=_fixed_region):
+    """A verl policy loss for `loss_mode`, whose aggregator and trust region come from its options."""
 
     def loss_fn(
         old_log_prob: torch.Tensor,
@@ -152,9 +163,10 @@ def _registered(loss_mode: str, make_aggregator):
         rollout_is_weights: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         options = loss_options(config.get("policy_loss", None), loss_mode)
+        region, extra = make_region(options, config)
         return power_mean_policy_loss(
             old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-            make_aggregator(options, advantages, response_mask), _trust_region(config, options),
+            make_aggregator(options, advantages, response_mask), region, extra,
         )
 
     loss_fn.__name__ = loss_fn.__qualname__ = f"compute_policy_loss_{loss_mode}"
@@ -164,6 +176,8 @@ def _registered(loss_mode: str, make_aggregator):
 def _adaptive_aggregator(options: AdaptivePowerMeanLossConfig, advantages, response_mask):
     if options.adapt == "ess":
         return ESSMatchingAggregator(options, advantages, response_mask)
+    if options.adapt == "reward":
+        return PowerAggregator(reward_adaptive_power(REWARD_FEEDBACK.get().mean, options.reward_gamma))
     STEP_COUNTER.arm()
     p = scheduled_power(STEP_COUNTER.step, options.p_start, options.p_end, options.schedule_steps, options.schedule)
     return PowerAggregator(p)
@@ -199,10 +213,25 @@ compute_policy_loss_agm.__doc__ = """AGM: the sequence ratio is the arithmetic-h
     picks k steps instead of the limit.
     """
 
-compute_policy_loss_adaptive_power_mean = _registered("adaptive_power_mean", _adaptive_aggregator)
+
+def _adaptive_region(options: AdaptivePowerMeanLossConfig, config: Any):
+    """adapt="reward" with feedback_clip: APMPO's feedback-adaptive upper bound (and its metrics)."""
+    if options.adapt != "reward":
+        return _fixed_region(options, config)
+    stats = REWARD_FEEDBACK.get()
+    metrics = {"actor/pm/reward_mean": stats.mean}
+    if not options.feedback_clip:
+        return _trust_region(config, options), metrics
+    eps_high = feedback_adaptive_clip(stats, options.feedback_clip_min, options.feedback_clip_max, options.feedback_delta)
+    return _trust_region(config, options, eps_high), {**metrics, "actor/pm/clip_high": eps_high}
+
+
+compute_policy_loss_adaptive_power_mean = _registered("adaptive_power_mean", _adaptive_aggregator, _adaptive_region)
 compute_policy_loss_adaptive_power_mean.__doc__ = """Power mean with p adapted per trajectory
-    (clip-aware ESS matching, PMPO extended to p < 0) or scheduled over optimizer steps
-    (HolderPO). Options: `AdaptivePowerMeanLossConfig`; documented defaults otherwise.
+    (clip-aware ESS matching, PMPO extended to p < 0), scheduled over optimizer steps
+    (HolderPO) or set by the batch's mean reward with a feedback-adaptive upper clip (APMPO;
+    needs `hmpo_verl.reward_adaptive.REWARD_FEEDBACK` set by the host). Options:
+    `AdaptivePowerMeanLossConfig`; documented defaults otherwise.
 
     The chosen p is a constant for the gradient: the loss and its gradient are those of
     `power_mean` at each trajectory's p, with no term through the solver (p is a setting

@@ -18,7 +18,7 @@ from typing import Any, Optional
 HMPO_POWER = -1.0
 CLIP_LEVELS = ("token", "sequence")
 CLIP_SPACES = ("ratio", "log")
-ADAPT_RULES = ("ess", "schedule")
+ADAPT_RULES = ("ess", "schedule", "reward")
 SIGN_RULES = ("advantage", "negative", "positive")
 SCHEDULES = ("linear", "cosine")
 # largest |p_min|, p_max of the ESS rule: the solver's guarantee is tested up to here (tests/test_adaptive_exact_on_cpu.py);
@@ -91,6 +91,26 @@ def check_adaptive_options(
             f"{prefix}.clip_level={clip_level!r} is invalid with adapt='ess', which adapts p to each "
             "trajectory's token clip fraction; allowed: token (or use adapt='schedule')"
         )
+
+
+def check_reward_adapt_options(
+    prefix: str, reward_gamma: Any, feedback_clip: Any, feedback_clip_min: Any, feedback_clip_max: Any,
+    feedback_delta: Any, clip_level: Any, clip_space: Any,
+) -> None:
+    """Options of adapt='reward' (APMPO arXiv 2605.04066: p = exp(-gamma mu_R), feedback-adaptive upper clip)."""
+    check_real(prefix, "reward_gamma", reward_gamma, low=0.0, what="a finite number >= 0")
+    if not isinstance(feedback_clip, bool):
+        raise ValueError(f"{prefix}.feedback_clip={feedback_clip!r} is invalid; allowed: true, false")
+    check_real(prefix, "feedback_clip_min", feedback_clip_min, low=0.0, what="a finite number >= 0")
+    check_real(prefix, "feedback_clip_max", feedback_clip_max, low=feedback_clip_min,
+               what=f"a finite number >= feedback_clip_min ({feedback_clip_min!r})")
+    check_real(prefix, "feedback_delta", feedback_delta, what="a finite number > 0")
+    if not feedback_delta > 0:
+        raise ValueError(f"{prefix}.feedback_delta={feedback_delta!r} is invalid; allowed: a finite number > 0")
+    if (clip_level, clip_space) != ("token", "ratio"):
+        raise ValueError(
+            f"{prefix}.clip_level={clip_level!r}, clip_space={clip_space!r} are invalid with adapt='reward', whose "
+            "clip is PPO's token ratio clip [1 - eps_low, 1 + eps_high]; allowed: clip_level='token', clip_space='ratio'")
 
 
 def check_advantage_options(prefix: str, risk_beta: Any, norm_adv_by_std: Any) -> None:

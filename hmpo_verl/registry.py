@@ -68,7 +68,13 @@ def check_options(config) -> None:
     policy_loss = OmegaConf.select(config, "actor_rollout_ref.actor.policy_loss", default=None)
     loss_mode = policy_loss.get("loss_mode", None) if policy_loss is not None else None
     if loss_mode in LOSS_OPTION_CLASSES:
-        loss_options(omega_conf_to_dataclass(policy_loss), loss_mode)
+        options = loss_options(omega_conf_to_dataclass(policy_loss), loss_mode)
+        if getattr(options, "adapt", None) == "reward":
+            raise ValueError(
+                "actor_rollout_ref.actor.policy_loss.adapt='reward' is not supported on verl's trainer yet: verl "
+                "0.9.1's ppo_loss passes a policy loss no rewards, and the batch's reward statistics it needs are not "
+                "sent to the actor workers; allowed here: ess, schedule (adapt='reward' runs in PowerMeanGRPOTrainer "
+                "and in hmpo_verl.lab's lean loop)")
         check_bypass_mode(OmegaConf.select(config, "algorithm.rollout_correction", default=None), loss_mode)
     algorithm = OmegaConf.select(config, "algorithm", default=None)
     if algorithm is not None and str(algorithm.get("_target_", "")).startswith("hmpo_verl"):

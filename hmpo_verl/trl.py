@@ -53,7 +53,8 @@ exact gradient for every normalisation. TRL's contract (`_compute_loss` of TRL 1
     `clip_ratio/low_min`, `clip_ratio/high_max`, `aux_loss` (MoE); and ours, as the verl
     losses' `actor/pm/...`: `pm/seq_ratio_mean`, `pm/log_ah_gap`, `pm/ess_frac`,
     `pm/dual_clip_mean` (tokens capped by `delta`), `pm/power`, `pm/power_min`,
-    `pm/power_max` (power means) and `pm/ess_target` (adapt="ess").
+    `pm/power_max` (power means), `pm/ess_target` (adapt="ess"), `pm/reward_mean` and
+    `pm/clip_high` (adapt="reward": the batch's mean reward and the feedback-adaptive epsilon_high).
 
 Not supported (a clear error at config construction): `loss_type` cispo / sapo / vespo
 (other surrogates), `importance_sampling_level="sequence"` (the sequence ratio is the
@@ -85,12 +86,14 @@ from hmpo_verl.options import (
     check_choice,
     check_clip_bounds,
     check_mean_options,
+    check_reward_adapt_options,
 )
+from hmpo_verl.reward_adaptive import RewardStats, feedback_adaptive_clip, reward_adaptive_power
 from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 PREFIX = "PowerMeanGRPOConfig"
 MEANS = ("power", "agm")
-ADAPT = (None, "ess", "schedule")
+ADAPT = (None, "ess", "schedule", "reward")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
@@ -141,6 +144,14 @@ class PowerMeanGRPOConfig(GRPOConfig):
     p_start: float = field(default=2.0, metadata={"help": "adapt='schedule': p at optimizer step 0."})
     p_end: float = field(default=-2.0, metadata={"help": "adapt='schedule': p from schedule_steps on."})
     schedule_steps: int = field(default=1000, metadata={"help": "adapt='schedule': optimizer steps (>= 1)."})
+    reward_gamma: float = field(
+        default=0.8, metadata={"help": "adapt='reward' (APMPO arXiv 2605.04066): p = exp(-reward_gamma * mean reward)."})
+    feedback_clip: bool = field(
+        default=True, metadata={"help": "adapt='reward': epsilon_high = feedback_clip_min + (feedback_clip_max - "
+                                        "feedback_clip_min) * tanh(mean reward / (reward std + feedback_delta))."})
+    feedback_clip_min: float = field(default=0.2, metadata={"help": "adapt='reward': lowest adaptive epsilon_high."})
+    feedback_clip_max: float = field(default=0.4, metadata={"help": "adapt='reward': highest adaptive epsilon_high."})
+    feedback_delta: float = field(default=1e-6, metadata={"help": "adapt='reward': delta of the stability score (> 0)."})
     loss_type: str = field(
         default="grpo",
         metadata={"help": "TRL's normalisation: 'grpo' (default: per-sequence mean, the sequence-level objective), "
@@ -164,6 +175,9 @@ def check_pm_options(args) -> None:
             PREFIX, args.adapt, args.p_min, args.p_max, args.sign_rule, args.ess_target_min, args.schedule,
             args.p_start, args.p_end, args.schedule_steps, args.clip_level,
         )
+    if args.adapt == "reward":
+        check_reward_adapt_options(PREFIX, args.reward_gamma, args.feedback_clip, args.feedback_clip_min,
+                                   args.feedback_clip_max, args.feedback_delta, args.clip_level, args.clip_space)
     check_choice(PREFIX, "loss_type", args.loss_type, LOSS_TYPES)
     check_choice(PREFIX, "importance_sampling_level", args.importance_sampling_level, ("token",))
     check_clip_bounds(args.epsilon, _epsilon_high(args), args.clip_space,
@@ -182,21 +196,34 @@ def _epsilon_high(args) -> float:
     return args.epsilon if args.epsilon_high is None else args.epsilon_high
 
 
-def trust_region(args) -> TrustRegion:
+def reward_epsilon_high(args, reward_stats: Optional[RewardStats]) -> Optional[float]:
+    """adapt='reward' with feedback_clip: APMPO's adaptive epsilon_high for the batch's rewards, else None."""
+    if args.adapt != "reward" or not args.feedback_clip:
+        return None
+    return feedback_adaptive_clip(reward_stats, args.feedback_clip_min, args.feedback_clip_max, args.feedback_delta)
+
+
+def trust_region(args, reward_stats: Optional[RewardStats] = None) -> TrustRegion:
     """Clip bounds from TRL's epsilon / epsilon_high / delta and our clip level and space, with TRL's
     conventions: delta caps the ratio before PPO's min (so A > 0 tokens at min(1 + epsilon_high, delta),
     A < 0 tokens at max(1 + epsilon_high, delta)), and log s is not clamped at sequence level (verl's
-    gspo clamps it at 10)."""
-    return TrustRegion.from_eps(args.clip_level, args.clip_space, args.epsilon, _epsilon_high(args), args.delta,
+    gspo clamps it at 10). Under adapt='reward' epsilon_high is the feedback-adaptive one."""
+    high = reward_epsilon_high(args, reward_stats)
+    return TrustRegion.from_eps(args.clip_level, args.clip_space, args.epsilon,
+                                _epsilon_high(args) if high is None else high, args.delta,
                                 trl_delta=True, max_log_seq_ratio=math.inf)
 
 
-def make_aggregator(args, step: int, advantages: torch.Tensor, mask: torch.Tensor):
-    """The sequence-ratio aggregator of `args` at optimizer step `step` (`hmpo_verl.aggregators`)."""
+def make_aggregator(args, step: int, advantages: torch.Tensor, mask: torch.Tensor,
+                    reward_stats: Optional[RewardStats] = None):
+    """The sequence-ratio aggregator of `args` at optimizer step `step` (`hmpo_verl.aggregators`);
+    adapt='reward' needs the generation batch's `reward_stats`."""
     if args.mean == "agm":
         return AGMAggregator(args.agm_iters)
     if args.adapt == "ess":
         return ESSMatchingAggregator(args, advantages, mask)
+    if args.adapt == "reward":
+        return PowerAggregator(reward_adaptive_power(reward_stats.mean, args.reward_gamma))
     if args.adapt == "schedule":
         return PowerAggregator(scheduled_power(step, args.p_start, args.p_end, args.schedule_steps, args.schedule))
     return PowerAggregator(args.power)
@@ -230,6 +257,7 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
     """
 
     _tag_names = ["trl", "grpo", "hmpo"]
+    _pm_reward_stats: Optional[RewardStats] = None  # the generation batch's, under adapt='reward'
 
     def __init__(self, model, reward_funcs, args: Optional[PowerMeanGRPOConfig] = None, **kwargs):
         if args is None:
@@ -238,6 +266,15 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
         if not isinstance(args, PowerMeanGRPOConfig):
             raise TypeError(f"PowerMeanGRPOTrainer needs args=PowerMeanGRPOConfig(...), got {type(args).__name__}")
         super().__init__(model, reward_funcs, args=args, **kwargs)
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's, then (adapt='reward') the generation batch's reward mean and std, as TRL logs them: over
+        every process's rewards (`reward`, `reward_std` of its metrics), for the loss steps on this batch."""
+        output = super()._generate_and_score_completions(inputs)
+        if self.args.adapt == "reward":
+            metrics = self._metrics["train" if self.model.training else "eval"]
+            self._pm_reward_stats = RewardStats(metrics["reward"][-1], metrics["reward_std"][-1])
+        return output
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -291,8 +328,9 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             is_weights = inputs["importance_sampling_ratio"].expand(B, T)
         with torch.no_grad():
-            aggregate = make_aggregator(args, self.state.global_step, adv_bt, valid)
-            terms = surrogate_terms(per_token_logps, old, adv_bt, valid, aggregate, trust_region(args), is_weights)
+            aggregate = make_aggregator(args, self.state.global_step, adv_bt, valid, self._pm_reward_stats)
+            terms = surrogate_terms(per_token_logps, old, adv_bt, valid, aggregate,
+                                    trust_region(args, self._pm_reward_stats), is_weights)
             for name, tensor in (("per_token_logps", per_token_logps), ("old_per_token_logps", old),
                                  ("advantages", adv_bt), ("importance_sampling_ratio", is_weights)):
                 if tensor is not None and not torch.isfinite(torch.where(valid, tensor.detach(), 0.0)).all():
@@ -367,3 +405,8 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
                 metrics["pm/power_max"].append(nanmax(self.accelerator.gather(power)).item())
             if getattr(aggregate, "target", None) is not None:
                 metrics["pm/ess_target"].append(row_mean(aggregate.target))
+            if self.args.adapt == "reward":
+                metrics["pm/reward_mean"].append(self._pm_reward_stats.mean)
+                high = reward_epsilon_high(self.args, self._pm_reward_stats)
+                if high is not None:
+                    metrics["pm/clip_high"].append(high)

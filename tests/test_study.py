@@ -48,9 +48,12 @@ def _verl_ppo_loss(config, old, log_prob, adv, mask, prompt_mask, weights=None):
 
 
 @pytest.mark.parametrize("method", ["vanilla", "gspo", "geo_mean", "sapo", "dppo_tv", "cispo", "vanilla_rc", "hmpo",
-                                    "pm_p-2", "agm", "adaptive"])
+                                    "pm_p-2", "pm_p0", "agm", "adaptive", "apmpo"])
 def test_lean_loss_is_verls_ppo_loss(method):
     """Loss and gradient of the lean loop's call equal verl's own ppo_loss on the same batch."""
+    from hmpo_verl.reward_adaptive import REWARD_FEEDBACK, RewardStats
+
+    REWARD_FEEDBACK.set(RewardStats.of(torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])))  # apmpo reads the batch's rewards
     m = lean.METHODS_BY_NAME[method]
     settings = lean.LoopSettings()
     old, log_prob, adv, mask, prompt_mask = _batch()
@@ -61,6 +64,7 @@ def test_lean_loss_is_verls_ppo_loss(method):
     ref = _verl_ppo_loss(lean.actor_config(m, settings), old, b, adv, mask, prompt_mask, weights)
     ours.backward()
     ref.backward()
+    REWARD_FEEDBACK.clear()
     assert ours.item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-9)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
 
@@ -141,13 +145,29 @@ def test_kernel_cosines_equal_direct_autograd(tmp_path):
     torch.testing.assert_close(gram(v.reshape(2, -1), kernel), direct, rtol=1e-4, atol=1e-8)
 
 
+def test_fidelity_iw_reference_is_the_unclipped_importance_weighted_loss():
+    """The `iw` reference's cotangent is the gradient of verl's vanilla loss with its clips out of reach
+    (ratio clip [1 - 1, 1 + 1e9], dual clip 1e9): the importance-weighted policy gradient."""
+    from dataclasses import replace
+
+    from hmpo_verl.lab.fidelity import iw_cotangent
+
+    old, log_prob, adv, mask, _ = _batch()
+    settings = lean.LoopSettings()
+    vanilla = replace(lean.METHODS_BY_NAME["vanilla"], actor=(("clip_ratio_low", 1.0), ("clip_ratio_high", 1e9),
+                                                               ("clip_ratio_c", 1e9)))
+    leaf = log_prob.clone().requires_grad_(True)
+    loss, _ = lean.policy_loss(lean.actor_config(vanilla, settings), old, leaf, adv, mask)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(iw_cotangent(log_prob, old, adv, mask), grad, rtol=1e-5, atol=1e-8)
+
+
 def test_expected_reward_is_the_answers_probability_and_agrees_with_sampling():
     """The study's exact evaluation: per prompt, prod_t pi(y*_t | x, y*_<t) over the answer and EOS, computed
     unpadded one prompt at a time here; its mean agrees with the sampled exact-match reward within 4 s.e."""
     task = lean.load_task("addition", log=None)
     model = lean.load_model(task.model_path)
-    settings = lean.LoopSettings(max_response_length=task.max_response_length, eval_prompts=8)
-    exact = lean.expected_reward(model, task, settings)
+    exact = lean.expected_reward(model, task, task.test[:8])
     eos, pad = task.tokenizer.eos_token_id, task.tokenizer.pad_token_id
     direct = []
     with torch.no_grad():
@@ -167,24 +187,30 @@ def test_expected_reward_is_the_answers_probability_and_agrees_with_sampling():
 
 @pytest.mark.slow
 def test_smoke_run_of_the_study_command(tmp_path):
-    """Two methods, one regime, one seed, two steps of the real command, through to the report; then resume."""
+    """Both phases of the real command (addition task, one off-policy regime, two methods, two learning rates,
+    one tuning and two evaluation seeds, five steps) through to the report; then a resume runs nothing."""
     out, docs = tmp_path / "study", tmp_path / "docs" / "study.md"
-    cmd = [sys.executable, "-m", "hmpo_verl.lab.study", "--methods", "vanilla", "hmpo", "--regimes", "stressed",
-           "--seeds", "1", "--steps", "2", "--parallel", "1", "--out", str(out), "--docs", str(docs),
-           "--task", "addition"]
+    cmd = [sys.executable, "-m", "hmpo_verl.lab.study", "--task", "addition", "--methods", "vanilla", "hmpo",
+           "--regimes", "async_2", "--lr-grid", "3e-4", "1e-3", "--tuning-seeds", "1", "--eval-seeds", "2",
+           "--steps", "5", "--parallel", "1", "--out", str(out), "--docs", str(docs)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = json.loads((out / "runs" / "stressed" / "hmpo" / "seed1.json").read_text())
-    assert len(run["metrics"]) == 2 and all(0 <= m["eval_reward"] <= 1 for m in run["metrics"])
-    assert run["metrics"][0]["update/log_ah_gap"] > 0  # the stressed regime's mismatch reaches the loss
-    summary = pd.read_csv(docs.parent / "study_data" / "summary.csv")
-    assert list(summary.columns) == ["regime", "method", "seed", "first_reward", "final_reward", "auc", "collapsed"]
-    assert len(summary) == 2
+    tuned = sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs" / "tune").rglob("*.json"))
+    assert tuned == [f"tune/async_2/{m}/lr{lr}/seed1001.json" for m in ("hmpo", "vanilla") for lr in ("0.0003", "0.001")]
+    settings = pd.read_csv(docs.parent / "study_data" / "settings.csv")
+    chosen = dict(zip(settings["method"], settings["lr"]))
+    run = json.loads((out / "runs" / "eval" / "async_2" / "hmpo" / f"lr{chosen['hmpo']:g}" / "seed2.json").read_text())
+    assert len(run["metrics"]) == 5 and all(0 <= m["eval_heldout"] <= 1 and 0 <= m["eval_train"] <= 1
+                                            for m in run["metrics"])
+    assert run["settings"]["lr"] == chosen["hmpo"]
+    runs = pd.read_csv(docs.parent / "study_data" / "runs.csv")
+    assert len(runs) == 4 + 4 and set(runs["phase"]) == {"tune", "eval"}
     report = docs.read_text()
-    assert "| stressed | hmpo | 1 |" in report and "![reward](study_figures/reward.png)" in report
+    assert "| Q1/async_2 (hmpo − vanilla) | 2 |" in report and "| Q2/" not in report  # the questions it can answer
+    assert "## Pre-registration" in report and "| async_2 | hmpo | 2 |" in report
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
-    assert json.loads((out / "runs" / "stressed" / "hmpo" / "seed1.json").read_text()) == run  # not re-run
+    assert json.loads((out / "runs" / "eval" / "async_2" / "hmpo" / f"lr{chosen['hmpo']:g}" / "seed2.json").read_text()) == run
 
 
 @pytest.mark.slow

@@ -126,3 +126,16 @@ def test_options_parse_from_the_command_line(tmp_path):
          "--adapt", "schedule", "--agm_iters", "3"]
     )
     assert (args.power, args.clip_level, args.adapt, args.agm_iters) == (-0.5, "sequence", "schedule", 3)
+
+
+REWARD_BAD = [("reward_gamma", -0.1), ("reward_gamma", math.inf), ("feedback_clip", 1), ("feedback_clip_min", -0.1),
+              ("feedback_clip_max", 0.1), ("feedback_delta", 0.0)]
+
+
+@pytest.mark.parametrize("name,value", REWARD_BAD, ids=[f"{n}={v!r}" for n, v in REWARD_BAD])
+def test_reward_adapt_options_have_the_verl_configs_errors(tmp_path, name, value):
+    verl_msg = _error(lambda: AdaptivePowerMeanLossConfig(**{"adapt": "reward", name: value}))
+    assert verl_msg.startswith(f"{LOSS_PREFIX}.{name}=")
+    assert _error(lambda: _trl(tmp_path, adapt="reward", **{name: value})) == verl_msg.replace(LOSS_PREFIX, PREFIX)
+    clip = _error(lambda: AdaptivePowerMeanLossConfig(adapt="reward", clip_level="sequence"))
+    assert "allowed: clip_level='token', clip_space='ratio'" in clip

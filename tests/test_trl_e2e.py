@@ -61,3 +61,19 @@ def test_trl_and_our_metrics_are_logged(run):
     assert any(row["pm/seq_ratio_mean"] != 1.0 for row in rows)
     assert any(row["pm/ess_frac"] < 1.0 for row in rows)
     assert sum("reward" in row for row in rows) == STEPS // 2
+
+
+def test_reward_adaptive_p_and_clip_follow_the_generation_batchs_rewards(tmp_path):
+    """adapt='reward' (APMPO): on each logged step p = exp(-0.8 * mean reward) and epsilon_high =
+    0.2 + 0.2 * tanh(mean / (std + 1e-6)), with the mean and std TRL logs for the same generation batch."""
+    torch.manual_seed(0)
+    trainer = build_trainer(tiny_assets(), tmp_path, max_steps=2, reward_funcs=exact_match_reward, adapt="reward",
+                            power=1.0)
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row and "reward" in row]
+    assert rows
+    for row in rows:
+        assert row["pm/power"] == pytest.approx(math.exp(-0.8 * row["reward"]), rel=1e-6)
+        fss = row["reward"] / (row["reward_std"] + 1e-6)
+        assert row["pm/clip_high"] == pytest.approx(0.2 + 0.2 * max(0.0, math.tanh(fss)), rel=1e-6)
+        assert row["pm/reward_mean"] == pytest.approx(row["reward"], rel=1e-6)

@@ -8,19 +8,30 @@ method of the study (:data:`hmpo_verl.lab.lean.METHODS`, verl's registered losse
 with their settings) computes its parameter update -- the gradient of its verl loss through
 the model -- in each regime of the study, and we measure
 
-* **fidelity**: the cosine between that update and the same method's *clean* update on the
-  same responses and parameters (old log-probs exact, ratio 1: where every policy loss here
-  reduces to the policy gradient sum_t A_t grad log pi(y_t) under its aggregation), and the
-  ratio of their norms; over ``--resamples`` resamples (a random subset of prompt groups from
-  a pool of sampled responses, and fresh mismatch noise each time), with 95 % t intervals;
+* **fidelity**: the cosine between that update and two references, and the ratio of their
+  norms, over ``--resamples`` resamples (a random subset of prompt groups from a pool of
+  sampled responses, and fresh mismatch noise each time), with 95 % t intervals:
+
+  - ``ratio1``: the same method's update on the same responses at the same parameters with
+    the old log-probs set to the current ones (ratio 1, no importance weights): the policy
+    gradient *as if the responses had been sampled at the current parameters*. Under
+    staleness this reference ignores that they were not, so a loss that ignores the ratio
+    scores best against it;
+  - ``iw``: the importance-weighted policy gradient at the current parameters, with the true
+    sampling policy's log-probs (the pool was sampled in fp32 from the warm start):
+    sum_t A r_t grad log pi(y_t), r_t = pi_theta / pi_sample, under seq-mean-token-mean (the
+    PPO surrogate's gradient without its clip). Without staleness the two references coincide
+    (the reported log-probs' mismatch is not the sampling policy's);
 * **outlier sensitivity**: on clean data, one random valid token's log-ratio is set to
   x in {-5, -3, -1, +1, +3, +5}; the update moves by ||g(x) - g(0)|| / ||g(0)||.
 
-Regimes (those of the study): ``bf16`` -- reported log-probs of a bf16 copy of the weights
-(teacher-forced on the sampled tokens) are the behaviour policy; ``mismatch`` -- the same
-plus the study's heavy-tailed noise; ``stale`` -- the parameters after all but the last of the
-stale regime's vanilla updates on the pool (1 of 2), old log-probs from the warm start;
-``stressed`` -- both.
+Regimes: ``bf16`` -- reported log-probs of a bf16 copy of the weights (teacher-forced on the
+sampled tokens) are the behaviour policy; ``mismatch`` -- the same plus heavy-tailed noise;
+``stale`` -- the parameters after all but the last of the stale schedule's vanilla updates on
+the pool (1 of 2 mini-batches, a fresh AdamW's first step: every weight moves by about lr),
+old log-probs from the warm start; ``stressed`` -- both. The stale parameters were fitted on
+half of the pool: resamples of that half (``/trained``, the responses just trained on) and of
+the other (``/untrained``) are reported apart.
 ``vanilla_rc`` runs in decoupled mode as in the study (old = the trainer's log-probs, verl's
 truncated IS weights carry the mismatch). Every gradient is exact (autograd through the
 model); the update of a method is what verl's ``ppo_loss`` would back-propagate.
@@ -41,8 +52,11 @@ import torch
 
 from hmpo_verl.lab import lean, stats
 from hmpo_verl.lab.cpu_demo import REPO_ROOT
+from hmpo_verl.reward_adaptive import REWARD_FEEDBACK, RewardStats
 
 FIDELITY_REGIMES = ("bf16", "mismatch", "stale", "stressed")
+REFERENCES = {"ratio1": "the method's own loss at ratio 1, current parameters (as if sampled there: no importance weights)",
+              "iw": "the importance-weighted policy gradient at the current parameters (true sampling log-probs, no clip)"}
 OUTLIERS = (-5.0, -3.0, -1.0, 1.0, 3.0, 5.0)
 
 
@@ -142,6 +156,49 @@ def gram(cotangents: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return v @ kernel @ v.T
 
 
+def iw_cotangent(now: torch.Tensor, sampling: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """dL/d log_prob (B, T) of the unclipped importance-weighted policy-gradient loss under seq-mean-token-mean:
+    L = -(1/B) sum_i (1/T_i) sum_t A_it r_it, r = exp(now - sampling) (the PPO surrogate without its clip)."""
+    valid = mask.to(now.dtype)
+    ratio = torch.exp(torch.where(mask, now - sampling, 0.0))
+    return -adv * ratio * valid / valid.sum(-1, keepdim=True).clamp(min=1) / mask.shape[0]
+
+
+def fidelity_rows(name: str, regime: lean.Regime, resample: int, rows: torch.Tensor, methods, configs, settings, advs,
+                  current: torch.Tensor, clean_old: torch.Tensor, kernel: torch.Tensor, pool: Pool,
+                  generator: torch.Generator) -> tuple[list[dict], dict]:
+    """One resample of one regime: each method's cosine and norm ratio against both references, and the
+    regime's measured log-ratios on these rows."""
+    T = pool.rollout.response_mask.shape[1]
+    tokens = (rows[:, None] * T + torch.arange(T)[None, :]).reshape(-1)
+    kernel = kernel[tokens][:, tokens]
+    mask = pool.rollout.response_mask[rows]
+    now, base_old = current[rows], clean_old[rows]
+    reported = base_old if regime.sample_dtype == "fp32" else pool.bf16_log_probs[rows]
+    if regime.noise is not None:
+        reported = torch.where(mask, reported + regime.noise.sample(mask.shape, generator), 0.0)
+    behaviour = reported if regime.bypass else base_old
+    stats_row = {"regime": name, "resample": resample,
+                 **{f"mismatch/{k}": v for k, v in lean.log_ratio_stats(base_old - reported, mask).items()},
+                 **{f"update/{k}": v for k, v in lean.log_ratio_stats(now - behaviour, mask).items()}}
+    out = []
+    for m in methods:
+        adv = advs[m.name]
+        decoupled = not regime.bypass or m.rollout_is_threshold is not None
+        old = base_old if decoupled else reported
+        weights = lean.rollout_is_weights(m, base_old, reported, mask)
+        update = loss_cotangent(m, configs[m.name], settings, now, old, adv, mask, weights).reshape(-1)
+        ratio1 = loss_cotangent(m, configs[m.name], settings, now, now, adv, mask, None).reshape(-1)
+        iw = iw_cotangent(now, base_old, adv, mask).reshape(-1)  # the pool was sampled from the warm start (fp32)
+        g = gram(torch.stack([update, ratio1, iw]), kernel)
+        for reference, k in (("ratio1", 1), ("iw", 2)):
+            ok = g[0, 0] > 0 and g[k, k] > 0
+            out.append({"regime": name, "method": m.name, "reference": reference, "resample": resample,
+                        "cosine": float(g[0, k] / (g[0, 0] * g[k, k]).sqrt()) if ok else math.nan,
+                        "norm_ratio": float((g[0, 0] / g[k, k]).sqrt()) if ok else math.nan})
+    return out, stats_row
+
+
 def measure(task: lean.Task, methods: list[lean.Method], regimes: list[str], resamples: int, groups_per_batch: int,
             outlier_resamples: int, settings: lean.LoopSettings, seed: int, pool_prompts: int, log=print):
     """Fidelity rows (regime, method, resample, cosine, norm_ratio) and sensitivity rows (method, x, resample, move)."""
@@ -170,41 +227,42 @@ def measure(task: lean.Task, methods: list[lean.Method], regimes: list[str], res
     algos = {m.name: lean.algo_config(m, settings) for m in methods}
     rng = np.random.default_rng(seed + 1)
     fidelity, sensitivity, regime_stats = [], [], []
+    # the stale parameters were fitted on the first of the two mini-batches (the first half of the groups)
+    trained = [g for g, rows in enumerate(pool.groups) if rows[0] < len(pool.scores) // 2]
+    subsets = {"": list(range(len(pool.groups))), "/trained": trained,
+               "/untrained": [g for g in range(len(pool.groups)) if g not in trained]}
+
+    def pick(groups: list[int]) -> torch.Tensor:
+        chosen = sorted(rng.choice(groups, size=min(groups_per_batch, len(groups)), replace=False))
+        return torch.as_tensor(np.concatenate([pool.groups[g] for g in chosen]))
+
+    def advantages_of(rows):
+        """Each method's advantages on ``rows``; the rows' rewards are the batch rewards `adapt: reward` reads."""
+        REWARD_FEEDBACK.set(RewardStats.of(pool.scores[rows]))
+        mask, uids = pool.rollout.response_mask[rows], pool.uids[rows.numpy()]
+        return {m.name: lean.advantages(m, settings, pool.scores[rows], mask, uids, algos[m.name]) for m in methods}
+
     for r in tqdm(range(resamples + outlier_resamples), desc="fidelity", unit="resample", dynamic_ncols=True):
-        chosen = sorted(rng.choice(len(pool.groups), size=min(groups_per_batch, len(pool.groups)), replace=False))
-        rows = torch.as_tensor(np.concatenate([pool.groups[g] for g in chosen]))
-        tokens = (rows[:, None] * T + torch.arange(T)[None, :]).reshape(-1)
-        mask = pool.rollout.response_mask[rows]
-        uids = pool.uids[rows.numpy()]
-        advs = {m.name: lean.advantages(m, settings, pool.scores[rows], mask, uids, algos[m.name]) for m in methods}
-
-        def cot(m, now, old, weights=None):
-            return loss_cotangent(m, configs[m.name], settings, now, old, advs[m.name], mask, weights).reshape(-1)
-
         if r < resamples:
             generator = lean._generator(seed, 2, r)
             for name in regimes:
                 regime = lean.REGIMES_BY_NAME[name]
                 state = "stale" if regime.mini_batches > 1 else "old"
-                now, base_old = current[state][rows], clean_old[rows]
-                kernel = kernels[state][tokens][:, tokens]
-                reported = base_old if regime.sample_dtype == "fp32" else pool.bf16_log_probs[rows]
-                if regime.noise is not None:
-                    reported = torch.where(mask, reported + regime.noise.sample(mask.shape, generator), 0.0)
-                behaviour = reported if regime.bypass else base_old
-                regime_stats.append({"regime": name, "resample": r,
-                                     **{f"mismatch/{k}": v for k, v in lean.log_ratio_stats(base_old - reported, mask).items()},
-                                     **{f"update/{k}": v for k, v in lean.log_ratio_stats(now - behaviour, mask).items()}})
-                for m in methods:
-                    decoupled = not regime.bypass or m.rollout_is_threshold is not None
-                    old = base_old if decoupled else reported
-                    weights = lean.rollout_is_weights(m, base_old, reported, mask)
-                    g = gram(torch.stack([cot(m, now, old, weights), cot(m, now, now)]), kernel)
-                    ok = g[0, 0] > 0 and g[1, 1] > 0
-                    fidelity.append({"regime": name, "method": m.name, "resample": r,
-                                     "cosine": float(g[0, 1] / (g[0, 0] * g[1, 1]).sqrt()) if ok else math.nan,
-                                     "norm_ratio": float((g[0, 0] / g[1, 1]).sqrt()) if ok else math.nan})
+                for suffix in (("/trained", "/untrained") if state == "stale" else ("",)):
+                    rows = pick(subsets[suffix])
+                    fid, st = fidelity_rows(f"{name}{suffix}", regime, r, rows, methods, configs, settings,
+                                            advantages_of(rows), current[state], clean_old, kernels[state], pool,
+                                            generator)
+                    fidelity += fid
+                    regime_stats.append(st)
         else:
+            rows = pick(subsets[""])
+            mask, advs = pool.rollout.response_mask[rows], advantages_of(rows)
+            tokens = (rows[:, None] * T + torch.arange(T)[None, :]).reshape(-1)
+
+            def cot(m, now, old, weights=None):
+                return loss_cotangent(m, configs[m.name], settings, now, old, advs[m.name], mask, weights).reshape(-1)
+
             now = clean_old[rows]
             kernel = kernels["old"][tokens][:, tokens]
             valid = mask.nonzero()
@@ -246,29 +304,32 @@ def plots(fid_summary, sens_summary, methods, regimes, figures: Path) -> list[Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hmpo_verl.lab.study import save_figure
+    from hmpo_verl.lab.study.report import save_figure
 
     figures.mkdir(parents=True, exist_ok=True)
     paths = []
-    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(methods) * len(regimes) / 2), 4.8))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.75 * len(methods) * len(regimes) / 2), 8.4), sharex=True)
     width = 0.8 / len(regimes)
-    for j, regime in enumerate(regimes):
-        xs, ys, lo, hi = [], [], [], []
-        for i, m in enumerate(methods):
-            row = next((s for s in fid_summary if s["regime"] == regime and s["method"] == m), None)
-            if row is None:
-                continue
-            xs.append(i + (j - (len(regimes) - 1) / 2) * width)
-            ys.append(row["mean"])
-            lo.append(row["mean"] - row["lo"])
-            hi.append(row["hi"] - row["mean"])
-        ax.bar(xs, ys, width=width, label=regime, yerr=[lo, hi], capsize=2)
-    ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
-    ax.set_ylabel("cosine(update, clean on-policy update)")
-    ax.set_ylim(min(0.0, min((s["lo"] for s in fid_summary), default=0)), 1.02)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    ax.set_title("gradient fidelity per regime (mean over resamples, 95 % t interval)")
+    for ax, reference in zip(axes, REFERENCES):
+        for j, regime in enumerate(regimes):
+            xs, ys, lo, hi = [], [], [], []
+            for i, m in enumerate(methods):
+                row = next((s for s in fid_summary if (s["reference"], s["regime"], s["method"]) == (reference, regime, m)),
+                           None)
+                if row is None:
+                    continue
+                xs.append(i + (j - (len(regimes) - 1) / 2) * width)
+                ys.append(row["mean"])
+                lo.append(row["mean"] - row["lo"])
+                hi.append(row["hi"] - row["mean"])
+            ax.bar(xs, ys, width=width, label=regime, yerr=[lo, hi], capsize=2)
+        ax.set_ylabel(f"cosine(update, {reference} reference)")
+        ax.set_ylim(min(0.0, min((s["lo"] for s in fid_summary), default=0)), 1.02)
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_title(f"{reference}: {REFERENCES[reference]}", fontsize=9)
+    axes[0].legend(fontsize=8)
+    axes[-1].set_xticks(range(len(methods)), methods, rotation=45, ha="right")
+    fig.suptitle("gradient fidelity per regime (mean over resamples, 95 % t interval)")
     paths.append(save_figure(fig, figures / "fidelity.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
@@ -291,12 +352,21 @@ def plots(fid_summary, sens_summary, methods, regimes, figures: Path) -> list[Pa
 
 
 def write_report(path: Path, argv, ctx) -> None:
-    from hmpo_verl.lab.study import versions
+    from hmpo_verl.lab.study.report import versions
 
     rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
     methods, regimes = ctx["methods"], ctx["regimes"]
-    fid = {(s["regime"], s["method"]): s for s in ctx["fid_summary"]}
-    nr = {(s["regime"], s["method"]): s for s in ctx["norm_summary"]}
+    fid = {(s["reference"], s["regime"], s["method"]): s for s in ctx["fid_summary"]}
+    nr = {(s["reference"], s["regime"], s["method"]): s for s in ctx["norm_summary"]}
+
+    def table(reference):
+        cells = lambda r, m: (  # noqa: E731
+            f"{fid[(reference, r, m)]['mean']:.4f} [{fid[(reference, r, m)]['lo']:.4f}, {fid[(reference, r, m)]['hi']:.4f}]; "
+            f"×{nr[(reference, r, m)]['mean']:.3f}" if (reference, r, m) in fid else "—")
+        return [f"### Against `{reference}`: {REFERENCES[reference]}", "",
+                "| method | " + " | ".join(regimes) + " |", "|---|" + "---|" * len(regimes),
+                *["| " + m + " | " + " | ".join(cells(r, m) for r in regimes) + " |" for m in methods], ""]
+
     sens = {(s["method"], s["x"]): s for s in ctx["sens_summary"]}
     lines = [
         "# Gradient fidelity of the study's methods",
@@ -317,10 +387,18 @@ def write_report(path: Path, argv, ctx) -> None:
         "docs/study.md (loss_agg_mode seq-mean-token-mean, clip 0.2 unless the method sets its own).",
         "",
         "What is measured: the parameter update of each method (exact gradient of its verl loss through the model) "
-        "against the same method's clean update on the same responses and parameters (exact old log-probs, ratio 1). "
-        "At ratio 1 all the policy losses here give the policy gradient under their aggregation, so the cosine says how "
-        "much the regime's mismatch/staleness turns each loss's update away from it, and the norm ratio how much it "
-        "scales it.",
+        "against two references on the same responses and parameters. `ratio1` is the method's own update with the "
+        "old log-probs set to the current ones: the policy gradient *as if the responses had been sampled at the "
+        "current parameters*, with no importance weights; under staleness a loss that ignores the ratio scores best "
+        "against it. `iw` is the importance-weighted policy gradient at the current parameters, sum_t A r_t grad log "
+        "pi(y_t) with r_t = pi_theta / pi_sample and the true sampling log-probs (the pool was sampled in fp32 from "
+        "the warm start), under seq-mean-token-mean: the gradient an unbiased per-token correction would follow (the "
+        "PPO surrogate's without its clip). With fresh parameters (`bf16`, `mismatch`) the two references coincide: "
+        "the reported log-probs' error is not the sampling policy's. A clipped loss departs from `iw` on purpose; "
+        "the cosine says how far each loss's update turns from each reference, the norm ratio (×) how it scales.",
+        "",
+        "The stale parameters are those after the first of two mini-batch updates on half of the pool: "
+        "`/trained` resamples that half (the responses just trained on), `/untrained` the other half.",
         "",
         "## Regimes: measured log-ratios",
         "",
@@ -330,16 +408,12 @@ def write_report(path: Path, argv, ctx) -> None:
           f"{s['mismatch/log_ah_gap']:.4g} | {s['update/delta_sd']:.4g} | {s['update/delta_abs_p999']:.4g} | "
           f"{s['update/log_ah_gap']:.4g} |" for s in ctx["regime_summary"]],
         "",
-        "## Fidelity: cosine to the clean update (mean [95 % CI]) and norm ratio",
+        "## Fidelity: cosine to each reference (mean [95 % CI]) and norm ratio (×)",
         "",
         *[f"![{p.stem}]({rel(p)})" for p in ctx["pngs"]],
         "",
-        "| method | " + " | ".join(regimes) + " |",
-        "|---|" + "---|" * len(regimes),
-        *["| " + m + " | " + " | ".join(
-            (f"{fid[(r, m)]['mean']:.4f} [{fid[(r, m)]['lo']:.4f}, {fid[(r, m)]['hi']:.4f}]; ×{nr[(r, m)]['mean']:.3f}"
-             if (r, m) in fid else "—") for r in regimes) + " |" for m in methods],
-        "",
+        *table("ratio1"),
+        *table("iw"),
         "## Sensitivity to one outlier token: ||g(x) − g(0)|| / ||g(0)|| (mean [95 % CI])",
         "",
         "| method | " + " | ".join(f"x = {x:+g}" for x in OUTLIERS) + " |",
@@ -352,7 +426,7 @@ def write_report(path: Path, argv, ctx) -> None:
         "",
         *ctx["reading"],
         "",
-        "Data: `docs/fidelity_data/fidelity.csv` (one row per regime, method, resample), `sensitivity.csv`, "
+        "Data: `docs/fidelity_data/fidelity.csv` (one row per regime, method, reference, resample), `sensitivity.csv`, "
         "`regimes.csv`, `summary.csv`.",
         "",
     ]
@@ -361,16 +435,18 @@ def write_report(path: Path, argv, ctx) -> None:
 
 def generated_reading(fid_summary, sens_summary, methods, regimes) -> list[str]:
     out = []
-    for regime in regimes:
-        rows = sorted((s for s in fid_summary if s["regime"] == regime), key=lambda s: -s["mean"])
-        if not rows:
-            continue
-        best = rows[0]
-        tied = [s["method"] for s in rows if s["hi"] >= best["lo"]]
-        worst = rows[-1]
-        out.append(f"**{regime}**: highest cosine {best['method']} {best['mean']:.4f} [{best['lo']:.4f}, {best['hi']:.4f}]"
-                   f"; intervals overlapping it: {', '.join(tied)}; lowest {worst['method']} {worst['mean']:.4f} "
-                   f"[{worst['lo']:.4f}, {worst['hi']:.4f}].")
+    for reference in REFERENCES:
+        for regime in regimes:
+            rows = sorted((s for s in fid_summary if (s["reference"], s["regime"]) == (reference, regime)),
+                          key=lambda s: -s["mean"])
+            if not rows:
+                continue
+            best = rows[0]
+            tied = [s["method"] for s in rows if s["hi"] >= best["lo"]]
+            worst = rows[-1]
+            out.append(f"**{regime}** vs `{reference}`: highest cosine {best['method']} {best['mean']:.4f} "
+                       f"[{best['lo']:.4f}, {best['hi']:.4f}]; intervals overlapping it: {', '.join(tied)}; lowest "
+                       f"{worst['method']} {worst['mean']:.4f} [{worst['lo']:.4f}, {worst['hi']:.4f}].")
     for x in (5.0, -5.0):
         rows = sorted((s for s in sens_summary if s["x"] == x), key=lambda s: s["mean"])
         if rows:
@@ -411,8 +487,8 @@ def main(argv=None) -> int:
     regimes = list(args.regimes or FIDELITY_REGIMES)
     fidelity, sensitivity, regime_stats, pool = measure(task, methods, regimes, args.resamples, args.groups,
                                                         args.outlier_resamples, settings, args.seed, args.pool_prompts)
-    fid_summary = summarize(fidelity, ("regime", "method"), "cosine")
-    norm_summary = summarize(fidelity, ("regime", "method"), "norm_ratio")
+    fid_summary = summarize(fidelity, ("reference", "regime", "method"), "cosine")
+    norm_summary = summarize(fidelity, ("reference", "regime", "method"), "norm_ratio")
     sens_summary = summarize(sensitivity, ("method", "x"), "relative_move")
     regime_summary = pd.DataFrame(regime_stats).groupby("regime", sort=False).mean(numeric_only=True).reset_index()
     regime_summary = regime_summary.drop(columns=["resample"]).to_dict("records")
@@ -423,6 +499,7 @@ def main(argv=None) -> int:
     pd.DataFrame([{**s, "metric": "cosine"} for s in fid_summary] + [{**s, "metric": "norm_ratio"} for s in norm_summary]
                  + [{**s, "metric": "relative_move"} for s in sens_summary]).to_csv(data_dir / "summary.csv", index=False)
     names = [m.name for m in methods]
+    regimes = list(dict.fromkeys(row["regime"] for row in fidelity))  # with the stale ones' /trained, /untrained
     pngs = plots(fid_summary, sens_summary, names, regimes, figures)
     reading = generated_reading(fid_summary, sens_summary, names, regimes)
     ctx = {"methods": names, "regimes": regimes, "fid_summary": fid_summary, "norm_summary": norm_summary,

@@ -97,6 +97,9 @@ METHODS = (
            rollout_is_threshold=2.0),
     Method("hmpo", "hmpo", "ours: harmonic mean of token ratios (p = -1), token clip 0.2",
            policy_loss_class="power_mean"),
+    Method("pm_p0", "power_mean", "ours: power mean p = 0 (geometric) with PPO's token ratio clip 0.2",
+           policy_loss=(("power", 0.0),), policy_loss_class="power_mean",
+           trainer_overrides=(f"{_PL}._target_=hmpo_verl.PowerMeanLossConfig", f"+{_PL}.power=0.0")),
     Method("pm_p0.5", "power_mean", "ours: power mean p = 0.5, token clip 0.2",
            policy_loss=(("power", 0.5),), policy_loss_class="power_mean",
            trainer_overrides=(f"{_PL}._target_=hmpo_verl.PowerMeanLossConfig", f"+{_PL}.power=0.5")),
@@ -107,6 +110,9 @@ METHODS = (
            policy_loss_class="power_mean"),
     Method("adaptive", "adaptive_power_mean", "ours: p per trajectory by clip-aware ESS matching (defaults: p in [-2, 1], ESS target 0.99)",
            policy_loss_class="adaptive"),
+    Method("apmpo", "adaptive_power_mean", "APMPO (arXiv 2605.04066): one p = exp(-0.8 x batch mean reward), token clip "
+           "[1 - 0.2, 1 + eps] with eps from 0.2 to 0.4 by the rewards' stability (adapt: reward)",
+           policy_loss=(("adapt", "reward"),), policy_loss_class="adaptive"),
     Method("pm_adv", "vanilla", "ours: vanilla loss, power-mean (free-energy) advantage, beta = 2 (RS-GRPO arXiv 2509.24261)",
            adv_estimator="power_mean", algo=(("risk_beta", 2.0),),
            trainer_overrides=("algorithm.adv_estimator=power_mean", "algorithm._target_=hmpo_verl.PowerMeanAlgoConfig",
@@ -163,7 +169,13 @@ class Regime:
     ``noise`` on the reported log-probs; ``bypass``: the reported log-probs are the
     behaviour policy (verl's ``rollout_correction.bypass_mode=true``), else the trainer
     recomputes them (verl's default, decoupled mode) and the mismatch reaches the loss only
-    through rollout correction.
+    through rollout correction. ``lag``: the sampler's parameters are ``lag`` updates older
+    than the trainer's (the staleness of verl's one-step-off / fully-async trainers; the
+    first ``lag`` steps sample with the initial parameters, as an async run starts).
+    ``model``: ``dense`` (the task's Qwen2) or ``moe`` (:mod:`hmpo_verl.lab.moe`);
+    ``routing_replay``: the trainer's forwards reuse the sampler's experts (verl's R3).
+    ``rollouts_per_step``: fresh rollouts per step, one update each (the control of
+    ``epochs``: as many optimizer steps, all on-policy).
     """
 
     name: str
@@ -173,6 +185,14 @@ class Regime:
     sample_dtype: str = "fp32"
     noise: Noise | None = None
     bypass: bool = False
+    lag: int = 0
+    model: str = "dense"
+    routing_replay: bool = False
+    rollouts_per_step: int = 1
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.mini_batches * self.epochs * self.rollouts_per_step
 
     def trainer_overrides(self, settings: "LoopSettings") -> list[str]:
         """The same schedule on verl's real trainer: ``mini_batches`` PPO mini-batches of the step's
@@ -196,6 +216,11 @@ class Regime:
 
 
 HEAVY_NOISE = Noise("contaminated", sd=0.02, spike_sd=0.5, rate=0.02)
+# lag in trainer steps (parameter versions, as verl's fully-async staleness), each step ASYNC_MINI_BATCHES
+# updates (ppo_mini_batch_size = a quarter of the step's prompts): rollouts k steps old are 4k..4k+3 updates old
+ASYNC_LAGS = (0, 1, 2, 4)
+ASYNC_MINI_BATCHES = 4
+PPO_EPOCHS = 4
 
 REGIMES = (
     Regime("on_policy", "1 update per rollout, old log-probs recomputed by the trainer: every update starts at ratio 1"),
@@ -208,6 +233,21 @@ REGIMES = (
            mini_batches=2, sample_dtype="bf16", noise=HEAVY_NOISE, bypass=True),
     Regime("bf16", "sampled in bf16, its log-probs are the behaviour policy (bypass), no added noise, 1 update per rollout "
            "(measures whether the real bf16 mismatch alone matters)", sample_dtype="bf16", bypass=True),
+    *(Regime(f"async_{k}", (f"sampled by the parameters {k} trainer step{'s' * (k > 1)} old" if k else
+                             "synchronous: sampled by the current parameters") +
+             f" (fp32), {ASYNC_MINI_BATCHES} PPO mini-batches = {ASYNC_MINI_BATCHES} updates per step; the sampler's "
+             "log-probs are the behaviour policy (bypass, as verl's fully-async trainer)",
+             lag=k, mini_batches=ASYNC_MINI_BATCHES, bypass=True)
+      for k in ASYNC_LAGS),
+    Regime("moe_bf16", "the MoE model sampled in bf16 and trained in fp32: precision and routing flips; the sampler's "
+           "log-probs are the behaviour policy (bypass), 1 update per rollout", sample_dtype="bf16", bypass=True,
+           model="moe"),
+    Regime("moe_replay", "moe_bf16 with routing replay: the trainer's forwards reuse the sampler's experts (verl's R3), "
+           "the gate weights its own", sample_dtype="bf16", bypass=True, model="moe", routing_replay=True),
+    Regime(f"epochs_{PPO_EPOCHS}", f"{PPO_EPOCHS} PPO epochs over each rollout (one mini-batch; old log-probs recomputed "
+           "once, before the first)", epochs=PPO_EPOCHS),
+    Regime(f"fresh_{PPO_EPOCHS}", f"control of epochs_{PPO_EPOCHS}: {PPO_EPOCHS} fresh rollouts per step, one on-policy "
+           "update each (as many optimizer steps, no reuse)", rollouts_per_step=PPO_EPOCHS),
 )
 REGIMES_BY_NAME = {r.name: r for r in REGIMES}
 
@@ -236,10 +276,17 @@ class LoopSettings:
 
 @dataclass
 class Task:
-    """What the loop needs of a task: the warm-started model, prompts with answers, a reward."""
+    """What the loop needs of a task: the warm-started model(s), prompts with answers, a reward.
+
+    ``train`` holds only prompts that are not in ``test``: the test prompts are held out from
+    RL training (the warm start, a supervised fit on random problems, has seen every prompt,
+    as pretraining would). ``train_eval``: the first distinct training prompts, as many as the
+    test set, for the training-prompt evaluation. ``model_paths``: ``dense`` and, when loaded,
+    ``moe``.
+    """
 
     name: str
-    model_path: str
+    model_paths: dict[str, str]
     train: list[tuple[list[int], str]]  # (prompt token ids, ground truth)
     test: list[tuple[list[int], str]]
     reward: Callable[[str, str], float]
@@ -247,15 +294,30 @@ class Task:
     max_response_length: int
     data_source: str = ""
     assets: Any = None  # the task's TaskPaths (model, train_parquet, test_parquet)
+    train_eval: list[tuple[list[int], str]] = field(default_factory=list)
+
+    @property
+    def model_path(self) -> str:
+        return self.model_paths["dense"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def load_task(name: str, assets_root=None, max_response_length: int | None = None, log=print) -> Task:
+def heldout_split(train: list, test: list) -> tuple[list, list]:
+    """(training rows whose prompt is not a test prompt, the first distinct ones of them, as many as ``test``)."""
+    held = {tuple(p) for p, _ in test}
+    kept = [row for row in train if tuple(row[0]) not in held]
+    distinct = list({tuple(p): (p, t) for p, t in kept}.values())
+    return kept, distinct[: len(test)]
+
+
+def load_task(name: str, assets_root=None, max_response_length: int | None = None, log=print,
+              moe: bool = False) -> Task:
     """Build (if missing) and load a task of :mod:`hmpo_verl.lab.tasks` (assets under ``assets_root/name``,
     default: the task's own folder, shared with ``cpu_demo``). The response-length cap defaults to the
-    task's verl recipe (``data.max_response_length``), so the lean loop and the trainer sample alike."""
+    task's verl recipe (``data.max_response_length``), so the lean loop and the trainer sample alike.
+    ``moe``: also build/load the task's MoE model (:mod:`hmpo_verl.lab.moe`; fibonacci only)."""
     import importlib
     from pathlib import Path
 
@@ -282,10 +344,19 @@ def load_task(name: str, assets_root=None, max_response_length: int | None = Non
 
     train, source = rows(paths.train_parquet)
     test, _ = rows(paths.test_parquet)
-    return Task(name=name, model_path=str(paths.model), train=train, test=test,
+    train, train_eval = heldout_split(train, test)
+    models = {"dense": str(paths.model)}
+    if moe:
+        from hmpo_verl.lab import moe as moe_lab
+
+        if name != "fibonacci":
+            raise ValueError(f"the MoE model is built for the fibonacci task only, not {name!r}")
+        root = moe_lab.default_assets() if assets_root is None else Path(assets_root) / f"{name}_moe"
+        models["moe"] = str(moe_lab.prepare(root, log=log).model)
+    return Task(name=name, model_paths=models, train=train, test=test,
                 reward=lambda text, truth: float(compute_score(source, text, truth)), tokenizer=tokenizer,
                 max_response_length=max_response_length or int(recipe["data"]["max_response_length"]),
-                data_source=source, assets=paths)
+                data_source=source, assets=paths, train_eval=train_eval)
 
 
 def load_model(path: str, attn_implementation: str = "sdpa"):
@@ -479,15 +550,14 @@ def _generator(*keys: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def expected_reward(model, task: Task, settings: LoopSettings) -> float:
-    """Exact expected exact-match reward of temperature-1 sampling on the first ``eval_prompts`` test prompts.
+def expected_reward(model, task: Task, rows: list[tuple[list[int], str]]) -> float:
+    """Exact expected exact-match reward of temperature-1 sampling on ``rows`` (prompt ids, answer).
 
     For prompt x with answer y* (its tokens, then EOS): pi(y* | x) = exp(sum_t log pi(y*_t | x, y*_<t)),
     one teacher-forced forward pass, no sampling noise. Exact match also accepts the answer
     with surrounding whitespace; those responses' probability is negligible for the CPU tasks
     (``tests/test_study.py`` checks the value against a Monte Carlo estimate of the reward).
     """
-    rows = task.test[: settings.eval_prompts]
     eos, pad = task.tokenizer.eos_token_id, task.tokenizer.pad_token_id
     answers = [task.tokenizer(truth, add_special_tokens=False)["input_ids"] + [eos] for _, truth in rows]
     width, length = max(len(p) for p, _ in rows), max(len(a) for a in answers)
@@ -500,74 +570,157 @@ def expected_reward(model, task: Task, settings: LoopSettings) -> float:
     return float(token_log_probs(model, rollout).sum(-1).exp().mean())
 
 
+def evaluate(model, task: Task, settings: LoopSettings) -> dict:
+    """``eval_heldout``: exact expected reward on the first ``eval_prompts`` held-out (test) prompts;
+    ``eval_train``: the same on as many training prompts (``task.train_eval``)."""
+    return {"eval_heldout": expected_reward(model, task, task.test[: settings.eval_prompts]),
+            "eval_train": expected_reward(model, task, task.train_eval[: settings.eval_prompts])}
+
+
 def _valid(rollout: Rollout, i: int) -> list[int]:
     return rollout.response_ids[i][rollout.response_mask[i]].tolist()
 
 
+class Sampler:
+    """The rollout engine's copy of the policy: ``lag`` updates old, in ``dtype``, recording MoE routes.
+
+    ``sync(model)`` is called before every rollout with the trainer's current model: it keeps
+    the last ``lag + 1`` parameter versions and loads the oldest (the initial ones until the
+    trainer has made ``lag`` updates) into the sampling copy, cast to its dtype.
+    """
+
+    def __init__(self, model, regime: Regime):
+        import copy
+
+        self.lag, self.record = regime.lag, regime.model == "moe"
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[regime.sample_dtype]
+        self.model = model if (dtype == torch.float32 and self.lag == 0) else copy.deepcopy(model).to(dtype).eval()
+        self.history: list[list[torch.Tensor]] = []
+
+    def sync(self, model) -> None:
+        if self.model is model:
+            return
+        self.history.append([p.detach().clone() for p in model.parameters()])
+        del self.history[: -(self.lag + 1)]
+        with torch.no_grad():
+            for target, source in zip(self.model.parameters(), self.history[0], strict=True):
+                target.copy_(source.to(target.dtype))
+
+    def sample(self, prompts, max_tokens, eos, pad, generator) -> tuple[Rollout, list | None]:
+        """A rollout and, for a MoE model, the experts each layer chose per position."""
+        if not self.record:
+            return sample(self.model, prompts, max_tokens, eos, pad, generator), None
+        from hmpo_verl.lab.moe import RouteRecorder
+
+        with RouteRecorder(self.model, len(prompts)) as recorder:
+            rollout = sample(self.model, prompts, max_tokens, eos, pad, generator)
+        return rollout, recorder.routes()
+
+
+def _routing(model, routes, rows=None):
+    """Context of the trainer's forwards: replay ``routes`` (restricted to ``rows``), or nothing."""
+    from contextlib import nullcontext
+
+    if routes is None:
+        return nullcontext()
+    from hmpo_verl.lab.moe import RouteReplay
+
+    return RouteReplay(model, [r if rows is None else r[rows] for r in routes])
+
+
+def _routing_flips(model, rollout: Rollout, sampler_routes) -> float:
+    """Share of (layer, position) routes where the trainer's own choice differs from the sampler's, over the
+    input positions whose output predicts a response token (the last prompt token, then the response's)."""
+    from hmpo_verl.lab.moe import RouteRecorder, flip_fraction
+
+    with torch.no_grad(), RouteRecorder(model, rollout.response_ids.shape[0]) as recorder:
+        token_log_probs(model, rollout)
+    B, P = rollout.prompt_mask.shape
+    positions = torch.cat([torch.zeros(B, P - 1, dtype=torch.bool), rollout.response_mask,
+                           torch.zeros(B, 1, dtype=torch.bool)], 1)
+    return flip_fraction(sampler_routes, recorder.routes(), positions)
+
+
+def _update_records(updates: list[dict]) -> dict:
+    """The step's update metrics: the mean over its updates (``update/...`` and verl's ``actor/...``)."""
+    record = {}
+    for key in (k for k in updates[0] if k != "finite"):
+        values = [u[key] for u in updates if key in u]
+        record[key if key.startswith("actor/") else f"update/{key}"] = float(np.mean(values))
+    record["non_finite"] = not all(u["finite"] for u in updates)
+    return record
+
+
 def train(task: Task, method: Method, regime: Regime, seed: int, steps: int, settings: LoopSettings,
           progress: Callable[[int], None] | None = None) -> RunResult:
-    """One run of ``steps`` training steps; returns per-step metrics (``eval_reward``: the exact expected
-    reward after the step) and the evaluation before the first step (``first_eval``)."""
+    """One run of ``steps`` training steps; returns per-step metrics (``eval_heldout``, ``eval_train``: the
+    exact expected rewards after the step) and the evaluation before the first step (``first_eval``)."""
+    from hmpo_verl.reward_adaptive import REWARD_FEEDBACK, RewardStats
+
     torch.manual_seed(seed)
-    model = load_model(task.model_path)
-    sampler = bf16_copy(model) if regime.sample_dtype == "bf16" else model
+    model = load_model(task.model_paths[regime.model])
+    sampler = Sampler(model, regime)
     config = actor_config(method, settings)
     algo = algo_config(method, settings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     order = list(range(len(task.train)))
     random.Random(seed).shuffle(order)
     eos, pad = task.tokenizer.eos_token_id, task.tokenizer.pad_token_id
-    result = RunResult(first_eval=expected_reward(model, task, settings))
+    result = RunResult(first_eval=evaluate(model, task, settings))
     P, n = settings.prompts_per_step, settings.n
     for step in range(1, steps + 1):
-        picked = [order[((step - 1) * P + i) % len(order)] for i in range(P)]
-        prompts = [task.train[j][0] for j in picked for _ in range(n)]
-        truths = [task.train[j][1] for j in picked for _ in range(n)]
-        uids = np.array([str(j) for j in picked for _ in range(n)], dtype=object)
-        if regime.sample_dtype == "bf16":
-            bf16_copy(model, sampler)
-        rollout = sample(sampler, prompts, task.max_response_length, eos, pad, _generator(seed, step))
-        mask = rollout.response_mask
-        reported = rollout.rollout_log_probs
-        if regime.noise is not None:
-            reported = torch.where(mask, reported + regime.noise.sample(mask.shape, _generator(seed, step, 99)), 0.0)
-        scores = torch.tensor([task.reward(task.decode(_valid(rollout, i)), truths[i]) for i in range(len(prompts))])
-        with torch.no_grad():
-            recomputed = token_log_probs(model, rollout)
-        # bypass mode: the reported log-probs are the behaviour policy; rollout correction needs
-        # the decoupled mode (it weights pi_old / pi_rollout), so that method recomputes them
-        decoupled = not regime.bypass or method.rollout_is_threshold is not None
-        old = recomputed if decoupled else reported
-        weights = rollout_is_weights(method, recomputed, reported, mask)
-        adv = advantages(method, settings, scores, mask, uids, algo)
-        # the mismatch as measured (trainer fp32 vs reported), whichever log-probs the loss uses
-        record = {"step": step, "reward": float(scores.mean()), "response_length": float(mask.sum(-1).float().mean()),
-                  **{f"mismatch/{k}": v for k, v in log_ratio_stats(recomputed - reported, mask).items()}}
-        updates = []
-        chunks = torch.arange(len(prompts)).chunk(regime.mini_batches)
-        model.train()
-        for _ in range(regime.epochs):
-            for rows in chunks:
-                log_prob = token_log_probs(model, rollout, rows)
-                m = mask[rows]
-                loss, metrics = policy_loss(config, old[rows], log_prob, adv[rows], m,
-                                            None if weights is None else weights[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
-                if finite:
-                    optimizer.step()
-                delta = (log_prob.detach() - old[rows])
-                updates.append({"loss": float(loss.detach()), "grad_norm": float(grad_norm), "finite": finite,
-                                **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                                **log_ratio_stats(delta, m)})
-        model.eval()
-        for key in (k for k in updates[0] if k != "finite"):
-            values = [u[key] for u in updates if key in u]
-            record[key if key.startswith("actor/") else f"update/{key}"] = float(np.mean(values))
-        record["non_finite"] = not all(u["finite"] for u in updates)
-        record["eval_reward"] = expected_reward(model, task, settings)
+        updates, rollout_records = [], []
+        for r in range(regime.rollouts_per_step):
+            batch = (step - 1) * regime.rollouts_per_step + r  # fresh prompts for every rollout
+            picked = [order[(batch * P + i) % len(order)] for i in range(P)]
+            prompts = [task.train[j][0] for j in picked for _ in range(n)]
+            truths = [task.train[j][1] for j in picked for _ in range(n)]
+            uids = np.array([str(j) for j in picked for _ in range(n)], dtype=object)
+            sampler.sync(model)
+            rollout, routes = sampler.sample(prompts, task.max_response_length, eos, pad,
+                                             _generator(seed, step) if r == 0 else _generator(seed, step, r))
+            mask = rollout.response_mask
+            reported = rollout.rollout_log_probs
+            if regime.noise is not None:
+                reported = torch.where(mask, reported + regime.noise.sample(mask.shape, _generator(seed, step, 99)), 0.0)
+            scores = torch.tensor([task.reward(task.decode(_valid(rollout, i)), truths[i]) for i in range(len(prompts))])
+            replay = routes if regime.routing_replay else None
+            with torch.no_grad(), _routing(model, replay):
+                recomputed = token_log_probs(model, rollout)
+            # bypass mode: the reported log-probs are the behaviour policy; rollout correction needs
+            # the decoupled mode (it weights pi_old / pi_rollout), so that method recomputes them
+            decoupled = not regime.bypass or method.rollout_is_threshold is not None
+            old = recomputed if decoupled else reported
+            weights = rollout_is_weights(method, recomputed, reported, mask)
+            adv = advantages(method, settings, scores, mask, uids, algo)
+            REWARD_FEEDBACK.set(RewardStats.of(scores))  # adapt: reward reads the batch's rewards
+            # the mismatch as measured (trainer fp32 vs reported), whichever log-probs the loss uses
+            rollout_records.append({"reward": float(scores.mean()), "response_length": float(mask.sum(-1).float().mean()),
+                                    **{f"mismatch/{k}": v for k, v in log_ratio_stats(recomputed - reported, mask).items()},
+                                    **({"routing/flip_frac": _routing_flips(model, rollout, routes)} if routes else {})})
+            chunks = torch.arange(len(prompts)).chunk(regime.mini_batches)
+            model.train()
+            for _ in range(regime.epochs):
+                for rows in chunks:
+                    with _routing(model, replay, rows):
+                        log_prob = token_log_probs(model, rollout, rows)
+                    m = mask[rows]
+                    loss, metrics = policy_loss(config, old[rows], log_prob, adv[rows], m,
+                                                None if weights is None else weights[rows])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+                    if finite:
+                        optimizer.step()
+                    delta = (log_prob.detach() - old[rows])
+                    updates.append({"loss": float(loss.detach()), "grad_norm": float(grad_norm), "finite": finite,
+                                    **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                                    **log_ratio_stats(delta, m)})
+            model.eval()
+        REWARD_FEEDBACK.clear()
+        record = {"step": step, **{k: float(np.mean([r[k] for r in rollout_records])) for k in rollout_records[0]},
+                  **_update_records(updates), **evaluate(model, task, settings)}
         result.steps.append(record)
         if progress:
             progress(step)

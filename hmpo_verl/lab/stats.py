@@ -126,3 +126,83 @@ def seeds_needed(sd_diff: float, half_width: float = 0.05, level: float = 0.95, 
         if t_quantile(level, n - 1) * sd_diff / math.sqrt(n) <= half_width:
             return n
     return maximum
+
+
+def tost(differences: Sequence[float], margin: float) -> dict:
+    """Two one-sided t tests of equivalence of paired differences within (-margin, +margin).
+
+    H0: |mean| >= margin. p = max(p_lower, p_upper), with p_lower the one-sided p of
+    H0: mean <= -margin and p_upper of H0: mean >= +margin (Schuirmann 1987). Equivalent at
+    level alpha iff the (1 - 2 alpha) t interval lies inside the margin. n < 2: p = nan.
+    """
+    from scipy import stats
+
+    if not margin > 0:
+        raise ValueError(f"margin={margin!r} must be > 0")
+    d = np.asarray(differences, dtype=float)
+    n = len(d)
+    if n < 2:
+        return {"p": math.nan, "p_lower": math.nan, "p_upper": math.nan}
+    mean, se = float(d.mean()), float(d.std(ddof=1)) / math.sqrt(n)
+    if se == 0:
+        inside = -margin < mean < margin
+        return {"p": 0.0 if inside else 1.0, "p_lower": 0.0 if mean > -margin else 1.0,
+                "p_upper": 0.0 if mean < margin else 1.0}
+    p_lower = float(stats.t.sf((mean + margin) / se, n - 1))
+    p_upper = float(stats.t.cdf((mean - margin) / se, n - 1))
+    return {"p": max(p_lower, p_upper), "p_lower": p_lower, "p_upper": p_upper}
+
+
+def mde_paired(sd_diff: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Minimum detectable effect of a two-sided paired t test: the smallest true mean difference
+    that it rejects with probability ``power`` at level ``alpha``, for differences of sd ``sd_diff``
+    over ``n`` pairs (exact, by the noncentral t distribution; nan for n < 2 or sd not finite)."""
+    from scipy import optimize, stats
+
+    if n < 2 or not math.isfinite(sd_diff):
+        return math.nan
+    if sd_diff == 0:
+        return 0.0
+    dof = n - 1
+    crit = stats.t.ppf(1 - alpha / 2, dof)
+
+    def power_at(effect):  # effect >= 0 in units of the sd: noncentrality effect * sqrt(n)
+        nc = effect * math.sqrt(n)
+        upper, lower = stats.nct.sf(crit, dof, nc), stats.nct.cdf(-crit, dof, nc)
+        # scipy's nct returns nan far in a tail, where the mass is 0 (lower) or 0 / 1 (upper)
+        return (upper if math.isfinite(upper) else float(nc > crit)) + (lower if math.isfinite(lower) else 0.0)
+
+    hi = 1.0
+    while power_at(hi) < power:
+        hi *= 2
+    return sd_diff * float(optimize.brentq(lambda e: power_at(e) - power, 0.0, hi, xtol=1e-12))
+
+
+def ols_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of y on x."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    xc = x - x.mean()
+    return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+
+
+def spearman_permutation(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Spearman's rho of (x, y) and its exact two-sided permutation p-value: the share of the n!
+    orderings of y whose |rho| is at least the observed one (n <= 9; ties get average ranks)."""
+    import itertools
+
+    from scipy import stats
+
+    n = len(x)
+    if n != len(y) or not 3 <= n <= 9:
+        raise ValueError(f"spearman_permutation needs 3 to 9 pairs of equal length, got {len(x)} and {len(y)}")
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+
+    def rho(order):
+        return float(np.corrcoef(rx, np.asarray(order))[0, 1])
+
+    observed = rho(ry)
+    count = total = 0
+    for order in itertools.permutations(ry):
+        total += 1
+        count += abs(rho(order)) >= abs(observed) - 1e-12
+    return {"rho": observed, "p": count / total, "n": n}

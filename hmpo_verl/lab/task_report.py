@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmpo_verl.lab.cpu_demo import check_cpu_backend_installed, read_metrics, trainer_command, trainer_env
-from hmpo_verl.lab.study import versions
+from hmpo_verl.lab.study.report import versions
 from hmpo_verl.lab.tasks import REPO_ROOT, TASKS, get_task
 
 REWARD = "critic/score/mean"

@@ -131,13 +131,24 @@ class ModelSpec:
     max_position_embeddings: int = 64
 
 
+@dataclass(frozen=True)
+class MoeModelSpec(ModelSpec):
+    """A small Qwen3-MoE instead: every MLP is ``num_experts`` experts of width ``moe_intermediate_size``,
+    each token routed to the top ``experts_per_token`` by a softmax router (weights renormalised over them)."""
+
+    num_experts: int = 8
+    experts_per_token: int = 2
+    moe_intermediate_size: int = 64
+
+
 def build_model(spec: ModelSpec, tokenizer, seed: int):
-    """A randomly initialised small Qwen2 causal LM (fp32), seeded by ``seed``."""
+    """A randomly initialised small causal LM (fp32), seeded by ``seed``: Qwen2, or Qwen3-MoE for a
+    :class:`MoeModelSpec`."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    shape = dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -150,8 +161,16 @@ def build_model(spec: ModelSpec, tokenizer, seed: int):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config._attn_implementation = "sdpa"
-    model = Qwen2ForCausalLM(config)
+    if isinstance(spec, MoeModelSpec):
+        config = Qwen3MoeConfig(**shape, head_dim=spec.hidden_size // spec.num_heads, num_experts=spec.num_experts,
+                                num_experts_per_tok=spec.experts_per_token,
+                                moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=True)
+        config._attn_implementation = "sdpa"
+        model = Qwen3MoeForCausalLM(config)
+    else:
+        config = Qwen2Config(**shape)
+        config._attn_implementation = "sdpa"
+        model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

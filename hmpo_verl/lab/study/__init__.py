@@ -1,0 +1,16 @@
+"""The comparative study: when does the choice of mean matter? (plan, run, analysis, report)
+
+    python -m hmpo_verl.lab.study --quick      # a smoke run of both phases (minutes)
+    python -m hmpo_verl.lab.study              # the study: tuning, then evaluation (resumable)
+    python -m hmpo_verl.lab.study --report-only --readme   # regenerate docs/study.md and the README guide
+
+Regimes whose drift comes from real mechanisms (async lag, bf16 sampling of a dense and of a
+MoE model, with and without routing replay, PPO epochs), each method at its own learning rate
+chosen on tuning seeds, evaluation on held-out prompts with fresh seeds, pre-registered primary
+questions (TOST equivalence, Holm over the primaries), and the mechanism figure.
+
+Modules: :mod:`.plan` (what runs, and the pre-registered questions), :mod:`.run` (lean-loop
+runs in worker processes, the confirmation on verl's trainer), :mod:`.analysis` (outcomes,
+settings, tests), :mod:`.report` (tables, figures, guide, docs/study.md), :mod:`.cli` (the
+command).
+"""

@@ -1,0 +1,194 @@
+"""``python -m hmpo_verl.lab.study``: tuning, evaluation, analysis and report in one resumable command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from hmpo_verl.lab import lean
+from hmpo_verl.lab.cpu_demo import REPO_ROOT
+from hmpo_verl.lab.study import analysis, plan, report, run
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m hmpo_verl.lab.study",
+                                     description="When does the choice of mean matter? The comparative study.")
+    parser.add_argument("--quick", action="store_true", help="smoke run of both phases: " + plan.quick_plan.__doc__.split(":")[1].strip())
+    parser.add_argument("--tune-only", action="store_true", help="run the tuning phase only")
+    parser.add_argument("--task", default=plan.TASK, help=f"task (default {plan.TASK}; the MoE regimes need it)")
+    parser.add_argument("--report-only", action="store_true", help="no new runs: report the finished ones")
+    parser.add_argument("--preregister", action="store_true",
+                        help="write docs/study.md with the plan and the primary questions only (before the main run)")
+    parser.add_argument("--regimes", nargs="+", choices=list(lean.REGIMES_BY_NAME), default=None)
+    parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
+    parser.add_argument("--eval-seeds", type=int, default=plan.EVAL_SEEDS, help=f"evaluation seeds 1..n (default {plan.EVAL_SEEDS})")
+    parser.add_argument("--steps", type=int, default=plan.STEPS, help=f"training steps per run (default {plan.STEPS})")
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=None,
+                        help="one learning-rate grid for every method (default: each method's own, see plan.py)")
+    parser.add_argument("--tuning-seeds", type=int, default=None,
+                        help=f"use the first n tuning seeds (default all: {plan.TUNING_SEEDS})")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
+    parser.add_argument("--out", default=None, help="run files (default outputs/study; --quick: outputs/study_quick)")
+    parser.add_argument("--assets", default=None, help="asset root (default: the task's own folder)")
+    parser.add_argument("--docs", default=None, help="report (default docs/study.md; --quick: <out>/study.md)")
+    parser.add_argument("--readme", action="store_true", help="also rewrite the README's generated guide block")
+    parser.add_argument("--confirm", action="store_true", help=f"also run `{run.CONFIRM_REGIME}` on verl's real trainer")
+    parser.add_argument("--confirm-seeds", type=int, default=3)
+    parser.add_argument("--confirm-steps", type=int, default=20)
+    parser.add_argument("--confirm-async", action="store_true",
+                        help="confirm the async regimes on verl's fully-async trainer (pending issue 20)")
+    args = parser.parse_args(argv)
+    if args.tuning_seeds is not None and not 1 <= args.tuning_seeds <= len(plan.TUNING_SEEDS):
+        parser.error(f"--tuning-seeds={args.tuning_seeds} is invalid; allowed: 1..{len(plan.TUNING_SEEDS)}")
+    if args.lr_grid and not all(lr > 0 for lr in args.lr_grid):
+        parser.error(f"--lr-grid={args.lr_grid} is invalid; allowed: learning rates > 0")
+    for name in ("eval_seeds", "steps", "parallel", "confirm_seeds", "confirm_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; allowed: an integer >= 1")
+    if args.steps < analysis.FINAL_WINDOW:
+        parser.error(f"--steps={args.steps} is invalid; allowed: >= {analysis.FINAL_WINDOW} (the final reward's window)")
+    return args
+
+
+def _invocations(out: Path, argv: list[str]) -> list[str]:
+    """The commands that made the runs (appended to ``<out>/invocations.jsonl``), this one last."""
+    path = out / "invocations.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    seen = list(dict.fromkeys(" ".join(["python -m hmpo_verl.lab.study", *r["argv"]]).strip() for r in rows))
+    current = " ".join(["python -m hmpo_verl.lab.study", *argv]).strip()
+    return [c for c in seen if c != current] + [current]
+
+
+def _write_data(data_dir: Path, tuning_rows, eval_rows, records, chosen, prim, comps, measured, mech) -> None:
+    import pandas as pd
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(tuning_rows + eval_rows).to_csv(data_dir / "runs.csv", index=False, float_format="%.6g")
+    steps = [{"regime": r["run"].regime, "method": r["run"].method, "lr": r["run"].lr, "seed": r["run"].seed, **m}
+             for r in records if r["run"].phase == "eval" for m in r["metrics"]]
+    pd.DataFrame(steps).to_csv(data_dir / "steps.csv.gz", index=False, float_format="%.6g")
+    pd.DataFrame([{"regime": k[0], "method": k[1], "lr": v["lr"], "score": v["score"],
+                   "largest_stable_lr": v["largest_stable_lr"],
+                   **{f"score_lr{lr:g}": sc for lr, sc in v["scores"].items()}} for k, v in chosen.items()]
+                 ).to_csv(data_dir / "settings.csv", index=False)
+    pd.DataFrame([{k: (" ".join(v) if isinstance(v, list) else v) for k, v in p.items()} for p in prim]
+                 ).to_csv(data_dir / "primaries.csv", index=False)
+    pd.DataFrame(comps).to_csv(data_dir / "comparisons.csv", index=False)
+    pd.DataFrame(measured).to_csv(data_dir / "regimes.csv", index=False)
+    pd.DataFrame(mech).to_csv(data_dir / "mechanism.csv", index=False)
+
+
+def _confirm(args, base, task_name, out, records, chosen, data_dir, run_steps: int) -> list[str]:
+    """The confirmation on verl's trainer (when asked), and its report lines (from confirm.csv if kept)."""
+    import pandas as pd
+
+    regime = run.CONFIRM_REGIME
+    steps = min(args.confirm_steps, run_steps)
+    lean_rows = analysis.lean_confirmation_rows(records, regime, steps)
+    planned = len(run.CONFIRM_METHODS) * args.confirm_seeds
+    trainer_rows = []
+    if args.confirm:
+        for seed in range(1, args.confirm_seeds + 1):
+            for method in run.CONFIRM_METHODS:
+                lr = chosen.get((regime, method), {}).get("lr")
+                if lr is None:
+                    print(f"confirmation: no tuned setting for {regime}/{method}; skipped", flush=True)
+                    continue
+                print(f"verl trainer: {regime}/{method}/lr{lr:g}/seed{seed}", flush=True)
+                data = run.trainer_run(plan.Run("confirm", regime, method, lr, seed), task_name, args.assets, steps,
+                                       base, out)
+                if data["exit_code"] != 0 or data["steps"] < steps:
+                    print(f"  failed (exit {data['exit_code']})", flush=True)
+                    continue
+                trainer_rows.append({"method": method, "seed": seed, "wall_s": data["wall_s"],
+                                     **analysis.training_curve_outcomes([m["critic/score/mean"] for m in data["metrics"]],
+                                                                        data["metrics"])})
+        data_dir.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(trainer_rows).to_csv(data_dir / "confirm.csv", index=False)
+    elif (data_dir / "confirm.csv").exists() and (data_dir / "confirm.csv").stat().st_size > 1:
+        trainer_rows = pd.read_csv(data_dir / "confirm.csv").to_dict("records")
+    conf = analysis.confirmation_rows(lean_rows, trainer_rows, run.CONFIRM_METHODS)
+    return report.confirmation_lines(conf, regime, len(trainer_rows), planned)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.confirm_async:
+        run.confirm_async()
+    the_plan = plan.quick_plan() if args.quick else plan.default_plan(
+        args.regimes, args.methods, args.eval_seeds, args.steps, args.lr_grid, args.tuning_seeds)
+    out = Path(args.out or REPO_ROOT / "outputs" / ("study_quick" if args.quick else "study")).resolve()
+    docs = Path(args.docs) if args.docs else (out / "study.md" if args.quick else REPO_ROOT / "docs" / "study.md")
+    data_dir, figures = docs.parent / f"{docs.stem}_data", docs.parent / f"{docs.stem}_figures"
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    task = lean.load_task(args.task, args.assets, log=log)
+    if args.preregister:
+        report.write_docs(docs, report.empty_context(the_plan, args, task))
+        log(f"wrote {docs}")
+        return 0
+    base = lean.LoopSettings(max_response_length=task.max_response_length, eval_prompts=the_plan.eval_prompts)
+    steps = the_plan.steps
+    if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "invocations.jsonl", "a") as f:
+            f.write(json.dumps({"argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+
+    tuning_runs = the_plan.tuning_runs()
+    placeholder = {r.key: 3e-4 for r in tuning_runs}  # the evaluation's size does not depend on the lrs
+    planned_cpu = plan.estimate_cpu_s(tuning_runs + the_plan.eval_runs(placeholder), steps)
+    log(f"plan: {len(tuning_runs)} tuning + {len(the_plan.eval_runs(placeholder))} evaluation runs of {steps} steps, "
+        f"about {planned_cpu / 60:.0f} CPU-minutes by the measured cost per regime "
+        f"(~{planned_cpu / 60 / args.parallel:.0f} min at --parallel {args.parallel} on idle cores)")
+    log(f"tuning: {len(tuning_runs)} runs in {out}")
+    if not args.report_only:
+        run.run_all(tuning_runs, args.task, args.assets, steps, base, out, args.parallel, "tuning")
+    records = run.load_records(tuning_runs, out, args.task, steps, base)
+    tuning_rows = [analysis.run_summary(r) for r in records]
+    chosen = analysis.choose_settings(tuning_rows)
+    eval_runs = the_plan.eval_runs({k: v["lr"] for k, v in chosen.items()})
+    log(f"evaluation: {len(eval_runs)} runs")
+    if not (args.report_only or args.tune_only):
+        run.run_all(eval_runs, args.task, args.assets, steps, base, out, args.parallel, "evaluation")
+    eval_records = run.load_records(eval_runs, out, args.task, steps, base)
+    records += eval_records
+    eval_rows = [analysis.run_summary(r) for r in eval_records]
+
+    regimes, methods = list(the_plan.regimes), [m for m in plan.DISPLAY_ORDER if m in the_plan.methods]
+    questions = [q for q in plan.primary_questions() if set(q.regimes) <= set(regimes) and
+                 {q.a, q.b} - {"", "best fixed p"} <= set(methods)]
+    prim = analysis.primaries(questions, eval_rows, chosen)
+    comps = analysis.comparisons(eval_rows, regimes)
+    measured = analysis.regime_measurements(eval_rows, regimes)
+    off_policy = [r for r in regimes if r not in plan.CONTROL_REGIMES]
+    mech = analysis.mechanism(eval_rows, off_policy, [m for m in report.FIGURE_METHODS if m != "vanilla"])
+    _write_data(data_dir, tuning_rows, eval_rows, records, chosen, prim, comps, measured, mech)
+    figures.mkdir(parents=True, exist_ok=True)
+    figs = {}
+    if eval_rows:
+        curves = defaultdict(list)
+        for r in eval_records:
+            curves[(r["run"].regime, r["run"].method)].append([m["eval_heldout"] for m in r["metrics"]])
+        figs["reward"] = report.plot_rewards(curves, regimes, methods, figures)
+    if mech:
+        figs["mechanism"] = report.plot_mechanism(mech, figures)
+    guide = report.guide_lines(mech, measured, prim) if mech else []
+    planned = len(tuning_runs) + len(eval_runs)
+    done = len(records)
+    ctx = {"plan": the_plan, "settings": base, "task": args.task, "commands": _invocations(out, argv),
+           "missing": planned - done, "done": done, "planned": planned, "parallel": args.parallel,
+           "cpu_minutes": sum(r.get("cpu_s", 0.0) for r in records) / 60, "heldout": task.test,
+           "methods": methods, "regimes": regimes, "measured": measured, "chosen": chosen, "primaries": prim,
+           "questions": questions, "eval_rows": eval_rows, "comps": comps, "figures": figs, "guide": guide,
+           "confirmation": _confirm(args, base, args.task, out, records, chosen, data_dir, steps),
+           "async_confirmation": run.ASYNC_CONFIRMATION_PENDING}
+    report.write_docs(docs, ctx)
+    if args.readme and guide and not report.update_readme(REPO_ROOT / "README.md", guide):
+        log(f"README.md has no {report.GUIDE_START} ... {report.GUIDE_END} block: not updated")
+    log("\n".join(guide))
+    log(f"wrote {docs}, {data_dir}, {figures}")
+    return 0

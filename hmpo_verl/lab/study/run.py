@@ -1,0 +1,195 @@
+"""Running the study's plan: lean-loop runs in worker processes (resumable), and the confirmation
+on verl's real trainer.
+
+Each lean run is one JSON file under ``<out>/runs/<phase>/<regime>/<method>/lr<lr>/seed<k>.json``,
+written when the run ends (a run whose file holds the same task, steps and settings is not run
+again), so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from hmpo_verl.lab import lean
+from hmpo_verl.lab.cpu_demo import REPO_ROOT
+from hmpo_verl.lab.study.plan import Run
+
+_TASK_CACHE: dict = {}
+
+
+def run_settings(base: lean.LoopSettings, run: Run) -> dict:
+    """The loop settings of one run (the shared ones with the run's learning rate), as stored in its file."""
+    return asdict(replace(base, lr=run.lr))
+
+
+def execute(run: Run, task_name: str, assets: str | None, steps: int, base: lean.LoopSettings, out: str, queue,
+            moe: bool) -> None:
+    """One lean run in a worker process (1 thread); its record is written to ``run.path(out)``."""
+    import torch
+
+    torch.set_num_threads(1)
+    key = (task_name, assets, base.max_response_length, moe)
+    if key not in _TASK_CACHE:
+        _TASK_CACHE[key] = lean.load_task(task_name, assets, base.max_response_length, log=None, moe=moe)
+    task = _TASK_CACHE[key]
+    settings = run_settings(base, run)
+    start, cpu = time.time(), time.process_time()
+    result = lean.train(task, lean.METHODS_BY_NAME[run.method], lean.REGIMES_BY_NAME[run.regime], run.seed, steps,
+                        lean.LoopSettings(**settings), progress=(lambda s: queue.put(1)) if queue else None)
+    record = {"run": asdict(run), "task": task_name, "steps": steps, "settings": settings,
+              "wall_s": time.time() - start, "cpu_s": time.process_time() - cpu,
+              "first_eval": result.first_eval, "metrics": result.steps}
+    path = run.path(Path(out))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+
+
+def is_done(run: Run, out: Path, task: str, steps: int, base: lean.LoopSettings) -> bool:
+    path = run.path(out)
+    if not path.exists():
+        return False
+    data = json.loads(path.read_text())
+    return data.get("task") == task and data.get("steps") == steps and data.get("settings") == run_settings(base, run)
+
+
+def run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: lean.LoopSettings, out: Path,
+            parallel: int, label: str) -> None:
+    """Run what is not done, ``parallel`` worker processes at a time (in this process when 1), with a progress
+    bar over training steps."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    todo = [r for r in runs if not is_done(r, out, task, steps, base)]
+    moe = any(lean.REGIMES_BY_NAME[r.regime].model == "moe" for r in todo)
+    if moe:  # build the MoE model once, before the workers need it
+        lean.load_task(task, assets, base.max_response_length, moe=True)
+    with tqdm(total=len(runs) * steps, initial=(len(runs) - len(todo)) * steps, desc=label, unit="step",
+              dynamic_ncols=True) as bar:
+        if not todo:
+            return
+        if parallel == 1:
+            for r in todo:
+                bar.set_postfix_str(f"{r.phase}/{r.regime}/{r.method}/lr{r.lr:g}/seed{r.seed}")
+                execute(r, task, assets, steps, base, str(out), _BarQueue(bar), moe)
+            return
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
+            queue = manager.Queue()
+            futures = {pool.submit(execute, r, task, assets, steps, base, str(out), queue, moe): r for r in todo}
+            pending = set(futures)
+            while pending:
+                while not queue.empty():
+                    queue.get()
+                    bar.update(1)
+                finished = {f for f in pending if f.done()}
+                for f in finished:
+                    run = futures[f]
+                    f.result()  # re-raise a worker's error
+                    bar.set_postfix_str(f"{run.phase}/{run.regime}/{run.method}/lr{run.lr:g}/seed{run.seed}")
+                pending -= finished
+                time.sleep(0.5)
+            while not queue.empty():
+                queue.get()
+                bar.update(1)
+
+
+class _BarQueue:
+    """The worker queue's one use in this process: a put advances the progress bar."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def put(self, _):
+        self.bar.update(1)
+
+
+def load_records(runs: list[Run], out: Path, task: str, steps: int, base: lean.LoopSettings) -> list[dict]:
+    """The stored records of the finished runs of ``runs`` (with their ``Run``)."""
+    records = []
+    for run in runs:
+        if is_done(run, out, task, steps, base):
+            records.append({**json.loads(run.path(out).read_text()), "run": run})
+    return records
+
+
+# ----------------------------------------------------------------------------- confirmation on verl's trainer
+
+CONFIRM_REGIME = "async_0"  # verl's synchronous trainer with 4 PPO mini-batches per step: it runs it as the lean loop
+CONFIRM_METHODS = ("vanilla", "hmpo", "gspo")
+
+
+def heldout_train_parquet(task: lean.Task, run_dir: Path) -> Path:
+    """The task's training parquet without the held-out prompts (the lean loop's training set)."""
+    import pandas as pd
+
+    frame = pd.read_parquet(task.assets.train_parquet)
+    held = set(pd.read_parquet(task.assets.test_parquet)["prompt"].map(lambda m: m[0]["content"]))
+    path = run_dir / "train_without_heldout.parquet"
+    frame[~frame["prompt"].map(lambda m: m[0]["content"]).isin(held)].to_parquet(path)
+    return path
+
+
+def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, settings: lean.LoopSettings,
+                out: Path) -> dict:
+    """The run on ``python -m verl.trainer.main_ppo`` (CPU backend), with the lean loop's settings."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from hmpo_verl.lab.cpu_demo import read_metrics, trainer_command, trainer_env
+    from hmpo_verl.lab.tasks import get_task
+
+    run_dir = out / "trainer" / run.regime / run.method / f"lr{run.lr:g}" / f"seed{run.seed}"
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        data = json.loads(result_path.read_text())
+        if data.get("exit_code") == 0 and data.get("steps") == steps:
+            return data
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "result.json", "rollout_trace.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
+    task = lean.load_task(task_name, assets_root, settings.max_response_length, log=None)
+    assets = SimpleNamespace(train_parquet=heldout_train_parquet(task, run_dir), test_parquet=task.assets.test_parquet,
+                             model=task.assets.model)
+    method, regime = lean.METHODS_BY_NAME[run.method], lean.REGIMES_BY_NAME[run.regime]
+    overrides = [
+        f"data.train_batch_size={settings.prompts_per_step}", f"actor_rollout_ref.rollout.n={settings.n}",
+        f"data.max_response_length={settings.max_response_length}", f"actor_rollout_ref.actor.optim.lr={run.lr}",
+        f"actor_rollout_ref.actor.loss_agg_mode={settings.loss_agg_mode}",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64",
+        *regime.trainer_overrides(settings), *method.trainer_overrides,
+        f"data.seed={run.seed}", f"actor_rollout_ref.rollout.seed={run.seed}", "trainer.val_before_train=false",
+        "trainer.test_freq=-1", f"trainer.experiment_name={run.regime}-{run.method}-seed{run.seed}",
+    ]
+    cmd = trainer_command(get_task(task_name), assets, run_dir, steps, method.loss_mode, overrides)
+    env = {**trainer_env(run_dir), **regime.trainer_env()}
+    start = time.time()
+    with open(run_dir / "train.log", "w") as log:
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT).returncode
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "critic/score/mean" in r["data"]]
+    data = {"exit_code": code, "steps": len(records), "wall_s": time.time() - start, "command": " ".join(cmd[1:]),
+            "metrics": [r["data"] for r in records],
+            "loss_metrics_seen": sorted({k for r in records for k in r["data"] if k.startswith(("actor/pm/", "rollout_corr/"))})}
+    result_path.write_text(json.dumps(data, indent=2))
+    return data
+
+
+ASYNC_CONFIRMATION_PENDING = (
+    "The async_k regimes are not yet confirmed on verl's own fully-async trainer "
+    "(python -m verl.experimental.fully_async_policy.fully_async_main): it does not run on CPU yet (issue 20). "
+    "Hook for then: run vanilla/hmpo/gspo there with its shipped YAML (rollout_correction.bypass_mode=true: the "
+    "rollout log-probs are the old log-probs, as the lean loop's async regimes) at the staleness that gives each "
+    "regime's measured lag (training/off_policy/trajectory_staleness), and compare as trainer_run does. Check first "
+    "that our loss_mode survives there: verl's apply_bypass_mode sets policy_loss.loss_mode='bypass_mode' "
+    "(verl's PPO-clip) on the config it is handed.")
+
+
+def confirm_async() -> None:
+    """The hook for the async regimes' confirmation on verl's fully-async trainer (pending issue 20)."""
+    raise NotImplementedError(ASYNC_CONFIRMATION_PENDING)

@@ -1,0 +1,109 @@
+"""adapt: reward (APMPO's reward-adaptive p and feedback-adaptive clip) against direct formulas and our fixed-p loss."""
+
+import math
+
+import pytest
+import torch
+from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl.workers.config import ActorConfig
+
+import hmpo_verl  # noqa: F401  (registers the losses)
+from hmpo_verl import AdaptivePowerMeanLossConfig, PowerMeanLossConfig
+from hmpo_verl.reward_adaptive import (
+    REWARD_FEEDBACK,
+    RewardStats,
+    feedback_adaptive_clip,
+    reward_adaptive_power,
+)
+
+
+@pytest.fixture(autouse=True)
+def _clear_feedback():
+    REWARD_FEEDBACK.clear()
+    yield
+    REWARD_FEEDBACK.clear()
+
+
+def test_rule_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    stats = RewardStats.of(rewards)
+    assert (stats.mean, stats.std) == (pytest.approx(0.75), pytest.approx(0.5))  # sample sd: sqrt(0.25 * 4 / 3)
+    assert reward_adaptive_power(0.0, 0.8) == 1.0 and reward_adaptive_power(1.0, 0.8) == pytest.approx(math.exp(-0.8))
+    assert feedback_adaptive_clip(stats, 0.2, 0.4, 1e-6) == pytest.approx(0.2 + 0.2 * math.tanh(0.75 / (0.5 + 1e-6)))
+    assert feedback_adaptive_clip(RewardStats(-0.5, 0.5), 0.2, 0.4, 1e-6) == 0.2  # negative score: floored
+    assert feedback_adaptive_clip(RewardStats(1.0, 0.0), 0.2, 0.4, 1e-6) == pytest.approx(0.4)  # all solved
+    with pytest.raises(ValueError, match="finite"):
+        RewardStats.of(torch.tensor([1.0, math.nan]))
+
+
+def _batch(seed=0, B=6, T=11):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(T)[None] < torch.randint(2, T + 1, (B,), generator=g)[:, None]
+    old = torch.where(mask, -torch.rand(B, T, generator=g), 0.0)
+    log_prob = torch.where(mask, old + 0.4 * torch.randn(B, T, generator=g), 0.0)
+    adv = torch.randn(B, 1, generator=g).expand(B, T).clone()
+    return old, log_prob, adv, mask
+
+
+def _actor(policy_loss, **clip):
+    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+                       policy_loss=policy_loss, **clip)
+
+
+@pytest.mark.parametrize("feedback_clip", [True, False])
+def test_loss_is_the_power_mean_loss_at_that_p_and_upper_clip(feedback_clip):
+    """The adaptive loss (value and gradient) equals `power_mean` at p = exp(-gamma mu_R) with clip_ratio_high set to
+    the feedback-adaptive bound (or the actor's own without feedback_clip); it logs both."""
+    old, log_prob, adv, mask = _batch()
+    stats = RewardStats.of(torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0]))
+    REWARD_FEEDBACK.set(stats)
+    p = math.exp(-0.5 * stats.mean)
+    high = 0.1 + 0.5 * math.tanh(stats.mean / (stats.std + 1e-3)) if feedback_clip else 0.2
+    options = dict(reward_gamma=0.5, feedback_clip=feedback_clip, feedback_clip_min=0.1, feedback_clip_max=0.6,
+                   feedback_delta=1e-3)
+    a, b = log_prob.clone().requires_grad_(), log_prob.clone().requires_grad_()
+    ours, metrics = get_policy_loss_fn("adaptive_power_mean")(
+        old, a, adv, mask, "seq-mean-token-mean", _actor(AdaptivePowerMeanLossConfig(adapt="reward", **options)), None)
+    ref, _ = get_policy_loss_fn("power_mean")(
+        old, b, adv, mask, "seq-mean-token-mean",
+        _actor(PowerMeanLossConfig(loss_mode="power_mean", power=p), clip_ratio_low=0.2, clip_ratio_high=high), None)
+    ours.backward()
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+    assert metrics["actor/pm/power"] == pytest.approx(p, rel=1e-6) and metrics["actor/pm/reward_mean"] == stats.mean
+    assert ("actor/pm/clip_high" in metrics) == feedback_clip
+    if feedback_clip:
+        assert metrics["actor/pm/clip_high"] == pytest.approx(high)
+
+
+def test_without_the_batch_rewards_the_loss_says_what_is_missing():
+    old, log_prob, adv, mask = _batch()
+    with pytest.raises(RuntimeError, match="REWARD_FEEDBACK.set"):
+        get_policy_loss_fn("adaptive_power_mean")(old, log_prob, adv, mask, "token-mean",
+                                                  _actor(AdaptivePowerMeanLossConfig(adapt="reward")), None)
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("reward_gamma", -1.0, "a finite number >= 0"), ("feedback_clip", "yes", "true, false"),
+    ("feedback_clip_max", 0.1, "a finite number >= feedback_clip_min (0.2)"), ("feedback_delta", 0.0, "> 0"),
+    ("clip_space", "log", "clip_level='token', clip_space='ratio'")])
+def test_bad_options_name_the_field(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        AdaptivePowerMeanLossConfig(adapt="reward", **{field: value})
+    assert f"{field}={value!r}" in str(err.value) and allowed in str(err.value)
+    assert str(err.value).startswith("actor_rollout_ref.actor.policy_loss.")
+
+
+def test_verl_trainer_rejects_adapt_reward_before_ray():
+    """verl's ppo_loss passes a policy loss no rewards: validate_config's check stops the run with a clear error."""
+    from omegaconf import OmegaConf
+
+    from hmpo_verl.registry import check_options
+
+    config = OmegaConf.create({"actor_rollout_ref": {"actor": {"policy_loss": {
+        "_target_": "hmpo_verl.AdaptivePowerMeanLossConfig", "loss_mode": "adaptive_power_mean", "adapt": "reward"}}}})
+    with pytest.raises(ValueError, match="adapt='reward' is not supported on verl's trainer yet"):
+        check_options(config)
+    config.actor_rollout_ref.actor.policy_loss.adapt = "ess"
+    check_options(config)

@@ -1,0 +1,140 @@
+"""The study's plan and analysis: seeds, settings, primary questions, verdicts, equivalence of the confirmation."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from hmpo_verl.lab import stats
+from hmpo_verl.lab.study import analysis, plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_preregistration_in_docs_is_the_plans():
+    """docs/study.md carries the pre-registration verbatim (committed before the main run; the report repeats it)."""
+    assert plan.preregistration_text() in (REPO / "docs" / "study.md").read_text()
+
+
+def test_tuning_and_evaluation_seeds_are_disjoint_and_the_plan_is_complete():
+    p = plan.default_plan()
+    tuning = p.tuning_runs()
+    assert {r.seed for r in tuning} == set(plan.TUNING_SEEDS)
+    assert not set(plan.TUNING_SEEDS) & set(range(1, p.eval_seeds + 1))
+    # every method x grid x tuning seed in every off-policy regime; controls tune vanilla only
+    for regime in plan.OFF_POLICY_REGIMES:
+        for method in plan.regime_methods(regime):
+            lrs = {r.lr for r in tuning if r.key == (regime, method)}
+            assert lrs == set(plan.lr_grid(method)) and len(lrs) >= 3
+    assert {r.method for r in tuning if r.regime in plan.CONTROL_REGIMES} == {"vanilla"}
+    assert plan.lr_grid("gspo") != plan.lr_grid("vanilla")
+    # vanilla_rc only where the sampler's log-probs differ from the trainer's
+    assert "vanilla_rc" in plan.regime_methods("async_1") and "vanilla_rc" in plan.regime_methods("moe_bf16")
+    assert "vanilla_rc" not in plan.regime_methods("async_0") and "vanilla_rc" not in plan.regime_methods("epochs_4")
+
+
+def test_eval_runs_take_the_chosen_lr_and_controls_take_vanillas():
+    p = plan.Plan(regimes=("on_policy", "async_1"), methods=("vanilla", "hmpo"), grids={"vanilla": (1e-3,), "hmpo": (1e-3,)},
+                  tuning_seeds=(1001,), eval_seeds=2, steps=5, eval_prompts=8)
+    chosen = {("on_policy", "vanilla"): 3e-4, ("async_1", "vanilla"): 1e-4, ("async_1", "hmpo"): 1e-3}
+    runs = p.eval_runs(chosen)
+    assert [(r.regime, r.method, r.lr, r.seed) for r in runs] == [
+        ("on_policy", "vanilla", 3e-4, 1), ("on_policy", "hmpo", 3e-4, 1), ("async_1", "hmpo", 1e-3, 1),
+        ("async_1", "vanilla", 1e-4, 1), ("on_policy", "vanilla", 3e-4, 2), ("on_policy", "hmpo", 3e-4, 2),
+        ("async_1", "hmpo", 1e-3, 2), ("async_1", "vanilla", 1e-4, 2)]
+    assert runs[0].path(Path("o")) == Path("o/runs/eval/on_policy/vanilla/lr0.0003/seed1.json")
+
+
+def _row(regime, method, lr, seed, final_train=0.3, final_heldout=0.3, collapsed=False, gap=0.01):
+    return {"regime": regime, "method": method, "lr": lr, "seed": seed, "final_train": final_train,
+            "final_heldout": final_heldout, "collapsed_train": collapsed, "update/log_ah_gap": gap}
+
+
+def test_choose_settings_best_mean_ties_to_smaller_lr_and_largest_stable():
+    rows = [_row("r", "m", 1e-4, s, 0.30) for s in (1, 2)] + [_row("r", "m", 3e-4, s, v) for s, v in ((1, 0.5), (2, 0.3))]
+    rows += [_row("r", "m", 1e-3, 1, 0.45, collapsed=True), _row("r", "m", 1e-3, 2, 0.35)]
+    c = analysis.choose_settings(rows)[("r", "m")]
+    assert c["lr"] == 3e-4 and c["score"] == pytest.approx(0.4) and c["largest_stable_lr"] == 3e-4
+    assert c["collapsed"] == {1e-4: 0, 3e-4: 0, 1e-3: 1}
+    tie = analysis.choose_settings([_row("r", "m", 1e-3, 1, 0.4), _row("r", "m", 1e-4, 1, 0.4)])[("r", "m")]
+    assert tie["lr"] == 1e-4
+    chosen = {("r", m): {"score": s} for m, s in (("vanilla", 0.4), ("hmpo", 0.45), ("pm_p-2", 0.44))}
+    assert analysis.best_fixed_p(chosen, "r") == "hmpo" and analysis.best_fixed_p(chosen, "other") is None
+
+
+def test_primaries_tests_holm_over_primaries_and_verdicts():
+    rng = np.random.default_rng(0)
+    regimes = ("a", "b", "c")
+    rows, gaps = [], {"a": 0.001, "b": 0.01, "c": 0.1}
+    for seed in range(1, 13):
+        for r in regimes:
+            base = 0.4 + 0.05 * rng.standard_normal()
+            shifts = {"vanilla": 0.0, "hmpo": {"a": 0.0, "b": 0.1, "c": 0.002}[r], "gspo": -0.2,
+                      "pm_p-2": 0.0, "pm_p0": 0.0, "pm_p0.5": 0.0, "adaptive": 0.0}
+            for m, shift in shifts.items():
+                noise = 0.001 * rng.standard_normal() if m != "hmpo" or r != "b" else 0.02 * rng.standard_normal()
+                rows.append(_row(r, m, 1e-3, seed, final_heldout=base + shift + noise, gap=gaps[r]))
+    questions = [plan.Question(f"Q1/{r}", "paired", "hmpo", "vanilla", (r,), "") for r in regimes]
+    questions += [plan.Question("Q2/a", "paired", "hmpo", "gspo", ("a",), ""),
+                  plan.Question("Q3", "trend", "", "", regimes, ""),
+                  plan.Question("Q4", "pooled", "adaptive", "best fixed p", regimes, "")]
+    chosen = {(r, m): {"score": 0.5 if m == "vanilla" else 0.4} for r in regimes for m in plan.P_METHODS}
+    out = {p["id"]: p for p in analysis.primaries(questions, rows, chosen)}
+    # independent recomputation of one question, and Holm over exactly these six
+    d = [a["final_heldout"] - b["final_heldout"] for a in rows for b in rows
+         if a["regime"] == b["regime"] == "b" and a["seed"] == b["seed"] and a["method"] == "hmpo" and b["method"] == "vanilla"]
+    assert out["Q1/b"]["diff"] == pytest.approx(np.mean(d)) and out["Q1/b"]["p"] == pytest.approx(sps.ttest_1samp(d, 0).pvalue)
+    raw = [out[q.id]["p"] for q in questions]
+    assert [out[q.id]["p_holm"] for q in questions] == pytest.approx(stats.holm(raw))
+    assert out["Q1/b"]["verdict"] == "better" and out["Q2/a"]["verdict"] == "better"
+    assert out["Q1/a"]["verdict"] == "equivalent (±0.03)" and out["Q1/c"]["verdict"].startswith(("equivalent", "different"))
+    # Q4: adaptive vs the best fixed p (vanilla here: the highest tuning score) averaged over the regimes per seed
+    assert out["Q4"]["n"] == 12 and abs(out["Q4"]["diff"]) < 0.01
+    assert out["Q3"]["n"] == 3 and math.isnan(out["Q3"]["p_tost"])
+    assert out["Q1/b"]["mde"] == pytest.approx(stats.mde_paired(np.std(d, ddof=1), 12))
+
+
+def test_p_tilt_is_the_mean_least_squares_slope_on_p():
+    rows = [_row("r", m, 1e-3, s, final_heldout=0.3 - 0.02 * p + 0.001 * s)
+            for s in (1, 2, 3) for m, p in plan.P_METHODS.items()]
+    tilt = analysis.p_tilt(rows, "r")
+    assert tilt["n"] == 3 and tilt["tilt"] == pytest.approx(-0.02)
+
+
+def test_confirmation_equivalence_welch_and_verdicts():
+    """trainer − lean: Welch's interval by its formula; TOST inside the margin is 'equivalent', a clear shift
+    'differ', a wide interval 'inconclusive' (never 'agree' for not rejecting)."""
+    a, b = [0.32, 0.30, 0.45], [0.30, 0.35, 0.40]
+    w = analysis.welch_equivalence(a, b, 0.05)
+    ref = sps.ttest_ind(a, b, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert (w["lo"], w["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high)) and w["p"] == pytest.approx(ref.pvalue)
+    lean = [{"method": "vanilla", "seed": s, "final_train_reward": v, "train_auc": v, "clipfrac": 0.1, "ppo_kl": 0.001,
+             "log_ah_gap": math.nan} for s, v in enumerate(b, 1)]
+    trainer = [{"method": "vanilla", "seed": s, "final_train_reward": v, "train_auc": v + 0.3, "clipfrac": 0.1 + 0.0001 * s,
+                "ppo_kl": 0.001, "log_ah_gap": math.nan} for s, v in enumerate(a, 1)]
+    rows = {r["metric"]: r for r in analysis.confirmation_rows(lean, trainer, ("vanilla",))}
+    assert rows["final_train_reward"]["verdict"] == "inconclusive" and rows["final_train_reward"]["runs_needed"] > 3
+    assert rows["train_auc"]["verdict"] == "differ"
+    assert rows["clipfrac"]["verdict"] == "equivalent" and "log_ah_gap" not in rows
+
+
+def test_guide_lists_every_interval_that_excludes_zero_and_replaces_only_the_readme_block(tmp_path):
+    from hmpo_verl.lab.study import report
+
+    mech = [{"regime": "a", "gap": 0.1, "method": "hmpo", "diff": -0.1, "lo": -0.15, "hi": -0.05, "n": 12},
+            {"regime": "a", "gap": 0.1, "method": "apmpo", "diff": 0.01, "lo": -0.02, "hi": 0.04, "n": 12},
+            {"regime": "b", "gap": 0.001, "method": "hmpo", "diff": 0.0, "lo": -0.01, "hi": 0.01, "n": 12}]
+    measured = [{"regime": "a", "update/log_ah_gap": 0.1}, {"regime": "b", "update/log_ah_gap": 0.001}]
+    lines = report.guide_lines(mech, measured, [{"id": "Q1/a", "verdict": "worse"}, {"id": "Q3", "verdict": "undecided"}])
+    assert lines[0].startswith("* gap 0.0010 (`b`): no method's interval excludes 0")
+    assert "`hmpo` -0.100 [-0.150, -0.050]" in lines[1] and "apmpo" not in lines[1]
+    assert lines[2] == "* Primary questions decided after Holm: Q1/a worse."
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.GUIDE_START}\nold\n{report.GUIDE_END}\nrest\n")
+    assert report.update_readme(readme, lines)
+    assert readme.read_text() == "\n".join(["intro", report.GUIDE_START, *lines, report.GUIDE_END, "rest", ""])
+    readme.write_text("no markers\n")
+    assert not report.update_readme(readme, lines) and readme.read_text() == "no markers\n"
