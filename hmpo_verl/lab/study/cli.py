@@ -40,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--confirm-seeds", type=int, default=3)
     parser.add_argument("--confirm-steps", type=int, default=20)
     parser.add_argument("--confirm-async", action="store_true",
-                        help="confirm the async regimes on verl's fully-async trainer (pending issue 20)")
+                        help="confirm the async regimes on verl's fully-async trainer (not built yet: says what is left)")
     args = parser.parse_args(argv)
     if args.tuning_seeds is not None and not 1 <= args.tuning_seeds <= len(plan.TUNING_SEEDS):
         parser.error(f"--tuning-seeds={args.tuning_seeds} is invalid; allowed: 1..{len(plan.TUNING_SEEDS)}")

@@ -182,14 +182,13 @@ def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, s
 
 ASYNC_CONFIRMATION_PENDING = (
     "The async_k regimes are not yet confirmed on verl's own fully-async trainer "
-    "(python -m verl.experimental.fully_async_policy.fully_async_main): it does not run on CPU yet (issue 20). "
-    "Hook for then: run vanilla/hmpo/gspo there with its shipped YAML (rollout_correction.bypass_mode=true: the "
-    "rollout log-probs are the old log-probs, as the lean loop's async regimes) at the staleness that gives each "
-    "regime's measured lag (training/off_policy/trajectory_staleness), and compare as trainer_run does. Check first "
-    "that our loss_mode survives there: verl's apply_bypass_mode sets policy_loss.loss_mode='bypass_mode' "
-    "(verl's PPO-clip) on the config it is handed.")
+    "(python -m verl.experimental.fully_async_policy.fully_async_main; issue 21, open). It runs on CPU since "
+    "issue 20 (recipes/cpu_fibonacci/fully_async.yaml, python -m hmpo_verl.lab.cpu_demo --trainer fully_async), "
+    "with our loss kept under its bypass_mode=true (the rollout log-probs are the old log-probs, as the lean "
+    "loop's async regimes) and each sample's lag logged (training/lag/*). What is left: run vanilla/hmpo/gspo "
+    "there at the staleness_threshold that gives each regime's measured lag, and compare as trainer_run does.")
 
 
 def confirm_async() -> None:
-    """The hook for the async regimes' confirmation on verl's fully-async trainer (pending issue 20)."""
+    """The async regimes' confirmation on verl's fully-async trainer: not built yet (see the message)."""
     raise NotImplementedError(ASYNC_CONFIRMATION_PENDING)
