@@ -197,7 +197,7 @@ def preregistration_text() -> str:
         f"highest mean final training-prompt reward over the tuning seeds {TUNING_SEEDS}, which are never "
         f"evaluation seeds; ties go to the smaller learning rate. Clip settings stay those of each method's paper "
         "(GSPO's one setting 3e-4/4e-4; token clip 0.2 for the power means and vanilla): none of the papers gives a "
-        "range to tune over, except APMPO, whose upper clip adapts itself. Evaluation on seeds 1..{EVAL_SEEDS} "
+        f"range to tune over, except APMPO, whose upper clip adapts itself. Evaluation on seeds 1..{EVAL_SEEDS} "
         "(paired: seed k gives every method the same initial model, data order and sampling stream).",
         "",
         f"**Primary questions** ({len(qs)}; everything else in the report is exploratory):",
