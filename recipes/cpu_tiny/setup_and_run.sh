@@ -2,7 +2,7 @@
 # hmpo-verl on a CPU machine: install what is missing, then run the main job or the tests.
 #
 # Usage: bash recipes/cpu_tiny/setup_and_run.sh [demo args ...]        # the main job (python -m hmpo_verl.lab.cpu_demo)
-#        bash recipes/cpu_tiny/setup_and_run.sh --tests [pytest args]  # the test suite (python -m pytest -q tests)
+#        bash recipes/cpu_tiny/setup_and_run.sh --tests [pytest args]  # the test suite (python -m pytest -q -n 2 tests)
 # Environment: PYTHON (python3), the interpreter to install into and run with (a venv's python works).
 #
 # What it installs, each only when missing (a second call checks, installs nothing and starts at once):
@@ -46,7 +46,7 @@ repo = os.path.realpath(sys.argv[1])
 def here(name, root):
     spec = importlib.util.find_spec(name)
     return spec is not None and os.path.realpath(spec.origin).startswith(os.path.join(repo, root) + os.sep)
-tools = all(importlib.util.find_spec(m) for m in ("pytest", "hypothesis", "matplotlib", "pandas", "scipy", "tqdm"))
+tools = all(importlib.util.find_spec(m) for m in ("pytest", "xdist", "hypothesis", "matplotlib", "pandas", "scipy", "tqdm"))
 sys.exit(0 if here("hmpo_verl", "hmpo_verl") and here("verl_cpu", "patches") and tools else 1)
 EOF
 }
@@ -61,6 +61,9 @@ fi
 cd "$REPO"
 if [[ ${1:-} == --tests ]]; then
     shift
-    exec "$PYTHON" -m pytest -q tests "$@"
+    # Two pytest workers (pytest-xdist), a test file to a worker (its module fixtures, such as one trainer
+    # run shared by its tests, run once): most of an end-to-end test is a chain of process start-ups that
+    # keeps one core busy, so two at a time use the second. TEST_WORKERS=0 runs in this process.
+    exec "$PYTHON" -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile tests "$@"
 fi
 exec "$PYTHON" -m hmpo_verl.lab.cpu_demo "$@"

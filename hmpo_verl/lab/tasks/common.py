@@ -400,11 +400,22 @@ def prepare(name: str, out_dir: str | os.PathLike, spec, build: Callable[[TaskPa
 
     ``build`` writes the model(s) and parquet files and returns the warm-start report,
     stored as ``warm_start.json``. Rebuilds everything when ``spec.json`` differs from ``spec``.
+    Processes that ask for the same ``out_dir`` at once (two demos, parallel test workers) take
+    turns on ``<out_dir>.lock``: one builds, the others then find the assets there.
     """
+    from filelock import FileLock  # (a dependency of torch)
+
+    root = Path(out_dir).resolve()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        return _prepare_unlocked(name, root, spec, build, log)
+
+
+def _prepare_unlocked(name: str, root: Path, spec, build: Callable[[TaskPaths], dict], log) -> TaskPaths:
     import torch
 
     log = log or (lambda *args, **kwargs: None)
-    paths = TaskPaths(Path(out_dir).resolve())
+    paths = TaskPaths(root)
     if paths.done_marker.exists() and paths.spec.exists():
         if json.loads(paths.spec.read_text()) == asdict(spec):
             return paths
