@@ -16,6 +16,7 @@ from pathlib import Path
 from hmpo_verl.lab import lean, stats
 from hmpo_verl.lab.study import analysis
 from hmpo_verl.lab.study.plan import MARGIN, P_METHODS, preregistration_text
+from hmpo_verl.lab.study.run import ASYNC_CONFIRMATION_PENDING
 
 GUIDE_START, GUIDE_END = "<!-- study-guide:start -->", "<!-- study-guide:end -->"
 FIGURE_METHODS = (*P_METHODS, "adaptive", "apmpo")  # lines of the mechanism figure
@@ -272,7 +273,7 @@ def empty_context(plan, args, task) -> dict:
             "methods": [m for m in DISPLAY_ORDER if m in plan.methods], "regimes": list(plan.regimes), "measured": [],
             "chosen": {}, "primaries": [], "questions": primary_questions(), "eval_rows": [], "comps": [],
             "figures": {}, "guide": [], "confirmation": ["Not run yet."],
-            "async_confirmation": "The async regimes' confirmation on verl's fully-async trainer waits for issue 20."}
+            "async_confirmation": ASYNC_CONFIRMATION_PENDING}
 
 
 
