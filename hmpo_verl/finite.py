@@ -13,6 +13,7 @@ that function (in verl's trainer modules, as they are imported) to raise the sam
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -24,6 +25,15 @@ class NonFiniteInputError(ValueError):
 def count_non_finite(values: torch.Tensor, valid: torch.Tensor) -> int:
     """Positions where `valid` is true and `values` is NaN or +-inf. Shapes: equal, `(B, T)`."""
     return int((~torch.isfinite(values) & valid.bool()).sum())
+
+
+def first_non_finite(inputs: dict, valid: torch.Tensor) -> Optional[tuple[str, int]]:
+    """The first of `inputs` (name -> `(B, T)` tensor or None) holding NaN or +-inf where `valid` is true,
+    with its count of such positions; None if every input is finite there."""
+    for name, tensor in inputs.items():
+        if tensor is not None and (bad := count_non_finite(tensor.detach(), valid)):
+            return name, bad
+    return None
 
 
 def check_rollout_log_probs(data) -> None:

@@ -33,7 +33,7 @@ from verl.trainer.ppo.core_algos import agg_loss
 from hmpo_verl.adaptive import scheduled_power
 from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
 from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
-from hmpo_verl.finite import NonFiniteInputError, count_non_finite
+from hmpo_verl.finite import NonFiniteInputError, first_non_finite
 from hmpo_verl.registry import register_deferred
 from hmpo_verl.reward_adaptive import REWARD_FEEDBACK, feedback_adaptive_clip, reward_adaptive_power
 from hmpo_verl.staleness import current_sample_lag, per_lag_sums
@@ -75,9 +75,8 @@ def _check_finite(terms, inputs: dict) -> None:
     """Raise `NonFiniteInputError` if a valid position holds a non-finite value (masked ones are ignored)."""
     if torch.isfinite(terms.log_ratio_sum + terms.value.sum()):  # grad_coef is value where it is not 0
         return
-    for name, tensor in inputs.items():
-        if tensor is not None and (bad := count_non_finite(tensor.detach(), terms.rows.valid)):
-            raise NonFiniteInputError(f"{name} has {bad} non-finite value(s) at valid (response_mask) positions")
+    if found := first_non_finite(inputs, terms.rows.valid):
+        raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid (response_mask) positions")
     raise NonFiniteInputError("the policy loss overflowed: log-ratios or advantages are too large to aggregate")
 
 

@@ -80,6 +80,7 @@ except ImportError as err:  # say which install brings it
 
 from hmpo_verl.adaptive import scheduled_power
 from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
+from hmpo_verl.finite import NonFiniteInputError, first_non_finite
 from hmpo_verl.options import (
     HMPO_POWER,
     check_adaptive_options,
@@ -331,10 +332,10 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             aggregate = make_aggregator(args, self.state.global_step, adv_bt, valid, self._pm_reward_stats)
             terms = surrogate_terms(per_token_logps, old, adv_bt, valid, aggregate,
                                     trust_region(args, self._pm_reward_stats), is_weights)
-            for name, tensor in (("per_token_logps", per_token_logps), ("old_per_token_logps", old),
-                                 ("advantages", adv_bt), ("importance_sampling_ratio", is_weights)):
-                if tensor is not None and not torch.isfinite(torch.where(valid, tensor.detach(), 0.0)).all():
-                    raise ValueError(f"{name} has non-finite values at valid (completion_mask) positions")
+            found = first_non_finite({"per_token_logps": per_token_logps, "old_per_token_logps": old,
+                                      "advantages": adv_bt, "importance_sampling_ratio": is_weights}, valid)
+            if found:
+                raise NonFiniteInputError(f"{found[0]} has non-finite values at valid (completion_mask) positions")
         per_token_loss = surrogate_loss_matrix(per_token_logps, terms)
         if self.off_policy_mask_threshold is not None:
             sampling = inputs.get("sampling_per_token_logps", old)
