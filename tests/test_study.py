@@ -98,6 +98,32 @@ def test_regimes_reach_verls_trainer_as_the_lean_loop_runs_them():
     assert on_policy.trainer_overrides(s)[-1] == "algorithm.rollout_correction.bypass_mode=false"
 
 
+@pytest.mark.parametrize("regime,module", [("async_0", "verl.trainer.main_ppo"),
+                                           ("async_1", "verl.experimental.one_step_off_policy.main_ppo")])
+def test_confirmation_runs_compose_on_the_regimes_verl_trainer(tmp_path, regime, module):
+    """``--confirm`` / ``--confirm-async``: the trainer command of a confirmation run is the regime's verl
+    trainer with a config Hydra composes, carrying the lean loop's settings (every override names a real key)."""
+    from hydra import compose, initialize_config_dir
+
+    from hmpo_verl.lab.study import run as study_run
+    from hmpo_verl.lab.study.plan import Run
+
+    settings = lean.LoopSettings(max_response_length=48, eval_prompts=32)
+    cmd, env = study_run.trainer_invocation(Run("confirm", regime, "hmpo", 3e-4, 2), "fibonacci", None, 7, settings,
+                                            tmp_path)
+    assert cmd[1:3] == ["-m", module] and env["VERL_PLATFORM"] == "cpu"
+    config_dir, config_name = cmd[cmd.index("--config-path") + 1], cmd[cmd.index("--config-name") + 1]
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = compose(config_name=config_name, overrides=cmd[cmd.index("--config-name") + 2:])
+    actor = config.actor_rollout_ref.actor
+    assert (actor.policy_loss.loss_mode, actor.optim.lr, actor.ppo_mini_batch_size) == ("hmpo", 3e-4, 2)  # 4 updates
+    assert config.algorithm.rollout_correction.bypass_mode is True and config.trainer.total_training_steps == 7
+    assert (config.data.seed, config.actor_rollout_ref.rollout.n, config.data.train_batch_size) == (2, 8, 8)
+    train = pd.read_parquet(config.data.train_files)["prompt"].map(lambda m: m[0]["content"])
+    held = pd.read_parquet(config.data.val_files)["prompt"].map(lambda m: m[0]["content"])
+    assert len(train) > 0 and not set(train) & set(held)
+
+
 def test_advantages_are_verls_estimators():
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, get_adv_estimator_fn
 

@@ -121,6 +121,30 @@ def test_confirmation_equivalence_welch_and_verdicts():
     assert rows["clipfrac"]["verdict"] == "equivalent" and "log_ah_gap" not in rows
 
 
+def test_confirmation_need_is_the_runs_that_fit_the_margin():
+    """Before any trainer run: with the lean loop's sd on both sides, n runs per side put the 90 % interval
+    inside ±0.05, and n − 1 do not (Welch with equal sds and sizes is the pooled t)."""
+    values = [0.20, 0.35, 0.28, 0.41, 0.30, 0.25]
+    lean = [{"method": "hmpo", "final_train_reward": v} for v in values]
+    (row,) = analysis.confirmation_need(lean, ("vanilla", "hmpo"))
+    sd = float(np.std(values, ddof=1))
+    half = lambda n: sps.t.ppf(0.95, 2 * n - 2) * sd * math.sqrt(2 / n)  # noqa: E731
+    n = row["runs_needed"]
+    assert row["sd"] == pytest.approx(sd) and half(n) < analysis.CONFIRM_REWARD_MARGIN <= half(n - 1)
+
+
+def test_confirmation_report_says_what_is_not_run_and_what_it_needs():
+    from hmpo_verl.lab.study import report
+
+    need = [{"method": "hmpo", "lean_runs": 12, "sd": 0.08, "runs_needed": 22}]
+    lines = report.confirmation_lines([], need, "async_1", "one_step_off", [], 9, 20)
+    text = "\n".join(lines)
+    assert "verl.experimental.one_step_off_policy.main_ppo" in text and "Not run (`--confirm-async`" in text
+    assert "`hmpo` sd 0.080 over 12 lean runs → 22 runs per side" in text
+    lines = report.confirmation_lines([], need, "async_0", "sync", [{"wall_s": 150.0}], 9, 20)
+    assert "1 of 9 trainer runs finished" in "\n".join(lines) and "2.5–2.5 min" in "\n".join(lines)
+
+
 def test_guide_lists_every_interval_that_excludes_zero_and_replaces_only_the_readme_block(tmp_path):
     from hmpo_verl.lab.study import report
 

@@ -253,9 +253,31 @@ def welch_equivalence(a: list[float], b: list[float], margin: float) -> dict:
     half = st.t.ppf(0.975, dof) * se
     p = float(2 * st.t.sf(abs(diff) / se, dof))
     p_tost = max(float(st.t.sf((diff + margin) / se, dof)), float(st.t.cdf((diff - margin) / se, dof)))
-    pooled_var = a.var(ddof=1) + b.var(ddof=1)  # per-run variance of a − b with one run per side
-    needed = next((n for n in range(2, 1000) if st.t.ppf(0.95, 2 * n - 2) * math.sqrt(pooled_var / n) < margin), 1000)
-    return {"diff": diff, "lo": diff - half, "hi": diff + half, "p": p, "p_tost": p_tost, "runs_needed": needed}
+    return {"diff": diff, "lo": diff - half, "hi": diff + half, "p": p, "p_tost": p_tost,
+            "runs_needed": runs_needed(a.var(ddof=1) + b.var(ddof=1), margin)}
+
+
+def runs_needed(pooled_var: float, margin: float) -> int:
+    """Runs per side that put the 90 % interval of a − b inside ±margin if the difference were 0;
+    ``pooled_var``: the variance of a − b with one run per side (the sum of the two sides' run variances).
+    1000 stands for "more than 999"."""
+    from scipy import stats as st
+
+    return next((n for n in range(2, 1000) if st.t.ppf(0.95, 2 * n - 2) * math.sqrt(pooled_var / n) < margin), 1000)
+
+
+def confirmation_need(lean_rows: list[dict], methods: tuple[str, ...]) -> list[dict]:
+    """Before any trainer run: per method, the lean side's sd of the final training reward and the runs
+    per side the reward comparison would need for ``CONFIRM_REWARD_MARGIN``, if the trainer's runs
+    varied as much as the lean loop's."""
+    out = []
+    for method in methods:
+        values = [r["final_train_reward"] for r in lean_rows if r["method"] == method]
+        if len(values) >= 2:
+            var = float(np.var(values, ddof=1))
+            out.append({"method": method, "lean_runs": len(values), "sd": math.sqrt(var),
+                        "runs_needed": runs_needed(2 * var, CONFIRM_REWARD_MARGIN)})
+    return out
 
 
 def confirmation_rows(lean_rows: list[dict], trainer_rows: list[dict], methods: tuple[str, ...]) -> list[dict]:

@@ -36,11 +36,12 @@ def parse_args(argv=None):
     parser.add_argument("--assets", default=None, help="asset root (default: the task's own folder)")
     parser.add_argument("--docs", default=None, help="report (default docs/study.md; --quick: <out>/study.md)")
     parser.add_argument("--readme", action="store_true", help="also rewrite the README's generated guide block")
-    parser.add_argument("--confirm", action="store_true", help=f"also run `{run.CONFIRM_REGIME}` on verl's real trainer")
+    parser.add_argument("--confirm", action="store_true",
+                        help="also run `async_0` on verl's synchronous trainer (verl.trainer.main_ppo)")
+    parser.add_argument("--confirm-async", action="store_true",
+                        help="also run `async_1` on verl's one-step-off trainer (verl.experimental.one_step_off_policy)")
     parser.add_argument("--confirm-seeds", type=int, default=3)
     parser.add_argument("--confirm-steps", type=int, default=20)
-    parser.add_argument("--confirm-async", action="store_true",
-                        help="confirm the async regimes on verl's fully-async trainer (not built yet: says what is left)")
     args = parser.parse_args(argv)
     if args.tuning_seeds is not None and not 1 <= args.tuning_seeds <= len(plan.TUNING_SEEDS):
         parser.error(f"--tuning-seeds={args.tuning_seeds} is invalid; allowed: 1..{len(plan.TUNING_SEEDS)}")
@@ -82,24 +83,25 @@ def _write_data(data_dir: Path, tuning_rows, eval_rows, records, chosen, prim, c
     pd.DataFrame(mech).to_csv(data_dir / "mechanism.csv", index=False)
 
 
-def _confirm(args, base, task_name, out, records, chosen, data_dir, run_steps: int) -> list[str]:
-    """The confirmation on verl's trainer (when asked), and its report lines (from confirm.csv if kept)."""
+def _confirm(args, regime: str, asked: bool, base, out, records, chosen, data_dir, run_steps: int) -> list[str]:
+    """The confirmation of ``regime`` on its verl trainer (``run.CONFIRMATIONS``) when ``asked``, and its
+    report lines (from ``confirm_<regime>.csv`` if kept from an earlier invocation)."""
     import pandas as pd
 
-    regime = run.CONFIRM_REGIME
     steps = min(args.confirm_steps, run_steps)
     lean_rows = analysis.lean_confirmation_rows(records, regime, steps)
     planned = len(run.CONFIRM_METHODS) * args.confirm_seeds
+    path = data_dir / f"confirm_{regime}.csv"
     trainer_rows = []
-    if args.confirm:
+    if asked:
         for seed in range(1, args.confirm_seeds + 1):
             for method in run.CONFIRM_METHODS:
                 lr = chosen.get((regime, method), {}).get("lr")
                 if lr is None:
                     print(f"confirmation: no tuned setting for {regime}/{method}; skipped", flush=True)
                     continue
-                print(f"verl trainer: {regime}/{method}/lr{lr:g}/seed{seed}", flush=True)
-                data = run.trainer_run(plan.Run("confirm", regime, method, lr, seed), task_name, args.assets, steps,
+                print(f"verl {run.CONFIRMATIONS[regime]} trainer: {regime}/{method}/lr{lr:g}/seed{seed}", flush=True)
+                data = run.trainer_run(plan.Run("confirm", regime, method, lr, seed), args.task, args.assets, steps,
                                        base, out)
                 if data["exit_code"] != 0 or data["steps"] < steps:
                     print(f"  failed (exit {data['exit_code']})", flush=True)
@@ -108,18 +110,17 @@ def _confirm(args, base, task_name, out, records, chosen, data_dir, run_steps: i
                                      **analysis.training_curve_outcomes([m["critic/score/mean"] for m in data["metrics"]],
                                                                         data["metrics"])})
         data_dir.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(trainer_rows).to_csv(data_dir / "confirm.csv", index=False)
-    elif (data_dir / "confirm.csv").exists() and (data_dir / "confirm.csv").stat().st_size > 1:
-        trainer_rows = pd.read_csv(data_dir / "confirm.csv").to_dict("records")
+        pd.DataFrame(trainer_rows).to_csv(path, index=False)
+    elif path.exists() and path.stat().st_size > 1:
+        trainer_rows = pd.read_csv(path).to_dict("records")
     conf = analysis.confirmation_rows(lean_rows, trainer_rows, run.CONFIRM_METHODS)
-    return report.confirmation_lines(conf, regime, len(trainer_rows), planned)
+    need = analysis.confirmation_need(lean_rows, run.CONFIRM_METHODS)
+    return report.confirmation_lines(conf, need, regime, run.CONFIRMATIONS[regime], trainer_rows, planned, steps)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.confirm_async:
-        run.confirm_async()
     the_plan = plan.quick_plan() if args.quick else plan.default_plan(
         args.regimes, args.methods, args.eval_seeds, args.steps, args.lr_grid, args.tuning_seeds)
     out = Path(args.out or REPO_ROOT / "outputs" / ("study_quick" if args.quick else "study")).resolve()
@@ -184,8 +185,8 @@ def main(argv=None) -> int:
            "cpu_minutes": sum(r.get("cpu_s", 0.0) for r in records) / 60, "heldout": task.test,
            "methods": methods, "regimes": regimes, "measured": measured, "chosen": chosen, "primaries": prim,
            "questions": questions, "eval_rows": eval_rows, "comps": comps, "figures": figs, "guide": guide,
-           "confirmation": _confirm(args, base, args.task, out, records, chosen, data_dir, steps),
-           "async_confirmation": run.ASYNC_CONFIRMATION_PENDING}
+           "confirmation": [line for regime, asked in (("async_0", args.confirm), ("async_1", args.confirm_async))
+                            for line in _confirm(args, regime, asked, base, out, records, chosen, data_dir, steps)]}
     report.write_docs(docs, ctx)
     if args.readme and guide and not report.update_readme(REPO_ROOT / "README.md", guide):
         log(f"README.md has no {report.GUIDE_START} ... {report.GUIDE_END} block: not updated")

@@ -16,7 +16,6 @@ from pathlib import Path
 from hmpo_verl.lab import lean, stats
 from hmpo_verl.lab.study import analysis
 from hmpo_verl.lab.study.plan import MARGIN, P_METHODS, preregistration_text
-from hmpo_verl.lab.study.run import ASYNC_CONFIRMATION_PENDING
 
 GUIDE_START, GUIDE_END = "<!-- study-guide:start -->", "<!-- study-guide:end -->"
 FIGURE_METHODS = (*P_METHODS, "adaptive", "apmpo")  # lines of the mechanism figure
@@ -138,13 +137,33 @@ def results_table(rows: list[dict], comps: list[dict], regimes: list[str], metho
     return lines
 
 
-def confirmation_lines(conf: list[dict], regime: str, trainer_rows: int, planned: int) -> list[str]:
+def confirmation_lines(conf: list[dict], need: list[dict], regime: str, trainer: str, trainer_rows: list[dict],
+                       planned: int, steps: int) -> list[str]:
+    """The confirmation of ``regime`` on verl's ``trainer`` (hmpo_verl.lab.cpu_demo.TRAINERS): the Welch /
+    equivalence table when both sides have two runs per method, else what a confirmation would need
+    (``need``: the lean side's spread) and the cost of the trainer runs made."""
+    from hmpo_verl.lab.cpu_demo import TRAINERS
+
+    flag = "--confirm" if regime == "async_0" else "--confirm-async"
+    head = [f"### `{regime}` on verl's {trainer} trainer (`python -m {TRAINERS[trainer].module}`)", ""]
+    cost = ""
+    if trainer_rows:
+        wall = [r["wall_s"] for r in trainer_rows]
+        cost = (f" A trainer run of {steps} steps took {min(wall) / 60:.1f}–{max(wall) / 60:.1f} min here "
+                "(start-up included).")
     if not conf:
-        return [f"Not run (`--confirm` runs `{regime}` on `python -m verl.trainer.main_ppo`)." if not trainer_rows else
-                "Too few finished runs per side for a comparison."]
-    lines = [f"Regime `{regime}` on `python -m verl.trainer.main_ppo` (CPU backend) vs the first steps of the lean "
-             f"loop's evaluation runs; trainer runs finished: {trainer_rows} of {planned}. Unpaired (the sampling "
-             "streams differ): Welch's interval of trainer − lean, and the equivalence test within the margin "
+        status = (f"Not run (`{flag}` runs it: {planned} runs of {steps} steps)." if not trainer_rows else
+                  f"{len(trainer_rows)} of {planned} trainer runs finished: too few per method for a comparison.")
+        lines = [*head, status + cost]
+        if need:
+            lines += ["", f"What the reward comparison would need (equivalence margin ±{analysis.CONFIRM_REWARD_MARGIN} "
+                      "on the final training reward, if the trainer's runs varied as much as the lean loop's): " +
+                      "; ".join(f"`{n['method']}` sd {_f(n['sd'])} over {n['lean_runs']} lean runs → "
+                                f"{n['runs_needed']} runs per side" for n in need) + "."]
+        return lines
+    lines = [*head, f"Regime `{regime}` on verl's {trainer} trainer (CPU backend) vs the first {steps} steps of the "
+             f"lean loop's evaluation runs; trainer runs finished: {len(trainer_rows)} of {planned}.{cost} Unpaired (the "
+             "sampling streams differ): Welch's interval of trainer − lean, and the equivalence test within the margin "
              f"(rewards ±{analysis.CONFIRM_REWARD_MARGIN}; loss metrics ±{analysis.CONFIRM_RELATIVE_MARGIN:.0%} of the "
              "lean mean). *inconclusive* means neither equivalence nor a difference was shown: not rejecting is not "
              "agreement.", "",
@@ -268,12 +287,12 @@ def empty_context(plan, args, task) -> dict:
 
     settings = lean.LoopSettings(max_response_length=task.max_response_length, eval_prompts=plan.eval_prompts)
     return {"plan": plan, "settings": settings, "task": args.task, "missing": 0, "done": 0, "planned": 0,
-            "commands": ["python -m hmpo_verl.lab.study --readme", "python -m hmpo_verl.lab.study --report-only --confirm"],
+            "commands": ["python -m hmpo_verl.lab.study --readme",
+                         "python -m hmpo_verl.lab.study --report-only --confirm --confirm-async"],
             "parallel": args.parallel, "cpu_minutes": 0.0, "heldout": task.test,
             "methods": [m for m in DISPLAY_ORDER if m in plan.methods], "regimes": list(plan.regimes), "measured": [],
             "chosen": {}, "primaries": [], "questions": primary_questions(), "eval_rows": [], "comps": [],
-            "figures": {}, "guide": [], "confirmation": ["Not run yet."],
-            "async_confirmation": ASYNC_CONFIRMATION_PENDING}
+            "figures": {}, "guide": [], "confirmation": ["Not run yet."]}
 
 
 
@@ -358,17 +377,23 @@ def write_docs(path: Path, ctx: dict) -> None:
         "",
         *results_table(ctx["eval_rows"], ctx["comps"], ctx["regimes"], ctx["methods"]),
         "",
-        "## Confirmation on verl's real trainer",
+        "## Confirmation on verl's real trainers",
+        "",
+        "Two regimes run on verl's own trainers with the lean loop's settings (the methods' tuned learning rates, "
+        "the training prompts without the held-out ones): `async_0` on the synchronous trainer and `async_1` on the "
+        "one-step-off trainer, whose every batch is sampled by the weights one step old, as the lean loop's lag 1 "
+        "(bypass mode: the rollout's log-probs are the old log-probs). verl's fully-async trainer mixes lags within "
+        "a step (at staleness 0.5 about half its samples at lag 0 and half at lag 1; README, "
+        "`python -m hmpo_verl.lab.async_report`), which no single `async_k` regime reproduces; `async_2` and "
+        "`async_4` have no verl trainer that holds the lag fixed.",
         "",
         *ctx["confirmation"],
-        "",
-        ctx["async_confirmation"],
         "",
         "## Data",
         "",
         "`docs/study_data/`: `runs.csv` (one row per run, both phases: outcomes and measured log-ratios), "
         "`steps.csv.gz` (per-step metrics of the evaluation runs), `settings.csv` (tuning), `primaries.csv`, "
-        "`comparisons.csv`, `regimes.csv`, `mechanism.csv`, `confirm.csv` (when run).",
+        "`comparisons.csv`, `regimes.csv`, `mechanism.csv`, `confirm_async_0.csv` / `confirm_async_1.csv` (when run).",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -119,9 +119,15 @@ def load_records(runs: list[Run], out: Path, task: str, steps: int, base: lean.L
     return records
 
 
-# ----------------------------------------------------------------------------- confirmation on verl's trainer
+# ----------------------------------------------------------------------------- confirmation on verl's trainers
 
-CONFIRM_REGIME = "async_0"  # verl's synchronous trainer with 4 PPO mini-batches per step: it runs it as the lean loop
+# regime -> the verl trainer (hmpo_verl.lab.cpu_demo.TRAINERS) that runs it as the lean loop does:
+# async_0 on the synchronous trainer with 4 PPO mini-batches per step (``--confirm``); async_1 on the
+# one-step-off trainer (``--confirm-async``), which samples every batch with the weights one step old
+# (the first two batches with the initial ones), the lean loop's lag 1, with bypass mode (the rollout's
+# log-probs are the old log-probs). verl's fully-async trainer mixes lags within a step (staleness 0.5:
+# about half at lag 0, half at lag 1; README, async_report), which no single async_k regime reproduces.
+CONFIRMATIONS = {"async_0": "sync", "async_1": "one_step_off"}
 CONFIRM_METHODS = ("vanilla", "hmpo", "gspo")
 
 
@@ -136,24 +142,16 @@ def heldout_train_parquet(task: lean.Task, run_dir: Path) -> Path:
     return path
 
 
-def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, settings: lean.LoopSettings,
-                out: Path) -> dict:
-    """The run on ``python -m verl.trainer.main_ppo`` (CPU backend), with the lean loop's settings."""
-    import subprocess
+def trainer_invocation(run: Run, task_name: str, assets_root: str | None, steps: int, settings: lean.LoopSettings,
+                       run_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of ``run`` on the verl trainer of ``CONFIRMATIONS[run.regime]``, with the
+    lean loop's settings: batch, group size, the method's loss and lr, the regime's mini-batches and bypass
+    mode, the sampler's precision, and the training prompts without the held-out ones."""
     from types import SimpleNamespace
 
-    from hmpo_verl.lab.cpu_demo import read_metrics, trainer_command, trainer_env
+    from hmpo_verl.lab.cpu_demo import trainer_command, trainer_env
     from hmpo_verl.lab.tasks import get_task
 
-    run_dir = out / "trainer" / run.regime / run.method / f"lr{run.lr:g}" / f"seed{run.seed}"
-    result_path = run_dir / "result.json"
-    if result_path.exists():
-        data = json.loads(result_path.read_text())
-        if data.get("exit_code") == 0 and data.get("steps") == steps:
-            return data
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "result.json", "rollout_trace.jsonl"):
-        (run_dir / stale).unlink(missing_ok=True)
     task = lean.load_task(task_name, assets_root, settings.max_response_length, log=None)
     assets = SimpleNamespace(train_parquet=heldout_train_parquet(task, run_dir), test_parquet=task.assets.test_parquet,
                              model=task.assets.model)
@@ -167,28 +165,35 @@ def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, s
         f"data.seed={run.seed}", f"actor_rollout_ref.rollout.seed={run.seed}", "trainer.val_before_train=false",
         "trainer.test_freq=-1", f"trainer.experiment_name={run.regime}-{run.method}-seed{run.seed}",
     ]
-    cmd = trainer_command(get_task(task_name), assets, run_dir, steps, method.loss_mode, overrides)
-    env = {**trainer_env(run_dir), **regime.trainer_env()}
+    cmd = trainer_command(get_task(task_name), assets, run_dir, steps, method.loss_mode, overrides,
+                          trainer=CONFIRMATIONS[run.regime])
+    return cmd, {**trainer_env(run_dir), **regime.trainer_env()}
+
+
+def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, settings: lean.LoopSettings,
+                out: Path) -> dict:
+    """The run of :func:`trainer_invocation` (CPU backend), written to
+    ``<out>/trainer/<regime>/<method>/lr<lr>/seed<k>/result.json`` (a finished one is read, not run again)."""
+    import subprocess
+
+    from hmpo_verl.lab.cpu_demo import merge_steps, read_metrics
+
+    run_dir = out / "trainer" / run.regime / run.method / f"lr{run.lr:g}" / f"seed{run.seed}"
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        data = json.loads(result_path.read_text())
+        if data.get("exit_code") == 0 and data.get("steps") == steps:
+            return data
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "result.json", "rollout_trace.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
+    cmd, env = trainer_invocation(run, task_name, assets_root, steps, settings, run_dir)
     start = time.time()
     with open(run_dir / "train.log", "w") as log:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT).returncode
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "critic/score/mean" in r["data"]]
+    records = [r for r in merge_steps(read_metrics(run_dir / "metrics.jsonl")) if "critic/score/mean" in r["data"]]
     data = {"exit_code": code, "steps": len(records), "wall_s": time.time() - start, "command": " ".join(cmd[1:]),
             "metrics": [r["data"] for r in records],
             "loss_metrics_seen": sorted({k for r in records for k in r["data"] if k.startswith(("actor/pm/", "rollout_corr/"))})}
     result_path.write_text(json.dumps(data, indent=2))
     return data
-
-
-ASYNC_CONFIRMATION_PENDING = (
-    "The async_k regimes are not yet confirmed on verl's own fully-async trainer "
-    "(python -m verl.experimental.fully_async_policy.fully_async_main; issue 21, open). It runs on CPU since "
-    "issue 20 (recipes/cpu_fibonacci/fully_async.yaml, python -m hmpo_verl.lab.cpu_demo --trainer fully_async), "
-    "with our loss kept under its bypass_mode=true (the rollout log-probs are the old log-probs, as the lean "
-    "loop's async regimes) and each sample's lag logged (training/lag/*). What is left: run vanilla/hmpo/gspo "
-    "there at the staleness_threshold that gives each regime's measured lag, and compare as trainer_run does.")
-
-
-def confirm_async() -> None:
-    """The async regimes' confirmation on verl's fully-async trainer: not built yet (see the message)."""
-    raise NotImplementedError(ASYNC_CONFIRMATION_PENDING)
