@@ -186,7 +186,8 @@ def main(argv=None) -> int:
            "methods": methods, "regimes": regimes, "measured": measured, "chosen": chosen, "primaries": prim,
            "questions": questions, "eval_rows": eval_rows, "comps": comps, "figures": figs, "guide": guide,
            "confirmation": [line for regime, asked in (("async_0", args.confirm), ("async_1", args.confirm_async))
-                            for line in _confirm(args, regime, asked, base, out, records, chosen, data_dir, steps)]}
+                            for line in ["", *_confirm(args, regime, asked, base, out, records, chosen, data_dir,
+                                                       steps)]][1:]}
     report.write_docs(docs, ctx)
     if args.readme and guide and not report.update_readme(REPO_ROOT / "README.md", guide):
         log(f"README.md has no {report.GUIDE_START} ... {report.GUIDE_END} block: not updated")
