@@ -344,7 +344,8 @@ def write_docs(path: Path, ctx: dict) -> None:
         "",
         "*update δ* = log π_θ − log π_old as each update's loss saw it (all updates, all steps); *behaviour "
         "mismatch* = the trainer's log-probs (current parameters, fp32) − the sampler's, on the sampled tokens; "
-        "*routing flips* = share of (layer, position) routes whose experts differ between sampler and trainer, over the positions that predict a response token. "
+        "*routing flips* = share of (layer, position) routes where the trainer's own gate picks other experts than the "
+        "sampler did, over the positions that predict a response token (under routing replay: the picks replay overrides). "
         "Means over the regime's evaluation runs.",
         "",
         *regimes_table(ctx["regimes"], ctx["measured"]),
