@@ -137,11 +137,11 @@ def test_confirmation_report_says_what_is_not_run_and_what_it_needs():
     from hmpo_verl.lab.study import report
 
     need = [{"method": "hmpo", "lean_runs": 12, "sd": 0.08, "runs_needed": 22}]
-    lines = report.confirmation_lines([], need, "async_1", "one_step_off", [], 9, 20)
+    lines = report.confirmation_lines([], need, "async_1", "one_step_off", "--confirm-async", [], 9, 20)
     text = "\n".join(lines)
     assert "verl.experimental.one_step_off_policy.main_ppo" in text and "Not run (`--confirm-async`" in text
     assert "`hmpo` sd 0.080 over 12 lean runs → 22 runs per side" in text
-    lines = report.confirmation_lines([], need, "async_0", "sync", [{"wall_s": 150.0}], 9, 20)
+    lines = report.confirmation_lines([], need, "async_0", "sync", "--confirm", [{"wall_s": 150.0}], 9, 20)
     assert "1 of 9 trainer runs finished" in "\n".join(lines) and "2.5–2.5 min" in "\n".join(lines)
 
 

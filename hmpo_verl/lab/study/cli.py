@@ -83,9 +83,10 @@ def _write_data(data_dir: Path, tuning_rows, eval_rows, records, chosen, prim, c
     pd.DataFrame(mech).to_csv(data_dir / "mechanism.csv", index=False)
 
 
-def _confirm(args, regime: str, asked: bool, base, out, records, chosen, data_dir, run_steps: int) -> list[str]:
-    """The confirmation of ``regime`` on its verl trainer (``run.CONFIRMATIONS``) when ``asked``, and its
-    report lines (from ``confirm_<regime>.csv`` if kept from an earlier invocation)."""
+def _confirm(args, regime: str, flag: str, asked: bool, base, out, records, chosen, data_dir,
+             run_steps: int) -> list[str]:
+    """The confirmation of ``regime`` on its verl trainer (``run.CONFIRMATIONS``) when ``asked`` (by ``flag``),
+    and its report lines (from ``confirm_<regime>.csv`` if kept from an earlier invocation)."""
     import pandas as pd
 
     steps = min(args.confirm_steps, run_steps)
@@ -115,7 +116,8 @@ def _confirm(args, regime: str, asked: bool, base, out, records, chosen, data_di
         trainer_rows = pd.read_csv(path).to_dict("records")
     conf = analysis.confirmation_rows(lean_rows, trainer_rows, run.CONFIRM_METHODS)
     need = analysis.confirmation_need(lean_rows, run.CONFIRM_METHODS)
-    return report.confirmation_lines(conf, need, regime, run.CONFIRMATIONS[regime], trainer_rows, planned, steps)
+    return report.confirmation_lines(conf, need, regime, run.CONFIRMATIONS[regime], flag, trainer_rows, planned,
+                                     steps)
 
 
 def main(argv=None) -> int:
@@ -180,14 +182,17 @@ def main(argv=None) -> int:
     guide = report.guide_lines(mech, measured, prim) if mech else []
     planned = len(tuning_runs) + len(eval_runs)
     done = len(records)
+    confirmation = []
+    for regime, flag, asked in (("async_0", "--confirm", args.confirm), ("async_1", "--confirm-async", args.confirm_async)):
+        if confirmation:
+            confirmation.append("")
+        confirmation += _confirm(args, regime, flag, asked, base, out, records, chosen, data_dir, steps)
     ctx = {"plan": the_plan, "settings": base, "task": args.task, "commands": _invocations(out, argv),
            "missing": planned - done, "done": done, "planned": planned, "parallel": args.parallel,
            "cpu_minutes": sum(r.get("cpu_s", 0.0) for r in records) / 60, "heldout": task.test,
            "methods": methods, "regimes": regimes, "measured": measured, "chosen": chosen, "primaries": prim,
            "questions": questions, "eval_rows": eval_rows, "comps": comps, "figures": figs, "guide": guide,
-           "confirmation": [line for regime, asked in (("async_0", args.confirm), ("async_1", args.confirm_async))
-                            for line in ["", *_confirm(args, regime, asked, base, out, records, chosen, data_dir,
-                                                       steps)]][1:]}
+           "confirmation": confirmation}
     report.write_docs(docs, ctx)
     if args.readme and guide and not report.update_readme(REPO_ROOT / "README.md", guide):
         log(f"README.md has no {report.GUIDE_START} ... {report.GUIDE_END} block: not updated")

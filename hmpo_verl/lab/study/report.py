@@ -137,14 +137,13 @@ def results_table(rows: list[dict], comps: list[dict], regimes: list[str], metho
     return lines
 
 
-def confirmation_lines(conf: list[dict], need: list[dict], regime: str, trainer: str, trainer_rows: list[dict],
-                       planned: int, steps: int) -> list[str]:
+def confirmation_lines(conf: list[dict], need: list[dict], regime: str, trainer: str, flag: str,
+                       trainer_rows: list[dict], planned: int, steps: int) -> list[str]:
     """The confirmation of ``regime`` on verl's ``trainer`` (hmpo_verl.lab.cpu_demo.TRAINERS): the Welch /
     equivalence table when both sides have two runs per method, else what a confirmation would need
-    (``need``: the lean side's spread) and the cost of the trainer runs made."""
+    (``need``: the lean side's spread) and the cost of the trainer runs made; ``flag`` runs it."""
     from hmpo_verl.lab.cpu_demo import TRAINERS
 
-    flag = "--confirm" if regime == "async_0" else "--confirm-async"
     head = [f"### `{regime}` on verl's {trainer} trainer (`python -m {TRAINERS[trainer].module}`)", ""]
     cost = ""
     if trainer_rows:
