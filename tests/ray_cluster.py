@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,6 +39,7 @@ def ray_cli(folder: Path) -> str:
 
 
 def free_ports(n: int) -> list[int]:
+    """n distinct ports nothing listens on now, drawn by the kernel from its ephemeral range."""
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
         s.bind((LOOPBACK, 0))
@@ -47,15 +49,43 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def node_args(ports: list[int], head: bool) -> str:
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_range(size: int, taken: set[int]) -> int:
+    """The low end of `size` consecutive free ports, none of them in `taken`.
+
+    Drawn below the kernel's ephemeral range, where :func:`free_ports` and every outgoing connection take
+    theirs: Ray refuses to start a node whose worker-port range holds one of its named ports
+    ("Ray component worker_ports is trying to use a port number ... used by other components")."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    draw = random.Random()
+    for _ in range(200):
+        low = draw.randrange(10000, ephemeral_low - size)
+        span = range(low, low + size)
+        if taken.isdisjoint(span) and all(_bindable(port) for port in span):
+            return low
+    raise RuntimeError(f"no {size} consecutive free ports below {ephemeral_low}")
+
+
+# Each node's named ports (its GCS port, for the head, comes apart) and the size of its worker-port range.
+NAMED = ["--node-manager-port", "--object-manager-port", "--runtime-env-agent-port", "--dashboard-agent-grpc-port",
+         "--dashboard-agent-listen-port", "--metrics-export-port"]
+HEAD_NAMED = [*NAMED, "--ray-client-server-port"]
+WORKER_PORTS = 201
+
+
+def node_args(ports: list[int], worker_low: int, head: bool) -> str:
     """`ray start` flags that keep this node off every default port (several clusters share the machine)."""
-    names = ["--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
-             "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--metrics-export-port"]
-    if head:
-        names.append("--ray-client-server-port")
-    flags = [f"{name}={port}" for name, port in zip(names, ports)]
-    low = ports[-1]
-    return " ".join([*flags, f"--min-worker-port={low}", f"--max-worker-port={low + 200}", "--block"])
+    flags = [f"{name}={port}" for name, port in zip(HEAD_NAMED if head else NAMED, ports, strict=True)]
+    return " ".join([*flags, f"--min-worker-port={worker_low}",
+                     f"--max-worker-port={worker_low + WORKER_PORTS - 1}", "--block"])
 
 
 def _start(role: str, env: dict, args: list[str], log: Path) -> subprocess.Popen:
@@ -87,8 +117,19 @@ def _ray_query(address: str, expression: str) -> object:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _listening(port: int) -> bool:
+    """Whether something accepts connections on the port (the GCS, before a driver may wait on it)."""
+    with socket.socket() as s:
+        s.settimeout(5)
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
 def alive_nodes(address: str) -> list[str]:
-    return _ray_query(address, "[n['NodeID'] for n in ray.nodes() if n['Alive']]")
+    """The ids of the cluster's live nodes; none while its GCS does not answer a driver yet."""
+    try:
+        return _ray_query(address, "[n['NodeID'] for n in ray.nodes() if n['Alive']]")
+    except (RuntimeError, subprocess.TimeoutExpired):
+        return []
 
 
 def actor_nodes(address: str) -> dict[str, list[str]]:
@@ -105,32 +146,36 @@ def two_nodes(env: dict, logs: Path, timeout: float = 300):
     """Start a head and a worker (one logical GPU slot each); yield (GCS address, node ids); stop both.
 
     A driver joining it needs :data:`AUTH` in its environment."""
-    ports = free_ports(17)
-    address = f"{LOOPBACK}:{ports[0]}"
+    gcs, *named = free_ports(1 + len(HEAD_NAMED) + len(NAMED))
+    head_ports, worker_ports = named[:len(HEAD_NAMED)], named[len(HEAD_NAMED):]
+    head_low = free_range(WORKER_PORTS, {gcs, *named})
+    worker_low = free_range(WORKER_PORTS, {gcs, *named, *range(head_low, head_low + WORKER_PORTS)})
+    address = f"{LOOPBACK}:{gcs}"
     base = {**env, **AUTH, "RAY": ray_cli(logs), "NGPUS_PER_NODE": "1", "NUM_CPUS": "8", "NODE_IP": LOOPBACK}
     # short temp dirs: Ray's socket paths must stay under 107 characters
     temps = [tempfile.mkdtemp(prefix="rayh"), tempfile.mkdtemp(prefix="rayw")]
-    processes = [_start("head", {**base, "RAY_PORT": str(ports[0]), "RAY_TEMP_DIR": temps[0],
-                                 "RAY_START_ARGS": node_args(ports[1:9], head=True)}, [], logs / "ray_head.log")]
+    processes = {"head": _start("head", {**base, "RAY_PORT": str(gcs), "RAY_TEMP_DIR": temps[0],
+                                         "RAY_START_ARGS": node_args(head_ports, head_low, head=True)},
+                                [], logs / "ray_head.log")}
     try:
         deadline = time.time() + timeout
-        started_worker = False
         while True:
-            try:
-                nodes = alive_nodes(address)
-            except RuntimeError:
-                nodes = []
+            for role, process in processes.items():
+                if process.poll() is not None:  # `ray start --block` returns only when its node failed
+                    log = (logs / f"ray_{role}.log").read_text()[-3000:]
+                    raise AssertionError(f"the {role} node exited ({process.returncode}):\n{log}")
+            nodes = alive_nodes(address) if _listening(gcs) else []
             if len(nodes) == 2:
                 break
-            if nodes and not started_worker:
-                processes.append(_start("worker", {**base, "RAY_TEMP_DIR": temps[1],
-                                                   "RAY_START_ARGS": node_args(ports[9:17], head=False)},
-                                        [address], logs / "ray_worker.log"))
-                started_worker = True
+            if nodes and "worker" not in processes:
+                processes["worker"] = _start("worker", {**base, "RAY_TEMP_DIR": temps[1],
+                                                        "RAY_START_ARGS": node_args(worker_ports, worker_low,
+                                                                                    head=False)},
+                                             [address], logs / "ray_worker.log")
             if time.time() > deadline:
                 raise AssertionError(f"the 2-node cluster did not come up: {nodes}; see {logs}/ray_*.log")
             time.sleep(3)
         yield address, nodes
     finally:
-        for process in reversed(processes):
+        for process in reversed(processes.values()):
             _stop(process)
