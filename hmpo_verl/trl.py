@@ -335,7 +335,8 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             found = first_non_finite({"per_token_logps": per_token_logps, "old_per_token_logps": old,
                                       "advantages": adv_bt, "importance_sampling_ratio": is_weights}, valid)
             if found:
-                raise NonFiniteInputError(f"{found[0]} has non-finite values at valid (completion_mask) positions")
+                raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid (completion_mask) "
+                                          "positions")
         per_token_loss = surrogate_loss_matrix(per_token_logps, terms)
         if self.off_policy_mask_threshold is not None:
             sampling = inputs.get("sampling_per_token_logps", old)

@@ -232,7 +232,8 @@ def test_a_non_finite_value_on_the_mask_is_an_error(tmp_path):
     base, entropies, inputs = _inputs()
     inputs["advantages"][0] = math.nan
     stub = _stub(args, base.clone().requires_grad_(True), entropies, "token")
-    with pytest.raises(ValueError, match="advantages has non-finite values at valid"):
+    valid = int(inputs["completion_mask"][0].sum())  # the NaN advantage fills row 0's valid positions
+    with pytest.raises(ValueError, match=f"advantages has {valid} non-finite value\\(s\\) at valid \\(completion_mask\\)"):
         PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)
 
 
