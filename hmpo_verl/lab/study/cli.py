@@ -71,7 +71,9 @@ def _write_data(data_dir: Path, tuning_rows, eval_rows, records, chosen, prim, c
     pd.DataFrame(tuning_rows + eval_rows).to_csv(data_dir / "runs.csv", index=False, float_format="%.6g")
     steps = [{"regime": r["run"].regime, "method": r["run"].method, "lr": r["run"].lr, "seed": r["run"].seed, **m}
              for r in records if r["run"].phase == "eval" for m in r["metrics"]]
-    pd.DataFrame(steps).to_csv(data_dir / "steps.csv.gz", index=False, float_format="%.6g")
+    # mtime 0: the gzip header holds no timestamp, so equal data give an equal file (no churn in git)
+    pd.DataFrame(steps).to_csv(data_dir / "steps.csv.gz", index=False, float_format="%.6g",
+                               compression={"method": "gzip", "mtime": 0})
     pd.DataFrame([{"regime": k[0], "method": k[1], "lr": v["lr"], "score": v["score"],
                    "largest_stable_lr": v["largest_stable_lr"],
                    **{f"score_lr{lr:g}": sc for lr, sc in v["scores"].items()}} for k, v in chosen.items()]
