@@ -133,6 +133,36 @@ def test_confirmation_need_is_the_runs_that_fit_the_margin():
     assert row["sd"] == pytest.approx(sd) and half(n) < analysis.CONFIRM_REWARD_MARGIN <= half(n - 1)
 
 
+def test_confirmation_differences_are_welch_on_each_side_and_reach_the_report():
+    """Each method − vanilla, trainer side and lean side apart, by scipy's Welch; a method with one run on a
+    side has no row; the report prints both sides' intervals."""
+    from hmpo_verl.lab.study import report
+
+    def rows(values: dict) -> list[dict]:
+        return [{"method": m, "seed": s, "final_train_reward": v, "train_auc": v / 2, "clipfrac": 0.01 * s,
+                 "ppo_kl": 0.001 * s, "log_ah_gap": math.nan} for m, vs in values.items() for s, v in enumerate(vs, 1)]
+
+    trainer = rows({"vanilla": [0.53, 0.50, 0.56, 0.52], "hmpo": [0.46, 0.42, 0.49], "gspo": [0.45]})
+    lean = rows({"vanilla": [0.51, 0.47, 0.55, 0.50, 0.49], "hmpo": [0.44, 0.48, 0.40, 0.47], "gspo": [0.5, 0.52]})
+    diffs = analysis.confirmation_differences(lean, trainer, ("vanilla", "hmpo", "gspo"))
+    assert [(d["method"], d["metric"]) for d in diffs] == [("hmpo", "final_train_reward"), ("hmpo", "train_auc")]
+    for side, data in (("trainer", trainer), ("lean", lean)):
+        a = [r["final_train_reward"] for r in data if r["method"] == "hmpo"]
+        b = [r["final_train_reward"] for r in data if r["method"] == "vanilla"]
+        ref = sps.ttest_ind(a, b, equal_var=False)
+        ci = ref.confidence_interval(0.95)
+        got = diffs[0][side]
+        assert got["diff"] == pytest.approx(np.mean(a) - np.mean(b)) and got["p"] == pytest.approx(ref.pvalue)
+        assert (got["lo"], got["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+        assert got["runs"] == (len(a), len(b))
+    conf = analysis.confirmation_rows(lean, trainer, ("vanilla", "hmpo"))
+    text = "\n".join(report.confirmation_lines(conf, [], "async_1", "one_step_off", "--confirm-async",
+                                               [{"wall_s": 100.0}] * 7, 9, 20, diffs))
+    t, le = diffs[0]["trainer"], diffs[0]["lean"]
+    assert (f"| hmpo | final_train_reward | 3, 4 | {t['diff']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] |" in text
+            and f"| 4, 5 | {le['diff']:+.4f} [{le['lo']:+.4f}, {le['hi']:+.4f}] |" in text)
+
+
 def test_confirmation_report_says_what_is_not_run_and_what_it_needs():
     from hmpo_verl.lab.study import report
 

@@ -302,6 +302,29 @@ def confirmation_rows(lean_rows: list[dict], trainer_rows: list[dict], methods: 
     return out
 
 
+def confirmation_differences(lean_rows: list[dict], trainer_rows: list[dict], methods: tuple[str, ...]) -> list[dict]:
+    """Exploratory, uncorrected: on each side, each method − ``methods[0]`` (vanilla) in the final training
+    reward and its AUC, by Welch's interval on both sides (unpaired, so the two sides are read alike) --
+    does verl's trainer show the lean loop's differences between methods? One row per method and metric
+    with ``trainer`` and ``lean`` dicts (diff, lo, hi, p, runs per method); rows lacking two runs per method
+    on either side are left out."""
+    base, *others = methods
+    out = []
+    for method in others:
+        for metric in ("final_train_reward", "train_auc"):
+            row = {"method": method, "metric": metric}
+            for side, rows in (("trainer", trainer_rows), ("lean", lean_rows)):
+                a = [r[metric] for r in rows if r["method"] == method]
+                b = [r[metric] for r in rows if r["method"] == base]
+                if len(a) < 2 or len(b) < 2:
+                    break
+                w = welch_equivalence(a, b, CONFIRM_REWARD_MARGIN)
+                row[side] = {"diff": w["diff"], "lo": w["lo"], "hi": w["hi"], "p": w["p"], "runs": (len(a), len(b))}
+            else:
+                out.append(row)
+    return out
+
+
 def lean_confirmation_rows(records: list[dict], regime: str, steps: int) -> list[dict]:
     """The lean side of the confirmation: the first ``steps`` steps of the regime's evaluation runs."""
     out = []

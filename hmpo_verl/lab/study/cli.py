@@ -118,8 +118,9 @@ def _confirm(args, regime: str, flag: str, asked: bool, base, out, records, chos
         trainer_rows = pd.read_csv(path).to_dict("records")
     conf = analysis.confirmation_rows(lean_rows, trainer_rows, run.CONFIRM_METHODS)
     need = analysis.confirmation_need(lean_rows, run.CONFIRM_METHODS)
+    diffs = analysis.confirmation_differences(lean_rows, trainer_rows, run.CONFIRM_METHODS)
     return report.confirmation_lines(conf, need, regime, run.CONFIRMATIONS[regime], flag, trainer_rows, planned,
-                                     steps)
+                                     steps, diffs)
 
 
 def main(argv=None) -> int:

@@ -138,9 +138,10 @@ def results_table(rows: list[dict], comps: list[dict], regimes: list[str], metho
 
 
 def confirmation_lines(conf: list[dict], need: list[dict], regime: str, trainer: str, flag: str,
-                       trainer_rows: list[dict], planned: int, steps: int) -> list[str]:
+                       trainer_rows: list[dict], planned: int, steps: int, diffs: list[dict] = ()) -> list[str]:
     """The confirmation of ``regime`` on verl's ``trainer`` (hmpo_verl.lab.cpu_demo.TRAINERS): the Welch /
-    equivalence table when both sides have two runs per method, else what a confirmation would need
+    equivalence table when both sides have two runs per method, then the methods' differences from vanilla
+    on each side (``diffs``: analysis.confirmation_differences); else what a confirmation would need
     (``need``: the lean side's spread) and the cost of the trainer runs made; ``flag`` runs it."""
     from hmpo_verl.lab.cpu_demo import TRAINERS
 
@@ -171,6 +172,16 @@ def confirmation_lines(conf: list[dict], need: list[dict], regime: str, trainer:
     for c in conf:
         lines.append(f"| {c['method']} | {c['metric']} | {c['trainer_runs']}, {c['lean_runs']} | {_ci(c, 4)} | "
                      f"±{c['margin']:.3g} | {_p(c['p_tost'])} | {c['runs_needed']} | {c['verdict']} |")
+    if diffs:
+        lines += ["", "Exploratory (uncorrected): each method − `vanilla` on each side, Welch's 95 % interval on both "
+                  "(the lean side unpaired too, so the two read alike). Does the trainer show the lean loop's "
+                  "differences between methods?", "",
+                  "| method − vanilla | metric | trainer: runs | trainer [95 % CI] | p | lean: runs | lean [95 % CI] | p |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for d in diffs:
+            t, le = d["trainer"], d["lean"]
+            lines.append(f"| {d['method']} | {d['metric']} | {t['runs'][0]}, {t['runs'][1]} | {_ci(t, 4)} | "
+                         f"{_p(t['p'])} | {le['runs'][0]}, {le['runs'][1]} | {_ci(le, 4)} | {_p(le['p'])} |")
     return lines
 
 
