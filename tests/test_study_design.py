@@ -157,8 +157,9 @@ def test_confirmation_differences_are_welch_on_each_side_and_reach_the_report():
         assert got["runs"] == (len(a), len(b))
     conf = analysis.confirmation_rows(lean, trainer, ("vanilla", "hmpo"))
     text = "\n".join(report.confirmation_lines(conf, [], "async_1", "one_step_off", "--confirm-async",
-                                               [{"wall_s": 100.0}] * 7, 9, 20, diffs))
+                                               [{"finished": True, "wall_s": 100.0}] * 7, 9, 20, diffs))
     t, le = diffs[0]["trainer"], diffs[0]["lean"]
+    assert "trainer runs finished: 7 of 7." in text
     assert (f"| hmpo | final_train_reward | 3, 4 | {t['diff']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] |" in text
             and f"| 4, 5 | {le['diff']:+.4f} [{le['lo']:+.4f}, {le['hi']:+.4f}] |" in text)
 
@@ -171,8 +172,11 @@ def test_confirmation_report_says_what_is_not_run_and_what_it_needs():
     text = "\n".join(lines)
     assert "verl.experimental.one_step_off_policy.main_ppo" in text and "Not run (`--confirm-async`" in text
     assert "`hmpo` sd 0.080 over 12 lean runs → 22 runs per side" in text
-    lines = report.confirmation_lines([], need, "async_0", "sync", "--confirm", [{"wall_s": 150.0}], 9, 20)
-    assert "1 of 9 trainer runs finished" in "\n".join(lines) and "2.5–2.5 min" in "\n".join(lines)
+    tried = [{"finished": True, "wall_s": 150.0}, {"finished": False, "wall_s": 30.0}]
+    lines = report.confirmation_lines([], need, "async_0", "sync", "--confirm", tried, 9, 20)
+    assert "1 of 2 trainer runs finished" in "\n".join(lines) and "2.5–2.5 min" in "\n".join(lines)
+    lines = report.confirmation_lines([], need, "async_0", "sync", "--confirm", tried[1:], 9, 20)
+    assert "0 of 1 trainer runs finished" in "\n".join(lines) and "Not run" not in "\n".join(lines)
 
 
 def test_guide_lists_every_interval_that_excludes_zero_and_replaces_only_the_readme_block(tmp_path):

@@ -88,14 +88,15 @@ def _write_data(data_dir: Path, tuning_rows, eval_rows, records, chosen, prim, c
 def _confirm(args, regime: str, flag: str, asked: bool, base, out, records, chosen, data_dir,
              run_steps: int) -> list[str]:
     """The confirmation of ``regime`` on its verl trainer (``run.CONFIRMATIONS``) when ``asked`` (by ``flag``),
-    and its report lines (from ``confirm_<regime>.csv`` if kept from an earlier invocation)."""
+    and its report lines (from ``confirm_<regime>.csv`` if kept from an earlier invocation). The file has a row
+    per trainer run tried, failed ones included (``finished`` false, no outcomes), so the report read back from
+    it counts the runs that were asked for."""
     import pandas as pd
 
     steps = min(args.confirm_steps, run_steps)
     lean_rows = analysis.lean_confirmation_rows(records, regime, steps)
-    planned = len(run.CONFIRM_METHODS) * args.confirm_seeds
     path = data_dir / f"confirm_{regime}.csv"
-    trainer_rows = []
+    tried = []
     if asked:
         for seed in range(1, args.confirm_seeds + 1):
             for method in run.CONFIRM_METHODS:
@@ -106,21 +107,24 @@ def _confirm(args, regime: str, flag: str, asked: bool, base, out, records, chos
                 print(f"verl {run.CONFIRMATIONS[regime]} trainer: {regime}/{method}/lr{lr:g}/seed{seed}", flush=True)
                 data = run.trainer_run(plan.Run("confirm", regime, method, lr, seed), args.task, args.assets, steps,
                                        base, out)
-                if data["exit_code"] != 0 or data["steps"] < steps:
-                    print(f"  failed (exit {data['exit_code']})", flush=True)
-                    continue
-                trainer_rows.append({"method": method, "seed": seed, "wall_s": data["wall_s"],
-                                     **analysis.training_curve_outcomes([m["critic/score/mean"] for m in data["metrics"]],
-                                                                        data["metrics"])})
+                row = {"method": method, "seed": seed, "lr": lr, "exit_code": data["exit_code"],
+                       "finished": data["exit_code"] == 0 and data["steps"] >= steps, "wall_s": data["wall_s"]}
+                if row["finished"]:
+                    row.update(analysis.training_curve_outcomes([m["critic/score/mean"] for m in data["metrics"]],
+                                                                data["metrics"]))
+                else:
+                    print(f"  failed (exit {data['exit_code']}, {data['steps']} of {steps} steps)", flush=True)
+                tried.append(row)
         data_dir.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(trainer_rows).to_csv(path, index=False)
+        pd.DataFrame(tried).to_csv(path, index=False)
     elif path.exists() and path.stat().st_size > 1:
-        trainer_rows = pd.read_csv(path).to_dict("records")
+        tried = pd.read_csv(path).to_dict("records")
+    trainer_rows = [r for r in tried if r["finished"]]
     conf = analysis.confirmation_rows(lean_rows, trainer_rows, run.CONFIRM_METHODS)
     need = analysis.confirmation_need(lean_rows, run.CONFIRM_METHODS)
     diffs = analysis.confirmation_differences(lean_rows, trainer_rows, run.CONFIRM_METHODS)
-    return report.confirmation_lines(conf, need, regime, run.CONFIRMATIONS[regime], flag, trainer_rows, planned,
-                                     steps, diffs)
+    return report.confirmation_lines(conf, need, regime, run.CONFIRMATIONS[regime], flag, tried,
+                                     len(run.CONFIRM_METHODS) * args.confirm_seeds, steps, diffs)
 
 
 def main(argv=None) -> int:

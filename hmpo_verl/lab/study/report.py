@@ -138,22 +138,24 @@ def results_table(rows: list[dict], comps: list[dict], regimes: list[str], metho
 
 
 def confirmation_lines(conf: list[dict], need: list[dict], regime: str, trainer: str, flag: str,
-                       trainer_rows: list[dict], planned: int, steps: int, diffs: list[dict] = ()) -> list[str]:
+                       tried: list[dict], planned: int, steps: int, diffs: list[dict] = ()) -> list[str]:
     """The confirmation of ``regime`` on verl's ``trainer`` (hmpo_verl.lab.cpu_demo.TRAINERS): the Welch /
     equivalence table when both sides have two runs per method, then the methods' differences from vanilla
     on each side (``diffs``: analysis.confirmation_differences); else what a confirmation would need
-    (``need``: the lean side's spread) and the cost of the trainer runs made; ``flag`` runs it."""
+    (``need``: the lean side's spread) and the cost of the trainer runs made; ``flag`` runs it. ``tried``: a row
+    per trainer run tried (``finished``, ``wall_s``); ``planned``: the runs ``flag`` would make when none was."""
     from hmpo_verl.lab.cpu_demo import TRAINERS
 
     head = [f"### `{regime}` on verl's {trainer} trainer (`python -m {TRAINERS[trainer].module}`)", ""]
     cost = ""
-    if trainer_rows:
-        wall = [r["wall_s"] for r in trainer_rows]
+    finished = [r for r in tried if r["finished"]]
+    if finished:
+        wall = [r["wall_s"] for r in finished]
         cost = (f" A trainer run of {steps} steps took {min(wall) / 60:.1f}–{max(wall) / 60:.1f} min here "
                 "(start-up included).")
     if not conf:
-        status = (f"Not run (`{flag}` runs it: {planned} runs of {steps} steps)." if not trainer_rows else
-                  f"{len(trainer_rows)} of {planned} trainer runs finished: too few per method for a comparison.")
+        status = (f"Not run (`{flag}` runs it: {planned} runs of {steps} steps)." if not tried else
+                  f"{len(finished)} of {len(tried)} trainer runs finished: too few per method for a comparison.")
         lines = [*head, status + cost]
         if need:
             lines += ["", f"What the reward comparison would need (equivalence margin ±{analysis.CONFIRM_REWARD_MARGIN} "
@@ -162,7 +164,7 @@ def confirmation_lines(conf: list[dict], need: list[dict], regime: str, trainer:
                                 f"{n['runs_needed']} runs per side" for n in need) + "."]
         return lines
     lines = [*head, f"Regime `{regime}` on verl's {trainer} trainer (CPU backend) vs the first {steps} steps of the "
-             f"lean loop's evaluation runs; trainer runs finished: {len(trainer_rows)} of {planned}.{cost} Unpaired (the "
+             f"lean loop's evaluation runs; trainer runs finished: {len(finished)} of {len(tried)}.{cost} Unpaired (the "
              "sampling streams differ): Welch's interval of trainer − lean, and the equivalence test within the margin "
              f"(rewards ±{analysis.CONFIRM_REWARD_MARGIN}; loss metrics ±{analysis.CONFIRM_RELATIVE_MARGIN:.0%} of the "
              "lean mean). *inconclusive* means neither equivalence nor a difference was shown: not rejecting is not "
