@@ -40,7 +40,8 @@ def parse_args(argv=None):
                         help="also run `async_0` on verl's synchronous trainer (verl.trainer.main_ppo)")
     parser.add_argument("--confirm-async", action="store_true",
                         help="also run `async_1` on verl's one-step-off trainer (verl.experimental.one_step_off_policy)")
-    parser.add_argument("--confirm-seeds", type=int, default=3)
+    parser.add_argument("--confirm-seeds", type=int, default=6,
+                        help="trainer runs per method (6: what the ±0.05 margin needs from the lean loop's spread)")
     parser.add_argument("--confirm-steps", type=int, default=20)
     args = parser.parse_args(argv)
     if args.tuning_seeds is not None and not 1 <= args.tuning_seeds <= len(plan.TUNING_SEEDS):
