@@ -88,8 +88,13 @@ def node_args(ports: list[int], worker_low: int, head: bool) -> str:
                      f"--max-worker-port={worker_low + WORKER_PORTS - 1}", "--block"])
 
 
-def _start(role: str, env: dict, args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(["bash", str(CLUSTER), role, *args], env=env, stdout=log.open("w"),
+def _log(logs: Path, role: str) -> Path:
+    return logs / f"ray_{role}.log"
+
+
+def _start(role: str, env: dict, args: list[str], logs: Path) -> subprocess.Popen:
+    """`cluster.sh <role> <args>` in its own session, its output to :func:`_log`."""
+    return subprocess.Popen(["bash", str(CLUSTER), role, *args], env=env, stdout=_log(logs, role).open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -156,13 +161,13 @@ def two_nodes(env: dict, logs: Path, timeout: float = 300):
     temps = [tempfile.mkdtemp(prefix="rayh"), tempfile.mkdtemp(prefix="rayw")]
     processes = {"head": _start("head", {**base, "RAY_PORT": str(gcs), "RAY_TEMP_DIR": temps[0],
                                          "RAY_START_ARGS": node_args(head_ports, head_low, head=True)},
-                                [], logs / "ray_head.log")}
+                                [], logs)}
     try:
         deadline = time.time() + timeout
         while True:
             for role, process in processes.items():
                 if process.poll() is not None:  # `ray start --block` returns only when its node failed
-                    log = (logs / f"ray_{role}.log").read_text()[-3000:]
+                    log = _log(logs, role).read_text()[-3000:]
                     raise AssertionError(f"the {role} node exited ({process.returncode}):\n{log}")
             nodes = alive_nodes(address) if _listening(gcs) else []
             if len(nodes) == 2:
@@ -171,7 +176,7 @@ def two_nodes(env: dict, logs: Path, timeout: float = 300):
                 processes["worker"] = _start("worker", {**base, "RAY_TEMP_DIR": temps[1],
                                                         "RAY_START_ARGS": node_args(worker_ports, worker_low,
                                                                                     head=False)},
-                                             [address], logs / "ray_worker.log")
+                                             [address], logs)
             if time.time() > deadline:
                 raise AssertionError(f"the 2-node cluster did not come up: {nodes}; see {logs}/ray_*.log")
             time.sleep(3)

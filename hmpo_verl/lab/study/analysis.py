@@ -219,6 +219,8 @@ def mechanism(rows: list[dict], regimes: list[str], methods: list[str]) -> list[
 
 # ----------------------------------------------------------------------------- confirmation on verl's trainer
 
+# the rewards the confirmation compares (training_curve_outcomes), with an absolute margin
+CONFIRM_REWARDS = ("final_train_reward", "train_auc")
 # loss metrics the confirmation compares, as verl's trainer and the lean loop both log them (per step)
 CONFIRM_METRICS = {"clipfrac": "actor/pg_clipfrac", "ppo_kl": "actor/ppo_kl", "log_ah_gap": "actor/pm/log_ah_gap"}
 # equivalence margins of trainer − lean: absolute for the rewards, relative to the lean mean for the loss metrics
@@ -287,11 +289,11 @@ def confirmation_rows(lean_rows: list[dict], trainer_rows: list[dict], methods: 
     for method in methods:
         lean_m = [r for r in lean_rows if r["method"] == method]
         tr_m = [r for r in trainer_rows if r["method"] == method]
-        for metric in ("final_train_reward", "train_auc", *CONFIRM_METRICS):
+        for metric in (*CONFIRM_REWARDS, *CONFIRM_METRICS):
             a, b = [r[metric] for r in tr_m], [r[metric] for r in lean_m]
             if len(a) < 2 or len(b) < 2 or not all(math.isfinite(x) for x in a + b):
                 continue
-            margin = (CONFIRM_REWARD_MARGIN if metric in ("final_train_reward", "train_auc")
+            margin = (CONFIRM_REWARD_MARGIN if metric in CONFIRM_REWARDS
                       else CONFIRM_RELATIVE_MARGIN * abs(float(np.mean(b))))
             if margin == 0:
                 continue
@@ -311,7 +313,7 @@ def confirmation_differences(lean_rows: list[dict], trainer_rows: list[dict], me
     base, *others = methods
     out = []
     for method in others:
-        for metric in ("final_train_reward", "train_auc"):
+        for metric in CONFIRM_REWARDS:
             row = {"method": method, "metric": metric}
             for side, rows in (("trainer", trainer_rows), ("lean", lean_rows)):
                 a = [r[metric] for r in rows if r["method"] == method]
