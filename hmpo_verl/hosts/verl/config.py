@@ -33,7 +33,7 @@ except ImportError as err:  # say which install brings it
         "hmpo_verl.means, surrogate, adaptive, ... needs only torch)"
     ) from err
 
-from hmpo_verl.options import (
+from hmpo_verl.maths.options import (
     HMPO_POWER,
     check_adaptive_options,
     check_advantage_options,

@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from hmpo_verl.advantages import agm_advantage, group_ids, group_std, group_sums, power_mean_advantage
-from hmpo_verl.config import algo_options
+from hmpo_verl.maths.advantages import agm_advantage, group_ids, group_std, group_sums, power_mean_advantage
+from hmpo_verl.hosts.verl.config import algo_options
 
 GRPO_EPSILON = 1e-6  # verl's GRPO adds it to the group std
 

@@ -30,15 +30,15 @@ from typing import Any, Optional
 import torch
 from verl.trainer.ppo.core_algos import agg_loss
 
-from hmpo_verl.adaptive import scheduled_power
-from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
-from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
-from hmpo_verl.finite import NonFiniteInputError, first_non_finite
-from hmpo_verl.registry import register_deferred
-from hmpo_verl.reward_adaptive import REWARD_FEEDBACK, feedback_adaptive_clip, reward_adaptive_power
-from hmpo_verl.staleness import current_sample_lag, per_lag_sums
-from hmpo_verl.steps import STEP_COUNTER
-from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
+from hmpo_verl.maths.adaptive import scheduled_power
+from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
+from hmpo_verl.hosts.verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
+from hmpo_verl.guards.finite import NonFiniteInputError, first_non_finite
+from hmpo_verl.hosts.verl.registry import register_deferred
+from hmpo_verl.maths.reward_adaptive import REWARD_FEEDBACK, feedback_adaptive_clip, reward_adaptive_power
+from hmpo_verl.maths.staleness import current_sample_lag, per_lag_sums
+from hmpo_verl.guards.steps import STEP_COUNTER
+from hmpo_verl.maths.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 
 def _eps(config: Any) -> tuple[float, float]:

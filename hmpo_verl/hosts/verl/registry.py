@@ -63,7 +63,7 @@ def check_options(config) -> None:
     from omegaconf import OmegaConf
     from verl.utils.config import omega_conf_to_dataclass
 
-    from hmpo_verl.config import ADV_ESTIMATORS, LOSS_OPTION_CLASSES, algo_options, loss_options
+    from hmpo_verl.hosts.verl.config import ADV_ESTIMATORS, LOSS_OPTION_CLASSES, algo_options, loss_options
 
     policy_loss = OmegaConf.select(config, "actor_rollout_ref.actor.policy_loss", default=None)
     loss_mode = policy_loss.get("loss_mode", None) if policy_loss is not None else None
@@ -145,7 +145,7 @@ def _extend_validate_config() -> None:
 
     @functools.wraps(validate)
     def validate_config(config, *args, **kwargs):
-        from hmpo_verl.checkpoints import check_checkpoint_directory, guard_resume
+        from hmpo_verl.guards.checkpoints import check_checkpoint_directory, guard_resume
 
         result = validate(config, *args, **kwargs)
         check_options(config)
@@ -183,9 +183,9 @@ def register() -> None:
     """Register losses and estimators with verl now; safe to call any number of times."""
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
 
-    from hmpo_verl.estimators import ADV_ESTIMATORS
-    from hmpo_verl.losses import POLICY_LOSSES
-    from hmpo_verl.steps import watch_optimizer_loads
+    from hmpo_verl.hosts.verl.estimators import ADV_ESTIMATORS
+    from hmpo_verl.hosts.verl.losses import POLICY_LOSSES
+    from hmpo_verl.guards.steps import watch_optimizer_loads
 
     for name, fn in POLICY_LOSSES.items():
         _register_into(POLICY_LOSS_REGISTRY, name, fn, "policy loss")
@@ -281,7 +281,7 @@ def register_on_import() -> None:
     """Register now if verl's core_algos is loaded, else as soon as it is imported (see module doc);
     guard checkpoint saves of verl's trainers (`hmpo_verl.checkpoints.guard_saves`) and the driver's check of
     the rollout's log-probs as they are imported; install the off-policy trainer hooks (`hmpo_verl.offpolicy`)."""
-    from hmpo_verl.offpolicy import install
+    from hmpo_verl.guards.offpolicy import install
 
     if CORE_ALGOS in sys.modules:
         _loudly(_register_after_core_algos)
@@ -295,14 +295,14 @@ def register_on_import() -> None:
 
 
 def _guard_rollout_log_probs(module) -> None:
-    from hmpo_verl.finite import guard_rollout_log_probs
+    from hmpo_verl.guards.finite import guard_rollout_log_probs
 
     guard_rollout_log_probs(module)
 
 
 def _guard_trainer(module, trainer: str) -> None:
     """Guard a trainer module: its class's saves, and its own name for calculate_debug_metrics, if it has one."""
-    from hmpo_verl.checkpoints import guard_saves
+    from hmpo_verl.guards.checkpoints import guard_saves
 
     guard_saves(getattr(module, trainer))
     if hasattr(module, "calculate_debug_metrics"):
