@@ -27,7 +27,7 @@ imported, make our losses at home there:
   runs another is a trap: for our losses the wrapper keeps ``loss_mode`` and warns once,
   naming both settings. Our loss then runs with bypass semantics: ``old_log_probs`` are the
   rollout's log-probs, so the token ratios are pi_theta / pi_rollout.
-* ``run_ppo``: checks our options (``registry.check_options``, which also refuses
+* ``run_ppo``: checks our options (``hmpo_verl.hosts.verl.checks.check_options``, which also refuses
   ``bypass_mode`` with ``rollout_is``/``rollout_rs``) before Ray starts; verl's
   fully-async entry point never calls ``validate_config``, where the check otherwise runs.
 """
@@ -161,7 +161,7 @@ def keeping_our_loss(apply_bypass_mode: Callable) -> Callable:
 def _checking_options_first(run_ppo: Callable) -> Callable:
     @functools.wraps(run_ppo)
     def wrapped(config, *args, **kwargs):
-        from hmpo_verl.hosts.verl.registry import check_options
+        from hmpo_verl.hosts.verl.checks import check_options
 
         check_options(config)
         return run_ppo(config, *args, **kwargs)

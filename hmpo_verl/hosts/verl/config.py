@@ -14,7 +14,7 @@ Our options therefore live on subclasses; point the `_target_` at them:
 
 Validation happens in `__post_init__`: for the actor when verl's driver builds the actor
 config in `validate_config`, for the algorithm section in the same place (verl itself never
-builds that dataclass; `hmpo_verl.registry` adds the check), both before Ray starts. The
+builds that dataclass; `hmpo_verl.hosts.verl.checks` adds the check), both before Ray starts. The
 loss and estimator functions resolve their options through the same classes, so a
 DictConfig or verl's plain classes get the same defaults and the same errors.
 """
