@@ -47,6 +47,7 @@ _MODULES = {
     "hmpo_verl.registry": "hmpo_verl.hosts.verl.registry",
     "hmpo_verl.verl_plugin": "hmpo_verl.hosts.verl.plugin",
     "hmpo_verl.trl": "hmpo_verl.hosts.trl",
+    "hmpo_verl.host_loss": "hmpo_verl.hosts.host_loss",
     "hmpo_verl.openrlhf": "hmpo_verl.hosts.openrlhf",
     "hmpo_verl.skyrl": "hmpo_verl.hosts.skyrl",
     "hmpo_verl.checkpoints": "hmpo_verl.guards.checkpoints",
@@ -71,23 +72,41 @@ _NAMES = {
 __all__ = sorted(_NAMES)
 
 
+def _real_name(fullname: str):
+    """The module that holds public path `fullname` (a submodule of a public package too: `hmpo_verl.openrlhf.x`
+    -> `hmpo_verl.hosts.openrlhf.x`), or None if `fullname` is no public path."""
+    for public, real in _MODULES.items():
+        if fullname == public or fullname.startswith(public + "."):
+            return real + fullname[len(public):]
+    return None
+
+
 class _PublicModules(_abc.MetaPathFinder, _abc.Loader):
     """Finds a public module path of `_MODULES` and gives the importer the module that holds it.
 
     The loader replaces its placeholder in `sys.modules` by the real module, as the import
     system allows ("the sys.modules replacement case"), so both names name one module object.
+    `python -m <public path>` runs the real module's code (`get_code`).
     """
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _MODULES or _util.find_spec(_MODULES[fullname]) is None:
+        real = _real_name(fullname)
+        if real is None or _util.find_spec(real) is None:
             return None
-        return _util.spec_from_loader(fullname, self)
+        return _util.spec_from_loader(fullname, self, is_package=self.is_package(fullname))
 
     def create_module(self, spec):
         return None  # a placeholder, replaced in exec_module
 
     def exec_module(self, module):
-        _sys.modules[module.__name__] = _importlib.import_module(_MODULES[module.__name__])
+        _sys.modules[module.__name__] = _importlib.import_module(_real_name(module.__name__))
+
+    def is_package(self, fullname):
+        return _util.find_spec(_real_name(fullname)).submodule_search_locations is not None
+
+    def get_code(self, fullname):
+        real = _real_name(fullname)
+        return _util.find_spec(real).loader.get_code(real)
 
 
 # first: a finder of an older install (an editable one that still holds hmpo_verl/means.py) must not answer

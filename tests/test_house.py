@@ -237,3 +237,26 @@ def test_every_documented_name_imports():
     )
     assert result.returncode == 0, result.stderr
     assert "unresolved: []" in result.stdout, result.stdout
+
+
+def test_a_public_package_path_serves_its_submodules_and_python_dash_m(tmp_path):
+    """A host adapter that is a package (`hmpo_verl.openrlhf` -> `hmpo_verl.hosts.openrlhf`) keeps its public
+    submodule paths -- one module object under both names -- and `python -m <public path>` runs the real code."""
+    package = tmp_path / "probe_host"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "launcher.py").write_text("print('launcher ran as', __name__)\n")
+    result = _python(
+        f"""
+        import runpy, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import hmpo_verl
+        hmpo_verl._MODULES["hmpo_verl.probe"] = "probe_host"
+        runpy.run_module("hmpo_verl.probe.launcher", run_name="__main__", alter_sys=True)  # what -m does
+        import hmpo_verl.probe.launcher, probe_host.launcher
+        print("one module:", sys.modules["hmpo_verl.probe.launcher"] is probe_host.launcher)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["launcher ran as __main__", "launcher ran as probe_host.launcher",
+                                          "one module: True"]
