@@ -75,7 +75,7 @@ def test_import_verl_registers_every_loss_and_estimator_on_core_algos():
         import verl
         import verl.utils.config
         # import verl alone pulls in neither our losses nor verl's core_algos
-        print("at import:", sorted(m for m in ("hmpo_verl.losses", "hmpo_verl.config", "verl.trainer.ppo.core_algos")
+        print("at import:", sorted(m for m in ("hmpo_verl.hosts.verl.losses", "hmpo_verl.hosts.verl.config", "verl.trainer.ppo.core_algos")
                                    if m in sys.modules))
         print("validate_config extended:", getattr(verl.utils.config.validate_config, "_hmpo_checked", False))
         from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
@@ -146,7 +146,7 @@ def test_failed_registration_at_plugin_load_is_logged_at_error():
         import verl, verl.trainer.ppo.core_algos
         class Breaker(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
-                if name == "hmpo_verl.estimators":
+                if name == "hmpo_verl.hosts.verl.estimators":
                     raise ImportError("simulated breakage in hmpo_verl.estimators")
         sys.meta_path.insert(0, Breaker())
         for name in [m for m in sys.modules if m.startswith("hmpo_verl")]:

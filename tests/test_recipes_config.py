@@ -646,7 +646,7 @@ def test_one_line_change_selects_our_loss_in_the_actor_worker(stub_model):
     actor = built["actor"]
     assert type(actor.policy_loss).__module__.startswith("verl.") and actor.policy_loss.loss_mode == "hmpo"
     fn = get_policy_loss_fn(actor.policy_loss.loss_mode)  # what verl's ppo_loss looks up
-    assert fn.__module__ == "hmpo_verl.losses", fn
+    assert fn.__module__ == "hmpo_verl.hosts.verl.losses", fn
     loss, grad, metrics = _run_loss(actor)
     assert torch.isfinite(loss) and grad.abs().sum() > 0 and "actor/pm/seq_ratio_mean" in metrics
 

@@ -36,7 +36,7 @@ def test_import_verl_alone_registers_our_losses():
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
         for name in ("hmpo", "power_mean", "agm"):
             fn = get_policy_loss_fn(name)
-            assert fn.__module__ == "hmpo_verl.losses", fn
+            assert fn.__module__ == "hmpo_verl.hosts.verl.losses", fn
         print("OK")
         """
     )
@@ -65,7 +65,7 @@ def test_a_broken_plugin_is_reported_loudly():
         import sys, importlib.abc
         class Breaker(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
-                if name == "hmpo_verl.losses":
+                if name == "hmpo_verl.hosts.verl.losses":
                     raise ImportError("simulated breakage in hmpo_verl.losses")
         sys.meta_path.insert(0, Breaker())
         import verl

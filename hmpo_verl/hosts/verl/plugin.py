@@ -7,6 +7,6 @@ soon as verl's `core_algos` is imported, and adds our option checks to verl's
 plugin loading is off (`VERL_USE_EXTERNAL_PLUGINS=none`).
 """
 
-from hmpo_verl.registry import register_on_import
+from hmpo_verl.hosts.verl.registry import register_on_import
 
 register_on_import()

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from hmpo_verl.adaptive import ess_search_bound, ess_target_fraction, solve_power_for_ess
-from hmpo_verl.means import agm_and_weights, mean_and_weights
+from hmpo_verl.maths.adaptive import ess_search_bound, ess_target_fraction, solve_power_for_ess
+from hmpo_verl.maths.means import agm_and_weights, mean_and_weights
 
 
 class PowerAggregator:

@@ -28,17 +28,23 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from verl.trainer.ppo.core_algos import agg_loss
 
-from hmpo_verl.adaptive import scheduled_power
-from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
-from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
-from hmpo_verl.finite import NonFiniteInputError, first_non_finite
-from hmpo_verl.registry import register_deferred
-from hmpo_verl.reward_adaptive import REWARD_FEEDBACK, feedback_adaptive_clip, reward_adaptive_power
-from hmpo_verl.staleness import current_sample_lag, per_lag_sums
-from hmpo_verl.steps import STEP_COUNTER
-from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
+from hmpo_verl.maths.adaptive import scheduled_power
+from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
+from hmpo_verl.hosts.verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
+from hmpo_verl.guards.finite import NonFiniteInputError, first_non_finite
+from hmpo_verl.maths.reward_adaptive import REWARD_FEEDBACK, feedback_adaptive_clip, reward_adaptive_power
+from hmpo_verl.maths.staleness import current_sample_lag, per_lag_sums
+from hmpo_verl.guards.steps import STEP_COUNTER
+from hmpo_verl.maths.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
+
+
+def agg_loss(*args, **kwargs):
+    """verl's `core_algos.agg_loss`, imported at the call: importing this module must not load core_algos,
+    whose import is what registers this module's losses (`hmpo_verl.hosts.verl.registry`)."""
+    from verl.trainer.ppo.core_algos import agg_loss as verl_agg_loss
+
+    return verl_agg_loss(*args, **kwargs)
 
 
 def _eps(config: Any) -> tuple[float, float]:
@@ -243,5 +249,3 @@ POLICY_LOSSES = {
     "agm": compute_policy_loss_agm,
     "adaptive_power_mean": compute_policy_loss_adaptive_power_mean,
 }
-
-register_deferred()  # where importing this module is what loaded verl's core_algos (hmpo_verl.registry)

@@ -14,7 +14,7 @@ Our options therefore live on subclasses; point the `_target_` at them:
 
 Validation happens in `__post_init__`: for the actor when verl's driver builds the actor
 config in `validate_config`, for the algorithm section in the same place (verl itself never
-builds that dataclass; `hmpo_verl.registry` adds the check), both before Ray starts. The
+builds that dataclass; `hmpo_verl.hosts.verl.checks` adds the check), both before Ray starts. The
 loss and estimator functions resolve their options through the same classes, so a
 DictConfig or verl's plain classes get the same defaults and the same errors.
 """
@@ -33,7 +33,7 @@ except ImportError as err:  # say which install brings it
         "hmpo_verl.means, surrogate, adaptive, ... needs only torch)"
     ) from err
 
-from hmpo_verl.options import (
+from hmpo_verl.maths.options import (
     HMPO_POWER,
     check_adaptive_options,
     check_advantage_options,

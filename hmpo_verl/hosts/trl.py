@@ -7,7 +7,7 @@ logging are TRL's. Needs TRL >= 1.12 (`pip install "hmpo-verl[trl]"`; tested on 
 whose `_compute_loss` is identical; beside verl 0.9.1, TRL < 1.13: the `verl-trl` extra); verl is
 not imported.
 
-    from hmpo_verl.trl import PowerMeanGRPOConfig, PowerMeanGRPOTrainer
+    from hmpo_verl.hosts.trl import PowerMeanGRPOConfig, PowerMeanGRPOTrainer
 
     args = PowerMeanGRPOConfig(output_dir="out", power=-1.0)      # HMPO
     trainer = PowerMeanGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data)
@@ -78,10 +78,10 @@ except ImportError as err:  # say which install brings it
         f"hmpo_verl.trl needs TRL >= 1.12 ({err}): pip install 'hmpo-verl[trl]', or 'hmpo-verl[verl-trl]' beside verl"
     ) from err
 
-from hmpo_verl.adaptive import scheduled_power
-from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
-from hmpo_verl.finite import NonFiniteInputError, first_non_finite
-from hmpo_verl.options import (
+from hmpo_verl.maths.adaptive import scheduled_power
+from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
+from hmpo_verl.guards.finite import NonFiniteInputError, first_non_finite
+from hmpo_verl.maths.options import (
     HMPO_POWER,
     check_adaptive_options,
     check_choice,
@@ -89,8 +89,8 @@ from hmpo_verl.options import (
     check_mean_options,
     check_reward_adapt_options,
 )
-from hmpo_verl.reward_adaptive import RewardStats, feedback_adaptive_clip, reward_adaptive_power
-from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
+from hmpo_verl.maths.reward_adaptive import RewardStats, feedback_adaptive_clip, reward_adaptive_power
+from hmpo_verl.maths.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 PREFIX = "PowerMeanGRPOConfig"
 MEANS = ("power", "agm")

@@ -6,7 +6,7 @@ section, a DictConfig>, index=<uid array>)`. Options come from `PowerMeanAlgoCon
 fields when `algorithm._target_` points at it, else from its documented defaults.
 
 Metrics: an estimator has no access to the step's metric dictionary, so it leaves its
-figures in `PENDING_METRICS`, and `hmpo_verl.registry` merges them into the dictionary
+figures in `PENDING_METRICS`, and `_bridge_metrics_into_verl` merges them into the dictionary
 that verl's `compute_data_metrics` returns for the same step (in the trainer process):
     critic/pm/adv_conservation   largest |sum_i A_i| over the step's groups (0 up to rounding)
     critic/pm/risk_beta          the beta used
@@ -21,8 +21,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from hmpo_verl.advantages import agm_advantage, group_ids, group_std, group_sums, power_mean_advantage
-from hmpo_verl.config import algo_options
+from hmpo_verl.maths.advantages import agm_advantage, group_ids, group_std, group_sums, power_mean_advantage
+from hmpo_verl.guards.verl_symbols import check_module
+from hmpo_verl.hosts.verl.config import algo_options
 
 GRPO_EPSILON = 1e-6  # verl's GRPO adds it to the group std
 
@@ -46,9 +47,11 @@ def _bridge_metrics_into_verl() -> None:
     """Have verl's per-step `compute_data_metrics` (trainer process) carry PENDING_METRICS."""
     for module_name in ("verl.trainer.ppo.v1.trainer_base", "verl.trainer.ppo.ray_trainer"):
         module = sys.modules.get(module_name)
-        fn = getattr(module, "compute_data_metrics", None)
-        if fn is not None and not getattr(fn, "_hmpo_metrics", False):
-            module.compute_data_metrics = _merge_pending_metrics(fn)
+        if module is None:
+            continue
+        check_module(module_name, module)  # a verl that moved compute_data_metrics: named, not skipped
+        if not getattr(module.compute_data_metrics, "_hmpo_metrics", False):
+            module.compute_data_metrics = _merge_pending_metrics(module.compute_data_metrics)
 
 
 def response_scores(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

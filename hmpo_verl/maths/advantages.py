@@ -33,7 +33,7 @@ from typing import Iterable
 
 import torch
 
-from hmpo_verl.means import log_power_mean
+from hmpo_verl.maths.means import log_power_mean
 
 __all__ = ["group_ids", "power_mean_advantage", "agm_advantage", "group_sums", "group_std"]
 

@@ -51,7 +51,7 @@ from typing import Callable, Optional
 
 import torch
 
-from hmpo_verl.means import Rows, arithmetic_harmonic_gap, effective_sample_size
+from hmpo_verl.maths.means import Rows, arithmetic_harmonic_gap, effective_sample_size
 
 # The aggregator maps (zero-padded log-ratios (B, T), their `Rows`, token clips per row (B,) or None
 # at sequence level) to (log s (B,), w (B, T)).

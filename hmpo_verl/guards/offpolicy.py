@@ -27,7 +27,7 @@ imported, make our losses at home there:
   runs another is a trap: for our losses the wrapper keeps ``loss_mode`` and warns once,
   naming both settings. Our loss then runs with bypass semantics: ``old_log_probs`` are the
   rollout's log-probs, so the token ratios are pi_theta / pi_rollout.
-* ``run_ppo``: checks our options (``registry.check_options``, which also refuses
+* ``run_ppo``: checks our options (``hmpo_verl.hosts.verl.checks.check_options``, which also refuses
   ``bypass_mode`` with ``rollout_is``/``rollout_rs``) before Ray starts; verl's
   fully-async entry point never calls ``validate_config``, where the check otherwise runs.
 """
@@ -40,7 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
-from hmpo_verl.staleness import LAG_KEY, RAW_PREFIX, lag_distribution, per_lag_means, sample_lag_scope, sample_lags
+from hmpo_verl.maths.staleness import LAG_KEY, RAW_PREFIX, lag_distribution, per_lag_means, sample_lag_scope, sample_lags
 
 logger = logging.getLogger("hmpo_verl")
 HOOK_FAILED = "hmpo_verl could not wrap {} (per-sample lags, bypass-mode guard, option checks before Ray)"
@@ -140,7 +140,7 @@ def keeping_our_loss(apply_bypass_mode: Callable) -> Callable:
     def wrapped(batch, rollout_corr_config=None, policy_loss_config=None):
         from omegaconf import open_dict
 
-        from hmpo_verl.config import LOSS_OPTION_CLASSES
+        from hmpo_verl.hosts.verl.config import LOSS_OPTION_CLASSES
 
         ours = policy_loss_config.get("loss_mode", None) if policy_loss_config is not None else None
         apply_bypass_mode(batch, rollout_corr_config=rollout_corr_config, policy_loss_config=policy_loss_config)
@@ -161,7 +161,7 @@ def keeping_our_loss(apply_bypass_mode: Callable) -> Callable:
 def _checking_options_first(run_ppo: Callable) -> Callable:
     @functools.wraps(run_ppo)
     def wrapped(config, *args, **kwargs):
-        from hmpo_verl.registry import check_options
+        from hmpo_verl.hosts.verl.checks import check_options
 
         check_options(config)
         return run_ppo(config, *args, **kwargs)

@@ -1,0 +1,148 @@
+"""Every verl internal hmpo_verl wraps or reads, in one table, checked before it is used.
+
+verl has no plugin API beyond its loss and estimator registries; the rest of what we do in
+verl's trainers (guarded checkpoint saves, the rollout log-prob check, per-sample lags, our
+option checks before Ray starts) wraps functions verl may move or rename in any release.
+Each row names one symbol: the module, the attribute path inside it, what we do with it,
+why, and which of verl's trainers needs it. A hook on a verl module checks that module's
+rows before it touches anything (`check_module`), and the driver's `validate_config` checks
+every row of the modules loaded by then (`check_loaded`): a verl whose symbol moved or
+vanished stops with `UnsupportedVerlError` naming the symbol and `SUPPORTED_VERL`, instead
+of an AttributeError inside a Ray worker. Add a row before wrapping anything new
+(`run_after_import` refuses a verl module without one).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+SUPPORTED_VERL = ">=0.9.1,<0.10"  # pyproject.toml's verl extra (tests/test_house.py keeps them equal)
+
+# who needs a symbol: verl's trainers as the README names them
+ALL = "every trainer"
+SYNC_V1 = "sync (v1 PPOTrainer: main_ppo, colocate_async)"
+V0_AND_OFFPOLICY = "v0 RayPPOTrainer and the off-policy trainers built on it (one_step_off, fully_async)"
+OFFPOLICY = "one_step_off, fully_async"
+
+
+@dataclass(frozen=True)
+class VerlSymbol:
+    """One verl internal we depend on: `module`.`symbol` (symbol may be dotted: Class.method)."""
+
+    module: str
+    symbol: str
+    use: str  # "reads", "registers into", "subclasses", "wraps"
+    why: str
+    needed_by: str
+    where: str  # our module that uses it
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.symbol}"
+
+
+VERL_SYMBOLS: tuple[VerlSymbol, ...] = (
+    VerlSymbol("verl.trainer.ppo.core_algos", "POLICY_LOSS_REGISTRY", "registers into",
+               "our policy losses by loss_mode name", ALL, "hosts/verl/registry.py"),
+    VerlSymbol("verl.trainer.ppo.core_algos", "ADV_ESTIMATOR_REGISTRY", "registers into",
+               "our advantage estimators by adv_estimator name", ALL, "hosts/verl/registry.py"),
+    VerlSymbol("verl.trainer.ppo.core_algos", "agg_loss", "reads",
+               "verl's loss aggregation, so every loss_agg_mode and global batch means hold", ALL,
+               "hosts/verl/losses.py"),
+    VerlSymbol("verl.workers.config", "PolicyLossConfig", "subclasses",
+               "PowerMeanLossConfig adds our loss options (a Hydra _target_)", ALL, "hosts/verl/config.py"),
+    VerlSymbol("verl.trainer.config", "AlgoConfig", "subclasses",
+               "PowerMeanAlgoConfig adds our estimator options (a Hydra _target_)", ALL, "hosts/verl/config.py"),
+    VerlSymbol("verl.utils.config", "validate_config", "wraps",
+               "our option, TRL, checkpoint-directory and resume checks in the driver before Ray starts",
+               "main_ppo, one_step_off (fully_async never calls it: see run_ppo)", "hosts/verl/registry.py"),
+    VerlSymbol("verl.utils.config", "omega_conf_to_dataclass", "reads",
+               "builds our config dataclasses from the composed config for the checks", ALL, "hosts/verl/checks.py"),
+    VerlSymbol("verl.trainer.main_ppo", "run_ppo", "wraps",
+               "our option checks before Ray starts where validate_config is not called", "fully_async",
+               "guards/offpolicy.py"),
+    VerlSymbol("verl.utils.debug.metrics", "calculate_debug_metrics", "wraps",
+               "the one place the driver reads the rollout's log-probs: non-finite ones stop the step",
+               "v0 RayPPOTrainer (imports it at the call)", "guards/finite.py"),
+    VerlSymbol("verl.trainer.ppo.v1.trainer_base", "calculate_debug_metrics", "wraps",
+               "the same check, under the name the v1 trainer imported", SYNC_V1, "guards/finite.py"),
+    VerlSymbol("verl.trainer.ppo.v1.trainer_base", "PPOTrainer._save_checkpoint", "wraps",
+               "a failed save raises CheckpointSaveError naming the directory and the checkpoint to resume",
+               SYNC_V1, "guards/checkpoints.py"),
+    VerlSymbol("verl.trainer.ppo.ray_trainer", "RayPPOTrainer._save_checkpoint", "wraps",
+               "the same, for the v0 trainer", V0_AND_OFFPOLICY, "guards/checkpoints.py"),
+    VerlSymbol("verl.trainer.ppo.v1.trainer_base", "compute_data_metrics", "wraps",
+               "carries the estimators' critic/pm/* metrics into the step's metrics", SYNC_V1,
+               "hosts/verl/estimators.py"),
+    VerlSymbol("verl.trainer.ppo.ray_trainer", "compute_data_metrics", "wraps",
+               "the same, for the v0 trainer", "v0 RayPPOTrainer", "hosts/verl/estimators.py"),
+    VerlSymbol("verl.trainer.ppo.ray_trainer", "RayPPOTrainer._update_actor", "wraps",
+               "attaches each sample's lag to the batch; turns the loss's per-lag sums into actor/pm/lag<k>/*",
+               OFFPOLICY, "guards/offpolicy.py"),
+    VerlSymbol("verl.workers.utils.losses", "ppo_loss", "wraps",
+               "exposes the micro-batch's lags to our loss (worker side)", OFFPOLICY, "guards/offpolicy.py"),
+    VerlSymbol("verl.trainer.ppo.rollout_corr_helper", "apply_bypass_mode", "wraps",
+               "bypass mode keeps our loss_mode on the trainer's config, with a warning", OFFPOLICY,
+               "guards/offpolicy.py"),
+)
+
+
+class UnsupportedVerlError(ImportError):
+    """The installed verl lacks a symbol hmpo_verl wraps or reads (moved or renamed)."""
+
+
+def _verl_version() -> str:
+    try:
+        from importlib import metadata
+
+        return metadata.version("verl")
+    except Exception:  # noqa: BLE001 - a source checkout without metadata
+        return getattr(sys.modules.get("verl"), "__version__", "unknown")
+
+
+def resolve(module, symbol: str):
+    """`module`'s attribute at the dotted path `symbol`; AttributeError if any part is missing."""
+    value = module
+    for part in symbol.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def rows_of(module_name: str) -> tuple[VerlSymbol, ...]:
+    return tuple(row for row in VERL_SYMBOLS if row.module == module_name)
+
+
+def missing(module_name: str, module) -> list[VerlSymbol]:
+    """The rows of `module_name` that `module` lacks."""
+    absent = []
+    for row in rows_of(module_name):
+        try:
+            resolve(module, row.symbol)
+        except AttributeError:
+            absent.append(row)
+    return absent
+
+
+def unsupported_message(rows: list[VerlSymbol], version: Optional[str] = None) -> str:
+    """One message naming every missing symbol, what we use it for, and the verl versions we support."""
+    listed = "; ".join(f"{row.name} ({row.use} it: {row.why}; needed by {row.needed_by})" for row in rows)
+    return (f"verl {version or _verl_version()} lacks what hmpo_verl uses: {listed}. "
+            f"hmpo_verl supports verl {SUPPORTED_VERL}: pip install 'verl{SUPPORTED_VERL}' "
+            "(or pip install 'hmpo-verl[verl]')")
+
+
+def check_module(module_name: str, module) -> None:
+    """Raise `UnsupportedVerlError` if `module` lacks a symbol its rows name (called before wrapping it)."""
+    absent = missing(module_name, module)
+    if absent:
+        raise UnsupportedVerlError(unsupported_message(absent))
+
+
+def check_loaded() -> None:
+    """Check every row whose module is imported in this process: one error naming all that are missing."""
+    absent = [row for name in dict.fromkeys(row.module for row in VERL_SYMBOLS) if sys.modules.get(name) is not None
+              for row in missing(name, sys.modules[name])]
+    if absent:
+        raise UnsupportedVerlError(unsupported_message(absent))

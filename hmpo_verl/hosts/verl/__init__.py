@@ -1,0 +1,1 @@
+"""The verl adapter: configs, policy losses, advantage estimators, registration, the plugin entry point."""
