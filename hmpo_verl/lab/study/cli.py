@@ -163,6 +163,17 @@ def _confirm(args, regime: str, flag: str, asked: bool, base, out, records, chos
                                      len(run.CONFIRM_METHODS) * args.confirm_seeds, steps, diffs)
 
 
+def _scope(task: lean.Task, task_name: str, steps: int, eval_records, chosen, off_policy, prim) -> dict:
+    """The facts ``report.scope_lines`` states, measured: the dense model's parameter count, the distinct
+    training and held-out prompts, the runs still rising, the grid edges, the underpowered primaries."""
+    model = lean.load_model(task.model_path)
+    curves = [[m["eval_heldout"] for m in r["metrics"]] for r in eval_records]
+    return {"task": task_name, "params": sum(p.numel() for p in model.parameters()),
+            "train_prompts": len({tuple(prompt) for prompt, _ in task.train}), "heldout_prompts": len(task.test),
+            "steps": steps, "rising": (analysis.still_rising(curves), len(curves)), "edges": analysis.grid_edges(chosen),
+            "chosen": chosen, "off_policy": off_policy, "underpowered": analysis.underpowered(prim)}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -214,7 +225,7 @@ def main(argv=None) -> int:
     comps = analysis.comparisons(eval_rows, regimes)
     measured = analysis.regime_measurements(eval_rows, regimes)
     off_policy = [r for r in regimes if r not in plan.CONTROL_REGIMES]
-    mech = analysis.mechanism(eval_rows, off_policy, [m for m in report.FIGURE_METHODS if m != "vanilla"])
+    mech = analysis.mechanism(eval_rows, off_policy, [m for m in methods if m != "vanilla"])
     _write_data(data_dir, tuning_rows, eval_rows, eval_records, chosen, prim, comps, measured, mech,
                 runs_too=not args.from_data)
     figures.mkdir(parents=True, exist_ok=True)
@@ -225,8 +236,12 @@ def main(argv=None) -> int:
             curves[(r["run"].regime, r["run"].method)].append([m["eval_heldout"] for m in r["metrics"]])
         figs["reward"] = report.plot_rewards(curves, regimes, methods, figures)
     if mech:
-        figs["mechanism"] = report.plot_mechanism(mech, figures)
-    guide = report.guide_lines(mech, measured, prim) if mech else []
+        figs["mechanism"] = report.plot_mechanism(mech, methods, figures)
+    pooled = [r for q in questions if q.kind == "pooled" for r in analysis.pooled_by_regime(q, eval_rows, chosen)]
+    guide = report.guide_lines(comps, measured, prim, pooled) if comps else []
+    scope = report.scope_lines(_scope(task, args.task, steps, eval_records, chosen, off_policy, prim)) if eval_rows else []
+    apmpo = report.apmpo_lines([m["actor/pm/power"] for r in eval_records if r["run"].method == "apmpo"
+                                for m in r["metrics"] if "actor/pm/power" in m])
     planned = len(tuning_runs) + len(eval_runs)
     done = len(tuning_rows) + len(eval_rows)
     confirmation = []
@@ -241,10 +256,11 @@ def main(argv=None) -> int:
            "cpu_minutes": sum(r["cpu_s"] for r in tuning_rows + eval_rows if math.isfinite(r["cpu_s"])) / 60, "heldout": task.test,
            "methods": methods, "regimes": regimes, "measured": measured, "chosen": chosen, "primaries": prim,
            "questions": questions, "eval_rows": eval_rows, "comps": comps, "figures": figs, "guide": guide,
-           "confirmation": confirmation}
+           "confirmation": confirmation, "scope": scope, "apmpo": apmpo}
     report.write_docs(docs, ctx)
-    if args.readme and guide and not report.update_readme(REPO_ROOT / "README.md", guide):
-        log(f"README.md has no {report.GUIDE_START} ... {report.GUIDE_END} block: not updated")
+    for block, start, end in ((guide, report.GUIDE_START, report.GUIDE_END), (scope, report.SCOPE_START, report.SCOPE_END)):
+        if args.readme and block and not report.update_readme(REPO_ROOT / "README.md", block, start, end):
+            log(f"README.md has no {start} ... {end} block: not updated")
     log("\n".join(guide))
     log(f"wrote {docs}, {data_dir}, {figures}")
     return 0

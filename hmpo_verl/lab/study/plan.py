@@ -34,6 +34,10 @@ METHODS = (*P_METHODS, "adaptive", "apmpo", "gspo", "vanilla_rc")
 DISPLAY_ORDER = ("vanilla", "pm_p0.5", "pm_p0", "hmpo", "pm_p-2", "adaptive", "apmpo", "gspo", "vanilla_rc")
 OFF_POLICY_REGIMES = ("async_0", "async_1", "async_2", "async_4", "bf16", "moe_bf16", "moe_replay", "epochs_4")
 CONTROL_REGIMES = ("on_policy", "fresh_4")
+# where each off-policy regime's drift comes from (the colours of the mechanism figure)
+MECHANISMS = {"async_0": "async staleness", "async_1": "async staleness", "async_2": "async staleness",
+              "async_4": "async staleness", "bf16": "bf16 sampling", "moe_bf16": "MoE routing + bf16",
+              "moe_replay": "MoE routing + bf16", "epochs_4": "PPO epochs"}
 CONTROL_METHODS = {"on_policy": ("vanilla", "hmpo"), "fresh_4": ("vanilla",)}
 
 LR_GRID = (1e-4, 3e-4, 1e-3)
