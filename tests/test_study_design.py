@@ -18,6 +18,35 @@ def test_preregistration_in_docs_is_the_plans():
     assert plan.preregistration_text() in (REPO / "docs" / "study.md").read_text()
 
 
+def test_v4_preregistration_in_docs_is_the_plans():
+    """docs/study_v4_plan.md is plan_v4's pre-registration, computed from v3's committed data."""
+    from hmpo_verl.lab.study import plan_v4
+
+    assert (REPO / "docs" / "study_v4_plan.md").read_text() == plan_v4.preregistration_text()
+
+
+def test_v4_seed_counts_bring_each_mde_to_the_target_and_no_fewer_would():
+    """Each undecided v3 primary's pair count is the fewest whose MDE (v3's paired sd) is <= 0.03; the
+    regimes take the most their questions need, in whole warm-start rounds; the edge rule extends a grid at
+    either edge by the next ladder point and leaves an interior choice alone."""
+    from hmpo_verl.lab.study import plan_v4
+
+    prim = plan_v4.v3_primaries()
+    und = plan_v4.undecided(prim)
+    assert {r["id"] for r in und} == {r["id"] for r in prim if r["verdict"] == "undecided"} and und
+    for r in und:
+        if r["n_needed"] is not None:
+            assert stats.mde_paired(r["sd"], r["n_needed"]) <= 0.03 < stats.mde_paired(r["sd"], r["n_needed"] - 1)
+    pairs = plan_v4.regime_pairs(prim)
+    assert all(n % plan_v4.WARM_STARTS == 0 for n in pairs.values())
+    assert pairs["async_4"] >= max(r["n_needed"] for r in und if r["id"] == "Q1/async_4")
+    assert pairs["moe16_top1"] == max(pairs.values())
+    assert plan_v4.extend((3e-5, 1e-4, 3e-4, 1e-3), 3e-5) == (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+    assert plan_v4.extend((1e-4, 3e-4, 1e-3, 3e-3), 3e-3) == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    assert plan_v4.extend((1e-4, 3e-4, 1e-3), 3e-4) is None
+    assert plan_v4.extend((1e-5, 3e-5), 1e-5) is None  # the ladder's end: reported at the limit
+
+
 def test_tuning_and_evaluation_seeds_are_disjoint_and_the_plan_is_complete():
     p = plan.default_plan()
     tuning = p.tuning_runs()
@@ -250,6 +279,7 @@ def test_scope_facts_are_measured_from_the_runs():
     flat = [0.5] * 12
     falling = [1.0 - 0.01 * i for i in range(12)]
     assert analysis.still_rising([rising, flat, falling, rising]) == 2
+    assert analysis.still_rising([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]]) == 1  # shorter than the window: the whole run
     grid = lambda lr: {"lr": lr, "scores": {1e-4: 0.1, 3e-4: 0.2, 1e-3: 0.3}}  # noqa: E731
     chosen = {("x", "gspo"): grid(1e-4), ("x", "hmpo"): grid(1e-3), ("x", "vanilla"): grid(1e-3),
               ("x", "pm_p0"): grid(1e-3), ("y", "gspo"): grid(1e-4), ("y", "hmpo"): grid(3e-4)}

@@ -350,8 +350,8 @@ RISING_WINDOW = 10  # steps over which a run's held-out reward counts as still r
 
 def still_rising(curves: list[list[float]], window: int = RISING_WINDOW) -> int:
     """How many of the held-out reward ``curves`` (one per run, one value per step) still rise at the end:
-    the least-squares slope over their last ``window`` steps is positive."""
-    return sum(stats.ols_slope(list(range(window)), c[-window:]) > 0 for c in curves)
+    the least-squares slope over their last ``window`` steps (all of them in a shorter run) is positive."""
+    return sum(stats.ols_slope(list(range(len(c[-window:]))), c[-window:]) > 0 for c in curves)
 
 
 def grid_edges(chosen: dict) -> dict[str, list[tuple[str, str]]]:

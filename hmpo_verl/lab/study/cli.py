@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hmpo_verl.lab import lean
 from hmpo_verl.lab.cpu_demo import REPO_ROOT
-from hmpo_verl.lab.study import analysis, plan, report, run
+from hmpo_verl.lab.study import analysis, plan, plan_v4, report, run
 
 
 def parse_args(argv=None):
@@ -27,6 +27,9 @@ def parse_args(argv=None):
                              "(<docs>_data/runs.csv, steps.csv.gz, confirm_*.csv, invocations.txt)")
     parser.add_argument("--preregister", action="store_true",
                         help="write docs/study.md with the plan and the primary questions only (before the main run)")
+    parser.add_argument("--v4", action="store_true",
+                        help="the study's fourth version (plan_v4.py); with --preregister: write its pre-registration "
+                             "to docs/study_v4_plan.md and stop")
     parser.add_argument("--regimes", nargs="+", choices=list(lean.REGIMES_BY_NAME), default=None)
     parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
     parser.add_argument("--eval-seeds", type=int, default=plan.EVAL_SEEDS, help=f"evaluation seeds 1..n (default {plan.EVAL_SEEDS})")
@@ -183,6 +186,11 @@ def main(argv=None) -> int:
     docs = Path(args.docs) if args.docs else (out / "study.md" if args.quick else REPO_ROOT / "docs" / "study.md")
     data_dir, figures = docs.parent / f"{docs.stem}_data", docs.parent / f"{docs.stem}_figures"
     log = lambda *a: print(*a, flush=True)  # noqa: E731
+    if args.v4 and args.preregister:
+        path = REPO_ROOT / "docs" / "study_v4_plan.md"
+        path.write_text(plan_v4.preregistration_text())
+        log(f"wrote {path}")
+        return 0
     task = lean.load_task(args.task, args.assets, log=log)
     if args.preregister:
         report.write_docs(docs, report.empty_context(the_plan, args, task))
