@@ -331,3 +331,24 @@ def test_from_data_regenerates_the_report_without_run_files(tmp_path):
     assert (tmp_path / "study_figures" / "mechanism.png").exists()
     with pytest.raises(SystemExit, match="runs.csv"):
         cli.main(["--from-data", "--docs", str(tmp_path / "none" / "study.md")])
+
+
+def test_v4_plateau_rule_gap_regime_and_questions():
+    """The run length is the first multiple of 10 where every regime's mean pilot curve is flat (slope below
+    PLATEAU_SLOPE over the last 10 steps), else the cap; the gap regime is the first of the ladder whose
+    vanilla gap reaches GAP_REGIME_MIN; the questions are v3's undecided ones, Q3 and Q6 in the gap regime."""
+    from hmpo_verl.lab.study import plan_v4, v4
+
+    rise_then_flat = [min(0.02 * t, 0.5) for t in range(60)]  # flat from step 25: the window 30-39 is the first flat
+    flat = [0.4] * 60
+    assert v4.plateau_length({"a": [rise_then_flat, rise_then_flat], "b": [flat]}, 60) == 40
+    assert v4.plateau_length({"a": [[0.01 * t for t in range(60)]]}, 60) == 60  # never flat: the cap
+    low, high = plan_v4.GAP_REGIME_MIN / 2, plan_v4.GAP_REGIME_MIN * 2
+    assert v4.gap_regime([{"regime": "moe16_top1", "update/log_ah_gap": high}]) == "moe16_top1"
+    assert v4.gap_regime([{"regime": "moe16_top1", "update/log_ah_gap": low},
+                          {"regime": "moe32_top1", "update/log_ah_gap": high}]) == "moe32_top1"
+    assert v4.gap_regime([{"regime": "moe16_top1", "update/log_ah_gap": low}]) is None
+    qs = v4.questions(list(plan.OFF_POLICY_REGIMES) + ["moe32_top1"], "moe32_top1")
+    ids = [q.id for q in qs]
+    assert "Q1/async_1" not in ids and "Q1/async_4" in ids and "Q2/bf16" in ids  # decided ones are not re-asked
+    assert ids[-2:] == ["Q3", "Q6"] and qs[-1].regimes == ("moe32_top1",)

@@ -137,11 +137,12 @@ def p_tilt(rows: list[dict], regime: str) -> dict:
     return {"tilt": mean, "half": half, "n": len(slopes)}
 
 
-def primaries(questions: list[Question], rows: list[dict], chosen: dict) -> list[dict]:
+def primaries(questions: list[Question], rows: list[dict], chosen: dict, gaps: dict | None = None) -> list[dict]:
     """Each primary question's test, Holm-corrected over the primaries only (difference p-values and
-    TOST p-values as two families), with its verdict."""
+    TOST p-values as two families), with its verdict. ``gaps``: the regime gaps of the trend question
+    (default ``regime_gaps(rows)``, v3's: every method's runs)."""
     out = []
-    gaps = regime_gaps(rows)
+    gaps = regime_gaps(rows) if gaps is None else gaps
     for q in questions:
         if q.kind == "trend":
             regimes = [r for r in q.regimes if r in gaps and p_tilt(rows, r)["n"] > 0]

@@ -28,8 +28,9 @@ def parse_args(argv=None):
     parser.add_argument("--preregister", action="store_true",
                         help="write docs/study.md with the plan and the primary questions only (before the main run)")
     parser.add_argument("--v4", action="store_true",
-                        help="the study's fourth version (plan_v4.py); with --preregister: write its pre-registration "
-                             "to docs/study_v4_plan.md and stop")
+                        help="the study's fourth version (plan_v4.py, v4.py): prints its estimate, then runs it "
+                             "(resumable; with --quick a smoke run of every stage); with --preregister: write its "
+                             "pre-registration to docs/study_v4_plan.md and stop")
     parser.add_argument("--regimes", nargs="+", choices=list(lean.REGIMES_BY_NAME), default=None)
     parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
     parser.add_argument("--eval-seeds", type=int, default=plan.EVAL_SEEDS, help=f"evaluation seeds 1..n (default {plan.EVAL_SEEDS})")
@@ -191,6 +192,10 @@ def main(argv=None) -> int:
         path.write_text(plan_v4.preregistration_text())
         log(f"wrote {path}")
         return 0
+    if args.v4:
+        from hmpo_verl.lab.study import v4
+
+        return v4.main(args, log)
     task = lean.load_task(args.task, args.assets, log=log)
     if args.preregister:
         report.write_docs(docs, report.empty_context(the_plan, args, task))

@@ -79,14 +79,16 @@ def regime_methods(regime: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Run:
-    phase: str  # "tune" or "eval"
+    phase: str  # "tune" or "eval" (v4: also "pilot")
     regime: str
     method: str
     lr: float
     seed: int
+    warm_start: int = 0  # v4: which warm start (run.warm_start_model); v3 ran warm start 0 only
 
     def path(self, out: Path) -> Path:
-        return out / "runs" / self.phase / self.regime / self.method / f"lr{self.lr:g}" / f"seed{self.seed}.json"
+        ws = f"ws{self.warm_start}_" if self.warm_start else ""
+        return out / "runs" / self.phase / self.regime / self.method / f"lr{self.lr:g}" / f"{ws}seed{self.seed}.json"
 
     @property
     def key(self) -> tuple[str, str]:
