@@ -51,7 +51,15 @@ def v3_primaries(data: Path = V3_DATA) -> list[dict]:
 def seeds_for_mde(sd: float, target: float = MDE_TARGET, alpha: float = plan.ALPHA) -> int:
     """The fewest pairs n whose paired t test at level ``alpha`` has 80 % power at an effect of ``target``
     for differences of sd ``sd`` (``stats.mde_paired(sd, n) <= target``)."""
-    return next(n for n in range(2, 100_000) if stats.mde_paired(sd, n, alpha) <= target)
+    ok = lambda n: stats.mde_paired(sd, n, alpha) <= target  # noqa: E731  (the MDE falls as n grows)
+    hi = 2
+    while not ok(hi):
+        hi *= 2
+    lo = hi // 2  # not ok (or 1): bisect (lo, hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
 
 
 def undecided(primaries: list[dict]) -> list[dict]:
