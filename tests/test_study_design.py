@@ -18,6 +18,35 @@ def test_preregistration_in_docs_is_the_plans():
     assert plan.preregistration_text() in (REPO / "docs" / "study.md").read_text()
 
 
+def test_v4_preregistration_in_docs_is_the_plans():
+    """docs/study_v4_plan.md is plan_v4's pre-registration, computed from v3's committed data."""
+    from hmpo_verl.lab.study import plan_v4
+
+    assert (REPO / "docs" / "study_v4_plan.md").read_text() == plan_v4.preregistration_text()
+
+
+def test_v4_seed_counts_bring_each_mde_to_the_target_and_no_fewer_would():
+    """Each undecided v3 primary's pair count is the fewest whose MDE (v3's paired sd) is <= 0.03; the
+    regimes take the most their questions need, in whole warm-start rounds; the edge rule extends a grid at
+    either edge by the next ladder point and leaves an interior choice alone."""
+    from hmpo_verl.lab.study import plan_v4
+
+    prim = plan_v4.v3_primaries()
+    und = plan_v4.undecided(prim)
+    assert {r["id"] for r in und} == {r["id"] for r in prim if r["verdict"] == "undecided"} and und
+    for r in und:
+        if r["n_needed"] is not None:
+            assert stats.mde_paired(r["sd"], r["n_needed"]) <= 0.03 < stats.mde_paired(r["sd"], r["n_needed"] - 1)
+    pairs = plan_v4.regime_pairs(prim)
+    assert all(n % plan_v4.WARM_STARTS == 0 for n in pairs.values())
+    assert pairs["async_4"] >= max(r["n_needed"] for r in und if r["id"] == "Q1/async_4")
+    assert pairs["moe16_top1"] == max(pairs.values())
+    assert plan_v4.extend((3e-5, 1e-4, 3e-4, 1e-3), 3e-5) == (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+    assert plan_v4.extend((1e-4, 3e-4, 1e-3, 3e-3), 3e-3) == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    assert plan_v4.extend((1e-4, 3e-4, 1e-3), 3e-4) is None
+    assert plan_v4.extend((1e-5, 3e-5), 1e-5) is None  # the ladder's end: reported at the limit
+
+
 def test_tuning_and_evaluation_seeds_are_disjoint_and_the_plan_is_complete():
     p = plan.default_plan()
     tuning = p.tuning_runs()
@@ -179,20 +208,147 @@ def test_confirmation_report_says_what_is_not_run_and_what_it_needs():
     assert "0 of 1 trainer runs finished" in "\n".join(lines) and "Not run" not in "\n".join(lines)
 
 
-def test_guide_lists_every_interval_that_excludes_zero_and_replaces_only_the_readme_block(tmp_path):
+def _comp(regime, method, diff, half=0.02):
+    return {"regime": regime, "method": method, "diff": diff, "lo": diff - half, "hi": diff + half, "n": 12}
+
+
+def test_guide_lists_every_method_whose_interval_excludes_zero_by_vanillas_gap(tmp_path):
+    """Every method of the comparisons (gspo and vanilla_rc too, not only the p-family) whose interval
+    excludes 0 is listed; regimes are ordered by vanilla's own gap (what a user measures), not the mean over
+    every method's runs; only the README block between the markers is replaced."""
     from hmpo_verl.lab.study import report
 
-    mech = [{"regime": "a", "gap": 0.1, "method": "hmpo", "diff": -0.1, "lo": -0.15, "hi": -0.05, "n": 12},
-            {"regime": "a", "gap": 0.1, "method": "apmpo", "diff": 0.01, "lo": -0.02, "hi": 0.04, "n": 12},
-            {"regime": "b", "gap": 0.001, "method": "hmpo", "diff": 0.0, "lo": -0.01, "hi": 0.01, "n": 12}]
-    measured = [{"regime": "a", "update/log_ah_gap": 0.1}, {"regime": "b", "update/log_ah_gap": 0.001}]
-    lines = report.guide_lines(mech, measured, [{"id": "Q1/a", "verdict": "worse"}, {"id": "Q3", "verdict": "undecided"}])
-    assert lines[0].startswith("* gap 0.0010 (`b`): no method's interval excludes 0")
-    assert "`hmpo` -0.100 [-0.150, -0.050]" in lines[1] and "apmpo" not in lines[1]
-    assert lines[2] == "* Primary questions decided after Holm: Q1/a worse."
+    comps = [_comp("a", "hmpo", -0.1), _comp("a", "gspo", -0.09), _comp("a", "vanilla_rc", -0.04),
+             _comp("a", "apmpo", 0.01), _comp("b", "hmpo", 0.0)]
+    # the all-method mean orders a before b; vanilla's own gap orders b first
+    measured = [{"regime": "a", "update/log_ah_gap": 0.001, "vanilla_gap": 0.1},
+                {"regime": "b", "update/log_ah_gap": 0.01, "vanilla_gap": 0.002}]
+    lines = report.guide_lines(comps, measured, [{"id": "Q1/a", "verdict": "worse"}, {"id": "Q3", "verdict": "undecided"}])
+    assert lines[0].startswith("* vanilla's gap 0.0020 (`b`, 1 method vs vanilla): no method's interval excludes 0")
+    assert lines[1].startswith("* vanilla's gap 0.1000 (`a`, 4 methods vs vanilla):")
+    for method in ("hmpo", "gspo", "vanilla_rc"):  # every interval that excludes 0, whatever the method
+        assert f"`{method}` " in lines[1]
+    assert "apmpo" not in lines[1]
+    assert lines[-1] == "* Primary questions decided after Holm: Q1/a worse."
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.GUIDE_START}\nold\n{report.GUIDE_END}\nrest\n")
     assert report.update_readme(readme, lines)
     assert readme.read_text() == "\n".join(["intro", report.GUIDE_START, *lines, report.GUIDE_END, "rest", ""])
     readme.write_text("no markers\n")
     assert not report.update_readme(readme, lines) and readme.read_text() == "no markers\n"
+
+
+def test_guides_no_method_beat_vanilla_line_follows_the_data():
+    """The "no method beat vanilla" sentence is generated: with a method whose interval lies above vanilla's
+    it names that method and regime instead; an interval touching 0 does not count."""
+    from hmpo_verl.lab.study import report
+
+    measured = [{"regime": r, "update/log_ah_gap": 0.01, "vanilla_gap": 0.01} for r in ("a", "b")]
+    below = [_comp("a", "hmpo", -0.1), _comp("b", "gspo", 0.02, half=0.02)]  # the second touches 0
+    line = [x for x in report.guide_lines(below, measured, []) if "vanilla in any" in x or "Above" in x]
+    assert line == ["* **No method beat vanilla in any regime**: none of the 2 intervals (every method, 2 regimes, "
+                    "uncorrected) lies above 0."]
+    above = below + [_comp("b", "pm_p0", 0.05)]
+    text = "\n".join(report.guide_lines(above, measured, []))
+    assert "No method beat vanilla" not in text
+    assert "* **Above vanilla** (interval above 0, uncorrected): `pm_p0` in `b` +0.050 [+0.030, +0.070]." in text
+
+
+def test_guide_on_the_committed_data_omits_no_excluding_interval():
+    """On docs/study_data/comparisons.csv: every (regime, method) whose interval excludes 0 is in the guide,
+    and the beat-vanilla line agrees with the intervals."""
+    import pandas as pd
+
+    from hmpo_verl.lab.study import report
+    data = REPO / "docs" / "study_data"
+    comps = pd.read_csv(data / "comparisons.csv").to_dict("records")
+    measured = pd.read_csv(data / "regimes.csv").to_dict("records")
+    lines = report.guide_lines(comps, measured, [])
+    for c in comps:
+        regime_line = next(x for x in lines if f"(`{c['regime']}`," in x)
+        assert (f"`{c['method']}` " in regime_line) == (c["lo"] > 0 or c["hi"] < 0), (c["regime"], c["method"])
+    assert any("No method beat vanilla" in x for x in lines) == (not any(c["lo"] > 0 for c in comps))
+
+
+def test_scope_facts_are_measured_from_the_runs():
+    """still_rising counts positive end slopes; grid_edges finds both edges; underpowered counts paired
+    primaries whose MDE exceeds the margin; the scope paragraph states them."""
+    from hmpo_verl.lab.study import analysis, report
+
+    rising = [0.1 * i for i in range(12)]
+    flat = [0.5] * 12
+    falling = [1.0 - 0.01 * i for i in range(12)]
+    assert analysis.still_rising([rising, flat, falling, rising]) == 2
+    assert analysis.still_rising([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]]) == 1  # shorter than the window: the whole run
+    grid = lambda lr: {"lr": lr, "scores": {1e-4: 0.1, 3e-4: 0.2, 1e-3: 0.3}}  # noqa: E731
+    chosen = {("x", "gspo"): grid(1e-4), ("x", "hmpo"): grid(1e-3), ("x", "vanilla"): grid(1e-3),
+              ("x", "pm_p0"): grid(1e-3), ("y", "gspo"): grid(1e-4), ("y", "hmpo"): grid(3e-4)}
+    edges = analysis.grid_edges(chosen)
+    assert sorted(edges["smallest"]) == [("x", "gspo"), ("y", "gspo")]
+    assert sorted(edges["largest"]) == [("x", "hmpo"), ("x", "pm_p0"), ("x", "vanilla")]
+    prim = [{"kind": "paired", "mde": 0.05}, {"kind": "paired", "mde": 0.02}, {"kind": "trend"},
+            {"kind": "pooled", "mde": 0.05}]
+    assert analysis.underpowered(prim) == (1, 2)
+    text = report.scope_lines({"task": "t", "params": 77376, "train_prompts": 68, "heldout_prompts": 32, "steps": 30,
+                               "rising": (2, 4), "edges": edges, "chosen": chosen, "off_policy": ["x", "y"],
+                               "underpowered": (1, 2)})[0]
+    assert "100 prompts, 68 trained on, 32 held out" in text and "77,376 parameters" in text
+    assert "2 of 4 evaluation runs (50%) are still rising" in text
+    assert "`gspo` in all 2 off-policy regimes" in text and "`x`: every method except `gspo`" in text
+    assert "in 1 of 2 Q1/Q2 comparisons" in text
+
+
+def test_from_data_regenerates_the_report_without_run_files(tmp_path):
+    """--from-data rebuilds the report from <docs>_data/runs.csv and steps.csv.gz alone (a slice of the
+    committed data: 2 regimes, 3 evaluation seeds): its tables and guide equal those computed from the same rows."""
+    import pandas as pd
+
+    from hmpo_verl.lab.study import analysis, cli, report
+    src = REPO / "docs" / "study_data"
+    data = tmp_path / "study_data"
+    data.mkdir()
+    runs = pd.read_csv(src / "runs.csv")
+    keep = lambda d: d[d.regime.isin(["on_policy", "async_1"]) & (d.seed.isin([1, 2, 3]) | (d.phase == "tune"))]  # noqa: E731
+    runs = keep(runs)
+    runs.to_csv(data / "runs.csv", index=False)
+    keep(pd.read_csv(src / "steps.csv.gz").assign(phase="eval")).drop(columns="phase").to_csv(
+        data / "steps.csv.gz", index=False)
+    assert cli.main(["--from-data", "--regimes", "on_policy", "async_1", "--eval-seeds", "3",
+                     "--docs", str(tmp_path / "study.md")]) == 0
+    text = (tmp_path / "study.md").read_text()
+    rows = runs[runs.phase == "eval"].to_dict("records")
+    comps = analysis.comparisons(rows, ["on_policy", "async_1"])
+    measured = analysis.regime_measurements(rows, ["on_policy", "async_1"])
+    for line in report.guide_lines(comps, measured, []):
+        if "Primary" not in line:
+            assert line in text
+    guide = text[text.index("## What the data show"):text.index("## All results")]
+    for c in comps:  # the written guide drops no method whose interval excludes 0 (gspo, vanilla_rc included)
+        regime_line = next(x for x in guide.splitlines() if f"(`{c['regime']}`," in x)
+        assert (f"`{c['method']}` " in regime_line) == (c["lo"] > 0 or c["hi"] < 0), (c["regime"], c["method"])
+    assert any(c["method"] in ("gspo", "vanilla_rc") and c["hi"] < 0 for c in comps)  # the slice has such a case
+    assert f"of {len(rows)} evaluation runs" in text  # the scope paragraph counts the runs of steps.csv.gz
+    assert (tmp_path / "study_figures" / "mechanism.png").exists()
+    with pytest.raises(SystemExit, match="runs.csv"):
+        cli.main(["--from-data", "--docs", str(tmp_path / "none" / "study.md")])
+
+
+def test_v4_plateau_rule_gap_regime_and_questions():
+    """The run length is the first multiple of 10 where every regime's mean pilot curve is flat (slope below
+    PLATEAU_SLOPE over the last 10 steps), else the cap; the gap regime is the first of the ladder whose
+    vanilla gap reaches GAP_REGIME_MIN; the questions are v3's undecided ones, Q3 and Q6 in the gap regime."""
+    from hmpo_verl.lab.study import plan_v4, v4
+
+    rise_then_flat = [min(0.02 * t, 0.5) for t in range(60)]  # flat from step 25: the window 30-39 is the first flat
+    flat = [0.4] * 60
+    assert v4.plateau_length({"a": [rise_then_flat, rise_then_flat], "b": [flat]}, 60) == 40
+    assert v4.plateau_length({"a": [[0.01 * t for t in range(60)]]}, 60) == 60  # never flat: the cap
+    low, high = plan_v4.GAP_REGIME_MIN / 2, plan_v4.GAP_REGIME_MIN * 2
+    assert v4.gap_regime([{"regime": "moe16_top1", "update/log_ah_gap": high}]) == "moe16_top1"
+    assert v4.gap_regime([{"regime": "moe16_top1", "update/log_ah_gap": low},
+                          {"regime": "moe32_top1", "update/log_ah_gap": high}]) == "moe32_top1"
+    assert v4.gap_regime([{"regime": "moe16_top1", "update/log_ah_gap": low}]) is None
+    qs = v4.questions(list(plan.OFF_POLICY_REGIMES) + ["moe32_top1"], "moe32_top1")
+    ids = [q.id for q in qs]
+    assert "Q1/async_1" not in ids and "Q1/async_4" in ids and "Q2/bf16" in ids  # decided ones are not re-asked
+    assert ids[-2:] == ["Q3", "Q6"] and qs[-1].regimes == ("moe32_top1",)

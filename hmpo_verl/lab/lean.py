@@ -244,6 +244,10 @@ REGIMES = (
            model="moe"),
     Regime("moe_replay", "moe_bf16 with routing replay: the trainer's forwards reuse the sampler's experts (verl's R3), "
            "the gate weights its own", sample_dtype="bf16", bypass=True, model="moe", routing_replay=True),
+    *(Regime(f"moe{e}_top1", f"a MoE of {e} experts with top-1 routing (study v4's gap regime), sampled in bf16 and "
+             "trained in fp32: routing flips without staleness; the sampler's log-probs are the behaviour policy "
+             "(bypass), no routing replay, 1 update per rollout", sample_dtype="bf16", bypass=True, model=f"moe{e}")
+      for e in (16, 32)),
     Regime(f"epochs_{PPO_EPOCHS}", f"{PPO_EPOCHS} PPO epochs over each rollout (one mini-batch; old log-probs recomputed "
            "once, before the first)", epochs=PPO_EPOCHS),
     Regime(f"fresh_{PPO_EPOCHS}", f"control of epochs_{PPO_EPOCHS}: {PPO_EPOCHS} fresh rollouts per step, one on-policy "
@@ -592,7 +596,7 @@ class Sampler:
     def __init__(self, model, regime: Regime):
         import copy
 
-        self.lag, self.record = regime.lag, regime.model == "moe"
+        self.lag, self.record = regime.lag, regime.model.startswith("moe")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[regime.sample_dtype]
         self.model = model if (dtype == torch.float32 and self.lag == 0) else copy.deepcopy(model).to(dtype).eval()
         self.history: list[list[torch.Tensor]] = []

@@ -32,6 +32,8 @@ from hmpo_verl.lab.tasks.common import MoeModelSpec, TaskPaths
 
 MOE_SPEC = MoeModelSpec(max_position_embeddings=128)
 ASSETS_DIR = "outputs/fibonacci_moe_task"
+# the study v4's gap regimes (lean.REGIMES ``moe16_top1``, ``moe32_top1``): top-1 of many experts, v3's width
+GAP_SPECS = {f"moe{e}": MoeModelSpec(max_position_embeddings=128, num_experts=e, experts_per_token=1) for e in (16, 32)}
 
 
 def prepare(out_dir: str | os.PathLike, log=print) -> TaskPaths:

@@ -137,11 +137,12 @@ def p_tilt(rows: list[dict], regime: str) -> dict:
     return {"tilt": mean, "half": half, "n": len(slopes)}
 
 
-def primaries(questions: list[Question], rows: list[dict], chosen: dict) -> list[dict]:
+def primaries(questions: list[Question], rows: list[dict], chosen: dict, gaps: dict | None = None) -> list[dict]:
     """Each primary question's test, Holm-corrected over the primaries only (difference p-values and
-    TOST p-values as two families), with its verdict."""
+    TOST p-values as two families), with its verdict. ``gaps``: the regime gaps of the trend question
+    (default ``regime_gaps(rows)``, v3's: every method's runs)."""
     out = []
-    gaps = regime_gaps(rows)
+    gaps = regime_gaps(rows) if gaps is None else gaps
     for q in questions:
         if q.kind == "trend":
             regimes = [r for r in q.regimes if r in gaps and p_tilt(rows, r)["n"] > 0]
@@ -209,11 +210,14 @@ def regime_measurements(rows: list[dict], regimes: list[str]) -> list[dict]:
 
 
 def mechanism(rows: list[dict], regimes: list[str], methods: list[str]) -> list[dict]:
-    """For the mechanism figure: per regime (its measured gap) and method, the paired held-out final-reward
-    difference from vanilla with its 95 % interval."""
+    """For the mechanism figure: per regime and method, the paired held-out final-reward difference from
+    vanilla with its 95 % interval; the regime's measured gap (``gap``: all its runs, Q3's; ``vanilla_gap``:
+    vanilla's own runs, what a user measures at p = 1)."""
     gaps = regime_gaps(rows)
+    vanilla_gaps = regime_gaps([r for r in rows if r["method"] == "vanilla"])
     by_key = {(c["regime"], c["method"]): c for c in comparisons(rows, regimes)}
-    return [{"regime": r, "gap": gaps[r], "method": m, **{k: by_key[(r, m)][k] for k in ("diff", "lo", "hi", "n")}}
+    return [{"regime": r, "gap": gaps[r], "vanilla_gap": vanilla_gaps.get(r, math.nan), "method": m,
+             **{k: by_key[(r, m)][k] for k in ("diff", "lo", "hi", "n")}}
             for r in regimes if r in gaps for m in methods if (r, m) in by_key]
 
 
@@ -338,3 +342,52 @@ def lean_confirmation_rows(records: list[dict], regime: str, steps: int) -> list
                         **training_curve_outcomes([m["reward"] for m in metrics], metrics)})
     return out
 
+
+
+# ----------------------------------------------------------------------------- scope: what the outcome can say
+
+RISING_WINDOW = 10  # steps over which a run's held-out reward counts as still rising (positive slope)
+
+
+def still_rising(curves: list[list[float]], window: int = RISING_WINDOW) -> int:
+    """How many of the held-out reward ``curves`` (one per run, one value per step) still rise at the end:
+    the least-squares slope over their last ``window`` steps (all of them in a shorter run) is positive."""
+    return sum(stats.ols_slope(list(range(len(c[-window:]))), c[-window:]) > 0 for c in curves)
+
+
+def grid_edges(chosen: dict) -> dict[str, list[tuple[str, str]]]:
+    """The tuned settings at an edge of their grid: ``{"smallest": [(regime, method), ...], "largest": [...]}``
+    (a grid of one point counts as neither)."""
+    out = {"smallest": [], "largest": []}
+    for (regime, method), c in chosen.items():
+        if len(c["scores"]) > 1 and c["lr"] == min(c["scores"]):
+            out["smallest"].append((regime, method))
+        elif len(c["scores"]) > 1 and c["lr"] == max(c["scores"]):
+            out["largest"].append((regime, method))
+    return out
+
+
+def underpowered(prim: list[dict]) -> tuple[int, int]:
+    """(paired primaries whose MDE exceeds ``MARGIN``, paired primaries with an MDE)."""
+    paired = [r for r in prim if r["kind"] == "paired" and math.isfinite(r.get("mde", math.nan))]
+    return sum(r["mde"] > MARGIN for r in paired), len(paired)
+
+
+def above_baseline(comps: list[dict]) -> list[dict]:
+    """The comparisons (``comparisons``: method − vanilla) whose 95 % interval lies above 0."""
+    return [c for c in comps if c["lo"] > 0]
+
+
+def pooled_by_regime(q: Question, rows: list[dict], chosen: dict) -> list[dict]:
+    """A "pooled" question (``a`` vs each regime's best fixed p) regime by regime (exploratory, uncorrected):
+    per regime, the paired test of ``a`` − that regime's best fixed p, with the p-method's name."""
+    out = []
+    for regime in q.regimes:
+        best = best_fixed_p(chosen, regime)
+        if best is None:
+            continue
+        a, b = (_by_seed(rows, regime, m, "final_heldout") for m in (q.a, best))
+        d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+        if len(d) >= 2:
+            out.append({"regime": regime, "method": q.a, "best": best, **paired_test(d)})
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from hmpo_verl.lab import lean
 from hmpo_verl.lab.cpu_demo import REPO_ROOT
-from hmpo_verl.lab.study import analysis, plan, report, run
+from hmpo_verl.lab.study import analysis, plan, plan_v4, report, run
 
 
 def parse_args(argv=None):
@@ -21,8 +22,15 @@ def parse_args(argv=None):
     parser.add_argument("--tune-only", action="store_true", help="run the tuning phase only")
     parser.add_argument("--task", default=plan.TASK, help=f"task (default {plan.TASK}; the MoE regimes need it)")
     parser.add_argument("--report-only", action="store_true", help="no new runs: report the finished ones")
+    parser.add_argument("--from-data", action="store_true",
+                        help="no runs, no run files: regenerate the report, figures and guide from the committed data "
+                             "(<docs>_data/runs.csv, steps.csv.gz, confirm_*.csv, invocations.txt)")
     parser.add_argument("--preregister", action="store_true",
                         help="write docs/study.md with the plan and the primary questions only (before the main run)")
+    parser.add_argument("--v4", action="store_true",
+                        help="the study's fourth version (plan_v4.py, v4.py): prints its estimate, then runs it "
+                             "(resumable; with --quick a smoke run of every stage); with --preregister: write its "
+                             "pre-registration to docs/study_v4_plan.md and stop")
     parser.add_argument("--regimes", nargs="+", choices=list(lean.REGIMES_BY_NAME), default=None)
     parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
     parser.add_argument("--eval-seeds", type=int, default=plan.EVAL_SEEDS, help=f"evaluation seeds 1..n (default {plan.EVAL_SEEDS})")
@@ -51,30 +59,61 @@ def parse_args(argv=None):
     for name in ("eval_seeds", "steps", "parallel", "confirm_seeds", "confirm_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; allowed: an integer >= 1")
+    if args.from_data and (args.quick or args.confirm or args.confirm_async or args.tune_only):
+        parser.error("--from-data is invalid with --quick, --confirm, --confirm-async or --tune-only; allowed: "
+                     "--from-data alone or with --readme/--docs (it makes no runs)")
     if args.steps < analysis.FINAL_WINDOW:
         parser.error(f"--steps={args.steps} is invalid; allowed: >= {analysis.FINAL_WINDOW} (the final reward's window)")
     return args
 
 
-def _invocations(out: Path, argv: list[str]) -> list[str]:
-    """The commands that made the runs (appended to ``<out>/invocations.jsonl``), this one last."""
-    path = out / "invocations.jsonl"
+def _invocations(out: Path, data_dir: Path, argv: list[str]) -> list[str]:
+    """The commands that made the runs (appended to ``<out>/invocations.jsonl``; the ones already in
+    ``<data_dir>/invocations.txt`` first, so a report regenerated with ``--from-data`` keeps them), this one last."""
+    path, kept = out / "invocations.jsonl", data_dir / "invocations.txt"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    seen = list(dict.fromkeys(" ".join(["python -m hmpo_verl.lab.study", *r["argv"]]).strip() for r in rows))
+    seen = [line for line in kept.read_text().splitlines() if line.strip()] if kept.exists() else []
+    seen = list(dict.fromkeys(seen + [" ".join(["python -m hmpo_verl.lab.study", *r["argv"]]).strip() for r in rows]))
     current = " ".join(["python -m hmpo_verl.lab.study", *argv]).strip()
     return [c for c in seen if c != current] + [current]
 
 
-def _write_data(data_dir: Path, tuning_rows, eval_rows, records, chosen, prim, comps, measured, mech) -> None:
+def _from_data(data_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """The tuning rows, evaluation rows and evaluation records (``run`` and per-step ``metrics``) as
+    ``_write_data`` stored them in ``data_dir`` (runs.csv, steps.csv.gz): the report of finished runs
+    without their run files. Stops with a message when the files are absent."""
+    import pandas as pd
+
+    missing = [n for n in ("runs.csv", "steps.csv.gz") if not (data_dir / n).exists()]
+    if missing:
+        raise SystemExit(f"--from-data: {', '.join(str(data_dir / n) for n in missing)} not found; run the study "
+                         "(python -m hmpo_verl.lab.study) or point --docs at a report whose <stem>_data/ holds them")
+    rows = pd.read_csv(data_dir / "runs.csv").to_dict("records")  # empty cells: NaN, which the analysis skips
+    for r in rows:
+        r["seed"], r["lr"] = int(r["seed"]), float(r["lr"])
+    steps = pd.read_csv(data_dir / "steps.csv.gz")
+    records = []
+    for (regime, method, lr, seed), g in steps.groupby(["regime", "method", "lr", "seed"], sort=False):
+        metrics = [{k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
+                   for m in g.sort_values("step").to_dict("records")]
+        records.append({"run": plan.Run("eval", regime, method, float(lr), int(seed)), "metrics": metrics})
+    return [r for r in rows if r["phase"] == "tune"], [r for r in rows if r["phase"] == "eval"], records
+
+
+def _write_data(data_dir: Path, tuning_rows, eval_rows, eval_records, chosen, prim, comps, measured, mech,
+                runs_too: bool = True) -> None:
+    """The report's data files; ``runs_too``: also the runs (runs.csv, steps.csv.gz), which ``--from-data``
+    reads and so leaves as they are."""
     import pandas as pd
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(tuning_rows + eval_rows).to_csv(data_dir / "runs.csv", index=False, float_format="%.6g")
-    steps = [{"regime": r["run"].regime, "method": r["run"].method, "lr": r["run"].lr, "seed": r["run"].seed, **m}
-             for r in records if r["run"].phase == "eval" for m in r["metrics"]]
-    # mtime 0: the gzip header holds no timestamp, so equal data give an equal file (no churn in git)
-    pd.DataFrame(steps).to_csv(data_dir / "steps.csv.gz", index=False, float_format="%.6g",
-                               compression={"method": "gzip", "mtime": 0})
+    if runs_too:
+        pd.DataFrame(tuning_rows + eval_rows).to_csv(data_dir / "runs.csv", index=False, float_format="%.6g")
+        steps = [{"regime": r["run"].regime, "method": r["run"].method, "lr": r["run"].lr, "seed": r["run"].seed, **m}
+                 for r in eval_records for m in r["metrics"]]
+        # mtime 0: the gzip header holds no timestamp, so equal data give an equal file (no churn in git)
+        pd.DataFrame(steps).to_csv(data_dir / "steps.csv.gz", index=False, float_format="%.6g",
+                                   compression={"method": "gzip", "mtime": 0})
     pd.DataFrame([{"regime": k[0], "method": k[1], "lr": v["lr"], "score": v["score"],
                    "largest_stable_lr": v["largest_stable_lr"],
                    **{f"score_lr{lr:g}": sc for lr, sc in v["scores"].items()}} for k, v in chosen.items()]
@@ -128,6 +167,17 @@ def _confirm(args, regime: str, flag: str, asked: bool, base, out, records, chos
                                      len(run.CONFIRM_METHODS) * args.confirm_seeds, steps, diffs)
 
 
+def _scope(task: lean.Task, task_name: str, steps: int, eval_records, chosen, off_policy, prim) -> dict:
+    """The facts ``report.scope_lines`` states, measured: the dense model's parameter count, the distinct
+    training and held-out prompts, the runs still rising, the grid edges, the underpowered primaries."""
+    model = lean.load_model(task.model_path)
+    curves = [[m["eval_heldout"] for m in r["metrics"]] for r in eval_records]
+    return {"task": task_name, "params": sum(p.numel() for p in model.parameters()),
+            "train_prompts": len({tuple(prompt) for prompt, _ in task.train}), "heldout_prompts": len(task.test),
+            "steps": steps, "rising": (analysis.still_rising(curves), len(curves)), "edges": analysis.grid_edges(chosen),
+            "chosen": chosen, "off_policy": off_policy, "underpowered": analysis.underpowered(prim)}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -137,6 +187,15 @@ def main(argv=None) -> int:
     docs = Path(args.docs) if args.docs else (out / "study.md" if args.quick else REPO_ROOT / "docs" / "study.md")
     data_dir, figures = docs.parent / f"{docs.stem}_data", docs.parent / f"{docs.stem}_figures"
     log = lambda *a: print(*a, flush=True)  # noqa: E731
+    if args.v4 and args.preregister:
+        path = REPO_ROOT / "docs" / "study_v4_plan.md"
+        path.write_text(plan_v4.preregistration_text())
+        log(f"wrote {path}")
+        return 0
+    if args.v4:
+        from hmpo_verl.lab.study import v4
+
+        return v4.main(args, log)
     task = lean.load_task(args.task, args.assets, log=log)
     if args.preregister:
         report.write_docs(docs, report.empty_context(the_plan, args, task))
@@ -144,7 +203,7 @@ def main(argv=None) -> int:
         return 0
     base = lean.LoopSettings(max_response_length=task.max_response_length, eval_prompts=the_plan.eval_prompts)
     steps = the_plan.steps
-    if not args.report_only:
+    if not (args.report_only or args.from_data):
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "invocations.jsonl", "a") as f:
             f.write(json.dumps({"argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
@@ -155,19 +214,22 @@ def main(argv=None) -> int:
     log(f"plan: {len(tuning_runs)} tuning + {len(the_plan.eval_runs(placeholder))} evaluation runs of {steps} steps, "
         f"about {planned_cpu / 60:.0f} CPU-minutes by the measured cost per regime "
         f"(~{planned_cpu / 60 / args.parallel:.0f} min at --parallel {args.parallel} on idle cores)")
-    log(f"tuning: {len(tuning_runs)} runs in {out}")
-    if not args.report_only:
-        run.run_all(tuning_runs, args.task, args.assets, steps, base, out, args.parallel, "tuning")
-    records = run.load_records(tuning_runs, out, args.task, steps, base)
-    tuning_rows = [analysis.run_summary(r) for r in records]
+    if args.from_data:
+        tuning_rows, eval_rows, eval_records = _from_data(data_dir)
+        log(f"from {data_dir}: {len(tuning_rows)} tuning and {len(eval_rows)} evaluation runs")
+    else:
+        log(f"tuning: {len(tuning_runs)} runs in {out}")
+        if not args.report_only:
+            run.run_all(tuning_runs, args.task, args.assets, steps, base, out, args.parallel, "tuning")
+        tuning_rows = [analysis.run_summary(r) for r in run.load_records(tuning_runs, out, args.task, steps, base)]
     chosen = analysis.choose_settings(tuning_rows)
     eval_runs = the_plan.eval_runs({k: v["lr"] for k, v in chosen.items()})
-    log(f"evaluation: {len(eval_runs)} runs")
-    if not (args.report_only or args.tune_only):
-        run.run_all(eval_runs, args.task, args.assets, steps, base, out, args.parallel, "evaluation")
-    eval_records = run.load_records(eval_runs, out, args.task, steps, base)
-    records += eval_records
-    eval_rows = [analysis.run_summary(r) for r in eval_records]
+    if not args.from_data:
+        log(f"evaluation: {len(eval_runs)} runs")
+        if not (args.report_only or args.tune_only):
+            run.run_all(eval_runs, args.task, args.assets, steps, base, out, args.parallel, "evaluation")
+        eval_records = run.load_records(eval_runs, out, args.task, steps, base)
+        eval_rows = [analysis.run_summary(r) for r in eval_records]
 
     regimes, methods = list(the_plan.regimes), [m for m in plan.DISPLAY_ORDER if m in the_plan.methods]
     questions = [q for q in plan.primary_questions() if set(q.regimes) <= set(regimes) and
@@ -176,8 +238,9 @@ def main(argv=None) -> int:
     comps = analysis.comparisons(eval_rows, regimes)
     measured = analysis.regime_measurements(eval_rows, regimes)
     off_policy = [r for r in regimes if r not in plan.CONTROL_REGIMES]
-    mech = analysis.mechanism(eval_rows, off_policy, [m for m in report.FIGURE_METHODS if m != "vanilla"])
-    _write_data(data_dir, tuning_rows, eval_rows, records, chosen, prim, comps, measured, mech)
+    mech = analysis.mechanism(eval_rows, off_policy, [m for m in methods if m != "vanilla"])
+    _write_data(data_dir, tuning_rows, eval_rows, eval_records, chosen, prim, comps, measured, mech,
+                runs_too=not args.from_data)
     figures.mkdir(parents=True, exist_ok=True)
     figs = {}
     if eval_rows:
@@ -186,24 +249,31 @@ def main(argv=None) -> int:
             curves[(r["run"].regime, r["run"].method)].append([m["eval_heldout"] for m in r["metrics"]])
         figs["reward"] = report.plot_rewards(curves, regimes, methods, figures)
     if mech:
-        figs["mechanism"] = report.plot_mechanism(mech, figures)
-    guide = report.guide_lines(mech, measured, prim) if mech else []
+        figs["mechanism"] = report.plot_mechanism(mech, methods, figures)
+    pooled = [r for q in questions if q.kind == "pooled" for r in analysis.pooled_by_regime(q, eval_rows, chosen)]
+    guide = report.guide_lines(comps, measured, prim, pooled) if comps else []
+    scope = report.scope_lines(_scope(task, args.task, steps, eval_records, chosen, off_policy, prim)) if eval_rows else []
+    apmpo = report.apmpo_lines([m["actor/pm/power"] for r in eval_records if r["run"].method == "apmpo"
+                                for m in r["metrics"] if "actor/pm/power" in m])
     planned = len(tuning_runs) + len(eval_runs)
-    done = len(records)
+    done = len(tuning_rows) + len(eval_rows)
     confirmation = []
     for regime, flag, asked in (("async_0", "--confirm", args.confirm), ("async_1", "--confirm-async", args.confirm_async)):
         if confirmation:
             confirmation.append("")
-        confirmation += _confirm(args, regime, flag, asked, base, out, records, chosen, data_dir, steps)
-    ctx = {"plan": the_plan, "settings": base, "task": args.task, "commands": _invocations(out, argv),
+        confirmation += _confirm(args, regime, flag, asked, base, out, eval_records, chosen, data_dir, steps)
+    commands = _invocations(out, data_dir, argv)
+    (data_dir / "invocations.txt").write_text("\n".join(commands) + "\n")
+    ctx = {"plan": the_plan, "settings": base, "task": args.task, "commands": commands,
            "missing": planned - done, "done": done, "planned": planned, "parallel": args.parallel,
-           "cpu_minutes": sum(r.get("cpu_s", 0.0) for r in records) / 60, "heldout": task.test,
+           "cpu_minutes": sum(r["cpu_s"] for r in tuning_rows + eval_rows if math.isfinite(r["cpu_s"])) / 60, "heldout": task.test,
            "methods": methods, "regimes": regimes, "measured": measured, "chosen": chosen, "primaries": prim,
            "questions": questions, "eval_rows": eval_rows, "comps": comps, "figures": figs, "guide": guide,
-           "confirmation": confirmation}
+           "confirmation": confirmation, "scope": scope, "apmpo": apmpo}
     report.write_docs(docs, ctx)
-    if args.readme and guide and not report.update_readme(REPO_ROOT / "README.md", guide):
-        log(f"README.md has no {report.GUIDE_START} ... {report.GUIDE_END} block: not updated")
+    for block, start, end in ((guide, report.GUIDE_START, report.GUIDE_END), (scope, report.SCOPE_START, report.SCOPE_END)):
+        if args.readme and block and not report.update_readme(REPO_ROOT / "README.md", block, start, end):
+            log(f"README.md has no {start} ... {end} block: not updated")
     log("\n".join(guide))
     log(f"wrote {docs}, {data_dir}, {figures}")
     return 0

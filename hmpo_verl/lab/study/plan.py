@@ -34,6 +34,10 @@ METHODS = (*P_METHODS, "adaptive", "apmpo", "gspo", "vanilla_rc")
 DISPLAY_ORDER = ("vanilla", "pm_p0.5", "pm_p0", "hmpo", "pm_p-2", "adaptive", "apmpo", "gspo", "vanilla_rc")
 OFF_POLICY_REGIMES = ("async_0", "async_1", "async_2", "async_4", "bf16", "moe_bf16", "moe_replay", "epochs_4")
 CONTROL_REGIMES = ("on_policy", "fresh_4")
+# where each off-policy regime's drift comes from (the colours of the mechanism figure)
+MECHANISMS = {"async_0": "async staleness", "async_1": "async staleness", "async_2": "async staleness",
+              "async_4": "async staleness", "bf16": "bf16 sampling", "moe_bf16": "MoE routing + bf16",
+              "moe_replay": "MoE routing + bf16", "epochs_4": "PPO epochs"}
 CONTROL_METHODS = {"on_policy": ("vanilla", "hmpo"), "fresh_4": ("vanilla",)}
 
 LR_GRID = (1e-4, 3e-4, 1e-3)
@@ -75,14 +79,16 @@ def regime_methods(regime: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Run:
-    phase: str  # "tune" or "eval"
+    phase: str  # "tune" or "eval" (v4: also "pilot")
     regime: str
     method: str
     lr: float
     seed: int
+    warm_start: int = 0  # v4: which warm start (run.warm_start_model); v3 ran warm start 0 only
 
     def path(self, out: Path) -> Path:
-        return out / "runs" / self.phase / self.regime / self.method / f"lr{self.lr:g}" / f"seed{self.seed}.json"
+        ws = f"ws{self.warm_start}_" if self.warm_start else ""
+        return out / "runs" / self.phase / self.regime / self.method / f"lr{self.lr:g}" / f"{ws}seed{self.seed}.json"
 
     @property
     def key(self) -> tuple[str, str]:

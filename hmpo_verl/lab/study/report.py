@@ -11,14 +11,15 @@ import math
 import os
 import re
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from hmpo_verl.lab import lean, stats
 from hmpo_verl.lab.study import analysis
-from hmpo_verl.lab.study.plan import MARGIN, P_METHODS, preregistration_text
+from hmpo_verl.lab.study.plan import MARGIN, MECHANISMS, P_METHODS, preregistration_text
 
 GUIDE_START, GUIDE_END = "<!-- study-guide:start -->", "<!-- study-guide:end -->"
-FIGURE_METHODS = (*P_METHODS, "adaptive", "apmpo")  # lines of the mechanism figure
+SCOPE_START, SCOPE_END = "<!-- study-scope:start -->", "<!-- study-scope:end -->"  # the README's scope paragraph
 
 
 def _f(x, digits=3, sign=False) -> str:
@@ -45,11 +46,12 @@ def versions() -> dict:
             "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Lay out, write (PNG, 100 dpi) and close a report figure; returns its path."""
+def save_figure(fig, path: Path, layout: bool = True) -> Path:
+    """Lay out (unless the caller did), write (PNG, 100 dpi) and close a report figure; returns its path."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -220,73 +222,175 @@ def plot_rewards(curves_by_key: dict, regimes, methods, figures: Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(regimes):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, ncol=2)
+    handles = {}  # one legend for every panel: each method once, in the methods' order
+    for ax in axes.flat:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
     fig.suptitle("held-out expected reward after each step (evaluation seeds; band = 95 % t interval)")
-    return save_figure(fig, figures / "reward.png")
+    fig.legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles],
+               loc="lower center", ncol=len(handles), fontsize=9, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save_figure(fig, figures / "reward.png", layout=False)
 
 
-def plot_mechanism(mech: list[dict], figures: Path) -> Path:
-    """Paired held-out difference from vanilla against the regime's measured update log_ah_gap, one line per p."""
+def plot_mechanism(mech: list[dict], methods: list[str], figures: Path) -> Path:
+    """Paired held-out difference from vanilla against vanilla's own measured update log_ah_gap: one panel
+    per method (``methods``, vanilla excluded), one point per regime coloured by its mechanism
+    (``MECHANISMS``); only the async lags, one mechanism's series, are joined by a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(8.5, 5))
-    cmap = plt.get_cmap("coolwarm")
-    colors = {m: cmap(i / max(1, len(P_METHODS) - 1)) for i, m in enumerate(P_METHODS)}
-    colors.update({"adaptive": "tab:green", "apmpo": "tab:purple"})
-    for method in FIGURE_METHODS:
-        pts = sorted((r for r in mech if r["method"] == method), key=lambda r: r["gap"])
-        if not pts:
-            continue
-        label = f"p = {P_METHODS[method]:g} ({method})" if method in P_METHODS else method
-        x = [r["gap"] for r in pts]
-        ax.errorbar(x, [r["diff"] for r in pts], yerr=[[r["diff"] - r["lo"] for r in pts], [r["hi"] - r["diff"] for r in pts]],
-                    marker="o", capsize=2, label=label, color=colors[method], linewidth=1.2, alpha=0.9)
-    for r in {r["regime"]: r for r in mech}.values():
-        ax.annotate(r["regime"], (r["gap"], 0), textcoords="offset points", xytext=(0, -14), fontsize=7, ha="center",
-                    rotation=30)
-    ax.axhline(0, color="k", linewidth=0.8)
-    ax.axhspan(-MARGIN, MARGIN, color="grey", alpha=0.12, label=f"±{MARGIN} (equivalence margin)")
-    ax.set_xscale("log")
-    ax.set_xlabel("regime's measured update log_ah_gap (mean over its runs; log scale)")
-    ax.set_ylabel("held-out final reward − vanilla (paired, 95 % CI)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("difference from vanilla (p = 1) against the regime's measured gap")
-    return save_figure(fig, figures / "mechanism.png")
+    methods = [m for m in methods if any(r["method"] == m for r in mech)]
+    cols = min(4, len(methods))
+    rows_n = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.6 * rows_n), squeeze=False, sharex=True,
+                             sharey=True)
+    kinds = list(dict.fromkeys(MECHANISMS[r["regime"]] for r in mech))
+    colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
+    for ax, method in zip(axes.flat, methods):
+        pts = [r for r in mech if r["method"] == method]
+        for kind in kinds:
+            ps = sorted((r for r in pts if MECHANISMS[r["regime"]] == kind), key=lambda r: r["vanilla_gap"])
+            if not ps:
+                continue
+            ax.errorbar([r["vanilla_gap"] for r in ps], [r["diff"] for r in ps],
+                        yerr=[[r["diff"] - r["lo"] for r in ps], [r["hi"] - r["diff"] for r in ps]],
+                        marker="o", capsize=2, color=colors[kind], label=kind,
+                        linestyle="-" if kind == "async staleness" else "none", linewidth=1.0)
+        ax.axhline(0, color="k", linewidth=0.8)
+        ax.axhspan(-MARGIN, MARGIN, color="grey", alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_title(f"{method} (p = {P_METHODS[method]:g})" if method in P_METHODS else method, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("vanilla's update log_ah_gap (log)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("held-out final − vanilla")
+    handles = {}
+    for ax in axes.flat:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    handles[f"±{MARGIN} (equivalence margin)"] = Patch(color="grey", alpha=0.25)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=9)
+    fig.suptitle("difference from vanilla (paired, 95 % CI) against the regime's gap as vanilla measures it; "
+                 "one point per regime, coloured by mechanism (lines join the async lags only)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save_figure(fig, figures / "mechanism.png", layout=False)
 
 
 # ----------------------------------------------------------------------------- guide
 
 
-def guide_lines(mech: list[dict], measured: list[dict], prim: list[dict]) -> list[str]:
-    """What the data show per range of the measured gap: per regime, sorted by its gap, every method whose
-    held-out difference from vanilla excludes 0 (exploratory, uncorrected), else that none does; and the
+def _names(items) -> str:
+    return ", ".join(f"`{x}`" for x in items)
+
+
+def guide_lines(comps: list[dict], measured: list[dict], prim: list[dict], pooled: list[dict] = ()) -> list[str]:
+    """What the data show per range of the gap a user measures (vanilla's own update log_ah_gap, as the
+    README's recipe at p = 1 reads it): per regime, sorted by that gap, every method whose held-out
+    difference from vanilla (``comps``: analysis.comparisons, every method) excludes 0, uncorrected, else
+    that none does; whether any method's interval lies above vanilla's anywhere; the pooled questions
+    regime by regime (``pooled``: analysis.pooled_by_regime, the intervals that exclude 0); and the
     primary verdicts. Generated: no selection beyond the interval's sign."""
-    gaps = {m["regime"]: m["update/log_ah_gap"] for m in measured}
+    gaps = {m["regime"]: m["vanilla_gap"] for m in measured}
     lines = []
-    for regime in sorted({r["regime"] for r in mech}, key=lambda r: gaps.get(r, math.inf)):
-        rs = [r for r in mech if r["regime"] == regime]
-        out = [r for r in rs if r["lo"] > 0 or r["hi"] < 0]
-        parts = ("; ".join(f"`{r['method']}` {_ci(r)}" for r in sorted(out, key=lambda r: -r["diff"]))
+    regimes = sorted({c["regime"] for c in comps}, key=lambda r: (gaps.get(r, math.inf), r))
+    for regime in regimes:
+        rs = [c for c in comps if c["regime"] == regime]
+        out = [c for c in rs if c["lo"] > 0 or c["hi"] < 0]
+        parts = ("; ".join(f"`{c['method']}` {_ci(c)}" for c in sorted(out, key=lambda c: -c["diff"]))
                  if out else "no method's interval excludes 0")
-        widest = max((r["hi"] - r["lo"]) / 2 for r in rs)
-        lines.append(f"* gap {_f(gaps.get(regime), 4)} (`{regime}`): {parts} (uncorrected; intervals up to ±{_f(widest)}).")
+        widest = max((c["hi"] - c["lo"]) / 2 for c in rs)
+        lines.append(f"* vanilla's gap {_f(gaps.get(regime), 4)} (`{regime}`, {len(rs)} method{'s' if len(rs) > 1 else ''} vs vanilla): {parts} "
+                     f"(uncorrected; intervals up to ±{_f(widest)}).")
+    above = analysis.above_baseline(comps)
+    lines.append(("* **Above vanilla** (interval above 0, uncorrected): " +
+                  "; ".join(f"`{c['method']}` in `{c['regime']}` {_ci(c)}" for c in above) + ".") if above else
+                 f"* **No method beat vanilla in any regime**: none of the {len(comps)} intervals (every method, "
+                 f"{len(regimes)} regimes, uncorrected) lies above 0.")
+    if pooled:
+        by = defaultdict(list)
+        for r in pooled:
+            if r["lo"] > 0 or r["hi"] < 0:
+                by[r["method"]].append(f"`{r['regime']}` {_ci(r)} (vs `{r['best']}`)")
+        names = list(dict.fromkeys(r["method"] for r in pooled))
+        lines.append(f"* {_names(names)} against each regime's best fixed p, regime by regime (uncorrected; the "
+                     "primaries Q4/Q5 average over regimes): " +
+                     ("; ".join(f"`{m}` excludes 0 in " + ", ".join(by[m]) for m in names if by[m]) or
+                      "no interval excludes 0") + ".")
     decided = [r for r in prim if r["verdict"] != "undecided"]
     lines.append("* Primary questions decided after Holm: " + ("; ".join(f"{r['id']} {r['verdict']}" for r in decided)
                                                             if decided else "none") + ".")
     return lines
 
 
-def update_readme(readme: Path, block: list[str]) -> bool:
-    """Replace the README's generated guide block (between the markers); False if the markers are absent."""
+def scope_lines(scope: dict) -> list[str]:
+    """What the study can say, from its data. ``scope``: ``task``; ``params`` (the dense model's parameters);
+    ``train_prompts`` / ``heldout_prompts`` (distinct); ``steps``; ``rising`` (runs still rising, evaluation
+    runs: analysis.still_rising); ``edges`` (analysis.grid_edges); ``chosen`` (the tuned settings);
+    ``off_policy`` (regimes); ``underpowered`` (analysis.underpowered)."""
+    rising, runs = scope["rising"]
+    k, n = scope["underpowered"]
+    smallest = defaultdict(list)
+    for regime, method in scope["edges"]["smallest"]:
+        smallest[method].append(regime)
+    largest = defaultdict(list)
+    for regime, method in scope["edges"]["largest"]:
+        largest[regime].append(method)
+    off = set(scope["off_policy"])
+    small = [f"`{m}` in " + (f"all {len(rs)} off-policy regimes" if set(rs) == off else _names(rs))
+             for m, rs in sorted(smallest.items())]
+    large = []
+    for regime, ms in largest.items():
+        tuned = [m for (r, m) in scope["chosen"] if r == regime]
+        rest = [m for m in tuned if m not in ms]
+        large.append(f"`{regime}`: " + (_names(ms) if len(rest) >= len(ms) or len(tuned) == 1 else
+                                        "every method" + (f" except {_names(rest)}" if rest else "")))
+    edges = ("Tuning sat at its grid's edge: the smallest learning rate for " + ("; ".join(small) or "none") +
+             "; the largest in " + ("; ".join(large) or "none") + ". Every verdict involving those settings holds "
+             "at them only: a wider grid may move it.")
+    total = scope["train_prompts"] + scope["heldout_prompts"]
+    return [
+        f"**Scope: what this study can and cannot say.** One task (`{scope['task']}`: {total} prompts, "
+        f"{scope['train_prompts']} trained on, {scope['heldout_prompts']} held out), one small model "
+        f"({scope['params']:,} parameters; the MoE regimes use a small MoE of the same width), warm-started once by "
+        f"a supervised fit that saw all {total} prompts' answers (held-out means never RL-trained on, not unseen), "
+        f"and that one warm start serves every seed (a seed varies the data order and the sampling, not the "
+        f"initial model). Runs are {scope['steps']} steps long, and {rising} of {runs} evaluation runs "
+        f"({rising / max(runs, 1):.0%}) are still rising at the last step (the least-squares slope of held-out "
+        f"reward over the last {analysis.RISING_WINDOW} steps is positive): the final reward measures how fast a "
+        f"method learns, not the level it would reach. {edges} The minimum detectable effect exceeds the "
+        f"±{MARGIN} margin in {k} of {n} Q1/Q2 comparisons: most *undecided* verdicts mean the study could not "
+        "tell, not that the methods are alike.",
+    ]
+
+
+def apmpo_lines(power: list[float]) -> list[str]:
+    """APMPO as run here, against the paper: ``power``: APMPO's p at every step of its evaluation runs."""
+    import numpy as np
+
+    if not power:
+        return []
+    q = np.quantile(power, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return [f"**APMPO as run here differs from the paper.** The paper's KL term (as read in issue 30; the "
+            "paper's full text is not stored here) is not in the loss: no method in this study has a KL penalty. "
+            "Its p = exp(−0.8 × the batch's mean reward) can only fall from 1 to e^−0.8 ≈ 0.45 with 0/1 rewards; "
+            f"measured over the {len(power)} steps of its evaluation runs, p had median {q[2]:.2f}, middle half "
+            f"{q[1]:.2f}–{q[3]:.2f}, range {q[0]:.2f}–{q[4]:.2f}: it stayed between the geometric and arithmetic "
+            "means and never came near the harmonic one."]
+
+
+def update_readme(readme: Path, block: list[str], start: str = GUIDE_START, end: str = GUIDE_END) -> bool:
+    """Replace the README's generated block between ``start`` and ``end`` (the guide's markers by default);
+    False if the markers are absent."""
     text = readme.read_text()
-    pattern = re.compile(re.escape(GUIDE_START) + r".*?" + re.escape(GUIDE_END), re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
         return False
-    readme.write_text(pattern.sub(lambda _: "\n".join([GUIDE_START, *block, GUIDE_END]), text))
+    readme.write_text(pattern.sub(lambda _: "\n".join([start, *block, end]), text))
     return True
 
 
@@ -304,7 +408,7 @@ def empty_context(plan, args, task) -> dict:
             "parallel": args.parallel, "cpu_minutes": 0.0, "heldout": task.test,
             "methods": [m for m in DISPLAY_ORDER if m in plan.methods], "regimes": list(plan.regimes), "measured": [],
             "chosen": {}, "primaries": [], "questions": primary_questions(), "eval_rows": [], "comps": [],
-            "figures": {}, "guide": [], "confirmation": ["Not run yet."]}
+            "figures": {}, "guide": [], "scope": [], "apmpo": [], "confirmation": ["Not run yet."]}
 
 
 
@@ -332,6 +436,7 @@ def write_docs(path: Path, ctx: dict) -> None:
         f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. Runs: one thread each, "
         f"{ctx['parallel']} at a time on {os.cpu_count()} CPU cores; {ctx['cpu_minutes']:.0f} CPU-minutes of runs in all.",
         "",
+        *([*ctx["scope"], ""] if ctx["scope"] else []),
         preregistration_text(),
         "## How it runs",
         "",
@@ -352,6 +457,7 @@ def write_docs(path: Path, ctx: dict) -> None:
         "",
         *methods_table(ctx["methods"]),
         "",
+        *([*ctx["apmpo"], ""] if ctx["apmpo"] else []),
         "## Regimes and their measured drift",
         "",
         "*update δ* = log π_θ − log π_old as each update's loss saw it (all updates, all steps); *behaviour "
@@ -373,11 +479,14 @@ def write_docs(path: Path, ctx: dict) -> None:
         "## The mechanism",
         "",
         *([f"![mechanism]({rel(ctx['figures']['mechanism'])})", "",
-           "Each point: one regime (x = its measured update `log_ah_gap`) and one method; y = its held-out final "
-           "reward minus vanilla's, paired over the evaluation seeds, with the 95 % interval; the grey band is the "
-           "equivalence margin."] if "mechanism" in ctx["figures"] else ["Not drawn yet."]),
+           "One panel per method; each point one regime, coloured by where its drift comes from: x = the update "
+           "`log_ah_gap` of vanilla's own runs there (what a user measures at p = 1; log scale), y = the method's "
+           "held-out final reward minus vanilla's, paired over the evaluation seeds, with the 95 % interval; the grey "
+           "band is the equivalence margin. Only the async lags, one mechanism at four strengths, are joined by a "
+           "line. Q3's regime gap (the mean over all methods' runs, which the harmonic methods inflate under lag) "
+           "is in the regimes table."] if "mechanism" in ctx["figures"] else ["Not drawn yet."]),
         "",
-        "## What the data show, by measured gap (the README's guide)",
+        "## What the data show, by the gap vanilla measures (the README's guide)",
         "",
         *(ctx["guide"] or ["Not available yet."]),
         "",

@@ -26,6 +26,29 @@ def run_settings(base: lean.LoopSettings, run: Run) -> dict:
     return asdict(replace(base, lr=run.lr))
 
 
+def warm_start_model(task_name: str, assets: str | None, kind: str, warm_start: int, log=None) -> str:
+    """The path of warm start ``warm_start`` of the ``kind`` model (lean.Regime.model: ``dense``, ``moe``,
+    or a v4 gap model of ``moe.GAP_SPECS``), built once: warm start 0 of ``dense`` / ``moe`` is the task's own
+    (v3's); the others are the same supervised fit with seed ``warm_start`` for the initial weights and the
+    fit's problems, under ``<assets or outputs>/<task>_<kind>_ws<k>`` (the prompts and the held-out split
+    stay the task's own: only the model is taken from there)."""
+    from hmpo_verl.lab import moe as moe_lab
+    from hmpo_verl.lab.tasks import fibonacci
+    from hmpo_verl.lab.tasks.common import ModelSpec
+
+    if (kind, warm_start) in (("dense", 0), ("moe", 0)):
+        return lean.load_task(task_name, assets, log=log, moe=kind == "moe").model_paths[kind]
+    if task_name != "fibonacci":
+        raise ValueError(f"warm start {warm_start} of the {kind!r} model is built for the fibonacci task only, "
+                         f"not {task_name!r}; allowed there: warm start 0 of 'dense'")
+    models = {"dense": ModelSpec(max_position_embeddings=128), "moe": moe_lab.MOE_SPEC, **moe_lab.GAP_SPECS}
+    if kind not in models:
+        raise ValueError(f"model kind {kind!r} is unknown; allowed: {sorted(models)}")
+    root = (Path(assets) if assets else REPO_ROOT / "outputs") / f"fibonacci_{kind}_ws{warm_start}"
+    spec = fibonacci.FibonacciSpec(seed=warm_start, model=models[kind])
+    return str(fibonacci.prepare_assets(root, spec, log=log or (lambda *a, **k: None)).model)
+
+
 def execute(run: Run, task_name: str, assets: str | None, steps: int, base: lean.LoopSettings, out: str, queue,
             moe: bool) -> None:
     """One lean run in a worker process (1 thread); its record is written to ``run.path(out)``."""
@@ -36,6 +59,10 @@ def execute(run: Run, task_name: str, assets: str | None, steps: int, base: lean
     if key not in _TASK_CACHE:
         _TASK_CACHE[key] = lean.load_task(task_name, assets, base.max_response_length, log=None, moe=moe)
     task = _TASK_CACHE[key]
+    kind = lean.REGIMES_BY_NAME[run.regime].model
+    if run.warm_start or kind not in task.model_paths:
+        task = replace(task, model_paths={**task.model_paths,
+                                          kind: warm_start_model(task_name, assets, kind, run.warm_start)})
     settings = run_settings(base, run)
     start, cpu = time.time(), time.process_time()
     result = lean.train(task, lean.METHODS_BY_NAME[run.method], lean.REGIMES_BY_NAME[run.regime], run.seed, steps,
@@ -70,6 +97,8 @@ def run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: le
     moe = any(lean.REGIMES_BY_NAME[r.regime].model == "moe" for r in todo)
     if moe:  # build the MoE model once, before the workers need it
         lean.load_task(task, assets, base.max_response_length, moe=True)
+    for kind, ws in sorted({(lean.REGIMES_BY_NAME[r.regime].model, r.warm_start) for r in todo}):
+        warm_start_model(task, assets, kind, ws, log=print)  # every other warm start, built once, here
     with tqdm(total=len(runs) * steps, initial=(len(runs) - len(todo)) * steps, desc=label, unit="step",
               dynamic_ncols=True) as bar:
         if not todo:
