@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import subprocess
 import sys
 import types
 
@@ -132,3 +133,17 @@ def test_registered_by_name_through_the_entry_points_overrides():
 def test_bad_options_are_named(argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         split_overrides(argv)
+
+
+def test_the_adapter_imports_neither_verl_trl_nor_openrlhf():
+    code = ("import sys, importlib.machinery, importlib.util, os, types\n"
+            "if sys.version_info < (3, 12):  # as above: skyrl/backends/__init__.py needs 3.12\n"
+            "    root = importlib.util.find_spec('skyrl').submodule_search_locations[0]\n"
+            "    m = types.ModuleType('skyrl.backends'); m.__path__ = [os.path.join(root, 'backends')]\n"
+            "    m.__spec__ = importlib.machinery.ModuleSpec('skyrl.backends', None, is_package=True)\n"
+            "    sys.modules['skyrl.backends'] = m\n"
+            "import hmpo_verl.skyrl\n"
+            "print(sorted(m for m in ('verl', 'trl', 'openrlhf', 'skyrl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['skyrl']"
