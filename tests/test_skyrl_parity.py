@@ -115,8 +115,10 @@ def test_registered_by_name_through_the_entry_points_overrides():
     register(name, options)
     try:
         assert name in ppo_utils.PolicyLossRegistry.list_available()
+        # SkyRL ships a registered loss to its workers through its registry actor with cloudpickle
+        shipped = ppo_utils.cloudpickle.loads(ppo_utils.cloudpickle.dumps(ppo_utils.PolicyLossRegistry.get(name)))
         inputs = batch("sequence_mean")[:4]
-        got = run(ppo_utils.PolicyLossRegistry.get(name), config(name, "sequence_mean"), *inputs)
+        got = run(shipped, config(name, "sequence_mean"), *inputs)
         want = run(policy_loss(options), config(name, "sequence_mean"), *inputs)
         torch.testing.assert_close(got[0], want[0], **TIGHT)
     finally:
