@@ -40,3 +40,4 @@ def test_the_extra_names_only_its_host_and_the_host_requires_no_other(host):
     except metadata.PackageNotFoundError:
         pytest.skip(f"{host} is not installed (recipes/cpu_tiny/setup_and_run.sh installs it)")
     assert names and not names & OTHERS[host], names & OTHERS[host]
+    assert metadata.version(host) in requirement.specifier  # the host the parity tests ran against fits the extra

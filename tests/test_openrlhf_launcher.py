@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from hmpo_verl.host_loss import LossOptions
 from hmpo_verl.openrlhf import OPTIONS_ENV, PowerMeanPolicyLoss
