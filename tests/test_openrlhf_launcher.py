@@ -40,8 +40,6 @@ def test_openrlhf_own_loss_types_run_unchanged():
      "--pm.clip_level='tokens' is invalid; allowed: token, sequence"),
     (["--actor.policy_loss_type", "hmpo", "--pm.power", "0.5"], "--pm.power=0.5 conflicts with loss_mode='hmpo'"),
     (["--actor.policy_loss_type", "gspo", "--pm.power", "0.5"], "--pm.power is invalid with --actor.policy_loss_type='gspo'"),
-    (["--actor.policy_loss_type", "agm", "--algo.advantage.is_correction_level", "seq"],
-     "--algo.advantage.is_correction_level='seq' is invalid with --actor.policy_loss_type=agm; allowed: off"),
 ])
 def test_bad_options_stop_before_ray_with_the_flag_named(argv, message):
     with pytest.raises(SystemExit) as stop:

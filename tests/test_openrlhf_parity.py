@@ -7,7 +7,8 @@ DeepSpeed, used there only by the ZeRO-3 helpers, so an empty placeholder stands
 not installed. Everything else is OpenRLHF's code as shipped:
   * power=0, clip_level="sequence" == OpenRLHF's gspo (which forces the per-sample mean);
   * power=1, clip_level="token"    == OpenRLHF's ppo, both aggregations, with and without dual clip,
-    with OpenRLHF's global normalisers (dp_size, batch_num_tokens, global_batch_size);
+    with OpenRLHF's global normalisers (dp_size, batch_num_tokens, global_batch_size), and with each of its
+    train/rollout importance-sampling corrections (TIS, ICEPOP, seq-mask-tis, binary-KL and TV gates);
 loss, gradient and the returned clip_ratio / ppo_kl in float64, random inputs with ragged masks, an
 empty row and garbage at masked positions. The differences by design are pinned below.
 """
@@ -77,13 +78,13 @@ def run(loss_fn, logp, old, adv, mask, **kw):
     return loss.detach(), grad, clip_ratio, ppo_kl, vllm_kl, is_filter
 
 
-def compare(ours, theirs, *inputs, **kw):
+def compare(ours, theirs, *inputs, is_checked=False, **kw):
     a, b = run(ours, *inputs, **kw), run(theirs, *inputs, **kw)
     torch.testing.assert_close(a[0], b[0], **TIGHT)
     torch.testing.assert_close(a[1], b[1], **TIGHT)
     torch.testing.assert_close(a[2], b[2], rtol=1e-6, atol=0)  # float32 in both
     torch.testing.assert_close(a[3], b[3], **TIGHT)
-    assert a[4] is None and b[4] is None and a[5] is None and b[5] is None
+    assert is_checked or (a[4] is None and b[4] is None and a[5] is None and b[5] is None)
     assert a[1].abs().sum() > 0
     return a, b
 
@@ -115,6 +116,31 @@ def test_arithmetic_token_clip_is_openrlhf_ppo(openrlhf_loss, token_level_loss, 
     logp, old, adv, mask = inputs
     if dual_clip:  # the dual clip binds on some A < 0 tokens
         assert (mask & (adv < 0) & (logp - old > math.log(dual_clip))).any()
+
+
+# OpenRLHF's named schemes: TIS (token clip), ICEPOP (token mask), seq-mask-tis, FlashREINFORCE (seq binary-KL mask)
+IS_SCHEMES = {
+    "tis": dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(0.9, 1.05)),
+    "icepop": dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=(0.9, 1.1)),
+    "seq-mask-tis": dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=(0.97, 1.03)),
+    "binary-kl": dict(is_correction_level="seq", is_correction_gating="binary_kl", is_correction_threshold=(0.0, 0.004)),
+    "tv": dict(is_correction_level="token", is_correction_gating="tv", is_correction_threshold=(0.0, 0.03)),
+}
+
+
+@pytest.mark.parametrize("scheme", IS_SCHEMES)
+def test_arithmetic_token_clip_with_is_correction_is_openrlhf_ppo(openrlhf_loss, scheme):
+    """The gate's coefficient multiplies each token's loss term as in OpenRLHF's ppo; vllm_kl and
+    is_filter_ratio are OpenRLHF's."""
+    kw = dict(clip_eps_low=0.1, clip_eps_high=0.15, token_level_loss=False, **IS_SCHEMES[scheme])
+    theirs = openrlhf_loss.PolicyLoss(**kw, policy_loss_type="ppo")
+    ours = PowerMeanPolicyLoss(**kw, policy_loss_type="power_mean", options=LossOptions("power_mean", power=1.0))
+    logp, old, adv, mask = batch(noise=0.3, token_adv=True)
+    rollout = old + 0.1 * torch.randn(B, T, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    a, b = compare(ours, theirs, logp, old, adv, mask, rollout_log_probs=rollout, is_checked=True)
+    torch.testing.assert_close(a[4], b[4], **TIGHT)  # vllm_kl
+    torch.testing.assert_close(a[5], b[5], rtol=1e-6, atol=0)  # is_filter_ratio (float32 in both)
+    assert 0 < a[5] < 1  # the gate acts on some units, not all
 
 
 def test_action_mask_none_is_every_token(openrlhf_loss):
@@ -164,8 +190,10 @@ def test_every_loss_mode_runs_and_bad_options_are_named():
                     LossOptions("adaptive_power_mean")):
         out = run(PowerMeanPolicyLoss(policy_loss_type=options.loss_mode, options=options), logp, old, adv, mask)
         assert torch.isfinite(out[0]) and torch.isfinite(out[1]).all() and out[1].abs().sum() > 0
-    with pytest.raises(ValueError, match="is_correction_level='token' is invalid; allowed: off"):
-        PowerMeanPolicyLoss(is_correction_level="token")
+    with pytest.raises(ValueError, match="is_correction_level='tok' is invalid; allowed: off, token, seq"):
+        PowerMeanPolicyLoss(is_correction_level="tok")
+    with pytest.raises(ValueError, match="is_correction_mode='clip' is invalid with is_correction_level='seq'"):
+        PowerMeanPolicyLoss(is_correction_level="seq", is_correction_mode="clip")
     with pytest.raises(ValueError, match="dual_clip=2.0 is invalid with clip_level='sequence'"):
         PowerMeanPolicyLoss(dual_clip=2.0, policy_loss_type="power_mean",
                             options=LossOptions("power_mean", power=0.0, clip_level="sequence"))
@@ -173,3 +201,27 @@ def test_every_loss_mode_runs_and_bad_options_are_named():
         LossOptions("adaptive_power_mean", adapt="schedule")
     with pytest.raises(ValueError, match="loss_mode='ppo' is invalid; allowed: hmpo, power_mean"):
         PowerMeanPolicyLoss(policy_loss_type="ppo")
+
+
+def test_is_correction_at_sequence_clip_gates_as_ppo_does(openrlhf_loss):
+    """By design: with IS correction on, each token's term is weighted by the gate's coefficient c_t (here TIS:
+    clamp(pi_old / pi_rollout, 0.9, 1.05)), the sequence ratio staying pi / pi_old; OpenRLHF's gspo instead takes
+    the sequence ratio against the rollout policy, ungated. No clip active, per-sample mean: loss =
+    mean_i mean_t(-A_i s_i c_it), d loss / d logp_it = -A_i s_i c_it / (n_i B')."""
+    kw = dict(clip_eps_low=0.99, clip_eps_high=10.0, **IS_SCHEMES["tis"])
+    logp, old, adv, mask = batch()
+    rollout = old + 0.1 * torch.randn(B, T, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    ours = PowerMeanPolicyLoss(**kw, token_level_loss=False, policy_loss_type="power_mean",
+                               options=LossOptions("power_mean", power=0.0, clip_level="sequence"))
+    theirs = openrlhf_loss.PolicyLoss(**kw, policy_loss_type="gspo")
+    a = run(ours, logp, old, adv, mask, rollout_log_probs=rollout)
+    b = run(theirs, logp, old, adv, mask, rollout_log_probs=rollout)
+    m = mask.double()
+    n = m.sum(-1, keepdim=True)
+    s = torch.exp(((logp - old) * m).sum(-1, keepdim=True) / n.clamp(min=1))
+    c = torch.exp(old - rollout).clamp(0.9, 1.05) * m
+    rows = (n > 0).squeeze(-1)
+    expected = (-adv * s * c).sum(-1, keepdim=True)[rows] / n[rows]
+    torch.testing.assert_close(a[0], expected.mean(), **TIGHT)
+    torch.testing.assert_close(a[1], -adv * s * c / (n.clamp(min=1) * rows.sum()), **TIGHT)
+    assert not torch.allclose(a[0], b[0])

@@ -23,7 +23,7 @@ import sys
 from dataclasses import fields
 
 from hmpo_verl.host_loss import LOSS_MODES, LossOptions
-from hmpo_verl.openrlhf import IS_CORRECTION_LEVELS, OPTIONS_ENV, install
+from hmpo_verl.openrlhf import OPTIONS_ENV, install
 
 ENTRY_POINT = "openrlhf.cli.train_ppo_ray"
 HOOK = "hmpo_verl.openrlhf.install"
@@ -38,7 +38,6 @@ def parser() -> argparse.ArgumentParser:
     types = {f.name: f.type for f in fields(LossOptions)}
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument(LOSS_FLAG, dest="loss_type", default="ppo")
-    p.add_argument("--algo.advantage.is_correction_level", dest="is_correction_level", default="off")
     for name in PM_FIELDS:
         kind = {"float": float, "str": str, "Optional[int]": int}[types[name]]
         p.add_argument(f"--pm.{name}", dest=name, type=kind, default=None)
@@ -54,10 +53,6 @@ def split_argv(argv: list[str]) -> tuple[LossOptions | None, list[str]]:
             raise ValueError(f"--pm.{next(iter(given))} is invalid with {LOSS_FLAG}={ours.loss_type!r}; allowed: "
                              f"{LOSS_FLAG} one of {', '.join(LOSS_MODES)}")
         return None, list(argv)
-    if ours.is_correction_level not in IS_CORRECTION_LEVELS:
-        raise ValueError(f"--algo.advantage.is_correction_level={ours.is_correction_level!r} is invalid with "
-                         f"{LOSS_FLAG}={ours.loss_type}; allowed: off (OpenRLHF's vLLM IS correction is not supported "
-                         "by the power-mean losses)")
     options = LossOptions(loss_mode=ours.loss_type, prefix="--pm", **given)
     return options, [*rest, LOSS_FLAG, "ppo"]
 
