@@ -28,6 +28,7 @@ def _stub(tmp_path, *, torch: bool, installed: bool, exit_code: int = 0, cpu_whe
         case "$*" in
             "-c import torch; print(torch.__version__)") {"echo 2.13.0+cpu" if torch else "exit 1"} ;;
             "- "*) cat > /dev/null; exit {0 if installed else 1} ;;
+            "-c import openrlhf"*) exit {0 if installed else 1} ;;
             "-m pip install --quiet torch==2.13.0+cpu") exit {0 if cpu_wheel_configured else 1} ;;
             "-m pytest"*|"-m hmpo_verl.lab.cpu_demo"*) exit {exit_code} ;;
         esac
@@ -59,6 +60,8 @@ def test_a_fresh_machine_gets_the_cpu_wheel_then_the_package_then_the_demo(tmp_p
     if os.uname().sysname == "Linux":  # the configured indexes hold the CPU wheel: no other host is asked
         assert pips[0] == "-m pip install --quiet torch==2.13.0+cpu"
     assert pips[1] == f"-m pip install --quiet -e {REPO_ROOT}[test] -e {REPO_ROOT}/patches/verl_cpu"
+    # the adapters' hosts, their own packages only (tests/test_openrlhf_parity.py, test_skyrl_parity.py)
+    assert pips[2].startswith("-m pip install --quiet --no-deps --ignore-requires-python openrlhf==0.11.2 skyrl==0.4.0")
     assert calls[-1] == "-m hmpo_verl.lab.cpu_demo --steps 2"
 
 

@@ -1,6 +1,6 @@
 """Install hmpo-verl for each host in a fresh virtual environment and check what each one can do.
 
-    python -m hmpo_verl.lab.install_check                      # verl, trl, verl-trl (about 10 min)
+    python -m hmpo_verl.lab.install_check                      # verl, trl, verl-trl, openrlhf
     python -m hmpo_verl.lab.install_check --hosts trl --keep   # one host; keep its venv under --root
 
 Each host gets a new venv (no system site-packages) under --root, the current pip, torch's CPU wheel
@@ -17,6 +17,9 @@ checkout installed (not editable) with the host's extra, exactly as the README t
                                                   actor patch runs); then, with pip's newest TRL
                                                   forced in, verl's driver check stops with both
                                                   versions named (and verl's own patch indeed fails)
+    openrlhf  pip install "<checkout>", then      no verl, no TRL: the OpenRLHF adapter imports and its
+              openrlhf==0.11.2 --no-deps          parity tests pass (the `openrlhf` extra itself needs a
+                                                  GPU machine: OpenRLHF pins flash-attn, a CUDA build)
 
 It prints one line per check and a summary with each host's install time. Needs network access
 to the package index (PyPI or a mirror) and about 3 GB of disk per host.
@@ -180,7 +183,28 @@ def check_verl_trl(host: Host) -> None:
     host.probe("verl's actor patch (expected to fail beside TRL >= 1.13)", ACTOR_PATCH, expect_failure=True)
 
 
-CHECKS = {"verl": check_verl, "trl": check_trl, "verl-trl": check_verl_trl}
+OPENRLHF_ONLY = """
+import sys, hmpo_verl.openrlhf, hmpo_verl.openrlhf.train_ppo_ray
+from importlib import util
+print("hmpo_verl.openrlhf imports; verl, trl, skyrl installed:", [m for m in ("verl", "trl", "skyrl") if util.find_spec(m)])
+"""
+
+
+def check_openrlhf(host: Host) -> None:
+    """OpenRLHF's own package without its dependencies (the `openrlhf` extra pins flash-attn, a CUDA build, so it
+    installs on GPU machines only): the adapter imports with no verl or TRL there, its parity tests pass."""
+    host.pip('pip install "<checkout>"', str(REPO))
+    host.pip("pip install --no-deps openrlhf==0.11.2", "--no-deps", "openrlhf==0.11.2")
+    host.pip("pip install pytest", "pytest")
+    host.probe("versions", VERSIONS)
+    host.probe("the OpenRLHF adapter imports, no verl / TRL / SkyRL", OPENRLHF_ONLY)
+    out = host.step("tests/test_openrlhf_parity.py against OpenRLHF's own PolicyLoss",
+                    [str(host.python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                     str(REPO / "tests" / "test_openrlhf_parity.py")])
+    print(textwrap.indent(out.splitlines()[-1] if out else "", "    "), flush=True)
+
+
+CHECKS = {"verl": check_verl, "trl": check_trl, "verl-trl": check_verl_trl, "openrlhf": check_openrlhf}
 
 
 def main(argv=None) -> int:

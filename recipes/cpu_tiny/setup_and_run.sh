@@ -12,6 +12,7 @@
 #      build is kept as it is (a GPU machine keeps its CUDA torch).
 #   2. this checkout, editable, with its test and demo extras: pip install -e ".[test]"
 #   3. the CPU backend for verl, editable: pip install -e patches/verl_cpu
+#   4. OpenRLHF's and SkyRL's packages without their dependencies, for the adapters' parity tests
 # The exit status is the main job's or pytest's.
 set -euo pipefail
 
@@ -56,6 +57,15 @@ if installed_here; then
 else
     say "installing hmpo-verl[test] and patches/verl_cpu from $REPO (editable)"
     "$PYTHON" -m pip install --quiet -e "${REPO}[test]" -e "$REPO/patches/verl_cpu"
+fi
+
+# The hosts of the OpenRLHF and SkyRL adapters' parity tests (tests/test_openrlhf_*.py, test_skyrl_parity.py):
+# their own loss code, without their dependencies (they pin CUDA-only packages and other versions of
+# transformers / ray; SkyRL asks for Python >= 3.12, its loss code runs on 3.11): nothing installed is changed.
+HOST_PACKAGES=(openrlhf==0.11.2 skyrl==0.4.0 skyrl-gym==0.4.0 jaxtyping==0.3.11 wadler-lindig==0.1.8 loguru==0.7.3)
+if ! "$PYTHON" -c "import openrlhf, skyrl, skyrl_gym, jaxtyping, loguru" 2>/dev/null; then
+    say "installing the OpenRLHF / SkyRL loss hosts without their dependencies: ${HOST_PACKAGES[*]}"
+    "$PYTHON" -m pip install --quiet --no-deps --ignore-requires-python "${HOST_PACKAGES[@]}"
 fi
 
 cd "$REPO"
