@@ -220,6 +220,10 @@ def test_every_documented_name_imports():
                     if name.startswith(exc.name or "?"):
                         continue  # that prefix is no module: try a shorter one
                     return repr(exc)  # a module it needs is missing
+                except ImportError as exc:
+                    if "pip install 'hmpo-verl[" in str(exc):
+                        return None  # a host adapter whose host is not importable here: it says so by name
+                    return repr(exc)
                 try:
                     for attr in parts[cut:]:
                         obj = getattr(obj, attr)

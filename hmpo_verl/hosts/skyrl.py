@@ -35,8 +35,8 @@ try:
 except ImportError as err:  # say which install brings it
     raise ImportError(f"hmpo_verl.skyrl needs SkyRL 0.4 ({err}): pip install 'hmpo-verl[skyrl]'") from err
 
-from hmpo_verl.host_loss import LOSS_MODES, LossOptions, loss_matrix
-from hmpo_verl.surrogate import TrustRegion
+from hmpo_verl.hosts.host_loss import LOSS_MODES, LossOptions, loss_matrix
+from hmpo_verl.maths.surrogate import TrustRegion
 
 OPTION_PREFIX = "hmpo."
 LOSS_KEY = "trainer.algorithm.policy_loss_type="

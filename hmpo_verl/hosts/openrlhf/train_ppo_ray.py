@@ -22,8 +22,8 @@ import runpy
 import sys
 from dataclasses import fields
 
-from hmpo_verl.host_loss import LOSS_MODES, LossOptions
-from hmpo_verl.openrlhf import OPTIONS_ENV, install
+from hmpo_verl.hosts.host_loss import LOSS_MODES, LossOptions
+from hmpo_verl.hosts.openrlhf import OPTIONS_ENV, install
 
 ENTRY_POINT = "openrlhf.cli.train_ppo_ray"
 HOOK = "hmpo_verl.openrlhf.install"

@@ -37,9 +37,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hmpo_verl.host_loss import LOSS_MODES, LossOptions, loss_matrix
-from hmpo_verl.options import check_choice, check_clip_bounds
-from hmpo_verl.surrogate import TrustRegion
+from hmpo_verl.hosts.host_loss import LOSS_MODES, LossOptions, loss_matrix
+from hmpo_verl.maths.options import check_choice, check_clip_bounds
+from hmpo_verl.maths.surrogate import TrustRegion
 
 PREFIX = "hmpo_verl.openrlhf.PowerMeanPolicyLoss"
 # the options of the loss the launcher installs, as LossOptions.to_json(), in every Ray worker's environment

@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
-from hmpo_verl.finite import NonFiniteInputError, first_non_finite
-from hmpo_verl.options import HMPO_POWER, check_adaptive_options, check_choice, check_mean_options
-from hmpo_verl.surrogate import SurrogateTerms, TrustRegion, surrogate_loss_matrix, surrogate_terms
+from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
+from hmpo_verl.guards.finite import NonFiniteInputError, first_non_finite
+from hmpo_verl.maths.options import HMPO_POWER, check_adaptive_options, check_choice, check_mean_options
+from hmpo_verl.maths.surrogate import SurrogateTerms, TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 LOSS_MODES = ("hmpo", "power_mean", "agm", "adaptive_power_mean")
 HOST_ADAPT = ("ess",)
