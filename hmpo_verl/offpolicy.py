@@ -5,18 +5,23 @@ verl 0.9.1 ships two off-policy trainers besides its synchronous one:
 ``verl.experimental.fully_async_policy`` (a rollouter streaming samples to the trainer
 through a message queue, with staleness bounds and partial rollout). Both are built on
 verl's ``RayPPOTrainer`` (through ``SeparateRayPPOTrainer``) and call the same actor update
-and the same ``ppo_loss`` in the workers as the synchronous trainer. Four small wrappers,
+and the same ``ppo_loss`` in the workers as the synchronous trainer. Small wrappers,
 installed by :func:`install` in every process right after the verl module they touch is
 imported, make our losses at home there:
 
 * ``RayPPOTrainer._update_actor`` (trainer side): attaches each sample's lag
-  (:mod:`hmpo_verl.staleness`) to the batch as ``LAG_KEY`` -- the trainer's version
-  (``current_param_version`` in fully-async, else ``global_steps``) minus the oldest weight
-  version that generated the sample (``min_global_steps``, else ``global_steps``, as the
-  rollout server reported them) -- then turns the loss's per-lag sums into
+  (:mod:`hmpo_verl.staleness`) to the batch as ``LAG_KEY`` -- the actor updates between the
+  weights that generated the sample (the oldest label, ``min_global_steps``, else
+  ``global_steps``, as the rollout server reported it) and the weights trained now, each
+  trainer's labels read as that trainer writes them (:func:`lags_from_labels`; fully-async
+  counts syncs) -- then turns the loss's per-lag sums into
   ``actor/pm/lag<k>/{log_ah_gap,ess_frac,pg_clipfrac}`` and adds the lag distribution
-  ``training/lag/{mean,max,share_<k>}``. Batches without versions (the synchronous v1
-  trainer, a rollout that reports none) are passed on untouched.
+  ``training/lag/{mean,max,share_<k>}``. Batches without versions (a rollout that reports
+  none) are passed on untouched. ``RayPPOTrainer._load_checkpoint`` records the step
+  training starts from (one-step-off's first label).
+* V1's ``PPOTrainer._update_actor`` and ``PPOTrainer.step`` (every ``trainer.v1.trainer_mode``):
+  the same lags from the batch's TransferQueue tags, stored as a field ``LAG_KEY`` the workers
+  read with the batch; the per-lag means and the distribution once the step's updates are in.
 * ``ppo_loss`` (worker side): exposes the micro-batch's slice of ``LAG_KEY`` to the loss
   (:func:`hmpo_verl.staleness.current_sample_lag`); verl's loss signature is unchanged.
 * ``apply_bypass_mode``: with ``algorithm.rollout_correction.bypass_mode=true`` (the
@@ -38,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -65,10 +70,71 @@ def _once(wrap: Callable) -> Callable:
 # ----------------------------------------------------------------------------- trainer side
 
 
-def trainer_version(trainer) -> int:
-    """The version label the trainer's current weights carry (fully-async counts syncs, the others steps)."""
-    version = getattr(trainer, "current_param_version", None)
-    return int(trainer.global_steps if version is None else version)
+# How verl 0.9.1's trainers label the weights they sync to the rollout, which reports the label
+# of the weights that generated each sample (``min_global_steps``: its oldest token's):
+#   * AFTER_UPDATE -- the synchronous trainer (V0 ``RayPPOTrainer``) and every V1 mode: the initial
+#     (or resumed) weights are synced as ``global_steps`` before the first step, then each step's
+#     update is synced as that step, so label v = the weights after v updates; the trainer at step
+#     k trains weights with k - 1 updates (verl's own V1 ``trajectory_staleness_worst``).
+#   * ONE_STEP_OFF -- ``OneStepOffRayTrainer`` syncs the initial (or resumed) weights as the
+#     step they start from, then at step k *before* that step's update syncs label k: label v
+#     holds v - 1 updates, except the first label, which holds v (step 1 and the first step
+#     after a resume are on-policy).
+#   * FULLY_ASYNC -- the trainer counts syncs (``current_param_version``) and the rollouter labels
+#     samples with the version it holds: the lag is counted in syncs.
+AFTER_UPDATE, ONE_STEP_OFF, FULLY_ASYNC = "after_update", "one_step_off", "fully_async"
+FIRST_LABEL = "_hmpo_first_label"  # set on a trainer by its _load_checkpoint: the step it starts from
+
+
+def label_scheme(trainer) -> str:
+    """Which of the labelling schemes above the trainer object follows."""
+    if getattr(trainer, "current_param_version", None) is not None:
+        return FULLY_ASYNC
+    if any(cls.__name__ == "OneStepOffRayTrainer" for cls in type(trainer).__mro__):
+        return ONE_STEP_OFF
+    return AFTER_UPDATE
+
+
+def lags_from_labels(labels: Sequence[int], scheme: str, global_steps: int, param_version: Optional[int] = None,
+                     first_label: int = 0) -> Optional[torch.Tensor]:
+    """Per sample, the actor updates between the weights that generated it and those trained now.
+
+    Args:
+        labels: ``(batch_size,)`` the weight label each sample reports (its oldest).
+        scheme: ``AFTER_UPDATE``, ``ONE_STEP_OFF`` or ``FULLY_ASYNC`` (see above).
+        global_steps: the trainer's step (verl's ``global_steps``, from 1).
+        param_version: the fully-async trainer's ``current_param_version``.
+        first_label: the step the trainer started (or resumed) from.
+
+    Returns:
+        ``(batch_size,)`` int64 lags; None if a label is unknown.
+    """
+    if any(v is None for v in labels):
+        return None
+    if scheme == FULLY_ASYNC:
+        return sample_lags(labels, param_version)
+    if scheme == ONE_STEP_OFF:
+        labels = [int(v) - 1 if int(v) > first_label else int(v) for v in labels]
+    return sample_lags(labels, int(global_steps) - 1)
+
+
+def trainer_lags(trainer, labels: Sequence[int]) -> Optional[torch.Tensor]:
+    """:func:`lags_from_labels` with the trainer object's scheme and counters."""
+    return lags_from_labels(labels, label_scheme(trainer), trainer.global_steps,
+                            getattr(trainer, "current_param_version", None), getattr(trainer, FIRST_LABEL, 0))
+
+
+@_once
+def recording_first_label(load_checkpoint: Callable) -> Callable:
+    """Wrap ``RayPPOTrainer._load_checkpoint``: after it, ``global_steps`` is the step training starts from."""
+
+    @functools.wraps(load_checkpoint)
+    def _load_checkpoint(self, *args, **kwargs):
+        result = load_checkpoint(self, *args, **kwargs)
+        setattr(self, FIRST_LABEL, int(self.global_steps))
+        return result
+
+    return _load_checkpoint
 
 
 def batch_versions(non_tensor_batch: dict) -> Optional[list]:
@@ -80,6 +146,15 @@ def batch_versions(non_tensor_batch: dict) -> Optional[list]:
     return None
 
 
+def _lag_metrics(metrics: dict, lags: torch.Tensor) -> None:
+    """Replace the loss's per-lag sums in ``metrics`` by per-lag means; add the lag distribution."""
+    means = per_lag_means(metrics)
+    for key in [k for k in metrics if k.startswith(RAW_PREFIX)]:
+        del metrics[key]
+    metrics.update(means)
+    metrics.update(lag_distribution(lags))
+
+
 @_once
 def with_sample_lags(update_actor: Callable) -> Callable:
     """Wrap ``RayPPOTrainer._update_actor(self, batch)`` (see module doc)."""
@@ -87,7 +162,7 @@ def with_sample_lags(update_actor: Callable) -> Callable:
     @functools.wraps(update_actor)
     def _update_actor(self, batch):
         versions = batch_versions(batch.non_tensor_batch)
-        lags = None if versions is None else sample_lags(versions, trainer_version(self))
+        lags = None if versions is None else trainer_lags(self, versions)
         if lags is None:
             return update_actor(self, batch)
         batch.batch[LAG_KEY] = lags.to(torch.float32)
@@ -95,15 +170,65 @@ def with_sample_lags(update_actor: Callable) -> Callable:
             output = update_actor(self, batch)
         finally:
             batch.batch.pop(LAG_KEY)
-        metrics = output.meta_info["metrics"]
-        means = per_lag_means(metrics)
-        for key in [k for k in metrics if k.startswith(RAW_PREFIX)]:
-            del metrics[key]
-        metrics.update(means)
-        metrics.update(lag_distribution(lags))
+        _lag_metrics(output.meta_info["metrics"], lags)
         return output
 
     return _update_actor
+
+
+# ----------------------------------------------------------------------------- V1 trainer side
+
+
+def v1_tag_lags(trainer, tags: Sequence[dict]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Lags of a V1 batch from its TransferQueue tags, and which rows are samples (not padding).
+
+    Returns ``((batch_size,) int64 lags or None, (batch_size,) bool)``; padding rows (``is_padding``,
+    no valid tokens) get lag 0 and are left out of the distribution.
+    """
+    real = torch.tensor([not tag.get("is_padding", False) for tag in tags], dtype=torch.bool)
+    current = int(trainer.global_steps) - 1
+    labels = [tag.get("min_global_steps") if keep else current for tag, keep in zip(tags, real.tolist())]
+    return lags_from_labels(labels, AFTER_UPDATE, trainer.global_steps), real
+
+
+@_once
+def with_sample_lags_v1(update_actor: Callable) -> Callable:
+    """Wrap V1's ``PPOTrainer._update_actor(self, batch: KVBatchMeta, metrics)``: the lags go to the
+    workers as a TransferQueue field ``LAG_KEY`` beside the batch's other fields."""
+
+    @functools.wraps(update_actor)
+    def _update_actor(self, batch, metrics):
+        import transfer_queue as tq
+        from tensordict import TensorDict
+
+        lags, _ = v1_tag_lags(self, batch.tags)
+        if lags is None:
+            return update_actor(self, batch, metrics)
+        field = TensorDict({LAG_KEY: lags.to(torch.float32)}, batch_size=len(batch.keys))
+        stored = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=field)
+        batch.fields = stored.fields
+        return update_actor(self, batch, metrics)
+
+    return _update_actor
+
+
+@_once
+def with_lag_metrics_v1(step: Callable) -> Callable:
+    """Wrap V1's ``PPOTrainer.step(self, metrics, timing_raw)``: per-lag means once the step's updates are in.
+
+    verl averages each per-lag sum over an update's micro-batches and over the step's updates
+    (weighted by their sample counts, equal in verl's fixed-size updates), so the ratios are exact.
+    """
+
+    @functools.wraps(step)
+    def wrapped(self, metrics, timing_raw):
+        batch = step(self, metrics, timing_raw)
+        lags, real = v1_tag_lags(self, batch.tags)
+        if lags is not None and real.any():
+            _lag_metrics(metrics, lags[real])
+        return batch
+
+    return wrapped
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -217,9 +342,12 @@ def _patch(module, name: str, wrap: Callable) -> None:
 
 
 def install(run_after_import: Callable) -> None:
-    """Install the four wrappers through ``run_after_import(module_name, action, failure)``."""
+    """Install the wrappers through ``run_after_import(module_name, action, failure)``."""
     hooks = {
-        "verl.trainer.ppo.ray_trainer": lambda m: _patch(m.RayPPOTrainer, "_update_actor", with_sample_lags),
+        "verl.trainer.ppo.ray_trainer": lambda m: (_patch(m.RayPPOTrainer, "_update_actor", with_sample_lags),
+                                                   _patch(m.RayPPOTrainer, "_load_checkpoint", recording_first_label)),
+        "verl.trainer.ppo.v1.trainer_base": lambda m: (_patch(m.PPOTrainer, "_update_actor", with_sample_lags_v1),
+                                                       _patch(m.PPOTrainer, "step", with_lag_metrics_v1)),
         "verl.workers.utils.losses": lambda m: _patch(m, "ppo_loss", exposing_sample_lag),
         "verl.trainer.ppo.rollout_corr_helper": lambda m: _patch(m, "apply_bypass_mode", keeping_our_loss),
         "verl.trainer.main_ppo": lambda m: _patch(m, "run_ppo", _checking_options_first),

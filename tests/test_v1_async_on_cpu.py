@@ -10,10 +10,27 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from test_verl_integration_on_cpu import VERL_CONFIG_DIR
+from transfer_queue import KVBatchMeta
 
-from hmpo_verl.offpolicy import _checking_options_first, stale_as_fresh
+from hmpo_verl.offpolicy import (
+    AFTER_UPDATE,
+    FIRST_LABEL,
+    FULLY_ASYNC,
+    ONE_STEP_OFF,
+    _checking_options_first,
+    label_scheme,
+    lags_from_labels,
+    recording_first_label,
+    stale_as_fresh,
+    trainer_lags,
+    with_lag_metrics_v1,
+    with_sample_lags_v1,
+)
+from hmpo_verl.staleness import BUCKETS, LAG_KEY, RAW_PREFIX
 
 
 def _verl_config(*overrides: str):
@@ -49,3 +66,150 @@ def test_no_warning_where_the_samples_are_fresh_or_corrected(overrides, caplog):
     with caplog.at_level(logging.WARNING, logger="hmpo_verl"):
         _checking_options_first(lambda config, *args: None)(_verl_config(*overrides), None)
     assert "on-policy" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- each trainer's true lag
+#
+# Each schedule below replays, step by step, the order in which verl 0.9.1's trainer syncs its weights
+# (``update_weights(label)``), generates and updates, and counts the actor's updates: a sample's true lag
+# is the updates the trainer's weights hold minus those of the weights that generated it. The lag
+# computation sees only what the rollout reports (the label) and the trainer's counters.
+
+
+class _Actor:
+    def __init__(self, start):
+        self.updates, self.synced = start, {}  # label -> updates the synced weights held
+
+    def sync(self, label):
+        self.synced[label] = self.updates
+
+
+def _v0_sync(start, steps):
+    """RayPPOTrainer.fit: sync(start) after loading; each step k generates, updates, then syncs k."""
+    actor, out = _Actor(start), []
+    actor.sync(start)
+    for k in range(start + 1, start + steps + 1):
+        label = max(actor.synced)  # generated on the weights synced last
+        out.append((k, label, actor.updates - actor.synced[label]))
+        actor.updates += 1
+        actor.sync(k)
+    return out
+
+
+def _one_step_off(start, steps):
+    """OneStepOffRayTrainer.fit: sync(start), generate step start+1's batch; each step k awaits its
+    batch, syncs k (before its update), starts generating step k+1's batch, then updates."""
+    actor, out = _Actor(start), []
+    actor.sync(start)
+    pending = start
+    for k in range(start + 1, start + steps + 1):
+        label = pending
+        actor.sync(k)
+        pending = k
+        out.append((k, label, actor.updates - actor.synced[label]))
+        actor.updates += 1
+    return out
+
+
+def _v1_async(start, steps, oldest=2):
+    """V1 PPOTrainer (colocate_async / separate_async): update_weights(start) in on_init_end, each step's
+    update synced as that step in on_step_end; the replay buffer hands out samples generated on any of
+    the last ``oldest + 1`` synced weights (partial rollout: labelled by their oldest)."""
+    actor, out = _Actor(start), []
+    actor.sync(start)
+    for k in range(start + 1, start + steps + 1):
+        for label in sorted(actor.synced)[-(oldest + 1):]:
+            out.append((k, label, actor.updates - actor.synced[label]))
+        actor.updates += 1
+        actor.sync(k)
+    return out
+
+
+@pytest.mark.parametrize("start", [0, 5])  # a fresh start and a resume from global_step_5
+@pytest.mark.parametrize("schedule,scheme", [(_v0_sync, AFTER_UPDATE), (_one_step_off, ONE_STEP_OFF),
+                                             (_v1_async, AFTER_UPDATE)])
+def test_each_trainers_lag_is_the_true_lag_of_each_sample(schedule, scheme, start):
+    cases = schedule(start, 6)
+    for step, label, true_lag in cases:
+        assert lags_from_labels([label], scheme, step, first_label=start).tolist() == [true_lag], (step, label)
+    if schedule is _v0_sync:
+        assert {lag for *_, lag in cases} == {0}  # on-policy: lag 0 (verl's labels would read 1)
+    if schedule is _one_step_off:
+        assert [lag for *_, lag in cases] == [0, 1, 1, 1, 1, 1]  # the first step after (re)start is on-policy
+
+
+def test_the_scheme_is_read_from_the_trainer_class_and_the_resume_step_from_its_checkpoint_load():
+    from types import SimpleNamespace
+
+    from verl.experimental.one_step_off_policy.ray_trainer import OneStepOffRayTrainer
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    assert label_scheme(object.__new__(RayPPOTrainer)) == AFTER_UPDATE
+    assert label_scheme(SimpleNamespace(global_steps=9, current_param_version=3)) == FULLY_ASYNC
+    one_step_off = object.__new__(OneStepOffRayTrainer)
+    assert label_scheme(one_step_off) == ONE_STEP_OFF
+
+    one_step_off.config = OmegaConf.create({"trainer": {"resume_mode": "disable"}})
+    one_step_off.global_steps = 0
+    one_step_off._load_checkpoint()  # verl's, wrapped: a fresh start
+    assert getattr(one_step_off, FIRST_LABEL) == 0
+    recording_first_label(lambda self: setattr(self, "global_steps", 5))(one_step_off)  # a resume from step 5
+    assert getattr(one_step_off, FIRST_LABEL) == 5
+    one_step_off.global_steps = 6  # step 6 trains label 5 on-policy, step 7 label 6 one update late
+    assert trainer_lags(one_step_off, [5]).tolist() == [0]
+    one_step_off.global_steps = 7
+    assert trainer_lags(one_step_off, [6]).tolist() == [1]
+
+
+# ----------------------------------------------------------------------------- V1: lags reach the workers and the metrics
+
+
+class _V1Trainer:
+    """A V1 trainer's step (verl's ``step`` calls ``_update_actor`` once per local update) with stub workers."""
+
+    def __init__(self, global_steps, tags):
+        self.global_steps, self.tags, self.sent = global_steps, tags, []
+
+    def _update_actor(self, batch, metrics):  # the workers read the batch's fields: the loss's per-lag sums
+        assert LAG_KEY in batch.fields
+        lags = _STORE[LAG_KEY].long()
+        self.sent.append(lags)
+        for k, name in enumerate(BUCKETS):
+            sel = (lags.clamp(max=3) == k) & torch.tensor([not t.get("is_padding", False) for t in batch.tags])
+            metrics[f"{RAW_PREFIX}{name}/seqs"] = float(sel.sum())
+            metrics[f"{RAW_PREFIX}{name}/log_ah_gap"] = float(sel.sum()) * 0.1 * (k + 1)
+            metrics[f"{RAW_PREFIX}{name}/ess_frac"] = float(sel.sum())
+            metrics[f"{RAW_PREFIX}{name}/clipped_tokens"] = float(sel.sum())
+            metrics[f"{RAW_PREFIX}{name}/tokens"] = 2 * float(sel.sum())
+        return batch
+
+    def step(self, metrics, timing_raw):
+        batch = KVBatchMeta(keys=[f"k{i}" for i in range(len(self.tags))], tags=self.tags, partition_id="train",
+                            fields=["responses"])
+        return self._update_actor(batch, metrics)
+
+
+_STORE = {}
+_V1Trainer._update_actor = with_sample_lags_v1(_V1Trainer._update_actor)
+_V1Trainer.step = with_lag_metrics_v1(_V1Trainer.step)
+
+
+def test_v1_sends_each_samples_lag_to_the_workers_and_logs_per_lag_means(monkeypatch):
+    import transfer_queue as tq
+
+    def put(keys, partition_id, fields):
+        _STORE.update(fields.to_dict())
+        return KVBatchMeta(keys=keys, tags=[{} for _ in keys], partition_id=partition_id,
+                           fields=["responses", *fields.keys()])
+
+    monkeypatch.setattr(tq, "kv_batch_put", put)
+    tags = [{"min_global_steps": 6}, {"min_global_steps": 5}, {"min_global_steps": 5}, {"min_global_steps": 2},
+            {"is_padding": True}]
+    trainer, metrics = _V1Trainer(global_steps=7, tags=tags), {}
+    trainer.step(metrics, {})
+    assert trainer.sent[0].tolist() == [0, 1, 1, 4, 0]  # step 7 trains the weights labelled 6
+    assert not any(k.startswith(RAW_PREFIX) for k in metrics)
+    assert metrics["actor/pm/lag1/log_ah_gap"] == pytest.approx(0.2)
+    assert metrics["actor/pm/lag3plus/pg_clipfrac"] == pytest.approx(0.5)
+    assert metrics["training/lag/mean"] == pytest.approx(1.5)  # the padding row is not a sample
+    assert metrics["training/lag/share_1"] == pytest.approx(0.5) and metrics["training/lag/max"] == 4
