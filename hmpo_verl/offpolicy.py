@@ -22,6 +22,8 @@ imported, make our losses at home there:
 * V1's ``PPOTrainer._update_actor`` and ``PPOTrainer.step`` (every ``trainer.v1.trainer_mode``):
   the same lags from the batch's TransferQueue tags, stored as a field ``LAG_KEY`` the workers
   read with the batch; the per-lag means and the distribution once the step's updates are in.
+  (And V1 separate_async's module logger drops the ``flush=True`` verl 0.9.1 passes it, which
+  otherwise kills every ``hybrid_engine=false`` run: :class:`_DroppingFlush`.)
 * ``ppo_loss`` (worker side): exposes the micro-batch's slice of ``LAG_KEY`` to the loss
   (:func:`hmpo_verl.staleness.current_sample_lag`); verl's loss signature is unchanged.
 * ``apply_bypass_mode``: with ``algorithm.rollout_correction.bypass_mode=true`` (the
@@ -337,6 +339,21 @@ def _checking_options_first(run_ppo: Callable) -> Callable:
     return wrapped
 
 
+class _DroppingFlush(logging.LoggerAdapter):
+    """verl 0.9.1's V1 separate_async trainer calls ``logger.info(..., flush=True)`` (a print keyword) when
+    ``hybrid_engine=false``; ``logging`` raises ``TypeError`` on it and the run dies in ``_setup``. This adapter
+    drops the keyword and logs the message."""
+
+    def process(self, msg, kwargs):
+        kwargs.pop("flush", None)
+        return msg, kwargs
+
+
+def _logging_without_flush(module) -> None:
+    if not isinstance(module.logger, _DroppingFlush):
+        module.logger = _DroppingFlush(module.logger, {})
+
+
 def _patch(module, name: str, wrap: Callable) -> None:
     setattr(module, name, wrap(getattr(module, name)))
 
@@ -348,6 +365,7 @@ def install(run_after_import: Callable) -> None:
                                                    _patch(m.RayPPOTrainer, "_load_checkpoint", recording_first_label)),
         "verl.trainer.ppo.v1.trainer_base": lambda m: (_patch(m.PPOTrainer, "_update_actor", with_sample_lags_v1),
                                                        _patch(m.PPOTrainer, "step", with_lag_metrics_v1)),
+        "verl.trainer.ppo.v1.trainer_separate_async": _logging_without_flush,
         "verl.workers.utils.losses": lambda m: _patch(m, "ppo_loss", exposing_sample_lag),
         "verl.trainer.ppo.rollout_corr_helper": lambda m: _patch(m, "apply_bypass_mode", keeping_our_loss),
         "verl.trainer.main_ppo": lambda m: _patch(m, "run_ppo", _checking_options_first),

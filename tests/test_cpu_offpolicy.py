@@ -46,7 +46,7 @@ def _compose(name: str, *overrides: str):
 # ----------------------------------------------------------------------------- recipes
 
 
-@pytest.mark.parametrize("trainer", list(TRAINERS))
+@pytest.mark.parametrize("trainer", [*TRAINERS, V1_SEPARATE])
 def test_the_offpolicy_recipe_differs_from_the_sync_recipe_only_in_async_lines(trainer):
     """recipes/cpu_fibonacci/<trainer>.yaml is hmpo.yaml plus the lines marked [async], nothing else
     (but what only verl's V1 trainer reads: hmpo.yaml's trainer.v1.* sampler, and its agent-loop manager

@@ -213,3 +213,54 @@ def test_v1_sends_each_samples_lag_to_the_workers_and_logs_per_lag_means(monkeyp
     assert metrics["actor/pm/lag3plus/pg_clipfrac"] == pytest.approx(0.5)
     assert metrics["training/lag/mean"] == pytest.approx(1.5)  # the padding row is not a sample
     assert metrics["training/lag/share_1"] == pytest.approx(0.5) and metrics["training/lag/max"] == 4
+
+
+# ----------------------------------------------------------------------------- V1 separate_async end to end
+
+
+@pytest.fixture(scope="module")
+def separate_async(tmp_path_factory):
+    """``python -m hmpo_verl.lab.cpu_demo --trainer separate_async`` for 2 steps, as a user runs it."""
+    import subprocess
+    import sys
+    import time
+
+    from cpu_assets import REPO_ROOT, task_assets
+
+    from hmpo_verl.lab.cpu_demo import merge_steps, read_metrics
+
+    task_assets("fibonacci")
+    out = tmp_path_factory.mktemp("separate_async")
+    cmd = [sys.executable, "-m", "hmpo_verl.lab.cpu_demo", "--trainer", "separate_async", "--steps", "2",
+           "--loss-mode", "adaptive_power_mean", "--run-dir", str(out), "--", "trainer.val_before_train=false",
+           "trainer.test_freq=-1"]
+    start = time.time()
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    print(f"separate_async e2e run: {time.time() - start:.0f} s")
+    metrics = {r["step"]: r["data"] for r in merge_steps(read_metrics(out / "metrics.jsonl"))
+               if "critic/score/mean" in r["data"]}
+    return result, metrics, out
+
+
+def test_separate_async_trains_on_cpu_with_our_loss_and_per_sample_lags(separate_async):
+    result, metrics, out = separate_async
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:] + (out / "train.log").read_text()[-5000:]
+    assert sorted(metrics) == [1, 2]
+    for step, data in metrics.items():
+        assert "actor/pm/power" in data and data["actor/grad_norm"] > 0, step  # our loss ran in the workers
+        shares = [data[f"training/lag/share_{b}"] for b in BUCKETS]
+        assert sum(shares) == pytest.approx(1.0)
+        lagged = [b for b in BUCKETS if f"actor/pm/lag{b}/log_ah_gap" in data]  # the lags reached the loss
+        assert lagged == [b for b, share in zip(BUCKETS, shares, strict=True) if share > 0], (step, lagged)
+        # the same samples as verl's own V1 staleness (oldest weights): our lag is that, per sample
+        assert data["training/lag/mean"] == pytest.approx(data["training/off_policy/trajectory_staleness_worst/mean"])
+        assert data["training/lag/max"] == data["training/off_policy/trajectory_staleness_worst/max"]
+    assert metrics[1]["training/lag/max"] == 0  # step 1 trains samples of the initial weights
+
+
+def test_v1_separate_async_logs_its_setup_message_instead_of_dying_on_verls_flush_keyword(caplog):
+    import verl.trainer.ppo.v1.trainer_separate_async as separate
+
+    with caplog.at_level(logging.INFO, logger=separate.logger.logger.name):
+        separate.logger.info("[V1SepAsync] hybrid replicas disabled", flush=True)  # verl 0.9.1's call
+    assert "hybrid replicas disabled" in caplog.text
