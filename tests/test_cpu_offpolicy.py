@@ -26,7 +26,7 @@ from test_cpu_tasks import _flat
 
 from hmpo_verl.lab.cpu_demo import merge_steps, read_metrics
 from hmpo_verl.staleness import BUCKETS
-from verl_cpu.preflight import FULLY_ASYNC, ONE_STEP_OFF, check_config
+from verl_cpu.preflight import FULLY_ASYNC, ONE_STEP_OFF, V1_SEPARATE, check_config
 
 RECIPES = REPO_ROOT / "recipes" / "cpu_fibonacci"
 TRAINERS = {ONE_STEP_OFF: 2, FULLY_ASYNC: 3}  # trainer -> steps of the e2e run
@@ -46,7 +46,7 @@ def _compose(name: str, *overrides: str):
 # ----------------------------------------------------------------------------- recipes
 
 
-@pytest.mark.parametrize("trainer", list(TRAINERS))
+@pytest.mark.parametrize("trainer", [*TRAINERS, V1_SEPARATE])
 def test_the_offpolicy_recipe_differs_from_the_sync_recipe_only_in_async_lines(trainer):
     """recipes/cpu_fibonacci/<trainer>.yaml is hmpo.yaml plus the lines marked [async], nothing else
     (but what only verl's V1 trainer reads: hmpo.yaml's trainer.v1.* sampler, and its agent-loop manager
@@ -161,10 +161,12 @@ def test_the_lags_are_what_the_trainers_settings_promise(run):
         lagged = [b for b in BUCKETS if f"actor/pm/lag{b}/log_ah_gap" in data]
         assert lagged == [b for b, share in zip(BUCKETS, shares, strict=True) if share > 0], (step, lagged)
         if trainer == ONE_STEP_OFF:
-            # the rollout of step k ran on the weights synced at step k - 1 (verl labels the initial weights
-            # both 0 and 1, so step 1 too reads lag 1); one lag for all: the per-lag metric is the overall one
-            assert data["training/lag/share_1"] == 1.0 and data["training/lag/max"] == 1
-            assert data["actor/pm/lag1/log_ah_gap"] == pytest.approx(data["actor/pm/log_ah_gap"], rel=1e-5)
+            # the rollout of step k ran on the weights of step k - 1 (verl labels them k - 1), but step 1's on
+            # the initial weights, which verl syncs twice (labels 0 and 1): step 1 is on-policy, the rest lag 1;
+            # one lag per step: the per-lag metric is the overall one
+            lag = 0 if step == 1 else 1
+            assert data[f"training/lag/share_{lag}"] == 1.0 and data["training/lag/max"] == lag
+            assert data[f"actor/pm/lag{lag}/log_ah_gap"] == pytest.approx(data["actor/pm/log_ah_gap"], rel=1e-5)
         else:
             # staleness_threshold s = 0.5: the rollouter generates at most (1 + s) x a sync's prompts per weight
             # version, so at most a share s of a step's samples is one version old, and none older
@@ -198,13 +200,22 @@ def test_the_sweep_checks_each_step_against_the_staleness_bound():
     assert not too_stale["within"] and not too_old["within"]
 
 
-def test_verls_v1_modes_colocated_run_here_separate_async_is_refused_with_the_alternatives():
+def test_verls_v1_async_modes_pass_the_preflight_separate_async_with_its_own_recipe():
     from test_cpu_preflight import compose as compose_sync
 
     assert check_config(compose_sync("trainer.v1.trainer_mode=colocate_async")) == []
-    problems = check_config(compose_sync("trainer.v1.trainer_mode=separate_async"))
-    assert len(problems) == 1 and "trainer.v1.trainer_mode=separate_async" in problems[0]
-    assert "sync or colocate_async" in problems[0] and "fully_async_main" in problems[0]
+    assert check_config(_compose(V1_SEPARATE)) == []  # main_ppo's preflight
+    problems = check_config(compose_sync("trainer.v1.trainer_mode=separate_async"))  # the sync recipe as it is
+    text = "\n".join(problems)
+    assert "checkpoint_engine.backend=naive cannot sync a separate rollout pool on CPU: set" in text
+    assert "hybrid_engine=true: the V1 separate_async trainer needs hybrid_engine=false" in text
+    assert "actor_rollout_ref.rollout.nnodes=0: the separate rollout pool needs at least 1" in text
+    assert "data.train_batch_size=16: V1 separate_async needs trainer.v1.separate_async.parameter_sync_step" in text
+    too_few = check_config(_compose(V1_SEPARATE, "ray_kwargs.ray_init.num_gpus=1"))
+    assert len(too_few) == 1 and "actor_rollout_ref.rollout.nnodes*n_gpus_per_node (the rollout pool)" in too_few[0]
+    assert "+ray_kwargs.ray_init.num_gpus=2" in too_few[0]
+    refused = check_config(compose_sync("trainer.use_v1=false"))
+    assert len(refused) == 1 and "sync, colocate_async, separate_async" in refused[0] and "fully_async_main" in refused[0]
 
 
 def test_the_demo_runs_colocate_async_as_the_sync_recipe_with_verls_mode(tmp_path):

@@ -58,7 +58,7 @@ def test_cpu_mode_passes_here_and_checks_the_non_gpu_pins():
     cpu_pins = preflight.requirements("fsdp", cpu=True)
     assert cpu_pins == {"verl": metadata.version("verl"), "TransferQueue": metadata.version("TransferQueue")}
     gpu_only = set(preflight.requirements("fsdp")) - set(cpu_pins)
-    assert gpu_only == {"torch", "torchvision", "torchaudio", "vllm", "transformers", "flash-attn"}
+    assert gpu_only == {"torch", "torchvision", "torchaudio", "vllm", "transformers", "flash-attn", "cupy-cuda13x"}
 
 
 def test_cpu_mode_on_a_bare_python_names_the_plugins_and_pins():

@@ -19,7 +19,7 @@ from verl import DataProto
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.workers.utils.losses import ppo_loss
 
-from hmpo_verl.offpolicy import batch_versions, trainer_version, with_sample_lags
+from hmpo_verl.offpolicy import batch_versions, trainer_lags, with_sample_lags
 from hmpo_verl.staleness import (
     BUCKETS,
     LAG_KEY,
@@ -199,11 +199,11 @@ def test_without_versions_the_update_is_untouched():
         trainer._update_actor(batch)
 
 
-def test_versions_fall_back_to_global_steps_and_trainer_version_to_its_steps():
+def test_versions_fall_back_to_global_steps_and_the_trainer_counts_steps_or_syncs():
     assert batch_versions({"min_global_steps": np.array([None], dtype=object),
                            "global_steps": np.array([2], dtype=object)}) == [2]
-    assert trainer_version(_Trainer(global_steps=7)) == 7
-    assert trainer_version(_Trainer(global_steps=7, current_param_version=2)) == 2
+    assert trainer_lags(_Trainer(global_steps=7), [6]).tolist() == [0]  # labelled after the update: 7 - 1 - 6
+    assert trainer_lags(_Trainer(global_steps=7, current_param_version=2), [1]).tolist() == [1]  # syncs
 
 
 # ----------------------------------------------------------------------------- bypass mode

@@ -1,12 +1,13 @@
 """The CPU demo: HMPO training a tiny model with verl's real trainer, on a laptop.
 
-    python -m hmpo_verl.lab.cpu_demo [--task fibonacci|addition] [--trainer sync|colocate_async|one_step_off|fully_async]
+    python -m hmpo_verl.lab.cpu_demo [--task fibonacci|addition] [--trainer sync|colocate_async|separate_async|one_step_off|fully_async]
 
 1. builds the task if it is missing (:mod:`hmpo_verl.lab.tasks`; fibonacci ~30-90 s, addition ~15 s);
 2. runs verl's trainer with ``VERL_PLATFORM=cpu`` (the CPU backend in ``patches/verl_cpu``):
    ``--trainer sync`` (default) ``python -m verl.trainer.main_ppo --config-path recipes/<task
    recipe> --config-name hmpo``; ``colocate_async`` the same with verl's V1
-   ``trainer.v1.trainer_mode=colocate_async``; ``one_step_off`` and ``fully_async`` verl's off-policy trainers
+   ``trainer.v1.trainer_mode=colocate_async``; ``separate_async`` ``main_ppo`` with the recipe of that name
+   (V1, a separate rollout pool); ``one_step_off`` and ``fully_async`` verl's off-policy trainers
    (``verl.experimental.one_step_off_policy.main_ppo``,
    ``verl.experimental.fully_async_policy.fully_async_main``) with the recipe of that name
    (fibonacci only), printing one line per training step read from verl's own file logger;
@@ -71,6 +72,8 @@ TRAINERS = {
                               "verl's V1 trainer, colocate_async mode: partial rollout across weight syncs",
                               ("trainer.v1.trainer_mode=colocate_async",  # bypass: as verl's async configs
                                "algorithm.rollout_correction.bypass_mode=true")),
+    "separate_async": Trainer("verl.trainer.main_ppo", "separate_async",
+                              "verl's V1 trainer, separate_async mode: a separate rollout pool, partial rollout"),
     "one_step_off": Trainer("verl.experimental.one_step_off_policy.main_ppo", "one_step_off",
                             "verl's one-step-off-policy trainer: rollout of step k+1 during the update of step k"),
     "fully_async": Trainer("verl.experimental.fully_async_policy.fully_async_main", "fully_async",

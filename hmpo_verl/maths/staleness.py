@@ -7,7 +7,9 @@ every response carries the version(s) that generated it -- ``min_global_steps`` 
 ``max_global_steps``, which differ when a partial rollout was resumed on newer weights. The
 **lag** of a sample is ``v - w_min``: the trainer's version at its update minus the oldest
 version that generated any of its tokens (so a partial rollout counts as old as its oldest
-token). Lags 0, 1, 2 get their own bucket; 3 and more share the last (``3plus``).
+token). Lags 0, 1, 2 get their own bucket; 3 and more share the last (``3plus``). Each trainer
+labels its weights its own way (after or before an update, steps or syncs): ``hmpo_verl.offpolicy.
+lags_from_labels`` turns the labels into counts of actor updates before :func:`sample_lags`.
 
 How the lag reaches the loss and back (``hmpo_verl.offpolicy`` does the verl side): the
 trainer attaches the lags to the batch as ``LAG_KEY`` ``(batch_size,)``; the worker's

@@ -26,7 +26,8 @@ GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
 MAIN_PPO, ONE_STEP_OFF, FULLY_ASYNC = "main_ppo", "one_step_off", "fully_async"
 TASK_RUNNERS = {"OneStepTaskRunner": ONE_STEP_OFF, "FullyAsyncTaskRunner": FULLY_ASYNC}  # run_ppo's runner -> trainer
 SEPARATED = (ONE_STEP_OFF, FULLY_ASYNC)  # trainers with a separate (standalone) rollout pool
-V1_MODES = ("sync", "colocate_async")  # verl's V1 trainer modes that run here (colocated rollout, naive sync)
+V1_MODES = ("sync", "colocate_async", "separate_async")  # verl's V1 trainer modes that run here
+V1_SEPARATE = "separate_async"  # the V1 mode with a separate rollout pool (object_store sync), the others naive
 CPU_ENGINE = "object_store"
 CPU_ENGINE_MODULE = "verl_cpu.checkpoint_engine"
 # logical Ray CPUs verl's actors reserve besides the workers: task runner(s), trainer, rollouter, message queue
@@ -91,25 +92,22 @@ def check_device_settings(config: DictConfig) -> list[str]:
     return problems
 
 
-def check_trainer_settings(config: DictConfig, trainer: str = MAIN_PPO) -> list[str]:
-    """The trainer and its weight sync: verl's V1 trainer (``sync`` or ``colocate_async``) with the
-    colocated ``naive`` sync, or an off-policy trainer (separate rollout pool) with verl_cpu's
-    ``object_store`` checkpoint engine."""
+def _v1_separate(config: DictConfig, trainer: str) -> bool:
+    return trainer == MAIN_PPO and _get(config, "trainer.v1.trainer_mode", "sync") == V1_SEPARATE
+
+
+def _pool_keys(config: DictConfig, trainer: str) -> tuple[str, str]:
+    """Where the separate rollout pool's size is set: V1 reads actor_rollout_ref.rollout, the experimental
+    trainers their top-level rollout section."""
+    prefix = "actor_rollout_ref.rollout" if _v1_separate(config, trainer) else "rollout"
+    return f"{prefix}.nnodes", f"{prefix}.n_gpus_per_node"
+
+
+def check_separate_pool(config: DictConfig, trainer: str) -> list[str]:
+    """A trainer with a separate rollout pool: verl_cpu's ``object_store`` sync, hybrid_engine=false, a pool size."""
     problems = []
     engine = "actor_rollout_ref.rollout.checkpoint_engine"
     backend = _get(config, f"{engine}.backend", "naive")
-    if trainer == MAIN_PPO:
-        mode = _get(config, "trainer.v1.trainer_mode", "sync")
-        if mode not in V1_MODES or not _get(config, "trainer.use_v1", True):
-            problems.append(
-                f"trainer.use_v1={_get(config, 'trainer.use_v1', True)}, trainer.v1.trainer_mode={mode}: with "
-                f"verl.trainer.main_ppo the CPU backend runs verl's V1 trainer in mode {' or '.join(V1_MODES)} "
-                "(colocated rollout); separated off-policy training: verl.experimental.one_step_off_policy.main_ppo "
-                "or verl.experimental.fully_async_policy.fully_async_main, see recipes/cpu_fibonacci/"
-            )
-        if backend != "naive":
-            problems.append(f"{engine}.backend={backend}: use naive (colocated weight sync)")
-        return problems
     if backend != CPU_ENGINE:
         why = "needs CUDA (cupy, NCCL)" if backend in ("nccl", "nixl", "hccl") else "cannot sync a separate rollout pool on CPU"
         problems.append(
@@ -118,12 +116,44 @@ def check_trainer_settings(config: DictConfig, trainer: str = MAIN_PPO) -> list[
         )
     elif _get(config, f"{engine}.custom_backend_module") != CPU_ENGINE_MODULE:
         problems.append(f"{engine}.backend={CPU_ENGINE} is registered by {engine}.custom_backend_module={CPU_ENGINE_MODULE}")
+    name = "V1 separate_async" if _v1_separate(config, trainer) else trainer
     if _get(config, "actor_rollout_ref.hybrid_engine", True):
-        problems.append(f"actor_rollout_ref.hybrid_engine=true: the {trainer} trainer needs hybrid_engine=false "
-                        "(its rollout is a separate pool)")
-    for key in ("rollout.nnodes", "rollout.n_gpus_per_node"):
+        problems.append(f"actor_rollout_ref.hybrid_engine=true: the {name} trainer needs hybrid_engine=false here "
+                        "(its rollout is a separate pool; no colocated replicas on CPU)")
+    for key in _pool_keys(config, trainer):
         if not isinstance(_get(config, key), int) or _get(config, key) < 1:
             problems.append(f"{key}={_get(config, key)}: the separate rollout pool needs at least 1 (logical GPU slots)")
+    return problems
+
+
+def check_trainer_settings(config: DictConfig, trainer: str = MAIN_PPO) -> list[str]:
+    """The trainer and its weight sync: verl's V1 trainer (``sync`` or ``colocate_async``) with the
+    colocated ``naive`` sync, or a trainer with a separate rollout pool (V1 ``separate_async``, the
+    off-policy trainers) with verl_cpu's ``object_store`` checkpoint engine."""
+    problems = []
+    engine = "actor_rollout_ref.rollout.checkpoint_engine"
+    backend = _get(config, f"{engine}.backend", "naive")
+    if trainer == MAIN_PPO:
+        mode = _get(config, "trainer.v1.trainer_mode", "sync")
+        if mode not in V1_MODES or not _get(config, "trainer.use_v1", True):
+            problems.append(
+                f"trainer.use_v1={_get(config, 'trainer.use_v1', True)}, trainer.v1.trainer_mode={mode}: with "
+                f"verl.trainer.main_ppo the CPU backend runs verl's V1 trainer in mode {', '.join(V1_MODES)}; "
+                "or the experimental off-policy trainers: verl.experimental.one_step_off_policy.main_ppo "
+                "or verl.experimental.fully_async_policy.fully_async_main, see recipes/cpu_fibonacci/"
+            )
+        elif mode == V1_SEPARATE:
+            problems += check_separate_pool(config, trainer)
+            sync_step = _get(config, "trainer.v1.separate_async.parameter_sync_step", 1)
+            batch, mini = _get(config, "data.train_batch_size"), _get(config, "actor_rollout_ref.actor.ppo_mini_batch_size")
+            if batch != sync_step * mini:
+                problems.append(
+                    f"data.train_batch_size={batch}: V1 separate_async needs trainer.v1.separate_async."
+                    f"parameter_sync_step * actor_rollout_ref.actor.ppo_mini_batch_size = {sync_step} * {mini}")
+        elif backend != "naive":
+            problems.append(f"{engine}.backend={backend}: use naive (colocated weight sync)")
+        return problems
+    problems += check_separate_pool(config, trainer)
     if trainer == FULLY_ASYNC:
         if _get(config, "data.train_batch_size") != 0 or _get(config, "data.gen_batch_size") != 1:
             problems.append(
@@ -137,7 +167,10 @@ def check_trainer_settings(config: DictConfig, trainer: str = MAIN_PPO) -> list[
 
 
 def _rollout_gpus(config: DictConfig, trainer: str) -> int:
-    return _get(config, "rollout.nnodes", 1) * _get(config, "rollout.n_gpus_per_node", 1) if trainer in SEPARATED else 0
+    if trainer not in SEPARATED and not _v1_separate(config, trainer):
+        return 0
+    nodes, gpus = _pool_keys(config, trainer)
+    return _get(config, nodes, 1) * _get(config, gpus, 1)
 
 
 def check_ray_resources(config: DictConfig, trainer: str = MAIN_PPO) -> list[str]:
@@ -153,7 +186,8 @@ def check_ray_resources(config: DictConfig, trainer: str = MAIN_PPO) -> list[str
     needed_gpus = trainer_gpus + _rollout_gpus(config, trainer)
     num_gpus = _get(config, "ray_kwargs.ray_init.num_gpus")
     if num_gpus is None or num_gpus < needed_gpus:
-        pool = "" if trainer == MAIN_PPO else " + rollout.nnodes*rollout.n_gpus_per_node (the rollout pool)"
+        nodes, gpus = _pool_keys(config, trainer)
+        pool = f" + {nodes}*{gpus.rsplit('.', 1)[1]} (the rollout pool)" if _rollout_gpus(config, trainer) else ""
         problems.append(
             f"ray_kwargs.ray_init.num_gpus={num_gpus}: verl's resource pools ask Ray for "
             f"trainer.nnodes*trainer.n_gpus_per_node{pool}={needed_gpus} GPUs; on CPU give Ray that many logical "
