@@ -81,6 +81,18 @@ VERL_SYMBOLS: tuple[VerlSymbol, ...] = (
     VerlSymbol("verl.trainer.ppo.ray_trainer", "RayPPOTrainer._update_actor", "wraps",
                "attaches each sample's lag to the batch; turns the loss's per-lag sums into actor/pm/lag<k>/*",
                OFFPOLICY, "guards/offpolicy.py"),
+    VerlSymbol("verl.trainer.ppo.ray_trainer", "RayPPOTrainer._load_checkpoint", "wraps",
+               "records the step training starts from, so the first weights' label after a start or resume "
+               "gives lag 0", "one_step_off", "guards/offpolicy.py"),
+    VerlSymbol("verl.trainer.ppo.v1.trainer_base", "PPOTrainer._update_actor", "wraps",
+               "sends each sample's lag (from its TransferQueue tags) to the workers as a field the loss reads",
+               "v1 colocate_async, separate_async", "guards/offpolicy.py"),
+    VerlSymbol("verl.trainer.ppo.v1.trainer_base", "PPOTrainer.step", "wraps",
+               "turns the loss's per-lag sums into actor/pm/lag<k>/* and adds training/lag/*",
+               "v1 colocate_async, separate_async", "guards/offpolicy.py"),
+    VerlSymbol("verl.trainer.ppo.v1.trainer_separate_async", "logger", "wraps",
+               "verl 0.9.1 passes logger.info(..., flush=True) (a TypeError) in _setup when hybrid_engine=false: "
+               "the wrapper drops the keyword", "v1 separate_async", "guards/offpolicy.py"),
     VerlSymbol("verl.workers.utils.losses", "ppo_loss", "wraps",
                "exposes the micro-batch's lags to our loss (worker side)", OFFPOLICY, "guards/offpolicy.py"),
     VerlSymbol("verl.trainer.ppo.rollout_corr_helper", "apply_bypass_mode", "wraps",
