@@ -54,13 +54,17 @@ import torch
 from hmpo_verl.means import Rows, arithmetic_harmonic_gap, effective_sample_size
 
 # The aggregator maps (zero-padded log-ratios (B, T), their `Rows`, token clips per row (B,) or None
-# at sequence level) to (log s (B,), w (B, T)).
-Aggregator = Callable[[torch.Tensor, Rows, Optional[torch.Tensor]], "tuple[torch.Tensor, torch.Tensor]"]
+# at sequence level) to (log s (B,), w (B, T), log(T w) (B, T)); see `hmpo_verl.aggregators`.
+Aggregator = Callable[[torch.Tensor, Rows, Optional[torch.Tensor]], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 
 # verl's gspo clamps the log sequence ratio at 10 "for numerical stability"; the verl losses do
 # the same at sequence level (a clamped sequence keeps its value e^10 and gets no gradient).
 # At token level there is no clamp, as in verl's geo_mean (GMPO); TRL clamps at neither.
 MAX_LOG_SEQ_RATIO = 10.0
+
+# Ratio metrics exponentiate a log-ratio clamped to [-20, 20], as verl's rollout-correction metrics do
+# (`verl.trainer.ppo.rollout_corr_helper.SAFETY_BOUND`): finite whatever the ratio, exact inside.
+METRIC_LOG_RATIO_BOUND = 20.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,13 @@ class SurrogateTerms:
         """(B,) valid tokens per row whose trust-region clip is active."""
         return self.clipped_low + self.clipped_high
 
+    @property
+    def seq_ratio_for_metrics(self) -> torch.Tensor:
+        """(B,) float64 s_i for the metrics: exp of log s_i clamped to +-METRIC_LOG_RATIO_BOUND (verl's
+        convention for ratio metrics), so a metric stays finite where the loss is (issue 27, F2)."""
+        bound = METRIC_LOG_RATIO_BOUND
+        return torch.exp(self.log_seq_ratio.to(torch.float64).clamp(-bound, bound))
+
 
 @dataclass
 class _Signs:
@@ -227,19 +238,21 @@ def _token_clip(delta: torch.Tensor, signs: _Signs, region: TrustRegion):
 
 
 def _sequence_clip(log_s: torch.Tensor, signs: _Signs, region: TrustRegion):
-    """Sequence level (GSPO): clip(s_i) by sign(A) `(B, 1)` or `(B, T)`, the gradient mask `keep` (same
+    """Sequence level (GSPO): log clip(s_i) by sign(A) `(B, 1)` or `(B, T)`, the gradient mask `keep` (same
     shape), and per row `(B,)` the tokens whose clip is active with A < 0 and with A > 0.
 
-    A > 0: min(s_i, r_high); A < 0: max(s_i, r_low). log s_i is clamped at `region.max_log_seq_ratio`
-    (verl's gspo: 10); a clamped sequence gets no gradient.
+    A > 0: min(s_i, r_high); A < 0: max(s_i, r_low), compared in ratio space as verl's gspo does. log s_i
+    is clamped at `region.max_log_seq_ratio` (verl's gspo: 10); a clamped sequence gets no gradient.
     """
+    log_clamped = log_s.clamp(max=region.max_log_seq_ratio).unsqueeze(-1)
     over = (log_s > region.max_log_seq_ratio).unsqueeze(-1)
-    seq = torch.exp(log_s.clamp(max=region.max_log_seq_ratio)).unsqueeze(-1)
+    seq = torch.exp(log_clamped)
     clipped = torch.where(signs.side > 0, seq.clamp(max=region.ratio_high),
                           torch.where(signs.side < 0, seq.clamp(min=region.ratio_low), seq))
-    keep = ((clipped == seq) & ~over).to(seq.dtype)
+    inside = clipped == seq
+    keep = (inside & ~over).to(seq.dtype)
     above, below = seq[:, 0] > region.ratio_high, seq[:, 0] < region.ratio_low
-    return clipped, keep, below * signs.negative, above * signs.positive
+    return torch.where(inside, log_clamped, torch.log(clipped)), keep, below * signs.negative, above * signs.positive
 
 
 def surrogate_terms(
@@ -280,20 +293,23 @@ def surrogate_terms(
         signs = _Signs.of(adv, rows)
         if region.level == "token":
             keep, low, high, dual = _token_clip(delta, signs, region)
-            log_s, w = aggregate(delta, rows, low + high)
+            log_s, w, log_share = aggregate(delta, rows, low + high)
             # as verl's geo_mean: no clamp of s_i (an overflow is reported by the caller)
-            seq = torch.exp(log_s).unsqueeze(-1)
+            log_seq = log_s.unsqueeze(-1)
         elif region.level == "sequence":
-            log_s, w = aggregate(delta, rows, None)
-            seq, keep, low, high = _sequence_clip(log_s, signs, region)
+            log_s, w, log_share = aggregate(delta, rows, None)
+            log_seq, keep, low, high = _sequence_clip(log_s, signs, region)
             dual = torch.zeros_like(low)
         else:
             raise ValueError(f"clip_level={region.level!r}; allowed: 'token', 'sequence'")
         del delta
         ess = effective_sample_size(w)
-        # value_t = -A_t * clip(s_i) * T_i * w_t (* IS weight): its gradient on unclipped tokens
-        value = w.mul_(seq * -rows.n.unsqueeze(-1)).mul_(adv)
-        del w, adv, seq
+        del w
+        # value_t = -A_t * clip(s_i) * T_i * w_t (* IS weight), its gradient on unclipped tokens. The share
+        # clip(s_i) T_i w_t is formed in log space, exp(log clip(s_i) + log(T_i w_t)), so each token keeps
+        # its own precision however small its weight next to the row's largest (whose advantage may be 0).
+        value = torch.add(log_share, log_seq).exp_().mul_(adv).neg_()
+        del log_share, adv, log_seq
         if rollout_is_weights is not None:
             value.mul_(torch.where(valid, rollout_is_weights.detach(), 0.0))
         grad_coef = keep.mul_(value) if keep.shape == value.shape else value * keep
