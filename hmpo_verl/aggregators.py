@@ -28,7 +28,7 @@ class PowerAggregator:
         self.power: Optional[torch.Tensor] = None
 
     def __call__(self, delta, rows, clipped):
-        self.power = torch.full(delta.shape[:1], float(self.p), device=delta.device)
+        self.power = torch.full(delta.shape[:1], float(self.p), dtype=torch.float64, device=delta.device)
         return mean_weights_and_shares(delta, self.p, rows)
 
 

@@ -36,6 +36,26 @@ def first_non_finite(inputs: dict, valid: torch.Tensor) -> Optional[tuple[str, i
     return None
 
 
+def check_surrogate_finite(terms, inputs: dict, mask_name: str) -> None:
+    """Raise `NonFiniteInputError` if a loss call's surrogate is not finite: naming the input (of `inputs`,
+    name -> `(B, T)` tensor or None) that holds NaN or inf at a valid position, else an overflow.
+
+    `terms`: the call's `hmpo_verl.surrogate.SurrogateTerms`; `mask_name`: the host's name of the mask
+    (verl: response_mask; TRL: completion_mask). Shared by the verl losses and the TRL trainer, so both
+    hosts refuse the same inputs with the same message.
+    """
+    if torch.isfinite(terms.log_ratio_sum + terms.value.sum()):  # grad_coef is value where it is not 0
+        return
+    if found := first_non_finite(inputs, terms.rows.valid):
+        raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid ({mask_name}) positions")
+    raise NonFiniteInputError(
+        f"the policy loss overflowed in {terms.value.dtype}: a token's share of its sequence ratio, "
+        "clip(s_i) * T * w_t, or its product with the advantage is beyond the dtype's range (log-ratios or "
+        "advantages too large); pass float64 log-probs, or bound the ratios (a dual clip: verl's clip_ratio_c, "
+        "TRL's delta; or clip_level='sequence')"
+    )
+
+
 def check_rollout_log_probs(data) -> None:
     """Raise `NonFiniteInputError` if `data.batch["rollout_log_probs"]` is non-finite at a valid position.
 

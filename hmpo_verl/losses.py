@@ -12,7 +12,7 @@ name when `hmpo_verl` is imported. The work is split as:
 
 Metrics: verl's `actor/pg_clipfrac` (tokens whose trust-region clip is active),
 `actor/ppo_kl`, `actor/pg_clipfrac_lower` (tokens capped by the dual clip, A < 0), and
-under `actor/pm/`: `seq_ratio_mean` (mean sequence ratio s_i), `log_ah_gap` (mean of
+under `actor/pm/`: `seq_ratio_mean` (mean sequence ratio s_i, log s_i clamped to +-20), `log_ah_gap` (mean of
 log A - log H of the unclipped token ratios, the spread of the mean inequality),
 `ess_frac` (mean Kish ESS / T of the aggregation weights), and for the power losses
 `power`, `power_min`, `power_max` (p over the trajectories of the micro-batch);
@@ -33,7 +33,7 @@ from verl.trainer.ppo.core_algos import agg_loss
 from hmpo_verl.adaptive import scheduled_power
 from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
 from hmpo_verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
-from hmpo_verl.finite import NonFiniteInputError, first_non_finite
+from hmpo_verl.finite import check_surrogate_finite
 from hmpo_verl.registry import register_deferred
 from hmpo_verl.reward_adaptive import REWARD_FEEDBACK, feedback_adaptive_clip, reward_adaptive_power
 from hmpo_verl.staleness import current_sample_lag, per_lag_sums
@@ -71,15 +71,6 @@ def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.where(rows, x, 0.0).sum() / rows.sum().clamp(min=1)
 
 
-def _check_finite(terms, inputs: dict) -> None:
-    """Raise `NonFiniteInputError` if a valid position holds a non-finite value (masked ones are ignored)."""
-    if torch.isfinite(terms.log_ratio_sum + terms.value.sum()):  # grad_coef is value where it is not 0
-        return
-    if found := first_non_finite(inputs, terms.rows.valid):
-        raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid (response_mask) positions")
-    raise NonFiniteInputError("the policy loss overflowed: log-ratios or advantages are too large to aggregate")
-
-
 def power_mean_policy_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -108,10 +99,11 @@ def power_mean_policy_loss(
     with torch.no_grad():
         # the maths in float32 at least; the loss matrix in the policy's dtype, as verl's losses
         terms = surrogate_terms(log_prob, old_log_prob, advantages, response_mask, aggregate, region, rollout_is_weights)
-        _check_finite(
+        check_surrogate_finite(
             terms,
             {"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages,
              "rollout_is_weights": rollout_is_weights},
+            "response_mask",
         )
         n = terms.rows.n
         rows = n > 0
@@ -121,12 +113,12 @@ def power_mean_policy_loss(
             "actor/pg_clipfrac": (terms.clipped.sum() / n_tokens).float(),
             "actor/ppo_kl": -terms.log_ratio_sum / n_tokens,
             "actor/pg_clipfrac_lower": (terms.dual_clipped.sum() / n_tokens).float(),
-            "actor/pm/seq_ratio_mean": _masked_row_mean(torch.exp(terms.log_seq_ratio), rows),
+            "actor/pm/seq_ratio_mean": _masked_row_mean(terms.seq_ratio_for_metrics, rows),
             "actor/pm/log_ah_gap": _masked_row_mean(per_row["log_ah_gap"], rows),
             "actor/pm/ess_frac": _masked_row_mean(per_row["ess_frac"], rows),
         }
         if aggregate.power is not None:
-            power = aggregate.power.to(n.dtype)[rows] if rows.any() else torch.zeros(1, dtype=n.dtype)
+            power = aggregate.power.double()[rows] if rows.any() else torch.zeros(1, dtype=torch.float64)
             stats["actor/pm/power"] = power.mean()
             stats["actor/pm/power_min"] = power.min()
             stats["actor/pm/power_max"] = power.max()

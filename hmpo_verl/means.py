@@ -147,7 +147,8 @@ def _finite_power(d: torch.Tensor, rows: Rows, p: Union[float, torch.Tensor]):
     n_safe = rows.n.clamp(min=1)
     mean_f = f.sum(-1) / n_safe
     log1p_mean = torch.log1p(mean_f)
-    log_m = (c - k + log1p_mean) / p
+    # where p * e overflows, |log M_p - e| <= log(T) / |p| is far below e's ulp: log M_p is e
+    log_m = torch.where(torch.isfinite(c), (c - k + log1p_mean) / p, e)
     total = n_safe * (1.0 + mean_f)  # sum_t exp(x_t - s) over valid t, >= 1 when n > 0
     w = f.add_(rows.weight).div_(total.unsqueeze(-1))
     return log_m, w, y.sub_(log1p_mean.unsqueeze(-1))
@@ -168,11 +169,11 @@ def mean_weights_and_shares(d: torch.Tensor, p: Power, rows: Rows) -> tuple[torc
             raise ValueError("power p is NaN; allowed: any real number or +-inf")
         if abs(p) < GEOMETRIC_BELOW:
             return _geometric(d, rows)
-        if math.isinf(p):
+        if math.isinf(p) or abs(p) > torch.finfo(d.dtype).max:  # beyond the dtype: the limit, to rounding
             return _extreme(d, rows, largest=p > 0)
         return _finite_power(d, rows, p)
 
-    pt = p.detach().to(device=d.device, dtype=d.dtype).expand(rows.n.shape)
+    pt = p.detach().to(device=d.device, dtype=d.dtype).expand(rows.n.shape)  # beyond the dtype's range: +-inf
     if torch.isnan(pt).any():
         raise ValueError("power p contains NaN; allowed: any real number or +-inf")
     geometric = pt.abs() < GEOMETRIC_BELOW

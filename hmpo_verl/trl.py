@@ -80,7 +80,7 @@ except ImportError as err:  # say which install brings it
 
 from hmpo_verl.adaptive import scheduled_power
 from hmpo_verl.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
-from hmpo_verl.finite import NonFiniteInputError, first_non_finite
+from hmpo_verl.finite import check_surrogate_finite
 from hmpo_verl.options import (
     HMPO_POWER,
     check_adaptive_options,
@@ -332,11 +332,9 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             aggregate = make_aggregator(args, self.state.global_step, adv_bt, valid, self._pm_reward_stats)
             terms = surrogate_terms(per_token_logps, old, adv_bt, valid, aggregate,
                                     trust_region(args, self._pm_reward_stats), is_weights)
-            found = first_non_finite({"per_token_logps": per_token_logps, "old_per_token_logps": old,
-                                      "advantages": adv_bt, "importance_sampling_ratio": is_weights}, valid)
-            if found:
-                raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid (completion_mask) "
-                                          "positions")
+            check_surrogate_finite(terms, {"per_token_logps": per_token_logps, "old_per_token_logps": old,
+                                           "advantages": adv_bt, "importance_sampling_ratio": is_weights},
+                                   "completion_mask")
         per_token_loss = surrogate_loss_matrix(per_token_logps, terms)
         if self.off_policy_mask_threshold is not None:
             sampling = inputs.get("sampling_per_token_logps", old)
@@ -396,7 +394,7 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
         metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high_frac)).item())
 
         with torch.no_grad():
-            metrics["pm/seq_ratio_mean"].append(row_mean(torch.exp(terms.log_seq_ratio)))
+            metrics["pm/seq_ratio_mean"].append(row_mean(terms.seq_ratio_for_metrics))
             metrics["pm/log_ah_gap"].append(row_mean(terms.log_ah_gap))
             metrics["pm/ess_frac"].append(row_mean(terms.ess / n.clamp(min=1)))
             metrics["pm/dual_clip_mean"].append(token_fraction(terms.dual_clipped))

@@ -283,3 +283,37 @@ def test_off_policy_mask_uses_each_tokens_own_advantage_as_trl(tmp_path):
     assert ((token_adv < 0) & far_on).any() and ((token_adv >= 0) & far_on).any()  # tokens dropped and kept
     args = _args(tmp_path, power=1.0, off_policy_mask_threshold=threshold)
     _compare(args, "token", extra={"advantages": token_adv})
+
+
+# Issue 27: F2 and F7 on TRL's side (verl's: tests/test_loss_edges_on_cpu.py).
+
+
+def _float32_case(tmp_path, advantage, **kw):
+    """float32 inputs whose every valid log-ratio is 95, one advantage for all rows."""
+    args = _args(tmp_path, **kw)
+    base, entropies, inputs = _inputs()
+    mask = inputs["completion_mask"].bool()
+    logps = torch.where(mask, 95.0, 0.0).float().requires_grad_(True)
+    inputs.update(old_per_token_logps=torch.zeros(B, T), advantages=torch.full((B,), advantage),
+                  ref_per_token_logps=logps.detach().clone(), sampling_per_token_logps=torch.zeros(B, T))
+    return args, _stub(args, logps, entropies.float(), kw.get("clip_level", "token")), inputs, logps
+
+
+def test_float32_overflow_is_refused_as_verl_does(tmp_path):
+    """F7: float32, log-ratio 95, A < 0, no delta: e^95 is beyond float32. The adapter returned a NaN loss
+    without an error (it checked its inputs only); it now raises verl's adapter's error."""
+    from hmpo_verl.finite import NonFiniteInputError
+
+    _, stub, inputs, _ = _float32_case(tmp_path, -1.0, power=1.0)
+    with pytest.raises(NonFiniteInputError, match="overflowed in torch.float32.*TRL's delta"):
+        PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)
+
+
+def test_seq_ratio_metric_is_finite_where_the_loss_is(tmp_path):
+    """F2: sequence clip (no clamp of log s, as TRL), float32, log-ratio 95, A > 0: the loss is finite
+    (s clipped at 1 + epsilon_high); pm/seq_ratio_mean is exp(20), log s clamped as verl's ratio metrics
+    (it was inf)."""
+    _, stub, inputs, logps = _float32_case(tmp_path, 1.0, power=0.0, clip_level="sequence")
+    loss = PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)
+    assert torch.isfinite(loss)
+    assert stub._metrics["train"]["pm/seq_ratio_mean"][0] == pytest.approx(math.exp(20.0), rel=1e-6)
