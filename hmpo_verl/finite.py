@@ -59,15 +59,15 @@ def check_surrogate_finite(terms, inputs: dict, mask_name: str) -> None:
 def check_rollout_log_probs(data) -> None:
     """Raise `NonFiniteInputError` if `data.batch["rollout_log_probs"]` is non-finite at a valid position.
 
-    `data`: the DataProto verl hands `calculate_debug_metrics` (`rollout_log_probs`, `responses`,
-    `response_mask` or `attention_mask`, each `(B, ...)`).
+    `data`: the DataProto verl hands `calculate_debug_metrics` (`rollout_log_probs` `(B, T)`, and optionally
+    `response_mask` or `attention_mask` `(B, >= T)`). The valid positions are the ones verl's function uses:
+    `response_mask`, else `attention_mask` (their last T columns), else every position (issue 27, F8).
     """
     batch = data.batch
     if "rollout_log_probs" not in batch.keys():
         return
     log_probs = batch["rollout_log_probs"]
-    mask = batch["response_mask"] if "response_mask" in batch.keys() else batch["attention_mask"]
-    mask = mask[:, -log_probs.shape[-1] :]
+    mask = _debug_metrics_mask(batch, log_probs)
     bad = count_non_finite(log_probs, mask)
     if bad:
         rows = int((~torch.isfinite(log_probs) & mask.bool()).any(-1).sum())
@@ -75,6 +75,14 @@ def check_rollout_log_probs(data) -> None:
             f"rollout_log_probs has {bad} non-finite value(s) at valid (response_mask) positions, in {rows} of "
             f"{log_probs.shape[0]} responses: the rollout engine's log-probs are broken; this batch is not trained on"
         )
+
+
+def _debug_metrics_mask(batch, log_probs: torch.Tensor) -> torch.Tensor:
+    """`(B, T)` the mask `verl.utils.debug.metrics.calculate_debug_metrics` (0.9.1) applies to `log_probs`."""
+    for key in ("response_mask", "attention_mask"):
+        if key in batch.keys():
+            return batch[key][:, -log_probs.shape[-1] :]
+    return torch.ones_like(log_probs, dtype=torch.bool)  # verl: "no mask info found, use all log probs"
 
 
 def guard_rollout_log_probs(module) -> None:
