@@ -190,7 +190,7 @@ compute_policy_loss_power_mean.__doc__ = """Power-mean policy optimization with 
     Equals verl's built-ins (README, "Equivalences", states each condition exactly):
     p = 0 with sequence clip is `gspo` (every aggregation, IS weights, per-token A);
     p = 1 with token clip in ratio space is `vanilla` (every aggregation, IS weights,
-    per-token A; except tokens with A > 0 and delta < -20, which vanilla clamps);
+    per-token A with zeros; except where vanilla's clamp of delta to [-20, 20] binds);
     p = 0 with token clip in log space is `geo_mean` (GMPO) under seq-mean-token-mean over
     the whole batch in one call, one advantage and IS weight per response.
     Needs `PowerMeanLossConfig` (field `power`).

@@ -380,11 +380,16 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
         low, high = terms.clipped_low.to(maskf.dtype), terms.clipped_high.to(maskf.dtype)  # (B,) counts
-        if self.args.clip_level == "sequence":  # one flag per sequence, as TRL's sequence level counts them
+        if self.args.clip_level == "sequence":  # one flag per sequence over every row (empty ones too), as TRL
             low_frac, high_frac = (low > 0).to(maskf.dtype), (high > 0).to(maskf.dtype)
-            metrics["clip_ratio/low_mean"].append(row_mean(low_frac))
-            metrics["clip_ratio/high_mean"].append(row_mean(high_frac))
-            metrics["clip_ratio/region_mean"].append(row_mean(low_frac + high_frac))
+
+            def batch_mean(x):
+                totals = reduce(torch.stack([x.sum(), torch.tensor(float(x.shape[0]), dtype=x.dtype)]), reduction="sum")
+                return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+            metrics["clip_ratio/low_mean"].append(batch_mean(low_frac))
+            metrics["clip_ratio/high_mean"].append(batch_mean(high_frac))
+            metrics["clip_ratio/region_mean"].append(batch_mean(low_frac + high_frac))
         else:
             low_frac, high_frac = low / maskf.sum(-1), high / maskf.sum(-1)
             metrics["clip_ratio/low_mean"].append(token_fraction(low))
