@@ -11,7 +11,10 @@ tokens with the GSPO-token construction generalised to any mean:
 
 and the per-token loss is -A_it * c_it * s_it (c: rollout IS weights, if given; s_i
 clipped as below). Token t holds its share of the sequence ratio, s_i * T_i * w_it
-(= s_i^(1-p) * r_it^p for M_p; the shares average to s_i over the response), and its
+(= s_i^(1-p) * r_it^p for M_p; the shares average to s_i over the response), formed in log space
+from the aggregator's log(T_i w_it) so that it is exact relative to itself even when w_it is tiny
+next to the row's largest weight (issue 27: with per-token advantages that weight may belong to a
+token with A = 0, and a share rebuilt from w would lose every digit), and its
 gradient is s_i * T_i * w_it * grad delta_it, so after a per-sequence token-mean the
 gradient is exactly grad s_i. Hence:
   * p = 0 (T_i w = 1): every token holds s_i -- verl's `gspo` term for term;
@@ -143,7 +146,8 @@ class SurrogateTerms:
     Shapes: (B, T) unless noted. `value` and `grad_coef` are 0 at masked positions.
 
     Attributes:
-        value: -A_it * clip(s_i) * T_i * w_it (times rollout IS weights if given), in log_prob's dtype.
+        value: -A_it * clip(s_i) * T_i * w_it (times rollout IS weights if given), in log_prob's dtype; the
+            share clip(s_i) T_i w_it is exp(log clip(s_i) + log(T_i w_it)), exact relative to itself.
         grad_coef: d value_it / d log pi_it under the token construction above (value_it
             on tokens whose clip is inactive, 0 elsewhere), in log_prob's dtype.
         rows: the valid positions (`hmpo_verl.means.Rows`: bool, 0/1, count per row).
