@@ -102,9 +102,9 @@ def zero_padded(log_x: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torc
 
 
 def _geometric(d: torch.Tensor, rows: Rows):
-    """p = 0: log M_0 = mean_t d_t, w_t = 1/T, log T w_t = 0 (a broadcast view)."""
+    """p = 0: log M_0 = mean_t d_t, w_t = 1/T, log T w_t = 0."""
     n_safe = rows.n.clamp(min=1)
-    return d.sum(-1) / n_safe, rows.weight / n_safe.unsqueeze(-1), torch.zeros((), dtype=d.dtype).expand_as(d)
+    return d.sum(-1) / n_safe, rows.weight / n_safe.unsqueeze(-1), torch.zeros_like(d)
 
 
 def _extreme(d: torch.Tensor, rows: Rows, largest: bool):
@@ -265,22 +265,28 @@ def agm_weights_and_shares(d: torch.Tensor, rows: Rows, iters: Optional[int] = N
     log(T w_t) = logaddexp(log alpha + log(T w_A,t), log(1 - alpha) + log(T w_H,t))."""
     if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 0):
         raise ValueError(f"agm iters={iters!r}; allowed: None (exact limit) or an integer >= 0")
-    log_a, w_a, share_a = mean_weights_and_shares(d, 1.0, rows)
-    log_h, w_h, share_h = mean_weights_and_shares(d, -1.0, rows)
+    # the weights follow from the shares (w_t = exp(log(T w_t)) / T): keep only the shares of A and H
+    log_a, share_a = mean_weights_and_shares(d, 1.0, rows)[::2]
+    log_h, share_h = mean_weights_and_shares(d, -1.0, rows)[::2]
     if iters is None:
-        return 0.5 * (log_a + log_h), w_a.add_(w_h).mul_(0.5), torch.logaddexp(share_a, share_h).sub_(math.log(2.0))
-    # Track (log a_k, log h_k) and their derivatives with respect to log A.
-    la, lh = log_a, log_h
-    da, dh = torch.ones_like(la), torch.zeros_like(lh)
-    for _ in range(iters):
-        sigma = torch.sigmoid(la - lh)  # a / (a + h)
-        la_next = torch.logaddexp(la, lh) - math.log(2.0)
-        da_next = sigma * da + (1.0 - sigma) * dh
-        lh, dh = la + lh - la_next, da + dh - da_next
-        la, da = la_next, da_next
-    alpha = da.unsqueeze(-1)
-    log_share = torch.logaddexp(share_a.add_(torch.log(alpha)), share_h.add_(torch.log1p(-alpha)))
-    return la, w_a.mul_(alpha).add_(w_h.mul_(1.0 - alpha)), log_share
+        log_m, log_alpha, log_beta = 0.5 * (log_a + log_h), -math.log(2.0), -math.log(2.0)
+    else:
+        # Track (log a_k, log h_k) and their derivatives with respect to log A.
+        la, lh = log_a, log_h
+        da, dh = torch.ones_like(la), torch.zeros_like(lh)
+        for _ in range(iters):
+            sigma = torch.sigmoid(la - lh)  # a / (a + h)
+            la_next = torch.logaddexp(la, lh) - math.log(2.0)
+            da_next = sigma * da + (1.0 - sigma) * dh
+            lh, dh = la + lh - la_next, da + dh - da_next
+            la, da = la_next, da_next
+        alpha = da.unsqueeze(-1)
+        log_m, log_alpha, log_beta = la, torch.log(alpha), torch.log1p(-alpha)
+    log_share = torch.logaddexp(share_a.add_(log_alpha), share_h.add_(log_beta), out=share_a)
+    del share_h
+    log_n = torch.log(rows.n.clamp(min=1)).unsqueeze(-1)
+    w = torch.sub(log_share, log_n).exp_().mul_(rows.weight)  # 0 at invalid entries
+    return log_m, w, log_share
 
 
 # --------------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def surrogate_terms(
         # value_t = -A_t * clip(s_i) * T_i * w_t (* IS weight), its gradient on unclipped tokens. The share
         # clip(s_i) T_i w_t is formed in log space, exp(log clip(s_i) + log(T_i w_t)), so each token keeps
         # its own precision however small its weight next to the row's largest (whose advantage may be 0).
-        value = torch.add(log_share, log_seq).exp_().mul_(adv).neg_()
+        value = log_share.add_(log_seq).exp_().mul_(adv).neg_()  # the aggregators' log shares are fresh tensors
         del log_share, adv, log_seq
         if rollout_is_weights is not None:
             value.mul_(torch.where(valid, rollout_is_weights.detach(), 0.0))
