@@ -7,10 +7,12 @@ documented difference.
   power_mean p=0, token clip in log space    == geo_mean  seq-mean-token-mean over the whole batch in one
                                                           call, no empty row, one A per response, IS
                                                           weights constant per response (or none)
-  power_mean p=1, token clip in ratio space  == vanilla   every agg mode, +- IS weights, per-token A;
-                                                          except A > 0 tokens with delta < -20
+  power_mean p=1, token clip in ratio space  == vanilla   every agg mode, +- IS weights, per-token A
+                                                          (zeros included); except where vanilla's
+                                                          clamp of delta to [-20, 20] binds
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -238,3 +240,55 @@ def test_geo_mean_exception_clip_metrics():
     assert theirs[2]["actor/pg_clipfrac_lower"] == pytest.approx((outside & (a < 0)).sum().item() / n, rel=1e-6)
     assert abs(ours[2]["actor/pg_clipfrac"] - theirs[2]["actor/pg_clipfrac"]) > 0.1  # a real difference
     assert ours[2]["actor/ppo_kl"] == pytest.approx(theirs[2]["actor/ppo_kl"], rel=1e-9)
+
+
+# Issue 27, F5: the rest of vanilla's clamp of delta to [-20, 20], each stated difference on both sides.
+
+
+def test_vanilla_exception_ppo_kl_averages_the_clamped_delta():
+    """actor/ppo_kl: vanilla averages -clamp(delta, -20, 20), ours (as gspo and geo_mean) -delta, so they differ
+    wherever a valid |delta| > 20; loss and gradient agree here (delta 25 with A < 0 is dual-clipped in both)."""
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    lp = torch.tensor([[25.0, 0.1]], dtype=torch.float64)
+    adv = torch.tensor([[-1.0, 1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    ours = _run("power_mean", actor_config("power_mean", power=1.0), old, lp, adv, mask, "token-mean")
+    theirs = _run("vanilla", actor_config("vanilla", plain=True), old, lp, adv, mask, "token-mean")
+    assert ours[2]["actor/ppo_kl"] == pytest.approx(-12.55, rel=1e-12)
+    assert theirs[2]["actor/ppo_kl"] == pytest.approx(-10.05, rel=1e-12)
+    _assert_same(ours, theirs, ["actor/pg_clipfrac", "actor/pg_clipfrac_lower"])
+
+
+def test_vanilla_exception_negative_advantages_below_minus_20_without_a_lower_bound():
+    """clip_ratio_low = 1 (lower ratio bound 0): an A < 0 token with delta < -20 is not clipped, so vanilla's
+    clamp shows: value -A e^-20 and no gradient there, ours -A e^delta and its gradient (as for A > 0)."""
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    lp = torch.tensor([[-25.0, -0.1]], dtype=torch.float64)
+    adv = torch.full((1, 2), -1.0, dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    config = dict(eps_low=1.0, eps_high=0.2)
+    ours = _run("power_mean", actor_config("power_mean", power=1.0, **config), old, lp, adv, mask, "token-sum")
+    theirs = _run("vanilla", actor_config("vanilla", plain=True, **config), old, lp, adv, mask, "token-sum")
+    assert theirs[1][0, 0] == 0 and ours[1][0, 0].item() == pytest.approx(math.exp(-25.0), rel=1e-12)
+    torch.testing.assert_close(ours[0] - theirs[0], torch.tensor(math.exp(-25.0) - math.exp(-20.0), dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+    torch.testing.assert_close(ours[1][0, 1], theirs[1][0, 1], rtol=1e-12, atol=0)
+
+
+def test_vanilla_exception_negative_advantages_above_20_with_a_dual_clip_beyond_e20():
+    """clip_ratio_c > e^20: an A < 0 token with delta > 20 holds -A e^20 (no gradient) in vanilla, which clamps
+    delta first; ours -A min(e^delta, clip_ratio_c): here delta = 21 keeps its gradient, delta = 25 is capped."""
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    lp = torch.tensor([[21.0, 25.0, 0.1]], dtype=torch.float64)
+    adv = torch.full((1, 3), -1.0, dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    c = 1e10
+    configs = [dataclasses.replace(actor_config(mode, **kw), clip_ratio_c=c)
+               for mode, kw in (("power_mean", dict(power=1.0)), ("vanilla", dict(plain=True)))]
+    ours = _run("power_mean", configs[0], old, lp, adv, mask, "token-sum")
+    theirs = _run("vanilla", configs[1], old, lp, adv, mask, "token-sum")
+    e20, e21 = math.exp(20.0), math.exp(21.0)
+    assert ours[0].item() == pytest.approx(e21 + c + math.exp(0.1), rel=1e-13)
+    assert theirs[0].item() == pytest.approx(2 * e20 + math.exp(0.1), rel=1e-13)
+    torch.testing.assert_close(ours[1], torch.tensor([[e21, 0.0, math.exp(0.1)]], dtype=torch.float64), rtol=1e-13, atol=0)
+    torch.testing.assert_close(theirs[1], torch.tensor([[0.0, 0.0, math.exp(0.1)]], dtype=torch.float64), rtol=1e-13, atol=0)

@@ -107,3 +107,29 @@ def test_verl_trainer_rejects_adapt_reward_before_ray():
         check_options(config)
     config.actor_rollout_ref.actor.policy_loss.adapt = "ess"
     check_options(config)
+
+
+def _apmpo_formula(delta, adv, p, eps_low, eps_high):
+    """The paper's per-sequence loss, float64: -M_p(|min(r_t A, clip(r_t) A)|) sgn(A) (no dual clip)."""
+    r = torch.exp(delta)
+    terms = torch.minimum(r * adv, torch.clamp(r, 1 - eps_low, 1 + eps_high) * adv).abs()
+    return -math.copysign(1.0, adv) * torch.mean(terms**p) ** (1 / p)
+
+
+@pytest.mark.parametrize("clip_ratio_c, matches", [(3.0, False), (1e6, True)])
+def test_loss_is_the_papers_objective_except_verls_dual_clip(clip_ratio_c, matches):
+    """Issue 27, F4 (README, Adaptive p): for A < 0 verl's dual clip also caps each token ratio at clip_ratio_c,
+    which the paper's formula lacks: delta = [1.5, 0.1, -0.2], A = -1 gives 1.5545 with clip_ratio_c = 3
+    against the formula's 1.9396; with clip_ratio_c above every ratio the two are the same."""
+    delta = torch.tensor([[1.5, 0.1, -0.2]], dtype=torch.float64)
+    old, adv, mask = torch.zeros_like(delta), torch.full_like(delta, -1.0), torch.ones(1, 3, dtype=torch.bool)
+    stats = RewardStats(0.5, 0.5)
+    REWARD_FEEDBACK.set(stats)
+    config = _actor(AdaptivePowerMeanLossConfig(adapt="reward"), clip_ratio_c=clip_ratio_c)
+    loss, metrics = get_policy_loss_fn("adaptive_power_mean")(old, delta, adv, mask, "seq-mean-token-mean", config, None)
+    formula = _apmpo_formula(delta[0], -1.0, metrics["actor/pm/power"], 0.2, metrics["actor/pm/clip_high"])
+    assert (loss.item() == pytest.approx(formula.item(), rel=1e-12)) == matches
+    if not matches:
+        capped = torch.tensor([math.log(3.0), 0.1, -0.2], dtype=torch.float64)
+        assert loss.item() == pytest.approx(_apmpo_formula(capped, -1.0, metrics["actor/pm/power"], 0.2, 1.0).item())
+        assert (round(loss.item(), 4), round(formula.item(), 4)) == (1.5545, 1.9396)

@@ -283,3 +283,96 @@ def test_off_policy_mask_uses_each_tokens_own_advantage_as_trl(tmp_path):
     assert ((token_adv < 0) & far_on).any() and ((token_adv >= 0) & far_on).any()  # tokens dropped and kept
     args = _args(tmp_path, power=1.0, off_policy_mask_threshold=threshold)
     _compare(args, "token", extra={"advantages": token_adv})
+
+
+# Issue 27: F2 and F7 on TRL's side (verl's: tests/test_loss_edges_on_cpu.py).
+
+
+def _float32_case(tmp_path, advantage, **kw):
+    """float32 inputs whose every valid log-ratio is 95, one advantage for all rows."""
+    args = _args(tmp_path, **kw)
+    base, entropies, inputs = _inputs()
+    mask = inputs["completion_mask"].bool()
+    logps = torch.where(mask, 95.0, 0.0).float().requires_grad_(True)
+    inputs.update(old_per_token_logps=torch.zeros(B, T), advantages=torch.full((B,), advantage),
+                  ref_per_token_logps=logps.detach().clone(), sampling_per_token_logps=torch.zeros(B, T))
+    return args, _stub(args, logps, entropies.float(), kw.get("clip_level", "token")), inputs, logps
+
+
+def test_float32_overflow_is_refused_as_verl_does(tmp_path):
+    """F7: float32, log-ratio 95, A < 0, no delta: e^95 is beyond float32. The adapter returned a NaN loss
+    without an error (it checked its inputs only); it now raises verl's adapter's error."""
+    from hmpo_verl.finite import NonFiniteInputError
+
+    _, stub, inputs, _ = _float32_case(tmp_path, -1.0, power=1.0)
+    with pytest.raises(NonFiniteInputError, match="overflowed in torch.float32.*TRL's delta"):
+        PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)
+
+
+def test_seq_ratio_metric_is_finite_where_the_loss_is(tmp_path):
+    """F2: sequence clip (no clamp of log s, as TRL), float32, log-ratio 95, A > 0: the loss is finite
+    (s clipped at 1 + epsilon_high); pm/seq_ratio_mean is exp(20), log s clamped as verl's ratio metrics
+    (it was inf)."""
+    _, stub, inputs, logps = _float32_case(tmp_path, 1.0, power=0.0, clip_level="sequence")
+    loss = PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)
+    assert torch.isfinite(loss)
+    assert stub._metrics["train"]["pm/seq_ratio_mean"][0] == pytest.approx(math.exp(20.0), rel=1e-6)
+
+
+# Issue 27, F6: the TRL differences, each computed on both sides.
+
+
+def test_sequence_clip_metrics_count_empty_rows_as_trl(tmp_path):
+    """TRL's sequence-level clip_ratio/* are means over every row, a fully masked one included (as not
+    clipped); the adapter's were over non-empty rows only (0.5 against TRL's 0.333 with one empty row)."""
+    args = _args(tmp_path, power=0.0, clip_level="sequence", epsilon=0.03, epsilon_high=0.04)
+    ours, theirs = _compare(args, "sequence", empty_row=True, noise=0.3)
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                "clip_ratio/low_min", "clip_ratio/high_max"):
+        assert ours[2][key] == pytest.approx(theirs[2][key], rel=1e-6, abs=1e-9), key  # TRL's are float32
+    assert 0 < theirs[2]["clip_ratio/region_mean"][0] < 1
+
+
+def _sequence_objective(logps, old, adv, completion, in_mean, in_loss, eps_low, eps_high):
+    """float64 direct formula, loss_type grpo, eval (no accumulation scale): s_i = exp(mean of delta over the
+    `in_mean` tokens); each `in_loss` token's term -min(s A, clip(s) A); per-sequence mean over `completion`."""
+    delta = torch.where(in_mean, logps - old, 0.0)
+    s = torch.exp(delta.sum(-1) / in_mean.sum(-1).clamp(min=1)).unsqueeze(-1)
+    a = adv.unsqueeze(-1)
+    term = -torch.minimum(s * a, torch.clamp(s, 1 - eps_low, 1 + eps_high) * a) * in_loss
+    return ((term * completion).sum(-1) / completion.sum(-1).clamp(min=1)).mean()
+
+
+def test_entropy_mask_at_sequence_clip_leaves_low_entropy_tokens_out_of_s_where_trl_keeps_them(tmp_path):
+    """Stated difference (README, TRL section): with top_entropy_quantile < 1 the adapter takes s_i over the
+    high-entropy tokens (they alone enter the mean, as TRL's GMPO trainer), TRL's GRPOTrainer over every
+    completion token, zeroing the low-entropy tokens' terms only. Each loss is checked against its formula."""
+    args = _args(tmp_path, power=0.0, clip_level="sequence", epsilon=0.2, epsilon_high=0.2, top_entropy_quantile=0.5)
+    ours = _loss_and_grad(PowerMeanGRPOTrainer._compute_loss, args, "sequence", training=False, noise=0.5)
+    theirs = _loss_and_grad(GRPOTrainer._compute_loss, args, "sequence", training=False, noise=0.5)
+    logps, entropies, inputs = _inputs(noise=0.5)
+    completion = inputs["completion_mask"].bool()
+    stub = _stub(args, logps, entropies, "sequence")
+    high = stub.get_high_entropy_mask(entropies, inputs["completion_mask"], 0.5).bool()
+    old, adv = inputs["old_per_token_logps"], inputs["advantages"]
+    for loss, in_mean in ((ours[0], high), (theirs[0], completion)):
+        expected = _sequence_objective(logps, old, adv, completion, in_mean, high, 0.2, 0.2)
+        torch.testing.assert_close(loss, expected, **TIGHT)
+    assert abs(ours[0] - theirs[0]) > 0.05 * abs(theirs[0])
+
+
+def test_entropy_mask_clip_metrics_count_the_tokens_in_the_mean(tmp_path):
+    """Stated difference: at token level with the entropy mask the loss is TRL's, but clip_ratio/* count the
+    clipped tokens among the high-entropy ones (the tokens in the mean), TRL's among every completion token."""
+    args = _args(tmp_path, power=1.0, epsilon=0.1, epsilon_high=0.1, top_entropy_quantile=0.5)
+    ours, theirs = _compare(args, "token", noise=0.5)
+    logps, entropies, inputs = _inputs(noise=0.5)
+    completion = inputs["completion_mask"].bool()
+    high = _stub(args, logps, entropies, "token").get_high_entropy_mask(entropies, inputs["completion_mask"], 0.5).bool()
+    r = torch.exp(logps - inputs["old_per_token_logps"])
+    a = inputs["advantages"].unsqueeze(-1)
+    clipped = ((r < 0.9) & (a < 0)) | ((r > 1.1) & (a > 0))
+    n = completion.sum()
+    assert theirs[2]["clip_ratio/region_mean"][0] == pytest.approx(((clipped & completion).sum() / n).item())
+    assert ours[2]["clip_ratio/region_mean"][0] == pytest.approx(((clipped & high).sum() / n).item())
+    assert ours[2]["clip_ratio/region_mean"][0] != pytest.approx(theirs[2]["clip_ratio/region_mean"][0])

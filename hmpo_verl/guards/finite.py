@@ -36,18 +36,38 @@ def first_non_finite(inputs: dict, valid: torch.Tensor) -> Optional[tuple[str, i
     return None
 
 
+def check_surrogate_finite(terms, inputs: dict, mask_name: str) -> None:
+    """Raise `NonFiniteInputError` if a loss call's surrogate is not finite: naming the input (of `inputs`,
+    name -> `(B, T)` tensor or None) that holds NaN or inf at a valid position, else an overflow.
+
+    `terms`: the call's `hmpo_verl.surrogate.SurrogateTerms`; `mask_name`: the host's name of the mask
+    (verl: response_mask; TRL: completion_mask). Shared by the verl losses and the TRL trainer, so both
+    hosts refuse the same inputs with the same message.
+    """
+    if torch.isfinite(terms.log_ratio_sum + terms.value.sum()):  # grad_coef is value where it is not 0
+        return
+    if found := first_non_finite(inputs, terms.rows.valid):
+        raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid ({mask_name}) positions")
+    raise NonFiniteInputError(
+        f"the policy loss overflowed in {terms.value.dtype}: a token's share of its sequence ratio, "
+        "clip(s_i) * T * w_t, or its product with the advantage is beyond the dtype's range (log-ratios or "
+        "advantages too large); pass float64 log-probs, or bound the ratios (a dual clip: verl's clip_ratio_c, "
+        "TRL's delta; or clip_level='sequence')"
+    )
+
+
 def check_rollout_log_probs(data) -> None:
     """Raise `NonFiniteInputError` if `data.batch["rollout_log_probs"]` is non-finite at a valid position.
 
-    `data`: the DataProto verl hands `calculate_debug_metrics` (`rollout_log_probs`, `responses`,
-    `response_mask` or `attention_mask`, each `(B, ...)`).
+    `data`: the DataProto verl hands `calculate_debug_metrics` (`rollout_log_probs` `(B, T)`, and optionally
+    `response_mask` or `attention_mask` `(B, >= T)`). The valid positions are the ones verl's function uses:
+    `response_mask`, else `attention_mask` (their last T columns), else every position (issue 27, F8).
     """
     batch = data.batch
     if "rollout_log_probs" not in batch.keys():
         return
     log_probs = batch["rollout_log_probs"]
-    mask = batch["response_mask"] if "response_mask" in batch.keys() else batch["attention_mask"]
-    mask = mask[:, -log_probs.shape[-1] :]
+    mask = _debug_metrics_mask(batch, log_probs)
     bad = count_non_finite(log_probs, mask)
     if bad:
         rows = int((~torch.isfinite(log_probs) & mask.bool()).any(-1).sum())
@@ -55,6 +75,14 @@ def check_rollout_log_probs(data) -> None:
             f"rollout_log_probs has {bad} non-finite value(s) at valid (response_mask) positions, in {rows} of "
             f"{log_probs.shape[0]} responses: the rollout engine's log-probs are broken; this batch is not trained on"
         )
+
+
+def _debug_metrics_mask(batch, log_probs: torch.Tensor) -> torch.Tensor:
+    """`(B, T)` the mask `verl.utils.debug.metrics.calculate_debug_metrics` (0.9.1) applies to `log_probs`."""
+    for key in ("response_mask", "attention_mask"):
+        if key in batch.keys():
+            return batch[key][:, -log_probs.shape[-1] :]
+    return torch.ones_like(log_probs, dtype=torch.bool)  # verl: "no mask info found, use all log probs"
 
 
 def guard_rollout_log_probs(module) -> None:

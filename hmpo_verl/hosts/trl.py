@@ -80,7 +80,7 @@ except ImportError as err:  # say which install brings it
 
 from hmpo_verl.maths.adaptive import scheduled_power
 from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
-from hmpo_verl.guards.finite import NonFiniteInputError, first_non_finite
+from hmpo_verl.guards.finite import check_surrogate_finite
 from hmpo_verl.maths.options import (
     HMPO_POWER,
     check_adaptive_options,
@@ -332,11 +332,9 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             aggregate = make_aggregator(args, self.state.global_step, adv_bt, valid, self._pm_reward_stats)
             terms = surrogate_terms(per_token_logps, old, adv_bt, valid, aggregate,
                                     trust_region(args, self._pm_reward_stats), is_weights)
-            found = first_non_finite({"per_token_logps": per_token_logps, "old_per_token_logps": old,
-                                      "advantages": adv_bt, "importance_sampling_ratio": is_weights}, valid)
-            if found:
-                raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid (completion_mask) "
-                                          "positions")
+            check_surrogate_finite(terms, {"per_token_logps": per_token_logps, "old_per_token_logps": old,
+                                           "advantages": adv_bt, "importance_sampling_ratio": is_weights},
+                                   "completion_mask")
         per_token_loss = surrogate_loss_matrix(per_token_logps, terms)
         if self.off_policy_mask_threshold is not None:
             sampling = inputs.get("sampling_per_token_logps", old)
@@ -382,11 +380,16 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
         low, high = terms.clipped_low.to(maskf.dtype), terms.clipped_high.to(maskf.dtype)  # (B,) counts
-        if self.args.clip_level == "sequence":  # one flag per sequence, as TRL's sequence level counts them
+        if self.args.clip_level == "sequence":  # one flag per sequence over every row (empty ones too), as TRL
             low_frac, high_frac = (low > 0).to(maskf.dtype), (high > 0).to(maskf.dtype)
-            metrics["clip_ratio/low_mean"].append(row_mean(low_frac))
-            metrics["clip_ratio/high_mean"].append(row_mean(high_frac))
-            metrics["clip_ratio/region_mean"].append(row_mean(low_frac + high_frac))
+
+            def batch_mean(x):
+                totals = reduce(torch.stack([x.sum(), torch.tensor(float(x.shape[0]), dtype=x.dtype)]), reduction="sum")
+                return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+            metrics["clip_ratio/low_mean"].append(batch_mean(low_frac))
+            metrics["clip_ratio/high_mean"].append(batch_mean(high_frac))
+            metrics["clip_ratio/region_mean"].append(batch_mean(low_frac + high_frac))
         else:
             low_frac, high_frac = low / maskf.sum(-1), high / maskf.sum(-1)
             metrics["clip_ratio/low_mean"].append(token_fraction(low))
@@ -396,7 +399,7 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
         metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high_frac)).item())
 
         with torch.no_grad():
-            metrics["pm/seq_ratio_mean"].append(row_mean(torch.exp(terms.log_seq_ratio)))
+            metrics["pm/seq_ratio_mean"].append(row_mean(terms.seq_ratio_for_metrics))
             metrics["pm/log_ah_gap"].append(row_mean(terms.log_ah_gap))
             metrics["pm/ess_frac"].append(row_mean(terms.ess / n.clamp(min=1)))
             metrics["pm/dual_clip_mean"].append(token_fraction(terms.dual_clipped))

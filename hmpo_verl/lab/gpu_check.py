@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from hmpo_verl.means import agm_and_weights, mean_and_weights
+from hmpo_verl.means import agm_weights_and_shares, mean_weights_and_shares
 from hmpo_verl.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 GSPO_EPS = (3e-4, 4e-4)  # GSPO's / verl's gspo_trainer clip range (sequence level)
@@ -66,11 +66,11 @@ def ours(aggregate: Callable, region: TrustRegion):
 
 
 def _power(p: float) -> Callable:
-    return lambda delta, rows, clipped: mean_and_weights(delta, p, rows)
+    return lambda delta, rows, clipped: mean_weights_and_shares(delta, p, rows)
 
 
 def _agm(delta, rows, clipped):
-    return agm_and_weights(delta, rows, None)
+    return agm_weights_and_shares(delta, rows, None)
 
 
 TOKEN_LOG = TrustRegion.from_eps("token", "log", GMPO_LOG_EPS, GMPO_LOG_EPS)

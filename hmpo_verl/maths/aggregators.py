@@ -1,11 +1,12 @@
-"""Sequence-ratio aggregators: token log-ratios -> (log s_i, weights), for `surrogate_terms`
+"""Sequence-ratio aggregators: token log-ratios -> (log s_i, weights, log shares), for `surrogate_terms`
 (pure torch, no verl import; shared by the verl losses and the TRL trainer).
 
 Each aggregator is called as `aggregate(delta, rows, clipped)` with the (possibly clipped)
 token log-ratios delta `(B, T)`, 0 at invalid positions, their `hmpo_verl.means.Rows` (valid
 positions and counts) and, at token clip level, the number of tokens per row whose clip is
-active `(B,)` (None at sequence level). It returns log s `(B,)` and the weights
-w_t = d log s_i / d delta_t `(B, T)`, and records the p each row used in `power` `(B,)` (None
+active `(B,)` (None at sequence level). It returns log s `(B,)`, the weights
+w_t = d log s_i / d delta_t `(B, T)` and each token's log share log(T_i w_t) `(B, T)` (accurate
+relative to itself; see `hmpo_verl.means.mean_weights_and_shares`), and records the p each row used in `power` `(B,)` (None
 for the AGM), for the metrics.
 """
 
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 
 from hmpo_verl.maths.adaptive import ess_search_bound, ess_target_fraction, solve_power_for_ess
-from hmpo_verl.maths.means import agm_and_weights, mean_and_weights
+from hmpo_verl.maths.means import agm_weights_and_shares, mean_weights_and_shares
 
 
 class PowerAggregator:
@@ -27,8 +28,8 @@ class PowerAggregator:
         self.power: Optional[torch.Tensor] = None
 
     def __call__(self, delta, rows, clipped):
-        self.power = torch.full(delta.shape[:1], float(self.p), device=delta.device)
-        return mean_and_weights(delta, self.p, rows)
+        self.power = torch.full(delta.shape[:1], float(self.p), dtype=torch.float64, device=delta.device)
+        return mean_weights_and_shares(delta, self.p, rows)
 
 
 class ESSMatchingAggregator(PowerAggregator):
@@ -51,7 +52,7 @@ class ESSMatchingAggregator(PowerAggregator):
         self.target = ess_target_fraction(clipped / rows.n.clamp(min=1), self.options.ess_target_min)
         bound = ess_search_bound(self.row_sign, self.options.sign_rule, self.options.p_min, self.options.p_max)
         self.power = solve_power_for_ess(delta, rows.valid, self.target, bound)
-        return mean_and_weights(delta, self.power, rows)
+        return mean_weights_and_shares(delta, self.power, rows)
 
 
 class AGMAggregator:
@@ -63,4 +64,4 @@ class AGMAggregator:
         self.iters = iters
 
     def __call__(self, delta, rows, clipped):
-        return agm_and_weights(delta, rows, self.iters)
+        return agm_weights_and_shares(delta, rows, self.iters)

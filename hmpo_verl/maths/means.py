@@ -54,8 +54,8 @@ __all__ = [
     # the same on zero-padded rows, for callers that pad once (hmpo_verl.surrogate)
     "Rows",
     "zero_padded",
-    "mean_and_weights",
-    "agm_and_weights",
+    "mean_weights_and_shares",
+    "agm_weights_and_shares",
     "arithmetic_harmonic_gap",
 ]
 
@@ -102,17 +102,17 @@ def zero_padded(log_x: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torc
 
 
 def _geometric(d: torch.Tensor, rows: Rows):
-    """p = 0: log M_0 = mean_t d_t, w_t = 1/T."""
+    """p = 0: log M_0 = mean_t d_t, w_t = 1/T, log T w_t = 0."""
     n_safe = rows.n.clamp(min=1)
-    return d.sum(-1) / n_safe, rows.weight / n_safe.unsqueeze(-1)
+    return d.sum(-1) / n_safe, rows.weight / n_safe.unsqueeze(-1), torch.zeros_like(d)
 
 
 def _extreme(d: torch.Tensor, rows: Rows, largest: bool):
-    """p = +inf (largest) / -inf: log M = max / min; weight split evenly over ties."""
+    """p = +inf (largest) / -inf: log M = max / min; weight split evenly over ties (log T w = -inf elsewhere)."""
     ext = rows.extreme(d, largest)
     hit = (rows.valid & (d == ext.unsqueeze(-1))).to(d.dtype)
     w = hit / hit.sum(-1, keepdim=True).clamp(min=1)
-    return ext, w
+    return ext, w, torch.log(w * rows.n.unsqueeze(-1))
 
 
 def _finite_power(d: torch.Tensor, rows: Rows, p: Union[float, torch.Tensor]):
@@ -129,7 +129,10 @@ def _finite_power(d: torch.Tensor, rows: Rows, p: Union[float, torch.Tensor]):
     nothing overflows for any |p * d|; and p multiplies the difference d_t - e (exact for nearby
     log-ratios), never d_t alone, so a large |p| costs no precision (rounding p * d_t first costs
     eps * |p * d_t| in every exponent: 0.03 at |p| = 1e4, |d| = 50 in float32). The weights are
-    w_t = (expm1(x_t - s) + 1) / sum_u (expm1(x_u - s) + 1) = softmax_t(x).
+    w_t = (expm1(x_t - s) + 1) / sum_u (expm1(x_u - s) + 1) = softmax_t(x): accurate to rounding
+    relative to the row's largest weight only (expm1(x_t - s) + 1 cancels for x_t - s << 0). Each
+    token's log share log(T w_t) = (x_t - s) - log1p(mean_u expm1(x_u - s)) is accurate relative to
+    its own size, however far below the row's largest it lies (issue 27, F1).
     """
     tensor = isinstance(p, torch.Tensor) and p.dim() > 0
     p_col = p.unsqueeze(-1) if tensor else p
@@ -139,43 +142,54 @@ def _finite_power(d: torch.Tensor, rows: Rows, p: Union[float, torch.Tensor]):
         e = rows.extreme(d, largest=p > 0)
     c = p * e
     k = c.clamp(0.0, 1.0)
-    f = (d - e.unsqueeze(-1)).mul_(p_col).add_(k.unsqueeze(-1)).mul_(rows.weight).expm1_()  # 0 at invalid
+    y = (d - e.unsqueeze(-1)).mul_(p_col).add_(k.unsqueeze(-1)).mul_(rows.weight)  # x_t - s, 0 at invalid
+    f = torch.expm1(y)
     n_safe = rows.n.clamp(min=1)
     mean_f = f.sum(-1) / n_safe
-    log_m = (c - k + torch.log1p(mean_f)) / p
+    log1p_mean = torch.log1p(mean_f)
+    # where p * e overflows, |log M_p - e| <= log(T) / |p| is far below e's ulp: log M_p is e
+    log_m = torch.where(torch.isfinite(c), (c - k + log1p_mean) / p, e)
     total = n_safe * (1.0 + mean_f)  # sum_t exp(x_t - s) over valid t, >= 1 when n > 0
     w = f.add_(rows.weight).div_(total.unsqueeze(-1))
-    return log_m, w
+    return log_m, w, y.sub_(log1p_mean.unsqueeze(-1))
 
 
-def mean_and_weights(d: torch.Tensor, p: Power, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """`log_mean_and_weights` of zero-padded `d` (see `zero_padded`): (log M_p `(...)`, weights `(..., T)`)."""
+def mean_weights_and_shares(d: torch.Tensor, p: Power, rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`log_mean_and_weights` of zero-padded `d` (see `zero_padded`), and each token's log share.
+
+    Returns `(log_m, w, log_share)`: log M_p `(...)`, the weights w_t = d log M_p / d log x_t `(..., T)`
+    (accurate relative to each row's largest weight), and log(T w_t) `(..., T)`, accurate relative to
+    w_t itself (-inf where w_t = 0; any finite value at invalid entries). The share of token t in the
+    mean, M_p * T * w_t = M_p^(1 - p) * x_t^p, is exp(log M_p + log_share_t) to a few ulps of its
+    exponent, even where w_t underflows or is tiny next to the row's largest weight.
+    """
     if not isinstance(p, torch.Tensor):
         p = float(p)
         if math.isnan(p):
             raise ValueError("power p is NaN; allowed: any real number or +-inf")
         if abs(p) < GEOMETRIC_BELOW:
             return _geometric(d, rows)
-        if math.isinf(p):
+        if math.isinf(p) or abs(p) > torch.finfo(d.dtype).max:  # beyond the dtype: the limit, to rounding
             return _extreme(d, rows, largest=p > 0)
         return _finite_power(d, rows, p)
 
-    pt = p.detach().to(device=d.device, dtype=d.dtype).expand(rows.n.shape)
+    pt = p.detach().to(device=d.device, dtype=d.dtype).expand(rows.n.shape)  # beyond the dtype's range: +-inf
     if torch.isnan(pt).any():
         raise ValueError("power p contains NaN; allowed: any real number or +-inf")
     geometric = pt.abs() < GEOMETRIC_BELOW
     finite = torch.isfinite(pt) & ~geometric
-    log_m, w = _finite_power(d, rows, torch.where(finite, pt, 1.0))
+    log_m, w, log_share = _finite_power(d, rows, torch.where(finite, pt, 1.0))
     for select, alternative in (
         (geometric, lambda: _geometric(d, rows)),
         (pt == math.inf, lambda: _extreme(d, rows, largest=True)),
         (pt == -math.inf, lambda: _extreme(d, rows, largest=False)),
     ):
         if select.any():
-            alt_m, alt_w = alternative()
+            alt_m, alt_w, alt_share = alternative()
             log_m = torch.where(select, alt_m, log_m)
             w = torch.where(select.unsqueeze(-1), alt_w, w)
-    return log_m, w
+            log_share = torch.where(select.unsqueeze(-1), alt_share, log_share)
+    return log_m, w, log_share
 
 
 def log_mean_and_weights(
@@ -195,7 +209,7 @@ def log_mean_and_weights(
     """
     with torch.no_grad():
         d, rows = zero_padded(log_x, mask)
-        return mean_and_weights(d, p, rows)
+        return mean_weights_and_shares(d, p, rows)[:2]
 
 
 def arithmetic_harmonic_gap(d: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -242,28 +256,37 @@ def log_agm_and_weights(
         (alpha = 1/2 in the limit).
     """
     with torch.no_grad():
-        return agm_and_weights(*zero_padded(log_x, mask), iters)
+        return agm_weights_and_shares(*zero_padded(log_x, mask), iters)[:2]
 
 
-def agm_and_weights(d: torch.Tensor, rows: Rows, iters: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`log_agm_and_weights` of zero-padded `d` (see `zero_padded`)."""
+def agm_weights_and_shares(d: torch.Tensor, rows: Rows, iters: Optional[int] = None):
+    """`log_agm_and_weights` of zero-padded `d` (see `zero_padded`), and each token's log share
+    log(T w_t) (see `mean_weights_and_shares`): with w = alpha w_A + (1 - alpha) w_H,
+    log(T w_t) = logaddexp(log alpha + log(T w_A,t), log(1 - alpha) + log(T w_H,t))."""
     if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 0):
         raise ValueError(f"agm iters={iters!r}; allowed: None (exact limit) or an integer >= 0")
-    log_a, w_a = mean_and_weights(d, 1.0, rows)
-    log_h, w_h = mean_and_weights(d, -1.0, rows)
+    # the weights follow from the shares (w_t = exp(log(T w_t)) / T): keep only the shares of A and H
+    log_a, share_a = mean_weights_and_shares(d, 1.0, rows)[::2]
+    log_h, share_h = mean_weights_and_shares(d, -1.0, rows)[::2]
     if iters is None:
-        return 0.5 * (log_a + log_h), w_a.add_(w_h).mul_(0.5)
-    # Track (log a_k, log h_k) and their derivatives with respect to log A.
-    la, lh = log_a, log_h
-    da, dh = torch.ones_like(la), torch.zeros_like(lh)
-    for _ in range(iters):
-        sigma = torch.sigmoid(la - lh)  # a / (a + h)
-        la_next = torch.logaddexp(la, lh) - math.log(2.0)
-        da_next = sigma * da + (1.0 - sigma) * dh
-        lh, dh = la + lh - la_next, da + dh - da_next
-        la, da = la_next, da_next
-    alpha = da.unsqueeze(-1)
-    return la, w_a.mul_(alpha).add_(w_h.mul_(1.0 - alpha))
+        log_m, log_alpha, log_beta = 0.5 * (log_a + log_h), -math.log(2.0), -math.log(2.0)
+    else:
+        # Track (log a_k, log h_k) and their derivatives with respect to log A.
+        la, lh = log_a, log_h
+        da, dh = torch.ones_like(la), torch.zeros_like(lh)
+        for _ in range(iters):
+            sigma = torch.sigmoid(la - lh)  # a / (a + h)
+            la_next = torch.logaddexp(la, lh) - math.log(2.0)
+            da_next = sigma * da + (1.0 - sigma) * dh
+            lh, dh = la + lh - la_next, da + dh - da_next
+            la, da = la_next, da_next
+        alpha = da.unsqueeze(-1)
+        log_m, log_alpha, log_beta = la, torch.log(alpha), torch.log1p(-alpha)
+    log_share = torch.logaddexp(share_a.add_(log_alpha), share_h.add_(log_beta), out=share_a)
+    del share_h
+    log_n = torch.log(rows.n.clamp(min=1)).unsqueeze(-1)
+    w = torch.sub(log_share, log_n).exp_().mul_(rows.weight)  # 0 at invalid entries
+    return log_m, w, log_share
 
 
 # --------------------------------------------------------------------------------------

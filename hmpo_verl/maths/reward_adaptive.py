@@ -28,6 +28,7 @@ negative; the upper bound is then floored at eps_min (our choice; the paper's re
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +51,14 @@ class RewardStats:
 
 
 def reward_adaptive_power(mean_reward: float, gamma: float) -> float:
-    """APMPO's p = exp(-gamma * mu_R): 1 (arithmetic) at mu_R = 0, exp(-gamma) at mu_R = 1."""
-    return math.exp(-gamma * mean_reward)
+    """APMPO's p = exp(-gamma * mu_R): 1 (arithmetic) at mu_R = 0, exp(-gamma) at mu_R = 1.
+
+    Rewards outside [0, 1] are legal in verl: a mean of -1000 gives exp(800), beyond float64. p is then
+    the largest float, where M_p is the maximum ratio to float precision (|log M_p - max| <= log(T) / p),
+    as it is, to the same precision, at the true p; a p that underflows to 0 is the geometric mean likewise.
+    """
+    exponent = -gamma * mean_reward
+    return math.exp(exponent) if exponent < math.log(sys.float_info.max) else sys.float_info.max
 
 
 def feedback_stability_score(stats: RewardStats, delta: float) -> float:

@@ -11,7 +11,10 @@ tokens with the GSPO-token construction generalised to any mean:
 
 and the per-token loss is -A_it * c_it * s_it (c: rollout IS weights, if given; s_i
 clipped as below). Token t holds its share of the sequence ratio, s_i * T_i * w_it
-(= s_i^(1-p) * r_it^p for M_p; the shares average to s_i over the response), and its
+(= s_i^(1-p) * r_it^p for M_p; the shares average to s_i over the response), formed in log space
+from the aggregator's log(T_i w_it) so that it is exact relative to itself even when w_it is tiny
+next to the row's largest weight (issue 27: with per-token advantages that weight may belong to a
+token with A = 0, and a share rebuilt from w would lose every digit), and its
 gradient is s_i * T_i * w_it * grad delta_it, so after a per-sequence token-mean the
 gradient is exactly grad s_i. Hence:
   * p = 0 (T_i w = 1): every token holds s_i -- verl's `gspo` term for term;
@@ -54,13 +57,17 @@ import torch
 from hmpo_verl.maths.means import Rows, arithmetic_harmonic_gap, effective_sample_size
 
 # The aggregator maps (zero-padded log-ratios (B, T), their `Rows`, token clips per row (B,) or None
-# at sequence level) to (log s (B,), w (B, T)).
-Aggregator = Callable[[torch.Tensor, Rows, Optional[torch.Tensor]], "tuple[torch.Tensor, torch.Tensor]"]
+# at sequence level) to (log s (B,), w (B, T), log(T w) (B, T)); see `hmpo_verl.aggregators`.
+Aggregator = Callable[[torch.Tensor, Rows, Optional[torch.Tensor]], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 
 # verl's gspo clamps the log sequence ratio at 10 "for numerical stability"; the verl losses do
 # the same at sequence level (a clamped sequence keeps its value e^10 and gets no gradient).
 # At token level there is no clamp, as in verl's geo_mean (GMPO); TRL clamps at neither.
 MAX_LOG_SEQ_RATIO = 10.0
+
+# Ratio metrics exponentiate a log-ratio clamped to [-20, 20], as verl's rollout-correction metrics do
+# (`verl.trainer.ppo.rollout_corr_helper.SAFETY_BOUND`): finite whatever the ratio, exact inside.
+METRIC_LOG_RATIO_BOUND = 20.0
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,8 @@ class SurrogateTerms:
     Shapes: (B, T) unless noted. `value` and `grad_coef` are 0 at masked positions.
 
     Attributes:
-        value: -A_it * clip(s_i) * T_i * w_it (times rollout IS weights if given), in log_prob's dtype.
+        value: -A_it * clip(s_i) * T_i * w_it (times rollout IS weights if given), in log_prob's dtype; the
+            share clip(s_i) T_i w_it is exp(log clip(s_i) + log(T_i w_it)), exact relative to itself.
         grad_coef: d value_it / d log pi_it under the token construction above (value_it
             on tokens whose clip is inactive, 0 elsewhere), in log_prob's dtype.
         rows: the valid positions (`hmpo_verl.means.Rows`: bool, 0/1, count per row).
@@ -167,6 +175,13 @@ class SurrogateTerms:
     def clipped(self) -> torch.Tensor:
         """(B,) valid tokens per row whose trust-region clip is active."""
         return self.clipped_low + self.clipped_high
+
+    @property
+    def seq_ratio_for_metrics(self) -> torch.Tensor:
+        """(B,) float64 s_i for the metrics: exp of log s_i clamped to +-METRIC_LOG_RATIO_BOUND (verl's
+        convention for ratio metrics), so a metric stays finite where the loss is (issue 27, F2)."""
+        bound = METRIC_LOG_RATIO_BOUND
+        return torch.exp(self.log_seq_ratio.to(torch.float64).clamp(-bound, bound))
 
 
 @dataclass
@@ -227,19 +242,21 @@ def _token_clip(delta: torch.Tensor, signs: _Signs, region: TrustRegion):
 
 
 def _sequence_clip(log_s: torch.Tensor, signs: _Signs, region: TrustRegion):
-    """Sequence level (GSPO): clip(s_i) by sign(A) `(B, 1)` or `(B, T)`, the gradient mask `keep` (same
+    """Sequence level (GSPO): log clip(s_i) by sign(A) `(B, 1)` or `(B, T)`, the gradient mask `keep` (same
     shape), and per row `(B,)` the tokens whose clip is active with A < 0 and with A > 0.
 
-    A > 0: min(s_i, r_high); A < 0: max(s_i, r_low). log s_i is clamped at `region.max_log_seq_ratio`
-    (verl's gspo: 10); a clamped sequence gets no gradient.
+    A > 0: min(s_i, r_high); A < 0: max(s_i, r_low), compared in ratio space as verl's gspo does. log s_i
+    is clamped at `region.max_log_seq_ratio` (verl's gspo: 10); a clamped sequence gets no gradient.
     """
+    log_clamped = log_s.clamp(max=region.max_log_seq_ratio).unsqueeze(-1)
     over = (log_s > region.max_log_seq_ratio).unsqueeze(-1)
-    seq = torch.exp(log_s.clamp(max=region.max_log_seq_ratio)).unsqueeze(-1)
+    seq = torch.exp(log_clamped)
     clipped = torch.where(signs.side > 0, seq.clamp(max=region.ratio_high),
                           torch.where(signs.side < 0, seq.clamp(min=region.ratio_low), seq))
-    keep = ((clipped == seq) & ~over).to(seq.dtype)
+    inside = clipped == seq
+    keep = (inside & ~over).to(seq.dtype)
     above, below = seq[:, 0] > region.ratio_high, seq[:, 0] < region.ratio_low
-    return clipped, keep, below * signs.negative, above * signs.positive
+    return torch.where(inside, log_clamped, torch.log(clipped)), keep, below * signs.negative, above * signs.positive
 
 
 def surrogate_terms(
@@ -280,20 +297,23 @@ def surrogate_terms(
         signs = _Signs.of(adv, rows)
         if region.level == "token":
             keep, low, high, dual = _token_clip(delta, signs, region)
-            log_s, w = aggregate(delta, rows, low + high)
+            log_s, w, log_share = aggregate(delta, rows, low + high)
             # as verl's geo_mean: no clamp of s_i (an overflow is reported by the caller)
-            seq = torch.exp(log_s).unsqueeze(-1)
+            log_seq = log_s.unsqueeze(-1)
         elif region.level == "sequence":
-            log_s, w = aggregate(delta, rows, None)
-            seq, keep, low, high = _sequence_clip(log_s, signs, region)
+            log_s, w, log_share = aggregate(delta, rows, None)
+            log_seq, keep, low, high = _sequence_clip(log_s, signs, region)
             dual = torch.zeros_like(low)
         else:
             raise ValueError(f"clip_level={region.level!r}; allowed: 'token', 'sequence'")
         del delta
         ess = effective_sample_size(w)
-        # value_t = -A_t * clip(s_i) * T_i * w_t (* IS weight): its gradient on unclipped tokens
-        value = w.mul_(seq * -rows.n.unsqueeze(-1)).mul_(adv)
-        del w, adv, seq
+        del w
+        # value_t = -A_t * clip(s_i) * T_i * w_t (* IS weight), its gradient on unclipped tokens. The share
+        # clip(s_i) T_i w_t is formed in log space, exp(log clip(s_i) + log(T_i w_t)), so each token keeps
+        # its own precision however small its weight next to the row's largest (whose advantage may be 0).
+        value = log_share.add_(log_seq).exp_().mul_(adv).neg_()  # the aggregators' log shares are fresh tensors
+        del log_share, adv, log_seq
         if rollout_is_weights is not None:
             value.mul_(torch.where(valid, rollout_is_weights.detach(), 0.0))
         grad_coef = keep.mul_(value) if keep.shape == value.shape else value * keep

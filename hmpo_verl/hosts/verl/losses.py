@@ -12,7 +12,7 @@ name when `hmpo_verl` is imported. The work is split as:
 
 Metrics: verl's `actor/pg_clipfrac` (tokens whose trust-region clip is active),
 `actor/ppo_kl`, `actor/pg_clipfrac_lower` (tokens capped by the dual clip, A < 0), and
-under `actor/pm/`: `seq_ratio_mean` (mean sequence ratio s_i), `log_ah_gap` (mean of
+under `actor/pm/`: `seq_ratio_mean` (mean sequence ratio s_i, log s_i clamped to +-20), `log_ah_gap` (mean of
 log A - log H of the unclipped token ratios, the spread of the mean inequality),
 `ess_frac` (mean Kish ESS / T of the aggregation weights), and for the power losses
 `power`, `power_min`, `power_max` (p over the trajectories of the micro-batch);
@@ -32,7 +32,7 @@ import torch
 from hmpo_verl.maths.adaptive import scheduled_power
 from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
 from hmpo_verl.hosts.verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
-from hmpo_verl.guards.finite import NonFiniteInputError, first_non_finite
+from hmpo_verl.guards.finite import check_surrogate_finite
 from hmpo_verl.maths.reward_adaptive import REWARD_FEEDBACK, feedback_adaptive_clip, reward_adaptive_power
 from hmpo_verl.maths.staleness import current_sample_lag, per_lag_sums
 from hmpo_verl.guards.steps import STEP_COUNTER
@@ -77,15 +77,6 @@ def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.where(rows, x, 0.0).sum() / rows.sum().clamp(min=1)
 
 
-def _check_finite(terms, inputs: dict) -> None:
-    """Raise `NonFiniteInputError` if a valid position holds a non-finite value (masked ones are ignored)."""
-    if torch.isfinite(terms.log_ratio_sum + terms.value.sum()):  # grad_coef is value where it is not 0
-        return
-    if found := first_non_finite(inputs, terms.rows.valid):
-        raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid (response_mask) positions")
-    raise NonFiniteInputError("the policy loss overflowed: log-ratios or advantages are too large to aggregate")
-
-
 def power_mean_policy_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -114,10 +105,11 @@ def power_mean_policy_loss(
     with torch.no_grad():
         # the maths in float32 at least; the loss matrix in the policy's dtype, as verl's losses
         terms = surrogate_terms(log_prob, old_log_prob, advantages, response_mask, aggregate, region, rollout_is_weights)
-        _check_finite(
+        check_surrogate_finite(
             terms,
             {"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages,
              "rollout_is_weights": rollout_is_weights},
+            "response_mask",
         )
         n = terms.rows.n
         rows = n > 0
@@ -127,12 +119,12 @@ def power_mean_policy_loss(
             "actor/pg_clipfrac": (terms.clipped.sum() / n_tokens).float(),
             "actor/ppo_kl": -terms.log_ratio_sum / n_tokens,
             "actor/pg_clipfrac_lower": (terms.dual_clipped.sum() / n_tokens).float(),
-            "actor/pm/seq_ratio_mean": _masked_row_mean(torch.exp(terms.log_seq_ratio), rows),
+            "actor/pm/seq_ratio_mean": _masked_row_mean(terms.seq_ratio_for_metrics, rows),
             "actor/pm/log_ah_gap": _masked_row_mean(per_row["log_ah_gap"], rows),
             "actor/pm/ess_frac": _masked_row_mean(per_row["ess_frac"], rows),
         }
         if aggregate.power is not None:
-            power = aggregate.power.to(n.dtype)[rows] if rows.any() else torch.zeros(1, dtype=n.dtype)
+            power = aggregate.power.double()[rows] if rows.any() else torch.zeros(1, dtype=torch.float64)
             stats["actor/pm/power"] = power.mean()
             stats["actor/pm/power_min"] = power.min()
             stats["actor/pm/power_max"] = power.max()
@@ -204,7 +196,7 @@ compute_policy_loss_power_mean.__doc__ = """Power-mean policy optimization with 
     Equals verl's built-ins (README, "Equivalences", states each condition exactly):
     p = 0 with sequence clip is `gspo` (every aggregation, IS weights, per-token A);
     p = 1 with token clip in ratio space is `vanilla` (every aggregation, IS weights,
-    per-token A; except tokens with A > 0 and delta < -20, which vanilla clamps);
+    per-token A with zeros; except where vanilla's clamp of delta to [-20, 20] binds);
     p = 0 with token clip in log space is `geo_mean` (GMPO) under seq-mean-token-mean over
     the whole batch in one call, one advantage and IS weight per response.
     Needs `PowerMeanLossConfig` (field `power`).
