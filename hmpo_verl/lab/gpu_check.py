@@ -20,7 +20,6 @@ Ratios are what to compare across machines; absolute times depend on the GPU and
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
 import sys

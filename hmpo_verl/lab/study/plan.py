@@ -183,7 +183,7 @@ def primary_questions() -> list[Question]:
                        f"{MARGIN}) the best fixed p of each regime (the p-method best on the tuning seeds), averaged "
                        "over the off-policy regimes?"))
     qs.append(Question("Q5", "pooled", "apmpo", "best fixed p", OFF_POLICY_REGIMES,
-                       f"The same for `apmpo` (APMPO's reward-adaptive p and feedback-adaptive clip)."))
+                       "The same for `apmpo` (APMPO's reward-adaptive p and feedback-adaptive clip)."))
     return qs
 
 
