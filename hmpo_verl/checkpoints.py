@@ -291,6 +291,18 @@ def guard_resume(config) -> Optional[str]:
     return message
 
 
+def resume_step_dir(config) -> Optional[Path]:
+    """The checkpoint verl's resume will load under `config` (None: it trains from scratch)."""
+    mode = _trainer(config, "resume_mode", "disable")
+    if mode == "resume_path" and _trainer(config, "resume_from_path"):
+        return _absolute(str(_trainer(config, "resume_from_path")))
+    if mode != "auto" or not _trainer(config, "default_local_dir"):
+        return None
+    root = _absolute(str(_trainer(config, "default_local_dir")))
+    tracked = read_tracker(root)
+    return None if tracked is None else root / f"global_step_{tracked}"
+
+
 def checkpoint_directory_problem(directory: Path) -> Optional[str]:
     """Why checkpoints cannot be written under `directory` (None: they can), without creating anything.
 
@@ -351,14 +363,19 @@ def save_failure_message(step_dir: Path, exc: BaseException, expected: Optional[
 
 
 def guard_saves(trainer_cls) -> None:
-    """Wrap `trainer_cls._save_checkpoint` so that a failure raises `CheckpointSaveError` (idempotent)."""
+    """Wrap `trainer_cls._save_checkpoint` (idempotent): it first records the run's settings in the step's
+    directory (`hmpo_verl.run_settings`), and a failure raises `CheckpointSaveError`."""
     save = trainer_cls._save_checkpoint
     if getattr(save, "_hmpo_guarded", False):
         return
 
     @functools.wraps(save)
     def _save_checkpoint(self, *args, **kwargs):
+        from hmpo_verl.run_settings import write_run_settings
+
         try:
+            write_run_settings(_absolute(str(self.config.trainer.default_local_dir)) / f"global_step_{self.global_steps}",
+                               self.config)
             return save(self, *args, **kwargs)
         except Exception as exc:
             root = _absolute(str(self.config.trainer.default_local_dir))

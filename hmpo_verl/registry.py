@@ -4,10 +4,12 @@
   * registers the policy losses and advantage estimators by name in verl's registries
     (which live in `verl.trainer.ppo.core_algos`),
   * has optimizer state loads report their step to the p schedule (`hmpo_verl.steps`), and
-  * extends verl's `validate_config` (which verl's driver runs before Ray starts) to
+  * extends verl's `validate_config` (which `main_ppo`'s driver runs before Ray starts; the
+    one-step-off entry point runs it inside Ray, fully-async never: `hmpo_verl.offpolicy` runs the
+    same `driver_checks` in `run_ppo`, every entry point's driver, before `ray.init`) to
     check that an installed TRL is one verl can start beside (`check_trl_beside_verl`), our
-    options, and the checkpoint directory and the checkpoint a resume will use
-    (`hmpo_verl.checkpoints`): verl builds the actor config there, but never the algorithm
+    options, the checkpoint directory, the checkpoint a resume will use
+    (`hmpo_verl.checkpoints`) and the settings it was saved with (`hmpo_verl.run_settings`): verl builds the actor config there, but never the algorithm
     dataclass, and its plain `PolicyLossConfig` cannot tell that `loss_mode=power_mean`
     lacks a power. With the check, a bad value stops the run with a message naming the
     field instead of failing later inside a Ray worker.
@@ -136,6 +138,21 @@ def check_bypass_mode(rollout_correction, loss_mode: str) -> None:
         )
 
 
+def driver_checks(config) -> None:
+    """Everything the driver checks before Ray starts (idempotent): our options, TRL beside verl, the
+    checkpoint directory, the checkpoint a resume will use (`hmpo_verl.checkpoints.guard_resume`) and the
+    settings it was saved with (`hmpo_verl.run_settings`). Run by verl's `validate_config` and by
+    `run_ppo`, the driver function of every entry point (`main_ppo`, one-step-off, fully-async)."""
+    from hmpo_verl.checkpoints import check_checkpoint_directory, guard_resume, resume_step_dir
+    from hmpo_verl.run_settings import check_resume_settings
+
+    check_options(config)
+    check_trl_beside_verl()
+    check_checkpoint_directory(config)
+    guard_resume(config)
+    check_resume_settings(config, resume_step_dir(config))
+
+
 def _extend_validate_config() -> None:
     import verl.utils.config as verl_config
 
@@ -145,13 +162,8 @@ def _extend_validate_config() -> None:
 
     @functools.wraps(validate)
     def validate_config(config, *args, **kwargs):
-        from hmpo_verl.checkpoints import check_checkpoint_directory, guard_resume
-
         result = validate(config, *args, **kwargs)
-        check_options(config)
-        check_trl_beside_verl()
-        check_checkpoint_directory(config)
-        guard_resume(config)
+        driver_checks(config)
         return result
 
     validate_config._hmpo_checked = True

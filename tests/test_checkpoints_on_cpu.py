@@ -233,7 +233,8 @@ def test_verls_driver_runs_the_guard_before_ray(tmp_path):
         cfg = compose(config_name="ppo_trainer", overrides=[
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-            f"trainer.default_local_dir={tmp_path}", "trainer.resume_mode=auto", "trainer.save_freq=2"])
+            f"trainer.default_local_dir={tmp_path}", "trainer.resume_mode=auto", "trainer.save_freq=2",
+            "trainer.n_gpus_per_node=2"])  # the shards' world size
     verl.trainer.main_ppo.validate_config(cfg, use_reference_policy=False, use_critic=False)
     assert read_tracker(tmp_path) == 2
 
