@@ -9,8 +9,17 @@ records the step count of the optimizer that steps after the loss has run: the l
 `param_groups` (Transformer Engine's and Apex's FusedAdam keep it there: the optimizer
 Megatron-core's distributed optimizer wraps, which saves and restores it with the
 param_groups); its own count of such steps otherwise.
-Optimizers that step without the loss having run (a critic in the same process) are
-ignored. Every rank takes the same optimizer steps, so every rank reads the same step.
+Which optimizer is the policy's: the loss arms the counter with its `log_prob` (B, T), whose
+autograd graph leads back to the policy's parameters; the first optimizer that steps afterwards
+holding one of them (`policy_leaf`: the first parameter a breadth-first walk of the graph meets,
+the LM head's) is the policy's, and from then on only its steps count. A critic in the same
+process (a `WorkerDict` with GAE) is thus never taken for it, also when verl skips the policy's
+`optimizer.step()` (a non-finite grad norm) and the critic steps next. Where the optimizer holds
+copies of the model's parameters (Megatron's distributed optimizer steps fp32 main params) no
+optimizer holds the leaf (a parameter with Megatron DDP's `main_grad`): then, as without a graph,
+the first optimizer that steps after the loss ran counts, and optimizers that step without the
+loss having run are ignored.
+Every rank takes the same optimizer steps, so every rank reads the same step.
 
 After a resume the loss runs before the first optimizer step of the new process, so the
 hook has seen nothing yet. `watch_optimizer_loads()` (called when the plugin registers)
@@ -25,6 +34,7 @@ step is ambiguous and the loss raises rather than guess.
 
 from __future__ import annotations
 
+import collections
 import functools
 import weakref
 from typing import Optional
@@ -40,18 +50,46 @@ def _optimizer_state_step(optimizer: torch.optim.Optimizer) -> Optional[int]:
     return int(max(float(s) for s in steps)) if steps else None
 
 
+GRAPH_WALK_LIMIT = 10_000  # autograd nodes `policy_leaf` visits at most
+
+
+def policy_leaf(output: torch.Tensor) -> Optional[torch.Tensor]:
+    """The first leaf tensor (a parameter) a breadth-first walk of `output`'s autograd graph meets; None
+    if `output` has no graph or none is met within `GRAPH_WALK_LIMIT` nodes."""
+    queue, seen = collections.deque([output.grad_fn]), set()
+    while queue and len(seen) < GRAPH_WALK_LIMIT:
+        node = queue.popleft()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf it accumulates into
+        if variable is not None:
+            return variable
+        queue.extend(next_node for next_node, _ in node.next_functions)
+    return None
+
+
+def _holds(optimizer: torch.optim.Optimizer, tensor: torch.Tensor) -> bool:
+    return any(param is tensor for group in optimizer.param_groups for param in group["params"])
+
+
 class OptimizerStepCounter:
-    """`step`: optimizer steps completed so far by the optimizer that follows the loss."""
+    """`step`: optimizer steps completed so far by the policy's optimizer (see module doc)."""
 
     def __init__(self):
         self._step = 0
         self._restored = weakref.WeakKeyDictionary()  # optimizer -> its step when its state was loaded
         self._armed = False
         self._handle = None
+        self._policy = None  # weakref to the policy's optimizer, once identified
+        self._leaf = None  # weakref to a policy parameter, until the policy's optimizer is identified
 
     @property
     def step(self) -> int:
         """The step of the policy's optimizer: seen after its last step, or as loaded from a checkpoint."""
+        policy = self._policy_optimizer()
+        if policy is not None and policy in self._restored:
+            return self._restored[policy]
         if not self._restored:
             return self._step
         steps = sorted(set(self._restored.values()))
@@ -63,10 +101,35 @@ class OptimizerStepCounter:
             )
         return steps[0]
 
-    def arm(self) -> None:
-        """Called by the loss: the next optimizer step in this process is the policy's."""
+    def arm(self, log_prob: Optional[torch.Tensor] = None) -> None:
+        """Called by the loss (with its `log_prob`, if it has a graph): the policy's optimizer steps next."""
         self._watch_steps()
         self._armed = True
+        if self._policy_optimizer() is not None or log_prob is None or log_prob.grad_fn is None:
+            return
+        leaf = policy_leaf(log_prob)
+        if leaf is None or hasattr(leaf, "main_grad"):  # Megatron's DDP: its optimizer steps fp32 copies
+            return
+        self._leaf = weakref.ref(leaf)
+        loaded = [optimizer for optimizer in self._restored.keys() if _holds(optimizer, leaf)]
+        if loaded:
+            self._policy, self._leaf = weakref.ref(loaded[0]), None
+
+    def _policy_optimizer(self) -> Optional[torch.optim.Optimizer]:
+        return None if self._policy is None else self._policy()
+
+    def _is_policy(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether an optimizer stepping now is the policy's, identifying it by the loss's parameter if it can."""
+        policy = self._policy_optimizer()
+        if policy is not None:
+            return optimizer is policy
+        leaf = None if self._leaf is None else self._leaf()
+        if leaf is None:
+            return self._armed  # nothing to tell by: the first optimizer to step after the loss ran
+        if not _holds(optimizer, leaf):
+            return False
+        self._policy, self._leaf = weakref.ref(optimizer), None
+        return True
 
     def restored(self, optimizer: torch.optim.Optimizer) -> None:
         """Record an optimizer whose state was just loaded (a resume)."""
@@ -78,8 +141,8 @@ class OptimizerStepCounter:
             self._handle = register_optimizer_step_post_hook(self._after_step)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        if not self._armed:
-            self._restored.pop(optimizer, None)  # stepped without the loss: not the policy's
+        if not self._is_policy(optimizer):
+            self._restored.pop(optimizer, None)  # not the policy's
             return
         self._armed = False
         state_step = _optimizer_state_step(optimizer)
