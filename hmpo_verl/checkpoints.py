@@ -362,6 +362,12 @@ def save_failure_message(step_dir: Path, exc: BaseException, expected: Optional[
             f"{fallback}: resume_mode=auto resumes from it once the directory can be written")
 
 
+def saved_step(trainer) -> int:
+    """The k of the `global_step_<k>` a trainer saves to: fully-async's `current_param_version`, else `global_steps`."""
+    version = getattr(trainer, "current_param_version", None)
+    return int(trainer.global_steps if version is None else version)
+
+
 def guard_saves(trainer_cls) -> None:
     """Wrap `trainer_cls._save_checkpoint` (idempotent): it first records the run's settings in the step's
     directory (`hmpo_verl.run_settings`), and a failure raises `CheckpointSaveError`."""
@@ -373,13 +379,11 @@ def guard_saves(trainer_cls) -> None:
     def _save_checkpoint(self, *args, **kwargs):
         from hmpo_verl.run_settings import write_run_settings
 
+        step_dir = _absolute(str(self.config.trainer.default_local_dir)) / f"global_step_{saved_step(self)}"
         try:
-            write_run_settings(_absolute(str(self.config.trainer.default_local_dir)) / f"global_step_{self.global_steps}",
-                               self.config)
+            write_run_settings(step_dir, self.config)
             return save(self, *args, **kwargs)
         except Exception as exc:
-            root = _absolute(str(self.config.trainer.default_local_dir))
-            step_dir = root / f"global_step_{self.global_steps}"
             raise CheckpointSaveError(save_failure_message(step_dir, exc, expected_contents(self.config))) from exc
 
     _save_checkpoint._hmpo_guarded = True

@@ -44,7 +44,9 @@ from typing import Optional
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
 # verl's trainers, whose checkpoint saves are guarded (hmpo_verl.checkpoints), and the module whose
 # calculate_debug_metrics is where the driver sees the rollout's log-probs (hmpo_verl.finite)
-TRAINERS = {"verl.trainer.ppo.v1.trainer_base": "PPOTrainer", "verl.trainer.ppo.ray_trainer": "RayPPOTrainer"}
+TRAINERS = {"verl.trainer.ppo.v1.trainer_base": "PPOTrainer", "verl.trainer.ppo.ray_trainer": "RayPPOTrainer",
+            # overrides _save_checkpoint (its own folder numbering, the rollouter's data.pt); a @ray.remote class
+            "verl.experimental.fully_async_policy.fully_async_trainer": "FullyAsyncTrainer"}
 DEBUG_METRICS = "verl.utils.debug.metrics"
 
 
@@ -312,10 +314,17 @@ def _guard_rollout_log_probs(module) -> None:
     guard_rollout_log_probs(module)
 
 
+def ray_wrapped_class(cls):
+    """The class a `@ray.remote` decorator wrapped (its ActorClass's `modified_class` subclasses it); else `cls`.
+    Patched there, the driver's subclass and the copy Ray ships to the actor's process both inherit the patch."""
+    metadata = getattr(cls, "__ray_metadata__", None)
+    return cls if metadata is None else metadata.modified_class.__bases__[0]
+
+
 def _guard_trainer(module, trainer: str) -> None:
     """Guard a trainer module: its class's saves, and its own name for calculate_debug_metrics, if it has one."""
     from hmpo_verl.checkpoints import guard_saves
 
-    guard_saves(getattr(module, trainer))
+    guard_saves(ray_wrapped_class(getattr(module, trainer)))
     if hasattr(module, "calculate_debug_metrics"):
         _guard_rollout_log_probs(module)

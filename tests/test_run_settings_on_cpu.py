@@ -152,3 +152,27 @@ def test_the_off_policy_entry_points_check_before_ray_starts(tmp_path, entry, mo
     with pytest.raises(ResumeSettingsError):
         _entry_main(entry)(verl_config(tmp_path, *changed, entry=entry))
     assert read_tracker(tmp_path) == 2
+
+
+def test_fully_asyncs_own_save_is_guarded_and_numbered_by_its_param_version(tmp_path):
+    """FullyAsyncTrainer (a @ray.remote class) overrides the guarded save; its folders count weight syncs."""
+    from verl.experimental.fully_async_policy import fully_async_trainer
+
+    from hmpo_verl.checkpoints import CheckpointSaveError
+    from hmpo_verl.registry import ray_wrapped_class
+
+    original = ray_wrapped_class(fully_async_trainer.FullyAsyncTrainer)
+    assert original.__name__ == "FullyAsyncTrainer" and original._save_checkpoint._hmpo_guarded
+
+    class Trainer:
+        config = verl_config(tmp_path, entry="fully_async")
+        global_steps, current_param_version = 40, 6
+
+        def _save_checkpoint(self):
+            raise OSError(28, "No space left on device")
+
+    guard_saves(Trainer)
+    with pytest.raises(CheckpointSaveError, match=f"saving checkpoint {tmp_path / 'global_step_6'} failed "
+                                                  r"\(OSError: \[Errno 28\] No space left on device\)"):
+        Trainer()._save_checkpoint()
+    assert (tmp_path / "global_step_6" / SETTINGS_FILE).is_file()
