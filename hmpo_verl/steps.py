@@ -69,8 +69,18 @@ def policy_leaf(output: torch.Tensor) -> Optional[torch.Tensor]:
     return None
 
 
+def _storage(tensor: torch.Tensor) -> int:
+    """The address of a tensor's (a DTensor's local shard's) storage; 0 for an empty one."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.untyped_storage().data_ptr()
+
+
 def _holds(optimizer: torch.optim.Optimizer, tensor: torch.Tensor) -> bool:
-    return any(param is tensor for group in optimizer.param_groups for param in group["params"])
+    """Whether `optimizer` steps `tensor`, or views of its storage (FSDP1 with `use_orig_params=True`
+    steps views of the flat parameter the autograd graph accumulates into)."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    storage = _storage(tensor)
+    return any(param is tensor for param in params) or (storage != 0 and any(_storage(p) == storage for p in params))
 
 
 class OptimizerStepCounter:

@@ -95,3 +95,17 @@ def test_after_a_resume_the_loaded_policy_optimizer_gives_the_step_not_the_criti
     finally:
         if fresh._handle is not None:
             fresh._handle.remove()
+
+
+def test_an_optimizer_of_views_of_the_graphs_flat_parameter_is_the_policys(counter):
+    """FSDP1 with use_orig_params=True: the graph accumulates into a flat parameter, the optimizer steps views."""
+    flat = torch.nn.Parameter(torch.randn(10))
+    views = [torch.nn.Parameter(flat.data[:5]), torch.nn.Parameter(flat.data[5:])]
+    optimizer = torch.optim.SGD(views, lr=0.1)
+    critic = ActorCritic()
+    counter.arm((flat * 2).log_softmax(-1)[None])
+    flat.grad = None
+    critic.critic_update()
+    assert counter.step == 0
+    optimizer.step()
+    assert counter.step == 1
