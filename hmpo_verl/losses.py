@@ -165,19 +165,19 @@ def _registered(loss_mode: str, make_aggregator, make_region=_fixed_region):
         region, extra = make_region(options, config)
         return power_mean_policy_loss(
             old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-            make_aggregator(options, advantages, response_mask, log_prob), region, extra,
+            make_aggregator(options, advantages, response_mask), region, extra,
         )
 
     loss_fn.__name__ = loss_fn.__qualname__ = f"compute_policy_loss_{loss_mode}"
     return loss_fn
 
 
-def _adaptive_aggregator(options: AdaptivePowerMeanLossConfig, advantages, response_mask, log_prob=None):
+def _adaptive_aggregator(options: AdaptivePowerMeanLossConfig, advantages, response_mask):
     if options.adapt == "ess":
         return ESSMatchingAggregator(options, advantages, response_mask)
     if options.adapt == "reward":
         return PowerAggregator(reward_adaptive_power(REWARD_FEEDBACK.get().mean, options.reward_gamma))
-    STEP_COUNTER.arm(log_prob)  # log_prob's graph names the policy's parameters, hence its optimizer
+    STEP_COUNTER.arm()
     p = scheduled_power(STEP_COUNTER.step, options.p_start, options.p_end, options.schedule_steps, options.schedule)
     return PowerAggregator(p)
 

@@ -199,13 +199,14 @@ def register() -> None:
 
     from hmpo_verl.estimators import ADV_ESTIMATORS
     from hmpo_verl.losses import POLICY_LOSSES
-    from hmpo_verl.steps import watch_optimizer_loads
+    from hmpo_verl.steps import watch_optimizer_loads, watch_optimizer_zero_grads
 
     for name, fn in POLICY_LOSSES.items():
         _register_into(POLICY_LOSS_REGISTRY, name, fn, "policy loss")
     for name, fn in ADV_ESTIMATORS.items():
         _register_into(ADV_ESTIMATOR_REGISTRY, name, fn, "advantage estimator")
     watch_optimizer_loads()  # the p schedule's step after a resume (hmpo_verl.steps)
+    watch_optimizer_zero_grads()  # ... and after verl skipped the policy's step
     _extend_validate_config()
 
 

@@ -9,17 +9,14 @@ records the step count of the optimizer that steps after the loss has run: the l
 `param_groups` (Transformer Engine's and Apex's FusedAdam keep it there: the optimizer
 Megatron-core's distributed optimizer wraps, which saves and restores it with the
 param_groups); its own count of such steps otherwise.
-Which optimizer is the policy's: the loss arms the counter with its `log_prob` (B, T), whose
-autograd graph leads back to the policy's parameters; the first optimizer that steps afterwards
-holding one of them (`policy_leaf`: the first parameter a breadth-first walk of the graph meets,
-the LM head's) is the policy's, and from then on only its steps count. A critic in the same
-process (a `WorkerDict` with GAE) is thus never taken for it, also when verl skips the policy's
-`optimizer.step()` (a non-finite grad norm) and the critic steps next. Where the optimizer holds
-copies of the model's parameters (Megatron's distributed optimizer steps fp32 main params) no
-optimizer holds the leaf (a parameter with Megatron DDP's `main_grad`): then, as without a graph,
-the first optimizer that steps after the loss ran counts, and optimizers that step without the
-loss having run are ignored.
-Every rank takes the same optimizer steps, so every rank reads the same step.
+Optimizers that step without the loss having run (a critic in the same process) are
+ignored. The first optimizer to step *or* to zero its gradients after the loss ran is the
+policy's, and from then on only its steps count: verl skips the policy's `optimizer.step()` on
+a non-finite grad norm by calling its `zero_grad()` instead (`watch_optimizer_zero_grads`), so
+a critic stepping next in the same process (a `WorkerDict` with GAE) is not taken for it.
+(Why not the loss's autograd graph: FSDP2 accumulates into transient unsharded parameters, not
+the sharded ones its optimizer holds.) Every rank takes the same optimizer steps, so every rank
+reads the same step.
 
 After a resume the loss runs before the first optimizer step of the new process, so the
 hook has seen nothing yet. `watch_optimizer_loads()` (called when the plugin registers)
@@ -34,7 +31,6 @@ step is ambiguous and the loss raises rather than guess.
 
 from __future__ import annotations
 
-import collections
 import functools
 import weakref
 from typing import Optional
@@ -50,56 +46,19 @@ def _optimizer_state_step(optimizer: torch.optim.Optimizer) -> Optional[int]:
     return int(max(float(s) for s in steps)) if steps else None
 
 
-GRAPH_WALK_LIMIT = 10_000  # autograd nodes `policy_leaf` visits at most
-
-
-def policy_leaf(output: torch.Tensor) -> Optional[torch.Tensor]:
-    """The first leaf tensor (a parameter) a breadth-first walk of `output`'s autograd graph meets; None
-    if `output` has no graph or none is met within `GRAPH_WALK_LIMIT` nodes."""
-    queue, seen = collections.deque([output.grad_fn]), set()
-    while queue and len(seen) < GRAPH_WALK_LIMIT:
-        node = queue.popleft()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf it accumulates into
-        if variable is not None:
-            return variable
-        queue.extend(next_node for next_node, _ in node.next_functions)
-    return None
-
-
-def _storage(tensor: torch.Tensor) -> int:
-    """The address of a tensor's (a DTensor's local shard's) storage; 0 for an empty one."""
-    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-    return local.untyped_storage().data_ptr()
-
-
-def _holds(optimizer: torch.optim.Optimizer, tensor: torch.Tensor) -> bool:
-    """Whether `optimizer` steps `tensor`, or views of its storage (FSDP1 with `use_orig_params=True`
-    steps views of the flat parameter the autograd graph accumulates into)."""
-    params = [param for group in optimizer.param_groups for param in group["params"]]
-    storage = _storage(tensor)
-    return any(param is tensor for param in params) or (storage != 0 and any(_storage(p) == storage for p in params))
-
-
 class OptimizerStepCounter:
-    """`step`: optimizer steps completed so far by the policy's optimizer (see module doc)."""
+    """`step`: optimizer steps completed so far by the optimizer that follows the loss."""
 
     def __init__(self):
         self._step = 0
         self._restored = weakref.WeakKeyDictionary()  # optimizer -> its step when its state was loaded
         self._armed = False
         self._handle = None
-        self._policy = None  # weakref to the policy's optimizer, once identified
-        self._leaf = None  # weakref to a policy parameter, until the policy's optimizer is identified
+        self._policy = None  # weakref to the policy's optimizer, once it stepped or zeroed after the loss
 
     @property
     def step(self) -> int:
         """The step of the policy's optimizer: seen after its last step, or as loaded from a checkpoint."""
-        policy = self._policy_optimizer()
-        if policy is not None and policy in self._restored:
-            return self._restored[policy]
         if not self._restored:
             return self._step
         steps = sorted(set(self._restored.values()))
@@ -111,35 +70,10 @@ class OptimizerStepCounter:
             )
         return steps[0]
 
-    def arm(self, log_prob: Optional[torch.Tensor] = None) -> None:
-        """Called by the loss (with its `log_prob`, if it has a graph): the policy's optimizer steps next."""
+    def arm(self) -> None:
+        """Called by the loss: the next optimizer step in this process is the policy's."""
         self._watch_steps()
         self._armed = True
-        if self._policy_optimizer() is not None or log_prob is None or log_prob.grad_fn is None:
-            return
-        leaf = policy_leaf(log_prob)
-        if leaf is None or hasattr(leaf, "main_grad"):  # Megatron's DDP: its optimizer steps fp32 copies
-            return
-        self._leaf = weakref.ref(leaf)
-        loaded = [optimizer for optimizer in self._restored.keys() if _holds(optimizer, leaf)]
-        if loaded:
-            self._policy, self._leaf = weakref.ref(loaded[0]), None
-
-    def _policy_optimizer(self) -> Optional[torch.optim.Optimizer]:
-        return None if self._policy is None else self._policy()
-
-    def _is_policy(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether an optimizer stepping now is the policy's, identifying it by the loss's parameter if it can."""
-        policy = self._policy_optimizer()
-        if policy is not None:
-            return optimizer is policy
-        leaf = None if self._leaf is None else self._leaf()
-        if leaf is None:
-            return self._armed  # nothing to tell by: the first optimizer to step after the loss ran
-        if not _holds(optimizer, leaf):
-            return False
-        self._policy, self._leaf = weakref.ref(optimizer), None
-        return True
 
     def restored(self, optimizer: torch.optim.Optimizer) -> None:
         """Record an optimizer whose state was just loaded (a resume)."""
@@ -149,10 +83,25 @@ class OptimizerStepCounter:
     def _watch_steps(self) -> None:
         if self._handle is None:
             self._handle = register_optimizer_step_post_hook(self._after_step)
+            _COUNTERS.add(self)
+
+    def _is_policy(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether `optimizer`, stepping or zeroing now, is the policy's (the first to do so after the loss ran)."""
+        policy = None if self._policy is None else self._policy()
+        if policy is not None:
+            return optimizer is policy
+        if self._armed:
+            self._policy = weakref.ref(optimizer)
+        return self._armed
+
+    def zeroed(self, optimizer: torch.optim.Optimizer) -> None:
+        """`optimizer.zero_grad()` ran: after the loss, that is verl skipping the policy's step."""
+        if self._armed and self._is_policy(optimizer):
+            self._armed = False
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self._is_policy(optimizer):
-            self._restored.pop(optimizer, None)  # not the policy's
+            self._restored.pop(optimizer, None)  # stepped without the loss: not the policy's
             return
         self._armed = False
         state_step = _optimizer_state_step(optimizer)
@@ -160,7 +109,24 @@ class OptimizerStepCounter:
         self._restored.clear()
 
 
+_COUNTERS: "weakref.WeakSet[OptimizerStepCounter]" = weakref.WeakSet()  # told of every zero_grad
 STEP_COUNTER = OptimizerStepCounter()
+
+
+def watch_optimizer_zero_grads() -> None:
+    """Make `Optimizer.zero_grad` report every call to the step counters (idempotent)."""
+    zero_grad = torch.optim.Optimizer.zero_grad
+    if getattr(zero_grad, "_hmpo_watched", False):
+        return
+
+    @functools.wraps(zero_grad)
+    def watched_zero_grad(self, *args, **kwargs):
+        zero_grad(self, *args, **kwargs)
+        for counter in list(_COUNTERS):
+            counter.zeroed(self)
+
+    watched_zero_grad._hmpo_watched = True
+    torch.optim.Optimizer.zero_grad = watched_zero_grad
 
 
 def watch_optimizer_loads() -> None:
