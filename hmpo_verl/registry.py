@@ -146,13 +146,14 @@ def driver_checks(config) -> None:
     settings it was saved with (`hmpo_verl.run_settings`). Run by verl's `validate_config` and by
     `run_ppo`, the driver function of every entry point (`main_ppo`, one-step-off, fully-async)."""
     from hmpo_verl.checkpoints import check_checkpoint_directory, guard_resume, resume_step_dir
-    from hmpo_verl.run_settings import check_resume_settings
+    from hmpo_verl.run_settings import check_resume_settings, stamp_run_settings
 
     check_options(config)
     check_trl_beside_verl()
     check_checkpoint_directory(config)
     guard_resume(config)
     check_resume_settings(config, resume_step_dir(config))
+    stamp_run_settings(config)  # what each checkpoint records, before the trainer edits its config
 
 
 def _extend_validate_config() -> None:

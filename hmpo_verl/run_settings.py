@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 SETTINGS_FILE = "hmpo_run_settings.json"
 ACCEPT_KEY = "hmpo.resume_accept"
+STAMP_KEY = "hmpo.run_settings"  # stamp_run_settings
 ACTOR = "actor_rollout_ref.actor"
 RUN_SETTINGS = (
     "actor_rollout_ref.model.path",
@@ -91,11 +92,28 @@ def run_settings(config) -> dict[str, Any]:
     return settings
 
 
+def stamp_run_settings(config) -> None:
+    """Store `run_settings(config)` in the config itself (`STAMP_KEY`, JSON), in the driver before Ray starts.
+
+    The trainer edits its copy of the config as it runs (verl's `apply_bypass_mode` sets
+    `policy_loss.loss_mode='bypass_mode'` and copies `rollout_correction` into it, the trainer
+    writes `optim.total_training_steps`); the stamp is what the launch asked for, and is what
+    each checkpoint records.
+    """
+    from omegaconf import open_dict
+
+    with open_dict(config):
+        config.hmpo = config.get("hmpo", None) or {}
+        config.hmpo.run_settings = json.dumps(run_settings(config), sort_keys=True, default=str)
+
+
 def write_run_settings(step_dir: Path, config) -> None:
-    """Save `run_settings(config)` as `<step_dir>/SETTINGS_FILE` (creating `step_dir`)."""
+    """Save the launch's settings (the driver's stamp, else `run_settings(config)`) as `<step_dir>/SETTINGS_FILE`."""
+    stamp = _select(config, STAMP_KEY)
+    settings = json.loads(stamp) if stamp else run_settings(config)
     step_dir = Path(step_dir)
     step_dir.mkdir(parents=True, exist_ok=True)
-    (step_dir / SETTINGS_FILE).write_text(json.dumps(run_settings(config), indent=1, sort_keys=True, default=str))
+    (step_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True, default=str))
 
 
 def _under(key: str, prefixes) -> bool:

@@ -176,3 +176,29 @@ def test_fully_asyncs_own_save_is_guarded_and_numbered_by_its_param_version(tmp_
                                                   r"\(OSError: \[Errno 28\] No space left on device\)"):
         Trainer()._save_checkpoint()
     assert (tmp_path / "global_step_6" / SETTINGS_FILE).is_file()
+
+
+def test_a_checkpoint_records_the_launchs_settings_not_the_trainers_edited_copy(tmp_path):
+    """verl's apply_bypass_mode edits the trainer's policy_loss (loss_mode, a rollout_correction copy) during
+    step 1: the checkpoint records the driver's stamp, so the same command resumes."""
+    import verl.trainer.main_ppo
+    from omegaconf import open_dict
+
+    from hmpo_verl.registry import driver_checks
+
+    launch = verl_config(tmp_path, "trainer.n_gpus_per_node=2")
+    driver_checks(launch)
+
+    class Trainer:
+        config, global_steps = launch, 2
+
+        def _save_checkpoint(self):
+            write_checkpoint(tmp_path, 2, world=2)
+
+    with open_dict(launch):  # what apply_bypass_mode does to the trainer's copy
+        launch.actor_rollout_ref.actor.policy_loss["rollout_correction"] = {"bypass_mode": True}
+        launch.actor_rollout_ref.actor.policy_loss["loss_mode"] = "bypass_mode"
+    guard_saves(Trainer)
+    Trainer()._save_checkpoint()
+    verl.trainer.main_ppo.validate_config(verl_config(tmp_path, "trainer.n_gpus_per_node=2"),
+                                          use_reference_policy=False, use_critic=False)
