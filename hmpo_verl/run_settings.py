@@ -3,9 +3,10 @@
 verl's `resume_mode=auto` (its default) resumes the newest checkpoint under
 `trainer.default_local_dir` whatever the new launch's settings are: a relaunch with another
 learning rate, clip, length or seed continues the old run's weights and step under the new
-config, logged under the same name. `guard_saves` (`hmpo_verl.checkpoints`) therefore writes
-`run_settings(config)` into every `global_step_<k>/` (`SETTINGS_FILE`, before verl writes the
-checkpoint itself, so it is there before the tracker names the step), and the driver checks
+config, logged under the same name. The driver therefore stamps `run_settings(config)` into the
+config before Ray starts (`stamp_run_settings`: the trainer later edits its copy), `guard_saves`
+(`hmpo_verl.checkpoints`) writes that stamp into every `global_step_<k>/` (`SETTINGS_FILE`, before
+verl writes the checkpoint itself, so it is there before the tracker names the step), and the driver checks
 (`check_resume_settings`, before Ray starts) compare it with the new launch's: a difference
 stops the run naming each key, both values and the ways on.
 
