@@ -54,6 +54,7 @@ _MODULES = {
     "hmpo_verl.steps": "hmpo_verl.guards.steps",
     "hmpo_verl.finite": "hmpo_verl.guards.finite",
     "hmpo_verl.offpolicy": "hmpo_verl.guards.offpolicy",
+    "hmpo_verl.run_settings": "hmpo_verl.guards.run_settings",
 }
 
 # package attribute -> the module that defines it

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -24,7 +25,9 @@ from hmpo_verl.checkpoints import (
     checkpoint_problems,
     guard_resume,
     guard_saves,
+    TRANSFER_QUEUE_FILES,
     read_tracker,
+    torch_file_problem,
 )
 from hmpo_verl.finite import NonFiniteInputError, check_rollout_log_probs, guard_rollout_log_probs
 
@@ -66,10 +69,68 @@ def test_a_checkpoint_is_complete_when_every_shard_and_data_pt_are_written(tmp_p
     (step_dir / "critic" / "model_world_size_2_rank_0.pt").unlink()  # not written yet
     (step_dir / "data.pt").unlink()
     problems = checkpoint_problems(step_dir)
-    assert any("optim_world_size_2_rank_1.pt is incomplete" in p for p in problems)
+    assert any("optim_world_size_2_rank_1.pt is not a complete zip archive" in p for p in problems)
     assert any("critic/model_world_size_2_rank_0.pt is missing" in p for p in problems)
     assert any("data.pt" in p and "missing" in p for p in problems)
     assert checkpoint_problems(tmp_path / "global_step_9") == [f"{tmp_path / 'global_step_9'} is missing"]
+
+
+def test_a_torch_file_cut_anywhere_is_incomplete_even_with_an_end_marker(tmp_path):
+    """Truncations at many offsets, bare and with the end-of-directory record re-appended (`PK\\x05\\x06`:
+    all `zipfile.is_zipfile` looks for)."""
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.arange(3000.0), "step": 7}, whole)
+    data = whole.read_bytes()
+    assert torch_file_problem(whole) is None
+    marker = data[data.rindex(b"PK\x05\x06"):]
+    cut = tmp_path / "cut.pt"
+    passed_is_zipfile = 0
+    for keep in sorted({*range(0, len(data), 97), len(data) // 2, len(data) - len(marker), len(data) - 1}):
+        for tail in (b"", marker):
+            cut.write_bytes(data[:keep] + tail)
+            if len(cut.read_bytes()) == len(data) and tail:
+                continue  # that is the whole file again
+            passed_is_zipfile += zipfile.is_zipfile(cut)
+            assert torch_file_problem(cut) is not None, (keep, len(tail))
+    assert passed_is_zipfile > 0  # the heuristic the check replaces accepted some of these
+    cut.write_bytes(data[: len(data) // 2] + marker)  # the issue's reproduction: is_zipfile yes, torch.load no
+    assert zipfile.is_zipfile(cut) and torch_file_problem(cut)
+    with pytest.raises(Exception):
+        torch.load(cut, weights_only=True)
+
+
+def test_a_v1_async_checkpoint_is_complete_once_transfer_queue_is_in_place(tmp_path):
+    from transfer_queue.interface import _CONTROLLER_FILE, _METADATA_FILE
+
+    assert TRANSFER_QUEUE_FILES == (_CONTROLLER_FILE, _METADATA_FILE)  # the names verl's queue writes
+    step_dir = write_checkpoint(tmp_path, 2)
+    assert checkpoint_problems(step_dir) == []  # the sync trainer writes no queue
+    assert any("transfer_queue" in p and "missing" in p for p in checkpoint_problems(step_dir, transfer_queue=True))
+    partial = step_dir / "transfer_queue.tmp"  # killed inside tq.save_checkpoint: before the rename
+    partial.mkdir()
+    (partial / _CONTROLLER_FILE).write_bytes(b"x")
+    assert checkpoint_problems(step_dir, transfer_queue=True)
+    partial.rename(step_dir / "transfer_queue")  # a queue folder without its metadata.json
+    assert any("lacks metadata.json" in p for p in checkpoint_problems(step_dir, transfer_queue=True))
+    (step_dir / "transfer_queue" / _METADATA_FILE).write_text("{}")
+    assert checkpoint_problems(step_dir, transfer_queue=True) == []
+
+
+@pytest.mark.parametrize("trainer_mode", ["colocate_async", "separate_async"])
+def test_the_guard_requires_the_queue_of_a_v1_async_run(tmp_path, trainer_mode):
+    """The issue's reproduction: tracker missing, shards and data.pt complete, transfer_queue/ partial."""
+    write_checkpoint(tmp_path, 2)
+    step_dir = write_checkpoint(tmp_path, 4, tracker=False)
+    (tmp_path / TRACKER).unlink()
+    for step in (2, 4):
+        queue = tmp_path / f"global_step_{step}" / "transfer_queue"
+        queue.mkdir()
+        for name in TRANSFER_QUEUE_FILES[: 2 if step == 2 else 1]:
+            (queue / name).write_text("{}")
+    cfg = config(tmp_path, use_v1=True, v1={"trainer_mode": trainer_mode})
+    message = guard_resume(cfg)
+    assert read_tracker(tmp_path) == 2 and "global_step_2" in message
+    assert checkpoint_problems(step_dir) == []  # what the guard saw before: the sync trainer's files only
 
 
 def test_only_what_a_resume_loads_is_required(tmp_path):
@@ -172,7 +233,8 @@ def test_verls_driver_runs_the_guard_before_ray(tmp_path):
         cfg = compose(config_name="ppo_trainer", overrides=[
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-            f"trainer.default_local_dir={tmp_path}", "trainer.resume_mode=auto", "trainer.save_freq=2"])
+            f"trainer.default_local_dir={tmp_path}", "trainer.resume_mode=auto", "trainer.save_freq=2",
+            "trainer.n_gpus_per_node=2"])  # the shards' world size
     verl.trainer.main_ppo.validate_config(cfg, use_reference_policy=False, use_critic=False)
     assert read_tracker(tmp_path) == 2
 

@@ -7,6 +7,7 @@ happens only where it says (a poisoned rollout, our loss under bypass mode, a fa
 """
 
 import copy
+import json
 import math
 
 import pytest
@@ -82,13 +83,20 @@ def test_debug_metrics_wrapper_refuses_a_poisoned_rollout_where_verl_reads_it(ma
 
 
 def test_validate_config_wrapper_is_verls_function_on_verls_config():
-    """verl's default PPO config (vanilla loss): the same result and the config left as verl leaves it."""
+    """verl's default PPO config (vanilla loss): the same result, and the config left as verl leaves it but
+    for one added key, `hmpo.run_settings` (the launch's settings that each checkpoint records and a resume
+    compares: `hmpo_verl.run_settings.stamp_run_settings`), which no verl code reads."""
+    from hmpo_verl.run_settings import run_settings
+
     assert getattr(verl_config.validate_config, "_hmpo_checked", False)
     configs = [_composed([]) for _ in range(2)]
     results = [fn(config=c, use_reference_policy=False, use_critic=False)
                for fn, c in zip((verl_config.validate_config, _unwrapped(verl_config.validate_config)), configs)]
     assert results[0] == results[1]
-    assert OmegaConf.to_container(configs[0]) == OmegaConf.to_container(configs[1])
+    ours, verls = OmegaConf.to_container(configs[0]), OmegaConf.to_container(configs[1])
+    stamp = ours.pop("hmpo")
+    assert stamp == {"run_settings": json.dumps(run_settings(configs[1]), sort_keys=True, default=str)}
+    assert "hmpo" not in verls and ours == verls
 
 
 def test_run_ppo_wrapper_passes_verls_config_and_result_through():
@@ -158,13 +166,20 @@ def test_update_actor_wrapper_passes_a_batch_without_versions_through():
     assert seen == [(trainer, batch, ["x"])] and output.meta_info["metrics"] == {"actor/pg_loss": 0.5}
 
 
-def test_save_checkpoint_wrapper_returns_verls_result():
+def test_save_checkpoint_wrapper_returns_verls_result(tmp_path):
+    """verl's result passes through; what the guard adds is the launch's settings beside the step's files."""
     from hmpo_verl.checkpoints import guard_saves
+    from hmpo_verl.run_settings import SETTINGS_FILE
 
     class Trainer:
+        config = OmegaConf.create({"trainer": {"default_local_dir": str(tmp_path)}})
+        global_steps = 3
+
         def _save_checkpoint(self, *args, **kwargs):
             return ("saved", args, kwargs)
 
     guard_saves(Trainer)
     assert Trainer()._save_checkpoint(1, tag="x") == ("saved", (1,), {"tag": "x"})
+    assert [p.name for p in tmp_path.iterdir()] == ["global_step_3"]
+    assert [p.name for p in (tmp_path / "global_step_3").iterdir()] == [SETTINGS_FILE]
     assert getattr(ray_trainer.RayPPOTrainer._save_checkpoint, "_hmpo_guarded", False)

@@ -8,7 +8,12 @@ What verl 0.9.1's trainer (`_save_checkpoint`, v1 and v0 alike) writes under
    dist-checkpoint trees, then, last and atomically, `ckpt_contents.json`;
 2. `global_step_<k>/critic/` (with a critic), the same way;
 3. `global_step_<k>/data.pt`: the dataloader's state (torch zip file);
-4. `latest_checkpointed_iteration.txt` (the *tracker*): `k`, with a plain `open("w")` + write.
+4. the V1 trainer in `colocate_async` / `separate_async` mode only: `global_step_<k>/transfer_queue/`
+   (the queue's in-flight prompts and finished trajectories; written to `transfer_queue.tmp/`, renamed);
+5. `latest_checkpointed_iteration.txt` (the *tracker*): `k`, with a plain `open("w")` + write.
+
+A torch file is complete when its zip central directory and every member it lists are there
+(`torch_file_problem`); a checkpoint, when every file its trainer writes and a resume loads is.
 
 `resume_mode=auto` resumes from the step the tracker names, and the tracker is written last,
 so a run killed while saving resumes from the previous checkpoint -- except that (a) a tracker
@@ -36,6 +41,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -47,6 +53,7 @@ FSDP_SHARD = re.compile(r"(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\
 SHARD_KIND = {"model": "model", "optimizer": "optim", "extra": "extra_state"}  # checkpoint contents -> file prefix
 MEGATRON_MANIFEST = "ckpt_contents.json"
 DEFAULT_CONTENTS = ("model", "optimizer", "extra")
+TRANSFER_QUEUE_FILES = ("controller_state.pkl", "metadata.json")  # transfer_queue.interface's; metadata last
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +85,49 @@ def read_tracker(root: Path) -> Optional[int]:
         return None
 
 
+LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip member's local header: signature, ..., name length, extra length
+LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
+
+
+def torch_file_problem(path: Path) -> Optional[str]:
+    """Why a `torch.save` file (zip format) is not complete (None: it is).
+
+    Reads the zip's central directory (`zipfile.ZipFile`), then checks every member against the
+    file: its local header is where the directory says, carries the member's name, and its data
+    ends before the central directory starts -- so a truncated file fails even when its last
+    bytes happen to hold an end-of-directory marker (`PK\x05\x06`, which is all
+    `zipfile.is_zipfile` looks for). The pickle member (`*/data.pkl`, small, read first by
+    `torch.load`) is read in full, CRC included; tensor payloads are not (that would read
+    every byte of every shard).
+    """
+    if not path.is_file():
+        return "missing"
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            members = archive.infolist()
+            if not members:
+                return "an empty zip archive"
+            for member in members:
+                raw.seek(member.header_offset)
+                header = raw.read(LOCAL_HEADER.size)
+                if len(header) < LOCAL_HEADER.size:
+                    return f"cut inside member {member.filename}"
+                signature, name_length, extra_length = LOCAL_HEADER.unpack(header)
+                if signature != LOCAL_HEADER_SIGNATURE or raw.read(name_length) != member.filename.encode():
+                    return f"member {member.filename}'s header is not where the zip directory says"
+                end = member.header_offset + LOCAL_HEADER.size + name_length + extra_length + member.compress_size
+                if end > archive.start_dir:
+                    return f"member {member.filename} runs past the start of the zip directory"
+                if member.filename.endswith("data.pkl"):
+                    archive.read(member)  # raises BadZipFile on a CRC mismatch
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        return f"not a complete zip archive ({exc})"
+    return None
+
+
 def is_complete_torch_file(path: Path) -> bool:
-    """A `torch.save` file (zip format) that was written to the end: its zip directory is there."""
-    return path.is_file() and zipfile.is_zipfile(path)
+    """A `torch.save` file (zip format) that was written to the end (`torch_file_problem`)."""
+    return torch_file_problem(path) is None
 
 
 def _shard_problems(role_dir: Path, contents) -> list[str]:
@@ -94,8 +141,8 @@ def _shard_problems(role_dir: Path, contents) -> list[str]:
         kind = SHARD_KIND.get(content)
         for rank in range(world) if kind else ():
             path = role_dir / f"{kind}_world_size_{world}_rank_{rank}.pt"
-            if not is_complete_torch_file(path):
-                problems.append(f"{path} is {'incomplete' if path.exists() else 'missing'}")
+            if problem := torch_file_problem(path):
+                problems.append(f"{path} is {problem}")
     return problems
 
 
@@ -110,10 +157,26 @@ def _role_problems(role_dir: Path, contents) -> list[str]:
     return _shard_problems(role_dir, contents)
 
 
-def checkpoint_problems(step_dir: Path, contents=DEFAULT_CONTENTS) -> list[str]:
+def transfer_queue_problem(step_dir: Path) -> Optional[str]:
+    """Why `<step_dir>/transfer_queue/` (verl's V1 async trainers' queue state) is not complete (None: it is).
+
+    `transfer_queue.save_checkpoint` writes into `transfer_queue.tmp/` (`controller_state.pkl`,
+    the storage's files, then `metadata.json`) and renames it into place; verl's resume loads
+    it only `if os.path.exists(...)`, so a missing one would silently drop the in-flight prompts.
+    """
+    folder = Path(step_dir) / "transfer_queue"
+    missing = [name for name in TRANSFER_QUEUE_FILES if not (folder / name).is_file()]
+    if not folder.is_dir():
+        return f"{folder} (the V1 async trainer's queue state, written after data.pt) is missing"
+    return f"{folder} lacks {', '.join(missing)}" if missing else None
+
+
+def checkpoint_problems(step_dir: Path, contents=DEFAULT_CONTENTS, transfer_queue: bool = False) -> list[str]:
     """Why `global_step_<k>` is not a complete checkpoint (empty: complete).
 
-    `contents`: what a resume loads (verl's `actor.checkpoint.load_contents`).
+    `contents`: what a resume loads (verl's `actor.checkpoint.load_contents`); `transfer_queue`:
+    the trainer also writes `transfer_queue/` (verl's V1 `colocate_async` / `separate_async`,
+    `writes_transfer_queue(config)`).
     """
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
@@ -122,9 +185,10 @@ def checkpoint_problems(step_dir: Path, contents=DEFAULT_CONTENTS) -> list[str]:
     if (step_dir / "critic").exists():
         problems += _role_problems(step_dir / "critic", contents)
     data = step_dir / "data.pt"
-    if not is_complete_torch_file(data):
-        problems.append(f"{data} (the dataloader state, written after the model) is "
-                        f"{'incomplete' if data.exists() else 'missing'}")
+    if problem := torch_file_problem(data):
+        problems.append(f"{data} (the dataloader state, written after the model) is {problem}")
+    if transfer_queue and (problem := transfer_queue_problem(step_dir)):
+        problems.append(problem)
     return problems
 
 
@@ -161,11 +225,21 @@ def _absolute(path: str) -> Path:
     return Path(path) if os.path.isabs(path) else Path(os.getcwd()) / path
 
 
-def _load_contents(config) -> tuple[str, ...]:
+def writes_transfer_queue(config) -> bool:
+    """verl's V1 trainer in an async mode (`colocate_async`, `separate_async`) also saves `transfer_queue/`."""
+    from omegaconf import OmegaConf
+
+    mode = OmegaConf.select(config, "trainer.v1.trainer_mode", default="sync")
+    return bool(_trainer(config, "use_v1", False)) and mode not in (None, "sync")
+
+
+def expected_contents(config) -> dict:
+    """`checkpoint_problems`' keyword arguments for this config: what its trainer writes and a resume loads."""
     from omegaconf import OmegaConf
 
     contents = OmegaConf.select(config, "actor_rollout_ref.actor.checkpoint.load_contents", default=None)
-    return tuple(contents) if contents else DEFAULT_CONTENTS
+    return {"contents": tuple(contents) if contents else DEFAULT_CONTENTS,
+            "transfer_queue": writes_transfer_queue(config)}
 
 
 def _describe(step_dir: Path, problems: list[str]) -> str:
@@ -179,10 +253,10 @@ def guard_resume(config) -> Optional[str]:
     Raises `CheckpointResumeError` when there is no complete checkpoint to use.
     """
     mode = _trainer(config, "resume_mode", "disable")
-    contents = _load_contents(config)
+    expected = expected_contents(config)
     if mode == "resume_path":
         path = _absolute(str(_trainer(config, "resume_from_path")))
-        problems = checkpoint_problems(path, contents)
+        problems = checkpoint_problems(path, **expected)
         if problems:
             raise CheckpointResumeError(f"trainer.resume_from_path is not a complete checkpoint: {_describe(path, problems)}")
         return None
@@ -190,13 +264,13 @@ def guard_resume(config) -> Optional[str]:
         return None
     root = _absolute(str(_trainer(config, "default_local_dir")))
     tracked = read_tracker(root)
-    tracked_problems = checkpoint_problems(root / f"global_step_{tracked}", contents) if tracked is not None else []
+    tracked_problems = checkpoint_problems(root / f"global_step_{tracked}", **expected) if tracked is not None else []
     if tracked is not None and not tracked_problems:
         return None
     dirs = step_dirs(root)
     if tracked is None and not dirs and not (root / TRACKER).exists():
         return None  # a fresh run
-    partial = {k: checkpoint_problems(d, contents) for k, d in dirs.items()}
+    partial = {k: checkpoint_problems(d, **expected) for k, d in dirs.items()}
     complete = [k for k, problems in partial.items() if not problems]
     if not complete and not (root / TRACKER).exists():
         return None  # the first save was interrupted: nothing complete to lose, verl starts afresh
@@ -215,6 +289,18 @@ def guard_resume(config) -> Optional[str]:
                f"{dirs[complete[0]]} (tracker rewritten to {complete[0]})")
     logger.warning(message)
     return message
+
+
+def resume_step_dir(config) -> Optional[Path]:
+    """The checkpoint verl's resume will load under `config` (None: it trains from scratch)."""
+    mode = _trainer(config, "resume_mode", "disable")
+    if mode == "resume_path" and _trainer(config, "resume_from_path"):
+        return _absolute(str(_trainer(config, "resume_from_path")))
+    if mode != "auto" or not _trainer(config, "default_local_dir"):
+        return None
+    root = _absolute(str(_trainer(config, "default_local_dir")))
+    tracked = read_tracker(root)
+    return None if tracked is None else root / f"global_step_{tracked}"
 
 
 def checkpoint_directory_problem(directory: Path) -> Optional[str]:
@@ -264,11 +350,11 @@ def _free_space(path: Path) -> str:
     return f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB"
 
 
-def save_failure_message(step_dir: Path, exc: BaseException, contents=DEFAULT_CONTENTS) -> str:
+def save_failure_message(step_dir: Path, exc: BaseException, expected: Optional[dict] = None) -> str:
     """The message of `CheckpointSaveError`: the directory, the cause, the free space, what a resume would use."""
     root = step_dir.parent
     tracked = read_tracker(root)
-    if tracked is not None and not checkpoint_problems(root / f"global_step_{tracked}", contents):
+    if tracked is not None and not checkpoint_problems(root / f"global_step_{tracked}", **(expected or {})):
         fallback = f"the latest complete checkpoint, {root / f'global_step_{tracked}'}, is intact"
     else:
         fallback = "no complete checkpoint is tracked"
@@ -276,20 +362,29 @@ def save_failure_message(step_dir: Path, exc: BaseException, contents=DEFAULT_CO
             f"{fallback}: resume_mode=auto resumes from it once the directory can be written")
 
 
+def saved_step(trainer) -> int:
+    """The k of the `global_step_<k>` a trainer saves to: fully-async's `current_param_version`, else `global_steps`."""
+    version = getattr(trainer, "current_param_version", None)
+    return int(trainer.global_steps if version is None else version)
+
+
 def guard_saves(trainer_cls) -> None:
-    """Wrap `trainer_cls._save_checkpoint` so that a failure raises `CheckpointSaveError` (idempotent)."""
+    """Wrap `trainer_cls._save_checkpoint` (idempotent): it first records the run's settings in the step's
+    directory (`hmpo_verl.guards.run_settings`), and a failure raises `CheckpointSaveError`."""
     save = trainer_cls._save_checkpoint
     if getattr(save, "_hmpo_guarded", False):
         return
 
     @functools.wraps(save)
     def _save_checkpoint(self, *args, **kwargs):
+        from hmpo_verl.guards.run_settings import write_run_settings
+
+        step_dir = _absolute(str(self.config.trainer.default_local_dir)) / f"global_step_{saved_step(self)}"
         try:
+            write_run_settings(step_dir, self.config)
             return save(self, *args, **kwargs)
         except Exception as exc:
-            root = _absolute(str(self.config.trainer.default_local_dir))
-            step_dir = root / f"global_step_{self.global_steps}"
-            raise CheckpointSaveError(save_failure_message(step_dir, exc, _load_contents(self.config))) from exc
+            raise CheckpointSaveError(save_failure_message(step_dir, exc, expected_contents(self.config))) from exc
 
     _save_checkpoint._hmpo_guarded = True
     trainer_cls._save_checkpoint = _save_checkpoint

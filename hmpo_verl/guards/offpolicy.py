@@ -34,9 +34,10 @@ imported, make our losses at home there:
   runs another is a trap: for our losses the wrapper keeps ``loss_mode`` and warns once,
   naming both settings. Our loss then runs with bypass semantics: ``old_log_probs`` are the
   rollout's log-probs, so the token ratios are pi_theta / pi_rollout.
-* ``run_ppo``: checks our options (``hmpo_verl.hosts.verl.checks.check_options``, which also refuses
-  ``bypass_mode`` with ``rollout_is``/``rollout_rs``) before Ray starts; verl's
-  fully-async entry point never calls ``validate_config``, where the check otherwise runs.
+* ``run_ppo``: runs the driver checks (``hmpo_verl.hosts.verl.checks.driver_checks``: our options --
+  which also refuse ``bypass_mode`` with ``rollout_is``/``rollout_rs`` --, the checkpoint directory,
+  the resume guard and the saved run settings) before Ray starts: verl's fully-async entry point
+  never calls ``validate_config``, and the one-step-off one calls it inside Ray.
   It also warns (:func:`stale_as_fresh`) when a V1 async mode would train stale samples as
   if they were on-policy.
 """
@@ -328,9 +329,9 @@ def stale_as_fresh(config) -> Optional[str]:
 def _checking_options_first(run_ppo: Callable) -> Callable:
     @functools.wraps(run_ppo)
     def wrapped(config, *args, **kwargs):
-        from hmpo_verl.hosts.verl.checks import check_options
+        from hmpo_verl.hosts.verl.checks import driver_checks
 
-        check_options(config)
+        driver_checks(config)
         warning = stale_as_fresh(config)
         if warning:
             logger.warning(warning)

@@ -10,7 +10,13 @@ records the step count of the optimizer that steps after the loss has run: the l
 Megatron-core's distributed optimizer wraps, which saves and restores it with the
 param_groups); its own count of such steps otherwise.
 Optimizers that step without the loss having run (a critic in the same process) are
-ignored. Every rank takes the same optimizer steps, so every rank reads the same step.
+ignored. The first optimizer to step *or* to zero its gradients after the loss ran is the
+policy's, and from then on only its steps count: verl skips the policy's `optimizer.step()` on
+a non-finite grad norm by calling its `zero_grad()` instead (`watch_optimizer_zero_grads`), so
+a critic stepping next in the same process (a `WorkerDict` with GAE) is not taken for it.
+(Why not the loss's autograd graph: FSDP2 accumulates into transient unsharded parameters, not
+the sharded ones its optimizer holds.) Every rank takes the same optimizer steps, so every rank
+reads the same step.
 
 After a resume the loss runs before the first optimizer step of the new process, so the
 hook has seen nothing yet. `watch_optimizer_loads()` (called when the plugin registers)
@@ -48,6 +54,7 @@ class OptimizerStepCounter:
         self._restored = weakref.WeakKeyDictionary()  # optimizer -> its step when its state was loaded
         self._armed = False
         self._handle = None
+        self._policy = None  # weakref to the policy's optimizer, once it stepped or zeroed after the loss
 
     @property
     def step(self) -> int:
@@ -76,9 +83,24 @@ class OptimizerStepCounter:
     def _watch_steps(self) -> None:
         if self._handle is None:
             self._handle = register_optimizer_step_post_hook(self._after_step)
+            _COUNTERS.add(self)
+
+    def _is_policy(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether `optimizer`, stepping or zeroing now, is the policy's (the first to do so after the loss ran)."""
+        policy = None if self._policy is None else self._policy()
+        if policy is not None:
+            return optimizer is policy
+        if self._armed:
+            self._policy = weakref.ref(optimizer)
+        return self._armed
+
+    def zeroed(self, optimizer: torch.optim.Optimizer) -> None:
+        """`optimizer.zero_grad()` ran: after the loss, that is verl skipping the policy's step."""
+        if self._armed and self._is_policy(optimizer):
+            self._armed = False
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        if not self._armed:
+        if not self._is_policy(optimizer):
             self._restored.pop(optimizer, None)  # stepped without the loss: not the policy's
             return
         self._armed = False
@@ -87,7 +109,24 @@ class OptimizerStepCounter:
         self._restored.clear()
 
 
+_COUNTERS: "weakref.WeakSet[OptimizerStepCounter]" = weakref.WeakSet()  # told of every zero_grad
 STEP_COUNTER = OptimizerStepCounter()
+
+
+def watch_optimizer_zero_grads() -> None:
+    """Make `Optimizer.zero_grad` report every call to the step counters (idempotent)."""
+    zero_grad = torch.optim.Optimizer.zero_grad
+    if getattr(zero_grad, "_hmpo_watched", False):
+        return
+
+    @functools.wraps(zero_grad)
+    def watched_zero_grad(self, *args, **kwargs):
+        zero_grad(self, *args, **kwargs)
+        for counter in list(_COUNTERS):
+            counter.zeroed(self)
+
+    watched_zero_grad._hmpo_watched = True
+    torch.optim.Optimizer.zero_grad = watched_zero_grad
 
 
 def watch_optimizer_loads() -> None:

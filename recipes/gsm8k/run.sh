@@ -19,11 +19,13 @@
 #                     GPU sizes; 1 x 2 trainer ranks for SIZE=cpu)
 #   MODEL_PATH        local checkpoint dir or hub id (unset: the size file's, Qwen/Qwen2.5-Math-*)
 #   DATA_DIR          ($HOME/data); TRAIN_FILES / VAL_FILES: comma-separated parquet paths
-#   EXPERIMENT_NAME   (gsm8k-$SIZE-$MEAN, plus -$CORRECTION unless none); PYTHON (python3)
+#   EXPERIMENT_NAME   (gsm8k-$SIZE-$MEAN, plus -$CORRECTION unless none, plus -o<hash> of your
+#                     run-defining overrides if any: recipes/lib/launch.sh, hmpo_default_name); PYTHON (python3)
 #   CKPT_DIR          absolute checkpoint directory, trainer.default_local_dir
 #                     ($HOME/checkpoints/hmpo_verl/$EXPERIMENT_NAME); on several nodes put it on storage
 #                     every node sees. verl's trainer.resume_mode=auto (its default) resumes from its
-#                     latest global_step_* there; trainer.resume_mode=disable starts afresh
+#                     latest global_step_* there -- hmpo_verl stops a resume whose settings differ from the
+#                     checkpoint's (README, "Crash and resume"); trainer.resume_mode=disable starts afresh
 #   LOGGER            comma-separated verl trackers (console): console,wandb  console,tensorboard ...
 #   PREFLIGHT         1: check the GPU software (recipes/lib/preflight.py against
 #                     recipes/requirements-gpu*.txt) before launching; 0: skip (1)
@@ -44,8 +46,8 @@ MODEL_PATH=${MODEL_PATH:-}
 DATA_DIR=${DATA_DIR:-$HOME/data}
 TRAIN_FILES=${TRAIN_FILES:-$DATA_DIR/gsm8k/train.parquet}
 VAL_FILES=${VAL_FILES:-$DATA_DIR/gsm8k/test.parquet}
-EXPERIMENT_NAME=${EXPERIMENT_NAME:-$TASK-$SIZE-$MEAN$([[ "$CORRECTION" == none ]] || echo "-$CORRECTION")}
-CKPT_DIR=${CKPT_DIR:-$HOME/checkpoints/hmpo_verl/$EXPERIMENT_NAME}
+EXPERIMENT_NAME=${EXPERIMENT_NAME:-}  # unset: hmpo_default_name (launch.sh), once the overrides are known
+CKPT_DIR=${CKPT_DIR:-}                # unset: $HOME/checkpoints/hmpo_verl/$EXPERIMENT_NAME
 LOGGER=${LOGGER:-console}
 PYTHON=${PYTHON:-python3}
 PREFLIGHT=${PREFLIGHT:-1}

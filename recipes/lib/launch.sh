@@ -90,6 +90,31 @@ hmpo_preflight() {
         { echo "$(basename -- "$0"): preflight failed; nothing launched (PREFLIGHT=0 skips the check)" >&2; exit 3; }
 }
 
+# Overrides that do not change what a run trains (logging, saving, validation, the run's length, the
+# resume opt-in) and so do not change its default name: a relaunch with more steps keeps the name, and
+# the resume check (hmpo_verl.run_settings) asks for +hmpo.resume_accept=[...] if the length changed.
+HMPO_UNNAMED_KEYS=(trainer.logger trainer.project_name trainer.save_freq trainer.test_freq trainer.val_before_train
+    trainer.resume_mode trainer.resume_from_path trainer.total_epochs trainer.total_training_steps
+    trainer.log_val_generations trainer.rollout_data_dir trainer.validation_data_dir trainer.max_actor_ckpt_to_keep
+    trainer.max_critic_ckpt_to_keep hmpo.resume_accept)
+
+# The default EXPERIMENT_NAME: <TASK>-<SIZE>-<MEAN>[-<CORRECTION>], plus -o<8 hex digits of sha1> of the
+# run-defining Hydra overrides given (sorted), so that runs with other settings get their own name and
+# CKPT_DIR instead of resuming each other's checkpoints.
+hmpo_default_name() {
+    local name="$TASK-$SIZE-$MEAN" arg key named=()
+    [[ -z "${CORRECTION:-}" || "$CORRECTION" == none ]] || name+="-$CORRECTION"
+    for arg in "$@"; do
+        key=${arg%%=*}
+        key=${key#"${key%%[!+~]*}"}  # +key / ++key / ~key
+        [[ " ${HMPO_UNNAMED_KEYS[*]} " == *" $key "* ]] || named+=("${arg#"${arg%%[!+~]*}"}")
+    done
+    if [[ ${#named[@]} -gt 0 ]]; then
+        name+="-o$(printf '%s\n' "${named[@]}" | LC_ALL=C sort | sha1sum | cut -c1-8)"
+    fi
+    echo "$name"
+}
+
 hmpo_launch() {
     local dry_run=${DRY_RUN:-0} arg overrides=() cmd=()
     for arg in "$@"; do
@@ -103,6 +128,8 @@ hmpo_launch() {
         esac
     done
 
+    EXPERIMENT_NAME=${EXPERIMENT_NAME:-$(hmpo_default_name ${overrides[@]+"${overrides[@]}"})}
+    CKPT_DIR=${CKPT_DIR:-$HOME/checkpoints/hmpo_verl/$EXPERIMENT_NAME}
     [[ -f "$RECIPES_DIR/$TASK.yaml" ]] || hmpo_die "no task config recipes/$TASK.yaml"
     [[ -f "$RECIPES_DIR/mean/$MEAN.yaml" ]] ||
         hmpo_die "MEAN=$MEAN: no recipes/mean/$MEAN.yaml; choose one of: $(hmpo_choices mean)"

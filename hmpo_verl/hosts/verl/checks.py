@@ -88,3 +88,19 @@ def check_bypass_mode(rollout_correction, loss_mode: str) -> None:
             "them. Set algorithm.rollout_correction.bypass_mode=false (verl then computes them and passes the "
             "weights to the loss) or drop rollout_is/rollout_rs."
         )
+
+
+def driver_checks(config) -> None:
+    """Everything the driver checks before Ray starts (idempotent): our options, TRL beside verl, the
+    checkpoint directory, the checkpoint a resume will use (`hmpo_verl.guards.checkpoints.guard_resume`) and
+    the settings it was saved with (`hmpo_verl.guards.run_settings`). Run by verl's `validate_config` and by
+    `run_ppo`, the driver function of every entry point (`main_ppo`, one-step-off, fully-async)."""
+    from hmpo_verl.guards.checkpoints import check_checkpoint_directory, guard_resume, resume_step_dir
+    from hmpo_verl.guards.run_settings import check_resume_settings, stamp_run_settings
+
+    check_options(config)
+    check_trl_beside_verl()
+    check_checkpoint_directory(config)
+    guard_resume(config)
+    check_resume_settings(config, resume_step_dir(config))
+    stamp_run_settings(config)  # what each checkpoint records, before the trainer edits its config

@@ -4,10 +4,13 @@
   * registers the policy losses and advantage estimators by name in verl's registries
     (which live in `verl.trainer.ppo.core_algos`),
   * has optimizer state loads report their step to the p schedule (`hmpo_verl.guards.steps`), and
-  * extends verl's `validate_config` (which verl's driver runs before Ray starts) with our
+  * extends verl's `validate_config` (which `main_ppo`'s driver runs before Ray starts; the
+    one-step-off entry point runs it inside Ray, fully-async never: `hmpo_verl.guards.offpolicy` runs
+    the same `driver_checks` in `run_ppo`, every entry point's driver, before `ray.init`) with our
     checks (`hmpo_verl.hosts.verl.checks`: our options, a TRL verl can start beside), the
     checkpoint directory and the checkpoint a resume will use (`hmpo_verl.guards.checkpoints`),
-    and the verl symbols we wrap (`hmpo_verl.guards.verl_symbols`): verl builds the actor
+    the settings it was saved with (`hmpo_verl.guards.run_settings`), and the verl symbols we
+    wrap (`hmpo_verl.guards.verl_symbols`): verl builds the actor
     config there, but never the algorithm dataclass, and its plain `PolicyLossConfig` cannot
     tell that `loss_mode=power_mean` lacks a power. With the check, a bad value stops the run
     with a message naming the field instead of failing later inside a Ray worker.
@@ -40,12 +43,14 @@ import sys
 
 from hmpo_verl.guards.hooks import loudly, run_after_import
 from hmpo_verl.guards.verl_symbols import check_loaded, check_module
-from hmpo_verl.hosts.verl.checks import check_options, check_trl_beside_verl, trl_conflict  # noqa: F401 (trl_conflict: the public hmpo_verl.registry name)
+from hmpo_verl.hosts.verl.checks import check_options, check_trl_beside_verl, driver_checks, trl_conflict  # noqa: F401 (check_options, check_trl_beside_verl, trl_conflict: public hmpo_verl.registry names)
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
 # verl's trainers, whose checkpoint saves are guarded (hmpo_verl.guards.checkpoints), and the module whose
 # calculate_debug_metrics is where the driver sees the rollout's log-probs (hmpo_verl.guards.finite)
-TRAINERS = {"verl.trainer.ppo.v1.trainer_base": "PPOTrainer", "verl.trainer.ppo.ray_trainer": "RayPPOTrainer"}
+TRAINERS = {"verl.trainer.ppo.v1.trainer_base": "PPOTrainer", "verl.trainer.ppo.ray_trainer": "RayPPOTrainer",
+            # overrides _save_checkpoint (its own folder numbering, the rollouter's data.pt); a @ray.remote class
+            "verl.experimental.fully_async_policy.fully_async_trainer": "FullyAsyncTrainer"}
 DEBUG_METRICS = "verl.utils.debug.metrics"
 
 
@@ -71,14 +76,9 @@ def _extend_validate_config() -> None:
 
     @functools.wraps(validate)
     def validate_config(config, *args, **kwargs):
-        from hmpo_verl.guards.checkpoints import check_checkpoint_directory, guard_resume
-
         result = validate(config, *args, **kwargs)
         check_loaded()  # every verl symbol we wrap or read, of the modules the driver has loaded
-        check_options(config)
-        check_trl_beside_verl()
-        check_checkpoint_directory(config)
-        guard_resume(config)
+        driver_checks(config)
         return result
 
     validate_config._hmpo_checked = True
@@ -92,13 +92,14 @@ def register() -> None:
 
     from hmpo_verl.hosts.verl.estimators import ADV_ESTIMATORS
     from hmpo_verl.hosts.verl.losses import POLICY_LOSSES
-    from hmpo_verl.guards.steps import watch_optimizer_loads
+    from hmpo_verl.guards.steps import watch_optimizer_loads, watch_optimizer_zero_grads
 
     for name, fn in POLICY_LOSSES.items():
         _register_into(core_algos.POLICY_LOSS_REGISTRY, name, fn, "policy loss")
     for name, fn in ADV_ESTIMATORS.items():
         _register_into(core_algos.ADV_ESTIMATOR_REGISTRY, name, fn, "advantage estimator")
     watch_optimizer_loads()  # the p schedule's step after a resume (hmpo_verl.guards.steps)
+    watch_optimizer_zero_grads()  # ... and after verl skipped the policy's step
     _extend_validate_config()
 
 
@@ -132,10 +133,17 @@ def _guard_rollout_log_probs(module) -> None:
     guard_rollout_log_probs(module)
 
 
+def ray_wrapped_class(cls):
+    """The class a `@ray.remote` decorator wrapped (its ActorClass's `modified_class` subclasses it); else `cls`.
+    Patched there, the driver's subclass and the copy Ray ships to the actor's process both inherit the patch."""
+    metadata = getattr(cls, "__ray_metadata__", None)
+    return cls if metadata is None else metadata.modified_class.__bases__[0]
+
+
 def _guard_trainer(module, trainer: str) -> None:
     """Guard a trainer module: its class's saves, and its own name for calculate_debug_metrics, if it has one."""
     from hmpo_verl.guards.checkpoints import guard_saves
 
-    guard_saves(getattr(module, trainer))
+    guard_saves(ray_wrapped_class(getattr(module, trainer)))
     if hasattr(module, "calculate_debug_metrics"):
         _guard_rollout_log_probs(module)

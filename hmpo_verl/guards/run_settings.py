@@ -1,0 +1,185 @@
+"""The settings that define a run, saved with each checkpoint and compared before a resume.
+
+verl's `resume_mode=auto` (its default) resumes the newest checkpoint under
+`trainer.default_local_dir` whatever the new launch's settings are: a relaunch with another
+learning rate, clip, length or seed continues the old run's weights and step under the new
+config, logged under the same name. The driver therefore stamps `run_settings(config)` into the
+config before Ray starts (`stamp_run_settings`: the trainer later edits its copy), `guard_saves`
+(`hmpo_verl.guards.checkpoints`) writes that stamp into every `global_step_<k>/` (`SETTINGS_FILE`, before
+verl writes the checkpoint itself, so it is there before the tracker names the step), and the driver checks
+(`check_resume_settings`, before Ray starts) compare it with the new launch's: a difference
+stops the run naming each key, both values and the ways on.
+
+Recorded: the subtrees and keys of `RUN_SETTINGS` (loss and its p / schedule, the optimizer
+with its lr and schedule, clips, batch and mini-batch sizes, lengths, model path, data,
+seeds, the run's length, world size), flattened to dotted keys. Not recorded: logging, saving,
+validation, memory and parallelism tuning (micro-batch sizes, offload), and
+`optim.total_training_steps`, which the trainer itself writes into its config (from
+`trainer.total_training_steps` / `total_epochs`, which are recorded).
+
+A change that is meant (a longer `trainer.total_training_steps`, a new lr for the rest of the
+run) is accepted by naming it: `'+hmpo.resume_accept=[trainer.total_training_steps]'` (a key or
+a subtree prefix); the next checkpoint records the new value. A change of the FSDP world size
+(`trainer.nnodes * trainer.n_gpus_per_node`) is refused even then: verl's FSDP checkpoint
+manager loads `model_world_size_<W>_rank_<r>.pt` of the *new* world size and does not reshard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+SETTINGS_FILE = "hmpo_run_settings.json"
+ACCEPT_KEY = "hmpo.resume_accept"
+STAMP_KEY = "hmpo.run_settings"  # stamp_run_settings
+ACTOR = "actor_rollout_ref.actor"
+RUN_SETTINGS = (
+    "actor_rollout_ref.model.path",
+    f"{ACTOR}.policy_loss",
+    f"{ACTOR}.optim",
+    *(f"{ACTOR}.{key}" for key in (
+        "clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "grad_clip", "loss_agg_mode",
+        "entropy_coeff", "use_kl_loss", "kl_loss_coef", "kl_loss_type", "ppo_epochs", "ppo_mini_batch_size",
+        "shuffle", "data_loader_seed")),
+    *(f"actor_rollout_ref.rollout.{key}" for key in ("n", "temperature", "top_p", "top_k", "seed")),
+    "algorithm",
+    *(f"data.{key}" for key in (
+        "train_files", "train_batch_size", "max_prompt_length", "max_response_length", "shuffle", "seed")),
+    "critic.model.path",
+    "critic.optim",
+    "trainer.total_epochs",
+    "trainer.total_training_steps",
+    "trainer.nnodes",
+    "trainer.n_gpus_per_node",
+)
+WRITTEN_BY_THE_TRAINER = re.compile(r".*\.optim\.total_training_steps")
+WORLD_SHARD = re.compile(r"(?:model|optim|extra_state)_world_size_(\d+)_rank_\d+\.pt")
+
+logger = logging.getLogger(__name__)
+
+
+class ResumeSettingsError(RuntimeError):
+    """A resume would continue a checkpoint saved with other settings."""
+
+
+def _select(config, key: str) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    value = OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
+    if isinstance(value, (DictConfig, ListConfig)):
+        try:
+            return OmegaConf.to_container(value, resolve=True)
+        except Exception:  # noqa: BLE001 - an interpolation the driver cannot resolve: record it as written
+            return OmegaConf.to_container(value, resolve=False)
+    return value
+
+
+def _flatten(prefix: str, value: Any, into: dict) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, into)
+    elif not WRITTEN_BY_THE_TRAINER.fullmatch(prefix):
+        into[prefix] = value if isinstance(value, (str, int, float, bool, type(None), list)) else str(value)
+
+
+def run_settings(config) -> dict[str, Any]:
+    """{dotted key: value} of every `RUN_SETTINGS` entry in a composed verl config (see module doc)."""
+    settings: dict[str, Any] = {}
+    for key in RUN_SETTINGS:
+        _flatten(key, _select(config, key), settings)
+    return settings
+
+
+def stamp_run_settings(config) -> None:
+    """Store `run_settings(config)` in the config itself (`STAMP_KEY`, JSON), in the driver before Ray starts.
+
+    The trainer edits its copy of the config as it runs (verl's `apply_bypass_mode` sets
+    `policy_loss.loss_mode='bypass_mode'` and copies `rollout_correction` into it, the trainer
+    writes `optim.total_training_steps`); the stamp is what the launch asked for, and is what
+    each checkpoint records.
+    """
+    from omegaconf import open_dict
+
+    with open_dict(config):
+        config.hmpo = config.get("hmpo", None) or {}
+        config.hmpo.run_settings = json.dumps(run_settings(config), sort_keys=True, default=str)
+
+
+def write_run_settings(step_dir: Path, config) -> None:
+    """Save the launch's settings (the driver's stamp, else `run_settings(config)`) as `<step_dir>/SETTINGS_FILE`."""
+    stamp = _select(config, STAMP_KEY)
+    settings = json.loads(stamp) if stamp else run_settings(config)
+    step_dir = Path(step_dir)
+    step_dir.mkdir(parents=True, exist_ok=True)
+    (step_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True, default=str))
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def settings_differences(saved: dict, current: dict, accepted=()) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every recorded key that differs and is not accepted.
+
+    A key present on one side only (an option added with `+...`) is a difference, shown as `<unset>` on
+    the other side.
+    """
+    missing = "<unset>"
+    keys = sorted({*saved, *(k for k in current if _under(k, RUN_SETTINGS))})
+    return [(k, saved.get(k, missing), current.get(k, missing)) for k in keys
+            if saved.get(k, missing) != current.get(k, missing) and not _under(k, accepted)]
+
+
+def _shard_world_size(step_dir: Path) -> Optional[int]:
+    sizes = {int(m.group(1)) for p in (step_dir / "actor").glob("*.pt") if (m := WORLD_SHARD.fullmatch(p.name))}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def world_size(config) -> int:
+    """The actor's data-parallel world size verl's FSDP saver names its shards by."""
+    return int(_select(config, "trainer.nnodes") or 1) * int(_select(config, "trainer.n_gpus_per_node") or 1)
+
+
+WAYS_ON = (
+    "Ways on: start this run apart with a new CKPT_DIR or EXPERIMENT_NAME (trainer.default_local_dir / "
+    "trainer.experiment_name); or train from scratch there with trainer.resume_mode=disable; or, for a change "
+    f"you mean (e.g. a longer trainer.total_training_steps), accept it by name: '+{ACCEPT_KEY}=[KEY,...]' "
+    "(a key or a prefix of keys; the next checkpoint records the new values)."
+)
+
+
+def resume_settings_problem(step_dir: Path, config) -> Optional[str]:
+    """Why resuming `step_dir` under `config` would continue another run (None: it would not)."""
+    step_dir = Path(step_dir)
+    saved_world, world = _shard_world_size(step_dir), world_size(config)
+    if saved_world is not None and saved_world != world:
+        return (f"{step_dir} holds FSDP shards of world size {saved_world}, and this launch's is {world} "
+                f"(trainer.nnodes * trainer.n_gpus_per_node): verl's FSDP checkpoint manager loads "
+                f"model_world_size_{world}_rank_<r>.pt and does not reshard. Relaunch with the saved world size "
+                f"to resume, or start apart (a new CKPT_DIR / EXPERIMENT_NAME, or trainer.resume_mode=disable).")
+    path = step_dir / SETTINGS_FILE
+    if not path.is_file():
+        logger.warning("hmpo_verl: %s has no %s (saved before hmpo_verl recorded run settings): its settings "
+                       "cannot be compared with this launch's", step_dir, SETTINGS_FILE)
+        return None
+    accepted = tuple(_select(config, ACCEPT_KEY) or ())
+    differences = settings_differences(json.loads(path.read_text()), run_settings(config), accepted)
+    if not differences:
+        return None
+    listed = "\n".join(f"  {key}: saved {old!r}, now {new!r}" for key, old, new in differences)
+    return f"resuming {step_dir} would continue a run saved with other settings:\n{listed}\n{WAYS_ON}"
+
+
+def check_resume_settings(config, step_dir: Optional[Path]) -> None:
+    """Raise `ResumeSettingsError` if the checkpoint a resume will use was saved with other settings."""
+    if step_dir is None or not Path(step_dir).is_dir():
+        return
+    problem = resume_settings_problem(step_dir, config)
+    if problem:
+        raise ResumeSettingsError(f"hmpo_verl: {problem}")
+    accepted = _select(config, ACCEPT_KEY)
+    if accepted:
+        logger.warning("hmpo_verl: resuming %s with the changes accepted by %s=%s", step_dir, ACCEPT_KEY, accepted)

@@ -1,0 +1,204 @@
+"""A relaunch with other settings does not resume the old run (hmpo_verl.run_settings), on every entry point's
+driver, before Ray starts. Checkpoints are laid out as verl 0.9.1's FSDP saver writes them; the configs are
+verl's own, composed with Hydra."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import ray
+import verl
+from hydra import compose, initialize_config_dir
+
+from hmpo_verl.lab.tasks import REPO_ROOT
+from hmpo_verl.checkpoints import TRACKER, guard_saves, read_tracker
+from hmpo_verl.run_settings import ACCEPT_KEY, SETTINGS_FILE, ResumeSettingsError, run_settings, write_run_settings
+from test_checkpoints_on_cpu import write_checkpoint
+
+VERL_CONFIG = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+RECIPES = str(REPO_ROOT / "recipes" / "cpu_fibonacci")  # verl's off-policy yaml needs cwd = verl's checkout; ours do not
+ENTRY_POINTS = {  # config folder, config name, module whose hydra main is the entry point
+    "main_ppo": (VERL_CONFIG, "ppo_trainer", "verl.trainer.main_ppo"),
+    "one_step_off": (RECIPES, "one_step_off", "verl.experimental.one_step_off_policy.main_ppo"),
+    "fully_async": (RECIPES, "fully_async", "verl.experimental.fully_async_policy.fully_async_main"),
+}
+BASE = ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+        "trainer.nnodes=1", "trainer.n_gpus_per_node=2", "trainer.resume_mode=auto", "trainer.save_freq=2")
+
+
+def verl_config(root, *overrides, entry="main_ppo"):
+    folder, name, _ = ENTRY_POINTS[entry]
+    with initialize_config_dir(config_dir=folder, version_base=None):
+        return compose(config_name=name, overrides=[*BASE, f"trainer.default_local_dir={root}", *overrides])
+
+
+def saved_run(root, *overrides, entry="main_ppo"):
+    """A checkpoint at step 2 (world size 2) whose recorded settings are those of `overrides`."""
+    step_dir = write_checkpoint(root, 2, world=2)
+    write_run_settings(step_dir, verl_config(root, *overrides, entry=entry))
+    return step_dir
+
+
+def test_the_settings_that_define_a_run_are_recorded_and_logging_is_not(tmp_path):
+    settings = run_settings(verl_config(tmp_path))
+    for key in ("actor_rollout_ref.actor.policy_loss.loss_mode", "actor_rollout_ref.actor.optim.lr",
+                "actor_rollout_ref.actor.optim.lr_scheduler_type", "actor_rollout_ref.actor.optim.lr_warmup_steps",
+                "actor_rollout_ref.actor.clip_ratio_high", "actor_rollout_ref.actor.ppo_mini_batch_size",
+                "data.train_batch_size", "data.max_response_length", "actor_rollout_ref.model.path",
+                "trainer.nnodes", "trainer.n_gpus_per_node", "data.seed", "actor_rollout_ref.rollout.seed",
+                "algorithm.adv_estimator", "trainer.total_training_steps"):
+        assert key in settings, key
+    assert not [k for k in settings if k.startswith(("trainer.save_freq", "trainer.logger", "trainer.experiment_name",
+                                                      "trainer.test_freq"))]
+    assert "actor_rollout_ref.actor.optim.total_training_steps" not in settings  # the trainer writes it itself
+    same = verl_config(tmp_path, "trainer.save_freq=5", "trainer.logger=[console]", "trainer.experiment_name=x")
+    assert run_settings(same) == settings
+    json.dumps(settings)  # what write_run_settings stores
+
+
+def test_a_guarded_save_records_the_settings_before_verl_writes_the_checkpoint(tmp_path):
+    seen = []
+
+    class Trainer:
+        config = verl_config(tmp_path)
+        global_steps = 4
+
+        def _save_checkpoint(self):
+            seen.append((tmp_path / "global_step_4" / SETTINGS_FILE).is_file())
+
+    guard_saves(Trainer)
+    Trainer()._save_checkpoint()
+    assert seen == [True]
+    saved = json.loads((tmp_path / "global_step_4" / SETTINGS_FILE).read_text())
+    assert saved == run_settings(Trainer.config)
+
+
+def test_a_relaunch_with_other_settings_stops_naming_each_key_both_values_and_the_ways_on(tmp_path):
+    import verl.trainer.main_ppo
+
+    saved_run(tmp_path)
+    loss = "actor_rollout_ref.actor.policy_loss"
+    changed = verl_config(tmp_path, "actor_rollout_ref.actor.optim.lr=3e-6", "actor_rollout_ref.actor.clip_ratio_high=0.28",
+                          f"{loss}._target_=hmpo_verl.PowerMeanLossConfig", f"{loss}.loss_mode=power_mean", f"+{loss}.power=-1")
+    with pytest.raises(ResumeSettingsError) as err:
+        verl.trainer.main_ppo.validate_config(changed, use_reference_policy=False, use_critic=False)
+    message = str(err.value)
+    assert f"resuming {tmp_path / 'global_step_2'} would continue a run saved with other settings" in message
+    assert "actor_rollout_ref.actor.optim.lr: saved 1e-06, now 3e-06" in message
+    assert "actor_rollout_ref.actor.clip_ratio_high: saved 0.2, now 0.28" in message
+    assert f"{loss}.power: saved '<unset>', now -1" in message
+    assert f"{loss}.loss_mode: saved 'vanilla', now 'power_mean'" in message
+    for way in ("CKPT_DIR", "EXPERIMENT_NAME", "trainer.resume_mode=disable", f"+{ACCEPT_KEY}=[KEY,...]"):
+        assert way in message
+    # each way on works
+    verl.trainer.main_ppo.validate_config(verl_config(tmp_path, "actor_rollout_ref.actor.optim.lr=3e-6",
+                                                      "trainer.resume_mode=disable"),
+                                          use_reference_policy=False, use_critic=False)
+    verl.trainer.main_ppo.validate_config(verl_config(tmp_path / "apart", "actor_rollout_ref.actor.optim.lr=3e-6"),
+                                          use_reference_policy=False, use_critic=False)
+    verl.trainer.main_ppo.validate_config(verl_config(tmp_path), use_reference_policy=False, use_critic=False)
+
+
+def test_a_meant_change_is_accepted_by_name_and_only_that_one(tmp_path, caplog):
+    import verl.trainer.main_ppo
+
+    saved_run(tmp_path, "trainer.total_training_steps=10")
+    longer = ("trainer.total_training_steps=20", f"+{ACCEPT_KEY}=[trainer.total_training_steps]")
+    with caplog.at_level(logging.WARNING, logger="hmpo_verl"):
+        verl.trainer.main_ppo.validate_config(verl_config(tmp_path, *longer), use_reference_policy=False,
+                                              use_critic=False)
+    assert "changes accepted by hmpo.resume_accept" in caplog.text
+    with pytest.raises(ResumeSettingsError, match="data.seed: saved None, now 7") as err:
+        verl.trainer.main_ppo.validate_config(verl_config(tmp_path, *longer, "data.seed=7"),
+                                              use_reference_policy=False, use_critic=False)
+    assert "  trainer.total_training_steps:" not in str(err.value)
+
+
+def test_a_world_size_change_is_refused_by_name_even_when_accepted(tmp_path):
+    """verl's FSDP checkpoint manager loads model_world_size_<new W>_rank_<r>.pt: it does not reshard."""
+    import verl.trainer.main_ppo
+
+    saved_run(tmp_path)
+    two_nodes = verl_config(tmp_path, "trainer.nnodes=2", f"+{ACCEPT_KEY}=[trainer]")
+    with pytest.raises(ResumeSettingsError, match=r"FSDP shards of world size 2, and this launch's is 4 "
+                                                  r"\(trainer.nnodes \* trainer.n_gpus_per_node\)"):
+        verl.trainer.main_ppo.validate_config(two_nodes, use_reference_policy=False, use_critic=False)
+
+
+def _entry_main(entry):
+    import importlib
+
+    return importlib.import_module(ENTRY_POINTS[entry][2]).main.__wrapped__  # the function hydra.main wraps
+
+
+@pytest.mark.parametrize("entry", ["one_step_off", "fully_async"])
+def test_the_off_policy_entry_points_check_before_ray_starts(tmp_path, entry, monkeypatch):
+    """Each entry point's own main (what `python -m ...` runs after Hydra composes the config): a changed
+    setting stops before ray.init, and an empty tracker is rewritten to the newest complete checkpoint."""
+
+    def ray_init(*args, **kwargs):
+        raise AssertionError("Ray was started before the checks stopped the run")
+
+    monkeypatch.setattr(ray, "init", ray_init)
+    saved_run(tmp_path, entry=entry)
+    changed = ("actor_rollout_ref.actor.optim.lr=3e-6",)  # composed per launch: main() edits its config
+    with pytest.raises(ResumeSettingsError, match=r"actor_rollout_ref.actor.optim.lr: saved 0.001, now 3e-06\n"):
+        _entry_main(entry)(verl_config(tmp_path, *changed, entry=entry))
+    (tmp_path / TRACKER).write_text("")  # verl would fail on int("")
+    with pytest.raises(ResumeSettingsError):
+        _entry_main(entry)(verl_config(tmp_path, *changed, entry=entry))
+    assert read_tracker(tmp_path) == 2
+
+
+def test_fully_asyncs_own_save_is_guarded_and_numbered_by_its_param_version(tmp_path):
+    """FullyAsyncTrainer (a @ray.remote class) overrides the guarded save; its folders count weight syncs."""
+    from verl.experimental.fully_async_policy import fully_async_trainer
+
+    from hmpo_verl.checkpoints import CheckpointSaveError
+    from hmpo_verl.registry import ray_wrapped_class
+
+    original = ray_wrapped_class(fully_async_trainer.FullyAsyncTrainer)
+    assert original.__name__ == "FullyAsyncTrainer" and original._save_checkpoint._hmpo_guarded
+
+    class Trainer:
+        config = verl_config(tmp_path, entry="fully_async")
+        global_steps, current_param_version = 40, 6
+
+        def _save_checkpoint(self):
+            raise OSError(28, "No space left on device")
+
+    guard_saves(Trainer)
+    with pytest.raises(CheckpointSaveError, match=f"saving checkpoint {tmp_path / 'global_step_6'} failed "
+                                                  r"\(OSError: \[Errno 28\] No space left on device\)"):
+        Trainer()._save_checkpoint()
+    assert (tmp_path / "global_step_6" / SETTINGS_FILE).is_file()
+
+
+def test_a_checkpoint_records_the_launchs_settings_not_the_trainers_edited_copy(tmp_path):
+    """verl's apply_bypass_mode edits the trainer's policy_loss (loss_mode, a rollout_correction copy) during
+    step 1: the checkpoint records the driver's stamp, so the same command resumes."""
+    import verl.trainer.main_ppo
+    from omegaconf import open_dict
+
+    from hmpo_verl.registry import driver_checks
+
+    launch = verl_config(tmp_path, "trainer.n_gpus_per_node=2")
+    driver_checks(launch)
+
+    class Trainer:
+        config, global_steps = launch, 2
+
+        def _save_checkpoint(self):
+            write_checkpoint(tmp_path, 2, world=2)
+
+    with open_dict(launch):  # what apply_bypass_mode does to the trainer's copy
+        launch.actor_rollout_ref.actor.policy_loss["rollout_correction"] = {"bypass_mode": True}
+        launch.actor_rollout_ref.actor.policy_loss["loss_mode"] = "bypass_mode"
+    guard_saves(Trainer)
+    Trainer()._save_checkpoint()
+    verl.trainer.main_ppo.validate_config(verl_config(tmp_path, "trainer.n_gpus_per_node=2"),
+                                          use_reference_policy=False, use_critic=False)
