@@ -45,15 +45,12 @@ def test_both_main_job_recipes_are_reproducible_by_default():
         assert isinstance(config.data.seed, int) and isinstance(config.actor_rollout_ref.rollout.seed, int)
 
 
-def test_the_sync_trainer_saves_hf_weights_at_validation_steps_and_user_overrides_win(tmp_path):
-    task = get_task("fibonacci")
-    paths = task_assets("fibonacci")
-    cmd = cpu_demo.trainer_command(task, paths, tmp_path, 3, "hmpo", ["trainer.save_freq=1"])
-    assert "trainer.save_freq=${trainer.test_freq}" in cmd
-    assert any(a.endswith("save_contents=[model,optimizer,extra,hf_model]") for a in cmd)
-    assert cmd.index("trainer.save_freq=1") > cmd.index("trainer.save_freq=${trainer.test_freq}")
-    off_policy = cpu_demo.trainer_command(task, paths, tmp_path, 3, "hmpo", [], "one_step_off")
-    assert not any("hf_model" in a for a in off_policy)
+def test_the_sync_trainer_saves_hf_weights_at_validation_steps_and_user_overrides_win():
+    overrides = cpu_demo.demo_overrides("sync", ["trainer.save_freq=1"])
+    assert overrides[0] == "trainer.save_freq=${trainer.test_freq}" and overrides[-1] == "trainer.save_freq=1"
+    assert "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]" in overrides
+    assert "actor_rollout_ref.actor.checkpoint.load_contents=[model,optimizer,extra]" in overrides  # resume as before
+    assert cpu_demo.demo_overrides("one_step_off", ["x=1"]) == ["x=1"]
 
 
 def test_exact_rewards_scores_the_initial_model_and_saved_weights_and_names_what_is_missing(tmp_path):

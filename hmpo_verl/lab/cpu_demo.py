@@ -138,9 +138,14 @@ def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: st
         length,
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
         *spec.overrides,
-        *(exact_reward.trainer_overrides() if spec.exact_eval else ()),
         *overrides,
     ]
+
+
+def demo_overrides(trainer: str, overrides: list[str]) -> list[str]:
+    """The user's Hydra overrides, after those the demo adds for the exact test reward (``trainer`` with
+    ``exact_eval``: HF weights saved at the validation steps); the user's come last, so they win."""
+    return [*(exact_reward.trainer_overrides() if TRAINERS[trainer].exact_eval else ()), *overrides]
 
 
 def trainer_env(run_dir: Path) -> dict[str, str]:
@@ -486,7 +491,8 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "rollout_trace.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
-    cmd = trainer_command(task, assets, run_dir, steps, args.loss_mode, args.overrides, args.trainer)
+    overrides = demo_overrides(args.trainer, args.overrides)
+    cmd = trainer_command(task, assets, run_dir, steps, args.loss_mode, overrides, args.trainer)
     say("running verl's trainer on CPU (full log: %s):\n  VERL_PLATFORM=cpu %s" % (run_dir / "train.log", " ".join(cmd[1:])))
     started = time.time()
     code, timings = run_trainer(cmd, trainer_env(run_dir), run_dir, steps, log=say)

@@ -11,6 +11,8 @@ actor_rollout_ref.rollout.seed=<s>`` for each seed, reads each run's ``summary.j
   mean, standard deviation, minimum and maximum over seeds of the rise, and how many seeds rose.
 
 A seed whose demo fails stops the sweep with the demo's exit status (its output is on the terminal).
+``--reuse`` reads the seeds whose run folder already holds a ``summary.json`` instead of running them
+again (to finish an interrupted sweep with the same command).
 """
 
 from __future__ import annotations
@@ -47,12 +49,13 @@ def demo_command(seed: int, run_dir: Path, demo_args: list[str]) -> list[str]:
             f"data.seed={seed}", f"actor_rollout_ref.rollout.seed={seed}", *overrides]
 
 
-def rows_of(seed: int, summary: dict) -> list[dict]:
-    """One row per validation step of a run's ``summary.json``: the exact test reward and its rise over step 0."""
+def rows_of(seed: int, summary: dict, load: float | None = None) -> list[dict]:
+    """One row per validation step of a run's ``summary.json``: the exact test reward, its rise over step 0,
+    the run's wall time and the machine's load average (1 min) when it started."""
     exact = {int(step): value for step, value in summary["exact_reward_by_step"].items()}
     start = exact[0]
     return [{"seed": seed, "step": step, "exact_reward": value, "rise": value - start,
-             "total_s": summary.get("total_s")} for step, value in sorted(exact.items())]
+             "total_s": summary.get("total_s"), "load_at_start": load} for step, value in sorted(exact.items())]
 
 
 def step_stats(rows: list[dict]) -> list[dict]:
@@ -67,9 +70,10 @@ def step_stats(rows: list[dict]) -> list[dict]:
     return out
 
 
-def summary_markdown(command: str, rows: list[dict], loads: list[float], started: str) -> str:
+def summary_markdown(command: str, rows: list[dict], started: str) -> str:
     stats = step_stats(rows)
     seconds = sorted({r["seed"]: r["total_s"] for r in rows}.values())
+    loads = [x for x in {r["seed"]: r["load_at_start"] for r in rows}.values() if x is not None] or [float("nan")]
     lines = [
         "# The main job over seeds: the exact expected test reward",
         "",
@@ -95,6 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="1-10", help="'FIRST-LAST' or 'A,B,C' (default 1-10)")
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "demo_sweep"), help="runs.csv, summary.md")
     parser.add_argument("--runs", default=str(REPO_ROOT / "outputs" / "demo_sweep"), help="the demo's run folders")
+    parser.add_argument("--reuse", action="store_true", help="read seeds whose run folder has a summary.json")
     parser.add_argument("demo_args", nargs=argparse.REMAINDER, help="arguments for cpu_demo (after the sweep's)")
     args = parser.parse_args(argv)
     seeds = seed_list(args.seeds)
@@ -102,17 +107,22 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m hmpo_verl.lab.demo_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    rows, loads = [], []
+    rows = []
     for i, seed in enumerate(seeds, 1):
-        loads.append(os.getloadavg()[0])
         cmd = demo_command(seed, runs / f"seed{seed}", args.demo_args)
-        print(f"[{i}/{len(seeds)}] seed {seed}: {' '.join(cmd[1:])}", flush=True)
-        code = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL).returncode
+        done = args.reuse and (runs / f"seed{seed}" / "summary.json").is_file()
+        print(f"[{i}/{len(seeds)}] seed {seed}: {'reused: ' if done else ''}{' '.join(cmd[1:])}", flush=True)
+        load_file = runs / f"seed{seed}" / "load_at_start.txt"
+        if not done:
+            load_file.parent.mkdir(parents=True, exist_ok=True)
+            load_file.write_text(f"{os.getloadavg()[0]:.2f}\n")
+        code = 0 if done else subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL).returncode
         if code != 0:
             print(f"seed {seed}: the demo failed with status {code} (log: {runs / f'seed{seed}' / 'train.log'})",
                   file=sys.stderr)
             return code
-        seed_rows = rows_of(seed, json.loads((runs / f"seed{seed}" / "summary.json").read_text()))
+        load = float(load_file.read_text()) if load_file.is_file() else None
+        seed_rows = rows_of(seed, json.loads((runs / f"seed{seed}" / "summary.json").read_text()), load)
         rows += seed_rows
         print(f"  exact test reward {seed_rows[0]['exact_reward']:.3f} -> {seed_rows[-1]['exact_reward']:.3f} "
               f"(step {seed_rows[-1]['step']}), {seed_rows[-1]['total_s']:.0f} s", flush=True)
@@ -120,7 +130,7 @@ def main(argv=None) -> int:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        (out / "summary.md").write_text(summary_markdown(command, rows, loads, started))
+        (out / "summary.md").write_text(summary_markdown(command, rows, started))
     print((out / "summary.md").read_text())
     return 0
 
