@@ -5,7 +5,8 @@ The README's main job with its recipe and seeds (``recipes/cpu_fibonacci/hmpo.ya
 (every 5 steps and step 0). Checked: the exact reward rose by more than :data:`MARGIN` (the
 seed sweep in ``docs/demo_sweep/`` supports it, see the constant), and the run repeated the
 sweep's seed-1 run (the same command and seeds) to float rounding: reproducible by default.
-About 1.5 minutes idle (Ray and worker start-up, 15 steps, 4 validations).
+351 s at load average 20-30 (other sessions' work); not measured idle: start-up ~57 s and 1.6 s a step
+at load 5-6 (README) make ~1.5-2 minutes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from cpu_assets import REPO_ROOT, task_assets
 from hmpo_verl.lab.cpu_demo import DEFAULT_TASK
 
 STEPS = 15
-# docs/demo_sweep/summary.md, step 15 over 10 seeds: the smallest rise is well above this margin
-MARGIN = 0.02
+# docs/demo_sweep/summary.md: at step 15 every seed of the sweep rose by more than twice this margin
+MARGIN = 0.05
 EXACT = "val-core/fib_mod10/reward/exact_mean"
 
 
