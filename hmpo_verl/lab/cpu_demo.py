@@ -13,7 +13,7 @@
 3. scores the exact expected test reward at verl's validation steps and step 0 from the actor
    weights verl saved there (:mod:`hmpo_verl.lab.exact_reward`; ``sync`` and ``colocate_async``),
    logged as ``val-core/<data_source>/reward/exact_mean`` beside verl's metrics;
-4. prints a summary of the reward curve (the same for the same command and seeds: the recipes set
+4. prints a summary of the reward curve (the same for the same command and seeds: the tasks' hmpo.yaml set
    ``rollout.full_determinism``) and writes a PNG of reward, clip fraction and effective sample
    size against step, all from the logged metrics; when verl fails, the cause
    (:func:`failure_cause`) instead of a pointer to the log.
