@@ -11,9 +11,13 @@
    (``verl.experimental.one_step_off_policy.main_ppo``,
    ``verl.experimental.fully_async_policy.fully_async_main``) with the recipe of that name
    (fibonacci only), printing one line per training step read from verl's own file logger;
-3. prints a summary of the reward curve and writes a PNG of reward, clip fraction and
-   effective sample size against step, all from verl's logged metrics; when verl fails,
-   the cause (:func:`failure_cause`) instead of a pointer to the log.
+3. scores the exact expected test reward at verl's validation steps and step 0 from the actor
+   weights verl saved there (:mod:`hmpo_verl.lab.exact_reward`; ``sync`` and ``colocate_async``),
+   logged as ``val-core/<data_source>/reward/exact_mean`` beside verl's metrics;
+4. prints a summary of the reward curve (the same for the same command and seeds: the tasks' hmpo.yaml set
+   ``rollout.full_determinism``) and writes a PNG of reward, clip fraction and effective sample
+   size against step, all from the logged metrics; when verl fails, the cause
+   (:func:`failure_cause`) instead of a pointer to the log.
 
 Needs ``pip install -e . -e patches/verl_cpu`` (``bash recipes/cpu_tiny/setup_and_run.sh``
 installs what is missing and runs this). Extra arguments after ``--`` are passed
@@ -35,6 +39,7 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Optional
 
+from hmpo_verl.lab import exact_reward
 from hmpo_verl.lab.tasks import REPO_ROOT, TASKS, Task, get_task
 
 DEFAULT_TASK = "fibonacci"
@@ -56,6 +61,7 @@ class Trainer:
     recipe_name: Optional[str]  # None: the task's own recipe (hmpo.yaml)
     summary: str
     overrides: tuple[str, ...] = ()  # Hydra overrides this trainer adds to the recipe
+    exact_eval: bool = False  # main_ppo's checkpoints: the exact test reward at validation steps (exact_reward)
 
     def recipe(self, task: Task) -> tuple[Path, str]:
         """(config dir, config name) of this trainer for ``task``; SystemExit when the task has no such recipe."""
@@ -67,11 +73,12 @@ class Trainer:
 
 
 TRAINERS = {
-    "sync": Trainer("verl.trainer.main_ppo", None, "verl's synchronous trainer (V1, colocated rollout)"),
+    "sync": Trainer("verl.trainer.main_ppo", None, "verl's synchronous trainer (V1, colocated rollout)",
+                    exact_eval=True),
     "colocate_async": Trainer("verl.trainer.main_ppo", None,
                               "verl's V1 trainer, colocate_async mode: partial rollout across weight syncs",
                               ("trainer.v1.trainer_mode=colocate_async",  # bypass: as verl's async configs
-                               "algorithm.rollout_correction.bypass_mode=true")),
+                               "algorithm.rollout_correction.bypass_mode=true"), exact_eval=True),
     "separate_async": Trainer("verl.trainer.main_ppo", "separate_async",
                               "verl's V1 trainer, separate_async mode: a separate rollout pool, partial rollout"),
     "one_step_off": Trainer("verl.experimental.one_step_off_policy.main_ppo", "one_step_off",
@@ -136,6 +143,12 @@ def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: st
         *spec.overrides,
         *overrides,
     ]
+
+
+def demo_overrides(trainer: str, overrides: list[str]) -> list[str]:
+    """The user's Hydra overrides, after those the demo adds for the exact test reward (``trainer`` with
+    ``exact_eval``: HF weights saved at the validation steps); the user's come last, so they win."""
+    return [*(exact_reward.trainer_overrides() if TRAINERS[trainer].exact_eval else ()), *overrides]
 
 
 def trainer_env(run_dir: Path) -> dict[str, str]:
@@ -295,6 +308,12 @@ def _val_key(records: list[dict]) -> str | None:
     return next((k for r in records if (k := val_key(r["data"]))), None)
 
 
+def _exact_key(records: list[dict]) -> str | None:
+    """The exact test reward's key (:func:`hmpo_verl.lab.exact_reward.exact_key`), when it was logged."""
+    return next((k for r in records for k in r["data"]
+                 if k.startswith(VAL_PREFIX) and k.endswith(exact_reward.EXACT_INFIX)), None)
+
+
 def series(records: list[dict], key: str | None) -> tuple[list[int], list[float]]:
     points = [(r["step"], r["data"][key]) for r in records if key in r["data"]]
     return [p[0] for p in points], [float(p[1]) for p in points]
@@ -320,6 +339,9 @@ def summarize(records: list[dict], window: int = 5) -> dict:
     if val:
         summary["val_reward_first"] = val[0]
         summary["val_reward_last"] = val[-1]
+    exact_steps, exact = series(records, _exact_key(records))
+    if exact:
+        summary["exact_reward_by_step"] = dict(zip(exact_steps, exact))
     return {**summary, **lag_summary(records)}
 
 
@@ -352,19 +374,20 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
-        (REWARD, "mean reward (train)", _val_key(records)),
-        (CLIPFRAC, "clip fraction (actor/pg_clipfrac)", None),
-        (ESS, "ESS / tokens (actor/pm/ess_frac)", None),
-        (GAP, "log A - log H (actor/pm/log_ah_gap)", "per lag"),
+    panels = [  # short y-labels (the metric names are in the legends): long ones ran into the next panel
+        (REWARD, "reward", "test"),
+        (CLIPFRAC, "clip fraction", None),
+        (ESS, "ESS / tokens", None),
+        (GAP, "log A - log H", "per lag"),
     ]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 10), sharex=True)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 10), sharex=True, layout="constrained")
     for ax, (key, label, extra) in zip(axes, panels, strict=True):
         x, y = series(records, key)
         ax.plot(x, y, marker=".", label=key)
         for extra_key in _extra_series(records, extra):
             vx, vy = series(records, extra_key)
-            ax.plot(vx, vy, marker="s", linestyle="--", label=extra_key)
+            exact = extra_key == _exact_key(records)  # the noiseless one: solid and thicker
+            ax.plot(vx, vy, marker="s", linestyle="-" if exact else "--", linewidth=2 if exact else 1, label=extra_key)
         if not x:
             ax.text(0.5, 0.5, f"{key} not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel(label)
@@ -372,20 +395,21 @@ def plot(records: list[dict], path: Path, title: str) -> None:
         ax.legend(fontsize=7, loc="best")
     axes[-1].set_xlabel("training step")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.align_ylabels(axes)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _extra_series(records: list[dict], extra: Optional[str]) -> list[str]:
-    """The test-set accuracy key, or for "per lag" the per-lag log_ah_gap keys that were logged."""
+    """For "test" the test-set keys that were logged (verl's sampled accuracy, the exact expected reward), for
+    "per lag" the per-lag log_ah_gap keys."""
     if extra == "per lag":
         from hmpo_verl.staleness import BUCKETS
 
         keys = [f"actor/pm/lag{b}/log_ah_gap" for b in BUCKETS]
         return [k for k in keys if series(records, k)[0]]
-    key = _val_key(records) if extra else None
-    return [key] if key and series(records, key)[0] else []
+    keys = [_val_key(records), _exact_key(records)] if extra == "test" else []
+    return [k for k in keys if k and series(records, k)[0]]
 
 
 def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
@@ -396,15 +420,18 @@ def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
     end_key = next(k for k in summary if k.startswith("reward_end_mean"))
     window = start_key.removeprefix("reward_start_mean")
     log("")
-    log("=== reward curve summary (verl's logged critic/score/mean) ===")
+    log("=== reward curve summary (verl's logged metrics; the same for the same command and seeds) ===")
     log(f"steps                      {summary['steps']}")
     log(f"reward, first step         {summary['reward_first']:.3f}")
     log(f"reward, last step          {summary['reward_last']:.3f}")
     log(f"reward, mean of first {window:<5}{summary[start_key]:.3f}  ->  mean of last {window}: {summary[end_key]:.3f}")
     if "val_reward_first" in summary:
         log(f"test-set reward (sampled)  {summary['val_reward_first']:.3f}  ->  {summary['val_reward_last']:.3f}")
-    if summary.get("seconds_per_step_mean"):
-        log(f"seconds per step (mean)    {summary['seconds_per_step_mean']:.1f}")
+    if "exact_reward_by_step" in summary:
+        exact = summary["exact_reward_by_step"]
+        (first, start), (last, end) = min(exact.items()), max(exact.items())
+        log(f"test-set reward (exact)    {start:.3f}  ->  {end:.3f}   (step {first} -> {last}: {end - start:+.3f})")
+        log(f"  by validation step       " + ", ".join(f"{step}: {value:.3f}" for step, value in exact.items()))
     if "lag_mean" in summary:
         from hmpo_verl.staleness import BUCKETS
 
@@ -413,6 +440,9 @@ def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
         gaps = ", ".join(f"lag {b}: {summary[f'log_ah_gap_lag{b}_mean']:.4f}" for b in BUCKETS
                          if f"log_ah_gap_lag{b}_mean" in summary)
         log(f"log A - log H (mean)       {summary['log_ah_gap_mean']:.4f}   {gaps}")
+    log("=== time and files (these differ from run to run) ===")
+    if summary.get("seconds_per_step_mean"):
+        log(f"seconds per step (mean)    {summary['seconds_per_step_mean']:.1f}")
     if "until_first_step_s" in timings:
         log(f"start-up until step 1      {timings['until_first_step_s']:.0f} s")
     log(f"total trainer wall time    {timings['total_s']:.0f} s")
@@ -464,8 +494,10 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "rollout_trace.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
-    cmd = trainer_command(task, assets, run_dir, steps, args.loss_mode, args.overrides, args.trainer)
+    overrides = demo_overrides(args.trainer, args.overrides)
+    cmd = trainer_command(task, assets, run_dir, steps, args.loss_mode, overrides, args.trainer)
     say("running verl's trainer on CPU (full log: %s):\n  VERL_PLATFORM=cpu %s" % (run_dir / "train.log", " ".join(cmd[1:])))
+    started = time.time()
     code, timings = run_trainer(cmd, trainer_env(run_dir), run_dir, steps, log=say)
     if code != 0:
         log_path = run_dir / "train.log"
@@ -478,12 +510,31 @@ def main(argv=None) -> int:
         return code
 
     records = merge_steps(read_metrics(run_dir / "metrics.jsonl"))
+    if TRAINERS[args.trainer].exact_eval:
+        records = log_exact_rewards(task, assets, run_dir, records, started, log=say)
     summary = summarize(records)
     png = run_dir / "reward_curve.png"
     plot(records, png, f"{args.loss_mode} on CPU, {task.name} task, {args.trainer} trainer (verl {_verl_version()})")
     (run_dir / "summary.json").write_text(json.dumps({**summary, **timings}, indent=2))
     print_summary(summary, timings, png, log=say)
     return 0
+
+
+def log_exact_rewards(task: Task, assets, run_dir: Path, records: list[dict], started: float, log=print) -> list[dict]:
+    """Score the run's validation steps exactly (:func:`hmpo_verl.lab.exact_reward.exact_rewards`), add the
+    values to ``metrics.jsonl`` under ``val-core/<data_source>/reward/exact_mean`` and return the records
+    read back; a step that cannot be scored is named with the reason."""
+    steps = [r["step"] for r in records if val_key(r["data"]) is not None]
+    if not steps:
+        log("no validation steps: the exact test reward is computed at verl's validation steps "
+            "(trainer.val_before_train, trainer.test_freq)")
+        return records
+    log(f"scoring the exact expected test reward at validation steps {steps} (one teacher-forced pass each)")
+    key, values, notes = exact_reward.exact_rewards(task.name, assets.root, run_dir / "checkpoints", steps, started)
+    for note in notes:
+        log(f"  exact test reward not computed at {note}")
+    exact_reward.append_records(run_dir / "metrics.jsonl", key, values)
+    return merge_steps(read_metrics(run_dir / "metrics.jsonl"))
 
 
 def _verl_version() -> str:

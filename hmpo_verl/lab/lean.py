@@ -317,10 +317,11 @@ def heldout_split(train: list, test: list) -> tuple[list, list]:
 
 
 def load_task(name: str, assets_root=None, max_response_length: int | None = None, log=print,
-              moe: bool = False) -> Task:
+              moe: bool = False, assets_dir=None) -> Task:
     """Build (if missing) and load a task of :mod:`hmpo_verl.lab.tasks` (assets under ``assets_root/name``,
-    default: the task's own folder, shared with ``cpu_demo``). The response-length cap defaults to the
-    task's verl recipe (``data.max_response_length``), so the lean loop and the trainer sample alike.
+    or in ``assets_dir`` itself when given; default: the task's own folder, shared with ``cpu_demo``).
+    The response-length cap defaults to the task's verl recipe (``data.max_response_length``), so the
+    lean loop and the trainer sample alike.
     ``moe``: also build/load the task's MoE model (:mod:`hmpo_verl.lab.moe`; fibonacci only)."""
     import importlib
     from pathlib import Path
@@ -332,7 +333,9 @@ def load_task(name: str, assets_root=None, max_response_length: int | None = Non
     from hmpo_verl.lab.tasks import REWARD_MODULE, get_task
 
     task = get_task(name)
-    paths = task.prepare_assets(None if assets_root is None else Path(assets_root) / name, log=log)
+    if assets_dir is None and assets_root is not None:
+        assets_dir = Path(assets_root) / name
+    paths = task.prepare_assets(assets_dir, log=log)
     compute_score = getattr(importlib.import_module(REWARD_MODULE), task.reward_name)
     recipe = yaml.safe_load((task.recipe_dir / f"{task.recipe_name}.yaml").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(paths.model))
