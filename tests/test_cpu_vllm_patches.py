@@ -131,14 +131,15 @@ def test_p3_without_vllms_cpu_build_the_fix_is_the_install_command(monkeypatch):
 
 
 def test_the_vllm_task_variant_keeps_every_weight_shape():
-    """Head size 32 (vLLM's smallest on CPU) from the same hidden size: same parameter shapes, fewer heads."""
+    """Head size 32 (vLLM's smallest on CPU) from the same hidden size; all else as the task's model."""
     from hmpo_verl.lab.tasks import addition, fibonacci
 
     assert VLLM_HEAD_SIZE == min(VLLM_CPU_HEAD_SIZES)
     for module in (addition, fibonacci):
         spec, variant = module.Spec(), vllm_spec(module.Spec())
         assert variant.model.hidden_size // variant.model.num_heads == VLLM_HEAD_SIZE
-        assert variant.model.num_heads // variant.model.num_kv_heads == spec.model.num_heads // spec.model.num_kv_heads
+        assert variant.model.num_kv_heads == variant.model.num_heads
+        assert variant.model.hidden_size == spec.model.hidden_size and variant.model.num_layers == spec.model.num_layers
         assert variant.warm_start == spec.warm_start and variant.seed == spec.seed
     assert get_task("fibonacci").assets_dir_for("vllm").name == "fibonacci_task_vllm"
     with pytest.raises(ValueError, match="rollout='sglang'; allowed: hf, vllm"):

@@ -11,7 +11,7 @@
 | ``fibonacci`` | ``"37"`` -> 40 digits of x_{k+1} = x_k + x_{k-1} mod 10 | 41 | long responses: the means differ |
 
 For verl's vLLM rollout (``cpu_demo --rollout vllm``) each task has a variant whose model vLLM's CPU
-attention serves (:func:`vllm_spec`: head size 32 instead of 16, same parameter shapes, data and warm start),
+attention serves (:func:`vllm_spec`: head size 32 instead of 16; same hidden size, data and warm start),
 built under ``<assets>_vllm`` by ``task.prepare_assets(rollout="vllm")``.
 
 Each task module (:mod:`.addition`, :mod:`.fibonacci`) defines its problems and spec (``Spec``); the
@@ -38,17 +38,18 @@ VLLM_HEAD_SIZE = 32
 
 
 def vllm_spec(spec: PairTaskSpec) -> PairTaskSpec:
-    """``spec`` with a model vLLM's CPU attention serves: heads of :data:`VLLM_HEAD_SIZE`, fewer of them.
+    """``spec`` with a model vLLM's CPU attention serves: heads of :data:`VLLM_HEAD_SIZE`, as many key-value heads.
 
-    Hidden size, layers and the query/key-value head ratio stay, so every weight keeps its shape
-    (hidden 64: 4 heads of 16 and 2 key-value heads become 2 heads of 32 and 1 key-value head).
+    Hidden size, layers, data and warm start stay (hidden 64: 4 query heads of 16 and 2 key-value heads
+    become 2 heads of 32, each with its own key-value head). With a single shared key-value head the
+    Fibonacci model did not learn its rule in the warm start's 600 steps (loss 0.29, greedy accuracy 0);
+    with two it did (loss 0.009, greedy accuracy 0.85).
     """
     model = spec.model
     if model.hidden_size % VLLM_HEAD_SIZE:
         raise ValueError(f"model.hidden_size={model.hidden_size} is not a multiple of vLLM's CPU head size {VLLM_HEAD_SIZE}")
     heads = model.hidden_size // VLLM_HEAD_SIZE
-    kv_heads = max(1, model.num_kv_heads * heads // model.num_heads)
-    return replace(spec, model=replace(model, num_heads=heads, num_kv_heads=kv_heads))
+    return replace(spec, model=replace(model, num_heads=heads, num_kv_heads=heads))
 
 
 @dataclass(frozen=True)
