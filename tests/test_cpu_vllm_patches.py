@@ -144,3 +144,20 @@ def test_the_vllm_task_variant_keeps_every_weight_shape():
     assert get_task("fibonacci").assets_dir_for("vllm").name == "fibonacci_task_vllm"
     with pytest.raises(ValueError, match="rollout='sglang'; allowed: hf, vllm"):
         get_task("fibonacci").assets_dir_for("sglang")
+
+
+def test_the_demos_vllm_command_and_environment(tmp_path, monkeypatch):
+    from hmpo_verl.lab.cpu_demo import parse_args, trainer_command, trainer_env
+
+    task = get_task("addition")
+    assets = task.prepare_assets(rollout="vllm", log=None)
+    cmd = trainer_command(task, assets, tmp_path, 2, "hmpo", ["trainer.test_freq=-1"], "sync", "vllm")
+    assert cmd[-len(VLLM_OVERRIDES) - 1:-1] == list(VLLM_OVERRIDES) and cmd[-1] == "trainer.test_freq=-1"
+    assert f"actor_rollout_ref.model.path={assets.model}" in cmd and "_vllm" in str(assets.model)
+    assert not [c for c in trainer_command(task, assets, tmp_path, 2, "hmpo", [], "sync") if "rollout.name" in c]
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert trainer_env(tmp_path, "vllm")["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in trainer_env(tmp_path, "hf")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert trainer_env(tmp_path, "vllm")["VLLM_CPU_KVCACHE_SPACE"] == "2", "the user's setting wins"
+    assert parse_args(["--rollout", "vllm"]).rollout == "vllm" and parse_args([]).rollout == "hf"
