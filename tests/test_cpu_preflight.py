@@ -71,7 +71,7 @@ def test_cuda_only_settings_are_named_with_their_fix():
     problems = check_config(
         compose(
             "actor_rollout_ref.actor.strategy=fsdp",
-            "actor_rollout_ref.rollout.name=vllm",
+            "actor_rollout_ref.rollout.name=sglang",
             "trainer.device=cuda",
             "actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2",
             "~ray_kwargs.ray_init.num_gpus",
@@ -80,7 +80,7 @@ def test_cuda_only_settings_are_named_with_their_fix():
     text = "\n".join(problems)
     assert "actor_rollout_ref.actor.strategy=fsdp: use actor_rollout_ref.actor.strategy=fsdp2" in text
     assert sum("strategy=fsdp:" in p for p in problems) == 1, "the ref follows the actor: one message"
-    assert "actor_rollout_ref.rollout.name=vllm needs a GPU: set actor_rollout_ref.rollout.name=hf" in text
+    assert "actor_rollout_ref.rollout.name=sglang needs a GPU: set actor_rollout_ref.rollout.name=hf" in text
     assert "set trainer.device=cpu" in text
     assert "attn_implementation=sdpa" in text
     assert "+ray_kwargs.ray_init.num_gpus=1" in text
@@ -107,7 +107,7 @@ def test_the_real_trainer_stops_before_ray_with_a_short_message(tmp_path):
         f"data.val_files={assets.test_parquet}",
         "actor_rollout_ref.model.path=/nonexistent/model",
         "actor_rollout_ref.actor.strategy=fsdp",
-        "actor_rollout_ref.rollout.name=vllm",
+        "actor_rollout_ref.rollout.name=sglang",
     )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]

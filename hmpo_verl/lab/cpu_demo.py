@@ -1,6 +1,7 @@
 """The CPU demo: HMPO training a tiny model with verl's real trainer, on a laptop.
 
     python -m hmpo_verl.lab.cpu_demo [--task fibonacci|addition] [--trainer sync|colocate_async|separate_async|one_step_off|fully_async]
+                                     [--rollout hf|vllm]
 
 1. builds the task if it is missing (:mod:`hmpo_verl.lab.tasks`; fibonacci ~30-90 s, addition ~15 s);
 2. runs verl's trainer with ``VERL_PLATFORM=cpu`` (the CPU backend in ``patches/verl_cpu``):
@@ -11,6 +12,9 @@
    (``verl.experimental.one_step_off_policy.main_ppo``,
    ``verl.experimental.fully_async_policy.fully_async_main``) with the recipe of that name
    (fibonacci only), printing one line per training step read from verl's own file logger;
+   ``--rollout vllm`` swaps verl_cpu's HF rollout server for verl's own vLLM server on vLLM's CPU
+   build (:data:`ROLLOUTS`; install: ``bash recipes/cpu_tiny/setup_and_run.sh --vllm``), on the
+   task's vLLM variant (head size 32: :func:`hmpo_verl.lab.tasks.vllm_spec`);
 3. scores the exact expected test reward at verl's validation steps and step 0 from the actor
    weights verl saved there (:mod:`hmpo_verl.lab.exact_reward`; ``sync`` and ``colocate_async``),
    logged as ``val-core/<data_source>/reward/exact_mean`` beside verl's metrics;
@@ -88,6 +92,19 @@ TRAINERS = {
 }
 DEFAULT_TRAINER = "sync"
 
+# Hydra overrides per rollout backend: verl's vLLM server on CPU (patches/README.md, "vLLM's CPU rollout")
+ROLLOUTS = {
+    "hf": (),
+    "vllm": (
+        "actor_rollout_ref.rollout.name=vllm",
+        "+actor_rollout_ref.rollout.enable_sleep_mode=false",  # vLLM has no sleep mode on CPU (not in verl's YAML)
+        "actor_rollout_ref.rollout.enforce_eager=true",  # no torch.compile of the model at start
+        "actor_rollout_ref.rollout.checkpoint_engine.update_weights_bucket_megabytes=64",  # shared memory, > any tensor
+    ),
+}
+DEFAULT_ROLLOUT = "hf"
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache (unset, vLLM takes gpu_memory_utilization x RAM)
+
 
 # ----------------------------------------------------------------------------- launch
 
@@ -114,7 +131,7 @@ def prompts_per_sync(config_dir: Path, config_name: str, overrides: list[str]) -
 
 
 def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: str, overrides: list[str],
-                    trainer: str = DEFAULT_TRAINER) -> list[str]:
+                    trainer: str = DEFAULT_TRAINER, rollout: str = DEFAULT_ROLLOUT) -> list[str]:
     """verl's ``trainer`` (:data:`TRAINERS`) with the task's recipe for it and this run's paths.
 
     ``steps`` are training steps; for ``fully_async`` (which counts prompts to generate) they
@@ -141,6 +158,7 @@ def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: st
         length,
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
         *spec.overrides,
+        *ROLLOUTS[rollout],
         *overrides,
     ]
 
@@ -151,10 +169,10 @@ def demo_overrides(trainer: str, overrides: list[str]) -> list[str]:
     return [*(exact_reward.trainer_overrides() if TRAINERS[trainer].exact_eval else ()), *overrides]
 
 
-def trainer_env(run_dir: Path) -> dict[str, str]:
+def trainer_env(run_dir: Path, rollout: str = DEFAULT_ROLLOUT) -> dict[str, str]:
     """Environment of the trainer: the CPU platform, verl's file logger, this checkout (the plugin and its
-    CPU backend) first on the path of every process verl starts."""
-    env = dict(os.environ)
+    CPU backend) first on the path of every process verl starts; for vLLM, :data:`VLLM_ENV` unless set."""
+    env = {**(VLLM_ENV if rollout == "vllm" else {}), **os.environ}
     env["VERL_PLATFORM"] = "cpu"
     env["VERL_FILE_LOGGER_PATH"] = str(run_dir / "metrics.jsonl")
     env["VERL_CPU_ROLLOUT_TRACE"] = str(run_dir / "rollout_trace.jsonl")
@@ -431,7 +449,7 @@ def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
         exact = summary["exact_reward_by_step"]
         (first, start), (last, end) = min(exact.items()), max(exact.items())
         log(f"test-set reward (exact)    {start:.3f}  ->  {end:.3f}   (step {first} -> {last}: {end - start:+.3f})")
-        log(f"  by validation step       " + ", ".join(f"{step}: {value:.3f}" for step, value in exact.items()))
+        log("  by validation step       " + ", ".join(f"{step}: {value:.3f}" for step, value in exact.items()))
     if "lag_mean" in summary:
         from hmpo_verl.staleness import BUCKETS
 
@@ -464,6 +482,9 @@ def parse_args(argv=None):
                         help=f"which task to train on (default {DEFAULT_TASK}; see the list below)")
     parser.add_argument("--trainer", default=DEFAULT_TRAINER, choices=list(TRAINERS),
                         help=f"which verl trainer (default {DEFAULT_TRAINER}; see the list below)")
+    parser.add_argument("--rollout", default=DEFAULT_ROLLOUT, choices=list(ROLLOUTS),
+                        help=f"rollout server (default {DEFAULT_ROLLOUT}: verl_cpu's HF server; vllm: verl's vLLM server "
+                             "on vLLM's CPU build, installed by setup_and_run.sh --vllm)")
     parser.add_argument("--assets", default=None, help="task asset dir (default: the task's folder under outputs/)")
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "outputs" / "cpu_demo"), help="logs, metrics, plot")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the task's, 40)")
@@ -483,7 +504,7 @@ def main(argv=None) -> int:
     task = get_task(args.task)
     steps = args.steps if args.steps is not None else task.demo_steps
     t0 = time.time()
-    assets = task.prepare_assets(args.assets, log=say)
+    assets = task.prepare_assets(args.assets, log=say, rollout=args.rollout)
     say(f"assets ready in {assets.root} ({time.time() - t0:.0f} s)")
     if args.prepare_only:
         return 0
@@ -495,10 +516,10 @@ def main(argv=None) -> int:
     for stale in ("metrics.jsonl", "rollout_trace.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
     overrides = demo_overrides(args.trainer, args.overrides)
-    cmd = trainer_command(task, assets, run_dir, steps, args.loss_mode, overrides, args.trainer)
+    cmd = trainer_command(task, assets, run_dir, steps, args.loss_mode, overrides, args.trainer, args.rollout)
     say("running verl's trainer on CPU (full log: %s):\n  VERL_PLATFORM=cpu %s" % (run_dir / "train.log", " ".join(cmd[1:])))
     started = time.time()
-    code, timings = run_trainer(cmd, trainer_env(run_dir), run_dir, steps, log=say)
+    code, timings = run_trainer(cmd, trainer_env(run_dir, args.rollout), run_dir, steps, log=say)
     if code != 0:
         log_path = run_dir / "train.log"
         cause = failure_cause(log_path.read_text(errors="replace"))
@@ -514,7 +535,8 @@ def main(argv=None) -> int:
         records = log_exact_rewards(task, assets, run_dir, records, started, log=say)
     summary = summarize(records)
     png = run_dir / "reward_curve.png"
-    plot(records, png, f"{args.loss_mode} on CPU, {task.name} task, {args.trainer} trainer (verl {_verl_version()})")
+    plot(records, png, f"{args.loss_mode} on CPU, {task.name} task, {args.trainer} trainer, {args.rollout} rollout "
+                       f"(verl {_verl_version()})")
     (run_dir / "summary.json").write_text(json.dumps({**summary, **timings}, indent=2))
     print_summary(summary, timings, png, log=say)
     return 0

@@ -29,6 +29,9 @@ def problem(a: int, b: int) -> Problem:
     return f"{a}+{b}", str(a + b)
 
 
+Spec = PairTaskSpec  # this task's settings; ``Spec()`` are its defaults
+
+
 def prepare_assets(out_dir: str | os.PathLike, spec: PairTaskSpec | None = None, log=print) -> TaskPaths:
     """Build tokenizer, model (random init + warm start) and data under ``out_dir`` if missing."""
     return prepare_pair_task(NAME, out_dir, spec or PairTaskSpec(), CHARACTERS, DATA_SOURCE, problem, 3, log)

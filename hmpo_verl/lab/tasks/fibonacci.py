@@ -55,6 +55,9 @@ class FibonacciSpec(PairTaskSpec):
     terms: int = 40  # answer digits; a response is terms + 1 tokens with <|im_end|>
 
 
+Spec = FibonacciSpec  # this task's settings; ``Spec()`` are its defaults
+
+
 def sequence(a: int, b: int, terms: int) -> str:
     """The ``terms`` digits after the seeds ``a, b`` of x_{k+1} = (x_k + x_{k-1}) mod 10."""
     if not (0 <= a <= 9 and 0 <= b <= 9) or terms < 1:

@@ -12,6 +12,7 @@ group ``verl.plugins``) in every process, which
 * makes verl's process groups plain ``gloo``                          -> :mod:`verl_cpu.distributed`
 * registers verl's FSDP/FSDP2 engines for the ``cpu`` device          -> :mod:`verl_cpu.engines`
 * registers an HF-transformers rollout server as ``rollout.name=hf``  -> :mod:`verl_cpu.rollout`
+* lets verl's own vLLM server run on vLLM's CPU build (``rollout.name=vllm``) -> :mod:`verl_cpu.vllm_rollout`
 * checks the config in the driver before Ray starts                   -> :mod:`verl_cpu.preflight`
 
 Without ``VERL_PLATFORM=cpu`` the plugin returns immediately, so GPU users never load it.

@@ -32,13 +32,14 @@ def activate() -> None:
 
     import verl.utils.config as verl_config
 
-    from verl_cpu import distributed, engines, platform, rollout  # noqa: F401  (platform registers itself)
+    from verl_cpu import distributed, engines, platform, rollout, vllm_rollout  # noqa: F401  (platform registers itself)
     from verl_cpu.import_hooks import after_import
     from verl_cpu.preflight import wrap_validate_config
 
     distributed.install()
     engines.install()
     rollout.register()
+    vllm_rollout.install()
     if not getattr(verl_config.validate_config, "_verl_cpu_patched", False):
         verl_config.validate_config = wrap_validate_config(verl_config.validate_config)
     after_import("verl.trainer.main_ppo", _check_before_run_ppo)

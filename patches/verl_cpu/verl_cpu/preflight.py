@@ -22,7 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from verl_cpu import ROLLOUT_NAME
 
-GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
+VLLM = "vllm"  # verl's own vLLM server on vLLM's CPU build (verl_cpu.vllm_rollout)
+CPU_ROLLOUTS = (ROLLOUT_NAME, VLLM)
+GPU_ROLLOUTS = ("sglang", "trtllm")
+# vLLM 0.27.1's CPU attention (vllm/v1/attention/backends/cpu_attn.py, CPUAttentionBackend.get_supported_head_sizes)
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB of KV cache vLLM's CPU worker allocates (an integer)
 MAIN_PPO, ONE_STEP_OFF, FULLY_ASYNC = "main_ppo", "one_step_off", "fully_async"
 TASK_RUNNERS = {"OneStepTaskRunner": ONE_STEP_OFF, "FullyAsyncTaskRunner": FULLY_ASYNC}  # run_ppo's runner -> trainer
 SEPARATED = (ONE_STEP_OFF, FULLY_ASYNC)  # trainers with a separate (standalone) rollout pool
@@ -72,16 +77,16 @@ def check_device_settings(config: DictConfig) -> list[str]:
     if _get(config, "critic.enable") and _get(config, "critic.strategy") not in (None, "fsdp2"):
         problems.append(f"critic.strategy={_get(config, 'critic.strategy')}: use critic.strategy=fsdp2 on CPU")
     rollout = _get(config, "actor_rollout_ref.rollout.name")
-    if rollout != ROLLOUT_NAME:
+    if rollout not in CPU_ROLLOUTS:
         why = "needs a GPU" if rollout in GPU_ROLLOUTS else "is not a CPU rollout backend"
         problems.append(
             f"actor_rollout_ref.rollout.name={rollout} {why}: set actor_rollout_ref.rollout.name={ROLLOUT_NAME} "
-            "(the HF-transformers rollout server of verl_cpu)"
+            f"(the HF-transformers rollout server of verl_cpu) or {VLLM} (verl's vLLM server on vLLM's CPU build)"
         )
     for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
         value = _get(config, f"actor_rollout_ref.rollout.{key}", 1)
         if value != 1:
-            problems.append(f"actor_rollout_ref.rollout.{key}={value}: the hf rollout needs 1")
+            problems.append(f"actor_rollout_ref.rollout.{key}={value}: the {rollout} rollout on CPU needs 1")
     attn = _get(config, "actor_rollout_ref.model.override_config.attn_implementation", "flash_attention_2")
     if attn not in CPU_ATTENTION:
         problems.append(
@@ -90,6 +95,94 @@ def check_device_settings(config: DictConfig) -> list[str]:
     if _get(config, "reward.reward_model.enable", False):
         problems.append("reward.reward_model.enable=true needs a model-serving rollout: use a rule/custom reward on CPU")
     return problems
+
+
+def check_vllm_settings(config: DictConfig) -> list[str]:
+    """``rollout.name=vllm``: vLLM's CPU build installed (P1), and the settings it needs on CPU (P3).
+
+    Each of these otherwise fails minutes later in the rollout server: vLLM refuses sleep mode on
+    CPU, its CPU attention refuses other head sizes, without ``VLLM_CPU_KVCACHE_SPACE`` it sizes
+    its KV cache from ``gpu_memory_utilization`` x the machine's memory (verl's 0.5: 11 GiB of 24),
+    and verl's shared-memory weight sync asserts on a tensor larger than its bucket.
+    """
+    if _get(config, "actor_rollout_ref.rollout.name") != VLLM:
+        return []
+    from verl_cpu.vllm_rollout import installed_problem
+
+    rollout = "actor_rollout_ref.rollout"
+    problems = [p for p in (installed_problem(),) if p]
+    if _get(config, f"{rollout}.enable_sleep_mode", True):
+        problems.append(f"{rollout}.enable_sleep_mode=true: vLLM has no sleep mode on CPU; set {rollout}.enable_sleep_mode=false")
+    problems += check_vllm_kv_cache(config)
+    model = _model_config(config)
+    if model:
+        head_size = model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"]
+        if head_size not in VLLM_CPU_HEAD_SIZES:
+            problems.append(
+                f"actor_rollout_ref.model.path={_get(config, 'actor_rollout_ref.model.path')}: head size {head_size} "
+                f"(hidden_size {model['hidden_size']} / num_attention_heads {model['num_attention_heads']}); vLLM's CPU "
+                f"attention takes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}: use such a model (the lab's tasks: "
+                "python -m hmpo_verl.lab.cpu_demo --rollout vllm builds one) or rollout.name=hf"
+            )
+    bucket_mb = _get(config, f"{rollout}.checkpoint_engine.update_weights_bucket_megabytes", 2048)
+    largest = _largest_tensor_bytes(config)
+    if largest is not None and bucket_mb * 2**20 < largest:
+        problems.append(
+            f"{rollout}.checkpoint_engine.update_weights_bucket_megabytes={bucket_mb}: the model's largest tensor takes "
+            f"{largest / 2**20:.1f} MB in fp32 and verl's shared-memory weight sync to vLLM needs it in one bucket; set "
+            f"at least {-(-largest // 2**20)}"
+        )
+    return problems
+
+
+def check_vllm_kv_cache(config: DictConfig) -> list[str]:
+    """``VLLM_CPU_KVCACHE_SPACE`` (GiB, an integer) is set, in the driver's environment or Ray's runtime env,
+    to at least 1 and at most half of the memory available now (the machine may be shared)."""
+    import psutil
+
+    runtime_env = _get(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{KV_CACHE_ENV}")
+    value = runtime_env if runtime_env is not None else os.environ.get(KV_CACHE_ENV)
+    limit = psutil.virtual_memory().available // 2**31  # half of the available memory, in GiB
+    fix = f"set {KV_CACHE_ENV}=1 (GiB; cpu_demo --rollout vllm sets it)"
+    if value is None or str(value).strip() == "":
+        return [f"{KV_CACHE_ENV} is not set: vLLM's CPU worker would size its KV cache from "
+                f"actor_rollout_ref.rollout.gpu_memory_utilization x the machine's memory; {fix}"]
+    try:
+        gib = int(str(value))
+    except ValueError:
+        return [f"{KV_CACHE_ENV}={value}: vLLM reads an integer number of GiB; {fix}"]
+    if not 1 <= gib <= max(1, limit):
+        return [f"{KV_CACHE_ENV}={value}: allowed 1 to {max(1, limit)} GiB (half of the memory available now); {fix}"]
+    return []
+
+
+def _model_config(config: DictConfig) -> Optional[dict]:
+    """The model's ``config.json`` (None when missing or remote: :func:`check_model` reports it)."""
+    import json
+
+    path = _get(config, "actor_rollout_ref.model.path")
+    if path is None or _is_remote(str(path)):
+        return None
+    file = Path(os.path.expanduser(str(path))) / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _largest_tensor_bytes(config: DictConfig) -> Optional[int]:
+    """Bytes of the model's largest tensor in fp32 (verl's actor sends fp32), read from its safetensors headers."""
+    import json
+    import math
+    import struct
+
+    path = _get(config, "actor_rollout_ref.model.path")
+    if path is None or _is_remote(str(path)):
+        return None
+    largest = None
+    for file in Path(os.path.expanduser(str(path))).glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        sizes = [math.prod(v["shape"]) * 4 for k, v in header.items() if k != "__metadata__"]
+        largest = max([largest or 0, *sizes])
+    return largest
 
 
 def _v1_separate(config: DictConfig, trainer: str) -> bool:
@@ -378,6 +471,7 @@ def _first_rows(config: DictConfig, n: int = 2) -> list[dict]:
 
 CHECKS = (
     check_device_settings,
+    check_vllm_settings,
     check_trainer_settings,
     check_ray_resources,
     check_policy_loss,
