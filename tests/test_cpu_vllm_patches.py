@@ -82,7 +82,9 @@ def test_p3_each_setting_vllm_needs_on_cpu_is_named_with_its_fix(monkeypatch):
     assert "tensor_model_parallel_size=2: the vllm rollout on CPU needs 1" in text
     assert "head size 16 (hidden_size 64 / num_attention_heads 4)" in text and "--rollout vllm" in text
     assert "update_weights_bucket_megabytes=0" in text and "set at least 1" in text
-    assert len(problems) == 4, problems
+    # the recipe's full_determinism=true: verl's VLLM_BATCH_INVARIANT=1 kernels are Triton's, none on CPU
+    assert "full_determinism=true: verl then sets VLLM_BATCH_INVARIANT=1" in text
+    assert len(problems) == 5, problems
 
 
 @pytest.mark.parametrize(("value", "message"), [

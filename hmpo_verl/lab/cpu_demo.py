@@ -100,6 +100,9 @@ ROLLOUTS = {
         "+actor_rollout_ref.rollout.enable_sleep_mode=false",  # vLLM has no sleep mode on CPU (not in verl's YAML)
         "actor_rollout_ref.rollout.enforce_eager=true",  # no torch.compile of the model at start
         "actor_rollout_ref.rollout.checkpoint_engine.update_weights_bucket_megabytes=64",  # shared memory, > any tensor
+        # verl's full_determinism sets VLLM_BATCH_INVARIANT=1, whose kernels are Triton's (none on CPU): vLLM's
+        # engine dies at its first forward; the hf server's per-request streams are what reproduce a run here
+        "actor_rollout_ref.rollout.full_determinism=false",
     ),
 }
 DEFAULT_ROLLOUT = "hf"

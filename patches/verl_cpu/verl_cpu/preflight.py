@@ -113,6 +113,11 @@ def check_vllm_settings(config: DictConfig) -> list[str]:
     problems = [p for p in (installed_problem(),) if p]
     if _get(config, f"{rollout}.enable_sleep_mode", True):
         problems.append(f"{rollout}.enable_sleep_mode=true: vLLM has no sleep mode on CPU; set {rollout}.enable_sleep_mode=false")
+    if _get(config, f"{rollout}.full_determinism", False):
+        problems.append(
+            f"{rollout}.full_determinism=true: verl then sets VLLM_BATCH_INVARIANT=1, whose kernels are Triton's and do "
+            f"not run on CPU (vLLM's engine dies at its first forward); set {rollout}.full_determinism=false "
+            "(a reproducible CPU run: rollout.name=hf)")
     problems += check_vllm_kv_cache(config)
     model = _model_config(config)
     if model:
