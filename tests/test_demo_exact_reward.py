@@ -3,6 +3,7 @@ arithmetic (``hmpo_verl.lab.demo_sweep``). Fast: no trainer runs here (``test_de
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -136,3 +137,13 @@ def test_the_sweep_statistics_by_hand():
     assert zero["mean"] == 0 and zero["rose"] == 0
     assert ten["mean"] == pytest.approx(0.05) and ten["min"] == pytest.approx(-0.1) and ten["max"] == pytest.approx(0.2)
     assert ten["sd"] == pytest.approx(0.15 * 2 ** 0.5) and ten["rose"] == 1 and ten["reward_mean"] == pytest.approx(0.35)
+
+
+def test_the_summary_read_back_from_json_orders_steps_as_numbers(tmp_path):
+    """summary.json turns the steps into strings ("40" < "5"): the rise is still step 0 -> the last step."""
+    summary = json.loads(json.dumps(cpu_demo.summarize(_records({0: 0.30, 5: 0.28, 10: 0.42, 40: 0.61}))))
+    lines = []
+    cpu_demo.print_summary(summary, {"total_s": 99.0}, tmp_path / "x.png", log=lines.append)
+    text = "\n".join(lines)
+    assert "test-set reward (exact)    0.300  ->  0.610   (step 0 -> 40: +0.310)" in text
+    assert "by validation step       0: 0.300, 5: 0.280, 10: 0.420, 40: 0.610" in text

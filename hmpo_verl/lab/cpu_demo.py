@@ -449,7 +449,8 @@ def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
     if "val_reward_first" in summary:
         log(f"test-set reward (sampled)  {summary['val_reward_first']:.3f}  ->  {summary['val_reward_last']:.3f}")
     if "exact_reward_by_step" in summary:
-        exact = summary["exact_reward_by_step"]
+        # step -> reward; the steps are strings once summary.json is read back: order them as numbers
+        exact = dict(sorted((int(step), value) for step, value in summary["exact_reward_by_step"].items()))
         (first, start), (last, end) = min(exact.items()), max(exact.items())
         log(f"test-set reward (exact)    {start:.3f}  ->  {end:.3f}   (step {first} -> {last}: {end - start:+.3f})")
         log("  by validation step       " + ", ".join(f"{step}: {value:.3f}" for step, value in exact.items()))
