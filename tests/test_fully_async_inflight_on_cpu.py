@@ -17,7 +17,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from test_run_settings_on_cpu import _entry_main, saved_run, verl_config
 
-from hmpo_verl.guards.inflight import inflight_at
+from hmpo_verl.inflight import inflight_at
 
 VERSION = 2  # saved_run's checkpoint: global_step_2
 

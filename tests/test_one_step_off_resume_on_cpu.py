@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from hmpo_verl.checkpoints import read_tracker
-from hmpo_verl.guards import prefetch
+from hmpo_verl import prefetch
 
 PROMPTS, BATCH, STEPS, SAVE_FREQ = 6, 2, 5, 1
 # checkpoints inside the first epoch: the resumed runs cross the epoch boundary. (A checkpoint in a later
@@ -142,3 +142,15 @@ def test_outside_a_save_the_dataloader_answers_its_own_state():
     with prefetch._answering(loader, {"mine": 1}):
         assert loader.state_dict() == {"mine": 1}
     assert "mine" not in loader.state_dict()
+
+
+def test_the_rollout_dump_is_written_although_verl_never_creates_its_executor(tmp_path):
+    """verl's one-step-off ``__init__`` skips ``_init_dump_executor``: ``trainer.rollout_data_dir`` crashed step 1."""
+    cls = _trainer_class()
+    trainer = cls.__new__(cls)  # as verl's __init__ leaves it: no _dump_executor
+    trainer.config = OmegaConf.create({"trainer": {"rollout_data_dir": str(tmp_path)}})
+    trainer.timing_raw, trainer.reward_extra_infos_dict, trainer.global_steps = {}, {}, 3
+    trainer._log_rollout_data = lambda batch, extra, timing, folder: trainer._dump_generations(
+        ["prompt"], ["response"], [None], [1.0], extra, folder)  # verl's own dump from here on
+    trainer._fit_dump_data(None)
+    assert (tmp_path / "3.jsonl").read_text().count("prompt") == 1  # on disk when the step goes on to its save

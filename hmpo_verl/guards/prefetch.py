@@ -19,6 +19,12 @@ Three wrappers on ``OneStepOffRayTrainer`` make ``data.pt`` hold the state as of
   :data:`TRAINED` -- exactly what the synchronous trainer saves at that step, so verl's own
   ``_load_checkpoint`` (its epoch-boundary rule included) restores it unchanged.
 
+And one verl bug on the way (needed to compare resumed runs by their rollout dump): with
+``trainer.rollout_data_dir`` set, every one-step-off run dies at step 1 with ``AttributeError:
+'OneStepOffRayTrainer' object has no attribute '_dump_executor'`` -- its ``__init__`` never calls
+``RayPPOTrainer._init_dump_executor``. ``_fit_dump_data`` (:func:`dumping_with_an_executor`) creates
+the executor, dumps and drains it, so the step's dump is on disk before its checkpoint.
+
 The prefetched batch's rollout is lost at a resume, not its data: the resumed run generates batch
 k+1 again, with the resumed weights (its lag is 0: :mod:`hmpo_verl.guards.offpolicy`).
 """
@@ -92,9 +98,25 @@ def saving_trained_state(save_checkpoint: Callable) -> Callable:
     return _save_checkpoint
 
 
+@_once
+def dumping_with_an_executor(fit_dump_data: Callable) -> Callable:
+    """Wrap ``_fit_dump_data(self, batch)``: verl's rollout dump with the executor one-step-off never creates."""
+
+    @functools.wraps(fit_dump_data)
+    def _fit_dump_data(self, batch):
+        self._init_dump_executor()
+        try:
+            return fit_dump_data(self, batch)
+        finally:
+            self._shutdown_dump_executor()  # the dump is written before the step's checkpoint
+
+    return _fit_dump_data
+
+
 def wrap_one_step_off(module) -> None:
-    """The three wrappers on ``module.OneStepOffRayTrainer`` (verl's one_step_off_policy.ray_trainer)."""
+    """The wrappers on ``module.OneStepOffRayTrainer`` (verl's one_step_off_policy.ray_trainer)."""
     cls = module.OneStepOffRayTrainer
+    cls._fit_dump_data = dumping_with_an_executor(cls._fit_dump_data)
     cls._create_continuous_iterator = recording_drawn_states(cls._create_continuous_iterator)
     cls._fit_generate = marking_trained_state(cls._fit_generate)
     cls._save_checkpoint = saving_trained_state(cls._save_checkpoint)
