@@ -359,12 +359,6 @@ def _patch(module, name: str, wrap: Callable) -> None:
     setattr(module, name, wrap(getattr(module, name)))
 
 
-def _one_step_off_resume(module) -> None:
-    from hmpo_verl.guards.prefetch import wrap_one_step_off
-
-    wrap_one_step_off(module)
-
-
 def install(run_after_import: Callable) -> None:
     """Install the wrappers through ``run_after_import(module_name, action, failure)``."""
     hooks = {
@@ -376,7 +370,6 @@ def install(run_after_import: Callable) -> None:
         "verl.workers.utils.losses": lambda m: _patch(m, "ppo_loss", exposing_sample_lag),
         "verl.trainer.ppo.rollout_corr_helper": lambda m: _patch(m, "apply_bypass_mode", keeping_our_loss),
         "verl.trainer.main_ppo": lambda m: _patch(m, "run_ppo", _checking_options_first),
-        "verl.experimental.one_step_off_policy.ray_trainer": _one_step_off_resume,
     }
     for module, action in hooks.items():
         run_after_import(module, action, HOOK_FAILED.format(module))

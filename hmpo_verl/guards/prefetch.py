@@ -120,3 +120,12 @@ def wrap_one_step_off(module) -> None:
     cls._create_continuous_iterator = recording_drawn_states(cls._create_continuous_iterator)
     cls._fit_generate = marking_trained_state(cls._fit_generate)
     cls._save_checkpoint = saving_trained_state(cls._save_checkpoint)
+
+
+ONE_STEP_OFF_TRAINER = "verl.experimental.one_step_off_policy.ray_trainer"
+
+
+def install(run_after_import: Callable) -> None:
+    """Wrap verl's one-step-off trainer once its module is imported (``hmpo_verl.guards.hooks.run_after_import``)."""
+    run_after_import(ONE_STEP_OFF_TRAINER, wrap_one_step_off,
+                     f"hmpo_verl could not wrap {ONE_STEP_OFF_TRAINER} (a resume would skip the prefetched batch)")
