@@ -30,8 +30,8 @@ IN_FLIGHT = (
     "{lost}. verl does not save them (FullyAsyncRollouter.save_checkpoint: the pending, partial and message "
     "queues) and restores the dataloader past them: the resumed run never trains them, and feeds as many later "
     "prompts instead (the same number of steps). Expected for verl's fully-async trainer; to train every prompt, "
-    "relaunch with trainer.resume_mode=disable (a new run) or use the one-step-off or synchronous trainer, whose "
-    "resumes skip nothing."
+    "relaunch with trainer.resume_mode=disable (a new run) or use the one-step-off or synchronous trainer, which "
+    "have no prompts in flight at a checkpoint."
 )
 
 

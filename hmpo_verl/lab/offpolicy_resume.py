@@ -3,8 +3,9 @@
     python -m hmpo_verl.lab.offpolicy_resume one_step_off [--out runs/offpolicy_resume] [--steps 4]
     python -m hmpo_verl.lab.offpolicy_resume fully_async [--out runs/offpolicy_resume] [--steps 4]
 
-``one_step_off``: a killed-and-resumed run against an uninterrupted one. Three launches of ``python -m verl.experimental.one_step_off_policy.main_ppo`` on the fibonacci
-task (``recipes/cpu_fibonacci/one_step_off.yaml``, shuffled data) with the crash suite's scenario
+``one_step_off``: a killed-and-resumed run against an uninterrupted one. Three launches of
+``python -m verl.experimental.one_step_off_policy.main_ppo`` on the fibonacci task
+(``recipes/cpu_fibonacci/one_step_off.yaml``, shuffled data) with the crash suite's scenario
 (:data:`hmpo_verl.lab.crash.SCENARIO`: the adaptive loss's p schedule, a checkpoint every 2 steps,
 ``resume_mode=auto``, ``full_determinism=true``): an uninterrupted run, one SIGKILLed as soon as
 checkpoint 2 is complete (batch 3 is being generated then), and the same command again, which
@@ -19,8 +20,8 @@ is a fresh ``uuid4`` per prompt and run: the prompts identify the data.
 
 ``fully_async``: one run with a checkpoint every 2 weight syncs; for each checkpoint, the prompts
 its rollouter had drawn, those its trainer had trained, and the difference, the prompts in flight
-that a resume from it never trains (:func:`hmpo_verl.guards.inflight.inflight_at`, the count the
-driver's warning gives).
+that a resume from it never trains (:func:`hmpo_verl.inflight.inflight_at`, the count the driver's
+warning gives). Measured results: README, "Crash and resume".
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def step_rows(reference: Launch, killed: Launch, resumed: Launch) -> list[dict]:
 
 
 def trained_once(reference: Launch, killed: Launch, resumed: Launch, first_resumed: int) -> bool:
-    """The killed run's steps before the resume plus the resumed run's trained exactly the uninterrupted run's prompts."""
+    """The killed run's steps before the resume and the resumed run's trained exactly the uninterrupted run's
+    prompts (as one multiset)."""
     killed_prompts = {s: c for s, c in prompts_per_step(killed).items() if s < first_resumed}
     together = sum([*killed_prompts.values(), *prompts_per_step(resumed).values()], Counter())
     return together == sum(prompts_per_step(reference).values(), Counter())

@@ -95,7 +95,8 @@ def driver_checks(config) -> None:
     checkpoint directory, the checkpoint a resume will use (`hmpo_verl.guards.checkpoints.guard_resume`),
     the settings it was saved with (`hmpo_verl.guards.run_settings`) and, for fully-async, the prompts in
     flight at that checkpoint that the resume will not train (`hmpo_verl.guards.inflight`). Run by verl's
-    `validate_config` and by `run_ppo`, the driver function of every entry point (`main_ppo`, one-step-off, fully-async)."""
+    `validate_config` and by `run_ppo`, the driver function of every entry point (`main_ppo`, one-step-off,
+    fully-async)."""
     from hmpo_verl.guards.checkpoints import check_checkpoint_directory, guard_resume, resume_step_dir
     from hmpo_verl.guards.inflight import warn_fully_async_resume
     from hmpo_verl.guards.run_settings import check_resume_settings, stamp_run_settings
