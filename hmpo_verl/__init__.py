@@ -55,6 +55,8 @@ _MODULES = {
     "hmpo_verl.finite": "hmpo_verl.guards.finite",
     "hmpo_verl.offpolicy": "hmpo_verl.guards.offpolicy",
     "hmpo_verl.run_settings": "hmpo_verl.guards.run_settings",
+    "hmpo_verl.prefetch": "hmpo_verl.guards.prefetch",
+    "hmpo_verl.inflight": "hmpo_verl.guards.inflight",
 }
 
 # package attribute -> the module that defines it

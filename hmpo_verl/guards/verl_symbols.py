@@ -87,6 +87,22 @@ VERL_SYMBOLS: tuple[VerlSymbol, ...] = (
     VerlSymbol("verl.trainer.ppo.ray_trainer", "RayPPOTrainer._load_checkpoint", "wraps",
                "records the step training starts from, so the first weights' label after a start or resume "
                "gives lag 0", "one_step_off", "guards/offpolicy.py"),
+    VerlSymbol("verl.experimental.one_step_off_policy.ray_trainer", "OneStepOffRayTrainer._create_continuous_iterator",
+               "wraps", "records the dataloader's state after each batch drawn (it draws batch k+1 before saving "
+               "step k)", "one_step_off", "guards/prefetch.py"),
+    VerlSymbol("verl.experimental.one_step_off_policy.ray_trainer", "OneStepOffRayTrainer._fit_generate", "wraps",
+               "takes the state as of the batch the step trains", "one_step_off", "guards/prefetch.py"),
+    VerlSymbol("verl.experimental.one_step_off_policy.ray_trainer", "OneStepOffRayTrainer._save_checkpoint", "wraps",
+               "data.pt gets the state as of the batch trained, so a resume does not skip the prefetched batch",
+               "one_step_off", "guards/prefetch.py"),
+    VerlSymbol("verl.experimental.one_step_off_policy.ray_trainer", "OneStepOffRayTrainer._fit_dump_data", "wraps",
+               "creates the rollout-dump executor its __init__ never creates (trainer.rollout_data_dir crashed "
+               "step 1) and drains it", "one_step_off", "guards/prefetch.py"),
+    VerlSymbol("verl.experimental.one_step_off_policy.ray_trainer", "OneStepOffRayTrainer._init_dump_executor",
+               "reads", "RayPPOTrainer's executor for the rollout dump (with _shutdown_dump_executor)", "one_step_off",
+               "guards/prefetch.py"),
+    VerlSymbol("verl.experimental.one_step_off_policy.ray_trainer", "OneStepOffRayTrainer._shutdown_dump_executor",
+               "reads", "drains the rollout dump before the step's checkpoint", "one_step_off", "guards/prefetch.py"),
     VerlSymbol("verl.trainer.ppo.v1.trainer_base", "PPOTrainer._update_actor", "wraps",
                "sends each sample's lag (from its TransferQueue tags) to the workers as a field the loss reads",
                "v1 colocate_async, separate_async", "guards/offpolicy.py"),

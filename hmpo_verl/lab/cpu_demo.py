@@ -127,10 +127,10 @@ def prompts_per_sync(config_dir: Path, config_name: str, overrides: list[str]) -
     ``ppo_mini_batch_size * require_batches * trigger_parameter_sync_step`` of the composed recipe."""
     from hydra import compose, initialize_config_dir
 
+    from hmpo_verl.inflight import prompts_per_sync as of_config
+
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        config = compose(config_name=config_name, overrides=list(overrides))
-    sync = config.async_training
-    return int(config.actor_rollout_ref.actor.ppo_mini_batch_size * sync.require_batches * sync.trigger_parameter_sync_step)
+        return of_config(compose(config_name=config_name, overrides=list(overrides)))
 
 
 def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: str, overrides: list[str],

@@ -92,10 +92,13 @@ def check_bypass_mode(rollout_correction, loss_mode: str) -> None:
 
 def driver_checks(config) -> None:
     """Everything the driver checks before Ray starts (idempotent): our options, TRL beside verl, the
-    checkpoint directory, the checkpoint a resume will use (`hmpo_verl.guards.checkpoints.guard_resume`) and
-    the settings it was saved with (`hmpo_verl.guards.run_settings`). Run by verl's `validate_config` and by
-    `run_ppo`, the driver function of every entry point (`main_ppo`, one-step-off, fully-async)."""
+    checkpoint directory, the checkpoint a resume will use (`hmpo_verl.guards.checkpoints.guard_resume`),
+    the settings it was saved with (`hmpo_verl.guards.run_settings`) and, for fully-async, the prompts in
+    flight at that checkpoint that the resume will not train (`hmpo_verl.guards.inflight`). Run by verl's
+    `validate_config` and by `run_ppo`, the driver function of every entry point (`main_ppo`, one-step-off,
+    fully-async)."""
     from hmpo_verl.guards.checkpoints import check_checkpoint_directory, guard_resume, resume_step_dir
+    from hmpo_verl.guards.inflight import warn_fully_async_resume
     from hmpo_verl.guards.run_settings import check_resume_settings, stamp_run_settings
 
     check_options(config)
@@ -103,4 +106,5 @@ def driver_checks(config) -> None:
     check_checkpoint_directory(config)
     guard_resume(config)
     check_resume_settings(config, resume_step_dir(config))
+    warn_fully_async_resume(config, resume_step_dir(config))  # what verl's fully-async resume does not train
     stamp_run_settings(config)  # what each checkpoint records, before the trainer edits its config
