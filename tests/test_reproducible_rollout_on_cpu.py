@@ -13,7 +13,7 @@ import pytest
 import torch
 from cpu_assets import tiny_assets
 from verl_cpu.replay_buffer import submission_order
-from verl_cpu.rollout.sampling import SamplingParams, row_seed, sample_step
+from verl_cpu.rollout.sampling import RowStreams, SamplingParams, process_logits, row_seed, sample_step
 from verl_cpu.rollout.server import NAN_AT_VERSION_ENV, HFRolloutServer
 
 SAMPLE = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True, "ignore_eos": True}
@@ -94,6 +94,28 @@ def test_per_row_streams_draw_what_each_row_alone_would():
         alone, alone_lp = sample_step(logits[i : i + 1], params, torch.Generator().manual_seed(seed))
         assert tokens[i] == alone[0]
         torch.testing.assert_close(log_probs[i], alone_lp[0])
+
+
+@pytest.mark.parametrize("chunk_steps, max_elements", [(1, 1 << 22), (6, 1 << 22), (50, 1 << 22), (50, 100)])
+def test_row_streams_draw_what_row_by_row_multinomial_draws(chunk_steps, max_elements):
+    """The batched per-row sampler is torch.multinomial row by row, step after step (drawn ahead in
+    chunks of 1, 6, all, and a capped buffer), with top-k zeros; so seeds give the responses they gave."""
+    g = torch.Generator().manual_seed(3)
+    steps, rows, vocab = 13, 7, 11
+    probs = [process_logits(torch.randn(rows, vocab, generator=g) * 3, SamplingParams(1, top_k=5)).softmax(-1)
+             for _ in range(steps)]
+    seeds = [row_seed(i) for i in range(rows)]
+    streams = RowStreams([torch.Generator().manual_seed(s) for s in seeds], chunk_steps, max_elements)
+    reference = [torch.Generator().manual_seed(s) for s in seeds]
+    for p in probs:
+        expected = torch.cat([torch.multinomial(row, 1, generator=r) for row, r in zip(p, reference, strict=True)])
+        assert torch.equal(streams.draw(p), expected)
+
+
+def test_row_streams_refuse_invalid_probabilities_like_multinomial():
+    streams = RowStreams([torch.Generator().manual_seed(0)])
+    with pytest.raises(RuntimeError, match="inf, nan or element < 0"):
+        streams.draw(torch.tensor([[0.5, float("nan")]]))
 
 
 def test_row_seeds_are_the_same_in_every_process():

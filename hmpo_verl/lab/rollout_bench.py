@@ -20,7 +20,8 @@ parquet, each repeated ``rollout.n`` times, as verl's trainer sends them) are ge
 
 Repeats alternate rollout and floor (after one warm-up of each) so that load from other
 processes on the machine hits both alike; reported are the median floor and the rollout
-run of median time. The floor runs with as many
+run of median time, and ours per repeat (the server's time after the last request over the
+floor run next to it: robust to load that changes between repeats). The floor runs with as many
 torch threads as the server has (Ray gives an actor without CPUs one thread;
 ``VERL_CPU_ROLLOUT_THREADS`` sets the server's), so the ratio measures overhead, not threads.
 
@@ -237,6 +238,9 @@ def bench_task(task, repeats: int, overrides: list[str], log=print) -> float:
     verl = (med["until_last_request_s"] + med["after_last_result_s"]) / t_floor
     ours = med["after_last_request_s"] / t_floor
     log(f"  the ratio in shares: verl {verl:.2f} + ours {ours:.2f} (a decode of the last request alone is ~1)")
+    paired = sorted(c["after_last_request_s"] / f for (_, c), f in zip(runs, floors, strict=True))
+    log(f"  ours per repeat, over the floor run next to it: median {statistics.median(paired):.2f}, "
+        f"range {paired[0]:.2f}-{paired[-1]:.2f} ({repeats} repeats)")
     log(f"rollout/floor ratio: {ratio:.2f}")
     return ratio
 

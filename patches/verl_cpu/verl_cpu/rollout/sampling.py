@@ -100,16 +100,63 @@ def row_seed(*key: Any) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+class RowStreams:
+    """One sampling stream per row of a decode, drawn batched.
+
+    Row ``r`` samples exactly what ``torch.multinomial(probs[r], 1, generator=generators[r])``
+    would, step after step, but without one multinomial call per row and step (their call
+    overhead outweighed a small model's forward: issue 27). torch's CPU multinomial of one sample
+    is ``argmax(p / q)`` with ``q ~ Exp(1)`` drawn by ``exponential_`` from the generator (ATen
+    ``Distributions.cpp``, the one-sample fast path), and its exponential draws are sequential:
+    so each row draws the ``q`` of ``chunk_steps`` steps in one call, and every step is one
+    batched division and argmax. ``tests/test_reproducible_rollout_on_cpu.py`` checks the
+    equality with the row-by-row multinomial, so a torch that changes either fails loudly.
+
+    Args:
+        generators: one per row, seeded; consumed (a decode makes its own).
+        chunk_steps: steps drawn ahead per call, capped so that the buffer ``(batch,
+            chunk, vocab)`` holds at most ``max_elements`` numbers.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator], chunk_steps: int = 1, max_elements: int = 1 << 22):
+        self.generators = list(generators)
+        self.chunk_steps = max(1, int(chunk_steps))
+        self.max_elements = max_elements
+        self._q: Optional[torch.Tensor] = None  # (batch, chunk, vocab) exponential draws
+        self._next = 0  # the chunk's step the next draw uses
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row of ``probs`` ``(batch, vocab)`` (non-negative, finite); shape ``(batch,)``."""
+        if not bool((probs.amin() >= 0) & (probs.amax() < float("inf"))):  # as torch.multinomial refuses
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        if self._q is None or self._next == self._q.shape[1]:
+            self._refill(probs)
+        q = self._q[:, self._next]
+        self._next += 1
+        return torch.argmax(probs / q, dim=-1)
+
+    def _refill(self, probs: torch.Tensor) -> None:
+        batch, vocab = probs.shape
+        if batch != len(self.generators):
+            raise ValueError(f"RowStreams: {batch} rows of probabilities for {len(self.generators)} streams")
+        if self._q is None:
+            chunk = max(1, min(self.chunk_steps, self.max_elements // (batch * vocab)))
+            self._q = torch.empty(batch, chunk, vocab, dtype=probs.dtype)
+        for row, generator in zip(self._q, self.generators, strict=True):
+            row.exponential_(1, generator=generator)
+        self._next = 0
+
+
 def sample_step(
     logits: torch.Tensor,
     params: SamplingParams,
-    generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
+    generator: Union[None, torch.Generator, RowStreams, Sequence[torch.Generator]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next token for each row of ``logits`` ``(batch, vocab)``.
 
-    ``generator``: one stream for the whole batch, or a sequence of one stream per row (a
-    row's token then depends on its own stream only, not on the rows batched with it).
-    Returns ``(token_ids, log_probs)``, both of shape ``(batch,)``.
+    ``generator``: one stream for the whole batch, or one stream per row (:class:`RowStreams`,
+    or a sequence of generators for one step): a row's token then depends on its own stream
+    only, not on the rows batched with it. Returns ``(token_ids, log_probs)``, both ``(batch,)``.
     """
     if params.greedy:
         log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -118,7 +165,9 @@ def sample_step(
         log_probs = torch.log_softmax(process_logits(logits, params), dim=-1)
         probs = log_probs.exp()
         if isinstance(generator, Sequence):
-            tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)])
+            generator = RowStreams(generator)
+        if isinstance(generator, RowStreams):
+            tokens = generator.draw(probs)
         else:
             tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)

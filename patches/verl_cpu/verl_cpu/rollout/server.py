@@ -75,7 +75,7 @@ from typing import Any, Optional
 
 import torch
 
-from verl_cpu.rollout.sampling import SamplingParams, resolve_sampling_params, row_seed, sample_step
+from verl_cpu.rollout.sampling import RowStreams, SamplingParams, resolve_sampling_params, row_seed, sample_step
 
 logger = logging.getLogger(__name__)
 TRACE_ENV = "VERL_CPU_ROLLOUT_TRACE"
@@ -388,7 +388,7 @@ class HFRolloutServer:
         # the mask of the whole decode, allocated once; step t attends to its first width + t columns
         full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), params.max_tokens)], 1)
         if seeds and seeds[0] is not None:
-            generator = [torch.Generator().manual_seed(seed) for seed in seeds]
+            generator = RowStreams([torch.Generator().manual_seed(seed) for seed in seeds], params.max_tokens)
         else:
             generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
 
