@@ -167,6 +167,8 @@ hmpo_launch() {
             done
             hmpo_die "ASYNC=$ASYNC: SIZE=$SIZE has no split of its node for a separate rollout pool (recipes/split/); ASYNC runs with SIZE=$(IFS=,; echo "${splitting[*]}")"
         fi
+        [[ "$ASYNC" == none || -z "$NGPUS_PER_NODE" ]] ||
+            hmpo_die "NGPUS_PER_NODE=$NGPUS_PER_NODE with ASYNC=$ASYNC: recipes/split/ gives the trainer and the rollout pool their share of each node; override trainer.n_gpus_per_node= and the pool's n_gpus_per_node= (one_step_off: rollout.*, separate_async: actor_rollout_ref.rollout.*) instead"
     fi
     [[ -z "$NNODES" || "$NNODES" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NNODES=$NNODES: a positive integer, please"
     [[ -z "$NGPUS_PER_NODE" || "$NGPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] ||
