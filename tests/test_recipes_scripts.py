@@ -382,6 +382,8 @@ def test_async_picks_verls_entry_point_and_its_recipe(mode, recorder, stub_model
     assert f"trainer.experiment_name='math-qwen2_5_math_7b-harmonic{suffix}'" in overrides
     cfg, _ = check_recipe(config_dir, name, overrides, model_path=stub_model)
     assert cfg.trainer.n_gpus_per_node == (8 if mode == "none" else 4)
+    as_override = _run(script, "--dry-run", f"async={mode}")  # would keep main_ppo for one_step_off: refused
+    assert as_override.returncode == 2 and f"set ASYNC={mode} instead" in as_override.stderr
 
 
 def test_joining_a_running_cluster_with_the_cpu_size_leaves_resources_to_the_nodes():

@@ -142,6 +142,9 @@ hmpo_launch() {
                 sed -n '2,/^set -euo pipefail/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
                 exit 0
                 ;;
+            async=* | +async=* | ++async=*)
+                hmpo_die "$arg: set ASYNC=${arg#*=} instead (run.sh launches verl's entry point for the trainer it selects)"
+                ;;
             *) overrides+=("$arg") ;;
         esac
     done
