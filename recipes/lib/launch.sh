@@ -2,15 +2,18 @@
 # Shared launcher of the recipes/<task>/run.sh scripts (sourced, not run). The caller sets the
 # variables of its "user-adjustable" block -- TASK, MEAN, SIZE, NNODES, NGPUS_PER_NODE,
 # MODEL_PATH, TRAIN_FILES, VAL_FILES, EXPERIMENT_NAME, CKPT_DIR, LOGGER, PYTHON, and optionally CORRECTION
-# (a file stem of recipes/correction/) and PREFLIGHT (1: run recipes/lib/preflight.py first) -- then calls
-# `hmpo_launch "$@"`, which builds verl's own command line,
+# (a file stem of recipes/correction/), ASYNC (a file stem of recipes/async/: none, one_step_off, separate_async)
+# and PREFLIGHT (1: run recipes/lib/preflight.py first) -- then calls `hmpo_launch "$@"`, which builds verl's
+# own command line,
 #
-#   python3 -m verl.trainer.main_ppo --config-path=<recipes> --config-name=<TASK> \
-#       mean=<MEAN> size=<SIZE> [correction=<CORRECTION>] [trainer.nnodes=...] [trainer.n_gpus_per_node=...] \
+#   python3 -m <entry point> --config-path=<recipes> --config-name=<TASK> \
+#       mean=<MEAN> size=<SIZE> [correction=<CORRECTION>] [async=<ASYNC>] [trainer.nnodes=...] [trainer.n_gpus_per_node=...] \
 #       data.train_files=[...] data.val_files=[...] trainer.experiment_name=... \
 #       trainer.default_local_dir=<CKPT_DIR> trainer.logger=[<LOGGER>] \
 #       [actor_rollout_ref.model.path=<MODEL_PATH>] [your overrides...]
 #
+# (the entry point: verl.trainer.main_ppo, or verl.experimental.one_step_off_policy.main_ppo for
+# ASYNC=one_step_off: hmpo_entry_point)
 # and either prints it (--dry-run / DRY_RUN=1: one line on stdout, quoted so that a shell
 # reads it back as the same words; nothing is run)
 # or replaces the shell with it (exec). With PREFLIGHT=1 (the GPU recipes' default) the software
@@ -98,12 +101,13 @@ HMPO_UNNAMED_KEYS=(trainer.logger trainer.project_name trainer.save_freq trainer
     trainer.log_val_generations trainer.rollout_data_dir trainer.validation_data_dir trainer.max_actor_ckpt_to_keep
     trainer.max_critic_ckpt_to_keep hmpo.resume_accept)
 
-# The default EXPERIMENT_NAME: <TASK>-<SIZE>-<MEAN>[-<CORRECTION>], plus -o<8 hex digits of sha1> of the
+# The default EXPERIMENT_NAME: <TASK>-<SIZE>-<MEAN>[-<CORRECTION>][-<ASYNC>], plus -o<8 hex digits of sha1> of the
 # run-defining Hydra overrides given (sorted), so that runs with other settings get their own name and
 # CKPT_DIR instead of resuming each other's checkpoints.
 hmpo_default_name() {
     local name="$TASK-$SIZE-$MEAN" arg key named=()
     [[ -z "${CORRECTION:-}" || "$CORRECTION" == none ]] || name+="-$CORRECTION"
+    [[ -z "${ASYNC:-}" || "$ASYNC" == none ]] || name+="-$ASYNC"
     for arg in "$@"; do
         key=${arg%%=*}
         key=${key#"${key%%[!+~]*}"}  # +key / ++key / ~key
@@ -115,6 +119,20 @@ hmpo_default_name() {
     echo "$name"
 }
 
+# verl's entry point for the trainer ASYNC selects: its one-step-off-policy trainer has its own main_ppo
+# (verl/experimental/one_step_off_policy/main_ppo.py); V1 sync and separate_async are verl.trainer.main_ppo.
+hmpo_entry_point() {
+    case "${ASYNC:-none}" in
+        one_step_off) echo verl.experimental.one_step_off_policy.main_ppo ;;
+        *) echo verl.trainer.main_ppo ;;
+    esac
+}
+
+# Does the size file give an ASYNC run its split of the node (its defaults select recipes/split/<hw>/${async})?
+hmpo_size_splits() {
+    grep -Eq '^[[:space:]]*-[[:space:]]*/split/[A-Za-z0-9_]+@_global_:[[:space:]]*\$\{async\}' "$RECIPES_DIR/size/$SIZE.yaml"
+}
+
 hmpo_launch() {
     local dry_run=${DRY_RUN:-0} arg overrides=() cmd=()
     for arg in "$@"; do
@@ -123,6 +141,9 @@ hmpo_launch() {
             -h | --help)
                 sed -n '2,/^set -euo pipefail/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
                 exit 0
+                ;;
+            async=* | +async=* | ++async=*)
+                hmpo_die "$arg: set ASYNC=${arg#*=} instead (run.sh launches verl's entry point for the trainer it selects)"
                 ;;
             *) overrides+=("$arg") ;;
         esac
@@ -138,6 +159,19 @@ hmpo_launch() {
     if [[ -n "${CORRECTION:-}" ]]; then
         [[ -f "$RECIPES_DIR/correction/$CORRECTION.yaml" ]] ||
             hmpo_die "CORRECTION=$CORRECTION: no recipes/correction/$CORRECTION.yaml; choose one of: $(hmpo_choices correction)"
+    fi
+    if [[ -n "${ASYNC:-}" ]]; then
+        [[ -f "$RECIPES_DIR/async/$ASYNC.yaml" ]] ||
+            hmpo_die "ASYNC=$ASYNC: no recipes/async/$ASYNC.yaml; choose one of: $(hmpo_choices async)"
+        if [[ "$ASYNC" != none ]] && ! hmpo_size_splits; then
+            local splitting=() f
+            for f in "$RECIPES_DIR"/size/*.yaml; do
+                SIZE=$(basename -- "$f" .yaml) hmpo_size_splits && splitting+=("$(basename -- "$f" .yaml)")
+            done
+            hmpo_die "ASYNC=$ASYNC: SIZE=$SIZE has no split of its node for a separate rollout pool (recipes/split/); ASYNC runs with SIZE=$(IFS=,; echo "${splitting[*]}")"
+        fi
+        [[ "$ASYNC" == none || -z "$NGPUS_PER_NODE" ]] ||
+            hmpo_die "NGPUS_PER_NODE=$NGPUS_PER_NODE with ASYNC=$ASYNC: recipes/split/ gives the trainer and the rollout pool their share of each node; override trainer.n_gpus_per_node= and the pool's n_gpus_per_node= (one_step_off: rollout.*, separate_async: actor_rollout_ref.rollout.*) instead"
     fi
     [[ -z "$NNODES" || "$NNODES" =~ ^[1-9][0-9]*$ ]] || hmpo_die "NNODES=$NNODES: a positive integer, please"
     [[ -z "$NGPUS_PER_NODE" || "$NGPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] ||
@@ -164,7 +198,7 @@ hmpo_launch() {
             ;;
     esac
     cmd+=(
-        "$PYTHON" -m verl.trainer.main_ppo
+        "$PYTHON" -m "$(hmpo_entry_point)"
         "--config-path=$RECIPES_DIR"
         "--config-name=$TASK"
         "mean=$MEAN"
@@ -172,6 +206,9 @@ hmpo_launch() {
     )
     if [[ -n "${CORRECTION:-}" ]]; then
         cmd+=("correction=$CORRECTION")
+    fi
+    if [[ -n "${ASYNC:-}" ]]; then
+        cmd+=("async=$ASYNC")
     fi
     if [[ -n "$NNODES" ]]; then
         cmd+=("trainer.nnodes=$NNODES")
