@@ -64,7 +64,8 @@ hmpo_shell_word() {
     fi
 }
 
-# The software check of a GPU node (recipes/lib/preflight.py): the pins of recipes/requirements-gpu*.txt,
+# The check of every node (recipes/lib/preflight.py; through Ray on each node when joining a cluster): the pins of
+# recipes/requirements-gpu*.txt and their lock files, the run's files, model and checkpoint disk,
 # CUDA and NGPUS_PER_NODE visible GPUs, and hmpo-verl's verl.plugins entry point. Exits 3 naming what
 # is missing. Skipped for `ray job submit` (the job runs on the cluster's software, not this shell's).
 # Is the size file a CPU size (trainer.device: cpu)? Such a run needs VERL_PLATFORM=cpu (verl_cpu).

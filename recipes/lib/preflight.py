@@ -387,7 +387,8 @@ def check_run(run: dict, engine: str) -> list[str]:
 def problems(engine: str, gpus: int, cpu: bool = False, run: dict | None = None, imports: list[str] | None = None,
              min_gib: float = MIN_GPU_GIB) -> list[str]:
     """Every problem of this node: software, GPUs (not with ``cpu``), the lock (idem), the run's files and disk."""
-    modules = list(imports or []) + ([] if cpu else EXTENSIONS[engine])
+    # an extension not found at all is already named by its pin
+    modules = list(imports or []) + ([] if cpu else [m for m in EXTENSIONS[engine] if _importable(m)])
     if cpu:
         found = check_packages(requirements(engine, cpu=True)) + check_plugins(("hmpo_verl", "verl_cpu"))
     else:
@@ -485,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preflight: ok ({where}){f' on {len(report)} nodes: ' + '; '.join(report) if args.ray_address else ''}")
         return 0
     count = sum(len(found) for found in bad.values())
-    print(f"preflight: {count} problem(s) on {len(bad)} of {len(report)} node(s) ({where}):", file=sys.stderr)
+    nodes = f"{len(bad)} of {len(report)} node(s)" if args.ray_address else "this node"
+    print(f"preflight: {count} problem(s) on {nodes} ({where}):", file=sys.stderr)
     for node, found in bad.items():
         if args.ray_address:
             print(f"  {node}:", file=sys.stderr)
