@@ -154,7 +154,7 @@ def actor_nodes(address: str) -> dict[str, list[str]]:
 
 
 @contextlib.contextmanager
-def two_nodes(env: dict, logs: Path, timeout: float = 300, worker_env: dict | None = None, restarts: int = 1):
+def two_nodes(env: dict, logs: Path, timeout: float = 300, worker_env: dict | None = None, restarts: int = 3):
     """Start a head and a worker (one logical GPU slot each); yield (GCS address, node ids); stop both.
 
     ``worker_env`` overrides the worker node's environment (what its Ray workers inherit). A node whose

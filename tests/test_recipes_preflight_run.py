@@ -258,3 +258,30 @@ def test_pip_holds_an_install_to_the_lock(tmp_path, offered, installs):
                           "-c", str(resolve_gpu.lock_path("requirements-gpu-megatron-nodeps.txt")), "megatron-bridge"],
                          capture_output=True, text=True, timeout=120)
     assert (run.returncode == 0) == installs, run.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# what run.sh hands the preflight
+
+
+def _run_args_of(env: dict, *overrides: str) -> list[str]:
+    script = (f'set -euo pipefail; RECIPES_DIR={RECIPES}; source "$RECIPES_DIR/lib/launch.sh"; '
+              'HMPO_OVERRIDES=("$@"); hmpo_preflight_run_args')
+    base = {"PATH": "/usr/bin:/bin", "HOME": "/home/u", "TASK": "gsm8k", "SIZE": "qwen2_5_math_7b", "CKPT_DIR": "/ck",
+            "TRAIN_FILES": "/d/train.parquet", "VAL_FILES": "/d/test.parquet", "MODEL_PATH": ""}
+    out = subprocess.run(["bash", "-c", script, "bash", *overrides], env={**base, **env}, capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    return out.splitlines()
+
+
+def test_run_sh_hands_the_preflight_the_runs_settings():
+    assert _run_args_of({}) == ["--ckpt-dir", "/ck", "--files", "/d/train.parquet,/d/test.parquet", "--model",
+                                "Qwen/Qwen2.5-Math-7B", "--keep", "2", "--save-freq", "50", "--total-steps", "500"]
+    # the last override wins; the CPU size's model path and step count; a cluster to check node by node
+    args = _run_args_of({"SIZE": "cpu", "RAY_ADDRESS": "127.0.0.2:6379"}, "trainer.max_actor_ckpt_to_keep=1",
+                        "+trainer.save_freq=5", "trainer.max_actor_ckpt_to_keep=null")
+    assert args == ["--ckpt-dir", "/ck", "--files", "/d/train.parquet,/d/test.parquet", "--model",
+                    "/home/u/data/hmpo_cpu_model", "--keep", "null", "--save-freq", "5", "--total-steps", "2",
+                    "--ray-address", "127.0.0.2:6379"]
+    assert _run_args_of({"MODEL_PATH": "/m"}, "actor_rollout_ref.model.path='/other'")[5] == "/m"
+    assert _run_args_of({}, "actor_rollout_ref.model.path='/other'")[5] == "/other"

@@ -76,7 +76,7 @@ hmpo_cpu_size() {
 # The value a run gets for key <dotted.key> (leaf <leaf>): its last Hydra override, else the size file's, else
 # the task file's (the defaults' order: task, size; the mean and correction files set no trainer.* or model key).
 hmpo_setting() {
-    local key=$1 leaf=${1##*.} arg value= file
+    local key=$1 leaf=${1##*.} arg value='' file
     for arg in ${HMPO_OVERRIDES[@]+"${HMPO_OVERRIDES[@]}"}; do
         arg=${arg#"${arg%%[!+~]*}"}
         [[ "$arg" == "$key="* ]] && value=${arg#*=}
