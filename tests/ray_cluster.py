@@ -114,12 +114,14 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _ray_query(address: str, expression: str) -> object:
     probe = (f"import ray, json, ray._private.state as state; ray.init(address={address!r}, logging_level='ERROR'); "
-             f"print(json.dumps({expression}))")
+             f"print('RAYQ', json.dumps({expression}))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180,
                          env={**os.environ, **AUTH})
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # the answer's own line: a raylet that crashes beside the probe may print its stack to the same stdout
+    answers = [line[len("RAYQ "):] for line in out.stdout.splitlines() if line.startswith("RAYQ ")]
+    if out.returncode != 0 or not answers:
+        raise RuntimeError(out.stderr[-2000:] + out.stdout[-2000:])
+    return json.loads(answers[-1])
 
 
 def _listening(port: int) -> bool:
