@@ -78,9 +78,9 @@ PLUGINS = {"hmpo_verl": "hmpo-verl (`pip install -e .` from the repository root)
            "verl_cpu": "the CPU backend (`pip install -e patches/verl_cpu`)"}
 # Bytes per parameter of one save of verl's checkpoint (the model and optimizer shards its checkpoint manager
 # writes; config, tokenizer and data-loader state add a few MB). FSDP: fp32 weights (4) + AdamW's two fp32
-# moments (8) = 12, measured on the CPU size's real checkpoints (tests/test_recipes_cpu_size.py,
-# `--measure`: 12.002 B of tensors a parameter, the 0.002 AdamW's step counters). Megatron with the distributed optimizer: bf16 weights (2) + fp32 main weights and two
-# moments (12) = 14, computed (not run here).
+# moments (8) = 12, measured on the CPU size's real checkpoints (tests/test_recipes_cpu_size.py, `--measure`:
+# 12.002 B of tensors a parameter, the 0.002 AdamW's step counters). Megatron with the distributed optimizer:
+# bf16 weights (2) + fp32 main weights and two moments (12) = 14, computed (not run here).
 BYTES_PER_PARAM = {"fsdp": 12, "megatron": 14}
 # Modules that load a compiled GPU extension when imported, per engine (really imported, in a subprocess).
 EXTENSIONS = {"fsdp": ["flash_attn"], "megatron": ["flash_attn", "transformer_engine.pytorch"]}
