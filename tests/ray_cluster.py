@@ -114,12 +114,14 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _ray_query(address: str, expression: str) -> object:
     probe = (f"import ray, json, ray._private.state as state; ray.init(address={address!r}, logging_level='ERROR'); "
-             f"print(json.dumps({expression}))")
+             f"print('RAYQ', json.dumps({expression}))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180,
                          env={**os.environ, **AUTH})
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # the answer's own line: a raylet that crashes beside the probe may print its stack to the same stdout
+    answers = [line[len("RAYQ "):] for line in out.stdout.splitlines() if line.startswith("RAYQ ")]
+    if out.returncode != 0 or not answers:
+        raise RuntimeError(out.stderr[-2000:] + out.stdout[-2000:])
+    return json.loads(answers[-1])
 
 
 def _listening(port: int) -> bool:
@@ -137,6 +139,13 @@ def alive_nodes(address: str) -> list[str]:
         return []
 
 
+def head_node(address: str) -> str:
+    """The id of the cluster's head node (the one holding Ray's ``node:__internal_head__`` resource)."""
+    (head,) = _ray_query(address, "[n['NodeID'] for n in ray.nodes() if n['Alive'] and "
+                                  "'node:__internal_head__' in n['Resources']]")
+    return head
+
+
 def actor_nodes(address: str) -> dict[str, list[str]]:
     """{actor class name: [the node id of each of its actors]} from the cluster's actor table."""
     table: dict[str, list[str]] = {}
@@ -147,9 +156,13 @@ def actor_nodes(address: str) -> dict[str, list[str]]:
 
 
 @contextlib.contextmanager
-def two_nodes(env: dict, logs: Path, timeout: float = 300):
+def two_nodes(env: dict, logs: Path, timeout: float = 300, worker_env: dict | None = None, restarts: int = 3):
     """Start a head and a worker (one logical GPU slot each); yield (GCS address, node ids); stop both.
 
+    ``worker_env`` overrides the worker node's environment (what its Ray workers inherit). A node whose
+    `ray start` exits while the cluster comes up is started again, up to ``restarts`` times each: Ray waits a
+    fixed 30 s for its raylet to register (ray/_private/node.py, raylet_start_wait_time_s), which a loaded
+    machine can miss.
     A driver joining it needs :data:`AUTH` in its environment."""
     gcs, *named = free_ports(1 + len(HEAD_NAMED) + len(NAMED))
     head_ports, worker_ports = named[:len(HEAD_NAMED)], named[len(HEAD_NAMED):]
@@ -159,24 +172,30 @@ def two_nodes(env: dict, logs: Path, timeout: float = 300):
     base = {**env, **AUTH, "RAY": ray_cli(logs), "NGPUS_PER_NODE": "1", "NUM_CPUS": "8", "NODE_IP": LOOPBACK}
     # short temp dirs: Ray's socket paths must stay under 107 characters
     temps = [tempfile.mkdtemp(prefix="rayh"), tempfile.mkdtemp(prefix="rayw")]
-    processes = {"head": _start("head", {**base, "RAY_PORT": str(gcs), "RAY_TEMP_DIR": temps[0],
-                                         "RAY_START_ARGS": node_args(head_ports, head_low, head=True)},
-                                [], logs)}
+    starts = {"head": ({**base, "RAY_PORT": str(gcs), "RAY_TEMP_DIR": temps[0],
+                         "RAY_START_ARGS": node_args(head_ports, head_low, head=True)}, []),
+              "worker": ({**base, **(worker_env or {}), "RAY_TEMP_DIR": temps[1],
+                          "RAY_START_ARGS": node_args(worker_ports, worker_low, head=False)}, [address])}
+    processes = {"head": _start("head", *starts["head"], logs)}
+    left = {"head": restarts, "worker": restarts}
     try:
         deadline = time.time() + timeout
         while True:
-            for role, process in processes.items():
+            for role, process in list(processes.items()):
                 if process.poll() is not None:  # `ray start --block` returns only when its node failed
                     log = _log(logs, role).read_text()[-3000:]
-                    raise AssertionError(f"the {role} node exited ({process.returncode}):\n{log}")
+                    if not left[role]:
+                        raise AssertionError(f"the {role} node exited ({process.returncode}):\n{log}")
+                    left[role] -= 1
+                    print(f"the {role} node exited ({process.returncode}); starting it again:\n{log[-600:]}")
+                    _stop(process)
+                    starts[role][0]["RAY_TEMP_DIR"] = tempfile.mkdtemp(prefix=f"ray{role[0]}")  # a fresh session
+                    processes[role] = _start(role, *starts[role], logs)
             nodes = alive_nodes(address) if _listening(gcs) else []
             if len(nodes) == 2:
                 break
             if nodes and "worker" not in processes:
-                processes["worker"] = _start("worker", {**base, "RAY_TEMP_DIR": temps[1],
-                                                        "RAY_START_ARGS": node_args(worker_ports, worker_low,
-                                                                                    head=False)},
-                                             [address], logs)
+                processes["worker"] = _start("worker", *starts["worker"], logs)
             if time.time() > deadline:
                 raise AssertionError(f"the 2-node cluster did not come up: {nodes}; see {logs}/ray_*.log")
             time.sleep(3)

@@ -279,11 +279,28 @@ def test_verls_model_merger_exports_the_checkpoint_as_a_hugging_face_model(run, 
         torch.testing.assert_close(merged[name].float(), tensor, rtol=2 ** -7, atol=1e-6)
 
 
+def test_a_save_holds_12_bytes_per_parameter(run):
+    """The FSDP figure of the preflight's disk check (preflight.BYTES_PER_PARAM), measured on this run's real
+    checkpoint: fp32 weights + AdamW's two fp32 moments over 2 ranks' DTensor shards, per model parameter."""
+    task, _, code, _, _, out, _ = run
+    if task != "math":
+        pytest.skip("once is enough (the single-node run's 2 ranks)")
+    assert code == 0
+    result = subprocess.run([sys.executable, str(RECIPES / "lib" / "preflight.py"), "--measure",
+                             str(out / "ckpt" / "global_step_2")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"preflight.py --measure global_step_2: {measured}")
+    assert 12.0 <= measured["bytes_per_param"] < 12.01  # + AdamW's step counter, one 4-byte scalar per tensor
+    assert measured["file_overhead_per_tensor"] < 2000  # ~1e-6 of a save of a 1.5B model's ~1000 tensors
+
+
 def test_the_two_node_run_placed_one_actor_rank_on_each_node(run):
-    task, _, code, _, _, _, placement = run
+    task, _, code, log, _, _, placement = run
     if task != TWO_NODE_TASK:
         pytest.skip("the single-node launch")
     assert code == 0
+    assert "preflight: ok (cpu) on 2 nodes: " in log  # run.sh joining a cluster checks every node through Ray
     nodes, table = placement
     assert len(set(nodes)) == 2
     workers = {name: on for name, on in table.items() if name.endswith("WorkerDict")}

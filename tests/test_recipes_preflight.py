@@ -69,11 +69,13 @@ def test_cpu_mode_on_a_bare_python_names_the_plugins_and_pins():
     assert "vllm" not in result.stderr and "CUDA" not in result.stderr
 
 
-def _fake_torch(cuda: str | None, available: bool, count: int = 0) -> types.ModuleType:
+def _fake_torch(cuda: str | None, available: bool, count: int = 0, gib: float = 79.1) -> types.ModuleType:
     torch = types.ModuleType("torch")
     torch.__version__ = "2.11.0" + (f"+cu{cuda.replace('.', '')}" if cuda else "+cpu")
     torch.version = types.SimpleNamespace(cuda=cuda)
-    torch.cuda = types.SimpleNamespace(is_available=lambda: available, device_count=lambda: count)
+    props = types.SimpleNamespace(name="NVIDIA Fake", total_memory=int(gib * 2**30))
+    torch.cuda = types.SimpleNamespace(is_available=lambda: available, device_count=lambda: count,
+                                       get_device_properties=lambda i: props)
     return torch
 
 
@@ -92,8 +94,14 @@ def test_cuda_messages_tell_a_cpu_build_from_a_driver_problem(monkeypatch, cuda,
 
 
 def test_cuda_ok(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", _fake_torch("13.0", True, 8))
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch("13.0", True, 8))  # an 80 GB H100: 79.1 GiB to torch
     assert preflight.check_cuda(8) == []
+
+
+def test_a_gpu_below_the_80_gb_class_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch("13.0", True, 2, gib=39.4))  # an A100 40 GB
+    problems = preflight.check_cuda(2)
+    assert len(problems) == 2 and "GPU 1 (NVIDIA Fake) has 39.4 GiB" in problems[1] and "at least 75" in problems[1]
 
 
 def test_the_cpu_backends_resource_check_leaves_a_joined_cluster_to_its_nodes(monkeypatch):

@@ -31,8 +31,9 @@
 #                     latest global_step_* there -- hmpo_verl stops a resume whose settings differ from the
 #                     checkpoint's (README, "Crash and resume"); trainer.resume_mode=disable starts afresh
 #   LOGGER            comma-separated verl trackers (console): console,wandb  console,tensorboard ...
-#   PREFLIGHT         1: check the GPU software (recipes/lib/preflight.py against
-#                     recipes/requirements-gpu*.txt) before launching; 0: skip (1)
+#   PREFLIGHT         1: check the software (recipes/lib/preflight.py against recipes/requirements-gpu*.txt
+#                     and their lock files), the data, the model and CKPT_DIR's free disk before launching,
+#                     on every node of the cluster when RAY_ADDRESS=<host>:<port>; 0: skip (1)
 #   RAY_ADDRESS       http://<head>:8265 to submit to a running Ray cluster (ray job submit);
 #                     unset: run here (on a cluster's head node, verl's ray.init joins that cluster)
 set -euo pipefail

@@ -67,7 +67,8 @@ hmpo_shell_word() {
     fi
 }
 
-# The software check of a GPU node (recipes/lib/preflight.py): the pins of recipes/requirements-gpu*.txt,
+# The check of every node (recipes/lib/preflight.py; through Ray on each node when joining a cluster): the pins of
+# recipes/requirements-gpu*.txt and their lock files, the run's files, model and checkpoint disk,
 # CUDA and NGPUS_PER_NODE visible GPUs, and hmpo-verl's verl.plugins entry point. Exits 3 naming what
 # is missing. Skipped for `ray job submit` (the job runs on the cluster's software, not this shell's).
 # Is the size file a CPU size (trainer.device: cpu)? Such a run needs VERL_PLATFORM=cpu (verl_cpu).
@@ -75,9 +76,37 @@ hmpo_cpu_size() {
     grep -Eq '^[[:space:]]+device:[[:space:]]*cpu[[:space:]]*(#.*)?$' "$RECIPES_DIR/size/$SIZE.yaml"
 }
 
+# The value a run gets for key <dotted.key> (leaf <leaf>): its last Hydra override, else the size file's, else
+# the task file's (the defaults' order: task, size; the mean and correction files set no trainer.* or model key).
+hmpo_setting() {
+    local key=$1 leaf=${1##*.} arg value='' file
+    for arg in ${HMPO_OVERRIDES[@]+"${HMPO_OVERRIDES[@]}"}; do
+        arg=${arg#"${arg%%[!+~]*}"}
+        [[ "$arg" == "$key="* ]] && value=${arg#*=}
+    done
+    for file in "$RECIPES_DIR/size/$SIZE.yaml" "$RECIPES_DIR/$TASK.yaml"; do
+        [[ -n "$value" ]] || value=$(sed -n -E "s/^[[:space:]]+$leaf:[[:space:]]*([^[:space:]#]+).*/\1/p" "$file" | head -n 1)
+    done
+    value=${value//\$\{oc.env:HOME\}/$HOME}
+    value=${value#\'}
+    echo "${value%\'}"
+}
+
+# The run's settings the preflight checks: its files, model, checkpoint directory and schedule (disk).
+hmpo_preflight_run_args() {
+    printf '%s\n' --ckpt-dir "$CKPT_DIR" --files "$TRAIN_FILES,$VAL_FILES" \
+        --model "${MODEL_PATH:-$(hmpo_setting actor_rollout_ref.model.path)}" \
+        --keep "$(hmpo_setting trainer.max_actor_ckpt_to_keep)" --save-freq "$(hmpo_setting trainer.save_freq)" \
+        --total-steps "$(hmpo_setting trainer.total_training_steps)"
+    # joining a running cluster: the same checks on every node of it, through Ray
+    [[ -z "${RAY_ADDRESS:-}" ]] || printf '%s\n' --ray-address "$RAY_ADDRESS"
+}
+
 hmpo_preflight() {
+    local run=()
+    mapfile -t run < <(hmpo_preflight_run_args)
     if hmpo_cpu_size; then
-        "$PYTHON" "$RECIPES_DIR/lib/preflight.py" --cpu ||
+        "$PYTHON" "$RECIPES_DIR/lib/preflight.py" --cpu "${run[@]}" ||
             { echo "$(basename -- "$0"): preflight failed; nothing launched (PREFLIGHT=0 skips the check)" >&2; exit 3; }
         return 0
     fi
@@ -89,7 +118,7 @@ hmpo_preflight() {
     if [[ -z "$gpus" ]]; then  # the size file's trainer.n_gpus_per_node
         gpus=$(sed -n -E 's/^[[:space:]]+n_gpus_per_node:[[:space:]]*([0-9]+).*/\1/p' "$RECIPES_DIR/size/$SIZE.yaml")
     fi
-    "$PYTHON" "$RECIPES_DIR/lib/preflight.py" --engine "$engine" --gpus "${gpus:-8}" ||
+    "$PYTHON" "$RECIPES_DIR/lib/preflight.py" --engine "$engine" --gpus "${gpus:-8}" "${run[@]}" ||
         { echo "$(basename -- "$0"): preflight failed; nothing launched (PREFLIGHT=0 skips the check)" >&2; exit 3; }
 }
 
@@ -242,6 +271,7 @@ hmpo_launch() {
         return 0
     fi
     if [[ "${PREFLIGHT:-0}" == 1 && -z "${ray_submit:-}" ]]; then
+        HMPO_OVERRIDES=(${overrides[@]+"${overrides[@]}"})
         hmpo_preflight
     fi
     if hmpo_cpu_size; then

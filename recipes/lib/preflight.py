@@ -14,8 +14,25 @@ Checks, reporting every problem at once (exit 3) or printing one `preflight: ok`
 --cpu (the CPU size, recipes/size/cpu.yaml) checks the pins that are not GPU builds (lines of
 requirements-gpu.txt without a `# gpu-only` comment), hmpo-verl's entry point, and the CPU
 backend's (patches/verl_cpu); no CUDA.
-Nothing here imports verl, vLLM or Megatron (a missing or broken one is exactly what it reports);
-only torch is imported, for CUDA. Standard library otherwise, so it runs on a bare Python.
+With the run's settings (run.sh passes them: --ckpt-dir, --model, --files, --keep, --save-freq,
+--total-steps) it also checks
+- the disk: one save of verl's checkpoint is BYTES_PER_PARAM[engine] x the model's parameter count (read from
+  its config.json, counted on torch's meta device: no weights are loaded or downloaded); verl keeps up to
+  max(keep, 2) saves at once (see saves_at_peak); the checkpoint filesystem must have room for them;
+- the data files and the model path are there;
+- the GPU extensions really import (a subprocess imports flash_attn, and Transformer Engine's PyTorch
+  extension with --engine megatron: `find_spec` finds a flash-attn built for another torch, which then fails
+  at load with an undefined symbol);
+- the installed versions equal the lock files (requirements-gpu*.lock.txt, written by resolve_gpu.py --lock).
+With --ray-address <host:port> the same checks run on every node of that Ray cluster (one task pinned to each
+node), the nodes' Ray / verl / hmpo-verl / torch / Python versions are compared with this process's, and one
+report names each node and its problems.
+
+    python3 recipes/lib/preflight.py --measure <CKPT_DIR>/global_step_<n>   # bytes/parameter of a checkpoint
+
+Nothing here imports verl, vLLM or Megatron in this process (a missing or broken one is exactly what it
+reports); torch is imported for CUDA, transformers to count parameters, ray for --ray-address. Standard library
+otherwise, so the package checks run on a bare Python.
 """
 
 from __future__ import annotations
@@ -23,7 +40,14 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as metadata
 import importlib.util
+import json
+import math
+import os
+import platform
 import re
+import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,6 +76,18 @@ GPU_ONLY = "# gpu-only"
 # entry point name -> the distribution a user installs, for the message
 PLUGINS = {"hmpo_verl": "hmpo-verl (`pip install -e .` from the repository root)",
            "verl_cpu": "the CPU backend (`pip install -e patches/verl_cpu`)"}
+# Bytes per parameter of one save of verl's checkpoint (the model and optimizer shards its checkpoint manager
+# writes; config, tokenizer and data-loader state add a few MB). FSDP: fp32 weights (4) + AdamW's two fp32
+# moments (8) = 12, measured on the CPU size's real checkpoints (tests/test_recipes_cpu_size.py, `--measure`:
+# 12.002 B of tensors a parameter, the 0.002 AdamW's step counters). Megatron with the distributed optimizer:
+# bf16 weights (2) + fp32 main weights and two moments (12) = 14, computed (not run here).
+BYTES_PER_PARAM = {"fsdp": 12, "megatron": 14}
+# Modules that load a compiled GPU extension when imported, per engine (really imported, in a subprocess).
+EXTENSIONS = {"fsdp": ["flash_attn"], "megatron": ["flash_attn", "transformer_engine.pytorch"]}
+# "80 GB class" of the size files: torch reports an 80 GB H100 as 79.1 GiB; a 40 / 48 GB card is far below.
+MIN_GPU_GIB = 75
+# Versions every node must share with the driver (Ray refuses a node of another Ray version only when it joins).
+SHARED_VERSIONS = ("ray", "verl", "hmpo-verl", "torch")
 _LINE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*(==\s*(?P<version>[^\s;#]+))?"
                    r"(\s*@\s*(?P<url>\S+))?")
 _WHEEL_VERSION = re.compile(r"/[^/-]+-(?P<version>[^-/]+)-[^/]+\.whl$")
@@ -110,7 +146,7 @@ def check_packages(pins: dict[str, str | None]) -> list[str]:
     return problems
 
 
-def check_cuda(gpus: int) -> list[str]:
+def check_cuda(gpus: int, min_gib: float = MIN_GPU_GIB) -> list[str]:
     try:
         import torch
     except ImportError:
@@ -127,7 +163,10 @@ def check_cuda(gpus: int) -> list[str]:
     count = torch.cuda.device_count()
     if count < gpus:
         return [f"torch sees {count} CUDA device(s); NGPUS_PER_NODE={gpus}"]
-    return []
+    small = {i: torch.cuda.get_device_properties(i) for i in range(count)}
+    small = {i: p for i, p in small.items() if p.total_memory / 2**30 < min_gib}
+    return [f"GPU {i} ({p.name}) has {p.total_memory / 2**30:.1f} GiB; the size files are for 80 GB GPUs "
+            f"(at least {min_gib} GiB): use a smaller size or more offload" for i, p in small.items()]
 
 
 def check_plugins(names: tuple[str, ...] = ("hmpo_verl",)) -> list[str]:
@@ -151,10 +190,262 @@ def check_plugins(names: tuple[str, ...] = ("hmpo_verl",)) -> list[str]:
     return problems
 
 
-def problems(engine: str, gpus: int, cpu: bool = False) -> list[str]:
+def check_imports(modules: list[str], python: str = sys.executable, timeout: float = 300) -> list[str]:
+    """Each module really imports, in a fresh interpreter (a broken extension may crash it, not us).
+
+    `find_spec` only finds a module; a flash-attn or Transformer Engine built for another torch / CUDA is found
+    and then fails at load (``undefined symbol``, ``libcudart.so.X: cannot open``)."""
+    if not modules:
+        return []
+    probe = ("import importlib, json, sys\nout = {}\nfor m in sys.argv[1:]:\n    try:\n        importlib.import_module(m)\n"
+             "        out[m] = None\n    except BaseException as e:\n        out[m] = f'{type(e).__name__}: {e}'\n"
+             "print(json.dumps(out))")
+    try:
+        run = subprocess.run([python, "-c", probe, *modules], capture_output=True, text=True, timeout=timeout)
+        errors = json.loads(run.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, IndexError, ValueError):
+        return [f"importing {', '.join(modules)} did not finish in {timeout:.0f} s or crashed the interpreter"]
+    return [f"{m} is installed but fails to import: {str(err).splitlines()[0][:300]}" if _importable(m)
+            else f"{m} cannot be imported: {str(err).splitlines()[0][:300]}" for m, err in errors.items() if err]
+
+
+def lock_pins(engine: str) -> tuple[dict[str, str], list[str]]:
+    """({distribution: version} of the engine's lock files, the lock files missing) -- resolve_gpu.py --lock."""
+    pins, missing = {}, []
+    for name in REQUIREMENTS[engine]:
+        lock = RECIPES / name.replace(".txt", ".lock.txt")
+        if not lock.is_file():
+            missing.append(lock.name)
+            continue
+        for line in lock.read_text().splitlines():
+            match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s#]+)", line)
+            if match:
+                pins[match[1]] = match[2]
+    return pins, missing
+
+
+def check_lock(engine: str, skip: set[str] = frozenset()) -> list[str]:
+    """Every package of the lock files installed at the locked version (those in ``skip`` are checked as pins)."""
+    pins, missing = lock_pins(engine)
+    problems = [f"no lock file recipes/{name}: run `python3 recipes/lib/resolve_gpu.py --lock`" for name in missing]
+    wrong = []
+    for dist, locked in pins.items():
+        if _normal(dist) in skip:
+            continue
+        version = _installed_version(dist)
+        if version is None or version.split("+")[0] != locked:
+            wrong.append(f"{dist} {version or 'missing'} (lock: {locked})")
+    if wrong:
+        problems.append(f"{len(wrong)} package(s) differ from the lock files (install with `-c recipes/<file>.lock.txt`): "
+                        + ", ".join(wrong[:20]) + (" ..." if len(wrong) > 20 else ""))
+    return problems
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# ----------------------------------------------------------------------------- the checkpoint and its disk
+
+
+def model_config(model: str) -> dict:
+    """The model's config.json: from a local directory, else the hub's file alone (huggingface_hub, its cache)."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return json.loads((local / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+
+
+def parameter_count(config: dict) -> int:
+    """Parameters of the model a config.json describes: transformers builds it on torch's meta device (no memory,
+    no weights) and its parameters are counted once each (tied embeddings once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **fields))
+    return sum(p.numel() for p in model.parameters())
+
+
+def saves_at_peak(keep: int | None, total_steps: int | None, save_freq: int) -> int:
+    """How many saves of a run verl holds on disk at once.
+
+    verl 0.9.1 (utils/checkpoint/checkpoint_manager.py): before a save, ensure_checkpoint_capacity prunes to
+    keep - 1 when keep >= 2; after it, register_checkpoint prunes to keep. So keep >= 2 holds keep saves, keep = 1
+    holds 2 while the new one is written, and keep null / 0 keeps every save: one per save_freq steps and the
+    last step's. Saves made before a restart are not in verl's list and are never pruned (they already take
+    their space). ``total_steps`` None: unknown (bounded by ``keep`` only)."""
+    if save_freq <= 0:
+        return 0
+    made = math.ceil(total_steps / save_freq) if total_steps else math.inf
+    held = made if not keep or keep <= 0 else min(made, max(keep, 2))
+    if held == math.inf:
+        raise ValueError("trainer.max_actor_ckpt_to_keep is null and the step count unknown: every save is kept")
+    return int(held)
+
+
+def check_disk(ckpt_dir: str, save_bytes: int, saves: int, engine: str, params: int) -> list[str]:
+    """Room on CKPT_DIR's filesystem for ``saves`` saves of ``save_bytes`` each (the nearest existing parent's)."""
+    if saves == 0:
+        return []
+    where = Path(ckpt_dir)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    needed = saves * save_bytes
+    if free >= needed:
+        return []
+    return [f"CKPT_DIR={ckpt_dir}: {saves} saves x {save_bytes / 1e9:.1f} GB ({params / 1e9:.2f}e9 params x "
+            f"{BYTES_PER_PARAM[engine]} B, {engine}) = {needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free on the "
+            f"filesystem of {where}. Go on with CKPT_DIR=<a larger filesystem every node sees>, fewer saves held "
+            "(trainer.max_actor_ckpt_to_keep=1 holds 2 while writing), or trainer.save_freq=<more steps> / -1 (none)"]
+
+
+def measure(step_dir: Path) -> dict:
+    """What one verl FSDP save ``<CKPT_DIR>/global_step_<n>`` holds per parameter of its model.
+
+    The actor's model and optimizer shards are loaded (torch.load, CPU) and their tensors' bytes summed (a
+    DTensor's local shard): ``bytes_per_param`` = those bytes / the parameter count of the model in its
+    huggingface/config.json. ``file_overhead_per_tensor``: the shard files' bytes beyond their tensors (pickle
+    and DTensor metadata), per tensor; the rest of the save (config, tokenizer, data-loader state) is
+    ``other_bytes``."""
+    import torch
+
+    actor = step_dir / "actor"
+    shards = [f for f in actor.glob("*.pt") if f.name.startswith(("model_world_size_", "optim_world_size_"))]
+    if not shards:
+        raise SystemExit(f"{actor}: no model_world_size_* / optim_world_size_* shards (an FSDP checkpoint?)")
+    tensors = []
+    for shard in shards:
+        _tensors(torch.load(shard, map_location="cpu", weights_only=False), tensors)
+    params = parameter_count(json.loads((actor / "huggingface" / "config.json").read_text()))
+    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    shard_bytes = sum(f.stat().st_size for f in shards)
+    total = sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())
+    return {"params": params, "tensors": len(tensors), "tensor_bytes": tensor_bytes, "shard_bytes": shard_bytes,
+            "other_bytes": total - shard_bytes, "bytes_per_param": tensor_bytes / params,
+            "file_overhead_per_tensor": (shard_bytes - tensor_bytes) / len(tensors)}
+
+
+def _tensors(obj, out: list) -> None:
+    """Every tensor in a nested state dict, a DTensor as its local shard."""
+    if hasattr(obj, "to_local"):
+        out.append(obj.to_local())
+    elif hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _tensors(value, out)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _tensors(value, out)
+
+
+def safetensors_count(folder: Path) -> int | None:
+    """Parameters stored in a local model's ``*.safetensors`` files, from their JSON headers (no tensor is read);
+    None without such files. A tied lm_head is stored once, as ``parameters()`` counts it."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    count = 0
+    for file in files:
+        with file.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        count += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return count
+
+
+def model_parameters(model: str) -> int:
+    """The parameter count of MODEL_PATH: a local copy's safetensors headers, else its config.json (local or the
+    hub's file alone) built on the meta device."""
+    local = Path(model).expanduser()
+    counted = safetensors_count(local) if local.is_dir() else None
+    return counted if counted is not None else parameter_count(model_config(model))
+
+
+def check_run(run: dict, engine: str) -> list[str]:
+    """The run's files and disk: ``run`` holds ckpt_dir, model, files, keep, save_freq, total_steps (any None)."""
+    problems = [f"data file {f} is not there" for f in run.get("files") or [] if not Path(f).is_file()]
+    model = run.get("model")
+    if not model or not run.get("ckpt_dir"):
+        return problems
+    try:
+        params = model_parameters(model)
+    except Exception as error:  # noqa: BLE001 -- any failure to read the model is the message
+        return problems + [f"model {model}: cannot read its config.json ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0][:200]}); MODEL_PATH=<a local copy> on every node"]
+    try:
+        saves = saves_at_peak(run.get("keep"), run.get("total_steps"), run.get("save_freq") or 0)
+    except ValueError as error:
+        return problems + [f"{error}: set trainer.max_actor_ckpt_to_keep or trainer.total_training_steps"]
+    return problems + check_disk(run["ckpt_dir"], params * BYTES_PER_PARAM[engine], saves, engine, params)
+
+
+def problems(engine: str, gpus: int, cpu: bool = False, run: dict | None = None, imports: list[str] | None = None,
+             min_gib: float = MIN_GPU_GIB) -> list[str]:
+    """Every problem of this node: software, GPUs (not with ``cpu``), the lock (idem), the run's files and disk."""
+    # an extension not found at all is already named by its pin
+    modules = list(imports or []) + ([] if cpu else [m for m in EXTENSIONS[engine] if _importable(m)])
     if cpu:
-        return check_packages(requirements(engine, cpu=True)) + check_plugins(("hmpo_verl", "verl_cpu"))
-    return check_packages(requirements(engine)) + check_cuda(gpus) + check_plugins()
+        found = check_packages(requirements(engine, cpu=True)) + check_plugins(("hmpo_verl", "verl_cpu"))
+    else:
+        pins = requirements(engine)
+        found = (check_packages(pins) + check_lock(engine, {_normal(d) for d in pins}) + check_cuda(gpus, min_gib)
+                 + check_plugins())
+    return found + check_imports(modules) + check_run(run or {}, engine)
+
+
+def versions() -> dict[str, str | None]:
+    return {"python": platform.python_version(), **{d: _installed_version(d) for d in SHARED_VERSIONS}}
+
+
+def node_report(engine: str, gpus: int, cpu: bool, run: dict, imports: list[str], min_gib: float) -> dict:
+    """What one node reports through Ray: its host, its problems and its versions."""
+    return {"host": socket.gethostname(), "problems": problems(engine, gpus, cpu, run, imports, min_gib),
+            "versions": versions()}
+
+
+def node_label(node: dict) -> str:
+    """A Ray node (an entry of ray.nodes()) as a reader finds it: host, address, id, head or worker."""
+    role = "head" if "node:__internal_head__" in node.get("Resources", {}) else "worker"
+    return f"{node['NodeManagerHostname']} {node['NodeManagerAddress']} ({role}, node id {node['NodeID'][:12]})"
+
+
+def every_node(address: str, timeout: float, **checks) -> dict[str, list[str]]:
+    """{node label: problems} of every live node of the Ray cluster at ``address``: :func:`node_report` runs as a
+    task pinned to each node (NodeAffinitySchedulingStrategy, soft=False; no CPU reserved), and each node's
+    versions of :data:`SHARED_VERSIONS` and Python are compared with this process's."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if __name__ != "__main__":  # imported (tests): ship this module's code with the task, as a script's is
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        task = ray.remote(num_cpus=0, max_retries=0)(node_report)
+        refs = {node_label(n): task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(**checks) for n in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        here, report = versions(), {}
+        for label, ref in refs.items():
+            if ref not in ready:
+                report[label] = [f"did not answer within {timeout:.0f} s"]
+                continue
+            try:
+                answer = ray.get(ref)
+            except Exception as error:  # noqa: BLE001 -- a node whose Python cannot run the check
+                report[label] = [f"the check failed there: {type(error).__name__}: {str(error).splitlines()[0][:300]}"]
+                continue
+            report[label] = answer["problems"] + [
+                f"{name} {theirs} there, {here[name]} in the driver (every node needs the same)"
+                for name, theirs in answer["versions"].items() if theirs != here[name]]
+        return report
+    finally:
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,18 +454,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node the run asks for (NGPUS_PER_NODE)")
     parser.add_argument("--cpu", action="store_true",
                         help="the CPU size: non-GPU pins and the entry points of hmpo-verl and verl_cpu, no CUDA")
+    parser.add_argument("--min-gpu-gib", type=float, default=MIN_GPU_GIB, help="memory each GPU must have")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="a further module that must really import (repeatable)")
+    run = parser.add_argument_group("the run (run.sh passes them)")
+    run.add_argument("--ckpt-dir", help="trainer.default_local_dir (CKPT_DIR)")
+    run.add_argument("--model", help="actor_rollout_ref.model.path: a local directory or a hub id")
+    run.add_argument("--files", default="", help="comma-separated data files that must be there")
+    run.add_argument("--keep", type=_int_or_none, help="trainer.max_actor_ckpt_to_keep (null: keep all)")
+    run.add_argument("--save-freq", type=int, default=0, help="trainer.save_freq")
+    run.add_argument("--total-steps", type=_int_or_none, help="trainer.total_training_steps")
+    parser.add_argument("--ray-address", help="<host>:<port> of a running Ray cluster: check every node of it")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds a node has to answer (--ray-address)")
+    parser.add_argument("--measure", type=Path, metavar="GLOBAL_STEP_DIR",
+                        help="print the bytes per parameter of a verl FSDP checkpoint and exit")
     args = parser.parse_args(argv)
-    found = problems(args.engine, args.gpus, cpu=args.cpu)
-    where = "cpu" if args.cpu else f"{args.engine}, {args.gpus} GPUs"
-    if not found:
-        print(f"preflight: ok ({where})")
+    if args.measure:
+        print(json.dumps(measure(args.measure)))
         return 0
+    checks = {"engine": args.engine, "gpus": args.gpus, "cpu": args.cpu, "imports": args.imports,
+              "min_gib": args.min_gpu_gib,
+              "run": {"ckpt_dir": args.ckpt_dir, "model": args.model, "files": [f for f in args.files.split(",") if f],
+                      "keep": args.keep, "save_freq": args.save_freq, "total_steps": args.total_steps}}
+    where = "cpu" if args.cpu else f"{args.engine}, {args.gpus} GPUs"
+    if args.ray_address:
+        report = every_node(args.ray_address, args.timeout, **checks)
+    else:
+        report = {"this node": problems(**checks)}
+    bad = {node: found for node, found in report.items() if found}
+    if not bad:
+        print(f"preflight: ok ({where}){f' on {len(report)} nodes: ' + '; '.join(report) if args.ray_address else ''}")
+        return 0
+    count = sum(len(found) for found in bad.values())
+    nodes = f"{len(bad)} of {len(report)} node(s)" if args.ray_address else "this node"
+    print(f"preflight: {count} problem(s) on {nodes} ({where}):", file=sys.stderr)
+    for node, found in bad.items():
+        if args.ray_address:
+            print(f"  {node}:", file=sys.stderr)
+        for problem in found:
+            print(f"  - {problem}", file=sys.stderr)
     files = " and ".join(f"recipes/{name}" for name in REQUIREMENTS[args.engine])
-    print(f"preflight: {len(found)} problem(s) on this node ({where}):", file=sys.stderr)
-    for problem in found:
-        print(f"  - {problem}", file=sys.stderr)
-    print(f"Install what {files} pin (the commands are at the top of the file).", file=sys.stderr)
+    print(f"Software: install what {files} pin (the commands are at the top of the file), on every node.",
+          file=sys.stderr)
     return 3
+
+
+def _int_or_none(text: str) -> int | None:
+    return None if text in ("", "null", "None") else int(text)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,15 @@ When pip stops at a requirement it cannot satisfy, the index is asked (PEP 691 J
 Conflicting pins (pip's ResolutionImpossible) are a defect too. The summary per step and Python:
 packages resolved, source builds (packages the report would build from an sdist: must be 0), what this
 index lacks, unreachable indexes. Exit 0 when no step has a defect.
+
+`--lock` writes, per install step that resolved, the exact versions as a pip constraints file beside the
+requirements file (`requirements-gpu.txt` -> `requirements-gpu.lock.txt`), used by the install commands
+(`pip install -r recipes/requirements-gpu.txt -c recipes/requirements-gpu.lock.txt`) and checked by
+recipes/lib/preflight.py on every node: one `name==version` line per package pip would install. A wheel
+that comes from a direct URL rather than an index carries its URL and sha256 (pip's report) in a comment;
+one that cannot be reached from here is pinned at its file name's version, marked "not reachable from
+here: sha256 not recorded"; a package this index lacks is pinned at its requirement's version, marked so
+(its own dependencies are not in the lock).
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ class Result:
     lacking: list[str] = field(default_factory=list)  # requirement strings this index lacks
     unreachable_indexes: list[str] = field(default_factory=list)  # and wheel URLs
     defect: str = ""
+    locked: list[str] = field(default_factory=list)  # the constraints file's lines (lock_lines)
 
 
 # ----------------------------------------------------------------------------- pure parts (tested offline)
@@ -136,6 +146,49 @@ def parse_report(report: dict, stand_ins: Path) -> tuple[list[str], list[str], l
         else:
             resolved.append(name)
     return sorted(resolved, key=str.lower), builds, stubs
+
+
+def lock_lines(report: dict, stand_ins: Path, unreachable_wheels: dict[str, str]) -> list[str]:
+    """The constraints of one resolve, sorted by name: ``name==version`` for every package of pip's --report.
+
+    A wheel pip took from a direct URL (``is_direct``) gets ``# <url> sha256=<hash>``; a stand-in (a package
+    this index lacks, its requirement's version) and each of ``unreachable_wheels`` ({name: wheel URL} taken out
+    of the resolve) are pinned and marked, so that a reader sees which versions no resolve here confirmed.
+    """
+    lines = {}
+    for item in report.get("install", []):
+        meta, info = item["metadata"], item.get("download_info", {})
+        pin = f"{meta['name']}=={meta['version']}"
+        url = info.get("url", "")
+        if url.startswith(stand_ins.as_uri()):
+            if meta["version"] == "0":  # an unpinned requirement's stand-in (stand_in_wheel): no version to lock
+                lines[meta["name"].lower()] = f"# {meta['name']}: not on the index reachable here, unpinned: not locked"
+                continue
+            note = "  # not on the index reachable here: the requirement's version, its dependencies not locked"
+        elif item.get("is_direct"):
+            note = f"  # {url} sha256={info.get('archive_info', {}).get('hashes', {}).get('sha256', '?')}"
+        else:
+            note = ""
+        lines[meta["name"].lower()] = pin + note
+    for name, url in unreachable_wheels.items():
+        lines[name.lower()] = f"{wheel_requirement(name, url)}  # {url} (not reachable from here: sha256 not recorded)"
+    return [lines[key] for key in sorted(lines)]
+
+
+def lock_path(step: str) -> Path:
+    """Where ``--lock`` writes the constraints of an install step: ``requirements-gpu.txt`` -> ``requirements-gpu.lock.txt``."""
+    return RECIPES / step.replace(".txt", ".lock.txt")
+
+
+def lock_text(result: Result, no_deps: bool) -> str:
+    """The constraints file of a resolved step: a header saying how it was made and how it is used, then its lines."""
+    flags = "--no-deps " if no_deps else ""
+    return (f"# Exact versions of `pip install {flags}-r recipes/{result.file}` as resolved by recipes/lib/resolve_gpu.py --lock\n"
+            f"# (CPython {result.python}, manylinux x86_64, wheels only): {len(result.locked)} packages. A pip constraints file:\n"
+            f"#   pip install {flags}-r recipes/{result.file} -c recipes/{lock_path(result.file).name}\n"
+            "# recipes/lib/preflight.py compares every line with what is installed, on every node. Regenerate with\n"
+            "# `python3 recipes/lib/resolve_gpu.py --lock` after changing a requirements file.\n"
+            + "".join(line + "\n" for line in result.locked))
 
 
 def missing_requirement(stderr: str) -> str | None:
@@ -263,12 +316,14 @@ def resolve(step: str, no_deps: bool, python: str, indexes: list[str], pip_pytho
     includes = re.findall(r"^\s*-r\s+(\S+)", text, re.M)
     all_text = text + "".join((RECIPES / inc).read_text() for inc in includes)
     urls = [u for u in extra_indexes(all_text) if not reachable(u)]
+    unreachable_wheels = {}
     for name, url in wheel_urls(all_text).items():
         if not wheel_fits(url.rsplit("/", 1)[1], python):
             result.defect = f"{name}'s wheel URL is not for CPython {python}: {url.rsplit('/', 1)[1]}"
             return result
         if not reachable(url):
             urls.append(url)
+            unreachable_wheels[name] = url
             result.lacking.append(f"{wheel_requirement(name, url)} (its wheel URL)")
     result.unreachable_indexes = urls
     with tempfile.TemporaryDirectory() as tmp:
@@ -283,8 +338,10 @@ def resolve(step: str, no_deps: bool, python: str, indexes: list[str], pip_pytho
                                                           no_deps)]
             run = subprocess.run(argv, capture_output=True, text=True)
             if run.returncode == 0:
-                resolved, builds, _ = parse_report(json.loads(report.read_text()), stand_ins)
+                data = json.loads(report.read_text())
+                resolved, builds, _ = parse_report(data, stand_ins)
                 result.resolved, result.source_builds = resolved, builds
+                result.locked = lock_lines(data, stand_ins, unreachable_wheels)
                 result.ok = not builds
                 if builds:
                     result.defect = f"would build from source: {', '.join(builds)}"
@@ -310,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", nargs="*", help="CPython versions (default: each file's `# python:` line)")
     parser.add_argument("--step", nargs="*", choices=[s for s, _ in STEPS], help="default: every install step")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--lock", action="store_true",
+                        help="write each resolved step's exact versions beside it (requirements-gpu.lock.txt, ...)")
     parser.add_argument("--interpreter", nargs="*", default=[], metavar="X.Y=PATH",
                         help="the CPython X.Y to run pip with (default: pythonX.Y on PATH, or this one if X.Y)")
     args = parser.parse_args(argv)
@@ -328,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(result.resolved)} resolved, {len(result.source_builds)} source builds; "
                   f"this index lacks: {', '.join(result.lacking) or 'nothing'}; "
                   f"unreachable: {', '.join(result.unreachable_indexes) or 'none'}", flush=True)
+            if args.lock and result.ok:
+                lock_path(step).write_text(lock_text(result, no_deps))
+                print(f"  wrote {lock_path(step).relative_to(RECIPES.parent)} ({len(result.locked)} packages)")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     return 0 if results and all(r.ok for r in results) else 1
