@@ -41,7 +41,6 @@ from hmpo_verl.lab.crash import (
     full_disk,
     kill_after_checkpoint,
     kill_during_save,
-    metric_differences,
     rollout_dump,
     run_demo,
     same_checkpoint,
