@@ -60,6 +60,24 @@ SCENARIO = (
     "trainer.val_before_train=false",
     "trainer.test_freq=-1",
 )
+# What a resume must restore beyond the weights, optimizer and p schedule (the CI test's scenario):
+# verl's warm-up + cosine LR (``LambdaLR`` in the FSDP engine, saved in the actor's extra state), the
+# shuffled data sampler crossing an epoch (torchdata's ``RandomSampler``: 48 prompts = 3 steps of 16,
+# its permutation and generator in ``data.pt``), and attention dropout in the actor's training forward
+# (torch's CPU generator, restored from the checkpoint's ``rng``). The actor engine's ``full_determinism``
+# seeds that generator when the engine starts (``engine.seed``, 42); without it two fresh launches of one
+# seed drew different dropout masks from step 1 on (measured: step 1's grad norm 3.406 vs 3.770).
+EPOCH_PROMPTS = 48
+WARMUP_STEPS = 2
+SCHEDULES = (
+    "actor_rollout_ref.actor.optim.lr_scheduler_type=cosine",
+    f"actor_rollout_ref.actor.optim.lr_warmup_steps={WARMUP_STEPS}",
+    "+actor_rollout_ref.model.override_config.attention_dropout=0.1",
+    "actor_rollout_ref.actor.fsdp_config.full_determinism=true",
+    "data.shuffle=true",
+    "data.seed=1",
+    f"data.train_max_samples={EPOCH_PROMPTS}",
+)
 # metrics that measure time or memory, not what was trained
 UNCOMPARED = ("timing_s/", "timing_per_token_ms/", "perf/", "actor/perf/")
 
@@ -305,8 +323,10 @@ def run_demo(scenario: Scenario, extra_env: dict[str, str], timeout: float) -> t
 
 
 def kill_after_checkpoint(scenario: Scenario, step: int = SAVE_FREQ, timeout: float = 900,
-                          extra_env: Optional[dict[str, str]] = None, leftover_wait: float = 30.0) -> dict:
-    """Case 1: SIGKILL the driver as soon as the tracker names checkpoint ``step``; relaunch, which resumes.
+                          extra_env: Optional[dict[str, str]] = None, leftover_wait: float = 30.0,
+                          relaunch: bool = True) -> dict:
+    """Case 1: SIGKILL the driver as soon as the tracker names checkpoint ``step``; relaunch (unless not
+    ``relaunch``), which resumes.
 
     Returns the launches and ``leftovers_s``: how long the killed driver's Ray processes outlived it
     (watched for ``leftover_wait`` s, then they are killed), with their titles (``survivors``).
@@ -318,9 +338,11 @@ def kill_after_checkpoint(scenario: Scenario, step: int = SAVE_FREQ, timeout: fl
         killed.process.wait()
         survivors = sorted(set(session_processes(killed.pid).values()))
         leftovers_s = wait_for_session_end(killed.pid, leftover_wait) - sent
+    state = {"killed": killed, "tracker_after_kill": step, "leftovers_s": leftovers_s, "survivors": survivors}
+    if not relaunch:
+        return state
     resumed = scenario.launch("resumed", extra_env)
-    return {"killed": killed, "resumed": resumed, "resumed_exit": resumed.wait(timeout),
-            "tracker_after_kill": step, "leftovers_s": leftovers_s, "survivors": survivors}
+    return {**state, "resumed": resumed, "resumed_exit": resumed.wait(timeout)}
 
 
 WORKER_UPDATING = "WorkerDict.actor_rollout_update_actor"  # Ray's process titles while the actor updates
@@ -347,8 +369,9 @@ def kill_worker(scenario: Scenario, after: int = SAVE_FREQ, timeout: float = 900
             "cause": failure_cause(broken.log()), "resumed": resumed, "resumed_exit": resumed.wait(timeout)}
 
 
-def kill_during_save(scenario: Scenario, step: int = 2 * SAVE_FREQ, timeout: float = 900) -> dict:
-    """Case 3: SIGKILL the driver while checkpoint ``step`` is being written; relaunch.
+def kill_during_save(scenario: Scenario, step: int = 2 * SAVE_FREQ, timeout: float = 900,
+                     relaunch: bool = True) -> dict:
+    """Case 3: SIGKILL the driver while checkpoint ``step`` is being written; relaunch (unless not ``relaunch``).
 
     The tiny model's save takes milliseconds, too short to hit by polling, so the fault is pinned:
     checkpoint ``step``'s first shard is a named pipe, on which the worker's ``torch.save`` blocks
@@ -362,17 +385,22 @@ def kill_during_save(scenario: Scenario, step: int = 2 * SAVE_FREQ, timeout: flo
     shard = actor / "model_world_size_1_rank_0.pt"
     os.mkfifo(shard)
     killed = scenario.launch("killed_saving")
+    previous_step_dumped = killed.log_dir / "rollouts" / f"{step - 1}.jsonl"  # then the next save is ``step``'s
     with cleanup(killed):
-        wait_until(lambda: WORKER_SAVING in " ".join(session_processes(killed.pid).values()), killed, timeout)
+        wait_until(lambda: previous_step_dumped.exists()
+                   and WORKER_SAVING in " ".join(session_processes(killed.pid).values()), killed, timeout)
         time.sleep(1.0)  # the worker is inside torch.save, blocked on the pipe
         sigkill(killed.pid)
         killed.process.wait()
     shard.unlink()
     half = scenario.step_dir(step - SAVE_FREQ) / "actor" / shard.name
     shard.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
-    state = {"tracker_after_kill": scenario.tracker(), "partial": checkpoint_problems(scenario.step_dir(step))}
+    state = {"killed": killed, "tracker_after_kill": scenario.tracker(),
+             "partial": checkpoint_problems(scenario.step_dir(step))}
+    if not relaunch:
+        return state
     resumed = scenario.launch("resumed")
-    return {"killed": killed, **state, "resumed": resumed, "resumed_exit": resumed.wait(timeout)}
+    return {**state, "resumed": resumed, "resumed_exit": resumed.wait(timeout)}
 
 
 def poisoned_batch(scenario: Scenario, version: int = SAVE_FREQ, timeout: float = 900) -> dict:
@@ -385,19 +413,29 @@ def poisoned_batch(scenario: Scenario, version: int = SAVE_FREQ, timeout: float 
     return {"poisoned": poisoned, **state, "resumed": resumed, "resumed_exit": resumed.wait(timeout)}
 
 
-def disk_full(scenario: Scenario, step: int = 2 * SAVE_FREQ, timeout: float = 900) -> dict:
-    """Case 5: checkpoint ``step``'s model file is a link to /dev/full (every write: ENOSPC);
-    then the disk is "freed" (the link removed) and a relaunch resumes."""
-    from hmpo_verl.lab.cpu_demo import failure_cause
-
+@contextlib.contextmanager
+def full_disk(scenario: Scenario, step: int):
+    """Inside, checkpoint ``step``'s model file is a link to /dev/full (every write: ENOSPC); on the way out
+    the disk is "freed" (the link removed)."""
     actor = scenario.step_dir(step) / "actor"
     actor.mkdir(parents=True, exist_ok=True)
     full = actor / "model_world_size_1_rank_0.pt"
     full.symlink_to("/dev/full")
-    failed = scenario.launch("disk_full")
-    code = failed.wait(timeout)
-    state = {"exit": code, "cause": failure_cause(failed.log()), "tracker_after_failure": scenario.tracker()}
-    full.unlink()
+    try:
+        yield full
+    finally:
+        full.unlink()
+
+
+def disk_full(scenario: Scenario, step: int = 2 * SAVE_FREQ, timeout: float = 900) -> dict:
+    """Case 5: the disk is full when checkpoint ``step`` is written (:func:`full_disk`); then it is
+    freed and a relaunch resumes."""
+    from hmpo_verl.lab.cpu_demo import failure_cause
+
+    with full_disk(scenario, step):
+        failed = scenario.launch("disk_full")
+        code = failed.wait(timeout)
+        state = {"exit": code, "cause": failure_cause(failed.log()), "tracker_after_failure": scenario.tracker()}
     resumed = scenario.launch("resumed")
     return {"failed": failed, **state, "resumed": resumed, "resumed_exit": resumed.wait(timeout)}
 
