@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 CLUSTER = Path(__file__).resolve().parents[1] / "recipes" / "lib" / "cluster.sh"
@@ -114,12 +116,14 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _ray_query(address: str, expression: str) -> object:
     probe = (f"import ray, json, ray._private.state as state; ray.init(address={address!r}, logging_level='ERROR'); "
-             f"print(json.dumps({expression}))")
+             f"print('HMPO_RESULT', json.dumps({expression}))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180,
                          env={**os.environ, **AUTH})
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # the line the probe printed (Ray may print a node's crash report to the driver's stdout too)
+    results = [line.split(" ", 1)[1] for line in out.stdout.splitlines() if line.startswith("HMPO_RESULT ")]
+    if out.returncode != 0 or not results:
+        raise RuntimeError(out.stderr[-2000:] + out.stdout[-2000:])
+    return json.loads(results[-1])
 
 
 def _listening(port: int) -> bool:
@@ -146,11 +150,25 @@ def actor_nodes(address: str) -> dict[str, list[str]]:
     return table
 
 
+def _dashboard_up(port: int) -> bool:
+    """Whether the head's dashboard answers Ray's job API version query (what `ray job submit` asks first)."""
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/api/version", timeout=5):
+            return True
+    except urllib.error.HTTPError:  # it answered (an auth refusal included): it is up
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def two_nodes(env: dict, logs: Path, timeout: float = 300):
+def two_nodes(env: dict, logs: Path, timeout: float = 300, dashboard_port: int | None = None):
     """Start a head and a worker (one logical GPU slot each); yield (GCS address, node ids); stop both.
 
-    A driver joining it needs :data:`AUTH` in its environment."""
+    A driver joining it needs :data:`AUTH` in its environment. With `dashboard_port`, the head serves Ray's job
+    API there (cluster.sh's DASHBOARD_HOST / DASHBOARD_PORT): `ray job submit --address=http://127.0.0.2:<port>`.
+    A node whose `ray start` exits while the cluster comes up (under load, Ray's 30 s wait for its raylet
+    can run out) is started once more before the cluster counts as failed."""
     gcs, *named = free_ports(1 + len(HEAD_NAMED) + len(NAMED))
     head_ports, worker_ports = named[:len(HEAD_NAMED)], named[len(HEAD_NAMED):]
     head_low = free_range(WORKER_PORTS, {gcs, *named})
@@ -159,24 +177,32 @@ def two_nodes(env: dict, logs: Path, timeout: float = 300):
     base = {**env, **AUTH, "RAY": ray_cli(logs), "NGPUS_PER_NODE": "1", "NUM_CPUS": "8", "NODE_IP": LOOPBACK}
     # short temp dirs: Ray's socket paths must stay under 107 characters
     temps = [tempfile.mkdtemp(prefix="rayh"), tempfile.mkdtemp(prefix="rayw")]
-    processes = {"head": _start("head", {**base, "RAY_PORT": str(gcs), "RAY_TEMP_DIR": temps[0],
-                                         "RAY_START_ARGS": node_args(head_ports, head_low, head=True)},
-                                [], logs)}
+    head_env = {**base, "RAY_PORT": str(gcs), "RAY_TEMP_DIR": temps[0],
+                "RAY_START_ARGS": node_args(head_ports, head_low, head=True)}
+    if dashboard_port is not None:
+        head_env.update(DASHBOARD_HOST=LOOPBACK, DASHBOARD_PORT=str(dashboard_port))
+    starts = {"head": (head_env, []),
+              "worker": ({**base, "RAY_TEMP_DIR": temps[1],
+                          "RAY_START_ARGS": node_args(worker_ports, worker_low, head=False)}, [address])}
+    processes = {"head": _start("head", *starts["head"], logs)}
+    restarted: set[str] = set()
     try:
         deadline = time.time() + timeout
         while True:
-            for role, process in processes.items():
+            for role, process in list(processes.items()):
                 if process.poll() is not None:  # `ray start --block` returns only when its node failed
                     log = _log(logs, role).read_text()[-3000:]
-                    raise AssertionError(f"the {role} node exited ({process.returncode}):\n{log}")
+                    if role in restarted:
+                        raise AssertionError(f"the {role} node exited twice ({process.returncode}):\n{log}")
+                    print(f"the {role} node exited ({process.returncode}) while starting; once more:\n{log}")
+                    _stop(process)
+                    restarted.add(role)
+                    processes[role] = _start(role, *starts[role], logs)
             nodes = alive_nodes(address) if _listening(gcs) else []
-            if len(nodes) == 2:
+            if len(nodes) == 2 and (dashboard_port is None or _dashboard_up(dashboard_port)):
                 break
             if nodes and "worker" not in processes:
-                processes["worker"] = _start("worker", {**base, "RAY_TEMP_DIR": temps[1],
-                                                        "RAY_START_ARGS": node_args(worker_ports, worker_low,
-                                                                                    head=False)},
-                                             [address], logs)
+                processes["worker"] = _start("worker", *starts["worker"], logs)
             if time.time() > deadline:
                 raise AssertionError(f"the 2-node cluster did not come up: {nodes}; see {logs}/ray_*.log")
             time.sleep(3)
