@@ -15,7 +15,7 @@
 # node sees, so that verl's trainer.resume_mode=auto (its default) finds the latest global_step_* after a
 # restart; trainer.resume_mode=disable starts afresh, resume_mode=resume_path with
 # trainer.resume_from_path=<CKPT_DIR>/global_step_<n> picks a step. recipes/slurm/ray_on_slurm.slurm does
-# the same under SLURM. tests/test_recipes_multinode.py runs it with two nodes on one machine (CPU size).
+# the same under SLURM. tests/ray_cluster.py runs it with two nodes on one machine (CPU size, tests/test_recipes_cpu_size.py).
 #
 # Ray >= 2.5x: `ray start` turns on token authentication (the token in ~/.ray/auth_token of the head; copy it
 # to every node, or set RAY_AUTH_MODE=disabled on a trusted network) and a driver that joins needs
