@@ -8,7 +8,8 @@ reward functions score the responses by data_source. One combination per task (h
 on GSM8K, geometric_seq on MATH); recipes/lib/cpu_matrix.py runs them all (not in CI).
 The GSM8K run goes over two Ray nodes started by recipes/lib/cluster.sh on this machine (tests/ray_cluster.py:
 NNODES=2, one rank per node), submitted with `ray job submit` (RAY_ADDRESS=http://<head>:<dashboard port>) from
-a copy of recipes/ in another directory, deleted once submitted, and checks that the actor's ranks ran on both nodes; the
+a copy of recipes/ in another directory, deleted once submitted, and checks that the actor's ranks ran on both
+nodes; the
 MATH run is a single-node launch (run.sh's own ray.init). About 2 minutes per task on 2 idle cores, most
 of it Ray and worker start-up.
 """

@@ -188,7 +188,7 @@ def test_ray_job_submit_when_ray_address_is_a_dashboard(script, recorder):
     assert not any(str(RECIPES.parent) in word for word in command), command
     assert recorder(script, **env) == printed
     cpu = dry_run(script, SIZE="cpu", **env)  # the job's driver gets verl_cpu's platform; ray.init joins
-    assert cpu[5] == '--runtime-env-json={"env_vars": {"VERL_PLATFORM": "cpu"}}'
+    assert cpu[5:9] == ["--", "env", "VERL_PLATFORM=cpu", "python3"]
     assert "ray_kwargs.ray_init.num_cpus=null" in cpu
     # a GCS address (or none): run here; verl's ray.init() joins the cluster
     assert dry_run(script, RAY_ADDRESS="10.0.0.1:6379")[0] == "python3"

@@ -56,4 +56,5 @@ def test_the_first_run_command_composes_on_one_gpu(stub_model):
     assert 1 <= cfg.trainer.total_training_steps <= 10, "a few steps"
     assert cfg.trainer.test_freq <= cfg.trainer.total_training_steps, "a validation inside the first run"
     OmegaConf.resolve(cfg)
-    assert cfg.data.max_prompt_length + cfg.data.max_response_length <= cfg.actor_rollout_ref.actor.ppo_max_token_len_per_gpu
+    longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+    assert longest <= cfg.actor_rollout_ref.actor.ppo_max_token_len_per_gpu

@@ -63,6 +63,22 @@ def test_ray_wait_stops_after_its_timeout_naming_the_hosts():
     assert time.time() - start < 30
 
 
+def test_ray_wait_is_bounded_when_the_port_listens_but_no_gcs_answers():
+    """A head whose port is open but whose GCS does not answer (starting, or failing under load): ray.init
+    alone would retry for minutes; ray_wait's polls are cut off, and it stops at its timeout naming the host."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.2", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        start = time.time()
+        result = subprocess.run([sys.executable, str(REPO / "recipes" / "lib" / "ray_wait.py"), "--address",
+                                 f"127.0.0.2:{port}", "--nodes", "1", "--hosts", "node01", "--timeout", "8"],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "node01: not registered in Ray" in result.stderr and "Traceback" not in result.stderr
+    assert time.time() - start < 60
+
+
 def test_the_slurm_script_guards_its_possibly_empty_override_array():
     """`"${HYDRA_OVERRIDES[@]}"` of an empty array is an unbound-variable error under `set -u` on bash < 4.4."""
     text = SCRIPT.read_text()

@@ -18,7 +18,7 @@
 # before Ray starts, naming every missing piece. With RAY_ADDRESS=http(s)://<head>:8265 the same command
 # is submitted to a running Ray cluster from any machine:
 #
-#   ray job submit --address=$RAY_ADDRESS --working-dir=<recipes> [--runtime-env-json=...] -- \
+#   ray job submit --address=$RAY_ADDRESS --working-dir=<recipes> -- [env VERL_PLATFORM=cpu] \
 #       python3 -m verl.trainer.main_ppo --config-dir=. --config-name=<TASK> ...
 #
 # Ray uploads recipes/ (this checkout's, a few hundred kB) as the job's working directory and runs the
@@ -171,11 +171,12 @@ hmpo_launch() {
     case "${RAY_ADDRESS:-}" in
         http://* | https://*)
             ray_submit=1
-            cmd+=(ray job submit "--address=$RAY_ADDRESS" "--working-dir=$RECIPES_DIR")
-            if hmpo_cpu_size; then  # the job's driver needs verl_cpu's platform too (workers get it from the size file)
-                cmd+=('--runtime-env-json={"env_vars": {"VERL_PLATFORM": "cpu"}}')
+            cmd+=(ray job submit "--address=$RAY_ADDRESS" "--working-dir=$RECIPES_DIR" --)
+            if hmpo_cpu_size; then
+                # the job's driver needs verl_cpu's platform too (its workers get it from the size file's
+                # ray_init runtime_env; Ray refuses a job runtime env that sets the same variable)
+                cmd+=(env VERL_PLATFORM=cpu)
             fi
-            cmd+=(--)
             config_dir=(--config-dir=.)  # the job runs in the shipped working directory
             ;;
     esac

@@ -14,8 +14,10 @@ file system) gets its time, and a node that never comes is named, before verl's 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -55,30 +57,40 @@ def _listening(address: str) -> bool:
         return False
 
 
+# One driver per poll, in a process of its own: ray.init against a GCS that listens but does not answer (a head
+# still starting, or failing) retries for minutes, so each poll is cut off by a timeout instead.
+_PROBE = ("import json, sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+          "print('RAY_NODES', json.dumps([{k: n.get(k) for k in ('Alive', 'NodeManagerHostname', "
+          "'NodeManagerAddress', 'Resources')} for n in ray.nodes()]))")
+
+
+def _nodes(address: str, timeout: float) -> list[dict] | None:
+    """`ray.nodes()` of the cluster at `address`, or None if no driver could join it within `timeout` seconds."""
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE, address], capture_output=True, text=True,
+                             timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        return None
+    lines = [line.split(" ", 1)[1] for line in out.stdout.splitlines() if line.startswith("RAY_NODES ")]
+    return json.loads(lines[-1]) if out.returncode == 0 and lines else None
+
+
 def wait(address: str, want: int, gpus: float, cpus: float, hosts: list[str], timeout: float,
          interval: float = 2.0) -> list[str]:
     """Poll until :func:`shortfall` is empty (returns []) or `timeout` seconds pass (returns the problems)."""
     deadline = time.monotonic() + timeout
-    problems = [f"no Ray cluster answers at {address}", *(f"{host}: not registered in Ray" for host in hosts)]
-    while not _listening(address):
-        if time.monotonic() > deadline:
+    unreachable = [f"no Ray cluster answers at {address}", *(f"{host}: not registered in Ray" for host in hosts)]
+    problems, last = unreachable, None
+    while True:
+        left = deadline - time.monotonic()
+        nodes = _nodes(address, min(left, 120)) if left > 0 and _listening(address) else None
+        problems = unreachable if nodes is None else shortfall(nodes, want, gpus, cpus, hosts)
+        if problems != last:
+            print(f"ray_wait: {problems[0] if problems else f'{want} of {want} nodes ready'}", flush=True)
+            last = problems
+        if not problems or time.monotonic() > deadline:
             return problems
         time.sleep(interval)
-    import ray
-
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
-        last = None
-        while True:
-            problems = shortfall(ray.nodes(), want, gpus, cpus, hosts)
-            if problems != last:
-                print(f"ray_wait: {problems[0] if problems else f'{want} of {want} nodes ready'}", flush=True)
-                last = problems
-            if not problems or time.monotonic() > deadline:
-                return problems
-            time.sleep(interval)
-    finally:
-        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
