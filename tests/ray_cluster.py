@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 CLUSTER = Path(__file__).resolve().parents[1] / "recipes" / "lib" / "cluster.sh"
@@ -155,14 +157,27 @@ def actor_nodes(address: str) -> dict[str, list[str]]:
     return table
 
 
+def _dashboard_up(port: int) -> bool:
+    """Whether the head's dashboard answers Ray's job API version query (what `ray job submit` asks first)."""
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/api/version", timeout=5):
+            return True
+    except urllib.error.HTTPError:  # it answered (an auth refusal included): it is up
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def two_nodes(env: dict, logs: Path, timeout: float = 300, worker_env: dict | None = None, restarts: int = 3):
+def two_nodes(env: dict, logs: Path, timeout: float = 300, worker_env: dict | None = None, restarts: int = 3,
+              dashboard_port: int | None = None):
     """Start a head and a worker (one logical GPU slot each); yield (GCS address, node ids); stop both.
 
     ``worker_env`` overrides the worker node's environment (what its Ray workers inherit). A node whose
     `ray start` exits while the cluster comes up is started again, up to ``restarts`` times each: Ray waits a
     fixed 30 s for its raylet to register (ray/_private/node.py, raylet_start_wait_time_s), which a loaded
-    machine can miss.
+    machine can miss. With `dashboard_port`, the head serves Ray's job API there (cluster.sh's DASHBOARD_HOST /
+    DASHBOARD_PORT): `ray job submit --address=http://127.0.0.2:<port>`.
     A driver joining it needs :data:`AUTH` in its environment."""
     gcs, *named = free_ports(1 + len(HEAD_NAMED) + len(NAMED))
     head_ports, worker_ports = named[:len(HEAD_NAMED)], named[len(HEAD_NAMED):]
@@ -172,8 +187,11 @@ def two_nodes(env: dict, logs: Path, timeout: float = 300, worker_env: dict | No
     base = {**env, **AUTH, "RAY": ray_cli(logs), "NGPUS_PER_NODE": "1", "NUM_CPUS": "8", "NODE_IP": LOOPBACK}
     # short temp dirs: Ray's socket paths must stay under 107 characters
     temps = [tempfile.mkdtemp(prefix="rayh"), tempfile.mkdtemp(prefix="rayw")]
-    starts = {"head": ({**base, "RAY_PORT": str(gcs), "RAY_TEMP_DIR": temps[0],
-                         "RAY_START_ARGS": node_args(head_ports, head_low, head=True)}, []),
+    head_env = {**base, "RAY_PORT": str(gcs), "RAY_TEMP_DIR": temps[0],
+                "RAY_START_ARGS": node_args(head_ports, head_low, head=True)}
+    if dashboard_port is not None:
+        head_env.update(DASHBOARD_HOST=LOOPBACK, DASHBOARD_PORT=str(dashboard_port))
+    starts = {"head": (head_env, []),
               "worker": ({**base, **(worker_env or {}), "RAY_TEMP_DIR": temps[1],
                           "RAY_START_ARGS": node_args(worker_ports, worker_low, head=False)}, [address])}
     processes = {"head": _start("head", *starts["head"], logs)}
@@ -192,7 +210,7 @@ def two_nodes(env: dict, logs: Path, timeout: float = 300, worker_env: dict | No
                     starts[role][0]["RAY_TEMP_DIR"] = tempfile.mkdtemp(prefix=f"ray{role[0]}")  # a fresh session
                     processes[role] = _start(role, *starts[role], logs)
             nodes = alive_nodes(address) if _listening(gcs) else []
-            if len(nodes) == 2:
+            if len(nodes) == 2 and (dashboard_port is None or _dashboard_up(dashboard_port)):
                 break
             if nodes and "worker" not in processes:
                 processes["worker"] = _start("worker", *starts["worker"], logs)

@@ -12,6 +12,7 @@ Engine's / Apex's FusedAdam, which keeps its step count in param_groups).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -49,20 +50,33 @@ def test_megatron_size_builds_verls_megatron_configs(stub_model):
     assert (ref.tensor_model_parallel_size, ref.expert_model_parallel_size) == (2, 8)
 
 
-def test_routing_replay_turns_off_what_verls_router_replay_example_turns_off():
-    """verl's examples/router_replay/run_qwen3_30b_a3b_megatron.sh: dynamic batch size (actor, old-log-prob
-    and ref passes), moe_permute_fusion and trainer.balance_batch all off with R2 / R3."""
+def test_routing_replay_runs_with_dynamic_batch_size_which_verl_0_9_1_supports():
+    """R2 records each sequence's experts in the old-log-prob pass and replays them per sequence in the
+    update; verl 0.9.1 restores the recorded routes to sample order under dynamic batch size, so the size
+    file keeps token-budget micro-batches (the checks on verl's source fail if a verl upgrade drops that)."""
+    import importlib.util
+    from pathlib import Path
+
+    verl = Path(importlib.util.find_spec("verl").origin).parent  # read, not imported: Megatron is not here
+    engine = (verl / "workers" / "engine" / "megatron" / "transformer_impl.py").read_text()
+    assert "if use_dynamic_bsz and indices is not None:\n                layers_topk_idx = restore_dynamic_batch(" \
+           "layers_topk_idx, indices)" in engine  # the R2 record pass, back in sample order
+    assert 'routed_experts = batch.get("routed_experts", None)' in engine  # the update's per-sequence routes
     for task in ("gsm8k", "math"):
         cfg = compose_recipe(RECIPES, task, (SIZE,))
         OmegaConf.resolve(cfg)
         arr = cfg.actor_rollout_ref
-        assert arr.actor.megatron.router_replay.mode in ("R2", "R3")
-        assert not arr.actor.use_dynamic_bsz
-        assert not arr.rollout.log_prob_use_dynamic_bsz and not arr.ref.log_prob_use_dynamic_bsz
-        assert arr.actor.megatron.override_transformer_config.moe_permute_fusion is False
-        assert cfg.trainer.balance_batch is False
+        assert arr.actor.megatron.router_replay.mode == "R2"
+        assert arr.actor.use_dynamic_bsz and arr.rollout.log_prob_use_dynamic_bsz and arr.ref.log_prob_use_dynamic_bsz
         longest = cfg.data.max_prompt_length + cfg.data.max_response_length
-        assert arr.actor.ppo_micro_batch_size_per_gpu * longest <= arr.actor.ppo_max_token_len_per_gpu
+        assert arr.actor.ppo_max_token_len_per_gpu >= longest  # a budget holds at least one whole sequence
+        assert arr.actor.megatron.override_transformer_config.moe_permute_fusion is False
+    # trainer.balance_batch is dead config on V1 (main_ppo's trainer): it balances whatever the key says
+    step = (verl / "trainer" / "ppo" / "v1" / "trainer_base.py").read_text()
+    assert "batch = self._balance_batch(batch, metrics=metrics)" in step
+    assert "if self.config.trainer.balance_batch" not in step
+    gpu_recipe_files = [RECIPES / "gsm8k.yaml", RECIPES / "math.yaml", *(RECIPES / "size").glob("*.yaml")]
+    assert not [f for f in gpu_recipe_files if re.search(r"^\s*balance_batch:", f.read_text(), re.M)]
 
 
 def test_verls_own_example_key_grad_offload_does_not_exist_in_verl_0_9_1():

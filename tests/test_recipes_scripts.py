@@ -183,11 +183,19 @@ def test_explicit_file_lists_and_defaults():
 
 @pytest.mark.parametrize("script", GPU_RUN_SCRIPTS, ids=["gsm8k", "math"])
 def test_ray_job_submit_when_ray_address_is_a_dashboard(script, recorder):
+    """The job ships recipes/ as its working directory and reads its YAML there (`--config-dir=.`, relative to
+    the job's working directory): no path of this checkout is in the submitted command, which runs on the
+    cluster. (tests/test_recipes_cpu_size.py submits one for real from a copy that is gone when the job runs.)"""
     env = dict(RAY_ADDRESS="http://10.0.0.1:8265", NNODES="2")
     printed = dry_run(script, **env)
-    assert printed[:4] == ["ray", "job", "submit", "--address=http://10.0.0.1:8265"]
-    assert printed[4:7] == ["--", "python3", "-m"]
+    assert printed[:5] == ["ray", "job", "submit", "--address=http://10.0.0.1:8265", f"--working-dir={RECIPES}"]
+    command = printed[printed.index("--") + 1:]
+    assert command[:4] == ["python3", "-m", "verl.trainer.main_ppo", "--config-dir=."]
+    assert not any(str(RECIPES.parent) in word for word in command), command
     assert recorder(script, **env) == printed
+    cpu = dry_run(script, SIZE="cpu", **env)  # the job's driver gets verl_cpu's platform; ray.init joins
+    assert cpu[5:9] == ["--", "env", "VERL_PLATFORM=cpu", "python3"]
+    assert "ray_kwargs.ray_init.num_cpus=null" in cpu
     # a GCS address (or none): run here; verl's ray.init() joins the cluster
     assert dry_run(script, RAY_ADDRESS="10.0.0.1:6379")[0] == "python3"
 

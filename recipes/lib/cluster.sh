@@ -15,13 +15,20 @@
 # node sees, so that verl's trainer.resume_mode=auto (its default) finds the latest global_step_* after a
 # restart; trainer.resume_mode=disable starts afresh, resume_mode=resume_path with
 # trainer.resume_from_path=<CKPT_DIR>/global_step_<n> picks a step. recipes/slurm/ray_on_slurm.slurm does
-# the same under SLURM. tests/test_recipes_multinode.py runs it with two nodes on one machine (CPU size).
+# the same under SLURM. tests/ray_cluster.py runs it with two nodes on one machine (CPU size, tests/test_recipes_cpu_size.py).
 #
 # Ray >= 2.5x: `ray start` turns on token authentication (the token in ~/.ray/auth_token of the head; copy it
 # to every node, or set RAY_AUTH_MODE=disabled on a trusted network) and a driver that joins needs
 # RAY_AUTH_MODE=token in its environment: `RAY_AUTH_MODE=token NNODES=2 RAY_ADDRESS=... bash recipes/<task>/run.sh`.
 #
-# Environment (default): RAY_PORT (6379) the head's GCS port; NGPUS_PER_NODE (Ray's own count) GPUs this node
+# `ray job submit` from another machine (RAY_ADDRESS=http://<head-ip>:8265 bash recipes/<task>/run.sh, see
+# recipes/lib/launch.sh for what it ships) needs the head's dashboard, which serves Ray's job API:
+#   DASHBOARD_HOST=0.0.0.0 bash recipes/lib/cluster.sh head   # listen on every interface (or the head's IP)
+# Unset, the dashboard stays off (--include-dashboard=false). The job API runs any command it is sent, as
+# this user: expose it only on a trusted network (token authentication, above, guards it on Ray >= 2.5x).
+#
+# Environment (default): DASHBOARD_HOST (unset: no dashboard) the address the dashboard listens on;
+# DASHBOARD_PORT (8265) its port; RAY_PORT (6379) the head's GCS port; NGPUS_PER_NODE (Ray's own count) GPUs this node
 # offers -- with the CPU size, logical GPU slots = trainer ranks on this node; NUM_CPUS (Ray's own count);
 # NODE_IP (Ray's choice); RAY_TEMP_DIR (Ray's /tmp/ray) -- two nodes on one machine need two;
 # RAY_START_ARGS extra `ray start` flags, e.g. "--block" (stay in the foreground, as SLURM's srun wants) or
@@ -53,8 +60,14 @@ main() {
     mapfile -t extra < <(hmpo_ray_start_args)
     case "$role" in
         head)
+            local dashboard=(--include-dashboard=false)
             echo "head: workers join with: bash recipes/lib/cluster.sh worker ${NODE_IP:-<this-node-ip>}:$RAY_PORT" >&2
-            exec "$RAY" start --head "--port=$RAY_PORT" --include-dashboard=false "${extra[@]}"
+            if [[ -n "${DASHBOARD_HOST:-}" ]]; then
+                dashboard=(--include-dashboard=true "--dashboard-host=$DASHBOARD_HOST"
+                    "--dashboard-port=${DASHBOARD_PORT:-8265}")
+                echo "head: jobs are submitted with: RAY_ADDRESS=http://${NODE_IP:-<this-node-ip>}:${DASHBOARD_PORT:-8265} bash recipes/<task>/run.sh" >&2
+            fi
+            exec "$RAY" start --head "--port=$RAY_PORT" "${dashboard[@]}" "${extra[@]}"
             ;;
         worker)
             [[ -n "${2:-}" ]] || { echo "cluster.sh worker: give the head's address, <ip>:<port>" >&2; exit 2; }

@@ -19,7 +19,17 @@
 # or replaces the shell with it (exec). With PREFLIGHT=1 (the GPU recipes' default) the software
 # check recipes/lib/preflight.py runs first, with the same $PYTHON, and a failure stops the launch
 # before Ray starts, naming every missing piece. With RAY_ADDRESS=http(s)://<head>:8265 the same command
-# is submitted to a running Ray cluster: `ray job submit --address=$RAY_ADDRESS -- <command>`.
+# is submitted to a running Ray cluster from any machine:
+#
+#   ray job submit --address=$RAY_ADDRESS --working-dir=<recipes> -- [env VERL_PLATFORM=cpu] \
+#       python3 -m verl.trainer.main_ppo --config-dir=. --config-name=<TASK> ...
+#
+# Ray uploads recipes/ (this checkout's, a few hundred kB) as the job's working directory and runs the
+# command there, so `--config-dir=.` (Hydra: a directory relative to the working directory, unlike
+# --config-path) finds the shipped YAML, whatever this machine's paths. Everything else must be valid ON THE
+# CLUSTER: its Python ($PYTHON) with verl and hmpo-verl installed, and the data, model and CKPT_DIR paths
+# (DATA_DIR / TRAIN_FILES / VAL_FILES / MODEL_PATH / CKPT_DIR: set them to the cluster's paths; the
+# defaults under this machine's $HOME are only right where the cluster shares it).
 
 # verl 0.9.1's trackers (verl/utils/tracking.py, Tracking.supported_backend; a test keeps this list equal).
 HMPO_TRACKERS=(wandb mlflow swanlab vemlp_wandb tensorboard console clearml trackio file rl_insight)
@@ -219,16 +229,23 @@ hmpo_launch() {
         [[ "$arg" != *"'"* ]] || hmpo_die "a value holding a single quote is not supported: $arg"
     done
 
-    local ray_submit=
+    local ray_submit=''
+    local config_dir=("--config-path=$RECIPES_DIR")
     case "${RAY_ADDRESS:-}" in
         http://* | https://*)
             ray_submit=1
-            cmd+=(ray job submit "--address=$RAY_ADDRESS" --)
+            cmd+=(ray job submit "--address=$RAY_ADDRESS" "--working-dir=$RECIPES_DIR" --)
+            if hmpo_cpu_size; then
+                # the job's driver needs verl_cpu's platform too (its workers get it from the size file's
+                # ray_init runtime_env; Ray refuses a job runtime env that sets the same variable)
+                cmd+=(env VERL_PLATFORM=cpu)
+            fi
+            config_dir=(--config-dir=.)  # the job runs in the shipped working directory
             ;;
     esac
     cmd+=(
         "$PYTHON" -m "$(hmpo_entry_point)"
-        "--config-path=$RECIPES_DIR"
+        "${config_dir[@]}"
         "--config-name=$TASK"
         "mean=$MEAN"
         "size=$SIZE"
@@ -255,9 +272,9 @@ hmpo_launch() {
     if [[ -n "$MODEL_PATH" ]]; then
         cmd+=("actor_rollout_ref.model.path=$(hmpo_hydra_str "$MODEL_PATH")")
     fi
-    if [[ -n "${RAY_ADDRESS:-}" && -z "$ray_submit" ]] && hmpo_cpu_size; then
-        # joining a running cluster (recipes/lib/cluster.sh): its nodes declare their CPUs and GPU slots,
-        # and Ray refuses num_cpus / num_gpus from a driver that connects
+    if [[ -n "${RAY_ADDRESS:-}" ]] && hmpo_cpu_size; then
+        # joining a running cluster (recipes/lib/cluster.sh), directly or as a job: its nodes declare their
+        # CPUs and GPU slots, and Ray refuses num_cpus / num_gpus from a driver that connects
         cmd+=("ray_kwargs.ray_init.num_cpus=null" "ray_kwargs.ray_init.num_gpus=null")
     fi
     cmd+=(${overrides[@]+"${overrides[@]}"})

@@ -13,14 +13,14 @@
 #   MEAN              a file stem of recipes/mean/ (harmonic): grpo arithmetic geometric_seq
 #                     geometric_token harmonic agm adaptive_ess adaptive_schedule adv_power_mean adv_agm
 #   SIZE              a file stem of recipes/size/ (qwen2_5_math_1_5b): qwen2_5_math_1_5b qwen2_5_math_7b
-#                     qwen3_30b_a3b_megatron (Megatron, MoE)
+#                     qwen3_30b_a3b_megatron (Megatron, MoE) qwen2_5_0_5b (1 GPU: the first run on new hardware)
 #   CORRECTION        a file stem of recipes/correction/ (none): none token_tis token_mask
 #   ASYNC             a file stem of recipes/async/ (none): none (verl's V1 sync), one_step_off (verl's
 #                     one-step-off-policy trainer), separate_async (V1 with a separate rollout pool); the
 #                     size file splits its node (recipes/split/: 4 trainer + 4 rollout GPUs, NCCL weight
 #                     sync); with our losses take CORRECTION=none (ASYNC sets bypass_mode=true)
 #   NNODES            nodes; NGPUS_PER_NODE  GPUs per node (unset: the size file's -- 1 x 8 for the
-#                     GPU sizes; 1 x 2 trainer ranks for SIZE=cpu)
+#                     GPU sizes, 1 x 1 for qwen2_5_0_5b; 1 x 2 trainer ranks for SIZE=cpu)
 #   MODEL_PATH        local checkpoint dir or hub id (unset: the size file's, Qwen/Qwen2.5-Math-*)
 #   DATA_DIR          ($HOME/data); TRAIN_FILES / VAL_FILES: comma-separated parquet paths
 #   EXPERIMENT_NAME   (math-$SIZE-$MEAN, plus -$CORRECTION and -$ASYNC unless none, plus -o<hash> of your
