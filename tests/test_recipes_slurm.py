@@ -6,7 +6,7 @@ files) and submits the script with `sbatch --wait --gpus-per-node=h100:2`: the h
 `h100:2` count, the Ray head through recipes/lib/cluster.sh, ray_wait.py's bounded wait on the registered
 nodes, GPUs and CPUs, and run.sh with no overrides (DRY_RUN=1: it prints the trainer's command instead of
 training, the trainer itself is tested in tests/test_recipes_cpu_size.py). Skipped, with the reason, where
-SLURM is not installed (`apt-get install -y slurm-wlm`: Debian's, ~1.5 min here; .ci/run does not install it)
+SLURM is not installed (`apt-get install -y slurm-wlm`: Debian's, ~1.5 min here; .ci/run installs it where it runs as root with apt)
 or not as root. Last run here: passed, `sbatch --wait` 74 s, the test 83 s (load average ~30).
 """
 
