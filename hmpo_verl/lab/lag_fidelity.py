@@ -274,7 +274,8 @@ def section_lines(frame, meta: dict, figure: Path, docs: Path) -> list[str]:
         f"regime, its tuned lr: {meta['lrs']}) on seeds {meta['seeds']}; before each of the "
         f"{lean.ASYNC_MINI_BATCHES} mini-batch updates of steps {meta['capture']} the trainer's state is frozen and "
         f"every method's update on that mini-batch ({MINI_BATCH} responses "
-        "sampled by the parameters `lag` steps old, their sampling log-probs the behaviour policy) is computed exactly "
+        "sampled by the parameters `lag` steps old (in `async_0` the step's first update is on-policy, its later "
+        "ones are not), their sampling log-probs the behaviour policy) is computed exactly "
         "(the gradient of its verl loss through the model) and compared with the importance-weighted policy gradient "
         "at the current parameters (`iw`: Σ_t A r_t ∇log π(y_t), r_t = π_θ / π_sample, seq-mean-token-mean, no clip; "
         "the gradient an unbiased correction follows). *Share*: the quarter of the mini-batch with the largest mean "
@@ -328,11 +329,11 @@ def reading(regimes, share, share_iw, d_cos, d_share, d_norm) -> list[str]:
                    f"{share[(r, 'hmpo')][0]:.3f}, vanilla {share[(r, 'vanilla')][0]:.3f}, `iw` "
                    f"{share_iw[(r, 'vanilla')][0]:.3f}); norm relative to `iw` {_cell(d_norm[r], 3, True)} "
                    f"({sign(d_norm[r])}).")
-    lagged = [r for r in regimes if lean.REGIMES_BY_NAME[r].lag > 0]
-    names = lambda rs: ", ".join(f"`{r}`" for r in rs) or "no lag"  # noqa: E731
-    turned = [r for r in lagged if d_cos[r][2] < 0 and d_share[r][2] < 0]
-    smaller = [r for r in lagged if d_norm[r][2] < 0]
-    other = [r for r in lagged if r not in turned]
+    names = lambda rs: ", ".join(f"`{r}`" for r in rs)  # noqa: E731
+    # async_0 too: the later mini-batch updates of its steps are off-policy
+    turned = [r for r in regimes if d_cos[r][2] < 0 and d_share[r][2] < 0]
+    smaller = [r for r in regimes if d_norm[r][2] < 0]
+    other = [r for r in regimes if r not in turned]
     if turned:
         text = (f"At {names(turned)}, hmpo's update points further from the importance-weighted gradient than "
                 "vanilla's and takes less of itself from the most off-policy quarter of the responses (those the "
