@@ -24,8 +24,9 @@ mini-batch (the exact gradient of its verl loss through the model, as in the tra
   for each method and for ``iw`` itself (``share_top_iw``).
 
 Every inner product is exact, <J^T v_a, J^T v_b> with J the mini-batch's per-token gradients
-(:func:`fidelity.token_jacobian`). Intervals are 95 % t intervals over the seeds (each seed's mean over its
-captured updates: the updates of one run are not independent).
+(:func:`fidelity.token_jacobian`). Intervals are 95 % t intervals over the (seed, captured step) units, each
+the mean over the step's updates (the updates of one step share its batch and parameters; the captured steps of
+one seed share a trajectory, so the intervals are somewhat narrower than independent runs would give).
 """
 
 from __future__ import annotations
@@ -171,28 +172,31 @@ def measure(task: lean.Task, lags: list[str], seeds: list[int], capture: list[in
 # ----------------------------------------------------------------------------- summary, figure, section
 
 
-def per_seed(frame, value: str):
-    """Each (regime, method, seed)'s mean of ``value`` over its captured updates (pandas frame)."""
-    return frame.groupby(["regime", "lag", "method", "seed"], sort=False)[value].mean().reset_index()
+UNIT = ["seed", "step"]  # the unit of the intervals: one captured step of one trajectory
+
+
+def per_unit(frame, value: str):
+    """Each (regime, method, seed, step)'s mean of ``value`` over the step's captured updates (pandas frame)."""
+    return frame.groupby(["regime", "method", *UNIT], sort=False)[value].mean().reset_index()
 
 
 def summarize(frame, value: str) -> dict[tuple[str, str], tuple[float, float, float]]:
-    """(regime, method) -> (mean, lo, hi): the 95 % t interval over seeds of the per-seed means of ``value``."""
+    """(regime, method) -> (mean, lo, hi): the 95 % t interval over the units' means of ``value``."""
     out = {}
-    for (regime, method), g in per_seed(frame, value).groupby(["regime", "method"], sort=False):
+    for (regime, method), g in per_unit(frame, value).groupby(["regime", "method"], sort=False):
         mean, half = stats.mean_ci([v for v in g[value] if math.isfinite(v)])
         out[(regime, method)] = (mean, mean - half, mean + half)
     return out
 
 
 def paired(frame, value: str, a: str, b: str) -> dict[str, tuple[float, float, float]]:
-    """regime -> the 95 % t interval over seeds of method ``a`` minus ``b`` in ``value`` (paired on the same
-    captured updates, then averaged per seed)."""
+    """regime -> the 95 % t interval over the units of method ``a`` minus ``b`` in ``value`` (paired on the same
+    captured updates, then averaged per unit)."""
     wide = frame.pivot_table(index=["regime", "seed", "step", "update"], columns="method", values=value).reset_index()
     wide["d"] = wide[a] - wide[b]
     out = {}
     for regime, g in wide.groupby("regime", sort=False):
-        mean, half = stats.mean_ci(g.groupby("seed")["d"].mean().tolist())
+        mean, half = stats.mean_ci([d for d in g.groupby(UNIT)["d"].mean() if math.isfinite(d)])
         out[regime] = (mean, mean - half, mean + half)
     return out
 
@@ -200,7 +204,7 @@ def paired(frame, value: str, a: str, b: str) -> dict[str, tuple[float, float, f
 def plot(frame, figures: Path) -> Path:
     """lag_fidelity.png: against the lag, (a) each method's cosine to ``iw``, (b) the share of its update carried
     by the most off-policy quarter of the mini-batch (``iw``'s own: the black dashed line), (c) its norm ratio to
-    ``iw``. One line per method over the four lags of one mechanism; 95 % intervals over seeds."""
+    ``iw``. One line per method over the four lags of one mechanism; 95 % intervals over (seed, step) units."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +236,7 @@ def plot(frame, figures: Path) -> Path:
         ax.grid(alpha=0.3)
     handles, labels = axes[1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    fig.suptitle("each method's update inside the study's async regimes (vanilla's trajectory; 95 % t over seeds)")
+    fig.suptitle("each method's update inside the study's async regimes (vanilla's trajectories; 95 % t over (seed, step))")
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     figures.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, figures / FIGURE_NAME, layout=False)
@@ -254,8 +258,8 @@ def section_lines(frame, meta: dict, figure: Path, docs: Path) -> list[str]:
     gap = summarize(frame[frame["method"] == "vanilla"], "log_ah_gap")
     d_cos, d_share = paired(frame, "cosine", "hmpo", "vanilla"), paired(frame, "share_top", "hmpo", "vanilla")
     d_norm = paired(frame, "norm_ratio", "hmpo", "vanilla")
-    n_seeds = frame["seed"].nunique()
-    n_updates = len(frame) // max(1, frame["method"].nunique() * len(regimes))
+    units = frame.groupby(UNIT).ngroups
+    per = frame.groupby(["regime", *UNIT])["update"].nunique().max()
 
     def table(s, digits=3):
         return ["| method | " + " | ".join(regimes) + " |", "|---|" + "---|" * len(regimes),
@@ -281,8 +285,10 @@ def section_lines(frame, meta: dict, figure: Path, docs: Path) -> list[str]:
         "the gradient an unbiased correction follows). *Share*: the quarter of the mini-batch with the largest mean "
         "|log π_θ − log π_sample| per token is its most off-policy responses; their part g_S of the update g carries "
         "⟨g_S, g⟩ / ‖g‖² of it (the responses' shares sum to 1). Every state is vanilla's, so every method is measured "
-        "on the same data and parameters; 95 % t intervals over the "
-        f"{n_seeds} seeds (each seed's mean over its {n_updates // max(1, n_seeds)} captured updates).",
+        f"on the same data and parameters; 95 % t intervals over the {units} (seed, captured step) units of each lag, "
+        f"each the mean over its {per} updates (the {frame['step'].nunique()} captured steps of a seed share a "
+        "trajectory: the intervals "
+        "are somewhat narrower than independent runs would give).",
         "",
         f"![lag fidelity]({os.path.relpath(figure, docs.parent)})",
         "",
@@ -302,7 +308,7 @@ def section_lines(frame, meta: dict, figure: Path, docs: Path) -> list[str]:
         "",
         *table(norm),
         "",
-        "**hmpo − vanilla, paired on the same updates** (mean over seeds [95 % t]):",
+        "**hmpo − vanilla, paired on the same updates** (mean [95 % t over the units]):",
         "",
         "| regime | Δ cosine to iw | Δ share of the most off-policy quarter | Δ norm ratio |",
         "|---|---|---|---|",
