@@ -121,13 +121,17 @@ def loss_cotangent(method: lean.Method, config, settings, log_prob: torch.Tensor
 
 
 def token_kernel(model, rollout: lean.Rollout) -> torch.Tensor:
-    """K = J J^T over all (response, position) pairs of the pool: (N*T, N*T), returned in float64.
+    """K = J J^T over all (response, position) pairs of the pool: (N*T, N*T), returned in float64
+    (J: :func:`token_jacobian`). The update of a loss with cotangent v = dL/d log_prob is g = J^T v, so
+    <g_a, g_b> = v_a^T K v_b: every cosine of every resample then costs a small matrix product."""
+    jac = token_jacobian(model, rollout)
+    return (jac @ jac.T).double()  # float32 products (MKL), accumulated well enough for cosines to ~1e-6
 
-    J[(i, t)] = d log pi(y_{i,t}) / d theta (all parameters, flattened), exact, one response
-    at a time (a forward, then its per-token gradients as a vmapped VJP); rows of padded
-    positions are 0. The update of a loss with cotangent v = dL/d log_prob is g = J^T v, so
-    <g_a, g_b> = v_a^T K v_b: every cosine of every resample then costs a small matrix product.
-    """
+
+def token_jacobian(model, rollout: lean.Rollout) -> torch.Tensor:
+    """J: (N*T, n_params) float32, J[(i, t)] = d log pi(y_{i,t}) / d theta (all parameters, flattened), exact,
+    one response at a time (a forward, then its per-token gradients as a vmapped VJP); rows of padded
+    positions are 0."""
     from torch.func import functional_call, vjp, vmap
 
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -147,7 +151,7 @@ def token_kernel(model, rollout: lean.Rollout) -> torch.Tensor:
         _, pullback = vjp(log_probs, params)
         (grads,) = vmap(pullback)(torch.eye(length))
         jac[i * T: i * T + length] = torch.cat([g.reshape(length, -1) for g in grads.values()], 1)
-    return (jac @ jac.T).double()  # float32 products (MKL), accumulated well enough for cosines to ~1e-6
+    return jac
 
 
 def gram(cotangents: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

@@ -659,9 +659,15 @@ def _update_records(updates: list[dict]) -> dict:
 
 
 def train(task: Task, method: Method, regime: Regime, seed: int, steps: int, settings: LoopSettings,
-          progress: Callable[[int], None] | None = None) -> RunResult:
+          progress: Callable[[int], None] | None = None, observe: Callable[..., None] | None = None) -> RunResult:
     """One run of ``steps`` training steps; returns per-step metrics (``eval_heldout``, ``eval_train``: the
-    exact expected rewards after the step) and the evaluation before the first step (``first_eval``)."""
+    exact expected rewards after the step) and the evaluation before the first step (``first_eval``).
+
+    ``observe``, if given, is called before every update with the trainer's state as keywords: ``step``,
+    ``update`` (its index within the step), ``model`` (the trainer's current model; the observer must not
+    change it), ``rollout``, ``rows`` (the mini-batch), ``recomputed`` (B, T) (the trainer's log-probs at the
+    step's start), ``reported`` (B, T) (the behaviour policy's as the loss would see them), ``scores`` (B,),
+    ``uids`` (B,) (:mod:`hmpo_verl.lab.lag_fidelity` measures each method's update there)."""
     from hmpo_verl.reward_adaptive import REWARD_FEEDBACK, RewardStats
 
     torch.manual_seed(seed)
@@ -709,6 +715,9 @@ def train(task: Task, method: Method, regime: Regime, seed: int, steps: int, set
             model.train()
             for _ in range(regime.epochs):
                 for rows in chunks:
+                    if observe is not None:
+                        observe(step=step, update=len(updates), model=model, rollout=rollout, rows=rows,
+                                recomputed=recomputed, reported=reported, scores=scores, uids=uids)
                     with _routing(model, replay, rows):
                         log_prob = token_log_probs(model, rollout, rows)
                     m = mask[rows]

@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from hmpo_verl.lab import lean
+from hmpo_verl.lab import lag_fidelity, lean
 from hmpo_verl.lab.cpu_demo import REPO_ROOT
 from hmpo_verl.lab.study import analysis, plan, plan_v4, report, run
 
@@ -262,6 +262,8 @@ def main(argv=None) -> int:
         if confirmation:
             confirmation.append("")
         confirmation += _confirm(args, regime, flag, asked, base, out, eval_records, chosen, data_dir, steps)
+    lag_data = data_dir / lag_fidelity.DATA_NAME  # the lag-fidelity section, measured apart, kept with its data
+    lag_lines = lag_fidelity.render(lag_data, docs, figures) if lag_data.exists() else []
     commands = _invocations(out, data_dir, argv)
     (data_dir / "invocations.txt").write_text("\n".join(commands) + "\n")
     ctx = {"plan": the_plan, "settings": base, "task": args.task, "commands": commands,
@@ -269,7 +271,7 @@ def main(argv=None) -> int:
            "cpu_minutes": sum(r["cpu_s"] for r in tuning_rows + eval_rows if math.isfinite(r["cpu_s"])) / 60, "heldout": task.test,
            "methods": methods, "regimes": regimes, "measured": measured, "chosen": chosen, "primaries": prim,
            "questions": questions, "eval_rows": eval_rows, "comps": comps, "figures": figs, "guide": guide,
-           "confirmation": confirmation, "scope": scope, "apmpo": apmpo}
+           "confirmation": confirmation, "scope": scope, "apmpo": apmpo, "lag_fidelity": lag_lines}
     report.write_docs(docs, ctx)
     for block, start, end in ((guide, report.GUIDE_START, report.GUIDE_END), (scope, report.SCOPE_START, report.SCOPE_END)):
         if args.readme and block and not report.update_readme(REPO_ROOT / "README.md", block, start, end):

@@ -20,6 +20,8 @@ from hmpo_verl.lab.study.plan import MARGIN, MECHANISMS, P_METHODS, preregistrat
 
 GUIDE_START, GUIDE_END = "<!-- study-guide:start -->", "<!-- study-guide:end -->"
 SCOPE_START, SCOPE_END = "<!-- study-scope:start -->", "<!-- study-scope:end -->"  # the README's scope paragraph
+# docs/study.md's block of the lag-fidelity section (hmpo_verl.lab.lag_fidelity writes it, from its data)
+LAG_START, LAG_END = "<!-- lag-fidelity:start -->", "<!-- lag-fidelity:end -->"
 
 
 def _f(x, digits=3, sign=False) -> str:
@@ -486,6 +488,12 @@ def write_docs(path: Path, ctx: dict) -> None:
            "line. Q3's regime gap (the mean over all methods' runs, which the harmonic methods inflate under lag) "
            "is in the regimes table."] if "mechanism" in ctx["figures"] else ["Not drawn yet."]),
         "",
+        "## Why the harmonic side loses under lag",
+        "",
+        LAG_START,
+        *(ctx.get("lag_fidelity") or ["Not measured yet: `python -m hmpo_verl.lab.lag_fidelity`."]),
+        LAG_END,
+        "",
         "## What the data show, by the gap vanilla measures (the README's guide)",
         "",
         *(ctx["guide"] or ["Not available yet."]),
@@ -515,7 +523,9 @@ def write_docs(path: Path, ctx: dict) -> None:
         "",
         "`docs/study_data/`: `runs.csv` (one row per run, both phases: outcomes and measured log-ratios), "
         "`steps.csv.gz` (per-step metrics of the evaluation runs), `settings.csv` (tuning), `primaries.csv`, "
-        "`comparisons.csv`, `regimes.csv`, `mechanism.csv`, `confirm_async_0.csv` / `confirm_async_1.csv` (when run).",
+        "`comparisons.csv`, `regimes.csv`, `mechanism.csv`, `confirm_async_0.csv` / `confirm_async_1.csv` (when run), "
+        "`lag_fidelity.csv` (the lag-fidelity section: one row per lag, seed, captured update and method; its "
+        "header holds the command).",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
