@@ -14,9 +14,8 @@ It needs vLLM's CPU build in the interpreter that runs the trainer: ``HMPO_VLLM_
 V1 ``separate_async`` (verl's recommended async path) runs as ``cpu_demo --trainer separate_async --rollout
 vllm``: a separate vLLM pool fed by verl_cpu's ``object_store`` weight sync, with ``bypass_mode`` (the rollout's
 log-probs are the old ones, so verl logs no ``rollout_probs_diff``). Its equivalent here: one update per step
-(``parameter_sync_step=1``), so a lag-0 sample's ratio in our loss compares vLLM's fp32 log-probs with the
-trainer's current weights, which vLLM received at the last sync: ``actor/pm/lag0/log_ah_gap`` is float noise
-only when that sync reached vLLM.
+(``parameter_sync_step=1``), so at step 1 (lag 0) our loss's ratios compare vLLM's fp32 log-probs with the
+trainer's on the same weights (float noise), and every later sample is exactly one version old.
 """
 
 from __future__ import annotations
@@ -112,7 +111,8 @@ ONE_UPDATE_PER_STEP = ("actor_rollout_ref.actor.ppo_mini_batch_size=8", "trainer
 
 @pytest.fixture(scope="module")
 def separate_async(tmp_path_factory):
-    """``python -m hmpo_verl.lab.cpu_demo --trainer separate_async --rollout vllm``, fp32 rollout, one update a step."""
+    """``python -m hmpo_verl.lab.cpu_demo --trainer separate_async --rollout vllm``, fp32 rollout, one update a step
+    (``parameter_sync_step=1``: every sample of step k >= 2 is of version k - 1)."""
     get_task("fibonacci").prepare_assets(log=None, rollout="vllm")
     out = tmp_path_factory.mktemp("vllm_separate_async")
     cmd = [vllm_python(), "-m", "hmpo_verl.lab.cpu_demo", "--trainer", "separate_async", "--rollout", "vllm",
@@ -151,12 +151,15 @@ def test_separate_async_logs_each_samples_lag(separate_async):
     assert metrics[1]["training/lag/max"] == 0  # step 1 trains samples of the initial weights
 
 
-def test_vllm_generated_lag0_samples_with_the_weights_synced_to_it(separate_async):
-    """One update a step: a lag-0 sample's ratio is vLLM's fp32 log-probs against the trainer's current weights, the
-    ones the last object_store sync sent to vLLM; float noise only if vLLM decoded with them (a stale vLLM: >= 1e-4)."""
+def test_vllm_decodes_as_the_trainer_and_reports_each_synced_version(separate_async):
+    """The trainer's equivalent of ``rollout_probs_diff`` under ``bypass_mode``: at step 1 (lag 0, one update) the
+    loss's ratios are vLLM's fp32 log-probs against the trainer's on the same weights: float noise (bf16: ~1e-3).
+    Later steps train samples of the previous version only (lag 1 = verl's own staleness), which vLLM reports only
+    after that version's weights were loaded (``vLLMRollout.update_weights`` sets it last)."""
     _, metrics, _ = separate_async
-    fresh = {step: data for step, data in metrics.items() if data["training/lag/share_0"] > 0}
-    assert max(fresh) > 1, f"no lag-0 samples after a weight sync: {sorted(fresh)}"
-    for step, data in fresh.items():
-        assert abs(data["actor/pm/lag0/log_ah_gap"]) < 1e-6, (step, data["actor/pm/lag0/log_ah_gap"])
-        assert data["actor/pm/lag0/pg_clipfrac"] == 0, step
+    first = metrics[1]
+    assert abs(first["actor/ppo_kl"]) < 1e-6 and first["actor/pg_clipfrac"] == 0, first["actor/ppo_kl"]
+    assert abs(first["actor/pm/lag0/log_ah_gap"]) < 1e-6, first["actor/pm/lag0/log_ah_gap"]
+    for step in range(2, ASYNC_STEPS + 1):
+        assert metrics[step]["training/lag/share_1"] == 1.0, step
+        assert metrics[step]["training/off_policy/trajectory_staleness_worst/max"] == 1, step
