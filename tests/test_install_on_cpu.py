@@ -5,6 +5,7 @@ Offline checks only; the installs themselves, each in a fresh venv, are `python 
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -77,3 +78,25 @@ def test_the_trl_adapter_says_which_install_brings_trl(tmp_path):
     result = _python("import hmpo_verl.trl", pythonpath=[str(tmp_path)])
     assert result.returncode != 0
     assert "hmpo_verl.trl needs TRL >= 1.12" in result.stderr and "pip install 'hmpo-verl[trl]'" in result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skyrl") is None, reason="skyrl is not installed (recipes/cpu_tiny/setup_and_run.sh installs it)")
+def test_the_skyrl_install_check_takes_skyrls_trainer_extra_less_its_cuda_builds():
+    """install_check's skyrl host installs SkyRL's own `skyrl-train` requirements (read from SkyRL's metadata here,
+    as in the fresh venv) less flash-attn, and finds a Python >= 3.12 that runs or says it needs one."""
+    import subprocess
+    import sys
+
+    from hmpo_verl.lab import install_check
+
+    out = subprocess.run([sys.executable, "-c", install_check.SKYRL_REQUIREMENTS], capture_output=True, text=True,
+                         check=True).stdout.split()
+    names = {Requirement(r).name for r in out}
+    assert {"ray", "hydra-core", "skyrl-gym"} <= names
+    assert not names & set(install_check.CUDA_BUILDS)
+    assert all(Requirement(r).marker is None for r in out)
+    found = install_check.python312()
+    if found is not None:
+        version = subprocess.run([found, "-c", "import sys; print(sys.version_info >= (3, 12))"], capture_output=True,
+                                 text=True).stdout.strip()
+        assert version == "True", found
