@@ -82,7 +82,7 @@ def test_the_trl_adapter_says_which_install_brings_trl(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("skyrl") is None, reason="skyrl is not installed (recipes/cpu_tiny/setup_and_run.sh installs it)")
 def test_the_skyrl_install_check_takes_skyrls_trainer_extra_less_its_cuda_builds():
-    """install_check's skyrl host installs SkyRL's own `skyrl-train` requirements (read from SkyRL's metadata here,
+    """install_check's skyrl host installs SkyRL's requirements and its `skyrl-train` extra's (read from SkyRL's metadata here,
     as in the fresh venv) less flash-attn, and finds a Python >= 3.12 that runs or says it needs one."""
     import subprocess
     import sys
@@ -92,7 +92,7 @@ def test_the_skyrl_install_check_takes_skyrls_trainer_extra_less_its_cuda_builds
     out = subprocess.run([sys.executable, "-c", install_check.SKYRL_REQUIREMENTS], capture_output=True, text=True,
                          check=True).stdout.split()
     names = {Requirement(r).name for r in out}
-    assert {"ray", "hydra-core", "skyrl-gym"} <= names
+    assert {"cloudpathlib", "transformers", "ray", "hydra-core", "skyrl-gym"} <= names  # its own, its extra's
     assert not names & set(install_check.CUDA_BUILDS)
     assert all(Requirement(r).marker is None for r in out)
     found = install_check.python312()

@@ -24,8 +24,8 @@ checkout installed (not editable) with the host's extra, exactly as the README t
               CPU wheel, else PyPI's default         and its parity tests pass against SkyRL's own losses and
               torch build); pip install             registry (flash-attn, a CUDA build, is the one part of the
               "<checkout>", skyrl==0.4.0 --no-deps  `skyrl` extra left out; on a GPU machine the extra installs
-              and its skyrl-train requirements      as is)
-              less flash-attn
+              and its own and its skyrl-train       as is)
+              requirements less flash-attn
 
 It prints one line per check and a summary with each host's install time. Needs network access
 to the package index (PyPI or a mirror) and about 3 GB of disk per host.
@@ -47,7 +47,7 @@ TORCH = "torch==2.13.0+cpu"
 TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 TORCH_DEFAULT = "torch==2.13.0"  # PyPI's default build (CUDA libraries, ~4.7 GB): where no CPU wheel is reachable
 SKYRL = "skyrl==0.4.0"
-# SkyRL's own trainer extra, less its CUDA builds (flash-attn compiles against CUDA; on a GPU machine the whole
+# SkyRL's requirements and its trainer extra's, less its CUDA builds (flash-attn compiles against CUDA; on a GPU machine the whole
 # `hmpo-verl[skyrl]` extra installs as is)
 SKYRL_EXTRA = "skyrl-train"
 CUDA_BUILDS = ("flash-attn",)
@@ -228,7 +228,7 @@ from importlib.metadata import requires
 from packaging.requirements import Requirement
 for text in requires("skyrl"):
     req = Requirement(text)
-    if req.marker and req.marker.evaluate({{"extra": "{SKYRL_EXTRA}"}}) and req.name not in {CUDA_BUILDS!r}:
+    if (not req.marker or req.marker.evaluate({{"extra": "{SKYRL_EXTRA}"}})) and req.name not in {CUDA_BUILDS!r}:
         req.marker = None
         print(req)
 """
@@ -241,12 +241,13 @@ print("hmpo_verl.skyrl imports on Python", sys.version.split()[0], "; verl, trl,
 
 
 def check_skyrl(host: Host) -> None:
-    """SkyRL with its trainer extra on Python >= 3.12 (SkyRL's floor), less the CUDA builds (flash-attn): the adapter
+    """SkyRL, its own requirements and its trainer extra's on Python >= 3.12 (SkyRL's floor), less the CUDA builds (flash-attn): the adapter
     imports with no verl / TRL / OpenRLHF, and its parity tests pass against SkyRL's own losses and registry."""
     host.pip('pip install "<checkout>"', str(REPO))
     host.pip(f"pip install --no-deps {SKYRL}", "--no-deps", SKYRL)
     host.pip("pip install packaging pytest", "packaging", "pytest")
-    requirements = host.probe(f"{SKYRL}[{SKYRL_EXTRA}]'s requirements less {', '.join(CUDA_BUILDS)}", SKYRL_REQUIREMENTS)
+    requirements = host.probe(f"{SKYRL}'s and its {SKYRL_EXTRA} extra's requirements less {', '.join(CUDA_BUILDS)}",
+                              SKYRL_REQUIREMENTS)
     host.pip(f"pip install <those {len(requirements.split())} requirements>", *requirements.split())
     host.probe("versions", VERSIONS)
     host.probe("the SkyRL adapter imports, no verl / TRL / OpenRLHF", SKYRL_ONLY)
