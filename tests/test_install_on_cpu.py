@@ -5,7 +5,9 @@ Offline checks only; the installs themselves, each in a fresh venv, are `python 
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -120,3 +122,23 @@ def test_install_checks_vllm_host_runs_the_setup_scripts_own_vllm_install(tmp_pa
     ]
     assert calls[-1] == "-m hmpo_verl.lab.cpu_demo --prepare-only --task addition --rollout vllm"
     assert not (tmp_path / "other_venv").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skyrl") is None,
+                    reason="skyrl is not installed (recipes/cpu_tiny/setup_and_run.sh installs it)")
+def test_the_skyrl_install_check_takes_skyrls_trainer_extra_less_its_cuda_builds():
+    """install_check's skyrl host installs SkyRL's requirements and its `skyrl-train` extra's (read from SkyRL's
+    metadata here, as in the fresh venv) less flash-attn, and finds a Python >= 3.12 that runs or says it needs one."""
+    from hmpo_verl.lab import install_check
+
+    out = subprocess.run([sys.executable, "-c", install_check.SKYRL_REQUIREMENTS], capture_output=True, text=True,
+                         check=True).stdout.split()
+    names = {Requirement(r).name for r in out}
+    assert {"cloudpathlib", "transformers", "ray", "hydra-core", "skyrl-gym"} <= names  # its own, its extra's
+    assert not names & set(install_check.CUDA_BUILDS)
+    assert all(Requirement(r).marker is None for r in out)
+    found = install_check.python312()
+    if found is not None:
+        version = subprocess.run([found, "-c", "import sys; print(sys.version_info >= (3, 12))"], capture_output=True,
+                                 text=True).stdout.strip()
+        assert version == "True", found

@@ -23,7 +23,7 @@ import torch
 
 from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
 from hmpo_verl.guards.finite import NonFiniteInputError, first_non_finite
-from hmpo_verl.maths.options import HMPO_POWER, check_adaptive_options, check_choice, check_mean_options
+from hmpo_verl.maths.options import DEFAULTS, HMPO_POWER, check_adaptive_options, check_choice, check_mean_options
 from hmpo_verl.maths.surrogate import SurrogateTerms, TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 LOSS_MODES = ("hmpo", "power_mean", "agm", "adaptive_power_mean")
@@ -47,15 +47,15 @@ class LossOptions:
     """
 
     loss_mode: str = "hmpo"
-    power: float = HMPO_POWER
-    clip_level: str = "token"
-    clip_space: str = "ratio"
-    agm_iters: Optional[int] = None
-    adapt: str = "ess"
-    p_min: float = -2.0
-    p_max: float = 1.0
-    sign_rule: str = "advantage"
-    ess_target_min: float = 0.99
+    power: float = DEFAULTS["power"]
+    clip_level: str = DEFAULTS["clip_level"]
+    clip_space: str = DEFAULTS["clip_space"]
+    agm_iters: Optional[int] = DEFAULTS["agm_iters"]
+    adapt: str = DEFAULTS["adapt"]
+    p_min: float = DEFAULTS["p_min"]
+    p_max: float = DEFAULTS["p_max"]
+    sign_rule: str = DEFAULTS["sign_rule"]
+    ess_target_min: float = DEFAULTS["ess_target_min"]
     prefix: str = "policy_loss"
 
     def __post_init__(self):

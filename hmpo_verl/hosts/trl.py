@@ -82,7 +82,7 @@ from hmpo_verl.maths.adaptive import scheduled_power
 from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
 from hmpo_verl.guards.finite import check_surrogate_finite
 from hmpo_verl.maths.options import (
-    HMPO_POWER,
+    DEFAULTS,
     check_adaptive_options,
     check_choice,
     check_clip_bounds,
@@ -98,6 +98,11 @@ ADAPT = (None, "ess", "schedule", "reward")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
+def _option(name: str, help_text: str):
+    """A config field defaulting to the shared table `hmpo_verl.maths.options.DEFAULTS`."""
+    return field(default=DEFAULTS[name], metadata={"help": help_text})
+
+
 @dataclass
 class PowerMeanGRPOConfig(GRPOConfig):
     """A `trl.GRPOConfig` with the power-mean options (same names, values and errors as the verl configs).
@@ -108,51 +113,39 @@ class PowerMeanGRPOConfig(GRPOConfig):
     the ratio, which acts on A < 0) is the token-level dual clip.
     """
 
-    power: float = field(
-        default=HMPO_POWER,
-        metadata={"help": "p of the power mean of the token ratios: 1 arithmetic, 0 geometric (GSPO/GMPO), -1 "
-                          "harmonic (HMPO, default), +-inf max/min; any real number."},
-    )
+    power: float = _option("power", "p of the power mean of the token ratios: 1 arithmetic, 0 geometric "
+                           "(GSPO/GMPO), -1 harmonic (HMPO, default), +-inf max/min; any real number.")
     mean: str = field(
         default="power",
         metadata={"help": "'power' (the power mean M_p) or 'agm' (arithmetic-harmonic mean: limit sqrt(A*H))."},
     )
-    agm_iters: Optional[int] = field(
-        default=None, metadata={"help": "mean='agm': None = exact limit, k >= 0 = k arithmetic-harmonic steps."}
-    )
-    clip_level: str = field(
-        default="token",
-        metadata={"help": "'token': each token's ratio clipped one-sidedly by sign(A) before the mean (GMPO/PMPO; "
-                          "p=1 is GRPO's clip); 'sequence': the mean clipped (GSPO)."},
-    )
-    clip_space: str = field(
-        default="ratio", metadata={"help": "'ratio': [1-epsilon, 1+epsilon_high]; 'log': [-epsilon, epsilon_high]."}
-    )
+    agm_iters: Optional[int] = _option("agm_iters", "mean='agm': None = exact limit, k >= 0 = k arithmetic-harmonic "
+                                                    "steps.")
+    clip_level: str = _option("clip_level", "'token': each token's ratio clipped one-sidedly by sign(A) before the "
+                                            "mean (GMPO/PMPO; p=1 is GRPO's clip); 'sequence': the mean clipped (GSPO).")
+    clip_space: str = _option("clip_space", "'ratio': [1-epsilon, 1+epsilon_high]; 'log': [-epsilon, epsilon_high].")
     adapt: Optional[str] = field(
-        default=None,
+        default=None,  # not DEFAULTS["adapt"]: None means a fixed power here (TRL's config has no loss_mode)
         metadata={"help": "None: fixed power; 'ess': p per trajectory by clip-aware ESS matching (PMPO); "
                           "'schedule': p from p_start to p_end over schedule_steps optimizer steps (HolderPO)."},
     )
-    p_min: float = field(default=-2.0, metadata={"help": "adapt='ess': lowest p, in [-1e4, 0]."})
-    p_max: float = field(default=1.0, metadata={"help": "adapt='ess': highest p, in [0, 1e4]."})
-    sign_rule: str = field(
-        default="advantage", metadata={"help": "adapt='ess': side of 0 searched: 'advantage', 'negative', 'positive'."}
-    )
-    ess_target_min: float = field(
-        default=0.99, metadata={"help": "adapt='ess': target ESS/T of a trajectory with no clipped token, in (0, 1]."}
-    )
-    schedule: str = field(default="linear", metadata={"help": "adapt='schedule': 'linear' or 'cosine'."})
-    p_start: float = field(default=2.0, metadata={"help": "adapt='schedule': p at optimizer step 0."})
-    p_end: float = field(default=-2.0, metadata={"help": "adapt='schedule': p from schedule_steps on."})
-    schedule_steps: int = field(default=1000, metadata={"help": "adapt='schedule': optimizer steps (>= 1)."})
-    reward_gamma: float = field(
-        default=0.8, metadata={"help": "adapt='reward' (APMPO arXiv 2605.04066): p = exp(-reward_gamma * mean reward)."})
-    feedback_clip: bool = field(
-        default=True, metadata={"help": "adapt='reward': epsilon_high = feedback_clip_min + (feedback_clip_max - "
-                                        "feedback_clip_min) * tanh(mean reward / (reward std + feedback_delta))."})
-    feedback_clip_min: float = field(default=0.2, metadata={"help": "adapt='reward': lowest adaptive epsilon_high."})
-    feedback_clip_max: float = field(default=0.4, metadata={"help": "adapt='reward': highest adaptive epsilon_high."})
-    feedback_delta: float = field(default=1e-6, metadata={"help": "adapt='reward': delta of the stability score (> 0)."})
+    p_min: float = _option("p_min", "adapt='ess': lowest p, in [-1e4, 0].")
+    p_max: float = _option("p_max", "adapt='ess': highest p, in [0, 1e4].")
+    sign_rule: str = _option("sign_rule", "adapt='ess': side of 0 searched: 'advantage', 'negative', 'positive'.")
+    ess_target_min: float = _option("ess_target_min", "adapt='ess': target ESS/T of a trajectory with no clipped "
+                                                      "token, in (0, 1].")
+    schedule: str = _option("schedule", "adapt='schedule': 'linear' or 'cosine'.")
+    p_start: float = _option("p_start", "adapt='schedule': p at optimizer step 0.")
+    p_end: float = _option("p_end", "adapt='schedule': p from schedule_steps on.")
+    schedule_steps: int = _option("schedule_steps", "adapt='schedule': optimizer steps (>= 1).")
+    reward_gamma: float = _option("reward_gamma", "adapt='reward' (APMPO arXiv 2605.04066): p = exp(-reward_gamma "
+                                                  "* mean reward).")
+    feedback_clip: bool = _option("feedback_clip", "adapt='reward': epsilon_high = feedback_clip_min + "
+                                                   "(feedback_clip_max - feedback_clip_min) * tanh(mean reward / "
+                                                   "(reward std + feedback_delta)).")
+    feedback_clip_min: float = _option("feedback_clip_min", "adapt='reward': lowest adaptive epsilon_high.")
+    feedback_clip_max: float = _option("feedback_clip_max", "adapt='reward': highest adaptive epsilon_high.")
+    feedback_delta: float = _option("feedback_delta", "adapt='reward': delta of the stability score (> 0).")
     loss_type: str = field(
         default="grpo",
         metadata={"help": "TRL's normalisation: 'grpo' (default: per-sequence mean, the sequence-level objective), "

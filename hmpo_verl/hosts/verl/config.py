@@ -34,6 +34,7 @@ except ImportError as err:  # say which install brings it
     ) from err
 
 from hmpo_verl.maths.options import (
+    DEFAULTS,
     HMPO_POWER,
     check_adaptive_options,
     check_advantage_options,
@@ -66,10 +67,10 @@ class PowerMeanLossConfig(PolicyLossConfig):
     """
 
     loss_mode: str = "power_mean"
-    power: float = HMPO_POWER
-    clip_level: str = "token"
-    clip_space: str = "ratio"
-    agm_iters: Optional[int] = None
+    power: float = DEFAULTS["power"]
+    clip_level: str = DEFAULTS["clip_level"]
+    clip_space: str = DEFAULTS["clip_space"]
+    agm_iters: Optional[int] = DEFAULTS["agm_iters"]
 
     def __post_init__(self):
         check_mean_options(LOSS_PREFIX, self.power, self.clip_level, self.clip_space, self.agm_iters)
@@ -114,20 +115,20 @@ class AdaptivePowerMeanLossConfig(PowerMeanLossConfig):
     """
 
     loss_mode: str = "adaptive_power_mean"
-    adapt: str = "ess"
-    p_min: float = -2.0
-    p_max: float = 1.0
-    sign_rule: str = "advantage"
-    ess_target_min: float = 0.99
-    schedule: str = "linear"
-    p_start: float = 2.0
-    p_end: float = -2.0
-    schedule_steps: int = 1000
-    reward_gamma: float = 0.8
-    feedback_clip: bool = True
-    feedback_clip_min: float = 0.2
-    feedback_clip_max: float = 0.4
-    feedback_delta: float = 1e-6
+    adapt: str = DEFAULTS["adapt"]
+    p_min: float = DEFAULTS["p_min"]
+    p_max: float = DEFAULTS["p_max"]
+    sign_rule: str = DEFAULTS["sign_rule"]
+    ess_target_min: float = DEFAULTS["ess_target_min"]
+    schedule: str = DEFAULTS["schedule"]
+    p_start: float = DEFAULTS["p_start"]
+    p_end: float = DEFAULTS["p_end"]
+    schedule_steps: int = DEFAULTS["schedule_steps"]
+    reward_gamma: float = DEFAULTS["reward_gamma"]
+    feedback_clip: bool = DEFAULTS["feedback_clip"]
+    feedback_clip_min: float = DEFAULTS["feedback_clip_min"]
+    feedback_clip_max: float = DEFAULTS["feedback_clip_max"]
+    feedback_delta: float = DEFAULTS["feedback_delta"]
 
     def __post_init__(self):
         super().__post_init__()
