@@ -19,6 +19,7 @@ import types
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_one_step_off_resume_on_cpu import BATCH, PROMPTS, _loader, _train, _Workers, config
 
 from hmpo_verl.guards import shuffle
@@ -139,3 +140,27 @@ def test_verls_v1_trainer_restores_the_order_at_a_boundary_itself():
                                     train_dataloader_it=None)
     resumed.train_dataloader.load_state_dict(trainer.train_dataloader.state_dict())  # PPOTrainer._load_checkpoint
     assert fetched(resumed, STEPS_PER_EPOCH) == fetched(trainer, STEPS_PER_EPOCH) != first_epoch
+
+
+def test_verls_fully_async_rollouter_restores_the_order_at_a_boundary_itself():
+    """The fully-async rollouter loads data.pt at a boundary too; its continuous iterator starts a new pass."""
+    from itertools import islice
+
+    from verl.experimental.fully_async_policy import fully_async_rollouter
+
+    from hmpo_verl.hosts.verl.registry import ray_wrapped_class
+
+    rollouter_class = ray_wrapped_class(fully_async_rollouter.FullyAsyncRollouter)  # a @ray.remote class
+
+    def rollouter():
+        return types.SimpleNamespace(train_dataloader=_loader(), config=OmegaConf.create({"trainer": {"total_epochs": 3}}))
+
+    def drawn(iterator, count):
+        return [batch.tolist() for _epoch, batch in islice(iterator, count)]
+
+    uninterrupted, resumed = rollouter(), rollouter()
+    batches = rollouter_class._create_continuous_iterator(uninterrupted)
+    first_epoch = drawn(batches, STEPS_PER_EPOCH)
+    resumed.train_dataloader.load_state_dict(uninterrupted.train_dataloader.state_dict())  # its _load_checkpoint
+    second_epoch = drawn(rollouter_class._create_continuous_iterator(resumed), STEPS_PER_EPOCH)
+    assert second_epoch == drawn(batches, STEPS_PER_EPOCH) != first_epoch
