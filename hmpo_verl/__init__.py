@@ -56,6 +56,7 @@ _MODULES = {
     "hmpo_verl.offpolicy": "hmpo_verl.guards.offpolicy",
     "hmpo_verl.run_settings": "hmpo_verl.guards.run_settings",
     "hmpo_verl.prefetch": "hmpo_verl.guards.prefetch",
+    "hmpo_verl.shuffle": "hmpo_verl.guards.shuffle",
     "hmpo_verl.inflight": "hmpo_verl.guards.inflight",
 }
 

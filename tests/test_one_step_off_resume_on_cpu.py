@@ -5,8 +5,9 @@ verl 0.9.1's ``OneStepOffRayTrainer`` draws batch k+1 before it saves step k's c
 ``fit_step``, ``_fit_generate``, ``_create_continuous_iterator``, ``_fit_save_checkpoint``,
 ``_save_checkpoint`` and ``_load_checkpoint`` run on a trainer without Ray: the workers, the
 rollout and the loss are stand-ins that record which batch each step trains, and the dataloader
-is a ``StatefulDataLoader`` over 6 numbered prompts, shuffled, 2 a batch (3 steps an epoch), as
-verl builds it. An uninterrupted 5-step run (a checkpoint every step) is compared with runs
+is a ``StatefulDataLoader`` over 6 numbered prompts, shuffled by verl's ``create_rl_sampler``, 2 a
+batch (3 steps an epoch), as verl builds it (``tests/test_shuffle_resume_on_cpu.py`` reuses it over
+several epochs). An uninterrupted 5-step run (a checkpoint every step) is compared with runs
 resumed from its checkpoints 1 and 2 (each crosses the epoch boundary after the resume).
 
 The same comparison on verl's real one-step-off trainer (Ray, the rollout pool, our loss) is
@@ -29,16 +30,17 @@ from hmpo_verl.checkpoints import read_tracker
 from hmpo_verl import prefetch
 
 PROMPTS, BATCH, STEPS, SAVE_FREQ = 6, 2, 5, 1
-# checkpoints inside the first epoch: the resumed runs cross the epoch boundary. (A checkpoint in a later
-# epoch resumes with the first epoch's shuffle order, for verl's synchronous trainer as well: torch's
-# RandomSampler keeps no state in StatefulDataLoader's data.pt, which the fresh process re-seeds.)
+# checkpoints inside the first epoch: the resumed runs cross the epoch boundary
 RESUMED_FROM = (1, 2)
 
 
-def _loader() -> StatefulDataLoader:
-    """The prompts 0..5, shuffled by a seeded generator, as verl's ``create_rl_sampler`` does."""
-    sampler = torch.utils.data.RandomSampler(range(PROMPTS), generator=torch.Generator().manual_seed(1))
-    return StatefulDataLoader(list(range(PROMPTS)), batch_size=BATCH, sampler=sampler)
+def _loader(prompts=tuple(range(PROMPTS))) -> StatefulDataLoader:
+    """The prompts (0..5), shuffled by verl's ``create_rl_sampler`` (torchdata's RandomSampler, data.seed=1)."""
+    from verl.trainer.ppo.utils import create_rl_sampler
+
+    prompts = list(prompts)
+    sampler = create_rl_sampler(OmegaConf.create({"shuffle": True, "seed": 1}), prompts)
+    return StatefulDataLoader(prompts, batch_size=BATCH, sampler=sampler, drop_last=True)
 
 
 def _trainer_class():
@@ -67,12 +69,9 @@ async def _generate(self, continuous_iterator):
     return {}, {}, epoch, types.SimpleNamespace(meta_info={"timing": {}}, ids=batch_dict.tolist()), None
 
 
-def _train(checkpoints, resume: bool) -> list[list[int]]:
-    """Run verl's ``OneStepOffRayTrainer.fit`` for :data:`STEPS` steps; return the prompts each step trained."""
-    cls = _trainer_class()
-    trainer = cls.__new__(cls)
-    trained = []
-    trainer.config = OmegaConf.create({
+def config(checkpoints, resume: bool):
+    """The trainer config verl's ``fit``, ``_save_checkpoint`` and ``_load_checkpoint`` read (a save every step)."""
+    return OmegaConf.create({
         "trainer": {"total_epochs": 100, "resume_mode": "auto" if resume else "disable", "default_hdfs_dir": None,
                     "default_local_dir": str(checkpoints), "del_local_ckpt_after_load": False,
                     "save_freq": SAVE_FREQ, "esi_redundant_time": 0, "project_name": "p", "experiment_name": "e",
@@ -80,8 +79,16 @@ def _train(checkpoints, resume: bool) -> list[list[int]]:
         "actor_rollout_ref": {"rollout": {"temperature": 1.0}, "actor": {"checkpoint": {"async_save": False}}},
         "global_profiler": {"steps": None},
     })  # fmt: skip
+
+
+def _train(checkpoints, resume: bool, steps: int = STEPS) -> list[list[int]]:
+    """Run verl's ``OneStepOffRayTrainer.fit`` for ``steps`` steps; return the prompts each step trained."""
+    cls = _trainer_class()
+    trainer = cls.__new__(cls)
+    trained = []
+    trainer.config = config(checkpoints, resume)
     trainer.train_dataloader = _loader()
-    trainer.total_training_steps, trainer.epoch, trainer.use_critic = STEPS, 0, False
+    trainer.total_training_steps, trainer.epoch, trainer.use_critic = steps, 0, False
     trainer.actor_rollout_wg = _Workers()
     trainer._async_gen_next_batch = types.MethodType(_generate, trainer)
     for name in ("_fit_update_weights", "_fit_start_profile", "_fit_dump_data", "_fit_validate", "_fit_stop_profile",

@@ -87,6 +87,10 @@ VERL_SYMBOLS: tuple[VerlSymbol, ...] = (
     VerlSymbol("verl.trainer.ppo.ray_trainer", "RayPPOTrainer._load_checkpoint", "wraps",
                "records the step training starts from, so the first weights' label after a start or resume "
                "gives lag 0", "one_step_off", "guards/offpolicy.py"),
+    VerlSymbol("verl.trainer.ppo.ray_trainer", "RayPPOTrainer._load_checkpoint", "wraps",
+               "at an epoch boundary verl skips data.pt: the sampler's generator is advanced through the saved epoch, "
+               "so the next epoch is shuffled as in the uninterrupted run", "v0 RayPPOTrainer, one_step_off",
+               "guards/shuffle.py"),
     VerlSymbol("verl.experimental.one_step_off_policy.ray_trainer", "OneStepOffRayTrainer._create_continuous_iterator",
                "wraps", "records the dataloader's state after each batch drawn (it draws batch k+1 before saving "
                "step k)", "one_step_off", "guards/prefetch.py"),

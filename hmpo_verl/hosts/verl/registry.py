@@ -114,8 +114,8 @@ def register_on_import() -> None:
     """Register now if verl's core_algos is loaded, else as soon as it is imported (see module doc);
     guard checkpoint saves of verl's trainers (`hmpo_verl.guards.checkpoints.guard_saves`) and the driver's check
     of the rollout's log-probs as they are imported; install the off-policy trainer hooks
-    (`hmpo_verl.guards.offpolicy`, `hmpo_verl.guards.prefetch`)."""
-    from hmpo_verl.guards import prefetch
+    (`hmpo_verl.guards.offpolicy`, `hmpo_verl.guards.prefetch`, `hmpo_verl.guards.shuffle`)."""
+    from hmpo_verl.guards import prefetch, shuffle
     from hmpo_verl.guards.offpolicy import install
 
     if CORE_ALGOS in sys.modules:
@@ -128,6 +128,7 @@ def register_on_import() -> None:
         run_after_import(name, lambda module, trainer=trainer: _guard_trainer(module, trainer), GUARD_FAILED.format(name))
     install(run_after_import)
     prefetch.install(run_after_import)
+    shuffle.install(run_after_import)
 
 
 def _guard_rollout_log_probs(module) -> None:
