@@ -1,23 +1,23 @@
-"""Crash and resume on verl's real trainer (CPU), by breaking it: cases 1, 3, 4, 5 and 5b of ``hmpo_verl.lab.crash``.
+"""Crash and resume on verl's real trainer (CPU), by breaking it: cases 1-5 and 5b of ``hmpo_verl.lab.crash``.
 
 One command (``adaptive_power_mean``, ``adapt: schedule`` p 2 -> -2 over 8 optimizer steps, 2 PPO
 mini-batches per step, a checkpoint every 2 steps, ``resume_mode=auto``, ``rollout.full_determinism=true``,
 6 steps) with :data:`~hmpo_verl.lab.crash.SCHEDULES`: warm-up (2 steps) + cosine LR, shuffled data of
 48 prompts (an epoch is 3 steps: the resumed steps 3 and 4 cross from epoch 0 into epoch 1), attention
-dropout 0.1 in the actor's update (its RNG seeded by the engine's ``full_determinism``). Four launches
+dropout 0.1 in the actor's update (its RNG seeded by the engine's ``full_determinism``). Five launches
 with Ray, each ending in a fault:
 
 * **uninterrupted**, through the demo: steps 1-4, checkpoints 2 and 4, then NaN rollout log-probs at
   step 5 (case 4: stopped, the demo prints our error);
 * **killed** (case 1): SIGKILL of the driver as soon as checkpoint 2 is complete;
+* **worker killed** (case 2): the same command resumes at step 3; SIGKILL of the actor worker during
+  step 3's update;
 * **killed while saving** (case 3): the same command resumes at step 3; SIGKILL of the driver while
   it writes checkpoint 4 (pinned there by a named pipe), which is left half-written;
 * **resumed** (case 5): the same command resumes at step 3 from checkpoint 2, writes checkpoint 4,
   runs steps 5-6 and finds the disk full when it writes checkpoint 6.
 
-And case 5b, an unwritable ``default_local_dir``, refused before Ray starts. Case 2 (a killed actor
-worker) needs a launch of its own and runs in ``python -m hmpo_verl.lab.crash`` only (README,
-"Crash and resume").
+And case 5b, an unwritable ``default_local_dir``, refused before Ray starts.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from hmpo_verl.lab.crash import (
     full_disk,
     kill_after_checkpoint,
     kill_during_save,
+    kill_worker,
     rollout_dump,
     run_demo,
     same_checkpoint,
@@ -72,13 +73,14 @@ def runs(tmp_path_factory):
     demo, demo_output = run_demo(uninterrupted, POISON, timeout=900)
     crashed = Scenario(root / "crashed", steps=STEPS, overrides=SCHEDULES)
     killed = kill_after_checkpoint(crashed, step=2, leftover_wait=0.0, relaunch=False)
+    worker = kill_worker(crashed, after=2, relaunch=False)
     saving = kill_during_save(crashed, step=4, relaunch=False)
     with full_disk(crashed, STEPS):
         resumed = crashed.launch("resumed")
         resumed_exit = resumed.wait(900)
         tracker_after_full_disk = crashed.tracker()
     return {"unwritable": unwritable, "uninterrupted": uninterrupted, "demo": demo, "demo_output": demo_output,
-            "crashed": crashed, "killed": killed["killed"], "saving": saving, "resumed": resumed,
+            "crashed": crashed, "killed": killed["killed"], "worker": worker, "saving": saving, "resumed": resumed,
             "resumed_exit": resumed_exit, "tracker_after_full_disk": tracker_after_full_disk}
 
 
@@ -160,6 +162,18 @@ def test_a_poisoned_batch_stops_the_run_with_our_error_shown_by_the_demo(runs):
     assert read_tracker(runs["uninterrupted"].checkpoints) == POISONED - 1
     assert checkpoint_problems(runs["uninterrupted"].step_dir(POISONED - 1)) == []
     assert not runs["uninterrupted"].step_dir(POISONED).exists()
+
+
+def test_a_killed_worker_stops_the_driver_naming_it_and_checkpoint_2_stays_tracked(runs):
+    """Case 2: resumed at step 3 from checkpoint 2, the actor worker is killed (SIGKILL) during step 3's update:
+    the driver exits non-zero with Ray's error naming the dead WorkerDict, nothing of step 3 is logged, the
+    tracker still names checkpoint 2 (the next launch, case 3's, resumes at step 3: tested above)."""
+    worker = runs["worker"]
+    assert worker["driver_exit"] != 0, worker["broken"].log()[-3000:]
+    cause = "\n".join(worker["cause"])
+    assert "ActorDiedError" in cause and "WorkerDict" in cause, cause or worker["broken"].log()[-3000:]
+    assert worker["broken"].metrics() == {}
+    assert worker["tracker_after_kill"] == 2
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_tracked(runs):

@@ -349,8 +349,9 @@ WORKER_UPDATING = "WorkerDict.actor_rollout_update_actor"  # Ray's process title
 WORKER_SAVING = "WorkerDict.actor_rollout_save_checkpoint"  # and while it saves
 
 
-def kill_worker(scenario: Scenario, after: int = SAVE_FREQ, timeout: float = 900) -> dict:
-    """Case 2: SIGKILL the actor worker during the first update after checkpoint ``after``; relaunch.
+def kill_worker(scenario: Scenario, after: int = SAVE_FREQ, timeout: float = 900, relaunch: bool = True) -> dict:
+    """Case 2: SIGKILL the actor worker during the first update after checkpoint ``after``; relaunch (unless not
+    ``relaunch``: the next case's launch resumes instead).
 
     ``detect_s``: from the kill to the driver's exit; ``cause``: the demo's reading of the log.
     """
@@ -364,9 +365,12 @@ def kill_worker(scenario: Scenario, after: int = SAVE_FREQ, timeout: float = 900
         sent = sigkill(worker)
         code = broken.process.wait(timeout)
         detect_s = time.time() - sent
+    found = {"broken": broken, "worker_pid": worker, "driver_exit": code, "detect_s": detect_s,
+             "cause": failure_cause(broken.log()), "tracker_after_kill": scenario.tracker()}
+    if not relaunch:
+        return found
     resumed = scenario.launch("resumed")
-    return {"broken": broken, "worker_pid": worker, "driver_exit": code, "detect_s": detect_s,
-            "cause": failure_cause(broken.log()), "resumed": resumed, "resumed_exit": resumed.wait(timeout)}
+    return {**found, "resumed": resumed, "resumed_exit": resumed.wait(timeout)}
 
 
 def kill_during_save(scenario: Scenario, step: int = 2 * SAVE_FREQ, timeout: float = 900,

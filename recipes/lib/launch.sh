@@ -290,6 +290,10 @@ hmpo_launch() {
     if [[ "${PREFLIGHT:-0}" == 1 && -z "${ray_submit:-}" ]]; then
         HMPO_OVERRIDES=(${overrides[@]+"${overrides[@]}"})
         hmpo_preflight
+    elif [[ "${PREFLIGHT:-0}" == 1 ]]; then
+        echo "$(basename -- "$0"): preflight skipped for ray job submit: the job runs on the cluster's software," \
+            "which this machine cannot see; to check every node first, run on a cluster node:" \
+            "python3 recipes/lib/preflight.py --ray-address <head>:<GCS port> (recipes/README.md, Install on a GPU node)" >&2
     fi
     if hmpo_cpu_size; then
         export VERL_PLATFORM=cpu  # verl_cpu's platform, FSDP engines on gloo and hf rollout server
