@@ -24,7 +24,7 @@ from cpu_assets import REPO_ROOT, task_assets
 from hydra import compose, initialize_config_dir
 from test_cpu_tasks import _flat
 
-from hmpo_verl.lab.cpu_demo import merge_steps, read_metrics
+from hmpo_verl.lab.cpu_demo import trained_steps
 from hmpo_verl.staleness import BUCKETS
 from verl_cpu.preflight import FULLY_ASYNC, ONE_STEP_OFF, V1_SEPARATE, check_config
 
@@ -115,8 +115,7 @@ def run(request, tmp_path_factory):
     start = time.time()
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     print(f"{trainer} e2e run: {time.time() - start:.0f} s")
-    metrics = {r["step"]: r["data"] for r in merge_steps(read_metrics(out / "metrics.jsonl"))
-               if "critic/score/mean" in r["data"]}
+    metrics = {r["step"]: r["data"] for r in trained_steps(out / "metrics.jsonl")}
     trace = [json.loads(line) for line in (out / "rollout_trace.jsonl").read_text().splitlines()] \
         if (out / "rollout_trace.jsonl").exists() else []
     return trainer, steps, result, metrics, trace, out

@@ -325,7 +325,7 @@ def separate_async(tmp_path_factory):
 
     from cpu_assets import REPO_ROOT, task_assets
 
-    from hmpo_verl.lab.cpu_demo import merge_steps, read_metrics
+    from hmpo_verl.lab.cpu_demo import trained_steps
 
     task_assets("fibonacci")
     out = tmp_path_factory.mktemp("separate_async")
@@ -335,8 +335,7 @@ def separate_async(tmp_path_factory):
     start = time.time()
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     print(f"separate_async e2e run: {time.time() - start:.0f} s")
-    metrics = {r["step"]: r["data"] for r in merge_steps(read_metrics(out / "metrics.jsonl"))
-               if "critic/score/mean" in r["data"]}
+    metrics = {r["step"]: r["data"] for r in trained_steps(out / "metrics.jsonl")}
     return result, metrics, out
 
 

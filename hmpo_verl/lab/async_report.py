@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hmpo_verl.lab.cpu_demo import GAP, LAG, REWARD, STEP_TIME, merge_steps, read_metrics
+from hmpo_verl.lab.cpu_demo import GAP, LAG, REWARD, STEP_TIME, trained_steps
 from hmpo_verl.lab.tasks import REPO_ROOT
 from hmpo_verl.staleness import BUCKETS
 
@@ -74,7 +74,7 @@ def run_demo(run_dir: Path, trainer: str, steps: int, overrides: list[str]) -> d
                "--run-dir", str(run_dir), "--", *overrides]
         print("running:", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=REPO_ROOT, check=True)
-    records = [r for r in merge_steps(read_metrics(run_dir / "metrics.jsonl")) if REWARD in r["data"]]
+    records = trained_steps(run_dir / "metrics.jsonl")
     return {"summary": json.loads((run_dir / "summary.json").read_text()), "steps": records}
 
 

@@ -221,6 +221,12 @@ def merge_steps(records: list[dict]) -> list[dict]:
     return [merged[step] for step in sorted(merged)]
 
 
+def trained_steps(path: Path) -> list[dict]:
+    """The records of the steps that trained (they carry the reward), merged per step (:func:`merge_steps`), from
+    verl's file-logger output ``path``."""
+    return [r for r in merge_steps(read_metrics(path)) if REWARD in r["data"]]
+
+
 def is_shown(record: dict) -> bool:
     """A training step (it has the reward), or the validation before training (step 0)."""
     return REWARD in record["data"] or (record["step"] == 0 and val_key(record["data"]) is not None)

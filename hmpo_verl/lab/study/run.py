@@ -205,7 +205,7 @@ def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, s
     ``<out>/trainer/<regime>/<method>/lr<lr>/seed<k>/result.json`` (a finished one is read, not run again)."""
     import subprocess
 
-    from hmpo_verl.lab.cpu_demo import merge_steps, read_metrics
+    from hmpo_verl.lab.cpu_demo import trained_steps
 
     run_dir = out / "trainer" / run.regime / run.method / f"lr{run.lr:g}" / f"seed{run.seed}"
     result_path = run_dir / "result.json"
@@ -220,7 +220,7 @@ def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, s
     start = time.time()
     with open(run_dir / "train.log", "w") as log:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT).returncode
-    records = [r for r in merge_steps(read_metrics(run_dir / "metrics.jsonl")) if "critic/score/mean" in r["data"]]
+    records = trained_steps(run_dir / "metrics.jsonl")
     data = {"exit_code": code, "steps": len(records), "wall_s": time.time() - start, "command": " ".join(cmd[1:]),
             "metrics": [r["data"] for r in records],
             "loss_metrics_seen": sorted({k for r in records for k in r["data"] if k.startswith(("actor/pm/", "rollout_corr/"))})}
