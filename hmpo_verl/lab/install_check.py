@@ -192,6 +192,12 @@ class Host:
     def pip(self, what: str, *args: str) -> str:
         return self.step(what, [str(self.python), "-m", "pip", "install", "--quiet", *args])
 
+    def pytest(self, what: str, test_file: str) -> None:
+        """Run ``tests/<test_file>`` of this checkout with the venv's pytest; print pytest's summary line."""
+        out = self.step(what, [str(self.python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               str(REPO / "tests" / test_file)])
+        print(textwrap.indent(out.splitlines()[-1] if out else "", "    "), flush=True)
+
     def create(self, interpreter: str | None = None, default_torch: bool = False) -> float:
         """A fresh venv (from `interpreter`, else this Python), current pip, torch's CPU wheel (pip's configured
         indexes, else TORCH_INDEX); with `default_torch`, PyPI's default torch build as the last resort (the
@@ -228,9 +234,7 @@ def check_trl(host: Host) -> None:
     host.probe("without verl: the maths imports, the verl configs say what to install", VERL_MISSING)
     host.probe("the TRL adapter imports", TRL_ADAPTER)
     host.pip("pip install pytest (for the adapter's tests)", "pytest")
-    out = host.step("tests/test_trl_vs_trl.py against this TRL",
-                    [str(host.python), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_trl_vs_trl.py")])
-    print(textwrap.indent(out.splitlines()[-1] if out else "", "    "), flush=True)
+    host.pytest("tests/test_trl_vs_trl.py against this TRL", "test_trl_vs_trl.py")
     host.pip('pip install "hmpo-verl[trl] @ git+file://<checkout>" (the git-URL form, committed HEAD)',
              "--force-reinstall", "--no-deps", f"hmpo-verl[trl] @ git+file://{REPO}")
     host.probe("the TRL adapter imports (git-URL install)", TRL_ADAPTER + GIT_ORIGIN)
@@ -266,10 +270,7 @@ def check_openrlhf(host: Host) -> None:
     host.pip("pip install pytest", "pytest")
     host.probe("versions", VERSIONS)
     host.probe("the OpenRLHF adapter imports, no verl / TRL / SkyRL", OPENRLHF_ONLY)
-    out = host.step("tests/test_openrlhf_parity.py against OpenRLHF's own PolicyLoss",
-                    [str(host.python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                     str(REPO / "tests" / "test_openrlhf_parity.py")])
-    print(textwrap.indent(out.splitlines()[-1] if out else "", "    "), flush=True)
+    host.pytest("tests/test_openrlhf_parity.py against OpenRLHF's own PolicyLoss", "test_openrlhf_parity.py")
 
 
 def host_env() -> dict[str, str]:
@@ -332,10 +333,7 @@ def check_skyrl(host: Host) -> None:
     host.pip(f"pip install <those {len(requirements.split())} requirements>", *requirements.split())
     host.probe("versions", VERSIONS)
     host.probe("the SkyRL adapter imports, no verl / TRL / OpenRLHF", SKYRL_ONLY)
-    out = host.step("tests/test_skyrl_parity.py against SkyRL's own gspo / regular",
-                    [str(host.python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                     str(REPO / "tests" / "test_skyrl_parity.py")])
-    print(textwrap.indent(out.splitlines()[-1] if out else "", "    "), flush=True)
+    host.pytest("tests/test_skyrl_parity.py against SkyRL's own gspo / regular", "test_skyrl_parity.py")
 
 
 def python312() -> str | None:
