@@ -270,6 +270,31 @@ def test_stats_time_the_decoding_and_the_queue(server):
     assert after["torch_threads"] == torch.get_num_threads()
 
 
+def test_a_batch_closes_one_quiet_gap_after_its_last_request(server, monkeypatch):
+    """Requests at 0, 0.2 and 0.45 s with a 0.4 s gap form one batch, whose decode starts 0.4 s after the
+    last arrival (a poll every 0.4 s, the rule before, started it at 1.2 s: 0.75 s after the last)."""
+    monkeypatch.setattr(server, "batch_wait_s", 0.4)
+    prompts = _prompts(server, [(1, 2), (3, 4), (5, 6)])
+    arrivals = []
+
+    async def run():
+        tasks = []
+        for prompt, at in zip(prompts, (0.0, 0.2, 0.45), strict=True):
+            await asyncio.sleep(at - (time.time() - arrivals[0]) if arrivals else 0.0)
+            arrivals.append(time.time())
+            tasks.append(asyncio.create_task(server.generate(prompt, {"temperature": 0.0}, request_id=str(at))))
+            await asyncio.sleep(0)  # let it reach the queue
+        await asyncio.gather(*tasks)
+
+    before = asyncio.run(server.stats())
+    asyncio.run(run())
+    after = asyncio.run(server.stats())
+    assert after["batches"] - before["batches"] == 1
+    # queue_s sums each request's wait from its arrival to the decode's start: solve for the start
+    start = (after["queue_s"] - before["queue_s"] + sum(arrivals)) / len(arrivals)
+    assert 0.38 <= start - arrivals[-1] < 0.6, start - arrivals[-1]
+
+
 def test_drain_waits_for_requests_still_in_the_batching_window(server):
     prompts = _prompts(server, [(1, 1), (2, 2), (3, 3)])
 

@@ -308,14 +308,18 @@ class HFRolloutServer:
         a batch closed a fixed time after its first request would hold only the first few,
         and the rest would wait for its whole decode before their own. Waiting for a quiet
         gap instead takes a step's burst in one batch (at most ``max_batch_size`` requests).
+        The gap is timed from the latest arrival, so a batch closes ``batch_wait_s`` after its
+        last request (a poll every ``batch_wait_s`` would close it 1-2 gaps after).
         """
         batch = [await self._queue.get()]
         while len(batch) < self.max_batch_size:
-            await asyncio.sleep(self.batch_wait_s)
-            if self._queue.empty():
-                break
-            while not self._queue.empty() and len(batch) < self.max_batch_size:
+            if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+                continue
+            try:  # (a get cancelled by the timeout leaves its request in the queue)
+                batch.append(await asyncio.wait_for(self._queue.get(), self.batch_wait_s))
+            except asyncio.TimeoutError:
+                break
         return batch
 
     async def _batch_loop(self) -> None:
