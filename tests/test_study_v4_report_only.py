@@ -107,7 +107,8 @@ def test_tuning_incomplete_chooses_nothing_and_counts(study, capsys):
     study.pilot()
     study.tuning({"vanilla": 3e-4, "hmpo": 3e-4}, warm_starts=(0,))
     text, printed = study.report(capsys)
-    assert "warm starts: 1 of 2 accepted, seeds [0]; warm start 1 of the dense model is not built" in text
+    assert ("warm starts: 1 of 2 accepted for the models ['dense'], seeds [0]; warm start 1 of the dense model "
+            "is not built") in text
     assert f"pilot: 2 of 2 runs finished; run length T = {T} steps" in text
     assert "tuning: 12 of 24 runs of the current grids finished; no setting chosen" in text
     assert "## held-out" not in text and "evaluation:" not in printed  # no evaluation run listed, none tested
@@ -162,6 +163,61 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     monkeypatch.setattr(lean, "load_task", lambda *a, **k: None)
     assert cli.main(["--v4", "--out", str(study.out), "--assets", str(study.assets), "--docs", str(study.docs)]) == 0
     text = study.docs.read_text()
-    assert labels == ["pilot", "tuning", "evaluation"]
+    assert labels == ["pilot", f"tuning {REGIME}", f"evaluation {REGIME}"]
     assert "Runs: 12 of 12 evaluation runs finished." in text and "budget ran out" not in text
     assert "| Q1/async_4 (hmpo − vanilla) | 6 | -0.025 [" in text
+
+
+def test_regimes_run_one_at_a_time_the_least_cpu_per_primary_first():
+    """The execution order: pilot CPU seconds per run x planned tuning and evaluation runs / paired primaries."""
+    p = v4.default_v4()
+    pilot = v4.Pilot(20, 20, 150, ["async_0", "async_4", "moe_replay", "moe32_top1"], "moe32_top1",
+                     {"async_0": 40.0, "async_4": 38.0, "moe_replay": 76.0, "moe32_top1": 72.0})
+    qs = [q for q in v4.questions(pilot.regimes, "moe32_top1") if q.kind != "trend"]
+
+    def cost(r):
+        runs_ = (sum(len(v4.start_grid(p, r, m)) for m in p.methods) * len(p.tuning_seeds) * p.warm_starts
+                 + v4.regime_pairs(p, r) * len(p.methods))
+        return pilot.cpu_s[r] * runs_ / sum(r in q.regimes for q in qs)
+
+    order = v4.regime_order(p, pilot)
+    assert [cost(r) for r in order] == sorted(cost(r) for r in order)
+    assert order[0] == "async_0" and order[-1] == "moe32_top1"  # 2 primaries at 40 s; 1 (Q6) at 72 s, 57 pairs
+    # the evaluation comes pair by pair: every prefix of whole pairs holds every method
+    runs_ = v4.evaluation_runs(p, "async_0", {("async_0", m): {"lr": 3e-4} for m in p.methods}, [0, 3, 7])
+    assert len(runs_) == v4.regime_pairs(p, "async_0") * len(p.methods)
+    assert {r.method for r in runs_[:len(p.methods)]} == set(p.methods)
+    assert len({(r.warm_start, r.seed) for r in runs_[:len(p.methods)]}) == 1
+
+
+def test_an_unreached_question_stays_in_the_holm_family_with_p_one():
+    """A partial study's unreached questions count in Holm's m (p = 1), so a reached question's correction is
+    the pre-registered family's; their verdict says so."""
+    from hmpo_verl.lab.study.plan import Question
+
+    qs = [Question("Qa", "paired", "hmpo", "vanilla", ("async_4",), ""),
+          Question("Qb", "paired", "hmpo", "vanilla", ("bf16",), "")]
+    rows = [{"regime": "async_4", "method": m, "seed": s, "final_heldout": 0.5 + 0.01 * s - 0.05 * (m == "hmpo")
+             + 0.002 * s * s * (m == "hmpo"), "update/log_ah_gap": 0.1} for m in ("hmpo", "vanilla") for s in range(6)]
+    alone = analysis.primaries(qs[:1], rows, {})
+    both = analysis.primaries(qs, rows, {}, unreached=frozenset({"Qb"}))
+    assert both[1]["verdict"] == "not reached" and both[1]["p"] == 1.0
+    assert both[0]["p_holm"] == pytest.approx(min(1.0, 2 * alone[0]["p"]))
+    assert alone[0]["p_holm"] == pytest.approx(alone[0]["p"])
+
+
+def test_a_warm_start_is_accepted_only_when_every_model_used_fits(tmp_path):
+    """The real v4 case: warm start 0's dense fit passes, its moe32 fit (the gap regime the pilot kept) reaches
+    0.84 < 0.95: seed 0 is skipped, loud, and a seed whose first model fails is not checked further."""
+    fits = {("dense", 0): 1.0, ("moe32", 0): 0.84, ("dense", 1): 0.16, ("dense", 2): 1.0, ("moe32", 2): 0.99}
+    for (kind, k), greedy in fits.items():
+        root = run.warm_start_dir("fibonacci", str(tmp_path), kind, k)
+        root.mkdir(parents=True)
+        (root / "warm_start.json").write_text(json.dumps({"greedy_accuracy": greedy}))
+        (root / "READY").write_text("ok\n")
+    said = []
+    seeds, missing = v4.accepted_warm_starts("fibonacci", str(tmp_path), ["dense", "moe32"], 1, True, said.append,
+                                             build=False)
+    assert seeds == [2] and missing is None
+    assert said == ["warm start 0 skipped: greedy accuracy {'dense': 1.0, 'moe32': 0.84} < 0.95",
+                    "warm start 1 skipped: greedy accuracy {'dense': 0.16} < 0.95"]

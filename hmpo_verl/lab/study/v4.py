@@ -102,8 +102,9 @@ def questions(regimes: list[str], gap: str | None) -> list[Question]:
 
 def accepted_warm_starts(task_name: str, assets, kinds: list[str], wanted: int, check: bool, log,
                          build: bool = True) -> tuple[list[int], str | None]:
-    """The warm-start seeds v4 uses: tried in order 0, 1, ..., each accepted when every model of ``kinds`` fits
-    to greedy accuracy >= ``plan_v4.WARM_START_MIN_GREEDY`` (its ``warm_start.json``); all tried ones when not
+    """The warm-start seeds v4 uses: tried in order 0, 1, ..., each accepted when every model of ``kinds`` (the
+    models of the regimes v4 tunes and evaluates) fits to greedy accuracy >= ``plan_v4.WARM_START_MIN_GREEDY``
+    (its ``warm_start.json``; a seed's later models are not built once one fails); all tried ones when not
     ``check`` (the smoke run). Stops loud after 5 x ``wanted`` seeds. ``build`` False (--report-only): only the
     warm starts already built are read; the second value then names the first one not built (None when
     ``wanted`` were accepted)."""
@@ -120,6 +121,8 @@ def accepted_warm_starts(task_name: str, assets, kinds: list[str], wanted: int, 
                 return accepted, (f"warm start {seed} of the {kind} model is not built "
                                   f"({run.warm_start_dir(task_name, assets, kind, seed)})")
             greedy[kind] = report["greedy_accuracy"]
+            if check and greedy[kind] < plan_v4.WARM_START_MIN_GREEDY:
+                break
         if not check or min(greedy.values()) >= plan_v4.WARM_START_MIN_GREEDY:
             accepted.append(seed)
         else:
@@ -181,6 +184,7 @@ class Pilot:
     steps: int | None  # T; None while the pilot is incomplete
     regimes: list[str]  # the regimes tuned and evaluated: the staleness ones and the gap regime (if any)
     gap_note: str  # the gap regime's name, or why there is none
+    cpu_s: dict[str, float] = field(default_factory=dict)  # regime -> the pilot's mean CPU seconds per run
 
     def line(self) -> str:
         if self.steps is None:
@@ -198,13 +202,14 @@ def pilot_stage(p: V4Plan, runs: Runs) -> Pilot:
     pilot = [Run("pilot", r, "vanilla", v3_vanilla_lr(r), s)
              for r in stale + [ladder[0]] * (ladder[0] in p.regimes) for s in p.tuning_seeds]
     records = runs.finished(pilot, p.pilot_steps, "pilot")
-    rows, planned = [analysis.run_summary(r) for r in records], len(pilot)
+    rows, planned, every = [analysis.run_summary(r) for r in records], len(pilot), list(records)
     gap = None
     for name in ladder if ladder[0] in p.regimes and len(rows) == planned else []:
         if name != ladder[0]:
             more = [Run("pilot", name, "vanilla", v3_vanilla_lr(name), s) for s in p.tuning_seeds]
             planned += len(more)
-            rows += [analysis.run_summary(r) for r in runs.finished(more, p.pilot_steps, "pilot")]
+            every += runs.finished(more, p.pilot_steps, "pilot")
+            rows += [analysis.run_summary(r) for r in every[len(rows):]]
             if len(rows) < planned:
                 break
         gap = gap_regime(rows)
@@ -216,7 +221,10 @@ def pilot_stage(p: V4Plan, runs: Runs) -> Pilot:
               for r in stale}
     steps = max(analysis.FINAL_WINDOW, plateau_length(curves, p.pilot_steps))
     gap_note = (gap or "none reached the gap (Q6 not asked)") if ladder[0] in p.regimes else "not in this plan"
-    return Pilot(len(rows), planned, steps, stale + ([gap] if gap else []), gap_note)
+    regimes = stale + ([gap] if gap else [])
+    cpu = {r: sum(rec["cpu_s"] for rec in every if rec["run"].regime == r) /
+           max(1, sum(rec["run"].regime == r for rec in every)) for r in regimes}
+    return Pilot(len(rows), planned, steps, regimes, gap_note, cpu)
 
 
 @dataclass(frozen=True)
@@ -237,17 +245,22 @@ class Tuning:
         return f"tuning: {self.done} of {self.planned} runs finished{ext}"
 
 
-def tuning_stage(p: V4Plan, pilot: Pilot, seeds_ws: list[int], runs: Runs, log) -> Tuning:
-    """Every method's grid on the tuning seeds x warm starts, extended by the edge rule until no choice sits at
-    an edge; incomplete (``chosen`` None) while a run of the current grids, or a planned warm start, is missing."""
-    # a gap regime further down the ladder tunes on the first's grids
-    grids = {(r, m): p.grid(GAP_LADDER[0] if r in GAP_LADDER else r, m) for r in pilot.regimes for m in p.methods}
+def start_grid(p: V4Plan, regime: str, method: str) -> tuple[float, ...]:
+    """The starting grid (a gap regime further down the ladder tunes on the first's grids)."""
+    return p.grid(GAP_LADDER[0] if regime in GAP_LADDER else regime, method)
+
+
+def tuning_stage(p: V4Plan, regimes: list[str], steps: int, seeds_ws: list[int], runs: Runs, log) -> Tuning:
+    """Every method's grid in ``regimes`` on the tuning seeds x warm starts, extended by the edge rule until no
+    choice sits at an edge; incomplete (``chosen`` None) while a run of the current grids, or a planned warm
+    start, is missing."""
+    grids = {(r, m): start_grid(p, r, m) for r in regimes for m in p.methods}
     extensions = []
     while True:
         tuning = [Run("tune", r, m, lr, s, ws) for (r, m), g in grids.items() for lr in g for s in p.tuning_seeds
                   for ws in seeds_ws]
         planned = len(tuning) // max(len(seeds_ws), 1) * p.warm_starts
-        rows = [analysis.run_summary(r) for r in runs.finished(tuning, pilot.steps, "tuning")]
+        rows = [analysis.run_summary(r) for r in runs.finished(tuning, steps, f"tuning {'/'.join(regimes)}")]
         if len(rows) < planned:
             return Tuning(len(rows), planned, dict(grids), rows, None, extensions)
         chosen = analysis.choose_settings(rows)
@@ -258,6 +271,36 @@ def tuning_stage(p: V4Plan, pilot: Pilot, seeds_ws: list[int], runs: Runs, log) 
         extensions += [f"{r}/{m} -> {g}" for (r, m), g in extended.items()]
         log(f"edge rule: {len(extended)} grids extended: " + ", ".join(extensions[-len(extended):]))
         grids.update(extended)
+
+
+def regime_pairs(p: V4Plan, regime: str) -> int:
+    """The (warm start, seed) pairs planned in ``regime`` (a gap regime takes the ladder's first's)."""
+    return p.pairs.get(regime, p.pairs.get(GAP_LADDER[0], 0))
+
+
+def evaluation_runs(p: V4Plan, regime: str, chosen: dict, seeds_ws: list[int]) -> list[Run]:
+    """The regime's evaluation runs, pair by pair (seed, then warm start, then method), so that the runs finished
+    when a budget runs out are whole pairs."""
+    per_ws = regime_pairs(p, regime) // p.warm_starts
+    return [Run("eval", regime, m, chosen[(regime, m)]["lr"], s, ws) for s in range(1, per_ws + 1)
+            for ws in seeds_ws for m in p.methods if (regime, m) in chosen]
+
+
+def regime_order(p: V4Plan, pilot: Pilot) -> list[str]:
+    """The execution order, fixed after the pilot (it changes no rule, test or sample size of the plan): one
+    regime at a time, tuned and then evaluated, in ascending order of its cost per primary question, the pilot's
+    CPU seconds per run x the regime's planned tuning and evaluation runs / its paired primaries (Q3 spans every
+    regime and is not counted), ties by name. A budget that runs out has then answered as many primaries as the
+    CPU time spent allows (a regime-major order would leave every question open until the last regime)."""
+    gap = pilot.gap_note if pilot.gap_note in pilot.regimes else None
+    qs = [q for q in questions(pilot.regimes, gap) if q.kind != "trend"]
+
+    def cost(regime: str) -> float:
+        tuning = sum(len(start_grid(p, regime, m)) for m in p.methods) * len(p.tuning_seeds) * p.warm_starts
+        runs_ = tuning + regime_pairs(p, regime) * len(p.methods)
+        return pilot.cpu_s[regime] * runs_ / max(1, sum(regime in q.regimes for q in qs))
+
+    return sorted(pilot.regimes, key=lambda r: (cost(r), r))
 
 
 def main(args, log) -> int:
@@ -282,37 +325,58 @@ def main(args, log) -> int:
         out.mkdir(parents=True, exist_ok=True)
     base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length(args.task), eval_prompts=p.eval_prompts)
     runs = Runs(args.task, args.assets, base, out, args.parallel, no_runs if report_only else run.run_all)
-    kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in p.regimes})
-    seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log,
-                                               build=not report_only)
-    status = [f"warm starts: {len(seeds_ws)} of {p.warm_starts} accepted, seeds {seeds_ws}" +
-              (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
-              (" (the smoke run skips the acceptance rule)" if args.quick else "")]
-    pilot = pilot_stage(p, runs)
-    status.append(pilot.line())
-    tuning = tuning_stage(p, pilot, seeds_ws, runs, log) if pilot.steps else None
-    if tuning:
-        status.append(tuning.line())
+    pilot = pilot_stage(p, runs)  # on warm start 0, as the plan fixes, whatever its fit
+    status = [pilot.line()]
+    if pilot.steps:  # the warm starts: every model of the regimes the pilot kept (the gap regime's, not the ladder's first)
+        kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in pilot.regimes})
+        seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log,
+                                                   build=not report_only)
+        status.append(f"warm starts: {len(seeds_ws)} of {p.warm_starts} accepted for the models {kinds}, seeds "
+                      f"{seeds_ws}" + (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
+                      (" (the smoke run skips the acceptance rule)" if args.quick else ""))
+        if not args.quick and 0 not in seeds_ws and not not_built:
+            status.append("the pilot ran on warm start 0, as the plan fixes, which the acceptance rule rejects for "
+                          "these models: the run length and the gap regime come from that fit")
+    if not pilot.steps:
+        for line in status:
+            log(line)
+        write_progress(docs, status, resume)
+        log(f"wrote {docs}\ncontinue with: {resume}")
+        return 0 if report_only else 1
+    order = regime_order(p, pilot)
+    planned = sum(regime_pairs(p, r) * len(p.methods) for r in order)
+    status.append("execution order (one regime at a time, tuned then evaluated; the least CPU time per primary "
+                  "first): " + ", ".join(order))
+    steps, chosen, grids, tuning_rows, eval_records, reached, finished = pilot.steps, {}, {}, [], [], [], []
+    for regime in order:
+        reached.append(regime)
+        tuning = tuning_stage(p, [regime], steps, seeds_ws, runs, log)
+        status.append(f"{regime}: {tuning.line()}")
+        if not tuning.chosen:
+            break
+        chosen.update(tuning.chosen)
+        grids.update(tuning.grids)
+        tuning_rows += tuning.rows
+        evaluation = evaluation_runs(p, regime, tuning.chosen, seeds_ws)
+        records = runs.finished(evaluation, steps, f"evaluation {regime}")
+        eval_records += records
+        status.append(f"{regime}: evaluation: {len(records)} of {len(evaluation)} runs finished")
+        if len(records) < len(evaluation):
+            break
+        finished.append(regime)
+    if len(reached) < len(order):
+        status.append("not started: " + ", ".join(order[len(reached):]))
     for line in status:
         log(line)
-    if not (tuning and tuning.chosen):  # (after run.run_all, only when a run failed to leave its record)
+    if not chosen:
         write_progress(docs, status, resume)
-        log(f"wrote {docs}: {'; '.join(status)}\ncontinue with: {resume}")
+        log(f"wrote {docs}\ncontinue with: {resume}")
         return 0 if report_only else 1
-
-    # evaluation on (warm start, seed) pairs
-    steps, regimes, chosen = pilot.steps, pilot.regimes, tuning.chosen
-    evaluation = [Run("eval", r, m, chosen[(r, m)]["lr"], s, ws) for r in regimes for m in p.methods
-                  for ws in seeds_ws for s in range(1, p.pairs.get(r, p.pairs.get(GAP_LADDER[0], 0)) // p.warm_starts + 1)
-                  if (r, m) in chosen]
-    log(f"evaluation: {len(evaluation)} runs of {steps} steps")
-    eval_records = runs.finished(evaluation, steps, "evaluation")
-    status.append(f"evaluation: {len(eval_records)} of {len(evaluation)} runs finished")
-    write_report(docs, regimes, pilot.gap_note, steps, tuning.grids, chosen, tuning.rows, _pair_rows(eval_records),
-                 len(evaluation), seeds_ws, status)
-    log(f"wrote {docs}: {'; '.join(status)}" +
-        (f"\ncontinue with: {resume}" if len(eval_records) < len(evaluation) else ""))
-    return 0
+    write_report(docs, order, pilot.gap_note, steps, grids, chosen, tuning_rows, _pair_rows(eval_records), planned,
+                 seeds_ws, status, finished)
+    done = len(finished) == len(order)
+    log(f"wrote {docs}: {len(eval_records)} of {planned} evaluation runs" + ("" if done else f"\ncontinue with: {resume}"))
+    return 0 if done or report_only else 1
 
 
 def write_progress(docs: Path, status: list[str], resume: str) -> None:
@@ -327,12 +391,14 @@ def write_progress(docs: Path, status: list[str], resume: str) -> None:
 
 
 def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tuning_rows, rows, planned,
-                 warm_starts: list[int], status: list[str]) -> None:
+                 warm_starts: list[int], status: list[str], finished: list[str] | None = None) -> None:
     """docs/study_v4.md: the pre-registration's answers (final reward; AUC secondary), with the MDE of each
     and, where it exceeds the target, the pairs that would reach it; the difference per warm start; data.
     ``gap_note``: the gap regime's name, or why there is none; ``rows``: the finished evaluation runs of the
     ``planned`` ones (each question is tested on the (warm start, seed) pairs all its methods finished);
-    ``status``: how far each stage's runs reach."""
+    ``status``: how far each stage's runs reach; ``finished``: the regimes whose evaluation is complete (default
+    all). A paired question whose regime has no evaluation run, and the trend question until every regime's
+    evaluation is complete, are *not reached*: they stay in the Holm families with p = 1."""
     import pandas as pd
 
     from hmpo_verl.lab.study import report
@@ -342,6 +408,9 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     pd.DataFrame(tuning_rows + rows).to_csv(data_dir / "runs.csv", index=False, float_format="%.6g")
     gap = gap_note if gap_note in regimes else None
     qs = questions(regimes, gap)
+    finished = set(regimes if finished is None else finished)
+    started = {r["regime"] for r in rows}
+    unreached = frozenset(q.id for q in qs if not set(q.regimes) <= (finished if q.kind == "trend" else started))
     vanilla_gaps = analysis.regime_gaps([r for r in rows if r["method"] == "vanilla"])
     lines = ["# Comparative study, version 4: results", "",
              "Pre-registration: [`study_v4_plan.md`](study_v4_plan.md) (committed before these runs). Generated by "
@@ -354,7 +423,7 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
              ".", "", *[f"* {line}" for line in status], ""]
     for outcome, key in (("held-out final reward (primary)", "final_heldout"), ("held-out AUC (secondary)", "auc_heldout")):
         outcome_rows = [{**r, "final_heldout": r[key]} for r in rows]
-        prim = analysis.primaries(qs, outcome_rows, chosen, vanilla_gaps) if rows else []
+        prim = analysis.primaries(qs, outcome_rows, chosen, vanilla_gaps, unreached) if rows else []
         lines += [f"## {outcome}", "", *(report.primary_table(prim, qs) if prim else ["No runs yet."]), ""]
         for r in prim:
             if r["kind"] == "paired" and math.isfinite(r["mde"]) and r["mde"] > plan_v4.MDE_TARGET:
