@@ -316,6 +316,30 @@ def heldout_split(train: list, test: list) -> tuple[list, list]:
     return kept, distinct[: len(test)]
 
 
+def asset_dirs(name: str, assets_root=None) -> dict:
+    """The folders :func:`load_task` builds task ``name``'s assets in (nothing is built here): ``dense``, the
+    task's own (``assets_root/name``, default the task's folder), and ``moe``, its MoE model (fibonacci only;
+    ``assets_root/<name>_moe``, default ``moe.ASSETS_DIR``)."""
+    from pathlib import Path
+
+    from hmpo_verl.lab import moe as moe_lab
+    from hmpo_verl.lab.tasks import get_task
+
+    if assets_root is None:
+        return {"dense": get_task(name).default_assets, "moe": moe_lab.default_assets()}
+    return {"dense": Path(assets_root) / name, "moe": Path(assets_root) / f"{name}_moe"}
+
+
+def recipe_max_response_length(name: str) -> int:
+    """Task ``name``'s response-length cap in its verl recipe (``data.max_response_length``)."""
+    import yaml
+
+    from hmpo_verl.lab.tasks import get_task
+
+    task = get_task(name)
+    return int(yaml.safe_load((task.recipe_dir / f"{task.recipe_name}.yaml").read_text())["data"]["max_response_length"])
+
+
 def load_task(name: str, assets_root=None, max_response_length: int | None = None, log=print,
               moe: bool = False, assets_dir=None) -> Task:
     """Build (if missing) and load a task of :mod:`hmpo_verl.lab.tasks` (assets under ``assets_root/name``,
@@ -324,20 +348,16 @@ def load_task(name: str, assets_root=None, max_response_length: int | None = Non
     lean loop and the trainer sample alike.
     ``moe``: also build/load the task's MoE model (:mod:`hmpo_verl.lab.moe`; fibonacci only)."""
     import importlib
-    from pathlib import Path
 
     import pandas as pd
-    import yaml
     from transformers import AutoTokenizer
 
     from hmpo_verl.lab.tasks import REWARD_MODULE, get_task
 
     task = get_task(name)
-    if assets_dir is None and assets_root is not None:
-        assets_dir = Path(assets_root) / name
-    paths = task.prepare_assets(assets_dir, log=log)
+    dirs = asset_dirs(name, assets_root)
+    paths = task.prepare_assets(dirs["dense"] if assets_dir is None else assets_dir, log=log)
     compute_score = getattr(importlib.import_module(REWARD_MODULE), task.reward_name)
-    recipe = yaml.safe_load((task.recipe_dir / f"{task.recipe_name}.yaml").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(paths.model))
 
     def rows(path):
@@ -358,11 +378,10 @@ def load_task(name: str, assets_root=None, max_response_length: int | None = Non
 
         if name != "fibonacci":
             raise ValueError(f"the MoE model is built for the fibonacci task only, not {name!r}")
-        root = moe_lab.default_assets() if assets_root is None else Path(assets_root) / f"{name}_moe"
-        models["moe"] = str(moe_lab.prepare(root, log=log).model)
+        models["moe"] = str(moe_lab.prepare(dirs["moe"], log=log).model)
     return Task(name=name, model_paths=models, train=train, test=test,
                 reward=lambda text, truth: float(compute_score(source, text, truth)), tokenizer=tokenizer,
-                max_response_length=max_response_length or int(recipe["data"]["max_response_length"]),
+                max_response_length=max_response_length or recipe_max_response_length(name),
                 data_source=source, assets=paths, train_eval=train_eval)
 
 

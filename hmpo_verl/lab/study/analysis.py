@@ -137,10 +137,13 @@ def p_tilt(rows: list[dict], regime: str) -> dict:
     return {"tilt": mean, "half": half, "n": len(slopes)}
 
 
-def primaries(questions: list[Question], rows: list[dict], chosen: dict, gaps: dict | None = None) -> list[dict]:
+def primaries(questions: list[Question], rows: list[dict], chosen: dict, gaps: dict | None = None,
+              unreached: frozenset[str] = frozenset()) -> list[dict]:
     """Each primary question's test, Holm-corrected over the primaries only (difference p-values and
     TOST p-values as two families), with its verdict. ``gaps``: the regime gaps of the trend question
-    (default ``regime_gaps(rows)``, v3's: every method's runs)."""
+    (default ``regime_gaps(rows)``, v3's: every method's runs). ``unreached``: the ids of questions whose
+    runs a partial study has not finished: they stay in both families with p = 1 (so the others' Holm
+    correction is the pre-registered family's) and their verdict is "not reached"."""
     out = []
     gaps = regime_gaps(rows) if gaps is None else gaps
     for q in questions:
@@ -159,11 +162,15 @@ def primaries(questions: list[Question], rows: list[dict], chosen: dict, gaps: d
         out.append({"id": q.id, "kind": q.kind, **(paired_test(d) if len(d) >= 2 else
                                                    {"n": len(d), "diff": math.nan, "lo": math.nan, "hi": math.nan,
                                                     "sd": math.nan, "p": math.nan, "p_tost": math.nan, "mde": math.nan})})
+    for row in out:
+        if row["id"] in unreached:
+            row.update({k: math.nan for k in row if k not in ("id", "kind", "n", "regimes")}, p=1.0,
+                       p_tost=math.nan if row["kind"] == "trend" else 1.0)  # (the trend has no TOST)
     for key in ("p", "p_tost"):
         for row, adjusted in zip(out, stats.holm([r[key] for r in out])):
             row[f"{key}_holm"] = adjusted
     for row in out:
-        row["verdict"] = verdict(row)
+        row["verdict"] = "not reached" if row["id"] in unreached else verdict(row)
     return out
 
 

@@ -21,7 +21,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke run of both phases: " + plan.quick_plan.__doc__.split(":")[1].strip())
     parser.add_argument("--tune-only", action="store_true", help="run the tuning phase only")
     parser.add_argument("--task", default=plan.TASK, help=f"task (default {plan.TASK}; the MoE regimes need it)")
-    parser.add_argument("--report-only", action="store_true", help="no new runs: report the finished ones")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no new runs: report the finished ones (with --v4: nor warm starts built; the report "
+                             "says how far each stage reached and chooses or tests only what is complete)")
     parser.add_argument("--from-data", action="store_true",
                         help="no runs, no run files: regenerate the report, figures and guide from the committed data "
                              "(<docs>_data/runs.csv, steps.csv.gz, confirm_*.csv, invocations.txt)")

@@ -38,15 +38,33 @@ def warm_start_model(task_name: str, assets: str | None, kind: str, warm_start: 
 
     if (kind, warm_start) in (("dense", 0), ("moe", 0)):
         return lean.load_task(task_name, assets, log=log, moe=kind == "moe").model_paths[kind]
-    if task_name != "fibonacci":
-        raise ValueError(f"warm start {warm_start} of the {kind!r} model is built for the fibonacci task only, "
-                         f"not {task_name!r}; allowed there: warm start 0 of 'dense'")
+    root = warm_start_dir(task_name, assets, kind, warm_start)  # (the fibonacci task only)
     models = {"dense": ModelSpec(max_position_embeddings=128), "moe": moe_lab.MOE_SPEC, **moe_lab.GAP_SPECS}
     if kind not in models:
         raise ValueError(f"model kind {kind!r} is unknown; allowed: {sorted(models)}")
-    root = (Path(assets) if assets else REPO_ROOT / "outputs") / f"fibonacci_{kind}_ws{warm_start}"
     spec = fibonacci.FibonacciSpec(seed=warm_start, model=models[kind])
     return str(fibonacci.prepare_assets(root, spec, log=log or (lambda *a, **k: None)).model)
+
+
+def warm_start_dir(task_name: str, assets: str | None, kind: str, warm_start: int) -> Path:
+    """The folder :func:`warm_start_model` builds warm start ``warm_start`` of the ``kind`` model in (its
+    ``model/``, ``warm_start.json``, ``READY``); nothing is built here."""
+    if (kind, warm_start) in (("dense", 0), ("moe", 0)):
+        return Path(lean.asset_dirs(task_name, assets)[kind])
+    if task_name != "fibonacci":
+        raise ValueError(f"warm start {warm_start} of the {kind!r} model is built for the fibonacci task only, "
+                         f"not {task_name!r}; allowed there: warm start 0 of 'dense'")
+    return (Path(assets) if assets else REPO_ROOT / "outputs") / f"fibonacci_{kind}_ws{warm_start}"
+
+
+def built_warm_start_report(task_name: str, assets: str | None, kind: str, warm_start: int) -> dict | None:
+    """The ``warm_start.json`` of a warm start already built (its folder marked ``READY``); None if it is not."""
+    from hmpo_verl.lab.tasks.common import TaskPaths
+
+    paths = TaskPaths(warm_start_dir(task_name, assets, kind, warm_start))
+    if not (paths.done_marker.exists() and paths.warm_start_report.exists()):
+        return None
+    return json.loads(paths.warm_start_report.read_text())
 
 
 def execute(run: Run, task_name: str, assets: str | None, steps: int, base: lean.LoopSettings, out: str, queue,

@@ -5,17 +5,26 @@ Stages: the pilot (vanilla, tuning seeds, warm start 0) fixes the run length T b
 and picks the gap regime; the tuning runs every method's grid on the tuning seeds x warm starts and
 extends a grid whose choice sits at an edge (the edge rule), until none does; the evaluation runs
 every method at its setting on (warm start, seed) pairs; the report answers the primaries.
+
+``--report-only`` goes through the same stages (``Runs.runner`` ``no_runs`` instead of ``run.run_all``) and builds
+nothing: it reads the warm starts already built, and the report says how far the records reach; a stage with runs
+missing ends it (no run length from part of the pilot, no setting from part of the tuning), and a partial
+evaluation is tested on the pairs that every method of a question finished.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hmpo_verl.lab import lean, stats
 from hmpo_verl.lab.study import analysis, plan, plan_v4, run
 from hmpo_verl.lab.study.plan import Question, Run
+
+
+GAP_LADDER = [f"moe{e}_top1" for e, _ in plan_v4.GAP_REGIME_LADDER]  # the gap regimes' names, in order
 
 
 @dataclass(frozen=True)
@@ -91,21 +100,29 @@ def questions(regimes: list[str], gap: str | None) -> list[Question]:
     return qs
 
 
-def accepted_warm_starts(task_name: str, assets, kinds: list[str], wanted: int, check: bool, log) -> list[int]:
-    """The warm-start seeds v4 uses: tried in order 0, 1, ..., each accepted when every model of ``kinds`` fits
-    to greedy accuracy >= ``plan_v4.WARM_START_MIN_GREEDY`` (its ``warm_start.json``); all tried ones when not
-    ``check`` (the smoke run). Stops loud after 5 x ``wanted`` seeds."""
-    import json
-
+def accepted_warm_starts(task_name: str, assets, kinds: list[str], wanted: int, check: bool, log,
+                         build: bool = True) -> tuple[list[int], str | None]:
+    """The warm-start seeds v4 uses: tried in order 0, 1, ..., each accepted when every model of ``kinds`` (the
+    models of the regimes v4 tunes and evaluates) fits to greedy accuracy >= ``plan_v4.WARM_START_MIN_GREEDY``
+    (its ``warm_start.json``; a seed's later models are not built once one fails); all tried ones when not
+    ``check`` (the smoke run). Stops loud after 5 x ``wanted`` seeds. ``build`` False (--report-only): only the
+    warm starts already built are read; the second value then names the first one not built (None when
+    ``wanted`` were accepted)."""
     accepted = []
     for seed in range(5 * wanted):
         if len(accepted) == wanted:
-            return accepted
+            return accepted, None
         greedy = {}
         for kind in kinds:
-            path = Path(run.warm_start_model(task_name, assets, kind, seed, log=log))
-            report = json.loads((path.parent / "warm_start.json").read_text())
+            if build:
+                run.warm_start_model(task_name, assets, kind, seed, log=log)
+            report = run.built_warm_start_report(task_name, assets, kind, seed)
+            if report is None:
+                return accepted, (f"warm start {seed} of the {kind} model is not built "
+                                  f"({run.warm_start_dir(task_name, assets, kind, seed)})")
             greedy[kind] = report["greedy_accuracy"]
+            if check and greedy[kind] < plan_v4.WARM_START_MIN_GREEDY:
+                break
         if not check or min(greedy.values()) >= plan_v4.WARM_START_MIN_GREEDY:
             accepted.append(seed)
         else:
@@ -113,7 +130,7 @@ def accepted_warm_starts(task_name: str, assets, kinds: list[str], wanted: int, 
     if len(accepted) < wanted:
         raise SystemExit(f"only {len(accepted)} of {5 * wanted} warm-start seeds reach greedy accuracy "
                          f"{plan_v4.WARM_START_MIN_GREEDY}; v4 needs {wanted}: see plan_v4.WARM_START_MIN_GREEDY")
-    return accepted
+    return accepted, None
 
 
 def estimate_lines(p: V4Plan) -> list[str]:
@@ -138,79 +155,250 @@ def _pair_rows(records: list[dict]) -> list[dict]:
     return out
 
 
-def main(args, log) -> int:
-    p = quick_v4() if args.quick else default_v4()
-    out = Path(args.out or Path(run.REPO_ROOT) / "outputs" / ("study_v4_quick" if args.quick else "study_v4"))
-    docs = Path(args.docs) if args.docs else (out / "study_v4.md" if args.quick else run.REPO_ROOT / "docs" / "study_v4.md")
-    for line in estimate_lines(p):
-        log(line)
-    task = lean.load_task(args.task, args.assets, log=log)
-    if args.task != "fibonacci" and p.warm_starts > 1:
-        raise SystemExit(f"--v4 --task {args.task}: v4's warm starts are built for the fibonacci task only; "
-                         "allowed: --task fibonacci")
-    base = lean.LoopSettings(max_response_length=task.max_response_length, eval_prompts=p.eval_prompts)
-    out.mkdir(parents=True, exist_ok=True)
-    kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in p.regimes})
-    seeds_ws = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log)
-    log(f"warm starts: seeds {seeds_ws}" + (" (the smoke run skips the acceptance rule)" if args.quick else ""))
+@dataclass(frozen=True)
+class Runs:
+    """Where v4's runs live and how a stage gets them: ``runner`` is ``run.run_all`` (run what is missing) or
+    ``no_runs`` (--report-only: the finished ones only)."""
 
-    # pilot: the run length and the gap regime
-    ladder = [f"moe{e}_top1" for e, _ in plan_v4.GAP_REGIME_LADDER]
+    task: str
+    assets: str | None
+    base: lean.LoopSettings
+    out: Path
+    parallel: int
+    runner: Callable
+
+    def finished(self, runs: list[Run], steps: int, label: str) -> list[dict]:
+        """The records of ``runs`` that are finished once the runner has run (``run.load_records``)."""
+        self.runner(runs, self.task, self.assets, steps, self.base, self.out, self.parallel, label)
+        return run.load_records(runs, self.out, self.task, steps, self.base)
+
+
+def no_runs(*_) -> None:
+    """The runner of --report-only: starts nothing."""
+
+
+@dataclass(frozen=True)
+class Pilot:
+    done: int
+    planned: int
+    steps: int | None  # T; None while the pilot is incomplete
+    regimes: list[str]  # the regimes tuned and evaluated: the staleness ones and the gap regime (if any)
+    gap_note: str  # the gap regime's name, or why there is none
+    cpu_s: dict[str, float] = field(default_factory=dict)  # regime -> the pilot's mean CPU seconds per run
+
+    def line(self) -> str:
+        if self.steps is None:
+            return f"pilot: {self.done} of {self.planned} runs finished; no run length yet"
+        return (f"pilot: {self.done} of {self.planned} runs finished; run length T = {self.steps} steps "
+                f"(plateau rule); gap regime: {self.gap_note}")
+
+
+def pilot_stage(p: V4Plan, runs: Runs) -> Pilot:
+    """The pilot (vanilla, tuning seeds, warm start 0): the run length T by the plateau rule over the staleness
+    regimes, and the first regime of the gap ladder that reaches the gap (the next rung's runs only when the
+    one before does not)."""
+    ladder = GAP_LADDER
     stale = [r for r in p.regimes if r not in ladder]
-    pilot_regimes = stale + [ladder[0]] * (ladder[0] in p.regimes)
-    pilot = [Run("pilot", r, "vanilla", v3_vanilla_lr(r), s) for r in pilot_regimes for s in p.tuning_seeds]
-    run.run_all(pilot, args.task, args.assets, p.pilot_steps, base, out, args.parallel, "pilot")
-    pilot_records = run.load_records(pilot, out, args.task, p.pilot_steps, base)
-    pilot_rows = [analysis.run_summary(r) for r in pilot_records]
+    pilot = [Run("pilot", r, "vanilla", v3_vanilla_lr(r), s)
+             for r in stale + [ladder[0]] * (ladder[0] in p.regimes) for s in p.tuning_seeds]
+    records = runs.finished(pilot, p.pilot_steps, "pilot")
+    rows, planned, every = [analysis.run_summary(r) for r in records], len(pilot), list(records)
     gap = None
-    for name in ladder if ladder[0] in p.regimes else []:
+    for name in ladder if ladder[0] in p.regimes and len(rows) == planned else []:
         if name != ladder[0]:
             more = [Run("pilot", name, "vanilla", v3_vanilla_lr(name), s) for s in p.tuning_seeds]
-            run.run_all(more, args.task, args.assets, p.pilot_steps, base, out, args.parallel, "pilot")
-            pilot_rows += [analysis.run_summary(r) for r in run.load_records(more, out, args.task, p.pilot_steps, base)]
-        gap = gap_regime(pilot_rows)
+            planned += len(more)
+            every += runs.finished(more, p.pilot_steps, "pilot")
+            rows += [analysis.run_summary(r) for r in every[len(rows):]]
+            if len(rows) < planned:
+                break
+        gap = gap_regime(rows)
         if gap:
             break
-    regimes = stale + ([gap] if gap else [])
-    curves = {r: [[m["eval_heldout"] for m in rec["metrics"]] for rec in pilot_records if rec["run"].regime == r]
+    if len(rows) < planned:
+        return Pilot(len(rows), planned, None, [], "")
+    curves = {r: [[m["eval_heldout"] for m in rec["metrics"]] for rec in records if rec["run"].regime == r]
               for r in stale}
     steps = max(analysis.FINAL_WINDOW, plateau_length(curves, p.pilot_steps))
     gap_note = (gap or "none reached the gap (Q6 not asked)") if ladder[0] in p.regimes else "not in this plan"
-    log(f"pilot: run length T = {steps} steps (plateau rule); gap regime: {gap_note}")
+    regimes = stale + ([gap] if gap else [])
+    cpu = {r: sum(rec["cpu_s"] for rec in every if rec["run"].regime == r) /
+           max(1, sum(rec["run"].regime == r for rec in every)) for r in regimes}
+    return Pilot(len(rows), planned, steps, regimes, gap_note, cpu)
 
-    # tuning with the edge rule
-    grids = {(r, m): p.grid(r if r not in ladder else ladder[0], m) for r in regimes for m in p.methods}
+
+@dataclass(frozen=True)
+class Tuning:
+    done: int
+    planned: int  # the runs of the current grids on every planned warm start
+    grids: dict
+    rows: list[dict]
+    chosen: dict | None  # None while the tuning is incomplete: no setting is chosen from part of it
+    extensions: list[str]  # the edge rule's extensions so far, "regime/method -> grid"
+
+    def line(self) -> str:
+        ext = f"; the edge rule extended {', '.join(self.extensions)}" if self.extensions else ""
+        if self.chosen is None:
+            return (f"tuning: {self.done} of {self.planned} runs of the current grids finished{ext}; no setting "
+                    "chosen and no evaluation reported (a setting chosen from part of the tuning would break the "
+                    "pre-registration)")
+        return f"tuning: {self.done} of {self.planned} runs finished{ext}"
+
+
+def start_grid(p: V4Plan, regime: str, method: str) -> tuple[float, ...]:
+    """The starting grid (a gap regime further down the ladder tunes on the first's grids)."""
+    return p.grid(GAP_LADDER[0] if regime in GAP_LADDER else regime, method)
+
+
+def tuning_stage(p: V4Plan, regimes: list[str], steps: int, seeds_ws: list[int], runs: Runs, log) -> Tuning:
+    """Every method's grid in ``regimes`` on the tuning seeds x warm starts, extended by the edge rule until no
+    choice sits at an edge; incomplete (``chosen`` None) while a run of the current grids, or a planned warm
+    start, is missing."""
+    grids = {(r, m): start_grid(p, r, m) for r in regimes for m in p.methods}
+    extensions = []
     while True:
         tuning = [Run("tune", r, m, lr, s, ws) for (r, m), g in grids.items() for lr in g for s in p.tuning_seeds
                   for ws in seeds_ws]
-        run.run_all(tuning, args.task, args.assets, steps, base, out, args.parallel, "tuning")
-        tuning_rows = [analysis.run_summary(r) for r in run.load_records(tuning, out, args.task, steps, base)]
-        chosen = analysis.choose_settings(tuning_rows)
+        planned = len(tuning) // max(len(seeds_ws), 1) * p.warm_starts
+        rows = [analysis.run_summary(r) for r in runs.finished(tuning, steps, f"tuning {'/'.join(regimes)}")]
+        if len(rows) < planned:
+            return Tuning(len(rows), planned, dict(grids), rows, None, extensions)
+        chosen = analysis.choose_settings(rows)
         extended = {k: plan_v4.extend(grids[k], chosen[k]["lr"]) for k in grids if k in chosen}
         extended = {k: g for k, g in extended.items() if g}
         if not extended:
-            break
-        log(f"edge rule: {len(extended)} grids extended: " + ", ".join(f"{r}/{m} -> {g}" for (r, m), g in extended.items()))
+            return Tuning(len(rows), planned, dict(grids), rows, chosen, extensions)
+        extensions += [f"{r}/{m} -> {g}" for (r, m), g in extended.items()]
+        log(f"edge rule: {len(extended)} grids extended: " + ", ".join(extensions[-len(extended):]))
         grids.update(extended)
 
-    # evaluation on (warm start, seed) pairs
-    evaluation = [Run("eval", r, m, chosen[(r, m)]["lr"], s, ws) for r in regimes for m in p.methods
-                  for ws in seeds_ws for s in range(1, p.pairs.get(r, p.pairs.get(ladder[0], 0)) // p.warm_starts + 1)
-                  if (r, m) in chosen]
-    log(f"evaluation: {len(evaluation)} runs of {steps} steps")
-    run.run_all(evaluation, args.task, args.assets, steps, base, out, args.parallel, "evaluation")
-    eval_records = run.load_records(evaluation, out, args.task, steps, base)
-    write_report(docs, regimes, gap_note, steps, grids, chosen, tuning_rows, _pair_rows(eval_records),
-                 len(evaluation), seeds_ws)
-    log(f"wrote {docs}")
-    return 0
+
+def regime_pairs(p: V4Plan, regime: str) -> int:
+    """The (warm start, seed) pairs planned in ``regime`` (a gap regime takes the ladder's first's)."""
+    return p.pairs.get(regime, p.pairs.get(GAP_LADDER[0], 0))
+
+
+def evaluation_runs(p: V4Plan, regime: str, chosen: dict, seeds_ws: list[int]) -> list[Run]:
+    """The regime's evaluation runs, pair by pair (seed, then warm start, then method), so that the runs finished
+    when a budget runs out are whole pairs."""
+    per_ws = regime_pairs(p, regime) // p.warm_starts
+    return [Run("eval", regime, m, chosen[(regime, m)]["lr"], s, ws) for s in range(1, per_ws + 1)
+            for ws in seeds_ws for m in p.methods if (regime, m) in chosen]
+
+
+def regime_order(p: V4Plan, pilot: Pilot) -> list[str]:
+    """The execution order, fixed after the pilot (it changes no rule, test or sample size of the plan): one
+    regime at a time, tuned and then evaluated, in ascending order of its cost per primary question, the pilot's
+    CPU seconds per run x the regime's planned tuning and evaluation runs / its paired primaries (Q3 spans every
+    regime and is not counted), ties by name. A budget that runs out has then answered as many primaries as the
+    CPU time spent allows (a regime-major order would leave every question open until the last regime)."""
+    gap = pilot.gap_note if pilot.gap_note in pilot.regimes else None
+    qs = [q for q in questions(pilot.regimes, gap) if q.kind != "trend"]
+
+    def cost(regime: str) -> float:
+        tuning = sum(len(start_grid(p, regime, m)) for m in p.methods) * len(p.tuning_seeds) * p.warm_starts
+        runs_ = tuning + regime_pairs(p, regime) * len(p.methods)
+        return pilot.cpu_s[regime] * runs_ / max(1, sum(regime in q.regimes for q in qs))
+
+    return sorted(pilot.regimes, key=lambda r: (cost(r), r))
+
+
+def main(args, log) -> int:
+    """The v4 study: every stage from the records in ``--out``, running what is missing first; with
+    --report-only nothing is run or built and the report says how far the records reach."""
+    p = quick_v4() if args.quick else default_v4()
+    out = Path(args.out or Path(run.REPO_ROOT) / "outputs" / ("study_v4_quick" if args.quick else "study_v4"))
+    docs = Path(args.docs) if args.docs else (out / "study_v4.md" if args.quick else run.REPO_ROOT / "docs" / "study_v4.md")
+    report_only = args.report_only
+    for line in estimate_lines(p):
+        log(line)
+    if args.task != "fibonacci" and p.warm_starts > 1:
+        raise SystemExit(f"--v4 --task {args.task}: v4's warm starts are built for the fibonacci task only; "
+                         "allowed: --task fibonacci")
+    resume = " ".join(["python -m hmpo_verl.lab.study --v4", *(["--quick"] if args.quick else []), f"--out {out}",
+                       *([f"--assets {args.assets}"] if args.assets else [])])
+    if report_only and not (out / "runs").is_dir():
+        raise SystemExit(f"--report-only: {out} holds no v4 runs (no {out / 'runs'}); point --out at the runs' "
+                         f"folder, or start them: {resume}")
+    if not report_only:
+        lean.load_task(args.task, args.assets, log=log)  # the task's assets, built once before the workers
+        out.mkdir(parents=True, exist_ok=True)
+    base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length(args.task), eval_prompts=p.eval_prompts)
+    runs = Runs(args.task, args.assets, base, out, args.parallel, no_runs if report_only else run.run_all)
+    pilot = pilot_stage(p, runs)  # on warm start 0, as the plan fixes, whatever its fit
+    status = [pilot.line()]
+    if pilot.steps:  # the warm starts: every model of the regimes the pilot kept (the gap regime's, not the ladder's first)
+        kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in pilot.regimes})
+        seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log,
+                                                   build=not report_only)
+        status.append(f"warm starts: {len(seeds_ws)} of {p.warm_starts} accepted for the models {kinds}, seeds "
+                      f"{seeds_ws}" + (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
+                      (" (the smoke run skips the acceptance rule)" if args.quick else ""))
+        if not args.quick and 0 not in seeds_ws and not not_built:
+            status.append("the pilot ran on warm start 0, as the plan fixes, which the acceptance rule rejects for "
+                          "these models: the run length and the gap regime come from that fit")
+    if not pilot.steps:
+        for line in status:
+            log(line)
+        write_progress(docs, status, resume)
+        log(f"wrote {docs}\ncontinue with: {resume}")
+        return 0 if report_only else 1
+    order = regime_order(p, pilot)
+    planned = sum(regime_pairs(p, r) * len(p.methods) for r in order)
+    status.append("execution order (one regime at a time, tuned then evaluated; the least CPU time per primary "
+                  "first): " + ", ".join(order))
+    steps, chosen, grids, tuning_rows, eval_records, reached, finished = pilot.steps, {}, {}, [], [], [], []
+    for regime in order:
+        reached.append(regime)
+        tuning = tuning_stage(p, [regime], steps, seeds_ws, runs, log)
+        status.append(f"{regime}: {tuning.line()}")
+        if not tuning.chosen:
+            break
+        chosen.update(tuning.chosen)
+        grids.update(tuning.grids)
+        tuning_rows += tuning.rows
+        evaluation = evaluation_runs(p, regime, tuning.chosen, seeds_ws)
+        records = runs.finished(evaluation, steps, f"evaluation {regime}")
+        eval_records += records
+        status.append(f"{regime}: evaluation: {len(records)} of {len(evaluation)} runs finished")
+        if len(records) < len(evaluation):
+            break
+        finished.append(regime)
+    if len(reached) < len(order):
+        status.append("not started: " + ", ".join(order[len(reached):]))
+    for line in status:
+        log(line)
+    if not chosen:
+        write_progress(docs, status, resume)
+        log(f"wrote {docs}\ncontinue with: {resume}")
+        return 0 if report_only else 1
+    write_report(docs, order, pilot.gap_note, steps, grids, chosen, tuning_rows, _pair_rows(eval_records), planned,
+                 seeds_ws, status, finished)
+    done = len(finished) == len(order)
+    log(f"wrote {docs}: {len(eval_records)} of {planned} evaluation runs" + ("" if done else f"\ncontinue with: {resume}"))
+    return 0 if done or report_only else 1
+
+
+def write_progress(docs: Path, status: list[str], resume: str) -> None:
+    """The report while the pilot or the tuning is incomplete: how far the runs reach, nothing chosen or tested;
+    ``resume``: the command that continues."""
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# Comparative study, version 4: results (incomplete)", "",
+             "Pre-registration: [`study_v4_plan.md`](study_v4_plan.md). Generated from the runs finished so far by "
+             "`python -m hmpo_verl.lab.study --v4` (`--report-only`: without running the rest).", "",
+             *[f"* {line}" for line in status], "", f"Continue (runs what is missing, then reports): `{resume}`", ""]
+    docs.write_text("\n".join(lines))
 
 
 def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tuning_rows, rows, planned,
-                 warm_starts: list[int]) -> None:
+                 warm_starts: list[int], status: list[str], finished: list[str] | None = None) -> None:
     """docs/study_v4.md: the pre-registration's answers (final reward; AUC secondary), with the MDE of each
     and, where it exceeds the target, the pairs that would reach it; the difference per warm start; data.
-    ``gap_note``: the gap regime's name, or why there is none."""
+    ``gap_note``: the gap regime's name, or why there is none; ``rows``: the finished evaluation runs of the
+    ``planned`` ones (each question is tested on the (warm start, seed) pairs all its methods finished);
+    ``status``: how far each stage's runs reach; ``finished``: the regimes whose evaluation is complete (default
+    all). A paired question whose regime has no evaluation run, and the trend question until every regime's
+    evaluation is complete, are *not reached*: they stay in the Holm families with p = 1."""
     import pandas as pd
 
     from hmpo_verl.lab.study import report
@@ -220,17 +408,22 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     pd.DataFrame(tuning_rows + rows).to_csv(data_dir / "runs.csv", index=False, float_format="%.6g")
     gap = gap_note if gap_note in regimes else None
     qs = questions(regimes, gap)
+    finished = set(regimes if finished is None else finished)
+    started = {r["regime"] for r in rows}
+    unreached = frozenset(q.id for q in qs if not set(q.regimes) <= (finished if q.kind == "trend" else started))
     vanilla_gaps = analysis.regime_gaps([r for r in rows if r["method"] == "vanilla"])
     lines = ["# Comparative study, version 4: results", "",
              "Pre-registration: [`study_v4_plan.md`](study_v4_plan.md) (committed before these runs). Generated by "
-             "`python -m hmpo_verl.lab.study --v4`.", "",
-             f"Runs: {len(rows)} of {planned} evaluation runs finished, T = {steps} steps (plateau rule), gap regime: "
-             f"{gap_note}. Grids after the edge rule: " +
+             "`python -m hmpo_verl.lab.study --v4` (`--report-only`: from the runs finished so far).", "",
+             f"Runs: {len(rows)} of {planned} evaluation runs finished" +
+             ("; the budget ran out before the plan's pairs: each question is tested on the (warm start, seed) "
+              "pairs that every one of its methods finished" if len(rows) < planned else "") +
+             f". T = {steps} steps. Grids after the edge rule: " +
              "; ".join(f"{r}/{m} {g} → {chosen[(r, m)]['lr']:g}" for (r, m), g in grids.items() if (r, m) in chosen) +
-             ".", ""]
+             ".", "", *[f"* {line}" for line in status], ""]
     for outcome, key in (("held-out final reward (primary)", "final_heldout"), ("held-out AUC (secondary)", "auc_heldout")):
         outcome_rows = [{**r, "final_heldout": r[key]} for r in rows]
-        prim = analysis.primaries(qs, outcome_rows, chosen, vanilla_gaps) if rows else []
+        prim = analysis.primaries(qs, outcome_rows, chosen, vanilla_gaps, unreached) if rows else []
         lines += [f"## {outcome}", "", *(report.primary_table(prim, qs) if prim else ["No runs yet."]), ""]
         for r in prim:
             if r["kind"] == "paired" and math.isfinite(r["mde"]) and r["mde"] > plan_v4.MDE_TARGET:

@@ -1,0 +1,223 @@
+"""``python -m hmpo_verl.lab.study --v4 --report-only``: the report of the runs already in ``--out``, stage by stage,
+from synthetic run records in run.py's format (no trainer run, no model built: the runner, the warm-start builder
+and the task loader raise if called)."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from hmpo_verl.lab import lean
+from hmpo_verl.lab.study import analysis, cli, plan_v4, run, v4
+from hmpo_verl.lab.study.plan import Run
+
+REGIME, GRID, SEEDS = "async_4", (1e-4, 3e-4, 1e-3), (1001, 1002)
+PLAN = v4.V4Plan(regimes=(REGIME,), methods=("vanilla", "hmpo"), warm_starts=2, tuning_seeds=SEEDS,
+                 pairs={REGIME: 6}, pilot_steps=20, eval_prompts=8,
+                 grids={(REGIME, m): GRID for m in ("vanilla", "hmpo")})
+T = 10  # flat pilot curves: the plateau rule's first multiple of 10
+
+
+@pytest.fixture
+def no_builds(monkeypatch):
+    """The synthetic plan; starting a run, building a warm start or loading (building) the task fails the test."""
+
+    def forbidden(what):
+        def fail(*a, **k):
+            raise AssertionError(f"--report-only {what}")
+        return fail
+
+    monkeypatch.setattr(v4, "default_v4", lambda: PLAN)
+    monkeypatch.setattr(run, "run_all", forbidden("started runs"))
+    monkeypatch.setattr(run, "warm_start_model", forbidden("built a warm start"))
+    monkeypatch.setattr(lean, "load_task", forbidden("loaded (built) the task"))
+
+
+@pytest.fixture
+def study(tmp_path, no_builds):
+    """Warm-start folders (``ws(k)`` marks warm start k built), the run records' writer, and ``report()``: the
+    CLI with --report-only, which returns the report's text and what it printed."""
+    out, assets, docs = tmp_path / "runs", tmp_path / "assets", tmp_path / "docs" / "study_v4.md"
+    base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length("fibonacci"),
+                             eval_prompts=PLAN.eval_prompts)
+
+    class Study:
+        def __init__(self):
+            self.out, self.assets, self.docs = out, assets, docs
+
+        def ws(self, k, greedy=1.0):
+            root = run.warm_start_dir("fibonacci", str(assets), "dense", k)
+            root.mkdir(parents=True)
+            (root / "warm_start.json").write_text(json.dumps({"greedy_accuracy": greedy}))
+            (root / "READY").write_text("ok\n")
+
+        def record(self, r: Run, steps: int, heldout: float = 0.5, train: float = 0.5):
+            """One finished run as run.execute writes it (constant curves: the final reward is the value)."""
+            metrics = [{"eval_heldout": heldout, "eval_train": train, "reward": train, "non_finite": False,
+                        "update/log_ah_gap": 0.02} for _ in range(steps)]
+            rec = {"run": asdict(r), "task": "fibonacci", "steps": steps, "settings": run.run_settings(base, r),
+                   "wall_s": 1.0, "cpu_s": 1.0, "first_eval": {"eval_heldout": 0.4, "eval_train": 0.4},
+                   "metrics": metrics}
+            path = r.path(out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(rec))
+            assert run.is_done(r, out, "fibonacci", steps, base)
+
+        def pilot(self, seeds=SEEDS):
+            for s in seeds:
+                self.record(Run("pilot", REGIME, "vanilla", v4.v3_vanilla_lr(REGIME), s), PLAN.pilot_steps)
+
+        def tuning(self, best, warm_starts=(0, 1)):
+            """Every tuning run of ``grid``; ``best[method]``: the lr with the highest training-prompt reward."""
+            for m in PLAN.methods:
+                for lr in GRID:
+                    for s in SEEDS:
+                        for w in warm_starts:
+                            self.record(Run("tune", REGIME, m, lr, s, w), T, train=0.6 if lr == best[m] else 0.5)
+
+        def report(self, capsys):
+            assert cli.main(["--v4", "--report-only", "--out", str(out), "--assets", str(assets),
+                             "--docs", str(docs)]) == 0
+            return docs.read_text(), capsys.readouterr().out
+
+    out.mkdir()
+    (out / "runs").mkdir()
+    return Study()
+
+
+def test_pilot_incomplete_says_so_and_how_to_continue(study, capsys):
+    study.ws(0)
+    study.ws(1)
+    study.pilot(SEEDS[:1])
+    text, printed = study.report(capsys)
+    assert "pilot: 1 of 2 runs finished; no run length yet" in text
+    assert "tuning" not in text and "## held-out" not in text
+    assert "continue with: python -m hmpo_verl.lab.study --v4 --out" in printed
+
+
+def test_report_only_without_runs_stops_loud(tmp_path, no_builds):
+    with pytest.raises(SystemExit, match="holds no v4 runs"):
+        cli.main(["--v4", "--report-only", "--out", str(tmp_path / "nothing"), "--docs", str(tmp_path / "r.md")])
+
+
+def test_tuning_incomplete_chooses_nothing_and_counts(study, capsys):
+    """A warm start not built: its tuning runs are missing, no setting is chosen; then every run of the grids
+    but a choice at an edge: the edge rule's new point is not run yet, still nothing chosen."""
+    study.ws(0)
+    study.pilot()
+    study.tuning({"vanilla": 3e-4, "hmpo": 3e-4}, warm_starts=(0,))
+    text, printed = study.report(capsys)
+    assert ("warm starts: 1 of 2 accepted for the models ['dense'], seeds [0]; warm start 1 of the dense model "
+            "is not built") in text
+    assert f"pilot: 2 of 2 runs finished; run length T = {T} steps" in text
+    assert "tuning: 12 of 24 runs of the current grids finished; no setting chosen" in text
+    assert "## held-out" not in text and "evaluation:" not in printed  # no evaluation run listed, none tested
+
+    study.ws(1)
+    study.tuning({"vanilla": 3e-4, "hmpo": 1e-3}, warm_starts=(0, 1))  # hmpo at its grid's largest point
+    text, _ = study.report(capsys)
+    assert ("tuning: 24 of 28 runs of the current grids finished; the edge rule extended "
+            "async_4/hmpo -> (0.0001, 0.0003, 0.001, 0.003); no setting chosen") in text
+    assert "## held-out" not in text
+
+
+def test_evaluation_partial_tests_only_complete_pairs(study, capsys):
+    study.ws(0)
+    study.ws(1)
+    study.pilot()
+    study.tuning({"vanilla": 3e-4, "hmpo": 3e-4})
+    # (warm start, seed) pairs of both methods, then one run of each method whose partner is missing
+    diffs = {(0, 1): -0.02, (0, 2): -0.05, (0, 3): 0.01, (1, 1): -0.04}
+    for (w, s), d in diffs.items():
+        study.record(Run("eval", REGIME, "vanilla", 3e-4, s, w), T, heldout=0.5 + 0.01 * s)
+        study.record(Run("eval", REGIME, "hmpo", 3e-4, s, w), T, heldout=0.5 + 0.01 * s + d)
+    study.record(Run("eval", REGIME, "vanilla", 3e-4, 2, 1), T, heldout=0.99)  # hmpo's (1, 2) missing
+    study.record(Run("eval", REGIME, "hmpo", 3e-4, 3, 1), T, heldout=0.01)  # vanilla's (1, 3) missing
+    text, printed = study.report(capsys)
+    assert "Runs: 10 of 12 evaluation runs finished; the budget ran out before the plan's pairs" in text
+    assert "evaluation: 10 of 12 runs finished" in printed
+    test = analysis.paired_test(list(diffs.values()))
+    row = next(line for line in text.splitlines() if line.startswith("| Q1/async_4"))
+    assert row.split("|")[2].strip() == "4"  # the 4 complete pairs; the 2 unpaired runs left out
+    assert f"{test['diff']:+.3f}" in row
+    assert test["mde"] > plan_v4.MDE_TARGET
+    assert (f"* Q1/async_4: MDE {test['mde']:.3f} > {plan_v4.MDE_TARGET}; {plan_v4.seeds_for_mde(test['sd'])} "
+            "pairs would reach it") in text
+
+
+def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatch):
+    """Without --report-only the runner runs each stage's missing runs (here: writes their records), the warm
+    starts are built, and the report covers every planned evaluation run."""
+    labels = []
+
+    def fake_run_all(runs, task, assets, steps, base, out, parallel, label):
+        labels.append(label)
+        for r in runs:
+            if not run.is_done(r, out, task, steps, base):
+                hmpo = r.method == "hmpo"  # hmpo - vanilla: -0.03 on warm start 0, -0.02 on warm start 1
+                study.record(r, steps, heldout=0.5 + 0.01 * r.seed + (0.01 * r.warm_start - 0.03) * hmpo,
+                             train=0.6 if r.lr == 3e-4 else 0.5)
+
+    monkeypatch.setattr(run, "run_all", fake_run_all)
+    monkeypatch.setattr(run, "warm_start_model", lambda task, assets, kind, k, log=None: study.ws(k))
+    monkeypatch.setattr(lean, "load_task", lambda *a, **k: None)
+    assert cli.main(["--v4", "--out", str(study.out), "--assets", str(study.assets), "--docs", str(study.docs)]) == 0
+    text = study.docs.read_text()
+    assert labels == ["pilot", f"tuning {REGIME}", f"evaluation {REGIME}"]
+    assert "Runs: 12 of 12 evaluation runs finished." in text and "budget ran out" not in text
+    assert "| Q1/async_4 (hmpo − vanilla) | 6 | -0.025 [" in text
+
+
+def test_regimes_run_one_at_a_time_the_least_cpu_per_primary_first():
+    """The execution order: pilot CPU seconds per run x planned tuning and evaluation runs / paired primaries."""
+    p = v4.default_v4()
+    pilot = v4.Pilot(20, 20, 150, ["async_0", "async_4", "moe_replay", "moe32_top1"], "moe32_top1",
+                     {"async_0": 40.0, "async_4": 38.0, "moe_replay": 76.0, "moe32_top1": 72.0})
+    qs = [q for q in v4.questions(pilot.regimes, "moe32_top1") if q.kind != "trend"]
+
+    def cost(r):
+        runs_ = (sum(len(v4.start_grid(p, r, m)) for m in p.methods) * len(p.tuning_seeds) * p.warm_starts
+                 + v4.regime_pairs(p, r) * len(p.methods))
+        return pilot.cpu_s[r] * runs_ / sum(r in q.regimes for q in qs)
+
+    order = v4.regime_order(p, pilot)
+    assert [cost(r) for r in order] == sorted(cost(r) for r in order)
+    assert order[0] == "async_0" and order[-1] == "moe32_top1"  # 2 primaries at 40 s; 1 (Q6) at 72 s, 57 pairs
+    # the evaluation comes pair by pair: every prefix of whole pairs holds every method
+    runs_ = v4.evaluation_runs(p, "async_0", {("async_0", m): {"lr": 3e-4} for m in p.methods}, [0, 3, 7])
+    assert len(runs_) == v4.regime_pairs(p, "async_0") * len(p.methods)
+    assert {r.method for r in runs_[:len(p.methods)]} == set(p.methods)
+    assert len({(r.warm_start, r.seed) for r in runs_[:len(p.methods)]}) == 1
+
+
+def test_an_unreached_question_stays_in_the_holm_family_with_p_one():
+    """A partial study's unreached questions count in Holm's m (p = 1), so a reached question's correction is
+    the pre-registered family's; their verdict says so."""
+    from hmpo_verl.lab.study.plan import Question
+
+    qs = [Question("Qa", "paired", "hmpo", "vanilla", ("async_4",), ""),
+          Question("Qb", "paired", "hmpo", "vanilla", ("bf16",), "")]
+    rows = [{"regime": "async_4", "method": m, "seed": s, "final_heldout": 0.5 + 0.01 * s - 0.05 * (m == "hmpo")
+             + 0.002 * s * s * (m == "hmpo"), "update/log_ah_gap": 0.1} for m in ("hmpo", "vanilla") for s in range(6)]
+    alone = analysis.primaries(qs[:1], rows, {})
+    both = analysis.primaries(qs, rows, {}, unreached=frozenset({"Qb"}))
+    assert both[1]["verdict"] == "not reached" and both[1]["p"] == 1.0
+    assert both[0]["p_holm"] == pytest.approx(min(1.0, 2 * alone[0]["p"]))
+    assert alone[0]["p_holm"] == pytest.approx(alone[0]["p"])
+
+
+def test_a_warm_start_is_accepted_only_when_every_model_used_fits(tmp_path):
+    """The real v4 case: warm start 0's dense fit passes, its moe32 fit (the gap regime the pilot kept) reaches
+    0.84 < 0.95: seed 0 is skipped, loud, and a seed whose first model fails is not checked further."""
+    fits = {("dense", 0): 1.0, ("moe32", 0): 0.84, ("dense", 1): 0.16, ("dense", 2): 1.0, ("moe32", 2): 0.99}
+    for (kind, k), greedy in fits.items():
+        root = run.warm_start_dir("fibonacci", str(tmp_path), kind, k)
+        root.mkdir(parents=True)
+        (root / "warm_start.json").write_text(json.dumps({"greedy_accuracy": greedy}))
+        (root / "READY").write_text("ok\n")
+    said = []
+    seeds, missing = v4.accepted_warm_starts("fibonacci", str(tmp_path), ["dense", "moe32"], 1, True, said.append,
+                                             build=False)
+    assert seeds == [2] and missing is None
+    assert said == ["warm start 0 skipped: greedy accuracy {'dense': 1.0, 'moe32': 0.84} < 0.95",
+                    "warm start 1 skipped: greedy accuracy {'dense': 0.16} < 0.95"]
