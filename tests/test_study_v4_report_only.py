@@ -178,6 +178,7 @@ def test_regimes_run_one_at_a_time_the_least_cpu_per_primary_first():
     def cost(r):
         runs_ = (sum(len(v4.start_grid(p, r, m)) for m in p.methods) * len(p.tuning_seeds) * p.warm_starts
                  + v4.regime_pairs(p, r) * len(p.methods))
+        assert v4.regime_cpu_s(p, pilot, r) == pytest.approx(pilot.cpu_s[r] * runs_)  # T = the pilot's length
         return pilot.cpu_s[r] * runs_ / sum(r in q.regimes for q in qs)
 
     order = v4.regime_order(p, pilot)
@@ -221,3 +222,10 @@ def test_a_warm_start_is_accepted_only_when_every_model_used_fits(tmp_path):
     assert seeds == [2] and missing is None
     assert said == ["warm start 0 skipped: greedy accuracy {'dense': 1.0, 'moe32': 0.84} < 0.95",
                     "warm start 1 skipped: greedy accuracy {'dense': 0.16} < 0.95"]
+
+
+def test_no_warm_start_accepted_yet_counts_every_planned_tuning_run(study, capsys):
+    """No warm start built: the tuning's count is the plan's (grids x seeds x warm starts), not 0 of 0."""
+    study.pilot()
+    text, _ = study.report(capsys)
+    assert f"tuning: 0 of {2 * len(GRID) * len(SEEDS) * 2} runs of the current grids finished; no setting chosen" in text

@@ -259,7 +259,7 @@ def tuning_stage(p: V4Plan, regimes: list[str], steps: int, seeds_ws: list[int],
     while True:
         tuning = [Run("tune", r, m, lr, s, ws) for (r, m), g in grids.items() for lr in g for s in p.tuning_seeds
                   for ws in seeds_ws]
-        planned = len(tuning) // max(len(seeds_ws), 1) * p.warm_starts
+        planned = sum(len(g) for g in grids.values()) * len(p.tuning_seeds) * p.warm_starts
         rows = [analysis.run_summary(r) for r in runs.finished(tuning, steps, f"tuning {'/'.join(regimes)}")]
         if len(rows) < planned:
             return Tuning(len(rows), planned, dict(grids), rows, None, extensions)
@@ -286,21 +286,23 @@ def evaluation_runs(p: V4Plan, regime: str, chosen: dict, seeds_ws: list[int]) -
             for ws in seeds_ws for m in p.methods if (regime, m) in chosen]
 
 
+def regime_cpu_s(p: V4Plan, pilot: Pilot, regime: str) -> float:
+    """The CPU seconds of the regime's planned tuning (starting grids, before any edge extension) and evaluation
+    runs, at the pilot's CPU seconds per run (the pilot runs T = its length; tuning and evaluation run T steps)."""
+    tuning = sum(len(start_grid(p, regime, m)) for m in p.methods) * len(p.tuning_seeds) * p.warm_starts
+    per_run = pilot.cpu_s[regime] * pilot.steps / p.pilot_steps
+    return per_run * (tuning + regime_pairs(p, regime) * len(p.methods))
+
+
 def regime_order(p: V4Plan, pilot: Pilot) -> list[str]:
     """The execution order, fixed after the pilot (it changes no rule, test or sample size of the plan): one
-    regime at a time, tuned and then evaluated, in ascending order of its cost per primary question, the pilot's
-    CPU seconds per run x the regime's planned tuning and evaluation runs / its paired primaries (Q3 spans every
-    regime and is not counted), ties by name. A budget that runs out has then answered as many primaries as the
-    CPU time spent allows (a regime-major order would leave every question open until the last regime)."""
+    regime at a time, tuned and then evaluated, in ascending order of its cost per primary question,
+    :func:`regime_cpu_s` / its paired primaries (Q3 spans every regime and is not counted), ties by name. A budget
+    that runs out has then answered as many primaries as the CPU time spent allows (a regime-major order would
+    leave every question open until the last regime)."""
     gap = pilot.gap_note if pilot.gap_note in pilot.regimes else None
     qs = [q for q in questions(pilot.regimes, gap) if q.kind != "trend"]
-
-    def cost(regime: str) -> float:
-        tuning = sum(len(start_grid(p, regime, m)) for m in p.methods) * len(p.tuning_seeds) * p.warm_starts
-        runs_ = tuning + regime_pairs(p, regime) * len(p.methods)
-        return pilot.cpu_s[regime] * runs_ / max(1, sum(regime in q.regimes for q in qs))
-
-    return sorted(pilot.regimes, key=lambda r: (cost(r), r))
+    return sorted(pilot.regimes, key=lambda r: (regime_cpu_s(p, pilot, r) / max(1, sum(r in q.regimes for q in qs)), r))
 
 
 def main(args, log) -> int:
@@ -346,7 +348,10 @@ def main(args, log) -> int:
     order = regime_order(p, pilot)
     planned = sum(regime_pairs(p, r) * len(p.methods) for r in order)
     status.append("execution order (one regime at a time, tuned then evaluated; the least CPU time per primary "
-                  "first): " + ", ".join(order))
+                  "first): " + ", ".join(f"{r} ({regime_cpu_s(p, pilot, r) / 3600:.1f})" for r in order) +
+                  f"; in brackets the CPU-hours of each regime's tuning (before edge extensions) and evaluation at "
+                  f"T = {pilot.steps} by the pilot's CPU time per run, "
+                  f"{sum(regime_cpu_s(p, pilot, r) for r in order) / 3600:.1f} in all")
     steps, chosen, grids, tuning_rows, eval_records, reached, finished = pilot.steps, {}, {}, [], [], [], []
     for regime in order:
         reached.append(regime)
