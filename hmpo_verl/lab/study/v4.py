@@ -328,35 +328,39 @@ def main(args, log) -> int:
     base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length(args.task), eval_prompts=p.eval_prompts)
     runs = Runs(args.task, args.assets, base, out, args.parallel, no_runs if report_only else run.run_all)
     pilot = pilot_stage(p, runs)  # on warm start 0, as the plan fixes, whatever its fit
-    status = [pilot.line()]
+    status = []
+
+    def say(line: str) -> None:  # a status line of the report, printed as soon as it is known
+        status.append(line)
+        log(line)
+
+    say(pilot.line())
     if pilot.steps:  # the warm starts: every model of the regimes the pilot kept (the gap regime's, not the ladder's first)
         kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in pilot.regimes})
         seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log,
                                                    build=not report_only)
-        status.append(f"warm starts: {len(seeds_ws)} of {p.warm_starts} accepted for the models {kinds}, seeds "
-                      f"{seeds_ws}" + (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
-                      (" (the smoke run skips the acceptance rule)" if args.quick else ""))
+        say(f"warm starts: {len(seeds_ws)} of {p.warm_starts} accepted for the models {kinds}, seeds {seeds_ws}" +
+            (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
+            (" (the smoke run skips the acceptance rule)" if args.quick else ""))
         if not args.quick and 0 not in seeds_ws and not not_built:
-            status.append("the pilot ran on warm start 0, as the plan fixes, which the acceptance rule rejects for "
-                          "these models: the run length and the gap regime come from that fit")
+            say("the pilot ran on warm start 0, as the plan fixes, which the acceptance rule rejects for these models: "
+                "the run length and the gap regime come from that fit")
     if not pilot.steps:
-        for line in status:
-            log(line)
         write_progress(docs, status, resume)
         log(f"wrote {docs}\ncontinue with: {resume}")
         return 0 if report_only else 1
     order = regime_order(p, pilot)
     planned = sum(regime_pairs(p, r) * len(p.methods) for r in order)
-    status.append("execution order (one regime at a time, tuned then evaluated; the least CPU time per primary "
-                  "first): " + ", ".join(f"{r} ({regime_cpu_s(p, pilot, r) / 3600:.1f})" for r in order) +
-                  f"; in brackets the CPU-hours of each regime's tuning (before edge extensions) and evaluation at "
-                  f"T = {pilot.steps} by the pilot's CPU time per run, "
-                  f"{sum(regime_cpu_s(p, pilot, r) for r in order) / 3600:.1f} in all")
+    say("execution order (one regime at a time, tuned then evaluated; the least CPU time per primary first): " +
+        ", ".join(f"{r} ({regime_cpu_s(p, pilot, r) / 3600:.1f})" for r in order) +
+        f"; in brackets the CPU-hours of each regime's tuning (before edge extensions) and evaluation at "
+        f"T = {pilot.steps} by the pilot's CPU time per run, {sum(regime_cpu_s(p, pilot, r) for r in order) / 3600:.1f} "
+        "in all")
     steps, chosen, grids, tuning_rows, eval_records, reached, finished = pilot.steps, {}, {}, [], [], [], []
     for regime in order:
         reached.append(regime)
         tuning = tuning_stage(p, [regime], steps, seeds_ws, runs, log)
-        status.append(f"{regime}: {tuning.line()}")
+        say(f"{regime}: {tuning.line()}")
         if not tuning.chosen:
             break
         chosen.update(tuning.chosen)
@@ -365,14 +369,12 @@ def main(args, log) -> int:
         evaluation = evaluation_runs(p, regime, tuning.chosen, seeds_ws)
         records = runs.finished(evaluation, steps, f"evaluation {regime}")
         eval_records += records
-        status.append(f"{regime}: evaluation: {len(records)} of {len(evaluation)} runs finished")
+        say(f"{regime}: evaluation: {len(records)} of {len(evaluation)} runs finished")
         if len(records) < len(evaluation):
             break
         finished.append(regime)
     if len(reached) < len(order):
-        status.append("not started: " + ", ".join(order[len(reached):]))
-    for line in status:
-        log(line)
+        say("not started: " + ", ".join(order[len(reached):]))
     if not chosen:
         write_progress(docs, status, resume)
         log(f"wrote {docs}\ncontinue with: {resume}")
