@@ -110,6 +110,8 @@ def test_tuning_incomplete_chooses_nothing_and_counts(study, capsys):
     assert ("warm starts: 1 of 2 accepted for the models ['dense'], seeds [0]; warm start 1 of the dense model "
             "is not built") in text
     assert f"pilot: 2 of 2 runs finished; run length T = {T} steps" in text
+    assert (f"Command: `python -m hmpo_verl.lab.study --v4 --out {study.out} --assets {study.assets} --report-only "
+            f"--docs {study.docs}`. Versions: hmpo-verl ") in text and ", torch " in text
     assert "tuning: 12 of 24 runs of the current grids finished; no setting chosen" in text
     assert "## held-out" not in text and "evaluation:" not in printed  # no evaluation run listed, none tested
 
@@ -165,6 +167,7 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     text = study.docs.read_text()
     assert labels == ["pilot", f"tuning {REGIME}", f"evaluation {REGIME}"]
     assert "Runs: 12 of 12 evaluation runs finished." in text and "budget ran out" not in text
+    assert f"Command: `python -m hmpo_verl.lab.study --v4 --out {study.out} --assets {study.assets} --parallel " in text
     assert "| Q1/async_4 (hmpo − vanilla) | 6 | -0.025 [" in text
 
 
