@@ -48,6 +48,11 @@ def versions() -> dict:
             "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
+def versions_text() -> str:
+    """:func:`versions` as a report writes them: "hmpo-verl 0.1.0, verl 0.9.1, ..."."""
+    return ", ".join(f"{k} {v}" for k, v in versions().items())
+
+
 def save_figure(fig, path: Path, layout: bool = True) -> Path:
     """Lay out (unless the caller did), write (PNG, 100 dpi) and close a report figure; returns its path."""
     import matplotlib.pyplot as plt
@@ -435,7 +440,7 @@ def write_docs(path: Path, ctx: dict) -> None:
         lines += ["**No results yet**: the main run has not been made. The plan and the questions below were "
                   "registered before it.", ""]
     lines += [
-        f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. Runs: one thread each, "
+        f"Versions: {versions_text()}. Runs: one thread each, "
         f"{ctx['parallel']} at a time on {os.cpu_count()} CPU cores; {ctx['cpu_minutes']:.0f} CPU-minutes of runs in all.",
         "",
         *([*ctx["scope"], ""] if ctx["scope"] else []),

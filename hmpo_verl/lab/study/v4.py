@@ -202,21 +202,20 @@ def pilot_stage(p: V4Plan, runs: Runs) -> Pilot:
     pilot = [Run("pilot", r, "vanilla", v3_vanilla_lr(r), s)
              for r in stale + [ladder[0]] * (ladder[0] in p.regimes) for s in p.tuning_seeds]
     records = runs.finished(pilot, p.pilot_steps, "pilot")
-    rows, planned, every = [analysis.run_summary(r) for r in records], len(pilot), list(records)
+    every, planned = list(records), len(pilot)  # every: the records of the ladder's runs too
     gap = None
-    for name in ladder if ladder[0] in p.regimes and len(rows) == planned else []:
+    for name in ladder if ladder[0] in p.regimes and len(every) == planned else []:
         if name != ladder[0]:
             more = [Run("pilot", name, "vanilla", v3_vanilla_lr(name), s) for s in p.tuning_seeds]
             planned += len(more)
             every += runs.finished(more, p.pilot_steps, "pilot")
-            rows += [analysis.run_summary(r) for r in every[len(rows):]]
-            if len(rows) < planned:
+            if len(every) < planned:
                 break
-        gap = gap_regime(rows)
+        gap = gap_regime([analysis.run_summary(r) for r in every])
         if gap:
             break
-    if len(rows) < planned:
-        return Pilot(len(rows), planned, None, [], "")
+    if len(every) < planned:
+        return Pilot(len(every), planned, None, [], "")
     curves = {r: [[m["eval_heldout"] for m in rec["metrics"]] for rec in records if rec["run"].regime == r]
               for r in stale}
     steps = max(analysis.FINAL_WINDOW, plateau_length(curves, p.pilot_steps))
@@ -224,7 +223,7 @@ def pilot_stage(p: V4Plan, runs: Runs) -> Pilot:
     regimes = stale + ([gap] if gap else [])
     cpu = {r: sum(rec["cpu_s"] for rec in every if rec["run"].regime == r) /
            max(1, sum(rec["run"].regime == r for rec in every)) for r in regimes}
-    return Pilot(len(rows), planned, steps, regimes, gap_note, cpu)
+    return Pilot(len(every), planned, steps, regimes, gap_note, cpu)
 
 
 @dataclass(frozen=True)
@@ -250,6 +249,11 @@ def start_grid(p: V4Plan, regime: str, method: str) -> tuple[float, ...]:
     return p.grid(GAP_LADDER[0] if regime in GAP_LADDER else regime, method)
 
 
+def tuning_run_count(p: V4Plan, grids: dict) -> int:
+    """The tuning runs of ``grids`` (any key -> learning rates) on the tuning seeds x every planned warm start."""
+    return sum(len(g) for g in grids.values()) * len(p.tuning_seeds) * p.warm_starts
+
+
 def tuning_stage(p: V4Plan, regimes: list[str], steps: int, seeds_ws: list[int], runs: Runs, log) -> Tuning:
     """Every method's grid in ``regimes`` on the tuning seeds x warm starts, extended by the edge rule until no
     choice sits at an edge; incomplete (``chosen`` None) while a run of the current grids, or a planned warm
@@ -259,7 +263,7 @@ def tuning_stage(p: V4Plan, regimes: list[str], steps: int, seeds_ws: list[int],
     while True:
         tuning = [Run("tune", r, m, lr, s, ws) for (r, m), g in grids.items() for lr in g for s in p.tuning_seeds
                   for ws in seeds_ws]
-        planned = sum(len(g) for g in grids.values()) * len(p.tuning_seeds) * p.warm_starts
+        planned = tuning_run_count(p, grids)
         rows = [analysis.run_summary(r) for r in runs.finished(tuning, steps, f"tuning {'/'.join(regimes)}")]
         if len(rows) < planned:
             return Tuning(len(rows), planned, dict(grids), rows, None, extensions)
@@ -289,7 +293,7 @@ def evaluation_runs(p: V4Plan, regime: str, chosen: dict, seeds_ws: list[int]) -
 def regime_cpu_s(p: V4Plan, pilot: Pilot, regime: str) -> float:
     """The CPU seconds of the regime's planned tuning (starting grids, before any edge extension) and evaluation
     runs, at the pilot's CPU seconds per run (the pilot runs T = its length; tuning and evaluation run T steps)."""
-    tuning = sum(len(start_grid(p, regime, m)) for m in p.methods) * len(p.tuning_seeds) * p.warm_starts
+    tuning = tuning_run_count(p, {m: start_grid(p, regime, m) for m in p.methods})
     per_run = pilot.cpu_s[regime] * pilot.steps / p.pilot_steps
     return per_run * (tuning + regime_pairs(p, regime) * len(p.methods))
 
@@ -338,20 +342,20 @@ def main(args, log) -> int:
         log(line)
 
     say(pilot.line())
-    if pilot.steps:  # the warm starts: every model of the regimes the pilot kept (the gap regime's, not the ladder's first)
-        kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in pilot.regimes})
-        seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log,
-                                                   build=not report_only)
-        say(f"warm starts: {len(seeds_ws)} of {p.warm_starts} accepted for the models {kinds}, seeds {seeds_ws}" +
-            (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
-            (" (the smoke run skips the acceptance rule)" if args.quick else ""))
-        if not args.quick and 0 not in seeds_ws and not not_built:
-            say("the pilot ran on warm start 0, as the plan fixes, which the acceptance rule rejects for these models: "
-                "the run length and the gap regime come from that fit")
     if not pilot.steps:
         write_progress(docs, status, resume, provenance)
         log(f"wrote {docs}\ncontinue with: {resume}")
         return 0 if report_only else 1
+    # the warm starts: every model of the regimes the pilot kept (the gap regime's, not the ladder's first)
+    kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in pilot.regimes})
+    seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log,
+                                               build=not report_only)
+    say(f"warm starts: {len(seeds_ws)} of {p.warm_starts} accepted for the models {kinds}, seeds {seeds_ws}" +
+        (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
+        (" (the smoke run skips the acceptance rule)" if args.quick else ""))
+    if not args.quick and 0 not in seeds_ws and not not_built:
+        say("the pilot ran on warm start 0, as the plan fixes, which the acceptance rule rejects for these models: "
+            "the run length and the gap regime come from that fit")
     order = regime_order(p, pilot)
     planned = sum(regime_pairs(p, r) * len(p.methods) for r in order)
     say("execution order (one regime at a time, tuned then evaluated; the least CPU time per primary first): " +
@@ -393,7 +397,7 @@ def provenance_line(command: str) -> str:
     """The report's exact command and versions."""
     from hmpo_verl.lab.study import report
 
-    return f"Command: `{command}`. Versions: {', '.join(f'{k} {v}' for k, v in report.versions().items())}."
+    return f"Command: `{command}`. Versions: {report.versions_text()}."
 
 
 def write_progress(docs: Path, status: list[str], resume: str, provenance: str) -> None:
@@ -408,13 +412,12 @@ def write_progress(docs: Path, status: list[str], resume: str, provenance: str) 
 
 
 def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tuning_rows, rows, planned,
-                 warm_starts: list[int], status: list[str], finished: list[str] | None, provenance: str) -> None:
+                 warm_starts: list[int], status: list[str], finished: list[str], provenance: str) -> None:
     """docs/study_v4.md: the pre-registration's answers (final reward; AUC secondary), with the MDE of each
     and, where it exceeds the target, the pairs that would reach it; the difference per warm start; data.
     ``gap_note``: the gap regime's name, or why there is none; ``rows``: the finished evaluation runs of the
     ``planned`` ones (each question is tested on the (warm start, seed) pairs all its methods finished);
-    ``status``: how far each stage's runs reach; ``finished``: the regimes whose evaluation is complete (default
-    all). A paired question whose regime has no evaluation run, and the trend question until every regime's
+    ``status``: how far each stage's runs reach; ``finished``: the regimes whose evaluation is complete. A paired question whose regime has no evaluation run, and the trend question until every regime's
     evaluation is complete, are *not reached*: they stay in the Holm families with p = 1."""
     import pandas as pd
 
@@ -425,9 +428,8 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     pd.DataFrame(tuning_rows + rows).to_csv(data_dir / "runs.csv", index=False, float_format="%.6g")
     gap = gap_note if gap_note in regimes else None
     qs = questions(regimes, gap)
-    finished = set(regimes if finished is None else finished)
     started = {r["regime"] for r in rows}
-    unreached = frozenset(q.id for q in qs if not set(q.regimes) <= (finished if q.kind == "trend" else started))
+    unreached = frozenset(q.id for q in qs if not set(q.regimes) <= (set(finished) if q.kind == "trend" else started))
     vanilla_gaps = analysis.regime_gaps([r for r in rows if r["method"] == "vanilla"])
     lines = ["# Comparative study, version 4: results", "",
              "Pre-registration: [`study_v4_plan.md`](study_v4_plan.md) (committed before these runs). Generated by "
