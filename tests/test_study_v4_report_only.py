@@ -233,3 +233,20 @@ def test_no_warm_start_accepted_yet_counts_every_planned_tuning_run(study, capsy
     study.pilot()
     text, _ = study.report(capsys)
     assert f"tuning: 0 of {2 * len(GRID) * len(SEEDS) * 2} runs of the current grids finished; no setting chosen" in text
+
+
+def test_too_few_passing_warm_starts_stop_loud_naming_the_threshold(tmp_path):
+    """5 x wanted seeds (15) tried, fewer than wanted pass: the study stops with the count and where the threshold
+    lives, not a silent run on fewer warm starts."""
+    for k in range(15):
+        root = run.warm_start_dir("fibonacci", str(tmp_path), "dense", k)
+        root.mkdir(parents=True)
+        (root / "warm_start.json").write_text(json.dumps({"greedy_accuracy": 1.0 if k in (3, 8) else 0.5}))
+        (root / "READY").write_text("ok\n")
+    with pytest.raises(SystemExit, match=r"only 2 of 15 warm-start seeds reach greedy accuracy 0.95; v4 needs 3: "
+                                         r"see plan_v4.WARM_START_MIN_GREEDY"):
+        v4.accepted_warm_starts("fibonacci", str(tmp_path), ["dense"], 3, True, lambda _: None, build=False)
+    # the same fits with 2 wanted: accepted, and the seeds not tried past the second pass
+    seeds, missing = v4.accepted_warm_starts("fibonacci", str(tmp_path), ["dense"], 2, True, lambda _: None,
+                                             build=False)
+    assert seeds == [3, 8] and missing is None
