@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import pytest
 
-from hmpo_verl.lab import lean
+from hmpo_verl.lab import lean, stats
 from hmpo_verl.lab.study import analysis, cli, plan_v4, run, v4
 from hmpo_verl.lab.study.plan import Run
 
@@ -144,6 +144,8 @@ def test_evaluation_partial_tests_only_complete_pairs(study, capsys):
     assert row.split("|")[2].strip() == "4"  # the 4 complete pairs; the 2 unpaired runs left out
     assert f"{test['diff']:+.3f}" in row
     assert test["mde"] > plan_v4.MDE_TARGET
+    # the plateau check counts every finished run, paired or not: 10 (flat curves: none rising)
+    assert "| async_4 | 10 | 0 |" in text
     assert (f"* Q1/async_4: MDE {test['mde']:.3f} > {plan_v4.MDE_TARGET}; {plan_v4.seeds_for_mde(test['sd'])} "
             "pairs would reach it") in text
 
@@ -170,6 +172,11 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     assert "Runs: 12 of 12 evaluation runs finished." in text and "not run yet" not in text
     assert f"Command: `python -m hmpo_verl.lab.study --v4 --out {study.out} --assets {study.assets} --parallel " in text
     assert "| Q1/async_4 (hmpo − vanilla) | 6 | -0.025 [" in text
+    # the exploratory table, the regimes' measured gaps, the figure and the plateau check come from the same runs
+    assert "| async_4 | hmpo | 6 | 0.495 ± 0.011 | -0.025 [-0.031, -0.019] |" in text
+    assert "| async_4 | 4 | " in text and "| 0.0200; 0.0200; 0.0200–0.0200 |" in text
+    assert (study.docs.parent / "study_v4_figures" / "reward.png").stat().st_size > 10_000
+    assert "| async_4 | 12 | 0 | +0.00000 [+0.00000, +0.00000] |" in text  # flat synthetic curves
 
 
 def test_regimes_run_one_at_a_time_the_least_cpu_per_primary_first():
@@ -250,3 +257,16 @@ def test_too_few_passing_warm_starts_stop_loud_naming_the_threshold(tmp_path):
     seeds, missing = v4.accepted_warm_starts("fibonacci", str(tmp_path), ["dense"], 2, True, lambda _: None,
                                              build=False)
     assert seeds == [3, 8] and missing is None
+
+
+def test_plateau_lines_count_rising_runs_and_average_their_last_slopes():
+    """Two runs per regime over 20 steps: one rising 0.01 per step, one falling 0.004 per step at its end; the
+    last-10-step slopes are exact (least squares on a line) and the count is of positive slopes."""
+    rising = [0.01 * i for i in range(20)]
+    falling = [0.5] * 10 + [0.5 - 0.004 * i for i in range(10)]
+    lines = v4.plateau_lines({("async_1", "vanilla"): [rising], ("async_1", "hmpo"): [falling],
+                              ("async_2", "vanilla"): [falling, falling]}, ["async_1", "async_2", "bf16"], 20)
+    mean, half = 0.003, stats.t_quantile(0.95, 1) * (0.014 / 2 ** 0.5) / 2 ** 0.5  # sd of (0.01, -0.004), n = 2
+    assert lines[2] == f"| async_1 | 2 | 1 | +0.00300 [{mean - half:+.5f}, {mean + half:+.5f}] |"
+    assert lines[3].startswith("| async_2 | 2 | 0 | -0.00400 [")
+    assert len(lines) == 4  # bf16 has no run: no row

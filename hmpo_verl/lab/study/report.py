@@ -59,6 +59,7 @@ def save_figure(fig, path: Path, layout: bool = True) -> Path:
 
     if layout:
         fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -123,10 +124,12 @@ def primary_table(prim: list[dict], questions) -> list[str]:
     return lines
 
 
-def results_table(rows: list[dict], comps: list[dict], regimes: list[str], methods: list[str]) -> list[str]:
-    """Per regime and method: mean ± 95 % t half-width over seeds, and the paired difference from vanilla."""
+def results_table(rows: list[dict], comps: list[dict], regimes: list[str], methods: list[str],
+                  unit: str = "seeds") -> list[str]:
+    """Per regime and method: mean ± 95 % t half-width over ``unit`` (runs), and the paired difference from
+    vanilla."""
     by = {(c["regime"], c["method"]): c for c in comps}
-    lines = ["| regime | method | seeds | held-out final (mean ± 95 % CI half-width) | Δ held-out vs vanilla [95 % CI] "
+    lines = [f"| regime | method | {unit} | held-out final (mean ± 95 % CI half-width) | Δ held-out vs vanilla [95 % CI] "
              "| MDE | train-prompt final (± 95 % CI) | held-out AUC (± 95 % CI) | collapsed |",
              "|---|---|---|---|---|---|---|---|---|"]
     for regime in regimes:
@@ -199,9 +202,9 @@ def confirmation_lines(conf: list[dict], need: list[dict], regime: str, trainer:
 # ----------------------------------------------------------------------------- figures
 
 
-def plot_rewards(curves_by_key: dict, regimes, methods, figures: Path) -> Path:
-    """Held-out expected reward after each step, per regime: mean over seeds, band = 95 % t interval.
-    ``curves_by_key[(regime, method)]``: one list of per-step rewards per seed."""
+def plot_rewards(curves_by_key: dict, regimes, methods, figures: Path, unit: str = "evaluation seeds") -> Path:
+    """Held-out expected reward after each step, per regime: mean over ``unit``, band = 95 % t interval.
+    ``curves_by_key[(regime, method)]``: one list of per-step rewards per seed (per ``unit``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,7 +213,8 @@ def plot_rewards(curves_by_key: dict, regimes, methods, figures: Path) -> Path:
 
     cols = min(4, len(regimes))
     rows_n = math.ceil(len(regimes) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.8 * rows_n), squeeze=False)
+    # at least 9.2 inches wide: the title and the one legend fit above and below a single panel
+    fig, axes = plt.subplots(rows_n, cols, figsize=(max(9.2, 4.6 * cols), 3.8 * rows_n), squeeze=False)
     cmap = plt.get_cmap("tab10")
     for ax, regime in zip(axes.flat, regimes):
         for i, method in enumerate(methods):
@@ -232,7 +236,7 @@ def plot_rewards(curves_by_key: dict, regimes, methods, figures: Path) -> Path:
     handles = {}  # one legend for every panel: each method once, in the methods' order
     for ax in axes.flat:
         handles.update(zip(*reversed(ax.get_legend_handles_labels())))
-    fig.suptitle("held-out expected reward after each step (evaluation seeds; band = 95 % t interval)")
+    fig.suptitle(f"held-out expected reward after each step (mean over {unit}; band = 95 % t interval)")
     fig.legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles],
                loc="lower center", ncol=len(handles), fontsize=9, bbox_to_anchor=(0.5, 0.0))
     fig.tight_layout(rect=(0, 0.05, 1, 1))

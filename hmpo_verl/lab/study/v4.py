@@ -387,10 +387,36 @@ def main(args, log) -> int:
         log(f"wrote {docs}\ncontinue with: {resume}")
         return 0 if report_only else 1
     write_report(docs, order, pilot.gap_note, steps, grids, chosen, tuning_rows, _pair_rows(eval_records), planned,
-                 seeds_ws, status, finished, provenance)
+                 seeds_ws, status, finished, provenance, curves(eval_records))
     done = len(finished) == len(order)
     log(f"wrote {docs}: {len(eval_records)} of {planned} evaluation runs" + ("" if done else f"\ncontinue with: {resume}"))
     return 0 if done or report_only else 1
+
+
+def curves(records: list[dict]) -> dict[tuple[str, str], list[list[float]]]:
+    """(regime, method) -> the held-out reward after each step, one list per finished evaluation run."""
+    out: dict = {}
+    for rec in records:
+        out.setdefault((rec["run"].regime, rec["run"].method), []).append([m["eval_heldout"] for m in rec["metrics"]])
+    return out
+
+
+def plateau_lines(curves_by_key: dict, regimes, steps: int) -> list[str]:
+    """Whether the evaluation runs reached the plateau the run length was chosen for: per regime, the runs whose
+    held-out reward still rises over the last ``analysis.RISING_WINDOW`` steps (least-squares slope > 0; a run at
+    a plateau does so by noise about half the time) and the mean of that slope with its 95 % t interval."""
+    lines = [f"| regime | runs | still rising at step {steps} | mean slope over the last {analysis.RISING_WINDOW} "
+             "steps, per step [95 % CI] |", "|---|---|---|---|"]
+    for regime in regimes:
+        cs = [c for (r, _), runs_ in curves_by_key.items() if r == regime for c in runs_]
+        if not cs:
+            continue
+        tails = [c[-analysis.RISING_WINDOW:] for c in cs]
+        slopes = [stats.ols_slope(list(range(len(t))), t) for t in tails]
+        mean, half = stats.mean_ci(slopes)
+        lines.append(f"| {regime} | {len(cs)} | {analysis.still_rising(cs)} | {mean:+.5f} "
+                     f"[{mean - half:+.5f}, {mean + half:+.5f}] |")
+    return lines
 
 
 def provenance_line(command: str) -> str:
@@ -412,13 +438,16 @@ def write_progress(docs: Path, status: list[str], resume: str, provenance: str) 
 
 
 def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tuning_rows, rows, planned,
-                 warm_starts: list[int], status: list[str], finished: list[str], provenance: str) -> None:
+                 warm_starts: list[int], status: list[str], finished: list[str], provenance: str,
+                 curves_by_key: dict) -> None:
     """docs/study_v4.md: the pre-registration's answers (final reward; AUC secondary), with the MDE of each
     and, where it exceeds the target, the pairs that would reach it; the difference per warm start; data.
     ``gap_note``: the gap regime's name, or why there is none; ``rows``: the finished evaluation runs of the
     ``planned`` ones (each question is tested on the (warm start, seed) pairs all its methods finished);
-    ``status``: how far each stage's runs reach; ``finished``: the regimes whose evaluation is complete. A paired question whose regime has no evaluation run, and the trend question until every regime's
-    evaluation is complete, are *not reached*: they stay in the Holm families with p = 1."""
+    ``status``: how far each stage's runs reach; ``finished``: the regimes whose evaluation is complete;
+    ``curves_by_key``: :func:`curves` of the evaluation runs (the reward figure, the plateau table). A paired
+    question whose regime has no evaluation run, and the trend question until every regime's evaluation is
+    complete, are *not reached*: they stay in the Holm families with p = 1."""
     import pandas as pd
 
     from hmpo_verl.lab.study import report
@@ -463,4 +492,20 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
         dependent = any(t and t["lo"] > 0 for t in tests) and any(t and t["hi"] < 0 for t in tests)
         lines.append(f"| {q.id} | " + " | ".join(report._ci(t) if t else "—" for t in tests) +
                      f" | {'warm-start dependent' if dependent else ''} |")
+    methods = [m for m in plan.DISPLAY_ORDER if any(r["method"] == m for r in rows)]
+    evaluated = [r for r in regimes if r in started]
+    lines += ["", "## Regimes, as measured on the evaluation runs", "",
+              "A user measures vanilla's own gap (the second figure of the gap column).", "",
+              *report.regimes_table(regimes, analysis.regime_measurements(rows, regimes)), "",
+              "## Settings chosen by the tuning", "", *report.settings_table(chosen, regimes, [m for m in plan.DISPLAY_ORDER if any(k[1] == m for k in chosen)]), "",
+              "## Every method against vanilla (exploratory: no correction for multiplicity)", "",
+              *report.results_table(rows, analysis.comparisons(rows, evaluated), evaluated, methods,
+                                    unit="pairs"), ""]
+    if evaluated:
+        figure = report.plot_rewards(curves_by_key, evaluated, methods, docs.parent / f"{docs.stem}_figures",
+                                     unit="(warm start, seed) pairs")
+        lines += ["## Held-out reward and the plateau", "",
+                  f"![held-out reward after each step]({figure.parent.name}/{figure.name})", "",
+                  f"Did the runs plateau at T = {steps}? (The pilot chose T; this is the evaluation's own check.)", "",
+                  *plateau_lines(curves_by_key, evaluated, steps), ""]
     docs.write_text("\n".join(lines) + "\n")
