@@ -16,6 +16,7 @@ PLAN = v4.V4Plan(regimes=(REGIME,), methods=("vanilla", "hmpo"), warm_starts=2, 
                  pairs={REGIME: 6}, pilot_steps=20, eval_prompts=8,
                  grids={(REGIME, m): GRID for m in ("vanilla", "hmpo")})
 T = 10  # flat pilot curves: the plateau rule's first multiple of 10
+RUN_ALL = run.run_all  # the real runner (the fixtures forbid it)
 
 
 @pytest.fixture
@@ -270,3 +271,26 @@ def test_plateau_lines_count_rising_runs_and_average_their_last_slopes():
     assert lines[2] == f"| async_1 | 2 | 1 | +0.00300 [{mean - half:+.5f}, {mean + half:+.5f}] |"
     assert lines[3].startswith("| async_2 | 2 | 0 | -0.00400 [")
     assert len(lines) == 4  # bf16 has no run: no row
+
+
+def test_a_record_made_with_other_settings_runs_again_and_says_so(study, monkeypatch, capsys):
+    """A relaunch whose settings differ from a record's (here: eval_prompts 8 -> 16) runs it again, replacing the
+    record, and prints which field differs; records that match are kept; a missing one just runs."""
+    monkeypatch.setattr(run, "warm_start_model", lambda *a, **k: None)
+    kept, changed, missing = (Run("tune", REGIME, "vanilla", 3e-4, s) for s in SEEDS + (1003,))
+    study.record(kept, T)
+    study.record(changed, T)
+    record = json.loads(changed.path(study.out).read_text())
+    record["settings"]["eval_prompts"] = 16
+    changed.path(study.out).write_text(json.dumps(record))
+    executed = []
+    monkeypatch.setattr(run, "execute", lambda r, *a: executed.append(r))
+    base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length("fibonacci"),
+                             eval_prompts=PLAN.eval_prompts)
+    RUN_ALL([kept, changed, missing], "fibonacci", str(study.assets), T, base, study.out, 1, "tuning")
+    assert executed == [changed, missing]
+    assert ("tuning: 1 of 3 runs in " + str(study.out) + " hold a record made with other settings (e.g. "
+            f"{changed.path(study.out).relative_to(study.out)}: setting eval_prompts 16 (now 8)); they run again "
+            "and their records are replaced") in capsys.readouterr().out
+    assert run.record_mismatch(kept, study.out, "fibonacci", T, base) is None
+    assert run.record_mismatch(kept, study.out, "fibonacci", T + 1, base) == f"steps {T} (now {T + 1})"

@@ -95,12 +95,26 @@ def execute(run: Run, task_name: str, assets: str | None, steps: int, base: lean
     tmp.replace(path)
 
 
-def is_done(run: Run, out: Path, task: str, steps: int, base: lean.LoopSettings) -> bool:
+def record_mismatch(run: Run, out: Path, task: str, steps: int, base: lean.LoopSettings) -> str | None:
+    """Why the record at ``run.path(out)`` is not this run's: "no record", or the first field that differs
+    (``task``, ``steps`` or a setting of :func:`run_settings`, with both values); None when it is."""
     path = run.path(out)
     if not path.exists():
-        return False
+        return "no record"
     data = json.loads(path.read_text())
-    return data.get("task") == task and data.get("steps") == steps and data.get("settings") == run_settings(base, run)
+    if data.get("task") != task:
+        return f"task {data.get('task')!r} (now {task!r})"
+    if data.get("steps") != steps:
+        return f"steps {data.get('steps')} (now {steps})"
+    old, new = data.get("settings") or {}, run_settings(base, run)
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "absent") != new.get(key, "absent"):
+            return f"setting {key} {old.get(key, 'absent')!r} (now {new.get(key, 'absent')!r})"
+    return None
+
+
+def is_done(run: Run, out: Path, task: str, steps: int, base: lean.LoopSettings) -> bool:
+    return record_mismatch(run, out, task, steps, base) is None
 
 
 def run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: lean.LoopSettings, out: Path,
@@ -111,7 +125,13 @@ def run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: le
 
     from tqdm import tqdm
 
-    todo = [r for r in runs if not is_done(r, out, task, steps, base)]
+    why = {r: record_mismatch(r, out, task, steps, base) for r in runs}
+    todo = [r for r in runs if why[r] is not None]
+    replaced = [r for r in todo if why[r] != "no record"]
+    if replaced:  # a relaunch with other settings runs them again: said, with the first difference
+        print(f"{label}: {len(replaced)} of {len(runs)} runs in {out} hold a record made with other settings "
+              f"(e.g. {replaced[0].path(out).relative_to(out)}: {why[replaced[0]]}); they run again and their records are "
+              "replaced. To keep them, point --out at another folder.", flush=True)
     moe = any(lean.REGIMES_BY_NAME[r.regime].model == "moe" for r in todo)
     if moe:  # build the MoE model once, before the workers need it
         lean.load_task(task, assets, base.max_response_length, moe=True)
