@@ -178,6 +178,10 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     assert "| async_4 | 4 | " in text and "| 0.0200; 0.0200; 0.0200–0.0200 |" in text
     assert (study.docs.parent / "study_v4_figures" / "reward.png").stat().st_size > 10_000
     assert "| async_4 | 12 | 0 | +0.00000 [+0.00000, +0.00000] |" in text  # flat synthetic curves
+    # the guide: hmpo's interval excludes 0, keyed by vanilla's own gap; Q1 decided
+    assert ("* vanilla's gap 0.0200 (`async_4`, 1 method vs vanilla): `hmpo` -0.025 [-0.031, -0.019]" in text and
+            "none of the 1 intervals (every method, 1 regime, uncorrected)" in text and
+            "decided after Holm: Q1/async_4 different but within ±0.03." in text)
 
 
 def test_regimes_run_one_at_a_time_the_least_cpu_per_primary_first():

@@ -321,7 +321,7 @@ def guide_lines(comps: list[dict], measured: list[dict], prim: list[dict], poole
     lines.append(("* **Above vanilla** (interval above 0, uncorrected): " +
                   "; ".join(f"`{c['method']}` in `{c['regime']}` {_ci(c)}" for c in above) + ".") if above else
                  f"* **No method beat vanilla in any regime**: none of the {len(comps)} intervals (every method, "
-                 f"{len(regimes)} regimes, uncorrected) lies above 0.")
+                 f"{len(regimes)} regime{'s' if len(regimes) > 1 else ''}, uncorrected) lies above 0.")
     if pooled:
         by = defaultdict(list)
         for r in pooled:

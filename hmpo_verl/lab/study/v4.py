@@ -469,9 +469,11 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
              f". T = {steps} steps. Grids after the edge rule: " +
              "; ".join(f"{r}/{m} {g} → {chosen[(r, m)]['lr']:g}" for (r, m), g in grids.items() if (r, m) in chosen) +
              ".", "", *[f"* {line}" for line in status], ""]
+    primary = []  # the primary outcome's tests (the guide's decided verdicts)
     for outcome, key in (("held-out final reward (primary)", "final_heldout"), ("held-out AUC (secondary)", "auc_heldout")):
         outcome_rows = [{**r, "final_heldout": r[key]} for r in rows]
         prim = analysis.primaries(qs, outcome_rows, chosen, vanilla_gaps, unreached) if rows else []
+        primary = primary or prim
         lines += [f"## {outcome}", "", *(report.primary_table(prim, qs) if prim else ["No runs yet."]), ""]
         for r in prim:
             if r["kind"] == "paired" and math.isfinite(r["mde"]) and r["mde"] > plan_v4.MDE_TARGET:
@@ -494,13 +496,19 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
                      f" | {'warm-start dependent' if dependent else ''} |")
     methods = [m for m in plan.DISPLAY_ORDER if any(r["method"] == m for r in rows)]
     evaluated = [r for r in regimes if r in started]
+    measured, comps = analysis.regime_measurements(rows, regimes), analysis.comparisons(rows, evaluated)
+    decided = [r for r in primary if r["verdict"] != "not reached"]  # the guide lists the decided ones
     lines += ["", "## Regimes, as measured on the evaluation runs", "",
               "A user measures vanilla's own gap (the second figure of the gap column).", "",
-              *report.regimes_table(regimes, analysis.regime_measurements(rows, regimes)), "",
-              "## Settings chosen by the tuning", "", *report.settings_table(chosen, regimes, [m for m in plan.DISPLAY_ORDER if any(k[1] == m for k in chosen)]), "",
-              "## Every method against vanilla (exploratory: no correction for multiplicity)", "",
-              *report.results_table(rows, analysis.comparisons(rows, evaluated), evaluated, methods,
-                                    unit="pairs"), ""]
+              *report.regimes_table(regimes, measured), "",
+              "## Settings chosen by the tuning", "",
+              *report.settings_table(chosen, regimes, [m for m in plan.DISPLAY_ORDER if any(k[1] == m for k in chosen)]),
+              "", "## Every method against vanilla (exploratory: no correction for multiplicity)", "",
+              *report.results_table(rows, comps, evaluated, methods, unit="pairs"), ""]
+    if comps:
+        lines += ["## The guide, from the regimes evaluated so far", "",
+                  f"By vanilla's own gap; {len(evaluated)} of {len(regimes)} regimes evaluated.", "",
+                  *report.guide_lines(comps, measured, decided), ""]
     if evaluated:
         figure = report.plot_rewards(curves_by_key, evaluated, methods, docs.parent / f"{docs.stem}_figures",
                                      unit="(warm start, seed) pairs")
