@@ -342,7 +342,7 @@ def test_v4_plateau_rule_gap_regime_and_questions():
     rise_then_flat = [min(0.02 * t, 0.5) for t in range(60)]  # flat from step 25: the window 30-39 is the first flat
     flat = [0.4] * 60
     assert v4.plateau_length({"a": [rise_then_flat, rise_then_flat], "b": [flat]}, 60) == 40
-    assert v4.plateau_length({"a": [[0.01 * t for t in range(60)]]}, 60) == 60  # never flat: the cap
+    assert v4.plateau_length({"a": [[0.01 * t for t in range(60)]]}, 60) is None  # never flat: T is the cap
     low, high = plan_v4.GAP_REGIME_MIN / 2, plan_v4.GAP_REGIME_MIN * 2
     assert v4.gap_regime([{"regime": "moe16_top1", "update/log_ah_gap": high}]) == "moe16_top1"
     assert v4.gap_regime([{"regime": "moe16_top1", "update/log_ah_gap": low},

@@ -4,6 +4,7 @@ and the task loader raise if called)."""
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -178,6 +179,15 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     assert "| async_4 | 4 | " in text and "| 0.0200; 0.0200; 0.0200–0.0200 |" in text
     assert (study.docs.parent / "study_v4_figures" / "reward.png").stat().st_size > 10_000
     assert "| async_4 | 12 | 0 | +0.00000 [+0.00000, +0.00000] |" in text  # flat synthetic curves
+    # the scope paragraph, at the top, from what is built (no task data, no model here) and the runs
+    scope = text.split("**Scope: what this study can and cannot say.** ")[1].split("\n")[0]
+    assert text.index("**Scope") < text.index("Runs: 12 of 12")
+    assert scope.startswith("One task (`fibonacci`; its data is not built here, so its counts are not stated), "
+                            "small models (parameters: not built here)")
+    assert ("2 warm starts (seed: greedy accuracy of each model's fit: 0: dense 1.00; 1: dense 1.00)" in scope and
+            "Runs are 10 steps long (the plateau rule); at the last step 0 of 12 evaluation runs (0%) still rise" in
+            scope and "MDE exceeds ±0.03 in 0 of the 1 paired primaries tested" in scope and
+            "Regimes evaluated: 1 of 1 (`async_4`)." in scope)
     # the guide: hmpo's interval excludes 0, keyed by vanilla's own gap; Q1 decided
     assert ("* vanilla's gap 0.0200 (`async_4`, 1 method vs vanilla): `hmpo` -0.025 [-0.031, -0.019]" in text and
             "none of the 1 intervals (every method, 1 regime, uncorrected)" in text and
@@ -187,7 +197,7 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
 def test_regimes_run_one_at_a_time_the_least_cpu_per_primary_first():
     """The execution order: pilot CPU seconds per run x planned tuning and evaluation runs / paired primaries."""
     p = v4.default_v4()
-    pilot = v4.Pilot(20, 20, 150, ["async_0", "async_4", "moe_replay", "moe32_top1"], "moe32_top1",
+    pilot = v4.Pilot(20, 20, 150, True, ["async_0", "async_4", "moe_replay", "moe32_top1"], "moe32_top1",
                      {"async_0": 40.0, "async_4": 38.0, "moe_replay": 76.0, "moe32_top1": 72.0})
     qs = [q for q in v4.questions(pilot.regimes, "moe32_top1") if q.kind != "trend"]
 
@@ -298,3 +308,31 @@ def test_a_record_made_with_other_settings_runs_again_and_says_so(study, monkeyp
             "and their records are replaced") in capsys.readouterr().out
     assert run.record_mismatch(kept, study.out, "fibonacci", T, base) is None
     assert run.record_mismatch(kept, study.out, "fibonacci", T + 1, base) == f"steps {T} (now {T + 1})"
+
+
+def test_scope_facts_count_distinct_prompts_and_the_built_models_parameters(tmp_path):
+    """Distinct training prompts not held out and held-out prompts, from the task's parquet files; the parameters
+    of the first accepted warm start's model that is built (a warm start without a model: its fit only)."""
+    import pandas as pd
+    import transformers
+
+    from hmpo_verl.lab.tasks.common import TaskPaths
+
+    data = TaskPaths(Path(lean.asset_dirs("fibonacci", str(tmp_path))["dense"]))
+    data.train_parquet.parent.mkdir(parents=True)
+    chat = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    pd.DataFrame({"prompt": [chat(t) for t in "ABCAD"]}).to_parquet(data.train_parquet)
+    pd.DataFrame({"prompt": [chat(t) for t in "DE"]}).to_parquet(data.test_parquet)
+    for k in (3, 5):
+        root = run.warm_start_dir("fibonacci", str(tmp_path), "dense", k)
+        root.mkdir(parents=True)
+        (root / "warm_start.json").write_text(json.dumps({"greedy_accuracy": 0.97}))
+        (root / "READY").write_text("ok\n")
+    config = transformers.Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = transformers.Qwen2ForCausalLM(config)
+    model.save_pretrained(TaskPaths(run.warm_start_dir("fibonacci", str(tmp_path), "dense", 5)).model)
+    facts = v4.scope_facts("fibonacci", str(tmp_path), ["dense", "moe"], [3, 5])
+    assert facts["prompts"] == (3, 2)  # A, B, C (D is held out); D, E
+    assert facts["params"] == {"dense": sum(t.numel() for t in model.parameters())}
+    assert facts["fits"] == {3: {"dense": {"greedy_accuracy": 0.97}}, 5: {"dense": {"greedy_accuracy": 0.97}}}

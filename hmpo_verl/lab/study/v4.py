@@ -66,17 +66,17 @@ def v3_vanilla_lr(regime: str) -> float:
     return float(frame[(frame["regime"] == name) & (frame["method"] == "vanilla")]["lr"].iloc[0])
 
 
-def plateau_length(curves: dict[str, list[list[float]]], cap: int) -> int:
-    """The plateau rule: the first multiple of 10 at which the least-squares slope of each regime's mean
-    held-out reward (``curves[regime]``: one curve per pilot run) over the last 10 steps is below
-    ``plan_v4.PLATEAU_SLOPE`` per step in every regime; ``cap`` if never."""
+def plateau_length(curves: dict[str, list[list[float]]], cap: int) -> int | None:
+    """The plateau rule: the first multiple of 10 up to ``cap`` at which the least-squares slope of each regime's
+    mean held-out reward (``curves[regime]``: one curve per pilot run) over the last 10 steps is below
+    ``plan_v4.PLATEAU_SLOPE`` per step in every regime; None if none (the run length is then the cap)."""
     import numpy as np
 
     means = {r: np.mean(np.array(c), axis=0) for r, c in curves.items()}
     for t in range(10, cap + 1, 10):
         if all(stats.ols_slope(list(range(10)), m[t - 10:t]) < plan_v4.PLATEAU_SLOPE for m in means.values()):
             return t
-    return cap
+    return None
 
 
 def gap_regime(pilot_rows: list[dict]) -> str | None:
@@ -182,6 +182,7 @@ class Pilot:
     done: int
     planned: int
     steps: int | None  # T; None while the pilot is incomplete
+    capped: bool  # T is the pilot's length because no multiple of 10 met the plateau rule
     regimes: list[str]  # the regimes tuned and evaluated: the staleness ones and the gap regime (if any)
     gap_note: str  # the gap regime's name, or why there is none
     cpu_s: dict[str, float] = field(default_factory=dict)  # regime -> the pilot's mean CPU seconds per run
@@ -190,7 +191,11 @@ class Pilot:
         if self.steps is None:
             return f"pilot: {self.done} of {self.planned} runs finished; no run length yet"
         return (f"pilot: {self.done} of {self.planned} runs finished; run length T = {self.steps} steps "
-                f"(plateau rule); gap regime: {self.gap_note}")
+                f"({self.length_note()}); gap regime: {self.gap_note}")
+
+    def length_note(self) -> str:
+        return ("the plateau rule's cap: no multiple of 10 up to it met the rule" if self.capped else
+                "the plateau rule")
 
 
 def pilot_stage(p: V4Plan, runs: Runs) -> Pilot:
@@ -215,15 +220,16 @@ def pilot_stage(p: V4Plan, runs: Runs) -> Pilot:
         if gap:
             break
     if len(every) < planned:
-        return Pilot(len(every), planned, None, [], "")
+        return Pilot(len(every), planned, None, False, [], "")
     curves = {r: [[m["eval_heldout"] for m in rec["metrics"]] for rec in records if rec["run"].regime == r]
               for r in stale}
-    steps = max(analysis.FINAL_WINDOW, plateau_length(curves, p.pilot_steps))
+    rule = plateau_length(curves, p.pilot_steps)
+    steps = max(analysis.FINAL_WINDOW, rule or p.pilot_steps)
     gap_note = (gap or "none reached the gap (Q6 not asked)") if ladder[0] in p.regimes else "not in this plan"
     regimes = stale + ([gap] if gap else [])
     cpu = {r: sum(rec["cpu_s"] for rec in every if rec["run"].regime == r) /
            max(1, sum(rec["run"].regime == r for rec in every)) for r in regimes}
-    return Pilot(len(every), planned, steps, regimes, gap_note, cpu)
+    return Pilot(len(every), planned, steps, rule is None, regimes, gap_note, cpu)
 
 
 @dataclass(frozen=True)
@@ -386,8 +392,10 @@ def main(args, log) -> int:
         write_progress(docs, status, resume, provenance)
         log(f"wrote {docs}\ncontinue with: {resume}")
         return 0 if report_only else 1
+    facts = scope_facts(args.task, args.assets, kinds, seeds_ws)
     write_report(docs, order, pilot.gap_note, steps, grids, chosen, tuning_rows, _pair_rows(eval_records), planned,
-                 seeds_ws, status, finished, provenance, curves(eval_records))
+                 seeds_ws, status, finished, provenance, curves(eval_records), facts,
+                 pilot.length_note())
     done = len(finished) == len(order)
     log(f"wrote {docs}: {len(eval_records)} of {planned} evaluation runs" + ("" if done else f"\ncontinue with: {resume}"))
     return 0 if done or report_only else 1
@@ -419,6 +427,68 @@ def plateau_lines(curves_by_key: dict, regimes, steps: int) -> list[str]:
     return lines
 
 
+def scope_facts(task_name: str, assets: str | None, kinds: list[str], warm_starts: list[int]) -> dict:
+    """What the scope paragraph states about the task and the models, read from assets already built (nothing is
+    built): ``prompts`` (distinct training prompts not held out, held-out prompts; None when the task's data is
+    not built), ``params`` (kind -> parameters of its first accepted warm start's model, the built ones),
+    ``fits`` (warm start -> kind -> its ``warm_start.json``, the built ones)."""
+    import pandas as pd
+
+    from hmpo_verl.lab.tasks.common import TaskPaths
+
+    data = TaskPaths(Path(lean.asset_dirs(task_name, assets)["dense"]))
+    prompts = None
+    if data.train_parquet.exists() and data.test_parquet.exists():
+        key = lambda prompt: str([dict(m) for m in prompt])  # noqa: E731  (a chat prompt's identity)
+        held = {key(p) for p in pd.read_parquet(data.test_parquet)["prompt"]}
+        prompts = (len({key(p) for p in pd.read_parquet(data.train_parquet)["prompt"]} - held), len(held))
+    params, fits = {}, {}
+    for kind in kinds:
+        for k in warm_starts:
+            report_ = run.built_warm_start_report(task_name, assets, kind, k)
+            if report_ is None:
+                continue
+            fits.setdefault(k, {})[kind] = report_
+            if kind not in params and (TaskPaths(run.warm_start_dir(task_name, assets, kind, k)).model /
+                                       "config.json").exists():
+                model = lean.load_model(str(TaskPaths(run.warm_start_dir(task_name, assets, kind, k)).model))
+                params[kind] = sum(t.numel() for t in model.parameters())
+    return {"prompts": prompts, "params": params, "fits": fits}
+
+
+def scope_lines(facts: dict, steps: int, steps_note: str, curves_by_key: dict, chosen: dict, primary: list[dict],
+                evaluated: list[str], regimes: list[str]) -> list[str]:
+    """v4's scope, from its data: ``facts`` (:func:`scope_facts`), the run length (``steps_note``: how the pilot
+    set it, :meth:`Pilot.length_note`) and how many evaluation runs
+    still rise at its end (``curves_by_key``), the settings still at a grid's edge after the edge rule (the
+    ladder's end), the paired primaries whose MDE exceeds the target, the regimes evaluated."""
+    curves_ = [c for cs in curves_by_key.values() for c in cs]
+    rising = analysis.still_rising(curves_)
+    edges = analysis.grid_edges(chosen)
+    at_edge = [f"`{m}` in `{r}` ({which})" for which in ("smallest", "largest") for r, m in edges[which]]
+    paired = [r for r in primary if r["kind"] == "paired" and math.isfinite(r.get("mde", math.nan))]
+    wide = [r for r in paired if r["mde"] > plan_v4.MDE_TARGET]
+    prompts = facts["prompts"]
+    task = (f"One task (`fibonacci`: {prompts[0] + prompts[1]} prompts, {prompts[0]} trained on, {prompts[1]} held "
+            "out)" if prompts else "One task (`fibonacci`; its data is not built here, so its counts are not stated)")
+    models = "; ".join(f"{kind} {n:,}" for kind, n in sorted(facts["params"].items()))
+    fits = "; ".join(f"{k}: " + ", ".join(f"{kind} {f['greedy_accuracy']:.2f}" for kind, f in sorted(kinds.items()))
+                     for k, kinds in sorted(facts["fits"].items()))
+    return [
+        f"**Scope: what this study can and cannot say.** {task}, small models (parameters: {models or 'not built here'}), "
+        f"each warm-started by a supervised fit that saw every prompt's answer, held-out ones included (held-out means "
+        f"never RL-trained on, not unseen). {len(facts['fits'])} warm starts (seed: greedy accuracy of each model's "
+        f"fit: {fits or 'none built'}) are crossed with the evaluation seeds; the unit is the (warm start, seed) pair. "
+        f"Runs are {steps} steps long ({steps_note}); at the last step {rising} of {len(curves_)} "
+        f"evaluation runs ({rising / max(len(curves_), 1):.0%}) still rise (least-squares slope of held-out reward "
+        f"over the last {analysis.RISING_WINDOW} steps > 0; a run at a plateau does so by noise about half the time). "
+        "Settings at a grid's edge after the edge rule (the ladder's end): " + (", ".join(at_edge) or "none") + ". "
+        f"The MDE exceeds ±{plan_v4.MDE_TARGET} in {len(wide)} of the {len(paired)} paired primaries tested: there an "
+        f"*undecided* verdict means the study could not tell, not that the methods are alike. Regimes evaluated: "
+        f"{len(evaluated)} of {len(regimes)}" + (f" ({', '.join(f'`{r}`' for r in evaluated)})" if evaluated else "") +
+        "."]
+
+
 def provenance_line(command: str) -> str:
     """The report's exact command and versions."""
     from hmpo_verl.lab.study import report
@@ -439,13 +509,14 @@ def write_progress(docs: Path, status: list[str], resume: str, provenance: str) 
 
 def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tuning_rows, rows, planned,
                  warm_starts: list[int], status: list[str], finished: list[str], provenance: str,
-                 curves_by_key: dict) -> None:
+                 curves_by_key: dict, facts: dict, steps_note: str) -> None:
     """docs/study_v4.md: the pre-registration's answers (final reward; AUC secondary), with the MDE of each
     and, where it exceeds the target, the pairs that would reach it; the difference per warm start; data.
     ``gap_note``: the gap regime's name, or why there is none; ``rows``: the finished evaluation runs of the
     ``planned`` ones (each question is tested on the (warm start, seed) pairs all its methods finished);
     ``status``: how far each stage's runs reach; ``finished``: the regimes whose evaluation is complete;
-    ``curves_by_key``: :func:`curves` of the evaluation runs (the reward figure, the plateau table). A paired
+    ``curves_by_key``: :func:`curves` of the evaluation runs (the reward figure, the plateau table); ``facts``:
+    :func:`scope_facts` (the scope paragraph at the top); ``steps_note``: how the pilot set T. A paired
     question whose regime has no evaluation run, and the trend question until every regime's evaluation is
     complete, are *not reached*: they stay in the Holm families with p = 1."""
     import pandas as pd
@@ -463,6 +534,7 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     lines = ["# Comparative study, version 4: results", "",
              "Pre-registration: [`study_v4_plan.md`](study_v4_plan.md) (committed before these runs). Generated by "
              "`python -m hmpo_verl.lab.study --v4` (`--report-only`: from the runs finished so far). " + provenance, "",
+             "SCOPE", "",
              f"Runs: {len(rows)} of {planned} evaluation runs finished" +
              ("; the others are not run yet (the study is still running, or its budget ran out): each question is tested "
               "on the (warm start, seed) pairs that every one of its methods finished" if len(rows) < planned else "") +
@@ -497,6 +569,8 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     methods = [m for m in plan.DISPLAY_ORDER if any(r["method"] == m for r in rows)]
     evaluated = [r for r in regimes if r in started]
     measured, comps = analysis.regime_measurements(rows, regimes), analysis.comparisons(rows, evaluated)
+    at = lines.index("SCOPE")  # the scope paragraph goes at the top; it needs the tests above
+    lines[at:at + 1] = scope_lines(facts, steps, steps_note, curves_by_key, chosen, primary, evaluated, list(regimes))
     decided = [r for r in primary if r["verdict"] != "not reached"]  # the guide lists the decided ones
     lines += ["", "## Regimes, as measured on the evaluation runs", "",
               "A user measures vanilla's own gap (the second figure of the gap column).", "",
