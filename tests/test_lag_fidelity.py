@@ -1,4 +1,4 @@
-"""The lag-fidelity section of docs/study.md (hmpo_verl.lab.lag_fidelity): its share measure against direct
+"""The lag-fidelity section of v3's report, docs/study_v3.md (hmpo_verl.lab.lag_fidelity): its share measure against direct
 per-response gradients, the training loop's observer, and the section regenerated from its committed data."""
 
 import shutil
@@ -11,7 +11,7 @@ from hmpo_verl.lab import lag_fidelity, lean
 from hmpo_verl.lab.study import report
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "docs" / "study_data" / lag_fidelity.DATA_NAME
+DATA = ROOT / "docs" / "study_v3_data" / lag_fidelity.DATA_NAME
 
 
 def _rollout(responses=6, max_tokens=5):
@@ -88,21 +88,21 @@ def _block(text: str) -> list[str]:
 
 
 def test_the_section_in_study_md_is_regenerated_from_its_committed_data(tmp_path):
-    """docs/study.md's lag-fidelity block is exactly what its committed data render to (table, reading, the
+    """docs/study_v3.md's lag-fidelity block is exactly what its committed data render to (table, reading, the
     command), its figure is redrawn from them, and one changed measurement changes the section."""
-    data = tmp_path / "study_data" / lag_fidelity.DATA_NAME
+    data = tmp_path / "study_v3_data" / lag_fidelity.DATA_NAME
     data.parent.mkdir()
     shutil.copy(DATA, data)
-    lines = lag_fidelity.render(data, tmp_path / "study.md", tmp_path / "study_figures")
-    assert lines == _block((ROOT / "docs" / "study.md").read_text())
-    assert (tmp_path / "study_figures" / lag_fidelity.FIGURE_NAME).stat().st_size > 10_000
-    assert (ROOT / "docs" / "study_figures" / lag_fidelity.FIGURE_NAME).exists()
+    lines = lag_fidelity.render(data, tmp_path / "study_v3.md", tmp_path / "study_v3_figures")
+    assert lines == _block((ROOT / "docs" / "study_v3.md").read_text())
+    assert (tmp_path / "study_v3_figures" / lag_fidelity.FIGURE_NAME).stat().st_size > 10_000
+    assert (ROOT / "docs" / "study_v3_figures" / lag_fidelity.FIGURE_NAME).exists()
     frame, meta = lag_fidelity.read_data(data)
     assert meta["command"].startswith("python -m hmpo_verl.lab.lag_fidelity")
     assert set(frame["regime"]) == set(lag_fidelity.LAGS)
     frame.loc[(frame["method"] == "hmpo") & (frame["regime"] == "async_2"), "cosine"] -= 0.2
     lag_fidelity.write_data(data, frame.to_dict("records"), meta)
-    assert lag_fidelity.render(data, tmp_path / "study.md", tmp_path / "study_figures") != lines
+    assert lag_fidelity.render(data, tmp_path / "study_v3.md", tmp_path / "study_v3_figures") != lines
 
 
 def test_from_data_without_the_data_stops_with_the_command_to_make_them(tmp_path):

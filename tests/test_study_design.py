@@ -14,15 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_preregistration_in_docs_is_the_plans():
-    """docs/study.md carries the pre-registration verbatim (committed before the main run; the report repeats it)."""
-    assert plan.preregistration_text() in (REPO / "docs" / "study.md").read_text()
+    """v3's report carries its pre-registration verbatim (committed before the main run; the report repeats it)."""
+    assert plan.REPORT == REPO / "docs" / "study_v3.md"
+    assert plan.preregistration_text() in plan.REPORT.read_text()
 
 
 def test_v4_preregistration_in_docs_is_the_plans():
-    """docs/study_v4_plan.md is plan_v4's pre-registration, computed from v3's committed data."""
+    """docs/study_v4_plan.md is plan_v4's pre-registration, computed from v3's committed data, then the note of
+    where the paths it names moved."""
     from hmpo_verl.lab.study import plan_v4
 
-    assert (REPO / "docs" / "study_v4_plan.md").read_text() == plan_v4.preregistration_text()
+    assert (REPO / "docs" / "study_v4_plan.md").read_text() == plan_v4.preregistration_text() + plan_v4.MOVED_NOTE
 
 
 def test_v4_seed_counts_bring_each_mde_to_the_target_and_no_fewer_would():
@@ -255,12 +257,12 @@ def test_guides_no_method_beat_vanilla_line_follows_the_data():
 
 
 def test_guide_on_the_committed_data_omits_no_excluding_interval():
-    """On docs/study_data/comparisons.csv: every (regime, method) whose interval excludes 0 is in the guide,
+    """On docs/study_v3_data/comparisons.csv: every (regime, method) whose interval excludes 0 is in the guide,
     and the beat-vanilla line agrees with the intervals."""
     import pandas as pd
 
     from hmpo_verl.lab.study import report
-    data = REPO / "docs" / "study_data"
+    data = REPO / "docs" / "study_v3_data"
     comps = pd.read_csv(data / "comparisons.csv").to_dict("records")
     measured = pd.read_csv(data / "regimes.csv").to_dict("records")
     lines = report.guide_lines(comps, measured, [])
@@ -304,7 +306,7 @@ def test_from_data_regenerates_the_report_without_run_files(tmp_path):
     import pandas as pd
 
     from hmpo_verl.lab.study import analysis, cli, report
-    src = REPO / "docs" / "study_data"
+    src = REPO / "docs" / "study_v3_data"
     data = tmp_path / "study_data"
     data.mkdir()
     runs = pd.read_csv(src / "runs.csv")

@@ -28,7 +28,7 @@ def parse_args(argv=None):
                         help="no runs, no run files: regenerate the report, figures and guide from the committed data "
                              "(<docs>_data/runs.csv, steps.csv.gz, confirm_*.csv, invocations.txt)")
     parser.add_argument("--preregister", action="store_true",
-                        help="write docs/study.md with the plan and the primary questions only (before the main run)")
+                        help="write v3's report (docs/study_v3.md) with the plan and the primary questions only (before the main run)")
     parser.add_argument("--v4", action="store_true",
                         help="the study's fourth version (plan_v4.py, v4.py): prints its estimate, then runs it "
                              "(resumable; with --quick a smoke run of every stage); with --preregister: write its "
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
     parser.add_argument("--out", default=None, help="run files (default outputs/study; --quick: outputs/study_quick)")
     parser.add_argument("--assets", default=None, help="asset root (default: the task's own folder)")
-    parser.add_argument("--docs", default=None, help="report (default docs/study.md; --quick: <out>/study.md)")
+    parser.add_argument("--docs", default=None, help="report (default: v3 docs/study_v3.md, --v4 docs/study.md; --quick: <out>/study.md, <out>/study_v4.md)")
     parser.add_argument("--readme", action="store_true", help="also rewrite the README's generated guide block")
     parser.add_argument("--confirm", action="store_true",
                         help="also run `async_0` on verl's synchronous trainer (verl.trainer.main_ppo)")
@@ -186,12 +186,12 @@ def main(argv=None) -> int:
     the_plan = plan.quick_plan() if args.quick else plan.default_plan(
         args.regimes, args.methods, args.eval_seeds, args.steps, args.lr_grid, args.tuning_seeds)
     out = Path(args.out or REPO_ROOT / "outputs" / ("study_quick" if args.quick else "study")).resolve()
-    docs = Path(args.docs) if args.docs else (out / "study.md" if args.quick else REPO_ROOT / "docs" / "study.md")
+    docs = Path(args.docs) if args.docs else (out / "study.md" if args.quick else plan.REPORT)
     data_dir, figures = docs.parent / f"{docs.stem}_data", docs.parent / f"{docs.stem}_figures"
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     if args.v4 and args.preregister:
         path = REPO_ROOT / "docs" / "study_v4_plan.md"
-        path.write_text(plan_v4.preregistration_text())
+        path.write_text(plan_v4.preregistration_text() + plan_v4.MOVED_NOTE)
         log(f"wrote {path}")
         return 0
     if args.v4:

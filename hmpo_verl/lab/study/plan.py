@@ -22,6 +22,10 @@ from pathlib import Path
 
 from hmpo_verl.lab import lean
 
+# this plan's report and data: the study's third version, archived since v4's report (v4.py) took docs/study.md
+REPORT = Path(__file__).resolve().parents[3] / "docs" / "study_v3.md"
+DATA = REPORT.parent / f"{REPORT.stem}_data"
+
 TASK = "fibonacci"
 STEPS = 30
 EVAL_PROMPTS = 32  # held-out prompts (the task's 32 test pairs) and as many training prompts
@@ -188,7 +192,7 @@ def primary_questions() -> list[Question]:
 
 
 def preregistration_text() -> str:
-    """The pre-registration, as committed to docs/study.md before the main run (the report repeats it
+    """The pre-registration, as committed to v3's report (then docs/study.md, now ``REPORT``) before the main run (the report repeats it
     verbatim; a test keeps the two equal)."""
     qs = primary_questions()
     lines = [

@@ -1,9 +1,9 @@
 """The study's fourth version, registered before its data: power where the third (``plan.py``,
-docs/study.md) could not tell, grids that reach past v3's edge choices, a run length at vanilla's
+docs/study_v3.md) could not tell, grids that reach past v3's edge choices, a run length at vanilla's
 plateau, several warm starts, and one regime that separates the gap from async staleness.
 
 Every number the pre-registration states is computed here from v3's committed data
-(``docs/study_data/``): the seeds each question needs from v3's observed paired sd, the grid
+(``docs/study_v3_data/``): the seeds each question needs from v3's observed paired sd, the grid
 edges, vanilla's slope at v3's last step. ``preregistration_text`` is what docs/study_v4_plan.md
 holds (a test keeps the two equal); it changes only before v4's first run.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from hmpo_verl.lab import stats
 from hmpo_verl.lab.study import plan
 
-V3_DATA = Path(__file__).resolve().parents[3] / "docs" / "study_data"
+V3_DATA = plan.DATA  # v3's committed data (docs/study_data/ when this was registered; archived since)
 
 REGIMES = plan.OFF_POLICY_REGIMES + ("moe16_top1",)
 METHODS = (*plan.P_METHODS, "gspo")  # Q1-Q3 and Q6 need the p-family and gspo only
@@ -135,8 +135,16 @@ def estimate_cpu_s(pairs: dict[str, int], steps: int) -> dict[str, float]:
     return {"pilot": pilot, "tuning": tuning, "evaluation": evaluation}
 
 
+# docs/study_v4_plan.md after the registered text, added once v4's report took docs/study.md: where the paths the
+# registered text names have moved (the text itself is unchanged)
+MOVED_NOTE = ("\n**Since registered (paths only):** v3's report and data, named above as `docs/study.md` and "
+              "`docs/study_data/`, are now [`docs/study_v3.md`](study_v3.md) and `docs/study_v3_data/` (the same files); "
+              "`docs/study.md` is v4's report.\n")
+
+
 def preregistration_text(data: Path = V3_DATA) -> str:
-    """v4's pre-registration, computed from v3's data (docs/study_v4_plan.md holds it verbatim)."""
+    """v4's pre-registration, computed from v3's data (docs/study_v4_plan.md holds it verbatim, then
+    ``MOVED_NOTE``)."""
     prim = v3_primaries(data)
     und = undecided(prim)
     pairs = regime_pairs(prim)
