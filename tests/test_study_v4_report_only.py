@@ -336,3 +336,41 @@ def test_scope_facts_count_distinct_prompts_and_the_built_models_parameters(tmp_
     assert facts["prompts"] == (3, 2)  # A, B, C (D is held out); D, E
     assert facts["params"] == {"dense": sum(t.numel() for t in model.parameters())}
     assert facts["fits"] == {3: {"dense": {"greedy_accuracy": 0.97}}, 5: {"dense": {"greedy_accuracy": 0.97}}}
+
+
+def test_readme_is_written_from_v4_only_once_every_regime_is_evaluated(study, monkeypatch, tmp_path):
+    """--v4 --readme: loud while the pilot or an evaluation is incomplete (the README's blocks stay as they are);
+    once the evaluation is complete, the guide and scope blocks come from v4's report."""
+    from hmpo_verl.lab.study import report
+
+    readme = tmp_path / "README.md"
+    before = "\n".join(["intro", report.GUIDE_START, "v3 guide", report.GUIDE_END,
+                        report.SCOPE_START, "v3 scope", report.SCOPE_END, "end"]) + "\n"
+    readme.write_text(before)
+    monkeypatch.setattr(run, "REPO_ROOT", tmp_path)
+    argv = ["--v4", "--report-only", "--readme", "--out", str(study.out), "--assets", str(study.assets),
+            "--docs", str(study.docs)]
+    study.ws(0)
+    study.ws(1)
+    with pytest.raises(SystemExit, match="--readme: v4 has evaluated no regimes; the README's guide and scope stay "
+                                         "v3's until every regime is evaluated"):
+        cli.main(argv)  # the pilot has not run
+    study.pilot()
+    study.tuning({"vanilla": 3e-4, "hmpo": 3e-4})
+    for s in (1, 2, 3):
+        for w in (0, 1):
+            study.record(Run("eval", REGIME, "vanilla", 3e-4, s, w), T, heldout=0.5 + 0.01 * s)
+            if (s, w) != (3, 1):
+                study.record(Run("eval", REGIME, "hmpo", 3e-4, s, w), T, heldout=0.47 + 0.01 * s + 0.001 * w)
+    with pytest.raises(SystemExit, match="v4 has evaluated 0 of 1 regimes"):
+        cli.main(argv)  # one run missing
+    assert readme.read_text() == before and study.docs.exists()
+    study.record(Run("eval", REGIME, "hmpo", 3e-4, 3, 1), T, heldout=0.501)
+    assert cli.main(argv) == 0
+    text, docs = readme.read_text(), study.docs.read_text()
+    guide = text.split(report.GUIDE_START + "\n")[1].split("\n" + report.GUIDE_END)[0].splitlines()
+    scope = text.split(report.SCOPE_START + "\n")[1].split("\n" + report.SCOPE_END)[0].splitlines()
+    assert guide[0].startswith("* From study v4 ([`docs/study.md`](docs/study.md)): 1 of 1 regimes evaluated, 10-step")
+    assert all(line in docs for line in guide) and "`hmpo` -0.0" in guide[1]
+    assert len(scope) == 1 and scope[0].startswith("**Scope: what this study can and cannot say.**") and scope[0] in docs
+    assert text.startswith("intro\n") and text.endswith("end\n") and "v3 guide" not in text and "v3 scope" not in text

@@ -45,7 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="run files (default outputs/study; --quick: outputs/study_quick)")
     parser.add_argument("--assets", default=None, help="asset root (default: the task's own folder)")
     parser.add_argument("--docs", default=None, help="report (default: v3 docs/study_v3.md, --v4 docs/study.md; --quick: <out>/study.md, <out>/study_v4.md)")
-    parser.add_argument("--readme", action="store_true", help="also rewrite the README's generated guide block")
+    parser.add_argument("--readme", action="store_true",
+                        help="also rewrite the README's generated guide and scope blocks (with --v4: from v4's "
+                             "report, only once every regime is evaluated; stops loud before)")
     parser.add_argument("--confirm", action="store_true",
                         help="also run `async_0` on verl's synchronous trainer (verl.trainer.main_ppo)")
     parser.add_argument("--confirm-async", action="store_true",

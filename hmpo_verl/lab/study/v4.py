@@ -351,6 +351,8 @@ def main(args, log) -> int:
     if not pilot.steps:
         write_progress(docs, status, resume, provenance)
         log(f"wrote {docs}\ncontinue with: {resume}")
+        if args.readme:
+            update_readme(run.REPO_ROOT / "README.md", {}, False, "no", docs)
         return 0 if report_only else 1
     # the warm starts: every model of the regimes the pilot kept (the gap regime's, not the ladder's first)
     kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in pilot.regimes})
@@ -391,14 +393,34 @@ def main(args, log) -> int:
     if not chosen:
         write_progress(docs, status, resume, provenance)
         log(f"wrote {docs}\ncontinue with: {resume}")
+        if args.readme:
+            update_readme(run.REPO_ROOT / "README.md", {}, False, "no", docs)
         return 0 if report_only else 1
     facts = scope_facts(args.task, args.assets, kinds, seeds_ws)
-    write_report(docs, order, pilot.gap_note, steps, grids, chosen, tuning_rows, _pair_rows(eval_records), planned,
-                 seeds_ws, status, finished, provenance, curves(eval_records), facts,
-                 pilot.length_note())
+    blocks = write_report(docs, order, pilot.gap_note, steps, grids, chosen, tuning_rows, _pair_rows(eval_records),
+                          planned, seeds_ws, status, finished, provenance, curves(eval_records), facts,
+                          pilot.length_note())
     done = len(finished) == len(order)
     log(f"wrote {docs}: {len(eval_records)} of {planned} evaluation runs" + ("" if done else f"\ncontinue with: {resume}"))
+    if args.readme:
+        update_readme(run.REPO_ROOT / "README.md", blocks, done, f"{len(finished)} of {len(order)}", docs)
+        log(f"wrote the README's guide and scope from {docs}")
     return 0 if done or report_only else 1
+
+
+def update_readme(readme: Path, blocks: dict[str, list[str]], done: bool, evaluated: str, docs: Path) -> None:
+    """--v4 --readme: the README's guide and scope blocks from v4's report (``blocks``: :func:`write_report`'s), only
+    once every regime is evaluated (before, they stay v3's: a guide from part of v4 would drop regimes), loud
+    otherwise, and loud when the README lacks a block."""
+    from hmpo_verl.lab.study import report
+
+    if not done:
+        raise SystemExit(f"--readme: v4 has evaluated {evaluated} regimes; the README's guide and scope stay v3's until "
+                         f"every regime is evaluated ({docs} is written). Run again without --readme, or when the "
+                         "study is complete")
+    for key, start, end in (("guide", report.GUIDE_START, report.GUIDE_END), ("scope", report.SCOPE_START, report.SCOPE_END)):
+        if not report.update_readme(readme, blocks[key], start, end):
+            raise SystemExit(f"{readme} has no {start} ... {end} block: the README's {key} is not updated")
 
 
 def curves(records: list[dict]) -> dict[tuple[str, str], list[list[float]]]:
@@ -509,7 +531,7 @@ def write_progress(docs: Path, status: list[str], resume: str, provenance: str) 
 
 def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tuning_rows, rows, planned,
                  warm_starts: list[int], status: list[str], finished: list[str], provenance: str,
-                 curves_by_key: dict, facts: dict, steps_note: str) -> None:
+                 curves_by_key: dict, facts: dict, steps_note: str) -> dict[str, list[str]]:
     """v4's report (docs/study.md): the pre-registration's answers (final reward; AUC secondary), with the MDE of each
     and, where it exceeds the target, the pairs that would reach it; the difference per warm start; data.
     ``gap_note``: the gap regime's name, or why there is none; ``rows``: the finished evaluation runs of the
@@ -571,7 +593,8 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     evaluated = [r for r in regimes if r in started]
     measured, comps = analysis.regime_measurements(rows, regimes), analysis.comparisons(rows, evaluated)
     at = lines.index("SCOPE")  # the scope paragraph goes at the top; it needs the tests above
-    lines[at:at + 1] = scope_lines(facts, steps, steps_note, curves_by_key, chosen, primary, evaluated, list(regimes))
+    scope = scope_lines(facts, steps, steps_note, curves_by_key, chosen, primary, evaluated, list(regimes))
+    lines[at:at + 1] = scope
     decided = [r for r in primary if r["verdict"] != "not reached"]  # the guide lists the decided ones
     lines += ["", "## Methods", "", *report.methods_table([m for m in plan.DISPLAY_ORDER
                                                              if any(k[1] == m for k in chosen)]),
@@ -582,10 +605,11 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
               *report.settings_table(chosen, regimes, [m for m in plan.DISPLAY_ORDER if any(k[1] == m for k in chosen)]),
               "", "## Every method against vanilla (exploratory: no correction for multiplicity)", "",
               *report.results_table(rows, comps, evaluated, methods, unit="pairs"), ""]
+    guide = [f"* From study v4 ([`docs/study.md`](docs/study.md)): {len(evaluated)} of {len(regimes)} regimes "
+             f"evaluated, {steps}-step runs, (warm start, seed) pairs; by vanilla's own gap.",
+             *report.guide_lines(comps, measured, decided)] if comps else []
     if comps:
-        lines += ["## The guide, from the regimes evaluated so far", "",
-                  f"By vanilla's own gap; {len(evaluated)} of {len(regimes)} regimes evaluated.", "",
-                  *report.guide_lines(comps, measured, decided), ""]
+        lines += ["## The guide, from the regimes evaluated so far", "", *guide, ""]
     if evaluated:
         figure = report.plot_rewards(curves_by_key, evaluated, methods, docs.parent / f"{docs.stem}_figures",
                                      unit="(warm start, seed) pairs")
@@ -600,3 +624,4 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
                   "behind the sign v3 found at lags 1 and 2; v4 does not re-measure it). From v3's data:", "",
                   *lag_fidelity.render(lag_data, docs, docs.parent / f"{docs.stem}_figures"), ""]
     docs.write_text("\n".join(lines) + "\n")
+    return {"guide": guide, "scope": scope}
