@@ -374,3 +374,26 @@ def test_readme_is_written_from_v4_only_once_every_regime_is_evaluated(study, mo
     assert all(line in docs for line in guide) and "`hmpo` -0.0" in guide[1]
     assert len(scope) == 1 and scope[0].startswith("**Scope: what this study can and cannot say.**") and scope[0] in docs
     assert text.startswith("intro\n") and text.endswith("end\n") and "v3 guide" not in text and "v3 scope" not in text
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--v4", "--steps", "50"], "--steps"),
+    (["--v4", "--methods", "vanilla", "hmpo", "--eval-seeds", "4"], "--methods --eval-seeds"),
+    (["--v4", "--report-only", "--from-data"], "--from-data"),
+    (["--v4", "--confirm"], "--confirm"),
+    (["--v4", "--preregister", "--docs", "x.md"], "--docs"),
+])
+def test_v4_refuses_v3s_options_it_would_ignore(argv, named, capsys):
+    """v4's plan is pre-registered: an option only v3 reads stops the command, naming it and what is allowed."""
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    err = capsys.readouterr().err
+    assert f"with {named} is invalid: v4's plan is pre-registered in plan_v4.py; allowed with --v4:" in err
+
+
+def test_v3_preregister_does_not_replace_the_archived_report(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--preregister"])
+    assert "--preregister would replace v3's archived report" in capsys.readouterr().err
+    assert cli.parse_args(["--preregister", "--docs", "elsewhere.md"]).docs == "elsewhere.md"
+    assert cli.parse_args(["--v4", "--report-only", "--parallel", "1", "--docs", "d.md"]).v4  # v4's own options pass

@@ -15,6 +15,11 @@ from hmpo_verl.lab.cpu_demo import REPO_ROOT
 from hmpo_verl.lab.study import analysis, plan, plan_v4, report, run
 
 
+# v3's options, refused with --v4 (whose plan is pre-registered in plan_v4.py)
+V3_ONLY = ("tune_only", "from_data", "regimes", "methods", "eval_seeds", "steps", "lr_grid", "tuning_seeds", "confirm",
+           "confirm_async", "confirm_seeds", "confirm_steps")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m hmpo_verl.lab.study",
                                      description="When does the choice of mean matter? The comparative study.")
@@ -56,6 +61,20 @@ def parse_args(argv=None):
                         help="trainer runs per method (6: what the ±0.05 margin needs from the lean loop's spread)")
     parser.add_argument("--confirm-steps", type=int, default=20)
     args = parser.parse_args(argv)
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.v4:  # v4's plan is fixed in plan_v4.py: v3's knobs would be ignored, so they are refused
+        given = [flag(n) for n in V3_ONLY if getattr(args, n) != parser.get_default(n)]
+        if args.preregister:
+            given += [flag(n) for n in ("quick", "report_only", "readme", "out", "assets", "docs")
+                      if getattr(args, n) != parser.get_default(n)]
+        if given:
+            parser.error(f"--v4{' --preregister' if args.preregister else ''} with {' '.join(given)} is invalid: v4's "
+                         "plan is pre-registered in plan_v4.py; allowed with --v4: " +
+                         ("nothing else (it writes docs/study_v4_plan.md)" if args.preregister else
+                          "--quick, --report-only, --readme, --out, --assets, --docs, --parallel, --task"))
+    elif args.preregister and not (args.docs or args.quick) and plan.REPORT.exists():
+        parser.error(f"--preregister would replace v3's archived report {plan.REPORT} (its results) with the empty "
+                     "pre-registration; allowed: --preregister --docs PATH (a new file), or --v4 --preregister")
     if args.tuning_seeds is not None and not 1 <= args.tuning_seeds <= len(plan.TUNING_SEEDS):
         parser.error(f"--tuning-seeds={args.tuning_seeds} is invalid; allowed: 1..{len(plan.TUNING_SEEDS)}")
     if args.lr_grid and not all(lr > 0 for lr in args.lr_grid):
