@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hmpo_verl.lab import lean, stats
-from hmpo_verl.lab.study import analysis, cli, plan_v4, run, v4
+from hmpo_verl.lab.study import analysis, cli, plan, plan_v4, run, v4
 from hmpo_verl.lab.study.plan import Run
 
 REGIME, GRID, SEEDS = "async_4", (1e-4, 3e-4, 1e-3), (1001, 1002)
@@ -178,6 +178,10 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     assert "| async_4 | hmpo | 6 | 0.495 ± 0.011 | -0.025 [-0.031, -0.019] |" in text
     assert "| async_4 | 4 | " in text and "| 0.0200; 0.0200; 0.0200–0.0200 |" in text
     assert (study.docs.parent / "study_v4_figures" / "reward.png").stat().st_size > 10_000
+    assert (study.docs.parent / "study_v4_figures" / "mechanism.png").stat().st_size > 10_000
+    assert "![mechanism](study_v4_figures/mechanism.png)" in text
+    # every regime v4 can evaluate has a mechanism (the figure's colour): the gap ladder's included
+    assert set(plan_v4.REGIMES) | set(v4.GAP_LADDER) <= set(plan.MECHANISMS)
     assert "| async_4 | 12 | 0 | +0.00000 [+0.00000, +0.00000] |" in text  # flat synthetic curves
     # the scope paragraph, at the top, from what is built (no task data, no model here) and the runs
     scope = text.split("**Scope: what this study can and cannot say.** ")[1].split("\n")[0]

@@ -41,7 +41,9 @@ CONTROL_REGIMES = ("on_policy", "fresh_4")
 # where each off-policy regime's drift comes from (the colours of the mechanism figure)
 MECHANISMS = {"async_0": "async staleness", "async_1": "async staleness", "async_2": "async staleness",
               "async_4": "async staleness", "bf16": "bf16 sampling", "moe_bf16": "MoE routing + bf16",
-              "moe_replay": "MoE routing + bf16", "epochs_4": "PPO epochs"}
+              "moe_replay": "MoE routing + bf16", "epochs_4": "PPO epochs",
+              # v4's gap regimes (plan_v4.GAP_REGIME_LADDER): top-1 routing drift, no replay, no staleness
+              "moe16_top1": "MoE routing + bf16", "moe32_top1": "MoE routing + bf16"}
 CONTROL_METHODS = {"on_policy": ("vanilla", "hmpo"), "fresh_4": ("vanilla",)}
 
 LR_GRID = (1e-4, 3e-4, 1e-3)

@@ -613,7 +613,14 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     if evaluated:
         figure = report.plot_rewards(curves_by_key, evaluated, methods, docs.parent / f"{docs.stem}_figures",
                                      unit="(warm start, seed) pairs")
-        lines += ["## Held-out reward and the plateau", "",
+        mech = report.plot_mechanism(analysis.mechanism(rows, evaluated, [m for m in methods if m != "vanilla"]),
+                                     methods, figure.parent)
+        lines += ["## The mechanism", "", f"![mechanism]({mech.parent.name}/{mech.name})", "",
+                  "One panel per method; each point one regime evaluated so far, coloured by where its drift comes "
+                  "from: x = vanilla's own update `log_ah_gap` there (log scale), y = the method's held-out final "
+                  "reward minus vanilla's, paired over (warm start, seed) pairs, with the 95 % interval "
+                  "(uncorrected); the grey band is the ±0.03 margin.", "",
+                  "## Held-out reward and the plateau", "",
                   f"![held-out reward after each step]({figure.parent.name}/{figure.name})", "",
                   f"Did the runs plateau at T = {steps}? (The pilot chose T; this is the evaluation's own check.)", "",
                   *plateau_lines(curves_by_key, evaluated, steps), ""]
