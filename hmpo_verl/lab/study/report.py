@@ -256,8 +256,8 @@ def plot_mechanism(mech: list[dict], methods: list[str], figures: Path) -> Path:
     methods = [m for m in methods if any(r["method"] == m for r in mech)]
     cols = min(4, len(methods))
     rows_n = math.ceil(len(methods) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.6 * rows_n), squeeze=False, sharex=True,
-                             sharey=True)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(max(9.2, 4.2 * cols), 3.6 * rows_n + 0.4), squeeze=False,
+                             sharex=True, sharey=True)  # (at least 9.2 inches: the title fits over few panels)
     kinds = list(dict.fromkeys(MECHANISMS[r["regime"]] for r in mech))
     colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
     for ax, method in zip(axes.flat, methods):
@@ -273,6 +273,9 @@ def plot_mechanism(mech: list[dict], methods: list[str], figures: Path) -> Path:
         ax.axhline(0, color="k", linewidth=0.8)
         ax.axhspan(-MARGIN, MARGIN, color="grey", alpha=0.12)
         ax.set_xscale("log")
+        gaps = {r["vanilla_gap"] for r in mech if r["vanilla_gap"] > 0}
+        if len(gaps) == 1:  # one regime so far: a decade around it (a log axis cannot span one point)
+            ax.set_xlim(min(gaps) / 3, min(gaps) * 3)
         ax.set_title(f"{method} (p = {P_METHODS[method]:g})" if method in P_METHODS else method, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(methods):]:
@@ -286,7 +289,7 @@ def plot_mechanism(mech: list[dict], methods: list[str], figures: Path) -> Path:
         handles.update(zip(*reversed(ax.get_legend_handles_labels())))
     handles[f"±{MARGIN} (equivalence margin)"] = Patch(color="grey", alpha=0.25)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=9)
-    fig.suptitle("difference from vanilla (paired, 95 % CI) against the regime's gap as vanilla measures it; "
+    fig.suptitle("difference from vanilla (paired, 95 % CI) against the regime's gap as vanilla measures it;\n"
                  "one point per regime, coloured by mechanism (lines join the async lags only)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save_figure(fig, figures / "mechanism.png", layout=False)
