@@ -401,3 +401,26 @@ def test_v3_preregister_does_not_replace_the_archived_report(capsys):
     assert "--preregister would replace v3's archived report" in capsys.readouterr().err
     assert cli.parse_args(["--preregister", "--docs", "elsewhere.md"]).docs == "elsewhere.md"
     assert cli.parse_args(["--v4", "--report-only", "--parallel", "1", "--docs", "d.md"]).v4  # v4's own options pass
+
+
+def test_a_second_study_process_on_the_same_out_stops_loud(tmp_path):
+    """While one process holds ``out`` (run.out_lock around its runs), another's run_all stops naming the holder's
+    pid, before running anything; once released, the folder is free again."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "runs"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from hmpo_verl.lab.study import run\n"
+                               f"with run.out_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=rf"{out} is in use by another study process \(pid {holder.pid}\)"):
+            RUN_ALL([Run("tune", REGIME, "vanilla", 3e-4, 1001)], "fibonacci", None, T, lean.LoopSettings(), out, 1,
+                    "tuning")
+    finally:
+        holder.kill()
+        holder.wait()
+    with run.out_lock(out):  # released with its process
+        pass

@@ -8,7 +8,10 @@ again), so an interrupted study resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
@@ -120,7 +123,35 @@ def is_done(run: Run, out: Path, task: str, steps: int, base: lean.LoopSettings)
 def run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: lean.LoopSettings, out: Path,
             parallel: int, label: str) -> None:
     """Run what is not done, ``parallel`` worker processes at a time (in this process when 1), with a progress
-    bar over training steps."""
+    bar over training steps; ``out`` is locked meanwhile (:func:`out_lock`)."""
+    with out_lock(out):
+        _run_all(runs, task, assets, steps, base, out, parallel, label)
+
+
+@contextlib.contextmanager
+def out_lock(out: Path):
+    """Held while runs are written to ``out``: a second study process on the same folder (its runs would race the
+    first's on the same files) stops loud, naming the holder's pid, instead of running beside it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise SystemExit(f"{out} is in use by another study process (pid {f.read().strip() or 'unknown'}): wait for "
+                             "it to end or stop it, then run this again (it resumes from the finished runs); or point "
+                             "--out at another folder") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: lean.LoopSettings, out: Path,
+             parallel: int, label: str) -> None:
     import multiprocessing as mp
 
     from tqdm import tqdm
