@@ -144,6 +144,10 @@ def test_evaluation_partial_tests_only_complete_pairs(study, capsys):
     test = analysis.paired_test(list(diffs.values()))
     row = next(line for line in text.splitlines() if line.startswith("| Q1/async_4"))
     assert row.split("|")[2].strip() == "4"  # the 4 complete pairs; the 2 unpaired runs left out
+    # a verdict on part of a regime's pairs is marked interim, and the guide lists no interim verdict as decided
+    assert row.split("|")[-2].strip().startswith("interim: ") and "(the regime's evaluation is incomplete)" in row
+    assert "* Primary questions decided after Holm: none." in text
+    assert "Regimes evaluated: 1 of 1 (`async_4` in part)." in text
     assert f"{test['diff']:+.3f}" in row
     assert test["mde"] > plan_v4.MDE_TARGET
     # the plateau check counts every finished run, paired or not: 10 (flat curves: none rising)
@@ -374,7 +378,8 @@ def test_readme_is_written_from_v4_only_once_every_regime_is_evaluated(study, mo
     text, docs = readme.read_text(), study.docs.read_text()
     guide = text.split(report.GUIDE_START + "\n")[1].split("\n" + report.GUIDE_END)[0].splitlines()
     scope = text.split(report.SCOPE_START + "\n")[1].split("\n" + report.SCOPE_END)[0].splitlines()
-    assert guide[0].startswith("* From study v4 ([`docs/study.md`](docs/study.md)): 1 of 1 regimes evaluated, 10-step")
+    assert guide[0].startswith("* From study v4 ([`docs/study.md`](docs/study.md)): regimes evaluated 1 of 1 "
+                               "(`async_4`); 10-step runs")
     assert all(line in docs for line in guide) and "`hmpo` -0.0" in guide[1]
     assert len(scope) == 1 and scope[0].startswith("**Scope: what this study can and cannot say.**") and scope[0] in docs
     assert text.startswith("intro\n") and text.endswith("end\n") and "v3 guide" not in text and "v3 scope" not in text

@@ -479,11 +479,11 @@ def scope_facts(task_name: str, assets: str | None, kinds: list[str], warm_start
 
 
 def scope_lines(facts: dict, steps: int, steps_note: str, curves_by_key: dict, chosen: dict, primary: list[dict],
-                evaluated: list[str], regimes: list[str]) -> list[str]:
+                evaluated: list[str], regimes: list[str], finished: list[str]) -> list[str]:
     """v4's scope, from its data: ``facts`` (:func:`scope_facts`), the run length (``steps_note``: how the pilot
     set it, :meth:`Pilot.length_note`) and how many evaluation runs
     still rise at its end (``curves_by_key``), the settings still at a grid's edge after the edge rule (the
-    ladder's end), the paired primaries whose MDE exceeds the target, the regimes evaluated."""
+    ladder's end), the paired primaries whose MDE exceeds the target, the regimes evaluated (``finished``: in full)."""
     curves_ = [c for cs in curves_by_key.values() for c in cs]
     rising = analysis.still_rising(curves_)
     edges = analysis.grid_edges(chosen)
@@ -507,8 +507,14 @@ def scope_lines(facts: dict, steps: int, steps_note: str, curves_by_key: dict, c
         "Settings at a grid's edge after the edge rule (the ladder's end): " + (", ".join(at_edge) or "none") + ". "
         f"The MDE exceeds ±{plan_v4.MDE_TARGET} in {len(wide)} of the {len(paired)} paired primaries tested: there an "
         f"*undecided* verdict means the study could not tell, not that the methods are alike. Regimes evaluated: "
-        f"{len(evaluated)} of {len(regimes)}" + (f" ({', '.join(f'`{r}`' for r in evaluated)})" if evaluated else "") +
+        f"{evaluated_text(evaluated, regimes, finished)}" +
         "."]
+
+
+def evaluated_text(evaluated: list[str], regimes, finished: list[str]) -> str:
+    """"k of n (`a`, `b` in part)": the regimes with evaluation runs, those not finished marked."""
+    names = ", ".join(f"`{r}`" + ("" if r in finished else " in part") for r in evaluated)
+    return f"{len(evaluated)} of {len(regimes)}" + (f" ({names})" if names else "")
 
 
 def provenance_line(command: str) -> str:
@@ -565,9 +571,14 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
              "; ".join(f"{r}/{m} {g} → {chosen[(r, m)]['lr']:g}" for (r, m), g in grids.items() if (r, m) in chosen) +
              ".", "", *[f"* {line}" for line in status], ""]
     primary = []  # the primary outcome's tests (the guide's decided verdicts)
+    # a question whose regime is evaluated in part: its test is on the pairs so far, not the registered sample
+    interim = {q.id for q in qs if q.id not in unreached and not set(q.regimes) <= set(finished)}
     for outcome, key in (("held-out final reward (primary)", "final_heldout"), ("held-out AUC (secondary)", "auc_heldout")):
         outcome_rows = [{**r, "final_heldout": r[key]} for r in rows]
         prim = analysis.primaries(qs, outcome_rows, chosen, vanilla_gaps, unreached) if rows else []
+        for r in prim:
+            if r["id"] in interim:
+                r["verdict"] = f"interim: {r['verdict']} (the regime's evaluation is incomplete)"
         primary = primary or prim
         lines += [f"## {outcome}", "", *(report.primary_table(prim, qs) if prim else ["No runs yet."]), ""]
         for r in prim:
@@ -593,9 +604,9 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     evaluated = [r for r in regimes if r in started]
     measured, comps = analysis.regime_measurements(rows, regimes), analysis.comparisons(rows, evaluated)
     at = lines.index("SCOPE")  # the scope paragraph goes at the top; it needs the tests above
-    scope = scope_lines(facts, steps, steps_note, curves_by_key, chosen, primary, evaluated, list(regimes))
+    scope = scope_lines(facts, steps, steps_note, curves_by_key, chosen, primary, evaluated, list(regimes), finished)
     lines[at:at + 1] = scope
-    decided = [r for r in primary if r["verdict"] != "not reached"]  # the guide lists the decided ones
+    decided = [r for r in primary if r["verdict"] != "not reached" and r["id"] not in interim]  # the guide's
     lines += ["", "## Methods", "", *report.methods_table([m for m in plan.DISPLAY_ORDER
                                                              if any(k[1] == m for k in chosen)]),
               "", "## Regimes, as measured on the evaluation runs", "",
@@ -605,8 +616,9 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
               *report.settings_table(chosen, regimes, [m for m in plan.DISPLAY_ORDER if any(k[1] == m for k in chosen)]),
               "", "## Every method against vanilla (exploratory: no correction for multiplicity)", "",
               *report.results_table(rows, comps, evaluated, methods, unit="pairs"), ""]
-    guide = [f"* From study v4 ([`docs/study.md`](docs/study.md)): {len(evaluated)} of {len(regimes)} regimes "
-             f"evaluated, {steps}-step runs, (warm start, seed) pairs; by vanilla's own gap.",
+    guide = [f"* From study v4 ([`docs/study.md`](docs/study.md)): regimes evaluated "
+             f"{evaluated_text(evaluated, regimes, finished)}; {steps}-step runs, (warm start, seed) pairs; by "
+             "vanilla's own gap.",
              *report.guide_lines(comps, measured, decided)] if comps else []
     if comps:
         lines += ["## The guide, from the regimes evaluated so far", "", *guide, ""]
