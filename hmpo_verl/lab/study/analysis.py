@@ -356,10 +356,15 @@ def lean_confirmation_rows(records: list[dict], regime: str, steps: int) -> list
 RISING_WINDOW = 10  # steps over which a run's held-out reward counts as still rising (positive slope)
 
 
+def last_slopes(curves: list[list[float]], window: int = RISING_WINDOW) -> list[float]:
+    """Each of the held-out reward ``curves``' (one per run, one value per step) least-squares slope per step over
+    its last ``window`` steps (all of them in a shorter run)."""
+    return [stats.ols_slope(list(range(len(c[-window:]))), c[-window:]) for c in curves]
+
+
 def still_rising(curves: list[list[float]], window: int = RISING_WINDOW) -> int:
-    """How many of the held-out reward ``curves`` (one per run, one value per step) still rise at the end:
-    the least-squares slope over their last ``window`` steps (all of them in a shorter run) is positive."""
-    return sum(stats.ols_slope(list(range(len(c[-window:]))), c[-window:]) > 0 for c in curves)
+    """How many of the held-out reward ``curves`` still rise at the end: :func:`last_slopes` positive."""
+    return sum(s > 0 for s in last_slopes(curves, window))
 
 
 def grid_edges(chosen: dict) -> dict[str, list[tuple[str, str]]]:

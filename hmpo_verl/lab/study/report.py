@@ -259,6 +259,7 @@ def plot_mechanism(mech: list[dict], methods: list[str], figures: Path) -> Path:
     fig, axes = plt.subplots(rows_n, cols, figsize=(max(9.2, 4.2 * cols), 3.6 * rows_n + 0.4), squeeze=False,
                              sharex=True, sharey=True)  # (at least 9.2 inches: the title fits over few panels)
     kinds = list(dict.fromkeys(MECHANISMS[r["regime"]] for r in mech))
+    gaps = {r["vanilla_gap"] for r in mech if r["vanilla_gap"] > 0}
     colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
     for ax, method in zip(axes.flat, methods):
         pts = [r for r in mech if r["method"] == method]
@@ -273,7 +274,6 @@ def plot_mechanism(mech: list[dict], methods: list[str], figures: Path) -> Path:
         ax.axhline(0, color="k", linewidth=0.8)
         ax.axhspan(-MARGIN, MARGIN, color="grey", alpha=0.12)
         ax.set_xscale("log")
-        gaps = {r["vanilla_gap"] for r in mech if r["vanilla_gap"] > 0}
         if len(gaps) == 1:  # one regime so far: a decade around it (a log axis cannot span one point)
             ax.set_xlim(min(gaps) / 3, min(gaps) * 3)
         ax.set_title(f"{method} (p = {P_METHODS[method]:g})" if method in P_METHODS else method, fontsize=10)

@@ -347,13 +347,16 @@ def main(args, log) -> int:
         status.append(line)
         log(line)
 
-    say(pilot.line())
-    if not pilot.steps:
+    def progress_only() -> int:  # nothing chosen yet: the progress page (and --readme refused)
         write_progress(docs, status, resume, provenance)
         log(f"wrote {docs}\ncontinue with: {resume}")
         if args.readme:
             update_readme(run.REPO_ROOT / "README.md", {}, False, "no", docs)
         return 0 if report_only else 1
+
+    say(pilot.line())
+    if not pilot.steps:
+        return progress_only()
     # the warm starts: every model of the regimes the pilot kept (the gap regime's, not the ladder's first)
     kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in pilot.regimes})
     seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log,
@@ -391,11 +394,7 @@ def main(args, log) -> int:
     if len(reached) < len(order):
         say("not started: " + ", ".join(order[len(reached):]))
     if not chosen:
-        write_progress(docs, status, resume, provenance)
-        log(f"wrote {docs}\ncontinue with: {resume}")
-        if args.readme:
-            update_readme(run.REPO_ROOT / "README.md", {}, False, "no", docs)
-        return 0 if report_only else 1
+        return progress_only()
     facts = scope_facts(args.task, args.assets, kinds, seeds_ws)
     blocks = write_report(docs, order, pilot.gap_note, steps, grids, chosen, tuning_rows, _pair_rows(eval_records),
                           planned, seeds_ws, status, finished, provenance, curves(eval_records), facts,
@@ -441,10 +440,9 @@ def plateau_lines(curves_by_key: dict, regimes, steps: int) -> list[str]:
         cs = [c for (r, _), runs_ in curves_by_key.items() if r == regime for c in runs_]
         if not cs:
             continue
-        tails = [c[-analysis.RISING_WINDOW:] for c in cs]
-        slopes = [stats.ols_slope(list(range(len(t))), t) for t in tails]
+        slopes = analysis.last_slopes(cs)
         mean, half = stats.mean_ci(slopes)
-        lines.append(f"| {regime} | {len(cs)} | {analysis.still_rising(cs)} | {mean:+.5f} "
+        lines.append(f"| {regime} | {len(cs)} | {sum(s > 0 for s in slopes)} | {mean:+.5f} "
                      f"[{mean - half:+.5f}, {mean + half:+.5f}] |")
     return lines
 
@@ -471,10 +469,9 @@ def scope_facts(task_name: str, assets: str | None, kinds: list[str], warm_start
             if report_ is None:
                 continue
             fits.setdefault(k, {})[kind] = report_
-            if kind not in params and (TaskPaths(run.warm_start_dir(task_name, assets, kind, k)).model /
-                                       "config.json").exists():
-                model = lean.load_model(str(TaskPaths(run.warm_start_dir(task_name, assets, kind, k)).model))
-                params[kind] = sum(t.numel() for t in model.parameters())
+            model_dir = TaskPaths(run.warm_start_dir(task_name, assets, kind, k)).model
+            if kind not in params and (model_dir / "config.json").exists():
+                params[kind] = sum(t.numel() for t in lean.load_model(str(model_dir)).parameters())
     return {"prompts": prompts, "params": params, "fits": fits}
 
 
@@ -607,13 +604,13 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     scope = scope_lines(facts, steps, steps_note, curves_by_key, chosen, primary, evaluated, list(regimes), finished)
     lines[at:at + 1] = scope
     decided = [r for r in primary if r["verdict"] != "not reached" and r["id"] not in interim]  # the guide's
-    lines += ["", "## Methods", "", *report.methods_table([m for m in plan.DISPLAY_ORDER
-                                                             if any(k[1] == m for k in chosen)]),
+    tuned = [m for m in plan.DISPLAY_ORDER if any(k[1] == m for k in chosen)]
+    lines += ["", "## Methods", "", *report.methods_table(tuned),
               "", "## Regimes, as measured on the evaluation runs", "",
               "A user measures vanilla's own gap (the second figure of the gap column).", "",
               *report.regimes_table(regimes, measured), "",
               "## Settings chosen by the tuning", "",
-              *report.settings_table(chosen, regimes, [m for m in plan.DISPLAY_ORDER if any(k[1] == m for k in chosen)]),
+              *report.settings_table(chosen, regimes, tuned),
               "", "## Every method against vanilla (exploratory: no correction for multiplicity)", "",
               *report.results_table(rows, comps, evaluated, methods, unit="pairs"), ""]
     guide = [f"* From study v4 ([`docs/study.md`](docs/study.md)): regimes evaluated "
