@@ -264,3 +264,37 @@ def test_a_public_package_path_serves_its_submodules_and_python_dash_m(tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["launcher ran as __main__", "launcher ran as probe_host.launcher",
                                           "one module: True"]
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _broken_links(files: list[Path]) -> list[str]:
+    """Markdown links (``[text](target)``, ``![alt](target)``) outside code fences whose target is a relative
+    path that does not exist, read relative to the file that holds the link (as GitHub renders it)."""
+    broken = []
+    for f in files:
+        text = re.sub(r"```.*?```", "", f.read_text(), flags=re.S)
+        for target in _LINK.findall(text):
+            if re.match(r"(https?:|mailto:|#)", target):
+                continue
+            if not (f.parent / target.split("#")[0]).exists():
+                broken.append(f"{f.relative_to(REPO_ROOT) if f.is_relative_to(REPO_ROOT) else f}: {target}")
+    return broken
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    """Every committed Markdown file's relative links (generated reports included) name a file that exists."""
+    tracked = subprocess.run(["git", "ls-files", "*.md"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    files = [REPO_ROOT / name for name in tracked.stdout.split()]
+    assert REPO_ROOT / "docs" / "study.md" in files
+    assert _broken_links(files) == []
+
+
+def test_the_link_check_sees_a_broken_link(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("[ok](a.md) [web](https://x.org/y) [up](../b.md#part)\n"
+                                            "```\n[in a fence](nowhere.md)\n```\n[bad](docs/a.md)\n")
+    (tmp_path / "b.md").write_text("![figure](docs/missing.png)\n")
+    assert _broken_links([tmp_path / "docs" / "a.md", tmp_path / "b.md"]) == [
+        f"{tmp_path / 'docs' / 'a.md'}: docs/a.md", f"{tmp_path / 'b.md'}: docs/missing.png"]

@@ -613,12 +613,13 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
               *report.settings_table(chosen, regimes, tuned),
               "", "## Every method against vanilla (exploratory: no correction for multiplicity)", "",
               *report.results_table(rows, comps, evaluated, methods, unit="pairs"), ""]
-    guide = [f"* From study v4 ([`docs/study.md`](docs/study.md)): regimes evaluated "
-             f"{evaluated_text(evaluated, regimes, finished)}; {steps}-step runs, (warm start, seed) pairs; by "
-             "vanilla's own gap.",
-             *report.guide_lines(comps, measured, decided)] if comps else []
+    def guide(link: str) -> list[str]:  # its source's link, relative to the file it is written in
+        return [f"* From study v4 ([`docs/study.md`]({link})): regimes evaluated "
+                f"{evaluated_text(evaluated, regimes, finished)}; {steps}-step runs, (warm start, seed) pairs; by "
+                "vanilla's own gap.",
+                *report.guide_lines(comps, measured, decided)] if comps else []
     if comps:
-        lines += ["## The guide, from the regimes evaluated so far", "", *guide, ""]
+        lines += ["## The guide, from the regimes evaluated so far", "", *guide(docs.name), ""]
     if evaluated:
         figure = report.plot_rewards(curves_by_key, evaluated, methods, docs.parent / f"{docs.stem}_figures",
                                      unit="(warm start, seed) pairs")
@@ -640,4 +641,4 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
                   "behind the sign v3 found at lags 1 and 2; v4 does not re-measure it). From v3's data:", "",
                   *lag_fidelity.render(lag_data, docs, docs.parent / f"{docs.stem}_figures"), ""]
     docs.write_text("\n".join(lines) + "\n")
-    return {"guide": guide, "scope": scope}
+    return {"guide": guide("docs/study.md"), "scope": scope}  # (the README's copy, at the repository root)
