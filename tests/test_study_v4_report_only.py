@@ -187,6 +187,15 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     # every regime v4 can evaluate has a mechanism (the figure's colour): the gap ladder's included
     assert set(plan_v4.REGIMES) | set(v4.GAP_LADDER) <= set(plan.MECHANISMS)
     assert "| async_4 | 12 | 0 | +0.00000 [+0.00000, +0.00000] |" in text  # flat synthetic curves
+    # the data beside the report: a row per finished run of every stage, with its warm start; every pilot and
+    # evaluation run's curve from step 0 (what the run length and the plateau table are recomputed from)
+    import pandas as pd
+    data = study.docs.parent / "study_v4_data"
+    runs_csv, steps_csv = pd.read_csv(data / "runs.csv"), pd.read_csv(data / "steps.csv.gz")
+    assert runs_csv.groupby("phase").size().to_dict() == {"pilot": 2, "tune": 24, "eval": 12}
+    assert runs_csv["warm_start"].notna().all() and set(runs_csv["seed"]) == {1, 2, 3, 1001, 1002}
+    assert steps_csv.groupby("phase").size().to_dict() == {"pilot": 2 * (PLAN.pilot_steps + 1), "eval": 12 * (T + 1)}
+    assert (steps_csv[steps_csv.step == 0]["eval_heldout"] == 0.4).all() and "Data: `study_v4_data/runs.csv`" in text
     # the scope paragraph, at the top, from what is built (no task data, no model here) and the runs
     scope = text.split("**Scope: what this study can and cannot say.** ")[1].split("\n")[0]
     assert text.index("**Scope") < text.index("Runs: 12 of 12")
@@ -380,7 +389,9 @@ def test_readme_is_written_from_v4_only_once_every_regime_is_evaluated(study, mo
     scope = text.split(report.SCOPE_START + "\n")[1].split("\n" + report.SCOPE_END)[0].splitlines()
     assert guide[0].startswith("* From study v4 ([`docs/study.md`](docs/study.md)): regimes evaluated 1 of 1 "
                                "(`async_4`); 10-step runs")
-    assert all(line in docs for line in guide) and "`hmpo` -0.0" in guide[1]
+    assert all(line in docs for line in guide[1:]) and "`hmpo` -0.0" in guide[1]
+    # the report's own copy of the guide links its source relative to the report (the README's: from the root)
+    assert guide[0].replace("](docs/study.md)", f"]({study.docs.name})") in docs and "](docs/study.md)" not in docs
     assert len(scope) == 1 and scope[0].startswith("**Scope: what this study can and cannot say.**") and scope[0] in docs
     assert text.startswith("intro\n") and text.endswith("end\n") and "v3 guide" not in text and "v3 scope" not in text
 

@@ -145,14 +145,39 @@ def estimate_lines(p: V4Plan) -> list[str]:
     return [line]
 
 
+def _rows(records) -> list[dict]:
+    """Run summaries (analysis.run_summary) with the run's warm start."""
+    return [{**analysis.run_summary(rec), "warm_start": rec["run"].warm_start} for rec in records]
+
+
 def _pair_rows(records: list[dict]) -> list[dict]:
     """Run summaries keyed for pairing by (warm start, seed): ``seed`` becomes ``"<ws>:<seed>"``."""
-    out = []
-    for rec in records:
-        row = analysis.run_summary(rec)
-        row["warm_start"], row["seed"] = rec["run"].warm_start, f"{rec['run'].warm_start}:{rec['run'].seed}"
-        out.append(row)
-    return out
+    return [{**row, "seed": f"{row['warm_start']}:{row['seed']}"} for row in _rows(records)]
+
+
+STEP_COLUMNS = ("reward", "eval_heldout", "eval_train", "update/log_ah_gap", "mismatch/log_ah_gap", "routing/flip_frac")
+
+
+def write_data(data_dir: Path, pilot_records, tuning_rows: list[dict], eval_records: list[dict]) -> None:
+    """The report's data beside it: ``runs.csv``, a row per finished pilot, tuning and evaluation run (its
+    summary, warm start and seed: what the tuning, the tests and the tables are computed from), and
+    ``steps.csv.gz``, the pilot's and the evaluation runs' per-step ``STEP_COLUMNS`` (step 0: the evaluation
+    before the first update; what the run length rule, the reward figure and the plateau table read)."""
+    import pandas as pd
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(_rows(pilot_records) + tuning_rows + _rows(eval_records)).to_csv(
+        data_dir / "runs.csv", index=False, float_format="%.6g")
+    steps = []
+    for rec in [*pilot_records, *eval_records]:
+        r = rec["run"]
+        key = {"phase": r.phase, "regime": r.regime, "method": r.method, "lr": r.lr, "warm_start": r.warm_start,
+               "seed": r.seed}
+        steps.append({**key, "step": 0, **rec["first_eval"]})
+        steps += [{**key, "step": i, **{c: m[c] for c in STEP_COLUMNS if c in m}}
+                  for i, m in enumerate(rec["metrics"], 1)]
+    pd.DataFrame(steps).to_csv(data_dir / "steps.csv.gz", index=False, float_format="%.6g",
+                               compression={"method": "gzip", "mtime": 0})
 
 
 @dataclass(frozen=True)
@@ -186,6 +211,7 @@ class Pilot:
     regimes: list[str]  # the regimes tuned and evaluated: the staleness ones and the gap regime (if any)
     gap_note: str  # the gap regime's name, or why there is none
     cpu_s: dict[str, float] = field(default_factory=dict)  # regime -> the pilot's mean CPU seconds per run
+    records: tuple = ()  # every finished pilot run's record (the ladder's too): the committed data
 
     def line(self) -> str:
         if self.steps is None:
@@ -216,11 +242,11 @@ def pilot_stage(p: V4Plan, runs: Runs) -> Pilot:
             every += runs.finished(more, p.pilot_steps, "pilot")
             if len(every) < planned:
                 break
-        gap = gap_regime([analysis.run_summary(r) for r in every])
+        gap = gap_regime(_rows(every))
         if gap:
             break
     if len(every) < planned:
-        return Pilot(len(every), planned, None, False, [], "")
+        return Pilot(len(every), planned, None, False, [], "", records=tuple(every))
     curves = {r: [[m["eval_heldout"] for m in rec["metrics"]] for rec in records if rec["run"].regime == r]
               for r in stale}
     rule = plateau_length(curves, p.pilot_steps)
@@ -229,7 +255,7 @@ def pilot_stage(p: V4Plan, runs: Runs) -> Pilot:
     regimes = stale + ([gap] if gap else [])
     cpu = {r: sum(rec["cpu_s"] for rec in every if rec["run"].regime == r) /
            max(1, sum(rec["run"].regime == r for rec in every)) for r in regimes}
-    return Pilot(len(every), planned, steps, rule is None, regimes, gap_note, cpu)
+    return Pilot(len(every), planned, steps, rule is None, regimes, gap_note, cpu, tuple(every))
 
 
 @dataclass(frozen=True)
@@ -270,7 +296,7 @@ def tuning_stage(p: V4Plan, regimes: list[str], steps: int, seeds_ws: list[int],
         tuning = [Run("tune", r, m, lr, s, ws) for (r, m), g in grids.items() for lr in g for s in p.tuning_seeds
                   for ws in seeds_ws]
         planned = tuning_run_count(p, grids)
-        rows = [analysis.run_summary(r) for r in runs.finished(tuning, steps, f"tuning {'/'.join(regimes)}")]
+        rows = _rows(runs.finished(tuning, steps, f"tuning {'/'.join(regimes)}"))
         if len(rows) < planned:
             return Tuning(len(rows), planned, dict(grids), rows, None, extensions)
         chosen = analysis.choose_settings(rows)
@@ -396,6 +422,7 @@ def main(args, log) -> int:
     if not chosen:
         return progress_only()
     facts = scope_facts(args.task, args.assets, kinds, seeds_ws)
+    write_data(docs.parent / f"{docs.stem}_data", pilot.records, tuning_rows, eval_records)
     blocks = write_report(docs, order, pilot.gap_note, steps, grids, chosen, tuning_rows, _pair_rows(eval_records),
                           planned, seeds_ws, status, finished, provenance, curves(eval_records), facts,
                           pilot.length_note())
@@ -544,13 +571,9 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     :func:`scope_facts` (the scope paragraph at the top); ``steps_note``: how the pilot set T. A paired
     question whose regime has no evaluation run, and the trend question until every regime's evaluation is
     complete, are *not reached*: they stay in the Holm families with p = 1."""
-    import pandas as pd
-
     from hmpo_verl.lab.study import report
 
-    data_dir = docs.parent / f"{docs.stem}_data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(tuning_rows + rows).to_csv(data_dir / "runs.csv", index=False, float_format="%.6g")
+    data = f"{docs.stem}_data"  # write_data's folder beside the report
     gap = gap_note if gap_note in regimes else None
     qs = questions(regimes, gap)
     started = {r["regime"] for r in rows}
@@ -566,7 +589,13 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
               "on the (warm start, seed) pairs that every one of its methods finished" if len(rows) < planned else "") +
              f". T = {steps} steps. Grids after the edge rule: " +
              "; ".join(f"{r}/{m} {g} → {chosen[(r, m)]['lr']:g}" for (r, m), g in grids.items() if (r, m) in chosen) +
-             ".", "", *[f"* {line}" for line in status], ""]
+             ".", "", f"Data: `{data}/runs.csv` (a row per finished pilot, tuning and evaluation run: its phase, regime, "
+             "method, lr, warm start, seed and outcomes; what the tuning, the tests and the tables are computed from) "
+             f"and `{data}/steps.csv.gz` (after each step of every pilot and evaluation run, step 0 before the first "
+             "update: the batch's sampled reward, the exact held-out and training-prompt reward, the update's and the "
+             "behaviour's `log_ah_gap`, MoE routing flips; what the run length, the reward figure and the plateau "
+             "table are computed from).", "",
+             *[f"* {line}" for line in status], ""]
     primary = []  # the primary outcome's tests (the guide's decided verdicts)
     # a question whose regime is evaluated in part: its test is on the pairs so far, not the registered sample
     interim = {q.id for q in qs if q.id not in unreached and not set(q.regimes) <= set(finished)}
