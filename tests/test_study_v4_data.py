@@ -112,3 +112,41 @@ def test_the_plateau_table_follows_from_the_curves(committed):
         assert got == (pytest.approx(slopes.mean(), abs=6e-6), pytest.approx(ci.low, abs=6e-6),
                        pytest.approx(ci.high, abs=6e-6)), regime
     assert not math.isnan(last)
+
+
+def test_every_method_against_vanilla_and_per_warm_start_follow_from_the_runs(committed):
+    """The exploratory table (what the guide lists) and the per-warm-start table: paired differences from vanilla /
+    between a question's methods over the (warm start, seed) pairs both finished."""
+    text, runs, _ = committed
+    ev = runs[runs.phase == "eval"]
+
+    def diffs(regime, a, b, warm_start=None):
+        rows = ev[ev.regime == regime] if warm_start is None else ev[(ev.regime == regime) & (ev.warm_start == warm_start)]
+        side = {k: rows[rows.method == k].set_index(["warm_start", "seed"]).final_heldout for k in (a, b)}
+        return (side[a] - side[b]).dropna().to_numpy()
+
+    def check(d, cell, what):
+        ci = sps.ttest_1samp(d, 0.0).confidence_interval(0.95)
+        assert _ci(cell) == (pytest.approx(d.mean(), abs=6e-4), pytest.approx(ci.low, abs=6e-4),
+                             pytest.approx(ci.high, abs=6e-4)), what
+
+    table = _table(text, "Every method against vanilla (exploratory: no correction for multiplicity)")
+    compared = [cells for cells in table if cells[1] != "vanilla"]
+    assert compared and {(c[0], c[1]) for c in compared} == {
+        (r, m) for r, m in ev.groupby(["regime", "method"]).size().index if m != "vanilla"}
+    for cells in compared:
+        check(diffs(cells[0], cells[1], "vanilla"), cells[4], cells[:2])
+    per_ws = _table(text, "Per warm start (final reward)")
+    warm_starts = [int(w) for w in re.findall(r"warm start (\d+)", text.split("## Per warm start (final reward)")[1]
+                                             .split("\n|---")[0])]
+    checked = 0
+    for cells in per_ws:
+        m = re.fullmatch(r"Q(\d)/(\w+)", cells[0])
+        if not m or m.group(1) not in "12":
+            continue
+        b = {"1": "vanilla", "2": "gspo"}[m.group(1)]
+        for w, cell in zip(warm_starts, cells[1:], strict=False):
+            if cell != "—":
+                check(diffs(m.group(2), "hmpo", b, w), cell, (cells[0], w))
+                checked += 1
+    assert checked >= 3
