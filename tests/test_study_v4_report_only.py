@@ -440,3 +440,42 @@ def test_a_second_study_process_on_the_same_out_stops_loud(tmp_path):
         holder.wait()
     with run.out_lock(out):  # released with its process
         pass
+
+
+def test_a_relaunch_on_other_inputs_stops_loud_before_any_run(study, tmp_path):
+    """The runs of an --out are pinned to the inputs they read (the task's prompts, each warm start's weights): a
+    relaunch that would read others (another --assets, a warm start rebuilt) stops naming them; the same content
+    rewritten (a parquet file written again with another codec) is the same input; an input not built is not pinned."""
+    import pandas as pd
+
+    runs = [Run("eval", REGIME, m, 3e-4, 1, 1) for m in ("vanilla", "hmpo")]
+    base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length("fibonacci"),
+                             eval_prompts=PLAN.eval_prompts)
+    for r in runs:
+        study.record(r, T)  # finished: nothing runs, nothing is built
+    data = lean.asset_dirs("fibonacci", str(study.assets))["dense"] / "data"
+    data.mkdir(parents=True)
+    frame = pd.DataFrame({"prompt": ["1 1", "1 2"], "answer": ["2", "3"]})
+    frame.to_parquet(data / "train.parquet", compression="snappy")
+    weights = run.warm_start_dir("fibonacci", str(study.assets), "dense", 1) / "model"
+    weights.mkdir(parents=True)
+    (weights / "model.safetensors").write_bytes(b"weights-1")
+
+    def relaunch():
+        RUN_ALL(runs, "fibonacci", str(study.assets), T, base, study.out, 1, "evaluation")
+
+    relaunch()
+    pinned = json.loads((study.out / run.INPUTS).read_text())
+    assert sorted(pinned) == ["data", "dense/ws1"]
+    frame.to_parquet(data / "train.parquet", compression="gzip")  # the same rows, other bytes
+    relaunch()
+    (weights / "model.safetensors").write_bytes(b"weights-2")  # the warm start rebuilt otherwise
+    with pytest.raises(SystemExit, match=r"made from other inputs than these: dense/ws1 \(.*fibonacci_dense_ws1/model\) "
+                                         r"differ .*Point --assets at the folders the runs were made from, or --out"):
+        relaunch()
+    (weights / "model.safetensors").write_bytes(b"weights-1")
+    frame.assign(answer=["2", "4"]).to_parquet(data / "train.parquet")  # another task's answers
+    with pytest.raises(SystemExit, match=r"other inputs than these: data \("):
+        relaunch()
+    assert json.loads((study.out / run.INPUTS).read_text()) == pinned  # a refused relaunch changes nothing
+    assert run.fingerprint(tmp_path / "not_built") is None

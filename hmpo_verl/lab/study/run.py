@@ -168,6 +168,7 @@ def _run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: l
         lean.load_task(task, assets, base.max_response_length, moe=True)
     for kind, ws in sorted({(lean.REGIMES_BY_NAME[r.regime].model, r.warm_start) for r in todo}):
         warm_start_model(task, assets, kind, ws, log=print)  # every other warm start, built once, here
+    pin_inputs(out, run_inputs(runs, task, assets))
     with tqdm(total=len(runs) * steps, initial=(len(runs) - len(todo)) * steps, desc=label, unit="step",
               dynamic_ncols=True) as bar:
         if not todo:
@@ -295,3 +296,54 @@ def trainer_run(run: Run, task_name: str, assets_root: str | None, steps: int, s
             "loss_metrics_seen": sorted({k for r in records for k in r["data"] if k.startswith(("actor/pm/", "rollout_corr/"))})}
     result_path.write_text(json.dumps(data, indent=2))
     return data
+
+
+INPUTS = "inputs.json"
+
+
+def run_inputs(runs: list[Run], task: str, assets: str | None) -> dict[str, Path]:
+    """What ``runs`` read besides their settings: the task's prompts (``data/``: train and held-out parquet) and
+    each warm start's weights (``<kind>/ws<k>``: its model folder), by name."""
+    from hmpo_verl.lab.tasks.common import TaskPaths
+
+    inputs = {"data": TaskPaths(lean.asset_dirs(task, assets)["dense"]).root / "data"}
+    for kind, ws in sorted({(lean.REGIMES_BY_NAME[r.regime].model, r.warm_start) for r in runs}):
+        inputs[f"{kind}/ws{ws}"] = TaskPaths(warm_start_dir(task, assets, kind, ws)).model
+    return inputs
+
+
+def fingerprint(folder: Path) -> str | None:
+    """sha256 of what a folder's runs read: the content of its parquet tables (rows, not file bytes, which a
+    pyarrow version changes) and the bytes of its ``*.safetensors`` weights, in name order; None when it holds
+    neither (not built)."""
+    import hashlib
+
+    import pandas as pd
+
+    files = sorted([*folder.glob("*.parquet"), *folder.glob("*.safetensors")]) if folder.is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(pd.read_parquet(f).to_json(orient="records").encode() if f.suffix == ".parquet" else f.read_bytes())
+    return h.hexdigest()
+
+
+def pin_inputs(out: Path, inputs: dict[str, Path]) -> None:
+    """Each input's fingerprint, kept in ``<out>/inputs.json`` the first time it is seen: a later invocation on the
+    same ``out`` that would read another one (another ``--assets``, a warm start or the task rebuilt or edited)
+    stops loud, naming it, before any run: its runs would mix with runs made from the first. An input not built
+    yet is pinned when it is."""
+    path = out / INPUTS
+    pinned = json.loads(path.read_text()) if path.exists() else {}
+    now = {name: fp for name, folder in inputs.items() if (fp := fingerprint(folder))}
+    changed = [f"{name} ({inputs[name]})" for name in now if name in pinned and pinned[name] != now[name]]
+    if changed:
+        raise SystemExit(f"the runs in {out} were made from other inputs than these: {', '.join(changed)} differ from "
+                         f"the fingerprints in {path}. Point --assets at the folders the runs were made from, or "
+                         "--out at a new folder to start these inputs' runs apart")
+    if set(now) - set(pinned):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**pinned, **now}, indent=1, sort_keys=True))
+        tmp.replace(path)
