@@ -354,3 +354,24 @@ def test_v4_plateau_rule_gap_regime_and_questions():
     ids = [q.id for q in qs]
     assert "Q1/async_1" not in ids and "Q1/async_4" in ids and "Q2/bf16" in ids  # decided ones are not re-asked
     assert ids[-2:] == ["Q3", "Q6"] and qs[-1].regimes == ("moe32_top1",)
+
+
+def test_the_mechanism_figure_names_each_regime_once_apart_where_gaps_coincide():
+    """The first panel names every regime at its gap; names whose gaps nearly coincide (v3's async_1 0.0122 and
+    epochs_4 0.0125) are set apart, the others at their point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hmpo_verl.lab.study import report
+    pts = [{"regime": r, "vanilla_gap": g} for r, g in
+           (("bf16", 0.0003), ("async_0", 0.0017), ("async_1", 0.0122), ("epochs_4", 0.0125), ("async_4", 0.11))]
+    colors = {k: "k" for k in report.MECHANISMS.values()}
+    fig, ax = plt.subplots()
+    report._name_regimes(ax, pts, colors)
+    names = {t.get_text(): t for t in ax.texts}
+    assert sorted(names) == sorted(r["regime"] for r in pts)
+    assert [names[r].xyann[0] for r in ("bf16", "async_0", "async_1", "epochs_4", "async_4")] == [0, 0, 0, 8, 0]
+    assert names["async_4"].xy == (0.11, 0)
+    plt.close(fig)

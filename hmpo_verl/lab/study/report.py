@@ -243,10 +243,26 @@ def plot_rewards(curves_by_key: dict, regimes, methods, figures: Path, unit: str
     return save_figure(fig, figures / "reward.png", layout=False)
 
 
+def _name_regimes(ax, pts: list[dict], colors: dict) -> None:
+    """Each point's regime written upright at the foot of ``ax`` at its x (log gap); a name whose gap is within
+    3 % of the axis' log span from the one before is set 8 points further right (async_1 and epochs_4 share a gap)."""
+    logs = [math.log10(r["vanilla_gap"]) for r in pts if r["vanilla_gap"] > 0]
+    span = max(logs) - min(logs) if logs else 0.0
+    previous, shift = -math.inf, 0
+    for r in sorted((r for r in pts if r["vanilla_gap"] > 0), key=lambda r: r["vanilla_gap"]):
+        x = math.log10(r["vanilla_gap"])
+        shift = shift + 8 if x - previous < 0.03 * span else 0
+        previous = x
+        ax.annotate(r["regime"], (r["vanilla_gap"], 0), xycoords=("data", "axes fraction"), xytext=(shift, 3),
+                    textcoords="offset points", rotation=90, ha="center", va="bottom", fontsize=7,
+                    color=colors[MECHANISMS[r["regime"]]])
+
+
 def plot_mechanism(mech: list[dict], methods: list[str], figures: Path) -> Path:
     """Paired held-out difference from vanilla against vanilla's own measured update log_ah_gap: one panel
     per method (``methods``, vanilla excluded), one point per regime coloured by its mechanism
-    (``MECHANISMS``); only the async lags, one mechanism's series, are joined by a line."""
+    (``MECHANISMS``) and named in the first panel; only the async lags, one mechanism's series, are joined by a
+    line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,6 +287,8 @@ def plot_mechanism(mech: list[dict], methods: list[str], figures: Path) -> Path:
                         yerr=[[r["diff"] - r["lo"] for r in ps], [r["hi"] - r["diff"] for r in ps]],
                         marker="o", capsize=2, color=colors[kind], label=kind,
                         linestyle="-" if kind == "async staleness" else "none", linewidth=1.0)
+        if ax is axes.flat[0]:  # the regimes named once (a regime's x is the same in every panel)
+            _name_regimes(ax, pts, colors)
         ax.axhline(0, color="k", linewidth=0.8)
         ax.axhspan(-MARGIN, MARGIN, color="grey", alpha=0.12)
         ax.set_xscale("log")
@@ -290,7 +308,8 @@ def plot_mechanism(mech: list[dict], methods: list[str], figures: Path) -> Path:
     handles[f"±{MARGIN} (equivalence margin)"] = Patch(color="grey", alpha=0.25)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=9)
     fig.suptitle("difference from vanilla (paired, 95 % CI) against the regime's gap as vanilla measures it;\n"
-                 "one point per regime, coloured by mechanism (lines join the async lags only)", fontsize=10)
+                 "one point per regime (named in the first panel), coloured by mechanism (lines join the async lags only)",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save_figure(fig, figures / "mechanism.png", layout=False)
 
@@ -501,7 +520,7 @@ def write_docs(path: Path, ctx: dict) -> None:
         "## The mechanism",
         "",
         *([f"![mechanism]({rel(ctx['figures']['mechanism'])})", "",
-           "One panel per method; each point one regime, coloured by where its drift comes from: x = the update "
+           "One panel per method; each point one regime (named in the first panel), coloured by where its drift comes from: x = the update "
            "`log_ah_gap` of vanilla's own runs there (what a user measures at p = 1; log scale), y = the method's "
            "held-out final reward minus vanilla's, paired over the evaluation seeds, with the 95 % interval; the grey "
            "band is the equivalence margin. Only the async lags, one mechanism at four strengths, are joined by a "

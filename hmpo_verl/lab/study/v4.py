@@ -655,7 +655,7 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
         mech = report.plot_mechanism(analysis.mechanism(rows, evaluated, [m for m in methods if m != "vanilla"]),
                                      methods, figure.parent)
         lines += ["## The mechanism", "", f"![mechanism]({mech.parent.name}/{mech.name})", "",
-                  "One panel per method; each point one regime evaluated so far, coloured by where its drift comes "
+                  "One panel per method; each point one regime evaluated so far (named in the first panel), coloured by where its drift comes "
                   "from: x = vanilla's own update `log_ah_gap` there (log scale), y = the method's held-out final "
                   "reward minus vanilla's, paired over (warm start, seed) pairs, with the 95 % interval "
                   "(uncorrected); the grey band is the ±0.03 margin.", "",
