@@ -131,12 +131,9 @@ def _write_data(data_dir: Path, tuning_rows, eval_rows, eval_records, chosen, pr
 
     data_dir.mkdir(parents=True, exist_ok=True)
     if runs_too:
-        pd.DataFrame(tuning_rows + eval_rows).to_csv(data_dir / "runs.csv", index=False, float_format="%.6g")
-        steps = [{"regime": r["run"].regime, "method": r["run"].method, "lr": r["run"].lr, "seed": r["run"].seed, **m}
-                 for r in eval_records for m in r["metrics"]]
-        # mtime 0: the gzip header holds no timestamp, so equal data give an equal file (no churn in git)
-        pd.DataFrame(steps).to_csv(data_dir / "steps.csv.gz", index=False, float_format="%.6g",
-                                   compression={"method": "gzip", "mtime": 0})
+        report.save_run_tables(data_dir, tuning_rows + eval_rows,
+                               [{"regime": r["run"].regime, "method": r["run"].method, "lr": r["run"].lr,
+                                 "seed": r["run"].seed, **m} for r in eval_records for m in r["metrics"]])
     pd.DataFrame([{"regime": k[0], "method": k[1], "lr": v["lr"], "score": v["score"],
                    "largest_stable_lr": v["largest_stable_lr"],
                    **{f"score_lr{lr:g}": sc for lr, sc in v["scores"].items()}} for k, v in chosen.items()]

@@ -65,6 +65,17 @@ def save_figure(fig, path: Path, layout: bool = True) -> Path:
     return path
 
 
+def save_run_tables(data_dir: Path, runs: list[dict], steps: list[dict]) -> None:
+    """A report's run data: ``runs.csv`` (a row per run) and ``steps.csv.gz`` (a row per run and step), 6
+    significant digits; gzip's mtime 0, so equal data give an equal file (no churn in git)."""
+    import pandas as pd
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(runs).to_csv(data_dir / "runs.csv", index=False, float_format="%.6g")
+    pd.DataFrame(steps).to_csv(data_dir / "steps.csv.gz", index=False, float_format="%.6g",
+                               compression={"method": "gzip", "mtime": 0})
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -246,10 +257,10 @@ def plot_rewards(curves_by_key: dict, regimes, methods, figures: Path, unit: str
 def _name_regimes(ax, pts: list[dict], colors: dict) -> None:
     """Each point's regime written upright at the foot of ``ax`` at its x (log gap); a name whose gap is within
     3 % of the axis' log span from the one before is set 8 points further right (async_1 and epochs_4 share a gap)."""
-    logs = [math.log10(r["vanilla_gap"]) for r in pts if r["vanilla_gap"] > 0]
-    span = max(logs) - min(logs) if logs else 0.0
+    named = sorted((r for r in pts if r["vanilla_gap"] > 0), key=lambda r: r["vanilla_gap"])
+    span = math.log10(named[-1]["vanilla_gap"] / named[0]["vanilla_gap"]) if named else 0.0
     previous, shift = -math.inf, 0
-    for r in sorted((r for r in pts if r["vanilla_gap"] > 0), key=lambda r: r["vanilla_gap"]):
+    for r in named:
         x = math.log10(r["vanilla_gap"])
         shift = shift + 8 if x - previous < 0.03 * span else 0
         previous = x

@@ -166,7 +166,7 @@ def _run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: l
     moe = any(lean.REGIMES_BY_NAME[r.regime].model == "moe" for r in todo)
     if moe:  # build the MoE model once, before the workers need it
         lean.load_task(task, assets, base.max_response_length, moe=True)
-    for kind, ws in sorted({(lean.REGIMES_BY_NAME[r.regime].model, r.warm_start) for r in todo}):
+    for kind, ws in _models(todo):
         warm_start_model(task, assets, kind, ws, log=print)  # every other warm start, built once, here
     pin_inputs(out, run_inputs(runs, task, assets))
     with tqdm(total=len(runs) * steps, initial=(len(runs) - len(todo)) * steps, desc=label, unit="step",
@@ -307,9 +307,14 @@ def run_inputs(runs: list[Run], task: str, assets: str | None) -> dict[str, Path
     from hmpo_verl.lab.tasks.common import TaskPaths
 
     inputs = {"data": TaskPaths(lean.asset_dirs(task, assets)["dense"]).root / "data"}
-    for kind, ws in sorted({(lean.REGIMES_BY_NAME[r.regime].model, r.warm_start) for r in runs}):
+    for kind, ws in _models(runs):
         inputs[f"{kind}/ws{ws}"] = TaskPaths(warm_start_dir(task, assets, kind, ws)).model
     return inputs
+
+
+def _models(runs: list[Run]) -> list[tuple[str, int]]:
+    """The (model kind, warm start) pairs ``runs`` train, sorted."""
+    return sorted({(lean.REGIMES_BY_NAME[r.regime].model, r.warm_start) for r in runs})
 
 
 def fingerprint(folder: Path) -> str | None:

@@ -163,11 +163,8 @@ def write_data(data_dir: Path, pilot_records, tuning_rows: list[dict], eval_reco
     summary, warm start and seed: what the tuning, the tests and the tables are computed from), and
     ``steps.csv.gz``, the pilot's and the evaluation runs' per-step ``STEP_COLUMNS`` (step 0: the evaluation
     before the first update; what the run length rule, the reward figure and the plateau table read)."""
-    import pandas as pd
+    from hmpo_verl.lab.study import report
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(_rows(pilot_records) + tuning_rows + _rows(eval_records)).to_csv(
-        data_dir / "runs.csv", index=False, float_format="%.6g")
     steps = []
     for rec in [*pilot_records, *eval_records]:
         r = rec["run"]
@@ -176,8 +173,7 @@ def write_data(data_dir: Path, pilot_records, tuning_rows: list[dict], eval_reco
         steps.append({**key, "step": 0, **rec["first_eval"]})
         steps += [{**key, "step": i, **{c: m[c] for c in STEP_COLUMNS if c in m}}
                   for i, m in enumerate(rec["metrics"], 1)]
-    pd.DataFrame(steps).to_csv(data_dir / "steps.csv.gz", index=False, float_format="%.6g",
-                               compression={"method": "gzip", "mtime": 0})
+    report.save_run_tables(data_dir, _rows(pilot_records) + tuning_rows + _rows(eval_records), steps)
 
 
 @dataclass(frozen=True)
@@ -642,11 +638,12 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
               *report.settings_table(chosen, regimes, tuned),
               "", "## Every method against vanilla (exploratory: no correction for multiplicity)", "",
               *report.results_table(rows, comps, evaluated, methods, unit="pairs"), ""]
+    guide_body = report.guide_lines(comps, measured, decided) if comps else []
+
     def guide(link: str) -> list[str]:  # its source's link, relative to the file it is written in
         return [f"* From study v4 ([`docs/study.md`]({link})): regimes evaluated "
                 f"{evaluated_text(evaluated, regimes, finished)}; {steps}-step runs, (warm start, seed) pairs; by "
-                "vanilla's own gap.",
-                *report.guide_lines(comps, measured, decided)] if comps else []
+                "vanilla's own gap.", *guide_body] if comps else []
     if comps:
         lines += ["## The guide, from the regimes evaluated so far", "", *guide(docs.name), ""]
     if evaluated:
