@@ -350,10 +350,14 @@ def test_v4_plateau_rule_gap_regime_and_questions():
     assert v4.gap_regime([{"regime": "moe16_top1", "update/log_ah_gap": low},
                           {"regime": "moe32_top1", "update/log_ah_gap": high}]) == "moe32_top1"
     assert v4.gap_regime([{"regime": "moe16_top1", "update/log_ah_gap": low}]) is None
-    qs = v4.questions(list(plan.OFF_POLICY_REGIMES) + ["moe32_top1"], "moe32_top1")
+    qs = v4.questions(list(plan.OFF_POLICY_REGIMES) + ["moe32_top1"], "moe32_top1", plan_v4.METHODS)
     ids = [q.id for q in qs]
     assert "Q1/async_1" not in ids and "Q1/async_4" in ids and "Q2/bf16" in ids  # decided ones are not re-asked
     assert ids[-2:] == ["Q3", "Q6"] and qs[-1].regimes == ("moe32_top1",)
+    # a plan without gspo or a p-method cannot test Q2 or the trend: they are not asked (not held untestable)
+    fewer = [q.id for q in v4.questions(list(plan.OFF_POLICY_REGIMES) + ["moe32_top1"], "moe32_top1",
+                                        ("vanilla", "hmpo"))]
+    assert fewer == [i for i in ids if i.startswith(("Q1/", "Q6"))]
 
 
 def test_the_mechanism_figure_names_each_regime_once_apart_where_gaps_coincide():

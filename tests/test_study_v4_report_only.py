@@ -58,7 +58,7 @@ def study(tmp_path, no_builds):
             metrics = [{"eval_heldout": heldout, "eval_train": train, "reward": train, "non_finite": False,
                         "update/log_ah_gap": 0.02} for _ in range(steps)]
             rec = {"run": asdict(r), "task": "fibonacci", "steps": steps, "settings": run.run_settings(base, r),
-                   "wall_s": 1.0, "cpu_s": 1.0, "first_eval": {"eval_heldout": 0.4, "eval_train": 0.4},
+                   "definitions": run.run_definitions(r), "wall_s": 1.0, "cpu_s": 1.0, "first_eval": {"eval_heldout": 0.4, "eval_train": 0.4},
                    "metrics": metrics}
             path = r.path(out)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,8 @@ def test_pilot_incomplete_says_so_and_how_to_continue(study, capsys):
     text, printed = study.report(capsys)
     assert "pilot: 1 of 2 runs finished; no run length yet" in text
     assert "tuning" not in text and "## held-out" not in text
-    assert "continue with: python -m hmpo_verl.lab.study --v4 --out" in printed
+    assert (f"continue with: python -m hmpo_verl.lab.study --v4 --out {study.out} --assets {study.assets} "
+            f"--docs {study.docs}\n") in printed  # the same report: a resume without --docs would write docs/study.md
 
 
 def test_report_only_without_runs_stops_loud(tmp_path, no_builds):
@@ -112,8 +113,8 @@ def test_tuning_incomplete_chooses_nothing_and_counts(study, capsys):
     assert ("warm starts: 1 of 2 accepted for the models ['dense'], seeds [0]; warm start 1 of the dense model "
             "is not built") in text
     assert f"pilot: 2 of 2 runs finished; run length T = {T} steps" in text
-    assert (f"Command: `python -m hmpo_verl.lab.study --v4 --out {study.out} --assets {study.assets} --report-only "
-            f"--docs {study.docs}`. Versions: hmpo-verl ") in text and ", torch " in text
+    assert (f"Command: `python -m hmpo_verl.lab.study --v4 --out {study.out} --assets {study.assets} --docs "
+            f"{study.docs} --report-only`. Versions: hmpo-verl ") in text and ", torch " in text
     assert "tuning: 12 of 24 runs of the current grids finished; no setting chosen" in text
     assert "## held-out" not in text and "evaluation:" not in printed  # no evaluation run listed, none tested
 
@@ -176,7 +177,8 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     text = study.docs.read_text()
     assert labels == ["pilot", f"tuning {REGIME}", f"evaluation {REGIME}"]
     assert "Runs: 12 of 12 evaluation runs finished." in text and "not run yet" not in text
-    assert f"Command: `python -m hmpo_verl.lab.study --v4 --out {study.out} --assets {study.assets} --parallel " in text
+    assert (f"Command: `python -m hmpo_verl.lab.study --v4 --out {study.out} --assets {study.assets} --docs "
+            f"{study.docs} --parallel ") in text
     assert "| Q1/async_4 (hmpo − vanilla) | 6 | -0.025 [" in text
     # the exploratory table, the regimes' measured gaps, the figure and the plateau check come from the same runs
     assert "| async_4 | hmpo | 6 | 0.495 ± 0.011 | -0.025 [-0.031, -0.019] |" in text
@@ -216,7 +218,7 @@ def test_regimes_run_one_at_a_time_the_least_cpu_per_primary_first():
     p = v4.default_v4()
     pilot = v4.Pilot(20, 20, 150, True, ["async_0", "async_4", "moe_replay", "moe32_top1"], "moe32_top1",
                      {"async_0": 40.0, "async_4": 38.0, "moe_replay": 76.0, "moe32_top1": 72.0})
-    qs = [q for q in v4.questions(pilot.regimes, "moe32_top1") if q.kind != "trend"]
+    qs = [q for q in v4.questions(pilot.regimes, "moe32_top1", p.methods) if q.kind != "trend"]
 
     def cost(r):
         runs_ = (sum(len(v4.start_grid(p, r, m)) for m in p.methods) * len(p.tuning_seeds) * p.warm_starts
@@ -365,6 +367,7 @@ def test_readme_is_written_from_v4_only_once_every_regime_is_evaluated(study, mo
                         report.SCOPE_START, "v3 scope", report.SCOPE_END, "end"]) + "\n"
     readme.write_text(before)
     monkeypatch.setattr(run, "REPO_ROOT", tmp_path)
+    study.docs = tmp_path / "docs" / "study.md"  # the repository's report: the one --readme copies from
     argv = ["--v4", "--report-only", "--readme", "--out", str(study.out), "--assets", str(study.assets),
             "--docs", str(study.docs)]
     study.ws(0)
@@ -402,6 +405,9 @@ def test_readme_is_written_from_v4_only_once_every_regime_is_evaluated(study, mo
     (["--v4", "--report-only", "--from-data"], "--from-data"),
     (["--v4", "--confirm"], "--confirm"),
     (["--v4", "--preregister", "--docs", "x.md"], "--docs"),
+    (["--v4", "--steps", "30"], "--steps"),  # named at v3's default value: still ignored by v4, still refused
+    (["--v4", "--eval-seeds=12", "--confirm-seeds", "6"], "--eval-seeds --confirm-seeds"),
+    (["--v4", "--preregister", "--parallel", "2", "--task", "fibonacci"], "--parallel --task"),
 ])
 def test_v4_refuses_v3s_options_it_would_ignore(argv, named, capsys):
     """v4's plan is pre-registered: an option only v3 reads stops the command, naming it and what is allowed."""
@@ -479,3 +485,190 @@ def test_a_relaunch_on_other_inputs_stops_loud_before_any_run(study, tmp_path):
         relaunch()
     assert json.loads((study.out / run.INPUTS).read_text()) == pinned  # a refused relaunch changes nothing
     assert run.fingerprint(tmp_path / "not_built") is None
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--v4", "--quick", "--readme"], "--quick"),
+    (["--v4", "--readme", "--docs", "elsewhere.md"], "--docs elsewhere.md"),
+    (["--quick", "--readme"], "--quick"),
+    (["--from-data", "--readme", "--docs", "elsewhere.md"], "--docs elsewhere.md"),
+])
+def test_readme_is_written_only_from_the_repositorys_own_report(argv, named, tmp_path, no_builds):
+    """--readme copies the guide and scope of docs/study.md (v4) or docs/study_v3.md (v3) into the README, whose
+    guide links it: a smoke run's report or another file stops the command before anything is run or written."""
+    with pytest.raises(SystemExit, match=f"--readme is invalid with {named}: the README's guide and scope are copied "
+                                         "from \\(and link\\) the study's own report"):
+        cli.main([*argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_question_too_few_of_whose_pairs_are_finished_stays_in_the_holm_family_with_p_one():
+    """A regime whose evaluation has started but holds fewer than 2 pairs of a question: that question is not
+    reached (p = 1 in Holm's m), not dropped from the family, which would shrink m and the others' correction."""
+    from hmpo_verl.lab.study.plan import Question
+
+    qs = [Question("Qa", "paired", "hmpo", "vanilla", ("async_4",), ""),
+          Question("Qb", "paired", "hmpo", "vanilla", ("bf16",), "")]
+    rows = [{"regime": "async_4", "method": m, "seed": s, "final_heldout": 0.5 + 0.01 * s - 0.05 * (m == "hmpo")
+             + 0.002 * s * s * (m == "hmpo"), "update/log_ah_gap": 0.1} for m in ("hmpo", "vanilla") for s in range(6)]
+    one_pair = [{"regime": "bf16", "method": m, "seed": 0, "final_heldout": 0.4, "update/log_ah_gap": 0.1}
+                for m in ("hmpo", "vanilla")]
+    unreached = analysis.primaries(qs, rows, {}, unreached=frozenset({"Qb"}))
+    for extra in ([], one_pair[:1], one_pair):  # no run, one run, one whole pair of bf16
+        both = analysis.primaries(qs, rows + extra, {})
+        assert both[1]["verdict"] == "not reached" and both[1]["p"] == 1.0 and both[1]["p_tost"] == 1.0
+        assert both[0]["p_holm"] == unreached[0]["p_holm"] and both[0]["verdict"] == unreached[0]["verdict"]
+
+
+def test_a_record_made_by_another_regime_or_method_definition_runs_again_and_says_so(study, monkeypatch, capsys):
+    """What the lean loop reads of the regime and the method is in each record: a relaunch after either changed
+    in the code (here: async_4's lag, hmpo's clip) runs the run again, saying which field; a record written before
+    definitions were stored runs again too; the report's text (a note) is not part of it."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(run, "warm_start_model", lambda *a, **k: None)
+    base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length("fibonacci"),
+                             eval_prompts=PLAN.eval_prompts)
+    r = Run("tune", REGIME, "hmpo", 3e-4, 1001)
+    study.record(r, T)
+    monkeypatch.setitem(lean.REGIMES_BY_NAME, REGIME, replace(lean.REGIMES_BY_NAME[REGIME], note="reworded"))
+    assert run.record_mismatch(r, study.out, "fibonacci", T, base) is None
+    monkeypatch.setitem(lean.REGIMES_BY_NAME, REGIME, replace(lean.REGIMES_BY_NAME[REGIME], lag=3))
+    assert run.record_mismatch(r, study.out, "fibonacci", T, base) == "regime async_4's lag 4 (now 3)"
+    monkeypatch.undo()
+    monkeypatch.setattr(run, "warm_start_model", lambda *a, **k: None)
+    monkeypatch.setitem(lean.METHODS_BY_NAME, "hmpo", replace(lean.METHODS_BY_NAME["hmpo"],
+                                                              actor=(("clip_ratio", 0.3),)))
+    assert run.record_mismatch(r, study.out, "fibonacci", T, base) == "method hmpo's actor [] (now [['clip_ratio', 0.3]])"
+    executed = []
+    monkeypatch.setattr(run, "execute", lambda r, *a: executed.append(r))
+    RUN_ALL([r], "fibonacci", str(study.assets), T, base, study.out, 1, "tuning")
+    assert executed == [r] and "method hmpo's actor [] (now [['clip_ratio', 0.3]])); they run again" in capsys.readouterr().out
+    monkeypatch.undo()
+    record = json.loads(r.path(study.out).read_text())
+    del record["definitions"]
+    r.path(study.out).write_text(json.dumps(record))
+    assert run.record_mismatch(r, study.out, "fibonacci", T, base) == (
+        "no regime or method definitions (a record from before they were stored)")
+
+
+def test_report_only_stops_loud_on_records_made_with_other_settings_or_inputs(study, capsys):
+    """--report-only would count a record made with other settings as not run (a quick run's folder reported
+    without --quick, say): it stops naming the first; inputs other than the runs' pinned ones stop it too."""
+    study.ws(0)
+    study.ws(1)
+    study.pilot()
+    kept = Run("pilot", REGIME, "vanilla", v4.v3_vanilla_lr(REGIME), SEEDS[0])
+    record = json.loads(kept.path(study.out).read_text())
+    record["steps"] = 10
+    kept.path(study.out).write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=r"--report-only: pilot: 1 of 2 records in .* were made with other settings "
+                                         r"\(e.g. runs/pilot/async_4/vanilla/.*: steps 10 \(now 20\)\); this report would "
+                                         "count them as not run"):
+        study.report(capsys)
+    study.pilot()
+    (study.out / run.INPUTS).write_text(json.dumps({"dense/ws1": "another"}))
+    model = run.warm_start_dir("fibonacci", str(study.assets), "dense", 1) / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    study.tuning({"vanilla": 3e-4, "hmpo": 3e-4})
+    with pytest.raises(SystemExit, match=r"made from other inputs than these: dense/ws1"):
+        study.report(capsys)
+    assert json.loads((study.out / run.INPUTS).read_text()) == {"dense/ws1": "another"}  # nothing pinned
+
+
+def test_a_failed_run_cancels_the_queued_ones_and_is_raised_at_once():
+    """run.wait_for (the pool's loop): the first run's error is raised while the others still queue, and they never
+    start (not after every queued run has finished)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    started, release = [], threading.Event()
+
+    def job(i):
+        started.append(i)
+        if i == 0:
+            raise RuntimeError("run 0 failed")
+        release.wait(5)
+
+    class Bar:
+        def update(self, _):
+            pass
+
+        def set_postfix_str(self, _):
+            pass
+
+    class Queue:
+        def empty(self):
+            return True
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = {pool.submit(job, i): Run("tune", REGIME, "vanilla", 3e-4, 1000 + i) for i in range(6)}
+        with pytest.raises(RuntimeError, match="run 0 failed"):
+            run.wait_for(futures, Queue(), Bar())
+        release.set()
+    assert started == [0] and sum(f.cancelled() for f in futures) == 5
+
+
+def test_the_execution_order_is_fixed_once_computed(tmp_path):
+    """The order goes to <out>/order.json the first time (not under --report-only); the same order passes, another
+    (the pilot's records changed) stops naming both and how to go on."""
+    v4.pin_order(tmp_path, ["async_0", "async_4"], write=False)
+    assert not (tmp_path / v4.ORDER).exists()
+    v4.pin_order(tmp_path, ["async_0", "async_4"], write=True)
+    v4.pin_order(tmp_path, ["async_0", "async_4"], write=True)
+    with pytest.raises(SystemExit, match=r"fixed as async_0, async_4 \(.*order.json\); the pilot's records now give "
+                                         r"async_4, async_0 \(a pilot run made again\?\)\. Restore .* or delete"):
+        v4.pin_order(tmp_path, ["async_4", "async_0"], write=False)
+    assert json.loads((tmp_path / v4.ORDER).read_text()) == ["async_0", "async_4"]
+
+
+def test_assets_a_studys_runs_were_made_from_are_not_rebuilt_under_them(tmp_path):
+    """A built folder whose spec differs from the code's is rebuilt, except under run.keep_built of an --out that
+    holds runs (inputs pinned): there it stops loud and the folder stays as it was."""
+    from dataclasses import dataclass
+
+    from hmpo_verl.lab.tasks import common
+    from hmpo_verl.lab.tasks.common import TaskPaths
+
+    @dataclass
+    class Spec:
+        seed: int
+
+    root, out = tmp_path / "assets", tmp_path / "out"
+    built = []
+
+    def build(paths):
+        built.append(1)
+        return {"greedy_accuracy": 1.0}
+
+    common.prepare("toy", root, Spec(0), build, log=None)
+    out.mkdir()
+    with run.keep_built(out):  # no runs pinned yet: a changed spec rebuilds, as outside a study
+        common.prepare("toy", root, Spec(1), build, log=None)
+    assert len(built) == 2
+    (out / run.INPUTS).write_text("{}")
+    with run.keep_built(out), pytest.raises(SystemExit, match=r"toy task: the assets in .*assets were built from "
+                                                             r"another spec than the code's .*; the runs in .*out were "
+                                                             "made from them"):
+        common.prepare("toy", root, Spec(2), build, log=None)
+    assert len(built) == 2 and json.loads(TaskPaths(root).spec.read_text()) == {"seed": 1}
+    common.prepare("toy", root, Spec(2), build, log=None)  # outside the study: rebuilt as before
+    assert len(built) == 3
+
+
+def test_the_out_lock_is_reentrant_and_held_across_v4s_stages(tmp_path, monkeypatch):
+    """v4.main holds the lock over every stage (a second process cannot take it between two), and run_all inside
+    takes it again in the same process."""
+    out = tmp_path / "runs"
+    seen = []
+
+    def stages(args, log, out_, docs):
+        with run.out_lock(out_):  # as run_all does inside: the same process passes
+            seen.append(out_.resolve() in run._LOCKED)
+        seen.append(out_.resolve() in run._LOCKED)  # still held between two stages
+        return 0
+
+    monkeypatch.setattr(v4, "stages", stages)
+    assert cli.main(["--v4", "--out", str(out), "--docs", str(tmp_path / "r.md")]) == 0
+    assert seen == [True, True] and out.resolve() not in run._LOCKED

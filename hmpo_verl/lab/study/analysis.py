@@ -143,7 +143,8 @@ def primaries(questions: list[Question], rows: list[dict], chosen: dict, gaps: d
     TOST p-values as two families), with its verdict. ``gaps``: the regime gaps of the trend question
     (default ``regime_gaps(rows)``, v3's: every method's runs). ``unreached``: the ids of questions whose
     runs a partial study has not finished: they stay in both families with p = 1 (so the others' Holm
-    correction is the pre-registered family's) and their verdict is "not reached"."""
+    correction is the pre-registered family's) and their verdict is "not reached"; so does a question too few
+    of whose runs are finished to be tested (fewer than 2 pairs; the trend: fewer than 3 regimes)."""
     out = []
     gaps = regime_gaps(rows) if gaps is None else gaps
     for q in questions:
@@ -162,6 +163,7 @@ def primaries(questions: list[Question], rows: list[dict], chosen: dict, gaps: d
         out.append({"id": q.id, "kind": q.kind, **(paired_test(d) if len(d) >= 2 else
                                                    {"n": len(d), "diff": math.nan, "lo": math.nan, "hi": math.nan,
                                                     "sd": math.nan, "p": math.nan, "p_tost": math.nan, "mde": math.nan})})
+    unreached = unreached | {row["id"] for row in out if math.isnan(row["p"])}
     for row in out:
         if row["id"] in unreached:
             row.update({k: math.nan for k in row if k not in ("id", "kind", "n", "regimes")}, p=1.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -63,10 +64,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if args.v4:  # v4's plan is fixed in plan_v4.py: v3's knobs would be ignored, so they are refused
-        given = [flag(n) for n in V3_ONLY if getattr(args, n) != parser.get_default(n)]
+        named = _named(parser, argv)
+        given = [flag(n) for n in V3_ONLY if n in named]
         if args.preregister:
-            given += [flag(n) for n in ("quick", "report_only", "readme", "out", "assets", "docs")
-                      if getattr(args, n) != parser.get_default(n)]
+            given += [flag(n) for n in ("quick", "report_only", "readme", "out", "assets", "docs", "parallel", "task")
+                      if n in named]
         if given:
             parser.error(f"--v4{' --preregister' if args.preregister else ''} with {' '.join(given)} is invalid: v4's "
                          "plan is pre-registered in plan_v4.py; allowed with --v4: " +
@@ -88,6 +90,14 @@ def parse_args(argv=None):
     if args.steps < analysis.FINAL_WINDOW:
         parser.error(f"--steps={args.steps} is invalid; allowed: >= {analysis.FINAL_WINDOW} (the final reward's window)")
     return args
+
+
+def _named(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The options named on the command line, whatever their value (``--steps 30`` is named at its default too)."""
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
 
 
 def _invocations(out: Path, data_dir: Path, argv: list[str]) -> list[str]:
@@ -207,6 +217,8 @@ def main(argv=None) -> int:
     docs = Path(args.docs) if args.docs else (out / "study.md" if args.quick else plan.REPORT)
     data_dir, figures = docs.parent / f"{docs.stem}_data", docs.parent / f"{docs.stem}_figures"
     log = lambda *a: print(*a, flush=True)  # noqa: E731
+    if not args.v4:
+        report.check_readme_source(args.readme, args.quick, docs, plan.REPORT)
     if args.v4 and args.preregister:
         path = REPO_ROOT / "docs" / "study_v4_plan.md"
         path.write_text(plan_v4.preregistration_text() + plan_v4.MOVED_NOTE)
@@ -216,7 +228,8 @@ def main(argv=None) -> int:
         from hmpo_verl.lab.study import v4
 
         return v4.main(args, log)
-    task = lean.load_task(args.task, args.assets, log=log)
+    with run.keep_built(out):
+        task = lean.load_task(args.task, args.assets, log=log)
     if args.preregister:
         report.write_docs(docs, report.empty_context(the_plan, args, task))
         log(f"wrote {docs}")

@@ -427,6 +427,15 @@ def apmpo_lines(power: list[float]) -> list[str]:
             "means and never came near the harmonic one."]
 
 
+def check_readme_source(readme: bool, quick: bool, docs: Path, default: Path) -> None:
+    """--readme copies the guide and scope of the repository's own report (``default``) into the README, whose
+    guide links it: stops, before any run, when the report is a smoke run's (``quick``) or another file (``docs``)."""
+    if readme and (quick or docs.resolve() != default.resolve()):
+        raise SystemExit(f"--readme is invalid with {'--quick' if quick else f'--docs {docs}'}: the README's guide and "
+                         f"scope are copied from (and link) the study's own report, {default}; allowed: --readme "
+                         "without --quick and with --docs absent or that path")
+
+
 def update_readme(readme: Path, block: list[str], start: str = GUIDE_START, end: str = GUIDE_END) -> bool:
     """Replace the README's generated block between ``start`` and ``end`` (the guide's markers by default);
     False if the markers are absent."""

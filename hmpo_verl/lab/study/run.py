@@ -29,6 +29,16 @@ def run_settings(base: lean.LoopSettings, run: Run) -> dict:
     return asdict(replace(base, lr=run.lr))
 
 
+def run_definitions(run: Run) -> dict:
+    """What the lean loop reads of the run's regime and method (``lean.REGIMES_BY_NAME``, ``METHODS_BY_NAME``), as
+    stored in its record: their fields but the report's text (``note``) and the verl trainer's overrides, which the
+    loop does not read (in JSON's types, as read back from a record)."""
+    def fields(obj) -> dict:
+        return {k: v for k, v in asdict(obj).items() if k not in ("name", "note", "trainer_overrides")}
+    return json.loads(json.dumps({"regime": fields(lean.REGIMES_BY_NAME[run.regime]),
+                                  "method": fields(lean.METHODS_BY_NAME[run.method])}))
+
+
 def warm_start_model(task_name: str, assets: str | None, kind: str, warm_start: int, log=None) -> str:
     """The path of warm start ``warm_start`` of the ``kind`` model (lean.Regime.model: ``dense``, ``moe``,
     or a v4 gap model of ``moe.GAP_SPECS``), built once: warm start 0 of ``dense`` / ``moe`` is the task's own
@@ -89,7 +99,7 @@ def execute(run: Run, task_name: str, assets: str | None, steps: int, base: lean
     result = lean.train(task, lean.METHODS_BY_NAME[run.method], lean.REGIMES_BY_NAME[run.regime], run.seed, steps,
                         lean.LoopSettings(**settings), progress=(lambda s: queue.put(1)) if queue else None)
     record = {"run": asdict(run), "task": task_name, "steps": steps, "settings": settings,
-              "wall_s": time.time() - start, "cpu_s": time.process_time() - cpu,
+              "definitions": run_definitions(run), "wall_s": time.time() - start, "cpu_s": time.process_time() - cpu,
               "first_eval": result.first_eval, "metrics": result.steps}
     path = run.path(Path(out))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +110,8 @@ def execute(run: Run, task_name: str, assets: str | None, steps: int, base: lean
 
 def record_mismatch(run: Run, out: Path, task: str, steps: int, base: lean.LoopSettings) -> str | None:
     """Why the record at ``run.path(out)`` is not this run's: "no record", or the first field that differs
-    (``task``, ``steps`` or a setting of :func:`run_settings`, with both values); None when it is."""
+    (``task``, ``steps``, a setting of :func:`run_settings`, or a field of the regime's or the method's
+    :func:`run_definitions`, with both values); None when it is."""
     path = run.path(out)
     if not path.exists():
         return "no record"
@@ -113,6 +124,13 @@ def record_mismatch(run: Run, out: Path, task: str, steps: int, base: lean.LoopS
     for key in sorted(set(old) | set(new)):
         if old.get(key, "absent") != new.get(key, "absent"):
             return f"setting {key} {old.get(key, 'absent')!r} (now {new.get(key, 'absent')!r})"
+    if "definitions" not in data:
+        return "no regime or method definitions (a record from before they were stored)"
+    for part, name in (("regime", run.regime), ("method", run.method)):
+        old, new = data["definitions"].get(part) or {}, run_definitions(run)[part]
+        for key in sorted(set(old) | set(new)):
+            if old.get(key, "absent") != new.get(key, "absent"):
+                return f"{part} {name}'s {key} {old.get(key, 'absent')!r} (now {new.get(key, 'absent')!r})"
     return None
 
 
@@ -128,10 +146,17 @@ def run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: le
         _run_all(runs, task, assets, steps, base, out, parallel, label)
 
 
+_LOCKED: set[Path] = set()  # the folders this process holds out_lock on
+
+
 @contextlib.contextmanager
 def out_lock(out: Path):
     """Held while runs are written to ``out``: a second study process on the same folder (its runs would race the
-    first's on the same files) stops loud, naming the holder's pid, instead of running beside it."""
+    first's on the same files) stops loud, naming the holder's pid, instead of running beside it. Reentrant: v4
+    holds it over all its stages, so a second process cannot take it between two of them."""
+    if out.resolve() in _LOCKED:
+        yield
+        return
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a+") as f:
         try:
@@ -144,9 +169,11 @@ def out_lock(out: Path):
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
+        _LOCKED.add(out.resolve())
         try:
             yield
         finally:
+            _LOCKED.discard(out.resolve())
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -164,10 +191,11 @@ def _run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: l
               f"(e.g. {replaced[0].path(out).relative_to(out)}: {why[replaced[0]]}); they run again and their records are "
               "replaced. To keep them, point --out at another folder.", flush=True)
     moe = any(lean.REGIMES_BY_NAME[r.regime].model == "moe" for r in todo)
-    if moe:  # build the MoE model once, before the workers need it
-        lean.load_task(task, assets, base.max_response_length, moe=True)
-    for kind, ws in _models(todo):
-        warm_start_model(task, assets, kind, ws, log=print)  # every other warm start, built once, here
+    with keep_built(out):
+        if moe:  # build the MoE model once, before the workers need it
+            lean.load_task(task, assets, base.max_response_length, moe=True)
+        for kind, ws in _models(todo):
+            warm_start_model(task, assets, kind, ws, log=print)  # every other warm start, built once, here
     pin_inputs(out, run_inputs(runs, task, assets))
     with tqdm(total=len(runs) * steps, initial=(len(runs) - len(todo)) * steps, desc=label, unit="step",
               dynamic_ncols=True) as bar:
@@ -182,21 +210,31 @@ def _run_all(runs: list[Run], task: str, assets: str | None, steps: int, base: l
         with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
             queue = manager.Queue()
             futures = {pool.submit(execute, r, task, assets, steps, base, str(out), queue, moe): r for r in todo}
-            pending = set(futures)
-            while pending:
-                while not queue.empty():
-                    queue.get()
-                    bar.update(1)
-                finished = {f for f in pending if f.done()}
-                for f in finished:
-                    run = futures[f]
-                    f.result()  # re-raise a worker's error
-                    bar.set_postfix_str(f"{run.phase}/{run.regime}/{run.method}/lr{run.lr:g}/seed{run.seed}")
-                pending -= finished
-                time.sleep(0.5)
-            while not queue.empty():
-                queue.get()
-                bar.update(1)
+            wait_for(futures, queue, bar)
+
+
+def wait_for(futures: dict, queue, bar) -> None:
+    """Advance ``bar`` by the workers' ``queue`` until every future of ``futures`` (future -> Run) is done; a run
+    that fails cancels the runs not started yet and its error is raised at once (the one running beside it
+    finishes as the pool shuts down), not after every queued run."""
+    pending = set(futures)
+    while pending:
+        while not queue.empty():
+            queue.get()
+            bar.update(1)
+        finished = {f for f in pending if f.done()}
+        for f in finished:
+            run = futures[f]
+            if f.exception() is not None:
+                for other in pending:
+                    other.cancel()
+                raise f.exception()
+            bar.set_postfix_str(f"{run.phase}/{run.regime}/{run.method}/lr{run.lr:g}/seed{run.seed}")
+        pending -= finished
+        time.sleep(0.5)
+    while not queue.empty():
+        queue.get()
+        bar.update(1)
 
 
 class _BarQueue:
@@ -335,11 +373,30 @@ def fingerprint(folder: Path) -> str | None:
     return h.hexdigest()
 
 
-def pin_inputs(out: Path, inputs: dict[str, Path]) -> None:
+@contextlib.contextmanager
+def keep_built(out: Path):
+    """While it is held, and ``out`` holds runs (its inputs are pinned), a task asset or warm start already built
+    is not rebuilt because the code's spec changed: that stops loud (the runs in ``out`` were made from it, and
+    :func:`pin_inputs` could then only say so after it was gone)."""
+    from hmpo_verl.lab.tasks import common
+
+    if not (out / INPUTS).exists():
+        yield
+        return
+    token = common.KEEP_BUILT.set(f"the runs in {out} were made from them ({out / INPUTS}), so they are not rebuilt "
+                                  "under those runs. Restore the spec they were built with, or point --out (and "
+                                  "--assets) at new folders to build these and start their runs apart")
+    try:
+        yield
+    finally:
+        common.KEEP_BUILT.reset(token)
+
+
+def pin_inputs(out: Path, inputs: dict[str, Path], write: bool = True) -> None:
     """Each input's fingerprint, kept in ``<out>/inputs.json`` the first time it is seen: a later invocation on the
     same ``out`` that would read another one (another ``--assets``, a warm start or the task rebuilt or edited)
     stops loud, naming it, before any run: its runs would mix with runs made from the first. An input not built
-    yet is pinned when it is."""
+    yet is pinned when it is; ``write`` False (--report-only): checked, nothing pinned."""
     path = out / INPUTS
     pinned = json.loads(path.read_text()) if path.exists() else {}
     now = {name: fp for name, folder in inputs.items() if (fp := fingerprint(folder))}
@@ -348,7 +405,7 @@ def pin_inputs(out: Path, inputs: dict[str, Path]) -> None:
         raise SystemExit(f"the runs in {out} were made from other inputs than these: {', '.join(changed)} differ from "
                          f"the fingerprints in {path}. Point --assets at the folders the runs were made from, or "
                          "--out at a new folder to start these inputs' runs apart")
-    if set(now) - set(pinned):
+    if write and set(now) - set(pinned):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**pinned, **now}, indent=1, sort_keys=True))
         tmp.replace(path)

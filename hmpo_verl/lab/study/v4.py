@@ -88,14 +88,16 @@ def gap_regime(pilot_rows: list[dict]) -> str | None:
     return None
 
 
-def questions(regimes: list[str], gap: str | None) -> list[Question]:
-    """v4's primaries: v3's undecided ones whose regimes run here (Q3 over ``regimes``), and Q6 in ``gap``."""
+def questions(regimes: list[str], gap: str | None, methods) -> list[Question]:
+    """v4's primaries: v3's undecided ones whose regimes and ``methods`` run here (Q3 over ``regimes``), and Q6 in
+    ``gap`` (a question whose methods the plan lacks could never be tested: it is not asked)."""
     und = {r["id"] for r in plan_v4.undecided(plan_v4.v3_primaries())}
-    qs = [q for q in plan.primary_questions() if q.id in und and q.kind != "trend" and set(q.regimes) <= set(regimes)]
+    qs = [q for q in plan.primary_questions() if q.id in und and q.kind != "trend" and set(q.regimes) <= set(regimes)
+          and {q.a, q.b} <= set(methods)]
     trend = [r for r in regimes if r != gap]
-    if "Q3" in und and len(trend) >= 3:
+    if "Q3" in und and len(trend) >= 3 and set(plan.P_METHODS) <= set(methods):
         qs.append(Question("Q3", "trend", "", "", tuple(regimes), "as v3's Q3, with vanilla's own gap"))
-    if gap:
+    if gap and {"hmpo", "vanilla"} <= set(methods):
         qs.append(Question("Q6", "paired", "hmpo", "vanilla", (gap,), f"In `{gap}`, hmpo vs vanilla"))
     return qs
 
@@ -159,7 +161,8 @@ STEP_COLUMNS = ("reward", "eval_heldout", "eval_train", "update/log_ah_gap", "mi
 
 
 def write_data(data_dir: Path, pilot_records, tuning_rows: list[dict], eval_records: list[dict]) -> None:
-    """The report's data beside it: ``runs.csv``, a row per finished pilot, tuning and evaluation run (its
+    """The report's data beside it: ``runs.csv``, a row per finished pilot run, tuning run (``tuning_rows``: of the
+    regimes whose tuning is complete) and evaluation run (its
     summary, warm start and seed: what the tuning, the tests and the tables are computed from), and
     ``steps.csv.gz``, the pilot's and the evaluation runs' per-step ``STEP_COLUMNS`` (step 0: the evaluation
     before the first update; what the run length rule, the reward figure and the plateau table read)."""
@@ -194,8 +197,19 @@ class Runs:
         return run.load_records(runs, self.out, self.task, steps, self.base)
 
 
-def no_runs(*_) -> None:
-    """The runner of --report-only: starts nothing."""
+def no_runs(runs: list[Run], task: str, assets: str | None, steps: int, base: lean.LoopSettings, out: Path,
+            parallel: int, label: str) -> None:
+    """The runner of --report-only: starts nothing, and stops loud where its report would be silently wrong: a
+    record made with other settings (the report would count it as not run; the running path runs it again, said)
+    or runs made from other inputs than these (:func:`run.pin_inputs`, checked, nothing pinned)."""
+    other = [(r, why) for r in runs if (why := run.record_mismatch(r, out, task, steps, base)) not in (None, "no record")]
+    if other:
+        r, why = other[0]
+        raise SystemExit(f"--report-only: {label}: {len(other)} of {len(runs)} records in {out} were made with other "
+                         f"settings (e.g. {r.path(out).relative_to(out)}: {why}); this report would count them as not "
+                         "run. Report with the options they were made with (--quick, --task, --assets, the code), or "
+                         "run without --report-only: it runs them again and replaces their records")
+    run.pin_inputs(out, run.run_inputs(runs, task, assets), write=False)
 
 
 @dataclass(frozen=True)
@@ -333,33 +347,65 @@ def regime_order(p: V4Plan, pilot: Pilot) -> list[str]:
     that runs out has then answered as many primaries as the CPU time spent allows (a regime-major order would
     leave every question open until the last regime)."""
     gap = pilot.gap_note if pilot.gap_note in pilot.regimes else None
-    qs = [q for q in questions(pilot.regimes, gap) if q.kind != "trend"]
+    qs = [q for q in questions(pilot.regimes, gap, p.methods) if q.kind != "trend"]
     return sorted(pilot.regimes, key=lambda r: (regime_cpu_s(p, pilot, r) / max(1, sum(r in q.regimes for q in qs)), r))
 
 
+ORDER = "order.json"
+
+
+def pin_order(out: Path, order: list[str], write: bool) -> None:
+    """The execution order, kept in ``<out>/order.json`` when first computed (``write``): one computed later from
+    other pilot records (a pilot run made again) stops loud: the study would switch regimes mid-way and its report
+    call finished ones not started."""
+    import json
+
+    path = out / ORDER
+    if path.exists():
+        fixed = json.loads(path.read_text())
+        if fixed != order:
+            raise SystemExit(f"the execution order of the runs in {out} was fixed as {', '.join(fixed)} ({path}); the "
+                             f"pilot's records now give {', '.join(order)} (a pilot run made again?). Restore the pilot "
+                             f"records it came from, or delete {path} to take the new order (the finished runs are kept "
+                             "and reused)")
+    elif write:
+        path.write_text(json.dumps(order) + "\n")
+
+
 def main(args, log) -> int:
-    """The v4 study: every stage from the records in ``--out``, running what is missing first; with
-    --report-only nothing is run or built and the report says how far the records reach."""
-    p = quick_v4() if args.quick else default_v4()
+    """The v4 study: every stage from the records in ``--out``, running what is missing first (``--out`` locked over
+    every stage: :func:`run.out_lock`); with --report-only nothing is run or built and the report says how far the
+    records reach."""
+    from hmpo_verl.lab.study import report
+
     out = Path(args.out or Path(run.REPO_ROOT) / "outputs" / ("study_v4_quick" if args.quick else "study_v4"))
     docs = Path(args.docs) if args.docs else (out / "study_v4.md" if args.quick else run.REPO_ROOT / "docs" / "study.md")
+    report.check_readme_source(args.readme, args.quick, docs, run.REPO_ROOT / "docs" / "study.md")
+    if args.task != "fibonacci":
+        raise SystemExit(f"--v4 --task {args.task}: v4's warm starts are built for the fibonacci task only; "
+                         "allowed: --task fibonacci")
+    if args.report_only:
+        return stages(args, log, out, docs)
+    with run.out_lock(out):
+        return stages(args, log, out, docs)
+
+
+def stages(args, log, out: Path, docs: Path) -> int:
+    """:func:`main`'s work: the stages in order, each from the records in ``out``, then the report ``docs``."""
+    p = quick_v4() if args.quick else default_v4()
     report_only = args.report_only
     for line in estimate_lines(p):
         log(line)
-    if args.task != "fibonacci" and p.warm_starts > 1:
-        raise SystemExit(f"--v4 --task {args.task}: v4's warm starts are built for the fibonacci task only; "
-                         "allowed: --task fibonacci")
     resume = " ".join(["python -m hmpo_verl.lab.study --v4", *(["--quick"] if args.quick else []), f"--out {out}",
-                       *([f"--assets {args.assets}"] if args.assets else [])])
-    command = " ".join([resume, "--report-only" if report_only else f"--parallel {args.parallel}",
-                        *([f"--docs {args.docs}"] if args.docs else [])])
+                       *([f"--assets {args.assets}"] if args.assets else []), *([f"--docs {args.docs}"] if args.docs else [])])
+    command = " ".join([resume, "--report-only" if report_only else f"--parallel {args.parallel}"])
     provenance = provenance_line(command)
     if report_only and not (out / "runs").is_dir():
         raise SystemExit(f"--report-only: {out} holds no v4 runs (no {out / 'runs'}); point --out at the runs' "
                          f"folder, or start them: {resume}")
     if not report_only:
-        lean.load_task(args.task, args.assets, log=log)  # the task's assets, built once before the workers
-        out.mkdir(parents=True, exist_ok=True)
+        with run.keep_built(out):
+            lean.load_task(args.task, args.assets, log=log)  # the task's assets, built once before the workers
     base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length(args.task), eval_prompts=p.eval_prompts)
     runs = Runs(args.task, args.assets, base, out, args.parallel, no_runs if report_only else run.run_all)
     pilot = pilot_stage(p, runs)  # on warm start 0, as the plan fixes, whatever its fit
@@ -381,8 +427,9 @@ def main(args, log) -> int:
         return progress_only()
     # the warm starts: every model of the regimes the pilot kept (the gap regime's, not the ladder's first)
     kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in pilot.regimes})
-    seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log,
-                                               build=not report_only)
+    with run.keep_built(out):
+        seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log,
+                                                   build=not report_only)
     say(f"warm starts: {len(seeds_ws)} of {p.warm_starts} accepted for the models {kinds}, seeds {seeds_ws}" +
         (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
         (" (the smoke run skips the acceptance rule)" if args.quick else ""))
@@ -390,6 +437,7 @@ def main(args, log) -> int:
         say("the pilot ran on warm start 0, as the plan fixes, which the acceptance rule rejects for these models: "
             "the run length and the gap regime come from that fit")
     order = regime_order(p, pilot)
+    pin_order(out, order, write=not report_only)
     planned = sum(regime_pairs(p, r) * len(p.methods) for r in order)
     say("execution order (one regime at a time, tuned then evaluated; the least CPU time per primary first): " +
         ", ".join(f"{r} ({regime_cpu_s(p, pilot, r) / 3600:.1f})" for r in order) +
@@ -508,6 +556,7 @@ def scope_lines(facts: dict, steps: int, steps_note: str, curves_by_key: dict, c
     rising = analysis.still_rising(curves_)
     edges = analysis.grid_edges(chosen)
     at_edge = [f"`{m}` in `{r}` ({which})" for which in ("smallest", "largest") for r, m in edges[which]]
+    tuned = len({r for r, _ in chosen})
     paired = [r for r in primary if r["kind"] == "paired" and math.isfinite(r.get("mde", math.nan))]
     wide = [r for r in paired if r["mde"] > plan_v4.MDE_TARGET]
     prompts = facts["prompts"]
@@ -524,7 +573,9 @@ def scope_lines(facts: dict, steps: int, steps_note: str, curves_by_key: dict, c
         f"Runs are {steps} steps long ({steps_note}); at the last step {rising} of {len(curves_)} "
         f"evaluation runs ({rising / max(len(curves_), 1):.0%}) still rise (least-squares slope of held-out reward "
         f"over the last {analysis.RISING_WINDOW} steps > 0; a run at a plateau does so by noise about half the time). "
-        "Settings at a grid's edge after the edge rule (the ladder's end): " + (", ".join(at_edge) or "none") + ". "
+        "Settings at a grid's edge after the edge rule (the ladder's end)" +
+        (f", in the {tuned} of {len(regimes)} regimes tuned so far" if tuned < len(regimes) else "") + ": " +
+        (", ".join(at_edge) or "none") + ". "
         f"The MDE exceeds ±{plan_v4.MDE_TARGET} in {len(wide)} of the {len(paired)} paired primaries tested: there an "
         f"*undecided* verdict means the study could not tell, not that the methods are alike. Regimes evaluated: "
         f"{evaluated_text(evaluated, regimes, finished)}" +
@@ -571,7 +622,7 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
 
     data = f"{docs.stem}_data"  # write_data's folder beside the report
     gap = gap_note if gap_note in regimes else None
-    qs = questions(regimes, gap)
+    qs = questions(regimes, gap, {m for _, m in chosen})  # (every method of the plan is tuned in each regime)
     started = {r["regime"] for r in rows}
     unreached = frozenset(q.id for q in qs if not set(q.regimes) <= (set(finished) if q.kind == "trend" else started))
     vanilla_gaps = analysis.regime_gaps([r for r in rows if r["method"] == "vanilla"])
@@ -585,7 +636,8 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
               "on the (warm start, seed) pairs that every one of its methods finished" if len(rows) < planned else "") +
              f". T = {steps} steps. Grids after the edge rule: " +
              "; ".join(f"{r}/{m} {g} → {chosen[(r, m)]['lr']:g}" for (r, m), g in grids.items() if (r, m) in chosen) +
-             ".", "", f"Data: `{data}/runs.csv` (a row per finished pilot, tuning and evaluation run: its phase, regime, "
+             ".", "", f"Data: `{data}/runs.csv` (a row per finished pilot run, tuning run of a regime whose tuning is "
+             "complete, and evaluation run: its phase, regime, "
              "method, lr, warm start, seed and outcomes; what the tuning, the tests and the tables are computed from) "
              f"and `{data}/steps.csv.gz` (after each step of every pilot and evaluation run, step 0 before the first "
              "update: the batch's sampled reward, the exact held-out and training-prompt reward, the update's and the "
@@ -599,7 +651,7 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
         outcome_rows = [{**r, "final_heldout": r[key]} for r in rows]
         prim = analysis.primaries(qs, outcome_rows, chosen, vanilla_gaps, unreached) if rows else []
         for r in prim:
-            if r["id"] in interim:
+            if r["id"] in interim and r["verdict"] != "not reached":  # (not reached: fewer than 2 pairs so far)
                 r["verdict"] = f"interim: {r['verdict']} (the regime's evaluation is incomplete)"
         primary = primary or prim
         lines += [f"## {outcome}", "", *(report.primary_table(prim, qs) if prim else ["No runs yet."]), ""]

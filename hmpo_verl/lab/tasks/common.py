@@ -24,6 +24,7 @@ import json
 import os
 import random
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # the chat template needs the letters of "user", "assistant", "system" and a newline
+# Set (to the reason, said in the error) while a study whose runs were made from the assets already built builds
+# what it needs: a built folder whose spec differs from the code's then stops loud instead of being rebuilt under
+# those runs (``hmpo_verl.lab.study.run.keep_built``).
+KEEP_BUILT: ContextVar[str | None] = ContextVar("keep_built", default=None)
 ROLE_CHARACTERS = "\n" + "".join(sorted(set("userassistantsystem")))
 
 Problem = tuple[str, str]  # (user message, correct answer text)
@@ -419,6 +424,9 @@ def _prepare_unlocked(name: str, root: Path, spec, build: Callable[[TaskPaths], 
     if paths.done_marker.exists() and paths.spec.exists():
         if json.loads(paths.spec.read_text()) == asdict(spec):
             return paths
+        if reason := KEEP_BUILT.get():
+            raise SystemExit(f"{name} task: the assets in {paths.root} were built from another spec than the code's "
+                             f"({paths.spec}); {reason}")
         log(f"{name} task: spec changed, rebuilding assets in {paths.root}")
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.done_marker.unlink(missing_ok=True)
