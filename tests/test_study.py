@@ -249,3 +249,37 @@ def test_smoke_run_of_the_fidelity_command(tmp_path):
     rows = pd.read_csv(tmp_path / "fidelity_data" / "fidelity.csv")
     assert set(rows["method"]) == {"vanilla", "hmpo"} and rows["cosine"].between(-1.0001, 1.0001).all()
     assert "| hmpo |" in docs.read_text()
+
+
+@pytest.mark.slow
+def test_smoke_run_of_the_v4_study_command_and_its_relaunches(tmp_path):
+    """`--v4 --quick` (the README's smoke command, on the task's default assets, which the CPU tests share) through
+    every stage (pilot, warm starts, tuning with the edge rule, evaluation, report) in spawned workers; a relaunch
+    runs nothing and changes no record; --report-only on the same runs reports them; --report-only without --quick
+    (another plan's settings) stops loud instead of reporting the runs as not run."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "hmpo_verl.lab.study", "--v4", "--quick", "--parallel", "2", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = {p: p.read_text() for p in sorted((out / "runs").rglob("*.json"))}
+    assert {p.relative_to(out / "runs").parts[0] for p in records} == {"pilot", "tune", "eval"}
+    assert all(json.loads(text)["definitions"]["regime"]["lag"] == 2 for text in records.values())  # async_2's
+    assert json.loads((out / "order.json").read_text()) == ["async_2"]
+    assert sorted(json.loads((out / "inputs.json").read_text())) == ["data", "dense/ws0", "dense/ws1"]
+    report = (out / "study_v4.md").read_text()
+    evaluated = sum(p.relative_to(out / "runs").parts[0] == "eval" for p in records)
+    assert f"Runs: {evaluated} of {evaluated} evaluation runs finished." in report
+    assert "| Q2/async_2 (hmpo − gspo) | 2 |" in report and "| Q1/async_2" not in report  # v3 decided Q1 there
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "run again" not in again.stdout
+    assert {p: p.read_text() for p in sorted((out / "runs").rglob("*.json"))} == records
+    only = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, timeout=300)
+    assert only.returncode == 0, only.stdout[-3000:] + only.stderr[-3000:]
+    assert f"Runs: {evaluated} of {evaluated} evaluation runs finished." in (out / "study_v4.md").read_text()
+    full = subprocess.run([sys.executable, "-m", "hmpo_verl.lab.study", "--v4", "--report-only", "--out", str(out),
+                           "--docs", str(tmp_path / "full.md")],
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode != 0 and "were made with other settings" in full.stderr
+    assert not (tmp_path / "full.md").exists()
