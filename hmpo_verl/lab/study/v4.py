@@ -160,23 +160,24 @@ def _pair_rows(records: list[dict]) -> list[dict]:
 STEP_COLUMNS = ("reward", "eval_heldout", "eval_train", "update/log_ah_gap", "mismatch/log_ah_gap", "routing/flip_frac")
 
 
-def write_data(data_dir: Path, pilot_records, tuning_rows: list[dict], eval_records: list[dict]) -> None:
-    """The report's data beside it: ``runs.csv``, a row per finished pilot run, tuning run (``tuning_rows``: of the
-    regimes whose tuning is complete) and evaluation run (its
+def write_data(data_dir: Path, results: "Results") -> None:
+    """The report's data beside it: ``runs.csv``, a row per finished pilot run, tuning run (of the regimes whose
+    tuning is complete) and evaluation run (its
     summary, warm start and seed: what the tuning, the tests and the tables are computed from), and
     ``steps.csv.gz``, the pilot's and the evaluation runs' per-step ``STEP_COLUMNS`` (step 0: the evaluation
     before the first update; what the run length rule, the reward figure and the plateau table read)."""
     from hmpo_verl.lab.study import report
 
     steps = []
-    for rec in [*pilot_records, *eval_records]:
+    for rec in [*results.pilot.records, *results.eval_records]:
         r = rec["run"]
         key = {"phase": r.phase, "regime": r.regime, "method": r.method, "lr": r.lr, "warm_start": r.warm_start,
                "seed": r.seed}
         steps.append({**key, "step": 0, **rec["first_eval"]})
         steps += [{**key, "step": i, **{c: m[c] for c in STEP_COLUMNS if c in m}}
                   for i, m in enumerate(rec["metrics"], 1)]
-    report.save_run_tables(data_dir, _rows(pilot_records) + tuning_rows + _rows(eval_records), steps)
+    report.save_run_tables(data_dir, _rows(results.pilot.records) + results.tuning_rows + _rows(results.eval_records),
+                           steps)
 
 
 @dataclass(frozen=True)
@@ -465,11 +466,10 @@ def stages(args, log, out: Path, docs: Path) -> int:
         say("not started: " + ", ".join(order[len(reached):]))
     if not chosen:
         return progress_only()
-    facts = scope_facts(args.task, args.assets, kinds, seeds_ws)
-    write_data(docs.parent / f"{docs.stem}_data", pilot.records, tuning_rows, eval_records)
-    blocks = write_report(docs, order, pilot.gap_note, steps, grids, chosen, tuning_rows, _pair_rows(eval_records),
-                          planned, seeds_ws, status, finished, provenance, curves(eval_records), facts,
-                          pilot.length_note())
+    results = Results(pilot, order, seeds_ws, grids, chosen, tuning_rows, eval_records, planned, finished, status,
+                      scope_facts(args.task, args.assets, kinds, seeds_ws))
+    write_data(docs.parent / f"{docs.stem}_data", results)
+    blocks = write_report(docs, results, provenance)
     done = len(finished) == len(order)
     log(f"wrote {docs}: {len(eval_records)} of {planned} evaluation runs" + ("" if done else f"\ncontinue with: {resume}"))
     if args.readme:
@@ -606,20 +606,34 @@ def write_progress(docs: Path, status: list[str], resume: str, provenance: str) 
     docs.write_text("\n".join(lines))
 
 
-def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tuning_rows, rows, planned,
-                 warm_starts: list[int], status: list[str], finished: list[str], provenance: str,
-                 curves_by_key: dict, facts: dict, steps_note: str) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class Results:
+    """How far v4's stages reached, as :func:`stages` found them: what the report and its data are written from."""
+
+    pilot: Pilot
+    order: list[str]  # every regime, in the execution order
+    warm_starts: list[int]  # the accepted warm-start seeds
+    grids: dict  # (regime, method) -> its grid after the edge rule, in the regimes tuned
+    chosen: dict  # (regime, method) -> the tuning's choice (analysis.choose_settings)
+    tuning_rows: list[dict]  # the tuning runs of the regimes whose tuning is complete
+    eval_records: list[dict]  # the finished evaluation runs
+    planned: int  # the evaluation runs of the plan, every regime
+    finished: list[str]  # the regimes whose evaluation is complete
+    status: list[str]  # how far each stage's runs reach (the report's list)
+    facts: dict  # scope_facts (the scope paragraph at the top)
+
+
+def write_report(docs: Path, results: Results, provenance: str) -> dict[str, list[str]]:
     """v4's report (docs/study.md): the pre-registration's answers (final reward; AUC secondary), with the MDE of each
-    and, where it exceeds the target, the pairs that would reach it; the difference per warm start; data.
-    ``gap_note``: the gap regime's name, or why there is none; ``rows``: the finished evaluation runs of the
-    ``planned`` ones (each question is tested on the (warm start, seed) pairs all its methods finished);
-    ``status``: how far each stage's runs reach; ``finished``: the regimes whose evaluation is complete;
-    ``curves_by_key``: :func:`curves` of the evaluation runs (the reward figure, the plateau table); ``facts``:
-    :func:`scope_facts` (the scope paragraph at the top); ``steps_note``: how the pilot set T. A paired
-    question whose regime has no evaluation run, and the trend question until every regime's evaluation is
-    complete, are *not reached*: they stay in the Holm families with p = 1."""
+    and, where it exceeds the target, the pairs that would reach it; the difference per warm start; data. Each
+    question is tested on the (warm start, seed) pairs all its methods finished. A paired question whose regime
+    has no evaluation run, and the trend question until every regime's evaluation is complete, are *not reached*:
+    they stay in the Holm families with p = 1. Returns the README's copies of the guide and the scope."""
     from hmpo_verl.lab.study import report
 
+    regimes, steps, gap_note = results.order, results.pilot.steps, results.pilot.gap_note
+    grids, chosen, finished, warm_starts = results.grids, results.chosen, results.finished, results.warm_starts
+    rows, curves_by_key = _pair_rows(results.eval_records), curves(results.eval_records)
     data = f"{docs.stem}_data"  # write_data's folder beside the report
     gap = gap_note if gap_note in regimes else None
     qs = questions(regimes, gap, {m for _, m in chosen})  # (every method of the plan is tuned in each regime)
@@ -631,9 +645,9 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
              "follows: [`study_v3.md`](study_v3.md) (archived, with its data). Generated by "
              "`python -m hmpo_verl.lab.study --v4` (`--report-only`: from the runs finished so far). " + provenance, "",
              "SCOPE", "",
-             f"Runs: {len(rows)} of {planned} evaluation runs finished" +
+             f"Runs: {len(rows)} of {results.planned} evaluation runs finished" +
              ("; the others are not run yet (the study is still running, or its budget ran out): each question is tested "
-              "on the (warm start, seed) pairs that every one of its methods finished" if len(rows) < planned else "") +
+              "on the (warm start, seed) pairs that every one of its methods finished" if len(rows) < results.planned else "") +
              f". T = {steps} steps. Grids after the edge rule: " +
              "; ".join(f"{r}/{m} {g} → {chosen[(r, m)]['lr']:g}" for (r, m), g in grids.items() if (r, m) in chosen) +
              ".", "", f"Data: `{data}/runs.csv` (a row per finished pilot run, tuning run of a regime whose tuning is "
@@ -643,7 +657,7 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
              "update: the batch's sampled reward, the exact held-out and training-prompt reward, the update's and the "
              "behaviour's `log_ah_gap`, MoE routing flips; what the run length, the reward figure and the plateau "
              "table are computed from).", "",
-             *[f"* {line}" for line in status], ""]
+             *[f"* {line}" for line in results.status], ""]
     primary = []  # the primary outcome's tests (the guide's decided verdicts)
     # a question whose regime is evaluated in part: its test is on the pairs so far, not the registered sample
     interim = {q.id for q in qs if q.id not in unreached and not set(q.regimes) <= set(finished)}
@@ -678,7 +692,8 @@ def write_report(docs: Path, regimes, gap_note: str, steps, grids, chosen, tunin
     evaluated = [r for r in regimes if r in started]
     measured, comps = analysis.regime_measurements(rows, regimes), analysis.comparisons(rows, evaluated)
     at = lines.index("SCOPE")  # the scope paragraph goes at the top; it needs the tests above
-    scope = scope_lines(facts, steps, steps_note, curves_by_key, chosen, primary, evaluated, list(regimes), finished)
+    scope = scope_lines(results.facts, steps, results.pilot.length_note(), curves_by_key, chosen, primary, evaluated,
+                        list(regimes), finished)
     lines[at:at + 1] = scope
     decided = [r for r in primary if r["verdict"] != "not reached" and r["id"] not in interim]  # the guide's
     tuned = [m for m in plan.DISPLAY_ORDER if any(k[1] == m for k in chosen)]
