@@ -248,8 +248,8 @@ def test_guides_no_method_beat_vanilla_line_follows_the_data():
     measured = [{"regime": r, "update/log_ah_gap": 0.01, "vanilla_gap": 0.01} for r in ("a", "b")]
     below = [_comp("a", "hmpo", -0.1), _comp("b", "gspo", 0.02, half=0.02)]  # the second touches 0
     line = [x for x in report.guide_lines(below, measured, []) if "vanilla in any" in x or "Above" in x]
-    assert line == ["* **No method beat vanilla in any regime**: none of the 2 intervals (every method, 2 regimes, "
-                    "uncorrected) lies above 0."]
+    assert line == ["* **No method beat vanilla in any regime evaluated**: none of the 2 intervals (every method, 2 "
+                    "regimes, uncorrected) lies above 0."]
     above = below + [_comp("b", "pm_p0", 0.05)]
     text = "\n".join(report.guide_lines(above, measured, []))
     assert "No method beat vanilla" not in text

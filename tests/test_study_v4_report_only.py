@@ -152,7 +152,8 @@ def test_evaluation_partial_tests_only_complete_pairs(study, capsys):
     assert f"{test['diff']:+.3f}" in row
     assert test["mde"] > plan_v4.MDE_TARGET
     # the plateau check counts every finished run, paired or not: 10 (flat curves: none rising)
-    assert "| async_4 | 10 | 0 |" in text
+    assert "| async_4 | every method | 10 | 0 |" in text and "| async_4 | vanilla | 5 | 0 |" in text
+    assert "marked *warm-start dependent* when two warm starts' intervals exclude 0 on opposite sides: none is." in text
     assert (f"* Q1/async_4: MDE {test['mde']:.3f} > {plan_v4.MDE_TARGET}; {plan_v4.seeds_for_mde(test['sd'])} "
             "pairs would reach it") in text
 
@@ -188,7 +189,8 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     assert "![mechanism](study_v4_figures/mechanism.png)" in text
     # every regime v4 can evaluate has a mechanism (the figure's colour): the gap ladder's included
     assert set(plan_v4.REGIMES) | set(v4.GAP_LADDER) <= set(plan.MECHANISMS)
-    assert "| async_4 | 12 | 0 | +0.00000 [+0.00000, +0.00000] |" in text  # flat synthetic curves
+    assert "| async_4 | every method | 12 | 0 | +0.00000 [+0.00000, +0.00000] |" in text  # flat synthetic curves
+    assert "| async_4 | vanilla | 6 | 0 | +0.00000 [+0.00000, +0.00000] |" in text
     # the data beside the report: a row per finished run of every stage, with its warm start; every pilot and
     # evaluation run's curve from step 0 (what the run length and the plateau table are recomputed from)
     import pandas as pd
@@ -199,7 +201,7 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     assert steps_csv.groupby("phase").size().to_dict() == {"pilot": 2 * (PLAN.pilot_steps + 1), "eval": 12 * (T + 1)}
     assert (steps_csv[steps_csv.step == 0]["eval_heldout"] == 0.4).all() and "Data: `study_v4_data/runs.csv`" in text
     # the scope paragraph, at the top, from what is built (no task data, no model here) and the runs
-    scope = text.split("**Scope: what this study can and cannot say.** ")[1].split("\n")[0]
+    scope = text.split("**Scope of study v4: what it can and cannot say.** ")[1].split("\n")[0]
     assert text.index("**Scope") < text.index("Runs: 12 of 12")
     assert scope.startswith("One task (`fibonacci`; its data is not built here, so its counts are not stated), "
                             "small models (parameters: not built here)")
@@ -301,9 +303,10 @@ def test_plateau_lines_count_rising_runs_and_average_their_last_slopes():
     lines = v4.plateau_lines({("async_1", "vanilla"): [rising], ("async_1", "hmpo"): [falling],
                               ("async_2", "vanilla"): [falling, falling]}, ["async_1", "async_2", "bf16"], 20)
     mean, half = 0.003, stats.t_quantile(0.95, 1) * (0.014 / 2 ** 0.5) / 2 ** 0.5  # sd of (0.01, -0.004), n = 2
-    assert lines[2] == f"| async_1 | 2 | 1 | +0.00300 [{mean - half:+.5f}, {mean + half:+.5f}] |"
-    assert lines[3].startswith("| async_2 | 2 | 0 | -0.00400 [")
-    assert len(lines) == 4  # bf16 has no run: no row
+    assert lines[2] == f"| async_1 | every method | 2 | 1 | +0.00300 [{mean - half:+.5f}, {mean + half:+.5f}] |"
+    assert lines[3].startswith("| async_2 | every method | 2 | 0 | -0.00400 [")
+    assert lines[4].startswith("| async_2 | vanilla | 2 | 0 | -0.00400 [")
+    assert len(lines) == 5  # async_1's vanilla has one run (no interval), bf16 none: no row
 
 
 def test_a_record_made_with_other_settings_runs_again_and_says_so(study, monkeypatch, capsys):
@@ -395,7 +398,7 @@ def test_readme_is_written_from_v4_only_once_every_regime_is_evaluated(study, mo
     assert all(line in docs for line in guide[1:]) and "`hmpo` -0.0" in guide[1]
     # the report's own copy of the guide links its source relative to the report (the README's: from the root)
     assert guide[0].replace("](docs/study.md)", f"]({study.docs.name})") in docs and "](docs/study.md)" not in docs
-    assert len(scope) == 1 and scope[0].startswith("**Scope: what this study can and cannot say.**") and scope[0] in docs
+    assert len(scope) == 1 and scope[0].startswith("**Scope of study v4: what it can and cannot say.**") and scope[0] in docs
     assert text.startswith("intro\n") and text.endswith("end\n") and "v3 guide" not in text and "v3 scope" not in text
 
 

@@ -353,8 +353,8 @@ def guide_lines(comps: list[dict], measured: list[dict], prim: list[dict], poole
     above = analysis.above_baseline(comps)
     lines.append(("* **Above vanilla** (interval above 0, uncorrected): " +
                   "; ".join(f"`{c['method']}` in `{c['regime']}` {_ci(c)}" for c in above) + ".") if above else
-                 f"* **No method beat vanilla in any regime**: none of the {len(comps)} intervals (every method, "
-                 f"{len(regimes)} regime{'s' if len(regimes) > 1 else ''}, uncorrected) lies above 0.")
+                 f"* **No method beat vanilla in any regime evaluated**: none of the {len(comps)} intervals (every "
+                 f"method, {len(regimes)} regime{'s' if len(regimes) > 1 else ''}, uncorrected) lies above 0.")
     if pooled:
         by = defaultdict(list)
         for r in pooled:
@@ -398,7 +398,7 @@ def scope_lines(scope: dict) -> list[str]:
              "at them only: a wider grid may move it.")
     total = scope["train_prompts"] + scope["heldout_prompts"]
     return [
-        f"**Scope: what this study can and cannot say.** One task (`{scope['task']}`: {total} prompts, "
+        f"**Scope of study v3: what it can and cannot say.** One task (`{scope['task']}`: {total} prompts, "
         f"{scope['train_prompts']} trained on, {scope['heldout_prompts']} held out), one small model "
         f"({scope['params']:,} parameters; the MoE regimes use a small MoE of the same width), warm-started once by "
         f"a supervised fit that saw all {total} prompts' answers (held-out means never RL-trained on, not unseen), "

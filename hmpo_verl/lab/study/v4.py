@@ -502,19 +502,21 @@ def curves(records: list[dict]) -> dict[tuple[str, str], list[list[float]]]:
 
 
 def plateau_lines(curves_by_key: dict, regimes, steps: int) -> list[str]:
-    """Whether the evaluation runs reached the plateau the run length was chosen for: per regime, the runs whose
-    held-out reward still rises over the last ``analysis.RISING_WINDOW`` steps (least-squares slope > 0; a run at
-    a plateau does so by noise about half the time) and the mean of that slope with its 95 % t interval."""
-    lines = [f"| regime | runs | still rising at step {steps} | mean slope over the last {analysis.RISING_WINDOW} "
-             "steps, per step [95 % CI] |", "|---|---|---|---|"]
+    """Whether the evaluation runs reached the plateau the run length was chosen for: per regime, over every
+    method's runs and over vanilla's (the plateau rule's method), the runs whose held-out reward still rises over
+    the last ``analysis.RISING_WINDOW`` steps (least-squares slope > 0; a run at a plateau does so by noise about
+    half the time) and the mean of that slope with its 95 % t interval (none with fewer than 2 runs)."""
+    lines = [f"| regime | runs of | runs | still rising at step {steps} | mean slope over the last "
+             f"{analysis.RISING_WINDOW} steps, per step [95 % CI] |", "|---|---|---|---|---|"]
     for regime in regimes:
-        cs = [c for (r, _), runs_ in curves_by_key.items() if r == regime for c in runs_]
-        if not cs:
-            continue
-        slopes = analysis.last_slopes(cs)
-        mean, half = stats.mean_ci(slopes)
-        lines.append(f"| {regime} | {len(cs)} | {sum(s > 0 for s in slopes)} | {mean:+.5f} "
-                     f"[{mean - half:+.5f}, {mean + half:+.5f}] |")
+        for label, keep in (("every method", lambda m: True), ("vanilla", lambda m: m == "vanilla")):
+            cs = [c for (r, m), runs_ in curves_by_key.items() if r == regime and keep(m) for c in runs_]
+            if len(cs) < 2:
+                continue
+            slopes = analysis.last_slopes(cs)
+            mean, half = stats.mean_ci(slopes)
+            lines.append(f"| {regime} | {label} | {len(cs)} | {sum(s > 0 for s in slopes)} | {mean:+.5f} "
+                         f"[{mean - half:+.5f}, {mean + half:+.5f}] |")
     return lines
 
 
@@ -566,7 +568,7 @@ def scope_lines(facts: dict, steps: int, steps_note: str, curves_by_key: dict, c
     fits = "; ".join(f"{k}: " + ", ".join(f"{kind} {f['greedy_accuracy']:.2f}" for kind, f in sorted(kinds.items()))
                      for k, kinds in sorted(facts["fits"].items()))
     return [
-        f"**Scope: what this study can and cannot say.** {task}, small models (parameters: {models or 'not built here'}), "
+        f"**Scope of study v4: what it can and cannot say.** {task}, small models (parameters: {models or 'not built here'}), "
         f"each warm-started by a supervised fit that saw every prompt's answer, held-out ones included (held-out means "
         f"never RL-trained on, not unseen). {len(facts['fits'])} warm starts (seed: greedy accuracy of each model's "
         f"fit: {fits or 'none built'}) are crossed with the evaluation seeds; the unit is the (warm start, seed) pair. "
@@ -674,10 +676,11 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
                 lines.append(f"* {r['id']}: MDE {r['mde']:.3f} > {plan_v4.MDE_TARGET}; "
                              f"{plan_v4.seeds_for_mde(r['sd'])} pairs would reach it (observed sd {r['sd']:.4f}).")
         lines.append("")
-    lines += ["## Per warm start (final reward)", "",
-              "*warm-start dependent*: two warm starts' intervals exclude 0 on opposite sides.", "",
+    lines += ["## Per warm start (final reward)", "", "WARM-START MARKS", "",
               "| question | " + " | ".join(f"warm start {w}" for w in warm_starts) + " | |",
               "|---|" + "---|" * (len(warm_starts) + 1)]
+    marks = lines.index("WARM-START MARKS")
+    dependents = 0
     for q in qs:
         if q.kind != "paired":
             continue
@@ -686,8 +689,11 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
             d = analysis.question_differences(q, [r for r in rows if r["warm_start"] == w], chosen)
             tests.append(analysis.paired_test(d) if len(d) >= 2 else None)
         dependent = any(t and t["lo"] > 0 for t in tests) and any(t and t["hi"] < 0 for t in tests)
+        dependents += dependent
         lines.append(f"| {q.id} | " + " | ".join(report._ci(t) if t else "—" for t in tests) +
                      f" | {'warm-start dependent' if dependent else ''} |")
+    lines[marks] = ("A question is marked *warm-start dependent* when two warm starts' intervals exclude 0 on opposite "
+                    f"sides: {dependents or 'none'} {'is' if dependents < 2 else 'are'}.")
     methods = [m for m in plan.DISPLAY_ORDER if any(r["method"] == m for r in rows)]
     evaluated = [r for r in regimes if r in started]
     measured, comps = analysis.regime_measurements(rows, regimes), analysis.comparisons(rows, evaluated)
@@ -725,7 +731,9 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
                   "(uncorrected); the grey band is the ±0.03 margin.", "",
                   "## Held-out reward and the plateau", "",
                   f"![held-out reward after each step]({figure.parent.name}/{figure.name})", "",
-                  f"Did the runs plateau at T = {steps}? (The pilot chose T; this is the evaluation's own check.)", "",
+                  f"Did the runs plateau at T = {steps}? (The pilot chose T by vanilla's mean curve, the plateau rule: "
+                  f"its slope over the last 10 steps below {plan_v4.PLATEAU_SLOPE} per step; this is the evaluation's "
+                  "own check, over every method's runs and over vanilla's.)", "",
                   *plateau_lines(curves_by_key, evaluated, steps), ""]
     lag_data = plan.DATA / lag_fidelity.DATA_NAME
     if lag_data.exists():
