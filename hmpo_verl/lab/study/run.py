@@ -126,8 +126,9 @@ def record_mismatch(run: Run, out: Path, task: str, steps: int, base: lean.LoopS
             return f"setting {key} {old.get(key, 'absent')!r} (now {new.get(key, 'absent')!r})"
     if "definitions" not in data:
         return "no regime or method definitions (a record from before they were stored)"
+    now = run_definitions(run)
     for part, name in (("regime", run.regime), ("method", run.method)):
-        old, new = data["definitions"].get(part) or {}, run_definitions(run)[part]
+        old, new = data["definitions"].get(part) or {}, now[part]
         for key in sorted(set(old) | set(new)):
             if old.get(key, "absent") != new.get(key, "absent"):
                 return f"{part} {name}'s {key} {old.get(key, 'absent')!r} (now {new.get(key, 'absent')!r})"

@@ -160,7 +160,24 @@ def _pair_rows(records: list[dict]) -> list[dict]:
 STEP_COLUMNS = ("reward", "eval_heldout", "eval_train", "update/log_ah_gap", "mismatch/log_ah_gap", "routing/flip_frac")
 
 
-def write_data(data_dir: Path, results: "Results") -> None:
+@dataclass(frozen=True)
+class Results:
+    """How far v4's stages reached, as :func:`stages` found them: what the report and its data are written from."""
+
+    pilot: Pilot
+    order: list[str]  # every regime, in the execution order
+    warm_starts: list[int]  # the accepted warm-start seeds
+    grids: dict  # (regime, method) -> its grid after the edge rule, in the regimes tuned
+    chosen: dict  # (regime, method) -> the tuning's choice (analysis.choose_settings)
+    tuning_rows: list[dict]  # the tuning runs of the regimes whose tuning is complete
+    eval_records: list[dict]  # the finished evaluation runs
+    planned: int  # the evaluation runs of the plan, every regime
+    finished: list[str]  # the regimes whose evaluation is complete
+    status: list[str]  # how far each stage's runs reach (the report's list)
+    facts: dict  # scope_facts (the scope paragraph at the top)
+
+
+def write_data(data_dir: Path, results: Results) -> None:
     """The report's data beside it: ``runs.csv``, a row per finished pilot run, tuning run (of the regimes whose
     tuning is complete) and evaluation run (its
     summary, warm start and seed: what the tuning, the tests and the tables are computed from), and
@@ -606,23 +623,6 @@ def write_progress(docs: Path, status: list[str], resume: str, provenance: str) 
              "`python -m hmpo_verl.lab.study --v4` (`--report-only`: without running the rest). " + provenance, "",
              *[f"* {line}" for line in status], "", f"Continue (runs what is missing, then reports): `{resume}`", ""]
     docs.write_text("\n".join(lines))
-
-
-@dataclass(frozen=True)
-class Results:
-    """How far v4's stages reached, as :func:`stages` found them: what the report and its data are written from."""
-
-    pilot: Pilot
-    order: list[str]  # every regime, in the execution order
-    warm_starts: list[int]  # the accepted warm-start seeds
-    grids: dict  # (regime, method) -> its grid after the edge rule, in the regimes tuned
-    chosen: dict  # (regime, method) -> the tuning's choice (analysis.choose_settings)
-    tuning_rows: list[dict]  # the tuning runs of the regimes whose tuning is complete
-    eval_records: list[dict]  # the finished evaluation runs
-    planned: int  # the evaluation runs of the plan, every regime
-    finished: list[str]  # the regimes whose evaluation is complete
-    status: list[str]  # how far each stage's runs reach (the report's list)
-    facts: dict  # scope_facts (the scope paragraph at the top)
 
 
 def write_report(docs: Path, results: Results, provenance: str) -> dict[str, list[str]]:
