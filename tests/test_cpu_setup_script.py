@@ -54,7 +54,7 @@ def test_an_installed_checkout_installs_nothing_and_passes_pytests_status_on(tmp
     calls = log.read_text().splitlines()
     assert result.returncode == 3, result.stderr  # pytest's failure is the script's
     assert not [c for c in calls if c.startswith("-m pip")], calls
-    assert calls[-1] == "-m pytest -q -n 2 --dist loadfile tests -k means"
+    assert calls[-1] == "-m pytest -q -n 2 --dist loadfile --durations=25 tests -k means"
 
 
 def test_a_fresh_machine_gets_the_cpu_wheel_then_the_package_then_the_demo(tmp_path):

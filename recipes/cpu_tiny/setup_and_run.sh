@@ -108,7 +108,8 @@ if [[ ${1:-} == --tests ]]; then
     shift
     # Two pytest workers (pytest-xdist), a test file to a worker (its module fixtures, such as one trainer
     # run shared by its tests, run once): most of an end-to-end test is a chain of process start-ups that
-    # keeps one core busy, so two at a time use the second. TEST_WORKERS=0 runs in this process.
-    exec "$PYTHON" -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile tests "$@"
+    # keeps one core busy, so two at a time use the second. TEST_WORKERS=0 runs in this process. The 25
+    # slowest tests are listed at the end (where the suite's time goes, for keeping it near 20 minutes).
+    exec "$PYTHON" -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile --durations=25 tests "$@"
 fi
 exec "$PYTHON" -m hmpo_verl.lab.cpu_demo "$@"
