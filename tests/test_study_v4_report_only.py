@@ -149,13 +149,19 @@ def test_evaluation_partial_tests_only_complete_pairs(study, capsys):
     assert row.split("|")[-2].strip().startswith("interim: ") and "(the regime's evaluation is incomplete)" in row
     assert "* Primary questions decided after Holm: none." in text
     assert "Regimes evaluated: 1 of 1 (`async_4` in part)." in text
+    # every table and figure drawn from the partial regime says its rows are interim
+    interim = ("Interim: `async_4` is evaluated in part (the list at the top counts the runs); its rows here come "
+               "from the pairs finished so far and decide nothing.")
+    for section in ("## Per warm start", "## Regimes, as measured", "## Every method against vanilla",
+                    "## The mechanism", "## Held-out reward and the plateau"):
+        assert interim in text.split(section)[1].split("\n## ")[0], section
     assert f"{test['diff']:+.3f}" in row
     assert test["mde"] > plan_v4.MDE_TARGET
     # the plateau check counts every finished run, paired or not: 10 (flat curves: none rising)
     assert "| async_4 | every method | 10 | 0 |" in text and "| async_4 | vanilla | 5 | 0 |" in text
     assert "marked *warm-start dependent* when two warm starts' intervals exclude 0 on opposite sides: none is." in text
     assert (f"* Q1/async_4: MDE {test['mde']:.3f} > {plan_v4.MDE_TARGET}; {plan_v4.seeds_for_mde(test['sd'])} "
-            "pairs would reach it") in text
+            f"pairs would reach it (observed sd {test['sd']:.4f}, interim: 4 pairs so far).") in text
 
 
 def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatch):
@@ -177,7 +183,7 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     assert cli.main(["--v4", "--out", str(study.out), "--assets", str(study.assets), "--docs", str(study.docs)]) == 0
     text = study.docs.read_text()
     assert labels == ["pilot", f"tuning {REGIME}", f"evaluation {REGIME}"]
-    assert "Runs: 12 of 12 evaluation runs finished." in text and "not run yet" not in text
+    assert "Runs: 12 of 12 evaluation runs finished." in text and "not run yet" not in text and "Interim:" not in text
     assert (f"Command: `python -m hmpo_verl.lab.study --v4 --out {study.out} --assets {study.assets} --docs "
             f"{study.docs} --parallel ") in text
     assert "| Q1/async_4 (hmpo − vanilla) | 6 | -0.025 [" in text

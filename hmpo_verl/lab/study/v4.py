@@ -663,6 +663,10 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
     primary = []  # the primary outcome's tests (the guide's decided verdicts)
     # a question whose regime is evaluated in part: its test is on the pairs so far, not the registered sample
     interim = {q.id for q in qs if q.id not in unreached and not set(q.regimes) <= set(finished)}
+    in_part = [r for r in regimes if r in started and r not in finished]  # a table's rows of these are interim
+    interim_rows = [f"Interim: {', '.join(f'`{r}`' for r in in_part)} {'is' if len(in_part) == 1 else 'are'} evaluated "
+                    "in part (the list at the top counts the runs); its rows here come from the pairs finished so "
+                    "far and decide nothing.", ""] if in_part else []
     for outcome, key in (("held-out final reward (primary)", "final_heldout"), ("held-out AUC (secondary)", "auc_heldout")):
         outcome_rows = [{**r, "final_heldout": r[key]} for r in rows]
         prim = analysis.primaries(qs, outcome_rows, chosen, vanilla_gaps, unreached) if rows else []
@@ -674,9 +678,10 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
         for r in prim:
             if r["kind"] == "paired" and math.isfinite(r["mde"]) and r["mde"] > plan_v4.MDE_TARGET:
                 lines.append(f"* {r['id']}: MDE {r['mde']:.3f} > {plan_v4.MDE_TARGET}; "
-                             f"{plan_v4.seeds_for_mde(r['sd'])} pairs would reach it (observed sd {r['sd']:.4f}).")
+                             f"{plan_v4.seeds_for_mde(r['sd'])} pairs would reach it (observed sd {r['sd']:.4f}" +
+                             (f", interim: {r['n']} pairs so far" if r["id"] in interim else "") + ").")
         lines.append("")
-    lines += ["## Per warm start (final reward)", "", "WARM-START MARKS", "",
+    lines += ["## Per warm start (final reward)", "", "WARM-START MARKS", "", *interim_rows,
               "| question | " + " | ".join(f"warm start {w}" for w in warm_starts) + " | |",
               "|---|" + "---|" * (len(warm_starts) + 1)]
     marks = lines.index("WARM-START MARKS")
@@ -705,11 +710,11 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
     tuned = [m for m in plan.DISPLAY_ORDER if any(k[1] == m for k in chosen)]
     lines += ["", "## Methods", "", *report.methods_table(tuned),
               "", "## Regimes, as measured on the evaluation runs", "",
-              "A user measures vanilla's own gap (the second figure of the gap column).", "",
+              "A user measures vanilla's own gap (the second figure of the gap column).", "", *interim_rows,
               *report.regimes_table(regimes, measured), "",
               "## Settings chosen by the tuning", "",
               *report.settings_table(chosen, regimes, tuned),
-              "", "## Every method against vanilla (exploratory: no correction for multiplicity)", "",
+              "", "## Every method against vanilla (exploratory: no correction for multiplicity)", "", *interim_rows,
               *report.results_table(rows, comps, evaluated, methods, unit="pairs"), ""]
     guide_body = report.guide_lines(comps, measured, decided) if comps else []
 
@@ -728,8 +733,8 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
                   "One panel per method; each point one regime evaluated so far (named in the first panel), coloured by where its drift comes "
                   "from: x = vanilla's own update `log_ah_gap` there (log scale), y = the method's held-out final "
                   "reward minus vanilla's, paired over (warm start, seed) pairs, with the 95 % interval "
-                  "(uncorrected); the grey band is the ±0.03 margin.", "",
-                  "## Held-out reward and the plateau", "",
+                  "(uncorrected); the grey band is the ±0.03 margin.", "", *interim_rows,
+                  "## Held-out reward and the plateau", "", *interim_rows,
                   f"![held-out reward after each step]({figure.parent.name}/{figure.name})", "",
                   f"Did the runs plateau at T = {steps}? (The pilot chose T by vanilla's mean curve, the plateau rule: "
                   f"its slope over the last 10 steps below {plan_v4.PLATEAU_SLOPE} per step; this is the evaluation's "
