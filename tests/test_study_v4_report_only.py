@@ -150,8 +150,8 @@ def test_evaluation_partial_tests_only_complete_pairs(study, capsys):
     assert "* Primary questions decided after Holm: none." in text
     assert "Regimes evaluated: 1 of 1 (`async_4` in part)." in text
     # every table and figure drawn from the partial regime says its rows are interim
-    interim = ("Interim: `async_4` is evaluated in part (the list at the top counts the runs); its rows here come "
-               "from the pairs finished so far and decide nothing.")
+    interim = ("Interim: rows of `async_4` come from the pairs finished so far (evaluated in part; the list at the "
+               "top counts the runs) and decide nothing.")
     for section in ("## Per warm start", "## Regimes, as measured", "## Every method against vanilla",
                     "## The mechanism", "## Held-out reward and the plateau"):
         assert interim in text.split(section)[1].split("\n## ")[0], section

@@ -664,9 +664,8 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
     # a question whose regime is evaluated in part: its test is on the pairs so far, not the registered sample
     interim = {q.id for q in qs if q.id not in unreached and not set(q.regimes) <= set(finished)}
     in_part = [r for r in regimes if r in started and r not in finished]  # a table's rows of these are interim
-    interim_rows = [f"Interim: {', '.join(f'`{r}`' for r in in_part)} {'is' if len(in_part) == 1 else 'are'} evaluated "
-                    "in part (the list at the top counts the runs); its rows here come from the pairs finished so "
-                    "far and decide nothing.", ""] if in_part else []
+    interim_rows = [f"Interim: rows of {', '.join(f'`{r}`' for r in in_part)} come from the pairs finished so far "
+                    "(evaluated in part; the list at the top counts the runs) and decide nothing.", ""] if in_part else []
     for outcome, key in (("held-out final reward (primary)", "final_heldout"), ("held-out AUC (secondary)", "auc_heldout")):
         outcome_rows = [{**r, "final_heldout": r[key]} for r in rows]
         prim = analysis.primaries(qs, outcome_rows, chosen, vanilla_gaps, unreached) if rows else []
