@@ -120,18 +120,23 @@ def record_mismatch(run: Run, out: Path, task: str, steps: int, base: lean.LoopS
         return f"task {data.get('task')!r} (now {task!r})"
     if data.get("steps") != steps:
         return f"steps {data.get('steps')} (now {steps})"
-    old, new = data.get("settings") or {}, run_settings(base, run)
-    for key in sorted(set(old) | set(new)):
-        if old.get(key, "absent") != new.get(key, "absent"):
-            return f"setting {key} {old.get(key, 'absent')!r} (now {new.get(key, 'absent')!r})"
+    if why := _first_difference("setting", data.get("settings") or {}, run_settings(base, run)):
+        return why
     if "definitions" not in data:
         return "no regime or method definitions (a record from before they were stored)"
     now = run_definitions(run)
     for part, name in (("regime", run.regime), ("method", run.method)):
-        old, new = data["definitions"].get(part) or {}, now[part]
-        for key in sorted(set(old) | set(new)):
-            if old.get(key, "absent") != new.get(key, "absent"):
-                return f"{part} {name}'s {key} {old.get(key, 'absent')!r} (now {new.get(key, 'absent')!r})"
+        if why := _first_difference(f"{part} {name}'s", data["definitions"].get(part) or {}, now[part]):
+            return why
+    return None
+
+
+def _first_difference(what: str, old: dict, new: dict) -> str | None:
+    """``"<what> <key> <old> (now <new>)"`` for the first key, in name order, whose value differs ("absent" where a
+    side lacks it); None when none does."""
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "absent") != new.get(key, "absent"):
+            return f"{what} {key} {old.get(key, 'absent')!r} (now {new.get(key, 'absent')!r})"
     return None
 
 

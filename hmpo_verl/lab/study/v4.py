@@ -680,11 +680,7 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
                              f"{plan_v4.seeds_for_mde(r['sd'])} pairs would reach it (observed sd {r['sd']:.4f}" +
                              (f", interim: {r['n']} pairs so far" if r["id"] in interim else "") + ").")
         lines.append("")
-    lines += ["## Per warm start (final reward)", "", "WARM-START MARKS", "", *interim_rows,
-              "| question | " + " | ".join(f"warm start {w}" for w in warm_starts) + " | |",
-              "|---|" + "---|" * (len(warm_starts) + 1)]
-    marks = lines.index("WARM-START MARKS")
-    dependents = 0
+    table, dependents = [], 0
     for q in qs:
         if q.kind != "paired":
             continue
@@ -694,10 +690,13 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
             tests.append(analysis.paired_test(d) if len(d) >= 2 else None)
         dependent = any(t and t["lo"] > 0 for t in tests) and any(t and t["hi"] < 0 for t in tests)
         dependents += dependent
-        lines.append(f"| {q.id} | " + " | ".join(report._ci(t) if t else "—" for t in tests) +
+        table.append(f"| {q.id} | " + " | ".join(report._ci(t) if t else "—" for t in tests) +
                      f" | {'warm-start dependent' if dependent else ''} |")
-    lines[marks] = ("A question is marked *warm-start dependent* when two warm starts' intervals exclude 0 on opposite "
-                    f"sides: {dependents or 'none'} {'is' if dependents < 2 else 'are'}.")
+    lines += ["## Per warm start (final reward)", "",
+              "A question is marked *warm-start dependent* when two warm starts' intervals exclude 0 on opposite "
+              f"sides: {dependents or 'none'} {'is' if dependents < 2 else 'are'}.", "", *interim_rows,
+              "| question | " + " | ".join(f"warm start {w}" for w in warm_starts) + " | |",
+              "|---|" + "---|" * (len(warm_starts) + 1), *table]
     methods = [m for m in plan.DISPLAY_ORDER if any(r["method"] == m for r in rows)]
     evaluated = [r for r in regimes if r in started]
     measured, comps = analysis.regime_measurements(rows, regimes), analysis.comparisons(rows, evaluated)

@@ -35,11 +35,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # the chat template needs the letters of "user", "assistant", "system" and a newline
+ROLE_CHARACTERS = "\n" + "".join(sorted(set("userassistantsystem")))
+
 # Set (to the reason, said in the error) while a study whose runs were made from the assets already built builds
 # what it needs: a built folder whose spec differs from the code's then stops loud instead of being rebuilt under
 # those runs (``hmpo_verl.lab.study.run.keep_built``).
 KEEP_BUILT: ContextVar[str | None] = ContextVar("keep_built", default=None)
-ROLE_CHARACTERS = "\n" + "".join(sorted(set("userassistantsystem")))
 
 Problem = tuple[str, str]  # (user message, correct answer text)
 
