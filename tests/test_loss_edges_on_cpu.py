@@ -78,3 +78,42 @@ def test_an_overflowing_float32_loss_is_refused_by_name():
         _call(config, lp, old, adv, mask)
     loss, grad, _ = _call(config, lp.double(), old.double(), adv.double(), mask)  # float64: exact, e^95
     assert loss.item() == pytest.approx(math.exp(95.0), rel=1e-13)
+
+
+def test_a_zero_advantage_token_whose_share_overflows_contributes_nothing():
+    """A = 0 tokens contribute 0 whatever their log-ratio: a zero-advantage row (every GRPO group with one
+    reward) and, with per-token advantages, an A = 0 token beside others. In float32 their share e^95 or
+    e^100 is beyond the dtype, and inf * 0 was NaN: a spurious overflow error. Reference: verl's vanilla at
+    p = 1 (term for term the same loss); at p = -1 the A = 0 row still adds nothing."""
+    vanilla = get_policy_loss_fn("vanilla")
+    cases = [(torch.tensor([[100.0, 100.0], [0.1, -0.1]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]])),
+             (torch.tensor([[95.0, 0.1, -0.1]]), torch.tensor([[0.0, 1.0, 1.0]]))]
+    for lp, adv in cases:
+        old, mask = torch.zeros_like(lp), torch.ones_like(lp, dtype=torch.bool)
+        config = actor_config("power_mean", power=1.0)
+        loss, grad, _ = _call(config, lp, old, adv, mask)
+        leaf = lp.clone().requires_grad_()
+        ref, _ = vanilla(old, leaf, adv, mask, "token-mean", config, None)
+        ref.backward()
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)  # float32: a few ulps apart
+        torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=0)
+    lp, adv = cases[0]
+    loss, grad, _ = _call(actor_config("hmpo"), lp, torch.zeros_like(lp), adv, torch.ones_like(lp, dtype=torch.bool))
+    second = _call(actor_config("hmpo"), lp[1:], torch.zeros_like(lp[1:]), adv[1:], torch.ones_like(lp[1:], dtype=torch.bool))
+    assert loss.item() == pytest.approx(second[0].item() / 2, rel=1e-6)  # token-mean over 4 tokens, 2 of them 0
+    assert torch.equal(grad[0], torch.zeros(2)) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype, p", [(torch.float32, 1e38), (torch.float32, -1e38), (torch.float64, 1e307)])
+def test_a_masked_entry_does_not_matter_where_p_times_the_row_extreme_overflows(dtype, p):
+    """|p * e| beyond the dtype (e the row's extreme log-ratio): a zero-padded entry's (0 - e) * p is +-inf, and
+    masking it by a product gave inf * 0 = NaN for the whole row. Reference: the same valid entries unpadded;
+    masked entries holding NaN, inf or a duplicate change nothing."""
+    d = torch.tensor([[40.0, 20.0], [-30.0, -50.0]], dtype=dtype)
+    ref_m, ref_w = log_mean_and_weights(d, p)
+    assert torch.isfinite(ref_m).all()
+    for filler in (math.nan, math.inf, 0.0, 2.0):
+        padded = torch.cat([d, torch.full((2, 1), filler, dtype=dtype)], 1)
+        mask = torch.tensor([[True, True, False], [True, True, False]])
+        log_m, w = log_mean_and_weights(padded, p, mask)
+        assert torch.equal(log_m, ref_m) and torch.equal(w[:, :2], ref_w) and torch.equal(w[:, 2], torch.zeros(2, dtype=dtype))

@@ -142,7 +142,9 @@ def _finite_power(d: torch.Tensor, rows: Rows, p: Union[float, torch.Tensor]):
         e = rows.extreme(d, largest=p > 0)
     c = p * e
     k = c.clamp(0.0, 1.0)
-    y = (d - e.unsqueeze(-1)).mul_(p_col).add_(k.unsqueeze(-1)).mul_(rows.weight)  # x_t - s, 0 at invalid
+    y = (d - e.unsqueeze(-1)).mul_(p_col).add_(k.unsqueeze(-1))  # x_t - s
+    # 0 at invalid entries by selection, not by product: there p * (0 - e) may be +-inf (|p * e| beyond the dtype)
+    torch.where(rows.valid, y, torch.zeros((), dtype=y.dtype), out=y)
     f = torch.expm1(y)
     n_safe = rows.n.clamp(min=1)
     mean_f = f.sum(-1) / n_safe
