@@ -75,6 +75,15 @@ def test_power_mean_with_plain_config_stops_the_driver_saying_what_to_set():
         (["actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.AdaptivePowerMeanLossConfig",
           "actor_rollout_ref.actor.policy_loss.loss_mode=adaptive_power_mean",
           "+actor_rollout_ref.actor.policy_loss.p_min=0.5"], "policy_loss.p_min"),
+        # the actor's clip bounds for our losses (a NaN one silently turned its clip off)
+        (["actor_rollout_ref.actor.policy_loss.loss_mode=hmpo", "actor_rollout_ref.actor.clip_ratio_low=nan"],
+         "actor_rollout_ref.actor.clip_ratio_low=nan"),
+        (["actor_rollout_ref.actor.policy_loss.loss_mode=hmpo", "actor_rollout_ref.actor.clip_ratio_low=.nan"],
+         "actor_rollout_ref.actor.clip_ratio_low='.nan' is invalid; allowed: a number"),
+        (["actor_rollout_ref.actor.policy_loss.loss_mode=agm", "actor_rollout_ref.actor.clip_ratio_c=0.5"],
+         "actor_rollout_ref.actor.clip_ratio_c=0.5"),
+        (["actor_rollout_ref.actor.policy_loss.loss_mode=hmpo", "actor_rollout_ref.actor.clip_ratio_high=-0.1"],
+         "actor_rollout_ref.actor.clip_ratio_high=-0.1"),
     ],
 )
 def test_driver_validation_rejects_bad_values_before_ray(overrides, field_name):

@@ -40,6 +40,10 @@ def test_openrlhf_own_loss_types_run_unchanged():
      "--pm.clip_level='tokens' is invalid; allowed: token, sequence"),
     (["--actor.policy_loss_type", "hmpo", "--pm.power", "0.5"], "--pm.power=0.5 conflicts with loss_mode='hmpo'"),
     (["--actor.policy_loss_type", "gspo", "--pm.power", "0.5"], "--pm.power is invalid with --actor.policy_loss_type='gspo'"),
+    (["--actor.policy_loss_type", "power_mean"], "--actor.policy_loss_type=power_mean needs a power p: set --pm.power"),
+    (["--actor.policy_loss_type", "agm", "--pm.power", "0.5"], "--pm.power=0.5: not read with loss_mode='agm'"),
+    (["--actor.policy_loss_type", "power_mean", "--pm.power", "0.5", "--pm.p_min", "-1"],
+     "--pm.p_min=-1.0: not read with loss_mode='power_mean'"),
 ])
 def test_bad_options_stop_before_ray_with_the_flag_named(argv, message):
     with pytest.raises(SystemExit) as stop:

@@ -10,7 +10,8 @@ not installed. Everything else is OpenRLHF's code as shipped:
     with OpenRLHF's global normalisers (dp_size, batch_num_tokens, global_batch_size), and with each of its
     train/rollout importance-sampling corrections (TIS, ICEPOP, seq-mask-tis, binary-KL and TV gates);
 loss, gradient and the returned clip_ratio / ppo_kl in float64, random inputs with ragged masks, an
-empty row and garbage at masked positions. The differences by design are pinned below.
+empty row and garbage at masked positions. The differences by design are pinned below, and so is where ours
+is right or loud and OpenRLHF's is not: NaN / inf log-probs under its IS correction.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hmpo_verl.guards.finite import NonFiniteInputError
 from hmpo_verl.host_loss import LossOptions
 from hmpo_verl.openrlhf import PowerMeanPolicyLoss
 
@@ -225,3 +227,43 @@ def test_is_correction_at_sequence_clip_gates_as_ppo_does(openrlhf_loss):
     torch.testing.assert_close(a[0], expected.mean(), **TIGHT)
     torch.testing.assert_close(a[1], -adv * s * c / (n.clamp(min=1) * rows.sum()), **TIGHT)
     assert not torch.allclose(a[0], b[0])
+
+
+# right or loud where OpenRLHF's own gate is not: NaN / inf log-probs at a valid position raise (OpenRLHF's gate
+# drops the token or row silently); at a masked position they do not matter (OpenRLHF's masked_mean makes them NaN)
+NON_FINITE = [math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("scheme", IS_SCHEMES)
+@pytest.mark.parametrize("field", ["old_log_probs", "rollout_log_probs"])
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_non_finite_log_probs_at_a_valid_position_are_named(scheme, field, value):
+    logp, old, adv, mask = batch()
+    inputs = {"old_log_probs": old.clone(), "rollout_log_probs": old - 0.01}
+    inputs[field][0, 1] = value  # row 0 has at least one valid token: position 1 is valid by the seed
+    assert mask[0, 1]
+    ours = PowerMeanPolicyLoss(**IS_SCHEMES[scheme])
+    with pytest.raises(NonFiniteInputError, match=f"^{field} has 1 non-finite value"):
+        ours(logp, inputs["old_log_probs"], adv, mask, inputs["rollout_log_probs"])
+
+
+@pytest.mark.parametrize("scheme", IS_SCHEMES)
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_non_finite_log_probs_at_masked_positions_do_not_matter(openrlhf_loss, scheme, value):
+    """Reference: OpenRLHF's own ppo on the same batch with finite garbage at the masked positions."""
+    kw = dict(clip_eps_low=0.1, clip_eps_high=0.15, token_level_loss=False, **IS_SCHEMES[scheme])
+    theirs = openrlhf_loss.PolicyLoss(**kw, policy_loss_type="ppo")
+    ours = PowerMeanPolicyLoss(**kw, policy_loss_type="power_mean", options=LossOptions("power_mean", power=1.0))
+    logp, old, adv, mask = batch(noise=0.3, token_adv=True)
+    rollout = old + 0.1 * torch.randn(B, T, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    a = run(ours, torch.where(mask, logp, value), torch.where(mask, old, value), adv, mask,
+            rollout_log_probs=torch.where(mask, rollout, value))
+    b = run(theirs, logp, old, adv, mask, rollout_log_probs=torch.where(mask, rollout, 0.0))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6 if x.dtype == torch.float32 else 1e-12, atol=1e-14)
+
+
+def test_power_mean_without_a_power_is_refused():
+    """As the verl adapter: power_mean has no default p (hmpo is p = -1)."""
+    with pytest.raises(ValueError, match=r"policy_loss_type='power_mean' needs a power p: pass options="):
+        PowerMeanPolicyLoss(policy_loss_type="power_mean")

@@ -9,13 +9,17 @@ backend, whose pydantic models need 3.12): the `skyrl.backends` package is enter
   * power=1, clip_level="token"    == SkyRL's regular: to float32 rounding, since SkyRL computes the token
     ratio in float32 (`safe_exp_delta`), which also clamps log r at +-20 (not reached here);
 for SkyRL's loss reductions (advantages pre-scaled as SkyRL does) and with its token TIS correction.
+Also: bad options and clip epsilons are named; NaN / inf log-probs under SkyRL's off-policy correction
+raise at valid positions and do not matter at masked ones (SkyRL's own correction is not right or loud).
 """
 
 from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -35,6 +39,7 @@ if sys.version_info < (3, 12) and "skyrl.backends" not in sys.modules:
 from skyrl.backends.skyrl_train.utils import ppo_utils  # noqa: E402
 from skyrl.train.config import AlgorithmConfig, OffPolicyCorrectionConfig  # noqa: E402
 
+from hmpo_verl.guards.finite import NonFiniteInputError  # noqa: E402
 from hmpo_verl.host_loss import LossOptions  # noqa: E402
 from hmpo_verl.skyrl import policy_loss, register, split_overrides  # noqa: E402
 
@@ -131,10 +136,76 @@ def test_registered_by_name_through_the_entry_points_overrides():
      "hmpo.clip_level='seq' is invalid; allowed: token, sequence"),
     (["trainer.algorithm.policy_loss_type=gspo", "hmpo.power=0"], "hmpo.power is invalid with"),
     (["trainer.algorithm.policy_loss_type=hmpo", "hmpo.pwer=0"], "hmpo.pwer is not an option"),
+    (["trainer.algorithm.policy_loss_type=agm", "hmpo.agm_iters=3.0"],
+     "hmpo.agm_iters='3.0' is invalid; allowed: null (exact limit sqrt(A*H)) or an integer >= 0"),
+    # as the verl adapter: power_mean has no default p (hmpo is p = -1)
+    (["trainer.algorithm.policy_loss_type=power_mean"], "power_mean needs a power p: set hmpo.power=<p>"),
+    (["trainer.algorithm.policy_loss_type=power_mean", "+hmpo.power=0.5"],
+     "'+hmpo.power=0.5' is invalid; allowed: hmpo.power=<value>"),
 ])
 def test_bad_options_are_named(argv, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         split_overrides(argv)
+
+
+@pytest.mark.parametrize("low, high", [(-0.1, 0.2), (0.2, -0.5), (1.5, 0.2), (float("nan"), 0.2)])
+def test_bad_clip_epsilons_are_named(low, high):
+    fn = policy_loss(LossOptions("power_mean", power=1.0))
+    with pytest.raises(ValueError, match=rf"^trainer.algorithm.eps_clip_low={low}, trainer.algorithm.eps_clip_high="
+                                         rf"{high} are invalid for clip_space='ratio'"):
+        run(fn, config("power_mean", "token_mean", low=low, high=high), *batch("token_mean")[:4])
+
+
+def test_seq_ratio_metric_is_clamped_as_the_other_adapters():
+    """log s = 95 in float32: the loss is finite (clipped), the metric is e^20 (log s clamped to +-20, as the verl
+    and TRL adapters' pm/seq_ratio_mean), not inf."""
+    logp = torch.full((1, 3), 95.0)
+    fn = policy_loss(LossOptions("power_mean", power=-1.0, clip_level="sequence"))
+    inputs = (logp, torch.zeros_like(logp), torch.ones_like(logp), torch.ones_like(logp))  # logp, old, adv, mask
+    loss, grad, metrics = run(fn, config("power_mean", "token_mean"), *inputs)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert metrics["pm/seq_ratio_mean"] == pytest.approx(math.exp(20.0), rel=1e-12)
+
+
+CORRECTIONS = {  # SkyRL's token and sequence TIS, its geometric sequence mask
+    "token-tis": dict(tis_ratio_type="token", token_tis_ratio_clip_high=1.05),
+    "seq-tis": dict(tis_ratio_type="sequence", sequence_tis_ratio_clip_high=1.5),
+    "geo-mask": dict(sequence_mask_metric="geometric", geo_mask_low=0.97, geo_mask_high=1.03),
+}
+NON_FINITE = [math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("correction", CORRECTIONS)
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_non_finite_log_probs_at_masked_positions_do_not_matter(correction, value):
+    """Reference: SkyRL's own regular on the same batch with finite garbage at the masked positions."""
+    kw = dict(low=0.1, high=0.15, off_policy_correction=OffPolicyCorrectionConfig(**CORRECTIONS[correction]))
+    logp, old, adv, mask, rollout = batch("token_mean", noise=0.4, token_adv=True)
+    masked = mask == 0
+    ours = run(policy_loss(LossOptions("power_mean", power=1.0)), config("power_mean", "token_mean", **kw),
+               logp.masked_fill(masked, value), old.masked_fill(masked, value), adv, mask,
+               rollout.masked_fill(masked, value))
+    theirs = run(ppo_utils.PolicyLossRegistry.get("regular"), config("regular", "token_mean", **kw),
+                 logp, old, adv, mask, rollout.masked_fill(masked, 0.0))
+    torch.testing.assert_close(ours[0], theirs[0], **FLOAT32)
+    torch.testing.assert_close(ours[1], theirs[1], **FLOAT32)
+    assert {k: ours[2][k] for k in theirs[2]} == pytest.approx(theirs[2], rel=1e-9)
+    assert ours[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("correction", CORRECTIONS)
+@pytest.mark.parametrize("field", ["old_log_probs", "rollout_logprobs"])
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_non_finite_log_probs_at_a_valid_position_are_named(correction, field, value):
+    kw = dict(off_policy_correction=OffPolicyCorrectionConfig(**CORRECTIONS[correction]))
+    logp, old, adv, mask, rollout = batch("token_mean")
+    inputs = {"old_log_probs": old, "rollout_logprobs": rollout}
+    assert mask[0, 0] == 1
+    inputs[field] = inputs[field].clone()
+    inputs[field][0, 0] = value
+    with pytest.raises(NonFiniteInputError, match=f"^{field} has 1 non-finite value"):
+        run(policy_loss(LossOptions("power_mean", power=1.0)), config("power_mean", "token_mean", **kw),
+            logp, inputs["old_log_probs"], adv, mask, inputs["rollout_logprobs"])
 
 
 def test_the_adapter_imports_neither_verl_trl_nor_openrlhf():

@@ -117,15 +117,25 @@ def test_log_space_allows_epsilon_above_one_and_defaults(tmp_path):
 
 
 def test_options_parse_from_the_command_line(tmp_path):
-    """TRL users configure through HfArgumentParser; our fields (Optional ones included) must parse."""
+    """TRL users configure through HfArgumentParser; our fields (Optional ones included) must parse, and an
+    option the chosen mean or adapt rule does not read is refused by name (it would silently do nothing)."""
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(PowerMeanGRPOConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--per_device_train_batch_size", "2",
-         "--num_generations", "2", "--report_to", "none", "--power", "-0.5", "--clip_level", "sequence",
-         "--adapt", "schedule", "--agm_iters", "3"]
-    )
-    assert (args.power, args.clip_level, args.adapt, args.agm_iters) == (-0.5, "sequence", "schedule", 3)
+    common = ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--per_device_train_batch_size", "2",
+              "--num_generations", "2", "--report_to", "none"]
+
+    def parse(*extra):
+        return HfArgumentParser(PowerMeanGRPOConfig).parse_args_into_dataclasses([*common, *extra])[0]
+
+    args = parse("--power", "-0.5", "--clip_level", "sequence")
+    assert (args.power, args.clip_level, args.adapt, args.agm_iters) == (-0.5, "sequence", None, None)
+    args = parse("--mean", "agm", "--agm_iters", "3")
+    assert (args.mean, args.agm_iters) == ("agm", 3)
+    args = parse("--adapt", "schedule", "--p_start", "1.5")
+    assert (args.adapt, args.p_start) == ("schedule", 1.5)
+    with pytest.raises(ValueError, match=rf"^{PREFIX}\.power=-0\.5, {PREFIX}\.agm_iters=3: not read with "
+                                         r"adapt='schedule', so the run would ignore it"):
+        parse("--power", "-0.5", "--adapt", "schedule", "--agm_iters", "3")
 
 
 REWARD_BAD = [("reward_gamma", -0.1), ("reward_gamma", math.inf), ("feedback_clip", 1), ("feedback_clip_min", -0.1),

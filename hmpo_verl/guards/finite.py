@@ -36,6 +36,15 @@ def first_non_finite(inputs: dict, valid: torch.Tensor) -> Optional[tuple[str, i
     return None
 
 
+def zeroed_where_masked(inputs: dict, valid: torch.Tensor, mask_name: str) -> list:
+    """`inputs` (name -> `(B, T)` tensor) with 0 at masked positions, for a host's code that masks by products
+    (NaN or inf there would poison a row); `NonFiniteInputError` naming the first input that is NaN or inf at a
+    valid position (`mask_name`: the host's name of the mask). `valid`: `(B, T)` bool."""
+    if found := first_non_finite(inputs, valid):
+        raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid ({mask_name}) positions")
+    return [torch.where(valid, tensor, 0.0) for tensor in inputs.values()]
+
+
 def check_surrogate_finite(terms, inputs: dict, mask_name: str) -> None:
     """Raise `NonFiniteInputError` if a loss call's surrogate is not finite: naming the input (of `inputs`,
     name -> `(B, T)` tensor or None) that holds NaN or inf at a valid position, else an overflow.

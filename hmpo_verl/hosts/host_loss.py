@@ -23,7 +23,15 @@ import torch
 
 from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
 from hmpo_verl.guards.finite import NonFiniteInputError, first_non_finite
-from hmpo_verl.maths.options import DEFAULTS, HMPO_POWER, check_adaptive_options, check_choice, check_mean_options
+from hmpo_verl.maths.options import (
+    DEFAULTS,
+    HMPO_POWER,
+    check_adaptive_options,
+    check_choice,
+    check_mean_options,
+    check_unread_options,
+    loss_mode_rule,
+)
 from hmpo_verl.maths.surrogate import SurrogateTerms, TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 LOSS_MODES = ("hmpo", "power_mean", "agm", "adaptive_power_mean")
@@ -72,6 +80,9 @@ class LossOptions:
                                  "pass its policy loss)")
             check_adaptive_options(prefix, self.adapt, self.p_min, self.p_max, self.sign_rule, self.ess_target_min,
                                    "linear", 0.0, 0.0, 1, self.clip_level)
+        adaptive = self.loss_mode == "adaptive_power_mean"
+        check_unread_options(prefix, self, loss_mode_rule(self.loss_mode, self.adapt),
+                             f"loss_mode={self.loss_mode!r}" + (f", adapt={self.adapt!r}" if adaptive else ""))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

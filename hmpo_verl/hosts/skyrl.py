@@ -8,18 +8,22 @@ own entry point (`trainer.override_entrypoint`). This module is that entry point
         trainer.algorithm.policy_loss_type=hmpo [hmpo.power=... hmpo.clip_level=...] <SkyRL's overrides>
 
 `main()` takes the `hmpo.*` options out of the overrides (validated: an error names the option
-before Ray starts), registers the loss named by `trainer.algorithm.policy_loss_type` (one of
-hmpo, power_mean, agm, adaptive_power_mean) with those options, and runs SkyRL's own `main()`,
-which syncs the registry to its workers. In Python, `register(name, LossOptions(...))` does the same.
+before Ray starts; power_mean has no default p and needs `hmpo.power`, as in verl), registers the
+loss named by `trainer.algorithm.policy_loss_type` (one of hmpo, power_mean, agm,
+adaptive_power_mean) with those options, and runs SkyRL's own `main()`, which syncs the registry to
+its workers. In Python, `register(name, LossOptions(...))` does the same.
 
 The loss has SkyRL's policy-loss signature and conventions (`ppo_policy_loss`, `gspo_policy_loss`):
 the per-token loss is `hmpo_verl.host_loss.loss_matrix` (the surrogate of the verl and TRL adapters),
-clip bounds [1 - eps_clip_low, 1 + eps_clip_high], log s clamped at 10 at sequence level (as SkyRL's
-gspo), SkyRL's `apply_off_policy_correction` (TIS / sequence masks from `off_policy_correction`)
-applied to it, and SkyRL's `reduce_loss` (a masked sum: SkyRL scales the advantages for its
+clip bounds [1 - eps_clip_low, 1 + eps_clip_high] (checked on each call, the fields named), log s
+clamped at 10 at sequence level (as SkyRL's gspo), SkyRL's `apply_off_policy_correction` (TIS /
+sequence masks from `off_policy_correction`) applied to it (right or loud where SkyRL's is not: the
+log-probs it reads are zeroed at masked positions, and NaN / inf at a valid one raises
+`NonFiniteInputError`), and SkyRL's `reduce_loss` (a masked sum: SkyRL scales the advantages for its
 `loss_reduction` beforehand). Metrics: SkyRL's `clip_ratio` (valid tokens whose clip is active), the
-correction's metrics, and `pm/seq_ratio_mean`, `pm/log_ah_gap`, `pm/ess_frac`. No dual clip (SkyRL's
-regular has none). verl and TRL are not imported.
+correction's metrics, and `pm/seq_ratio_mean` (log s clamped to +-20, as the verl and TRL adapters'
+metric), `pm/log_ah_gap`, `pm/ess_frac`. No dual clip (SkyRL's regular has none). verl and TRL are
+not imported.
 """
 
 from __future__ import annotations
@@ -30,17 +34,23 @@ from typing import Optional
 import torch
 
 try:
-    from skyrl.backends.skyrl_train.utils.off_policy_correction_utils import apply_off_policy_correction
+    from skyrl.backends.skyrl_train.utils.off_policy_correction_utils import (
+        apply_off_policy_correction,
+        off_policy_correction_enabled,
+    )
     from skyrl.backends.skyrl_train.utils.ppo_utils import PolicyLossRegistry, reduce_loss
 except ImportError as err:  # say which install brings it
     raise ImportError(f"hmpo_verl.skyrl needs SkyRL 0.4 ({err}): pip install 'hmpo-verl[skyrl]'") from err
 
+from hmpo_verl.guards.finite import zeroed_where_masked
 from hmpo_verl.hosts.host_loss import LOSS_MODES, LossOptions, loss_matrix
+from hmpo_verl.maths.options import check_clip_bounds
 from hmpo_verl.maths.surrogate import TrustRegion
 
 OPTION_PREFIX = "hmpo."
 LOSS_KEY = "trainer.algorithm.policy_loss_type="
 ENTRY_KEY = "trainer.override_entrypoint="
+CLIP_FIELDS = ("trainer.algorithm.eps_clip_low", "trainer.algorithm.eps_clip_high")
 
 
 def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> float:
@@ -59,6 +69,7 @@ def policy_loss(options: LossOptions):
         loss_mask: Optional[torch.Tensor] = None,
         rollout_logprobs: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        check_clip_bounds(config.eps_clip_low, config.eps_clip_high, options.clip_space, CLIP_FIELDS)
         region = TrustRegion.from_eps(options.clip_level, options.clip_space, config.eps_clip_low, config.eps_clip_high)
         mask = torch.ones_like(log_probs, dtype=torch.bool) if loss_mask is None else loss_mask
         loss, terms = loss_matrix(options, region, log_probs, old_log_probs, advantages, mask)
@@ -66,10 +77,14 @@ def policy_loss(options: LossOptions):
         rows = n > 0
         metrics = {
             "clip_ratio": (terms.clipped.sum() / n.sum().clamp(min=1)).item(),
-            "pm/seq_ratio_mean": _masked_row_mean(torch.exp(terms.log_seq_ratio), rows),
+            "pm/seq_ratio_mean": _masked_row_mean(terms.seq_ratio_for_metrics, rows),
             "pm/log_ah_gap": _masked_row_mean(terms.log_ah_gap, rows),
             "pm/ess_frac": _masked_row_mean(terms.ess / n.clamp(min=1), rows),
         }
+        if rollout_logprobs is not None and off_policy_correction_enabled(config.off_policy_correction):
+            # SkyRL's correction turns NaN into a NaN gradient or a silently kept row: right or loud here
+            old_log_probs, rollout_logprobs = zeroed_where_masked(
+                {"old_log_probs": old_log_probs, "rollout_logprobs": rollout_logprobs}, mask.bool(), "loss_mask")
         loss, loss_mask, correction = apply_off_policy_correction(
             loss, old_log_probs, rollout_logprobs, loss_mask, config.off_policy_correction
         )
@@ -88,8 +103,11 @@ def register(name: str, options: LossOptions) -> None:
 def split_overrides(argv: list[str]) -> tuple[Optional[LossOptions], list[str]]:
     """(the options of the loss named by trainer.algorithm.policy_loss_type, or None if it is not ours; SkyRL's
     overrides without ours and without trainer.override_entrypoint). Raises ValueError naming the option."""
-    ours = {a[len(OPTION_PREFIX):].split("=", 1)[0]: a.split("=", 1)[1] for a in argv
-            if a.startswith(OPTION_PREFIX) and "=" in a}
+    for a in argv:
+        if a.lstrip("+").startswith(OPTION_PREFIX) and (a.startswith("+") or "=" not in a):
+            name = a.lstrip("+").split("=", 1)[0]
+            raise ValueError(f"{a!r} is invalid; allowed: {name}=<value> (SkyRL's overrides take no '+')")
+    ours = {a[len(OPTION_PREFIX):].split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith(OPTION_PREFIX)}
     rest = [a for a in argv if not a.startswith((OPTION_PREFIX, ENTRY_KEY))]
     loss = next((a[len(LOSS_KEY):] for a in argv if a.startswith(LOSS_KEY)), None)
     if loss not in LOSS_MODES:
@@ -101,7 +119,10 @@ def split_overrides(argv: list[str]) -> tuple[Optional[LossOptions], list[str]]:
     for key in ours:
         if key not in known:
             raise ValueError(f"hmpo.{key} is not an option; allowed: {', '.join(f'hmpo.{k}' for k in sorted(known))}")
-    return LossOptions(loss_mode=loss, prefix="hmpo", **{k: _value(k, v) for k, v in ours.items()}), rest
+    options = LossOptions(loss_mode=loss, prefix="hmpo", **{k: _value(k, v) for k, v in ours.items()})
+    if loss == "power_mean" and "power" not in ours:  # as the verl adapter: power_mean has no default p
+        raise ValueError(f"{LOSS_KEY}power_mean needs a power p: set hmpo.power=<p> (or use {LOSS_KEY}hmpo for p=-1)")
+    return options, rest
 
 
 def _value(key: str, text: str):
@@ -109,7 +130,12 @@ def _value(key: str, text: str):
     if key in ("clip_level", "clip_space", "sign_rule", "adapt"):
         return text
     if key == "agm_iters":
-        return None if text in ("null", "None") else int(text)
+        if text in ("null", "None"):
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            return text  # not an integer: LossOptions refuses it, naming hmpo.agm_iters and the allowed values
     try:
         return float(text)
     except ValueError:

@@ -88,6 +88,7 @@ from hmpo_verl.maths.options import (
     check_clip_bounds,
     check_mean_options,
     check_reward_adapt_options,
+    check_unread_options,
 )
 from hmpo_verl.maths.reward_adaptive import RewardStats, feedback_adaptive_clip, reward_adaptive_power
 from hmpo_verl.maths.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
@@ -172,6 +173,8 @@ def check_pm_options(args) -> None:
     if args.adapt == "reward":
         check_reward_adapt_options(PREFIX, args.reward_gamma, args.feedback_clip, args.feedback_clip_min,
                                    args.feedback_clip_max, args.feedback_delta, args.clip_level, args.clip_space)
+    chosen = f"adapt={args.adapt!r}" if args.adapt is not None else f"mean={args.mean!r}"
+    check_unread_options(PREFIX, args, args.adapt or args.mean, chosen)
     check_choice(PREFIX, "loss_type", args.loss_type, LOSS_TYPES)
     check_choice(PREFIX, "importance_sampling_level", args.importance_sampling_level, ("token",))
     check_clip_bounds(args.epsilon, _epsilon_high(args), args.clip_space,

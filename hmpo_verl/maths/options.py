@@ -41,6 +41,43 @@ DEFAULTS = MappingProxyType({
 ESS_BOUND_MAX = 1e4
 
 
+# The options each rule reads: "power" (a fixed p: hmpo, power_mean; TRL's mean='power'), "agm", the adapt
+# rules, and None (a host's own loss, e.g. verl's vanilla, which reads none). `adapt` selects the rule and is
+# not listed. Any other option set away from its default would do nothing: `check_unread_options` refuses it.
+_CLIP = ("clip_level", "clip_space")
+READS = MappingProxyType({
+    "power": (*_CLIP, "power"),
+    "agm": (*_CLIP, "agm_iters"),
+    "ess": (*_CLIP, "p_min", "p_max", "sign_rule", "ess_target_min"),
+    "schedule": (*_CLIP, "schedule", "p_start", "p_end", "schedule_steps"),
+    "reward": (*_CLIP, "reward_gamma", "feedback_clip", "feedback_clip_min", "feedback_clip_max", "feedback_delta"),
+    None: (),
+})
+# verl's loss_mode names (shared by the OpenRLHF and SkyRL adapters) -> the rule of READS
+LOSS_MODE_RULES = MappingProxyType({"hmpo": "power", "power_mean": "power", "agm": "agm"})
+
+
+def loss_mode_rule(loss_mode: str, adapt: Optional[str]) -> Optional[str]:
+    """The READS rule of a verl-style `loss_mode` (`adapt` for adaptive_power_mean; None: not one of ours)."""
+    return adapt if loss_mode == "adaptive_power_mean" else LOSS_MODE_RULES.get(loss_mode)
+
+
+def check_unread_options(prefix: str, options: Any, rule: Optional[str], chosen: str) -> None:
+    """Refuse options of `options` (an object with any of DEFAULTS' fields; absent ones are the default) that
+    are set away from their default but not read by `rule`: the run would silently ignore them.
+
+    `chosen`: the setting that picked the rule, for the message (e.g. "loss_mode='agm'").
+    """
+    unread = [(name, getattr(options, name)) for name in DEFAULTS
+              if name != "adapt" and name not in READS[rule] and hasattr(options, name)
+              and getattr(options, name) != DEFAULTS[name]]
+    if unread:
+        named = ", ".join(f"{prefix}.{name}={value!r}" for name, value in unread)
+        defaults = ", ".join(f"{name}={DEFAULTS[name]!r}" for name, _ in unread)
+        raise ValueError(f"{named}: not read with {chosen}, so the run would ignore it; allowed: the default "
+                         f"({defaults}), or a loss mode / adapt rule that reads it")
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -23,8 +23,9 @@ use); OpenRLHF's conventions kept here:
     `ppo`: the gate's coefficient multiplies each token's loss term, value and gradient (`is_correction`).
 Where it differs from OpenRLHF's own `ppo` / `gspo` (README, "OpenRLHF"): no clamp of the token
 log-ratio at +-20 (ppo), per-token advantages enter GSPO-token style (gspo), `gspo` forces
-seq-mean-token-mean while this loss follows `token_level_loss`, and with IS correction on OpenRLHF's
-`gspo` takes the sequence ratio against the rollout policy with no gate, while this loss gates as `ppo` does.
+seq-mean-token-mean while this loss follows `token_level_loss`, with IS correction on OpenRLHF's
+`gspo` takes the sequence ratio against the rollout policy with no gate, while this loss gates as `ppo` does,
+and NaN / inf log-probs raise at valid positions and do not matter at masked ones (`is_correction`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from hmpo_verl.guards.finite import zeroed_where_masked
 from hmpo_verl.hosts.host_loss import LOSS_MODES, LossOptions, loss_matrix
 from hmpo_verl.maths.options import check_choice, check_clip_bounds
 from hmpo_verl.maths.surrogate import TrustRegion
@@ -52,18 +54,24 @@ IMPORTERS = ("openrlhf.models", "openrlhf.trainer.ray.ppo_actor")
 
 
 def _masked_mean(x, mask, dim=None):
-    """OpenRLHF's `masked_mean` (no guard against an empty mask)."""
-    return x.mean(dim=dim) if mask is None else (x * mask).sum(dim=dim) / mask.sum(dim=dim)
+    """OpenRLHF's `masked_mean` (no guard against an empty mask); `x` is zero at masked positions here."""
+    return (x * mask).sum(dim=dim) / mask.sum(dim=dim)
 
 
 def is_correction(old_log_probs, rollout_log_probs, mask, level, mode, gating, threshold):
     """OpenRLHF 0.11.2's train/rollout importance-sampling gate (`PolicyLoss.forward`, restated for the reason
-    given at `aggregate_loss`; pinned to it by tests/test_openrlhf_parity.py).
+    given at `aggregate_loss`; pinned to it by tests/test_openrlhf_parity.py), right or loud where OpenRLHF's
+    is not: NaN / inf at a valid position raises `NonFiniteInputError` (OpenRLHF's gate makes a NaN a dropped
+    token or row, silently), and masked positions are zeroed first (OpenRLHF's `masked_mean` multiplies them by
+    the mask, so a NaN or inf there drops the row); on finite inputs the two agree.
 
-    Args: `(B, T)` log-probs of the old (train) and the rollout policy, the mask; OpenRLHF's options.
+    Args: `(B, T)` log-probs of the old (train) and the rollout policy, the mask `(B, T)` (bool or 0/1);
+    OpenRLHF's options.
     Returns `(coef (B, T), vllm_kl, is_filter_ratio)`: coef multiplies each token's loss; vllm_kl is the mean of
     log pi_rollout - log pi_old over valid tokens, is_filter_ratio the fraction of gated-out units.
     """
+    old_log_probs, rollout_log_probs = zeroed_where_masked(
+        {"old_log_probs": old_log_probs, "rollout_log_probs": rollout_log_probs}, mask.bool(), "action_mask")
     low, high = threshold
     seq_level = level == "seq"
     is_log_ratio = (old_log_probs - rollout_log_probs).detach()  # log(pi_train / pi_rollout)
@@ -115,7 +123,7 @@ class PowerMeanPolicyLoss(nn.Module):
 
     Args: OpenRLHF's (`clip_eps_low`, `clip_eps_high`, `dual_clip`, `token_level_loss`,
     `policy_loss_type` -- here one of LOSS_MODES -- and the `is_correction_*` options); `options`: the power-mean options (default: those of `policy_loss_type`
-    with defaults, e.g. hmpo = p -1, token clip in ratio space).
+    with defaults, e.g. hmpo = p -1, token clip in ratio space; power_mean has no default p and needs them).
     """
 
     def __init__(
@@ -132,6 +140,9 @@ class PowerMeanPolicyLoss(nn.Module):
         options: Optional[LossOptions] = None,
     ) -> None:
         super().__init__()
+        if options is None and policy_loss_type == "power_mean":
+            raise ValueError(f"{PREFIX}.policy_loss_type='power_mean' needs a power p: pass "
+                             "options=LossOptions('power_mean', power=<p>) (or use policy_loss_type='hmpo' for p=-1)")
         options = options or LossOptions(loss_mode=policy_loss_type, prefix=PREFIX)
         if options.loss_mode != policy_loss_type:
             raise ValueError(f"{PREFIX}.policy_loss_type={policy_loss_type!r} conflicts with options.loss_mode="
@@ -181,7 +192,7 @@ class PowerMeanPolicyLoss(nn.Module):
             if rollout_log_probs is None:
                 raise ValueError(f"{PREFIX}: is_correction_level={self.is_correction_options[0]!r} needs "
                                  "rollout_log_probs (the rollout engine's log-probs)")
-            coef, vllm_kl, is_filter_ratio = is_correction(old_log_probs, rollout_log_probs, action_mask,
+            coef, vllm_kl, is_filter_ratio = is_correction(old_log_probs, rollout_log_probs, mask,
                                                            *self.is_correction_options)
         loss_mat, terms = loss_matrix(self.options, self.region, log_probs, old_log_probs, advantages, mask, coef)
         loss = aggregate_loss(loss_mat, mask, self.token_level_loss, dp_size, batch_num_tokens,

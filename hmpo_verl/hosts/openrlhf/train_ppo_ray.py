@@ -54,6 +54,9 @@ def split_argv(argv: list[str]) -> tuple[LossOptions | None, list[str]]:
                              f"{LOSS_FLAG} one of {', '.join(LOSS_MODES)}")
         return None, list(argv)
     options = LossOptions(loss_mode=ours.loss_type, prefix="--pm", **given)
+    if ours.loss_type == "power_mean" and "power" not in given:  # as every host: power_mean has no default p
+        raise ValueError(f"{LOSS_FLAG}=power_mean needs a power p: set --pm.power <p> (or use {LOSS_FLAG} hmpo "
+                         "for p=-1)")
     return options, [*rest, LOSS_FLAG, "ppo"]
 
 

@@ -18,11 +18,15 @@ def check_options(config) -> None:
     from verl.utils.config import omega_conf_to_dataclass
 
     from hmpo_verl.hosts.verl.config import ADV_ESTIMATORS, LOSS_OPTION_CLASSES, algo_options, loss_options
+    from hmpo_verl.hosts.verl.losses import trust_region
 
     policy_loss = OmegaConf.select(config, "actor_rollout_ref.actor.policy_loss", default=None)
     loss_mode = policy_loss.get("loss_mode", None) if policy_loss is not None else None
+    if policy_loss is not None and str(policy_loss.get("_target_", "")).startswith("hmpo_verl"):
+        omega_conf_to_dataclass(policy_loss)  # our class: bad or unread options (any loss_mode) raise here
     if loss_mode in LOSS_OPTION_CLASSES:
         options = loss_options(omega_conf_to_dataclass(policy_loss), loss_mode)
+        trust_region(OmegaConf.select(config, "actor_rollout_ref.actor"), options)  # the actor's clip bounds
         if getattr(options, "adapt", None) == "reward":
             raise ValueError(
                 "actor_rollout_ref.actor.policy_loss.adapt='reward' is not supported on verl's trainer yet: verl "

@@ -40,10 +40,14 @@ from hmpo_verl.maths.options import (
     check_advantage_options,
     check_mean_options,
     check_reward_adapt_options,
+    check_unread_options,
+    loss_mode_rule,
 )
 
 LOSS_PREFIX = "actor_rollout_ref.actor.policy_loss"
 ALGO_PREFIX = "algorithm"
+ALGO_DEFAULTS = {"risk_beta": 1.0, "norm_adv_by_std": False}
+ADV_ESTIMATORS = ("power_mean", "agm")
 
 
 @dataclass
@@ -73,6 +77,13 @@ class PowerMeanLossConfig(PolicyLossConfig):
     agm_iters: Optional[int] = DEFAULTS["agm_iters"]
 
     def __post_init__(self):
+        self._validate()
+        adapt = getattr(self, "adapt", DEFAULTS["adapt"])  # this class has no adapt: the default applies
+        chosen = f"loss_mode={self.loss_mode!r}" + (f", adapt={adapt!r}" if self.loss_mode == "adaptive_power_mean" else "")
+        check_unread_options(LOSS_PREFIX, self, loss_mode_rule(self.loss_mode, adapt), chosen)
+
+    def _validate(self):
+        """Each option's value (the subclass adds its own), before `__post_init__` refuses unread ones."""
         check_mean_options(LOSS_PREFIX, self.power, self.clip_level, self.clip_space, self.agm_iters)
         if self.loss_mode == "hmpo" and self.power != HMPO_POWER:
             raise ValueError(
@@ -130,8 +141,8 @@ class AdaptivePowerMeanLossConfig(PowerMeanLossConfig):
     feedback_clip_max: float = DEFAULTS["feedback_clip_max"]
     feedback_delta: float = DEFAULTS["feedback_delta"]
 
-    def __post_init__(self):
-        super().__post_init__()
+    def _validate(self):
+        super()._validate()
         check_adaptive_options(
             LOSS_PREFIX, self.adapt, self.p_min, self.p_max, self.sign_rule, self.ess_target_min, self.schedule,
             self.p_start, self.p_end, self.schedule_steps, self.clip_level,
@@ -158,11 +169,18 @@ class PowerMeanAlgoConfig(AlgoConfig):
     """
 
     adv_estimator: str = "power_mean"
-    risk_beta: float = 1.0
-    norm_adv_by_std: bool = False
+    risk_beta: float = ALGO_DEFAULTS["risk_beta"]
+    norm_adv_by_std: bool = ALGO_DEFAULTS["norm_adv_by_std"]
 
     def __post_init__(self):
         check_advantage_options(ALGO_PREFIX, self.risk_beta, self.norm_adv_by_std)
+        unread = {name: value for name, value in (("risk_beta", self.risk_beta), ("norm_adv_by_std", self.norm_adv_by_std))
+                  if value != ALGO_DEFAULTS[name]}
+        if self.adv_estimator not in ADV_ESTIMATORS and unread:
+            raise ValueError(
+                ", ".join(f"{ALGO_PREFIX}.{name}={value!r}" for name, value in unread.items())
+                + f": not read with adv_estimator={self.adv_estimator!r} (verl's own estimator), so the run would "
+                f"ignore it; allowed: the default, or adv_estimator in {ADV_ESTIMATORS}")
 
 
 # loss_mode -> options class; hmpo fixes the power.
@@ -172,7 +190,6 @@ LOSS_OPTION_CLASSES = {
     "agm": PowerMeanLossConfig,
     "adaptive_power_mean": AdaptivePowerMeanLossConfig,
 }
-ADV_ESTIMATORS = ("power_mean", "agm")
 
 _MISSING = object()
 

@@ -36,6 +36,7 @@ from hmpo_verl.guards.finite import check_surrogate_finite
 from hmpo_verl.maths.reward_adaptive import REWARD_FEEDBACK, feedback_adaptive_clip, reward_adaptive_power
 from hmpo_verl.maths.staleness import current_sample_lag, per_lag_sums
 from hmpo_verl.guards.steps import STEP_COUNTER
+from hmpo_verl.maths.options import check_clip_bounds, check_real
 from hmpo_verl.maths.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
 
 
@@ -47,30 +48,34 @@ def agg_loss(*args, **kwargs):
     return verl_agg_loss(*args, **kwargs)
 
 
+ACTOR = "actor_rollout_ref.actor"
+
+
+def _actor_number(config: Any, name: str, default: float) -> float:
+    """The actor config's clip field `name` (`default` where absent or null); a non-number raises, named."""
+    value = config.get(name, None)
+    value = default if value is None else value
+    check_real(ACTOR, name, value, allow_inf=True, what="a number")
+    return float(value)
+
+
 def _eps(config: Any) -> tuple[float, float]:
     """(eps_low, eps_high) from the actor config, falling back to clip_ratio as verl does."""
-    clip_ratio = config.get("clip_ratio", 0.2)
-    low = config.get("clip_ratio_low", None)
-    high = config.get("clip_ratio_high", None)
-    return float(clip_ratio if low is None else low), float(clip_ratio if high is None else high)
+    clip_ratio = _actor_number(config, "clip_ratio", 0.2)
+    return _actor_number(config, "clip_ratio_low", clip_ratio), _actor_number(config, "clip_ratio_high", clip_ratio)
 
 
-def _trust_region(config: Any, options: PowerMeanLossConfig, eps_high: Optional[float] = None) -> TrustRegion:
-    """The options' trust region with the actor's clip epsilons (`eps_high` replaces clip_ratio_high if given)."""
+def trust_region(config: Any, options: PowerMeanLossConfig, eps_high: Optional[float] = None) -> TrustRegion:
+    """The options' trust region with the actor's clip epsilons (`eps_high` replaces clip_ratio_high if given);
+    invalid bounds (NaN included) raise, named by their field (the driver checks them first: `check_options`)."""
     eps_low, config_high = _eps(config)
     eps_high = config_high if eps_high is None else eps_high
-    space = options.clip_space
-    if eps_high < 0 or eps_low < 0 or (space == "ratio" and eps_low > 1):
-        raise ValueError(
-            f"actor clip_ratio_low={eps_low}, clip_ratio_high={eps_high} are invalid for clip_space={space!r}; "
-            "allowed: clip_ratio_high >= 0 and 0 <= clip_ratio_low" + (" <= 1" if space == "ratio" else "")
-        )
     dual = None
-    if options.clip_level == "token" and space == "ratio":
-        dual = float(config.get("clip_ratio_c", 3.0))
-        if not dual > 1.0:
-            raise ValueError(f"actor clip_ratio_c={dual} is invalid; allowed: a number > 1 (dual-clip PPO)")
-    return TrustRegion.from_eps(options.clip_level, space, eps_low, eps_high, dual)
+    if options.clip_level == "token" and options.clip_space == "ratio":
+        dual = _actor_number(config, "clip_ratio_c", 3.0)
+    check_clip_bounds(eps_low, eps_high, options.clip_space, (f"{ACTOR}.clip_ratio_low", f"{ACTOR}.clip_ratio_high"),
+                      dual, f"{ACTOR}.clip_ratio_c")
+    return TrustRegion.from_eps(options.clip_level, options.clip_space, eps_low, eps_high, dual)
 
 
 def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -144,7 +149,7 @@ def power_mean_policy_loss(
 
 def _fixed_region(options: PowerMeanLossConfig, config: Any):
     """The trust region of the actor's clip settings, no extra metrics."""
-    return _trust_region(config, options), None
+    return trust_region(config, options), None
 
 
 def _registered(loss_mode: str, make_aggregator, make_region=_fixed_region):
@@ -218,9 +223,9 @@ def _adaptive_region(options: AdaptivePowerMeanLossConfig, config: Any):
     stats = REWARD_FEEDBACK.get()
     metrics = {"actor/pm/reward_mean": stats.mean}
     if not options.feedback_clip:
-        return _trust_region(config, options), metrics
+        return trust_region(config, options), metrics
     eps_high = feedback_adaptive_clip(stats, options.feedback_clip_min, options.feedback_clip_max, options.feedback_delta)
-    return _trust_region(config, options, eps_high), {**metrics, "actor/pm/clip_high": eps_high}
+    return trust_region(config, options, eps_high), {**metrics, "actor/pm/clip_high": eps_high}
 
 
 compute_policy_loss_adaptive_power_mean = _registered("adaptive_power_mean", _adaptive_aggregator, _adaptive_region)
