@@ -54,8 +54,9 @@ def truncate(path, keep=0.5):
 
 
 def config(root, mode="auto", save_freq=2, **trainer):
+    """A launch on 1 node x 2 GPUs: the world size of `write_checkpoint`'s shards."""
     return OmegaConf.create({"trainer": {"resume_mode": mode, "default_local_dir": str(root), "save_freq": save_freq,
-                                         "resume_from_path": None, **trainer},
+                                         "resume_from_path": None, "nnodes": 1, "n_gpus_per_node": 2, **trainer},
                              "actor_rollout_ref": {"actor": {"checkpoint": {"load_contents": ["model", "optimizer", "extra"]}}}})
 
 
@@ -265,7 +266,7 @@ class _Trainer:
 
 
 def test_a_failed_save_names_the_directory_and_the_intact_checkpoint(tmp_path):
-    write_checkpoint(tmp_path, 2, world=1)
+    write_checkpoint(tmp_path, 2)
     guard_saves(_Trainer)
     guard_saves(_Trainer)  # idempotent
     disk_full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # torch.save on ENOSPC

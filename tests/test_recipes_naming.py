@@ -38,6 +38,38 @@ def test_logging_saving_and_length_keep_the_name(override):
     assert name_and_dir(override)[0] == BASE
 
 
+@pytest.mark.parametrize("override", ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                                      "actor_rollout_ref.rollout.gpu_memory_utilization=0.6",
+                                      "actor_rollout_ref.actor.fsdp_config.param_offload=true"])
+def test_memory_and_parallelism_tuning_keep_the_name(override):
+    """The usual relaunch after an out-of-memory error resumes its run: a setting the checkpoints do not record
+    (hmpo_verl.guards.run_settings) does not name it (it named a fresh folder, so the run restarted at step 0)."""
+    assert name_and_dir(override)[0] == BASE
+
+
+def test_a_change_accepted_by_name_keeps_the_name_so_the_relaunch_continues_that_run():
+    """The resume check's own advice, '+hmpo.resume_accept=[KEY]', reaches the checkpoints it means: the accepted
+    key leaves the name (it named a fresh folder); a change not accepted still names another run."""
+    lr = "actor_rollout_ref.actor.optim.lr=5e-7"
+    assert name_and_dir(lr, "+hmpo.resume_accept=[actor_rollout_ref.actor.optim.lr]")[0] == BASE
+    assert name_and_dir(lr, "+hmpo.resume_accept=[actor_rollout_ref.actor.optim]")[0] == BASE  # a prefix
+    assert name_and_dir(lr, "data.seed=3", "+hmpo.resume_accept=['actor_rollout_ref.actor.optim.lr']")[0] == \
+        name_and_dir("data.seed=3")[0]
+    assert name_and_dir(lr, "+hmpo.resume_accept=[data.seed]")[0] == name_and_dir(lr)[0] != BASE
+
+
+def test_the_names_recorded_settings_are_the_resume_checks():
+    """launch.sh's HMPO_NAMED_PREFIXES is hmpo_verl.guards.run_settings.RUN_SETTINGS less the run's length."""
+    import subprocess
+
+    from hmpo_verl.guards.run_settings import RUN_SETTINGS
+
+    listed = subprocess.run(["bash", "-c", f'source "{RECIPES / "lib" / "launch.sh"}"; '
+                             'printf "%s\\n" "${HMPO_NAMED_PREFIXES[@]}"'], capture_output=True, text=True, check=True)
+    length = ("trainer.total_epochs", "trainer.total_training_steps")
+    assert listed.stdout.split() == [key for key in RUN_SETTINGS if key not in length]
+
+
 def test_a_name_or_directory_given_wins():
     assert name_and_dir("actor_rollout_ref.actor.optim.lr=2e-6", EXPERIMENT_NAME="mine") == \
         ("mine", name_and_dir(EXPERIMENT_NAME="mine")[1])

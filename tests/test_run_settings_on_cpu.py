@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import pytest
 import ray
@@ -15,7 +16,18 @@ from hydra import compose, initialize_config_dir
 
 from hmpo_verl.lab.tasks import REPO_ROOT
 from hmpo_verl.checkpoints import TRACKER, guard_saves, read_tracker
-from hmpo_verl.run_settings import ACCEPT_KEY, SETTINGS_FILE, ResumeSettingsError, run_settings, write_run_settings
+from hmpo_verl.run_settings import (
+    ACCEPT_KEY,
+    ADDED,
+    SETTINGS_FILE,
+    SETTINGS_VERSION,
+    VERSION_KEY,
+    ResumeSettingsError,
+    _under,
+    check_resume_settings,
+    run_settings,
+    write_run_settings,
+)
 from test_checkpoints_on_cpu import write_checkpoint
 
 VERL_CONFIG = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
@@ -74,7 +86,7 @@ def test_a_guarded_save_records_the_settings_before_verl_writes_the_checkpoint(t
     Trainer()._save_checkpoint()
     assert seen == [True]
     saved = json.loads((tmp_path / "global_step_4" / SETTINGS_FILE).read_text())
-    assert saved == run_settings(Trainer.config)
+    assert saved == {**run_settings(Trainer.config), VERSION_KEY: SETTINGS_VERSION}
 
 
 def test_a_relaunch_with_other_settings_stops_naming_each_key_both_values_and_the_ways_on(tmp_path):
@@ -101,6 +113,54 @@ def test_a_relaunch_with_other_settings_stops_naming_each_key_both_values_and_th
     verl.trainer.main_ppo.validate_config(verl_config(tmp_path / "apart", "actor_rollout_ref.actor.optim.lr=3e-6"),
                                           use_reference_policy=False, use_critic=False)
     verl.trainer.main_ppo.validate_config(verl_config(tmp_path), use_reference_policy=False, use_critic=False)
+
+
+MEANING_CHANGES = [  # each changes what the resumed run trains on or how it continues (an audit found them resumed)
+    ("reward.custom_reward_function.path=/tmp/other_reward.py", "reward.custom_reward_function.path"),
+    ("reward.reward_manager.name=dapo", "reward.reward_manager.name"),
+    ("data.train_max_samples=1000", "data.train_max_samples"),  # moves the epoch boundary and data.pt's indices
+    ("data.filter_overlong_prompts=true", "data.filter_overlong_prompts"),
+    ("data.prompt_key=question", "data.prompt_key"),
+    ("+data.apply_chat_template_kwargs.enable_thinking=true", "data.apply_chat_template_kwargs.enable_thinking"),
+    ("trainer.use_v1=false", "trainer.use_v1"),
+    ("trainer.v1.sampler.max_off_policy_threshold=1", "trainer.v1.sampler.max_off_policy_threshold"),
+    ("trainer.balance_batch=false", "trainer.balance_batch"),
+    ("actor_rollout_ref.actor.checkpoint.load_contents=[model]", "actor_rollout_ref.actor.checkpoint.load_contents"),
+    ("actor_rollout_ref.actor.loss_scale_factor=512", "actor_rollout_ref.actor.loss_scale_factor"),
+]
+
+
+@pytest.mark.parametrize("override, key", MEANING_CHANGES, ids=[k for _, k in MEANING_CHANGES])
+def test_a_change_of_reward_data_trainer_or_what_a_resume_loads_is_refused_by_name(tmp_path, override, key):
+    import verl.trainer.main_ppo
+
+    saved_run(tmp_path)
+    with pytest.raises(ResumeSettingsError, match=rf"\n  {re.escape(key)}: saved "):
+        verl.trainer.main_ppo.validate_config(verl_config(tmp_path, override), use_reference_policy=False,
+                                              use_critic=False)
+
+
+def test_a_fully_async_sync_step_change_is_refused_by_name(tmp_path):
+    """fully-async rebuilds its step count from trigger_parameter_sync_step on resume."""
+    step_dir = write_checkpoint(tmp_path, 2, world=2)
+    write_run_settings(step_dir, verl_config(tmp_path, entry="fully_async"))
+    changed = verl_config(tmp_path, "async_training.trigger_parameter_sync_step=3", entry="fully_async")
+    with pytest.raises(ResumeSettingsError, match=r"\n  async_training.trigger_parameter_sync_step: saved "):
+        check_resume_settings(changed, step_dir)
+
+
+def test_a_record_from_before_version_2_compares_the_keys_it_has_and_says_which_it_lacks(tmp_path, caplog):
+    """A checkpoint saved by the plugin before it recorded the reward, data shaping and trainer keys: those
+    cannot be compared (a warning names them); the keys it has still are (a changed lr still stops)."""
+    step_dir = saved_run(tmp_path)
+    record = json.loads((step_dir / SETTINGS_FILE).read_text())
+    old = {k: v for k, v in record.items() if k != VERSION_KEY and not _under(k, ADDED)}
+    (step_dir / SETTINGS_FILE).write_text(json.dumps(old))
+    with caplog.at_level(logging.WARNING, logger="hmpo_verl"):
+        check_resume_settings(verl_config(tmp_path, "data.train_max_samples=1000"), step_dir)
+    assert "did not record" in caplog.text and "data.train_max_samples" in caplog.text
+    with pytest.raises(ResumeSettingsError, match="actor_rollout_ref.actor.optim.lr: saved 1e-06, now 3e-06"):
+        check_resume_settings(verl_config(tmp_path, "actor_rollout_ref.actor.optim.lr=3e-6"), step_dir)
 
 
 def test_a_meant_change_is_accepted_by_name_and_only_that_one(tmp_path, caplog):
@@ -138,7 +198,8 @@ def _entry_main(entry):
 @pytest.mark.parametrize("entry", ["one_step_off", "fully_async"])
 def test_the_off_policy_entry_points_check_before_ray_starts(tmp_path, entry, monkeypatch):
     """Each entry point's own main (what `python -m ...` runs after Hydra composes the config): a changed
-    setting stops before ray.init, and an empty tracker is rewritten to the newest complete checkpoint."""
+    setting stops before ray.init, also where an empty tracker makes the guard fall back to the newest complete
+    checkpoint: that one is checked first, and the tracker is left as it was (no write before a refusal)."""
 
     def ray_init(*args, **kwargs):
         raise AssertionError("Ray was started before the checks stopped the run")
@@ -151,7 +212,7 @@ def test_the_off_policy_entry_points_check_before_ray_starts(tmp_path, entry, mo
     (tmp_path / TRACKER).write_text("")  # verl would fail on int("")
     with pytest.raises(ResumeSettingsError):
         _entry_main(entry)(verl_config(tmp_path, *changed, entry=entry))
-    assert read_tracker(tmp_path) == 2
+    assert (tmp_path / TRACKER).read_text() == ""
 
 
 def test_fully_asyncs_own_save_is_guarded_and_numbered_by_its_param_version(tmp_path):

@@ -13,7 +13,9 @@ What verl 0.9.1's trainer (`_save_checkpoint`, v1 and v0 alike) writes under
 5. `latest_checkpointed_iteration.txt` (the *tracker*): `k`, with a plain `open("w")` + write.
 
 A torch file is complete when its zip central directory and every member it lists are there
-(`torch_file_problem`); a checkpoint, when every file its trainer writes and a resume loads is.
+(`torch_file_problem`); a checkpoint, when every file its trainer writes and a resume loads is --
+FSDP shards of the launch's world size only (verl loads no other), `transfer_queue/` only if the
+trainer that saved it writes one (recorded with its settings, else seen on disk: `saved_trainer_mode`).
 
 `resume_mode=auto` resumes from the step the tracker names, and the tracker is written last,
 so a run killed while saving resumes from the previous checkpoint -- except that (a) a tracker
@@ -23,12 +25,18 @@ caught mid-write, or written to a full disk, is empty, and verl's resume then fa
 in between leaves the tracker naming a checkpoint without `actor/` (verl fails on a missing
 file); (c) without a tracker verl trains from scratch beside the checkpoints it ignores.
 
-`guard_resume(config)` runs in verl's driver before Ray starts (the plugin's `validate_config`):
-with `resume_mode=auto`, when the tracker is unreadable or names an incomplete checkpoint, it
-falls back to the newest complete `global_step_<k>` (rewriting the tracker atomically, with a
-warning naming the partial directory), and stops with `CheckpointResumeError` naming the
-partial directories when none is complete; with `resume_mode=resume_path` it stops when that
-checkpoint is incomplete. `check_checkpoint_directory(config)` refuses a `default_local_dir`
+`guard_resume(config)` runs in verl's driver before Ray starts (the plugin's `validate_config`).
+It stops with `CheckpointResumeError` on a `resume_mode` other than auto / disable / resume_path
+(verl's trainers disagree on those) and on a `resume_from_path` verl cannot read a step from.
+With `resume_mode=auto`, when the tracker is missing, unreadable or names an incomplete
+checkpoint, it falls back to the newest complete `global_step_<k>` (rewriting the tracker
+atomically, with a warning naming the partial directory), and stops naming the partial
+directories, and how to start afresh, when none is complete but a tracker says a run was there.
+The checkpoint it lets verl resume (the tracked one, checked first, or the fallback, checked
+before the tracker is rewritten) must have been saved by a trainer mode that keeps a queue as this
+launch's does (`trainer_mode_problem`) and with the same settings (`run_settings`), or it stops
+with `ResumeSettingsError`; with `resume_mode=resume_path` it stops when that checkpoint is
+another run's or incomplete. `check_checkpoint_directory(config)` refuses a `default_local_dir`
 that cannot be written, before Ray starts. `guard_saves(trainer_cls)` makes a failed save
 (a full disk, a directory gone read-only) raise `CheckpointSaveError` naming the checkpoint
 directory, its free space and the checkpoint a resume would use.
@@ -37,6 +45,7 @@ directory, its free space and the checkpoint a resume would use.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -130,12 +139,14 @@ def is_complete_torch_file(path: Path) -> bool:
     return torch_file_problem(path) is None
 
 
-def _shard_problems(role_dir: Path, contents) -> list[str]:
-    shards = [m for p in role_dir.iterdir() if (m := FSDP_SHARD.fullmatch(p.name))]
-    world_sizes = {int(m.group(2)) for m in shards}
-    if len(world_sizes) != 1:
-        return [f"{role_dir}: {'no' if not shards else 'mixed world sizes of'} model/optim/extra_state shards"]
-    world = world_sizes.pop()
+def _shard_problems(role_dir: Path, contents, world: Optional[int] = None) -> list[str]:
+    """What is missing from the FSDP shards verl's checkpoint manager loads: those of world size `world` (the
+    launch's; the directory may also hold another run's shards), or, without `world`, of the one size there."""
+    sizes = {int(m.group(2)) for p in role_dir.iterdir() if (m := FSDP_SHARD.fullmatch(p.name))}
+    world = next(iter(sizes)) if world is None and len(sizes) == 1 else world
+    if world not in sizes:
+        found = f"shards of world size {'/'.join(map(str, sorted(sizes)))}" if sizes else "no FSDP shards"
+        return [f"{role_dir}: {found}" + (f", none of this launch's world size {world}" if sizes and world else "")]
     problems = []
     for content in contents:
         kind = SHARD_KIND.get(content)
@@ -146,7 +157,7 @@ def _shard_problems(role_dir: Path, contents) -> list[str]:
     return problems
 
 
-def _role_problems(role_dir: Path, contents) -> list[str]:
+def _role_problems(role_dir: Path, contents, world: Optional[int] = None) -> list[str]:
     """What is missing from a role's checkpoint (`actor/`, `critic/`), FSDP or Megatron layout."""
     if not role_dir.is_dir():
         return [f"{role_dir} is missing"]
@@ -154,7 +165,7 @@ def _role_problems(role_dir: Path, contents) -> list[str]:
     if megatron:
         manifest = role_dir / MEGATRON_MANIFEST
         return [] if manifest.is_file() else [f"{manifest} (written last by verl's Megatron saver) is missing"]
-    return _shard_problems(role_dir, contents)
+    return _shard_problems(role_dir, contents, world)
 
 
 def transfer_queue_problem(step_dir: Path) -> Optional[str]:
@@ -171,19 +182,20 @@ def transfer_queue_problem(step_dir: Path) -> Optional[str]:
     return f"{folder} lacks {', '.join(missing)}" if missing else None
 
 
-def checkpoint_problems(step_dir: Path, contents=DEFAULT_CONTENTS, transfer_queue: bool = False) -> list[str]:
+def checkpoint_problems(step_dir: Path, contents=DEFAULT_CONTENTS, transfer_queue: bool = False,
+                        world: Optional[int] = None) -> list[str]:
     """Why `global_step_<k>` is not a complete checkpoint (empty: complete).
 
     `contents`: what a resume loads (verl's `actor.checkpoint.load_contents`); `transfer_queue`:
     the trainer also writes `transfer_queue/` (verl's V1 `colocate_async` / `separate_async`,
-    `writes_transfer_queue(config)`).
+    `writes_transfer_queue(config)`); `world`: the FSDP world size whose shards a resume loads.
     """
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
         return [f"{step_dir} is missing"]
-    problems = _role_problems(step_dir / "actor", contents)
+    problems = _role_problems(step_dir / "actor", contents, world)
     if (step_dir / "critic").exists():
-        problems += _role_problems(step_dir / "critic", contents)
+        problems += _role_problems(step_dir / "critic", contents, world)
     data = step_dir / "data.pt"
     if problem := torch_file_problem(data):
         problems.append(f"{data} (the dataloader state, written after the model) is {problem}")
@@ -225,65 +237,169 @@ def _absolute(path: str) -> Path:
     return Path(path) if os.path.isabs(path) else Path(os.getcwd()) / path
 
 
+RESUME_MODES = ("auto", "disable", "resume_path")
+RESUME_PATH = re.compile(r".*global_step_\d+")  # verl: int(resume_from_path.split("global_step_")[-1])
+MODE_KEYS = ("trainer.use_v1", "trainer.v1.trainer_mode")  # the trainer that saves: whether it writes transfer_queue/
+
+
+def resume_mode(config) -> str:
+    """`trainer.resume_mode`; raise `CheckpointResumeError` unless it is one verl's trainers all read alike."""
+    mode = _trainer(config, "resume_mode", "disable")
+    if mode in RESUME_MODES:
+        return mode
+    raise CheckpointResumeError(
+        f"trainer.resume_mode={mode!r} ({type(mode).__name__}) is none of {', '.join(RESUME_MODES)}, and verl 0.9.1's "
+        "trainers disagree on any other value: its v0 trainer (trainer.use_v1=false, one-step-off) and fully-async's "
+        "trainer resume from the tracker as auto does, its V1 trainer fails inside Ray, fully-async's rollouter "
+        "raises. Set trainer.resume_mode=auto (resume the newest checkpoint in trainer.default_local_dir), disable "
+        "(train from scratch) or resume_path (with trainer.resume_from_path=<dir>/global_step_<k>)"
+        + ("; Hydra reads an unquoted true/false as a boolean" if isinstance(mode, bool) else ""))
+
+
+def resume_path(config) -> Path:
+    """`trainer.resume_from_path`, absolute; raise `CheckpointResumeError` unless verl can read its step."""
+    value = _trainer(config, "resume_from_path")
+    if isinstance(value, str) and RESUME_PATH.fullmatch(value):
+        return _absolute(value)
+    fixed = value.rstrip("/") if isinstance(value, str) and RESUME_PATH.fullmatch(value.rstrip("/")) else None
+    raise CheckpointResumeError(
+        f"trainer.resume_mode=resume_path needs trainer.resume_from_path to end in global_step_<k>, and it is "
+        f"{value!r}: verl 0.9.1 reads the step as int(resume_from_path.split('global_step_')[-1]) inside Ray. "
+        f"Set trainer.resume_from_path={fixed or '<dir>/global_step_<k>'}")
+
+
+def _writes_queue(use_v1, trainer_mode) -> bool:
+    return bool(use_v1) and trainer_mode not in (None, "sync")
+
+
 def writes_transfer_queue(config) -> bool:
     """verl's V1 trainer in an async mode (`colocate_async`, `separate_async`) also saves `transfer_queue/`."""
+    return _writes_queue(_trainer(config, "use_v1", False), _trainer(config, "v1.trainer_mode", "sync"))
+
+
+def _recorded_settings(step_dir: Path) -> dict:
+    from hmpo_verl.guards.run_settings import SETTINGS_FILE
+
+    try:
+        return json.loads((Path(step_dir) / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def saved_trainer_mode(step_dir: Path, tracked: bool = False) -> tuple[Optional[bool], str]:
+    """(whether the trainer that saved `step_dir` wrote `transfer_queue/`, its setting in words); (None, ''): unknown.
+
+    Recorded with the run's settings (`MODE_KEYS`), else seen on disk: a `transfer_queue/` (or `.tmp/`) is there
+    (an async mode), or it is not in the checkpoint the tracker names (verl writes the queue before the tracker).
+    """
+    settings = _recorded_settings(step_dir)
+    if any(key in settings for key in MODE_KEYS):
+        use_v1, mode = settings.get(MODE_KEYS[0], True), settings.get(MODE_KEYS[1], "sync")
+        return _writes_queue(use_v1, mode), (f"trainer.use_v1=true trainer.v1.trainer_mode={mode}" if use_v1
+                                             else "trainer.use_v1=false")
+    if any((Path(step_dir) / name).exists() for name in ("transfer_queue", "transfer_queue.tmp")):
+        return True, "trainer.use_v1=true trainer.v1.trainer_mode=colocate_async or separate_async"
+    return (False, "trainer.v1.trainer_mode=sync (or trainer.use_v1=false)") if tracked else (None, "")
+
+
+def trainer_mode_problem(step_dir: Path, config, tracked: bool = False) -> Optional[str]:
+    """Why resuming `step_dir` under `config` would change whether the trainer keeps a queue of prompts (None:
+    it would not, or the change is accepted by name, `run_settings.ACCEPT_KEY`). verl's async trainer loads
+    `transfer_queue/` only if it is there; the sync and v0 trainers never load it."""
+    from hmpo_verl.guards.run_settings import ACCEPT_KEY, _select, _under
+
+    saved_queue, saved = saved_trainer_mode(step_dir, tracked)
+    accepted = tuple(_select(config, ACCEPT_KEY) or ())
+    if saved_queue in (None, writes_transfer_queue(config)) or any(_under(key, accepted) for key in MODE_KEYS):
+        return None
+    mode = _trainer(config, "v1.trainer_mode", "sync")
+    launch = f"trainer.v1.trainer_mode={mode}" if _trainer(config, "use_v1", False) else "trainer.use_v1=false"
+    effect = ("this launch's trainer does not load its transfer_queue/, so the prompts in flight there would never "
+              "be trained" if saved_queue else "it holds no transfer_queue/, so the async trainer would start with an "
+              "empty queue")
+    return (f"{step_dir} was saved with {saved}, and this launch runs {launch}: {effect}. Ways on: relaunch with "
+            f"{saved} to resume it as it was saved; or accept the change by name: "
+            f"'+{ACCEPT_KEY}=[{','.join(MODE_KEYS)}]'; or start apart (a new trainer.default_local_dir, or "
+            "trainer.resume_mode=disable).")
+
+
+def expected_contents(config, step_dir: Optional[Path] = None, tracked: bool = False) -> dict:
+    """`checkpoint_problems`' keyword arguments for this config: what its trainer writes and a resume loads
+    (with `step_dir`: whether that checkpoint's own trainer wrote `transfer_queue/`, where known)."""
     from omegaconf import OmegaConf
 
-    mode = OmegaConf.select(config, "trainer.v1.trainer_mode", default="sync")
-    return bool(_trainer(config, "use_v1", False)) and mode not in (None, "sync")
-
-
-def expected_contents(config) -> dict:
-    """`checkpoint_problems`' keyword arguments for this config: what its trainer writes and a resume loads."""
-    from omegaconf import OmegaConf
+    from hmpo_verl.guards.run_settings import world_size
 
     contents = OmegaConf.select(config, "actor_rollout_ref.actor.checkpoint.load_contents", default=None)
-    return {"contents": tuple(contents) if contents else DEFAULT_CONTENTS,
-            "transfer_queue": writes_transfer_queue(config)}
+    saved_queue = saved_trainer_mode(step_dir, tracked)[0] if step_dir is not None else None
+    return {"contents": tuple(contents) if contents else DEFAULT_CONTENTS, "world": world_size(config),
+            "transfer_queue": writes_transfer_queue(config) if saved_queue is None else saved_queue}
 
 
 def _describe(step_dir: Path, problems: list[str]) -> str:
     return f"{step_dir}: " + "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
 
 
-def guard_resume(config) -> Optional[str]:
-    """Make sure the checkpoint verl is about to resume from is complete (see the module doc).
+def _check_same_run(step_dir: Path, config, tracked: bool = False, context: str = "") -> None:
+    """Raise `ResumeSettingsError` (after `context`) if resuming `step_dir` would continue another run: another
+    trainer mode (`trainer_mode_problem`), other settings or world size (`run_settings.check_resume_settings`)."""
+    from hmpo_verl.guards.run_settings import ResumeSettingsError, check_resume_settings
 
-    Returns the warning it logged when it fell back to an earlier checkpoint, else None.
-    Raises `CheckpointResumeError` when there is no complete checkpoint to use.
+    try:
+        if problem := trainer_mode_problem(step_dir, config, tracked):
+            raise ResumeSettingsError(f"hmpo_verl: {problem}")
+        check_resume_settings(config, step_dir)
+    except ResumeSettingsError as exc:
+        if not context:
+            raise
+        raise ResumeSettingsError(f"hmpo_verl: {context}; {str(exc).removeprefix('hmpo_verl: ')}") from None
+
+
+def guard_resume(config) -> Optional[str]:
+    """Make sure the checkpoint verl is about to resume from is complete and this run's (see the module doc).
+
+    Every refusal comes before the one write (a fallback's tracker). Returns the warning it logged when it fell
+    back to an earlier checkpoint, else None. Raises `CheckpointResumeError` on a `resume_mode` or
+    `resume_from_path` verl would misread, or when there is no complete checkpoint to use, and
+    `run_settings.ResumeSettingsError` when the checkpoint was saved by another trainer mode or settings.
     """
-    mode = _trainer(config, "resume_mode", "disable")
-    expected = expected_contents(config)
+    mode = resume_mode(config)
     if mode == "resume_path":
-        path = _absolute(str(_trainer(config, "resume_from_path")))
-        problems = checkpoint_problems(path, **expected)
-        if problems:
-            raise CheckpointResumeError(f"trainer.resume_from_path is not a complete checkpoint: {_describe(path, problems)}")
+        path = resume_path(config)
+        _check_same_run(path, config)
+        if problems := checkpoint_problems(path, **expected_contents(config, path)):
+            raise CheckpointResumeError(f"trainer.resume_from_path is not a complete checkpoint: "
+                                        f"{_describe(path, problems)}")
         return None
     if mode != "auto" or not _trainer(config, "default_local_dir"):
         return None
     root = _absolute(str(_trainer(config, "default_local_dir")))
-    tracked = read_tracker(root)
-    tracked_problems = checkpoint_problems(root / f"global_step_{tracked}", **expected) if tracked is not None else []
-    if tracked is not None and not tracked_problems:
-        return None
-    dirs = step_dirs(root)
-    if tracked is None and not dirs and not (root / TRACKER).exists():
-        return None  # a fresh run
-    partial = {k: checkpoint_problems(d, **expected) for k, d in dirs.items()}
-    complete = [k for k, problems in partial.items() if not problems]
-    if not complete and not (root / TRACKER).exists():
-        return None  # the first save was interrupted: nothing complete to lose, verl starts afresh
+    tracker, tracked = root / TRACKER, read_tracker(root)
+    tracked_dir = root / f"global_step_{tracked}"
     if tracked is None:
-        why = f"{root / TRACKER} is {'unreadable' if (root / TRACKER).exists() else 'missing'}"
+        why = f"{tracker} {'is unreadable' if tracker.exists() else 'is missing'}"
+    elif not tracked_dir.is_dir():
+        why = f"{tracker} names {tracked_dir.name}, which is not there"
     else:
-        why = f"it names an incomplete checkpoint, {_describe(root / f'global_step_{tracked}', tracked_problems)}"
+        _check_same_run(tracked_dir, config, tracked=True)  # another run's: say so, not "incomplete"
+        problems = checkpoint_problems(tracked_dir, **expected_contents(config, tracked_dir, tracked=True))
+        if not problems:
+            return None
+        why = f"{tracker} names an incomplete checkpoint, {_describe(tracked_dir, problems)}"
+    dirs = step_dirs(root)
+    partial = {k: checkpoint_problems(d, **expected_contents(config, d)) for k, d in dirs.items()}
+    complete = [k for k, problems in partial.items() if not problems]
+    if not complete and not tracker.exists():
+        return None  # a fresh run, or its first save was interrupted: nothing complete to lose, verl starts afresh
     if not complete:
         listed = "; ".join(_describe(dirs[k], p) for k, p in partial.items()) or "no global_step_* directory"
         raise CheckpointResumeError(
             f"resume_mode=auto cannot resume from {root}: {why}, and no checkpoint there is complete ({listed}). "
-            f"Move the partial directories away to start from scratch."
+            f"To train from scratch there, move {tracker}, and the global_step_* directories with it, out of {root} "
+            f"(without a tracker verl starts afresh); or start apart with a new trainer.default_local_dir."
         )
+    _check_same_run(dirs[complete[0]], config, context=f"resume_mode=auto: {why}, so it would fall back to the "
+                                                        "newest complete checkpoint")
     write_tracker(root, complete[0])
     message = (f"hmpo_verl: resume_mode=auto: {why}; resuming from the newest complete checkpoint, "
                f"{dirs[complete[0]]} (tracker rewritten to {complete[0]})")

@@ -12,7 +12,11 @@ stops the run naming each key, both values and the ways on.
 
 Recorded: the subtrees and keys of `RUN_SETTINGS` (loss and its p / schedule, the optimizer
 with its lr and schedule, clips, batch and mini-batch sizes, lengths, model path, data,
-seeds, the run's length, world size), flattened to dotted keys. Not recorded: logging, saving,
+seeds, the run's length, world size; since version 2 also the reward function and manager, the
+dataset's shaping (sample cap, prompt filter and key, chat template), what a resume loads, the loss
+scale, and the trainer and its async settings: `trainer.use_v1`, `trainer.v1.*` modes and staleness,
+fully-async's `async_training`), flattened to dotted keys; a record saved before version 2 is
+compared on the keys it has, with a warning naming the rest. Not recorded: logging, saving,
 validation, memory and parallelism tuning (micro-batch sizes, offload), and
 `optim.total_training_steps`, which the trainer itself writes into its config (from
 `trainer.total_training_steps` / `total_epochs`, which are recorded).
@@ -54,7 +58,30 @@ RUN_SETTINGS = (
     "trainer.total_training_steps",
     "trainer.nnodes",
     "trainer.n_gpus_per_node",
+    *(ADDED := (  # recorded since SETTINGS_VERSION 2: a record without the version has none of them
+        "actor_rollout_ref.model.custom_chat_template",
+        f"{ACTOR}.checkpoint.load_contents",  # [model] alone skips the optimizer: its step and lr schedule restart
+        f"{ACTOR}.loss_scale_factor",
+        *(f"data.{key}" for key in (
+            "train_max_samples", "filter_overlong_prompts", "prompt_key", "reward_fn_key", "truncation", "custom_cls",
+            "apply_chat_template_kwargs")),
+        *(f"reward.{key}" for key in (
+            "custom_reward_function", "reward_manager.source", "reward_manager.name", "reward_manager.module",
+            "reward_model.enable", "reward_model.model_path")),
+        "custom_reward_function",  # verl's legacy top-level keys of the same
+        "reward_model.enable",
+        "reward_model.model.path",
+        "trainer.balance_batch",
+        "trainer.use_v1",
+        "trainer.v1.trainer_mode",
+        "trainer.v1.separate_async.parameter_sync_step",
+        "trainer.v1.sampler.max_off_policy_threshold",
+        "trainer.v1.sampler.max_off_policy_strategy",
+        "async_training",  # fully-async: staleness, sync step, partial rollout, ...
+    )),
 )
+SETTINGS_VERSION = 2
+VERSION_KEY = "hmpo.settings_version"  # in the saved record only (absent: version 1)
 WRITTEN_BY_THE_TRAINER = re.compile(r".*\.optim\.total_training_steps")
 WORLD_SHARD = re.compile(r"(?:model|optim|extra_state)_world_size_(\d+)_rank_\d+\.pt")
 
@@ -111,7 +138,7 @@ def stamp_run_settings(config) -> None:
 def write_run_settings(step_dir: Path, config) -> None:
     """Save the launch's settings (the driver's stamp, else `run_settings(config)`) as `<step_dir>/SETTINGS_FILE`."""
     stamp = _select(config, STAMP_KEY)
-    settings = json.loads(stamp) if stamp else run_settings(config)
+    settings = {**(json.loads(stamp) if stamp else run_settings(config)), VERSION_KEY: SETTINGS_VERSION}
     step_dir = Path(step_dir)
     step_dir.mkdir(parents=True, exist_ok=True)
     (step_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True, default=str))
@@ -121,14 +148,20 @@ def _under(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(f"{p}.") for p in prefixes)
 
 
+def unrecorded(saved: dict) -> tuple[str, ...]:
+    """The `RUN_SETTINGS` entries a saved record predates (its `VERSION_KEY`; none: version 1)."""
+    return ADDED if saved.get(VERSION_KEY, 1) < 2 else ()
+
+
 def settings_differences(saved: dict, current: dict, accepted=()) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every recorded key that differs and is not accepted.
 
     A key present on one side only (an option added with `+...`) is a difference, shown as `<unset>` on
-    the other side.
+    the other side; keys the saved record predates (`unrecorded`) are not compared.
     """
-    missing = "<unset>"
-    keys = sorted({*saved, *(k for k in current if _under(k, RUN_SETTINGS))})
+    missing, predates = "<unset>", unrecorded(saved)
+    saved = {k: v for k, v in saved.items() if k != VERSION_KEY}
+    keys = sorted({*saved, *(k for k in current if _under(k, RUN_SETTINGS) and not _under(k, predates))})
     return [(k, saved.get(k, missing), current.get(k, missing)) for k in keys
             if saved.get(k, missing) != current.get(k, missing) and not _under(k, accepted)]
 
@@ -165,8 +198,11 @@ def resume_settings_problem(step_dir: Path, config) -> Optional[str]:
         logger.warning("hmpo_verl: %s has no %s (saved before hmpo_verl recorded run settings): its settings "
                        "cannot be compared with this launch's", step_dir, SETTINGS_FILE)
         return None
-    accepted = tuple(_select(config, ACCEPT_KEY) or ())
-    differences = settings_differences(json.loads(path.read_text()), run_settings(config), accepted)
+    accepted, saved = tuple(_select(config, ACCEPT_KEY) or ()), json.loads(path.read_text())
+    if predates := unrecorded(saved):
+        logger.warning("hmpo_verl: %s was saved by a version of hmpo_verl that did not record %s: those settings "
+                       "cannot be compared with this launch's", path, ", ".join(predates))
+    differences = settings_differences(saved, run_settings(config), accepted)
     if not differences:
         return None
     listed = "\n".join(f"  {key}: saved {old!r}, now {new!r}" for key, old, new in differences)

@@ -132,25 +132,75 @@ hmpo_preflight() {
         { echo "$(basename -- "$0"): preflight failed; nothing launched (PREFLIGHT=0 skips the check)" >&2; exit 3; }
 }
 
-# Overrides that do not change what a run trains (logging, saving, validation, the run's length, the
-# resume opt-in) and so do not change its default name: a relaunch with more steps keeps the name, and
-# the resume check (hmpo_verl.run_settings) asks for +hmpo.resume_accept=[...] if the length changed.
-HMPO_UNNAMED_KEYS=(trainer.logger trainer.project_name trainer.save_freq trainer.test_freq trainer.val_before_train
-    trainer.resume_mode trainer.resume_from_path trainer.total_epochs trainer.total_training_steps
-    trainer.log_val_generations trainer.rollout_data_dir trainer.validation_data_dir trainer.max_actor_ckpt_to_keep
-    trainer.max_critic_ckpt_to_keep hmpo.resume_accept)
+# The settings that define a run: hmpo_verl.guards.run_settings.RUN_SETTINGS (what each checkpoint records and a
+# resume compares), less the run's length (trainer.total_epochs / total_training_steps: a relaunch with more steps
+# keeps the name, and the resume check asks for +hmpo.resume_accept=[...]). A test keeps the two lists equal.
+HMPO_NAMED_PREFIXES=(actor_rollout_ref.model.path actor_rollout_ref.actor.policy_loss actor_rollout_ref.actor.optim
+    actor_rollout_ref.actor.clip_ratio actor_rollout_ref.actor.clip_ratio_low
+    actor_rollout_ref.actor.clip_ratio_high actor_rollout_ref.actor.clip_ratio_c actor_rollout_ref.actor.grad_clip
+    actor_rollout_ref.actor.loss_agg_mode actor_rollout_ref.actor.entropy_coeff actor_rollout_ref.actor.use_kl_loss
+    actor_rollout_ref.actor.kl_loss_coef actor_rollout_ref.actor.kl_loss_type actor_rollout_ref.actor.ppo_epochs
+    actor_rollout_ref.actor.ppo_mini_batch_size actor_rollout_ref.actor.shuffle
+    actor_rollout_ref.actor.data_loader_seed actor_rollout_ref.rollout.n actor_rollout_ref.rollout.temperature
+    actor_rollout_ref.rollout.top_p actor_rollout_ref.rollout.top_k actor_rollout_ref.rollout.seed algorithm
+    data.train_files data.train_batch_size data.max_prompt_length data.max_response_length data.shuffle data.seed
+    critic.model.path critic.optim trainer.nnodes trainer.n_gpus_per_node
+    actor_rollout_ref.model.custom_chat_template actor_rollout_ref.actor.checkpoint.load_contents
+    actor_rollout_ref.actor.loss_scale_factor data.train_max_samples data.filter_overlong_prompts data.prompt_key
+    data.reward_fn_key data.truncation data.custom_cls data.apply_chat_template_kwargs
+    reward.custom_reward_function reward.reward_manager.source reward.reward_manager.name
+    reward.reward_manager.module reward.reward_model.enable reward.reward_model.model_path custom_reward_function
+    reward_model.enable reward_model.model.path trainer.balance_batch trainer.use_v1 trainer.v1.trainer_mode
+    trainer.v1.separate_async.parameter_sync_step trainer.v1.sampler.max_off_policy_threshold
+    trainer.v1.sampler.max_off_policy_strategy async_training)
+
+# hmpo_under KEY PREFIX...: KEY is one of the PREFIXes or below one.
+hmpo_under() {
+    local key=$1 prefix
+    shift
+    for prefix in "$@"; do
+        [[ "$key" == "$prefix" || "$key" == "$prefix".* ]] && return 0
+    done
+    return 1
+}
+
+# hmpo_names_run KEY [ACCEPTED...]: does an override of KEY make another run? Yes for a recorded setting, a
+# parent of one, or a config group (a key without a dot); no for what a run does not record (logging, saving,
+# validation, memory and parallelism tuning: a relaunch after an out-of-memory error resumes its run) and for
+# a key that +hmpo.resume_accept=[...] accepts (the relaunch continues the run it names).
+hmpo_names_run() {
+    local key=$1 prefix
+    shift
+    hmpo_under "$key" "$@" && return 1
+    [[ "$key" != *.* ]] && return 0
+    hmpo_under "$key" "${HMPO_NAMED_PREFIXES[@]}" && return 0
+    for prefix in "${HMPO_NAMED_PREFIXES[@]}"; do
+        [[ "$prefix" == "$key".* ]] && return 0
+    done
+    return 1
+}
 
 # The default EXPERIMENT_NAME: <TASK>-<SIZE>-<MEAN>[-<CORRECTION>][-<ASYNC>], plus -o<8 hex digits of sha1> of the
-# run-defining Hydra overrides given (sorted), so that runs with other settings get their own name and
-# CKPT_DIR instead of resuming each other's checkpoints.
+# run-defining Hydra overrides given (sorted; hmpo_names_run), so that runs with other settings get their own name
+# and CKPT_DIR instead of resuming each other's checkpoints.
 hmpo_default_name() {
-    local name="$TASK-$SIZE-$MEAN" arg key named=()
+    local name="$TASK-$SIZE-$MEAN" arg key value named=() accepted=()
     [[ -z "${CORRECTION:-}" || "$CORRECTION" == none ]] || name+="-$CORRECTION"
     [[ -z "${ASYNC:-}" || "$ASYNC" == none ]] || name+="-$ASYNC"
+    for arg in "$@"; do  # +hmpo.resume_accept=[a,b]: the keys it accepts
+        key=${arg%%=*}
+        [[ "${key#"${key%%[!+~]*}"}" == hmpo.resume_accept && "$arg" == *=* ]] || continue
+        value=${arg#*=}
+        value=${value#[}
+        value=${value%]}
+        IFS=, read -r -a accepted <<<"${value//[\"\' ]/}"
+    done
     for arg in "$@"; do
         key=${arg%%=*}
         key=${key#"${key%%[!+~]*}"}  # +key / ++key / ~key
-        [[ " ${HMPO_UNNAMED_KEYS[*]} " == *" $key "* ]] || named+=("${arg#"${arg%%[!+~]*}"}")
+        if hmpo_names_run "$key" ${accepted[@]+"${accepted[@]}"}; then
+            named+=("${arg#"${arg%%[!+~]*}"}")
+        fi
     done
     if [[ ${#named[@]} -gt 0 ]]; then
         name+="-o$(printf '%s\n' "${named[@]}" | LC_ALL=C sort | sha1sum | cut -c1-8)"

@@ -96,19 +96,19 @@ def check_bypass_mode(rollout_correction, loss_mode: str) -> None:
 
 def driver_checks(config) -> None:
     """Everything the driver checks before Ray starts (idempotent): our options, TRL beside verl, the
-    checkpoint directory, the checkpoint a resume will use (`hmpo_verl.guards.checkpoints.guard_resume`),
-    the settings it was saved with (`hmpo_verl.guards.run_settings`) and, for fully-async, the prompts in
-    flight at that checkpoint that the resume will not train (`hmpo_verl.guards.inflight`). Run by verl's
-    `validate_config` and by `run_ppo`, the driver function of every entry point (`main_ppo`, one-step-off,
-    fully-async)."""
+    checkpoint directory, the checkpoint a resume will use -- a resume_mode / resume_from_path verl reads alike
+    everywhere, complete, saved by the same trainer mode and with the same settings (`hmpo_verl.guards.run_settings`),
+    every refusal before the guard rewrites a tracker (`hmpo_verl.guards.checkpoints.guard_resume`) -- and, for
+    fully-async, the prompts in flight at that checkpoint that the resume will not train
+    (`hmpo_verl.guards.inflight`). Run by verl's `validate_config` and by `run_ppo`, the driver function of
+    every entry point (`main_ppo`, one-step-off, fully-async)."""
     from hmpo_verl.guards.checkpoints import check_checkpoint_directory, guard_resume, resume_step_dir
     from hmpo_verl.guards.inflight import warn_fully_async_resume
-    from hmpo_verl.guards.run_settings import check_resume_settings, stamp_run_settings
+    from hmpo_verl.guards.run_settings import stamp_run_settings
 
     check_options(config)
     check_trl_beside_verl()
     check_checkpoint_directory(config)
-    guard_resume(config)
-    check_resume_settings(config, resume_step_dir(config))
+    guard_resume(config)  # runs run_settings.check_resume_settings on the checkpoint it lets verl resume
     warn_fully_async_resume(config, resume_step_dir(config))  # what verl's fully-async resume does not train
     stamp_run_settings(config)  # what each checkpoint records, before the trainer edits its config
