@@ -207,3 +207,20 @@ def test_a_resume_from_path_verl_cannot_read_a_step_from_stops_naming_the_fix(tm
     fixed = launch(tmp_path, *resume, f"trainer.resume_from_path={step_dir}")
     driver_checks(fixed)
     assert int(fixed.trainer.resume_from_path.split("global_step_")[-1]) == 4  # what verl then reads
+
+
+def test_an_unreadable_tracker_beside_a_resume_path_stops_before_verl_reads_it(tmp_path):
+    """verl's v0 (and fully-async) _load_checkpoint reads default_local_dir's tracker before it looks at
+    resume_mode, so an empty one fails with int('') inside Ray even when resume_from_path is complete."""
+    good = saved(tmp_path / "other", 4)
+    saved(tmp_path, 2)
+    (tmp_path / TRACKER).write_text("")
+    config = launch(tmp_path, "trainer.resume_mode=resume_path", f"trainer.resume_from_path={good}")
+    with pytest.raises(ValueError):
+        find_latest_ckpt_path(str(tmp_path))  # what verl would do inside Ray
+    with pytest.raises(CheckpointResumeError, match=f"{tmp_path / TRACKER} is unreadable .* Write the step of a "
+                                                    "complete checkpoint there into it, or move it out of"):
+        guard_resume(config)
+    (tmp_path / TRACKER).write_text("2")  # the advice, followed
+    guard_resume(config)
+    assert find_latest_ckpt_path(str(tmp_path)) == str(tmp_path / "global_step_2")

@@ -370,6 +370,13 @@ def guard_resume(config) -> Optional[str]:
         if problems := checkpoint_problems(path, **expected_contents(config, path)):
             raise CheckpointResumeError(f"trainer.resume_from_path is not a complete checkpoint: "
                                         f"{_describe(path, problems)}")
+        local = _trainer(config, "default_local_dir")
+        tracker = _absolute(str(local)) / TRACKER if local else None
+        if tracker is not None and tracker.exists() and read_tracker(tracker.parent) is None:
+            raise CheckpointResumeError(
+                f"{tracker} is unreadable (a save cut off mid-write leaves it empty), and verl 0.9.1's v0 and "
+                "fully-async trainers read it even with trainer.resume_mode=resume_path (int('') inside Ray). "
+                f"Write the step of a complete checkpoint there into it, or move it out of {tracker.parent}")
         return None
     if mode != "auto" or not _trainer(config, "default_local_dir"):
         return None
