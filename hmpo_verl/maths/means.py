@@ -142,9 +142,9 @@ def _finite_power(d: torch.Tensor, rows: Rows, p: Union[float, torch.Tensor]):
         e = rows.extreme(d, largest=p > 0)
     c = p * e
     k = c.clamp(0.0, 1.0)
-    y = (d - e.unsqueeze(-1)).mul_(p_col).add_(k.unsqueeze(-1))  # x_t - s
-    # 0 at invalid entries by selection, not by product: there p * (0 - e) may be +-inf (|p * e| beyond the dtype)
-    torch.where(rows.valid, y, torch.zeros((), dtype=y.dtype), out=y)
+    # x_t - s, 0 at invalid entries: d - e is masked before p multiplies it, as p * (0 - e) may be +-inf there
+    # (|p * e| beyond the dtype, and inf * 0 is NaN); products by 1 leave the valid entries exact
+    y = (d - e.unsqueeze(-1)).mul_(rows.weight).mul_(p_col).add_(k.unsqueeze(-1)).mul_(rows.weight)
     f = torch.expm1(y)
     n_safe = rows.n.clamp(min=1)
     mean_f = f.sum(-1) / n_safe

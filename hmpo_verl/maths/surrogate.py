@@ -313,8 +313,9 @@ def surrogate_terms(
         # clip(s_i) T_i w_t is formed in log space, exp(log clip(s_i) + log(T_i w_t)), so each token keeps
         # its own precision however small its weight next to the row's largest (whose advantage may be 0).
         value = log_share.add_(log_seq).exp_().mul_(adv).neg_()  # the aggregators' log shares are fresh tensors
-        # an A = 0 token (every masked one among them) contributes 0, also where its share overflows (inf * 0)
-        value.masked_fill_(adv == 0, 0.0)
+        if not torch.isfinite(value.sum()):  # rare, so checked first: a boolean fill costs ~10 products on CPU
+            # an A = 0 token (every masked one among them) contributes 0, also where its share overflowed (inf * 0)
+            value.masked_fill_(adv == 0, 0.0)
         del log_share, adv, log_seq
         if rollout_is_weights is not None:
             value.mul_(torch.where(valid, rollout_is_weights.detach(), 0.0))
