@@ -102,6 +102,8 @@ def test_a_gpu_below_the_80_gb_class_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", _fake_torch("13.0", True, 2, gib=39.4))  # an A100 40 GB
     problems = preflight.check_cuda(2)
     assert len(problems) == 2 and "GPU 1 (NVIDIA Fake) has 39.4 GiB" in problems[1] and "at least 75" in problems[1]
+    assert "MIN_GPU_GIB=39 bash recipes/<task>/run.sh" in problems[1]
+    assert preflight.check_cuda(2, min_gib=39.0) == []  # the advice, followed (run.sh passes it: test_recipes_preflight_run)
 
 
 def test_the_cpu_backends_resource_check_leaves_a_joined_cluster_to_its_nodes(monkeypatch):

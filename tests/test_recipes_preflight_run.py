@@ -285,3 +285,5 @@ def test_run_sh_hands_the_preflight_the_runs_settings():
                     "--ray-address", "127.0.0.2:6379"]
     assert _run_args_of({"MODEL_PATH": "/m"}, "actor_rollout_ref.model.path='/other'")[5] == "/m"
     assert _run_args_of({}, "actor_rollout_ref.model.path='/other'")[5] == "/other"
+    # the GPU-memory refusal's advice: MIN_GPU_GIB reaches the preflight
+    assert _run_args_of({"MIN_GPU_GIB": "44"})[-2:] == ["--min-gpu-gib", "44"]

@@ -423,3 +423,11 @@ def test_cluster_script_starts_head_and_workers(tmp_path):
                                           "--block"]
     missing = subprocess.run(["bash", str(cluster), "worker"], env=env, capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and "give the head's address" in missing.stderr
+
+    # the README's plain command, no optional variable set: Ray's parser rejects an empty argument
+    plain = {k: v for k, v in env.items() if k not in ("NGPUS_PER_NODE", "RAY_TEMP_DIR", "RAY_START_ARGS")}
+    for key in ("NUM_CPUS", "NODE_IP"):
+        plain.pop(key, None)
+    head = subprocess.run(["bash", str(cluster), "head"], env=plain, capture_output=True, text=True, timeout=30)
+    assert head.returncode == 0
+    assert record.read_text().split("\n")[:-1] == ["start", "--head", "--port=6379", "--include-dashboard=false"]

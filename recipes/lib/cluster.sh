@@ -51,7 +51,8 @@ hmpo_ray_start_args() {
     [[ -n "${RAY_TEMP_DIR:-}" ]] && args+=("--temp-dir=$RAY_TEMP_DIR")
     # shellcheck disable=SC2206 # RAY_START_ARGS is a list of flags, split on purpose
     args+=(${RAY_START_ARGS:-})
-    printf '%s\n' "${args[@]}"
+    # none: print nothing (printf with no arguments prints one empty line, which became an empty argument)
+    [[ ${#args[@]} -eq 0 ]] || printf '%s\n' "${args[@]}"
 }
 
 main() {

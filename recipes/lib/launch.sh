@@ -3,7 +3,7 @@
 # variables of its "user-adjustable" block -- TASK, MEAN, SIZE, NNODES, NGPUS_PER_NODE,
 # MODEL_PATH, TRAIN_FILES, VAL_FILES, EXPERIMENT_NAME, CKPT_DIR, LOGGER, PYTHON, and optionally CORRECTION
 # (a file stem of recipes/correction/), ASYNC (a file stem of recipes/async/: none, one_step_off, separate_async)
-# and PREFLIGHT (1: run recipes/lib/preflight.py first) -- then calls `hmpo_launch "$@"`, which builds verl's
+# and PREFLIGHT (1: run recipes/lib/preflight.py first; MIN_GPU_GIB: the GPU memory it requires, default 75) -- then calls `hmpo_launch "$@"`, which builds verl's
 # own command line,
 #
 #   python3 -m <entry point> --config-path=<recipes> --config-name=<TASK> \
@@ -110,6 +110,7 @@ hmpo_preflight_run_args() {
         --total-steps "$(hmpo_setting trainer.total_training_steps)"
     # joining a running cluster: the same checks on every node of it, through Ray
     [[ -z "${RAY_ADDRESS:-}" ]] || printf '%s\n' --ray-address "$RAY_ADDRESS"
+    [[ -z "${MIN_GPU_GIB:-}" ]] || printf '%s\n' --min-gpu-gib "$MIN_GPU_GIB"
 }
 
 hmpo_preflight() {

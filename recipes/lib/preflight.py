@@ -166,7 +166,9 @@ def check_cuda(gpus: int, min_gib: float = MIN_GPU_GIB) -> list[str]:
     small = {i: torch.cuda.get_device_properties(i) for i in range(count)}
     small = {i: p for i, p in small.items() if p.total_memory / 2**30 < min_gib}
     return [f"GPU {i} ({p.name}) has {p.total_memory / 2**30:.1f} GiB; the size files are for 80 GB GPUs "
-            f"(at least {min_gib} GiB): use a smaller size or more offload" for i, p in small.items()]
+            f"(at least {min_gib} GiB). To run a smaller size (e.g. SIZE=qwen2_5_0_5b) or one with more offload on "
+            f"this card, lower the bound: MIN_GPU_GIB={int(p.total_memory / 2**30)} bash recipes/<task>/run.sh "
+            f"(--min-gpu-gib here)" for i, p in small.items()]
 
 
 def check_plugins(names: tuple[str, ...] = ("hmpo_verl",)) -> list[str]:

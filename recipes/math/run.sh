@@ -34,6 +34,8 @@
 #   PREFLIGHT         1: check the software (recipes/lib/preflight.py against recipes/requirements-gpu*.txt
 #                     and their lock files), the data, the model and CKPT_DIR's free disk before launching,
 #                     on every node of the cluster when RAY_ADDRESS=<host>:<port>; 0: skip (1)
+#   MIN_GPU_GIB       the GPU memory the preflight requires (75: the size files' 80 GB class); lower it to
+#                     run a small size on a smaller card
 #   RAY_ADDRESS       http://<head>:8265 to submit to a running Ray cluster (ray job submit);
 #                     unset: run here (on a cluster's head node, verl's ray.init joins that cluster)
 set -euo pipefail
