@@ -263,3 +263,14 @@ def test_a_checkpoint_records_the_launchs_settings_not_the_trainers_edited_copy(
     Trainer()._save_checkpoint()
     verl.trainer.main_ppo.validate_config(verl_config(tmp_path, "trainer.n_gpus_per_node=2"),
                                           use_reference_policy=False, use_critic=False)
+
+
+def test_a_null_setting_and_an_absent_one_are_the_same_setting():
+    """verl reads an absent key and a null one alike: a subtree of nulls saved, a null subtree now (the
+    fully-async entry point composes custom_reward_function so) is no difference; a value is."""
+    from hmpo_verl.run_settings import settings_differences
+
+    saved = {"custom_reward_function.path": None, "custom_reward_function.name": None, VERSION_KEY: SETTINGS_VERSION}
+    assert settings_differences(saved, {"custom_reward_function": None}) == []
+    assert settings_differences(saved, {"custom_reward_function.path": "/r.py"}) == [
+        ("custom_reward_function.path", None, "/r.py")]

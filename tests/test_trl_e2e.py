@@ -67,8 +67,7 @@ def test_reward_adaptive_p_and_clip_follow_the_generation_batchs_rewards(tmp_pat
     """adapt='reward' (APMPO): on each logged step p = exp(-0.8 * mean reward) and epsilon_high =
     0.2 + 0.2 * tanh(mean / (std + 1e-6)), with the mean and std TRL logs for the same generation batch."""
     torch.manual_seed(0)
-    trainer = build_trainer(tiny_assets(), tmp_path, max_steps=2, reward_funcs=exact_match_reward, adapt="reward",
-                            power=1.0)
+    trainer = build_trainer(tiny_assets(), tmp_path, max_steps=2, reward_funcs=exact_match_reward, adapt="reward")
     trainer.train()
     rows = [row for row in trainer.state.log_history if "loss" in row and "reward" in row]
     assert rows

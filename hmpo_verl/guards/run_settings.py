@@ -157,13 +157,20 @@ def settings_differences(saved: dict, current: dict, accepted=()) -> list[tuple[
     """(key, saved value, current value) for every recorded key that differs and is not accepted.
 
     A key present on one side only (an option added with `+...`) is a difference, shown as `<unset>` on
-    the other side; keys the saved record predates (`unrecorded`) are not compared.
+    the other side, unless its value is null: verl reads an absent key and a null one alike (a subtree of
+    nulls and a null subtree, `custom_reward_function: {path: null, ...}` and `custom_reward_function: null`,
+    are the same setting). Keys the saved record predates (`unrecorded`) are not compared.
     """
     missing, predates = "<unset>", unrecorded(saved)
     saved = {k: v for k, v in saved.items() if k != VERSION_KEY}
     keys = sorted({*saved, *(k for k in current if _under(k, RUN_SETTINGS) and not _under(k, predates))})
+
+    def meaning(settings: dict, key: str) -> Any:
+        value = settings.get(key, missing)
+        return missing if value is None else value
+
     return [(k, saved.get(k, missing), current.get(k, missing)) for k in keys
-            if saved.get(k, missing) != current.get(k, missing) and not _under(k, accepted)]
+            if meaning(saved, k) != meaning(current, k) and not _under(k, accepted)]
 
 
 def _shard_world_size(step_dir: Path) -> Optional[int]:
