@@ -135,8 +135,8 @@ def test_adaptive_ess_loss_is_the_power_mean_loss_at_the_chosen_powers():
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-8, atol=1e-12)
     rows = mask.any(-1)
-    assert metrics["actor/pm/power_min"] == pytest.approx(p_rows[rows].min().item(), rel=1e-6)
-    assert metrics["actor/pm/power_max"] == pytest.approx(p_rows[rows].max().item(), rel=1e-6)
+    assert metrics["actor/pm/power"] == pytest.approx(p_rows[rows].mean().item(), rel=1e-6)
+    assert metrics["actor/pm/power_std"] == pytest.approx(p_rows[rows].std(unbiased=False).item(), rel=1e-6)
     assert metrics["actor/pm/ess_target"] == pytest.approx(target[rows].mean().item(), rel=1e-6)
 
 
@@ -149,15 +149,14 @@ def test_per_trajectory_power_does_not_depend_on_the_batch_split():
     split = [fn(old[i:i + 2], lp[i:i + 2], adv[i:i + 2], mask[i:i + 2], "token-mean", config, None)[1]
              for i in (0, 2, 4)]
     for k, m in enumerate(split):
-        assert m["actor/pm/power_min"] == pytest.approx(min(whole[2 * k], whole[2 * k + 1]), rel=1e-6)
-        assert m["actor/pm/power_max"] == pytest.approx(max(whole[2 * k], whole[2 * k + 1]), rel=1e-6)
+        assert m["actor/pm/power"] == pytest.approx((whole[2 * k] + whole[2 * k + 1]) / 2, rel=1e-6)
 
 
 def test_defaults_with_verls_plain_config():
     old, lp, adv, mask = random_batch(seed=33)
     _, m = get_policy_loss_fn("adaptive_power_mean")(old, lp, adv, mask, "token-mean",
                                                     actor_config("adaptive_power_mean", plain=True), None)
-    assert -2.0 <= m["actor/pm/power_min"] <= m["actor/pm/power_max"] <= 1.0
+    assert -2.0 <= m["actor/pm/power"] <= 1.0 and m["actor/pm/power_std"] >= 0
 
 
 def test_step_counter_reads_the_optimizer_step_so_a_resumed_run_continues():

@@ -7,6 +7,7 @@ import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
 from _helpers import actor_config
+from hmpo_verl.maths.staleness import RAW_ROOT
 
 POWERS = [-50.0, -5.0, -1.0, -1e-6, 0.0, 1e-6, 1.0, 5.0, 50.0, math.inf, -math.inf]
 
@@ -36,9 +37,11 @@ def test_finite_loss_and_gradient(dtype, T, level, space):
         loss.backward()
         assert torch.isfinite(loss), (power, loss)
         assert torch.isfinite(x.grad).all(), power
-        for key in ("actor/pm/power", "actor/pm/power_min", "actor/pm/power_max"):
-            assert metrics.pop(key) == pytest.approx(power, rel=1e-6)
-        assert all(math.isfinite(v) for v in metrics.values()), (power, metrics)
+        assert metrics.pop("actor/pm/power") == pytest.approx(power, rel=1e-6)
+        assert metrics.pop("actor/pm/power_std", 0.0) == 0.0  # one p for every row (none for p = +-inf)
+        # the staged sums the trainer divides (p^2 may overflow for |p| > 1e154: power_std is then left out)
+        shown = {k: v for k, v in metrics.items() if not k.startswith(RAW_ROOT)}
+        assert all(math.isfinite(v) for v in shown.values()), (power, shown)
     x = lp.clone().requires_grad_()
     loss, _ = get_policy_loss_fn("agm")(old, x, adv, mask, "seq-mean-token-sum", actor_config("agm"), None)
     loss.backward()

@@ -7,7 +7,9 @@ moment `module` has executed, before its importer gets it back: a verl function 
 before anyone imports it by name. A failing action is logged at ERROR (`loudly`: verl itself
 logs a failing plugin only at DEBUG) and the process goes on without that piece. A verl
 module's symbols are checked against `hmpo_verl.guards.verl_symbols` first, so a verl that
-moved one gives one message naming it and the supported versions.
+moved one gives one message naming it and the supported versions. That is not what stops such
+a verl: the driver checks the same rows before Ray starts, having imported the modules the
+launched trainer will use (`hmpo_verl.hosts.verl.checks.check_verl_symbols`), and raises.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class _LoaderThenRun(importlib.abc.Loader):
     """Delegates to verl's loader; runs the actions (each given the module) after `exec_module`.
 
     (`python -m` runs a module through `get_code`, as `__main__`: its actions then wait for
-    a regular import of the module.)
+    a regular import of the module: under `python -m verl.trainer.main_ppo` our `run_ppo` wrapper
+    never runs, and the driver's checks run from `validate_config`.)
     """
 
     def __init__(self, loader, fullname: str, finder: _RunAfterImport):

@@ -38,8 +38,10 @@ imported, make our losses at home there:
   which also refuse ``bypass_mode`` with ``rollout_is``/``rollout_rs`` --, the checkpoint directory,
   the resume guard and the saved run settings) before Ray starts: verl's fully-async entry point
   never calls ``validate_config``, and the one-step-off one calls it inside Ray.
-  It also warns (:func:`stale_as_fresh`) when a V1 async mode would train stale samples as
-  if they were on-policy.
+  ``driver_checks`` also warns (``hmpo_verl.hosts.verl.checks.warn_stale_as_fresh``, once per launch)
+  when a V1 async mode would train stale samples as if they were on-policy (``validate_config`` runs it
+  too, so ``python -m verl.trainer.main_ppo``, whose ``__main__`` calls its own unwrapped ``run_ppo``,
+  gets it); :func:`stale_as_fresh` is public here as well.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from hmpo_verl.maths.staleness import LAG_KEY, RAW_PREFIX, lag_distribution, per_lag_means, sample_lag_scope, sample_lags
+from hmpo_verl.hosts.verl.checks import stale_as_fresh  # noqa: F401 (public here: README, tests)
+from hmpo_verl.maths.staleness import (LAG_KEY, RAW_ROOT, STEP_MEAN_KEYS, lag_distribution, sample_lag_scope,
+                                       sample_lags, staged_means, staged_totals)
 
 logger = logging.getLogger("hmpo_verl")
 HOOK_FAILED = "hmpo_verl could not wrap {} (per-sample lags, bypass-mode guard, option checks before Ray)"
@@ -149,31 +153,26 @@ def batch_versions(non_tensor_batch: dict) -> Optional[list]:
     return None
 
 
-def _lag_metrics(metrics: dict, lags: torch.Tensor) -> None:
-    """Replace the loss's per-lag sums in ``metrics`` by per-lag means; add the lag distribution."""
-    means = per_lag_means(metrics)
-    for key in [k for k in metrics if k.startswith(RAW_PREFIX)]:
-        del metrics[key]
-    metrics.update(means)
-    metrics.update(lag_distribution(lags))
-
-
 @_once
 def with_sample_lags(update_actor: Callable) -> Callable:
-    """Wrap ``RayPPOTrainer._update_actor(self, batch)`` (see module doc)."""
+    """Wrap ``RayPPOTrainer._update_actor(self, batch)`` (see module doc). Every call, lags or not: the loss's
+    staged sums (one value per mini-batch update) become the call's means (``hmpo_verl.staleness.staged_means``)."""
 
     @functools.wraps(update_actor)
     def _update_actor(self, batch):
         versions = batch_versions(batch.non_tensor_batch)
         lags = None if versions is None else trainer_lags(self, versions)
         if lags is None:
-            return update_actor(self, batch)
-        batch.batch[LAG_KEY] = lags.to(torch.float32)
-        try:
             output = update_actor(self, batch)
-        finally:
-            batch.batch.pop(LAG_KEY)
-        _lag_metrics(output.meta_info["metrics"], lags)
+        else:
+            batch.batch[LAG_KEY] = lags.to(torch.float32)
+            try:
+                output = update_actor(self, batch)
+            finally:
+                batch.batch.pop(LAG_KEY)
+            output.meta_info["metrics"].update(lag_distribution(lags))
+        metrics = output.meta_info["metrics"]
+        metrics.update(staged_means(staged_totals(metrics)))
         return output
 
     return _update_actor
@@ -194,10 +193,27 @@ def v1_tag_lags(trainer, tags: Sequence[dict]) -> tuple[Optional[torch.Tensor], 
     return lags_from_labels(labels, AFTER_UPDATE, trainer.global_steps), real
 
 
+STAGED = "_hmpo_staged_totals"  # on a V1 trainer: the loss's staged sums over the step's updates so far
+
+
+@_once
+def totalling_staged(reduce_metrics: Callable) -> Callable:
+    """Wrap V1 ``trainer_base.reduce_metrics``: the loss's staged sums (one value per mini-batch update) become
+    their totals (``hmpo_verl.staleness.staged_totals``) instead of a mean over the updates."""
+
+    @functools.wraps(reduce_metrics)
+    def wrapped(metrics):
+        totals = staged_totals(metrics)
+        return {**reduce_metrics(metrics), **totals}
+
+    return wrapped
+
+
 @_once
 def with_sample_lags_v1(update_actor: Callable) -> Callable:
     """Wrap V1's ``PPOTrainer._update_actor(self, batch: KVBatchMeta, metrics)``: the lags go to the
-    workers as a TransferQueue field ``LAG_KEY`` beside the batch's other fields."""
+    workers as a TransferQueue field ``LAG_KEY`` beside the batch's other fields; the update's staged
+    totals leave ``metrics`` (verl would average them over the step's iterations) for the trainer's ``STAGED``."""
 
     @functools.wraps(update_actor)
     def _update_actor(self, batch, metrics):
@@ -205,30 +221,33 @@ def with_sample_lags_v1(update_actor: Callable) -> Callable:
         from tensordict import TensorDict
 
         lags, _ = v1_tag_lags(self, batch.tags)
-        if lags is None:
-            return update_actor(self, batch, metrics)
-        field = TensorDict({LAG_KEY: lags.to(torch.float32)}, batch_size=len(batch.keys))
-        stored = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=field)
-        batch.fields = stored.fields
-        return update_actor(self, batch, metrics)
+        if lags is not None:
+            field = TensorDict({LAG_KEY: lags.to(torch.float32)}, batch_size=len(batch.keys))
+            stored = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=field)
+            batch.fields = stored.fields
+        result = update_actor(self, batch, metrics)
+        staged = self.__dict__.setdefault(STAGED, {})
+        for key in [k for k in metrics if k.startswith(RAW_ROOT)]:
+            staged[key] = staged.get(key, 0.0) + float(metrics.pop(key))
+        return result
 
     return _update_actor
 
 
 @_once
 def with_lag_metrics_v1(step: Callable) -> Callable:
-    """Wrap V1's ``PPOTrainer.step(self, metrics, timing_raw)``: per-lag means once the step's updates are in.
-
-    verl averages each per-lag sum over an update's micro-batches and over the step's updates
-    (weighted by their sample counts, equal in verl's fixed-size updates), so the ratios are exact.
-    """
+    """Wrap V1's ``PPOTrainer.step(self, metrics, timing_raw)``: the step's means (``actor/pm/*``, per lag too)
+    from the staged totals of all its updates (every ``parameter_sync_step`` iteration, each mini-batch),
+    and the lag distribution."""
 
     @functools.wraps(step)
     def wrapped(self, metrics, timing_raw):
+        setattr(self, STAGED, {})
         batch = step(self, metrics, timing_raw)
+        metrics.update(staged_means(self.__dict__.pop(STAGED)))
         lags, real = v1_tag_lags(self, batch.tags)
         if lags is not None and real.any():
-            _lag_metrics(metrics, lags[real])
+            metrics.update(lag_distribution(lags[real]))
         return batch
 
     return wrapped
@@ -239,13 +258,18 @@ def with_lag_metrics_v1(step: Callable) -> Callable:
 
 @_once
 def exposing_sample_lag(ppo_loss: Callable) -> Callable:
-    """Wrap verl's ``ppo_loss(config, model_output, data, dp_group=None)``: the loss sees ``data[LAG_KEY]``."""
+    """Wrap verl's ``ppo_loss(config, model_output, data, dp_group=None)``: the loss sees ``data[LAG_KEY]``;
+    the loss's per-call row means are dropped (verl would average them per micro-batch): the trainer logs
+    them from the staged sums."""
 
     @functools.wraps(ppo_loss)
     def wrapped(config, model_output, data, dp_group=None):
         lags = data[LAG_KEY] if LAG_KEY in data.keys() else None
         with sample_lag_scope(lags):
-            return ppo_loss(config, model_output, data, dp_group=dp_group)
+            loss, metrics = ppo_loss(config, model_output, data, dp_group=dp_group)
+        for key in STEP_MEAN_KEYS:
+            metrics.pop(key, None)
+        return loss, metrics
 
     return wrapped
 
@@ -284,44 +308,6 @@ def keeping_our_loss(apply_bypass_mode: Callable) -> Callable:
     return wrapped
 
 
-# ----------------------------------------------------------------------------- V1 stale-as-fresh
-
-V1_ASYNC_MODES = ("colocate_async", "separate_async")
-STALE_AS_FRESH = (
-    "trainer.v1.trainer_mode={mode} without algorithm.rollout_correction.bypass_mode=true and without "
-    "algorithm.rollout_correction.rollout_is: verl's V1 trainer recomputes old_log_probs on the trainer's current "
-    "weights (decoupled mode) and applies no rollout importance sampling, so samples generated by older weights are "
-    "trained as if they were on-policy (the token ratios start at 1 whatever the sample's lag; measured here: one "
-    "10-step colocate_async run's reward fell 0.21 -> 0.04). Set algorithm.rollout_correction.bypass_mode=true "
-    "(old_log_probs = the rollout's log-probs: the ratios are pi_theta / pi_rollout, as verl's async configs do) "
-    "or algorithm.rollout_correction.rollout_is=token|sequence (verl multiplies pi_old / pi_rollout weights into the "
-    "loss; ours apply them as verl's losses do)."
-)
-
-
-def stale_as_fresh(config) -> Optional[str]:
-    """The warning for a V1 async mode that trains stale samples as fresh (None when the config does not).
-
-    Why a warning and not a refusal (verl 0.9.1, ``verl.trainer.ppo.v1.trainer_base``): with
-    ``bypass_mode=false`` ``_compute_old_log_prob`` recomputes ``old_log_probs`` on the current
-    weights, and ``_compute_advantage`` computes ``rollout_is_weights`` only when
-    ``rollout_is`` is set; without it every loss, verl's and ours alike, sees ratios
-    pi_theta / pi_current. Our losses are no less right than verl's there, so the run is allowed;
-    the user is told what happens and which two settings change it.
-    """
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.select(config, "trainer.use_v1", default=True):
-        return None
-    mode = OmegaConf.select(config, "trainer.v1.trainer_mode", default="sync")
-    if mode not in V1_ASYNC_MODES:
-        return None
-    correction = OmegaConf.select(config, "algorithm.rollout_correction", default=None) or {}
-    if correction.get("bypass_mode", False) or correction.get("rollout_is", None):
-        return None
-    return STALE_AS_FRESH.format(mode=mode)
-
-
 # ----------------------------------------------------------------------------- install
 
 
@@ -331,10 +317,7 @@ def _checking_options_first(run_ppo: Callable) -> Callable:
     def wrapped(config, *args, **kwargs):
         from hmpo_verl.hosts.verl.checks import driver_checks
 
-        driver_checks(config)
-        warning = stale_as_fresh(config)
-        if warning:
-            logger.warning(warning)
+        driver_checks(config)  # with the stale-as-fresh warning (warn_stale_as_fresh)
         return run_ppo(config, *args, **kwargs)
 
     return wrapped
@@ -365,7 +348,8 @@ def install(run_after_import: Callable) -> None:
         "verl.trainer.ppo.ray_trainer": lambda m: (_patch(m.RayPPOTrainer, "_update_actor", with_sample_lags),
                                                    _patch(m.RayPPOTrainer, "_load_checkpoint", recording_first_label)),
         "verl.trainer.ppo.v1.trainer_base": lambda m: (_patch(m.PPOTrainer, "_update_actor", with_sample_lags_v1),
-                                                       _patch(m.PPOTrainer, "step", with_lag_metrics_v1)),
+                                                       _patch(m.PPOTrainer, "step", with_lag_metrics_v1),
+                                                       _patch(m, "reduce_metrics", totalling_staged)),
         "verl.trainer.ppo.v1.trainer_separate_async": _logging_without_flush,
         "verl.workers.utils.losses": lambda m: _patch(m, "ppo_loss", exposing_sample_lag),
         "verl.trainer.ppo.rollout_corr_helper": lambda m: _patch(m, "apply_bypass_mode", keeping_our_loss),

@@ -5,11 +5,14 @@ verl's trainers (guarded checkpoint saves, the rollout log-prob check, per-sampl
 option checks before Ray starts) wraps functions verl may move or rename in any release.
 Each row names one symbol: the module, the attribute path inside it, what we do with it,
 why, and which of verl's trainers needs it. A hook on a verl module checks that module's
-rows before it touches anything (`check_module`), and the driver's `validate_config` checks
-every row of the modules loaded by then (`check_loaded`): a verl whose symbol moved or
-vanished stops with `UnsupportedVerlError` naming the symbol and `SUPPORTED_VERL`, instead
-of an AttributeError inside a Ray worker. Add a row before wrapping anything new
-(`run_after_import` refuses a verl module without one).
+rows before it touches anything (`check_module`; in a Ray process a failure is logged and the
+process goes on without that guard), and the driver, before Ray starts, imports the modules the
+launched trainer will use and checks every row of every loaded module
+(`hmpo_verl.hosts.verl.checks.check_verl_symbols`, run by `validate_config` and `run_ppo` on every
+entry point): a verl whose symbol moved or vanished stops there with `UnsupportedVerlError`
+naming the symbol and `SUPPORTED_VERL`, instead of a run without the guard or an AttributeError
+inside a Ray worker. Add a row before wrapping anything new (`run_after_import` refuses a verl
+module without one).
 """
 
 from __future__ import annotations
@@ -112,6 +115,9 @@ VERL_SYMBOLS: tuple[VerlSymbol, ...] = (
                "v1 colocate_async, separate_async", "guards/offpolicy.py"),
     VerlSymbol("verl.trainer.ppo.v1.trainer_base", "PPOTrainer.step", "wraps",
                "turns the loss's per-lag sums into actor/pm/lag<k>/* and adds training/lag/*",
+               "v1 colocate_async, separate_async", "guards/offpolicy.py"),
+    VerlSymbol("verl.trainer.ppo.v1.trainer_base", "reduce_metrics", "wraps",
+               "the loss's staged per-lag sums become their totals over the update, not a mean over micro-batches",
                "v1 colocate_async, separate_async", "guards/offpolicy.py"),
     VerlSymbol("verl.trainer.ppo.v1.trainer_separate_async", "logger", "wraps",
                "verl 0.9.1 passes logger.info(..., flush=True) (a TypeError) in _setup when hybrid_engine=false: "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -31,7 +32,10 @@ import torch
 LAG_KEY = "hmpo_sample_lag"
 MAX_LAG = 3  # the last bucket holds lags >= MAX_LAG
 BUCKETS = tuple(str(k) for k in range(MAX_LAG)) + (f"{MAX_LAG}plus",)
-RAW_PREFIX = "actor/pm/lag_raw/"  # per-lag sums from the loss, turned into means by per_lag_means
+RAW_ROOT = "actor/pm/raw/"  # sums staged by the loss, turned into means by the trainer (staged_totals, staged_means)
+RAW_PREFIX = RAW_ROOT + "lag"  # per lag bucket: RAW_PREFIX + "<bucket>/<quantity>"
+STEP_PREFIX = RAW_ROOT + "all/"  # every valid row: STEP_PREFIX + "<quantity>"
+SHARE = RAW_ROOT + "share"  # the call's valid tokens over its update's (sums to 1 over an update's calls)
 PER_ROW = ("log_ah_gap", "ess_frac")  # per-sequence quantities averaged per lag
 
 _CURRENT: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar(LAG_KEY, default=None)
@@ -81,6 +85,14 @@ def current_sample_lag() -> Optional[torch.Tensor]:
     return _CURRENT.get()
 
 
+def row_sums(prefix: str, sel: torch.Tensor, per_row: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``prefix + "seqs"``: the rows in ``sel`` ``(B,)`` bool; ``prefix + name``: their sum of each ``(B,)`` value."""
+    out = {prefix + "seqs": sel.sum().double()}
+    for name, values in per_row.items():
+        out[prefix + name] = torch.where(sel, values.double(), 0.0).sum()
+    return out
+
+
 def per_lag_sums(
     lags: torch.Tensor,
     rows: torch.Tensor,
@@ -104,42 +116,66 @@ def per_lag_sums(
     if lags.shape != rows.shape:
         raise ValueError(f"{LAG_KEY} has shape {tuple(lags.shape)}; the batch has {tuple(rows.shape)} rows")
     buckets = lag_buckets(lags.to(rows.device))
+    per_row = {**per_row, "clipped_tokens": clipped_tokens, "tokens": tokens}
     out = {}
     for k, name in enumerate(BUCKETS):
-        sel = rows & (buckets == k)
-        prefix = f"{RAW_PREFIX}{name}/"
-        out[prefix + "seqs"] = sel.sum().double()
-        for quantity, values in per_row.items():
-            out[prefix + quantity] = torch.where(sel, values.double(), 0.0).sum()
-        out[prefix + "clipped_tokens"] = torch.where(sel, clipped_tokens.double(), 0.0).sum()
-        out[prefix + "tokens"] = torch.where(sel, tokens.double(), 0.0).sum()
+        out.update(row_sums(f"{RAW_PREFIX}{name}/", rows & (buckets == k), per_row))
     return out
 
 
-def _total(value) -> float:
-    return float(sum(value)) if isinstance(value, (list, tuple)) else float(value)
+def _per_update(value) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
 
 
-def per_lag_means(metrics: Mapping[str, object]) -> dict[str, float]:
-    """From :func:`per_lag_sums` (each value a number or a list over updates): per-lag means.
+def staged_totals(metrics: dict) -> dict[str, float]:
+    """Pop the loss's staged sums from verl's actor metrics and return their totals over the updates.
 
-    Returns ``actor/pm/lag<bucket>/<name>`` (mean over the bucket's sequences) and
-    ``actor/pm/lag<bucket>/pg_clipfrac`` (its clipped over valid tokens), for the buckets
-    that held a sequence. verl averages each sum over an update's micro-batches and ranks,
-    and a ratio of two averages over the same micro-batches is the ratio of the totals, so
-    the means are exact whatever the micro-batching; the updates of one step are pooled by
-    adding their values.
+    Each staged value is a number or a list with one value per actor update (mini-batch, per
+    PPO epoch): verl's mean over that update's micro-batches and ranks. Divided by the same
+    mean of ``SHARE`` it is the update's sum; an update with no valid token adds nothing.
+    Without ``SHARE`` each value is taken as its update's sum.
     """
-    out = {}
+    shares = _per_update(metrics.pop(SHARE, 1.0))
+    totals = {}
+    for key in [k for k in metrics if k.startswith(RAW_ROOT)]:
+        values = _per_update(metrics.pop(key))
+        if len(values) != len(shares):
+            raise ValueError(f"{key} has {len(values)} values and {SHARE} {len(shares)}: one per actor update expected")
+        totals[key] = sum(v / s for v, s in zip(values, shares) if s > 0)
+    return totals
+
+
+def _bucket_means(raw: str, out: str, totals: Mapping[str, float], quantities: Sequence[str]) -> dict[str, float]:
+    """``out + q``: the mean of each staged ``raw + q`` over the bucket's rows; ``out + "pg_clipfrac"``."""
+    seqs = totals.get(raw + "seqs", 0.0)
+    if seqs <= 0:
+        return {}
+    means = {out + q: totals[raw + q] / seqs for q in quantities if raw + q in totals}
+    if totals.get(raw + "tokens", 0.0) > 0:
+        means[out + "pg_clipfrac"] = totals[raw + "clipped_tokens"] / totals[raw + "tokens"]
+    return means
+
+
+STEP_MEANS = ("seq_ratio_mean", "log_ah_gap", "ess_frac", "power", "ess_target")  # actor/pm/<name>, over valid rows
+VARIANCE_FLOOR = 1e-12  # relative: the rounding of the staged sums; a variance below it is reported as 0
+STEP_MEAN_KEYS = tuple(f"actor/pm/{q}" for q in STEP_MEANS + ("power_std",))
+
+
+def staged_means(totals: Mapping[str, float]) -> dict[str, float]:
+    """From :func:`staged_totals`: ``actor/pm/<name>`` (mean over every valid row the updates trained on),
+    ``actor/pm/power_std`` (their p's population std) and ``actor/pm/lag<bucket>/<name>``, ``.../pg_clipfrac``
+    for the lag buckets that held a row (clipped over valid tokens)."""
+    out = _bucket_means(STEP_PREFIX, "actor/pm/", totals, STEP_MEANS + ("power_sq",))
+    if "actor/pm/power_sq" in out:
+        mean_sq = out.pop("actor/pm/power_sq")
+        variance = mean_sq - out["actor/pm/power"] ** 2
+        if math.isfinite(variance):  # (a p of +-inf has none)
+            out["actor/pm/power_std"] = math.sqrt(variance) if variance > VARIANCE_FLOOR * mean_sq else 0.0
     for name in BUCKETS:
-        raw = f"{RAW_PREFIX}{name}/"
-        seqs = _total(metrics.get(raw + "seqs", 0.0))
-        if seqs <= 0:
-            continue
-        for quantity in PER_ROW:
-            if raw + quantity in metrics:
-                out[f"actor/pm/lag{name}/{quantity}"] = _total(metrics[raw + quantity]) / seqs
-        tokens = _total(metrics.get(raw + "tokens", 0.0))
-        if tokens > 0:
-            out[f"actor/pm/lag{name}/pg_clipfrac"] = _total(metrics[raw + "clipped_tokens"]) / tokens
+        out.update(_bucket_means(f"{RAW_PREFIX}{name}/", f"actor/pm/lag{name}/", totals, PER_ROW))
     return out
+
+
+def per_lag_means(totals: Mapping[str, float]) -> dict[str, float]:
+    """The per-lag part of :func:`staged_means`."""
+    return {k: v for k, v in staged_means(totals).items() if k.startswith("actor/pm/lag")}

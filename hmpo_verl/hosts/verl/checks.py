@@ -1,15 +1,23 @@
 """Our checks of a composed verl trainer config, run in verl's driver before Ray starts.
 
-`check_options` validates our loss and estimator options (through the config classes of
-`hmpo_verl.hosts.verl.config`) and refuses settings verl would silently drop for our losses
-(`check_bypass_mode`); `check_trl_beside_verl` refuses a TRL that verl's workers cannot start
-beside. `hmpo_verl.hosts.verl.registry` runs them in verl's `validate_config`, and
-`hmpo_verl.guards.offpolicy` in `run_ppo`, where fully-async skips `validate_config`.
+`check_verl_symbols` imports what the launched trainer will import and checks every verl symbol we
+wrap or read (`hmpo_verl.guards.verl_symbols`); `check_options` validates our loss and estimator options
+(through the config classes of `hmpo_verl.hosts.verl.config`) and refuses rollout corrections verl would
+silently drop, for any loss (`check_bypass_mode`); `check_trl_beside_verl` refuses a TRL that verl's
+workers cannot start beside. `driver_checks` runs them all; `hmpo_verl.hosts.verl.registry` runs it in
+verl's `validate_config`, and `hmpo_verl.guards.offpolicy` in `run_ppo`, where fully-async skips
+`validate_config` (and `python -m verl.trainer.main_ppo` runs its own, unwrapped, `run_ppo`).
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
+import sys
+import weakref
 from typing import Optional
+
+logger = logging.getLogger("hmpo_verl")
 
 
 def check_options(config) -> None:
@@ -33,7 +41,7 @@ def check_options(config) -> None:
                 "0.9.1's ppo_loss passes a policy loss no rewards, and the batch's reward statistics it needs are not "
                 "sent to the actor workers; allowed here: ess, schedule (adapt='reward' runs in PowerMeanGRPOTrainer "
                 "and in hmpo_verl.lab's lean loop)")
-        check_bypass_mode(OmegaConf.select(config, "algorithm.rollout_correction", default=None), loss_mode)
+    check_bypass_mode(OmegaConf.select(config, "algorithm.rollout_correction", default=None), policy_loss)
     algorithm = OmegaConf.select(config, "algorithm", default=None)
     if algorithm is not None and str(algorithm.get("_target_", "")).startswith("hmpo_verl"):
         omega_conf_to_dataclass(algorithm)  # runs PowerMeanAlgoConfig.__post_init__
@@ -73,42 +81,161 @@ def check_trl_beside_verl() -> None:
         raise RuntimeError(message)
 
 
-def check_bypass_mode(rollout_correction, loss_mode: str) -> None:
-    """Refuse rollout IS / rejection sampling in bypass mode: with our loss they would be dropped.
+# what verl's own loss_mode=bypass_mode reads from its policy_loss.rollout_correction
+# (core_algos.compute_policy_loss_bypass_mode)
+BYPASS_LOSS_READS = ("rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize", "rollout_rs",
+                     "rollout_rs_threshold", "loss_type")
 
-    In bypass mode (``old_log_probs = rollout_log_probs``) verl computes rollout IS weights
-    and rejection masks only inside its own ``loss_mode=bypass_mode`` loss; the trainer
-    passes none to any other loss (see ``hmpo_verl.offpolicy``).
+
+def check_bypass_mode(rollout_correction, policy_loss) -> None:
+    """Refuse rollout IS, rejection sampling or a loss_type that bypass mode would drop, for any loss_mode.
+
+    With ``algorithm.rollout_correction.bypass_mode=true`` (``old_log_probs = rollout_log_probs``) no verl 0.9.1
+    trainer computes rollout IS weights or rejection masks: V1 (every ``trainer.v1.trainer_mode``) copies the
+    rollout's log-probs and skips ``compute_rollout_correction_and_add_to_batch``; v0 ``RayPPOTrainer`` and the
+    one-step-off and fully-async trainers skip it too and call ``apply_bypass_mode``, whose
+    ``loss_mode='bypass_mode'`` and ``rollout_correction`` land on the trainer's copy of the config, after the
+    workers were built from theirs. Only a worker whose own ``loss_mode`` is ``bypass_mode`` applies them,
+    inside that loss, from its own ``actor_rollout_ref.actor.policy_loss.rollout_correction`` (absent: verl's
+    defaults). So: any other loss_mode would train without them; ``bypass_mode`` with them unless that copy holds
+    the same settings.
     """
     if rollout_correction is None or not rollout_correction.get("bypass_mode", False):
         return
-    dropped = [f"{key}={rollout_correction.get(key)}" for key in ("rollout_is", "rollout_rs")
-               if rollout_correction.get(key, None)]
-    if dropped:
-        raise ValueError(
-            f"algorithm.rollout_correction.{' and '.join(dropped)} with algorithm.rollout_correction.bypass_mode=true "
-            f"and actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}: in bypass mode verl applies rollout IS "
-            f"and rejection sampling only inside its own loss_mode=bypass_mode, so {loss_mode} would train without "
-            "them. Set algorithm.rollout_correction.bypass_mode=false (verl then computes them and passes the "
-            "weights to the loss) or drop rollout_is/rollout_rs."
-        )
+    unset = {"rollout_is": None, "rollout_rs": None, "loss_type": "ppo_clip"}  # what asks for no correction
+    requested = [key for key, off in unset.items() if rollout_correction.get(key, off) != off]
+    loss_mode = policy_loss.get("loss_mode", "vanilla") if policy_loss is not None else "vanilla"
+    workers = (policy_loss.get("rollout_correction", None) if policy_loss is not None else None) or {}
+    if not requested or (loss_mode == "bypass_mode" and all(
+            workers.get(key, None) == rollout_correction.get(key, None) for key in BYPASS_LOSS_READS)):
+        return
+    same = "+actor_rollout_ref.actor.policy_loss.rollout_correction='${algorithm.rollout_correction}'"
+    if loss_mode == "bypass_mode":
+        what = ("verl's bypass_mode loss reads the workers' actor_rollout_ref.actor.policy_loss.rollout_correction "
+                f"({'other settings' if workers else 'absent: verl defaults'}), not algorithm.rollout_correction "
+                "(apply_bypass_mode copies it onto the trainer's config only), so it would train without them")
+        ways = f"{same} (the workers' loss then reads these settings)"
+    else:
+        what = (f"in bypass mode no verl trainer (V1 in every trainer_mode, v0, one-step-off, fully-async) computes "
+                f"rollout IS weights or rejection masks; only verl's own loss_mode=bypass_mode does, inside the loss "
+                f"(its loss_type=ppo_clip clips pi_theta / pi_rollout instead of multiplying IS weights), so "
+                f"{loss_mode} would train without them")
+        ways = (f"actor_rollout_ref.actor.policy_loss.loss_mode=bypass_mode with {same} (verl's PPO-clip / "
+                f"REINFORCE loss instead of {loss_mode})")
+    from hmpo_verl.hosts.verl.config import LOSS_OPTION_CLASSES
+
+    ways = "" if loss_mode in LOSS_OPTION_CLASSES else f", or {ways}"  # ours: the first two keep the loss
+    asked = " and ".join(f"algorithm.rollout_correction.{key}={rollout_correction.get(key)}" for key in requested)
+    drop = " ".join(f"algorithm.rollout_correction.{key}={unset[key] or 'null'}" for key in requested)
+    raise ValueError(
+        f"{asked} with algorithm.rollout_correction.bypass_mode=true and "
+        f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}: {what}. Set "
+        "algorithm.rollout_correction.bypass_mode=false (decoupled: verl computes the IS weights and rejection mask "
+        f"on the trainer and passes them to the loss), or drop them ({drop}){ways}."
+    )
+
+
+# verl's trainers, as the modules that hold our VERL_SYMBOLS rows (each imports the rest of what it needs):
+V1_TRAINER = ("verl.trainer.ppo.v1",)  # the package imports every trainer_mode, ray_trainer, rollout_corr_helper, ...
+V0_TRAINER = ("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.rollout_corr_helper", "verl.utils.debug.metrics",
+              "verl.workers.utils.losses")  # v0 RayPPOTrainer and the off-policy trainers built on it
+# imported by the entry modules of verl's off-policy trainers (one_step_off_policy.main_ppo, fully_async_main)
+OFFPOLICY_TRAINERS = ("verl.experimental.one_step_off_policy.ray_trainer",
+                      "verl.experimental.fully_async_policy.fully_async_trainer")
+
+
+def check_verl_symbols(config) -> None:
+    """Import the verl modules the launched trainer will use (its driver, task runner and workers import them
+    anyway) and check every `VERL_SYMBOLS` row of every loaded verl module: a verl that moved one stops here,
+    before Ray, with `UnsupportedVerlError` naming it and the supported versions. (The hooks that wrap them in
+    the task runner and workers would only log the missing symbol and go on without the guard.)"""
+    from omegaconf import OmegaConf
+
+    from hmpo_verl.guards.verl_symbols import check_loaded
+
+    offpolicy = any(name in sys.modules for name in OFFPOLICY_TRAINERS)
+    v1 = not offpolicy and OmegaConf.select(config, "trainer.use_v1", default=True)
+    for name in V1_TRAINER if v1 else V0_TRAINER:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            raise ImportError(f"{name}, which verl's trainer imports in its Ray task runner, cannot be imported "
+                              f"here ({exc}): install what it names (verl's V1 trainer needs verl's verl-core "
+                              "extras: TransferQueue, pyzmq, msgspec, cachetools, fastapi, uvicorn)") from exc
+    check_loaded()
+
+
+V1_ASYNC_MODES = ("colocate_async", "separate_async")
+STALE_AS_FRESH = (
+    "trainer.v1.trainer_mode={mode} without algorithm.rollout_correction.bypass_mode=true and without "
+    "algorithm.rollout_correction.rollout_is: verl's V1 trainer recomputes old_log_probs on the trainer's current "
+    "weights (decoupled mode) and applies no rollout importance sampling, so samples generated by older weights are "
+    "trained as if they were on-policy (the token ratios start at 1 whatever the sample's lag; measured here: one "
+    "10-step colocate_async run's reward fell 0.21 -> 0.04). Set algorithm.rollout_correction.bypass_mode=true "
+    "(old_log_probs = the rollout's log-probs: the ratios are pi_theta / pi_rollout, as verl's async configs do; "
+    "with rollout_rs=null, as bypass mode computes no rejection mask) "
+    "or algorithm.rollout_correction.rollout_is=token|sequence (verl multiplies pi_old / pi_rollout weights into the "
+    "loss; ours apply them as verl's losses do)."
+)
+
+
+def stale_as_fresh(config) -> Optional[str]:
+    """The warning for a V1 async mode that trains stale samples as fresh (None when the config does not).
+
+    Why a warning and not a refusal (verl 0.9.1, ``verl.trainer.ppo.v1.trainer_base``): with
+    ``bypass_mode=false`` ``_compute_old_log_prob`` recomputes ``old_log_probs`` on the current
+    weights, and ``_compute_advantage`` computes ``rollout_is_weights`` only when
+    ``rollout_is`` is set; without it every loss, verl's and ours alike, sees ratios
+    pi_theta / pi_current. Our losses are no less right than verl's there, so the run is allowed;
+    the user is told what happens and which two settings change it.
+    """
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.select(config, "trainer.use_v1", default=True):
+        return None
+    mode = OmegaConf.select(config, "trainer.v1.trainer_mode", default="sync")
+    if mode not in V1_ASYNC_MODES:
+        return None
+    correction = OmegaConf.select(config, "algorithm.rollout_correction", default=None) or {}
+    if correction.get("bypass_mode", False) or correction.get("rollout_is", None):
+        return None
+    return STALE_AS_FRESH.format(mode=mode)
+
+
+_WARNED: dict[int, weakref.ref] = {}  # the configs warned about, by identity (id -> weak reference)
+
+
+def warn_stale_as_fresh(config) -> None:
+    """Log :func:`stale_as_fresh`'s warning, once per launch: ``driver_checks`` calls this, and both verl's
+    ``validate_config`` and ``run_ppo`` run it on the same config object (``python -m verl.trainer.main_ppo``
+    runs only the first: ``__main__`` holds its own ``run_ppo``, which our wrapper never reaches)."""
+    warning = stale_as_fresh(config)
+    seen = _WARNED.get(id(config))
+    if warning and (seen is None or seen() is not config):
+        _WARNED[id(config)] = weakref.ref(config)
+        logger.warning(warning)
 
 
 def driver_checks(config) -> None:
-    """Everything the driver checks before Ray starts (idempotent): our options, TRL beside verl, the
+    """Everything the driver checks before Ray starts (idempotent): the verl symbols the trainer's guards wrap
+    (`check_verl_symbols`), our options and the rollout correction (`check_options`), TRL beside verl, the
     checkpoint directory, the checkpoint a resume will use -- a resume_mode / resume_from_path verl reads alike
     everywhere, complete, saved by the same trainer mode and with the same settings (`hmpo_verl.guards.run_settings`),
     every refusal before the guard rewrites a tracker (`hmpo_verl.guards.checkpoints.guard_resume`) -- and, for
     fully-async, the prompts in flight at that checkpoint that the resume will not train
-    (`hmpo_verl.guards.inflight`). Run by verl's `validate_config` and by `run_ppo`, the driver function of
-    every entry point (`main_ppo`, one-step-off, fully-async)."""
+    (`hmpo_verl.guards.inflight`); last, the warning for a V1 async mode that trains stale samples as fresh
+    (`warn_stale_as_fresh`, once per launch). Run by verl's `validate_config` and by
+    our wrapper of `run_ppo`, the driver function of every entry point (`main_ppo`, one-step-off, fully-async); under
+    `python -m verl.trainer.main_ppo` only `validate_config` is ours (`__main__` holds its own `run_ppo`)."""
     from hmpo_verl.guards.checkpoints import check_checkpoint_directory, guard_resume, resume_step_dir
     from hmpo_verl.guards.inflight import warn_fully_async_resume
     from hmpo_verl.guards.run_settings import stamp_run_settings
 
+    check_verl_symbols(config)  # first: the checks below use verl
     check_options(config)
     check_trl_beside_verl()
     check_checkpoint_directory(config)
     guard_resume(config)  # runs run_settings.check_resume_settings on the checkpoint it lets verl resume
     warn_fully_async_resume(config, resume_step_dir(config))  # what verl's fully-async resume does not train
     stamp_run_settings(config)  # what each checkpoint records, before the trainer edits its config
+    warn_stale_as_fresh(config)  # once per launch: validate_config and run_ppo may both check it

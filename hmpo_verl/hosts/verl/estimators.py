@@ -87,7 +87,10 @@ def _group_advantage(
         if options.norm_adv_by_std:
             adv = adv / (group_std(scores, ids, n_groups)[ids] + GRPO_EPSILON)
         residual = group_sums(adv, ids, n_groups).abs().max() if n_groups else torch.zeros(())
-    PENDING_METRICS.update({"critic/pm/adv_conservation": residual.item(), "critic/pm/risk_beta": float(options.risk_beta)})
+    # the largest over the step: V1 with parameter_sync_step > 1 computes advantages once per iteration and drains
+    # PENDING_METRICS once per step (compute_data_metrics), which clears it for the next step
+    worst = max(residual.item(), PENDING_METRICS.get("critic/pm/adv_conservation", 0.0))
+    PENDING_METRICS.update({"critic/pm/adv_conservation": worst, "critic/pm/risk_beta": float(options.risk_beta)})
     out = adv.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask.to(token_level_rewards.dtype)
     return out, out
 

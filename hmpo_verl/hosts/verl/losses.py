@@ -12,15 +12,15 @@ name when `hmpo_verl` is imported. The work is split as:
 
 Metrics: verl's `actor/pg_clipfrac` (tokens whose trust-region clip is active),
 `actor/ppo_kl`, `actor/pg_clipfrac_lower` (tokens capped by the dual clip, A < 0), and
-under `actor/pm/`: `seq_ratio_mean` (mean sequence ratio s_i, log s_i clamped to +-20), `log_ah_gap` (mean of
-log A - log H of the unclipped token ratios, the spread of the mean inequality),
-`ess_frac` (mean Kish ESS / T of the aggregation weights), and for the power losses
-`power`, `power_min`, `power_max` (p over the trajectories of the micro-batch);
+under `actor/pm/`: `seq_ratio_mean` (mean sequence ratio s_i, log s_i clamped to +-20; at token
+level of the token-clipped ratios), `log_ah_gap` (mean of log A - log H of the unclipped token
+ratios, the spread of the mean inequality), `ess_frac` (mean Kish ESS / T of the aggregation
+weights), for the power losses `power` and `power_std` (mean and std of each row's p);
 `adaptive_power_mean` with adapt="ess" adds `ess_target` (mean target ESS / T), with
-adapt="reward" `clip_high` (the feedback-adaptive upper clip epsilon) and `reward_mean`. In
-verl's off-policy trainers, where each sample's lag is known (`hmpo_verl.staleness`), the loss
-also reports `log_ah_gap`, `ess_frac` and the clip fraction per lag (as sums the trainer turns
-into `actor/pm/lag<k>/...` means).
+adapt="reward" `clip_high` (the feedback-adaptive upper clip epsilon) and `reward_mean`. These
+means are over the call's valid rows; the loss also stages their sums (and, in verl's off-policy
+trainers, per-lag sums) under `hmpo_verl.staleness.RAW_ROOT`, from which the trainer logs exact
+means over the step (`hmpo_verl.staleness.staged_totals`; verl's `ppo_loss` drops the per-call means).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, Po
 from hmpo_verl.hosts.verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig, loss_options
 from hmpo_verl.guards.finite import check_surrogate_finite
 from hmpo_verl.maths.reward_adaptive import REWARD_FEEDBACK, feedback_adaptive_clip, reward_adaptive_power
-from hmpo_verl.maths.staleness import current_sample_lag, per_lag_sums
+from hmpo_verl.maths.staleness import SHARE, STEP_PREFIX, current_sample_lag, per_lag_sums, row_sums, staged_means
 from hmpo_verl.guards.steps import STEP_COUNTER
 from hmpo_verl.maths.options import check_clip_bounds, check_real
 from hmpo_verl.maths.surrogate import TrustRegion, surrogate_loss_matrix, surrogate_terms
@@ -78,8 +78,11 @@ def trust_region(config: Any, options: PowerMeanLossConfig, eps_high: Optional[f
     return TrustRegion.from_eps(options.clip_level, options.clip_space, eps_low, eps_high, dual)
 
 
-def _masked_row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return torch.where(rows, x, 0.0).sum() / rows.sum().clamp(min=1)
+def _update_tokens(config: Any, n: torch.Tensor) -> float:
+    """Valid tokens of the update this call belongs to (verl's ``batch_num_tokens``, over its micro-batches and
+    ranks); without one, this call's own (it is the whole update). At least 1."""
+    total = config.global_batch_info.get("batch_num_tokens")
+    return max(float(n.sum() if total is None else total), 1.0)
 
 
 def power_mean_policy_loss(
@@ -120,21 +123,19 @@ def power_mean_policy_loss(
         rows = n > 0
         n_tokens = n.sum().clamp(min=1)
         per_row = {"log_ah_gap": terms.log_ah_gap, "ess_frac": terms.ess / n.clamp(min=1)}
+        step_rows = {"seq_ratio_mean": terms.seq_ratio_for_metrics, **per_row}
+        if aggregate.power is not None:
+            power = aggregate.power.double()
+            step_rows.update(power=power, power_sq=power.square())
+        if getattr(aggregate, "target", None) is not None:
+            step_rows["ess_target"] = aggregate.target
         stats = {  # token fractions in float32, as verl's losses report them
             "actor/pg_clipfrac": (terms.clipped.sum() / n_tokens).float(),
             "actor/ppo_kl": -terms.log_ratio_sum / n_tokens,
             "actor/pg_clipfrac_lower": (terms.dual_clipped.sum() / n_tokens).float(),
-            "actor/pm/seq_ratio_mean": _masked_row_mean(terms.seq_ratio_for_metrics, rows),
-            "actor/pm/log_ah_gap": _masked_row_mean(per_row["log_ah_gap"], rows),
-            "actor/pm/ess_frac": _masked_row_mean(per_row["ess_frac"], rows),
+            **row_sums(STEP_PREFIX, rows, step_rows),
+            SHARE: n.sum().double() / _update_tokens(config, n),
         }
-        if aggregate.power is not None:
-            power = aggregate.power.double()[rows] if rows.any() else torch.zeros(1, dtype=torch.float64)
-            stats["actor/pm/power"] = power.mean()
-            stats["actor/pm/power_min"] = power.min()
-            stats["actor/pm/power_max"] = power.max()
-        if getattr(aggregate, "target", None) is not None:
-            stats["actor/pm/ess_target"] = _masked_row_mean(aggregate.target.to(n.dtype), rows)
         lag = current_sample_lag()  # set by verl's off-policy trainers (hmpo_verl.offpolicy)
         if lag is not None:
             stats.update(per_lag_sums(lag, rows, per_row, terms.clipped, n))  # clipped: (B,) per row
@@ -143,8 +144,11 @@ def power_mean_policy_loss(
     pg_loss = agg_loss(
         loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **config.global_batch_info
     )
-    values = torch.stack([v.to(torch.float64) for v in stats.values()]).tolist()
-    return pg_loss, {**dict(zip(stats.keys(), values)), **(extra_metrics or {})}
+    metrics = dict(zip(stats.keys(), torch.stack([v.to(torch.float64) for v in stats.values()]).tolist()))
+    # this call's own row means, for a caller that reads them; verl's ppo_loss drops them (they would be averaged
+    # per micro-batch): the trainer logs them from the sums over the step (hmpo_verl.offpolicy)
+    metrics.update(staged_means({k: v for k, v in metrics.items() if k.startswith(STEP_PREFIX)}))
+    return pg_loss, {**metrics, **(extra_metrics or {})}
 
 
 def _fixed_region(options: PowerMeanLossConfig, config: Any):

@@ -10,7 +10,7 @@
     checks (`hmpo_verl.hosts.verl.checks`: our options, a TRL verl can start beside), the
     checkpoint directory and the checkpoint a resume will use (`hmpo_verl.guards.checkpoints`),
     the settings it was saved with (`hmpo_verl.guards.run_settings`), and the verl symbols we
-    wrap (`hmpo_verl.guards.verl_symbols`): verl builds the actor
+    wrap (`hmpo_verl.guards.verl_symbols`, in the modules the launched trainer imports): verl builds the actor
     config there, but never the algorithm dataclass, and its plain `PolicyLossConfig` cannot
     tell that `loss_mode=power_mean` lacks a power. With the check, a bad value stops the run
     with a message naming the field instead of failing later inside a Ray worker.
@@ -42,7 +42,7 @@ import importlib
 import sys
 
 from hmpo_verl.guards.hooks import loudly, run_after_import
-from hmpo_verl.guards.verl_symbols import check_loaded, check_module
+from hmpo_verl.guards.verl_symbols import check_module
 from hmpo_verl.hosts.verl.checks import check_options, check_trl_beside_verl, driver_checks, trl_conflict  # noqa: F401 (check_options, check_trl_beside_verl, trl_conflict: public hmpo_verl.registry names)
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
@@ -77,8 +77,7 @@ def _extend_validate_config() -> None:
     @functools.wraps(validate)
     def validate_config(config, *args, **kwargs):
         result = validate(config, *args, **kwargs)
-        check_loaded()  # every verl symbol we wrap or read, of the modules the driver has loaded
-        driver_checks(config)
+        driver_checks(config)  # first of all, every verl symbol the launched trainer's guards wrap or read
         return result
 
     validate_config._hmpo_checked = True
