@@ -23,7 +23,7 @@ from hmpo_verl.run_settings import (
     SETTINGS_VERSION,
     VERSION_KEY,
     ResumeSettingsError,
-    _under,
+    under,
     check_resume_settings,
     run_settings,
     write_run_settings,
@@ -154,7 +154,7 @@ def test_a_record_from_before_version_2_compares_the_keys_it_has_and_says_which_
     cannot be compared (a warning names them); the keys it has still are (a changed lr still stops)."""
     step_dir = saved_run(tmp_path)
     record = json.loads((step_dir / SETTINGS_FILE).read_text())
-    old = {k: v for k, v in record.items() if k != VERSION_KEY and not _under(k, ADDED)}
+    old = {k: v for k, v in record.items() if k != VERSION_KEY and not under(k, ADDED)}
     (step_dir / SETTINGS_FILE).write_text(json.dumps(old))
     with caplog.at_level(logging.WARNING, logger="hmpo_verl"):
         check_resume_settings(verl_config(tmp_path, "data.train_max_samples=1000"), step_dir)

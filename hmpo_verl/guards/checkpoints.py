@@ -306,11 +306,10 @@ def trainer_mode_problem(step_dir: Path, config, tracked: bool = False) -> Optio
     """Why resuming `step_dir` under `config` would change whether the trainer keeps a queue of prompts (None:
     it would not, or the change is accepted by name, `run_settings.ACCEPT_KEY`). verl's async trainer loads
     `transfer_queue/` only if it is there; the sync and v0 trainers never load it."""
-    from hmpo_verl.guards.run_settings import ACCEPT_KEY, _select, _under
+    from hmpo_verl.guards.run_settings import ACCEPT_KEY, accepted_keys, under
 
     saved_queue, saved = saved_trainer_mode(step_dir, tracked)
-    accepted = tuple(_select(config, ACCEPT_KEY) or ())
-    if saved_queue in (None, writes_transfer_queue(config)) or any(_under(key, accepted) for key in MODE_KEYS):
+    if saved_queue in (None, writes_transfer_queue(config)) or any(under(k, accepted_keys(config)) for k in MODE_KEYS):
         return None
     mode = _trainer(config, "v1.trainer_mode", "sync")
     launch = f"trainer.v1.trainer_mode={mode}" if _trainer(config, "use_v1", False) else "trainer.use_v1=false"

@@ -144,8 +144,14 @@ def write_run_settings(step_dir: Path, config) -> None:
     (step_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True, default=str))
 
 
-def _under(key: str, prefixes) -> bool:
+def under(key: str, prefixes) -> bool:
+    """`key` is one of the dotted `prefixes` or below one."""
     return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def accepted_keys(config) -> tuple:
+    """The keys (or prefixes) the launch accepts a change of: `+hmpo.resume_accept=[...]`."""
+    return tuple(_select(config, ACCEPT_KEY) or ())
 
 
 def unrecorded(saved: dict) -> tuple[str, ...]:
@@ -163,14 +169,14 @@ def settings_differences(saved: dict, current: dict, accepted=()) -> list[tuple[
     """
     missing, predates = "<unset>", unrecorded(saved)
     saved = {k: v for k, v in saved.items() if k != VERSION_KEY}
-    keys = sorted({*saved, *(k for k in current if _under(k, RUN_SETTINGS) and not _under(k, predates))})
+    keys = sorted({*saved, *(k for k in current if under(k, RUN_SETTINGS) and not under(k, predates))})
 
     def meaning(settings: dict, key: str) -> Any:
         value = settings.get(key, missing)
         return missing if value is None else value
 
     return [(k, saved.get(k, missing), current.get(k, missing)) for k in keys
-            if meaning(saved, k) != meaning(current, k) and not _under(k, accepted)]
+            if meaning(saved, k) != meaning(current, k) and not under(k, accepted)]
 
 
 def _shard_world_size(step_dir: Path) -> Optional[int]:
@@ -205,7 +211,7 @@ def resume_settings_problem(step_dir: Path, config) -> Optional[str]:
         logger.warning("hmpo_verl: %s has no %s (saved before hmpo_verl recorded run settings): its settings "
                        "cannot be compared with this launch's", step_dir, SETTINGS_FILE)
         return None
-    accepted, saved = tuple(_select(config, ACCEPT_KEY) or ()), json.loads(path.read_text())
+    accepted, saved = accepted_keys(config), json.loads(path.read_text())
     if predates := unrecorded(saved):
         logger.warning("hmpo_verl: %s was saved by a version of hmpo_verl that did not record %s: those settings "
                        "cannot be compared with this launch's", path, ", ".join(predates))
