@@ -265,5 +265,5 @@ def test_non_finite_log_probs_at_masked_positions_do_not_matter(openrlhf_loss, s
 
 def test_power_mean_without_a_power_is_refused():
     """As the verl adapter: power_mean has no default p (hmpo is p = -1)."""
-    with pytest.raises(ValueError, match=r"policy_loss_type='power_mean' needs a power p: pass options="):
+    with pytest.raises(ValueError, match=r"policy_loss_type='power_mean' needs a power p: set options="):
         PowerMeanPolicyLoss(policy_loss_type="power_mean")

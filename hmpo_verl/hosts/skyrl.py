@@ -44,7 +44,7 @@ except ImportError as err:  # say which install brings it
 
 from hmpo_verl.guards.finite import zeroed_where_masked
 from hmpo_verl.hosts.host_loss import LOSS_MODES, LossOptions, loss_matrix
-from hmpo_verl.maths.options import check_clip_bounds
+from hmpo_verl.maths.options import check_clip_bounds, power_needed
 from hmpo_verl.maths.surrogate import TrustRegion
 
 OPTION_PREFIX = "hmpo."
@@ -121,7 +121,7 @@ def split_overrides(argv: list[str]) -> tuple[Optional[LossOptions], list[str]]:
             raise ValueError(f"hmpo.{key} is not an option; allowed: {', '.join(f'hmpo.{k}' for k in sorted(known))}")
     options = LossOptions(loss_mode=loss, prefix="hmpo", **{k: _value(k, v) for k, v in ours.items()})
     if loss == "power_mean" and "power" not in ours:  # as the verl adapter: power_mean has no default p
-        raise ValueError(f"{LOSS_KEY}power_mean needs a power p: set hmpo.power=<p> (or use {LOSS_KEY}hmpo for p=-1)")
+        raise power_needed(f"{LOSS_KEY}power_mean", "hmpo.power=<p>", f"{LOSS_KEY}hmpo")
     return options, rest
 
 

@@ -57,6 +57,12 @@ READS = MappingProxyType({
 LOSS_MODE_RULES = MappingProxyType({"hmpo": "power", "power_mean": "power", "agm": "agm"})
 
 
+def power_needed(chosen: str, set_power: str, hmpo: str) -> ValueError:
+    """The error of a power_mean chosen (`chosen`) without a power: every host has no default p for it.
+    `set_power` / `hmpo`: how the user sets p, and chooses hmpo (p = -1) instead, in the host's words."""
+    return ValueError(f"{chosen} needs a power p: set {set_power} (or use {hmpo} for p=-1)")
+
+
 def loss_mode_rule(loss_mode: str, adapt: Optional[str]) -> Optional[str]:
     """The READS rule of a verl-style `loss_mode` (`adapt` for adaptive_power_mean; None: not one of ours)."""
     return adapt if loss_mode == "adaptive_power_mean" else LOSS_MODE_RULES.get(loss_mode)

@@ -40,7 +40,7 @@ from torch import nn
 
 from hmpo_verl.guards.finite import zeroed_where_masked
 from hmpo_verl.hosts.host_loss import LOSS_MODES, LossOptions, loss_matrix
-from hmpo_verl.maths.options import check_choice, check_clip_bounds
+from hmpo_verl.maths.options import check_choice, check_clip_bounds, power_needed
 from hmpo_verl.maths.surrogate import TrustRegion
 
 PREFIX = "hmpo_verl.openrlhf.PowerMeanPolicyLoss"
@@ -141,8 +141,8 @@ class PowerMeanPolicyLoss(nn.Module):
     ) -> None:
         super().__init__()
         if options is None and policy_loss_type == "power_mean":
-            raise ValueError(f"{PREFIX}.policy_loss_type='power_mean' needs a power p: pass "
-                             "options=LossOptions('power_mean', power=<p>) (or use policy_loss_type='hmpo' for p=-1)")
+            raise power_needed(f"{PREFIX}.policy_loss_type='power_mean'", "options=LossOptions('power_mean', power=<p>)",
+                               "policy_loss_type='hmpo'")
         options = options or LossOptions(loss_mode=policy_loss_type, prefix=PREFIX)
         if options.loss_mode != policy_loss_type:
             raise ValueError(f"{PREFIX}.policy_loss_type={policy_loss_type!r} conflicts with options.loss_mode="

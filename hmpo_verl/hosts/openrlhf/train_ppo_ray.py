@@ -24,6 +24,7 @@ from dataclasses import fields
 
 from hmpo_verl.hosts.host_loss import LOSS_MODES, LossOptions
 from hmpo_verl.hosts.openrlhf import OPTIONS_ENV, install
+from hmpo_verl.maths.options import power_needed
 
 ENTRY_POINT = "openrlhf.cli.train_ppo_ray"
 HOOK = "hmpo_verl.openrlhf.install"
@@ -55,8 +56,7 @@ def split_argv(argv: list[str]) -> tuple[LossOptions | None, list[str]]:
         return None, list(argv)
     options = LossOptions(loss_mode=ours.loss_type, prefix="--pm", **given)
     if ours.loss_type == "power_mean" and "power" not in given:  # as every host: power_mean has no default p
-        raise ValueError(f"{LOSS_FLAG}=power_mean needs a power p: set --pm.power <p> (or use {LOSS_FLAG} hmpo "
-                         "for p=-1)")
+        raise power_needed(f"{LOSS_FLAG}=power_mean", "--pm.power <p>", f"{LOSS_FLAG} hmpo")
     return options, [*rest, LOSS_FLAG, "ppo"]
 
 

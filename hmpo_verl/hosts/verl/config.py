@@ -42,6 +42,7 @@ from hmpo_verl.maths.options import (
     check_reward_adapt_options,
     check_unread_options,
     loss_mode_rule,
+    power_needed,
 )
 
 LOSS_PREFIX = "actor_rollout_ref.actor.policy_loss"
@@ -218,11 +219,8 @@ def loss_options(policy_loss: Any, loss_mode: str) -> PowerMeanLossConfig:
         return policy_loss
     values = _present(policy_loss, _own_fields(cls, PolicyLossConfig))
     if loss_mode == "power_mean" and "power" not in values:
-        raise ValueError(
-            "loss_mode='power_mean' needs a power p, which verl's PolicyLossConfig has no field for: set "
-            f"{LOSS_PREFIX}._target_=hmpo_verl.PowerMeanLossConfig and +{LOSS_PREFIX}.power=<p> "
-            "(or use loss_mode=hmpo for p=-1)"
-        )
+        raise power_needed("loss_mode='power_mean'", f"{LOSS_PREFIX}._target_=hmpo_verl.PowerMeanLossConfig and "
+                           f"+{LOSS_PREFIX}.power=<p> (verl's PolicyLossConfig has no field for p)", "loss_mode=hmpo")
     return cls(loss_mode=loss_mode, **values)
 
 
