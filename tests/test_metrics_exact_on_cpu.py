@@ -24,7 +24,7 @@ from verl.utils.py_functional import append_to_dict, rename_dict
 from hmpo_verl.hosts.verl.estimators import PENDING_METRICS, compute_power_mean_outcome_advantage
 from hmpo_verl.offpolicy import (exposing_sample_lag, totalling_staged, with_lag_metrics_v1, with_sample_lags,
                                  with_sample_lags_v1)
-from hmpo_verl.staleness import LAG_KEY, RAW_ROOT, per_lag_means, per_lag_sums, sample_lag_scope
+from hmpo_verl.staleness import LAG_KEY, RAW_ROOT, per_lag_sums, sample_lag_scope, staged_means
 
 
 def _ppo_loss(loss_mode):
@@ -181,7 +181,7 @@ def _lag_truth(batch, lags, rows):
     with sample_lag_scope(lags[idx]):
         _, m = get_policy_loss_fn("hmpo")(old[idx], lp[idx], adv[idx], mask[idx], "token-mean",
                                           actor_config("hmpo"), None)
-    return per_lag_means(m)
+    return {k: v for k, v in staged_means(m).items() if k.startswith("actor/pm/lag")}
 
 
 def test_per_lag_means_are_exact_when_updates_have_different_micro_batch_counts():

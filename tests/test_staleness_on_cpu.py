@@ -25,10 +25,10 @@ from hmpo_verl.staleness import (
     LAG_KEY,
     RAW_PREFIX,
     lag_distribution,
-    per_lag_means,
     per_lag_sums,
     sample_lag_scope,
     sample_lags,
+    staged_means,
 )
 
 
@@ -84,7 +84,7 @@ def test_per_lag_means_are_exact_whatever_the_micro_batching(lags, cuts, seed):
         micro.append({k: v.item() for k, v in sums.items()})
     assert all(m.keys() == micro[0].keys() for m in micro)  # same keys in every micro-batch (dp ranks too)
     averaged = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
-    got = per_lag_means(averaged)
+    got = staged_means(averaged)
     expected = _direct_per_lag(lags, rows, values, clipped, tokens)
     assert got.keys() == expected.keys()
     for key, value in expected.items():
@@ -120,7 +120,7 @@ def test_the_registered_loss_reports_per_lag_metrics_only_when_lags_are_given():
         loss, metrics = loss_fn(*args)
     torch.testing.assert_close(loss, loss_fn(*args)[0])  # the lag changes metrics, never the loss
     assert {k: v for k, v in metrics.items() if not k.startswith(RAW_PREFIX)} == plain
-    means = per_lag_means(metrics)
+    means = staged_means(metrics)
     gap = _log_ah_gap_float64(data["old_log_probs"], lp, mask)
     assert means["actor/pm/lag0/log_ah_gap"] == pytest.approx(gap[0], abs=1e-6)
     assert means["actor/pm/lag1/log_ah_gap"] == pytest.approx(gap[1:3].mean(), abs=1e-6)

@@ -16,7 +16,7 @@ trainer attaches the lags to the batch as ``LAG_KEY`` ``(batch_size,)``; the wor
 ``ppo_loss`` exposes each micro-batch's slice through :func:`sample_lag_scope`, where the
 loss reads it with :func:`current_sample_lag`; the loss adds :func:`per_lag_sums` to its
 metrics (sums, so that verl's averaging over micro-batches and data-parallel ranks keeps
-their ratios exact); the trainer turns them into per-lag means with :func:`per_lag_means`
+their ratios exact); the trainer turns them into per-lag means with :func:`staged_means`
 and adds :func:`lag_distribution`.
 """
 
@@ -174,8 +174,3 @@ def staged_means(totals: Mapping[str, float]) -> dict[str, float]:
     for name in BUCKETS:
         out.update(_bucket_means(f"{RAW_PREFIX}{name}/", f"actor/pm/lag{name}/", totals, PER_ROW))
     return out
-
-
-def per_lag_means(totals: Mapping[str, float]) -> dict[str, float]:
-    """The per-lag part of :func:`staged_means`."""
-    return {k: v for k, v in staged_means(totals).items() if k.startswith("actor/pm/lag")}
