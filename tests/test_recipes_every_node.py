@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from ray_cluster import AUTH, head_node, two_nodes
 from test_recipes_cpu_size import offline_env
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES / "gsm8k"))
+from prepare_extra import SYSTEM_PROMPT  # noqa: E402
 
 
 def _model(folder: Path) -> Path:
-    """A local model directory the preflight can count (a safetensors header of 1000 parameters, no data)."""
+    """A local model directory the preflight can count (a safetensors header of 1000 parameters, no data) and read
+    the context of (config.json)."""
     folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 2048}))
     header = json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     return folder
@@ -37,8 +44,9 @@ def test_a_worker_node_without_hmpo_verl_is_named_and_nothing_launches(tmp_path)
     worker_env = {"PYTHONPATH": f"{shadow.parent}:{node_env.get('PYTHONPATH', '')}"}
     data = tmp_path / "data"
     (data / "gsm8k").mkdir(parents=True)
-    for split in ("train", "test"):
-        (data / "gsm8k" / f"{split}.parquet").write_text("")
+    row = {"prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "1+1?"}]}
+    for split in ("train", "test"):  # a row as recipes/gsm8k/prepare_data.sh writes it: the preflight reads the first
+        pq.write_table(pa.Table.from_pylist([row]), data / "gsm8k" / f"{split}.parquet")
     with two_nodes(node_env, tmp_path, worker_env=worker_env) as (address, nodes):
         head = head_node(address)
         env = offline_env(tmp_path, SIZE="cpu", MEAN="harmonic", NNODES="2", NGPUS_PER_NODE="1", RAY_ADDRESS=address,

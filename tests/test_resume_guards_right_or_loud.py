@@ -224,3 +224,25 @@ def test_an_unreadable_tracker_beside_a_resume_path_stops_before_verl_reads_it(t
     (tmp_path / TRACKER).write_text("2")  # the advice, followed
     guard_resume(config)
     assert find_latest_ckpt_path(str(tmp_path)) == str(tmp_path / "global_step_2")
+
+
+def test_a_relative_checkpoint_directory_is_said_where_checkpoints_are_saved(tmp_path, monkeypatch, caplog):
+    """verl resolves a relative trainer.default_local_dir (its own default) against each launch's directory: a
+    relaunch from another directory, or through `ray job submit`, finds no checkpoint and starts from step 0.
+    The driver says so, naming the absolute path to set (run.sh refuses a relative CKPT_DIR outright)."""
+    from omegaconf import OmegaConf
+
+    from hmpo_verl.guards.checkpoints import check_checkpoint_directory
+
+    monkeypatch.chdir(tmp_path)
+    relative = {"default_local_dir": "ckpt/run1", "save_freq": 2}
+    with caplog.at_level("WARNING", logger="hmpo_verl.guards.checkpoints"):
+        check_checkpoint_directory(OmegaConf.create({"trainer": relative}))
+    assert f"trainer.default_local_dir=ckpt/run1 is relative" in caplog.text
+    assert f"Set trainer.default_local_dir={tmp_path}/ckpt/run1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hmpo_verl.guards.checkpoints"):
+    # nothing saved (verl's default save_freq -1, with its relative default directory): nothing to refuse
+        check_checkpoint_directory(OmegaConf.create({"trainer": {**relative, "save_freq": -1}}))
+        check_checkpoint_directory(OmegaConf.create({"trainer": {**relative, "default_local_dir": str(tmp_path / "c")}}))
+    assert caplog.text == ""

@@ -154,13 +154,60 @@ def test_a_record_from_before_version_2_compares_the_keys_it_has_and_says_which_
     cannot be compared (a warning names them); the keys it has still are (a changed lr still stops)."""
     step_dir = saved_run(tmp_path)
     record = json.loads((step_dir / SETTINGS_FILE).read_text())
-    old = {k: v for k, v in record.items() if k != VERSION_KEY and not under(k, ADDED)}
+    old = {k: v for k, v in record.items() if k != VERSION_KEY and not under(k, (*ADDED, "trainer.v1"))}
     (step_dir / SETTINGS_FILE).write_text(json.dumps(old))
     with caplog.at_level(logging.WARNING, logger="hmpo_verl"):
         check_resume_settings(verl_config(tmp_path, "data.train_max_samples=1000"), step_dir)
     assert "did not record" in caplog.text and "data.train_max_samples" in caplog.text
     with pytest.raises(ResumeSettingsError, match="actor_rollout_ref.actor.optim.lr: saved 1e-06, now 3e-06"):
         check_resume_settings(verl_config(tmp_path, "actor_rollout_ref.actor.optim.lr=3e-6"), step_dir)
+
+
+V1_MODE_CHANGES = [  # (the launch's mode, an override, the key it changes): what verl's V1 trainer reads of it
+    ("colocate_async", "+trainer.v1.colocate_async.parameter_sync_step=2", "trainer.v1.colocate_async.parameter_sync_step"),
+    ("colocate_async", "trainer.v1.colocate_async.num_warmup_batches=2", "trainer.v1.colocate_async.num_warmup_batches"),
+    ("separate_async", "trainer.v1.separate_async.num_warmup_batches=2", "trainer.v1.separate_async.num_warmup_batches"),
+    ("separate_async", "trainer.v1.separate_async.hybrid_rollout.enable_switch=true",
+     "trainer.v1.separate_async.hybrid_rollout.enable_switch"),
+    ("sync", "trainer.v1.sampler.custom_sampler.name=MySampler", "trainer.v1.sampler.custom_sampler.name"),
+]
+
+
+@pytest.mark.parametrize("mode, override, key", V1_MODE_CHANGES, ids=[k for _, _, k in V1_MODE_CHANGES])
+def test_the_v1_trainers_mode_section_and_sampler_are_compared(tmp_path, mode, override, key):
+    """verl's trainer_base.py reads trainer.v1.<its mode> (parameter_sync_step: updates per step and the lr
+    horizon; num_warmup_batches: the prefetch depth, so the staleness) and trainer.v1.sampler (the replay buffer)."""
+    step_dir = saved_run(tmp_path, f"trainer.v1.trainer_mode={mode}")
+    with pytest.raises(ResumeSettingsError, match=rf"\n  {re.escape(key)}: saved "):
+        check_resume_settings(verl_config(tmp_path, f"trainer.v1.trainer_mode={mode}", override), step_dir)
+
+
+def test_another_v1_modes_section_is_not_compared(tmp_path):
+    """The trainer reads its own mode's section alone: a changed separate_async key in colocate_async is no
+    difference (it stopped the resume)."""
+    colocate = "trainer.v1.trainer_mode=colocate_async"
+    step_dir = saved_run(tmp_path, colocate)
+    check_resume_settings(verl_config(tmp_path, colocate, "trainer.v1.separate_async.parameter_sync_step=8"), step_dir)
+    check_resume_settings(verl_config(tmp_path, colocate, "trainer.v1.separate_async.num_warmup_batches=3"), step_dir)
+
+
+def test_a_version_2_record_compares_the_keys_it_has_and_says_which_it_lacks(tmp_path, caplog):
+    """A checkpoint of version 2 recorded separate_async.parameter_sync_step and the sampler's staleness bound
+    of trainer.v1: a change of those still stops; the rest of the sections cannot be compared (a warning)."""
+    separate = "trainer.v1.trainer_mode=separate_async"
+    step_dir = saved_run(tmp_path, separate)
+    kept = ("trainer.v1.trainer_mode", "trainer.v1.separate_async.parameter_sync_step",
+            "trainer.v1.sampler.max_off_policy_threshold", "trainer.v1.sampler.max_off_policy_strategy")
+    record = json.loads((step_dir / SETTINGS_FILE).read_text())
+    old = {k: v for k, v in record.items() if not k.startswith("trainer.v1.") or k in kept}
+    (step_dir / SETTINGS_FILE).write_text(json.dumps({**old, VERSION_KEY: 2}))
+    with caplog.at_level(logging.WARNING, logger="hmpo_verl"):
+        check_resume_settings(verl_config(tmp_path, separate, "trainer.v1.separate_async.num_warmup_batches=2"),
+                              step_dir)
+    assert "did not record" in caplog.text and "trainer.v1.separate_async" in caplog.text
+    with pytest.raises(ResumeSettingsError, match="trainer.v1.separate_async.parameter_sync_step: saved 4, now 2"):
+        check_resume_settings(verl_config(tmp_path, separate, "trainer.v1.separate_async.parameter_sync_step=2"),
+                              step_dir)
 
 
 def test_a_meant_change_is_accepted_by_name_and_only_that_one(tmp_path, caplog):

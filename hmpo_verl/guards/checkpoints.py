@@ -442,11 +442,19 @@ def checkpoint_directory_problem(directory: Path) -> Optional[str]:
 
 
 def check_checkpoint_directory(config) -> None:
-    """Raise `CheckpointDirectoryError` if checkpoints are saved and `default_local_dir` cannot be written."""
+    """Raise `CheckpointDirectoryError` if checkpoints are saved and `default_local_dir` cannot be written; warn
+    when it is relative (verl's own default is: a one-line user keeps it, so it is said, not refused)."""
     save_freq = _trainer(config, "save_freq", -1)
     directory = _trainer(config, "default_local_dir")
     if save_freq is None or int(save_freq) <= 0 or not directory:
         return
+    if not os.path.isabs(str(directory)):
+        logger.warning(
+            "trainer.default_local_dir=%s is relative: checkpoints (trainer.save_freq=%s) go to %s, under this "
+            "launch's working directory, and a relaunch from another directory or through `ray job submit` finds "
+            "none and starts from step 0. Set trainer.default_local_dir=%s (or CKPT_DIR=<absolute dir> with "
+            "recipes/*/run.sh, which refuses a relative one)", directory, save_freq, _absolute(str(directory)),
+            _absolute(str(directory)))
     root = _absolute(str(directory))
     problem = checkpoint_directory_problem(root)
     if problem:

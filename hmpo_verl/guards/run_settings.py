@@ -14,9 +14,10 @@ Recorded: the subtrees and keys of `RUN_SETTINGS` (loss and its p / schedule, th
 with its lr and schedule, clips, batch and mini-batch sizes, lengths, model path, data,
 seeds, the run's length, world size; since version 2 also the reward function and manager, the
 dataset's shaping (sample cap, prompt filter and key, chat template), what a resume loads, the loss
-scale, and the trainer and its async settings: `trainer.use_v1`, `trainer.v1.*` modes and staleness,
-fully-async's `async_training`), flattened to dotted keys; a record saved before version 2 is
-compared on the keys it has, with a warning naming the rest. Not recorded: logging, saving,
+scale, and the trainer and its async settings: `trainer.use_v1`, `trainer.v1.trainer_mode`, fully-async's
+`async_training`; since version 3 the V1 modes' sections and its sampler, `trainer.v1.<mode>` and
+`trainer.v1.sampler`, of which only the launch's mode is compared), flattened to dotted keys; a record saved
+by an older version is compared on the keys it has, with a warning naming the rest. Not recorded: logging, saving,
 validation, memory and parallelism tuning (micro-batch sizes, offload), and
 `optim.total_training_steps`, which the trainer itself writes into its config (from
 `trainer.total_training_steps` / `total_epochs`, which are recorded).
@@ -40,6 +41,7 @@ SETTINGS_FILE = "hmpo_run_settings.json"
 ACCEPT_KEY = "hmpo.resume_accept"
 STAMP_KEY = "hmpo.run_settings"  # stamp_run_settings
 ACTOR = "actor_rollout_ref.actor"
+V1_MODES = ("sync", "colocate_async", "separate_async")  # trainer.v1.trainer_mode
 RUN_SETTINGS = (
     "actor_rollout_ref.model.path",
     f"{ACTOR}.policy_loss",
@@ -74,13 +76,16 @@ RUN_SETTINGS = (
         "trainer.balance_batch",
         "trainer.use_v1",
         "trainer.v1.trainer_mode",
-        "trainer.v1.separate_async.parameter_sync_step",
-        "trainer.v1.sampler.max_off_policy_threshold",
-        "trainer.v1.sampler.max_off_policy_strategy",
         "async_training",  # fully-async: staleness, sync step, partial rollout, ...
     )),
+    # recorded since SETTINGS_VERSION 3 (version 2 recorded separate_async.parameter_sync_step and the sampler's
+    # max_off_policy_threshold / _strategy of them): the V1 trainer reads its mode's section -- parameter_sync_step
+    # (updates per step, the lr horizon), num_warmup_batches (prefetch depth: staleness), hybrid_rollout -- and
+    # the sampler (the replay buffer: staleness bound, custom sampler); only the launch's mode is compared
+    *(ADDED_V3 := (*(f"trainer.v1.{mode}" for mode in V1_MODES), "trainer.v1.sampler")),
 )
-SETTINGS_VERSION = 2
+SETTINGS_VERSION = 3
+ADDED_IN = {2: ADDED, 3: ADDED_V3}  # version -> the RUN_SETTINGS entries first recorded then
 VERSION_KEY = "hmpo.settings_version"  # in the saved record only (absent: version 1)
 WRITTEN_BY_THE_TRAINER = re.compile(r".*\.optim\.total_training_steps")
 WORLD_SHARD = re.compile(r"(?:model|optim|extra_state)_world_size_(\d+)_rank_\d+\.pt")
@@ -156,7 +161,15 @@ def accepted_keys(config) -> tuple:
 
 def unrecorded(saved: dict) -> tuple[str, ...]:
     """The `RUN_SETTINGS` entries a saved record predates (its `VERSION_KEY`; none: version 1)."""
-    return ADDED if saved.get(VERSION_KEY, 1) < 2 else ()
+    return tuple(key for version, keys in ADDED_IN.items() if saved.get(VERSION_KEY, 1) < version for key in keys)
+
+
+def unused(current: dict) -> tuple[str, ...]:
+    """The recorded sections the launch's trainer does not read: `trainer.v1.<mode>` of the V1 modes it does not
+    run (verl's trainer_base.py reads `trainer.v1.<trainer_mode>` alone), all of them without V1."""
+    if current.get("trainer.use_v1") is False:
+        return ADDED_V3
+    return tuple(f"trainer.v1.{mode}" for mode in V1_MODES if mode != current.get("trainer.v1.trainer_mode"))
 
 
 def settings_differences(saved: dict, current: dict, accepted=()) -> list[tuple[str, Any, Any]]:
@@ -165,7 +178,8 @@ def settings_differences(saved: dict, current: dict, accepted=()) -> list[tuple[
     A key present on one side only (an option added with `+...`) is a difference, shown as `<unset>` on
     the other side, unless its value is null: verl reads an absent key and a null one alike (a subtree of
     nulls and a null subtree, `custom_reward_function: {path: null, ...}` and `custom_reward_function: null`,
-    are the same setting). Keys the saved record predates (`unrecorded`) are not compared.
+    are the same setting). Keys the saved record predates (`unrecorded`) and keys the launch's trainer does not
+    read (`unused`: another V1 mode's section) are not compared.
     """
     missing, predates = "<unset>", unrecorded(saved)
     saved = {k: v for k, v in saved.items() if k != VERSION_KEY}
@@ -176,7 +190,7 @@ def settings_differences(saved: dict, current: dict, accepted=()) -> list[tuple[
         return missing if value is None else value
 
     return [(k, saved.get(k, missing), current.get(k, missing)) for k in keys
-            if meaning(saved, k) != meaning(current, k) and not under(k, accepted)]
+            if meaning(saved, k) != meaning(current, k) and not under(k, (*accepted, *unused(current)))]
 
 
 def _shard_world_size(step_dir: Path) -> Optional[int]:

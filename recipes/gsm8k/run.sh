@@ -9,6 +9,8 @@
 #   --dry-run         print the exact command (one shell-quoted line on stdout), run nothing;
 #                     DRY_RUN=1 does the same
 #   hydra_override    appended last, so it wins: trainer.total_epochs=1 'trainer.logger=[console,wandb]'
+#                     (trainer.experiment_name= / trainer.default_local_dir= are EXPERIMENT_NAME / CKPT_DIR;
+#                     mean= size= correction= async= are refused: set MEAN SIZE CORRECTION ASYNC)
 # Environment (default):
 #   MEAN              a file stem of recipes/mean/ (harmonic): grpo arithmetic geometric_seq
 #                     geometric_token harmonic agm adaptive_ess adaptive_schedule adv_power_mean adv_agm

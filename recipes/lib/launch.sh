@@ -86,30 +86,88 @@ hmpo_cpu_size() {
     grep -Eq '^[[:space:]]+device:[[:space:]]*cpu[[:space:]]*(#.*)?$' "$RECIPES_DIR/size/$SIZE.yaml"
 }
 
-# The value a run gets for key <dotted.key> (leaf <leaf>): its last Hydra override, else the size file's, else
-# the task file's (the defaults' order: task, size; the mean and correction files set no trainer.* or model key).
-hmpo_setting() {
-    local key=$1 leaf=${1##*.} arg value='' file
-    for arg in ${HMPO_OVERRIDES[@]+"${HMPO_OVERRIDES[@]}"}; do
+# hmpo_last KEY ARG...: the value of the last Hydra override of KEY among the ARGs (+KEY= / ++KEY= too; its
+# quotes stripped, ${oc.env:HOME} expanded); fails (prints nothing) when none sets KEY.
+hmpo_last() {
+    local key=$1 arg value found=''
+    shift
+    for arg in "$@"; do
         arg=${arg#"${arg%%[!+~]*}"}
-        [[ "$arg" == "$key="* ]] && value=${arg#*=}
+        [[ "$arg" == "$key="* ]] && value=${arg#*=} && found=1
     done
-    for file in "$RECIPES_DIR/size/$SIZE.yaml" "$RECIPES_DIR/$TASK.yaml"; do
-        [[ -n "$value" ]] || value=$(sed -n -E "s/^[[:space:]]+$leaf:[[:space:]]*([^[:space:]#]+).*/\1/p" "$file" | head -n 1)
-    done
+    [[ -n "$found" ]] || return 1
     value=${value//\$\{oc.env:HOME\}/$HOME}
-    value=${value#\'}
-    echo "${value%\'}"
+    [[ "$value" =~ ^\'(.*)\'$ || "$value" =~ ^\"(.*)\"$ ]] && value=${BASH_REMATCH[1]}
+    printf '%s\n' "$value"
 }
 
-# The run's settings the preflight checks: its files, model, checkpoint directory and schedule (disk).
+# hmpo_yaml_value FILE DOTTED.KEY: the scalar a recipe YAML file sets for the key (its nesting, not its leaf
+# alone), without quotes or comment; nothing if the file does not set it.
+hmpo_yaml_value() {
+    awk -v key="$2" '
+        /^[[:space:]]*[A-Za-z0-9_]+:/ {
+            indent = match($0, /[^ ]/) - 1
+            while (depth > 0 && indents[depth] >= indent) depth--
+            name = $0; sub(/^[[:space:]]*/, "", name); sub(/:.*/, "", name)
+            indents[++depth] = indent; names[depth] = name
+            path = names[1]; for (i = 2; i <= depth; i++) path = path "." names[i]
+            value = $0; sub(/^[^:]*:[[:space:]]*/, "", value); sub(/[[:space:]]+#.*/, "", value)
+            gsub(/^["\047]|["\047]$/, "", value)
+            if (path == key && value != "") { print value; exit }
+        }' "$1"
+}
+
+# The split file an ASYNC run's size selects (recipes/split/<hardware>/<ASYNC>.yaml; none for a size without one).
+hmpo_split_file() {
+    local hardware
+    hardware=$(sed -n -E 's|^[[:space:]]*-[[:space:]]*/split/([A-Za-z0-9_]+)@_global_:.*|\1|p' "$RECIPES_DIR/size/$SIZE.yaml")
+    [[ -z "$hardware" ]] || echo "$RECIPES_DIR/split/$hardware/${ASYNC:-none}.yaml"
+}
+
+# The value a run gets for <dotted.key>: its last Hydra override (HMPO_OVERRIDES: the launch's whole command, its
+# own words and then the user's), else the split file's, the size file's, the task file's (the defaults' order:
+# task, size, its split; the mean and correction files set no trainer.* or model key).
+hmpo_setting() {
+    local key=$1 value file
+    value=$(hmpo_last "$key" ${HMPO_OVERRIDES[@]+"${HMPO_OVERRIDES[@]}"}) || value=''
+    for file in $(hmpo_split_file) "$RECIPES_DIR/size/$SIZE.yaml" "$RECIPES_DIR/$TASK.yaml"; do
+        [[ -n "$value" || ! -f "$file" ]] || value=$(hmpo_yaml_value "$file" "$key")
+    done
+    echo "${value//\$\{oc.env:HOME\}/$HOME}"
+}
+
+# GPUs a node gives the run: the trainer's trainer.n_gpus_per_node, plus for ASYNC the rollout pool's
+# (one_step_off: rollout.n_gpus_per_node, separate_async: actor_rollout_ref.rollout.n_gpus_per_node).
+hmpo_node_gpus() {
+    local trainer pool=0
+    trainer=$(hmpo_setting trainer.n_gpus_per_node)
+    case "${ASYNC:-none}" in
+        one_step_off) pool=$(hmpo_setting rollout.n_gpus_per_node) ;;
+        separate_async) pool=$(hmpo_setting actor_rollout_ref.rollout.n_gpus_per_node) ;;
+    esac
+    [[ "$trainer" =~ ^[0-9]+$ && "${pool:-0}" =~ ^[0-9]+$ ]] ||
+        hmpo_die "trainer.n_gpus_per_node=$trainer, rollout pool n_gpus_per_node=$pool: whole numbers, please"
+    echo $((trainer + ${pool:-0}))
+}
+
+# The run's settings the preflight checks: its files, model, checkpoint directory and schedule (disk), its task
+# (the data's prompts), and the cluster it joins.
 hmpo_preflight_run_args() {
-    printf '%s\n' --ckpt-dir "$CKPT_DIR" --files "$TRAIN_FILES,$VAL_FILES" \
-        --model "${MODEL_PATH:-$(hmpo_setting actor_rollout_ref.model.path)}" \
+    local nnodes
+    nnodes=$(hmpo_setting trainer.nnodes)
+    printf '%s\n' --ckpt-dir "$CKPT_DIR" --files "$TRAIN_FILES,$VAL_FILES" --task "$TASK" \
+        --model "$(hmpo_setting actor_rollout_ref.model.path)" \
         --keep "$(hmpo_setting trainer.max_actor_ckpt_to_keep)" --save-freq "$(hmpo_setting trainer.save_freq)" \
-        --total-steps "$(hmpo_setting trainer.total_training_steps)"
-    # joining a running cluster: the same checks on every node of it, through Ray
-    [[ -z "${RAY_ADDRESS:-}" ]] || printf '%s\n' --ray-address "$RAY_ADDRESS"
+        --total-steps "$(hmpo_setting trainer.total_training_steps)" \
+        --prompt-length "$(hmpo_setting data.max_prompt_length)" \
+        --response-length "$(hmpo_setting data.max_response_length)" --nnodes "${nnodes:-1}"
+    # joining a running cluster: the same checks on every node of it, through Ray; several nodes without
+    # RAY_ADDRESS: verl's ray.init() joins the cluster this node runs (ray start), so the preflight checks that one
+    if [[ -n "${RAY_ADDRESS:-}" ]]; then
+        printf '%s\n' --ray-address "$RAY_ADDRESS"
+    elif [[ "${nnodes:-1}" != 1 ]]; then
+        printf '%s\n' --ray-address auto
+    fi
     [[ -z "${MIN_GPU_GIB:-}" ]] || printf '%s\n' --min-gpu-gib "$MIN_GPU_GIB"
 }
 
@@ -125,11 +183,9 @@ hmpo_preflight() {
     if grep -Eq '^[[:space:]]*-[[:space:]]*override /model_engine:[[:space:]]*megatron' "$RECIPES_DIR/size/$SIZE.yaml"; then
         engine=megatron
     fi
-    local gpus=$NGPUS_PER_NODE
-    if [[ -z "$gpus" ]]; then  # the size file's trainer.n_gpus_per_node
-        gpus=$(sed -n -E 's/^[[:space:]]+n_gpus_per_node:[[:space:]]*([0-9]+).*/\1/p' "$RECIPES_DIR/size/$SIZE.yaml")
-    fi
-    "$PYTHON" "$RECIPES_DIR/lib/preflight.py" --engine "$engine" --gpus "${gpus:-8}" "${run[@]}" ||
+    local gpus
+    gpus=$(hmpo_node_gpus)
+    "$PYTHON" "$RECIPES_DIR/lib/preflight.py" --engine "$engine" --gpus "$gpus" "${run[@]}" ||
         { echo "$(basename -- "$0"): preflight failed; nothing launched (PREFLIGHT=0 skips the check)" >&2; exit 3; }
 }
 
@@ -152,8 +208,7 @@ HMPO_NAMED_PREFIXES=(actor_rollout_ref.model.path actor_rollout_ref.actor.policy
     reward.custom_reward_function reward.reward_manager.source reward.reward_manager.name
     reward.reward_manager.module reward.reward_model.enable reward.reward_model.model_path custom_reward_function
     reward_model.enable reward_model.model.path trainer.balance_batch trainer.use_v1 trainer.v1.trainer_mode
-    trainer.v1.separate_async.parameter_sync_step trainer.v1.sampler.max_off_policy_threshold
-    trainer.v1.sampler.max_off_policy_strategy async_training)
+    async_training trainer.v1.sync trainer.v1.colocate_async trainer.v1.separate_async trainer.v1.sampler)
 
 # hmpo_under KEY PREFIX...: KEY is one of the PREFIXes or below one.
 hmpo_under() {
@@ -223,24 +278,56 @@ hmpo_size_splits() {
     grep -Eq '^[[:space:]]*-[[:space:]]*/split/[A-Za-z0-9_]+@_global_:[[:space:]]*\$\{async\}' "$RECIPES_DIR/size/$SIZE.yaml"
 }
 
+# hmpo_flag NAME MEANING: the switch NAME is unset, 0 or 1 (DRY_RUN=true launched a real run, PREFLIGHT=true
+# skipped the check).
+hmpo_flag() {
+    [[ "${!1:-0}" =~ ^[01]$ ]] || hmpo_die "$1=${!1}: 0 or 1, please ($2)"
+}
+
+# hmpo_home PATHS: a path, or comma-separated paths, with a leading ~/ written out as $HOME/ (a quoted
+# MODEL_PATH='~/models/x' reaches verl as typed, and verl does not expand it).
+hmpo_home() {
+    local value=${1/#\~\//$HOME/}
+    printf '%s\n' "${value//,\~\//,$HOME/}"
+}
+
 hmpo_launch() {
-    local dry_run=${DRY_RUN:-0} arg overrides=() cmd=()
+    local dry_run=${DRY_RUN:-0} arg key overrides=() cmd=() ckpt_from=CKPT_DIR
+    hmpo_flag DRY_RUN "1: print the command, run nothing"
+    hmpo_flag PREFLIGHT "1: check the software, data, model and disk before launching; 0: skip the check"
     for arg in "$@"; do
+        key=${arg%%=*}
+        key=${key#"${key%%[!+]*}"}  # +key / ++key
         case "$arg" in
             --dry-run) dry_run=1 ;;
             -h | --help)
                 sed -n '2,/^set -euo pipefail/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
                 exit 0
                 ;;
-            async=* | +async=* | ++async=*)
-                hmpo_die "$arg: set ASYNC=${arg#*=} instead (run.sh launches verl's entry point for the trainer it selects)"
+            *=*)
+                case "$key" in
+                    async)
+                        hmpo_die "$arg: set ASYNC=${arg#*=} instead (run.sh launches verl's entry point for the trainer it selects)"
+                        ;;
+                    size | mean | correction)
+                        hmpo_die "$arg: set ${key^^}=${arg#*=} instead (run.sh's checks, its preflight and the default EXPERIMENT_NAME and CKPT_DIR follow ${key^^}; the override would change the run under them)"
+                        ;;
+                    # the launcher's own words carry them (last wins, as in Hydra), so that CKPT_DIR follows the
+                    # name and its checks (absolute, the preflight's disk) see the directory verl gets
+                    trainer.experiment_name) EXPERIMENT_NAME=$(hmpo_last "$key" "$arg") ;;
+                    trainer.default_local_dir) CKPT_DIR=$(hmpo_last "$key" "$arg") ckpt_from=$key ;;
+                    *) overrides+=("$arg") ;;
+                esac
                 ;;
             *) overrides+=("$arg") ;;
         esac
     done
 
     EXPERIMENT_NAME=${EXPERIMENT_NAME:-$(hmpo_default_name ${overrides[@]+"${overrides[@]}"})}
-    CKPT_DIR=${CKPT_DIR:-$HOME/checkpoints/hmpo_verl/$EXPERIMENT_NAME}
+    CKPT_DIR=$(hmpo_home "${CKPT_DIR:-$HOME/checkpoints/hmpo_verl/$EXPERIMENT_NAME}")
+    MODEL_PATH=$(hmpo_home "$MODEL_PATH")
+    TRAIN_FILES=$(hmpo_home "$TRAIN_FILES")
+    VAL_FILES=$(hmpo_home "$VAL_FILES")
     [[ -f "$RECIPES_DIR/$TASK.yaml" ]] || hmpo_die "no task config recipes/$TASK.yaml"
     [[ -f "$RECIPES_DIR/mean/$MEAN.yaml" ]] ||
         hmpo_die "MEAN=$MEAN: no recipes/mean/$MEAN.yaml; choose one of: $(hmpo_choices mean)"
@@ -268,7 +355,7 @@ hmpo_launch() {
         hmpo_die "NGPUS_PER_NODE=$NGPUS_PER_NODE: a positive integer, please"
     [[ -n "$TRAIN_FILES" && -n "$VAL_FILES" ]] || hmpo_die "TRAIN_FILES and VAL_FILES must not be empty"
     [[ "$CKPT_DIR" == /* ]] ||
-        hmpo_die "CKPT_DIR=$CKPT_DIR: an absolute path, please (a relative one lands under each process's working directory, and a resume would silently start from step 0)"
+        hmpo_die "$ckpt_from=$CKPT_DIR: an absolute path, please (a relative one lands under each process's working directory, and a resume would silently start from step 0)"
     local tracker trackers
     IFS=, read -r -a trackers <<< "$LOGGER"
     [[ ${#trackers[@]} -gt 0 ]] || hmpo_die "LOGGER is empty; choose from: $(IFS=,; echo "${HMPO_TRACKERS[*]}")"
@@ -339,7 +426,7 @@ hmpo_launch() {
         return 0
     fi
     if [[ "${PREFLIGHT:-0}" == 1 && -z "${ray_submit:-}" ]]; then
-        HMPO_OVERRIDES=(${overrides[@]+"${overrides[@]}"})
+        HMPO_OVERRIDES=("${cmd[@]}")
         hmpo_preflight
     elif [[ "${PREFLIGHT:-0}" == 1 ]]; then
         echo "$(basename -- "$0"): preflight skipped for ray job submit: the job runs on the cluster's software," \

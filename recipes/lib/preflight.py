@@ -15,18 +15,19 @@ Checks, reporting every problem at once (exit 3) or printing one `preflight: ok`
 requirements-gpu.txt without a `# gpu-only` comment), hmpo-verl's entry point, and the CPU
 backend's (patches/verl_cpu); no CUDA.
 With the run's settings (run.sh passes them: --ckpt-dir, --model, --files, --keep, --save-freq,
---total-steps) it also checks
+--total-steps, --task, --prompt-length, --response-length, --nnodes) it also checks
 - the disk: one save of verl's checkpoint is BYTES_PER_PARAM[engine] x the model's parameter count (read from
   its config.json, counted on torch's meta device: no weights are loaded or downloaded); verl keeps up to
   max(keep, 2) saves at once (see saves_at_peak); the checkpoint filesystem must have room for them;
-- the data files and the model path are there;
+- the data files and the model path are there; a task with a system prompt (GSM8K: recipes/gsm8k/prepare_extra.py)
+  has it in each file's first row; prompt + response fit the model's max_position_embeddings (check_context);
 - the GPU extensions really import (a subprocess imports flash_attn, and Transformer Engine's PyTorch
   extension with --engine megatron: `find_spec` finds a flash-attn built for another torch, which then fails
   at load with an undefined symbol);
 - the installed versions equal the lock files (requirements-gpu*.lock.txt, written by resolve_gpu.py --lock).
 With --ray-address <host:port> the same checks run on every node of that Ray cluster (one task pinned to each
-node), the nodes' Ray / verl / hmpo-verl / torch / Python versions are compared with this process's, and one
-report names each node and its problems.
+node), the nodes' Ray / verl / hmpo-verl / torch / Python versions are compared with this process's, the cluster
+must have --nnodes live nodes (`auto`: the cluster this node runs), and one report names each node and its problems.
 
     python3 recipes/lib/preflight.py --measure <CKPT_DIR>/global_step_<n>   # bytes/parameter of a checkpoint
 
@@ -360,25 +361,88 @@ def safetensors_count(folder: Path) -> int | None:
     return count
 
 
-def model_parameters(model: str) -> int:
+def model_parameters(model: str, config: dict | None = None) -> int:
     """The parameter count of MODEL_PATH: a local copy's safetensors headers, else its config.json (local or the
-    hub's file alone) built on the meta device."""
+    hub's file alone, unless given) built on the meta device."""
     local = Path(model).expanduser()
     counted = safetensors_count(local) if local.is_dir() else None
-    return counted if counted is not None else parameter_count(model_config(model))
+    return counted if counted is not None else parameter_count(config or model_config(model))
+
+
+def check_context(model: str, config: dict, prompt: int | None, response: int | None) -> list[str]:
+    """Prompt + response fit the model's context. verl 0.9.1's rollout servers (vLLM, SGLang, TensorRT-LLM) take
+    the model's max_position_embeddings as max_model_len (rollout/utils.py, get_max_position_embeddings: rope_scaling
+    does not enter it) and cut every response at max_model_len - its prompt's length, silently."""
+    limit = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    if not (limit and prompt and response) or prompt + response <= limit:
+        return []
+    return [f"data.max_prompt_length={prompt} + data.max_response_length={response} = {prompt + response} tokens, "
+            f"beyond the context of model {model} (max_position_embeddings={limit} in its config.json): verl's rollout "
+            f"would cut responses at {limit} tokens less their prompt's, silently. Set data.max_response_length="
+            f"{limit - prompt} (or less), or give the model a longer context (its config.json's max_position_embeddings, "
+            "with rope_scaling, as verl's DAPO 7B recipe does)"]
+
+
+def system_prompt(task: str | None) -> str | None:
+    """The system prompt recipes/<task>/prepare_extra.py puts first in every row (SYSTEM_PROMPT), if it has one."""
+    extra = RECIPES / str(task) / "prepare_extra.py"
+    if not task or not extra.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"_prepare_extra_{task}", extra)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, "SYSTEM_PROMPT", None)
+
+
+def check_prompts(task: str | None, files: list[str]) -> list[str]:
+    """The first row of each data file opens with the task's system prompt (GSM8K: recipes/gsm8k/prepare_extra.py).
+    verl's own examples/data_preprocess/gsm8k.py writes its parquet to the same ~/data/gsm8k without one, and
+    Qwen2.5-Math's chat template then asks for \\boxed{} while verl's reward scores only "####"."""
+    wanted = system_prompt(task)
+    if wanted is None or not files:
+        return []
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        return []  # no pyarrow, no datasets: verl's missing dependencies are named with the pins
+    problems = []
+    for file in files:
+        try:
+            rows = next(pq.ParquetFile(file).iter_batches(batch_size=1, columns=["prompt"])).to_pylist()
+        except Exception as error:  # noqa: BLE001 -- a file verl cannot read either
+            problems.append(f"data file {file}: cannot read its 'prompt' column ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:200]})")
+            continue
+        first = (rows[0]["prompt"] or [{}])[0] if rows else {}
+        if first.get("role") != "system" or first.get("content") != wanted:
+            problems.append(f"data file {file} lacks the {task} recipe's system prompt ({wanted!r}), as verl's own "
+                            f"examples/data_preprocess/{task}.py writes it: add it with `python3 {RECIPES}/{task}/"
+                            f"prepare_extra.py system {file}` (in place), or rerun bash {RECIPES}/{task}/prepare_data.sh")
+    return problems
 
 
 def check_run(run: dict, engine: str) -> list[str]:
-    """The run's files and disk: ``run`` holds ckpt_dir, model, files, keep, save_freq, total_steps (any None)."""
-    problems = [f"data file {f} is not there" for f in run.get("files") or [] if not Path(f).is_file()]
+    """The run's files, model and disk: ``run`` holds ckpt_dir, model, files, keep, save_freq, total_steps, task,
+    prompt_length, response_length (any None)."""
+    files = run.get("files") or []
+    problems = [f"data file {f} is not there" for f in files if not Path(f).is_file()]
+    problems += check_prompts(run.get("task"), [f for f in files if Path(f).is_file()])
     model = run.get("model")
-    if not model or not run.get("ckpt_dir"):
+    if not model:
         return problems
+    if model.startswith("~"):
+        return problems + [f"model path {model}: verl reads a path as written, without expanding ~; write it out "
+                           f"(actor_rollout_ref.model.path={os.path.expanduser(model)})"]
     try:
-        params = model_parameters(model)
+        config = model_config(model) if run.get("prompt_length") and run.get("response_length") else None
+        params = model_parameters(model, config) if run.get("ckpt_dir") else 0
     except Exception as error:  # noqa: BLE001 -- any failure to read the model is the message
         return problems + [f"model {model}: cannot read its config.json ({type(error).__name__}: "
                            f"{str(error).splitlines()[0][:200]}); MODEL_PATH=<a local copy> on every node"]
+    if config is not None:
+        problems += check_context(model, config, run["prompt_length"], run["response_length"])
+    if not run.get("ckpt_dir"):
+        return problems
     try:
         saves = saves_at_peak(run.get("keep"), run.get("total_steps"), run.get("save_freq") or 0)
     except ValueError as error:
@@ -466,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--keep", type=_int_or_none, help="trainer.max_actor_ckpt_to_keep (null: keep all)")
     run.add_argument("--save-freq", type=int, default=0, help="trainer.save_freq")
     run.add_argument("--total-steps", type=_int_or_none, help="trainer.total_training_steps")
+    run.add_argument("--task", help="the recipe's task (gsm8k: the data's rows open with its system prompt)")
+    run.add_argument("--prompt-length", type=_int_or_none, help="data.max_prompt_length")
+    run.add_argument("--response-length", type=_int_or_none, help="data.max_response_length")
+    run.add_argument("--nnodes", type=int, default=1, help="trainer.nnodes: the live nodes --ray-address must have")
     parser.add_argument("--ray-address", help="<host>:<port> of a running Ray cluster: check every node of it")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a node has to answer (--ray-address)")
     parser.add_argument("--measure", type=Path, metavar="GLOBAL_STEP_DIR",
@@ -477,18 +545,29 @@ def main(argv: list[str] | None = None) -> int:
     checks = {"engine": args.engine, "gpus": args.gpus, "cpu": args.cpu, "imports": args.imports,
               "min_gib": args.min_gpu_gib,
               "run": {"ckpt_dir": args.ckpt_dir, "model": args.model, "files": [f for f in args.files.split(",") if f],
-                      "keep": args.keep, "save_freq": args.save_freq, "total_steps": args.total_steps}}
+                      "keep": args.keep, "save_freq": args.save_freq, "total_steps": args.total_steps,
+                      "task": args.task, "prompt_length": args.prompt_length, "response_length": args.response_length}}
     where = "cpu" if args.cpu else f"{args.engine}, {args.gpus} GPUs"
     if args.ray_address:
-        report = every_node(args.ray_address, args.timeout, **checks)
+        try:
+            report = every_node(args.ray_address, args.timeout, **checks)
+        except ConnectionError as error:
+            print(f"preflight: no Ray cluster at --ray-address {args.ray_address} ({str(error).splitlines()[0][:200]}); "
+                  f"trainer.nnodes={args.nnodes} needs one: start it (bash recipes/lib/cluster.sh head, then worker "
+                  "<head-ip>:6379 on each other node) and launch with RAY_ADDRESS=<head-ip>:6379", file=sys.stderr)
+            return 3
     else:
         report = {"this node": problems(**checks)}
     bad = {node: found for node, found in report.items() if found}
+    if args.ray_address and len(report) < args.nnodes:
+        bad["the cluster"] = [f"{len(report)} live node(s), and the run asks for trainer.nnodes={args.nnodes} "
+                              "(NNODES): start the missing workers (bash recipes/lib/cluster.sh worker <head-ip>:6379) "
+                              "or set NNODES to the cluster's node count"]
     if not bad:
         print(f"preflight: ok ({where}){f' on {len(report)} nodes: ' + '; '.join(report) if args.ray_address else ''}")
         return 0
     count = sum(len(found) for found in bad.values())
-    nodes = f"{len(bad)} of {len(report)} node(s)" if args.ray_address else "this node"
+    nodes = f"{sum(node in report for node in bad)} of {len(report)} node(s)" if args.ray_address else "this node"
     print(f"preflight: {count} problem(s) on {nodes} ({where}):", file=sys.stderr)
     for node, found in bad.items():
         if args.ray_address:
