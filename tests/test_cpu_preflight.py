@@ -78,12 +78,12 @@ def test_cuda_only_settings_are_named_with_their_fix():
         )
     )
     text = "\n".join(problems)
-    assert "actor_rollout_ref.actor.strategy=fsdp: use actor_rollout_ref.actor.strategy=fsdp2" in text
+    assert "actor_rollout_ref.actor.strategy=fsdp: set actor_rollout_ref.actor.strategy=fsdp2" in text
     assert sum("strategy=fsdp:" in p for p in problems) == 1, "the ref follows the actor: one message"
     assert "actor_rollout_ref.rollout.name=sglang needs a GPU: set actor_rollout_ref.rollout.name=hf" in text
     assert "set trainer.device=cpu" in text
-    assert "attn_implementation=sdpa" in text
-    assert "+ray_kwargs.ray_init.num_gpus=1" in text
+    assert "set actor_rollout_ref.model.override_config.attn_implementation=sdpa" in text  # in the config: no +
+    assert "set +ray_kwargs.ray_init.num_gpus=1" in text  # removed from it: + (tests/test_cpu_sampler_right_or_loud.py)
 
 
 def test_other_verl_versions_are_refused_with_a_clear_message():

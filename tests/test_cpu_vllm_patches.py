@@ -81,7 +81,8 @@ def test_p3_each_setting_vllm_needs_on_cpu_is_named_with_its_fix(monkeypatch):
     assert "enable_sleep_mode=true: vLLM has no sleep mode on CPU; set actor_rollout_ref.rollout.enable_sleep_mode=false" in text
     assert "tensor_model_parallel_size=2: the vllm rollout on CPU needs 1" in text
     assert "head size 16 (hidden_size 64 / num_attention_heads 4)" in text and "--rollout vllm" in text
-    assert "update_weights_bucket_megabytes=0" in text and "set at least 1" in text
+    assert "update_weights_bucket_megabytes=0" in text
+    assert "set actor_rollout_ref.rollout.checkpoint_engine.update_weights_bucket_megabytes=1 or more" in text
     # the recipe's full_determinism=true: verl's VLLM_BATCH_INVARIANT=1 kernels are Triton's, none on CPU
     assert "full_determinism=true: verl then sets VLLM_BATCH_INVARIANT=1" in text
     assert len(problems) == 5, problems
@@ -100,7 +101,8 @@ def test_p3_the_kv_cache_size_fits_a_shared_machine(monkeypatch, value, message)
     else:
         monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", value)
     problems = check_config(compose(*VLLM_OVERRIDES, *vllm_assets_overrides()))
-    assert len(problems) == 1 and message in problems[0] and "set VLLM_CPU_KVCACHE_SPACE=1" in problems[0], problems
+    fixes = ("set +ray_kwargs.ray_init.runtime_env.env_vars.VLLM_CPU_KVCACHE_SPACE=1", "export VLLM_CPU_KVCACHE_SPACE=1")
+    assert len(problems) == 1 and message in problems[0] and all(f in problems[0] for f in fixes), problems
     # Ray's runtime env reaches the server as well
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     runtime = "+ray_kwargs.ray_init.runtime_env.env_vars.VLLM_CPU_KVCACHE_SPACE=2"

@@ -35,6 +35,8 @@ def check_options(config) -> None:
     if loss_mode in LOSS_OPTION_CLASSES:
         options = loss_options(omega_conf_to_dataclass(policy_loss), loss_mode)
         trust_region(OmegaConf.select(config, "actor_rollout_ref.actor"), options)  # the actor's clip bounds
+        if getattr(options, "adapt", None) == "schedule":
+            check_schedule_span(config, options)
         if getattr(options, "adapt", None) == "reward":
             raise ValueError(
                 "actor_rollout_ref.actor.policy_loss.adapt='reward' is not supported on verl's trainer yet: verl "
@@ -47,6 +49,84 @@ def check_options(config) -> None:
         omega_conf_to_dataclass(algorithm)  # runs PowerMeanAlgoConfig.__post_init__
     elif algorithm is not None and algorithm.get("adv_estimator", None) in ADV_ESTIMATORS:
         algo_options(algorithm, algorithm.adv_estimator)
+
+
+SCHEDULE_STEPS = "actor_rollout_ref.actor.policy_loss.schedule_steps"
+
+
+def optimizer_steps_per_training_step(config) -> tuple[int, str]:
+    """The policy optimizer steps one training step of verl makes, and how they were counted.
+
+    verl 0.9.1's V1 trainer (``PPOTrainer.step``) makes ``parameter_sync_step`` updates per step
+    (``trainer.v1.<mode>.parameter_sync_step``; 1 where the mode has none, as in v0 ``RayPPOTrainer`` and
+    one-step-off), each of ``train_batch_size / parameter_sync_step`` prompts x ``rollout.n`` samples; the
+    actor (``engine_workers.train_mini_batch``) runs them ``ppo_epochs`` times in mini-batches of
+    ``ppo_mini_batch_size`` x ``rollout.n`` (so ``rollout.n`` cancels; a partial mini-batch is padded to a
+    whole one by ``upsample_batch_to_divisible_size``), one optimizer step each.
+    """
+    from omegaconf import OmegaConf
+
+    def get(key, default=None):
+        value = OmegaConf.select(config, key, default=default)
+        return default if value is None else value
+
+    sync_step = 1
+    if get("trainer.use_v1", True):
+        sync_step = get(f"trainer.v1.{get('trainer.v1.trainer_mode', 'sync')}.parameter_sync_step", 1)
+    batch, mini = get("data.train_batch_size"), get("actor_rollout_ref.actor.ppo_mini_batch_size")
+    epochs = get("actor_rollout_ref.actor.ppo_epochs", 1)
+    per_step = sync_step * -(-(batch // sync_step) // mini) * epochs
+    how = (f"parameter_sync_step {sync_step} x ceil(data.train_batch_size {batch} / {sync_step} / "
+           f"actor_rollout_ref.actor.ppo_mini_batch_size {mini}) x ppo_epochs {epochs}")
+    return per_step, how
+
+
+def check_schedule_span(config, options) -> None:
+    """``adapt: schedule`` moves p from p_start to p_end over ``schedule_steps`` optimizer steps, then holds
+    p_end; a schedule spans the run when ``schedule_steps`` equals the run's optimizer steps
+    (:func:`optimizer_steps_per_training_step` x the training steps that update the actor: those from
+    ``max(trainer.critic_warmup, 1)`` to ``trainer.total_training_steps``).
+
+    Longer: p would never reach p_end; raise ValueError naming both numbers and the value to set.
+    Shorter: p reaches p_end early and holds it (the documented meaning); warn once per launch.
+    Without ``trainer.total_training_steps`` verl derives the length from the dataset inside Ray
+    (total_epochs x batches per epoch, after its prompt filtering): say once that it is not checked.
+    (The run also ends early when ``total_epochs`` runs out of data first; that is not counted here.)
+    """
+    from omegaconf import OmegaConf
+
+    from hmpo_verl.maths.adaptive import scheduled_power
+
+    schedule_steps = options.schedule_steps
+    if OmegaConf.select(config, "async_training", default=None) is not None:  # fully-async's own section
+        _log_once(config, f"{SCHEDULE_STEPS}={schedule_steps}: not checked against the run's length with verl's "
+                          "fully-async trainer (its optimizer steps depend on async_training.require_batches and "
+                          "trigger_parameter_sync_step)")
+        return
+    per_step, how = optimizer_steps_per_training_step(config)
+    total = OmegaConf.select(config, "trainer.total_training_steps", default=None)
+    if total is None:
+        _log_once(config, f"{SCHEDULE_STEPS}={schedule_steps}: trainer.total_training_steps is not set, so verl "
+                          "derives the run's length from the dataset inside Ray and whether the schedule spans the "
+                          f"run is not checked before Ray starts; the run makes {per_step} optimizer steps per "
+                          f"training step ({how}): set trainer.total_training_steps to have it checked")
+        return
+    warmup = OmegaConf.select(config, "trainer.critic_warmup", default=0) or 0
+    run = max(0, total - max(warmup, 1) + 1) * per_step
+    if schedule_steps == run:
+        return
+    skipped = f", less {warmup - 1} before trainer.critic_warmup {warmup}," if warmup > 1 else ""
+    counted = f"the run makes {run} optimizer steps (trainer.total_training_steps {total}{skipped} x {per_step}: {how})"
+    present = OmegaConf.select(config, SCHEDULE_STEPS, default=None) is not None
+    fix = f"{'' if present else '+'}{SCHEDULE_STEPS}={run}"
+    if schedule_steps > run:
+        p_last = scheduled_power(run, options.p_start, options.p_end, schedule_steps, options.schedule)
+        raise ValueError(
+            f"{SCHEDULE_STEPS}={schedule_steps} with adapt=schedule is longer than the run: {counted}, so p would "
+            f"end at {p_last:.4g} and never reach p_end={options.p_end}. Set {fix}")
+    _log_once(config, f"{SCHEDULE_STEPS}={schedule_steps} with adapt=schedule is shorter than the run: {counted}; "
+                      f"p reaches p_end={options.p_end} at optimizer step {schedule_steps} and holds it for the last "
+                      f"{run - schedule_steps}. For a schedule over the whole run set {fix}")
 
 
 # verl 0.9.x imports trl.experimental.ppo whenever TRL is importable (apply_monkey_patch, in every actor
@@ -202,18 +282,27 @@ def stale_as_fresh(config) -> Optional[str]:
     return STALE_AS_FRESH.format(mode=mode)
 
 
-_WARNED: dict[int, weakref.ref] = {}  # the configs warned about, by identity (id -> weak reference)
+_WARNED: dict[int, tuple[weakref.ref, set]] = {}  # id(config) -> (weak reference to it, the warnings logged)
+
+
+def _log_once(config, warning: str) -> None:
+    """Log ``warning`` once per launch: ``driver_checks`` runs from both verl's ``validate_config`` and
+    ``run_ppo``, on the same config object (``python -m verl.trainer.main_ppo`` runs only the first:
+    ``__main__`` holds its own ``run_ppo``, which our wrapper never reaches)."""
+    ref, logged = _WARNED.get(id(config), (None, set()))
+    if ref is None or ref() is not config:
+        ref, logged = weakref.ref(config), set()
+        _WARNED[id(config)] = (ref, logged)
+    if warning not in logged:
+        logged.add(warning)
+        logger.warning(warning)
 
 
 def warn_stale_as_fresh(config) -> None:
-    """Log :func:`stale_as_fresh`'s warning, once per launch: ``driver_checks`` calls this, and both verl's
-    ``validate_config`` and ``run_ppo`` run it on the same config object (``python -m verl.trainer.main_ppo``
-    runs only the first: ``__main__`` holds its own ``run_ppo``, which our wrapper never reaches)."""
+    """Log :func:`stale_as_fresh`'s warning, once per launch (:func:`_log_once`)."""
     warning = stale_as_fresh(config)
-    seen = _WARNED.get(id(config))
-    if warning and (seen is None or seen() is not config):
-        _WARNED[id(config)] = weakref.ref(config)
-        logger.warning(warning)
+    if warning:
+        _log_once(config, warning)
 
 
 def driver_checks(config) -> None:

@@ -56,6 +56,20 @@ def _get(config: DictConfig, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+_ABSENT = object()
+
+
+def override(config: DictConfig, key: str, value: Any) -> str:
+    """The command-line override that sets ``key`` to ``value`` in this composed config: ``key=value`` where
+    the key is in it, ``+key=value`` where it is not (Hydra refuses a new key without ``+``, and an existing
+    one with it). In a YAML, either is set plainly."""
+    try:
+        present = OmegaConf.select(config, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT
+    except Exception:  # unresolvable interpolation on the way: the key is there
+        present = True
+    return f"{'' if present else '+'}{key}={value}"
+
+
 # ----------------------------------------------------------------------------- device settings
 
 
@@ -63,7 +77,8 @@ def check_device_settings(config: DictConfig) -> list[str]:
     """Settings that only work with a CUDA/NPU device."""
     problems = []
     if _get(config, "trainer.device") != "cpu":
-        problems.append(f"trainer.device={_get(config, 'trainer.device')}: set trainer.device=cpu")
+        device = _get(config, "trainer.device")
+        problems.append(f"trainer.device={device}: set {override(config, 'trainer.device', 'cpu')}")
     actor_strategy = _get(config, "actor_rollout_ref.actor.strategy")
     for key in ("actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy"):
         strategy = _get(config, key)
@@ -71,26 +86,30 @@ def check_device_settings(config: DictConfig) -> list[str]:
             continue  # verl's default interpolates the actor's: one message is enough
         if strategy is not None and strategy != "fsdp2":
             problems.append(
-                f"{key}={strategy}: use {key}=fsdp2 on CPU (FSDP1's sync_module_states needs a GPU; "
+                f"{key}={strategy}: set {override(config, key, 'fsdp2')} on CPU (FSDP1's sync_module_states needs a GPU; "
                 "megatron/veomni/torchtitan are not set up for CPU)"
             )
     if _get(config, "critic.enable") and _get(config, "critic.strategy") not in (None, "fsdp2"):
-        problems.append(f"critic.strategy={_get(config, 'critic.strategy')}: use critic.strategy=fsdp2 on CPU")
+        problems.append(f"critic.strategy={_get(config, 'critic.strategy')}: "
+                        f"set {override(config, 'critic.strategy', 'fsdp2')} on CPU")
     rollout = _get(config, "actor_rollout_ref.rollout.name")
     if rollout not in CPU_ROLLOUTS:
         why = "needs a GPU" if rollout in GPU_ROLLOUTS else "is not a CPU rollout backend"
         problems.append(
-            f"actor_rollout_ref.rollout.name={rollout} {why}: set actor_rollout_ref.rollout.name={ROLLOUT_NAME} "
+            f"actor_rollout_ref.rollout.name={rollout} {why}: "
+            f"set {override(config, 'actor_rollout_ref.rollout.name', ROLLOUT_NAME)} "
             f"(the HF-transformers rollout server of verl_cpu) or {VLLM} (verl's vLLM server on vLLM's CPU build)"
         )
     for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
         value = _get(config, f"actor_rollout_ref.rollout.{key}", 1)
         if value != 1:
-            problems.append(f"actor_rollout_ref.rollout.{key}={value}: the {rollout} rollout on CPU needs 1")
+            problems.append(f"actor_rollout_ref.rollout.{key}={value}: the {rollout} rollout on CPU needs 1; "
+                            f"set {override(config, f'actor_rollout_ref.rollout.{key}', 1)}")
     attn = _get(config, "actor_rollout_ref.model.override_config.attn_implementation", "flash_attention_2")
     if attn not in CPU_ATTENTION:
         problems.append(
-            f"attention '{attn}' needs a GPU: set +actor_rollout_ref.model.override_config.attn_implementation=sdpa"
+            f"attention '{attn}' needs a GPU: set "
+            f"{override(config, 'actor_rollout_ref.model.override_config.attn_implementation', 'sdpa')}"
         )
     if _get(config, "reward.reward_model.enable", False):
         problems.append("reward.reward_model.enable=true needs a model-serving rollout: use a rule/custom reward on CPU")
@@ -112,11 +131,14 @@ def check_vllm_settings(config: DictConfig) -> list[str]:
     rollout = "actor_rollout_ref.rollout"
     problems = [p for p in (installed_problem(),) if p]
     if _get(config, f"{rollout}.enable_sleep_mode", True):
-        problems.append(f"{rollout}.enable_sleep_mode=true: vLLM has no sleep mode on CPU; set {rollout}.enable_sleep_mode=false")
+        problems.append(f"{rollout}.enable_sleep_mode=true: vLLM has no sleep mode on CPU; set "
+                        f"{override(config, f'{rollout}.enable_sleep_mode', 'false')} (verl's RolloutConfig field, "
+                        "not in its rollout.yaml: a YAML sets enable_sleep_mode: false under actor_rollout_ref.rollout)")
     if _get(config, f"{rollout}.full_determinism", False):
         problems.append(
             f"{rollout}.full_determinism=true: verl then sets VLLM_BATCH_INVARIANT=1, whose kernels are Triton's and do "
-            f"not run on CPU (vLLM's engine dies at its first forward); set {rollout}.full_determinism=false "
+            "not run on CPU (vLLM's engine dies at its first forward); "
+            f"set {override(config, f'{rollout}.full_determinism', 'false')} "
             "(a reproducible CPU run: rollout.name=hf)")
     problems += check_vllm_kv_cache(config)
     model = _model_config(config)
@@ -127,7 +149,8 @@ def check_vllm_settings(config: DictConfig) -> list[str]:
                 f"actor_rollout_ref.model.path={_get(config, 'actor_rollout_ref.model.path')}: head size {head_size} "
                 f"(hidden_size {model['hidden_size']} / num_attention_heads {model['num_attention_heads']}); vLLM's CPU "
                 f"attention takes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}: use such a model (the lab's tasks: "
-                "python -m hmpo_verl.lab.cpu_demo --rollout vllm builds one) or rollout.name=hf"
+                "python -m hmpo_verl.lab.cpu_demo --rollout vllm builds one) or "
+                f"set {override(config, f'{rollout}.name', ROLLOUT_NAME)}"
             )
     bucket_mb = _get(config, f"{rollout}.checkpoint_engine.update_weights_bucket_megabytes", 2048)
     largest = _largest_tensor_bytes(config)
@@ -135,7 +158,8 @@ def check_vllm_settings(config: DictConfig) -> list[str]:
         problems.append(
             f"{rollout}.checkpoint_engine.update_weights_bucket_megabytes={bucket_mb}: the model's largest tensor takes "
             f"{largest / 2**20:.1f} MB in fp32 and verl's shared-memory weight sync to vLLM needs it in one bucket; set "
-            f"at least {-(-largest // 2**20)}"
+            f"{override(config, f'{rollout}.checkpoint_engine.update_weights_bucket_megabytes', -(-largest // 2**20))}"
+            " or more"
         )
     return problems
 
@@ -145,10 +169,13 @@ def check_vllm_kv_cache(config: DictConfig) -> list[str]:
     to at least 1 and at most half of the memory available now (the machine may be shared)."""
     import psutil
 
-    runtime_env = _get(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{KV_CACHE_ENV}")
+    key = f"ray_kwargs.ray_init.runtime_env.env_vars.{KV_CACHE_ENV}"
+    runtime_env = _get(config, key)
     value = runtime_env if runtime_env is not None else os.environ.get(KV_CACHE_ENV)
     limit = psutil.virtual_memory().available // 2**31  # half of the available memory, in GiB
-    fix = f"set {KV_CACHE_ENV}=1 (GiB; cpu_demo --rollout vllm sets it)"
+    fix = f"set {override(config, key, 1)} (GiB; cpu_demo --rollout vllm sets it)"
+    if runtime_env is None:  # the driver's environment counts only where Ray's runtime env does not set it
+        fix += f", or export {KV_CACHE_ENV}=1 before the launch"
     if value is None or str(value).strip() == "":
         return [f"{KV_CACHE_ENV} is not set: vLLM's CPU worker would size its KV cache from "
                 f"actor_rollout_ref.rollout.gpu_memory_utilization x the machine's memory; {fix}"]
@@ -289,7 +316,7 @@ def check_ray_resources(config: DictConfig, trainer: str = MAIN_PPO) -> list[str
         problems.append(
             f"ray_kwargs.ray_init.num_gpus={num_gpus}: verl's resource pools ask Ray for "
             f"trainer.nnodes*trainer.n_gpus_per_node{pool}={needed_gpus} GPUs; on CPU give Ray that many logical "
-            f"ones: +ray_kwargs.ray_init.num_gpus={needed_gpus}"
+            f"ones: set {override(config, 'ray_kwargs.ray_init.num_gpus', needed_gpus)}"
         )
     storage_units = _get(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units", 8)
     agent_workers = _get(config, "actor_rollout_ref.rollout.agent.num_workers", 8)
@@ -300,7 +327,8 @@ def check_ray_resources(config: DictConfig, trainer: str = MAIN_PPO) -> list[str
         problems.append(
             f"ray_kwargs.ray_init.num_cpus={num_cpus}: verl's task runners, TransferQueue storage units, agent-loop "
             f"and reward workers each reserve Ray CPUs and the run hangs silently without them; set "
-            f"ray_kwargs.ray_init.num_cpus={max(needed_cpus, 16)} (logical CPUs, more than the machine has is fine)"
+            f"{override(config, 'ray_kwargs.ray_init.num_cpus', max(needed_cpus, 16))} "
+            "(logical CPUs, more than the machine has is fine)"
         )
     return problems
 
@@ -318,21 +346,37 @@ def check_policy_loss(config: DictConfig) -> list[str]:
 
 
 def check_sampler(config: DictConfig) -> list[str]:
-    """verl_cpu's polling replay buffer: a valid poll interval, and no DAPO filter (verl skips it for custom samplers)."""
-    if _get(config, "trainer.v1.sampler.custom_sampler.path") != "pkg://verl_cpu.replay_buffer":
-        return []
-    from verl_cpu.replay_buffer import poll_interval_of
+    """verl_cpu's polling replay buffer: its one name (which follows ``trainer.v1.trainer_mode``), a valid poll
+    interval, and none of the settings verl hands only its own buffers: the DAPO group filter, and in ``sync``
+    mode the refill of failed groups (``PPOTrainer._build_replay_buffer`` passes both only without a custom
+    sampler; the async buffers always replace failed groups)."""
+    from verl_cpu.replay_buffer import SAMPLER_NAME, SAMPLER_PATH, poll_interval_of
 
+    sampler = "trainer.v1.sampler"
+    if _get(config, f"{sampler}.custom_sampler.path") != SAMPLER_PATH:
+        return []
     problems = []
+    name = _get(config, f"{sampler}.custom_sampler.name")
+    if name != SAMPLER_NAME:
+        problems.append(
+            f"{sampler}.custom_sampler.name={name}: {SAMPLER_PATH} is used as {SAMPLER_NAME}, which builds verl's sync "
+            f"or async replay buffer for trainer.v1.trainer_mode; set {sampler}.custom_sampler.name={SAMPLER_NAME}")
     try:
-        poll_interval_of(_get(config, "trainer.v1.sampler.sampler_kwargs", {}))
+        poll_interval_of(_get(config, f"{sampler}.sampler_kwargs", {}))
     except ValueError as exc:
         problems.append(str(exc))
+    verls_own = (f"set {sampler}.custom_sampler.path=null to use verl's own replay buffer (it polls every 2 s: "
+                 "slower rollouts on CPU, same training)")
     if _get(config, "algorithm.filter_groups.enable", False):
         problems.append(
-            "algorithm.filter_groups.enable=true: verl does not pass the group filter to a custom sampler; "
-            "drop trainer.v1.sampler.custom_sampler (verl_cpu.replay_buffer) to use DAPO filtering"
-        )
+            "algorithm.filter_groups.enable=true: verl does not pass the group filter to a custom sampler "
+            f"({SAMPLER_PATH}); {verls_own}, or set algorithm.filter_groups.enable=false")
+    sync_mode = _get(config, "trainer.v1.trainer_mode", "sync") == "sync"
+    if _get(config, f"{sampler}.sync_refill_failed_groups", False) and sync_mode:
+        problems.append(
+            f"{sampler}.sync_refill_failed_groups=true: verl does not pass it to a custom sampler ({SAMPLER_PATH}), "
+            f"so failed groups would not be replaced; {verls_own}, or set {sampler}.sync_refill_failed_groups=false "
+            "(failed groups then stay in the batch, padded, as by verl's default)")
     return problems
 
 

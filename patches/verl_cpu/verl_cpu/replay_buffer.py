@@ -1,4 +1,4 @@
-"""verl's synchronous replay buffer, polling for finished rollouts every ``poll_interval`` seconds.
+"""verl's replay buffers, polling for finished rollouts every ``poll_interval`` seconds.
 
 verl 0.9.1's v1 trainer collects a step's rollouts with ``ReplayBuffer.sample``: it checks
 TransferQueue, and while the batch is incomplete it sleeps a fixed 2.0 s
@@ -7,14 +7,26 @@ TransferQueue, and while the batch is incomplete it sleeps a fixed 2.0 s
 validation batch. On a GPU node with minute-long rollouts that is noise; for the CPU
 recipe's one-second rollouts it was most of the step.
 
-This subclass is selected through verl's own extension point::
+``PollingReplayBuffer`` is selected through verl's own extension point::
 
     trainer.v1.sampler.custom_sampler.path=pkg://verl_cpu.replay_buffer
     trainer.v1.sampler.custom_sampler.name=PollingReplayBuffer
     trainer.v1.sampler.sampler_kwargs.poll_interval=0.05
 
-verl passes a custom sampler neither DAPO's group filter nor the refill settings, so
-``verl_cpu.preflight`` refuses it together with ``algorithm.filter_groups.enable=true``.
+verl then builds it instead of its own buffer whatever ``trainer.v1.trainer_mode``
+(``PPOTrainer._build_replay_buffer``), passing ``trainer_mode``, ``trainer_config``,
+``max_off_policy_threshold``, ``max_off_policy_strategy``, ``sampler_kwargs`` and ``refill_fn``.
+Like verl's own choice (``ReplayBuffer if trainer_mode == "sync" else ReplayBufferAsync``), it
+follows the mode: ``PollingReplayBuffer(trainer_mode="sync", ...)`` is verl's ``ReplayBuffer``,
+any other mode gives a :class:`PollingReplayBufferAsync`, verl's ``ReplayBufferAsync`` (the
+staleness bound ``max_off_policy_threshold`` with ``drop``/``wait``, failed groups evicted and
+replaced, ``training/off_policy/evicted_samples*`` metrics, ``wait_for_sampleable``); both with
+the poll interval and batch order of this module.
+
+verl passes a custom sampler neither DAPO's group filter nor ``sync_refill_failed_groups``, so
+``verl_cpu.preflight`` refuses it together with ``algorithm.filter_groups.enable=true`` or, in
+``sync`` mode, ``trainer.v1.sampler.sync_refill_failed_groups=true`` (the async buffers always
+replace failed groups, as verl's do).
 
 It also fixes the order of a step's training batch. verl's buffer hands the trainer the
 trajectories in the order they reached TransferQueue -- the order their rollouts *finished* --
@@ -33,7 +45,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import transfer_queue as tq
-from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
 
 DEFAULT_POLL_INTERVAL = 0.05
 SAMPLER_NAME = "PollingReplayBuffer"
@@ -80,8 +92,19 @@ def response_tokens(partition_id: str, keys: list[str]) -> list[list[int]]:
 
 
 class PollingReplayBuffer(ReplayBuffer):
-    """verl's sync ``ReplayBuffer`` with a configurable poll interval (``sampler_kwargs.poll_interval``)
-    and its batch in submission order (see the module doc)."""
+    """verl's replay buffer for ``trainer_mode``, with a configurable poll interval
+    (``sampler_kwargs.poll_interval``) and its batch in submission order (see the module doc).
+
+    Constructed with ``trainer_mode="sync"`` it is verl's sync ``ReplayBuffer``; with any other
+    mode the instance is a :class:`PollingReplayBufferAsync` (verl's ``ReplayBufferAsync``), the
+    class verl itself would build for that mode.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        mode = kwargs.get("trainer_mode", args[0] if args else "sync")
+        if cls is PollingReplayBuffer and mode != "sync":
+            cls = PollingReplayBufferAsync
+        return super().__new__(cls)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -95,3 +118,10 @@ class PollingReplayBuffer(ReplayBuffer):
         responses = response_tokens(partition_id, batch.keys)
         order = submission_order(batch.keys, list(self.prompt_global_steps[partition_id]), responses)
         return dataclasses.replace(batch, keys=[batch.keys[i] for i in order], tags=[batch.tags[i] for i in order])
+
+
+class PollingReplayBufferAsync(PollingReplayBuffer, ReplayBufferAsync):
+    """verl's ``ReplayBufferAsync`` (its sampling, staleness and failure eviction, refill and metrics
+    unchanged) with :class:`PollingReplayBuffer`'s poll interval and batch order. Built by
+    ``PollingReplayBuffer`` for ``colocate_async`` and ``separate_async``; name ``PollingReplayBuffer``
+    in the config, which picks it by mode."""
