@@ -65,6 +65,21 @@ def test_power_mean_with_plain_config_stops_the_driver_saying_what_to_set():
         _driver_validation([f"actor_rollout_ref.actor.policy_loss.loss_mode={mode}"])
 
 
+def test_power_mean_on_our_config_without_a_power_stops_the_driver_as_every_host():
+    """No host has a default p for power_mean: PowerMeanLossConfig's class default (-1) is not trained silently."""
+    target = "actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.PowerMeanLossConfig"
+    with pytest.raises(Exception) as err:  # Hydra's InstantiationException around our ValueError
+        _driver_validation([target, "actor_rollout_ref.actor.policy_loss.loss_mode=power_mean"])
+    assert ("loss_mode='power_mean' needs a power p: set +actor_rollout_ref.actor.policy_loss.power=<p> (or use "
+            "loss_mode=hmpo for p=-1)") in str(err.value)
+    # the way on works, and hmpo / agm still need no power
+    _driver_validation([target, "actor_rollout_ref.actor.policy_loss.loss_mode=power_mean",
+                        "+actor_rollout_ref.actor.policy_loss.power=-0.5"])
+    for mode in ("hmpo", "agm"):
+        _driver_validation([target, f"actor_rollout_ref.actor.policy_loss.loss_mode={mode}"])
+    assert PowerMeanLossConfig(loss_mode="hmpo").power == -1.0 and AdaptivePowerMeanLossConfig().power == -1.0
+
+
 @pytest.mark.parametrize(
     "overrides,field_name",
     [

@@ -80,7 +80,8 @@ def test_a_resumed_run_scores_the_checkpoint_it_resumed_from(tmp_path):
     shutil.copytree(paths.model, resumed_from)
     old = time.time() - 3600
     os.utime(resumed_from / "config.json", (old, old))
-    _, values, notes = exact_reward.exact_rewards("fibonacci", paths.root, tmp_path, [2], saved_since=time.time())
+    _, values, notes = exact_reward.exact_rewards("fibonacci", paths.root, tmp_path, [2], saved_since=time.time(),
+                                                  resumed_from=2)
     assert list(values) == [2] and notes == []
 
 

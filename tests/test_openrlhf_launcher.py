@@ -44,11 +44,15 @@ def test_openrlhf_own_loss_types_run_unchanged():
     (["--actor.policy_loss_type", "agm", "--pm.power", "0.5"], "--pm.power=0.5: not read with loss_mode='agm'"),
     (["--actor.policy_loss_type", "power_mean", "--pm.power", "0.5", "--pm.p_min", "-1"],
      "--pm.p_min=-1.0: not read with loss_mode='power_mean'"),
+    (["--actor.policy_loss_type", "adaptive_power_mean", "--pm.clip_level", "sequence"],
+     "--pm.clip_level='sequence' is invalid with adapt='ess', which adapts p to each trajectory's token clip "
+     "fraction; allowed: token"),
 ])
 def test_bad_options_stop_before_ray_with_the_flag_named(argv, message):
     with pytest.raises(SystemExit) as stop:
         main([*OPENRLHF_ARGS, *argv])
     assert message in str(stop.value)
+    assert "adapt='schedule'" not in str(stop.value)  # refused on OpenRLHF (and it has no --pm.adapt): not suggested
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 

@@ -13,7 +13,9 @@ from hmpo_verl.hosts.host_loss import LossOptions
 from hmpo_verl.hosts.verl.config import AdaptivePowerMeanLossConfig, PowerMeanLossConfig
 from hmpo_verl.maths.options import DEFAULTS
 
-BY_DESIGN = {("PowerMeanGRPOConfig", "adapt"): None}
+# verl's configs declare no power (power_mean refuses to run without one; the other loss modes take DEFAULTS' -1)
+BY_DESIGN = {("PowerMeanGRPOConfig", "adapt"): None, ("PowerMeanLossConfig", "power"): None,
+             ("AdaptivePowerMeanLossConfig", "power"): None}
 
 
 def host_configs():

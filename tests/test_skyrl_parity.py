@@ -130,6 +130,23 @@ def test_registered_by_name_through_the_entry_points_overrides():
         ppo_utils.PolicyLossRegistry.unregister(name)
 
 
+@pytest.mark.parametrize("first, last", [("gspo", "power_mean"), ("power_mean", "gspo")])
+def test_a_key_given_twice_takes_its_last_value_as_skyrl_does(first, last):
+    """SkyRL reads its overrides with OmegaConf.from_cli, where the last of a key wins: so does the adapter."""
+    from omegaconf import OmegaConf
+
+    argv = [f"trainer.algorithm.policy_loss_type={first}", "hmpo.power=2", "hmpo.power=0.5",
+            f"trainer.algorithm.policy_loss_type={last}"]
+    assert OmegaConf.from_cli(argv[:1] + argv[3:]).trainer.algorithm.policy_loss_type == last
+    if last == "gspo":  # not ours: our options are refused, naming the loss SkyRL would run
+        with pytest.raises(ValueError, match=re.escape("hmpo.power is invalid with trainer.algorithm.policy_loss_type=gspo")):
+            split_overrides(argv)
+    else:
+        options, rest = split_overrides(argv)
+        assert options == LossOptions("power_mean", power=0.5, prefix="hmpo")
+        assert rest == [argv[0], argv[3]]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["trainer.algorithm.policy_loss_type=hmpo", "hmpo.power=2"], "hmpo.power=2.0 conflicts with loss_mode='hmpo'"),
     (["trainer.algorithm.policy_loss_type=power_mean", "hmpo.clip_level=seq"],
@@ -142,10 +159,14 @@ def test_registered_by_name_through_the_entry_points_overrides():
     (["trainer.algorithm.policy_loss_type=power_mean"], "power_mean needs a power p: set hmpo.power=<p>"),
     (["trainer.algorithm.policy_loss_type=power_mean", "+hmpo.power=0.5"],
      "'+hmpo.power=0.5' is invalid; allowed: hmpo.power=<value>"),
+    (["trainer.algorithm.policy_loss_type=adaptive_power_mean", "hmpo.clip_level=sequence"],
+     "hmpo.clip_level='sequence' is invalid with adapt='ess', which adapts p to each trajectory's token clip "
+     "fraction; allowed: token"),
 ])
 def test_bad_options_are_named(argv, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
         split_overrides(argv)
+    assert "adapt='schedule'" not in str(err.value)  # refused on SkyRL: not suggested
 
 
 @pytest.mark.parametrize("low, high", [(-0.1, 0.2), (0.2, -0.5), (1.5, 0.2), (float("nan"), 0.2)])

@@ -70,6 +70,7 @@ def test_ess_needs_token_clip_with_the_same_error(tmp_path):
     verl_msg = _error(lambda: AdaptivePowerMeanLossConfig(adapt="ess", clip_level="sequence"))
     trl_msg = _error(lambda: _trl(tmp_path, adapt="ess", clip_level="sequence"))
     assert trl_msg == verl_msg.replace(LOSS_PREFIX, PREFIX)
+    assert verl_msg.endswith("allowed: token (or use adapt='schedule')")  # both hosts run adapt='schedule'
 
 
 @pytest.mark.parametrize(
@@ -84,10 +85,23 @@ def test_ess_needs_token_clip_with_the_same_error(tmp_path):
         ({"delta": 0.9}, "PowerMeanGRPOConfig.delta=0.9 is invalid; allowed: a number > 1"),
         ({"delta": 2.0, "clip_level": "sequence"}, "delta=2.0 is invalid with clip_level='sequence'"),
         ({"entropy_coef": 0.01}, "PowerMeanGRPOConfig.entropy_coef=0.01, use_adaptive_entropy=False are invalid"),
+        # TRL's compute_loss would call compute_liger_loss (plain GRPO), never the power-mean _compute_loss
+        ({"use_liger_kernel": True}, "PowerMeanGRPOConfig.use_liger_kernel=True is invalid; allowed: False"),
     ],
 )
 def test_trl_specific_errors(tmp_path, kw, match):
     assert match in _error(lambda: _trl(tmp_path, **kw))
+
+
+def test_liger_is_the_one_branch_by_which_trls_compute_loss_skips_ours():
+    """PowerMeanGRPOTrainer overrides _compute_loss; the installed TRL's compute_loss reaches it unless
+    use_liger_kernel (refused above). A new branch there would be another way around the power-mean loss."""
+    import inspect
+    import re
+
+    from trl import GRPOTrainer
+
+    assert re.findall(r"if self\.(\w+)", inspect.getsource(GRPOTrainer.compute_loss)) == ["use_liger_kernel"]
 
 
 def test_the_installed_trl_lets_verl_start_its_actor():

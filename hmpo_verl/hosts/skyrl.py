@@ -107,9 +107,10 @@ def split_overrides(argv: list[str]) -> tuple[Optional[LossOptions], list[str]]:
         if a.lstrip("+").startswith(OPTION_PREFIX) and (a.startswith("+") or "=" not in a):
             name = a.lstrip("+").split("=", 1)[0]
             raise ValueError(f"{a!r} is invalid; allowed: {name}=<value> (SkyRL's overrides take no '+')")
+    # a key given twice takes its last value, as SkyRL's own overrides do (OmegaConf.from_cli)
     ours = {a[len(OPTION_PREFIX):].split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith(OPTION_PREFIX)}
     rest = [a for a in argv if not a.startswith((OPTION_PREFIX, ENTRY_KEY))]
-    loss = next((a[len(LOSS_KEY):] for a in argv if a.startswith(LOSS_KEY)), None)
+    loss = next((a[len(LOSS_KEY):] for a in reversed(argv) if a.startswith(LOSS_KEY)), None)
     if loss not in LOSS_MODES:
         if ours:
             raise ValueError(f"hmpo.{next(iter(ours))} is invalid with {LOSS_KEY}{loss}; allowed: "

@@ -59,7 +59,8 @@ exact gradient for every normalisation. TRL's contract (`_compute_loss` of TRL 1
 Not supported (a clear error at config construction): `loss_type` cispo / sapo / vespo
 (other surrogates), `importance_sampling_level="sequence"` (the sequence ratio is the
 power mean; `clip_level` chooses where to clip), the entropy bonus (`entropy_coef`,
-`use_adaptive_entropy`), and `delta` with `clip_level="sequence"`.
+`use_adaptive_entropy`), `delta` with `clip_level="sequence"`, and `use_liger_kernel` (TRL's
+`compute_loss` then runs its Liger GRPO loss instead of `_compute_loss`).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def check_pm_options(args) -> None:
             raise ValueError(f"{PREFIX}.mean={args.mean!r} is invalid with adapt={args.adapt!r}; allowed: power")
         check_adaptive_options(
             PREFIX, args.adapt, args.p_min, args.p_max, args.sign_rule, args.ess_target_min, args.schedule,
-            args.p_start, args.p_end, args.schedule_steps, args.clip_level,
+            args.p_start, args.p_end, args.schedule_steps, args.clip_level, schedule_allowed=True,
         )
     if args.adapt == "reward":
         check_reward_adapt_options(PREFIX, args.reward_gamma, args.feedback_clip, args.feedback_clip_min,
@@ -182,6 +183,9 @@ def check_pm_options(args) -> None:
     if args.delta is not None and args.clip_level != "token":
         raise ValueError(f"{PREFIX}.delta={args.delta!r} is invalid with clip_level='sequence'; allowed: None "
                          "(delta is the token-level dual clip)")
+    if getattr(args, "use_liger_kernel", False):  # TRL's compute_loss then runs compute_liger_loss, not _compute_loss
+        raise ValueError(f"{PREFIX}.use_liger_kernel=True is invalid; allowed: False (TRL's GRPOTrainer then "
+                         "computes its own Liger GRPO loss instead of the power-mean one)")
     if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
         raise ValueError(f"{PREFIX}.entropy_coef={args.entropy_coef!r}, use_adaptive_entropy="
                          f"{args.use_adaptive_entropy!r} are invalid; allowed: 0.0, False (PowerMeanGRPOTrainer "

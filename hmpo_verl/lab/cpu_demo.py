@@ -18,14 +18,16 @@
 3. scores the exact expected test reward at verl's validation steps and step 0 from the actor
    weights verl saved there (:mod:`hmpo_verl.lab.exact_reward`; ``sync`` and ``colocate_async``),
    logged as ``val-core/<data_source>/reward/exact_mean`` beside verl's metrics;
-4. prints a summary of the reward curve (the same for the same command and seeds: the tasks' hmpo.yaml set
-   ``rollout.full_determinism``) and writes a PNG of reward, clip fraction and effective sample
+4. prints a summary of the reward curve (the same for the same command and seeds where the run's config has
+   ``rollout.full_determinism``, as the tasks' hmpo.yaml; the header says so, or that a rerun may differ) and
+   writes a PNG of reward, clip fraction and effective sample
    size against step, all from the logged metrics; when verl fails, the cause
    (:func:`failure_cause`) instead of a pointer to the log.
 
 Needs ``pip install -e . -e patches/verl_cpu`` (``bash recipes/cpu_tiny/setup_and_run.sh``
 installs what is missing and runs this). Extra arguments after ``--`` are passed
-to verl as Hydra overrides, e.g. ``python -m hmpo_verl.lab.cpu_demo --steps 5 -- actor_rollout_ref.actor.optim.lr=5e-4``.
+to verl as Hydra overrides, e.g. ``python -m hmpo_verl.lab.cpu_demo --steps 5 -- actor_rollout_ref.actor.optim.lr=5e-4``;
+overrides of what the demo sets itself are refused, naming the demo's option (:data:`DEMO_SETS`).
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ ROLLOUTS = {
     ),
 }
 DEFAULT_ROLLOUT = "hf"
+ROLLOUT_DETERMINISM = "actor_rollout_ref.rollout.full_determinism"
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache (unset, vLLM takes gpu_memory_utilization x RAM)
 
 
@@ -122,45 +125,110 @@ def check_cpu_backend_installed() -> None:
         )
 
 
+def composed(config_dir: Path, config_name: str, overrides: list[str]):
+    """The recipe with ``overrides``, composed by Hydra as verl's entry point composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def composed_or_exit(config_dir: Path, config_name: str, overrides: list[str]):
+    """:func:`composed`, or exit with Hydra's message (as verl's entry point would stop, before Ray starts)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return composed(config_dir, config_name, overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        sys.exit(f"hmpo_verl.lab.cpu_demo: verl's config does not compose with these overrides: {err}")
+
+
 def prompts_per_sync(config_dir: Path, config_name: str, overrides: list[str]) -> int:
     """Prompts the fully-async trainer consumes per weight sync (one logged step):
     ``ppo_mini_batch_size * require_batches * trigger_parameter_sync_step`` of the composed recipe."""
-    from hydra import compose, initialize_config_dir
-
     from hmpo_verl.inflight import prompts_per_sync as of_config
 
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        return of_config(compose(config_name=config_name, overrides=list(overrides)))
+    return of_config(composed(config_dir, config_name, overrides))
+
+
+def is_reproducible(config) -> bool:
+    """The same command and seeds give the same run: the tasks' hmpo.yaml set rollout.full_determinism (README,
+    "Every newcomer gets the same curve"); the off-policy recipes and ``--rollout vllm`` set it false."""
+    from omegaconf import OmegaConf
+
+    return bool(OmegaConf.select(config, ROLLOUT_DETERMINISM))
+
+
+def resume_step(config, checkpoint_dir: Path) -> Optional[int]:
+    """The step verl's trainer will resume from, read before it starts (as its ``_load_checkpoint``):
+    ``trainer.resume_mode=auto`` the latest checkpoint in ``checkpoint_dir``, ``resume_path``
+    ``trainer.resume_from_path``; None for a run from scratch."""
+    from hmpo_verl.checkpoints import read_tracker
+
+    mode = config.trainer.resume_mode
+    if mode == "resume_path":
+        found = re.search(r"global_step_(\d+)", str(config.trainer.resume_from_path))
+        return int(found.group(1)) if found else None
+    step = read_tracker(checkpoint_dir) if mode == "auto" else None
+    return step if step is not None and (checkpoint_dir / f"global_step_{step}").is_dir() else None
+
+
+# verl settings the demo sets from its own options (trainer_command, TRAINERS, ROLLOUTS) and then reports as set
+# (the step lines, the plot's title, the exact reward of the task's model and test prompts): how to change each
+ASSETS_WAY = "--task {task} (or --assets <a folder built by: python -m hmpo_verl.lab.cpu_demo --prepare-only --assets <folder>>)"
+DEMO_SETS = {
+    "actor_rollout_ref.actor.policy_loss.loss_mode": "--loss-mode {value}",
+    "trainer.total_training_steps": "--steps {value}",
+    "rollout.total_rollout_steps": "--steps <training steps> (fully_async: the demo sets it to steps x prompts per sync)",
+    "actor_rollout_ref.model.path": ASSETS_WAY,
+    "data.train_files": ASSETS_WAY,
+    "data.val_files": ASSETS_WAY,
+    "trainer.default_local_dir": "--run-dir <folder> (the checkpoints go to <folder>/checkpoints)",
+    "trainer.v1.trainer_mode": f"--trainer <one of {', '.join(TRAINERS)}>",
+    "actor_rollout_ref.rollout.name": f"--rollout <one of {', '.join(ROLLOUTS)}>",
+}
+
+
+def check_overrides(overrides: list[str], task: str) -> None:
+    """Exit naming the demo option to use when a Hydra override sets what the demo sets itself (:data:`DEMO_SETS`)."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in DEMO_SETS:
+            way = DEMO_SETS[key].format(value=value, task=task)
+            sys.exit(f"hmpo_verl.lab.cpu_demo: the override {override!r} is refused: the demo sets {key} itself and "
+                     f"reports what it set; use {way} instead")
 
 
 def trainer_command(task: Task, assets, run_dir: Path, steps: int, loss_mode: str, overrides: list[str],
                     trainer: str = DEFAULT_TRAINER, rollout: str = DEFAULT_ROLLOUT) -> list[str]:
-    """verl's ``trainer`` (:data:`TRAINERS`) with the task's recipe for it and this run's paths.
+    """verl's ``trainer`` (:data:`TRAINERS`) with the task's recipe for it and :func:`trainer_overrides`."""
+    spec = TRAINERS[trainer]
+    config_dir, config_name = spec.recipe(task)
+    return [sys.executable, "-m", spec.module, "--config-path", str(config_dir), "--config-name", config_name,
+            *trainer_overrides(task, assets, run_dir, steps, loss_mode, overrides, trainer, rollout)]
+
+
+def trainer_overrides(task: Task, assets, run_dir: Path, steps: int, loss_mode: str, overrides: list[str],
+                      trainer: str = DEFAULT_TRAINER, rollout: str = DEFAULT_ROLLOUT) -> list[str]:
+    """The Hydra overrides of :func:`trainer_command`: this run's paths, loss and length, the trainer's and the
+    rollout's settings, then the user's ``overrides``.
 
     ``steps`` are training steps; for ``fully_async`` (which counts prompts to generate) they
     become ``rollout.total_rollout_steps = steps * prompts_per_sync``.
     """
-    spec = TRAINERS[trainer]
-    config_dir, config_name = spec.recipe(task)
     if trainer == "fully_async":
-        length = f"rollout.total_rollout_steps={steps * prompts_per_sync(config_dir, config_name, overrides)}"
+        length = f"rollout.total_rollout_steps={steps * prompts_per_sync(*TRAINERS[trainer].recipe(task), overrides)}"
     else:
         length = f"trainer.total_training_steps={steps}"
     return [
-        sys.executable,
-        "-m",
-        spec.module,
-        "--config-path",
-        str(config_dir),
-        "--config-name",
-        config_name,
         f"data.train_files={assets.train_parquet}",
         f"data.val_files={assets.test_parquet}",
         f"actor_rollout_ref.model.path={assets.model}",
         f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
         length,
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
-        *spec.overrides,
+        *TRAINERS[trainer].overrides,
         *ROLLOUTS[rollout],
         *overrides,
     ]
@@ -170,6 +238,10 @@ def demo_overrides(trainer: str, overrides: list[str]) -> list[str]:
     """The user's Hydra overrides, after those the demo adds for the exact test reward (``trainer`` with
     ``exact_eval``: HF weights saved at the validation steps); the user's come last, so they win."""
     return [*(exact_reward.trainer_overrides() if TRAINERS[trainer].exact_eval else ()), *overrides]
+
+
+# what a run writes in its run folder (trainer_env, run_trainer, main), deleted before the next run there; not checkpoints
+RUN_OUTPUTS = ("metrics.jsonl", "rollout_trace.jsonl", "train.log", "reward_curve.png", "summary.json")
 
 
 def trainer_env(run_dir: Path, rollout: str = DEFAULT_ROLLOUT) -> dict[str, str]:
@@ -386,7 +458,9 @@ def lag_summary(records: list[dict]) -> dict:
     out = {"lag_mean": _mean(lags), "lag_max": max(series(records, "training/lag/max")[1])}
     for bucket in BUCKETS:
         out[f"lag_share_{bucket}"] = _mean(series(records, f"training/lag/share_{bucket}")[1])
-    out["log_ah_gap_mean"] = _mean(series(records, GAP)[1])
+    gap = _mean(series(records, GAP)[1])  # None: the loss logs no actor/pm/* (verl's own losses)
+    if gap is not None:
+        out["log_ah_gap_mean"] = gap
     for bucket in BUCKETS:
         gap = _mean(series(records, f"actor/pm/lag{bucket}/log_ah_gap")[1])
         if gap is not None:
@@ -439,7 +513,9 @@ def _extra_series(records: list[dict], extra: Optional[str]) -> list[str]:
     return [k for k in keys if k and series(records, k)[0]]
 
 
-def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
+def print_summary(summary: dict, timings: dict, png: Path, log=print, reproducible: bool = False) -> None:
+    """``reproducible``: the run's config has ``rollout.full_determinism`` (:func:`is_reproducible`), so the
+    same command and seeds give the same metrics; else the header says a rerun may differ."""
     if not summary:
         log("no training steps were logged")
         return
@@ -447,7 +523,11 @@ def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
     end_key = next(k for k in summary if k.startswith("reward_end_mean"))
     window = start_key.removeprefix("reward_start_mean")
     log("")
-    log("=== reward curve summary (verl's logged metrics; the same for the same command and seeds) ===")
+    if reproducible:
+        log("=== reward curve summary (verl's logged metrics; the same for the same command and seeds) ===")
+    else:
+        log(f"=== reward curve summary (verl's logged metrics; {ROLLOUT_DETERMINISM}=false: the rollout depends on "
+            "timing and batching, so a rerun of the same command may differ) ===")
     log(f"steps                      {summary['steps']}")
     log(f"reward, first step         {summary['reward_first']:.3f}")
     log(f"reward, last step          {summary['reward_last']:.3f}")
@@ -467,7 +547,10 @@ def print_summary(summary: dict, timings: dict, png: Path, log=print) -> None:
         log(f"sample lag (mean, max)     {summary['lag_mean']:.2f}, {summary['lag_max']:.0f}   share by lag {shares}")
         gaps = ", ".join(f"lag {b}: {summary[f'log_ah_gap_lag{b}_mean']:.4f}" for b in BUCKETS
                          if f"log_ah_gap_lag{b}_mean" in summary)
-        log(f"log A - log H (mean)       {summary['log_ah_gap_mean']:.4f}   {gaps}")
+        if "log_ah_gap_mean" in summary:
+            log(f"log A - log H (mean)       {summary['log_ah_gap_mean']:.4f}   {gaps}")
+        else:
+            log(f"log A - log H (mean)       not logged ({GAP}: logged by the power-mean losses, not by this one)")
     log("=== time and files (these differ from run to run) ===")
     if summary.get("seconds_per_step_mean"):
         log(f"seconds per step (mean)    {summary['seconds_per_step_mean']:.1f}")
@@ -511,6 +594,7 @@ def say(*args, **kwargs) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_overrides(args.overrides, args.task)
     task = get_task(args.task)
     steps = args.steps if args.steps is not None else task.demo_steps
     t0 = time.time()
@@ -523,10 +607,13 @@ def main(argv=None) -> int:
 
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "rollout_trace.jsonl"):
+    for stale in RUN_OUTPUTS:  # an earlier run's, which a failed run would leave beside its own log
         (run_dir / stale).unlink(missing_ok=True)
     overrides = demo_overrides(args.trainer, args.overrides)
-    cmd = trainer_command(task, assets, run_dir, steps, args.loss_mode, overrides, args.trainer, args.rollout)
+    run = (task, assets, run_dir, steps, args.loss_mode, overrides, args.trainer, args.rollout)
+    cmd = trainer_command(*run)
+    config = composed_or_exit(*TRAINERS[args.trainer].recipe(task), trainer_overrides(*run))  # what verl will run
+    resumed_from = resume_step(config, run_dir / "checkpoints")
     say("running verl's trainer on CPU (full log: %s):\n  VERL_PLATFORM=cpu %s" % (run_dir / "train.log", " ".join(cmd[1:])))
     started = time.time()
     code, timings = run_trainer(cmd, trainer_env(run_dir, args.rollout), run_dir, steps, log=say)
@@ -542,27 +629,29 @@ def main(argv=None) -> int:
 
     records = merge_steps(read_metrics(run_dir / "metrics.jsonl"))
     if TRAINERS[args.trainer].exact_eval:
-        records = log_exact_rewards(task, assets, run_dir, records, started, log=say)
+        records = log_exact_rewards(task, assets, run_dir, records, started, log=say, resumed_from=resumed_from)
     summary = summarize(records)
     png = run_dir / "reward_curve.png"
     plot(records, png, f"{args.loss_mode} on CPU, {task.name} task, {args.trainer} trainer, {args.rollout} rollout "
                        f"(verl {_verl_version()})")
     (run_dir / "summary.json").write_text(json.dumps({**summary, **timings}, indent=2))
-    print_summary(summary, timings, png, log=say)
+    print_summary(summary, timings, png, log=say, reproducible=is_reproducible(config))
     return 0
 
 
-def log_exact_rewards(task: Task, assets, run_dir: Path, records: list[dict], started: float, log=print) -> list[dict]:
-    """Score the run's validation steps exactly (:func:`hmpo_verl.lab.exact_reward.exact_rewards`), add the
-    values to ``metrics.jsonl`` under ``val-core/<data_source>/reward/exact_mean`` and return the records
-    read back; a step that cannot be scored is named with the reason."""
+def log_exact_rewards(task: Task, assets, run_dir: Path, records: list[dict], started: float, log=print,
+                      resumed_from: Optional[int] = None) -> list[dict]:
+    """Score the run's validation steps exactly (:func:`hmpo_verl.lab.exact_reward.exact_rewards`; ``resumed_from``:
+    :func:`resume_step`), add the values to ``metrics.jsonl`` under ``val-core/<data_source>/reward/exact_mean``
+    and return the records read back; a step that cannot be scored is named with the reason."""
     steps = [r["step"] for r in records if val_key(r["data"]) is not None]
     if not steps:
         log("no validation steps: the exact test reward is computed at verl's validation steps "
             "(trainer.val_before_train, trainer.test_freq)")
         return records
     log(f"scoring the exact expected test reward at validation steps {steps} (one teacher-forced pass each)")
-    key, values, notes = exact_reward.exact_rewards(task.name, assets.root, run_dir / "checkpoints", steps, started)
+    key, values, notes = exact_reward.exact_rewards(task.name, assets.root, run_dir / "checkpoints", steps, started,
+                                                    resumed_from)
     for note in notes:
         log(f"  exact test reward not computed at {note}")
     exact_reward.append_records(run_dir / "metrics.jsonl", key, values)

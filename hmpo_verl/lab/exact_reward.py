@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 EXACT_INFIX = "/reward/exact_mean"  # val-core/<data_source>/reward/exact_mean, beside verl's .../acc/mean@<n>
 
@@ -41,15 +42,15 @@ def saved_weights(checkpoint_dir: Path, step: int) -> Path:
 
 
 def exact_rewards(task_name: str, assets_dir: Path, checkpoint_dir: Path, steps: list[int],
-                  saved_since: float = 0.0) -> tuple[str, dict[int, float], list[str]]:
+                  saved_since: float = 0.0, resumed_from: Optional[int] = None) -> tuple[str, dict[int, float], list[str]]:
     """(metric name, {step: exact expected reward on the task's test prompts}, notes) for the
     validation ``steps`` of a run: step 0 from the initial model in ``assets_dir``, each other step
     from the HF weights verl saved under ``checkpoint_dir``.
 
     Weights must have been written at or after ``saved_since`` (the run's start), so a folder left by
-    an earlier run in the same place is never scored as this run's; the first step of a resumed run
-    (its first validation step is not 0) is the checkpoint it resumed from, older by design. A step
-    without such weights gets a note saying why instead of a value.
+    an earlier run in the same place is never scored as this run's; but for step ``resumed_from``, the
+    checkpoint a resumed run started from (read before the run: ``cpu_demo.resume_step``), older by
+    design. A step without such weights gets a note saying why instead of a value.
     """
     from hmpo_verl.lab.lean import expected_reward, load_model, load_task
 
@@ -60,9 +61,9 @@ def exact_rewards(task_name: str, assets_dir: Path, checkpoint_dir: Path, steps:
         if not (path / "config.json").is_file():
             notes.append(f"step {step}: no saved HF weights in {path} (verl saves them at trainer.save_freq, with "
                          "actor_rollout_ref.actor.checkpoint.save_contents containing hf_model)")
-        elif step > 0 and step != min(steps) and (path / "config.json").stat().st_mtime < saved_since:
-            notes.append(f"step {step}: the weights in {path} are older than this run (trainer.save_freq other "
-                         "than trainer.test_freq?)")
+        elif step > 0 and step != resumed_from and (path / "config.json").stat().st_mtime < saved_since:
+            notes.append(f"step {step}: the weights in {path} are an earlier run's, older than this run "
+                         "(trainer.save_freq other than trainer.test_freq?)")
         else:
             values[step] = expected_reward(load_model(str(path)), task, task.test)
     return exact_key(task.data_source), values, notes

@@ -131,8 +131,11 @@ def check_adaptive_options(
     p_end: Any,
     schedule_steps: Any,
     clip_level: Any,
+    schedule_allowed: bool = False,
 ) -> None:
-    """Options of adaptive p (ESS matching per trajectory, or a schedule over optimizer steps)."""
+    """Options of adaptive p (ESS matching per trajectory, or a schedule over optimizer steps).
+    `schedule_allowed`: the host runs adapt='schedule' (verl, TRL; not OpenRLHF, SkyRL), which the
+    message of adapt='ess' at sequence level then suggests."""
     check_choice(prefix, "adapt", adapt, ADAPT_RULES)
     check_real(prefix, "p_min", p_min, low=-ESS_BOUND_MAX, high=0.0, what=f"a number in [{-ESS_BOUND_MAX:g}, 0]")
     check_real(prefix, "p_max", p_max, low=0.0, high=ESS_BOUND_MAX, what=f"a number in [0, {ESS_BOUND_MAX:g}]")
@@ -147,7 +150,7 @@ def check_adaptive_options(
     if adapt == "ess" and clip_level != "token":
         raise ValueError(
             f"{prefix}.clip_level={clip_level!r} is invalid with adapt='ess', which adapts p to each "
-            "trajectory's token clip fraction; allowed: token (or use adapt='schedule')"
+            "trajectory's token clip fraction; allowed: token" + (" (or use adapt='schedule')" if schedule_allowed else "")
         )
 
 

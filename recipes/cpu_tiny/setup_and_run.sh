@@ -26,6 +26,10 @@ set -euo pipefail
 
 REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
+# relative paths name files from the caller's folder, and the script runs from $REPO at the end: make them absolute
+# (a PYTHON without a slash is a command, looked up on PATH)
+if [[ $PYTHON == */* && $PYTHON != /* ]]; then PYTHON="$PWD/$PYTHON"; fi
+if [[ -n ${VLLM_VENV:-} && $VLLM_VENV != /* ]]; then VLLM_VENV="$PWD/$VLLM_VENV"; fi
 TORCH_VERSION=2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 

