@@ -197,3 +197,25 @@ def test_an_interrupted_vllm_install_reports_the_cuda_wheels_left(monkeypatch):
     installed.update(torch="2.13.0+cpu", torchvision="0.28.0+cpu")
     del installed["triton"]
     assert verl_cpu.installed_problem() is None
+
+
+@pytest.mark.parametrize("steps", ["0", "-3", "two"])
+def test_a_run_of_no_steps_is_refused_by_both_demos(steps, capsys):
+    """verl's trainer would start and train nothing (its loop runs while global_steps <= total_training_steps);
+    TRL reads max_steps <= 0 as "train by epochs"."""
+    from hmpo_verl.lab import trl_demo
+
+    with pytest.raises(SystemExit):
+        cpu_demo.parse_args(["--steps", steps])
+    with pytest.raises(SystemExit):
+        trl_demo.main(["--steps", steps])
+    assert capsys.readouterr().err.count(f"argument --steps: {steps!r} is invalid; allowed: a whole number >= 1") == 2
+    assert cpu_demo.parse_args(["--steps", "1"]).steps == 1
+
+
+def test_an_override_that_does_not_compose_stops_the_fully_async_demo_with_hydras_message():
+    """fully_async composes its recipe first, to turn --steps into prompts (prompts_per_sync)."""
+    recipe = cpu_demo.TRAINERS["fully_async"].recipe(get_task("fibonacci"))
+    with pytest.raises(SystemExit, match="verl's config does not compose with these overrides: .*no_such_key"):
+        cpu_demo.prompts_per_sync(*recipe, ["trainer.no_such_key=1"])
+    assert cpu_demo.prompts_per_sync(*recipe, []) > 0

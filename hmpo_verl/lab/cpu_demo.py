@@ -45,7 +45,7 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Optional
 
-from hmpo_verl.lab import exact_reward
+from hmpo_verl.lab import exact_reward, positive_int
 from hmpo_verl.lab.tasks import REPO_ROOT, TASKS, Task, get_task
 
 DEFAULT_TASK = "fibonacci"
@@ -149,7 +149,7 @@ def prompts_per_sync(config_dir: Path, config_name: str, overrides: list[str]) -
     ``ppo_mini_batch_size * require_batches * trigger_parameter_sync_step`` of the composed recipe."""
     from hmpo_verl.inflight import prompts_per_sync as of_config
 
-    return of_config(composed(config_dir, config_name, overrides))
+    return of_config(composed_or_exit(config_dir, config_name, overrides))
 
 
 def is_reproducible(config) -> bool:
@@ -580,7 +580,7 @@ def parse_args(argv=None):
                              "on vLLM's CPU build, installed by setup_and_run.sh --vllm)")
     parser.add_argument("--assets", default=None, help="task asset dir (default: the task's folder under outputs/)")
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "outputs" / "cpu_demo"), help="logs, metrics, plot")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the task's, 40)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the task's, 40)")
     parser.add_argument("--loss-mode", default="hmpo", help="policy loss (default hmpo)")
     parser.add_argument("--prepare-only", action="store_true", help="only build the task's assets")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for verl, after --")

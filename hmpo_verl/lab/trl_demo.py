@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from hmpo_verl.lab import positive_int
 from hmpo_verl.lab.tasks import TASKS, get_task
 from hmpo_verl.lab.tasks import rewards as task_rewards
 from hmpo_verl.lab.tasks.common import TaskPaths
@@ -67,7 +68,7 @@ def build_trainer(paths: TaskPaths, output_dir: str | os.PathLike, max_steps: in
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=16)
     parser.add_argument("--batch", type=int, default=32, help="completions per optimizer step")
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt (GRPO group)")
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -54,6 +54,49 @@ def check_options(config) -> None:
 SCHEDULE_STEPS = "actor_rollout_ref.actor.policy_loss.schedule_steps"
 
 
+MINI_BATCH = "actor_rollout_ref.actor.ppo_mini_batch_size"
+
+
+def _setting(config, key: str, default=None):
+    """``key`` of the composed config; ``default`` where it is absent or null."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(config, key, default=default)
+    return default if value is None else value
+
+
+def v1_parameter_sync_step(config) -> int:
+    """The updates per training step of verl 0.9.1's V1 trainer: ``trainer.v1.<trainer_mode>.parameter_sync_step``,
+    1 where the mode's section has none (``PPOTrainer.__init__``) or without V1 (``trainer.use_v1=false``)."""
+    if not _setting(config, "trainer.use_v1", True):
+        return 1
+    return _setting(config, f"trainer.v1.{_setting(config, 'trainer.v1.trainer_mode', 'sync')}.parameter_sync_step", 1)
+
+
+def check_v1_batch(config) -> None:
+    """Refuse before Ray what verl's V1 trainers assert after it starts: ``data.train_batch_size`` a multiple of
+    ``parameter_sync_step`` (``PPOTrainer.step`` splits each step's prompts into that many updates) and, in
+    ``separate_async``, equal to ``parameter_sync_step`` x ``ppo_mini_batch_size`` (``PPOTrainerSeparateAsync``)."""
+    sync_step = v1_parameter_sync_step(config)
+    mode = _setting(config, "trainer.v1.trainer_mode", "sync")
+    batch, mini = _setting(config, "data.train_batch_size"), _setting(config, MINI_BATCH)
+    if sync_step == 1 or batch is None:
+        return
+    key = f"trainer.v1.{mode}.parameter_sync_step"
+    if batch % sync_step:
+        raise ValueError(
+            f"data.train_batch_size={batch} is not a multiple of {key}={sync_step}: verl's V1 trainer splits each "
+            f"step's prompts into {sync_step} updates (its PPOTrainer.step asserts it once Ray has started). Set "
+            f"data.train_batch_size to a multiple of {sync_step}, or {key} to a divisor of {batch}")
+    if mode == "separate_async" and mini is not None and batch != sync_step * mini:
+        fix = f" or {key}={batch // mini}" if batch % mini == 0 else ""
+        raise ValueError(
+            f"data.train_batch_size={batch} must equal {key}={sync_step} x actor_rollout_ref.actor."
+            f"ppo_mini_batch_size={mini} in separate_async (one mini-batch per update: verl's "
+            f"PPOTrainerSeparateAsync asserts it once Ray has started). Set data.train_batch_size={sync_step * mini}"
+            f"{fix}")
+
+
 def optimizer_steps_per_training_step(config) -> tuple[int, str]:
     """The policy optimizer steps one training step of verl makes, and how they were counted.
 
@@ -64,17 +107,9 @@ def optimizer_steps_per_training_step(config) -> tuple[int, str]:
     ``ppo_mini_batch_size`` x ``rollout.n`` (so ``rollout.n`` cancels; a partial mini-batch is padded to a
     whole one by ``upsample_batch_to_divisible_size``), one optimizer step each.
     """
-    from omegaconf import OmegaConf
-
-    def get(key, default=None):
-        value = OmegaConf.select(config, key, default=default)
-        return default if value is None else value
-
-    sync_step = 1
-    if get("trainer.use_v1", True):
-        sync_step = get(f"trainer.v1.{get('trainer.v1.trainer_mode', 'sync')}.parameter_sync_step", 1)
-    batch, mini = get("data.train_batch_size"), get("actor_rollout_ref.actor.ppo_mini_batch_size")
-    epochs = get("actor_rollout_ref.actor.ppo_epochs", 1)
+    sync_step = v1_parameter_sync_step(config)
+    batch, mini = _setting(config, "data.train_batch_size"), _setting(config, MINI_BATCH)
+    epochs = _setting(config, "actor_rollout_ref.actor.ppo_epochs", 1)
     per_step = sync_step * -(-(batch // sync_step) // mini) * epochs
     how = (f"parameter_sync_step {sync_step} x ceil(data.train_batch_size {batch} / {sync_step} / "
            f"actor_rollout_ref.actor.ppo_mini_batch_size {mini}) x ppo_epochs {epochs}")
@@ -307,21 +342,23 @@ def warn_stale_as_fresh(config) -> None:
 
 def driver_checks(config) -> None:
     """Everything the driver checks before Ray starts (idempotent): the verl symbols the trainer's guards wrap
-    (`check_verl_symbols`), our options and the rollout correction (`check_options`), TRL beside verl, the
-    checkpoint directory, the checkpoint a resume will use -- a resume_mode / resume_from_path verl reads alike
-    everywhere, complete, saved by the same trainer mode and with the same settings (`hmpo_verl.guards.run_settings`),
-    every refusal before the guard rewrites a tracker (`hmpo_verl.guards.checkpoints.guard_resume`) -- and, for
-    fully-async, the prompts in flight at that checkpoint that the resume will not train
-    (`hmpo_verl.guards.inflight`); last, the warning for a V1 async mode that trains stale samples as fresh
-    (`warn_stale_as_fresh`, once per launch). Run by verl's `validate_config` and by
-    our wrapper of `run_ppo`, the driver function of every entry point (`main_ppo`, one-step-off, fully-async); under
-    `python -m verl.trainer.main_ppo` only `validate_config` is ours (`__main__` holds its own `run_ppo`)."""
+    (`check_verl_symbols`), our options and the rollout correction (`check_options`), the V1 batch split
+    (`check_v1_batch`), TRL beside verl, the checkpoint directory, the checkpoint a resume will use -- a
+    resume_mode / resume_from_path verl reads alike everywhere, complete, saved by the same trainer mode and
+    with the same settings (`hmpo_verl.guards.run_settings`), every refusal before the guard rewrites a
+    tracker (`hmpo_verl.guards.checkpoints.guard_resume`) -- and, for fully-async, the prompts in flight at
+    that checkpoint that the resume will not train (`hmpo_verl.guards.inflight`); last, the warning for a V1
+    async mode that trains stale samples as fresh (`warn_stale_as_fresh`, once per launch). Run by verl's
+    `validate_config` and by our wrapper of `run_ppo`, the driver function of every entry point (`main_ppo`,
+    one-step-off, fully-async); under `python -m verl.trainer.main_ppo` only `validate_config` is ours
+    (`__main__` holds its own `run_ppo`)."""
     from hmpo_verl.guards.checkpoints import check_checkpoint_directory, guard_resume, resume_step_dir
     from hmpo_verl.guards.inflight import warn_fully_async_resume
     from hmpo_verl.guards.run_settings import stamp_run_settings
 
     check_verl_symbols(config)  # first: the checks below use verl
     check_options(config)
+    check_v1_batch(config)
     check_trl_beside_verl()
     check_checkpoint_directory(config)
     guard_resume(config)  # runs run_settings.check_resume_settings on the checkpoint it lets verl resume
