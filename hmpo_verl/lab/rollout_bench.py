@@ -50,20 +50,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def compose_config(task, overrides: list[str]):
     """The task's recipe with its assets (built if missing), resolved like verl's Hydra main builds it."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from hmpo_verl.lab.cpu_demo import composed
+
     assets = task.prepare_assets(log=None)
-    with initialize_config_dir(config_dir=str(task.recipe_dir), version_base=None):
-        config = compose(
-            config_name=task.recipe_name,
-            overrides=[
-                f"actor_rollout_ref.model.path={assets.model}",
-                f"data.train_files={assets.train_parquet}",
-                f"data.val_files={assets.test_parquet}",
-                *overrides,
-            ],
-        )
+    config = composed(task.recipe_dir, task.recipe_name, [
+        f"actor_rollout_ref.model.path={assets.model}",
+        f"data.train_files={assets.train_parquet}",
+        f"data.val_files={assets.test_parquet}",
+        *overrides,
+    ])
     OmegaConf.resolve(config)
     return config
 
