@@ -78,7 +78,7 @@ def installed_problem() -> Optional[str]:
     import sys
     from importlib.metadata import distributions
 
-    from hmpo_verl.lab.install_check import TORCH_FAMILY, cuda_wheels
+    from hmpo_verl.lab.install_check import TORCH_FAMILY, TORCH_INDEX, cuda_wheels
 
     versions = {d.metadata["Name"]: d.version for d in distributions()}
     cuda = [w for w in cuda_wheels(versions) if w.split("==")[0].lower() in (*TORCH_FAMILY, "triton")]
@@ -86,7 +86,7 @@ def installed_problem() -> Optional[str]:
     if cuda_torch:
         base = cuda_torch[0].split("==")[1].split("+")[0]
         return (f"{cuda_torch[0]} is installed, not torch's CPU build, beside vLLM's CPU build: {sys.executable} -m pip install "
-                f"'torch=={base}+cpu' --index-url https://download.pytorch.org/whl/cpu")
+                f"'torch=={base}+cpu' --index-url {TORCH_INDEX}")
     if cuda:
         return (f"{', '.join(cuda)}: CUDA builds beside vLLM's CPU build (vLLM's CPU text rollout imports none of them; "
                 f"torchvision's breaks imports beside CPU torch): {sys.executable} -m pip uninstall -y "
