@@ -3,6 +3,8 @@ from synthetic run records in run.py's format (no trainer run, no model built: t
 and the task loader raise if called)."""
 
 import json
+import random
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -681,3 +683,77 @@ def test_the_out_lock_is_reentrant_and_held_across_v4s_stages(tmp_path, monkeypa
     monkeypatch.setattr(v4, "stages", stages)
     assert cli.main(["--v4", "--out", str(out), "--docs", str(tmp_path / "r.md")]) == 0
     assert seen == [True, True] and out.resolve() not in run._LOCKED
+
+
+def test_restore_resumes_on_a_new_machine_from_the_committed_data_and_checks_it(study, capsys, monkeypatch, tmp_path):
+    """A finished study's data (runs.csv, steps.csv.gz) restores its records into an empty --out: one run per phase
+    and regime runs to check the data, no other run runs, and the report is the same; data this code does not
+    reproduce, or made for another run length, stops loud before any record is written."""
+    def value(r):  # every run's outcome, a function of the run alone (what a deterministic run gives)
+        noise = random.Random(f"{r.method} {r.warm_start} {r.seed}").random() / 20
+        return dict(heldout=0.5 + noise - 0.03 * (r.method == "hmpo"), train=(0.6 if r.lr == 3e-4 else 0.5) + noise)
+
+    def fake_run_all(runs, task, assets, steps, base, out, parallel, label):
+        for r in runs:
+            if not run.is_done(r, out, task, steps, base):
+                ran.append(r)
+                study.record(r, steps, **value(r))
+
+    def fake_execute(r, task, assets, steps, base, out, queue, moe):  # the run's record in ``out``, as run.execute
+        executed.append(r)
+        study.record(r, steps, **value(r))  # (written in the first study's folder: copied)
+        r.path(Path(out)).parent.mkdir(parents=True, exist_ok=True)
+        r.path(Path(out)).write_bytes(r.path(study.out).read_bytes())
+
+    ran, executed = [], []
+    monkeypatch.setattr(run, "run_all", fake_run_all)
+    monkeypatch.setattr(run, "execute", fake_execute)
+    monkeypatch.setattr(run, "warm_start_model", lambda task, assets, kind, k, log=None: None)
+    monkeypatch.setattr(lean, "load_task", lambda *a, **k: None)
+    study.ws(0), study.ws(1)
+    common = ["--assets", str(study.assets), "--docs", str(study.docs)]
+    assert cli.main(["--v4", "--out", str(study.out), *common]) == 0
+    first, data = study.docs.read_text(), study.docs.parent / "study_v4_data"
+    kept = tmp_path / "kept_data"
+    kept.mkdir()
+    for name in ("runs.csv", "steps.csv.gz"):
+        (kept / name).write_bytes((data / name).read_bytes())
+
+    fresh = tmp_path / "fresh"  # the new machine: no run files
+    ran.clear()
+    assert cli.main(["--v4", "--out", str(fresh), "--restore", str(kept), *common]) == 0
+    assert ran == [] and sorted((r.phase, r.regime) for r in executed) == [("eval", REGIME), ("pilot", REGIME),
+                                                                         ("tune", REGIME)]
+    restored = json.loads(Run("eval", REGIME, "hmpo", 3e-4, 1, 1).path(fresh).read_text())
+    assert restored["restored"]["from"] == str(kept) and len(restored["metrics"]) == T
+    strip = lambda text: "\n".join(line for line in text.splitlines() if "Command:" not in line)  # noqa: E731
+    assert strip(study.docs.read_text()) == strip(first)
+    written = re.findall(r"--restore: (\d+) records written from .* \((\d+) run and checked\)", capsys.readouterr().out)
+    assert written == [("1", "1"), ("23", "1"), ("11", "1")]  # pilot, tuning, evaluation: 38 runs, 3 of them run here
+
+    import pandas as pd
+    rows = pd.read_csv(kept / "runs.csv")
+    rows.loc[(rows.phase == "tune") & (rows.method == "vanilla"), "final_train"] += 0.001  # another commit's numbers
+    rows.to_csv(kept / "runs.csv", index=False)
+    other = tmp_path / "other"
+    with pytest.raises(SystemExit, match=r"--restore .*kept_data: runs/tune/async_4/vanilla/lr0.0001/seed1001.json ran "
+                                         r"here with final_train '0\.5\d+', the data holds '0\.5\d+': the data is not"):
+        cli.main(["--v4", "--out", str(other), "--restore", str(kept), *common])
+    tuning = list((other / "runs" / "tune").rglob("*.json"))  # the checked run's own record only: nothing restored
+    assert len(tuning) == 1 and "restored" not in json.loads(tuning[0].read_text())
+
+    steps = pd.read_csv(kept / "steps.csv.gz")
+    steps[steps.step <= PLAN.pilot_steps - 1].to_csv(kept / "steps.csv.gz", index=False)  # a shorter pilot's data
+    with pytest.raises(SystemExit, match=r"has 19 steps, this plan runs 20: the data is from another plan"):
+        cli.main(["--v4", "--out", str(tmp_path / "third"), "--restore", str(kept), *common])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--restore", "d"], "--restore without --v4 is invalid"),
+    (["--v4", "--report-only", "--restore", "d"], "--v4 --restore with --report-only is invalid"),
+    (["--v4", "--preregister", "--restore", "d"], "--v4 --preregister with --restore is invalid"),
+])
+def test_restore_is_refused_where_it_would_be_ignored_or_could_not_check(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert message in capsys.readouterr().err

@@ -23,7 +23,10 @@ def _mean(values) -> float:
 
 def run_summary(record: dict) -> dict:
     """One run's outcomes: held-out and training-prompt final reward (mean of the last ``FINAL_WINDOW``
-    evaluations), AUC, collapse (on the held-out curve), and the step means of its measured log-ratios."""
+    evaluations), AUC, collapse (on the held-out curve), and the step means of its measured log-ratios; a record
+    restored from a report's data (run.restore) holds its summary, returned as it is."""
+    if "restored" in record:
+        return dict(record["restored"]["summary"])
     run, metrics = record["run"], record["metrics"]
     non_finite = any(m["non_finite"] for m in metrics)
     held = stats.run_outcomes([m["eval_heldout"] for m in metrics], record["first_eval"]["eval_heldout"], non_finite)

@@ -39,6 +39,11 @@ def parse_args(argv=None):
                         help="the study's fourth version (plan_v4.py, v4.py): prints its estimate, then runs it "
                              "(resumable; with --quick a smoke run of every stage); with --preregister: write its "
                              "pre-registration to docs/study_v4_plan.md and stop")
+    parser.add_argument("--restore", default=None, metavar="DATA_DIR",
+                        help="with --v4: before a stage runs, write the record of each of its runs that has no file in "
+                             "--out from a report's committed data (docs/study_data: runs.csv, steps.csv.gz), after "
+                             "running the first of each phase and regime here and checking it gives the data's figures "
+                             "(a new machine resumes the study without running its finished runs again)")
     parser.add_argument("--regimes", nargs="+", choices=list(lean.REGIMES_BY_NAME), default=None)
     parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
     parser.add_argument("--eval-seeds", type=int, default=plan.EVAL_SEEDS, help=f"evaluation seeds 1..n (default {plan.EVAL_SEEDS})")
@@ -67,13 +72,19 @@ def parse_args(argv=None):
         named = _named(parser, argv)
         given = [flag(n) for n in V3_ONLY if n in named]
         if args.preregister:
-            given += [flag(n) for n in ("quick", "report_only", "readme", "out", "assets", "docs", "parallel", "task")
-                      if n in named]
+            given += [flag(n) for n in ("quick", "report_only", "readme", "out", "assets", "docs", "parallel", "task",
+                                        "restore") if n in named]
+        elif args.restore and args.report_only:
+            parser.error("--v4 --restore with --report-only is invalid: --restore runs a run of each phase and regime "
+                         "to check the data; allowed: --restore without --report-only")
         if given:
             parser.error(f"--v4{' --preregister' if args.preregister else ''} with {' '.join(given)} is invalid: v4's "
                          "plan is pre-registered in plan_v4.py; allowed with --v4: " +
                          ("nothing else (it writes docs/study_v4_plan.md)" if args.preregister else
-                          "--quick, --report-only, --readme, --out, --assets, --docs, --parallel, --task"))
+                          "--quick, --report-only, --readme, --out, --assets, --docs, --parallel, --task, --restore"))
+    elif args.restore:
+        parser.error("--restore without --v4 is invalid: it restores v4's run records; allowed: --v4 --restore DATA_DIR "
+                     "(v3's report regenerates from its data with --from-data)")
     elif args.preregister and not (args.docs or args.quick) and plan.REPORT.exists():
         parser.error(f"--preregister would replace v3's archived report {plan.REPORT} (its results) with the empty "
                      "pre-registration; allowed: --preregister --docs PATH (a new file), or --v4 --preregister")

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hmpo_verl.lab import lean
@@ -415,3 +415,128 @@ def pin_inputs(out: Path, inputs: dict[str, Path], write: bool = True) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**pinned, **now}, indent=1, sort_keys=True))
         tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- restoring records from a report's data
+
+@dataclass(frozen=True)
+class Committed:
+    """A report's run data (``report.save_run_tables``: ``runs.csv``, ``steps.csv.gz``) by run key
+    (:func:`committed_key`): what ``--restore`` writes records from when the run files are gone (a new machine)."""
+
+    source: Path
+    rows: dict  # key -> its runs.csv row (the run's summary, analysis.run_summary's fields; empty cells None)
+    steps: dict  # key -> its steps.csv.gz rows in step order (step 0: the evaluation before the first update)
+
+
+def committed_key(phase: str, regime: str, method: str, lr: float, warm_start: int, seed: int) -> tuple:
+    """A run's key in :class:`Committed` (the lr at the data's 6 significant digits)."""
+    return phase, regime, method, float(f"{float(lr):.6g}"), int(warm_start), int(seed)
+
+
+def _run_key(r: Run) -> tuple:
+    return committed_key(r.phase, r.regime, r.method, r.lr, r.warm_start, r.seed)
+
+
+def _plain(row: dict) -> dict:
+    """A pandas row as JSON-ready values: numpy scalars as Python ones, empty cells (NaN) as None."""
+    out = {}
+    for k, v in row.items():
+        v = v.item() if hasattr(v, "item") else v
+        out[k] = None if isinstance(v, float) and v != v else v
+    return out
+
+
+def load_committed(data_dir: Path) -> Committed:
+    """:class:`Committed` from ``data_dir``; stops with a message when its files are absent or lack a column."""
+    import pandas as pd
+
+    missing = [str(data_dir / n) for n in ("runs.csv", "steps.csv.gz") if not (data_dir / n).exists()]
+    if missing:
+        raise SystemExit(f"--restore {data_dir}: {', '.join(missing)} not found; allowed: a report's data folder "
+                         "(docs/study_data for docs/study.md)")
+    key_columns = ("phase", "regime", "method", "lr", "warm_start", "seed")
+    runs, steps = pd.read_csv(data_dir / "runs.csv"), pd.read_csv(data_dir / "steps.csv.gz")
+    for name, frame in (("runs.csv", runs), ("steps.csv.gz", steps)):
+        if lacking := [c for c in (*key_columns, *(("step",) if name == "steps.csv.gz" else ())) if c not in frame]:
+            raise SystemExit(f"--restore {data_dir}: {name} has no column {', '.join(lacking)}; allowed: the data of a "
+                             "v4 report (runs.csv and steps.csv.gz with phase, regime, method, lr, warm_start, seed)")
+    rows = {committed_key(*(row[c] for c in key_columns)): _plain(row) for row in runs.to_dict("records")}
+    by_run = {committed_key(*key): [_plain(r) for r in group.sort_values("step").to_dict("records")]
+              for key, group in steps.groupby(list(key_columns), sort=False)}
+    return Committed(data_dir, rows, by_run)
+
+
+def restored_record(run: Run, committed: Committed, task: str, steps: int, base: lean.LoopSettings) -> dict:
+    """The record of ``run`` from ``committed``: its summary (``restored.summary``, which analysis.run_summary
+    returns as it is), its measured wall and CPU time, and where the data has its steps, the evaluation before
+    the first update (``first_eval``) and each step's ``metrics`` (the data's columns only); settings and
+    definitions are this code's (:func:`restore` checks that this code gives the data's figures). Stops with a
+    message when the data's run has another number of steps than ``steps``."""
+    key = _run_key(run)
+    summary = {k: v for k, v in committed.rows[key].items() if k != "warm_start"}
+    per_step = [{k: v for k, v in m.items() if v is not None and k not in (*asdict(run), "step")}
+                for m in committed.steps.get(key, [])]
+    if per_step and len(per_step) != steps + 1:
+        raise SystemExit(f"--restore {committed.source}: its run {run.path(Path('.'))} has {len(per_step) - 1} steps, "
+                         f"this plan runs {steps}: the data is from another plan; point --restore at this plan's data, "
+                         "or leave --restore out (the runs run again)")
+    return {"run": asdict(run), "task": task, "steps": steps, "settings": run_settings(base, run),
+            "definitions": run_definitions(run), "wall_s": summary["wall_s"], "cpu_s": summary["cpu_s"],
+            "restored": {"from": str(committed.source), "summary": summary},
+            "first_eval": per_step[0] if per_step else None, "metrics": per_step[1:]}
+
+
+def _cell(v) -> str:
+    """A summary value as the data writes it (6 significant digits; empty for None/NaN)."""
+    import numpy as np
+
+    if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)):
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, float, np.number)):
+        return f"{float(v):.6g}"
+    return str(v)
+
+
+def restore(runs: list[Run], committed: Committed, task: str, assets: str | None, steps: int,
+            base: lean.LoopSettings, out: Path, log=print) -> int:
+    """Write the record of each run of ``runs`` that has no file in ``out`` and a row in ``committed``
+    (:func:`restored_record`), after running the first such run of each phase and regime here and checking that
+    its summary gives the data's row at the data's precision (wall and CPU time aside): the run's own record is
+    kept; a difference stops with the run, the field and both values (the data is not what this code computes).
+    Returns how many records were restored."""
+    from hmpo_verl.lab.study import analysis
+
+    todo = [r for r in runs if not r.path(out).exists() and _run_key(r) in committed.rows]
+    checked: dict[tuple[str, str], Run] = {}
+    for r in todo:
+        checked.setdefault((r.phase, r.regime), r)
+    for (phase, regime), r in checked.items():
+        log(f"--restore: running {r.path(out).relative_to(out)} to check that this code gives {committed.source}'s "
+            f"{phase} runs of {regime}")
+        moe = lean.REGIMES_BY_NAME[r.regime].model == "moe"
+        execute(r, task, assets, steps, base, str(out), None, moe)
+        got = analysis.run_summary({**json.loads(r.path(out).read_text()), "run": r})
+        want = committed.rows[_run_key(r)]
+        for field in sorted(set(got) - {"wall_s", "cpu_s"}):
+            if _cell(got[field]) != _cell(want.get(field)):
+                raise SystemExit(
+                    f"--restore {committed.source}: {r.path(out).relative_to(out)} ran here with {field} "
+                    f"{_cell(got[field])!r}, the data holds {_cell(want.get(field))!r}: the data is not what this code "
+                    "computes (another commit's lean loop, settings or warm starts); leave --restore out (the runs "
+                    "run again), or restore with the code that made the data")
+    restored = 0
+    for r in todo:
+        if r.path(out).exists():  # a checked run: its own record
+            continue
+        path = r.path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(restored_record(r, committed, task, steps, base)))
+        tmp.replace(path)
+        restored += 1
+    if todo:
+        log(f"--restore: {restored} records written from {committed.source} ({len(todo) - restored} run and checked)")
+    return restored

@@ -208,9 +208,13 @@ class Runs:
     out: Path
     parallel: int
     runner: Callable
+    committed: run.Committed | None = None  # --restore: a report's data, the records of runs with no file written from it
 
     def finished(self, runs: list[Run], steps: int, label: str) -> list[dict]:
-        """The records of ``runs`` that are finished once the runner has run (``run.load_records``)."""
+        """The records of ``runs`` that are finished once the runner has run (``run.load_records``); with
+        ``committed``, the runs it holds are restored first (``run.restore``)."""
+        if self.committed is not None:
+            run.restore(runs, self.committed, self.task, self.assets, steps, self.base, self.out)
         self.runner(runs, self.task, self.assets, steps, self.base, self.out, self.parallel, label)
         return run.load_records(runs, self.out, self.task, steps, self.base)
 
@@ -425,7 +429,8 @@ def stages(args, log, out: Path, docs: Path) -> int:
         with run.keep_built(out):
             lean.load_task(args.task, args.assets, log=log)  # the task's assets, built once before the workers
     base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length(args.task), eval_prompts=p.eval_prompts)
-    runs = Runs(args.task, args.assets, base, out, args.parallel, no_runs if report_only else run.run_all)
+    runs = Runs(args.task, args.assets, base, out, args.parallel, no_runs if report_only else run.run_all,
+                run.load_committed(Path(args.restore)) if args.restore else None)
     pilot = pilot_stage(p, runs)  # on warm start 0, as the plan fixes, whatever its fit
     status = []
 
