@@ -686,24 +686,32 @@ def test_the_out_lock_is_reentrant_and_held_across_v4s_stages(tmp_path, monkeypa
 
 
 def test_restore_resumes_on_a_new_machine_from_the_committed_data_and_checks_it(study, capsys, monkeypatch, tmp_path):
-    """A finished study's data (runs.csv, steps.csv.gz) restores its records into an empty --out: one run per phase
-    and regime runs to check the data, no other run runs, and the report is the same; data this code does not
-    reproduce, or made for another run length, stops loud before any record is written."""
+    """A finished study's data (runs.csv, steps.csv.gz) restores its records into an empty --out: the first run of
+    each phase and regime runs (in a scratch folder) to check the data, no run runs in --out, and the report is the
+    same but for its line on the restore. Data this code does not reproduce (another commit, another machine) stops
+    loud before any record is written; with --restore-as-recorded only the stages the data holds whole are
+    restored, the others run here whole; data made for another run length stops loud."""
+    shift = {"value": 0.0}  # another machine: every outcome moved
+
     def value(r):  # every run's outcome, a function of the run alone (what a deterministic run gives)
-        noise = random.Random(f"{r.method} {r.warm_start} {r.seed}").random() / 20
+        noise = random.Random(f"{r.method} {r.warm_start} {r.seed}").random() / 20 + shift["value"]
         return dict(heldout=0.5 + noise - 0.03 * (r.method == "hmpo"), train=(0.6 if r.lr == 3e-4 else 0.5) + noise)
+
+    def write(r, steps, out):  # the run's record in ``out``, as run.execute writes it
+        study.record(r, steps, **value(r))  # (in the first study's folder: copied)
+        if Path(out) != study.out:
+            r.path(Path(out)).parent.mkdir(parents=True, exist_ok=True)
+            r.path(Path(out)).write_bytes(r.path(study.out).read_bytes())
 
     def fake_run_all(runs, task, assets, steps, base, out, parallel, label):
         for r in runs:
             if not run.is_done(r, out, task, steps, base):
                 ran.append(r)
-                study.record(r, steps, **value(r))
+                write(r, steps, out)
 
-    def fake_execute(r, task, assets, steps, base, out, queue, moe):  # the run's record in ``out``, as run.execute
-        executed.append(r)
-        study.record(r, steps, **value(r))  # (written in the first study's folder: copied)
-        r.path(Path(out)).parent.mkdir(parents=True, exist_ok=True)
-        r.path(Path(out)).write_bytes(r.path(study.out).read_bytes())
+    def fake_execute(r, task, assets, steps, base, out, queue, moe):
+        executed.append((r.phase, r.regime))
+        write(r, steps, out)
 
     ran, executed = [], []
     monkeypatch.setattr(run, "run_all", fake_run_all)
@@ -719,39 +727,65 @@ def test_restore_resumes_on_a_new_machine_from_the_committed_data_and_checks_it(
     for name in ("runs.csv", "steps.csv.gz"):
         (kept / name).write_bytes((data / name).read_bytes())
 
-    fresh = tmp_path / "fresh"  # the new machine: no run files
-    ran.clear()
-    assert cli.main(["--v4", "--out", str(fresh), "--restore", str(kept), *common]) == 0
-    assert ran == [] and sorted((r.phase, r.regime) for r in executed) == [("eval", REGIME), ("pilot", REGIME),
-                                                                         ("tune", REGIME)]
+    def fresh_study(name, *more):
+        ran.clear(), executed.clear()
+        out = tmp_path / name
+        code = cli.main(["--v4", "--out", str(out), "--restore", str(kept), *more, *common])
+        return code, out
+
+    code, fresh = fresh_study("fresh")  # a new machine of the same arithmetic: no run files
+    assert code == 0 and ran == [] and executed == [("pilot", REGIME), ("tune", REGIME), ("eval", REGIME)]
     restored = json.loads(Run("eval", REGIME, "hmpo", 3e-4, 1, 1).path(fresh).read_text())
     assert restored["restored"]["from"] == str(kept) and len(restored["metrics"]) == T
-    strip = lambda text: "\n".join(line for line in text.splitlines() if "Command:" not in line)  # noqa: E731
-    assert strip(study.docs.read_text()) == strip(first)
-    written = re.findall(r"--restore: (\d+) records written from .* \((\d+) run and checked\)", capsys.readouterr().out)
-    assert written == [("1", "1"), ("23", "1"), ("11", "1")]  # pilot, tuning, evaluation: 38 runs, 3 of them run here
+    strip = lambda text: "\n".join(line for line in text.splitlines()  # noqa: E731
+                                   if "Command:" not in line and "restored" not in line)
+    text = study.docs.read_text()
+    assert strip(text) == strip(first)
+    assert (f"* 38 run records restored from the committed data ({kept}; `--restore`, on a new machine) rather than "
+            "run again; 3 of its runs ran here first and gave the data's summary at its 6 significant digits") in text
+    printed = capsys.readouterr().out
+    assert re.findall(r"--restore: (\d+) records of the (\w+) ", printed) == [("2", "pilot"), ("24", "tune"),
+                                                                            ("12", "eval")]
 
     import pandas as pd
     rows = pd.read_csv(kept / "runs.csv")
-    rows.loc[(rows.phase == "tune") & (rows.method == "vanilla"), "final_train"] += 0.001  # another commit's numbers
+    rows.loc[rows.phase == "tune", "final_train"] += 0.001  # another commit's tuning numbers
     rows.to_csv(kept / "runs.csv", index=False)
-    other = tmp_path / "other"
     with pytest.raises(SystemExit, match=r"--restore .*kept_data: runs/tune/async_4/vanilla/lr0.0001/seed1001.json ran "
                                          r"here with final_train '0\.5\d+', the data holds '0\.5\d+': the data is not"):
-        cli.main(["--v4", "--out", str(other), "--restore", str(kept), *common])
-    tuning = list((other / "runs" / "tune").rglob("*.json"))  # the checked run's own record only: nothing restored
-    assert len(tuning) == 1 and "restored" not in json.loads(tuning[0].read_text())
+        fresh_study("drift")
+    assert not (tmp_path / "drift" / "runs" / "tune").exists()  # the pilot's records, checked; none of the tuning's
+
+    shift["value"] = 0.01  # another machine: the data's runs do not reproduce here
+    (kept / "runs.csv").write_bytes((data / "runs.csv").read_bytes())
+    eval_rows = pd.read_csv(kept / "runs.csv")
+    eval_rows[~((eval_rows.phase == "eval") & (eval_rows.seed == 3))].to_csv(kept / "runs.csv", index=False)
+    with pytest.raises(SystemExit, match=r"runs/pilot/async_4/vanilla/lr0.0003/seed1001.json ran here with .*"
+                                         r"add --restore-as-recorded"):
+        fresh_study("elsewhere")
+    code, elsewhere = fresh_study("elsewhere_as_recorded", "--restore-as-recorded")
+    assert code == 0 and executed == [("pilot", REGIME)]  # checked once; the evaluation (data: 8 of 12) ran here whole
+    assert sorted({r.phase for r in ran}) == ["eval"] and len(ran) == 12
+    text = study.docs.read_text()
+    assert ("* 26 run records restored from the committed data" in text and
+            "as made on another machine: a run of the data ran here and differed (runs/pilot/async_4/vanilla/lr0.0003/"
+            "seed1001.json ran here with auc_heldout" in text and
+            f"restored whole: pilot {REGIME}; tune {REGIME}; run here instead (the data held part): eval {REGIME}. "
+            "Each stage's runs come from one machine" in text)
 
     steps = pd.read_csv(kept / "steps.csv.gz")
     steps[steps.step <= PLAN.pilot_steps - 1].to_csv(kept / "steps.csv.gz", index=False)  # a shorter pilot's data
+    shift["value"] = 0.0
     with pytest.raises(SystemExit, match=r"has 19 steps, this plan runs 20: the data is from another plan"):
-        cli.main(["--v4", "--out", str(tmp_path / "third"), "--restore", str(kept), *common])
+        fresh_study("third")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--restore", "d"], "--restore without --v4 is invalid"),
     (["--v4", "--report-only", "--restore", "d"], "--v4 --restore with --report-only is invalid"),
     (["--v4", "--preregister", "--restore", "d"], "--v4 --preregister with --restore is invalid"),
+    (["--v4", "--restore-as-recorded"], "--v4 --restore-as-recorded without --restore is invalid"),
+    (["--restore-as-recorded"], "--restore without --v4 is invalid"),
 ])
 def test_restore_is_refused_where_it_would_be_ignored_or_could_not_check(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -41,9 +41,13 @@ def parse_args(argv=None):
                              "pre-registration to docs/study_v4_plan.md and stop")
     parser.add_argument("--restore", default=None, metavar="DATA_DIR",
                         help="with --v4: before a stage runs, write the record of each of its runs that has no file in "
-                             "--out from a report's committed data (docs/study_data: runs.csv, steps.csv.gz), after "
-                             "running the first of each phase and regime here and checking it gives the data's figures "
-                             "(a new machine resumes the study without running its finished runs again)")
+                             "--out from a report's committed data (docs/study_data: runs.csv, steps.csv.gz), once the "
+                             "first of each phase and regime ran here and gave the data's figures (a new machine "
+                             "resumes the study without running its finished runs again; a difference stops it)")
+    parser.add_argument("--restore-as-recorded", action="store_true",
+                        help="with --restore: when the data's checked run does not reproduce here (another machine's "
+                             "arithmetic builds other warm starts), restore the data's complete stages as made "
+                             "elsewhere (a stage the data holds only part of runs here whole); the report says so")
     parser.add_argument("--regimes", nargs="+", choices=list(lean.REGIMES_BY_NAME), default=None)
     parser.add_argument("--methods", nargs="+", choices=list(lean.METHODS_BY_NAME), default=None)
     parser.add_argument("--eval-seeds", type=int, default=plan.EVAL_SEEDS, help=f"evaluation seeds 1..n (default {plan.EVAL_SEEDS})")
@@ -73,16 +77,19 @@ def parse_args(argv=None):
         given = [flag(n) for n in V3_ONLY if n in named]
         if args.preregister:
             given += [flag(n) for n in ("quick", "report_only", "readme", "out", "assets", "docs", "parallel", "task",
-                                        "restore") if n in named]
+                                        "restore", "restore_as_recorded") if n in named]
+        elif args.restore_as_recorded and not args.restore:
+            parser.error("--v4 --restore-as-recorded without --restore is invalid: it says how --restore treats data "
+                         "made elsewhere; allowed: --restore DATA_DIR --restore-as-recorded")
         elif args.restore and args.report_only:
-            parser.error("--v4 --restore with --report-only is invalid: --restore runs a run of each phase and regime "
-                         "to check the data; allowed: --restore without --report-only")
+            parser.error("--v4 --restore with --report-only is invalid: --restore runs runs of the data here to "
+                         "check it; allowed: --restore without --report-only")
         if given:
             parser.error(f"--v4{' --preregister' if args.preregister else ''} with {' '.join(given)} is invalid: v4's "
                          "plan is pre-registered in plan_v4.py; allowed with --v4: " +
                          ("nothing else (it writes docs/study_v4_plan.md)" if args.preregister else
-                          "--quick, --report-only, --readme, --out, --assets, --docs, --parallel, --task, --restore"))
-    elif args.restore:
+                          "--quick, --report-only, --readme, --out, --assets, --docs, --parallel, --task, --restore, --restore-as-recorded"))
+    elif args.restore or args.restore_as_recorded:
         parser.error("--restore without --v4 is invalid: it restores v4's run records; allowed: --v4 --restore DATA_DIR "
                      "(v3's report regenerates from its data with --from-data)")
     elif args.preregister and not (args.docs or args.quick) and plan.REPORT.exists():

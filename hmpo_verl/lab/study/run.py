@@ -501,42 +501,107 @@ def _cell(v) -> str:
 
 
 def restore(runs: list[Run], committed: Committed, task: str, assets: str | None, steps: int,
-            base: lean.LoopSettings, out: Path, log=print) -> int:
-    """Write the record of each run of ``runs`` that has no file in ``out`` and a row in ``committed``
-    (:func:`restored_record`), after running the first such run of each phase and regime here and checking that
-    its summary gives the data's row at the data's precision (wall and CPU time aside): the run's own record is
-    kept; a difference stops with the run, the field and both values (the data is not what this code computes).
-    Returns how many records were restored."""
+            base: lean.LoopSettings, out: Path, as_recorded: bool = False, log=print) -> int:
+    """Write the record of each run of ``runs`` (a stage's) that has no file in ``out`` and a row in ``committed``
+    (:func:`restored_record`); returns how many were written.
+
+    The data is first checked against this machine and this code: the first run to restore of each phase and
+    regime runs here (in a scratch folder; once per data folder) and its summary must give the data's row at the
+    data's 6 digits (wall and CPU time aside). When it does, every such run is restored. When it does not
+    (another commit's lean loop, settings or definitions; or another machine: its CPU's arithmetic builds other
+    warm starts from the same recipe and seeds), the study stops naming the run, the field and both values --
+    unless ``as_recorded``: then the data counts as made elsewhere, no run is checked again, and a stage is
+    restored only when the data holds every one of its runs (otherwise all of them run here, so no comparison
+    mixes the two machines' runs). Each stage's outcome is appended to ``<out>/restored.jsonl``
+    (:func:`restored_line` reports it)."""
+    import tempfile
+
     from hmpo_verl.lab.study import analysis
 
     todo = [r for r in runs if not r.path(out).exists() and _run_key(r) in committed.rows]
-    checked: dict[tuple[str, str], Run] = {}
+    if not todo:
+        return 0
+    history = [h for h in _restored(out) if h["from"] == _shown(committed.source)]
+    difference = next((h["difference"] for h in history if h["difference"]), None)
+    done = {tuple(c.split("/")[1:3]) for h in history for c in h["checked"]}  # (phase, regime) checked already
+    groups: dict[tuple[str, str], Run] = {}
     for r in todo:
-        checked.setdefault((r.phase, r.regime), r)
-    for (phase, regime), r in checked.items():
-        log(f"--restore: running {r.path(out).relative_to(out)} to check that this code gives {committed.source}'s "
-            f"{phase} runs of {regime}")
-        moe = lean.REGIMES_BY_NAME[r.regime].model == "moe"
-        execute(r, task, assets, steps, base, str(out), None, moe)
-        got = analysis.run_summary({**json.loads(r.path(out).read_text()), "run": r})
+        if (r.phase, r.regime) not in done:
+            groups.setdefault((r.phase, r.regime), r)
+    checked = []
+    for r in groups.values() if difference is None else []:
+        log(f"--restore: running {r.path(out).relative_to(out)} here to check {committed.source} against this "
+            "machine and code")
+        with tempfile.TemporaryDirectory() as scratch:
+            execute(r, task, assets, steps, base, scratch, None, lean.REGIMES_BY_NAME[r.regime].model == "moe")
+            got = analysis.run_summary({**json.loads(r.path(Path(scratch)).read_text()), "run": r})
+        checked.append(str(r.path(out).relative_to(out)))
         want = committed.rows[_run_key(r)]
-        for field in sorted(set(got) - {"wall_s", "cpu_s"}):
-            if _cell(got[field]) != _cell(want.get(field)):
-                raise SystemExit(
-                    f"--restore {committed.source}: {r.path(out).relative_to(out)} ran here with {field} "
-                    f"{_cell(got[field])!r}, the data holds {_cell(want.get(field))!r}: the data is not what this code "
-                    "computes (another commit's lean loop, settings or warm starts); leave --restore out (the runs "
-                    "run again), or restore with the code that made the data")
-    restored = 0
-    for r in todo:
-        if r.path(out).exists():  # a checked run: its own record
-            continue
-        path = r.path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(restored_record(r, committed, task, steps, base)))
-        tmp.replace(path)
-        restored += 1
-    if todo:
-        log(f"--restore: {restored} records written from {committed.source} ({len(todo) - restored} run and checked)")
-    return restored
+        if field := next((f for f in sorted(set(got) - {"wall_s", "cpu_s"}) if _cell(got[f]) != _cell(want.get(f))),
+                         None):
+            difference = (f"{checked[-1]} ran here with {field} {_cell(got[field])!r}, the data holds "
+                          f"{_cell(want.get(field))!r}")
+            break
+    if difference and not as_recorded:
+        raise SystemExit(f"--restore {committed.source}: {difference}: the data is not what this code computes on "
+                         "this machine (another commit's lean loop, settings or definitions, or another machine's "
+                         "arithmetic and warm starts). Leave --restore out (the runs run again here), restore with the "
+                         "code that made the data, or add --restore-as-recorded (the data's complete stages are "
+                         "restored as made elsewhere, and the report says so)")
+    whole = all(_run_key(r) in committed.rows for r in runs)
+    written = 0
+    if not difference or whole:
+        for r in todo:
+            path = r.path(out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(restored_record(r, committed, task, steps, base)))
+            tmp.replace(path)
+            written += 1
+    label = f"{todo[0].phase} {', '.join(dict.fromkeys(r.regime for r in runs))}"
+    log(f"--restore: {written} records of the {label} stage written from {committed.source}" +
+        (f" ({difference}: restored as made elsewhere)" if difference and written else "") +
+        (f"; the data holds {len(todo)} of its {len(runs)} runs, made elsewhere: all run here" if not written else ""))
+    with open(out / RESTORED, "a") as f:  # what the report says of its records' origin (restored_line)
+        f.write(json.dumps({"from": _shown(committed.source), "stage": label, "written": written,
+                            "checked": checked,
+                            "difference": difference}) + "\n")
+    return written
+
+
+RESTORED = "restored.jsonl"  # in --out: a line per stage restore() found runs of in the data
+
+
+def _restored(out: Path) -> list[dict]:
+    path = out / RESTORED
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies in it (as a report names it), else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(REPO_ROOT).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def restored_line(out: Path) -> str | None:
+    """The report's line on the records :func:`restore` wrote into ``out`` (None when it wrote none): how many, from
+    where, and whether a run of the data ran here with the data's figures or differed (then which stages were
+    restored as made elsewhere)."""
+    rows = _restored(out)
+    if not sum(r["written"] for r in rows):
+        return None
+    sources = ", ".join(sorted({r["from"] for r in rows}))
+    line = (f"{sum(r['written'] for r in rows)} run records restored from the committed data ({sources}; "
+            "`--restore`, on a new machine) rather than run again")
+    difference = next((r["difference"] for r in rows if r["difference"]), None)
+    if not difference:
+        return line + (f"; {sum(len(r['checked']) for r in rows)} of its runs ran here first and gave the data's "
+                       "summary at its 6 significant digits")
+    kept = [r["stage"] for r in rows if r["written"]]
+    rerun = [r["stage"] for r in rows if not r["written"]]
+    return (line + f", as made on another machine: a run of the data ran here and differed ({difference}); "
+            f"restored whole: {'; '.join(kept)}" + (f"; run here instead (the data held part): {'; '.join(rerun)}"
+                                                   if rerun else "") +
+            ". Each stage's runs come from one machine, so every paired comparison is within one machine")

@@ -209,12 +209,13 @@ class Runs:
     parallel: int
     runner: Callable
     committed: run.Committed | None = None  # --restore: a report's data, the records of runs with no file written from it
+    as_recorded: bool = False  # --restore-as-recorded: the data's complete stages restored though made elsewhere
 
     def finished(self, runs: list[Run], steps: int, label: str) -> list[dict]:
         """The records of ``runs`` that are finished once the runner has run (``run.load_records``); with
         ``committed``, the runs it holds are restored first (``run.restore``)."""
         if self.committed is not None:
-            run.restore(runs, self.committed, self.task, self.assets, steps, self.base, self.out)
+            run.restore(runs, self.committed, self.task, self.assets, steps, self.base, self.out, self.as_recorded)
         self.runner(runs, self.task, self.assets, steps, self.base, self.out, self.parallel, label)
         return run.load_records(runs, self.out, self.task, steps, self.base)
 
@@ -430,7 +431,7 @@ def stages(args, log, out: Path, docs: Path) -> int:
             lean.load_task(args.task, args.assets, log=log)  # the task's assets, built once before the workers
     base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length(args.task), eval_prompts=p.eval_prompts)
     runs = Runs(args.task, args.assets, base, out, args.parallel, no_runs if report_only else run.run_all,
-                run.load_committed(Path(args.restore)) if args.restore else None)
+                run.load_committed(Path(args.restore)) if args.restore else None, args.restore_as_recorded)
     pilot = pilot_stage(p, runs)  # on warm start 0, as the plan fixes, whatever its fit
     status = []
 
@@ -486,6 +487,8 @@ def stages(args, log, out: Path, docs: Path) -> int:
         finished.append(regime)
     if len(reached) < len(order):
         say("not started: " + ", ".join(order[len(reached):]))
+    if restored := run.restored_line(out):
+        say(restored)
     if not chosen:
         return progress_only()
     results = Results(pilot, order, seeds_ws, grids, chosen, tuning_rows, eval_records, planned, finished, status,
