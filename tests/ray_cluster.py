@@ -28,7 +28,7 @@ CLUSTER = Path(__file__).resolve().parents[1] / "recipes" / "lib" / "cluster.sh"
 # outward address, services.resolve_ip_for_localhost), so nothing leaves the machine.
 LOOPBACK = "127.0.0.2"
 # Ray 2.60's `ray start` turns token authentication on; a driver that connects must ask for it too (the
-# token is ~/.ray/auth_token, where `ray start` wrote it). Set for the nodes, the probes and run.sh alike.
+# token is ~/.ray/auth_token). Set for the nodes, the probes and run.sh alike.
 AUTH = {"RAY_AUTH_MODE": "token"}
 
 

@@ -68,6 +68,12 @@ main() {
                     "--dashboard-port=${DASHBOARD_PORT:-8265}")
                 echo "head: jobs are submitted with: RAY_ADDRESS=http://${NODE_IP:-<this-node-ip>}:${DASHBOARD_PORT:-8265} bash recipes/<task>/run.sh" >&2
             fi
+            if [[ "${RAY_AUTH_MODE:-}" == token ]]; then
+                # `ray start --head` with RAY_AUTH_MODE=token reads ~/.ray/auth_token and does not make it: a new
+                # home (a fresh node, a SLURM job's first run) would stop it with "no authentication token was
+                # found". Make one where there is none (Ray < 2.5x has no such command, and no token auth).
+                "$RAY" get-auth-token --generate >/dev/null 2>&1 || true
+            fi
             exec "$RAY" start --head "--port=$RAY_PORT" "${dashboard[@]}" "${extra[@]}"
             ;;
         worker)
