@@ -59,7 +59,10 @@ def test_top_share_equals_the_share_of_direct_per_response_gradients():
 def test_the_observer_sees_each_update_and_on_policy_updates_match_iw(regime):
     """lean.train calls ``observe`` before each of a step's 4 mini-batch updates with the trainer's state; at the
     first update of a synchronous step the data are on-policy (ratio 1), so vanilla's update is the iw gradient
-    (cosine 1, norm ratio 1); in async_1, whose sampler is a step old, it is not."""
+    (cosine 1, norm ratio 1); in async_1, whose sampler is a step old, the ratios are off 1 (log A - log H > 0),
+    and vanilla's update differs from iw where its clip binds -- not in every mini-batch: with no token clipped,
+    PPO's gradient ratio * A * grad log p is iw's exactly (cosine 1 at a step-4 update on one machine's
+    arithmetic, 8 tokens with a non-zero advantage, |log ratio| up to 1.97, none clipped)."""
     task = lean.load_task("addition", log=None)
     settings = lean.LoopSettings(max_response_length=task.max_response_length, prompts_per_step=8, n=4, eval_prompts=4)
     seen, rows = [], []
@@ -79,7 +82,7 @@ def test_the_observer_sees_each_update_and_on_policy_updates_match_iw(regime):
         assert all(r["cosine"] == pytest.approx(1, abs=1e-4) and r["norm_ratio"] == pytest.approx(1, abs=1e-3)
                    and r["log_ah_gap"] < 1e-6 for r in finite)
     else:
-        assert all(r["log_ah_gap"] > 1e-6 and r["cosine"] < 0.9999 for r in finite)
+        assert all(r["log_ah_gap"] > 1e-6 for r in finite) and any(r["cosine"] < 0.9999 for r in finite)
 
 
 def _block(text: str) -> list[str]:
