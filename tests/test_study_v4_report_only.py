@@ -738,14 +738,31 @@ def test_restore_resumes_on_a_new_machine_from_the_committed_data_and_checks_it(
     restored = json.loads(Run("eval", REGIME, "hmpo", 3e-4, 1, 1).path(fresh).read_text())
     assert restored["restored"]["from"] == str(kept) and len(restored["metrics"]) == T
     strip = lambda text: "\n".join(line for line in text.splitlines()  # noqa: E731
-                                   if "Command:" not in line and "restored" not in line)
+                                   if "Command:" not in line and "restored" not in line and "warm starts" not in line)
     text = study.docs.read_text()
     assert strip(text) == strip(first)
+    assert ("* warm starts: seeds [0, 1], those of the restored data's runs (accepted where they were made), for the "
+            "models ['dense']\n") in text
     assert (f"* 38 run records restored from the committed data ({kept}; `--restore`, on a new machine) rather than "
             "run again; 3 of its runs ran here first and gave the data's summary at its 6 significant digits") in text
     printed = capsys.readouterr().out
     assert re.findall(r"--restore: (\d+) records of the (\w+) ", printed) == [("2", "pilot"), ("24", "tune"),
                                                                             ("12", "eval")]
+
+    here = tmp_path / "assets_here"  # this machine fits warm start 1 worse: the data's warm starts kept, not run
+    for k, greedy in ((0, 1.0), (1, 0.9)):
+        root = run.warm_start_dir("fibonacci", str(here), "dense", k)
+        root.mkdir(parents=True)
+        (root / "warm_start.json").write_text(json.dumps({"greedy_accuracy": greedy}))
+        (root / "READY").write_text("ok\n")
+    ran.clear()
+    assert cli.main(["--v4", "--out", str(tmp_path / "unfit"), "--restore", str(kept), "--assets", str(here),
+                     "--docs", str(study.docs)]) == 1
+    text = study.docs.read_text()
+    assert ran == [] and ("the dense model's fits here, 0: 1.00, 1: 0.90, are below 0.95 (this machine's arithmetic "
+                          "fits the same recipe and seeds differently), so its regimes do not run here" in text)
+    assert "* not run on this machine (its model's fits of the warm starts are below the plan's threshold here): " \
+           f"{REGIME}\n" in text
 
     import pandas as pd
     rows = pd.read_csv(kept / "runs.csv")

@@ -428,6 +428,10 @@ class Committed:
     rows: dict  # key -> its runs.csv row (the run's summary, analysis.run_summary's fields; empty cells None)
     steps: dict  # key -> its steps.csv.gz rows in step order (step 0: the evaluation before the first update)
 
+    def warm_starts(self) -> list[int]:
+        """The warm starts of the data's tuning and evaluation runs (the study's accepted ones), sorted."""
+        return sorted({key[4] for key in self.rows if key[0] in ("tune", "eval")})
+
 
 def committed_key(phase: str, regime: str, method: str, lr: float, warm_start: int, seed: int) -> tuple:
     """A run's key in :class:`Committed` (the lr at the data's 6 significant digits)."""

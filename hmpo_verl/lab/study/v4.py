@@ -135,6 +135,30 @@ def accepted_warm_starts(task_name: str, assets, kinds: list[str], wanted: int, 
     return accepted, None
 
 
+def pinned_warm_starts(task_name: str, assets, kinds: list[str], seeds: list[int], log,
+                       build: bool = True) -> tuple[list[int], str | None, dict[str, dict[int, float]]]:
+    """The warm starts of a restored study (``--restore``): ``seeds``, the ones its data's tuning and evaluation
+    ran on (accepted where they were made, :func:`accepted_warm_starts`), kept whatever their fit here, since a
+    study's regimes share them. Each model of ``kinds`` is built for each seed and its fit read: the third value
+    maps each model whose fit of some seed is below ``plan_v4.WARM_START_MIN_GREEDY`` here (another machine's
+    arithmetic fits the same recipe and seed differently) to its fits; the regimes of those models do not run
+    here (:func:`stages`). The second value as for :func:`accepted_warm_starts` (``build`` False)."""
+    unfit = {}
+    for kind in kinds:
+        greedy = {}
+        for seed in seeds:
+            if build:
+                run.warm_start_model(task_name, assets, kind, seed, log=log)
+            report = run.built_warm_start_report(task_name, assets, kind, seed)
+            if report is None:
+                return seeds, (f"warm start {seed} of the {kind} model is not built "
+                               f"({run.warm_start_dir(task_name, assets, kind, seed)})"), unfit
+            greedy[seed] = report["greedy_accuracy"]
+        if min(greedy.values()) < plan_v4.WARM_START_MIN_GREEDY:
+            unfit[kind] = greedy
+    return seeds, None, unfit
+
+
 def estimate_lines(p: V4Plan) -> list[str]:
     cost = plan_v4.estimate_cpu_s(p.pairs, plan.STEPS) if p.regimes == plan_v4.REGIMES else None
     runs_eval = sum(p.pairs[r] for r in p.regimes) * len(p.methods)
@@ -451,12 +475,25 @@ def stages(args, log, out: Path, docs: Path) -> int:
         return progress_only()
     # the warm starts: every model of the regimes the pilot kept (the gap regime's, not the ladder's first)
     kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in pilot.regimes})
+    pinned = runs.committed.warm_starts() if runs.committed is not None else []
     with run.keep_built(out):
-        seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick, log,
-                                                   build=not report_only)
-    say(f"warm starts: {len(seeds_ws)} of {p.warm_starts} accepted for the models {kinds}, seeds {seeds_ws}" +
-        (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
-        (" (the smoke run skips the acceptance rule)" if args.quick else ""))
+        if pinned:
+            seeds_ws, not_built, unfit = pinned_warm_starts(args.task, args.assets, kinds, pinned, log,
+                                                            build=not report_only)
+        else:
+            seeds_ws, not_built = accepted_warm_starts(args.task, args.assets, kinds, p.warm_starts, not args.quick,
+                                                       log, build=not report_only)
+            unfit = {}
+    if pinned:
+        say(f"warm starts: seeds {seeds_ws}, those of the restored data's runs (accepted where they were made), "
+            f"for the models {kinds}" + (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
+            "".join(f"; the {kind} model's fits here, {', '.join(f'{k}: {g:.2f}' for k, g in fits.items())}, are "
+                    f"below {plan_v4.WARM_START_MIN_GREEDY} (this machine's arithmetic fits the same recipe and "
+                    "seeds differently), so its regimes do not run here" for kind, fits in unfit.items()))
+    else:
+        say(f"warm starts: {len(seeds_ws)} of {p.warm_starts} accepted for the models {kinds}, seeds {seeds_ws}" +
+            (f"; {not_built}, so the tuning cannot finish" if not_built else "") +
+            (" (the smoke run skips the acceptance rule)" if args.quick else ""))
     if not args.quick and 0 not in seeds_ws and not not_built:
         say("the pilot ran on warm start 0, as the plan fixes, which the acceptance rule rejects for these models: "
             "the run length and the gap regime come from that fit")
@@ -469,7 +506,10 @@ def stages(args, log, out: Path, docs: Path) -> int:
         f"T = {pilot.steps} by the pilot's CPU time per run, {sum(regime_cpu_s(p, pilot, r) for r in order) / 3600:.1f} "
         "in all")
     steps, chosen, grids, tuning_rows, eval_records, reached, finished = pilot.steps, {}, {}, [], [], [], []
+    unfit_here = [r for r in order if lean.REGIMES_BY_NAME[r].model in unfit]
     for regime in order:
+        if regime in unfit_here:
+            continue
         reached.append(regime)
         tuning = tuning_stage(p, [regime], steps, seeds_ws, runs, log)
         say(f"{regime}: {tuning.line()}")
@@ -485,8 +525,11 @@ def stages(args, log, out: Path, docs: Path) -> int:
         if len(records) < len(evaluation):
             break
         finished.append(regime)
-    if len(reached) < len(order):
-        say("not started: " + ", ".join(order[len(reached):]))
+    if unfit_here:
+        say("not run on this machine (its model's fits of the warm starts are below the plan's threshold here): " +
+            ", ".join(unfit_here))
+    if later := [r for r in order if r not in reached and r not in unfit_here]:
+        say("not started: " + ", ".join(later))
     if restored := run.restored_line(out):
         say(restored)
     if not chosen:
