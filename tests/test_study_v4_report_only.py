@@ -741,8 +741,14 @@ def test_restore_resumes_on_a_new_machine_from_the_committed_data_and_checks_it(
                                    if "Command:" not in line and "restored" not in line and "warm starts" not in line)
     text = study.docs.read_text()
     assert strip(text) == strip(first)
-    assert ("* warm starts: seeds [0, 1], those of the restored data's runs (accepted where they were made), for the "
-            "models ['dense']\n") in text
+    pinned = ("* warm starts: seeds [0, 1], those of the restored data's runs (accepted where they were made), for the "
+              "models ['dense']\n")
+    assert pinned in text
+    ws1 = run.warm_start_dir("fibonacci", str(study.assets), "dense", 1) / "warm_start.json"
+    ws1.write_text(json.dumps({"greedy_accuracy": 0.5}))  # the rule would now reject it: the resume keeps it
+    assert cli.main(["--v4", "--report-only", "--out", str(fresh), *common]) == 0
+    assert pinned.replace("\n", "; the dense model's fits here, 0: 1.00, 1: 0.50") in study.docs.read_text()
+    ws1.write_text(json.dumps({"greedy_accuracy": 1.0}))
     assert (f"* 38 run records restored from the committed data ({kept}; `--restore`, on a new machine) rather than "
             "run again; 3 of its runs ran here first and gave the data's summary at its 6 significant digits") in text
     printed = capsys.readouterr().out
@@ -808,3 +814,13 @@ def test_restore_is_refused_where_it_would_be_ignored_or_could_not_check(argv, m
     with pytest.raises(SystemExit):
         cli.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_restore_of_data_with_other_warm_starts_than_those_pinned_stops_loud(tmp_path):
+    (tmp_path / v4.PINNED_WARM_STARTS).write_text(json.dumps({"seeds": [7, 8, 10], "from": "docs/study_data"}))
+    other = run.Committed(tmp_path / "data", {run.committed_key("tune", REGIME, "hmpo", 1e-4, 3, 1001): {}}, {})
+    with pytest.raises(SystemExit, match=r"its runs' warm starts \[3\] are not those the runs in .* were restored "
+                                         r"with, \[7, 8, 10\]"):
+        v4.pinned_seeds(tmp_path, other, write=True)
+    assert v4.pinned_seeds(tmp_path, None, write=False) == [7, 8, 10]  # a resume without --restore keeps them
+    assert v4.pinned_seeds(tmp_path / "new", None, write=True) == []  # never restored: the acceptance rule
