@@ -788,6 +788,8 @@ def test_restore_resumes_on_a_new_machine_from_the_committed_data_and_checks_it(
         fresh_study("elsewhere")
     code, elsewhere = fresh_study("elsewhere_as_recorded", "--restore-as-recorded")
     assert code == 0 and executed == [("pilot", REGIME)]  # checked once; the evaluation (data: 8 of 12) ran here whole
+    assert "2 warm starts (seed: greedy accuracy of each model's fit" + v4.ELSEWHERE_FITS + ": 0: dense" in \
+        study.docs.read_text()
     assert sorted({r.phase for r in ran}) == ["eval"] and len(ran) == 12
     text = study.docs.read_text()
     assert ("* 26 run records restored from the committed data" in text and

@@ -581,6 +581,11 @@ def _restored(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def restored_elsewhere(out: Path) -> bool:
+    """Whether ``out`` holds records :func:`restore` wrote as made on another machine."""
+    return any(r["difference"] and r["written"] for r in _restored(out))
+
+
 def _shown(path: Path) -> str:
     """``path`` relative to the repository where it lies in it (as a report names it), else as it is."""
     try:

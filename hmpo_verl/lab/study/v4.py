@@ -556,7 +556,7 @@ def stages(args, log, out: Path, docs: Path) -> int:
     if not chosen:
         return progress_only()
     results = Results(pilot, order, seeds_ws, grids, chosen, tuning_rows, eval_records, planned, finished, status,
-                      scope_facts(args.task, args.assets, kinds, seeds_ws))
+                      {**scope_facts(args.task, args.assets, kinds, seeds_ws), "elsewhere": run.restored_elsewhere(out)})
     write_data(docs.parent / f"{docs.stem}_data", results)
     blocks = write_report(docs, results, provenance)
     done = len(finished) == len(order)
@@ -637,6 +637,10 @@ def scope_facts(task_name: str, assets: str | None, kinds: list[str], warm_start
     return {"prompts": prompts, "params": params, "fits": fits}
 
 
+ELSEWHERE_FITS = (" as built on the machine that wrote this report; the regimes restored from another machine's data "
+                  "trained on that machine's fits of the same seeds, which its data does not hold")
+
+
 def scope_lines(facts: dict, steps: int, steps_note: str, curves_by_key: dict, chosen: dict, primary: list[dict],
                 evaluated: list[str], regimes: list[str], finished: list[str]) -> list[str]:
     """v4's scope, from its data: ``facts`` (:func:`scope_facts`), the run length (``steps_note``: how the pilot
@@ -660,7 +664,7 @@ def scope_lines(facts: dict, steps: int, steps_note: str, curves_by_key: dict, c
         f"**Scope of study v4: what it can and cannot say.** {task}, small models (parameters: {models or 'not built here'}), "
         f"each warm-started by a supervised fit that saw every prompt's answer, held-out ones included (held-out means "
         f"never RL-trained on, not unseen). {len(facts['fits'])} warm starts (seed: greedy accuracy of each model's "
-        f"fit: {fits or 'none built'}) are crossed with the evaluation seeds; the unit is the (warm start, seed) pair. "
+        f"fit{ELSEWHERE_FITS if facts.get('elsewhere') else ''}: {fits or 'none built'}) are crossed with the evaluation seeds; the unit is the (warm start, seed) pair. "
         f"Runs are {steps} steps long ({steps_note}); at the last step {rising} of {len(curves_)} "
         f"evaluation runs ({rising / max(len(curves_), 1):.0%}) still rise (least-squares slope of held-out reward "
         f"over the last {analysis.RISING_WINDOW} steps > 0; a run at a plateau does so by noise about half the time). "
