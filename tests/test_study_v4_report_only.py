@@ -750,7 +750,8 @@ def test_restore_resumes_on_a_new_machine_from_the_committed_data_and_checks_it(
     assert pinned.replace("\n", "; the dense model's fits here, 0: 1.00, 1: 0.50") in study.docs.read_text()
     ws1.write_text(json.dumps({"greedy_accuracy": 1.0}))
     assert (f"* 38 run records restored from the committed data ({kept}; `--restore`, on a new machine) rather than "
-            "run again; 3 of its runs ran here first and gave the data's summary at its 6 significant digits") in text
+            f"run again; 38 of them (pilot {REGIME}; tune {REGIME}; eval {REGIME}) once 3 of the data's runs ran here "
+            "and gave its summary at its 6 significant digits\n") in text
     printed = capsys.readouterr().out
     assert re.findall(r"--restore: (\d+) records of the (\w+) ", printed) == [("2", "pilot"), ("24", "tune"),
                                                                             ("12", "eval")]
@@ -793,10 +794,11 @@ def test_restore_resumes_on_a_new_machine_from_the_committed_data_and_checks_it(
     assert sorted({r.phase for r in ran}) == ["eval"] and len(ran) == 12
     text = study.docs.read_text()
     assert ("* 26 run records restored from the committed data" in text and
-            "as made on another machine: a run of the data ran here and differed (runs/pilot/async_4/vanilla/lr0.0003/"
-            "seed1001.json ran here with auc_heldout" in text and
-            f"restored whole: pilot {REGIME}; tune {REGIME}; run here instead (the data held part): eval {REGIME}. "
-            "Each stage's runs come from one machine" in text)
+            f"rather than run again; 26 of them (pilot {REGIME}; tune {REGIME}) as made elsewhere (another machine or "
+            "commit): a run of the data ran here and differed (runs/pilot/async_4/vanilla/lr0.0003/seed1001.json ran "
+            f"here with auc_heldout" in text and
+            f"; run here instead, the data holding part of them or this machine some: eval {REGIME}. Each stage's runs "
+            "come from one machine" in text)
 
     steps = pd.read_csv(kept / "steps.csv.gz")
     steps[steps.step <= PLAN.pilot_steps - 1].to_csv(kept / "steps.csv.gz", index=False)  # a shorter pilot's data
@@ -811,6 +813,7 @@ def test_restore_resumes_on_a_new_machine_from_the_committed_data_and_checks_it(
     (["--v4", "--preregister", "--restore", "d"], "--v4 --preregister with --restore is invalid"),
     (["--v4", "--restore-as-recorded"], "--v4 --restore-as-recorded without --restore is invalid"),
     (["--restore-as-recorded"], "--restore without --v4 is invalid"),
+    (["--v4", "--restore", ""], "--v4 --restore '' is invalid"),
 ])
 def test_restore_is_refused_where_it_would_be_ignored_or_could_not_check(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -819,10 +822,66 @@ def test_restore_is_refused_where_it_would_be_ignored_or_could_not_check(argv, m
 
 
 def test_a_restore_of_data_with_other_warm_starts_than_those_pinned_stops_loud(tmp_path):
-    (tmp_path / v4.PINNED_WARM_STARTS).write_text(json.dumps({"seeds": [7, 8, 10], "from": "docs/study_data"}))
+    (tmp_path / run.PINNED_WARM_STARTS).write_text(json.dumps({"seeds": [7, 8, 10], "from": "docs/study_data"}))
     other = run.Committed(tmp_path / "data", {run.committed_key("tune", REGIME, "hmpo", 1e-4, 3, 1001): {}}, {})
     with pytest.raises(SystemExit, match=r"its runs' warm starts \[3\] are not those the runs in .* were restored "
                                          r"with, \[7, 8, 10\]"):
-        v4.pinned_seeds(tmp_path, other, write=True)
-    assert v4.pinned_seeds(tmp_path, None, write=False) == [7, 8, 10]  # a resume without --restore keeps them
-    assert v4.pinned_seeds(tmp_path / "new", None, write=True) == []  # never restored: the acceptance rule
+        v4.pinned_seeds(tmp_path, other)
+    assert v4.pinned_seeds(tmp_path, None) == [7, 8, 10]  # a resume without --restore keeps them
+    assert v4.pinned_seeds(tmp_path / "new", None) == []  # never restored: the acceptance rule
+
+
+def test_restore_as_recorded_never_mixes_a_stage_and_checks_each_data_by_its_content(tmp_path, monkeypatch):
+    """Off the tested path of --restore: a stage one of whose runs was made here is not restored as made elsewhere
+    (it runs here whole); other data at the same path is checked again; a stopped restore pins no warm starts; the
+    data's run length binds its tuning runs, and a pilot or evaluation run without steps stops loud."""
+    import pandas as pd
+
+    base = lean.LoopSettings(max_response_length=lean.recipe_max_response_length("fibonacci"), eval_prompts=8)
+    stage = [Run("eval", REGIME, m, 3e-4, s, 7) for m in ("vanilla", "hmpo") for s in (1, 2)]
+    data, out = tmp_path / "data", tmp_path / "out"
+
+    def write_data(value, steps=T):
+        data.mkdir(exist_ok=True)
+        rows = [{"phase": r.phase, "regime": r.regime, "method": r.method, "lr": r.lr, "seed": r.seed,
+                 "warm_start": r.warm_start, "final_heldout": value, "wall_s": 1.0, "cpu_s": 1.0} for r in stage]
+        pd.DataFrame(rows).to_csv(data / "runs.csv", index=False)
+        pd.DataFrame([{**{k: v for k, v in row.items() if k in ("phase", "regime", "method", "lr", "seed",
+                                                                 "warm_start")}, "step": i, "eval_heldout": value}
+                      for row in rows for i in range(steps + 1)]).to_csv(data / "steps.csv.gz", index=False)
+        return run.load_committed(data)
+
+    def fake_execute(r, task, assets, steps, base_, folder, queue, moe):  # this machine's run: final_heldout 0.5
+        path = r.path(Path(folder))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"run": asdict(r), "restored": {"summary": {"final_heldout": 0.5}}}))
+
+    monkeypatch.setattr(run, "execute", fake_execute)
+    restore = lambda committed, runs=stage, steps=T: run.restore(runs, committed, "fibonacci", None, steps,  # noqa: E731
+                                                                  base, out, as_recorded=True, log=lambda *a: None)
+    elsewhere = write_data(0.6)
+    with pytest.raises(SystemExit, match="add --restore-as-recorded"):
+        run.restore(stage, elsewhere, "fibonacci", None, T, base, out, log=lambda *a: None)
+    assert not (out / run.PINNED_WARM_STARTS).exists()  # the stop pins nothing: a resume uses the rule
+    fake_execute(stage[0], None, None, T, base, out, None, False)  # one run of the stage made here
+    assert restore(elsewhere) == 0 and not (out / run.PINNED_WARM_STARTS).exists()
+    assert json.loads((out / run.RESTORED).read_text().splitlines()[-1])["written"] == 0
+    assert run.restored_line(out) is None
+
+    stage[0].path(out).unlink()  # none made here: restored whole, as made elsewhere; the warm starts pinned
+    assert restore(elsewhere) == 4 and json.loads((out / run.PINNED_WARM_STARTS).read_text())["seeds"] == [7]
+
+    out2 = tmp_path / "out2"  # same path, other content: this machine's data, checked again (and reproducing)
+    here = write_data(0.5)
+    with pytest.raises(SystemExit, match="has 10 steps, this plan runs 12"):
+        run.restore(stage, here, "fibonacci", None, T + 2, base, out2, log=lambda *a: None)
+    tuning = [Run("tune", REGIME, "hmpo", 3e-4, 1001, 7)]
+    rows = pd.read_csv(data / "runs.csv")
+    tune_row = {**rows.iloc[0].to_dict(), "phase": "tune", "method": "hmpo", "seed": 1001}
+    pd.concat([rows, pd.DataFrame([tune_row])]).to_csv(data / "runs.csv", index=False)
+    with pytest.raises(SystemExit, match=r"tune/async_4/hmpo/lr0.0003/ws7_seed1001.json has 10 steps, this plan runs 12"):
+        run.restore(tuning, run.load_committed(data), "fibonacci", None, T + 2, base, out2, log=lambda *a: None)
+    steps = pd.read_csv(data / "steps.csv.gz")
+    steps[steps.seed != 2].to_csv(data / "steps.csv.gz", index=False)
+    with pytest.raises(SystemExit, match=r"has a row in runs.csv and no steps in steps.csv.gz"):
+        run.restore(stage, run.load_committed(data), "fibonacci", None, T, base, out2, log=lambda *a: None)

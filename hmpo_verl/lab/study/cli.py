@@ -78,6 +78,9 @@ def parse_args(argv=None):
         if args.preregister:
             given += [flag(n) for n in ("quick", "report_only", "readme", "out", "assets", "docs", "parallel", "task",
                                         "restore", "restore_as_recorded") if n in named]
+        elif args.restore is not None and not args.restore.strip():
+            parser.error("--v4 --restore '' is invalid: it names no data folder (an unset variable?); allowed: "
+                         "--restore DATA_DIR, e.g. docs/study_data")
         elif args.restore_as_recorded and not args.restore:
             parser.error("--v4 --restore-as-recorded without --restore is invalid: it says how --restore treats data "
                          "made elsewhere; allowed: --restore DATA_DIR --restore-as-recorded")
@@ -89,7 +92,7 @@ def parse_args(argv=None):
                          "plan is pre-registered in plan_v4.py; allowed with --v4: " +
                          ("nothing else (it writes docs/study_v4_plan.md)" if args.preregister else
                           "--quick, --report-only, --readme, --out, --assets, --docs, --parallel, --task, --restore, --restore-as-recorded"))
-    elif args.restore or args.restore_as_recorded:
+    elif args.restore is not None or args.restore_as_recorded:
         parser.error("--restore without --v4 is invalid: it restores v4's run records; allowed: --v4 --restore DATA_DIR "
                      "(v3's report regenerates from its data with --from-data)")
     elif args.preregister and not (args.docs or args.quick) and plan.REPORT.exists():

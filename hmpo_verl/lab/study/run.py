@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -427,10 +428,17 @@ class Committed:
     source: Path
     rows: dict  # key -> its runs.csv row (the run's summary, analysis.run_summary's fields; empty cells None)
     steps: dict  # key -> its steps.csv.gz rows in step order (step 0: the evaluation before the first update)
+    identity: str = ""  # sha256 of the two files (the check history is kept per data, not per path)
 
     def warm_starts(self) -> list[int]:
         """The warm starts of the data's tuning and evaluation runs (the study's accepted ones), sorted."""
         return sorted({key[4] for key in self.rows if key[0] in ("tune", "eval")})
+
+    def run_length(self) -> int | None:
+        """The steps of the data's evaluation runs (the study's T, which its tuning runs share); None when the data
+        has none."""
+        lengths = {len(v) - 1 for k, v in self.steps.items() if k[0] == "eval"}
+        return lengths.pop() if len(lengths) == 1 else None
 
 
 def committed_key(phase: str, regime: str, method: str, lr: float, warm_start: int, seed: int) -> tuple:
@@ -468,7 +476,8 @@ def load_committed(data_dir: Path) -> Committed:
     rows = {committed_key(*(row[c] for c in key_columns)): _plain(row) for row in runs.to_dict("records")}
     by_run = {committed_key(*key): [_plain(r) for r in group.sort_values("step").to_dict("records")]
               for key, group in steps.groupby(list(key_columns), sort=False)}
-    return Committed(data_dir, rows, by_run)
+    digest = hashlib.sha256(b"".join((data_dir / n).read_bytes() for n in ("runs.csv", "steps.csv.gz"))).hexdigest()
+    return Committed(data_dir, rows, by_run, digest)
 
 
 def restored_record(run: Run, committed: Committed, task: str, steps: int, base: lean.LoopSettings) -> dict:
@@ -481,8 +490,13 @@ def restored_record(run: Run, committed: Committed, task: str, steps: int, base:
     summary = {k: v for k, v in committed.rows[key].items() if k != "warm_start"}
     per_step = [{k: v for k, v in m.items() if v is not None and k not in (*asdict(run), "step")}
                 for m in committed.steps.get(key, [])]
-    if per_step and len(per_step) != steps + 1:
-        raise SystemExit(f"--restore {committed.source}: its run {run.path(Path('.'))} has {len(per_step) - 1} steps, "
+    length = len(per_step) - 1 if run.phase in ("pilot", "eval") else committed.run_length()
+    if run.phase in ("pilot", "eval") and not per_step:
+        raise SystemExit(f"--restore {committed.source}: its run {run.path(Path('.'))} has a row in runs.csv and no "
+                         "steps in steps.csv.gz (every pilot and evaluation run has them): the data is incomplete; "
+                         "point --restore at a report's whole data, or leave --restore out (the runs run again)")
+    if length is not None and length != steps:
+        raise SystemExit(f"--restore {committed.source}: its run {run.path(Path('.'))} has {length} steps, "
                          f"this plan runs {steps}: the data is from another plan; point --restore at this plan's data, "
                          "or leave --restore out (the runs run again)")
     return {"run": asdict(run), "task": task, "steps": steps, "settings": run_settings(base, run),
@@ -510,14 +524,16 @@ def restore(runs: list[Run], committed: Committed, task: str, assets: str | None
     (:func:`restored_record`); returns how many were written.
 
     The data is first checked against this machine and this code: the first run to restore of each phase and
-    regime runs here (in a scratch folder; once per data folder) and its summary must give the data's row at the
-    data's 6 digits (wall and CPU time aside). When it does, every such run is restored. When it does not
-    (another commit's lean loop, settings or definitions; or another machine: its CPU's arithmetic builds other
-    warm starts from the same recipe and seeds), the study stops naming the run, the field and both values --
-    unless ``as_recorded``: then the data counts as made elsewhere, no run is checked again, and a stage is
-    restored only when the data holds every one of its runs (otherwise all of them run here, so no comparison
-    mixes the two machines' runs). Each stage's outcome is appended to ``<out>/restored.jsonl``
-    (:func:`restored_line` reports it)."""
+    regime runs here (in a scratch folder; once per data, by its content) and its summary must give the data's
+    row at the data's 6 digits (wall and CPU time aside). When it does, every such run is restored. When it does
+    not (another commit's lean loop, settings or definitions; or another machine: its CPU's arithmetic builds
+    other warm starts from the same recipe and seeds), the study stops naming the run, the field and both values
+    -- unless ``as_recorded``: then the data counts as made elsewhere, no run is checked again, and a stage is
+    restored only when the data holds every one of its runs and none was made here (otherwise all of them run
+    here, so no comparison mixes the two machines' runs). A restored record holds this code's settings and
+    definitions: what it was made with is the data's commit's (its report's Command line). Each stage's outcome
+    is appended to ``<out>/restored.jsonl`` (:func:`restored_line` reports it); the data's warm starts are pinned
+    in ``<out>/warm_starts.json`` once a tuning or evaluation record is restored from it."""
     import tempfile
 
     from hmpo_verl.lab.study import analysis
@@ -525,7 +541,7 @@ def restore(runs: list[Run], committed: Committed, task: str, assets: str | None
     todo = [r for r in runs if not r.path(out).exists() and _run_key(r) in committed.rows]
     if not todo:
         return 0
-    history = [h for h in _restored(out) if h["from"] == _shown(committed.source)]
+    history = [h for h in _restored(out) if h.get("data") == committed.identity]
     difference = next((h["difference"] for h in history if h["difference"]), None)
     done = {tuple(c.split("/")[1:3]) for h in history for c in h["checked"]}  # (phase, regime) checked already
     groups: dict[tuple[str, str], Run] = {}
@@ -536,7 +552,7 @@ def restore(runs: list[Run], committed: Committed, task: str, assets: str | None
     for r in groups.values() if difference is None else []:
         log(f"--restore: running {r.path(out).relative_to(out)} here to check {committed.source} against this "
             "machine and code")
-        with tempfile.TemporaryDirectory() as scratch:
+        with tempfile.TemporaryDirectory() as scratch, keep_built(out):
             execute(r, task, assets, steps, base, scratch, None, lean.REGIMES_BY_NAME[r.regime].model == "moe")
             got = analysis.run_summary({**json.loads(r.path(Path(scratch)).read_text()), "run": r})
         checked.append(str(r.path(out).relative_to(out)))
@@ -552,7 +568,8 @@ def restore(runs: list[Run], committed: Committed, task: str, assets: str | None
                          "arithmetic and warm starts). Leave --restore out (the runs run again here), restore with the "
                          "code that made the data, or add --restore-as-recorded (the data's complete stages are "
                          "restored as made elsewhere, and the report says so)")
-    whole = all(_run_key(r) in committed.rows for r in runs)
+    made_here = [r for r in runs if r.path(out).exists() and not _restored_from(r.path(out), committed)]
+    whole = all(_run_key(r) in committed.rows for r in runs) and not made_here
     written = 0
     if not difference or whole:
         for r in todo:
@@ -562,17 +579,27 @@ def restore(runs: list[Run], committed: Committed, task: str, assets: str | None
             tmp.write_text(json.dumps(restored_record(r, committed, task, steps, base)))
             tmp.replace(path)
             written += 1
+    if written and todo[0].phase in ("tune", "eval") and not (out / PINNED_WARM_STARTS).exists():
+        (out / PINNED_WARM_STARTS).write_text(json.dumps({"seeds": committed.warm_starts(),
+                                                          "from": _shown(committed.source)}) + "\n")
     label = f"{todo[0].phase} {', '.join(dict.fromkeys(r.regime for r in runs))}"
     log(f"--restore: {written} records of the {label} stage written from {committed.source}" +
         (f" ({difference}: restored as made elsewhere)" if difference and written else "") +
-        (f"; the data holds {len(todo)} of its {len(runs)} runs, made elsewhere: all run here" if not written else ""))
+        (f"; the data holds {len(todo)} of its {len(runs)} runs" + (f", {len(made_here)} were made here" if made_here
+                                                                      else "") + ", made elsewhere: all run here"
+         if not written else ""))
     with open(out / RESTORED, "a") as f:  # what the report says of its records' origin (restored_line)
-        f.write(json.dumps({"from": _shown(committed.source), "stage": label, "written": written,
-                            "checked": checked,
-                            "difference": difference}) + "\n")
+        f.write(json.dumps({"from": _shown(committed.source), "data": committed.identity, "stage": label,
+                            "written": written, "checked": checked, "difference": difference}) + "\n")
     return written
 
 
+def _restored_from(path: Path, committed: Committed) -> bool:
+    """Whether the record at ``path`` was restored from ``committed`` (not made here)."""
+    return json.loads(path.read_text()).get("restored", {}).get("from") == str(committed.source)
+
+
+PINNED_WARM_STARTS = "warm_starts.json"  # in --out: the warm starts of the data restore() restored runs from
 RESTORED = "restored.jsonl"  # in --out: a line per stage restore() found runs of in the data
 
 
@@ -596,21 +623,27 @@ def _shown(path: Path) -> str:
 
 def restored_line(out: Path) -> str | None:
     """The report's line on the records :func:`restore` wrote into ``out`` (None when it wrote none): how many, from
-    where, and whether a run of the data ran here with the data's figures or differed (then which stages were
-    restored as made elsewhere)."""
+    where, which stages after a run of the data reproduced here and which as made elsewhere (after one differed),
+    and which stages the data held part of, made elsewhere, and so ran here."""
     rows = _restored(out)
     if not sum(r["written"] for r in rows):
         return None
+    stages = lambda rs: "; ".join(dict.fromkeys(r["stage"] for r in rs))  # noqa: E731
     sources = ", ".join(sorted({r["from"] for r in rows}))
-    line = (f"{sum(r['written'] for r in rows)} run records restored from the committed data ({sources}; "
-            "`--restore`, on a new machine) rather than run again")
-    difference = next((r["difference"] for r in rows if r["difference"]), None)
-    if not difference:
-        return line + (f"; {sum(len(r['checked']) for r in rows)} of its runs ran here first and gave the data's "
-                       "summary at its 6 significant digits")
-    kept = [r["stage"] for r in rows if r["written"]]
-    rerun = [r["stage"] for r in rows if not r["written"]]
-    return (line + f", as made on another machine: a run of the data ran here and differed ({difference}); "
-            f"restored whole: {'; '.join(kept)}" + (f"; run here instead (the data held part): {'; '.join(rerun)}"
-                                                   if rerun else "") +
-            ". Each stage's runs come from one machine, so every paired comparison is within one machine")
+    same = [r for r in rows if r["written"] and not r["difference"]]
+    elsewhere = [r for r in rows if r["written"] and r["difference"]]
+    rerun = [r for r in rows if not r["written"]]
+    parts = [f"{sum(r['written'] for r in rows)} run records restored from the committed data ({sources}; "
+             "`--restore`, on a new machine) rather than run again"]
+    if same:
+        parts.append(f"{sum(r['written'] for r in same)} of them ({stages(same)}) once "
+                     f"{sum(len(r['checked']) for r in rows if not r['difference'])} of the data's runs ran here and "
+                     "gave its summary at its 6 significant digits")
+    if elsewhere:
+        parts.append(f"{sum(r['written'] for r in elsewhere)} of them ({stages(elsewhere)}) as made elsewhere "
+                     f"(another machine or commit): a run of the data ran here and differed "
+                     f"({elsewhere[0]['difference']})")
+    if rerun:
+        parts.append(f"run here instead, the data holding part of them or this machine some: {stages(rerun)}")
+    return "; ".join(parts) + (". Each stage's runs come from one machine, so every paired comparison is within one "
+                               "machine" if elsewhere else "")

@@ -419,24 +419,20 @@ def pin_order(out: Path, order: list[str], write: bool) -> None:
         path.write_text(json.dumps(order) + "\n")
 
 
-PINNED_WARM_STARTS = "warm_starts.json"  # in --out: the warm starts of the data --restore restored
-
-
-def pinned_seeds(out: Path, committed: run.Committed | None, write: bool) -> list[int]:
-    """The warm starts a restored study keeps (:func:`pinned_warm_starts`): those of ``committed``'s tuning and
-    evaluation runs, kept in ``<out>/warm_starts.json`` (``write``) so that a later invocation without --restore
-    (the printed "continue with", --report-only) keeps them too; a --restore whose data has others stops loud.
+def pinned_seeds(out: Path, committed: run.Committed | None) -> list[int]:
+    """The warm starts a restored study keeps (:func:`pinned_warm_starts`): those pinned in
+    ``<out>/warm_starts.json`` once :func:`run.restore` restored a tuning or evaluation record (so that a later
+    invocation without --restore, the printed "continue with" or --report-only, keeps them too), else those of
+    ``committed``'s tuning and evaluation runs; a --restore whose data has others than the pinned ones stops loud.
     Empty when neither holds any (warm starts accepted by the rule, :func:`accepted_warm_starts`)."""
     import json
 
-    path = out / PINNED_WARM_STARTS
+    path = out / run.PINNED_WARM_STARTS
     kept = json.loads(path.read_text())["seeds"] if path.exists() else []
     now = committed.warm_starts() if committed is not None else []
     if kept and now and kept != now:
         raise SystemExit(f"--restore {committed.source}: its runs' warm starts {now} are not those the runs in {out} "
                          f"were restored with, {kept} ({path}); point --out at a new folder to restore this data")
-    if now and not kept and write:
-        path.write_text(json.dumps({"seeds": now, "from": str(committed.source)}) + "\n")
     return kept or now
 
 
@@ -496,7 +492,7 @@ def stages(args, log, out: Path, docs: Path) -> int:
         return progress_only()
     # the warm starts: every model of the regimes the pilot kept (the gap regime's, not the ladder's first)
     kinds = sorted({lean.REGIMES_BY_NAME[r].model for r in pilot.regimes})
-    pinned = pinned_seeds(out, runs.committed, write=not report_only)
+    pinned = pinned_seeds(out, runs.committed)
     with run.keep_built(out):
         if pinned:
             seeds_ws, not_built, unfit = pinned_warm_starts(args.task, args.assets, kinds, pinned, log,
