@@ -18,8 +18,8 @@
 3. scores the exact expected test reward at verl's validation steps and step 0 from the actor
    weights verl saved there (:mod:`hmpo_verl.lab.exact_reward`; ``sync`` and ``colocate_async``),
    logged as ``val-core/<data_source>/reward/exact_mean`` beside verl's metrics;
-4. prints a summary of the reward curve (the same for the same command and seeds where the run's config has
-   ``rollout.full_determinism``, as the tasks' hmpo.yaml; the header says so, or that a rerun may differ) and
+4. prints a summary of the reward curve (the same for the same command and seeds on the same CPU model where
+   the run's config has ``rollout.full_determinism``, as the tasks' hmpo.yaml; the header says so, or that a rerun may differ) and
    writes a PNG of reward, clip fraction and effective sample
    size against step, all from the logged metrics; when verl fails, the cause
    (:func:`failure_cause`) instead of a pointer to the log.
@@ -524,7 +524,8 @@ def print_summary(summary: dict, timings: dict, png: Path, log=print, reproducib
     window = start_key.removeprefix("reward_start_mean")
     log("")
     if reproducible:
-        log("=== reward curve summary (verl's logged metrics; the same for the same command and seeds) ===")
+        log("=== reward curve summary (verl's logged metrics; the same for the same command and seeds on the same "
+            "CPU model) ===")
     else:
         log(f"=== reward curve summary (verl's logged metrics; {ROLLOUT_DETERMINISM}=false: the rollout depends on "
             "timing and batching, so a rerun of the same command may differ) ===")
