@@ -102,7 +102,8 @@ def test_requests_after_an_abort_wait_for_resume_then_run_on_the_new_weights(ser
 
     async def run():
         await server.abort_all_requests()
-        parked = asyncio.create_task(server.generate(prompt, {"temperature": 0.0, "max_tokens": 3}, request_id="p"))
+        parked = asyncio.create_task(server.generate(prompt, {"temperature": 0.0, "max_tokens": 3, "ignore_eos": True},
+                                                     request_id="p"))
         await asyncio.sleep(0.2)
         assert not parked.done(), "a request ran while the gate was closed"
         await server.update_weights_from_tensors(new_weights, last=True, global_steps=5)
@@ -197,7 +198,8 @@ def test_a_request_still_queued_at_the_abort_is_not_aborted_but_decoded_after_th
     async def run():
         running = asyncio.create_task(slow.generate(prompt, dict(LONG_SAMPLING), request_id="running"))
         await _until(lambda: slow._decoding == 1)
-        queued = asyncio.create_task(slow.generate(prompt, {"temperature": 0.0, "max_tokens": 4}, request_id="queued"))
+        queued = asyncio.create_task(slow.generate(prompt, {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True},
+                                                   request_id="queued"))
         await asyncio.sleep(0.05)
         report = await slow.abort_all_requests()
         await slow.update_weights_from_tensors(new, last=True, global_steps=9)
