@@ -193,7 +193,7 @@ class Results:
     warm_starts: list[int]  # the accepted warm-start seeds
     grids: dict  # (regime, method) -> its grid after the edge rule, in the regimes tuned
     chosen: dict  # (regime, method) -> the tuning's choice (analysis.choose_settings)
-    tuning_rows: list[dict]  # the tuning runs of the regimes whose tuning is complete
+    tuning_rows: list[dict]  # every finished tuning run (an incomplete tuning's too: what a new machine restores)
     eval_records: list[dict]  # the finished evaluation runs
     planned: int  # the evaluation runs of the plan, every regime
     finished: list[str]  # the regimes whose evaluation is complete
@@ -202,8 +202,8 @@ class Results:
 
 
 def write_data(data_dir: Path, results: Results) -> None:
-    """The report's data beside it: ``runs.csv``, a row per finished pilot run, tuning run (of the regimes whose
-    tuning is complete) and evaluation run (its
+    """The report's data beside it: ``runs.csv``, a row per finished pilot run, tuning run (an incomplete
+    tuning's too, which ``--restore`` restores on a new machine) and evaluation run (its
     summary, warm start and seed: what the tuning, the tests and the tables are computed from), and
     ``steps.csv.gz``, the pilot's and the evaluation runs' per-step ``STEP_COLUMNS`` (step 0: the evaluation
     before the first update; what the run length rule, the reward figure and the plateau table read)."""
@@ -530,11 +530,11 @@ def stages(args, log, out: Path, docs: Path) -> int:
         reached.append(regime)
         tuning = tuning_stage(p, [regime], steps, seeds_ws, runs, log)
         say(f"{regime}: {tuning.line()}")
+        tuning_rows += tuning.rows
         if not tuning.chosen:
             break
         chosen.update(tuning.chosen)
         grids.update(tuning.grids)
-        tuning_rows += tuning.rows
         evaluation = evaluation_runs(p, regime, tuning.chosen, seeds_ws)
         records = runs.finished(evaluation, steps, f"evaluation {regime}")
         eval_records += records
@@ -724,8 +724,8 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
               "on the (warm start, seed) pairs that every one of its methods finished" if len(rows) < results.planned else "") +
              f". T = {steps} steps. Grids after the edge rule: " +
              "; ".join(f"{r}/{m} {g} → {chosen[(r, m)]['lr']:g}" for (r, m), g in grids.items() if (r, m) in chosen) +
-             ".", "", f"Data: `{data}/runs.csv` (a row per finished pilot run, tuning run of a regime whose tuning is "
-             "complete, and evaluation run: its phase, regime, "
+             ".", "", f"Data: `{data}/runs.csv` (a row per finished pilot run, tuning run -- an incomplete tuning's too, "
+             "which the report does not use until it is complete -- and evaluation run: its phase, regime, "
              "method, lr, warm start, seed and outcomes; what the tuning, the tests and the tables are computed from) "
              f"and `{data}/steps.csv.gz` (after each step of every pilot and evaluation run, step 0 before the first "
              "update: the batch's sampled reward, the exact held-out and training-prompt reward, the update's and the "
