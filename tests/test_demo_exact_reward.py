@@ -148,3 +148,14 @@ def test_the_summary_read_back_from_json_orders_steps_as_numbers(tmp_path):
     text = "\n".join(lines)
     assert "test-set reward (exact)    0.300  ->  0.610   (step 0 -> 40: +0.310)" in text
     assert "by validation step       0: 0.300, 5: 0.280, 10: 0.420, 40: 0.610" in text
+
+
+def test_the_sweeps_summary_names_the_cpu_model_its_figures_came_from():
+    """Another CPU model fits another initial model (README): a generated summary says which one it ran on."""
+    from hmpo_verl.lab.study import report
+
+    rows = [{"seed": 1, "step": s, "exact_reward": 0.33 + s / 100, "rise": s / 100, "total_s": 10.0,
+             "load_at_start": 0.1} for s in (0, 5)]
+    text = demo_sweep.summary_markdown("python -m hmpo_verl.lab.demo_sweep", rows, "now")
+    assert f", cpu {report.cpu_model()}: another CPU model fits another initial model" in text
+    assert report.cpu_model() and report.cpu_model() != "unknown"

@@ -356,7 +356,7 @@ def plots(fid_summary, sens_summary, methods, regimes, figures: Path) -> list[Pa
 
 
 def write_report(path: Path, argv, ctx) -> None:
-    from hmpo_verl.lab.study.report import versions
+    from hmpo_verl.lab.study.report import versions_text
 
     rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
     methods, regimes = ctx["methods"], ctx["regimes"]
@@ -381,7 +381,7 @@ def write_report(path: Path, argv, ctx) -> None:
         "python -m hmpo_verl.lab.bench --fidelity " + " ".join(argv),
         "```",
         "",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. {os.cpu_count()} CPU cores, other work "
+        f"Versions: {versions_text()}. {os.cpu_count()} CPU cores, other work "
         f"running. Took {ctx['wall_s'] / 60:.1f} min.",
         "",
         f"Task `{ctx['task']}`, warm-start model; pool of {ctx['pool_size']} responses sampled from it "

@@ -399,7 +399,7 @@ def update_docs(docs: Path, lines: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-    from hmpo_verl.lab.study.report import LAG_END, LAG_START, versions
+    from hmpo_verl.lab.study.report import LAG_END, LAG_START, versions_text
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m hmpo_verl.lab.lag_fidelity", description=__doc__.split("\n\n")[0])
@@ -431,7 +431,7 @@ def main(argv=None) -> int:
                        Path(args.out))
         wall = sum({(r["regime"], r["seed"]): r["trajectory_wall_s"] for r in rows}.values())
         meta = {"command": " ".join(["python -m hmpo_verl.lab.lag_fidelity", *argv]),
-                "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
+                "versions": versions_text(),
                 "machine": f"{os.cpu_count()} CPU cores shared with other work (load average "
                            f"{os.getloadavg()[0]:.1f} at the end); the trajectories took {wall / 60:.1f} min.",
                 "seeds": " ".join(map(str, seeds)), "capture": " ".join(map(str, capture)),

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmpo_verl.lab.cpu_demo import check_cpu_backend_installed, read_metrics, trainer_command, trainer_env
-from hmpo_verl.lab.study.report import versions
+from hmpo_verl.lab.study.report import versions_text
 from hmpo_verl.lab.tasks import REPO_ROOT, TASKS, get_task
 
 REWARD = "critic/score/mean"
@@ -166,7 +166,7 @@ def write_report(path: Path, argv: list[str], runs: list[ReportRun], rows: list[
         shlex.join(["python", "-m", "hmpo_verl.lab.task_report", *argv]),
         "```",
         "",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}. Machine: {os.cpu_count()} CPU cores "
+        f"Versions: {versions_text()}. Machine: {os.cpu_count()} CPU cores "
         "(shared with other work while measured: timings are indicative only). Per-step data: "
         f"[`tasks_data/steps.csv`](tasks_data/steps.csv).",
         "",

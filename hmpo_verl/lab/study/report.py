@@ -39,13 +39,29 @@ def _p(x) -> str:
 
 
 def versions() -> dict:
+    """The packages a report's figures came from, and the CPU model: another one rounds differently, so a
+    supervised fit (the tasks' and the study's warm starts) ends at other weights and every figure moves."""
     from importlib.metadata import version
 
     import torch
     import transformers
 
     return {"hmpo-verl": version("hmpo-verl"), "verl": version("verl"), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": sys.version.split()[0]}
+            "transformers": transformers.__version__, "python": sys.version.split()[0], "cpu": cpu_model()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what platform reports)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def versions_text() -> str:
