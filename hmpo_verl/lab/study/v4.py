@@ -116,13 +116,9 @@ def accepted_warm_starts(task_name: str, assets, kinds: list[str], wanted: int, 
             return accepted, None
         greedy = {}
         for kind in kinds:
-            if build:
-                run.warm_start_model(task_name, assets, kind, seed, log=log)
-            report = run.built_warm_start_report(task_name, assets, kind, seed)
-            if report is None:
-                return accepted, (f"warm start {seed} of the {kind} model is not built "
-                                  f"({run.warm_start_dir(task_name, assets, kind, seed)})")
-            greedy[kind] = report["greedy_accuracy"]
+            greedy[kind] = _fit(task_name, assets, kind, seed, log, build)
+            if greedy[kind] is None:
+                return accepted, _not_built(task_name, assets, kind, seed)
             if check and greedy[kind] < plan_v4.WARM_START_MIN_GREEDY:
                 break
         if not check or min(greedy.values()) >= plan_v4.WARM_START_MIN_GREEDY:
@@ -147,16 +143,25 @@ def pinned_warm_starts(task_name: str, assets, kinds: list[str], seeds: list[int
     for kind in kinds:
         greedy = {}
         for seed in seeds:
-            if build:
-                run.warm_start_model(task_name, assets, kind, seed, log=log)
-            report = run.built_warm_start_report(task_name, assets, kind, seed)
-            if report is None:
-                return seeds, (f"warm start {seed} of the {kind} model is not built "
-                               f"({run.warm_start_dir(task_name, assets, kind, seed)})"), unfit
-            greedy[seed] = report["greedy_accuracy"]
+            greedy[seed] = _fit(task_name, assets, kind, seed, log, build)
+            if greedy[seed] is None:
+                return seeds, _not_built(task_name, assets, kind, seed), unfit
         if min(greedy.values()) < plan_v4.WARM_START_MIN_GREEDY:
             unfit[kind] = greedy
     return seeds, None, unfit
+
+
+def _fit(task_name: str, assets, kind: str, seed: int, log, build: bool) -> float | None:
+    """The greedy accuracy of warm start ``seed`` of the ``kind`` model (its ``warm_start.json``), built first when
+    ``build``; None when it is not built."""
+    if build:
+        run.warm_start_model(task_name, assets, kind, seed, log=log)
+    report = run.built_warm_start_report(task_name, assets, kind, seed)
+    return None if report is None else report["greedy_accuracy"]
+
+
+def _not_built(task_name: str, assets, kind: str, seed: int) -> str:
+    return f"warm start {seed} of the {kind} model is not built ({run.warm_start_dir(task_name, assets, kind, seed)})"
 
 
 def estimate_lines(p: V4Plan) -> list[str]:
