@@ -885,3 +885,4 @@ def test_restore_as_recorded_never_mixes_a_stage_and_checks_each_data_by_its_con
     steps[steps.seed != 2].to_csv(data / "steps.csv.gz", index=False)
     with pytest.raises(SystemExit, match=r"has a row in runs.csv and no steps in steps.csv.gz"):
         run.restore(stage, run.load_committed(data), "fibonacci", None, T, base, out2, log=lambda *a: None)
+    assert not any(r.path(out2).exists() for r in stage)  # none of the stage's records written before the stop

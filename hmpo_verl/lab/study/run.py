@@ -572,11 +572,12 @@ def restore(runs: list[Run], committed: Committed, task: str, assets: str | None
     whole = all(_run_key(r) in committed.rows for r in runs) and not made_here
     written = 0
     if not difference or whole:
-        for r in todo:
+        records = [(r, restored_record(r, committed, task, steps, base)) for r in todo]  # (a stop: none written)
+        for r, record in records:
             path = r.path(out)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(restored_record(r, committed, task, steps, base)))
+            tmp.write_text(json.dumps(record))
             tmp.replace(path)
             written += 1
     if written and todo[0].phase in ("tune", "eval") and not (out / PINNED_WARM_STARTS).exists():
