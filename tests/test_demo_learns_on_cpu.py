@@ -56,7 +56,7 @@ def test_the_exact_reward_is_logged_beside_verls_metrics(demo):
 def test_the_run_repeats_the_sweeps_seed_1_run(demo):
     """Same command, same seeds (the recipe's: 1): the same exact rewards as docs/demo_sweep/runs.csv -- on the
     sweep's arithmetic. Step 0 tells it apart: it scores the initial model, which the task builds by a supervised
-    fit, deterministic on one machine but rounded differently by a CPU with another instruction set (this
+    fit, deterministic on one machine but rounded differently by another CPU model (this
     project's second machine builds one whose step 0 is 0.32987 where the sweep's is 0.33053, and every later
     step differs from there). There the comparison is skipped, naming both; where step 0 matches, every step must."""
     _, summary, _ = demo
