@@ -19,8 +19,8 @@
    weights verl saved there (:mod:`hmpo_verl.lab.exact_reward`; ``sync`` and ``colocate_async``),
    logged as ``val-core/<data_source>/reward/exact_mean`` beside verl's metrics;
 4. prints a summary of the reward curve (the same for the same command and seeds on the same CPU model where
-   the run's config has ``rollout.full_determinism``, as the tasks' hmpo.yaml; the header says so, or that a rerun may differ) and
-   writes a PNG of reward, clip fraction and effective sample
+   the run's config has ``rollout.full_determinism``, as the tasks' hmpo.yaml; the header says so, or that a
+   rerun may differ) and writes a PNG of reward, clip fraction and effective sample
    size against step, all from the logged metrics; when verl fails, the cause
    (:func:`failure_cause`) instead of a pointer to the log.
 

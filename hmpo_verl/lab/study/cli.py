@@ -91,7 +91,8 @@ def parse_args(argv=None):
             parser.error(f"--v4{' --preregister' if args.preregister else ''} with {' '.join(given)} is invalid: v4's "
                          "plan is pre-registered in plan_v4.py; allowed with --v4: " +
                          ("nothing else (it writes docs/study_v4_plan.md)" if args.preregister else
-                          "--quick, --report-only, --readme, --out, --assets, --docs, --parallel, --task, --restore, --restore-as-recorded"))
+                          "--quick, --report-only, --readme, --out, --assets, --docs, --parallel, --task, --restore, "
+                          "--restore-as-recorded"))
     elif args.restore is not None or args.restore_as_recorded:
         parser.error("--restore without --v4 is invalid: it restores v4's run records; allowed: --v4 --restore DATA_DIR "
                      "(v3's report regenerates from its data with --from-data)")

@@ -534,41 +534,27 @@ def restore(runs: list[Run], committed: Committed, task: str, assets: str | None
     definitions: what it was made with is the data's commit's (its report's Command line). Each stage's outcome
     is appended to ``<out>/restored.jsonl`` (:func:`restored_line` reports it); the data's warm starts are pinned
     in ``<out>/warm_starts.json`` once a tuning or evaluation record is restored from it."""
-    import tempfile
-
-    from hmpo_verl.lab.study import analysis
-
     todo = [r for r in runs if not r.path(out).exists() and _run_key(r) in committed.rows]
     if not todo:
         return 0
     history = [h for h in _restored(out) if h.get("data") == committed.identity]
     difference = next((h["difference"] for h in history if h["difference"]), None)
-    done = {tuple(c.split("/")[1:3]) for h in history for c in h["checked"]}  # (phase, regime) checked already
-    groups: dict[tuple[str, str], Run] = {}
-    for r in todo:
-        if (r.phase, r.regime) not in done:
-            groups.setdefault((r.phase, r.regime), r)
     checked = []
-    for r in groups.values() if difference is None else []:
-        log(f"--restore: running {r.path(out).relative_to(out)} here to check {committed.source} against this "
-            "machine and code")
-        with tempfile.TemporaryDirectory() as scratch, keep_built(out):
-            execute(r, task, assets, steps, base, scratch, None, lean.REGIMES_BY_NAME[r.regime].model == "moe")
-            got = analysis.run_summary({**json.loads(r.path(Path(scratch)).read_text()), "run": r})
-        checked.append(str(r.path(out).relative_to(out)))
-        want = committed.rows[_run_key(r)]
-        if field := next((f for f in sorted(set(got) - {"wall_s", "cpu_s"}) if _cell(got[f]) != _cell(want.get(f))),
-                         None):
-            difference = (f"{checked[-1]} ran here with {field} {_cell(got[field])!r}, the data holds "
-                          f"{_cell(want.get(field))!r}")
-            break
+    if difference is None:
+        done = {tuple(c.split("/")[1:3]) for h in history for c in h["checked"]}  # (phase, regime) checked already
+        firsts: dict[tuple[str, str], Run] = {}
+        for r in todo:
+            if (r.phase, r.regime) not in done:
+                firsts.setdefault((r.phase, r.regime), r)
+        checked, difference = _check(list(firsts.values()), committed, task, assets, steps, base, out, log)
     if difference and not as_recorded:
         raise SystemExit(f"--restore {committed.source}: {difference}: the data is not what this code computes on "
                          "this machine (another commit's lean loop, settings or definitions, or another machine's "
                          "arithmetic and warm starts). Leave --restore out (the runs run again here), restore with the "
                          "code that made the data, or add --restore-as-recorded (the data's complete stages are "
                          "restored as made elsewhere, and the report says so)")
-    made_here = [r for r in runs if r.path(out).exists() and not _restored_from(r.path(out), committed)]
+    made_here = [r for r in runs if r.path(out).exists() and not _restored_from(r.path(out), committed)] \
+        if difference else []
     whole = all(_run_key(r) in committed.rows for r in runs) and not made_here
     written = 0
     if not difference or whole:
@@ -593,6 +579,32 @@ def restore(runs: list[Run], committed: Committed, task: str, assets: str | None
         f.write(json.dumps({"from": _shown(committed.source), "data": committed.identity, "stage": label,
                             "written": written, "checked": checked, "difference": difference}) + "\n")
     return written
+
+
+def _check(firsts: list[Run], committed: Committed, task: str, assets: str | None, steps: int,
+           base: lean.LoopSettings, out: Path, log) -> tuple[list[str], str | None]:
+    """:func:`restore`'s check: each run of ``firsts`` runs here in a scratch folder (under :func:`keep_built`)
+    until one's summary differs from the data's row at its 6 digits (wall and CPU time aside). Returns the runs
+    checked (paths relative to ``out``) and the first difference ("<run> ran here with <field> <here>, the data
+    holds <there>"; None when every one matched)."""
+    import tempfile
+
+    from hmpo_verl.lab.study import analysis
+
+    checked = []
+    for r in firsts:
+        log(f"--restore: running {r.path(out).relative_to(out)} here to check {committed.source} against this "
+            "machine and code")
+        with tempfile.TemporaryDirectory() as scratch, keep_built(out):
+            execute(r, task, assets, steps, base, scratch, None, lean.REGIMES_BY_NAME[r.regime].model == "moe")
+            got = analysis.run_summary({**json.loads(r.path(Path(scratch)).read_text()), "run": r})
+        checked.append(str(r.path(out).relative_to(out)))
+        want = committed.rows[_run_key(r)]
+        if field := next((f for f in sorted(set(got) - {"wall_s", "cpu_s"}) if _cell(got[f]) != _cell(want.get(f))),
+                         None):
+            return checked, f"{checked[-1]} ran here with {field} {_cell(got[field])!r}, the data holds " \
+                            f"{_cell(want.get(field))!r}"
+    return checked, None
 
 
 def _restored_from(path: Path, committed: Committed) -> bool:
