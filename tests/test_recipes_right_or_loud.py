@@ -109,6 +109,22 @@ def test_the_preflight_checks_the_settings_the_run_gets(stand_in, tmp_path):
     assert "--ray-address" not in stand_in()[1]
 
 
+@pytest.mark.parametrize("override, files", [
+    ("data.train_files=['/d/a.parquet','/d/b.parquet']", "/d/a.parquet,/d/b.parquet,/env/val.parquet"),
+    ("data.train_files=[/d/a.parquet, /d/b.parquet]", "/d/a.parquet,/d/b.parquet,/env/val.parquet"),
+    ("data.train_files=/d/a.parquet", "/d/a.parquet,/env/val.parquet"),
+    ("++data.val_files='~/v.parquet'", "/env/train.parquet,{home}/v.parquet"),
+])
+def test_the_preflight_checks_the_data_files_of_an_override(stand_in, tmp_path, override, files):
+    """A verl user's data.train_files=... wins over TRAIN_FILES (the last override); the preflight checked
+    TRAIN_FILES, so a missing file of the override reached verl."""
+    _, args, launched = stand_in(override, TRAIN_FILES="/env/train.parquet", VAL_FILES="/env/val.parquet",
+                                 HOME=str(tmp_path))
+    assert launched and option(args, "--files") == files.format(home=tmp_path)
+    assert option(stand_in(TRAIN_FILES="/env/train.parquet", VAL_FILES="/env/val.parquet")[1], "--files") == \
+        "/env/train.parquet,/env/val.parquet"
+
+
 def test_paths_with_a_tilde_are_written_out(tmp_path):
     """MODEL_PATH='~/models/x' (quoted: the shell leaves it) passed the preflight and reached verl as typed."""
     given = words(MODEL_PATH="~/models/x", TRAIN_FILES="~/d/a.parquet,~/d/b.parquet", VAL_FILES="~/d/v.parquet",

@@ -150,12 +150,30 @@ hmpo_node_gpus() {
     echo $((trainer + ${pool:-0}))
 }
 
+# hmpo_files KEY: the files the run gets for data.train_files / data.val_files (the last override: the launcher's
+# TRAIN_FILES / VAL_FILES or the user's own data.train_files=...), a Hydra list ['a','b'] / [a, b] or one path,
+# as "a,b" (quotes and blanks around each path stripped, ~/ written out).
+hmpo_files() {
+    local value item items out=()
+    value=$(hmpo_last "$1" "${HMPO_OVERRIDES[@]}") || return 0
+    value=${value#[}
+    value=${value%]}
+    IFS=, read -r -a items <<< "$value"
+    for item in "${items[@]}"; do
+        item=$(sed -E "s/^[[:space:]]*['\"]?//; s/['\"]?[[:space:]]*\$//" <<< "$item")
+        [[ -z "$item" ]] || out+=("$item")
+    done
+    local IFS=,
+    hmpo_home "${out[*]}"
+}
+
 # The run's settings the preflight checks: its files, model, checkpoint directory and schedule (disk), its task
 # (the data's prompts), and the cluster it joins.
 hmpo_preflight_run_args() {
     local nnodes
     nnodes=$(hmpo_setting trainer.nnodes)
-    printf '%s\n' --ckpt-dir "$CKPT_DIR" --files "$TRAIN_FILES,$VAL_FILES" --task "$TASK" \
+    printf '%s\n' --ckpt-dir "$CKPT_DIR" --files "$(hmpo_files data.train_files),$(hmpo_files data.val_files)" \
+        --task "$TASK" \
         --model "$(hmpo_setting actor_rollout_ref.model.path)" \
         --keep "$(hmpo_setting trainer.max_actor_ckpt_to_keep)" --save-freq "$(hmpo_setting trainer.save_freq)" \
         --total-steps "$(hmpo_setting trainer.total_training_steps)" \
