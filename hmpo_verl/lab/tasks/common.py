@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
@@ -346,6 +347,9 @@ def pair_dataset_rows(problem: Callable[[int, int], Problem], data_source: str, 
     return rows(train_pairs, "train"), rows(test_pairs[:test_size], "test")
 
 
+FIT_MIN_GREEDY = 0.9  # a warm start whose greedy answers are right less often than this has not fit its task
+
+
 @dataclass(frozen=True)
 class PairTaskSpec:
     """Every knob of a task posed on a pair of digits; stored next to the assets as ``spec.json``.
@@ -393,6 +397,13 @@ def prepare_pair_task(name: str, out_dir: str | os.PathLike, spec: PairTaskSpec,
         if log:
             log(f"{name} task: the warm-started model samples the exact answer {report['sampled_accuracy']:.2f} "
                 f"of the time (greedy: {report['greedy_accuracy']:.2f})")
+        if report["greedy_accuracy"] < FIT_MIN_GREEDY:
+            warnings.warn(f"{name} task: the warm start's greedy answer is right for {report['greedy_accuracy']:.0%} "
+                          f"of the 100 problems (< {FIT_MIN_GREEDY:.0%}): its supervised fit ({ws.steps} steps, final "
+                          f"loss {report['final_loss']:.3f}) stopped short of the task's rule on this machine, so RL "
+                          f"starts from a model that has not learnt it and the task's documented figures do not hold "
+                          f"here; more steps (warm_start.steps of the task's Spec) fit it further "
+                          f"({paths.warm_start_report})", stacklevel=2)
         return report
 
     return prepare(name, out_dir, spec, build, log)
