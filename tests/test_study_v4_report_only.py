@@ -213,7 +213,8 @@ def test_the_running_path_goes_through_the_same_stages(study, capsys, monkeypatc
     assert text.index("**Scope") < text.index("Runs: 12 of 12")
     assert scope.startswith("One task (`fibonacci`; its data is not built here, so its counts are not stated), "
                             "small models (parameters: not built here)")
-    assert ("2 warm starts (seed: greedy accuracy of each model's fit: 0: dense 1.00; 1: dense 1.00)" in scope and
+    assert ("2 warm starts (seed: greedy accuracy of each model's fit as built on the machine that wrote this report: "
+            "0: dense 1.00; 1: dense 1.00)" in scope and
             "Runs are 10 steps long (the plateau rule); at the last step 0 of 12 evaluation runs (0%) still rise" in
             scope and "MDE exceeds ±0.03 in 0 of the 1 paired primaries tested" in scope and
             "Regimes evaluated: 1 of 1 (`async_4`)." in scope)
@@ -384,7 +385,7 @@ def test_readme_is_written_from_v4_only_once_every_regime_is_evaluated(study, mo
     study.ws(0)
     study.ws(1)
     with pytest.raises(SystemExit, match="--readme: v4 has evaluated no regimes; the README's guide and scope stay "
-                                         "v3's until every regime is evaluated"):
+                                         "v3's until every such regime is evaluated"):
         cli.main(argv)  # the pilot has not run
     study.pilot()
     study.tuning({"vanilla": 3e-4, "hmpo": 3e-4})
@@ -393,7 +394,7 @@ def test_readme_is_written_from_v4_only_once_every_regime_is_evaluated(study, mo
             study.record(Run("eval", REGIME, "vanilla", 3e-4, s, w), T, heldout=0.5 + 0.01 * s)
             if (s, w) != (3, 1):
                 study.record(Run("eval", REGIME, "hmpo", 3e-4, s, w), T, heldout=0.47 + 0.01 * s + 0.001 * w)
-    with pytest.raises(SystemExit, match="v4 has evaluated 0 of 1 regimes"):
+    with pytest.raises(SystemExit, match="v4 has evaluated 0 of the 1 regimes this machine runs"):
         cli.main(argv)  # one run missing
     assert readme.read_text() == before and study.docs.exists()
     study.record(Run("eval", REGIME, "hmpo", 3e-4, 3, 1), T, heldout=0.501)
@@ -789,8 +790,9 @@ def test_restore_resumes_on_a_new_machine_from_the_committed_data_and_checks_it(
         fresh_study("elsewhere")
     code, elsewhere = fresh_study("elsewhere_as_recorded", "--restore-as-recorded")
     assert code == 0 and executed == [("pilot", REGIME)]  # checked once; the evaluation (data: 8 of 12) ran here whole
-    assert "2 warm starts (seed: greedy accuracy of each model's fit" + v4.ELSEWHERE_FITS + ": 0: dense" in \
-        study.docs.read_text()
+    assert re.search("2 warm starts \\(seed: greedy accuracy of each model's fit as built on the machine that wrote "
+                     "this report: 0: dense 1.00; 1: dense 1.00" + re.escape(v4.ELSEWHERE_FITS) + "\\) are crossed",
+                     study.docs.read_text())
     assert sorted({r.phase for r in ran}) == ["eval"] and len(ran) == 12
     text = study.docs.read_text()
     assert ("* 26 run records restored from the committed data" in text and

@@ -202,6 +202,7 @@ class Results:
     eval_records: list[dict]  # the finished evaluation runs
     planned: int  # the evaluation runs of the plan, every regime
     finished: list[str]  # the regimes whose evaluation is complete
+    not_here: dict[str, int]  # regime -> its planned evaluation runs, for the regimes not run on this machine
     status: list[str]  # how far each stage's runs reach (the report's list)
     facts: dict  # scope_facts (the scope paragraph at the top)
 
@@ -489,7 +490,7 @@ def stages(args, log, out: Path, docs: Path) -> int:
         write_progress(docs, status, resume, provenance)
         log(f"wrote {docs}\ncontinue with: {resume}")
         if args.readme:
-            update_readme(run.REPO_ROOT / "README.md", {}, False, "no", docs)
+            update_readme(run.REPO_ROOT / "README.md", {}, False, "no regimes", docs)
         return 0 if report_only else 1
 
     say(pilot.line())
@@ -556,27 +557,31 @@ def stages(args, log, out: Path, docs: Path) -> int:
         say(restored)
     if not chosen:
         return progress_only()
-    results = Results(pilot, order, seeds_ws, grids, chosen, tuning_rows, eval_records, planned, finished, status,
+    not_here = {r: regime_pairs(p, r) * len(p.methods) for r in unfit_here}
+    results = Results(pilot, order, seeds_ws, grids, chosen, tuning_rows, eval_records, planned, finished, not_here,
+                      status,
                       {**scope_facts(args.task, args.assets, kinds, seeds_ws), "elsewhere": run.restored_elsewhere(out)})
     write_data(docs.parent / f"{docs.stem}_data", results)
     blocks = write_report(docs, results, provenance)
-    done = len(finished) == len(order)
+    done = len(finished) + len(unfit_here) == len(order)  # every regime this machine can run
     log(f"wrote {docs}: {len(eval_records)} of {planned} evaluation runs" + ("" if done else f"\ncontinue with: {resume}"))
     if args.readme:
-        update_readme(run.REPO_ROOT / "README.md", blocks, done, f"{len(finished)} of {len(order)}", docs)
+        update_readme(run.REPO_ROOT / "README.md", blocks, done,
+                      f"{len(finished)} of the {len(order) - len(unfit_here)} regimes this machine runs", docs)
         log(f"wrote the README's guide and scope from {docs}")
     return 0 if done or report_only else 1
 
 
 def update_readme(readme: Path, blocks: dict[str, list[str]], done: bool, evaluated: str, docs: Path) -> None:
     """--v4 --readme: the README's guide and scope blocks from v4's report (``blocks``: :func:`write_report`'s), only
-    once every regime is evaluated (before, they stay v3's: a guide from part of v4 would drop regimes), loud
-    otherwise, and loud when the README lacks a block."""
+    once every regime this machine runs is evaluated (before, they stay v3's: a guide from part of v4 would drop
+    regimes; one whose model does not fit here is said in the report's scope and status), loud otherwise, and loud
+    when the README lacks a block."""
     from hmpo_verl.lab.study import report
 
     if not done:
-        raise SystemExit(f"--readme: v4 has evaluated {evaluated} regimes; the README's guide and scope stay v3's until "
-                         f"every regime is evaluated ({docs} is written). Run again without --readme, or when the "
+        raise SystemExit(f"--readme: v4 has evaluated {evaluated}; the README's guide and scope stay v3's until "
+                         f"every such regime is evaluated ({docs} is written). Run again without --readme, or when the "
                          "study is complete")
     for key, start, end in (("guide", report.GUIDE_START, report.GUIDE_END), ("scope", report.SCOPE_START, report.SCOPE_END)):
         if not report.update_readme(readme, blocks[key], start, end):
@@ -638,8 +643,8 @@ def scope_facts(task_name: str, assets: str | None, kinds: list[str], warm_start
     return {"prompts": prompts, "params": params, "fits": fits}
 
 
-ELSEWHERE_FITS = (" as built on the machine that wrote this report; the regimes restored from another machine's data "
-                  "trained on that machine's fits of the same seeds, which its data does not hold")
+ELSEWHERE_FITS = ("; the regimes restored from another machine's data trained on that machine's fits of the same "
+                  "seeds, which its data does not hold")
 
 
 def scope_lines(facts: dict, steps: int, steps_note: str, curves_by_key: dict, chosen: dict, primary: list[dict],
@@ -665,7 +670,9 @@ def scope_lines(facts: dict, steps: int, steps_note: str, curves_by_key: dict, c
         f"**Scope of study v4: what it can and cannot say.** {task}, small models (parameters: {models or 'not built here'}), "
         f"each warm-started by a supervised fit that saw every prompt's answer, held-out ones included (held-out means "
         f"never RL-trained on, not unseen). {len(facts['fits'])} warm starts (seed: greedy accuracy of each model's "
-        f"fit{ELSEWHERE_FITS if facts.get('elsewhere') else ''}: {fits or 'none built'}) are crossed with the evaluation seeds; the unit is the (warm start, seed) pair. "
+        f"fit as built on the machine that wrote this report: {fits or 'none built'}"
+        f"{ELSEWHERE_FITS if facts.get('elsewhere') else ''}) are crossed with the evaluation seeds; the unit is the "
+        "(warm start, seed) pair. "
         f"Runs are {steps} steps long ({steps_note}); at the last step {rising} of {len(curves_)} "
         f"evaluation runs ({rising / max(len(curves_), 1):.0%}) still rise (least-squares slope of held-out reward "
         f"over the last {analysis.RISING_WINDOW} steps > 0; a run at a plateau does so by noise about half the time). "
@@ -725,8 +732,11 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
              "`python -m hmpo_verl.lab.study --v4` (`--report-only`: from the runs finished so far). " + provenance, "",
              "SCOPE", "",
              f"Runs: {len(rows)} of {results.planned} evaluation runs finished" +
-             ("; the others are not run yet (the study is still running, or its budget ran out): each question is tested "
-              "on the (warm start, seed) pairs that every one of its methods finished" if len(rows) < results.planned else "") +
+             "".join(f"; {n} are {r}'s, not run on this machine (below)" for r, n in results.not_here.items()) +
+             ("; the others are not run yet (the study is still running, or its budget ran out)"
+              if len(rows) + sum(results.not_here.values()) < results.planned else "") +
+             ("; each question is tested on the (warm start, seed) pairs that every one of its methods finished"
+              if len(rows) < results.planned else "") +
              f". T = {steps} steps. Grids after the edge rule: " +
              "; ".join(f"{r}/{m} {g} → {chosen[(r, m)]['lr']:g}" for (r, m), g in grids.items() if (r, m) in chosen) +
              ".", "", f"Data: `{data}/runs.csv` (a row per finished pilot run, tuning run -- an incomplete tuning's too, "
