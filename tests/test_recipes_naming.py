@@ -40,9 +40,10 @@ def test_logging_saving_and_length_keep_the_name(override):
 
 @pytest.mark.parametrize("override", ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
                                       "actor_rollout_ref.rollout.gpu_memory_utilization=0.6",
-                                      "actor_rollout_ref.actor.fsdp_config.param_offload=true"])
+                                      "actor_rollout_ref.actor.fsdp_config.param_offload=true",
+                                      "trainer.v1.sampler.sampler_kwargs.poll_interval=0.01"])
 def test_memory_and_parallelism_tuning_keep_the_name(override):
-    """The usual relaunch after an out-of-memory error resumes its run: a setting the checkpoints do not record
+    """(And the CPU replay buffer's polling period: timing only.) The usual relaunch after an out-of-memory error resumes its run: a setting the checkpoints do not record
     (hmpo_verl.guards.run_settings) does not name it (it named a fresh folder, so the run restarted at step 0)."""
     assert name_and_dir(override)[0] == BASE
 

@@ -182,6 +182,25 @@ def test_the_v1_trainers_mode_section_and_sampler_are_compared(tmp_path, mode, o
         check_resume_settings(verl_config(tmp_path, f"trainer.v1.trainer_mode={mode}", override), step_dir)
 
 
+def test_the_cpu_replay_buffers_polling_period_is_not_a_run_setting(tmp_path):
+    """poll_interval decides when a finished rollout is noticed, not what the run does: a relaunch with another
+    one resumes (it was refused, naming it), also from a checkpoint whose record (of an earlier plugin) holds it;
+    the sampler's other keys are still compared."""
+    poll = "trainer.v1.sampler.sampler_kwargs.poll_interval"
+    sampler = ("trainer.v1.trainer_mode=colocate_async", "trainer.v1.sampler.custom_sampler.path=pkg://verl_cpu.replay_buffer",
+               "trainer.v1.sampler.custom_sampler.name=PollingReplayBuffer")
+    step_dir = saved_run(tmp_path, *sampler, f"+{poll}=0.05")
+    assert poll not in json.loads((step_dir / SETTINGS_FILE).read_text())
+    check_resume_settings(verl_config(tmp_path, *sampler, f"+{poll}=0.01"), step_dir)
+    check_resume_settings(verl_config(tmp_path, *sampler), step_dir)
+    record = json.loads((step_dir / SETTINGS_FILE).read_text())
+    (step_dir / SETTINGS_FILE).write_text(json.dumps({**record, poll: 0.05}))  # as the plugin recorded it before
+    check_resume_settings(verl_config(tmp_path, *sampler, f"+{poll}=0.01"), step_dir)
+    with pytest.raises(ResumeSettingsError, match=r"trainer.v1.sampler.custom_sampler.name: saved 'PollingReplayBuffer'"):
+        check_resume_settings(verl_config(tmp_path, *sampler[:2], "trainer.v1.sampler.custom_sampler.name=Other",
+                                          f"+{poll}=0.01"), step_dir)
+
+
 def test_another_v1_modes_section_is_not_compared(tmp_path):
     """The trainer reads its own mode's section alone: a changed separate_async key in colocate_async is no
     difference (it stopped the resume)."""

@@ -18,9 +18,10 @@ scale, and the trainer and its async settings: `trainer.use_v1`, `trainer.v1.tra
 `async_training`; since version 3 the V1 modes' sections and its sampler, `trainer.v1.<mode>` and
 `trainer.v1.sampler`, of which only the launch's mode is compared), flattened to dotted keys; a record saved
 by an older version is compared on the keys it has, with a warning naming the rest. Not recorded: logging, saving,
-validation, memory and parallelism tuning (micro-batch sizes, offload), and
+validation, memory and parallelism tuning (micro-batch sizes, offload),
 `optim.total_training_steps`, which the trainer itself writes into its config (from
-`trainer.total_training_steps` / `total_epochs`, which are recorded).
+`trainer.total_training_steps` / `total_epochs`, which are recorded), and the CPU replay buffer's
+`sampler_kwargs.poll_interval` (timing only; a record that holds it, of an earlier version, is not compared on it).
 
 A change that is meant (a longer `trainer.total_training_steps`, a new lr for the rest of the
 run) is accepted by naming it: `'+hmpo.resume_accept=[trainer.total_training_steps]'` (a key or
@@ -87,7 +88,9 @@ RUN_SETTINGS = (
 SETTINGS_VERSION = 3
 ADDED_IN = {2: ADDED, 3: ADDED_V3}  # version -> the RUN_SETTINGS entries first recorded then
 VERSION_KEY = "hmpo.settings_version"  # in the saved record only (absent: version 1)
-WRITTEN_BY_THE_TRAINER = re.compile(r".*\.optim\.total_training_steps")
+# keys below RUN_SETTINGS that are not a run's settings, neither recorded nor compared: what the trainer itself writes,
+# and the polling period of verl_cpu's replay buffer (timing only: when a finished rollout is noticed, not what it is)
+NOT_COMPARED = re.compile(r".*\.optim\.total_training_steps|trainer\.v1\.sampler\.sampler_kwargs\.poll_interval")
 WORLD_SHARD = re.compile(r"(?:model|optim|extra_state)_world_size_(\d+)_rank_\d+\.pt")
 
 logger = logging.getLogger(__name__)
@@ -113,7 +116,7 @@ def _flatten(prefix: str, value: Any, into: dict) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             _flatten(f"{prefix}.{key}", item, into)
-    elif not WRITTEN_BY_THE_TRAINER.fullmatch(prefix):
+    elif not NOT_COMPARED.fullmatch(prefix):
         into[prefix] = value if isinstance(value, (str, int, float, bool, type(None), list)) else str(value)
 
 
@@ -182,7 +185,7 @@ def settings_differences(saved: dict, current: dict, accepted=()) -> list[tuple[
     read (`unused`: another V1 mode's section) are not compared.
     """
     missing, predates = "<unset>", unrecorded(saved)
-    saved = {k: v for k, v in saved.items() if k != VERSION_KEY}
+    saved = {k: v for k, v in saved.items() if k != VERSION_KEY and not NOT_COMPARED.fullmatch(k)}
     keys = sorted({*saved, *(k for k in current if under(k, RUN_SETTINGS) and not under(k, predates))})
 
     def meaning(settings: dict, key: str) -> Any:

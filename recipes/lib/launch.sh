@@ -246,6 +246,8 @@ hmpo_names_run() {
     local key=$1 prefix
     shift
     hmpo_under "$key" "$@" && return 1
+    # timing only (hmpo_verl.guards.run_settings.NOT_COMPARED): the CPU replay buffer's polling period
+    [[ "$key" == trainer.v1.sampler.sampler_kwargs.poll_interval ]] && return 1
     [[ "$key" != *.* ]] && return 0
     hmpo_under "$key" "${HMPO_NAMED_PREFIXES[@]}" && return 0
     for prefix in "${HMPO_NAMED_PREFIXES[@]}"; do
