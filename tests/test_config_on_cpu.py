@@ -138,6 +138,30 @@ def test_adaptive_config_validation(fields, field_name):
     AdaptivePowerMeanLossConfig(adapt="schedule", clip_level="sequence")  # schedules work at sequence level
 
 
+@pytest.mark.parametrize("loss_mode, power", [("hmpo", None), ("power_mean", 0.5), ("agm", None), ("vanilla", None)])
+@pytest.mark.parametrize("adapt", ["schedule", "reward"])
+def test_an_adapt_rule_with_a_loss_mode_that_reads_none_is_refused(loss_mode, power, adapt):
+    """adapt='schedule' with the default p_start / p_end, loss_mode left at hmpo: the run trained HMPO (p = -1),
+    silently; also through the driver (Hydra) and the OpenRLHF / SkyRL options."""
+    from hmpo_verl.hosts.host_loss import LossOptions
+
+    fields = dict(loss_mode=loss_mode, adapt=adapt, **({"power": power} if power is not None else {}))
+    with pytest.raises(ValueError, match=rf"^actor_rollout_ref.actor.policy_loss.adapt='{adapt}': not read with "
+                                         rf"loss_mode='{loss_mode}', so the run would ignore it; .*read by "
+                                         r"loss_mode='adaptive_power_mean'\)$"):
+        AdaptivePowerMeanLossConfig(**fields)
+    with pytest.raises(Exception, match=rf"policy_loss.adapt='{adapt}': not read"):  # Hydra wraps it
+        _driver_validation(["actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.AdaptivePowerMeanLossConfig",
+                            f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
+                            f"+actor_rollout_ref.actor.policy_loss.adapt={adapt}",
+                            *([f"+actor_rollout_ref.actor.policy_loss.power={power}"] if power is not None else [])])
+    if loss_mode != "vanilla":
+        with pytest.raises(ValueError, match=rf"adapt='{adapt}': not read with loss_mode='{loss_mode}'"):
+            LossOptions(**fields)
+    AdaptivePowerMeanLossConfig(loss_mode=loss_mode, **({"power": power} if power is not None else {}))  # ess: default
+    AdaptivePowerMeanLossConfig(loss_mode="adaptive_power_mean", adapt=adapt)
+
+
 @pytest.mark.parametrize("fields,field_name", [(dict(risk_beta=math.inf), "risk_beta"),
                                               (dict(risk_beta="high"), "risk_beta"),
                                               (dict(norm_adv_by_std="yes"), "norm_adv_by_std")])

@@ -43,7 +43,8 @@ ESS_BOUND_MAX = 1e4
 
 # The options each rule reads: "power" (a fixed p: hmpo, power_mean; TRL's mean='power'), "agm", the adapt
 # rules, and None (a host's own loss, e.g. verl's vanilla, which reads none). `adapt` selects the rule and is
-# not listed. Any other option set away from its default would do nothing: `check_unread_options` refuses it.
+# not listed: only an adaptive rule reads it (a fixed-p or AGM loss with adapt='schedule' would train at its own
+# p). Any other option set away from its default would do nothing: `check_unread_options` refuses it.
 _CLIP = ("clip_level", "clip_space")
 READS = MappingProxyType({
     "power": (*_CLIP, "power"),
@@ -75,13 +76,14 @@ def check_unread_options(prefix: str, options: Any, rule: Optional[str], chosen:
     `chosen`: the setting that picked the rule, for the message (e.g. "loss_mode='agm'").
     """
     unread = [(name, getattr(options, name)) for name in DEFAULTS
-              if name != "adapt" and name not in READS[rule] and hasattr(options, name)
-              and getattr(options, name) != DEFAULTS[name]]
+              if name not in READS[rule] and hasattr(options, name) and getattr(options, name) != DEFAULTS[name]
+              and (name != "adapt" or rule not in ADAPT_RULES and getattr(options, name) is not None)]
     if unread:
         named = ", ".join(f"{prefix}.{name}={value!r}" for name, value in unread)
         defaults = ", ".join(f"{name}={DEFAULTS[name]!r}" for name, _ in unread)
         raise ValueError(f"{named}: not read with {chosen}, so the run would ignore it; allowed: the default "
-                         f"({defaults}), or a loss mode / adapt rule that reads it")
+                         f"({defaults}), or a loss mode / adapt rule that reads it" +
+                         (" (adapt is read by loss_mode='adaptive_power_mean')" if "adapt" in dict(unread) else ""))
 
 
 def _is_real(value: Any) -> bool:

@@ -97,6 +97,63 @@ def check_v1_batch(config) -> None:
             f"{fix}")
 
 
+ROLLOUT = "actor_rollout_ref.rollout"
+
+
+def rollout_pool(config) -> Optional[tuple[int, int, str]]:
+    """The GPUs verl 0.9.1 gives its rollout replicas, (GPUs, per node, the keys that set them); None where this
+    check does not know the layout (a disaggregated rollout, a V1 ``separate_async`` with its hybrid switch on).
+
+    ``LLMServerManager`` (``verl/workers/rollout/llm_server.py``) splits the pool into ``GPUs // W`` replicas of
+    ``W = tensor x data x pipeline parallel size`` GPUs each. The pool: a separate rollout pool where the trainer
+    has one -- one-step-off and fully-async's top-level ``rollout.nnodes x rollout.n_gpus_per_node`` (their
+    entry points copy them into ``actor_rollout_ref.rollout``), V1 ``separate_async``'s
+    ``actor_rollout_ref.rollout.nnodes x n_gpus_per_node`` -- else the actor's workers (hybrid: ``trainer.nnodes
+    x trainer.n_gpus_per_node``), of which replica ``r`` takes workers ``[r W, (r + 1) W)``.
+    """
+    if _setting(config, f"{ROLLOUT}.disaggregation.enabled", False):
+        return None
+    mode = _setting(config, "trainer.v1.trainer_mode", "sync") if _setting(config, "trainer.use_v1", True) else None
+    for section in ("rollout", ROLLOUT if mode == "separate_async" else None):
+        nodes = _setting(config, f"{section}.nnodes") if section else None
+        if nodes:  # a separate pool (fully-async's rollout.nnodes=0: hybrid replicas only, checked as such below)
+            if section == ROLLOUT and _setting(config, f"{ROLLOUT}.hybrid_rollout.enable_switch", False):
+                return None
+            per_node = _setting(config, f"{section}.n_gpus_per_node", 8)
+            return nodes * per_node, per_node, f"{section}.nnodes={nodes} x {section}.n_gpus_per_node={per_node}"
+    nodes, per_node = _setting(config, "trainer.nnodes", 1), _setting(config, "trainer.n_gpus_per_node", 8)
+    return nodes * per_node, per_node, f"trainer.nnodes={nodes} x trainer.n_gpus_per_node={per_node}"
+
+
+def check_rollout_replicas(config) -> None:
+    """Refuse before Ray a rollout whose replica size ``W`` (tensor x data x pipeline parallel size) does not
+    divide its pool (:func:`rollout_pool`): verl starts ``GPUs // W`` replicas and says nothing of the rest --
+    ``GPUs % W`` GPUs idle, or none at all where ``W > GPUs`` (verl's default tensor_model_parallel_size is 2, so a
+    one-GPU node gets no rollout) -- and asserts a replica spanning nodes unevenly only once Ray has started."""
+    pool = rollout_pool(config)
+    if pool is None:
+        return
+    gpus, per_node, pool_keys = pool
+    sizes = {key: _setting(config, f"{ROLLOUT}.{key}", 1)
+             for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size")}
+    replica = sizes["tensor_model_parallel_size"] * sizes["data_parallel_size"] * sizes["pipeline_model_parallel_size"]
+    if gpus <= 0 or replica <= 0:
+        return  # verl's own config checks name a non-positive size
+    named = " x ".join(f"{ROLLOUT}.{key}={value}" for key, value in sizes.items())
+    divisors = [d for d in range(1, gpus + 1) if gpus % d == 0]
+    fix = (f"Set {ROLLOUT}.tensor_model_parallel_size (x data_parallel_size x pipeline_model_parallel_size) to a "
+           f"divisor of {gpus}: {', '.join(map(str, divisors))}")
+    if gpus % replica:
+        what = (f"verl starts {gpus // replica} replica(s) and leaves {gpus % replica} GPU(s) without a rollout server"
+                if gpus > replica else "verl starts no rollout replica, so nothing generates")
+        raise ValueError(f"{named} = {replica} GPUs per rollout replica does not divide the rollout's {gpus} GPUs "
+                         f"({pool_keys}): {what}. {fix}")
+    if replica > per_node and replica % per_node:
+        raise ValueError(f"{named} = {replica} GPUs per rollout replica spans nodes of {per_node} GPUs unevenly "
+                         f"({pool_keys}): verl's RolloutReplica asserts it once Ray has started. Use a replica size "
+                         f"that is a multiple of {per_node} or at most {per_node}")
+
+
 def optimizer_steps_per_training_step(config) -> tuple[int, str]:
     """The policy optimizer steps one training step of verl makes, and how they were counted.
 
@@ -343,7 +400,7 @@ def warn_stale_as_fresh(config) -> None:
 def driver_checks(config) -> None:
     """Everything the driver checks before Ray starts (idempotent): the verl symbols the trainer's guards wrap
     (`check_verl_symbols`), our options and the rollout correction (`check_options`), the V1 batch split
-    (`check_v1_batch`), TRL beside verl, the checkpoint directory, the checkpoint a resume will use -- a
+    (`check_v1_batch`), the rollout replicas' fit to their GPUs (`check_rollout_replicas`), TRL beside verl, the checkpoint directory, the checkpoint a resume will use -- a
     resume_mode / resume_from_path verl reads alike everywhere, complete, saved by the same trainer mode and
     with the same settings (`hmpo_verl.guards.run_settings`), every refusal before the guard rewrites a
     tracker (`hmpo_verl.guards.checkpoints.guard_resume`) -- and, for fully-async, the prompts in flight at
@@ -359,6 +416,7 @@ def driver_checks(config) -> None:
     check_verl_symbols(config)  # first: the checks below use verl
     check_options(config)
     check_v1_batch(config)
+    check_rollout_replicas(config)
     check_trl_beside_verl()
     check_checkpoint_directory(config)
     guard_resume(config)  # runs run_settings.check_resume_settings on the checkpoint it lets verl resume
