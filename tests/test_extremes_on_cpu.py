@@ -73,3 +73,26 @@ def test_weights_at_large_powers_are_exact_in_float32(p):
     mask[:, 0] = True
     torch.testing.assert_close(power_mean_weights(d, p, mask).double(), power_mean_weights(d.double(), p, mask),
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("power", [1e200, -1e200, 1.5e154])
+def test_a_power_past_the_square_of_float64s_range_runs_without_power_std(power):
+    """p^2 leaves float64's range past |p| ~ 1.34e154: the step's power_std (a Python float **) raised
+    OverflowError on every loss call of such a legal p; now it is left out, as for p = +-inf."""
+    old, lp, adv, mask = _extreme_batch(B=4, T=7, dtype=torch.float32, seed=7)
+    x = lp.clone().requires_grad_()
+    loss, metrics = get_policy_loss_fn("power_mean")(old, x, adv, mask, "token-mean", actor_config("power_mean", power=power),
+                                                     None)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert metrics["actor/pm/power"] == pytest.approx(power) and "actor/pm/power_std" not in metrics
+
+
+@pytest.mark.parametrize("eps_high", [709.0, 800.0, math.inf])
+def test_a_log_clip_bound_past_float64s_range_is_no_bound(eps_high):
+    """clip_space='log': exp(eps_high) past ~709.78 raised an unnamed OverflowError while inf was accepted."""
+    from hmpo_verl.hosts.verl.losses import trust_region
+
+    config = actor_config("hmpo", eps_high=eps_high, clip_space="log")
+    region = trust_region(config, config.policy_loss)
+    assert region.ratio_high == (math.exp(eps_high) if eps_high < 709.78 else math.inf)

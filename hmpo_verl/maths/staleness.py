@@ -168,8 +168,9 @@ def staged_means(totals: Mapping[str, float]) -> dict[str, float]:
     out = _bucket_means(STEP_PREFIX, "actor/pm/", totals, STEP_MEANS + ("power_sq",))
     if "actor/pm/power_sq" in out:
         mean_sq = out.pop("actor/pm/power_sq")
-        variance = mean_sq - out["actor/pm/power"] ** 2
-        if math.isfinite(variance):  # (a p of +-inf has none)
+        power = out["actor/pm/power"]
+        variance = mean_sq - power * power  # (float *, not **: inf past |p| ~ 1e154 where ** raises OverflowError)
+        if math.isfinite(variance):  # (a p of +-inf, or of |p| past ~1e154, has none)
             out["actor/pm/power_std"] = math.sqrt(variance) if variance > VARIANCE_FLOOR * mean_sq else 0.0
     for name in BUCKETS:
         out.update(_bucket_means(f"{RAW_PREFIX}{name}/", f"actor/pm/lag{name}/", totals, PER_ROW))

@@ -70,6 +70,14 @@ MAX_LOG_SEQ_RATIO = 10.0
 METRIC_LOG_RATIO_BOUND = 20.0
 
 
+def _exp(x: float) -> float:
+    """``math.exp``, inf past float64's range (a log bound of 800 is no bound, as inf is; math.exp raises)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass(frozen=True)
 class TrustRegion:
     """Clip bounds of one loss call.
@@ -105,7 +113,7 @@ class TrustRegion:
         if space == "ratio":
             low, high = 1.0 - eps_low, 1.0 + eps_high
         elif space == "log":
-            low, high = math.exp(-eps_low), math.exp(eps_high)
+            low, high = _exp(-eps_low), _exp(eps_high)
         else:
             raise ValueError(f"clip_space={space!r}; allowed: 'ratio', 'log'")
         dual = math.inf if dual_clip is None else float(dual_clip)
