@@ -133,3 +133,11 @@ def test_loss_is_the_papers_objective_except_verls_dual_clip(clip_ratio_c, match
         capped = torch.tensor([math.log(3.0), 0.1, -0.2], dtype=torch.float64)
         assert loss.item() == pytest.approx(_apmpo_formula(capped, -1.0, metrics["actor/pm/power"], 0.2, 1.0).item())
         assert (round(loss.item(), 4), round(formula.item(), 4)) == (1.5545, 1.9396)
+
+
+@pytest.mark.parametrize("mean, std", [(math.nan, 1.0), (math.inf, math.nan), (0.5, math.nan), (0.5, -1.0)])
+def test_reward_statistics_that_are_not_finite_are_refused(mean, std):
+    """TRL's adapter builds the statistics from TRL's logged `reward` / `reward_std` (NaN or inf when a reward
+    function returns inf): p became the largest float and the upper clip its floor, silently."""
+    with pytest.raises(ValueError, match=r"reward statistics must be finite \(std >= 0\), got mean="):
+        RewardStats(mean, std)

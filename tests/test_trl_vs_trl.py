@@ -376,3 +376,41 @@ def test_entropy_mask_clip_metrics_count_the_tokens_in_the_mean(tmp_path):
     assert theirs[2]["clip_ratio/region_mean"][0] == pytest.approx(((clipped & completion).sum() / n).item())
     assert ours[2]["clip_ratio/region_mean"][0] == pytest.approx(((clipped & high).sum() / n).item())
     assert ours[2]["clip_ratio/region_mean"][0] != pytest.approx(theirs[2]["clip_ratio/region_mean"][0])
+
+
+@pytest.mark.parametrize("key, value", [("ref_per_token_logps", math.nan), ("ref_per_token_logps", math.inf),
+                                        ("old_per_token_logps", -math.inf)])
+def test_a_non_finite_input_of_the_kl_penalty_is_an_error(tmp_path, key, value):
+    """beta != 0: a NaN / inf reference (or, with use_bias_correction_kl, old) log-prob at a valid position gave a
+    NaN loss and NaN gradients with no error (the surrogate's check does not read the KL term's inputs); the old
+    log-prob at a valid token the entropy mask leaves out of the surrogate too."""
+    args = _args(tmp_path, beta=0.1, use_bias_correction_kl=True, top_entropy_quantile=0.5)
+    base, entropies, inputs = _inputs()
+    valid = inputs["completion_mask"].bool()
+    low = valid & (entropies <= entropies[valid].median())  # valid, left out of the surrogate by the entropy mask
+    position = tuple(low.nonzero()[0].tolist()) if key == "old_per_token_logps" else (0, 0)
+    inputs[key] = inputs[key].clone()
+    inputs[key][position] = value
+    stub = _stub(args, base.clone().requires_grad_(True), entropies, "token")
+    with pytest.raises(ValueError, match=rf"^{key} has 1 non-finite value\(s\) at valid \(completion_mask\) "
+                                         r"positions, which the KL penalty \(beta=0.1\) reads$"):
+        PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)
+
+
+def test_a_kl_penalty_that_overflows_is_an_error(tmp_path):
+    """float32, a token the trainer moved 100 nats above the old policy, clipped in the surrogate (finite), but
+    exp(100) in use_bias_correction_kl's weight: the loss was inf with no error."""
+    from hmpo_verl.finite import NonFiniteInputError
+
+    args = _args(tmp_path, beta=0.04, use_bias_correction_kl=True, power=1.0)
+    base, entropies, inputs = _inputs()
+    logps = base.float()
+    inputs = {**inputs, "old_per_token_logps": inputs["old_per_token_logps"].float().clone(),
+              "ref_per_token_logps": inputs["ref_per_token_logps"].float(), "advantages": inputs["advantages"].abs().float()}
+    inputs["old_per_token_logps"][0, 0] = logps[0, 0] - 100.0
+    stub = _stub(args, logps.requires_grad_(True), entropies.float(), "token")
+    with pytest.raises(NonFiniteInputError, match=r"the KL penalty \(beta=0.04\) overflowed in torch.float32"):
+        PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)
+    finite = _stub(_args(tmp_path, beta=0.0, power=1.0), logps.detach().clone().requires_grad_(True),
+                   entropies.float(), "token")
+    assert torch.isfinite(PowerMeanGRPOTrainer._compute_loss(finite, None, inputs))  # the surrogate alone: finite

@@ -65,6 +65,23 @@ def check_surrogate_finite(terms, inputs: dict, mask_name: str) -> None:
     )
 
 
+def check_kl_finite(per_token_kl: torch.Tensor, valid: torch.Tensor, inputs: dict, term: str) -> None:
+    """Raise `NonFiniteInputError` if a KL penalty `(B, T)` is NaN or inf at a valid (completion_mask) position:
+    naming the input of `inputs` (name -> `(B, T)` tensor or None) that is, else the overflow (the k3 estimator's
+    exp of a log-ratio past the dtype's range; the surrogate's own check does not see the KL term). `term`: the
+    setting that adds it, for the message (TRL: ``beta=<value>``)."""
+    with torch.no_grad():
+        if not count_non_finite(per_token_kl, valid):
+            return
+        if found := first_non_finite(inputs, valid):
+            raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid (completion_mask) "
+                                      f"positions, which the KL penalty ({term}) reads")
+        raise NonFiniteInputError(
+            f"the KL penalty ({term}) overflowed in {per_token_kl.dtype}: exp of a log-ratio between the policy and "
+            "the reference (or, with use_bias_correction_kl, the old policy) beyond the dtype's range; pass float64 "
+            "log-probs, or train closer to the reference (beta=0 drops the term)")
+
+
 def check_rollout_log_probs(data) -> None:
     """Raise `NonFiniteInputError` if `data.batch["rollout_log_probs"]` is non-finite at a valid position.
 

@@ -81,7 +81,7 @@ except ImportError as err:  # say which install brings it
 
 from hmpo_verl.maths.adaptive import scheduled_power
 from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
-from hmpo_verl.guards.finite import check_surrogate_finite
+from hmpo_verl.guards.finite import check_kl_finite, check_surrogate_finite
 from hmpo_verl.maths.options import (
     DEFAULTS,
     check_adaptive_options,
@@ -349,6 +349,10 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             per_token_kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
             if args.use_bias_correction_kl:
                 per_token_kl = per_token_kl * torch.exp(torch.where(in_mask, per_token_logps - old, 0.0))
+            check_kl_finite(per_token_kl, in_mask, {"ref_per_token_logps": inputs["ref_per_token_logps"],
+                                                    "per_token_logps": per_token_logps,
+                                                    "old_per_token_logps": old if args.use_bias_correction_kl else None},
+                            f"beta={self.beta}")
             per_token_loss = per_token_loss + self.beta * per_token_kl
         loss = normalise(per_token_loss, mask, args.loss_type, self, inputs, mode)
         return loss, per_token_kl, terms, aggregate

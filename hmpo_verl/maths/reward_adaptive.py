@@ -41,6 +41,14 @@ class RewardStats:
     mean: float
     std: float
 
+    def __post_init__(self):
+        # p and the upper clip are computed from these: a NaN gave p = the largest float and the clip its floor,
+        # silently (TRL's `reward` metric turns NaN / inf when a reward function returns inf)
+        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std >= 0):
+            raise ValueError(f"the batch's reward statistics must be finite (std >= 0), got mean={self.mean!r}, "
+                             f"std={self.std!r}: a reward function returned NaN or inf; adapt='reward' cannot set p "
+                             "or the clip from them")
+
     @classmethod
     def of(cls, rewards: torch.Tensor) -> "RewardStats":
         """From the batch's sequence rewards `(N,)` (one per response)."""
