@@ -83,6 +83,13 @@ def test_ess_needs_token_clip_with_the_same_error(tmp_path):
         ({"epsilon": 1.5}, "PowerMeanGRPOConfig.epsilon=1.5, PowerMeanGRPOConfig.epsilon_high=1.5 are invalid"),
         ({"epsilon_high": -0.1}, "epsilon_high=-0.1 are invalid for clip_space='ratio'"),
         ({"delta": 0.9}, "PowerMeanGRPOConfig.delta=0.9 is invalid; allowed: a number > 1"),
+        # wrong types: an unnamed TypeError ('>=' not supported), or True taken as 1 (ratio_low 0)
+        ({"epsilon": "0.2"}, "PowerMeanGRPOConfig.epsilon='0.2', PowerMeanGRPOConfig.epsilon_high='0.2' are invalid"),
+        ({"epsilon": True}, "PowerMeanGRPOConfig.epsilon=True, PowerMeanGRPOConfig.epsilon_high=True are invalid"),
+        ({"epsilon_high": "0.3"}, "PowerMeanGRPOConfig.epsilon_high='0.3' are invalid for clip_space='ratio'; "
+                                  "allowed: numbers"),
+        ({"delta": "2"}, "PowerMeanGRPOConfig.delta='2' is invalid; allowed: a number > 1"),
+        ({"power": 10**400}, "PowerMeanGRPOConfig.power=1000"),  # an int past float64: no OverflowError
         ({"delta": 2.0, "clip_level": "sequence"}, "delta=2.0 is invalid with clip_level='sequence'"),
         ({"entropy_coef": 0.01}, "PowerMeanGRPOConfig.entropy_coef=0.01, use_adaptive_entropy=False are invalid"),
         # TRL's compute_loss would call compute_liger_loss (plain GRPO), never the power-mean _compute_loss

@@ -87,7 +87,14 @@ def check_unread_options(prefix: str, options: Any, rule: Optional[str], chosen:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or float (not a bool, not a string) within float64's range (an int past it is no float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def check_choice(prefix: str, name: str, value: Any, allowed: tuple) -> None:
@@ -191,10 +198,11 @@ def check_clip_bounds(
 
     `names` / `dual_name`: the host's field names, for the message.
     """
-    if not (eps_high >= 0 and eps_low >= 0 and (clip_space != "ratio" or eps_low <= 1)):
+    if not (_is_real(eps_low) and _is_real(eps_high) and eps_high >= 0 and eps_low >= 0
+            and (clip_space != "ratio" or eps_low <= 1)):  # (a string or a bool is no epsilon)
         raise ValueError(
-            f"{names[0]}={eps_low}, {names[1]}={eps_high} are invalid for clip_space={clip_space!r}; allowed: "
-            f"{names[1]} >= 0 and 0 <= {names[0]}" + (" <= 1" if clip_space == "ratio" else "")
+            f"{names[0]}={eps_low!r}, {names[1]}={eps_high!r} are invalid for clip_space={clip_space!r}; allowed: "
+            f"numbers, {names[1]} >= 0 and 0 <= {names[0]}" + (" <= 1" if clip_space == "ratio" else "")
         )
-    if dual is not None and not dual > 1.0:
-        raise ValueError(f"{dual_name}={dual} is invalid; allowed: a number > 1 (dual-clip PPO)")
+    if dual is not None and not (_is_real(dual) and dual > 1.0):
+        raise ValueError(f"{dual_name}={dual!r} is invalid; allowed: a number > 1 (dual-clip PPO)")
