@@ -138,6 +138,19 @@ def test_adaptive_config_validation(fields, field_name):
     AdaptivePowerMeanLossConfig(adapt="schedule", clip_level="sequence")  # schedules work at sequence level
 
 
+def test_an_agm_step_count_past_its_cap_and_a_schedule_whose_p_is_nan_are_refused_by_name():
+    """agm_iters=10**9 ran ~10 hours per loss call for the limit agm_iters=null gives; p_start=1e308,
+    p_end=-1e308 made the scheduled p NaN, refused at the first loss call naming neither field."""
+    with pytest.raises(ValueError, match=r"policy_loss.agm_iters=1001 is invalid; allowed: null \(exact limit "
+                                         r"sqrt\(A\*H\)\) or an integer in \[0, 1000\]"):
+        PowerMeanLossConfig(loss_mode="agm", agm_iters=1001)
+    PowerMeanLossConfig(loss_mode="agm", agm_iters=1000)
+    with pytest.raises(ValueError, match=r"policy_loss.p_start=1e\+308, .*policy_loss.p_end=-1e\+308 are invalid: "
+                                         r"p_end - p_start is beyond float64's range"):
+        AdaptivePowerMeanLossConfig(loss_mode="adaptive_power_mean", adapt="schedule", p_start=1e308, p_end=-1e308)
+    AdaptivePowerMeanLossConfig(loss_mode="adaptive_power_mean", adapt="schedule", p_start=1e307, p_end=-1e307)
+
+
 @pytest.mark.parametrize("loss_mode, power", [("hmpo", None), ("power_mean", 0.5), ("agm", None), ("vanilla", None)])
 @pytest.mark.parametrize("adapt", ["schedule", "reward"])
 def test_an_adapt_rule_with_a_loss_mode_that_reads_none_is_refused(loss_mode, power, adapt):

@@ -2,11 +2,12 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hmpo_verl.means import log_agm, log_power_mean, power_mean_weights
+from hmpo_verl.means import log_agm, log_power_mean, power_mean, power_mean_weights
 
 log_values = st.lists(st.floats(-20, 20, allow_nan=False), min_size=1, max_size=24)
 powers = st.one_of(st.floats(-50, 50, allow_nan=False), st.sampled_from([math.inf, -math.inf, 0.0]))
@@ -110,3 +111,14 @@ def test_agm_between_harmonic_and_arithmetic(values):
     h, a = log_power_mean(x, -1.0).item(), log_power_mean(x, 1.0).item()
     for iters in (None, 0, 1, 4):
         assert h - tol <= log_agm(x, iters=iters).item() <= a + tol
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan])
+def test_power_mean_refuses_an_entry_that_is_not_positive_where_valid(bad):
+    """x = 0 gave the right value with NaN gradients; a negative or NaN entry, a silent NaN. A masked entry may
+    hold anything."""
+    x = torch.tensor([[1.0, 2.0, bad]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="x has 1 valid entry that is not positive"):
+        power_mean(x, -1.0)
+    mask = torch.tensor([[True, True, False]])
+    assert power_mean(x, -1.0, mask).item() == pytest.approx(4 / 3)

@@ -154,7 +154,7 @@ def test_a_key_given_twice_takes_its_last_value_as_skyrl_does(first, last):
     (["trainer.algorithm.policy_loss_type=gspo", "hmpo.power=0"], "hmpo.power is invalid with"),
     (["trainer.algorithm.policy_loss_type=hmpo", "hmpo.pwer=0"], "hmpo.pwer is not an option"),
     (["trainer.algorithm.policy_loss_type=agm", "hmpo.agm_iters=3.0"],
-     "hmpo.agm_iters='3.0' is invalid; allowed: null (exact limit sqrt(A*H)) or an integer >= 0"),
+     "hmpo.agm_iters='3.0' is invalid; allowed: null (exact limit sqrt(A*H)) or an integer in [0, 1000]"),
     # as the verl adapter: power_mean has no default p (hmpo is p = -1)
     (["trainer.algorithm.policy_loss_type=power_mean"], "power_mean needs a power p: set hmpo.power=<p>"),
     (["trainer.algorithm.policy_loss_type=power_mean", "+hmpo.power=0.5"],

@@ -336,7 +336,13 @@ def log_power_mean(log_x: torch.Tensor, p: Power, mask: Optional[torch.Tensor] =
 
 
 def power_mean(x: torch.Tensor, p: Power, mask: Optional[torch.Tensor] = None, dim: int = -1) -> torch.Tensor:
-    """M_p of positive `x` over `dim` (computed as exp(log_power_mean(log x)))."""
+    """M_p of positive `x` over `dim` (computed as exp(log_power_mean(log x))); ValueError where a valid entry
+    (``mask``: same shape, None: every entry) is not positive or is NaN (log x would give a silent NaN, and a 0 NaN
+    gradients); an entry of +inf is allowed."""
+    valid = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.to(torch.bool).expand_as(x)
+    if bad := int((valid & ~(x > 0)).sum()):
+        raise ValueError(f"power_mean: x has {bad} valid entr{'y that is' if bad == 1 else 'ies that are'} not "
+                         "positive (or NaN); allowed: x > 0 (for log-values, use log_power_mean)")
     return torch.exp(log_power_mean(torch.log(x), p, mask, dim))
 
 

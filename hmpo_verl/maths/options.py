@@ -36,6 +36,10 @@ DEFAULTS = MappingProxyType({
     "reward_gamma": 0.8, "feedback_clip": True, "feedback_clip_min": 0.2, "feedback_clip_max": 0.4,
     "feedback_delta": 1e-6,
 })
+# most AGM steps: while A/H is large a step divides it by about 4, then the steps converge quadratically (from
+# A/H = 1e300, 503 steps reach the limit in float64; the exact limit is agm_iters=null), and each step costs a
+# pass over the batch (10,000 took 0.4 s a loss call)
+AGM_ITERS_MAX = 1000
 # largest |p_min|, p_max of the ESS rule: the solver's guarantee is tested up to here (tests/test_adaptive_exact_on_cpu.py);
 # beyond, p^2 leaves float64's range at |p| ~ 1e154, and M_p is already the min / max to within |p|^-1 log T
 ESS_BOUND_MAX = 1e4
@@ -112,11 +116,12 @@ def check_real(prefix: str, name: str, value: Any, allow_inf: bool = False, low=
         raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {allowed}")
 
 
-def check_int(prefix: str, name: str, value: Any, low: int, optional: bool = False, what: str = "") -> None:
-    """Raise unless `value` is an int >= low (or None when `optional`)."""
+def check_int(prefix: str, name: str, value: Any, low: int, optional: bool = False, what: str = "",
+              high: Optional[int] = None) -> None:
+    """Raise unless `value` is an int in [low, high] (or None when `optional`)."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or high is not None and value > high:
         raise ValueError(f"{prefix}.{name}={value!r} is invalid; allowed: {what or f'an integer >= {low}'}")
 
 
@@ -125,7 +130,8 @@ def check_mean_options(prefix: str, power: Any, clip_level: Any, clip_space: Any
     check_real(prefix, "power", power, allow_inf=True)
     check_choice(prefix, "clip_level", clip_level, CLIP_LEVELS)
     check_choice(prefix, "clip_space", clip_space, CLIP_SPACES)
-    check_int(prefix, "agm_iters", agm_iters, 0, optional=True, what="null (exact limit sqrt(A*H)) or an integer >= 0")
+    check_int(prefix, "agm_iters", agm_iters, 0, optional=True, high=AGM_ITERS_MAX,
+              what=f"null (exact limit sqrt(A*H)) or an integer in [0, {AGM_ITERS_MAX}]")
 
 
 def check_adaptive_options(
@@ -155,6 +161,9 @@ def check_adaptive_options(
     check_choice(prefix, "schedule", schedule, SCHEDULES)
     check_real(prefix, "p_start", p_start)
     check_real(prefix, "p_end", p_end)
+    if not math.isfinite(float(p_end) - float(p_start)):  # the schedule's p_start + (p_end - p_start) * t: NaN
+        raise ValueError(f"{prefix}.p_start={p_start!r}, {prefix}.p_end={p_end!r} are invalid: p_end - p_start is "
+                         "beyond float64's range, so the scheduled p is NaN; allowed: a finite difference")
     check_int(prefix, "schedule_steps", schedule_steps, 1)
     if adapt == "ess" and clip_level != "token":
         raise ValueError(
