@@ -138,6 +138,16 @@ def test_adaptive_config_validation(fields, field_name):
     AdaptivePowerMeanLossConfig(adapt="schedule", clip_level="sequence")  # schedules work at sequence level
 
 
+def test_a_misspelt_loss_mode_with_our_config_class_stops_the_driver():
+    """loss_mode=hmpoo passed the driver and failed in the actor workers (verl's get_policy_loss_fn), after Ray."""
+    with pytest.raises(Exception, match=r"policy_loss.loss_mode='hmpoo' is invalid; allowed: the policy losses verl "
+                                        r"has registered: .*\bhmpo\b.*\bvanilla\b"):
+        _driver_validation(["actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.PowerMeanLossConfig",
+                            "actor_rollout_ref.actor.policy_loss.loss_mode=hmpoo"])
+    _driver_validation(["actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.PowerMeanLossConfig",
+                        "actor_rollout_ref.actor.policy_loss.loss_mode=gspo"])  # verl's own, on our class
+
+
 def test_an_agm_step_count_past_its_cap_and_a_schedule_whose_p_is_nan_are_refused_by_name():
     """agm_iters=10**9 ran ~10 hours per loss call for the limit agm_iters=null gives; p_start=1e308,
     p_end=-1e308 made the scheduled p NaN, refused at the first loss call naming neither field."""

@@ -32,6 +32,7 @@ def check_options(config) -> None:
     loss_mode = policy_loss.get("loss_mode", None) if policy_loss is not None else None
     if policy_loss is not None and str(policy_loss.get("_target_", "")).startswith("hmpo_verl"):
         omega_conf_to_dataclass(policy_loss)  # our class: bad or unread options (any loss_mode) raise here
+        check_loss_mode_registered(loss_mode)
     if loss_mode in LOSS_OPTION_CLASSES:
         options = loss_options(omega_conf_to_dataclass(policy_loss), loss_mode)
         trust_region(OmegaConf.select(config, "actor_rollout_ref.actor"), options)  # the actor's clip bounds
@@ -49,6 +50,17 @@ def check_options(config) -> None:
         omega_conf_to_dataclass(algorithm)  # runs PowerMeanAlgoConfig.__post_init__
     elif algorithm is not None and algorithm.get("adv_estimator", None) in ADV_ESTIMATORS:
         algo_options(algorithm, algorithm.adv_estimator)
+
+
+def check_loss_mode_registered(loss_mode: str) -> None:
+    """With our config class, a ``loss_mode`` verl has no policy loss for (a misspelt ``hmpoo``) is refused in the
+    driver; verl's ``get_policy_loss_fn`` raised it only in the actor workers, once Ray had started. (verl's own
+    config class is not checked here: a loss registered by a module only the workers import would be refused.)"""
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+    if loss_mode not in POLICY_LOSS_REGISTRY:
+        raise ValueError(f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r} is invalid; allowed: the "
+                         f"policy losses verl has registered: {', '.join(sorted(POLICY_LOSS_REGISTRY))}")
 
 
 SCHEDULE_STEPS = "actor_rollout_ref.actor.policy_loss.schedule_steps"
