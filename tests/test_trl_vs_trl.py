@@ -414,3 +414,29 @@ def test_a_kl_penalty_that_overflows_is_an_error(tmp_path):
     finite = _stub(_args(tmp_path, beta=0.0, power=1.0), logps.detach().clone().requires_grad_(True),
                    entropies.float(), "token")
     assert torch.isfinite(PowerMeanGRPOTrainer._compute_loss(finite, None, inputs))  # the surrogate alone: finite
+
+
+def test_an_evaluation_between_buffered_training_steps_keeps_their_reward_statistics(tmp_path, monkeypatch):
+    """adapt='reward': TRL buffers a training generation for steps_per_generation x num_iterations steps; an
+    evaluation generated in between replaced the statistics those steps read (p and the clip from the eval
+    batch's rewards). Each mode's loss steps now read their own generation batch's."""
+    args = _args(tmp_path, adapt="reward")
+    logps, entropies, inputs = _inputs()
+    stub = _stub(args, logps.clone().requires_grad_(True), entropies, "token")
+    batches = iter([("train", 0.9, 0.1), ("eval", 0.1, 0.3)])
+
+    def generate(self, given):  # TRL's generation: logs the batch's reward mean and std in its mode's metrics
+        mode, mean, std = next(batches)
+        self.model.training = mode == "train"
+        self._metrics[mode]["reward"].append(mean)
+        self._metrics[mode]["reward_std"].append(std)
+        return given
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", generate)
+    stub._generate_and_score_completions(inputs)  # a training generation, buffered
+    stub._generate_and_score_completions(inputs)  # an evaluation
+    PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)  # its eval loss: the eval batch's statistics
+    stub.model.training = True
+    PowerMeanGRPOTrainer._compute_loss(stub, None, inputs)  # the next buffered training step
+    assert stub._metrics["eval"]["pm/reward_mean"] == [0.1] and stub._metrics["train"]["pm/reward_mean"] == [0.9]
+    assert stub._metrics["train"]["pm/power"][0] == pytest.approx(math.exp(-0.8 * 0.9))

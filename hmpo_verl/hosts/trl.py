@@ -258,7 +258,7 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
     """
 
     _tag_names = ["trl", "grpo", "hmpo"]
-    _pm_reward_stats: Optional[RewardStats] = None  # the generation batch's, under adapt='reward'
+    _pm_reward_stats: Optional[dict] = None  # mode ("train" / "eval") -> its generation batch's, adapt='reward'
 
     def __init__(self, model, reward_funcs, args: Optional[PowerMeanGRPOConfig] = None, **kwargs):
         if args is None:
@@ -273,9 +273,17 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
         every process's rewards (`reward`, `reward_std` of its metrics), for the loss steps on this batch."""
         output = super()._generate_and_score_completions(inputs)
         if self.args.adapt == "reward":
-            metrics = self._metrics["train" if self.model.training else "eval"]
-            self._pm_reward_stats = RewardStats(metrics["reward"][-1], metrics["reward_std"][-1])
+            # per mode: TRL buffers a training generation for steps_per_generation x num_iterations steps, and an
+            # evaluation between them must not hand its batch's statistics to the training steps left
+            mode = "train" if self.model.training else "eval"
+            metrics = self._metrics[mode]
+            self._pm_reward_stats = {**(self._pm_reward_stats or {}),
+                                     mode: RewardStats(metrics["reward"][-1], metrics["reward_std"][-1])}
         return output
+
+    def _reward_stats(self, mode: str) -> Optional[RewardStats]:
+        """The reward statistics of the generation batch ``mode``'s loss steps train on (adapt='reward')."""
+        return (self._pm_reward_stats or {}).get(mode)
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -329,9 +337,9 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             is_weights = inputs["importance_sampling_ratio"].expand(B, T)
         with torch.no_grad():
-            aggregate = make_aggregator(args, self.state.global_step, adv_bt, valid, self._pm_reward_stats)
+            aggregate = make_aggregator(args, self.state.global_step, adv_bt, valid, self._reward_stats(mode))
             terms = surrogate_terms(per_token_logps, old, adv_bt, valid, aggregate,
-                                    trust_region(args, self._pm_reward_stats), is_weights)
+                                    trust_region(args, self._reward_stats(mode)), is_weights)
             check_surrogate_finite(terms, {"per_token_logps": per_token_logps, "old_per_token_logps": old,
                                            "advantages": adv_bt, "importance_sampling_ratio": is_weights},
                                    "completion_mask")
@@ -415,7 +423,7 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             if getattr(aggregate, "target", None) is not None:
                 metrics["pm/ess_target"].append(row_mean(aggregate.target))
             if self.args.adapt == "reward":
-                metrics["pm/reward_mean"].append(self._pm_reward_stats.mean)
-                high = reward_epsilon_high(self.args, self._pm_reward_stats)
+                metrics["pm/reward_mean"].append(self._reward_stats(mode).mean)
+                high = reward_epsilon_high(self.args, self._reward_stats(mode))
                 if high is not None:
                     metrics["pm/clip_high"].append(high)
