@@ -157,6 +157,23 @@ def test_gsm8k_data_without_the_recipes_system_prompt_is_refused_and_the_named_c
     assert preflight.check_run({"files": [str(data)], "task": "math"}, "fsdp") == []  # MATH has none
 
 
+def test_a_data_file_is_checked_in_every_row_not_its_first(tmp_path):
+    """A file merged from prepared rows and verl's own (first row prepared) passed: the first row was checked."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    wanted = preflight.system_prompt("gsm8k")
+    user = {"role": "user", "content": "1+1? Answer after ####."}
+    prepared = {"prompt": [{"role": "system", "content": wanted}, user]}
+    rows = [prepared] * 5000 + [{"prompt": [user]}] * 3  # past the first read batch of 4096 rows
+    data = tmp_path / "merged.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    (problem,) = preflight.check_prompts("gsm8k", [str(data)])
+    assert f"data file {data} lacks the gsm8k recipe's system prompt ({wanted!r}) in 3 of its 5003 rows" in problem
+    pq.write_table(pa.Table.from_pylist([prepared] * 3), data)
+    assert preflight.check_prompts("gsm8k", [str(data)]) == []
+
+
 def test_responses_beyond_the_models_context_are_refused_naming_both_numbers(tmp_path):
     """verl's rollout server takes max_position_embeddings as max_model_len and cuts longer responses silently."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 4096}))

@@ -395,7 +395,8 @@ def system_prompt(task: str | None) -> str | None:
 
 
 def check_prompts(task: str | None, files: list[str]) -> list[str]:
-    """The first row of each data file opens with the task's system prompt (GSM8K: recipes/gsm8k/prepare_extra.py).
+    """Every row of each data file opens with the task's system prompt (GSM8K: recipes/gsm8k/prepare_extra.py;
+    the first row alone passed a file merged from one with and one without it).
     verl's own examples/data_preprocess/gsm8k.py writes its parquet to the same ~/data/gsm8k without one, and
     Qwen2.5-Math's chat template then asks for \\boxed{} while verl's reward scores only "####"."""
     wanted = system_prompt(task)
@@ -405,18 +406,25 @@ def check_prompts(task: str | None, files: list[str]) -> list[str]:
         import pyarrow.parquet as pq
     except ImportError:
         return []  # no pyarrow, no datasets: verl's missing dependencies are named with the pins
+    def opens_with_it(row: dict) -> bool:
+        first = (row["prompt"] or [{}])[0]
+        return first.get("role") == "system" and first.get("content") == wanted
+
     problems = []
     for file in files:
         try:
-            rows = next(pq.ParquetFile(file).iter_batches(batch_size=1, columns=["prompt"])).to_pylist()
+            lacking = total = 0
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=4096, columns=["prompt"]):
+                rows = batch.to_pylist()
+                lacking, total = lacking + sum(not opens_with_it(row) for row in rows), total + len(rows)
         except Exception as error:  # noqa: BLE001 -- a file verl cannot read either
             problems.append(f"data file {file}: cannot read its 'prompt' column ({type(error).__name__}: "
                             f"{str(error).splitlines()[0][:200]})")
             continue
-        first = (rows[0]["prompt"] or [{}])[0] if rows else {}
-        if first.get("role") != "system" or first.get("content") != wanted:
-            problems.append(f"data file {file} lacks the {task} recipe's system prompt ({wanted!r}), as verl's own "
-                            f"examples/data_preprocess/{task}.py writes it: add it with `python3 {RECIPES}/{task}/"
+        if lacking:
+            some = "" if lacking == total else f" in {lacking} of its {total} rows"
+            problems.append(f"data file {file} lacks the {task} recipe's system prompt ({wanted!r}){some}, as verl's "
+                            f"own examples/data_preprocess/{task}.py writes it: add it with `python3 {RECIPES}/{task}/"
                             f"prepare_extra.py system {file}` (in place), or rerun bash {RECIPES}/{task}/prepare_data.sh")
     return problems
 
