@@ -20,7 +20,7 @@ With the run's settings (run.sh passes them: --ckpt-dir, --model, --files, --kee
   its config.json, counted on torch's meta device: no weights are loaded or downloaded); verl keeps up to
   max(keep, 2) saves at once (see saves_at_peak); the checkpoint filesystem must have room for them;
 - the data files and the model path are there; a task with a system prompt (GSM8K: recipes/gsm8k/prepare_extra.py)
-  has it in each file's first row; prompt + response fit the model's max_position_embeddings (check_context);
+  has it in every row of each file; prompt + response fit the model's max_position_embeddings (check_context);
 - the GPU extensions really import (a subprocess imports flash_attn, and Transformer Engine's PyTorch
   extension with --engine megatron: `find_spec` finds a flash-attn built for another torch, which then fails
   at load with an undefined symbol);
