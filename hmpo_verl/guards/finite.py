@@ -36,12 +36,19 @@ def first_non_finite(inputs: dict, valid: torch.Tensor) -> Optional[tuple[str, i
     return None
 
 
+def check_inputs_finite(inputs: dict, valid: torch.Tensor, mask_name: str, reader: str = "") -> None:
+    """`NonFiniteInputError` naming the first of `inputs` (name -> `(B, T)` tensor or None) that is NaN or inf
+    at a valid position (`mask_name`: the host's name of the mask; `reader`: what reads it, for the message)."""
+    if found := first_non_finite(inputs, valid):
+        raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid ({mask_name}) positions"
+                                  + (f", which {reader} reads" if reader else ""))
+
+
 def zeroed_where_masked(inputs: dict, valid: torch.Tensor, mask_name: str) -> list:
     """`inputs` (name -> `(B, T)` tensor) with 0 at masked positions, for a host's code that masks by products
     (NaN or inf there would poison a row); `NonFiniteInputError` naming the first input that is NaN or inf at a
     valid position (`mask_name`: the host's name of the mask). `valid`: `(B, T)` bool."""
-    if found := first_non_finite(inputs, valid):
-        raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid ({mask_name}) positions")
+    check_inputs_finite(inputs, valid, mask_name)
     return [torch.where(valid, tensor, 0.0) for tensor in inputs.values()]
 
 
@@ -55,8 +62,7 @@ def check_surrogate_finite(terms, inputs: dict, mask_name: str) -> None:
     """
     if torch.isfinite(terms.log_ratio_sum + terms.value.sum()):  # grad_coef is value where it is not 0
         return
-    if found := first_non_finite(inputs, terms.rows.valid):
-        raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid ({mask_name}) positions")
+    check_inputs_finite(inputs, terms.rows.valid, mask_name)
     raise NonFiniteInputError(
         f"the policy loss overflowed in {terms.value.dtype}: a token's share of its sequence ratio, "
         "clip(s_i) * T * w_t, or its product with the advantage is beyond the dtype's range (log-ratios or "
@@ -73,9 +79,7 @@ def check_kl_finite(per_token_kl: torch.Tensor, valid: torch.Tensor, inputs: dic
     with torch.no_grad():
         if not count_non_finite(per_token_kl, valid):
             return
-        if found := first_non_finite(inputs, valid):
-            raise NonFiniteInputError(f"{found[0]} has {found[1]} non-finite value(s) at valid (completion_mask) "
-                                      f"positions, which the KL penalty ({term}) reads")
+        check_inputs_finite(inputs, valid, "completion_mask", f"the KL penalty ({term})")
         raise NonFiniteInputError(
             f"the KL penalty ({term}) overflowed in {per_token_kl.dtype}: exp of a log-ratio between the policy and "
             "the reference (or, with use_bias_correction_kl, the old policy) beyond the dtype's range; pass float64 "
