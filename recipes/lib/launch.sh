@@ -150,12 +150,13 @@ hmpo_node_gpus() {
     echo $((trainer + ${pool:-0}))
 }
 
-# hmpo_files KEY: the files the run gets for data.train_files / data.val_files (the last override: the launcher's
-# TRAIN_FILES / VAL_FILES or the user's own data.train_files=...), a Hydra list ['a','b'] / [a, b] or one path,
-# as "a,b" (quotes and blanks around each path stripped, ~/ written out).
+# hmpo_files KEY DEFAULT: the files the run gets for data.train_files / data.val_files -- the last override (the
+# user's own data.train_files=... after the launcher's word), a Hydra list ['a','b'] / [a, b] or one path, else
+# DEFAULT (TRAIN_FILES / VAL_FILES, the launcher's word) -- as "a,b" (quotes and blanks around each path stripped,
+# ~/ written out).
 hmpo_files() {
     local value item items out=()
-    value=$(hmpo_last "$1" "${HMPO_OVERRIDES[@]}") || return 0
+    value=$(hmpo_last "$1" ${HMPO_OVERRIDES[@]+"${HMPO_OVERRIDES[@]}"}) || value=$2
     value=${value#[}
     value=${value%]}
     IFS=, read -r -a items <<< "$value"
@@ -172,7 +173,7 @@ hmpo_files() {
 hmpo_preflight_run_args() {
     local nnodes
     nnodes=$(hmpo_setting trainer.nnodes)
-    printf '%s\n' --ckpt-dir "$CKPT_DIR" --files "$(hmpo_files data.train_files),$(hmpo_files data.val_files)" \
+    printf '%s\n' --ckpt-dir "$CKPT_DIR" --files "$(hmpo_files data.train_files "$TRAIN_FILES"),$(hmpo_files data.val_files "$VAL_FILES")" \
         --task "$TASK" \
         --model "$(hmpo_setting actor_rollout_ref.model.path)" \
         --keep "$(hmpo_setting trainer.max_actor_ckpt_to_keep)" --save-freq "$(hmpo_setting trainer.save_freq)" \
