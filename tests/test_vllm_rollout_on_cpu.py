@@ -153,12 +153,18 @@ def test_separate_async_logs_each_samples_lag(separate_async):
 def test_vllm_decodes_as_the_trainer_and_reports_each_synced_version(separate_async):
     """The trainer's equivalent of ``rollout_probs_diff`` under ``bypass_mode``: at step 1 (lag 0, one update) the
     loss's ratios are vLLM's fp32 log-probs against the trainer's on the same weights: float noise (bf16: ~1e-3).
-    Later steps train samples of the previous version only (lag 1 = verl's own staleness), which vLLM reports only
-    after that version's weights were loaded (``vLLMRollout.update_weights`` sets it last)."""
+    Later steps train samples at most one version old (verl's own staleness); which share is lag 0 depends on
+    timing (under load, 1 in 4 of step 3's samples came after version 2's weights reached vLLM). A sample vLLM
+    reports as the trainer's current version was decoded by those weights (``vLLMRollout.update_weights`` sets
+    the version last): its ratios are float noise too, while lag-1 samples' are not."""
     _, metrics, _ = separate_async
     first = metrics[1]
     assert abs(first["actor/ppo_kl"]) < 1e-6 and first["actor/pg_clipfrac"] == 0, first["actor/ppo_kl"]
     assert abs(first["actor/pm/lag0/log_ah_gap"]) < 1e-6, first["actor/pm/lag0/log_ah_gap"]
-    for step in range(2, ASYNC_STEPS + 1):
-        assert metrics[step]["training/lag/share_1"] == 1.0, step
-        assert metrics[step]["training/off_policy/trajectory_staleness_worst/max"] == 1, step
+    later = [metrics[step] for step in range(2, ASYNC_STEPS + 1)]
+    for step, data in enumerate(later, start=2):
+        assert data["training/off_policy/trajectory_staleness_worst/max"] <= 1, step
+        if data["training/lag/share_0"] > 0:
+            assert abs(data["actor/pm/lag0/log_ah_gap"]) < 1e-6, (step, data["actor/pm/lag0/log_ah_gap"])
+    lag1 = [data["actor/pm/lag1/log_ah_gap"] for data in later if data["training/lag/share_1"] > 0]
+    assert lag1 and min(lag1) > 1e-4, lag1  # the staleness is there, and visible in the ratios
