@@ -50,8 +50,10 @@ from hmpo_verl.lab.crash import (
 
 STEPS, POISONED = 6, 5
 # verl's diagnostics of the rollout's own log-probs: the hf server computes them in batches whose
-# composition depends on timing, so they match to float rounding only (nothing trains on them here)
+# composition depends on timing, so they match to float32 rounding only (nothing trains on them here):
+# DIAGNOSTIC_TOLERANCE (a max of per-sequence log-perplexity differences differed by 1.04e-6 in one CI run)
 ROLLOUT_DIAGNOSTICS = ("training/rollout_probs_diff_", "training/rollout_actor_probs_pearson_corr", "rollout_corr/")
+DIAGNOSTIC_TOLERANCE = 1e-5
 POISON = {NAN_AT_VERSION_ENV: str(POISONED - 1)}  # the weights of step 4 generate step 5
 
 
@@ -103,8 +105,8 @@ def test_the_resumed_runs_repeat_the_uninterrupted_one(runs):
         assert comparison.samples_equal == dict.fromkeys(steps, True), launch.log_dir
         for step, diffs in comparison.metric_diffs.items():
             assert _trained(diffs) == {}, (launch.log_dir, step)
-            for key, (a, b) in diffs.items():
-                assert abs(a - b) <= 1e-6, (launch.log_dir, step, key, a, b)
+            for key, (a, b) in diffs.items():  # (only the rollout diagnostics are left)
+                assert abs(a - b) <= DIAGNOSTIC_TOLERANCE, (launch.log_dir, step, key, a, b)
 
 
 def _cosine_with_warmup(k: int, warmup: int, total: int) -> float:
