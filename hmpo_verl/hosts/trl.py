@@ -357,10 +357,9 @@ class PowerMeanGRPOTrainer(GRPOTrainer):
             per_token_kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
             if args.use_bias_correction_kl:
                 per_token_kl = per_token_kl * torch.exp(torch.where(in_mask, per_token_logps - old, 0.0))
-            check_kl_finite(per_token_kl, in_mask, {"ref_per_token_logps": inputs["ref_per_token_logps"],
-                                                    "per_token_logps": per_token_logps,
-                                                    "old_per_token_logps": old if args.use_bias_correction_kl else None},
-                            f"beta={self.beta}")
+            read = {"ref_per_token_logps": inputs["ref_per_token_logps"], "per_token_logps": per_token_logps,
+                    "old_per_token_logps": old if args.use_bias_correction_kl else None}
+            check_kl_finite(per_token_kl, in_mask, read, f"beta={self.beta}")
             per_token_loss = per_token_loss + self.beta * per_token_kl
         loss = normalise(per_token_loss, mask, args.loss_type, self, inputs, mode)
         return loss, per_token_kl, terms, aggregate

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import sys
 import weakref
 from typing import Optional
@@ -58,8 +59,10 @@ def check_loss_mode_registered(loss_mode: str) -> None:
     config class is not checked here: a loss registered by a module only the workers import would be refused.)"""
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
 
+    from hmpo_verl.hosts.verl.config import LOSS_PREFIX
+
     if loss_mode not in POLICY_LOSS_REGISTRY:
-        raise ValueError(f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r} is invalid; allowed: the "
+        raise ValueError(f"{LOSS_PREFIX}.loss_mode={loss_mode!r} is invalid; allowed: the "
                          f"policy losses verl has registered: {', '.join(sorted(POLICY_LOSS_REGISTRY))}")
 
 
@@ -148,7 +151,7 @@ def check_rollout_replicas(config) -> None:
     gpus, per_node, pool_keys = pool
     sizes = {key: _setting(config, f"{ROLLOUT}.{key}", 1)
              for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size")}
-    replica = sizes["tensor_model_parallel_size"] * sizes["data_parallel_size"] * sizes["pipeline_model_parallel_size"]
+    replica = math.prod(sizes.values())
     if gpus <= 0 or replica <= 0:
         return  # verl's own config checks name a non-positive size
     named = " x ".join(f"{ROLLOUT}.{key}={value}" for key, value in sizes.items())
@@ -412,8 +415,8 @@ def warn_stale_as_fresh(config) -> None:
 def driver_checks(config) -> None:
     """Everything the driver checks before Ray starts (idempotent): the verl symbols the trainer's guards wrap
     (`check_verl_symbols`), our options and the rollout correction (`check_options`), the V1 batch split
-    (`check_v1_batch`), the rollout replicas' fit to their GPUs (`check_rollout_replicas`), TRL beside verl, the checkpoint directory, the checkpoint a resume will use -- a
-    resume_mode / resume_from_path verl reads alike everywhere, complete, saved by the same trainer mode and
+    (`check_v1_batch`), the rollout replicas' fit to their GPUs (`check_rollout_replicas`), TRL beside verl, the
+    checkpoint directory, the checkpoint a resume will use -- a resume_mode / resume_from_path verl reads alike everywhere, complete, saved by the same trainer mode and
     with the same settings (`hmpo_verl.guards.run_settings`), every refusal before the guard rewrites a
     tracker (`hmpo_verl.guards.checkpoints.guard_resume`) -- and, for fully-async, the prompts in flight at
     that checkpoint that the resume will not train (`hmpo_verl.guards.inflight`); last, the warning for a V1
