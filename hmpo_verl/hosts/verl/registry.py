@@ -46,9 +46,10 @@ from hmpo_verl.guards.verl_symbols import check_module
 from hmpo_verl.hosts.verl.checks import check_options, check_trl_beside_verl, driver_checks, trl_conflict  # noqa: F401 (check_options, check_trl_beside_verl, trl_conflict: public hmpo_verl.registry names)
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
+V1_TRAINER = "verl.trainer.ppo.v1.trainer_base"
 # verl's trainers, whose checkpoint saves are guarded (hmpo_verl.guards.checkpoints), and the module whose
 # calculate_debug_metrics is where the driver sees the rollout's log-probs (hmpo_verl.guards.finite)
-TRAINERS = {"verl.trainer.ppo.v1.trainer_base": "PPOTrainer", "verl.trainer.ppo.ray_trainer": "RayPPOTrainer",
+TRAINERS = {V1_TRAINER: "PPOTrainer", "verl.trainer.ppo.ray_trainer": "RayPPOTrainer",
             # overrides _save_checkpoint (its own folder numbering, the rollouter's data.pt); a @ray.remote class
             "verl.experimental.fully_async_policy.fully_async_trainer": "FullyAsyncTrainer"}
 DEBUG_METRICS = "verl.utils.debug.metrics"
@@ -108,6 +109,9 @@ REGISTER_FAILED = (
 )
 GUARD_FAILED = "hmpo_verl could not wrap {} (guarded checkpoint saves, the rollout log-prob check); verl runs without it"
 
+SESSIONS_FAILED = (f"hmpo_verl could not wrap {V1_TRAINER}.compute_advantage_for_multi_trajectories: under verl V1, "
+                   "adv_estimator=power_mean/agm counts every output of a multi-output agent-loop session in its group")
+
 
 def register_on_import() -> None:
     """Register now if verl's core_algos is loaded, else as soon as it is imported (see module doc);
@@ -123,11 +127,18 @@ def register_on_import() -> None:
         loudly(_extend_validate_config, REGISTER_FAILED)
         run_after_import(CORE_ALGOS, lambda _module: register(), REGISTER_FAILED)
     run_after_import(DEBUG_METRICS, _guard_rollout_log_probs, GUARD_FAILED.format(DEBUG_METRICS))
+    run_after_import(V1_TRAINER, _group_by_session_in_v1, SESSIONS_FAILED)
     for name, trainer in TRAINERS.items():
         run_after_import(name, lambda module, trainer=trainer: _guard_trainer(module, trainer), GUARD_FAILED.format(name))
     install(run_after_import)
     prefetch.install(run_after_import)
     shuffle.install(run_after_import)
+
+
+def _group_by_session_in_v1(module) -> None:
+    from hmpo_verl.hosts.verl.estimators import group_by_session_in_v1
+
+    group_by_session_in_v1(module)
 
 
 def _guard_rollout_log_probs(module) -> None:
