@@ -185,6 +185,30 @@ def test_an_adapt_rule_with_a_loss_mode_that_reads_none_is_refused(loss_mode, po
     AdaptivePowerMeanLossConfig(loss_mode="adaptive_power_mean", adapt=adapt)
 
 
+_TARGET = ("actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.PowerMeanLossConfig",
+           "actor_rollout_ref.actor.policy_loss.loss_mode=hmpo")
+
+
+@pytest.mark.parametrize("level, space", [("sequence", "ratio"), ("token", "log"), ("sequence", "log")])
+def test_a_dual_clip_where_no_dual_clip_applies_is_refused_before_ray(level, space):
+    """clip_ratio_c=10 with clip_space='log' (or sequence level) trained without any dual clip, silently."""
+    from verl.workers.config import ActorConfig
+
+    from hmpo_verl.hosts.verl.losses import VERL_DUAL_CLIP
+
+    assert ActorConfig.__dataclass_fields__["clip_ratio_c"].default == VERL_DUAL_CLIP
+    ours = [*_TARGET, f"+actor_rollout_ref.actor.policy_loss.clip_level={level}",
+            f"+actor_rollout_ref.actor.policy_loss.clip_space={space}"]
+    with pytest.raises(ValueError, match=rf"^actor_rollout_ref.actor.clip_ratio_c=10.0: not read with clip_level="
+                                         rf"'{level}', clip_space='{space}' .*allowed: verl's default 3.0, or "
+                                         r"clip_level='token' with clip_space='ratio'$"):
+        _driver_validation([*ours, "actor_rollout_ref.actor.clip_ratio_c=10"])
+    _driver_validation([*ours, "actor_rollout_ref.actor.clip_ratio_c=3.0"])  # verl's default: not the user's
+    _driver_validation([*_TARGET, "actor_rollout_ref.actor.clip_ratio_c=10"])  # token level, ratio space: read
+    _driver_validation(["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
+                        "actor_rollout_ref.actor.clip_ratio_c=10"])  # verl's own loss: verl's business
+
+
 @pytest.mark.parametrize("fields,field_name", [(dict(risk_beta=math.inf), "risk_beta"),
                                               (dict(risk_beta="high"), "risk_beta"),
                                               (dict(norm_adv_by_std="yes"), "norm_adv_by_std")])

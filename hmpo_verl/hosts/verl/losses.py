@@ -49,6 +49,7 @@ def agg_loss(*args, **kwargs):
 
 
 ACTOR = "actor_rollout_ref.actor"
+VERL_DUAL_CLIP = 3.0  # verl's ActorConfig.clip_ratio_c default (tests/test_config_on_cpu.py keeps them equal)
 
 
 def _actor_number(config: Any, name: str, default: float) -> float:
@@ -70,9 +71,14 @@ def trust_region(config: Any, options: PowerMeanLossConfig, eps_high: Optional[f
     invalid bounds (NaN included) raise, named by their field (the driver checks them first: `check_options`)."""
     eps_low, config_high = _eps(config)
     eps_high = config_high if eps_high is None else eps_high
-    dual = None
-    if options.clip_level == "token" and options.clip_space == "ratio":
-        dual = _actor_number(config, "clip_ratio_c", 3.0)
+    dual = _actor_number(config, "clip_ratio_c", VERL_DUAL_CLIP)
+    if options.clip_level != "token" or options.clip_space != "ratio":
+        if dual != VERL_DUAL_CLIP:  # set by the user, yet no dual clip applies: the run would ignore it
+            raise ValueError(
+                f"{ACTOR}.clip_ratio_c={dual!r}: not read with clip_level={options.clip_level!r}, clip_space="
+                f"{options.clip_space!r} (the dual clip caps token ratios in ratio space), so the run would ignore "
+                f"it; allowed: verl's default {VERL_DUAL_CLIP}, or clip_level='token' with clip_space='ratio'")
+        dual = None
     check_clip_bounds(eps_low, eps_high, options.clip_space, (f"{ACTOR}.clip_ratio_low", f"{ACTOR}.clip_ratio_high"),
                       dual, f"{ACTOR}.clip_ratio_c")
     return TrustRegion.from_eps(options.clip_level, options.clip_space, eps_low, eps_high, dual)
