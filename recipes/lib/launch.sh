@@ -34,6 +34,26 @@
 # verl 0.9.1's trackers (verl/utils/tracking.py, Tracking.supported_backend; a test keeps this list equal).
 HMPO_TRACKERS=(wandb mlflow swanlab vemlp_wandb tensorboard console clearml trackio file rl_insight)
 
+# Credentials and tracker settings that a run joining a running Ray cluster (RAY_ADDRESS: `ray job submit` or a
+# driver that connects) does not carry from this shell: the trainer's processes are Ray workers, started with the
+# environment of their node's `ray start` (verl's runtime env forwards none of these); sending them
+# (--runtime-env-json, ray_init.runtime_env) would put a secret on a command line and in the dashboard's job table.
+# HMPO_NODES_SHARE_ENV=1 (recipes/slurm: its nodes' ray start ran in the job's environment) skips the warning.
+HMPO_UNSENT_ENV=(WANDB_API_KEY WANDB_ENTITY WANDB_BASE_URL HF_TOKEN HUGGING_FACE_HUB_TOKEN SWANLAB_API_KEY
+                 MLFLOW_TRACKING_URI MLFLOW_TRACKING_TOKEN)
+
+hmpo_warn_unsent_env() {
+    local name set=()
+    for name in "${HMPO_UNSENT_ENV[@]}"; do
+        [[ -z "${!name:-}" ]] || set+=("$name")
+    done
+    [[ ${#set[@]} -eq 0 ]] && return 0
+    echo "$(basename -- "$0"): warning: ${set[*]} set in this shell do not reach the trainer on a running Ray" \
+        "cluster (RAY_ADDRESS=$RAY_ADDRESS): its processes get the environment of each node's ray start. Set them" \
+        "there (export before recipes/lib/cluster.sh head / worker, or wandb login / huggingface-cli login on each" \
+        "node); if they are set there already, nothing is missing" >&2
+}
+
 hmpo_die() {
     echo "$(basename -- "$0"): $*" >&2
     exit 2
@@ -388,6 +408,7 @@ hmpo_launch() {
         [[ "$arg" != *"'"* ]] || hmpo_die "a value holding a single quote is not supported: $arg"
     done
 
+    [[ -z "${RAY_ADDRESS:-}" || "${HMPO_NODES_SHARE_ENV:-0}" == 1 ]] || hmpo_warn_unsent_env
     local ray_submit=''
     local config_dir=("--config-path=$RECIPES_DIR")
     case "${RAY_ADDRESS:-}" in
