@@ -72,3 +72,21 @@ def test_a_separate_rollout_pool_is_checked_on_its_own_gpus(recipe, overrides, p
 def test_the_gpu_recipes_fit(overrides):
     """The GSM8K recipe at its size (8 GPUs, and the separate_async split of recipes/split/)."""
     check_rollout_replicas(compose_recipe(RECIPES, "gsm8k", overrides))
+
+
+def test_separate_async_checks_its_hybrid_replicas_on_the_trainers_gpus_too():
+    """separate_async with actor_rollout_ref.hybrid_engine (verl's default) also starts hybrid replicas on the
+    actor's workers (PPOTrainer._setup's LLMServerManager over actor_rollout_wg): TP 2 on a 3-GPU trainer pool
+    leaves a GPU idle there, and its standalone pool fitting does not excuse it. Its hybrid switch
+    (trainer.v1.separate_async.hybrid_rollout.enable_switch) changes no pool."""
+    fits = ("trainer.v1.trainer_mode=separate_async", "trainer.n_gpus_per_node=4",
+            "actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=4", f"{TP}=2")
+    check_rollout_replicas(composed(VERL_CONFIG, "ppo_trainer", *fits))
+    odd_trainer = (*fits, "trainer.n_gpus_per_node=3")
+    for switch in ("false", "true"):
+        with pytest.raises(ValueError, match=r"does not divide the rollout's 3 GPUs \(trainer.nnodes=1 x "
+                                             r"trainer.n_gpus_per_node=3\)"):
+            check_rollout_replicas(composed(VERL_CONFIG, "ppo_trainer", *odd_trainer,
+                                            f"trainer.v1.separate_async.hybrid_rollout.enable_switch={switch}"))
+    # without hybrid replicas the trainer's GPUs serve no rollout: only the standalone pool is checked
+    check_rollout_replicas(composed(VERL_CONFIG, "ppo_trainer", *odd_trainer, "actor_rollout_ref.hybrid_engine=false"))

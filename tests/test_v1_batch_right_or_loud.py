@@ -52,3 +52,16 @@ def test_separate_async_needs_one_mini_batch_per_update_and_names_both_ways_on()
     assert str(info.value).endswith(f"Set data.train_batch_size=64 or {key}=8")
     check_v1_batch(launch(*overrides, "data.train_batch_size=64"))
     check_v1_batch(launch(*overrides, f"{key}=8"))
+
+
+def test_separate_async_at_one_update_per_step_is_checked_too():
+    """parameter_sync_step=1 in separate_async: verl asserts train_batch_size == 1 x ppo_mini_batch_size as for any
+    value (PPOTrainerSeparateAsync.__init__); the check had returned early at 1."""
+    key = SYNC_STEP.format(mode="separate_async")
+    with pytest.raises(ValueError, match=rf"^data.train_batch_size=128 must equal {key}=1 x actor_rollout_ref.actor."
+                                         rf"ppo_mini_batch_size=32 in separate_async.* Set data.train_batch_size=32 "
+                                         rf"or {key}=4$"):
+        check_v1_batch(launch("trainer.v1.trainer_mode=separate_async", f"{key}=1"))
+    check_v1_batch(launch("trainer.v1.trainer_mode=separate_async", f"{key}=1", "data.train_batch_size=32"))
+    # a stale trainer_mode without V1 is not read
+    check_v1_batch(launch("trainer.use_v1=false", "trainer.v1.trainer_mode=separate_async", f"{key}=1"))

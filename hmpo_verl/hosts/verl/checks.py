@@ -93,9 +93,9 @@ def check_v1_batch(config) -> None:
     ``parameter_sync_step`` (``PPOTrainer.step`` splits each step's prompts into that many updates) and, in
     ``separate_async``, equal to ``parameter_sync_step`` x ``ppo_mini_batch_size`` (``PPOTrainerSeparateAsync``)."""
     sync_step = v1_parameter_sync_step(config)
-    mode = _setting(config, "trainer.v1.trainer_mode", "sync")
+    mode = _setting(config, "trainer.v1.trainer_mode", "sync") if _setting(config, "trainer.use_v1", True) else None
     batch, mini = _setting(config, "data.train_batch_size"), _setting(config, MINI_BATCH)
-    if sync_step == 1 or batch is None:
+    if batch is None:
         return
     key = f"trainer.v1.{mode}.parameter_sync_step"
     if batch % sync_step:
@@ -115,42 +115,46 @@ def check_v1_batch(config) -> None:
 ROLLOUT = "actor_rollout_ref.rollout"
 
 
-def rollout_pool(config) -> Optional[tuple[int, int, str]]:
-    """The GPUs verl 0.9.1 gives its rollout replicas, (GPUs, per node, the keys that set them); None where this
-    check does not know the layout (a disaggregated rollout, a V1 ``separate_async`` with its hybrid switch on).
+def rollout_pools(config) -> list[tuple[int, int, str]]:
+    """The GPU pools verl 0.9.1 starts rollout replicas on, each (GPUs, per node, the keys that set them); none
+    where this check does not know the layout (a disaggregated rollout).
 
-    ``LLMServerManager`` (``verl/workers/rollout/llm_server.py``) splits the pool into ``GPUs // W`` replicas of
-    ``W = tensor x data x pipeline parallel size`` GPUs each. The pool: a separate rollout pool where the trainer
+    ``LLMServerManager`` (``verl/workers/rollout/llm_server.py``) splits a pool into ``GPUs // W`` replicas of
+    ``W = tensor x data x pipeline parallel size`` GPUs each. The pools: a separate rollout pool where the trainer
     has one -- one-step-off and fully-async's top-level ``rollout.nnodes x rollout.n_gpus_per_node`` (their
     entry points copy them into ``actor_rollout_ref.rollout``), V1 ``separate_async``'s
-    ``actor_rollout_ref.rollout.nnodes x n_gpus_per_node`` -- else the actor's workers (hybrid: ``trainer.nnodes
-    x trainer.n_gpus_per_node``), of which replica ``r`` takes workers ``[r W, (r + 1) W)``.
+    ``actor_rollout_ref.rollout.nnodes x n_gpus_per_node``, which with ``actor_rollout_ref.hybrid_engine`` (verl's
+    default, ``PPOTrainer._setup``) also starts hybrid replicas on the actor's workers -- else the actor's workers
+    (hybrid: ``trainer.nnodes x trainer.n_gpus_per_node``), of which replica ``r`` takes workers ``[r W, (r + 1) W)``.
     """
     if _setting(config, f"{ROLLOUT}.disaggregation.enabled", False):
-        return None
+        return []
     mode = _setting(config, "trainer.v1.trainer_mode", "sync") if _setting(config, "trainer.use_v1", True) else None
+    nodes, per_node = _setting(config, "trainer.nnodes", 1), _setting(config, "trainer.n_gpus_per_node", 8)
+    trainer = (nodes * per_node, per_node, f"trainer.nnodes={nodes} x trainer.n_gpus_per_node={per_node}")
     for section in ("rollout", ROLLOUT if mode == "separate_async" else None):
         nodes = _setting(config, f"{section}.nnodes") if section else None
         if nodes:  # a separate pool (fully-async's rollout.nnodes=0: hybrid replicas only, checked as such below)
-            if section == ROLLOUT and _setting(config, f"{ROLLOUT}.hybrid_rollout.enable_switch", False):
-                return None
             per_node = _setting(config, f"{section}.n_gpus_per_node", 8)
-            return nodes * per_node, per_node, f"{section}.nnodes={nodes} x {section}.n_gpus_per_node={per_node}"
-    nodes, per_node = _setting(config, "trainer.nnodes", 1), _setting(config, "trainer.n_gpus_per_node", 8)
-    return nodes * per_node, per_node, f"trainer.nnodes={nodes} x trainer.n_gpus_per_node={per_node}"
+            pool = (nodes * per_node, per_node, f"{section}.nnodes={nodes} x {section}.n_gpus_per_node={per_node}")
+            hybrid = section == ROLLOUT and _setting(config, "actor_rollout_ref.hybrid_engine", True)
+            return [pool, trainer] if hybrid else [pool]
+    return [trainer]
 
 
 def check_rollout_replicas(config) -> None:
     """Refuse before Ray a rollout whose replica size ``W`` (tensor x data x pipeline parallel size) does not
-    divide its pool (:func:`rollout_pool`): verl starts ``GPUs // W`` replicas and says nothing of the rest --
+    divide each of its pools (:func:`rollout_pools`): verl starts ``GPUs // W`` replicas and says nothing of the rest --
     ``GPUs % W`` GPUs idle, or none at all where ``W > GPUs`` (verl's default tensor_model_parallel_size is 2, so a
     one-GPU node gets no rollout) -- and asserts a replica spanning nodes unevenly only once Ray has started."""
-    pool = rollout_pool(config)
-    if pool is None:
-        return
-    gpus, per_node, pool_keys = pool
     sizes = {key: _setting(config, f"{ROLLOUT}.{key}", 1)
              for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size")}
+    for gpus, per_node, pool_keys in rollout_pools(config):
+        _check_replicas_fit(sizes, gpus, per_node, pool_keys)
+
+
+def _check_replicas_fit(sizes: dict, gpus: int, per_node: int, pool_keys: str) -> None:
+    """One pool of ``gpus`` (``per_node`` a node, set by ``pool_keys``) for replicas of the parallel ``sizes``."""
     replica = math.prod(sizes.values())
     if gpus <= 0 or replica <= 0:
         return  # verl's own config checks name a non-positive size
