@@ -109,8 +109,17 @@ def test_driver_validation_rejects_bad_values_before_ray(overrides, field_name):
 
 def test_driver_validation_accepts_our_algorithm_config():
     _driver_validation(["algorithm._target_=hmpo_verl.PowerMeanAlgoConfig", "algorithm.adv_estimator=power_mean",
-                        "+algorithm.risk_beta=-2.0", "+algorithm.norm_adv_by_std=true"])
-    _driver_validation(["algorithm.adv_estimator=agm"])  # verl's plain AlgoConfig: documented defaults
+                        "+algorithm.risk_beta=-2.0", "+algorithm.norm_adv_by_std=true", "actor_rollout_ref.rollout.n=4"])
+    _driver_validation(["algorithm.adv_estimator=agm", "actor_rollout_ref.rollout.n=2"])  # plain AlgoConfig: defaults
+
+
+@pytest.mark.parametrize("estimator", ["power_mean", "agm"])
+def test_our_estimators_with_one_response_per_prompt_are_refused_before_ray(estimator):
+    """verl's default rollout.n is 1: every group one response, every advantage 0, a run that trains nothing."""
+    with pytest.raises(ValueError, match=rf"^algorithm.adv_estimator='{estimator}' with actor_rollout_ref.rollout.n=1: "
+                                         r".*advantage is 0 .*allowed: actor_rollout_ref.rollout.n >= 2$"):
+        _driver_validation([f"algorithm.adv_estimator={estimator}"])
+    _driver_validation(["algorithm.adv_estimator=grpo"])  # verl's own: a group of one gets its reward
 
 
 @pytest.mark.parametrize(

@@ -137,3 +137,14 @@ def test_session_finals_takes_the_highest_index_of_each_session_and_keeps_unders
     finals, session_of_row = session_finals(keys)
     assert finals == [4, 2, 3]  # sessions a_b_0 (its index 2), c_1, a_b_1, in order of first appearance
     assert session_of_row == [0, 0, 1, 2, 0]
+
+
+def test_a_non_finite_reward_is_named_by_its_batch_row_and_key():
+    """The error names the row of the batch verl handed over and its key, not its place among the final outputs."""
+    data, keys, _ = _batch()
+    finals, _ = session_finals(keys)
+    row = finals[5]
+    data.batch["token_level_rewards"][row] = float("nan")
+    with pytest.raises(ValueError, match=rf"^reward of response {row} \(key '{keys[row]}'\) \(group uid='p\d'\) is "
+                                         r"nan; 1 response\(s\) have non-finite rewards$"):
+        _call(trainer_base.compute_advantage_for_multi_trajectories, data, keys, "power_mean")

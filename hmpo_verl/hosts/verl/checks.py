@@ -51,6 +51,20 @@ def check_options(config) -> None:
         omega_conf_to_dataclass(algorithm)  # runs PowerMeanAlgoConfig.__post_init__
     elif algorithm is not None and algorithm.get("adv_estimator", None) in ADV_ESTIMATORS:
         algo_options(algorithm, algorithm.adv_estimator)
+    check_group_size(config)
+
+
+def check_group_size(config) -> None:
+    """Our estimators with ``rollout.n`` < 2: each prompt's group holds one response, whose advantage is 0 (a
+    group's advantages sum to 0), so nothing trains -- refused (verl's ``grpo`` gives a group of one its reward)."""
+    from hmpo_verl.hosts.verl.config import ADV_ESTIMATORS
+
+    estimator, n = _setting(config, "algorithm.adv_estimator"), _setting(config, "actor_rollout_ref.rollout.n", 1)
+    if estimator in ADV_ESTIMATORS and n < 2:
+        raise ValueError(
+            f"algorithm.adv_estimator={estimator!r} with actor_rollout_ref.rollout.n={n}: each prompt's group holds "
+            "one response, whose advantage is 0 (a group's advantages sum to 0), so the policy would not train; "
+            "allowed: actor_rollout_ref.rollout.n >= 2")
 
 
 def check_loss_mode_registered(loss_mode: str) -> None:

@@ -66,27 +66,29 @@ def response_scores(token_level_rewards: torch.Tensor, response_mask: torch.Tens
     return torch.where(response_mask.to(torch.bool), token_level_rewards.to(torch.float64), 0.0).sum(-1)
 
 
-def _check_finite(scores: torch.Tensor, index: np.ndarray) -> None:
+def _check_finite(scores: torch.Tensor, index: np.ndarray, rows: Optional[Sequence[str]] = None) -> None:
+    """Raise naming the first response with a non-finite reward: as `rows[i]` where given, else its position."""
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:
         i = bad[0]
         raise ValueError(
-            f"reward of response {i} (group uid={index[i]!r}) is {scores[i].item()}; "
+            f"reward of response {i if rows is None else rows[i]} (group uid={index[i]!r}) is {scores[i].item()}; "
             f"{len(bad)} response(s) have non-finite rewards"
         )
 
 
 def _response_advantages(
     name: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config: Any, index: Optional[np.ndarray],
+    rows: Optional[Sequence[str]] = None,
 ) -> torch.Tensor:
     """(B,) float64 group advantage of each response under estimator `name` (a key of GROUP_ADVANTAGES);
-    records the step's critic/pm/* figures in PENDING_METRICS."""
+    records the step's critic/pm/* figures in PENDING_METRICS. `rows`: how an error names each response."""
     options = algo_options(config, name)
     _bridge_metrics_into_verl()
     if index is None:
         raise ValueError(f"adv_estimator={name!r} groups responses by prompt and needs verl's 'uid' index")
     scores = response_scores(token_level_rewards, response_mask)
-    _check_finite(scores, np.asarray(index, dtype=object))
+    _check_finite(scores, np.asarray(index, dtype=object), rows)
     ids, uids = group_ids(index)
     ids = ids.to(scores.device)
     n_groups = len(uids)
@@ -208,7 +210,8 @@ def on_final_outputs(compute_multi: Callable) -> Callable:
             return compute_multi(data, batch_keys=batch_keys, adv_estimator=adv_estimator, **kwargs)
         final = data.select_idxs(finals)
         adv = _response_advantages(str(adv_estimator), final.batch["token_level_rewards"],
-                                   final.batch["response_mask"], kwargs.get("config"), final.non_tensor_batch["uid"])
+                                   final.batch["response_mask"], kwargs.get("config"), final.non_tensor_batch["uid"],
+                                   rows=[f"{row} (key {batch_keys[row]!r})" for row in finals])
         out = _over_response(adv[torch.as_tensor(session_of_row, device=adv.device)],
                              data.batch["token_level_rewards"], data.batch["response_mask"])
         data.batch["advantages"] = out
