@@ -127,6 +127,13 @@ MEANING_CHANGES = [  # each changes what the resumed run trains on or how it con
     ("trainer.balance_batch=false", "trainer.balance_batch"),
     ("actor_rollout_ref.actor.checkpoint.load_contents=[model]", "actor_rollout_ref.actor.checkpoint.load_contents"),
     ("actor_rollout_ref.actor.loss_scale_factor=512", "actor_rollout_ref.actor.loss_scale_factor"),
+    # version 4: what the rollout generates, and the GPUs that serve it
+    ("actor_rollout_ref.rollout.response_length=1024", "actor_rollout_ref.rollout.response_length"),
+    ("actor_rollout_ref.rollout.multi_turn.enable=true", "actor_rollout_ref.rollout.multi_turn.enable"),
+    ("actor_rollout_ref.rollout.multi_turn.max_assistant_turns=5", "actor_rollout_ref.rollout.multi_turn.max_assistant_turns"),
+    ("actor_rollout_ref.rollout.agent.default_agent_loop=tool_agent", "actor_rollout_ref.rollout.agent.default_agent_loop"),
+    ("actor_rollout_ref.rollout.ignore_eos=true", "actor_rollout_ref.rollout.ignore_eos"),
+    ("actor_rollout_ref.hybrid_engine=false", "actor_rollout_ref.hybrid_engine"),
 ]
 
 

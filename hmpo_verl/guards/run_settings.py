@@ -16,7 +16,8 @@ seeds, the run's length, world size; since version 2 also the reward function an
 dataset's shaping (sample cap, prompt filter and key, chat template), what a resume loads, the loss
 scale, and the trainer and its async settings: `trainer.use_v1`, `trainer.v1.trainer_mode`, fully-async's
 `async_training`; since version 3 the V1 modes' sections and its sampler, `trainer.v1.<mode>` and
-`trainer.v1.sampler`, of which only the launch's mode is compared), flattened to dotted keys; a record saved
+`trainer.v1.sampler`, of which only the launch's mode is compared; since version 4 the rollout's length bounds,
+sampling switches, multi-turn settings and agent loop, and `actor_rollout_ref.hybrid_engine`), flattened to dotted keys; a record saved
 by an older version is compared on the keys it has, with a warning naming the rest. Not recorded: logging, saving,
 validation, memory and parallelism tuning (micro-batch sizes, offload),
 `optim.total_training_steps`, which the trainer itself writes into its config (from
@@ -84,9 +85,19 @@ RUN_SETTINGS = (
     # (updates per step, the lr horizon), num_warmup_batches (prefetch depth: staleness), hybrid_rollout -- and
     # the sampler (the replay buffer: staleness bound, custom sampler); only the launch's mode is compared
     *(ADDED_V3 := (*(f"trainer.v1.{mode}" for mode in V1_MODES), "trainer.v1.sampler")),
+    # recorded since SETTINGS_VERSION 4: what the rollout generates -- its own length bounds (verl interpolates
+    # them from data.* but a launch may set them apart), sampling switches, the multi-turn / tool settings and
+    # the agent loop (whose outputs per session set the updates per step) -- and whether the actor's GPUs also
+    # serve rollout replicas (separate_async's hybrid_engine)
+    *(ADDED_V4 := (
+        *(f"actor_rollout_ref.rollout.{key}" for key in (
+            "prompt_length", "response_length", "do_sample", "ignore_eos", "over_sample_rate", "multi_turn",
+            "agent.default_agent_loop", "agent.agent_loop_config_path")),
+        "actor_rollout_ref.hybrid_engine",
+    )),
 )
-SETTINGS_VERSION = 3
-ADDED_IN = {2: ADDED, 3: ADDED_V3}  # version -> the RUN_SETTINGS entries first recorded then
+SETTINGS_VERSION = 4
+ADDED_IN = {2: ADDED, 3: ADDED_V3, 4: ADDED_V4}  # version -> the RUN_SETTINGS entries first recorded then
 VERSION_KEY = "hmpo.settings_version"  # in the saved record only (absent: version 1)
 # keys below RUN_SETTINGS that are not a run's settings, neither recorded nor compared: what the trainer itself writes,
 # and the polling period of verl_cpu's replay buffer (timing only: when a finished rollout is noticed, not what it is)

@@ -247,7 +247,11 @@ HMPO_NAMED_PREFIXES=(actor_rollout_ref.model.path actor_rollout_ref.actor.policy
     reward.custom_reward_function reward.reward_manager.source reward.reward_manager.name
     reward.reward_manager.module reward.reward_model.enable reward.reward_model.model_path custom_reward_function
     reward_model.enable reward_model.model.path trainer.balance_batch trainer.use_v1 trainer.v1.trainer_mode
-    async_training trainer.v1.sync trainer.v1.colocate_async trainer.v1.separate_async trainer.v1.sampler)
+    async_training trainer.v1.sync trainer.v1.colocate_async trainer.v1.separate_async trainer.v1.sampler
+    actor_rollout_ref.rollout.prompt_length actor_rollout_ref.rollout.response_length
+    actor_rollout_ref.rollout.do_sample actor_rollout_ref.rollout.ignore_eos actor_rollout_ref.rollout.over_sample_rate
+    actor_rollout_ref.rollout.multi_turn actor_rollout_ref.rollout.agent.default_agent_loop
+    actor_rollout_ref.rollout.agent.agent_loop_config_path actor_rollout_ref.hybrid_engine)
 
 # hmpo_under KEY PREFIX...: KEY is one of the PREFIXes or below one.
 hmpo_under() {
