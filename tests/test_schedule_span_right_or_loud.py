@@ -88,6 +88,24 @@ def test_without_total_training_steps_one_line_says_the_span_is_not_checked(capl
     assert "4 optimizer steps per training step" in line
 
 
+@pytest.mark.parametrize("override, named", [
+    ("actor_rollout_ref.rollout.agent.default_agent_loop=my_agent", "default_agent_loop='my_agent'"),
+    ("actor_rollout_ref.rollout.agent.agent_loop_config_path=agents.yaml", "agent_loop_config_path='agents.yaml'"),
+])
+def test_a_custom_agent_loop_says_the_span_is_not_checked_instead_of_counting_one_output_per_session(
+        override, named, caplog):
+    """An agent loop returning k outputs per session makes k times the rows, so k times the optimizer steps (verl's
+    V1 mini-batches are ppo_mini_batch_size x rollout.n rows): a schedule counted as spanning the run would reach
+    p_end after 1/k of it. verl's own loops (single_turn_agent, tool_agent) return one output and are counted."""
+    check_options(launch(override, f"{SCHEDULE}=10"))  # counted, 10 would be named as shorter than the run
+    [line] = warnings(caplog)
+    assert line.startswith(f"{SCHEDULE}=10: not checked against the run's length with actor_rollout_ref.rollout."
+                           f"agent.{named}: an agent loop that returns several outputs per session")
+    caplog.clear()
+    with pytest.raises(ValueError, match="longer than the run"):
+        check_options(launch("actor_rollout_ref.rollout.agent.default_agent_loop=tool_agent", f"{SCHEDULE}=1000000"))
+
+
 def test_the_default_schedule_steps_are_advised_with_a_plus():
     """A schedule on the class default (1000, not in the config) needs ``+`` on the command line."""
     config = launch(f"~{SCHEDULE}", "trainer.total_training_steps=100")

@@ -206,6 +206,20 @@ def optimizer_steps_per_training_step(config) -> tuple[int, str]:
     return per_step, how
 
 
+BUILT_IN_AGENT_LOOPS = ("single_turn_agent", "tool_agent")  # verl 0.9.1's: one output per session each
+
+
+def custom_agent_loop(config) -> Optional[str]:
+    """The setting that selects an agent loop other than verl's built-in ones (which may return several outputs per
+    session: V1's ``agent_loop_tq`` keeps each as a row), or None."""
+    agent = "actor_rollout_ref.rollout.agent"
+    path = _setting(config, f"{agent}.agent_loop_config_path")
+    if path:
+        return f"{agent}.agent_loop_config_path={path!r}"
+    loop = _setting(config, f"{agent}.default_agent_loop", "single_turn_agent")
+    return None if loop in BUILT_IN_AGENT_LOOPS else f"{agent}.default_agent_loop={loop!r}"
+
+
 def check_schedule_span(config, options) -> None:
     """``adapt: schedule`` moves p from p_start to p_end over ``schedule_steps`` optimizer steps, then holds
     p_end; a schedule spans the run when ``schedule_steps`` equals the run's optimizer steps
@@ -227,6 +241,12 @@ def check_schedule_span(config, options) -> None:
         _log_once(config, f"{SCHEDULE_STEPS}={schedule_steps}: not checked against the run's length with verl's "
                           "fully-async trainer (its optimizer steps depend on async_training.require_batches and "
                           "trigger_parameter_sync_step)")
+        return
+    loop = custom_agent_loop(config)
+    if loop:
+        _log_once(config, f"{SCHEDULE_STEPS}={schedule_steps}: not checked against the run's length with {loop}: "
+                          "an agent loop that returns several outputs per session adds rows, and so optimizer steps, "
+                          "that cannot be counted before Ray starts (the count assumes one output per session)")
         return
     per_step, how = optimizer_steps_per_training_step(config)
     total = OmegaConf.select(config, "trainer.total_training_steps", default=None)
