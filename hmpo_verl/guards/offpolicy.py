@@ -10,7 +10,8 @@ installed by :func:`install` in every process right after the verl module they t
 imported, make our losses at home there:
 
 * ``RayPPOTrainer._update_actor`` (trainer side): attaches each sample's lag
-  (:mod:`hmpo_verl.staleness`) to the batch as ``LAG_KEY`` -- the actor updates between the
+  (:mod:`hmpo_verl.staleness`) to the batch as ``LAG_KEY`` -- the weight versions (syncs to the
+  rollout; one per actor update except in V1 at ``parameter_sync_step`` > 1 and in fully-async) between the
   weights that generated the sample (the oldest label, ``min_global_steps``, else
   ``global_steps``, as the rollout server reported it) and the weights trained now, each
   trainer's labels read as that trainer writes them (:func:`lags_from_labels`; fully-async
@@ -81,8 +82,9 @@ def _once(wrap: Callable) -> Callable:
 # of the weights that generated each sample (``min_global_steps``: its oldest token's):
 #   * AFTER_UPDATE -- the synchronous trainer (V0 ``RayPPOTrainer``) and every V1 mode: the initial
 #     (or resumed) weights are synced as ``global_steps`` before the first step, then each step's
-#     update is synced as that step, so label v = the weights after v updates; the trainer at step
-#     k trains weights with k - 1 updates (verl's own V1 ``trajectory_staleness_worst``).
+#     update is synced as that step, so label v = the weights after v steps; the trainer at step
+#     k trains weights of k - 1 steps (verl's own V1 ``trajectory_staleness_worst``), plus, in V1 at
+#     ``parameter_sync_step`` > 1, the step's own local updates so far (not counted: a lag is in versions).
 #   * ONE_STEP_OFF -- ``OneStepOffRayTrainer`` syncs the initial (or resumed) weights as the
 #     step they start from, then at step k *before* that step's update syncs label k: label v
 #     holds v - 1 updates, except the first label, which holds v (step 1 and the first step
@@ -104,7 +106,12 @@ def label_scheme(trainer) -> str:
 
 def lags_from_labels(labels: Sequence[int], scheme: str, global_steps: int, param_version: Optional[int] = None,
                      first_label: int = 0) -> Optional[torch.Tensor]:
-    """Per sample, the actor updates between the weights that generated it and those trained now.
+    """Per sample, the weight versions between the weights that generated it and those trained now.
+
+    A version is a sync of the trainer's weights to the rollout: one actor update in V0, one-step-off and V1
+    at ``parameter_sync_step`` 1; V1 at ``parameter_sync_step`` k syncs after k local updates (its
+    ``local_trigger_step`` 0 .. k - 1 all train on lag-0 samples of the synced version), fully-async after
+    ``trigger_parameter_sync_step``. Counted as verl counts staleness, in versions.
 
     Args:
         labels: ``(batch_size,)`` the weight label each sample reports (its oldest).
