@@ -47,6 +47,12 @@ def test_openrlhf_own_loss_types_run_unchanged():
     (["--actor.policy_loss_type", "adaptive_power_mean", "--pm.clip_level", "sequence"],
      "--pm.clip_level='sequence' is invalid with adapt='ess', which adapts p to each trajectory's token clip "
      "fraction; allowed: token"),
+    # an unknown --pm.* flag went on to OpenRLHF's parser, which refused it only after ray.init; a launcher with no
+    # adapt flag ran adaptive_power_mean at 'ess' whatever --pm.adapt said
+    (["--actor.policy_loss_type", "adaptive_power_mean", "--pm.adapt", "schedule"],
+     "--pm.adapt is not a flag of this launcher; allowed: --pm.power, --pm.clip_level"),
+    (["--actor.policy_loss_type", "hmpo", "--pm.powr=-1"], "--pm.powr is not a flag of this launcher"),
+    (["--actor.policy_loss_type", "ppo", "--pm.clip_levl", "token"], "--pm.clip_levl is not a flag of this launcher"),
 ])
 def test_bad_options_stop_before_ray_with_the_flag_named(argv, message):
     with pytest.raises(SystemExit) as stop:

@@ -48,6 +48,11 @@ def parser() -> argparse.ArgumentParser:
 def split_argv(argv: list[str]) -> tuple[LossOptions | None, list[str]]:
     """(our loss options or None, the arguments for OpenRLHF's parser). Raises ValueError naming the flag."""
     ours, rest = parser().parse_known_args(argv)
+    unknown = [arg.split("=", 1)[0] for arg in rest if arg.startswith("--pm.")]
+    if unknown:  # OpenRLHF's parser would refuse it only once Ray has started
+        raise ValueError(f"{unknown[0]} is not a flag of this launcher; allowed: "
+                         f"{', '.join(f'--pm.{name}' for name in PM_FIELDS)} (adaptive_power_mean runs adapt='ess' "
+                         "here: OpenRLHF hands its loss neither the optimizer step nor the rewards)")
     given = {name: getattr(ours, name) for name in PM_FIELDS if getattr(ours, name) is not None}
     if ours.loss_type not in LOSS_MODES:
         if given:
