@@ -218,6 +218,23 @@ def test_a_dual_clip_where_no_dual_clip_applies_is_refused_before_ray(level, spa
                         "actor_rollout_ref.actor.clip_ratio_c=10"])  # verl's own loss: verl's business
 
 
+def test_our_config_class_left_on_verls_default_loss_mode_says_it_trains_verls_loss(caplog):
+    """_target_ set to our class and nothing else: verl's yaml keeps loss_mode='vanilla', and the run trains
+    vanilla -- said once (a baseline under our class may be meant: not refused)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="hmpo_verl"):
+        _driver_validation(["actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.AdaptivePowerMeanLossConfig"])
+    [line] = [r.getMessage() for r in caplog.records if "none of ours" in r.getMessage()]
+    assert line.startswith("actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.AdaptivePowerMeanLossConfig with "
+                           "loss_mode='vanilla': the run trains verl's 'vanilla' loss, none of ours")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hmpo_verl"):
+        _driver_validation(["actor_rollout_ref.actor.policy_loss._target_=hmpo_verl.AdaptivePowerMeanLossConfig",
+                            "actor_rollout_ref.actor.policy_loss.loss_mode=adaptive_power_mean"])
+    assert "none of ours" not in caplog.text
+
+
 @pytest.mark.parametrize("fields,field_name", [(dict(risk_beta=math.inf), "risk_beta"),
                                               (dict(risk_beta="high"), "risk_beta"),
                                               (dict(norm_adv_by_std="yes"), "norm_adv_by_std")])

@@ -34,6 +34,10 @@ def check_options(config) -> None:
     if policy_loss is not None and str(policy_loss.get("_target_", "")).startswith("hmpo_verl"):
         omega_conf_to_dataclass(policy_loss)  # our class: bad or unread options (any loss_mode) raise here
         check_loss_mode_registered(loss_mode)
+        if loss_mode not in LOSS_OPTION_CLASSES:  # e.g. verl's yaml default 'vanilla' left under our _target_
+            _log_once(config, f"actor_rollout_ref.actor.policy_loss._target_={policy_loss.get('_target_')} with "
+                              f"loss_mode={loss_mode!r}: the run trains verl's {loss_mode!r} loss, none of ours "
+                              f"(verl's config sets loss_mode; ours are {', '.join(LOSS_OPTION_CLASSES)})")
     if loss_mode in LOSS_OPTION_CLASSES:
         options = loss_options(omega_conf_to_dataclass(policy_loss), loss_mode)
         trust_region(OmegaConf.select(config, "actor_rollout_ref.actor"), options)  # the actor's clip bounds
