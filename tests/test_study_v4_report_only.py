@@ -888,3 +888,51 @@ def test_restore_as_recorded_never_mixes_a_stage_and_checks_each_data_by_its_con
     with pytest.raises(SystemExit, match=r"has a row in runs.csv and no steps in steps.csv.gz"):
         run.restore(stage, run.load_committed(data), "fibonacci", None, T, base, out2, log=lambda *a: None)
     assert not any(r.path(out2).exists() for r in stage)  # none of the stage's records written before the stop
+
+
+def test_readme_is_written_once_every_regime_this_machine_runs_is_evaluated_with_one_it_does_not(
+        study, monkeypatch, tmp_path):
+    """Two regimes, the second on a model whose pinned warm starts fit below plan_v4.WARM_START_MIN_GREEDY here
+    (as moe32_top1 on this project's machine): --readme waits for the first regime only, then writes v4's blocks;
+    the report names the other as not run on this machine."""
+    from hmpo_verl.lab.study import report
+
+    other = "moe_replay"  # the moe model; REGIME's is the dense one
+    assert lean.REGIMES_BY_NAME[other].model != lean.REGIMES_BY_NAME[REGIME].model
+    both = v4.V4Plan(regimes=(REGIME, other), methods=PLAN.methods, warm_starts=2, tuning_seeds=SEEDS,
+                     pairs={REGIME: 6, other: 6}, pilot_steps=20, eval_prompts=8,
+                     grids={(r, m): GRID for r in (REGIME, other) for m in PLAN.methods})
+    monkeypatch.setattr(v4, "default_v4", lambda: both)
+    readme = tmp_path / "README.md"
+    readme.write_text("\n".join(["intro", report.GUIDE_START, "v3 guide", report.GUIDE_END,
+                                 report.SCOPE_START, "v3 scope", report.SCOPE_END, "end"]) + "\n")
+    monkeypatch.setattr(run, "REPO_ROOT", tmp_path)
+    study.docs = tmp_path / "docs" / "study.md"
+    argv = ["--v4", "--report-only", "--readme", "--out", str(study.out), "--assets", str(study.assets),
+            "--docs", str(study.docs)]
+    (study.out / run.PINNED_WARM_STARTS).write_text(json.dumps({"seeds": [0, 1]}))  # a restored study's
+    for k in (0, 1):
+        study.ws(k)
+        root = run.warm_start_dir("fibonacci", str(study.assets), "moe", k)
+        root.mkdir(parents=True)
+        (root / "warm_start.json").write_text(json.dumps({"greedy_accuracy": 0.92}))
+        (root / "READY").write_text("ok\n")
+    for r in (REGIME, other):
+        for s in SEEDS:
+            study.record(Run("pilot", r, "vanilla", v4.v3_vanilla_lr(r), s), PLAN.pilot_steps)
+    study.tuning({"vanilla": 3e-4, "hmpo": 3e-4})
+    evaluation = [Run("eval", REGIME, m, 3e-4, s, w) for m in PLAN.methods for s in (1, 2, 3) for w in (0, 1)]
+    for r in evaluation[:-1]:
+        study.record(r, T, heldout=0.5 + 0.01 * r.seed - 0.02 * (r.method == "hmpo"))
+    with pytest.raises(SystemExit, match="v4 has evaluated 0 of the 1 regimes this machine runs"):
+        cli.main(argv)  # one run of the regime this machine runs is missing
+    study.record(evaluation[-1], T, heldout=0.51)
+    assert cli.main(argv) == 0
+    text, docs = readme.read_text(), study.docs.read_text()
+    guide = text.split(report.GUIDE_START + "\n")[1].split("\n" + report.GUIDE_END)[0].splitlines()
+    assert "v3 guide" not in text and "v3 scope" not in text
+    assert all(line in docs for line in guide[1:])
+    assert f"are {other}'s, not run on this machine" in docs
+    assert guide[0].startswith(f"* From study v4 ([`docs/study.md`](docs/study.md)): regimes evaluated 1 of 2 "
+                               f"(`{REGIME}`); `{other}` not run on this machine (its model's warm starts fit below "
+                               "the plan's threshold here: see the report's scope); 10-step runs")

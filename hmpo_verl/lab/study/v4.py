@@ -804,9 +804,11 @@ def write_report(docs: Path, results: Results, provenance: str) -> dict[str, lis
     guide_body = report.guide_lines(comps, measured, decided) if comps else []
 
     def guide(link: str) -> list[str]:  # its source's link, relative to the file it is written in
+        elsewhere = "".join(f"; `{r}` not run on this machine (its model's warm starts fit below the plan's "
+                            "threshold here: see the report's scope)" for r in results.not_here)
         return [f"* From study v4 ([`docs/study.md`]({link})): regimes evaluated "
-                f"{evaluated_text(evaluated, regimes, finished)}; {steps}-step runs, (warm start, seed) pairs; by "
-                "vanilla's own gap.", *guide_body] if comps else []
+                f"{evaluated_text(evaluated, regimes, finished)}{elsewhere}; {steps}-step runs, (warm start, seed) "
+                "pairs; by vanilla's own gap.", *guide_body] if comps else []
     if comps:
         lines += ["## The guide, from the regimes evaluated so far", "", *guide(docs.name), ""]
     if evaluated:
