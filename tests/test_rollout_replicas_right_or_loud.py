@@ -90,3 +90,28 @@ def test_separate_async_checks_its_hybrid_replicas_on_the_trainers_gpus_too():
                                             f"trainer.v1.separate_async.hybrid_rollout.enable_switch={switch}"))
     # without hybrid replicas the trainer's GPUs serve no rollout: only the standalone pool is checked
     check_rollout_replicas(composed(VERL_CONFIG, "ppo_trainer", *odd_trainer, "actor_rollout_ref.hybrid_engine=false"))
+
+
+@pytest.mark.parametrize("async_file, trainer", [("separate_async", "V1 separate_async"), ("one_step_off", "one-step-off")])
+def test_a_separate_rollout_pool_with_the_naive_weight_sync_is_refused_before_ray(async_file, trainer):
+    """verl's naive checkpoint engine hands weights over inside a colocated worker: PPOTrainerSeparateAsync asserts
+    against it after Ray starts; one-step-off has no check (its actor would call a rollout it lacks)."""
+    from hmpo_verl.hosts.verl.checks import check_weight_sync
+
+    key = "actor_rollout_ref.rollout.checkpoint_engine.backend"
+    with pytest.raises(ValueError, match=rf"^{key}='naive' with verl's {trainer} trainer: .*allowed: a backend that "
+                                         r"sends them between pools"):
+        driver_checks(compose_recipe(RECIPES, "math", (f"async={async_file}", f"{key}=naive")))
+    check_weight_sync(compose_recipe(RECIPES, "math", (f"async={async_file}",)))
+    check_weight_sync(compose_recipe(RECIPES, "math", ("size=cpu", f"async={async_file}")))  # object_store (CPU)
+
+
+def test_one_step_off_with_the_hybrid_engine_on_is_refused_and_a_sync_run_keeps_it():
+    from hmpo_verl.hosts.verl.checks import check_weight_sync
+
+    with pytest.raises(ValueError, match=r"^actor_rollout_ref.hybrid_engine=true with verl's one-step-off trainer.* "
+                                         r"allowed: actor_rollout_ref.hybrid_engine=false$"):
+        check_weight_sync(compose_recipe(RECIPES, "math", ("async=one_step_off", "actor_rollout_ref.hybrid_engine=true")))
+    for config in (composed(VERL_CONFIG, "ppo_trainer"), composed(CPU_RECIPES, "fully_async"),
+                   compose_recipe(RECIPES, "math", ())):  # verl's sync default, fully-async: not one-step-off
+        check_weight_sync(config)

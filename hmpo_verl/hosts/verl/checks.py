@@ -191,6 +191,86 @@ def _check_replicas_fit(sizes: dict, gpus: int, per_node: int, pool_keys: str) -
                          f"that is a multiple of {per_node} or at most {per_node}")
 
 
+def check_weight_sync(config) -> None:
+    """Refuse before Ray the weight sync a separate rollout pool cannot use: verl's ``naive`` checkpoint engine
+    (weights handed over inside a colocated worker) -- ``PPOTrainerSeparateAsync`` asserts it once Ray has started,
+    one-step-off has no check and its actor would call a rollout it does not hold at the first sync -- and
+    one-step-off with ``actor_rollout_ref.hybrid_engine`` (``OneStepOffRayTrainer`` asserts it is off)."""
+    v1 = _setting(config, "trainer.use_v1", True)
+    separate_async = v1 and _setting(config, "trainer.v1.trainer_mode", "sync") == "separate_async"
+    one_step_off = _setting(config, "rollout.nnodes") is not None and _setting(config, "async_training") is None
+    if not (separate_async or one_step_off):
+        return
+    trainer = "V1 separate_async" if separate_async else "one-step-off"
+    key = f"{ROLLOUT}.checkpoint_engine.backend"
+    if _setting(config, key) == "naive":
+        raise ValueError(f"{key}='naive' with verl's {trainer} trainer: the naive engine hands weights over inside a "
+                         "colocated worker, and this trainer's rollout is a pool of its own; allowed: a backend that "
+                         "sends them between pools (nccl, nixl, mooncake, ...; recipes/split/ sets one)")
+    if one_step_off and _setting(config, "actor_rollout_ref.hybrid_engine", True):
+        raise ValueError("actor_rollout_ref.hybrid_engine=true with verl's one-step-off trainer, which runs its "
+                         "rollout on a pool of its own (OneStepOffRayTrainer asserts it once Ray has started); "
+                         "allowed: actor_rollout_ref.hybrid_engine=false")
+
+
+# (a per-GPU token budget, the switch under which verl reads it, the role whose engine splits a sequence over GPUs)
+TOKEN_BUDGETS = (
+    ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", "actor_rollout_ref.actor.use_dynamic_bsz", "actor"),
+    ("actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu", f"{ROLLOUT}.log_prob_use_dynamic_bsz", "actor"),
+    ("actor_rollout_ref.ref.log_prob_max_token_len_per_gpu", "actor_rollout_ref.ref.log_prob_use_dynamic_bsz", "ref"),
+)
+
+
+def sequence_split(config, role: str) -> tuple[int, str]:
+    """The GPUs one sequence is split over in ``role``'s engine (verl's ``sp_size``: Ulysses sequence parallelism
+    under FSDP, context parallelism under Megatron), and the key that sets it."""
+    section = f"actor_rollout_ref.{role}"
+    if _setting(config, f"{section}.strategy", "fsdp") == "megatron":
+        key = f"{section}.megatron.context_parallel_size"
+        return int(_setting(config, key, 1)), key
+    keys = (f"{section}.ulysses_sequence_parallel_size", f"{section}.fsdp_config.ulysses_sequence_parallel_size")
+    size, key = max((int(_setting(config, k, 1)), k) for k in keys)
+    return size, key
+
+
+def check_sequence_budgets(config) -> None:
+    """Refuse before Ray what lets a sequence of the run's full length (prompt_length + response_length, the
+    rollout's bounds) fail or be cut once it occurs, possibly hours into the run:
+
+    * a dynamic-batch token budget per GPU (``TOKEN_BUDGETS``) times the sequence split below that length: verl's
+      ``rearrange_micro_batches`` asserts ``max_token_len >= max_seq_len`` on the batch's longest sequence
+      (``verl/utils/seqlen_balancing.py``), so the step whose longest response first passes the budget dies;
+    * ``rollout.max_model_len`` below it: vLLM caps each response at ``max_model_len`` - its prompt, silently
+      (``vllm_async_server.py``), and ``response_length/clip_ratio``, measured against response_length, reads ~0.
+    """
+    prompt = _setting(config, f"{ROLLOUT}.prompt_length", _setting(config, "data.max_prompt_length"))
+    response = _setting(config, f"{ROLLOUT}.response_length", _setting(config, "data.max_response_length"))
+    if prompt is None or response is None:
+        return
+    longest = int(prompt) + int(response)
+    lengths = f"{ROLLOUT}.prompt_length {prompt} + response_length {response}"
+    uses_ref = _setting(config, "actor_rollout_ref.actor.use_kl_loss", False) or \
+        _setting(config, "algorithm.use_kl_in_reward", False)
+    for key, switch, role in TOKEN_BUDGETS:
+        budget = _setting(config, key)
+        if budget is None or not _setting(config, switch, False) or (role == "ref" and not uses_ref):
+            continue
+        split, split_key = sequence_split(config, role)
+        if int(budget) * split < longest:
+            need = -(-longest // split)
+            raise ValueError(
+                f"{key}={budget} x {split_key}={split} is below the longest sequence the run can produce, {longest} "
+                f"({lengths}): verl asserts max_token_len >= the batch's longest sequence on the step one first "
+                f"reaches it, and the run stops there. Set {key} >= {need}, or lower "
+                "data.max_response_length")
+    max_model_len = _setting(config, f"{ROLLOUT}.max_model_len")
+    if max_model_len is not None and int(max_model_len) < longest:
+        raise ValueError(
+            f"{ROLLOUT}.max_model_len={max_model_len} is below {longest} ({lengths}): vLLM would cut each response "
+            f"at max_model_len - its prompt, silently (response_length/clip_ratio would not show it). Set "
+            f"{ROLLOUT}.max_model_len >= {longest}, or null (verl's default: prompt + response)")
+
+
 def optimizer_steps_per_training_step(config) -> tuple[int, str]:
     """The policy optimizer steps one training step of verl makes, and how they were counted.
 
@@ -457,7 +537,9 @@ def warn_stale_as_fresh(config) -> None:
 def driver_checks(config) -> None:
     """Everything the driver checks before Ray starts (idempotent): the verl symbols the trainer's guards wrap
     (`check_verl_symbols`), our options and the rollout correction (`check_options`), the V1 batch split
-    (`check_v1_batch`), the rollout replicas' fit to their GPUs (`check_rollout_replicas`), TRL beside verl, the
+    (`check_v1_batch`), the rollout replicas' fit to their GPUs (`check_rollout_replicas`), the token budgets and
+    vLLM's context against the run's longest sequence (`check_sequence_budgets`), a separate rollout pool's weight
+    sync (`check_weight_sync`), TRL beside verl, the
     checkpoint directory, the checkpoint a resume will use -- a resume_mode / resume_from_path verl reads alike everywhere, complete, saved by the same trainer mode and
     with the same settings (`hmpo_verl.guards.run_settings`), every refusal before the guard rewrites a
     tracker (`hmpo_verl.guards.checkpoints.guard_resume`) -- and, for fully-async, the prompts in flight at
@@ -474,6 +556,8 @@ def driver_checks(config) -> None:
     check_options(config)
     check_v1_batch(config)
     check_rollout_replicas(config)
+    check_sequence_budgets(config)
+    check_weight_sync(config)
     check_trl_beside_verl()
     check_checkpoint_directory(config)
     guard_resume(config)  # runs run_settings.check_resume_settings on the checkpoint it lets verl resume
