@@ -277,13 +277,17 @@ def _run_args_of(env: dict, *overrides: str) -> list[str]:
 def test_run_sh_hands_the_preflight_the_runs_settings():
     assert _run_args_of({}) == ["--ckpt-dir", "/ck", "--files", "/d/train.parquet,/d/test.parquet", "--task", "gsm8k",
                                 "--model", "Qwen/Qwen2.5-Math-7B", "--keep", "2", "--save-freq", "50", "--total-steps",
-                                "500", "--prompt-length", "512", "--response-length", "1024", "--nnodes", "1"]
+                                "500", "--prompt-length", "512", "--response-length", "1024", "--nnodes", "1",
+                                "--generation-config", ""]
+    # vLLM's generation config named by an override (the stop-token check reads it)
+    assert _run_args_of({}, "+actor_rollout_ref.rollout.engine_kwargs.vllm.generation_config=/g")[-2:] == [
+        "--generation-config", "/g"]
     # the last override wins; the CPU size's model path and step count; a cluster to check node by node
     args = _run_args_of({"SIZE": "cpu", "RAY_ADDRESS": "127.0.0.2:6379"}, "trainer.max_actor_ckpt_to_keep=1",
                         "+trainer.save_freq=5", "trainer.max_actor_ckpt_to_keep=null")
     assert args == ["--ckpt-dir", "/ck", "--files", "/d/train.parquet,/d/test.parquet", "--task", "gsm8k", "--model",
                     "/home/u/data/hmpo_cpu_model", "--keep", "null", "--save-freq", "5", "--total-steps", "2",
-                    "--prompt-length", "512", "--response-length", "32", "--nnodes", "1",
+                    "--prompt-length", "512", "--response-length", "32", "--nnodes", "1", "--generation-config", "",
                     "--ray-address", "127.0.0.2:6379"]
     # HMPO_OVERRIDES is the whole command: MODEL_PATH's word, then the user's override, which wins in Hydra
     assert _run_args_of({}, "actor_rollout_ref.model.path='/m'", "actor_rollout_ref.model.path='/other'")[7] == "/other"

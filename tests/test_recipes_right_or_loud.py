@@ -184,6 +184,36 @@ def test_responses_beyond_the_models_context_are_refused_naming_both_numbers(tmp
     assert preflight.check_run({**run, "response_length": 3072}, "fsdp") == []
 
 
+QWEN_TOKENIZER = {"chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                                   "{% endfor %}", "eos_token": "<|endoftext|>",
+                  "added_tokens_decoder": {"151643": {"content": "<|endoftext|>"}, "151645": {"content": "<|im_end|>"}}}
+
+
+def test_a_chat_model_that_would_not_stop_at_the_end_of_its_turn_is_named(tmp_path):
+    """verl sends vLLM no stop tokens: a ChatML model whose EOS is <|endoftext|> and whose generation config lists
+    only 151643 (Qwen's base models, as the recipes' README warns) runs past <|im_end|> into the reward."""
+    model, fixed = tmp_path / "base", tmp_path / "fixed"
+    for folder, stops in ((model, [151643]), (fixed, [151643, 151645])):
+        folder.mkdir()
+        (folder / "tokenizer_config.json").write_text(json.dumps(QWEN_TOKENIZER))
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}))
+    (problem,) = preflight.check_stop_tokens(str(model))
+    assert problem.startswith(f"model {model}: its chat template ends each turn with <|im_end|> (151645), which is "
+                              f"neither its tokenizer's EOS ('<|endoftext|>') nor an eos_token_id of the generation "
+                              f"config vLLM reads ({model}: [151643])")
+    assert "Add 151645 to eos_token_id" in problem and "engine_kwargs.vllm.generation_config=" in problem
+    assert preflight.check_stop_tokens(str(fixed)) == []
+    assert preflight.check_stop_tokens(str(model), str(fixed)) == []  # vLLM told to read the fixed one
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 151645}))
+    assert preflight.check_stop_tokens(str(model)) == []
+    instruct = {**QWEN_TOKENIZER, "eos_token": "<|im_end|>"}  # an instruct model: its EOS ends the turn
+    (model / "tokenizer_config.json").write_text(json.dumps(instruct))
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643}))
+    assert preflight.check_stop_tokens(str(model)) == []
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))  # not ChatML
+    assert preflight.check_stop_tokens(str(model)) == []
+
+
 def test_the_cluster_must_have_the_nodes_the_run_asks_for(monkeypatch, capsys):
     monkeypatch.setattr(preflight, "every_node", lambda address, timeout, **checks: {"head": []})
     assert preflight.main(["--cpu", "--ray-address", "auto", "--nnodes", "2"]) == 3

@@ -199,7 +199,8 @@ hmpo_preflight_run_args() {
         --keep "$(hmpo_setting trainer.max_actor_ckpt_to_keep)" --save-freq "$(hmpo_setting trainer.save_freq)" \
         --total-steps "$(hmpo_setting trainer.total_training_steps)" \
         --prompt-length "$(hmpo_setting data.max_prompt_length)" \
-        --response-length "$(hmpo_setting data.max_response_length)" --nnodes "${nnodes:-1}"
+        --response-length "$(hmpo_setting data.max_response_length)" --nnodes "${nnodes:-1}" \
+        --generation-config "$(hmpo_setting actor_rollout_ref.rollout.engine_kwargs.vllm.generation_config)"
     # joining a running cluster: the same checks on every node of it, through Ray; several nodes without
     # RAY_ADDRESS: verl's ray.init() joins the cluster this node runs (ray start), so the preflight checks that one
     if [[ -n "${RAY_ADDRESS:-}" ]]; then

@@ -383,6 +383,50 @@ def check_context(model: str, config: dict, prompt: int | None, response: int | 
             "with rope_scaling, as verl's DAPO 7B recipe does)"]
 
 
+IM_END = "<|im_end|>"  # ChatML's end of turn (Qwen: 151645)
+
+
+def model_file(model: str, name: str) -> dict | None:
+    """A JSON file of the model (local directory, else the hub's file alone, as :func:`model_config`); None if it
+    has none."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        path = local / name
+        return json.loads(path.read_text()) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(model, name)).read_text())
+    except EntryNotFoundError:
+        return None
+
+
+def check_stop_tokens(model: str, generation_config: str | None = None) -> list[str]:
+    """A chat model whose template ends each turn with <|im_end|> stops there in vLLM only if <|im_end|> is its
+    tokenizer's EOS or an ``eos_token_id`` of the generation config vLLM reads (the model's, or the one
+    ``actor_rollout_ref.rollout.engine_kwargs.vllm.generation_config`` names): verl 0.9.1 sends no stop tokens
+    (recipes/README.md, "Stop tokens"). Otherwise every response runs past its turn into the reward, silently."""
+    tokenizer = model_file(model, "tokenizer_config.json") or {}
+    if IM_END not in str(tokenizer.get("chat_template", "")):
+        return []
+    ids = [int(i) for i, token in (tokenizer.get("added_tokens_decoder") or {}).items() if token.get("content") == IM_END]
+    eos = tokenizer.get("eos_token")
+    if not ids or (eos.get("content") if isinstance(eos, dict) else eos) == IM_END:
+        return []
+    source = model if generation_config in (None, "", "auto") else generation_config
+    stops = (model_file(source, "generation_config.json") or {}).get("eos_token_id")
+    stops = stops if isinstance(stops, list) else [] if stops is None else [stops]
+    if ids[0] in stops:
+        return []
+    return [f"model {model}: its chat template ends each turn with {IM_END} ({ids[0]}), which is neither its "
+            f"tokenizer's EOS ({eos!r}) nor an eos_token_id of the generation config vLLM reads ({source}: {stops}); "
+            "verl sends vLLM no stop tokens, so every response would run past its turn until EOS or "
+            f"max_response_length, and the reward would read what follows. Add {ids[0]} to eos_token_id in "
+            f"{source}/generation_config.json, or set +actor_rollout_ref.rollout.engine_kwargs.vllm.generation_config="
+            f"<a directory whose generation_config.json lists it> (recipes/README.md, \"Stop tokens\")"]
+
+
 def system_prompt(task: str | None) -> str | None:
     """The system prompt recipes/<task>/prepare_extra.py puts first in every row (SYSTEM_PROMPT), if it has one."""
     extra = RECIPES / str(task) / "prepare_extra.py"
@@ -469,7 +513,17 @@ def problems(engine: str, gpus: int, cpu: bool = False, run: dict | None = None,
         pins = requirements(engine)
         found = (check_packages(pins) + check_lock(engine, {_normal(d) for d in pins}) + check_cuda(gpus, min_gib)
                  + check_plugins())
-    return found + check_imports(modules) + check_run(run or {}, engine)
+    stops = [] if cpu or not (run or {}).get("model") else _readable(lambda: check_stop_tokens(run["model"],
+                                                                                              run.get("generation_config")))
+    return found + check_imports(modules) + check_run(run or {}, engine) + stops
+
+
+def _readable(check) -> list[str]:
+    """``check()``, or nothing where the model's files cannot be read (check_run names an unreadable model)."""
+    try:
+        return check()
+    except Exception:  # noqa: BLE001
+        return []
 
 
 def versions() -> dict[str, str | None]:
@@ -542,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--prompt-length", type=_int_or_none, help="data.max_prompt_length")
     run.add_argument("--response-length", type=_int_or_none, help="data.max_response_length")
     run.add_argument("--nnodes", type=int, default=1, help="trainer.nnodes: the live nodes --ray-address must have")
+    run.add_argument("--generation-config", help="actor_rollout_ref.rollout.engine_kwargs.vllm.generation_config")
     parser.add_argument("--ray-address", help="<host>:<port> of a running Ray cluster: check every node of it")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a node has to answer (--ray-address)")
     parser.add_argument("--measure", type=Path, metavar="GLOBAL_STEP_DIR",
@@ -554,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
               "min_gib": args.min_gpu_gib,
               "run": {"ckpt_dir": args.ckpt_dir, "model": args.model, "files": [f for f in args.files.split(",") if f],
                       "keep": args.keep, "save_freq": args.save_freq, "total_steps": args.total_steps,
-                      "task": args.task, "prompt_length": args.prompt_length, "response_length": args.response_length}}
+                      "task": args.task, "prompt_length": args.prompt_length, "response_length": args.response_length,
+                      "generation_config": args.generation_config}}
     where = "cpu" if args.cpu else f"{args.engine}, {args.gpus} GPUs"
     if args.ray_address:
         try:
