@@ -111,10 +111,9 @@ def _token_batch(seed=4):
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     mask = (torch.arange(T) < lengths.unsqueeze(1)).float()
     rewards = torch.zeros(B, T)
-    # the outcome reward split over two response tokens; garbage outside the response
+    # the outcome reward split over two response tokens (verl's token rewards: 0 elsewhere)
     rewards[torch.arange(B), lengths - 1] = scores.float() * 0.25
     rewards[torch.arange(B), 0] += scores.float() * 0.75
-    rewards = torch.where(mask.bool(), rewards, torch.full_like(rewards, float("nan")))
     return np.array(index, dtype=object), rewards, mask, scores
 
 
@@ -122,7 +121,7 @@ def _token_batch(seed=4):
 def test_beta_zero_equals_verl_grpo_without_std(name):
     index, rewards, mask, _ = _token_batch()
     ours, returns = _verl_call(name, rewards, mask, index, risk_beta=0.0)
-    grpo, _ = compute_grpo_outcome_advantage(torch.nan_to_num(rewards), mask, index, norm_adv_by_std_in_grpo=False)
+    grpo, _ = compute_grpo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=False)
     # verl's GRPO gives a singleton group its raw reward (mean 0, std 1); ours gives it 0
     singleton = np.array([list(index).count(u) == 1 for u in index])
     torch.testing.assert_close(ours[~singleton], grpo[~singleton], rtol=1e-6, atol=1e-6)
@@ -229,6 +228,21 @@ def test_defaults_without_our_algorithm_config():
     adv, _ = _verl_call("power_mean", rewards, mask, index)  # no risk_beta: documented default 1
     ids, uids = group_ids(index)
     torch.testing.assert_close(adv[:, 0], power_mean_advantage(scores, ids, 1.0, len(uids)).float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["power_mean", "agm"])
+def test_a_reward_on_a_masked_last_token_counts_as_verls_grpo_counts_it(name):
+    """verl puts a response's score on its sequence's last token; a multi-turn response that ends with a tool's
+    output (masked) carries it there: verl's outcome estimators sum every position, and so do ours (a sum over the
+    mask read it as 0 and flipped that response's advantage)."""
+    index = np.array(["a", "a", "b", "b"], dtype=object)
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])  # row 0 ends with 1 masked tool token
+    rewards = torch.zeros(4, 3)
+    rewards[:, -1] = torch.tensor([1.0, 0.0, 1.0, 0.0])  # each score on the last token, masked or not
+    ours, _ = _verl_call(name, rewards, mask, index, risk_beta=0.0)
+    grpo, _ = compute_grpo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=False)
+    torch.testing.assert_close(ours, grpo)
+    assert ours[0, 0] == 0.5 and ours[1, 0] == -0.5
 
 
 def test_nan_reward_names_the_group():

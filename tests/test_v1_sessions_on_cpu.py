@@ -34,15 +34,14 @@ SESSIONS = {
 
 def _batch(sessions=SESSIONS, seed=0):
     """(data, keys, final reward of each row's session): rows in the order verl's replay buffer may hand
-    them (interleaved), token rewards on each response's last token, NaN at masked positions."""
+    them (interleaved), token rewards on each response's last token, 0 elsewhere (verl's rm_scores)."""
     rows = [(uid, s, i, reward) for uid, group in sessions.items() for s, (reward, outputs) in enumerate(group)
             for i in range(outputs)]
     g = torch.Generator().manual_seed(seed)
     rows = [rows[k] for k in torch.randperm(len(rows), generator=g).tolist()]
     lengths = torch.randint(1, T + 1, (len(rows),), generator=g)
     mask = (torch.arange(T) < lengths.unsqueeze(1)).float()
-    rewards = torch.full((len(rows), T), float("nan"))
-    rewards[mask.bool()] = 0.0
+    rewards = torch.zeros(len(rows), T)
     rewards[torch.arange(len(rows)), lengths - 1] = torch.tensor([r for *_, r in rows])
     data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask},
                                non_tensors={"uid": np.array([uid for uid, *_ in rows], dtype=object)})
@@ -84,7 +83,6 @@ def test_at_beta_zero_our_estimator_groups_sessions_exactly_as_verls_grpo():
     """Independent reference: verl's own GRPO path (final outputs only) with std normalisation."""
     data, keys, _ = _batch()
     grpo_data, _, _ = _batch()
-    grpo_data.batch["token_level_rewards"] = torch.nan_to_num(grpo_data.batch["token_level_rewards"])
     ours = _call(trainer_base.compute_advantage_for_multi_trajectories, data, keys, "power_mean",
                  risk_beta=0.0, norm_adv_by_std=True)
     grpo = _call(trainer_base.compute_advantage_for_multi_trajectories, grpo_data, keys, "grpo")
@@ -117,9 +115,6 @@ def test_one_output_per_session_is_verls_call_unchanged(estimator):
     single = {uid: [(reward, 1) for reward, _ in group] for uid, group in SESSIONS.items()}
     wrapped, keys, _ = _batch(single, seed=2)
     plain, _, _ = _batch(single, seed=2)
-    if estimator == "grpo":  # verl's GRPO sums token rewards over all positions
-        for data in (wrapped, plain):
-            data.batch["token_level_rewards"] = torch.nan_to_num(data.batch["token_level_rewards"])
     ours = _call(trainer_base.compute_advantage_for_multi_trajectories, wrapped, keys, estimator, risk_beta=0.7)
     verls = _call(v1_utils.compute_advantage_for_multi_trajectories, plain, keys, estimator, risk_beta=0.7)
     assert torch.equal(ours.batch["advantages"], verls.batch["advantages"])

@@ -61,9 +61,12 @@ def _bridge_metrics_into_verl() -> None:
             module.compute_data_metrics = _merge_pending_metrics(module.compute_data_metrics)
 
 
-def response_scores(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) float64 outcome reward of each response: token rewards summed over the response."""
-    return torch.where(response_mask.to(torch.bool), token_level_rewards.to(torch.float64), 0.0).sum(-1)
+def response_scores(token_level_rewards: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 outcome reward of each response: its token rewards summed over every position, as verl's
+    outcome estimators sum them (``compute_grpo_outcome_advantage``). verl puts the score on the sequence's last
+    token, which the response mask leaves out when a tool's output ends the response (multi-turn agent loops): a
+    sum over the mask would read such a response as 0."""
+    return token_level_rewards.to(torch.float64).sum(-1)
 
 
 def _check_finite(scores: torch.Tensor, index: np.ndarray, rows: Optional[Sequence[str]] = None) -> None:
@@ -87,7 +90,7 @@ def _response_advantages(
     _bridge_metrics_into_verl()
     if index is None:
         raise ValueError(f"adv_estimator={name!r} groups responses by prompt and needs verl's 'uid' index")
-    scores = response_scores(token_level_rewards, response_mask)
+    scores = response_scores(token_level_rewards)
     _check_finite(scores, np.asarray(index, dtype=object), rows)
     ids, uids = group_ids(index)
     ids = ids.to(scores.device)
