@@ -81,7 +81,7 @@ def _check_finite(scores: torch.Tensor, index: np.ndarray, rows: Optional[Sequen
 
 
 def _response_advantages(
-    name: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config: Any, index: Optional[np.ndarray],
+    name: str, token_level_rewards: torch.Tensor, config: Any, index: Optional[np.ndarray],
     rows: Optional[Sequence[str]] = None,
 ) -> torch.Tensor:
     """(B,) float64 group advantage of each response under estimator `name` (a key of GROUP_ADVANTAGES);
@@ -116,7 +116,7 @@ def _over_response(adv: torch.Tensor, token_level_rewards: torch.Tensor, respons
 def _group_advantage(
     name: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config: Any, index: Optional[np.ndarray],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out = _over_response(_response_advantages(name, token_level_rewards, response_mask, config, index),
+    out = _over_response(_response_advantages(name, token_level_rewards, config, index),
                          token_level_rewards, response_mask)
     return out, out
 
@@ -212,9 +212,8 @@ def on_final_outputs(compute_multi: Callable) -> Callable:
         if len(finals) == len(batch_keys):
             return compute_multi(data, batch_keys=batch_keys, adv_estimator=adv_estimator, **kwargs)
         final = data.select_idxs(finals)
-        adv = _response_advantages(str(adv_estimator), final.batch["token_level_rewards"],
-                                   final.batch["response_mask"], kwargs.get("config"), final.non_tensor_batch["uid"],
-                                   rows=[f"{row} (key {batch_keys[row]!r})" for row in finals])
+        adv = _response_advantages(str(adv_estimator), final.batch["token_level_rewards"], kwargs.get("config"),
+                                   final.non_tensor_batch["uid"], rows=[f"{row} (key {batch_keys[row]!r})" for row in finals])
         out = _over_response(adv[torch.as_tensor(session_of_row, device=adv.device)],
                              data.batch["token_level_rewards"], data.batch["response_mask"])
         data.batch["advantages"] = out
