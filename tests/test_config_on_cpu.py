@@ -120,6 +120,7 @@ def test_our_estimators_with_one_response_per_prompt_are_refused_before_ray(esti
                                          r".*advantage is 0 .*allowed: actor_rollout_ref.rollout.n >= 2$"):
         _driver_validation([f"algorithm.adv_estimator={estimator}"])
     _driver_validation(["algorithm.adv_estimator=grpo"])  # verl's own: a group of one gets its reward
+    _driver_validation([f"algorithm.adv_estimator={estimator}", "trainer.val_only=true"])  # trains nothing
 
 
 @pytest.mark.parametrize(

@@ -79,10 +79,11 @@ def test_import_verl_registers_every_loss_and_estimator_on_core_algos():
                                    if m in sys.modules))
         print("validate_config extended:", getattr(verl.utils.config.validate_config, "_hmpo_checked", False))
         from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
-        from hmpo_verl.estimators import ADV_ESTIMATORS
+        from hmpo_verl.estimators import ADV_ESTIMATORS, GROUP_ADVANTAGES
+        from hmpo_verl.hosts.verl.config import ADV_ESTIMATORS as CONFIGURED
         from hmpo_verl.losses import POLICY_LOSSES
         assert set(POLICY_LOSSES) == {"hmpo", "power_mean", "agm", "adaptive_power_mean"}
-        assert set(ADV_ESTIMATORS) == {"power_mean", "agm"}
+        assert set(ADV_ESTIMATORS) == {"power_mean", "agm"} == set(GROUP_ADVANTAGES) == set(CONFIGURED)
         for name, fn in POLICY_LOSSES.items():
             assert get_policy_loss_fn(name) is fn, name
         for name, fn in ADV_ESTIMATORS.items():

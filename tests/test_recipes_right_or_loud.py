@@ -204,8 +204,14 @@ def test_a_chat_model_that_would_not_stop_at_the_end_of_its_turn_is_named(tmp_pa
     assert "Add 151645 to eos_token_id" in problem and "engine_kwargs.vllm.generation_config=" in problem
     assert preflight.check_stop_tokens(str(fixed)) == []
     assert preflight.check_stop_tokens(str(model), str(fixed)) == []  # vLLM told to read the fixed one
+    assert preflight.check_stop_tokens(str(model), "vllm") != []  # vLLM's 'vllm' mode reads the model's too
     (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 151645}))
     assert preflight.check_stop_tokens(str(model)) == []
+    (model / "generation_config.json").unlink()  # none: vLLM builds it from config.json
+    (model / "config.json").write_text(json.dumps({"eos_token_id": 151645}))
+    assert preflight.check_stop_tokens(str(model)) == []
+    (model / "config.json").write_text(json.dumps({"eos_token_id": 151643}))
+    assert preflight.check_stop_tokens(str(model)) != []
     instruct = {**QWEN_TOKENIZER, "eos_token": "<|im_end|>"}  # an instruct model: its EOS ends the turn
     (model / "tokenizer_config.json").write_text(json.dumps(instruct))
     (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643}))

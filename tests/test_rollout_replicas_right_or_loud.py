@@ -83,6 +83,8 @@ def test_separate_async_checks_its_hybrid_replicas_on_the_trainers_gpus_too():
             "actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=4", f"{TP}=2")
     check_rollout_replicas(composed(VERL_CONFIG, "ppo_trainer", *fits))
     odd_trainer = (*fits, "trainer.n_gpus_per_node=3")
+    with pytest.raises(ValueError, match=r"verl starts no rollout replica there and leaves them idle"):  # not "nothing"
+        check_rollout_replicas(composed(VERL_CONFIG, "ppo_trainer", *fits, "trainer.n_gpus_per_node=1"))
     for switch in ("false", "true"):
         with pytest.raises(ValueError, match=r"does not divide the rollout's 3 GPUs \(trainer.nnodes=1 x "
                                              r"trainer.n_gpus_per_node=3\)"):
@@ -106,12 +108,18 @@ def test_a_separate_rollout_pool_with_the_naive_weight_sync_is_refused_before_ra
     check_weight_sync(compose_recipe(RECIPES, "math", ("size=cpu", f"async={async_file}")))  # object_store (CPU)
 
 
-def test_one_step_off_with_the_hybrid_engine_on_is_refused_and_a_sync_run_keeps_it():
+def test_one_step_off_or_fully_async_with_the_hybrid_engine_on_is_refused_and_a_sync_run_keeps_it():
+    """Both trainers assert actor_rollout_ref.hybrid_engine off once Ray has started (verl's default is on, and
+    fully-async's own yaml keeps it); fully-async with the naive weight sync is refused as the others are."""
     from hmpo_verl.hosts.verl.checks import check_weight_sync
 
     with pytest.raises(ValueError, match=r"^actor_rollout_ref.hybrid_engine=true with verl's one-step-off trainer.* "
                                          r"allowed: actor_rollout_ref.hybrid_engine=false$"):
         check_weight_sync(compose_recipe(RECIPES, "math", ("async=one_step_off", "actor_rollout_ref.hybrid_engine=true")))
+    with pytest.raises(ValueError, match=r"^actor_rollout_ref.hybrid_engine=true with verl's fully-async trainer"):
+        check_weight_sync(composed(CPU_RECIPES, "fully_async", "actor_rollout_ref.hybrid_engine=true"))
+    with pytest.raises(ValueError, match=r"'naive' with verl's fully-async trainer"):
+        check_weight_sync(composed(CPU_RECIPES, "fully_async", "actor_rollout_ref.rollout.checkpoint_engine.backend=naive"))
     for config in (composed(VERL_CONFIG, "ppo_trainer"), composed(CPU_RECIPES, "fully_async"),
-                   compose_recipe(RECIPES, "math", ())):  # verl's sync default, fully-async: not one-step-off
+                   compose_recipe(RECIPES, "math", ())):  # verl's sync default keeps it; fully-async's recipe is off
         check_weight_sync(config)

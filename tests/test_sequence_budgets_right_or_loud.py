@@ -42,11 +42,43 @@ def test_a_budget_below_prompt_plus_response_is_refused_naming_the_minimum(key):
 
 
 def test_sequence_parallelism_splits_a_sequence_over_its_gpus():
-    """Ulysses sequence parallelism 2 makes a budget of 2048 per GPU hold 4096 tokens (verl: budget x sp_size)."""
-    check_sequence_budgets(math_7b(f"{ACTOR}.ppo_max_token_len_per_gpu=2048", f"{ROLLOUT}.log_prob_max_token_len_per_gpu=2048",
-                                   f"{ACTOR}.ulysses_sequence_parallel_size=2"))
+    """Ulysses sequence parallelism 2 makes a budget of 2048 per GPU hold 4096 tokens (verl: budget x sp_size); the
+    actor's key wins over fsdp_config's when > 1 (FSDPActorConfig copies it), fsdp_config's counts alone too."""
+    budgets = (f"{ACTOR}.ppo_max_token_len_per_gpu=2048", f"{ROLLOUT}.log_prob_max_token_len_per_gpu=2048")
+    check_sequence_budgets(math_7b(*budgets, f"{ACTOR}.ulysses_sequence_parallel_size=2"))
+    check_sequence_budgets(math_7b(*budgets, f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size=2"))
     with pytest.raises(ValueError, match=rf"x {ACTOR}.ulysses_sequence_parallel_size=2 is below .* >= 2048,"):
         check_sequence_budgets(math_7b(f"{ACTOR}.ppo_max_token_len_per_gpu=2000", f"{ACTOR}.ulysses_sequence_parallel_size=2"))
+    with pytest.raises(ValueError, match=rf"x {ACTOR}.ulysses_sequence_parallel_size=2 is below"):  # not fsdp_config's 4
+        check_sequence_budgets(math_7b(f"{ACTOR}.ppo_max_token_len_per_gpu=1024", f"{ACTOR}.ulysses_sequence_parallel_size=2",
+                                       f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size=4"))
+
+
+@pytest.mark.parametrize("strategy, split_key", [("veomni", "veomni.ulysses_parallel_size"),
+                                                 ("torchtitan", "torchtitan.tensor_parallel_size")])
+def test_each_engine_splits_by_its_own_size_and_an_unknown_split_is_not_checked(strategy, split_key):
+    """veomni's sp_size is its Ulysses size, torchtitan's its tensor parallel size (their transformer_impl.py);
+    Megatron's dynamic context parallelism packs by its own bound, not the budget."""
+    from omegaconf import OmegaConf, open_dict
+
+    config = math_7b(f"{ACTOR}.ppo_max_token_len_per_gpu=2048", f"{ROLLOUT}.log_prob_max_token_len_per_gpu=2048")
+    with open_dict(config):
+        OmegaConf.update(config, f"{ACTOR}.strategy", strategy, force_add=True)
+        OmegaConf.update(config, f"{ACTOR}.{split_key}", 2, force_add=True)
+    check_sequence_budgets(config)
+    OmegaConf.update(config, f"{ACTOR}.{split_key}", 1, force_add=True)
+    with pytest.raises(ValueError, match=rf"x {ACTOR}.{split_key}=1 is below"):
+        check_sequence_budgets(config)
+    with open_dict(config):
+        OmegaConf.update(config, f"{ACTOR}.strategy", "megatron", force_add=True)
+        OmegaConf.update(config, f"{ACTOR}.megatron.dynamic_context_parallel", True, force_add=True)
+    check_sequence_budgets(config)
+
+
+def test_a_lora_run_or_a_validation_only_run_is_not_refused_for_what_it_does_not_read():
+    """With LoRA the actor computes the reference log-probs under the rollout's budget: the ref's is not read."""
+    check_sequence_budgets(math_7b(f"{REF}.log_prob_max_token_len_per_gpu=100", f"{ACTOR}.use_kl_loss=true",
+                                   "actor_rollout_ref.model.lora_rank=8"))
 
 
 def test_a_budget_verl_does_not_read_is_not_checked():

@@ -414,8 +414,11 @@ def check_stop_tokens(model: str, generation_config: str | None = None) -> list[
     eos = tokenizer.get("eos_token")
     if not ids or (eos.get("content") if isinstance(eos, dict) else eos) == IM_END:
         return []
-    source = model if generation_config in (None, "", "auto") else generation_config
-    stops = (model_file(source, "generation_config.json") or {}).get("eos_token_id")
+    source = model if generation_config in (None, "", "auto", "vllm") else generation_config  # vllm: the model's
+    generation = model_file(source, "generation_config.json")
+    if generation is None:  # vLLM builds one from config.json (GenerationConfig.from_model_config)
+        generation = model_file(source, "config.json") or {}
+    stops = generation.get("eos_token_id")
     stops = stops if isinstance(stops, list) else [] if stops is None else [stops]
     if ids[0] in stops:
         return []

@@ -64,7 +64,7 @@ def check_group_size(config) -> None:
     from hmpo_verl.hosts.verl.config import ADV_ESTIMATORS
 
     estimator, n = _setting(config, "algorithm.adv_estimator"), _setting(config, "actor_rollout_ref.rollout.n", 1)
-    if estimator in ADV_ESTIMATORS and n < 2:
+    if estimator in ADV_ESTIMATORS and n < 2 and not _setting(config, "trainer.val_only", False):
         raise ValueError(
             f"algorithm.adv_estimator={estimator!r} with actor_rollout_ref.rollout.n={n}: each prompt's group holds "
             "one response, whose advantage is 0 (a group's advantages sum to 0), so the policy would not train; "
@@ -98,22 +98,26 @@ def _setting(config, key: str, default=None):
     return default if value is None else value
 
 
+def v1_mode(config) -> Optional[str]:
+    """verl's V1 ``trainer.v1.trainer_mode`` (sync, colocate_async, separate_async); None without V1
+    (``trainer.use_v1=false``)."""
+    return _setting(config, "trainer.v1.trainer_mode", "sync") if _setting(config, "trainer.use_v1", True) else None
+
+
 def v1_parameter_sync_step(config) -> int:
     """The updates per training step of verl 0.9.1's V1 trainer: ``trainer.v1.<trainer_mode>.parameter_sync_step``,
     1 where the mode's section has none (``PPOTrainer.__init__``) or without V1 (``trainer.use_v1=false``)."""
-    if not _setting(config, "trainer.use_v1", True):
-        return 1
-    return _setting(config, f"trainer.v1.{_setting(config, 'trainer.v1.trainer_mode', 'sync')}.parameter_sync_step", 1)
+    mode = v1_mode(config)
+    return 1 if mode is None else _setting(config, f"trainer.v1.{mode}.parameter_sync_step", 1)
 
 
 def check_v1_batch(config) -> None:
     """Refuse before Ray what verl's V1 trainers assert after it starts: ``data.train_batch_size`` a multiple of
     ``parameter_sync_step`` (``PPOTrainer.step`` splits each step's prompts into that many updates) and, in
     ``separate_async``, equal to ``parameter_sync_step`` x ``ppo_mini_batch_size`` (``PPOTrainerSeparateAsync``)."""
-    sync_step = v1_parameter_sync_step(config)
-    mode = _setting(config, "trainer.v1.trainer_mode", "sync") if _setting(config, "trainer.use_v1", True) else None
+    sync_step, mode = v1_parameter_sync_step(config), v1_mode(config)
     batch, mini = _setting(config, "data.train_batch_size"), _setting(config, MINI_BATCH)
-    if batch is None:
+    if batch is None or mode is None:
         return
     key = f"trainer.v1.{mode}.parameter_sync_step"
     if batch % sync_step:
@@ -147,7 +151,7 @@ def rollout_pools(config) -> list[tuple[int, int, str]]:
     """
     if _setting(config, f"{ROLLOUT}.disaggregation.enabled", False):
         return []
-    mode = _setting(config, "trainer.v1.trainer_mode", "sync") if _setting(config, "trainer.use_v1", True) else None
+    mode = v1_mode(config)
     nodes, per_node = _setting(config, "trainer.nnodes", 1), _setting(config, "trainer.n_gpus_per_node", 8)
     trainer = (nodes * per_node, per_node, f"trainer.nnodes={nodes} x trainer.n_gpus_per_node={per_node}")
     for section in ("rollout", ROLLOUT if mode == "separate_async" else None):
@@ -167,12 +171,14 @@ def check_rollout_replicas(config) -> None:
     one-GPU node gets no rollout) -- and asserts a replica spanning nodes unevenly only once Ray has started."""
     sizes = {key: _setting(config, f"{ROLLOUT}.{key}", 1)
              for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size")}
-    for gpus, per_node, pool_keys in rollout_pools(config):
-        _check_replicas_fit(sizes, gpus, per_node, pool_keys)
+    pools = rollout_pools(config)
+    for gpus, per_node, pool_keys in pools:
+        _check_replicas_fit(sizes, gpus, per_node, pool_keys, sole=len(pools) == 1)
 
 
-def _check_replicas_fit(sizes: dict, gpus: int, per_node: int, pool_keys: str) -> None:
-    """One pool of ``gpus`` (``per_node`` a node, set by ``pool_keys``) for replicas of the parallel ``sizes``."""
+def _check_replicas_fit(sizes: dict, gpus: int, per_node: int, pool_keys: str, sole: bool) -> None:
+    """One pool of ``gpus`` (``per_node`` a node, set by ``pool_keys``) for replicas of the parallel ``sizes``;
+    ``sole``: the rollout's only pool (with none there, nothing generates)."""
     replica = math.prod(sizes.values())
     if gpus <= 0 or replica <= 0:
         return  # verl's own config checks name a non-positive size
@@ -182,7 +188,8 @@ def _check_replicas_fit(sizes: dict, gpus: int, per_node: int, pool_keys: str) -
            f"divisor of {gpus}: {', '.join(map(str, divisors))}")
     if gpus % replica:
         what = (f"verl starts {gpus // replica} replica(s) and leaves {gpus % replica} GPU(s) without a rollout server"
-                if gpus > replica else "verl starts no rollout replica, so nothing generates")
+                if gpus > replica else "verl starts no rollout replica" + (", so nothing generates" if sole else
+                                                                              " there and leaves them idle"))
         raise ValueError(f"{named} = {replica} GPUs per rollout replica does not divide the rollout's {gpus} GPUs "
                          f"({pool_keys}): {what}. {fix}")
     if replica > per_node and replica % per_node:
@@ -191,26 +198,36 @@ def _check_replicas_fit(sizes: dict, gpus: int, per_node: int, pool_keys: str) -
                          f"that is a multiple of {per_node} or at most {per_node}")
 
 
+def separate_pool_trainer(config) -> Optional[str]:
+    """The name of the trainer whose rollout is a pool of its own -- V1 separate_async, one-step-off (a top-level
+    ``rollout`` section without ``async_training``), fully-async (``async_training``) -- or None."""
+    if _setting(config, "async_training") is not None:
+        return "fully-async"
+    if _setting(config, "rollout.nnodes") is not None:
+        return "one-step-off"
+    if v1_mode(config) == "separate_async":
+        return "V1 separate_async"
+    return None
+
+
 def check_weight_sync(config) -> None:
     """Refuse before Ray the weight sync a separate rollout pool cannot use: verl's ``naive`` checkpoint engine
     (weights handed over inside a colocated worker) -- ``PPOTrainerSeparateAsync`` asserts it once Ray has started,
-    one-step-off has no check and its actor would call a rollout it does not hold at the first sync -- and
-    one-step-off with ``actor_rollout_ref.hybrid_engine`` (``OneStepOffRayTrainer`` asserts it is off)."""
-    v1 = _setting(config, "trainer.use_v1", True)
-    separate_async = v1 and _setting(config, "trainer.v1.trainer_mode", "sync") == "separate_async"
-    one_step_off = _setting(config, "rollout.nnodes") is not None and _setting(config, "async_training") is None
-    if not (separate_async or one_step_off):
+    one-step-off and fully-async have no check and their actor would call a rollout it does not hold at the first
+    sync -- and one-step-off or fully-async with ``actor_rollout_ref.hybrid_engine`` (their trainers assert it off
+    once Ray has started)."""
+    trainer = separate_pool_trainer(config)
+    if trainer is None:
         return
-    trainer = "V1 separate_async" if separate_async else "one-step-off"
     key = f"{ROLLOUT}.checkpoint_engine.backend"
     if _setting(config, key) == "naive":
         raise ValueError(f"{key}='naive' with verl's {trainer} trainer: the naive engine hands weights over inside a "
                          "colocated worker, and this trainer's rollout is a pool of its own; allowed: a backend that "
                          "sends them between pools (nccl, nixl, mooncake, ...; recipes/split/ sets one)")
-    if one_step_off and _setting(config, "actor_rollout_ref.hybrid_engine", True):
-        raise ValueError("actor_rollout_ref.hybrid_engine=true with verl's one-step-off trainer, which runs its "
-                         "rollout on a pool of its own (OneStepOffRayTrainer asserts it once Ray has started); "
-                         "allowed: actor_rollout_ref.hybrid_engine=false")
+    if trainer != "V1 separate_async" and _setting(config, "actor_rollout_ref.hybrid_engine", True):
+        raise ValueError(f"actor_rollout_ref.hybrid_engine=true with verl's {trainer} trainer, which runs its rollout "
+                         "on a pool of its own (its trainer asserts it off once Ray has started); allowed: "
+                         "actor_rollout_ref.hybrid_engine=false")
 
 
 # (a per-GPU token budget, the switch under which verl reads it, the role whose engine splits a sequence over GPUs)
@@ -221,16 +238,28 @@ TOKEN_BUDGETS = (
 )
 
 
-def sequence_split(config, role: str) -> tuple[int, str]:
-    """The GPUs one sequence is split over in ``role``'s engine (verl's ``sp_size``: Ulysses sequence parallelism
-    under FSDP, context parallelism under Megatron), and the key that sets it."""
+def sequence_split(config, role: str) -> Optional[tuple[int, str]]:
+    """The GPUs one sequence is split over in ``role``'s engine (the ``sp_size`` verl multiplies a token budget by,
+    ``verl/workers/engine/utils.py``) and the key that sets it; None where the engine does not split by a
+    fixed size this check knows (Megatron's dynamic context parallelism, an engine not listed)."""
     section = f"actor_rollout_ref.{role}"
-    if _setting(config, f"{section}.strategy", "fsdp") == "megatron":
+    strategy = _setting(config, f"{section}.strategy", "fsdp")
+    if strategy == "megatron":
+        if _setting(config, f"{section}.megatron.dynamic_context_parallel", False):
+            return None  # DynamicCPScheduler packs by its own bound, not the budget
         key = f"{section}.megatron.context_parallel_size"
-        return int(_setting(config, key, 1)), key
-    keys = (f"{section}.ulysses_sequence_parallel_size", f"{section}.fsdp_config.ulysses_sequence_parallel_size")
-    size, key = max((int(_setting(config, k, 1)), k) for k in keys)
-    return size, key
+    elif strategy == "veomni":
+        key = f"{section}.veomni.ulysses_parallel_size"
+    elif strategy == "torchtitan":
+        key = f"{section}.torchtitan.tensor_parallel_size"
+    elif strategy in ("fsdp", "fsdp2", "fsdp_turbo"):
+        key = f"{section}.ulysses_sequence_parallel_size"  # FSDPActorConfig copies it over fsdp_config's when > 1
+        inner = f"{section}.fsdp_config.ulysses_sequence_parallel_size"
+        if int(_setting(config, key, 1)) <= 1 and int(_setting(config, inner, 1)) > 1:
+            key = inner
+    else:
+        return None
+    return int(_setting(config, key, 1)), key
 
 
 def check_sequence_budgets(config) -> None:
@@ -249,26 +278,33 @@ def check_sequence_budgets(config) -> None:
         return
     longest = int(prompt) + int(response)
     lengths = f"{ROLLOUT}.prompt_length {prompt} + response_length {response}"
-    uses_ref = _setting(config, "actor_rollout_ref.actor.use_kl_loss", False) or \
-        _setting(config, "algorithm.use_kl_in_reward", False)
+    lora = (_setting(config, "actor_rollout_ref.model.lora_rank", 0) or 0) > 0 or \
+        bool(_setting(config, "actor_rollout_ref.model.lora_adapter_path"))
+    uses_ref = not lora and (_setting(config, "actor_rollout_ref.actor.use_kl_loss", False) or
+                             _setting(config, "algorithm.use_kl_in_reward", False))  # LoRA: the actor computes it
+    shorter = f"or lower {ROLLOUT}.response_length" if _setting(config, f"{ROLLOUT}.response_length") is not None and \
+        _setting(config, f"{ROLLOUT}.response_length") != _setting(config, "data.max_response_length") else \
+        "or lower data.max_response_length"
     for key, switch, role in TOKEN_BUDGETS:
         budget = _setting(config, key)
-        if budget is None or not _setting(config, switch, False) or (role == "ref" and not uses_ref):
+        split = sequence_split(config, role)
+        if budget is None or split is None or not _setting(config, switch, False) or (role == "ref" and not uses_ref):
             continue
-        split, split_key = sequence_split(config, role)
-        if int(budget) * split < longest:
-            need = -(-longest // split)
+        size, split_key = split
+        if int(budget) * size < longest:
             raise ValueError(
-                f"{key}={budget} x {split_key}={split} is below the longest sequence the run can produce, {longest} "
+                f"{key}={budget} x {split_key}={size} is below the longest sequence the run can produce, {longest} "
                 f"({lengths}): verl asserts max_token_len >= the batch's longest sequence on the step one first "
-                f"reaches it, and the run stops there. Set {key} >= {need}, or lower "
-                "data.max_response_length")
+                f"reaches it, and the run stops there. Set {key} >= {-(-longest // size)}, {shorter}")
     max_model_len = _setting(config, f"{ROLLOUT}.max_model_len")
-    if max_model_len is not None and int(max_model_len) < longest:
+    reserved = 1 if _setting(config, f"{ROLLOUT}.name") == "sglang" else 0  # SGLang: max_model_len - prompt - 1
+    if max_model_len is not None and int(max_model_len) < longest + reserved:
         raise ValueError(
-            f"{ROLLOUT}.max_model_len={max_model_len} is below {longest} ({lengths}): vLLM would cut each response "
-            f"at max_model_len - its prompt, silently (response_length/clip_ratio would not show it). Set "
-            f"{ROLLOUT}.max_model_len >= {longest}, or null (verl's default: prompt + response)")
+            f"{ROLLOUT}.max_model_len={max_model_len} is below {longest + reserved} ({lengths}"
+            f"{' + 1 for SGLang' if reserved else ''}): the rollout server would cut each response at max_model_len "
+            "- its prompt, silently (response_length/clip_ratio would not show it). Set "
+            f"{ROLLOUT}.max_model_len >= {longest + reserved}, or null (the model's max_position_embeddings, which "
+            f"run.sh's preflight compares with the lengths), {shorter}")
 
 
 def optimizer_steps_per_training_step(config) -> tuple[int, str]:
