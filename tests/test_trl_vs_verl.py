@@ -40,11 +40,13 @@ CASES = [
 ]
 
 
-def _verl_loss(loss_mode, fields, logps, inputs, agg):
+def _verl_loss(loss_mode, fields, logps, inputs, agg, token_ratio_dual):
+    """verl's loss; its dual clip clip_ratio_c = DUAL where one applies (token level, ratio space), else verl's
+    default (set elsewhere, it is refused as unread)."""
     options = AdaptivePowerMeanLossConfig if loss_mode == "adaptive_power_mean" else PowerMeanLossConfig
+    dual = {"clip_ratio_c": DUAL} if token_ratio_dual else {}
     config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_low=EPS_LOW,
-                         clip_ratio_high=EPS_HIGH, clip_ratio_c=DUAL,
-                         policy_loss=options(loss_mode=loss_mode, **fields))
+                         clip_ratio_high=EPS_HIGH, **dual, policy_loss=options(loss_mode=loss_mode, **fields))
     mask = inputs["completion_mask"].bool()
     config.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=B,
                                     loss_scale_factor=None)
@@ -67,7 +69,7 @@ def test_trl_adapter_equals_the_verl_loss(tmp_path, loss_mode, fields, trl_only,
     (our_grad,) = torch.autograd.grad(ours, logps)
 
     logps_verl = base.clone().requires_grad_(True)
-    theirs = _verl_loss(loss_mode, fields, logps_verl, inputs, agg)
+    theirs = _verl_loss(loss_mode, fields, logps_verl, inputs, agg, token_ratio_dual)
     (verl_grad,) = torch.autograd.grad(theirs, logps_verl)
     torch.testing.assert_close(ours.detach(), theirs.detach(), **TIGHT)
     torch.testing.assert_close(our_grad, verl_grad, **TIGHT)
