@@ -151,17 +151,16 @@ def rollout_pools(config) -> list[tuple[int, int, str]]:
     """
     if _setting(config, f"{ROLLOUT}.disaggregation.enabled", False):
         return []
-    mode = v1_mode(config)
     nodes, per_node = _setting(config, "trainer.nnodes", 1), _setting(config, "trainer.n_gpus_per_node", 8)
     trainer = (nodes * per_node, per_node, f"trainer.nnodes={nodes} x trainer.n_gpus_per_node={per_node}")
-    for section in ("rollout", ROLLOUT if mode == "separate_async" else None):
-        nodes = _setting(config, f"{section}.nnodes") if section else None
-        if nodes:  # a separate pool (fully-async's rollout.nnodes=0: hybrid replicas only, checked as such below)
-            per_node = _setting(config, f"{section}.n_gpus_per_node", 8)
-            pool = (nodes * per_node, per_node, f"{section}.nnodes={nodes} x {section}.n_gpus_per_node={per_node}")
-            hybrid = section == ROLLOUT and _setting(config, "actor_rollout_ref.hybrid_engine", True)
-            return [pool, trainer] if hybrid else [pool]
-    return [trainer]
+    section = {None: None, "V1 separate_async": ROLLOUT}.get(separate_pool_trainer(config), "rollout")
+    nodes = _setting(config, f"{section}.nnodes") if section else None
+    if not nodes:  # no separate pool (fully-async's rollout.nnodes=0: hybrid replicas only)
+        return [trainer]
+    per_node = _setting(config, f"{section}.n_gpus_per_node", 8)
+    pool = (nodes * per_node, per_node, f"{section}.nnodes={nodes} x {section}.n_gpus_per_node={per_node}")
+    hybrid = section == ROLLOUT and _setting(config, "actor_rollout_ref.hybrid_engine", True)
+    return [pool, trainer] if hybrid else [pool]
 
 
 def check_rollout_replicas(config) -> None:
@@ -282,9 +281,8 @@ def check_sequence_budgets(config) -> None:
         bool(_setting(config, "actor_rollout_ref.model.lora_adapter_path"))
     uses_ref = not lora and (_setting(config, "actor_rollout_ref.actor.use_kl_loss", False) or
                              _setting(config, "algorithm.use_kl_in_reward", False))  # LoRA: the actor computes it
-    shorter = f"or lower {ROLLOUT}.response_length" if _setting(config, f"{ROLLOUT}.response_length") is not None and \
-        _setting(config, f"{ROLLOUT}.response_length") != _setting(config, "data.max_response_length") else \
-        "or lower data.max_response_length"
+    own = _setting(config, f"{ROLLOUT}.response_length") not in (None, _setting(config, "data.max_response_length"))
+    shorter = f"or lower {f'{ROLLOUT}.response_length' if own else 'data.max_response_length'}"
     for key, switch, role in TOKEN_BUDGETS:
         budget = _setting(config, key)
         split = sequence_split(config, role)
