@@ -134,7 +134,7 @@ def compute_power_mean_outcome_advantage(
     (same `uid`); beta = `risk_beta` (0: R_i - mean R). RS-GRPO arXiv 2509.24261.
 
     Args:
-        token_level_rewards: `(bs, response_length)`, summed over the response.
+        token_level_rewards: `(bs, response_length)`, summed over every position (as verl's outcome estimators).
         response_mask: `(bs, response_length)`.
         config: verl's algorithm section (PowerMeanAlgoConfig fields, or defaults).
         index: `(bs,)` uid of each response's prompt.
