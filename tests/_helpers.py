@@ -9,6 +9,11 @@ from verl.workers.config import ActorConfig, PolicyLossConfig
 
 from hmpo_verl import AdaptivePowerMeanLossConfig, PowerMeanLossConfig
 
+# verl's plain config names the naive weight sync (colocated workers); a launch of a trainer whose rollout is a pool of
+# its own (separate_async) needs one between pools, or check_weight_sync refuses it, as verl asserts after Ray starts.
+# The other modes do not read it.
+SEPARATE_POOL_SYNC = "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl"
+
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 

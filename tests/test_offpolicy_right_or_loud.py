@@ -25,11 +25,13 @@ import verl
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from _helpers import SEPARATE_POOL_SYNC
+
 from hmpo_verl.hosts.verl.checks import check_options
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 BATCH = ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2"]
+         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2", SEPARATE_POOL_SYNC]
 SAME_AS_ALGORITHM = "+actor_rollout_ref.actor.policy_loss.rollout_correction=${algorithm.rollout_correction}"
 
 

@@ -25,12 +25,14 @@ from hmpo_verl.checkpoints import (
 )
 from hmpo_verl.registry import driver_checks
 from hmpo_verl.run_settings import ACCEPT_KEY, SETTINGS_FILE, ResumeSettingsError, write_run_settings
+from _helpers import SEPARATE_POOL_SYNC
 from test_checkpoints_on_cpu import truncate, write_checkpoint
 
 VERL_CONFIG = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 BASE = ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-        "trainer.nnodes=1", "trainer.n_gpus_per_node=2", "trainer.resume_mode=auto", "trainer.save_freq=2")
+        "trainer.nnodes=1", "trainer.n_gpus_per_node=2", "trainer.resume_mode=auto", "trainer.save_freq=2",
+        SEPARATE_POOL_SYNC)
 ACCEPT_MODE = f"+{ACCEPT_KEY}=[trainer.use_v1,trainer.v1.trainer_mode]"  # what the mode message advises
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from _helpers import SEPARATE_POOL_SYNC
 from test_verl_integration_on_cpu import VERL_CONFIG_DIR
 from transfer_queue import KVBatchMeta
 from verl import DataProto
@@ -39,7 +40,7 @@ from hmpo_verl.staleness import BUCKETS, LAG_KEY, RAW_PREFIX
 def _verl_config(*overrides: str):
     with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
         return compose(config_name="ppo_trainer",
-                       overrides=["actor_rollout_ref.actor.policy_loss.loss_mode=hmpo", *overrides])
+                       overrides=["actor_rollout_ref.actor.policy_loss.loss_mode=hmpo", SEPARATE_POOL_SYNC, *overrides])
 
 
 # ----------------------------------------------------------------------------- stale as fresh
