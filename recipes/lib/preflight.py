@@ -251,14 +251,28 @@ def _normal(name: str) -> str:
 # ----------------------------------------------------------------------------- the checkpoint and its disk
 
 
-def model_config(model: str) -> dict:
-    """The model's config.json: from a local directory, else the hub's file alone (huggingface_hub, its cache)."""
+def model_file(model: str, name: str) -> dict | None:
+    """A JSON file of the model: from a local directory, else the hub's file alone (huggingface_hub, its cache);
+    None if the model has none."""
     local = Path(model).expanduser()
     if local.is_dir():
-        return json.loads((local / "config.json").read_text())
+        path = local / name
+        return json.loads(path.read_text()) if path.is_file() else None
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
 
-    return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    try:
+        return json.loads(Path(hf_hub_download(model, name)).read_text())
+    except EntryNotFoundError:
+        return None
+
+
+def model_config(model: str) -> dict:
+    """The model's config.json (:func:`model_file`); FileNotFoundError where it has none."""
+    config = model_file(model, "config.json")
+    if config is None:
+        raise FileNotFoundError(f"no config.json in {model}")
+    return config
 
 
 def parameter_count(config: dict) -> int:
@@ -384,22 +398,6 @@ def check_context(model: str, config: dict, prompt: int | None, response: int | 
 
 
 IM_END = "<|im_end|>"  # ChatML's end of turn (Qwen: 151645)
-
-
-def model_file(model: str, name: str) -> dict | None:
-    """A JSON file of the model (local directory, else the hub's file alone, as :func:`model_config`); None if it
-    has none."""
-    local = Path(model).expanduser()
-    if local.is_dir():
-        path = local / name
-        return json.loads(path.read_text()) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(model, name)).read_text())
-    except EntryNotFoundError:
-        return None
 
 
 def check_stop_tokens(model: str, generation_config: str | None = None) -> list[str]:

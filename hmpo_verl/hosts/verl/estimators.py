@@ -206,10 +206,8 @@ def on_final_outputs(compute_multi: Callable) -> Callable:
     """
     @functools.wraps(compute_multi)
     def grouped_by_session(data, batch_keys, adv_estimator, **kwargs):
-        if adv_estimator not in GROUP_ADVANTAGES:
-            return compute_multi(data, batch_keys=batch_keys, adv_estimator=adv_estimator, **kwargs)
-        finals, session_of_row = session_finals(batch_keys)
-        if len(finals) == len(batch_keys):
+        finals, session_of_row = session_finals(batch_keys) if adv_estimator in GROUP_ADVANTAGES else ([], [])
+        if len(finals) in (0, len(batch_keys)):  # verl's estimator, or one output per session
             return compute_multi(data, batch_keys=batch_keys, adv_estimator=adv_estimator, **kwargs)
         final = data.select_idxs(finals)
         adv = _response_advantages(str(adv_estimator), final.batch["token_level_rewards"], kwargs.get("config"),
@@ -226,8 +224,8 @@ def on_final_outputs(compute_multi: Callable) -> Callable:
 
 def group_by_session_in_v1(trainer_base) -> None:
     """Have verl V1's trainer (`verl.trainer.ppo.v1.trainer_base`, the name it calls) group our
-    estimators by session (`on_final_outputs`); idempotent."""
-    check_module(trainer_base.__name__, trainer_base)
+    estimators by session (`on_final_outputs`); idempotent. Its VERL_SYMBOLS rows are checked by the import hook
+    that calls it (`hmpo_verl.guards.hooks.run_after_import`)."""
     if not getattr(trainer_base.compute_advantage_for_multi_trajectories, "_hmpo_sessions", False):
         trainer_base.compute_advantage_for_multi_trajectories = on_final_outputs(
             trainer_base.compute_advantage_for_multi_trajectories)
