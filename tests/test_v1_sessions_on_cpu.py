@@ -143,3 +143,26 @@ def test_a_non_finite_reward_is_named_by_its_batch_row_and_key():
     with pytest.raises(ValueError, match=rf"^reward of response {row} \(key '{keys[row]}'\) \(group uid='p\d'\) is "
                                          r"nan; 1 response\(s\) have non-finite rewards$"):
         _call(trainer_base.compute_advantage_for_multi_trajectories, data, keys, "power_mean")
+
+
+@pytest.mark.parametrize("estimator", ["power_mean", "agm"])
+def test_a_launch_with_our_estimator_stops_before_ray_where_the_session_grouping_is_not_installed(estimator, monkeypatch):
+    """The import hook only logs a failure to wrap verl's function; the driver's checks refuse the launch (a recipe
+    as a user launches it), and pass verl's own estimator or a launch without V1."""
+    from test_recipes_config import RECIPES, compose_recipe
+
+    from hmpo_verl.hosts.verl.checks import check_session_grouping, driver_checks
+
+    unwrapped = trainer_base.compute_advantage_for_multi_trajectories.__wrapped__
+    monkeypatch.setattr(trainer_base, "compute_advantage_for_multi_trajectories", unwrapped)
+    config = compose_recipe(RECIPES, "gsm8k", (f"algorithm.adv_estimator={estimator}", "trainer.use_v1=true"))
+    with pytest.raises(RuntimeError, match=rf"adv_estimator='{estimator}'.*counts every output.*trainer.use_v1=false"):
+        driver_checks(config)
+    check_session_grouping(OmegaConf.create({"algorithm": {"adv_estimator": "grpo"}, "trainer": {"use_v1": True}}))
+    check_session_grouping(OmegaConf.create({"algorithm": {"adv_estimator": estimator}, "trainer": {"use_v1": False}}))
+
+
+def test_the_driver_check_passes_where_the_session_grouping_is_installed():
+    from hmpo_verl.hosts.verl.checks import check_session_grouping
+
+    check_session_grouping(OmegaConf.create({"algorithm": {"adv_estimator": "agm"}, "trainer": {"use_v1": True}}))

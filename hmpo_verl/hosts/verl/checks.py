@@ -508,6 +508,28 @@ def check_verl_symbols(config) -> None:
     check_loaded()
 
 
+
+def check_session_grouping(config) -> None:
+    """Our estimators under verl V1 need its trainer's ``compute_advantage_for_multi_trajectories`` wrapped
+    (``hmpo_verl.hosts.verl.estimators.on_final_outputs``, installed as ``verl.trainer.ppo.v1.trainer_base`` is
+    imported): unwrapped, a multi-output agent-loop session counts once per output in its prompt's group. The
+    import hook only logs a failure to wrap it (``registry.SESSIONS_FAILED``: verl without our estimators must
+    still run); a launch that uses them stops here, before Ray. Run after ``check_verl_symbols``, which imports
+    the module."""
+    from hmpo_verl.hosts.verl.config import ADV_ESTIMATORS
+    from hmpo_verl.hosts.verl.registry import SESSIONS_FAILED, V1_TRAINER as TRAINER_BASE
+
+    estimator = _setting(config, "algorithm.adv_estimator")
+    if estimator not in ADV_ESTIMATORS or v1_mode(config) is None or any(m in sys.modules for m in OFFPOLICY_TRAINERS):
+        return
+    compute = getattr(importlib.import_module(TRAINER_BASE), "compute_advantage_for_multi_trajectories", None)
+    if not getattr(compute, "_hmpo_sessions", False):
+        raise RuntimeError(
+            f"algorithm.adv_estimator={estimator!r} under verl's V1 trainer (trainer.use_v1=true): {SESSIONS_FAILED}. "
+            "The error logged when verl's trainer_base was imported says why. Reinstall hmpo_verl with the verl it "
+            "supports, or run with trainer.use_v1=false, or with algorithm.adv_estimator=grpo")
+
+
 V1_ASYNC_MODES = ("colocate_async", "separate_async")
 STALE_AS_FRESH = (
     "trainer.v1.trainer_mode={mode} without algorithm.rollout_correction.bypass_mode=true and without "
@@ -570,7 +592,7 @@ def warn_stale_as_fresh(config) -> None:
 
 def driver_checks(config) -> None:
     """Everything the driver checks before Ray starts (idempotent): the verl symbols the trainer's guards wrap
-    (`check_verl_symbols`), our options and the rollout correction (`check_options`), the V1 batch split
+    (`check_verl_symbols`) and, for our estimators under V1, its session grouping (`check_session_grouping`), our options and the rollout correction (`check_options`), the V1 batch split
     (`check_v1_batch`), the rollout replicas' fit to their GPUs (`check_rollout_replicas`), the token budgets and
     vLLM's context against the run's longest sequence (`check_sequence_budgets`), a separate rollout pool's weight
     sync (`check_weight_sync`), TRL beside verl, the
@@ -587,6 +609,7 @@ def driver_checks(config) -> None:
     from hmpo_verl.guards.run_settings import stamp_run_settings
 
     check_verl_symbols(config)  # first: the checks below use verl
+    check_session_grouping(config)
     check_options(config)
     check_v1_batch(config)
     check_rollout_replicas(config)
