@@ -288,6 +288,20 @@ def test_the_off_policy_entry_points_check_before_ray_starts(tmp_path, entry, mo
     assert (tmp_path / TRACKER).read_text() == ""
 
 
+
+def test_one_step_offs_entry_point_runs_verls_own_validate_config_before_ray_starts(tmp_path, monkeypatch):
+    """verl's one-step-off task runner calls validate_config once Ray is up; the driver calls it first (a fresh run:
+    no checkpoint is involved)."""
+
+    def ray_init(*args, **kwargs):
+        raise AssertionError("Ray was started before verl's validate_config stopped the run")
+
+    monkeypatch.setattr(ray, "init", ray_init)
+    bad = ("actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.temperature=0")
+    with pytest.raises(AssertionError, match="validation gen temperature should be greater than 0"):
+        _entry_main("one_step_off")(verl_config(tmp_path, *bad, entry="one_step_off"))
+
+
 def test_fully_asyncs_own_save_is_guarded_and_numbered_by_its_param_version(tmp_path):
     """FullyAsyncTrainer (a @ray.remote class) overrides the guarded save; its folders count weight syncs."""
     from verl.experimental.fully_async_policy import fully_async_trainer

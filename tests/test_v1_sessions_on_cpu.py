@@ -11,6 +11,7 @@ makes it, on the function the trainer module holds once hmpo_verl is loaded.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import numpy as np
 import pytest
@@ -151,8 +152,10 @@ def test_a_launch_with_our_estimator_stops_before_ray_where_the_session_grouping
     as a user launches it), and pass verl's own estimator or a launch without V1."""
     from test_recipes_config import RECIPES, compose_recipe
 
-    from hmpo_verl.hosts.verl.checks import check_session_grouping, driver_checks
+    from hmpo_verl.hosts.verl.checks import OFFPOLICY_TRAINERS, check_session_grouping, driver_checks
 
+    for name in OFFPOLICY_TRAINERS:  # loaded by earlier tests: the driver would take the launch for an off-policy one
+        monkeypatch.delitem(sys.modules, name, raising=False)
     unwrapped = trainer_base.compute_advantage_for_multi_trajectories.__wrapped__
     monkeypatch.setattr(trainer_base, "compute_advantage_for_multi_trajectories", unwrapped)
     config = compose_recipe(RECIPES, "gsm8k", (f"algorithm.adv_estimator={estimator}", "trainer.use_v1=true"))

@@ -38,7 +38,8 @@ imported, make our losses at home there:
 * ``run_ppo``: runs the driver checks (``hmpo_verl.hosts.verl.checks.driver_checks``: our options --
   which also refuse ``bypass_mode`` with ``rollout_is``/``rollout_rs`` --, the checkpoint directory,
   the resume guard and the saved run settings) before Ray starts: verl's fully-async entry point
-  never calls ``validate_config``, and the one-step-off one calls it inside Ray.
+  never calls ``validate_config``, and the one-step-off one calls it inside Ray, so for one-step-off the
+  wrapper also runs verl's ``validate_config`` in the driver (:func:`validate_as_verls_main`).
   ``driver_checks`` also warns (``hmpo_verl.hosts.verl.checks.warn_stale_as_fresh``, once per launch)
   when a V1 async mode would train stale samples as if they were on-policy (``validate_config`` runs it
   too, so ``python -m verl.trainer.main_ppo``, whose ``__main__`` calls its own unwrapped ``run_ppo``,
@@ -318,6 +319,18 @@ def keeping_our_loss(apply_bypass_mode: Callable) -> Callable:
 # ----------------------------------------------------------------------------- install
 
 
+ONE_STEP_OFF_MAIN = "verl.experimental.one_step_off_policy.main_ppo"  # its OneStepTaskRunner validates inside Ray
+
+
+def validate_as_verls_main(config) -> None:
+    """verl's own ``validate_config`` (with the reference policy and critic its entry points derive from the
+    config), which ``main_ppo``'s main runs in the driver and one-step-off's task runner only once Ray is up."""
+    import verl.utils.config as verl_config
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+
+    verl_config.validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+
+
 @_once
 def _checking_options_first(run_ppo: Callable) -> Callable:
     @functools.wraps(run_ppo)
@@ -325,6 +338,9 @@ def _checking_options_first(run_ppo: Callable) -> Callable:
         from hmpo_verl.hosts.verl.checks import driver_checks
 
         driver_checks(config)  # with the stale-as-fresh warning (warn_stale_as_fresh)
+        runner = kwargs.get("task_runner_class", args[0] if args else None)
+        if getattr(runner, "__module__", None) == ONE_STEP_OFF_MAIN:
+            validate_as_verls_main(config)  # what one-step-off's task runner would assert after Ray started
         return run_ppo(config, *args, **kwargs)
 
     return wrapped

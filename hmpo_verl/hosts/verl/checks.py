@@ -508,16 +508,18 @@ def check_verl_symbols(config) -> None:
     check_loaded()
 
 
+TRAINER_BASE = "verl.trainer.ppo.v1.trainer_base"
+SESSIONS_FAILED = (f"hmpo_verl could not wrap {TRAINER_BASE}.compute_advantage_for_multi_trajectories: under verl V1, "
+                   "adv_estimator=power_mean/agm counts every output of a multi-output agent-loop session in its group")
+
 
 def check_session_grouping(config) -> None:
     """Our estimators under verl V1 need its trainer's ``compute_advantage_for_multi_trajectories`` wrapped
-    (``hmpo_verl.hosts.verl.estimators.on_final_outputs``, installed as ``verl.trainer.ppo.v1.trainer_base`` is
-    imported): unwrapped, a multi-output agent-loop session counts once per output in its prompt's group. The
-    import hook only logs a failure to wrap it (``registry.SESSIONS_FAILED``: verl without our estimators must
-    still run); a launch that uses them stops here, before Ray. Run after ``check_verl_symbols``, which imports
-    the module."""
+    (``hmpo_verl.hosts.verl.estimators.on_final_outputs``, installed as ``TRAINER_BASE`` is imported): unwrapped,
+    a multi-output agent-loop session counts once per output in its prompt's group. The import hook only logs a
+    failure to wrap it (``SESSIONS_FAILED``: verl without our estimators must still run); a launch that uses them
+    stops here, before Ray. Run after ``check_verl_symbols``, which imports the module."""
     from hmpo_verl.hosts.verl.config import ADV_ESTIMATORS
-    from hmpo_verl.hosts.verl.registry import SESSIONS_FAILED, V1_TRAINER as TRAINER_BASE
 
     estimator = _setting(config, "algorithm.adv_estimator")
     if estimator not in ADV_ESTIMATORS or v1_mode(config) is None or any(m in sys.modules for m in OFFPOLICY_TRAINERS):

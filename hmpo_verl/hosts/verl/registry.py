@@ -43,6 +43,7 @@ import sys
 
 from hmpo_verl.guards.hooks import loudly, run_after_import
 from hmpo_verl.guards.verl_symbols import check_module
+from hmpo_verl.hosts.verl.checks import SESSIONS_FAILED
 from hmpo_verl.hosts.verl.checks import check_options, check_trl_beside_verl, driver_checks, trl_conflict  # noqa: F401 (check_options, check_trl_beside_verl, trl_conflict: public hmpo_verl.registry names)
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
@@ -108,9 +109,6 @@ REGISTER_FAILED = (
     "and advantage estimators (power_mean, agm) will be unavailable"
 )
 GUARD_FAILED = "hmpo_verl could not wrap {} (guarded checkpoint saves, the rollout log-prob check); verl runs without it"
-
-SESSIONS_FAILED = (f"hmpo_verl could not wrap {V1_TRAINER}.compute_advantage_for_multi_trajectories: under verl V1, "
-                   "adv_estimator=power_mean/agm counts every output of a multi-output agent-loop session in its group")
 
 
 def register_on_import() -> None:
