@@ -21,6 +21,7 @@ from hmpo_verl.checkpoints import (
     checkpoint_problems,
     guard_resume,
     read_tracker,
+    resume_step_dir,
     saved_trainer_mode,
 )
 from hmpo_verl.registry import driver_checks
@@ -248,3 +249,29 @@ def test_a_relative_checkpoint_directory_is_said_where_checkpoints_are_saved(tmp
         check_checkpoint_directory(OmegaConf.create({"trainer": {**relative, "save_freq": -1}}))
         check_checkpoint_directory(OmegaConf.create({"trainer": {**relative, "default_local_dir": str(tmp_path / "c")}}))
     assert caplog.text == ""
+
+
+def test_a_relaunch_that_keeps_resume_path_stops_before_overwriting_the_runs_newer_checkpoints(tmp_path):
+    """Run B started from run A's global_step_10 and saved 20 and 30; relaunched by the same command, verl would
+    resume step 10 again and overwrite B's checkpoints save by save. Both ways on the message gives pass."""
+    start = saved(tmp_path / "A", 10)
+    run = tmp_path / "B"
+    for step in (20, 30):
+        saved(run, step)
+    again = launch(run, "trainer.resume_mode=resume_path", f"trainer.resume_from_path={start}")
+    with pytest.raises(CheckpointResumeError, match=rf"resumes step 10 \({start}\), and trainer.default_local_dir="
+                                                    rf"{run}, .* holds a later checkpoint, global_step_30 .* relaunch "
+                                                    "with trainer.resume_mode=auto; to train again from step 10 on "
+                                                    r"purpose, add '\+hmpo.resume_accept=\[trainer.resume_from_path\]'"):
+        driver_checks(again)
+    accepted = launch(run, "trainer.resume_mode=resume_path", f"trainer.resume_from_path={start}",
+                      f"+{ACCEPT_KEY}=[trainer.resume_from_path]")
+    driver_checks(accepted)  # a rollback meant: the message's third way on
+    assert resume_step_dir(accepted) == start
+    continued = launch(run, "trainer.resume_mode=auto")
+    driver_checks(continued)
+    assert resume_step_dir(continued) == run / "global_step_30"
+    shutil.move(run / TRACKER, tmp_path / "moved_tracker")  # the other way on: train again from step 10 on purpose
+    driver_checks(again)
+    (run / TRACKER).write_text("10")  # a tracker at or below the resumed step: nothing later is overwritten
+    driver_checks(again)

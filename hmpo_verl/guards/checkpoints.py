@@ -354,6 +354,27 @@ def _check_same_run(step_dir: Path, config, tracked: bool = False, context: str 
         raise ResumeSettingsError(f"hmpo_verl: {context}; {str(exc).removeprefix('hmpo_verl: ')}") from None
 
 
+ACCEPT_ROLLBACK = "+hmpo.resume_accept=[trainer.resume_from_path]"
+
+
+def newer_checkpoint_overwritten(path: Path, root: Path) -> Optional[str]:
+    """The refusal for ``resume_mode=resume_path`` from step k while ``root`` (``default_local_dir``, where the run
+    saves) tracks a later checkpoint: verl resumes step k and saves k + save_freq, ... over that run's own newer
+    checkpoints and tracker, one save at a time (a relaunch of a command that once started from another run's
+    checkpoint does it silently; so does a rollback to an earlier step of the same run, relaunched). None where
+    the tracker names no later step. ``ACCEPT_ROLLBACK`` accepts it."""
+    step, tracked = int(str(path).split("global_step_")[-1]), read_tracker(root)  # verl reads the step so
+    if tracked is None or tracked <= step or not (root / f"global_step_{tracked}").is_dir():
+        return None
+    return (f"trainer.resume_mode=resume_path resumes step {step} ({path}), and trainer.default_local_dir={root}, "
+            f"where this run saves, holds a later checkpoint, global_step_{tracked} (its {TRACKER} names it): the "
+            f"saves after step {step} would overwrite it and the steps up to it, one save at a time. To continue "
+            f"global_step_{tracked}, relaunch with trainer.resume_mode=auto; to train again from step {step} on "
+            f"purpose, add '{ACCEPT_ROLLBACK}' (the later checkpoints are overwritten as the run reaches them), or "
+            f"move {root / TRACKER} and the global_step_* directories above {step} out of {root}, or save elsewhere "
+            "with a new trainer.default_local_dir")
+
+
 def guard_resume(config) -> Optional[str]:
     """Make sure the checkpoint verl is about to resume from is complete and this run's (see the module doc).
 
@@ -376,6 +397,12 @@ def guard_resume(config) -> Optional[str]:
                 f"{tracker} is unreadable (a save cut off mid-write leaves it empty), and verl 0.9.1's v0 and "
                 "fully-async trainers read it even with trainer.resume_mode=resume_path (int('') inside Ray). "
                 f"Write the step of a complete checkpoint there into it, or move it out of {tracker.parent}")
+        if tracker is not None and (problem := newer_checkpoint_overwritten(path, tracker.parent)):
+            from hmpo_verl.guards.run_settings import accepted_keys, under
+
+            if not under("trainer.resume_from_path", accepted_keys(config)):
+                raise CheckpointResumeError(problem)
+            logger.warning("hmpo_verl: %s (accepted: %s)", problem.split(": the saves")[0], ACCEPT_ROLLBACK)
         return None
     if mode != "auto" or not _trainer(config, "default_local_dir"):
         return None
