@@ -22,10 +22,12 @@ from hmpo_verl.run_settings import (
     SETTINGS_FILE,
     SETTINGS_VERSION,
     VERSION_KEY,
+    WORLD_KEY,
     ResumeSettingsError,
     under,
     check_resume_settings,
     run_settings,
+    settings_differences,
     write_run_settings,
 )
 from test_checkpoints_on_cpu import write_checkpoint
@@ -361,3 +363,24 @@ def test_a_null_setting_and_an_absent_one_are_the_same_setting():
     assert settings_differences(saved, {"custom_reward_function": None}) == []
     assert settings_differences(saved, {"custom_reward_function.path": "/r.py"}) == [
         ("custom_reward_function.path", None, "/r.py")]
+
+
+def test_the_v0_trainers_prompts_per_step_are_compared(tmp_path):
+    """data.gen_batch_size is the v0 / one-step-off dataloader's batch (verl's create_rl_dataloader): the prompts
+    each step trains there."""
+    saved_run(tmp_path, "trainer.use_v1=false", "+data.gen_batch_size=8")
+    with pytest.raises(ResumeSettingsError, match=r"data.gen_batch_size: saved 8, now 32\n"):
+        check_resume_settings(verl_config(tmp_path, "trainer.use_v1=false", "+data.gen_batch_size=32"),
+                              tmp_path / "global_step_2")
+
+
+def test_the_same_world_size_split_otherwise_over_nodes_resumes_and_another_is_named_once(tmp_path):
+    """1 x 2 and 2 x 1 GPUs shard alike (the saved shards' world size is 2): not a difference; 2 x 2 is one line,
+    the product, and accepting either factor's key accepts it."""
+    step_dir = saved_run(tmp_path, "trainer.nnodes=1", "trainer.n_gpus_per_node=2")
+    check_resume_settings(verl_config(tmp_path, "trainer.nnodes=2", "trainer.n_gpus_per_node=1"), step_dir)
+    four = ("trainer.nnodes=2", "trainer.n_gpus_per_node=2")
+    assert settings_differences(json.loads((step_dir / SETTINGS_FILE).read_text()),
+                                run_settings(verl_config(tmp_path, *four))) == [(WORLD_KEY, 2, 4)]
+    assert settings_differences(json.loads((step_dir / SETTINGS_FILE).read_text()),
+                                run_settings(verl_config(tmp_path, *four)), accepted=("trainer.nnodes",)) == []

@@ -17,7 +17,8 @@ dataset's shaping (sample cap, prompt filter and key, chat template), what a res
 scale, and the trainer and its async settings: `trainer.use_v1`, `trainer.v1.trainer_mode`, fully-async's
 `async_training`; since version 3 the V1 modes' sections and its sampler, `trainer.v1.<mode>` and
 `trainer.v1.sampler`, of which only the launch's mode is compared; since version 4 the rollout's length bounds,
-sampling switches, multi-turn settings and agent loop, and `actor_rollout_ref.hybrid_engine`), flattened to dotted keys; a record saved
+sampling switches, multi-turn settings and agent loop, and `actor_rollout_ref.hybrid_engine`; since version 5
+`data.gen_batch_size`, the prompts per step of the v0 and one-step-off trainers), flattened to dotted keys; a record saved
 by an older version is compared on the keys it has, with a warning naming the rest. Not recorded: logging, saving,
 validation, memory and parallelism tuning (micro-batch sizes, offload),
 `optim.total_training_steps`, which the trainer itself writes into its config (from
@@ -95,9 +96,12 @@ RUN_SETTINGS = (
             "agent.default_agent_loop", "agent.agent_loop_config_path")),
         "actor_rollout_ref.hybrid_engine",
     )),
+    # recorded since SETTINGS_VERSION 5: the v0 trainer's (and one-step-off's) dataloader batch, which is the prompts
+    # each step trains there (verl's create_rl_dataloader: gen_batch_size or train_batch_size)
+    *(ADDED_V5 := ("data.gen_batch_size",)),
 )
-SETTINGS_VERSION = 4
-ADDED_IN = {2: ADDED, 3: ADDED_V3, 4: ADDED_V4}  # version -> the RUN_SETTINGS entries first recorded then
+SETTINGS_VERSION = 5
+ADDED_IN = {2: ADDED, 3: ADDED_V3, 4: ADDED_V4, 5: ADDED_V5}  # version -> the RUN_SETTINGS entries first recorded then
 VERSION_KEY = "hmpo.settings_version"  # in the saved record only (absent: version 1)
 # keys below RUN_SETTINGS that are not a run's settings, neither recorded nor compared: what the trainer itself writes,
 # and the polling period of verl_cpu's replay buffer (timing only: when a finished rollout is noticed, not what it is)
@@ -186,25 +190,42 @@ def unused(current: dict) -> tuple[str, ...]:
     return tuple(f"trainer.v1.{mode}" for mode in V1_MODES if mode != current.get("trainer.v1.trainer_mode"))
 
 
+NODE_KEYS = ("trainer.nnodes", "trainer.n_gpus_per_node")
+WORLD_KEY = "trainer.nnodes * trainer.n_gpus_per_node"
+
+
+def _by_world_size(settings: dict) -> dict:
+    """``settings`` with ``NODE_KEYS`` compared as their product, ``WORLD_KEY``: the same world size split otherwise
+    over nodes (1 x 8, 2 x 4) trains and shards alike."""
+    if not all(key in settings for key in NODE_KEYS):
+        return settings
+    nodes, per_node = (settings[key] for key in NODE_KEYS)
+    world = nodes * per_node if isinstance(nodes, int) and isinstance(per_node, int) else f"{nodes} x {per_node}"
+    return {**{k: v for k, v in settings.items() if k not in NODE_KEYS}, WORLD_KEY: world}
+
+
 def settings_differences(saved: dict, current: dict, accepted=()) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every recorded key that differs and is not accepted.
 
     A key present on one side only (an option added with `+...`) is a difference, shown as `<unset>` on
     the other side, unless its value is null: verl reads an absent key and a null one alike (a subtree of
     nulls and a null subtree, `custom_reward_function: {path: null, ...}` and `custom_reward_function: null`,
-    are the same setting). Keys the saved record predates (`unrecorded`) and keys the launch's trainer does not
-    read (`unused`: another V1 mode's section) are not compared.
+    are the same setting). ``trainer.nnodes`` and ``trainer.n_gpus_per_node`` are compared as their product
+    (``WORLD_KEY``; accepted by either name). Keys the saved record predates (`unrecorded`) and keys the launch's
+    trainer does not read (`unused`: another V1 mode's section) are not compared.
     """
     missing, predates = "<unset>", unrecorded(saved)
-    saved = {k: v for k, v in saved.items() if k != VERSION_KEY and not NOT_COMPARED.fullmatch(k)}
-    keys = sorted({*saved, *(k for k in current if under(k, RUN_SETTINGS) and not under(k, predates))})
+    saved = _by_world_size({k: v for k, v in saved.items() if k != VERSION_KEY and not NOT_COMPARED.fullmatch(k)})
+    current = _by_world_size(current)
+    keys = sorted({*saved, *(k for k in current if under(k, (*RUN_SETTINGS, WORLD_KEY)) and not under(k, predates))})
+    skipped = (*accepted, *unused(current), *((WORLD_KEY,) if any(under(k, accepted) for k in NODE_KEYS) else ()))
 
     def meaning(settings: dict, key: str) -> Any:
         value = settings.get(key, missing)
         return missing if value is None else value
 
     return [(k, saved.get(k, missing), current.get(k, missing)) for k in keys
-            if meaning(saved, k) != meaning(current, k) and not under(k, (*accepted, *unused(current)))]
+            if meaning(saved, k) != meaning(current, k) and not under(k, skipped)]
 
 
 def _shard_world_size(step_dir: Path) -> Optional[int]:

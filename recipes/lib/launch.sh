@@ -252,7 +252,7 @@ HMPO_NAMED_PREFIXES=(actor_rollout_ref.model.path actor_rollout_ref.actor.policy
     actor_rollout_ref.rollout.prompt_length actor_rollout_ref.rollout.response_length
     actor_rollout_ref.rollout.do_sample actor_rollout_ref.rollout.ignore_eos actor_rollout_ref.rollout.over_sample_rate
     actor_rollout_ref.rollout.multi_turn actor_rollout_ref.rollout.agent.default_agent_loop
-    actor_rollout_ref.rollout.agent.agent_loop_config_path actor_rollout_ref.hybrid_engine)
+    actor_rollout_ref.rollout.agent.agent_loop_config_path actor_rollout_ref.hybrid_engine data.gen_batch_size)
 
 # hmpo_under KEY PREFIX...: KEY is one of the PREFIXes or below one.
 hmpo_under() {
