@@ -120,3 +120,16 @@ def test_driver_checks_refuse_it_before_ray(tmp_path):
     config = launch("trainer.total_training_steps=250", f"trainer.default_local_dir={tmp_path}")
     with pytest.raises(ValueError, match="is longer than the run"):
         driver_checks(config)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (("actor_rollout_ref.actor.checkpoint.save_contents=[model,extra]",), "save_contents"),  # load follows it
+    (("actor_rollout_ref.actor.checkpoint.load_contents=[model,extra]",), "load_contents"),
+])
+def test_checkpoints_without_the_optimizer_which_holds_the_schedules_step_are_refused_at_the_first_launch(
+        overrides, key):
+    """The step p is read from is the optimizer's: without it a resume restarts p at p_start (lr goes on)."""
+    with pytest.raises(ValueError, match=rf"actor_rollout_ref.actor.checkpoint.{key}=\['model', 'extra'\] with "
+                                         r"policy_loss.adapt=schedule: .* restart p at p_start"):
+        check_options(launch("trainer.save_freq=50", *overrides))
+    check_options(launch("trainer.save_freq=-1", "trainer.resume_mode=disable", *overrides))  # neither saved nor read

@@ -43,6 +43,7 @@ def check_options(config) -> None:
         trust_region(OmegaConf.select(config, "actor_rollout_ref.actor"), options)  # the actor's clip bounds
         if getattr(options, "adapt", None) == "schedule":
             check_schedule_span(config, options)
+            check_schedule_resumes(config)
         if getattr(options, "adapt", None) == "reward":
             raise ValueError(
                 "actor_rollout_ref.actor.policy_loss.adapt='reward' is not supported on verl's trainer yet: verl "
@@ -390,6 +391,26 @@ def check_schedule_span(config, options) -> None:
     _log_once(config, f"{SCHEDULE_STEPS}={schedule_steps} with adapt=schedule is shorter than the run: {counted}; "
                       f"p reaches p_end={options.p_end} at optimizer step {schedule_steps} and holds it for the last "
                       f"{run - schedule_steps}. For a schedule over the whole run set {fix}")
+
+
+CHECKPOINT = "actor_rollout_ref.actor.checkpoint"
+
+
+def check_schedule_resumes(config) -> None:
+    """``adapt: schedule`` reads its step from the optimizer's state (``hmpo_verl.guards.steps``): a checkpoint
+    saved without it (``save_contents`` without ``optimizer``, where checkpoints are saved) or a resume that does not
+    load it (``load_contents``, which verl's config interpolates from ``save_contents``, unless the run starts
+    afresh) would restart p at p_start while the lr schedule (in ``extra``) goes on. Refused at the first launch,
+    before any compute is spent on checkpoints that cannot resume it."""
+    for key, used in (("save_contents", (_setting(config, "trainer.save_freq", -1) or -1) > 0),
+                      ("load_contents", _setting(config, "trainer.resume_mode", "auto") != "disable")):
+        contents = _setting(config, f"{CHECKPOINT}.{key}")
+        if used and contents is not None and "optimizer" not in contents:
+            raise ValueError(
+                f"{CHECKPOINT}.{key}={list(contents)} with policy_loss.adapt=schedule: the schedule's step is the "
+                "optimizer's (its saved state), so a resume would restart p at p_start while the lr schedule goes on. "
+                f"Allowed: {CHECKPOINT}.save_contents and load_contents with optimizer (verl's default "
+                "[model, optimizer, extra]), or adapt=ess / a fixed p")
 
 
 # verl 0.9.x imports trl.experimental.ppo whenever TRL is importable (apply_monkey_patch, in every actor
