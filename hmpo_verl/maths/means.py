@@ -215,22 +215,29 @@ def log_mean_and_weights(
 
 
 def arithmetic_harmonic_gap(d: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """`log_arithmetic_harmonic_gap` of zero-padded `d` (see `zero_padded`)."""
-    top, bottom = rows.extreme(d, True), rows.extreme(d, False)
-    x = (d - top.unsqueeze(-1)).mul_(rows.weight).exp_().mul_(rows.weight)  # exp(d - max d), 0 at invalid
+    """`log_arithmetic_harmonic_gap` of zero-padded `d` (see `zero_padded`), in `d`'s dtype.
+
+    Computed in float64 whatever `d`'s dtype: for a tight row the gap is about var(d) (1e-8 at a spread of
+    1e-4), below float32's rounding of the two log-sum-exp terms it is the difference of (~1e-6), which biased
+    the float32 metric by several times its size and could make it negative."""
+    weight, n = rows.weight.double(), rows.n.double()
+    d64 = d.double()
+    top, bottom = rows.extreme(d64, True), rows.extreme(d64, False)
+    x = (d64 - top.unsqueeze(-1)).mul_(weight).exp_().mul_(weight)  # exp(d - max d), 0 at invalid
     log_nA = top + torch.log(x.sum(-1))
-    torch.sub(bottom.unsqueeze(-1), d, out=x).mul_(rows.weight).exp_().mul_(rows.weight)  # exp(min d - d)
+    torch.sub(bottom.unsqueeze(-1), d64, out=x).mul_(weight).exp_().mul_(weight)  # exp(min d - d)
     log_nH = torch.log(x.sum(-1)) - bottom  # log sum exp(-d) = log(n / H)
-    gap = log_nA + log_nH - 2 * torch.log(rows.n.clamp(min=1))
-    return torch.where(rows.n > 0, gap, 0.0)
+    gap = log_nA + log_nH - 2 * torch.log(n.clamp(min=1))
+    return torch.where(n > 0, gap, 0.0).to(d.dtype)
 
 
 def log_arithmetic_harmonic_gap(log_x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """log M_1 - log M_-1 over the last dimension (>= 0; 0 iff the valid values are equal).
 
     The spread of the mean inequality, used as a diagnostic metric: two logsumexp (each shifted
-    by the row's max), accurate to float32 rounding of logsumexp (~1e-6 absolute), without the
-    small-p care of `log_mean_and_weights`. Rows with no valid entry give 0.
+    by the row's extreme) in float64 (`arithmetic_harmonic_gap`), accurate to about 1e-15 absolute,
+    so also for tight rows, where the gap is about the variance of the values. Rows with no valid
+    entry give 0.
     """
     with torch.no_grad():
         return arithmetic_harmonic_gap(*zero_padded(log_x, mask))
