@@ -117,3 +117,20 @@ def test_a_masked_entry_does_not_matter_where_p_times_the_row_extreme_overflows(
         mask = torch.tensor([[True, True, False], [True, True, False]])
         log_m, w = log_mean_and_weights(padded, p, mask)
         assert torch.equal(log_m, ref_m) and torch.equal(w[:, :2], ref_w) and torch.equal(w[:, 2], torch.zeros(2, dtype=dtype))
+
+
+def test_an_fp16_row_whose_finite_token_values_sum_past_fp16s_range_is_not_called_an_overflow():
+    """2000 tokens of value -50 each (ratio 1, A = 50) are finite in fp16; only their sum (-1e5) is not: the
+    overflow check sums in float32, and the gradient is float32's (verl's agg_loss then sums in fp16 as it does
+    for its own losses)."""
+    B, T = 1, 2000
+    grads = {}
+    for dtype in (torch.float16, torch.float32):
+        old = torch.full((B, T), -1.0, dtype=dtype)
+        lp = old.clone().requires_grad_(True)
+        loss, _ = get_policy_loss_fn("hmpo")(old, lp, torch.full((B, T), 50.0, dtype=dtype),
+                                             torch.ones(B, T, dtype=torch.bool), "token-mean", actor_config("hmpo"), None)
+        loss.backward()
+        grads[dtype] = lp.grad.float()
+    assert torch.isfinite(grads[torch.float16]).all()
+    torch.testing.assert_close(grads[torch.float16], grads[torch.float32], rtol=1e-3, atol=0)

@@ -60,7 +60,9 @@ def check_surrogate_finite(terms, inputs: dict, mask_name: str) -> None:
     (verl: response_mask; TRL: completion_mask). Shared by the verl losses and the TRL trainer, so both
     hosts refuse the same inputs with the same message.
     """
-    if torch.isfinite(terms.log_ratio_sum + terms.value.sum()):  # grad_coef is value where it is not 0
+    # grad_coef is value where it is not 0; summed in float32 at least: an fp16 row of 2000 finite tokens of -50
+    # each sums past fp16's range, and no token overflowed
+    if torch.isfinite(terms.log_ratio_sum + terms.value.sum(dtype=torch.promote_types(terms.value.dtype, torch.float32))):
         return
     check_inputs_finite(inputs, terms.rows.valid, mask_name)
     raise NonFiniteInputError(
