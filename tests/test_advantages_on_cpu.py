@@ -97,6 +97,17 @@ def test_zero_beta_limit_is_continuous():
         torch.testing.assert_close(power_mean_advantage(scores, ids, beta, len(uids)), exact, rtol=0, atol=1e-3 * 10 * abs(beta) / 1e-4)
 
 
+
+@pytest.mark.parametrize("beta", [1e-300, 1e-320, 5e-324, -5e-324])
+@pytest.mark.parametrize("fn", [power_mean_advantage, agm_advantage])
+def test_a_subnormal_beta_is_the_beta_zero_limit_not_an_underflow(fn, beta):
+    """beta * (R - F) underflows into subnormals for such beta; the advantage is R - mean R to rounding."""
+    scores = torch.tensor([0.5, 0.25, 0.125, 1.0, 0.0], dtype=torch.float64)
+    ids = torch.zeros(5, dtype=torch.long)
+    adv = fn(scores, ids, beta, 1)
+    torch.testing.assert_close(adv, scores - scores.mean(), rtol=0, atol=1e-15)
+    assert abs(adv.sum().item()) < 1e-15
+
 def _verl_call(name, rewards, mask, index, **algo):
     from omegaconf import OmegaConf
 

@@ -33,7 +33,7 @@ from typing import Iterable
 
 import torch
 
-from hmpo_verl.maths.means import log_power_mean
+from hmpo_verl.maths.means import GEOMETRIC_BELOW, log_power_mean
 
 __all__ = ["group_ids", "power_mean_advantage", "agm_advantage", "group_sums", "group_std"]
 
@@ -96,7 +96,9 @@ def power_mean_advantage(scores: torch.Tensor, ids: torch.Tensor, beta: float, n
     padded, mask = _pad_groups(scores, ids, n_groups)
     free_energy = log_power_mean(padded, float(beta), mask).to(scores.dtype)  # (G,) = log M_beta(e^R)
     centred = scores - free_energy[ids]
-    adv = centred if beta == 0 else torch.expm1(beta * centred) / beta
+    # |beta| below GEOMETRIC_BELOW (log_power_mean's beta -> 0 limit too): expm1(beta c) / beta = c (1 + beta c / 2 + ...)
+    # is c to rounding, and beta * c underflows into subnormals (A = [0, 0, 1, 0] at beta = 5e-324)
+    adv = centred if abs(beta) < GEOMETRIC_BELOW else torch.expm1(beta * centred) / beta
     spread = torch.where(mask, padded, -torch.inf).amax(-1) - torch.where(mask, padded, torch.inf).amin(-1)
     return torch.where(spread[ids] > 0, adv, 0.0)
 
