@@ -134,3 +134,19 @@ def test_an_fp16_row_whose_finite_token_values_sum_past_fp16s_range_is_not_calle
         grads[dtype] = lp.grad.float()
     assert torch.isfinite(grads[torch.float16]).all()
     torch.testing.assert_close(grads[torch.float16], grads[torch.float32], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("B, T", [(3, 3), (2, 5)])
+def test_a_one_per_sequence_advantage_is_never_spread_along_the_tokens(B, T):
+    """The hosts' loss_matrix takes `(B,)` advantages as `(B, 1)`: with B == T, expand_as alone gave every row the
+    whole advantage vector along its tokens."""
+    from hmpo_verl.host_loss import LossOptions, loss_matrix
+
+    g = torch.Generator().manual_seed(5)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64)
+    lp = old + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv, mask = torch.arange(1.0, B + 1, dtype=torch.float64) * torch.tensor([1.0, -2.0, 3.0][:B]), torch.ones(B, T)
+    options, region = LossOptions("power_mean", power=-1.0), TrustRegion("token", 0.8, 1.2)
+    by_row, _ = loss_matrix(options, region, lp, old, adv.unsqueeze(-1), mask)
+    flat, _ = loss_matrix(options, region, lp, old, adv, mask)
+    torch.testing.assert_close(flat, by_row, rtol=0, atol=0)

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from hmpo_verl.maths.aggregators import AGMAggregator, ESSMatchingAggregator, PowerAggregator
-from hmpo_verl.guards.finite import NonFiniteInputError, first_non_finite
+from hmpo_verl.guards.finite import check_surrogate_finite
 from hmpo_verl.maths.options import (
     DEFAULTS,
     HMPO_POWER,
@@ -113,18 +113,16 @@ def loss_matrix(
     """Per-token loss `(B, T)` -A_t clip(s_i) T_i w_t (times `is_weights`), with the exact gradient of
     `hmpo_verl.surrogate`, and its `SurrogateTerms` (clip counts, log-ratio sum, ...).
 
-    Args: `(B, T)` tensors; `advantages` may be `(B, 1)`; `mask` bool or 0/1. Masked positions may hold
-    anything. Raises `NonFiniteInputError` for NaN / inf at a valid position.
+    Args: `(B, T)` tensors; `advantages` may be `(B, 1)` or `(B,)` (one per sequence); `mask` bool or 0/1.
+    Masked positions may hold anything. Raises `NonFiniteInputError` for NaN / inf at a valid position, or an
+    overflow (`hmpo_verl.guards.finite.check_surrogate_finite`, as the verl and TRL hosts).
     """
+    if advantages.dim() == 1:  # (B,): one per sequence, never spread along the tokens (B == T would broadcast so)
+        advantages = advantages.unsqueeze(-1)
     advantages = advantages.expand_as(log_probs)
     with torch.no_grad():
         aggregate = make_aggregator(options, advantages, mask)
         terms = surrogate_terms(log_probs, old_log_probs, advantages, mask, aggregate, region, is_weights)
-        if not torch.isfinite(terms.log_ratio_sum + terms.value.sum()):
-            inputs = {"log_probs": log_probs, "old_log_probs": old_log_probs, "advantages": advantages,
-                      "is_weights": is_weights}
-            found = first_non_finite(inputs, terms.rows.valid)
-            what = (f"{found[0]} has {found[1]} non-finite value(s) at valid (mask) positions" if found else
-                    "the policy loss overflowed: log-ratios or advantages are too large to aggregate")
-            raise NonFiniteInputError(what)
+        check_surrogate_finite(terms, {"log_probs": log_probs, "old_log_probs": old_log_probs,
+                                       "advantages": advantages, "is_weights": is_weights}, "mask")
     return surrogate_loss_matrix(log_probs, terms), terms
