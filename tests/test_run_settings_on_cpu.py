@@ -158,6 +158,14 @@ def test_a_fully_async_sync_step_change_is_refused_by_name(tmp_path):
         check_resume_settings(changed, step_dir)
 
 
+
+def test_fully_async_resumes_whatever_the_v1_sections_it_does_not_read_say(tmp_path):
+    """fully-async's trainer is built on the v0 one: trainer.v1.* (trainer.use_v1=true is inherited) is unread."""
+    step_dir = write_checkpoint(tmp_path, 2, world=2)
+    write_run_settings(step_dir, verl_config(tmp_path, entry="fully_async"))
+    check_resume_settings(verl_config(tmp_path, "+trainer.v1.sync.parameter_sync_step=2", entry="fully_async"),
+                          step_dir)
+
 def test_a_record_from_before_version_2_compares_the_keys_it_has_and_says_which_it_lacks(tmp_path, caplog):
     """A checkpoint saved by the plugin before it recorded the reward, data shaping and trainer keys: those
     cannot be compared (a warning names them); the keys it has still are (a changed lr still stops)."""
