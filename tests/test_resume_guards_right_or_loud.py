@@ -275,3 +275,20 @@ def test_a_relaunch_that_keeps_resume_path_stops_before_overwriting_the_runs_new
     driver_checks(again)
     (run / TRACKER).write_text("10")  # a tracker at or below the resumed step: nothing later is overwritten
     driver_checks(again)
+
+
+def test_a_fallback_does_not_take_an_abandoned_branchs_higher_step_for_the_runs_newest(tmp_path):
+    """Steps 10, 20, 30 saved; the run rolled back to 10 (accepted) and saved a new 20; the tracker write was cut.
+    The highest step, 30, is the abandoned branch's: the guard names both and asks for the step, not picks 30."""
+    for step in (10, 20, 30):
+        saved(tmp_path, step)
+    rolled_back = saved(tmp_path, 20)  # the new branch's save, after 30's
+    os.utime(rolled_back / SETTINGS_FILE, (os.stat(tmp_path / "global_step_30" / SETTINGS_FILE).st_mtime + 60,) * 2)
+    (tmp_path / TRACKER).write_text("")
+    with pytest.raises(CheckpointResumeError, match=r"global_step_30, was saved before global_step_20 .* Write the "
+                                                    rf"step to resume into {tmp_path / TRACKER}"):
+        driver_checks(launch(tmp_path))
+    assert (tmp_path / TRACKER).read_text() == ""  # nothing written before the refusal
+    (tmp_path / TRACKER).write_text("20")  # the advice, followed
+    driver_checks(launch(tmp_path))
+    assert read_tracker(tmp_path) == 20

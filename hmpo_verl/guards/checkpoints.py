@@ -375,6 +375,19 @@ def newer_checkpoint_overwritten(path: Path, root: Path) -> Optional[str]:
             "with a new trainer.default_local_dir")
 
 
+def saved_after(dirs: dict[int, Path], complete: list[int]) -> Optional[Path]:
+    """A complete checkpoint of a lower step saved after the highest one (`complete`: steps, highest first; the
+    time of a save: its run-settings file's, written as the save starts, else the directory's), or None."""
+    from hmpo_verl.guards.run_settings import SETTINGS_FILE
+
+    def saved_at(step: int) -> float:
+        stamp = dirs[step] / SETTINGS_FILE
+        return (stamp if stamp.is_file() else dirs[step]).stat().st_mtime
+
+    newest = saved_at(complete[0])
+    return next((dirs[step] for step in complete[1:] if saved_at(step) > newest), None)
+
+
 def guard_resume(config) -> Optional[str]:
     """Make sure the checkpoint verl is about to resume from is complete and this run's (see the module doc).
 
@@ -431,6 +444,12 @@ def guard_resume(config) -> Optional[str]:
             f"To train from scratch there, move {tracker}, and the global_step_* directories with it, out of {root} "
             f"(without a tracker verl starts afresh); or start apart with a new trainer.default_local_dir."
         )
+    if later := saved_after(dirs, complete):
+        raise CheckpointResumeError(
+            f"resume_mode=auto: {why}, and the newest complete checkpoint by step, {dirs[complete[0]].name}, was saved "
+            f"before {later.name} (a run rolled back to an earlier step saves over it): which one continues the run "
+            f"is not known. Write the step to resume into {tracker}, or start apart with a new "
+            "trainer.default_local_dir")
     _check_same_run(dirs[complete[0]], config, context=f"resume_mode=auto: {why}, so it would fall back to the "
                                                         "newest complete checkpoint")
     write_tracker(root, complete[0])

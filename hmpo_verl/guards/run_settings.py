@@ -187,7 +187,8 @@ def unused(current: dict) -> tuple[str, ...]:
     run (verl's trainer_base.py reads `trainer.v1.<trainer_mode>` alone), all of them without V1 -- with
     `trainer.use_v1=false`, or under fully-async (an `async_training` section), whose trainer is built on the v0
     one whatever `trainer.use_v1` (true, inherited from verl's ppo_trainer config) says."""
-    if current.get("trainer.use_v1") is False or any(under(key, ("async_training",)) for key in current):
+    fully_async = any(under(key, ("async_training",)) and value is not None for key, value in current.items())
+    if current.get("trainer.use_v1") is False or fully_async:
         return ADDED_V3
     return tuple(f"trainer.v1.{mode}" for mode in V1_MODES if mode != current.get("trainer.v1.trainer_mode"))
 
