@@ -415,7 +415,7 @@ def guard_resume(config) -> Optional[str]:
 
             if not under("trainer.resume_from_path", accepted_keys(config)):
                 raise CheckpointResumeError(problem)
-            logger.warning("hmpo_verl: %s (accepted: %s)", problem.split(": the saves")[0], ACCEPT_ROLLBACK)
+            logger.warning("hmpo_verl: %s (accepted: %s)", problem, ACCEPT_ROLLBACK)
         return None
     if mode != "auto" or not _trainer(config, "default_local_dir"):
         return None

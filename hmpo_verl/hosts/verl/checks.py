@@ -508,6 +508,12 @@ OFFPOLICY_TRAINERS = ("verl.experimental.one_step_off_policy.ray_trainer",
                       "verl.experimental.fully_async_policy.fully_async_trainer")
 
 
+def offpolicy_launch() -> bool:
+    """The driver runs an off-policy entry point (one-step-off, fully-async): it has imported their trainer, whose
+    trainer is built on v0's whatever ``trainer.use_v1`` (inherited from verl's ppo_trainer config) says."""
+    return any(name in sys.modules for name in OFFPOLICY_TRAINERS)
+
+
 def check_verl_symbols(config) -> None:
     """Import the verl modules the launched trainer will use (its driver, task runner and workers import them
     anyway) and check every `VERL_SYMBOLS` row of every loaded verl module: a verl that moved one stops here,
@@ -517,8 +523,7 @@ def check_verl_symbols(config) -> None:
 
     from hmpo_verl.guards.verl_symbols import check_loaded
 
-    offpolicy = any(name in sys.modules for name in OFFPOLICY_TRAINERS)
-    v1 = not offpolicy and OmegaConf.select(config, "trainer.use_v1", default=True)
+    v1 = not offpolicy_launch() and OmegaConf.select(config, "trainer.use_v1", default=True)
     for name in V1_TRAINER if v1 else V0_TRAINER:
         try:
             importlib.import_module(name)
@@ -543,7 +548,7 @@ def check_session_grouping(config) -> None:
     from hmpo_verl.hosts.verl.config import ADV_ESTIMATORS
 
     estimator = _setting(config, "algorithm.adv_estimator")
-    if estimator not in ADV_ESTIMATORS or v1_mode(config) is None or any(m in sys.modules for m in OFFPOLICY_TRAINERS):
+    if estimator not in ADV_ESTIMATORS or v1_mode(config) is None or offpolicy_launch():
         return
     compute = getattr(importlib.import_module(TRAINER_BASE), "compute_advantage_for_multi_trajectories", None)
     if not getattr(compute, "_hmpo_sessions", False):
@@ -615,8 +620,8 @@ def warn_stale_as_fresh(config) -> None:
 
 def driver_checks(config) -> None:
     """Everything the driver checks before Ray starts (idempotent): the verl symbols the trainer's guards wrap
-    (`check_verl_symbols`) and, for our estimators under V1, its session grouping (`check_session_grouping`), our options and the rollout correction (`check_options`), the V1 batch split
-    (`check_v1_batch`), the rollout replicas' fit to their GPUs (`check_rollout_replicas`), the token budgets and
+    (`check_verl_symbols`) and, for our estimators under V1, its session grouping (`check_session_grouping`), our
+    options and the rollout correction (`check_options`), the V1 batch split (`check_v1_batch`), the rollout replicas' fit to their GPUs (`check_rollout_replicas`), the token budgets and
     vLLM's context against the run's longest sequence (`check_sequence_budgets`), a separate rollout pool's weight
     sync (`check_weight_sync`), TRL beside verl, the
     checkpoint directory, the checkpoint a resume will use -- a resume_mode / resume_from_path verl reads alike everywhere, complete, saved by the same trainer mode and

@@ -43,11 +43,10 @@ import sys
 
 from hmpo_verl.guards.hooks import loudly, run_after_import
 from hmpo_verl.guards.verl_symbols import check_module
-from hmpo_verl.hosts.verl.checks import SESSIONS_FAILED
+from hmpo_verl.hosts.verl.checks import SESSIONS_FAILED, TRAINER_BASE as V1_TRAINER
 from hmpo_verl.hosts.verl.checks import check_options, check_trl_beside_verl, driver_checks, trl_conflict  # noqa: F401 (check_options, check_trl_beside_verl, trl_conflict: public hmpo_verl.registry names)
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
-V1_TRAINER = "verl.trainer.ppo.v1.trainer_base"
 # verl's trainers, whose checkpoint saves are guarded (hmpo_verl.guards.checkpoints), and the module whose
 # calculate_debug_metrics is where the driver sees the rollout's log-probs (hmpo_verl.guards.finite)
 TRAINERS = {V1_TRAINER: "PPOTrainer", "verl.trainer.ppo.ray_trainer": "RayPPOTrainer",
